@@ -1,0 +1,2 @@
+//! The `dfns-api-sim` binary (being wired up).
+fn main() {}

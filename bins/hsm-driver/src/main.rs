@@ -1,0 +1,2 @@
+//! The `hsm-driver` binary (being wired up).
+fn main() {}

@@ -1,0 +1,31 @@
+//! The driver-facing side of the Dfns API: the job protocol and a mutual-TLS HTTP client.
+//!
+//! ```text
+//!   hsm-driver ──(mTLS, HTTP/1.1, JSON)──▶ Dfns API
+//!       POST /driver/v1/jobs/lease              lease a batch, long-poll
+//!       POST /driver/v1/jobs/{jobId}/complete   public key or signature
+//!       POST /driver/v1/jobs/{jobId}/fail       code, message, retryable
+//! ```
+//!
+//! - [`protocol`]: the typed, validated jobs and results the engine works with.
+//! - [`wire`]: their JSON encoding (shared with the simulator).
+//! - [`JobSource`]: the trait the engine is generic over.
+//! - [`HttpJobSource`]: its hyper + rustls implementation with client certificates,
+//!   timeouts and jittered exponential backoff.
+//!
+//! Everything the real API may differ in is confined to this crate.
+
+pub mod protocol;
+pub mod wire;
+
+mod client;
+mod error;
+mod retry;
+mod source;
+mod tls;
+
+pub use client::{ClientConfig, HttpJobSource};
+pub use error::ApiError;
+pub use retry::Backoff;
+pub use source::JobSource;
+pub use tls::{TlsFiles, load_client_tls};

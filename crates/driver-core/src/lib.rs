@@ -1,0 +1,1 @@
+//! The HSM driver engine (being written).

@@ -1,0 +1,271 @@
+//! [`HsmError`]: the one error type of this crate, with predicates callers branch on.
+//!
+//! Messages name the PKCS#11 function and return value that failed, the scheme, or the label
+//! involved; they never contain key material, wrapped blobs or PINs.
+
+use cryptoki::error::{Error as CryptokiError, RvError};
+
+use crate::hsm::KeyScheme;
+
+/// Everything that can go wrong talking to an HSM.
+///
+/// Branch on the predicates ([`is_retryable`](HsmError::is_retryable),
+/// [`is_unsupported_scheme`](HsmError::is_unsupported_scheme),
+/// [`is_bad_payload`](HsmError::is_bad_payload), [`is_key_material`](HsmError::is_key_material)),
+/// not on messages.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HsmError {
+    /// A PKCS#11 call failed.
+    #[error("{function} failed: {}", describe(source))]
+    Pkcs11 {
+        /// The C function that failed, for example `C_UnwrapKey`.
+        function: &'static str,
+        /// What cryptoki reported.
+        #[source]
+        source: CryptokiError,
+    },
+
+    /// The token cannot serve this scheme (found by the start-up probe).
+    #[error("scheme {scheme} is not supported by this HSM: {reason}")]
+    UnsupportedScheme {
+        /// The scheme asked for.
+        scheme: KeyScheme,
+        /// Why, typically the probe step and PKCS#11 return value that failed.
+        reason: String,
+    },
+
+    /// The payload does not fit the scheme (a message for ECDSA, a digest for Ed25519).
+    #[error("invalid payload: {reason}")]
+    InvalidPayload {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The token refused to unwrap the blob: it was tampered with, wrapped under another master
+    /// key, or wrapped with another mechanism.
+    #[error(
+        "the wrapped key could not be unwrapped (tampered, another master key or another mechanism): {}",
+        describe(source)
+    )]
+    UnwrapFailed {
+        /// What cryptoki reported (SoftHSMv2 says `CKR_GENERAL_ERROR`).
+        #[source]
+        source: CryptokiError,
+    },
+
+    /// The signature the token produced does not verify against the stored public key.
+    #[error("the {scheme} signature does not verify against the stored public key")]
+    VerificationFailed {
+        /// The key's scheme.
+        scheme: KeyScheme,
+    },
+
+    /// A public key could not be decoded.
+    #[error("invalid public key: {reason}")]
+    InvalidPublicKey {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// No master key with this label on the token.
+    #[error("no AES master key labelled `{label}` on the token")]
+    MasterKeyNotFound {
+        /// The `CKA_LABEL` looked for.
+        label: String,
+    },
+
+    /// A key with this label already exists; provisioning refuses to create a second one.
+    #[error("a key labelled `{label}` already exists on the token")]
+    MasterKeyExists {
+        /// The `CKA_LABEL`.
+        label: String,
+    },
+
+    /// No initialised token with this label.
+    #[error("no initialised token labelled `{label}`")]
+    TokenNotFound {
+        /// The token label looked for.
+        label: String,
+    },
+
+    /// The configuration cannot work.
+    #[error("configuration: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A local I/O operation failed (for example writing the SoftHSMv2 fixture's configuration).
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The worker pool has shut down (the HSM was closed or a worker died).
+    #[error("the HSM worker pool is not running")]
+    WorkerUnavailable,
+}
+
+impl HsmError {
+    /// Wraps a cryptoki error with the C function that produced it.
+    pub(crate) fn pkcs11(function: &'static str) -> impl FnOnce(CryptokiError) -> HsmError {
+        move |source| HsmError::Pkcs11 { function, source }
+    }
+
+    /// Whether trying the same operation again later may succeed: device, session and
+    /// transient token errors, and a worker pool that is shutting down. A bad payload, an
+    /// unsupported scheme, a blob that does not unwrap, or a signature that does not verify
+    /// will fail the same way every time.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            HsmError::Pkcs11 { source, .. } => match source {
+                CryptokiError::Pkcs11(rv, _) => rv_is_transient(*rv),
+                _ => false,
+            },
+            HsmError::WorkerUnavailable => true,
+            HsmError::UnsupportedScheme { .. }
+            | HsmError::InvalidPayload { .. }
+            | HsmError::UnwrapFailed { .. }
+            | HsmError::VerificationFailed { .. }
+            | HsmError::InvalidPublicKey { .. }
+            | HsmError::MasterKeyNotFound { .. }
+            | HsmError::MasterKeyExists { .. }
+            | HsmError::TokenNotFound { .. }
+            | HsmError::Config { .. }
+            | HsmError::Io { .. } => false,
+        }
+    }
+
+    /// Whether the token cannot serve the requested scheme.
+    pub fn is_unsupported_scheme(&self) -> bool {
+        matches!(self, HsmError::UnsupportedScheme { .. })
+    }
+
+    /// Whether the payload does not fit the scheme.
+    pub fn is_bad_payload(&self) -> bool {
+        matches!(self, HsmError::InvalidPayload { .. })
+    }
+
+    /// Whether the stored key record is bad: the blob does not unwrap, the signature does not
+    /// verify against the stored public key, or the public key does not decode.
+    pub fn is_key_material(&self) -> bool {
+        matches!(
+            self,
+            HsmError::UnwrapFailed { .. }
+                | HsmError::VerificationFailed { .. }
+                | HsmError::InvalidPublicKey { .. }
+        )
+    }
+
+    /// The PKCS#11 return value behind this error, if there is one.
+    pub fn return_value(&self) -> Option<RvError> {
+        match self {
+            HsmError::Pkcs11 {
+                source: CryptokiError::Pkcs11(rv, _),
+                ..
+            }
+            | HsmError::UnwrapFailed {
+                source: CryptokiError::Pkcs11(rv, _),
+            } => Some(*rv),
+            _ => None,
+        }
+    }
+}
+
+/// Return values that may go away on their own: device, memory, session and login state.
+fn rv_is_transient(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::DeviceError
+            | RvError::DeviceMemory
+            | RvError::DeviceRemoved
+            | RvError::HostMemory
+            | RvError::FunctionFailed
+            | RvError::GeneralError
+            | RvError::FunctionCanceled
+            | RvError::OperationActive
+            | RvError::SessionClosed
+            | RvError::SessionCount
+            | RvError::SessionHandleInvalid
+            | RvError::SessionExists
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::UserNotLoggedIn
+            | RvError::CryptokiNotInitialized
+    )
+}
+
+/// The `CKR_*` name of a return value, e.g. `CKR_KEY_NOT_WRAPPABLE`.
+pub(crate) fn rv_name(rv: RvError) -> String {
+    match rv {
+        RvError::VendorDefined(code) => format!("CKR_VENDOR_DEFINED+{code:#x}"),
+        RvError::UnknownErrorCode(code) => format!("unknown return value {code:#x}"),
+        other => {
+            // The variant names are the CKR_ names in CamelCase (KeyNotWrappable).
+            let camel = format!("{other:?}");
+            let mut name = String::from("CKR_");
+            for (i, c) in camel.chars().enumerate() {
+                if c.is_ascii_uppercase() && i > 0 {
+                    name.push('_');
+                }
+                name.push(c.to_ascii_uppercase());
+            }
+            name
+        }
+    }
+}
+
+/// A short description of a cryptoki error: the `CKR_*` name rather than the spec's paragraph.
+pub(crate) fn describe(error: &CryptokiError) -> String {
+    match error {
+        CryptokiError::Pkcs11(rv, _) => rv_name(*rv),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cryptoki::context::Function;
+
+    #[test]
+    fn return_values_are_named_like_the_spec() {
+        assert_eq!(rv_name(RvError::KeyNotWrappable), "CKR_KEY_NOT_WRAPPABLE");
+        assert_eq!(rv_name(RvError::GeneralError), "CKR_GENERAL_ERROR");
+        assert_eq!(
+            rv_name(RvError::UserAlreadyLoggedIn),
+            "CKR_USER_ALREADY_LOGGED_IN"
+        );
+    }
+
+    #[test]
+    fn messages_name_the_function_and_return_value() {
+        let e = HsmError::Pkcs11 {
+            function: "C_WrapKey",
+            source: CryptokiError::Pkcs11(RvError::KeyNotWrappable, Function::WrapKey),
+        };
+        assert_eq!(e.to_string(), "C_WrapKey failed: CKR_KEY_NOT_WRAPPABLE");
+        assert!(!e.is_retryable());
+        let device = HsmError::Pkcs11 {
+            function: "C_Sign",
+            source: CryptokiError::Pkcs11(RvError::DeviceError, Function::Sign),
+        };
+        assert!(device.is_retryable());
+    }
+
+    #[test]
+    fn predicates_classify_record_and_request_errors() {
+        let unwrap = HsmError::UnwrapFailed {
+            source: CryptokiError::Pkcs11(RvError::GeneralError, Function::UnwrapKey),
+        };
+        assert!(unwrap.is_key_material() && !unwrap.is_retryable());
+        let payload = HsmError::InvalidPayload { reason: "x".into() };
+        assert!(payload.is_bad_payload() && !payload.is_retryable());
+        assert!(HsmError::WorkerUnavailable.is_retryable());
+    }
+}

@@ -1,0 +1,221 @@
+//! The [`Hsm`] trait: what the driver needs from a hardware security module, and its data types.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+
+use crate::error::HsmError;
+
+/// A key type this driver can hold, named by scheme and curve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyScheme {
+    /// ECDSA over secp256k1, signing 32-byte digests.
+    EcdsaSecp256k1,
+    /// ECDSA over NIST P-256, signing 32-byte digests.
+    EcdsaP256,
+    /// Pure EdDSA over Ed25519, signing messages.
+    Ed25519,
+}
+
+impl KeyScheme {
+    /// Every scheme, in a stable order.
+    pub const ALL: [KeyScheme; 3] = [
+        KeyScheme::EcdsaSecp256k1,
+        KeyScheme::EcdsaP256,
+        KeyScheme::Ed25519,
+    ];
+
+    /// A stable name, used in key records, configuration and logs
+    /// (`ecdsa-secp256k1`, `ecdsa-p256`, `ed25519`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyScheme::EcdsaSecp256k1 => "ecdsa-secp256k1",
+            KeyScheme::EcdsaP256 => "ecdsa-p256",
+            KeyScheme::Ed25519 => "ed25519",
+        }
+    }
+
+    /// Parses [`KeyScheme::as_str`]'s names.
+    pub fn from_name(name: &str) -> Option<KeyScheme> {
+        KeyScheme::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl fmt::Display for KeyScheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The PKCS#11 mechanism a private key was wrapped with. Recorded with every wrapped key:
+/// a blob is only ever unwrapped with the mechanism that wrapped it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WrapMechanism {
+    /// `CKM_AES_KEY_WRAP_PAD` (RFC 5649 as SoftHSMv2 implements it). The default.
+    AesKeyWrapPad,
+    /// `CKM_AES_KEY_WRAP` (RFC 3394; the key encoding must be a multiple of 8 bytes).
+    AesKeyWrap,
+}
+
+impl WrapMechanism {
+    /// A stable name, used in key records and configuration (`aes-key-wrap-pad`, `aes-key-wrap`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WrapMechanism::AesKeyWrapPad => "aes-key-wrap-pad",
+            WrapMechanism::AesKeyWrap => "aes-key-wrap",
+        }
+    }
+
+    /// Parses [`WrapMechanism::as_str`]'s names.
+    pub fn from_name(name: &str) -> Option<WrapMechanism> {
+        [WrapMechanism::AesKeyWrapPad, WrapMechanism::AesKeyWrap]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
+}
+
+/// A private key encrypted under the master key. Opaque outside the HSM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// The wrapped bytes.
+    pub blob: Vec<u8>,
+    /// How they were wrapped.
+    pub mechanism: WrapMechanism,
+}
+
+impl fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WrappedKey")
+            .field("blob", &format_args!("{} bytes", self.blob.len()))
+            .field("mechanism", &self.mechanism)
+            .finish()
+    }
+}
+
+/// A freshly generated key: its public half and its wrapped private half.
+/// The private key no longer exists in the HSM when this is returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratedKey {
+    /// The public key: SEC1 compressed (33 bytes) for ECDSA, 32 bytes for Ed25519.
+    pub public_key: Vec<u8>,
+    /// The private key, wrapped under the master key.
+    pub wrapped: WrappedKey,
+}
+
+/// What to sign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignPayload {
+    /// A 32-byte digest, for ECDSA.
+    Digest([u8; 32]),
+    /// A message, signed as is, for pure EdDSA.
+    Message(Vec<u8>),
+}
+
+/// A request to sign with a wrapped key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignRequest {
+    /// The key's scheme.
+    pub scheme: KeyScheme,
+    /// The key's public half as stored (same encoding as [`GeneratedKey::public_key`]);
+    /// the signature is verified against it before it is returned.
+    pub public_key: Vec<u8>,
+    /// The key's private half.
+    pub wrapped: WrappedKey,
+    /// What to sign.
+    pub payload: SignPayload,
+}
+
+/// A signature, verified against the request's public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signature {
+    /// ECDSA, normalised to low-s.
+    Ecdsa {
+        /// `r`, big-endian.
+        r: [u8; 32],
+        /// `s`, big-endian, at most half the group order.
+        s: [u8; 32],
+        /// The recovery id (0 or 1) that recovers the public key from `(r, s)` and the digest.
+        recid: u8,
+        /// The DER encoding of `(r, s)`.
+        der: Vec<u8>,
+    },
+    /// Ed25519: `R || S`.
+    Ed25519([u8; 64]),
+}
+
+/// Whether this token can serve a scheme, as found by the start-up probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemeSupport {
+    /// Generate, wrap, unwrap and sign all worked.
+    Supported,
+    /// A step failed; `reason` says which and why (for example the PKCS#11 function and return value).
+    Unsupported {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What this token can do, scheme by scheme, found by a real probe at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// One entry per scheme probed.
+    pub schemes: BTreeMap<KeyScheme, SchemeSupport>,
+}
+
+impl Capabilities {
+    /// Whether `scheme` was probed and found to work end to end.
+    pub fn supports(&self, scheme: KeyScheme) -> bool {
+        matches!(self.schemes.get(&scheme), Some(SchemeSupport::Supported))
+    }
+
+    /// The schemes that work.
+    pub fn supported(&self) -> impl Iterator<Item = KeyScheme> + '_ {
+        self.schemes
+            .iter()
+            .filter(|(_, s)| matches!(s, SchemeSupport::Supported))
+            .map(|(k, _)| *k)
+    }
+}
+
+/// Which master key this HSM wraps with. The fingerprint identifies the key's value
+/// without revealing it: every HSM holding the same master key reports the same fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterKeyInfo {
+    /// The master key's `CKA_LABEL`.
+    pub label: String,
+    /// Lowercase hex SHA-256 of the master key's deterministic wrap of a fixed, public canary key.
+    pub fingerprint: String,
+}
+
+/// An HSM as the driver uses it: generate-and-wrap, unwrap-and-sign, nothing persistent.
+///
+/// Implementations run blocking device calls off the async worker threads; the futures they
+/// return are cheap to poll.
+pub trait Hsm: Send + Sync + 'static {
+    /// What the token can do (probed once at start-up).
+    fn capabilities(&self) -> &Capabilities;
+
+    /// The master key in use.
+    fn master_key(&self) -> &MasterKeyInfo;
+
+    /// Generates a key pair for `scheme`, wraps the private key under the master key and
+    /// destroys both HSM objects.
+    ///
+    /// # Errors
+    /// [`HsmError`]; [`HsmError::is_unsupported_scheme`] when the token cannot serve `scheme`.
+    fn generate_key(
+        &self,
+        scheme: KeyScheme,
+    ) -> impl Future<Output = Result<GeneratedKey, HsmError>> + Send;
+
+    /// Unwraps the key into a temporary session object, signs, destroys the object, and
+    /// verifies the signature against `request.public_key` before returning it.
+    ///
+    /// # Errors
+    /// [`HsmError`]: a payload that does not fit the scheme, an unwrap failure (tampered blob or
+    /// another master key), a device error, or a signature that does not verify.
+    fn sign(
+        &self,
+        request: SignRequest,
+    ) -> impl Future<Output = Result<Signature, HsmError>> + Send;
+}

@@ -1,0 +1,40 @@
+//! The HSM as the driver sees it, and its PKCS#11 implementation.
+//!
+//! ```text
+//!  driver-core ──▶ Hsm trait ──▶ Pkcs11Hsm ──(channel)──▶ N worker threads, one logged-in session each
+//!                                                         │  C_GenerateKeyPair → C_WrapKey → C_DestroyObject
+//!                                                         │  C_UnwrapKey → C_Sign → C_DestroyObject (RAII guard)
+//!                                                         ▼
+//!                                                   PKCS#11 module (SoftHSMv2, any vendor)
+//! ```
+//!
+//! The HSM is stateless: private keys leave it only wrapped under the master key (an AES key
+//! that never leaves the token), and come back only into short-lived session objects.
+//! Every signature is normalised (low-s, recovery id) and verified in software against the
+//! stored public key before it is returned ([`signature`]).
+//!
+//! - [`Hsm`]: the trait driver-core is generic over.
+//! - [`Pkcs11Hsm`]: the real thing, over `cryptoki`.
+//! - [`FakeHsm`] (feature `fake`): a software implementation for fast tests of the layers above.
+//! - [`softhsm`] (feature `softhsm-fixture`): isolated SoftHSMv2 tokens for tests.
+
+mod error;
+mod hsm;
+mod pkcs11;
+pub mod signature;
+
+#[cfg(feature = "fake")]
+mod fake;
+#[cfg(feature = "softhsm-fixture")]
+pub mod softhsm;
+
+pub use error::HsmError;
+#[cfg(feature = "fake")]
+pub use fake::FakeHsm;
+pub use hsm::{
+    Capabilities, GeneratedKey, Hsm, KeyScheme, MasterKeyInfo, SchemeSupport, SignPayload,
+    SignRequest, Signature, WrapMechanism, WrappedKey,
+};
+pub use pkcs11::{
+    Pkcs11Config, Pkcs11Hsm, Pkcs11Module, TokenReport, create_master_key, import_master_key,
+};

@@ -1,0 +1,55 @@
+//! [`Pkcs11Config`]: which token, PIN, master key and how many sessions.
+
+use std::fmt;
+
+use secrecy::SecretString;
+
+use crate::hsm::WrapMechanism;
+
+/// How [`Pkcs11Hsm::open`](crate::Pkcs11Hsm::open) uses a token. `Debug` never prints the PIN.
+#[derive(Clone)]
+pub struct Pkcs11Config {
+    /// The token's label (`CKA_LABEL` of the token, as `pkcs11-tool -L` shows it). Slots are
+    /// found by label because some modules (SoftHSMv2) renumber them.
+    pub token_label: String,
+    /// The user PIN.
+    pub user_pin: SecretString,
+    /// The `CKA_LABEL` of the AES master key on the token.
+    pub master_key_label: String,
+    /// How many sessions, hence worker threads, to open (at least 1).
+    pub sessions: usize,
+    /// The mechanism new keys are wrapped with. Existing keys are always unwrapped with the
+    /// mechanism recorded with them.
+    pub wrap_mechanism: WrapMechanism,
+}
+
+impl fmt::Debug for Pkcs11Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Config")
+            .field("token_label", &self.token_label)
+            .field("user_pin", &"REDACTED")
+            .field("master_key_label", &self.master_key_label)
+            .field("sessions", &self.sessions)
+            .field("wrap_mechanism", &self.wrap_mechanism)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_the_pin() {
+        let config = Pkcs11Config {
+            token_label: "t".into(),
+            user_pin: SecretString::from("hunter2-pin"),
+            master_key_label: "m".into(),
+            sessions: 2,
+            wrap_mechanism: WrapMechanism::AesKeyWrapPad,
+        };
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("REDACTED"));
+    }
+}

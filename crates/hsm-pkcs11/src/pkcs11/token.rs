@@ -1,0 +1,84 @@
+//! Finding a token by label, logging in, and finding the master key.
+
+use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error as CryptokiError, RvError};
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use secrecy::SecretString;
+
+use crate::error::HsmError;
+
+/// The slot holding the initialised token labelled `label`. Looked up by label every time:
+/// some modules (SoftHSMv2) renumber slots.
+pub(crate) fn find_slot(context: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
+    let slots = context
+        .get_slots_with_initialized_token()
+        .map_err(HsmError::pkcs11("C_GetSlotList"))?;
+    for slot in slots {
+        let info = context
+            .get_token_info(slot)
+            .map_err(HsmError::pkcs11("C_GetTokenInfo"))?;
+        if info.label().trim_end() == label {
+            return Ok(slot);
+        }
+    }
+    Err(HsmError::TokenNotFound {
+        label: label.to_owned(),
+    })
+}
+
+/// Opens a read-write session on `slot` and logs the user in. Login is per application and
+/// token, so `CKR_USER_ALREADY_LOGGED_IN` (another session already did) is success.
+pub(crate) fn open_user_session(
+    context: &Pkcs11,
+    slot: Slot,
+    pin: &SecretString,
+) -> Result<Session, HsmError> {
+    let session = context
+        .open_rw_session(slot)
+        .map_err(HsmError::pkcs11("C_OpenSession"))?;
+    login(&session, pin)?;
+    Ok(session)
+}
+
+/// Logs the user in; already being logged in is fine.
+pub(crate) fn login(session: &Session, pin: &SecretString) -> Result<(), HsmError> {
+    match session.login(UserType::User, Some(pin)) {
+        Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(source) => Err(HsmError::Pkcs11 {
+            function: "C_Login",
+            source,
+        }),
+    }
+}
+
+/// Every object labelled `label`, of any class.
+pub(crate) fn find_labelled(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, HsmError> {
+    session
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .map_err(HsmError::pkcs11("C_FindObjects"))
+}
+
+/// The AES secret key labelled `label`; exactly one must exist.
+pub(crate) fn find_master_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(HsmError::pkcs11("C_FindObjects"))?;
+    match found.as_slice() {
+        [] => Err(HsmError::MasterKeyNotFound {
+            label: label.to_owned(),
+        }),
+        [one] => Ok(*one),
+        more => Err(HsmError::Config {
+            reason: format!(
+                "{} AES keys are labelled `{label}`; the master key label must be unique",
+                more.len()
+            ),
+        }),
+    }
+}

@@ -1,0 +1,429 @@
+//! Software post-processing of HSM signatures, shared by [`Pkcs11Hsm`](crate::Pkcs11Hsm) and
+//! the fake: ECDSA low-s normalisation, recovery id, DER encoding, and verification of every
+//! signature against the stored public key before it leaves this crate.
+//!
+//! Tokens return ECDSA signatures as raw `r || s` with a high `s` about half the time
+//! (SoftHSMv2 does); blockchains want low-`s` and a recovery id, so [`finish_ecdsa`] does that.
+
+use crate::error::HsmError;
+use crate::hsm::{KeyScheme, SignPayload, Signature};
+
+/// ECDSA helpers for one curve crate (`k256` or `p256`); both expose the same `ecdsa` API.
+macro_rules! ecdsa_curve {
+    ($module:ident, $curve:ident) => {
+        mod $module {
+            // `p256` does not re-export `RecoveryId`; both curve crates use the same `ecdsa`
+            // crate (0.16), whose `RecoveryId` `k256` re-exports.
+            use k256::ecdsa::RecoveryId;
+            use $curve::ecdsa::signature::hazmat::PrehashVerifier;
+            use $curve::ecdsa::{Signature as EcSignature, VerifyingKey};
+
+            use crate::error::HsmError;
+            use crate::hsm::{KeyScheme, Signature};
+
+            pub(super) fn verifying_key(
+                scheme: KeyScheme,
+                sec1: &[u8],
+            ) -> Result<VerifyingKey, HsmError> {
+                VerifyingKey::from_sec1_bytes(sec1).map_err(|_| HsmError::InvalidPublicKey {
+                    reason: format!("{} bytes are not a SEC1 {scheme} public key", sec1.len()),
+                })
+            }
+
+            pub(super) fn compress(scheme: KeyScheme, sec1: &[u8]) -> Result<Vec<u8>, HsmError> {
+                Ok(verifying_key(scheme, sec1)?
+                    .to_encoded_point(true)
+                    .as_bytes()
+                    .to_vec())
+            }
+
+            /// The recovery id among 0 and 1 that recovers `key`.
+            fn recovery_id(
+                key: &VerifyingKey,
+                digest: &[u8; 32],
+                signature: &EcSignature,
+            ) -> Option<u8> {
+                (0u8..=1).find(|&id| {
+                    RecoveryId::from_byte(id)
+                        .and_then(|rid| {
+                            VerifyingKey::recover_from_prehash(digest, signature, rid).ok()
+                        })
+                        .is_some_and(|recovered| &recovered == key)
+                })
+            }
+
+            pub(super) fn finish(
+                scheme: KeyScheme,
+                public_key: &[u8],
+                digest: &[u8; 32],
+                raw_rs: &[u8],
+            ) -> Result<Signature, HsmError> {
+                let key = verifying_key(scheme, public_key)?;
+                let failed = || HsmError::VerificationFailed { scheme };
+                if raw_rs.len() != 64 {
+                    return Err(failed());
+                }
+                let signature = EcSignature::from_slice(raw_rs).map_err(|_| failed())?;
+                let signature = signature.normalize_s().unwrap_or(signature);
+                key.verify_prehash(digest, &signature)
+                    .map_err(|_| failed())?;
+                let recid = recovery_id(&key, digest, &signature).ok_or_else(failed)?;
+                let (r, s) = signature.split_bytes();
+                Ok(Signature::Ecdsa {
+                    r: r.into(),
+                    s: s.into(),
+                    recid,
+                    der: signature.to_der().as_bytes().to_vec(),
+                })
+            }
+
+            pub(super) fn verify(
+                scheme: KeyScheme,
+                public_key: &[u8],
+                digest: &[u8; 32],
+                r: &[u8; 32],
+                s: &[u8; 32],
+                recid: u8,
+                der: &[u8],
+            ) -> Result<(), HsmError> {
+                let key = verifying_key(scheme, public_key)?;
+                let failed = || HsmError::VerificationFailed { scheme };
+                let signature = EcSignature::from_scalars(*r, *s).map_err(|_| failed())?;
+                if signature.normalize_s().is_some() {
+                    // High s: not what this crate returns.
+                    return Err(failed());
+                }
+                key.verify_prehash(digest, &signature)
+                    .map_err(|_| failed())?;
+                if recovery_id(&key, digest, &signature) != Some(recid)
+                    || signature.to_der().as_bytes() != der
+                {
+                    return Err(failed());
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+ecdsa_curve!(secp256k1, k256);
+ecdsa_curve!(nistp256, p256);
+
+/// Normalises a raw ECDSA signature from the token and checks it.
+///
+/// Parses the 64-byte `r || s`, replaces a high `s` by `n - s`, verifies the result against
+/// `public_key_sec1` (compressed or uncompressed SEC1) over the prehashed `digest`, finds the
+/// recovery id (0 or 1) that recovers the public key, and DER-encodes `(r, s)`.
+///
+/// # Errors
+/// [`HsmError::InvalidPayload`] for a non-ECDSA scheme, [`HsmError::InvalidPublicKey`] when
+/// the key does not decode, [`HsmError::VerificationFailed`] when the signature is malformed,
+/// does not verify, or recovers to no id in 0..=1.
+pub fn finish_ecdsa(
+    scheme: KeyScheme,
+    public_key_sec1: &[u8],
+    digest: &[u8; 32],
+    raw_rs: &[u8],
+) -> Result<Signature, HsmError> {
+    match scheme {
+        KeyScheme::EcdsaSecp256k1 => secp256k1::finish(scheme, public_key_sec1, digest, raw_rs),
+        KeyScheme::EcdsaP256 => nistp256::finish(scheme, public_key_sec1, digest, raw_rs),
+        KeyScheme::Ed25519 => Err(not_ecdsa(scheme)),
+    }
+}
+
+/// Checks a raw Ed25519 signature from the token against the 32-byte public key
+/// (`verify_strict`: no small-order keys, canonical `S`).
+///
+/// # Errors
+/// [`HsmError::InvalidPublicKey`] when the key does not decode, [`HsmError::VerificationFailed`]
+/// when the signature is not 64 bytes or does not verify.
+pub fn finish_ed25519(
+    public_key: &[u8],
+    message: &[u8],
+    raw: &[u8],
+) -> Result<Signature, HsmError> {
+    let failed = || HsmError::VerificationFailed {
+        scheme: KeyScheme::Ed25519,
+    };
+    let bytes: [u8; 64] = raw.try_into().map_err(|_| failed())?;
+    verify_ed25519(public_key, message, &bytes)?;
+    Ok(Signature::Ed25519(bytes))
+}
+
+fn ed25519_key(public_key: &[u8]) -> Result<ed25519_dalek::VerifyingKey, HsmError> {
+    let bytes: [u8; 32] = public_key
+        .try_into()
+        .map_err(|_| HsmError::InvalidPublicKey {
+            reason: format!(
+                "an Ed25519 public key is 32 bytes, not {}",
+                public_key.len()
+            ),
+        })?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|_| HsmError::InvalidPublicKey {
+        reason: "32 bytes that are not an Ed25519 point".into(),
+    })
+}
+
+fn verify_ed25519(public_key: &[u8], message: &[u8], signature: &[u8; 64]) -> Result<(), HsmError> {
+    let key = ed25519_key(public_key)?;
+    key.verify_strict(message, &ed25519_dalek::Signature::from_bytes(signature))
+        .map_err(|_| HsmError::VerificationFailed {
+            scheme: KeyScheme::Ed25519,
+        })
+}
+
+/// The public key in the form this crate stores: SEC1 compressed (33 bytes) for ECDSA from
+/// a SEC1 point in any encoding; the 32 bytes, checked, for Ed25519.
+///
+/// # Errors
+/// [`HsmError::InvalidPublicKey`] when the bytes are not a point of the scheme's curve.
+pub fn compress_public_key(scheme: KeyScheme, public_key: &[u8]) -> Result<Vec<u8>, HsmError> {
+    match scheme {
+        KeyScheme::EcdsaSecp256k1 => secp256k1::compress(scheme, public_key),
+        KeyScheme::EcdsaP256 => nistp256::compress(scheme, public_key),
+        KeyScheme::Ed25519 => Ok(ed25519_key(public_key)?.to_bytes().to_vec()),
+    }
+}
+
+/// Independently checks a [`Signature`] returned by an [`Hsm`](crate::Hsm): the payload fits
+/// the scheme, the signature verifies against `public_key`, and for ECDSA `s` is low, the
+/// recovery id recovers `public_key` and `der` encodes `(r, s)`.
+///
+/// # Errors
+/// [`HsmError::InvalidPayload`] when the payload or signature kind does not fit the scheme,
+/// [`HsmError::InvalidPublicKey`], or [`HsmError::VerificationFailed`].
+pub fn verify(
+    scheme: KeyScheme,
+    public_key: &[u8],
+    payload: &SignPayload,
+    signature: &Signature,
+) -> Result<(), HsmError> {
+    check_payload(scheme, payload)?;
+    match (scheme, payload, signature) {
+        (
+            KeyScheme::EcdsaSecp256k1,
+            SignPayload::Digest(digest),
+            Signature::Ecdsa { r, s, recid, der },
+        ) => secp256k1::verify(scheme, public_key, digest, r, s, *recid, der),
+        (
+            KeyScheme::EcdsaP256,
+            SignPayload::Digest(digest),
+            Signature::Ecdsa { r, s, recid, der },
+        ) => nistp256::verify(scheme, public_key, digest, r, s, *recid, der),
+        (KeyScheme::Ed25519, SignPayload::Message(message), Signature::Ed25519(bytes)) => {
+            verify_ed25519(public_key, message, bytes)
+        }
+        _ => Err(HsmError::InvalidPayload {
+            reason: format!("the signature's kind does not match scheme {scheme}"),
+        }),
+    }
+}
+
+/// Checks that `payload` is what `scheme` signs: a 32-byte digest for ECDSA, a message for
+/// Ed25519.
+///
+/// # Errors
+/// [`HsmError::InvalidPayload`] naming the mismatch.
+pub fn check_payload(scheme: KeyScheme, payload: &SignPayload) -> Result<(), HsmError> {
+    match (scheme, payload) {
+        (KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256, SignPayload::Digest(_))
+        | (KeyScheme::Ed25519, SignPayload::Message(_)) => Ok(()),
+        (KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256, SignPayload::Message(_)) => {
+            Err(HsmError::InvalidPayload {
+                reason: format!("{scheme} signs a 32-byte digest, not a message"),
+            })
+        }
+        (KeyScheme::Ed25519, SignPayload::Digest(_)) => Err(HsmError::InvalidPayload {
+            reason: format!("{scheme} signs a message (pure EdDSA), not a digest"),
+        }),
+    }
+}
+
+fn not_ecdsa(scheme: KeyScheme) -> HsmError {
+    HsmError::InvalidPayload {
+        reason: format!("{scheme} is not an ECDSA scheme"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k256::ecdsa::SigningKey as K1SigningKey;
+    use k256::ecdsa::signature::hazmat::PrehashSigner;
+    use p256::ecdsa::SigningKey as P256SigningKey;
+    use sha2::{Digest, Sha256};
+
+    fn digest(i: u32) -> [u8; 32] {
+        Sha256::digest(i.to_be_bytes()).into()
+    }
+
+    /// `n - s` for secp256k1, big-endian: turns a low-s signature into its high-s twin.
+    fn negate_s_k1(raw: &[u8; 64]) -> [u8; 64] {
+        let sig = k256::ecdsa::Signature::from_slice(raw).unwrap();
+        let (r, s) = sig.split_scalars();
+        let high = -*s;
+        let twin = k256::ecdsa::Signature::from_scalars(r.to_bytes(), high.to_bytes()).unwrap();
+        twin.to_bytes().into()
+    }
+
+    #[test]
+    fn high_s_is_normalised_and_recid_recovers_the_key() {
+        let key = K1SigningKey::from_slice(&[7u8; 32]).unwrap();
+        let public = key.verifying_key().to_encoded_point(false);
+        for i in 0..20 {
+            let d = digest(i);
+            let (sig, _): (k256::ecdsa::Signature, _) = key.sign_prehash(&d).unwrap();
+            let low: [u8; 64] = sig.to_bytes().into();
+            let high = negate_s_k1(&low);
+            assert_ne!(low, high);
+            for raw in [low, high] {
+                let finished =
+                    finish_ecdsa(KeyScheme::EcdsaSecp256k1, public.as_bytes(), &d, &raw).unwrap();
+                let Signature::Ecdsa { r, s, recid, der } = &finished else {
+                    panic!("not ECDSA");
+                };
+                assert_eq!(&low[..32], r);
+                assert_eq!(&low[32..], s);
+                let rid = k256::ecdsa::RecoveryId::from_byte(*recid).unwrap();
+                let recovered =
+                    k256::ecdsa::VerifyingKey::recover_from_prehash(&d, &sig, rid).unwrap();
+                assert_eq!(&recovered, key.verifying_key());
+                let parsed = k256::ecdsa::Signature::from_der(der).unwrap();
+                assert_eq!(parsed, sig);
+                let compressed = key.verifying_key().to_encoded_point(true);
+                verify(
+                    KeyScheme::EcdsaSecp256k1,
+                    compressed.as_bytes(),
+                    &SignPayload::Digest(d),
+                    &finished,
+                )
+                .unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn p256_signatures_are_finished_and_verified() {
+        let key = P256SigningKey::from_slice(&[9u8; 32]).unwrap();
+        let public = p256::EncodedPoint::from(key.verifying_key());
+        let d = digest(1);
+        let sig: p256::ecdsa::Signature = key.sign_prehash(&d).unwrap();
+        let finished =
+            finish_ecdsa(KeyScheme::EcdsaP256, public.as_bytes(), &d, &sig.to_bytes()).unwrap();
+        let compressed = compress_public_key(KeyScheme::EcdsaP256, public.as_bytes()).unwrap();
+        assert_eq!(compressed.len(), 33);
+        verify(
+            KeyScheme::EcdsaP256,
+            &compressed,
+            &SignPayload::Digest(d),
+            &finished,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_signature_over_another_digest_or_key_is_rejected() {
+        let key = K1SigningKey::from_slice(&[7u8; 32]).unwrap();
+        let other = K1SigningKey::from_slice(&[8u8; 32]).unwrap();
+        let d = digest(3);
+        let (sig, _): (k256::ecdsa::Signature, _) = key.sign_prehash(&d).unwrap();
+        let other_public = other.verifying_key().to_encoded_point(true);
+        let e = finish_ecdsa(
+            KeyScheme::EcdsaSecp256k1,
+            other_public.as_bytes(),
+            &d,
+            &sig.to_bytes(),
+        )
+        .unwrap_err();
+        assert!(e.is_key_material(), "{e}");
+        let public = key.verifying_key().to_encoded_point(true);
+        let e = finish_ecdsa(
+            KeyScheme::EcdsaSecp256k1,
+            public.as_bytes(),
+            &digest(4),
+            &sig.to_bytes(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, HsmError::VerificationFailed { .. }));
+        let e =
+            finish_ecdsa(KeyScheme::EcdsaSecp256k1, &[5u8; 33], &d, &sig.to_bytes()).unwrap_err();
+        assert!(matches!(e, HsmError::InvalidPublicKey { .. }), "{e}");
+    }
+
+    #[test]
+    fn verify_rejects_high_s_and_a_wrong_recid() {
+        let key = K1SigningKey::from_slice(&[7u8; 32]).unwrap();
+        let public = key.verifying_key().to_encoded_point(true);
+        let d = digest(5);
+        let finished = finish_ecdsa(KeyScheme::EcdsaSecp256k1, public.as_bytes(), &d, &{
+            let (sig, _): (k256::ecdsa::Signature, _) = key.sign_prehash(&d).unwrap();
+            sig.to_bytes()
+        })
+        .unwrap();
+        let Signature::Ecdsa { r, s, recid, der } = finished else {
+            panic!("not ECDSA");
+        };
+        let mut raw = [0u8; 64];
+        raw[..32].copy_from_slice(&r);
+        raw[32..].copy_from_slice(&s);
+        let high = negate_s_k1(&raw);
+        let tampered = [
+            Signature::Ecdsa {
+                r,
+                s: high[32..].try_into().unwrap(),
+                recid,
+                der: der.clone(),
+            },
+            Signature::Ecdsa {
+                r,
+                s,
+                recid: recid ^ 1,
+                der: der.clone(),
+            },
+        ];
+        for sig in tampered {
+            assert!(
+                verify(
+                    KeyScheme::EcdsaSecp256k1,
+                    public.as_bytes(),
+                    &SignPayload::Digest(d),
+                    &sig
+                )
+                .is_err()
+            );
+        }
+    }
+
+    #[test]
+    fn ed25519_signatures_are_verified_strictly() {
+        use ed25519_dalek::Signer;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
+        let public = key.verifying_key().to_bytes();
+        let sig = key.sign(b"hello").to_bytes();
+        let finished = finish_ed25519(&public, b"hello", &sig).unwrap();
+        verify(
+            KeyScheme::Ed25519,
+            &public,
+            &SignPayload::Message(b"hello".to_vec()),
+            &finished,
+        )
+        .unwrap();
+        assert!(finish_ed25519(&public, b"hellO", &sig).is_err());
+        assert!(finish_ed25519(&public, b"hello", &sig[..63]).is_err());
+    }
+
+    #[test]
+    fn payloads_must_fit_the_scheme() {
+        assert!(
+            check_payload(KeyScheme::EcdsaP256, &SignPayload::Message(vec![1]))
+                .unwrap_err()
+                .is_bad_payload()
+        );
+        assert!(
+            check_payload(KeyScheme::Ed25519, &SignPayload::Digest([0; 32]))
+                .unwrap_err()
+                .is_bad_payload()
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! Durable storage for wrapped keys.
+//!
+//! The HSM keeps nothing: every private key lives here, encrypted under the HSM's master key.
+//! Capacity is the database's. Several drivers share one store (PostgreSQL) in active-active
+//! deployments; SQLite is the embedded default for a single driver.
+//!
+//! - [`KeyStore`]: the trait driver-core is generic over; inserts are idempotent.
+//! - [`DieselKeyStore`]: diesel + r2d2 over PostgreSQL or SQLite, chosen by URL, with embedded
+//!   migrations.
+//! - [`MemoryKeyStore`] (feature `fake`): an in-memory fake for tests.
+//! - [`testing`] (feature `pg-fixture`): a throwaway PostgreSQL database per test.
+
+mod diesel_store;
+mod error;
+mod schema;
+mod store;
+
+#[cfg(feature = "fake")]
+mod memory;
+#[cfg(feature = "pg-fixture")]
+pub mod testing;
+
+pub use diesel_store::{DatabaseUrl, DieselKeyStore, PoolOptions};
+pub use error::StoreError;
+#[cfg(feature = "fake")]
+pub use memory::MemoryKeyStore;
+pub use store::{InsertOutcome, KeyRecord, KeyStore, PageRequest};

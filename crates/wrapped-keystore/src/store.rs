@@ -1,0 +1,115 @@
+//! The [`KeyStore`] trait and the key record it holds.
+
+use std::fmt;
+use std::future::Future;
+
+use crate::error::StoreError;
+
+/// One wrapped key. The private key inside `wrapped_key` is encrypted under the master key
+/// identified by `master_key_fingerprint`; nothing here is secret on its own.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The API's key id (primary key).
+    pub key_id: String,
+    /// The driver's scheme name (`ecdsa-secp256k1`, `ecdsa-p256`, `ed25519`).
+    pub scheme: String,
+    /// The API's curve name (`secp256k1`, `secp256r1`, `ed25519`).
+    pub curve: String,
+    /// The public key (SEC1 compressed for ECDSA, 32 bytes for Ed25519).
+    pub public_key: Vec<u8>,
+    /// The wrapped private key.
+    pub wrapped_key: Vec<u8>,
+    /// The mechanism that wrapped it (`aes-key-wrap-pad`, `aes-key-wrap`).
+    pub wrap_mechanism: String,
+    /// The fingerprint of the master key that wrapped it.
+    pub master_key_fingerprint: String,
+    /// When the record was created, in milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+    /// The driver that created it.
+    pub created_by: String,
+}
+
+impl KeyRecord {
+    /// Whether two records describe the same key (everything but creation time and creator).
+    pub fn same_key_as(&self, other: &KeyRecord) -> bool {
+        self.key_id == other.key_id
+            && self.scheme == other.scheme
+            && self.curve == other.curve
+            && self.public_key == other.public_key
+            && self.wrapped_key == other.wrapped_key
+            && self.wrap_mechanism == other.wrap_mechanism
+            && self.master_key_fingerprint == other.master_key_fingerprint
+    }
+}
+
+impl fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("key_id", &self.key_id)
+            .field("scheme", &self.scheme)
+            .field("curve", &self.curve)
+            .field("public_key", &hex::encode(&self.public_key))
+            .field("wrapped_key", &format_args!("{} bytes", self.wrapped_key.len()))
+            .field("wrap_mechanism", &self.wrap_mechanism)
+            .field("master_key_fingerprint", &self.master_key_fingerprint)
+            .field("created_at_ms", &self.created_at_ms)
+            .field("created_by", &self.created_by)
+            .finish()
+    }
+}
+
+/// What [`KeyStore::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// The record was new and is now stored.
+    Inserted,
+    /// An identical record (see [`KeyRecord::same_key_as`]) was already stored; nothing changed.
+    AlreadyPresent,
+}
+
+/// One page of a listing, in ascending key id order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Start after this key id (exclusive); `None` for the first page.
+    pub after: Option<String>,
+    /// At most this many records (capped by the store at 1000).
+    pub limit: u32,
+}
+
+/// Durable storage for wrapped keys, shared by every driver of a deployment.
+pub trait KeyStore: Send + Sync + 'static {
+    /// Stores a record. Idempotent: storing the same key again succeeds with
+    /// [`InsertOutcome::AlreadyPresent`].
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] if the key id is stored with different content (nothing is
+    /// changed); other [`StoreError`]s if the database fails.
+    fn insert(
+        &self,
+        record: KeyRecord,
+    ) -> impl Future<Output = Result<InsertOutcome, StoreError>> + Send;
+
+    /// Fetches a record by key id.
+    ///
+    /// # Errors
+    /// A [`StoreError`] if the database fails; an unknown key is `Ok(None)`.
+    fn get(
+        &self,
+        key_id: &str,
+    ) -> impl Future<Output = Result<Option<KeyRecord>, StoreError>> + Send;
+
+    /// Lists records in ascending key id order.
+    ///
+    /// # Errors
+    /// A [`StoreError`] if the database fails.
+    fn list(
+        &self,
+        page: PageRequest,
+    ) -> impl Future<Output = Result<Vec<KeyRecord>, StoreError>> + Send;
+
+    /// Counts the stored records.
+    ///
+    /// # Errors
+    /// A [`StoreError`] if the database fails.
+    fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}

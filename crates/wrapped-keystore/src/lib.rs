@@ -7,8 +7,8 @@
 //! - [`KeyStore`]: the trait driver-core is generic over; inserts are idempotent.
 //! - [`DieselKeyStore`]: diesel + r2d2 over PostgreSQL or SQLite, chosen by URL, with embedded
 //!   migrations.
-//! - [`MemoryKeyStore`] (feature `fake`): an in-memory fake for tests.
-//! - [`testing`] (feature `pg-fixture`): a throwaway PostgreSQL database per test.
+//! - `MemoryKeyStore` (feature `fake`): an in-memory fake for tests.
+//! - `testing` (feature `pg-fixture`): a throwaway PostgreSQL database per test.
 
 mod diesel_store;
 mod error;
@@ -24,4 +24,4 @@ pub use diesel_store::{DatabaseUrl, DieselKeyStore, PoolOptions};
 pub use error::StoreError;
 #[cfg(feature = "fake")]
 pub use memory::MemoryKeyStore;
-pub use store::{InsertOutcome, KeyRecord, KeyStore, PageRequest};
+pub use store::{InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, PageRequest};

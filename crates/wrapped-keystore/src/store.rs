@@ -49,7 +49,10 @@ impl fmt::Debug for KeyRecord {
             .field("scheme", &self.scheme)
             .field("curve", &self.curve)
             .field("public_key", &hex::encode(&self.public_key))
-            .field("wrapped_key", &format_args!("{} bytes", self.wrapped_key.len()))
+            .field(
+                "wrapped_key",
+                &format_args!("{} bytes", self.wrapped_key.len()),
+            )
             .field("wrap_mechanism", &self.wrap_mechanism)
             .field("master_key_fingerprint", &self.master_key_fingerprint)
             .field("created_at_ms", &self.created_at_ms)
@@ -67,12 +70,15 @@ pub enum InsertOutcome {
     AlreadyPresent,
 }
 
+/// The most records one [`KeyStore::list`] returns, whatever [`PageRequest::limit`] asks for.
+pub const MAX_PAGE_LIMIT: u32 = 1000;
+
 /// One page of a listing, in ascending key id order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageRequest {
     /// Start after this key id (exclusive); `None` for the first page.
     pub after: Option<String>,
-    /// At most this many records (capped by the store at 1000).
+    /// At most this many records (capped by the store at [`MAX_PAGE_LIMIT`]).
     pub limit: u32,
 }
 

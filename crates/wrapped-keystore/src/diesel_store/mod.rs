@@ -1,0 +1,200 @@
+//! [`DieselKeyStore`]: the [`KeyStore`] over PostgreSQL or SQLite through diesel and an r2d2
+//! connection pool.
+//!
+//! Diesel is blocking. The async [`KeyStore`] methods run each query on tokio's blocking pool
+//! (`spawn_blocking`) so they never stall an async worker thread; the inherent methods
+//! (`connect`, `migrate`, `ping`…) block the caller and say so.
+
+mod migrations;
+pub(crate) mod pool;
+mod queries;
+mod url;
+
+use std::sync::Arc;
+
+pub use pool::PoolOptions;
+pub use url::DatabaseUrl;
+
+use self::pool::{AnyConnection, Pool};
+use crate::error::StoreError;
+use crate::store::{InsertOutcome, KeyRecord, KeyStore, PageRequest};
+
+/// The durable [`KeyStore`]: PostgreSQL for deployments where several drivers share one store,
+/// SQLite for a single driver.
+///
+/// Cloning is cheap and clones share one connection pool. The [`KeyStore`] methods must be
+/// awaited inside a tokio runtime: each runs its query on the runtime's blocking pool.
+///
+/// ```no_run
+/// # fn main() -> Result<(), wrapped_keystore::StoreError> {
+/// use wrapped_keystore::{DatabaseUrl, DieselKeyStore, PoolOptions};
+///
+/// let url = DatabaseUrl::parse("sqlite:///var/lib/hsm-driver/keys.db")?;
+/// let store = DieselKeyStore::connect(&url, PoolOptions::default())?;
+/// let applied = store.migrate()?;
+/// println!("applied migrations {applied:?} to {url}");
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct DieselKeyStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    url: DatabaseUrl,
+}
+
+impl std::fmt::Debug for DieselKeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `DatabaseUrl`'s Debug redacts the password.
+        f.debug_struct("DieselKeyStore")
+            .field("url", &self.inner.url)
+            .field("pool", &self.inner.pool.state())
+            .finish()
+    }
+}
+
+impl DieselKeyStore {
+    /// Opens a connection pool. Does not touch the schema: call [`migrate`](Self::migrate) (or use
+    /// [`connect_and_migrate`](Self::connect_and_migrate)) before storing keys.
+    ///
+    /// Blocks while it opens the pool's first connections; from async code call it inside
+    /// `tokio::task::spawn_blocking`. SQLite connections use WAL, a 5 s busy timeout, foreign
+    /// keys and `synchronous = NORMAL`. `:memory:` gets a single connection that is never
+    /// recycled, as each connection would otherwise see its own empty database.
+    ///
+    /// # Errors
+    /// [`StoreError::Connection`] if the first connection fails (with the database's reason), or
+    /// [`StoreError::Unavailable`] if the pool cannot fill within `connection_timeout`.
+    pub fn connect(url: &DatabaseUrl, options: PoolOptions) -> Result<Self, StoreError> {
+        let pool = pool::build(url, &options)?;
+        tracing::info!(url = %url, max_size = pool.max_size(), "opened key store");
+        Ok(DieselKeyStore {
+            inner: Arc::new(Inner {
+                pool,
+                url: url.clone(),
+            }),
+        })
+    }
+
+    /// [`connect`](Self::connect), then [`migrate`](Self::migrate). Blocks.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect) and [`migrate`](Self::migrate).
+    pub fn connect_and_migrate(
+        url: &DatabaseUrl,
+        options: PoolOptions,
+    ) -> Result<Self, StoreError> {
+        let store = DieselKeyStore::connect(url, options)?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Applies the pending embedded migrations and returns their versions, oldest first (empty if
+    /// the schema is current). Safe to run from several drivers at once: runs are serialised.
+    /// Blocks.
+    ///
+    /// # Errors
+    /// [`StoreError::Migration`] if a migration fails (it is rolled back), or the pool's errors.
+    pub fn migrate(&self) -> Result<Vec<String>, StoreError> {
+        let applied = migrations::run_pending(&mut *self.connection()?)?;
+        if applied.is_empty() {
+            tracing::debug!(backend = self.backend(), "key store schema is current");
+        } else {
+            tracing::info!(
+                backend = self.backend(),
+                ?applied,
+                "applied key store migrations"
+            );
+        }
+        Ok(applied)
+    }
+
+    /// The versions of the embedded migrations not yet applied, oldest first. Blocks.
+    ///
+    /// # Errors
+    /// [`StoreError::Migration`] if the applied migrations cannot be read, or the pool's errors.
+    pub fn pending_migrations(&self) -> Result<Vec<String>, StoreError> {
+        migrations::pending(&mut *self.connection()?)
+    }
+
+    /// `"postgresql"` or `"sqlite"`.
+    pub fn backend(&self) -> &'static str {
+        self.inner.url.backend()
+    }
+
+    /// The URL the store was opened with (prints without a password).
+    pub fn url(&self) -> &DatabaseUrl {
+        &self.inner.url
+    }
+
+    /// Runs `SELECT 1` on a pooled connection. Blocks.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if no connection can be had, [`StoreError::Database`] if the
+    /// query fails.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        queries::ping(&mut *self.connection()?)
+    }
+
+    fn connection(&self) -> Result<r2d2::PooledConnection<pool::ConnectionManager>, StoreError> {
+        self.inner
+            .pool
+            .get()
+            .map_err(|source| StoreError::Unavailable { source })
+    }
+
+    /// Runs `query` with a pooled connection on tokio's blocking pool.
+    async fn run<T, F>(&self, query: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut AnyConnection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || query(&mut *store.connection()?))
+            .await
+            .map_err(|source| StoreError::TaskFailed { source })?
+    }
+}
+
+impl KeyStore for DieselKeyStore {
+    async fn insert(&self, record: KeyRecord) -> Result<InsertOutcome, StoreError> {
+        self.run(move |conn| queries::insert(conn, &record)).await
+    }
+
+    async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let key_id = key_id.to_owned();
+        self.run(move |conn| queries::get(conn, &key_id)).await
+    }
+
+    async fn list(&self, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
+        self.run(move |conn| queries::list(conn, page.after.as_deref(), page.limit))
+            .await
+    }
+
+    async fn count(&self) -> Result<u64, StoreError> {
+        self.run(queries::count).await
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Crate-internal access for the schema tests.
+
+    pub(crate) use super::migrations::revert_all;
+    pub(crate) use super::pool::on_backend;
+    use super::*;
+
+    /// Runs `f` on a pooled connection.
+    pub(crate) fn with_connection<T>(
+        store: &DieselKeyStore,
+        f: impl FnOnce(&mut AnyConnection) -> T,
+    ) -> T {
+        let mut conn = store
+            .connection()
+            .expect("a pooled connection for the schema test");
+        f(&mut conn)
+    }
+}

@@ -1,0 +1,180 @@
+//! The queries behind [`KeyStore`](crate::KeyStore), written once and compiled for each backend.
+//! Every function here blocks; callers run them on a blocking thread.
+
+use diesel::prelude::*;
+
+use super::pool::{AnyConnection, on_backend};
+use crate::error::StoreError;
+use crate::schema::wrapped_keys;
+use crate::store::{InsertOutcome, KeyRecord, MAX_PAGE_LIMIT};
+
+/// How often [`insert`] tries again when a conflicting row disappears before it can be read
+/// (only possible if something outside the store deletes rows).
+const INSERT_ATTEMPTS: usize = 3;
+
+/// A row as read from the table.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = wrapped_keys)]
+#[diesel(check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+struct StoredKey {
+    key_id: String,
+    scheme: String,
+    curve: String,
+    public_key: Vec<u8>,
+    wrapped_key: Vec<u8>,
+    wrap_mechanism: String,
+    master_key_fingerprint: String,
+    created_at_ms: i64,
+    created_by: String,
+}
+
+impl From<StoredKey> for KeyRecord {
+    fn from(row: StoredKey) -> Self {
+        KeyRecord {
+            key_id: row.key_id,
+            scheme: row.scheme,
+            curve: row.curve,
+            public_key: row.public_key,
+            wrapped_key: row.wrapped_key,
+            wrap_mechanism: row.wrap_mechanism,
+            master_key_fingerprint: row.master_key_fingerprint,
+            created_at_ms: row.created_at_ms,
+            created_by: row.created_by,
+        }
+    }
+}
+
+/// A row as written to the table, borrowed from a [`KeyRecord`].
+#[derive(Insertable)]
+#[diesel(table_name = wrapped_keys)]
+struct NewKey<'a> {
+    key_id: &'a str,
+    scheme: &'a str,
+    curve: &'a str,
+    public_key: &'a [u8],
+    wrapped_key: &'a [u8],
+    wrap_mechanism: &'a str,
+    master_key_fingerprint: &'a str,
+    created_at_ms: i64,
+    created_by: &'a str,
+}
+
+impl<'a> From<&'a KeyRecord> for NewKey<'a> {
+    fn from(record: &'a KeyRecord) -> Self {
+        NewKey {
+            key_id: &record.key_id,
+            scheme: &record.scheme,
+            curve: &record.curve,
+            public_key: &record.public_key,
+            wrapped_key: &record.wrapped_key,
+            wrap_mechanism: &record.wrap_mechanism,
+            master_key_fingerprint: &record.master_key_fingerprint,
+            created_at_ms: record.created_at_ms,
+            created_by: &record.created_by,
+        }
+    }
+}
+
+/// Stores `record` unless its key id is taken; then compares with the stored row.
+///
+/// `INSERT … ON CONFLICT (key_id) DO NOTHING` is one atomic statement on both backends: of two
+/// concurrent inserts of one key id exactly one writes the row, and the other (on PostgreSQL
+/// after waiting for the first to commit) writes nothing and reads the winner's row. Stored rows
+/// are never updated, so that read needs no surrounding transaction (which on PostgreSQL would
+/// also need a savepoint, as a failed statement aborts the whole transaction); and there is no
+/// unique-violation error for PostgreSQL to log on every idempotent retry.
+pub(crate) fn insert(
+    conn: &mut AnyConnection,
+    record: &KeyRecord,
+) -> Result<InsertOutcome, StoreError> {
+    let row = NewKey::from(record);
+    for _ in 0..INSERT_ATTEMPTS {
+        let written = on_backend!(&mut *conn, |c| diesel::insert_into(wrapped_keys::table)
+            .values(&row)
+            .on_conflict(wrapped_keys::key_id)
+            .do_nothing()
+            .execute(c))?;
+        if written > 0 {
+            tracing::debug!(key_id = %record.key_id, "stored wrapped key");
+            return Ok(InsertOutcome::Inserted);
+        }
+        match get(conn, &record.key_id)? {
+            Some(existing) if existing.same_key_as(record) => {
+                return Ok(InsertOutcome::AlreadyPresent);
+            }
+            Some(existing) => {
+                tracing::warn!(
+                    key_id = %record.key_id,
+                    stored_fingerprint = %existing.master_key_fingerprint,
+                    stored_by = %existing.created_by,
+                    "refused to overwrite a wrapped key with different content"
+                );
+                return Err(StoreError::Conflict {
+                    key_id: record.key_id.clone(),
+                });
+            }
+            // The conflicting row was deleted between the two statements: try again.
+            None => continue,
+        }
+    }
+    Err(StoreError::Database {
+        source: diesel::result::Error::NotFound,
+    })
+}
+
+/// Reads one record.
+pub(crate) fn get(conn: &mut AnyConnection, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
+    let row = on_backend!(conn, |c| wrapped_keys::table
+        .find(key_id)
+        .select(StoredKey::as_select())
+        .first(c)
+        .optional());
+    row.map(|row| row.map(KeyRecord::from))
+        .map_err(|error| decode_error(error, Some(key_id)))
+}
+
+/// Reads one page in ascending key id order.
+pub(crate) fn list(
+    conn: &mut AnyConnection,
+    after: Option<&str>,
+    limit: u32,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let limit = i64::from(limit.min(MAX_PAGE_LIMIT));
+    let rows = on_backend!(conn, |c| {
+        let query = wrapped_keys::table
+            .select(StoredKey::as_select())
+            .order(wrapped_keys::key_id.asc())
+            .limit(limit)
+            .into_boxed();
+        match after {
+            Some(after) => query.filter(wrapped_keys::key_id.gt(after)).load(c),
+            None => query.load(c),
+        }
+    });
+    rows.map(|rows| rows.into_iter().map(KeyRecord::from).collect())
+        .map_err(|error| decode_error(error, None))
+}
+
+/// Counts the records.
+pub(crate) fn count(conn: &mut AnyConnection) -> Result<u64, StoreError> {
+    let count: i64 = on_backend!(conn, |c| wrapped_keys::table.count().get_result(c))?;
+    // COUNT(*) is never negative.
+    Ok(u64::try_from(count).unwrap_or_default())
+}
+
+/// Runs `SELECT 1`.
+pub(crate) fn ping(conn: &mut AnyConnection) -> Result<(), StoreError> {
+    on_backend!(conn, |c| diesel::sql_query("SELECT 1").execute(c))?;
+    Ok(())
+}
+
+/// A row that cannot be decoded is [`StoreError::Corrupt`]; anything else is a database error.
+fn decode_error(error: diesel::result::Error, key_id: Option<&str>) -> StoreError {
+    match error {
+        diesel::result::Error::DeserializationError(source) => StoreError::Corrupt {
+            key_id: key_id.map(str::to_owned),
+            source,
+        },
+        source => StoreError::Database { source },
+    }
+}

@@ -1,0 +1,224 @@
+//! The diesel schema of the `wrapped_keys` table.
+//!
+//! Hand-written, not generated: it must match the migrations in `migrations/postgres/` and
+//! `migrations/sqlite/`. The tests below apply the migrations on both backends and round-trip
+//! every column through this definition, so a drift fails the tests.
+
+diesel::table! {
+    /// One row per wrapped key; written once, never updated.
+    wrapped_keys (key_id) {
+        /// The API's key id.
+        key_id -> Text,
+        /// The driver's scheme name.
+        scheme -> Text,
+        /// The API's curve name.
+        curve -> Text,
+        /// The public key.
+        public_key -> Binary,
+        /// The wrapped private key.
+        wrapped_key -> Binary,
+        /// The wrapping mechanism.
+        wrap_mechanism -> Text,
+        /// The fingerprint of the wrapping master key.
+        master_key_fingerprint -> Text,
+        /// Creation time, milliseconds since the Unix epoch.
+        created_at_ms -> BigInt,
+        /// The driver that created the row.
+        created_by -> Text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::prelude::*;
+    use diesel::sql_types::Text;
+
+    use super::wrapped_keys;
+    use crate::diesel_store::test_support::{on_backend, revert_all, with_connection};
+    use crate::{DatabaseUrl, DieselKeyStore, PoolOptions};
+
+    #[derive(QueryableByName)]
+    struct ColumnName {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+
+    type Row = (
+        String,
+        String,
+        String,
+        Vec<u8>,
+        Vec<u8>,
+        String,
+        String,
+        i64,
+        String,
+    );
+
+    /// Migrates a fresh database, checks that the table's columns are exactly this module's and
+    /// round-trip every value, then reverts (`down.sql`) and migrates again.
+    fn check_schema_matches_migrations(store: &DieselKeyStore) {
+        let pending = store
+            .pending_migrations()
+            .expect("reading pending migrations of a fresh database");
+        assert!(
+            !pending.is_empty(),
+            "a fresh {} database has pending migrations",
+            store.backend()
+        );
+        assert_eq!(
+            store.migrate().expect("migrating a fresh database"),
+            pending,
+            "migrate applies what was pending"
+        );
+
+        let expected: Vec<Row> = vec![(
+            "key-\u{e9}".into(),
+            "ecdsa-secp256k1".into(),
+            "secp256k1".into(),
+            vec![0x02, 0x00, 0xff],
+            (0..=255).collect(),
+            "aes-key-wrap-pad".into(),
+            "fp".into(),
+            i64::MAX,
+            "driver-1".into(),
+        )];
+        with_connection(store, |conn| {
+            let mut columns: Vec<String> = on_backend!(conn, |c| {
+                let catalog = match c.backend_name() {
+                    "sqlite" => "SELECT name FROM pragma_table_info('wrapped_keys')",
+                    _ => {
+                        "SELECT column_name AS name FROM information_schema.columns \
+                          WHERE table_schema = current_schema() AND table_name = 'wrapped_keys'"
+                    }
+                };
+                diesel::sql_query(catalog).load::<ColumnName>(c)
+            })
+            .expect("reading the table's columns from the catalog")
+            .into_iter()
+            .map(|column| column.name)
+            .collect();
+            columns.sort();
+            let mut declared = vec![
+                "key_id",
+                "scheme",
+                "curve",
+                "public_key",
+                "wrapped_key",
+                "wrap_mechanism",
+                "master_key_fingerprint",
+                "created_at_ms",
+                "created_by",
+            ];
+            declared.sort_unstable();
+            assert_eq!(
+                columns, declared,
+                "the migrated table has exactly the columns of schema.rs"
+            );
+
+            let stored: Vec<Row> = on_backend!(conn, |c| {
+                diesel::insert_into(wrapped_keys::table)
+                    .values(&expected[0].clone().into_values())
+                    .execute(c)
+                    .and_then(|_| {
+                        wrapped_keys::table
+                            .select(wrapped_keys::all_columns)
+                            .load(c)
+                    })
+            })
+            .expect("inserting and reading back every column");
+            assert_eq!(
+                stored, expected,
+                "every column round-trips through schema.rs"
+            );
+        });
+
+        let reverted =
+            with_connection(store, revert_all).expect("reverting every migration (down.sql)");
+        assert_eq!(
+            reverted.len(),
+            pending.len(),
+            "every applied migration reverts"
+        );
+        assert_eq!(
+            store.pending_migrations().expect("pending after revert"),
+            pending,
+            "all pending again after revert"
+        );
+        assert_eq!(
+            store.migrate().expect("migrating again after a revert"),
+            pending,
+            "re-applies after revert"
+        );
+    }
+
+    /// Lets one generic block ask which backend it runs on.
+    trait BackendName {
+        fn backend_name(&self) -> &'static str;
+    }
+    impl BackendName for diesel::SqliteConnection {
+        fn backend_name(&self) -> &'static str {
+            "sqlite"
+        }
+    }
+    impl BackendName for diesel::PgConnection {
+        fn backend_name(&self) -> &'static str {
+            "postgresql"
+        }
+    }
+
+    /// Turns a row tuple into insertable column values.
+    trait IntoValues {
+        type Values;
+        fn into_values(self) -> Self::Values;
+    }
+    impl IntoValues for Row {
+        type Values = (
+            diesel::dsl::Eq<wrapped_keys::key_id, String>,
+            diesel::dsl::Eq<wrapped_keys::scheme, String>,
+            diesel::dsl::Eq<wrapped_keys::curve, String>,
+            diesel::dsl::Eq<wrapped_keys::public_key, Vec<u8>>,
+            diesel::dsl::Eq<wrapped_keys::wrapped_key, Vec<u8>>,
+            diesel::dsl::Eq<wrapped_keys::wrap_mechanism, String>,
+            diesel::dsl::Eq<wrapped_keys::master_key_fingerprint, String>,
+            diesel::dsl::Eq<wrapped_keys::created_at_ms, i64>,
+            diesel::dsl::Eq<wrapped_keys::created_by, String>,
+        );
+        fn into_values(self) -> Self::Values {
+            use wrapped_keys::*;
+            (
+                key_id.eq(self.0),
+                scheme.eq(self.1),
+                curve.eq(self.2),
+                public_key.eq(self.3),
+                wrapped_key.eq(self.4),
+                wrap_mechanism.eq(self.5),
+                master_key_fingerprint.eq(self.6),
+                created_at_ms.eq(self.7),
+                created_by.eq(self.8),
+            )
+        }
+    }
+
+    #[test]
+    fn sqlite_schema_matches_migrations() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = DatabaseUrl::Sqlite(dir.path().join("keys.db").to_string_lossy().into_owned());
+        let store = DieselKeyStore::connect(&url, PoolOptions::default())
+            .expect("opening a fresh SQLite file");
+        check_schema_matches_migrations(&store);
+    }
+
+    #[cfg(feature = "pg-fixture")]
+    #[test]
+    fn postgres_schema_matches_migrations() {
+        let Some(db) =
+            crate::testing::PgTestDatabase::create_or_skip().expect("creating a test database")
+        else {
+            return;
+        };
+        let store = DieselKeyStore::connect(&db.database_url(), PoolOptions::default())
+            .expect("connecting to the test database");
+        check_schema_matches_migrations(&store);
+    }
+}

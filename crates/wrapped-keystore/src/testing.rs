@@ -1,0 +1,207 @@
+//! Test fixtures (feature `pg-fixture`): a throwaway PostgreSQL database per test.
+//!
+//! Each [`PgTestDatabase`] is a fresh database with a random name on the server named by
+//! `HSM_DRIVER_TEST_PG_URL` (default [`DEFAULT_ADMIN_URL`]), dropped when the value is dropped.
+//! One database per test means tests never see each other's rows and can run in parallel.
+//!
+//! When the server is not reachable, tests may skip (printing `SKIPPED: …`) unless
+//! [`require_postgres`] says they must fail: on CI (`CI=true`) or with `HSM_DRIVER_REQUIRE_PG=1`.
+//!
+//! ```no_run
+//! use wrapped_keystore::testing::PgTestDatabase;
+//! use wrapped_keystore::{DatabaseUrl, DieselKeyStore, PoolOptions};
+//!
+//! # fn main() -> Result<(), wrapped_keystore::StoreError> {
+//! let Some(db) = PgTestDatabase::create_or_skip()? else { return Ok(()) };
+//! let store = DieselKeyStore::connect_and_migrate(&db.database_url(), PoolOptions::default())?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::env;
+use std::io::Write;
+
+use diesel::Connection;
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+
+use crate::diesel_store::DatabaseUrl;
+use crate::error::StoreError;
+
+/// The environment variable naming the PostgreSQL server (any database on it; the fixture
+/// connects there to create and drop test databases).
+pub const ADMIN_URL_VAR: &str = "HSM_DRIVER_TEST_PG_URL";
+
+/// The server used when [`ADMIN_URL_VAR`] is unset.
+pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// The prefix of every test database's name, so strays are easy to find and drop.
+pub const DATABASE_PREFIX: &str = "hsmdrv_test_";
+
+/// Whether PostgreSQL tests must fail rather than skip when the server is unreachable: true on CI
+/// (`CI=true`) or when `HSM_DRIVER_REQUIRE_PG=1`.
+pub fn require_postgres() -> bool {
+    env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+        || env::var("HSM_DRIVER_REQUIRE_PG")
+            .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
+/// The admin URL: [`ADMIN_URL_VAR`] or [`DEFAULT_ADMIN_URL`].
+pub fn admin_url() -> String {
+    env::var(ADMIN_URL_VAR).unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
+}
+
+/// A freshly created PostgreSQL database, dropped (with any remaining connections) on drop.
+pub struct PgTestDatabase {
+    url: String,
+    name: String,
+    admin_url: String,
+}
+
+impl PgTestDatabase {
+    /// Creates a database named `hsmdrv_test_<16 random hex digits>` on the admin server.
+    /// Blocks.
+    ///
+    /// # Errors
+    /// [`StoreError::Connection`] if the server is unreachable, [`StoreError::Database`] if
+    /// `CREATE DATABASE` fails.
+    pub fn create() -> Result<Self, StoreError> {
+        let admin_url = admin_url();
+        let name = format!("{DATABASE_PREFIX}{:016x}", rand::random::<u64>());
+        let mut admin = PgConnection::establish(&admin_url)
+            .map_err(|source| StoreError::Connection { source })?;
+        // The name is ours (prefix and hex digits), so splicing it into SQL is safe.
+        admin.batch_execute(&format!("CREATE DATABASE {name}"))?;
+        let url = url_with_database(&admin_url, &name);
+        Ok(PgTestDatabase {
+            url,
+            name,
+            admin_url,
+        })
+    }
+
+    /// [`create`](Self::create), or `Ok(None)` after printing `SKIPPED: …` if the server is not
+    /// reachable and [`require_postgres`] is false. Blocks.
+    ///
+    /// # Errors
+    /// As [`create`](Self::create), including when the server is unreachable but required.
+    pub fn create_or_skip() -> Result<Option<Self>, StoreError> {
+        match PgTestDatabase::create() {
+            Ok(db) => Ok(Some(db)),
+            Err(StoreError::Connection { source }) if !require_postgres() => {
+                // Written to the process's stderr rather than with `eprintln!`, which the test
+                // harness captures and shows only for failing tests: a skip must be seen.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED: PostgreSQL not reachable at {} ({}); set CI=true or \
+                     HSM_DRIVER_REQUIRE_PG=1 to make this a failure",
+                    DatabaseUrl::Postgres(admin_url()),
+                    source.to_string().trim_end()
+                );
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Whether the admin server accepts a connection. Blocks.
+    pub fn server_reachable() -> bool {
+        PgConnection::establish(&admin_url()).is_ok()
+    }
+
+    /// The new database's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The new database's URL, parsed.
+    pub fn database_url(&self) -> DatabaseUrl {
+        DatabaseUrl::Postgres(self.url.clone())
+    }
+
+    /// The new database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::fmt::Debug for PgTestDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTestDatabase")
+            .field("name", &self.name)
+            .field("url", &DatabaseUrl::Postgres(self.url.clone()))
+            .finish()
+    }
+}
+
+impl Drop for PgTestDatabase {
+    fn drop(&mut self) {
+        // `WITH (FORCE)` (PostgreSQL 13+) ends the test's pooled connections still open.
+        let result = PgConnection::establish(&self.admin_url)
+            .map_err(|source| StoreError::Connection { source })
+            .and_then(|mut admin| {
+                admin
+                    .batch_execute(&format!(
+                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                        self.name
+                    ))
+                    .map_err(StoreError::from)
+            });
+        if let Err(error) = result {
+            // A leaked database is untidy, not a test failure: say so and carry on.
+            eprintln!(
+                "warning: could not drop test database {}: {error:?}",
+                self.name
+            );
+            tracing::warn!(database = %self.name, error = &error as &dyn std::error::Error, "could not drop test database");
+        }
+    }
+}
+
+/// `admin_url` with its database replaced by `database`, keeping any query parameters.
+fn url_with_database(admin_url: &str, database: &str) -> String {
+    let authority_start = admin_url.find("://").map_or(0, |i| i + 3);
+    let rest = &admin_url[authority_start..];
+    let query_start = rest
+        .find('?')
+        .map_or(admin_url.len(), |i| authority_start + i);
+    let path_start = admin_url[authority_start..query_start]
+        .find('/')
+        .map_or(query_start, |i| authority_start + i);
+    format!(
+        "{}/{database}{}",
+        &admin_url[..path_start],
+        &admin_url[query_start..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_database_url_replaces_only_the_database() {
+        let cases = [
+            (
+                "postgres://postgres@127.0.0.1:5432/postgres",
+                "postgres://postgres@127.0.0.1:5432/t1",
+            ),
+            (
+                "postgres://u:p@h/db?sslmode=disable",
+                "postgres://u:p@h/t1?sslmode=disable",
+            ),
+            ("postgres://h:5432", "postgres://h:5432/t1"),
+            (
+                "postgresql://h?connect_timeout=3",
+                "postgresql://h/t1?connect_timeout=3",
+            ),
+        ];
+        for (admin, expected) in cases {
+            assert_eq!(
+                url_with_database(admin, "t1"),
+                expected,
+                "pointing {admin} at database t1"
+            );
+        }
+    }
+}

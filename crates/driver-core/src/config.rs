@@ -1,0 +1,127 @@
+//! Engine configuration and the builder that assembles a [`Driver`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dfns_api_client::{Backoff, JobSource};
+use hsm_pkcs11::Hsm;
+use opentelemetry::metrics::{Meter, MeterProvider, NoopMeterProvider};
+use wrapped_keystore::KeyStore;
+
+use crate::engine::Driver;
+use crate::error::BuildError;
+use crate::metrics::Metrics;
+
+/// How the engine runs. Parsed by the host from its own configuration.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// This driver's identity, recorded with every key it creates and sent with every lease.
+    pub driver_id: String,
+    /// How many jobs run at once. Match it to the HSM's session count: more only queues in
+    /// front of the HSM.
+    pub workers: usize,
+    /// Most jobs asked for in one lease request (capped by the free worker slots).
+    pub lease_batch: u32,
+    /// How long one lease request may wait for a first job (long-poll).
+    pub long_poll: Duration,
+    /// Backoff between failed lease requests.
+    pub lease_backoff: Backoff,
+    /// After shutdown is requested, how long in-flight jobs may take before they are abandoned
+    /// (their leases then lapse and the API delivers them again).
+    pub shutdown_deadline: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            driver_id: "hsm-driver".to_owned(),
+            workers: 4,
+            lease_batch: 16,
+            long_poll: Duration::from_secs(20),
+            lease_backoff: Backoff::default(),
+            shutdown_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Assembles a [`Driver`] from its three parts. Obtained from [`Driver::builder`].
+pub struct DriverBuilder<S, H, K> {
+    source: Option<Arc<S>>,
+    hsm: Option<Arc<H>>,
+    store: Option<Arc<K>>,
+    config: DriverConfig,
+    meter: Option<Meter>,
+}
+
+impl<S: JobSource, H: Hsm, K: KeyStore> DriverBuilder<S, H, K> {
+    pub(crate) fn new() -> Self {
+        Self {
+            source: None,
+            hsm: None,
+            store: None,
+            config: DriverConfig::default(),
+            meter: None,
+        }
+    }
+
+    /// Where jobs come from.
+    pub fn job_source(mut self, source: impl Into<Arc<S>>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The HSM that generates and signs.
+    pub fn hsm(mut self, hsm: impl Into<Arc<H>>) -> Self {
+        self.hsm = Some(hsm.into());
+        self
+    }
+
+    /// Where wrapped keys are kept.
+    pub fn key_store(mut self, store: impl Into<Arc<K>>) -> Self {
+        self.store = Some(store.into());
+        self
+    }
+
+    /// The engine's settings (defaults: [`DriverConfig::default`]).
+    pub fn config(mut self, config: DriverConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// An OpenTelemetry meter for the engine's metrics (default: a no-op meter).
+    pub fn meter(mut self, meter: Meter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// Builds the driver.
+    ///
+    /// # Errors
+    /// [`BuildError`] if a part is missing or a setting is out of range.
+    pub fn build(self) -> Result<Driver<S, H, K>, BuildError> {
+        let source = self.source.ok_or(BuildError::Missing("job_source"))?;
+        let hsm = self.hsm.ok_or(BuildError::Missing("hsm"))?;
+        let store = self.store.ok_or(BuildError::Missing("key_store"))?;
+        let config = self.config;
+        if config.workers == 0 {
+            return Err(BuildError::Invalid("workers must be at least 1"));
+        }
+        if config.lease_batch == 0 || config.lease_batch > dfns_api_client::protocol::MAX_LEASE_BATCH
+        {
+            return Err(BuildError::Invalid("lease_batch must be between 1 and 256"));
+        }
+        if config.driver_id.is_empty() {
+            return Err(BuildError::Invalid("driver_id must not be empty"));
+        }
+        let meter = self
+            .meter
+            .unwrap_or_else(|| NoopMeterProvider::new().meter("driver-core"));
+        Ok(Driver::from_parts(
+            source,
+            hsm,
+            store,
+            config,
+            Metrics::new(&meter),
+        ))
+    }
+}

@@ -1,0 +1,146 @@
+//! Why a job failed, and how that is reported to the API.
+
+use dfns_api_client::protocol::{DecodeError, FailureCode, JobFailure};
+use hsm_pkcs11::{HsmError, KeyScheme};
+use wrapped_keystore::StoreError;
+
+/// Why a [`Driver`](crate::Driver) could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A required part was not given to the builder.
+    #[error("driver builder: `{0}` is required")]
+    Missing(&'static str),
+    /// A setting is out of range.
+    #[error("driver builder: {0}")]
+    Invalid(&'static str),
+}
+
+/// Why one job failed. Each variant maps to a [`FailureCode`] and a retry decision
+/// ([`JobError::to_failure`]); none carries key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobError {
+    /// The job could not be decoded.
+    #[error("malformed job: {0}")]
+    Decode(#[from] DecodeError),
+    /// The job is well-formed but asks for something that does not fit (a scheme with the
+    /// wrong curve, a message for an ECDSA key).
+    #[error("bad payload: {0}")]
+    BadPayload(String),
+    /// No key is stored under this id.
+    #[error("no key is stored under key id {key_id}")]
+    UnknownKey {
+        /// The key id asked for.
+        key_id: String,
+    },
+    /// This driver's HSM cannot serve the scheme.
+    #[error("scheme {scheme} is not supported by this HSM: {reason}")]
+    UnsupportedScheme {
+        /// The scheme.
+        scheme: KeyScheme,
+        /// What the capability probe found.
+        reason: String,
+    },
+    /// The stored key was wrapped under a master key this HSM does not hold.
+    #[error(
+        "key {key_id} was wrapped under master key {stored}, but this HSM holds {ours}: all HSMs must hold the same master key"
+    )]
+    MasterKeyMismatch {
+        /// The key id.
+        key_id: String,
+        /// The fingerprint in the key record.
+        stored: String,
+        /// This HSM's fingerprint.
+        ours: String,
+    },
+    /// A stored record cannot be interpreted (unknown scheme or mechanism name).
+    #[error("key record {key_id} is corrupt: {reason}")]
+    CorruptRecord {
+        /// The key id.
+        key_id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A signature did not verify against the stored public key; it was not reported.
+    #[error("signature for key {key_id} does not verify against the stored public key")]
+    SignatureRejected {
+        /// The key id.
+        key_id: String,
+        /// Why verification failed.
+        #[source]
+        source: HsmError,
+    },
+    /// The HSM failed.
+    #[error("HSM error")]
+    Hsm(#[source] HsmError),
+    /// The key store failed.
+    #[error("key store error")]
+    Store(#[source] StoreError),
+}
+
+impl From<HsmError> for JobError {
+    fn from(error: HsmError) -> Self {
+        JobError::Hsm(error)
+    }
+}
+
+impl From<StoreError> for JobError {
+    fn from(error: StoreError) -> Self {
+        JobError::Store(error)
+    }
+}
+
+impl JobError {
+    /// The failure code reported to the API.
+    pub fn code(&self) -> FailureCode {
+        match self {
+            JobError::Decode(_) | JobError::BadPayload(_) => FailureCode::BadPayload,
+            JobError::UnknownKey { .. } => FailureCode::UnknownKey,
+            JobError::UnsupportedScheme { .. } => FailureCode::UnsupportedScheme,
+            JobError::Hsm(e) if e.is_unsupported_scheme() => FailureCode::UnsupportedScheme,
+            JobError::Hsm(e) if e.is_bad_payload() => FailureCode::BadPayload,
+            JobError::MasterKeyMismatch { .. }
+            | JobError::SignatureRejected { .. }
+            | JobError::Hsm(_) => FailureCode::HsmError,
+            JobError::CorruptRecord { .. } | JobError::Store(_) => FailureCode::StoreError,
+        }
+    }
+
+    /// Whether another attempt, possibly by another driver, may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            JobError::Hsm(e) => e.is_retryable(),
+            JobError::Store(e) => e.is_retryable(),
+            // Another driver's HSM may hold the right master key.
+            JobError::MasterKeyMismatch { .. } => true,
+            JobError::Decode(_)
+            | JobError::BadPayload(_)
+            | JobError::UnknownKey { .. }
+            | JobError::UnsupportedScheme { .. }
+            | JobError::CorruptRecord { .. }
+            | JobError::SignatureRejected { .. } => false,
+        }
+    }
+
+    /// The report sent to the API: code, message (this error and its sources), retry decision.
+    pub fn to_failure(&self) -> JobFailure {
+        JobFailure {
+            code: self.code(),
+            message: error_chain(self),
+            retryable: self.is_retryable(),
+        }
+    }
+}
+
+/// Renders an error and its sources as one line: `outer: inner: innermost`.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}

@@ -1,0 +1,350 @@
+//! The data path of one job, top to bottom: decode → load → HSM → store/verify → report.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use dfns_api_client::JobSource;
+use dfns_api_client::protocol::{
+    Curve, JobResult, JobSpec, KeyId, LeasedJob, ReportOutcome, Scheme, SignaturePayload,
+    SignatureResult,
+};
+use hsm_pkcs11::{Hsm, KeyScheme, SignPayload, SignRequest, Signature, WrapMechanism, WrappedKey};
+use tracing::{Instrument, debug, info, info_span, warn};
+use wrapped_keystore::{KeyRecord, KeyStore};
+
+use crate::engine::Parts;
+use crate::error::{JobError, error_chain};
+
+/// How a job ended, from the engine's point of view.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Executed and reported as completed.
+    Completed,
+    /// Reported as failed.
+    Failed { retryable: bool },
+    /// Executed, but the report did not reach the API; the lease will lapse and the job be
+    /// delivered again (its effect is idempotent).
+    Unreported,
+}
+
+impl Outcome {
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Failed { retryable: true } => "failed_retryable",
+            Outcome::Failed { retryable: false } => "failed",
+            Outcome::Unreported => "unreported",
+        }
+    }
+}
+
+/// Runs one leased job to its report.
+pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: &Parts<S, H, K>,
+    job: LeasedJob,
+) -> Outcome {
+    let started = Instant::now();
+    let kind = match &job.spec {
+        Ok(spec) => spec.kind().as_str(),
+        Err(_) => "Malformed",
+    };
+    let key_id = job.spec.as_ref().map(|s| s.key_id().as_str()).unwrap_or("");
+    let span = info_span!("job", job_id = %job.job_id, key_id, kind);
+    parts.metrics.job_started();
+    let outcome = async {
+        let job_ref = job.job_ref();
+        let result = match job.spec {
+            Ok(spec) => execute(parts, spec).await,
+            Err(e) => Err(JobError::Decode(e)),
+        };
+        let report = match &result {
+            Ok(result) => parts.source.complete(&job_ref, result).await,
+            Err(error) => {
+                let failure = error.to_failure();
+                warn!(code = failure.code.as_str(), retryable = failure.retryable, error = %failure.message, "job failed");
+                parts.source.fail(&job_ref, &failure).await
+            }
+        };
+        match (report, &result) {
+            (Ok(ReportOutcome::Accepted), Ok(_)) => {
+                debug!("job completed");
+                Outcome::Completed
+            }
+            (Ok(ReportOutcome::Accepted), Err(e)) => Outcome::Failed {
+                retryable: e.is_retryable(),
+            },
+            (Ok(other), _) => {
+                // A late or duplicate report: the job was finished by another delivery.
+                info!(report = ?other, "report not needed: job already finished");
+                match &result {
+                    Ok(_) => Outcome::Completed,
+                    Err(e) => Outcome::Failed {
+                        retryable: e.is_retryable(),
+                    },
+                }
+            }
+            (Err(e), _) => {
+                warn!(error = %error_chain(&e), "report failed; the lease will lapse and the job be redelivered");
+                Outcome::Unreported
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    parts
+        .metrics
+        .job_finished(kind, &outcome, started.elapsed());
+    outcome
+}
+
+async fn execute<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: &Parts<S, H, K>,
+    spec: JobSpec,
+) -> Result<JobResult, JobError> {
+    match spec {
+        JobSpec::KeyGeneration {
+            key_id,
+            scheme,
+            curve,
+        } => generate(parts, key_id, scheme, curve).await,
+        JobSpec::Signature { key_id, payload } => sign(parts, key_id, payload).await,
+    }
+}
+
+/// Key generation: generate and wrap in the HSM, store, then report the public key.
+/// A key id that is already stored is answered from the store (the job was delivered again):
+/// nothing new is generated.
+async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: &Parts<S, H, K>,
+    key_id: KeyId,
+    scheme: Scheme,
+    curve: Curve,
+) -> Result<JobResult, JobError> {
+    let key_scheme = key_scheme(scheme, curve)?;
+    if let Some(existing) = parts.store.get(key_id.as_str()).await? {
+        return stored_public_key(existing, key_scheme);
+    }
+    if !parts.hsm.capabilities().supports(key_scheme) {
+        let reason = match parts.hsm.capabilities().schemes.get(&key_scheme) {
+            Some(hsm_pkcs11::SchemeSupport::Unsupported { reason }) => reason.clone(),
+            _ => "not probed".to_owned(),
+        };
+        return Err(JobError::UnsupportedScheme {
+            scheme: key_scheme,
+            reason,
+        });
+    }
+
+    let generated = parts.hsm.generate_key(key_scheme).await?;
+    let record = KeyRecord {
+        key_id: key_id.as_str().to_owned(),
+        scheme: key_scheme.as_str().to_owned(),
+        curve: curve.as_str().to_owned(),
+        public_key: generated.public_key,
+        wrapped_key: generated.wrapped.blob,
+        wrap_mechanism: generated.wrapped.mechanism.as_str().to_owned(),
+        master_key_fingerprint: parts.hsm.master_key().fingerprint.clone(),
+        created_at_ms: now_ms(),
+        created_by: parts.config.driver_id.clone(),
+    };
+    match parts.store.insert(record.clone()).await {
+        Ok(_) => Ok(JobResult::PublicKey(record.public_key)),
+        Err(e) if e.is_conflict() => {
+            // Another delivery of this job stored its key first: ours is dropped (it exists
+            // nowhere but in this process) and the stored one is reported.
+            info!("another delivery stored this key first; reporting the stored key");
+            let existing = parts
+                .store
+                .get(key_id.as_str())
+                .await?
+                .ok_or_else(|| JobError::UnknownKey {
+                    key_id: key_id.to_string(),
+                })?;
+            stored_public_key(existing, key_scheme)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn stored_public_key(record: KeyRecord, expected: KeyScheme) -> Result<JobResult, JobError> {
+    if record.scheme != expected.as_str() {
+        return Err(JobError::BadPayload(format!(
+            "key {} already exists with scheme {}, not {}",
+            record.key_id, record.scheme, expected
+        )));
+    }
+    Ok(JobResult::PublicKey(record.public_key))
+}
+
+/// Signing: load the wrapped key, sign in the HSM, verify against the stored public key,
+/// then report.
+async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: &Parts<S, H, K>,
+    key_id: KeyId,
+    payload: SignaturePayload,
+) -> Result<JobResult, JobError> {
+    let record = parts
+        .store
+        .get(key_id.as_str())
+        .await?
+        .ok_or_else(|| JobError::UnknownKey {
+            key_id: key_id.to_string(),
+        })?;
+    let scheme = KeyScheme::from_name(&record.scheme).ok_or_else(|| JobError::CorruptRecord {
+        key_id: key_id.to_string(),
+        reason: "unknown scheme name".to_owned(),
+    })?;
+    let mechanism =
+        WrapMechanism::from_name(&record.wrap_mechanism).ok_or_else(|| JobError::CorruptRecord {
+            key_id: key_id.to_string(),
+            reason: "unknown wrap mechanism name".to_owned(),
+        })?;
+    let ours = &parts.hsm.master_key().fingerprint;
+    if &record.master_key_fingerprint != ours {
+        return Err(JobError::MasterKeyMismatch {
+            key_id: key_id.to_string(),
+            stored: record.master_key_fingerprint,
+            ours: ours.clone(),
+        });
+    }
+    let payload = sign_payload(scheme, payload)?;
+
+    let request = SignRequest {
+        scheme,
+        public_key: record.public_key,
+        wrapped: WrappedKey {
+            blob: record.wrapped_key,
+            mechanism,
+        },
+        payload,
+    };
+    // The HSM verifies too; this check is the engine's own, independent of the Hsm
+    // implementation: nothing is reported that does not verify against the stored key.
+    let check = (request.public_key.clone(), request.payload.clone());
+    let signature = parts.hsm.sign(request).await?;
+    hsm_pkcs11::signature::verify(scheme, &check.0, &check.1, &signature).map_err(|source| {
+        JobError::SignatureRejected {
+            key_id: key_id.to_string(),
+            source,
+        }
+    })?;
+    Ok(JobResult::Signature(signature_result(signature)))
+}
+
+fn key_scheme(scheme: Scheme, curve: Curve) -> Result<KeyScheme, JobError> {
+    match (scheme, curve) {
+        (Scheme::Ecdsa, Curve::Secp256k1) => Ok(KeyScheme::EcdsaSecp256k1),
+        (Scheme::Ecdsa, Curve::Secp256r1) => Ok(KeyScheme::EcdsaP256),
+        (Scheme::Eddsa, Curve::Ed25519) => Ok(KeyScheme::Ed25519),
+        (scheme, curve) => Err(JobError::BadPayload(format!(
+            "scheme {} cannot be used with curve {}",
+            scheme.as_str(),
+            curve.as_str()
+        ))),
+    }
+}
+
+fn sign_payload(scheme: KeyScheme, payload: SignaturePayload) -> Result<SignPayload, JobError> {
+    match (scheme, payload) {
+        (KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256, SignaturePayload::Hash(digest)) => {
+            Ok(SignPayload::Digest(digest))
+        }
+        (KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256, SignaturePayload::Message(_)) => Err(
+            JobError::BadPayload("ECDSA keys sign 32-byte hashes, not messages".to_owned()),
+        ),
+        // Pure EdDSA signs whatever bytes it is given; a `Hash` is signed as a 32-byte message.
+        (KeyScheme::Ed25519, SignaturePayload::Hash(digest)) => {
+            Ok(SignPayload::Message(digest.to_vec()))
+        }
+        (KeyScheme::Ed25519, SignaturePayload::Message(message)) => {
+            Ok(SignPayload::Message(message))
+        }
+    }
+}
+
+fn signature_result(signature: Signature) -> SignatureResult {
+    match signature {
+        Signature::Ecdsa { r, s, recid, der } => SignatureResult {
+            r,
+            s,
+            recid: Some(recid),
+            encoded: der,
+        },
+        Signature::Ed25519(bytes) => {
+            let mut r = [0u8; 32];
+            let mut s = [0u8; 32];
+            r.copy_from_slice(&bytes[..32]);
+            s.copy_from_slice(&bytes[32..]);
+            SignatureResult {
+                r,
+                s,
+                recid: None,
+                encoded: bytes.to_vec(),
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scheme_and_curve_must_match() {
+        assert_eq!(
+            key_scheme(Scheme::Ecdsa, Curve::Secp256k1).unwrap(),
+            KeyScheme::EcdsaSecp256k1
+        );
+        assert_eq!(
+            key_scheme(Scheme::Ecdsa, Curve::Secp256r1).unwrap(),
+            KeyScheme::EcdsaP256
+        );
+        assert_eq!(
+            key_scheme(Scheme::Eddsa, Curve::Ed25519).unwrap(),
+            KeyScheme::Ed25519
+        );
+        for (scheme, curve) in [
+            (Scheme::Ecdsa, Curve::Ed25519),
+            (Scheme::Eddsa, Curve::Secp256k1),
+            (Scheme::Eddsa, Curve::Secp256r1),
+        ] {
+            let err = key_scheme(scheme, curve).unwrap_err();
+            assert!(
+                matches!(err, JobError::BadPayload(_)),
+                "{scheme:?} with {curve:?} must be a bad payload, got {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ecdsa_refuses_messages_and_eddsa_signs_hashes_as_messages() {
+        let err = sign_payload(
+            KeyScheme::EcdsaSecp256k1,
+            SignaturePayload::Message(b"hi".to_vec()),
+        )
+        .unwrap_err();
+        assert!(matches!(err, JobError::BadPayload(_)));
+        assert_eq!(
+            sign_payload(KeyScheme::Ed25519, SignaturePayload::Hash([7; 32])).unwrap(),
+            SignPayload::Message(vec![7; 32])
+        );
+    }
+
+    #[test]
+    fn ed25519_signature_is_split_into_r_and_s() {
+        let mut bytes = [0u8; 64];
+        bytes[..32].fill(1);
+        bytes[32..].fill(2);
+        let result = signature_result(Signature::Ed25519(bytes));
+        assert_eq!(result.r, [1; 32]);
+        assert_eq!(result.s, [2; 32]);
+        assert_eq!(result.recid, None);
+        assert_eq!(result.encoded, bytes.to_vec());
+    }
+}

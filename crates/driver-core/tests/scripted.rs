@@ -1,0 +1,385 @@
+//! The engine against a scripted job source (jobs handed in by the test, reports recorded), the
+//! software fake HSM and the in-memory key store: every branch of the data path, quickly.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dfns_api_client::protocol::{
+    Curve, DecodeError, FailureCode, JobFailure, JobId, JobRef, JobResult, JobSpec, KeyId,
+    LeaseId, LeasedJob, ReportOutcome, Scheme, SignaturePayload,
+};
+use dfns_api_client::{ApiError, JobSource};
+use driver_core::{Driver, DriverConfig, RunReport};
+use hsm_pkcs11::{FakeHsm, Hsm, KeyScheme};
+use tokio::sync::{Notify, oneshot};
+use wrapped_keystore::{KeyStore, MemoryKeyStore};
+
+/// What the engine reported for a job.
+#[derive(Debug, Clone)]
+enum Report {
+    Completed(JobResult),
+    Failed(JobFailure),
+}
+
+/// A job source fed by the test. `lease` hands out queued jobs (waiting for one when empty);
+/// reports are recorded and announced.
+#[derive(Default)]
+struct ScriptedSource {
+    queue: Mutex<VecDeque<LeasedJob>>,
+    queued: Notify,
+    reports: Mutex<Vec<(JobId, Report)>>,
+    reported: Notify,
+}
+
+impl ScriptedSource {
+    fn push(&self, job_id: &str, spec: Result<JobSpec, DecodeError>) {
+        self.queue.lock().unwrap().push_back(LeasedJob {
+            job_id: JobId::new(job_id).unwrap(),
+            lease_id: LeaseId::new(format!("lease-{job_id}")).unwrap(),
+            lease_expires_at_ms: u64::MAX,
+            spec,
+        });
+        self.queued.notify_one();
+    }
+
+    /// Waits until `count` reports have arrived, then returns them all.
+    async fn wait_reports(&self, count: usize) -> Vec<(JobId, Report)> {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let notified = self.reported.notified();
+                {
+                    let reports = self.reports.lock().unwrap();
+                    if reports.len() >= count {
+                        return reports.clone();
+                    }
+                }
+                notified.await;
+            }
+        })
+        .await
+        .expect("reports arrive within 30 s")
+    }
+
+    fn record(&self, job: &JobRef, report: Report) {
+        self.reports
+            .lock()
+            .unwrap()
+            .push((job.job_id.clone(), report));
+        self.reported.notify_waiters();
+    }
+}
+
+impl JobSource for ScriptedSource {
+    async fn lease(&self, max_jobs: u32, wait: Duration) -> Result<Vec<LeasedJob>, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.queued.notified();
+            {
+                let mut queue = self.queue.lock().unwrap();
+                if !queue.is_empty() {
+                    let n = queue.len().min(max_jobs as usize);
+                    return Ok(queue.drain(..n).collect());
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn complete(&self, job: &JobRef, result: &JobResult) -> Result<ReportOutcome, ApiError> {
+        self.record(job, Report::Completed(result.clone()));
+        Ok(ReportOutcome::Accepted)
+    }
+
+    async fn fail(&self, job: &JobRef, failure: &JobFailure) -> Result<ReportOutcome, ApiError> {
+        self.record(job, Report::Failed(failure.clone()));
+        Ok(ReportOutcome::Accepted)
+    }
+}
+
+struct Harness {
+    source: Arc<ScriptedSource>,
+    store: Arc<MemoryKeyStore>,
+    hsm: Arc<FakeHsm>,
+    stop: Option<oneshot::Sender<()>>,
+    run: tokio::task::JoinHandle<RunReport>,
+}
+
+impl Harness {
+    fn start(hsm: FakeHsm) -> Harness {
+        let source = Arc::new(ScriptedSource::default());
+        let store = Arc::new(MemoryKeyStore::new());
+        let hsm = Arc::new(hsm);
+        let driver = Driver::<ScriptedSource, FakeHsm, MemoryKeyStore>::builder()
+            .job_source(Arc::clone(&source))
+            .hsm(Arc::clone(&hsm))
+            .key_store(Arc::clone(&store))
+            .config(DriverConfig {
+                driver_id: "test-driver".to_owned(),
+                workers: 4,
+                long_poll: Duration::from_millis(200),
+                ..DriverConfig::default()
+            })
+            .build()
+            .unwrap();
+        let (stop, stopped) = oneshot::channel();
+        let run = tokio::spawn(driver.run(async {
+            let _ = stopped.await;
+        }));
+        Harness {
+            source,
+            store,
+            hsm,
+            stop: Some(stop),
+            run,
+        }
+    }
+
+    async fn shutdown(mut self) -> RunReport {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), self.run)
+            .await
+            .expect("the driver stops within 30 s")
+            .unwrap()
+    }
+}
+
+fn key_id(s: &str) -> KeyId {
+    KeyId::new(s).unwrap()
+}
+
+fn keygen(key: &str, scheme: Scheme, curve: Curve) -> Result<JobSpec, DecodeError> {
+    Ok(JobSpec::KeyGeneration {
+        key_id: key_id(key),
+        scheme,
+        curve,
+    })
+}
+
+fn sign_hash(key: &str, hash: [u8; 32]) -> Result<JobSpec, DecodeError> {
+    Ok(JobSpec::Signature {
+        key_id: key_id(key),
+        payload: SignaturePayload::Hash(hash),
+    })
+}
+
+fn report_for<'a>(reports: &'a [(JobId, Report)], job: &str) -> &'a Report {
+    &reports
+        .iter()
+        .find(|(id, _)| id.as_str() == job)
+        .unwrap_or_else(|| panic!("no report for {job}: {reports:?}"))
+        .1
+}
+
+fn failure(report: &Report) -> &JobFailure {
+    match report {
+        Report::Failed(f) => f,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_generation_stores_then_reports_and_signatures_verify_against_the_stored_key() {
+    let h = Harness::start(FakeHsm::new());
+    h.source.push("job-1", keygen("key-k1", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.push("job-2", keygen("key-p256", Scheme::Ecdsa, Curve::Secp256r1));
+    let reports = h.source.wait_reports(2).await;
+    let Report::Completed(JobResult::PublicKey(k1)) = report_for(&reports, "job-1") else {
+        panic!("{reports:?}")
+    };
+    let stored = h.store.get("key-k1").await.unwrap().expect("stored before it is reported");
+    assert_eq!(&stored.public_key, k1, "the reported key is the stored key");
+    assert_eq!(stored.scheme, "ecdsa-secp256k1");
+    assert_eq!(stored.curve, "secp256k1");
+    assert_eq!(stored.created_by, "test-driver");
+    assert_eq!(stored.master_key_fingerprint, h.hsm.master_key().fingerprint);
+
+    let hash = [0x42; 32];
+    h.source.push("job-3", sign_hash("key-k1", hash));
+    h.source.push("job-4", sign_hash("key-p256", hash));
+    let reports = h.source.wait_reports(4).await;
+    for (job, key) in [("job-3", "key-k1"), ("job-4", "key-p256")] {
+        let Report::Completed(JobResult::Signature(sig)) = report_for(&reports, job) else {
+            panic!("{reports:?}")
+        };
+        let public_key = h.store.get(key).await.unwrap().unwrap().public_key;
+        let mut rs = [0u8; 64];
+        rs[..32].copy_from_slice(&sig.r);
+        rs[32..].copy_from_slice(&sig.s);
+        // Verified with the curve libraries directly, not the driver's own code.
+        if key == "key-k1" {
+            use k256::ecdsa::signature::hazmat::PrehashVerifier;
+            let vk = k256::ecdsa::VerifyingKey::from_sec1_bytes(&public_key).unwrap();
+            let s = k256::ecdsa::Signature::from_slice(&rs).unwrap();
+            vk.verify_prehash(&hash, &s).unwrap();
+            assert_eq!(s.to_der().as_bytes(), sig.encoded.as_slice());
+        } else {
+            use p256::ecdsa::signature::hazmat::PrehashVerifier;
+            let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&public_key).unwrap();
+            let s = p256::ecdsa::Signature::from_slice(&rs).unwrap();
+            vk.verify_prehash(&hash, &s).unwrap();
+            assert_eq!(s.to_der().as_bytes(), sig.encoded.as_slice());
+        }
+        assert!(sig.recid.is_some());
+    }
+    let report = h.shutdown().await;
+    assert_eq!(report.completed, 4);
+    assert_eq!(report.failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_key_generation_reports_the_stored_key_and_generates_nothing_new() {
+    let h = Harness::start(FakeHsm::new());
+    h.source.push("job-1", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    let first = h.source.wait_reports(1).await;
+    // Tried: the same job delivered again (a lapsed lease), twice, concurrently.
+    h.source.push("job-1b", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.push("job-1c", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    let reports = h.source.wait_reports(3).await;
+    let Report::Completed(JobResult::PublicKey(original)) = report_for(&first, "job-1") else {
+        panic!("{first:?}")
+    };
+    for job in ["job-1b", "job-1c"] {
+        let Report::Completed(JobResult::PublicKey(again)) = report_for(&reports, job) else {
+            panic!("{reports:?}")
+        };
+        assert_eq!(again, original, "a redelivery reports the stored key");
+    }
+    assert_eq!(h.store.count().await.unwrap(), 1, "exactly one stored key");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failure_is_reported_with_its_code_and_retry_decision() {
+    let h = Harness::start(
+        FakeHsm::new().with_unsupported(KeyScheme::Ed25519, "C_WrapKey returned CKR_KEY_NOT_WRAPPABLE"),
+    );
+    h.source.push("job-k", keygen("key-k", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.wait_reports(1).await;
+
+    // Tried, one job each:
+    // a job that could not be decoded,
+    h.source.push(
+        "job-malformed",
+        Err(DecodeError::InvalidHex { field: "hash" }),
+    );
+    // a signature with a key id that has no stored key,
+    h.source.push("job-unknown", sign_hash("key-nope", [1; 32]));
+    // a scheme this HSM cannot serve,
+    h.source.push("job-ed", keygen("key-ed", Scheme::Eddsa, Curve::Ed25519));
+    // a scheme with the wrong curve,
+    h.source.push("job-mismatch", keygen("key-x", Scheme::Ecdsa, Curve::Ed25519));
+    // a message for an ECDSA key,
+    h.source.push(
+        "job-message",
+        Ok(JobSpec::Signature {
+            key_id: key_id("key-k"),
+            payload: SignaturePayload::Message(b"not a hash".to_vec()),
+        }),
+    );
+    let reports = h.source.wait_reports(6).await;
+
+    let f = failure(report_for(&reports, "job-malformed"));
+    assert_eq!((f.code, f.retryable), (FailureCode::BadPayload, false), "{f:?}");
+    assert!(f.message.contains("hash"), "{f:?}");
+    let f = failure(report_for(&reports, "job-unknown"));
+    assert_eq!((f.code, f.retryable), (FailureCode::UnknownKey, false), "{f:?}");
+    assert!(f.message.contains("key-nope"), "{f:?}");
+    let f = failure(report_for(&reports, "job-ed"));
+    assert_eq!((f.code, f.retryable), (FailureCode::UnsupportedScheme, false), "{f:?}");
+    assert!(f.message.contains("CKR_KEY_NOT_WRAPPABLE"), "the reason is passed on: {f:?}");
+    let f = failure(report_for(&reports, "job-mismatch"));
+    assert_eq!((f.code, f.retryable), (FailureCode::BadPayload, false), "{f:?}");
+    let f = failure(report_for(&reports, "job-message"));
+    assert_eq!((f.code, f.retryable), (FailureCode::BadPayload, false), "{f:?}");
+
+    assert_eq!(h.store.count().await.unwrap(), 1, "no failure stored anything");
+    let report = h.shutdown().await;
+    assert_eq!((report.completed, report.failed), (1, 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_or_foreign_key_record_is_refused_before_any_signature_is_reported() {
+    let h = Harness::start(FakeHsm::new());
+    h.source.push("job-a", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.push("job-b", keygen("key-b", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.wait_reports(2).await;
+    let a = h.store.get("key-a").await.unwrap().unwrap();
+    let b = h.store.get("key-b").await.unwrap().unwrap();
+
+    // Tried: key B's row given key A's public key (a swapped record). The HSM signs with B's
+    // private key, which does not verify against A's public key: nothing is reported signed.
+    let mut swapped = b.clone();
+    swapped.key_id = "key-swapped".to_owned();
+    swapped.public_key = a.public_key.clone();
+    h.store.insert(swapped).await.unwrap();
+    // Tried: a record whose wrapped blob has a flipped byte.
+    let mut tampered = a.clone();
+    tampered.key_id = "key-tampered".to_owned();
+    let last = tampered.wrapped_key.len() - 1;
+    tampered.wrapped_key[last] ^= 0x01;
+    h.store.insert(tampered).await.unwrap();
+    // Tried: a record wrapped under another master key.
+    let mut foreign = a.clone();
+    foreign.key_id = "key-foreign".to_owned();
+    foreign.master_key_fingerprint = "00".repeat(32);
+    h.store.insert(foreign).await.unwrap();
+
+    h.source.push("job-swapped", sign_hash("key-swapped", [9; 32]));
+    h.source.push("job-tampered", sign_hash("key-tampered", [9; 32]));
+    h.source.push("job-foreign", sign_hash("key-foreign", [9; 32]));
+    let reports = h.source.wait_reports(5).await;
+    for job in ["job-swapped", "job-tampered", "job-foreign"] {
+        let f = failure(report_for(&reports, job));
+        assert_eq!(f.code, FailureCode::HsmError, "{job}: {f:?}");
+    }
+    assert!(!failure(report_for(&reports, "job-swapped")).retryable);
+    assert!(!failure(report_for(&reports, "job-tampered")).retryable);
+    let foreign = failure(report_for(&reports, "job-foreign"));
+    assert!(
+        foreign.message.contains("all HSMs must hold the same master key"),
+        "{foreign:?}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_leasing_and_returns_with_nothing_in_flight() {
+    let h = Harness::start(FakeHsm::new());
+    for i in 0..20 {
+        h.source.push(&format!("job-{i}"), keygen(&format!("key-{i}"), Scheme::Ecdsa, Curve::Secp256r1));
+    }
+    h.source.wait_reports(20).await;
+    let source = Arc::clone(&h.source);
+    let report = h.shutdown().await;
+    assert_eq!(report.completed, 20);
+    assert_eq!(report.abandoned, 0);
+    // Tried: a job queued after shutdown is never leased.
+    source.push("job-late", keygen("key-late", Scheme::Ecdsa, Curve::Secp256r1));
+    assert_eq!(source.queue.lock().unwrap().len(), 1, "nothing leases after shutdown");
+}
+
+#[tokio::test]
+async fn the_builder_refuses_missing_parts_and_bad_settings() {
+    let err = Driver::<ScriptedSource, FakeHsm, MemoryKeyStore>::builder()
+        .hsm(FakeHsm::new())
+        .key_store(MemoryKeyStore::new())
+        .build()
+        .err()
+        .expect("no job source");
+    assert!(err.to_string().contains("job_source"), "{err}");
+    let err = Driver::<ScriptedSource, FakeHsm, MemoryKeyStore>::builder()
+        .job_source(ScriptedSource::default())
+        .hsm(FakeHsm::new())
+        .key_store(MemoryKeyStore::new())
+        .config(DriverConfig {
+            workers: 0,
+            ..DriverConfig::default()
+        })
+        .build()
+        .err()
+        .expect("zero workers");
+    assert!(err.to_string().contains("workers"), "{err}");
+}

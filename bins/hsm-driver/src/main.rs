@@ -1,2 +1,113 @@
-//! The `hsm-driver` binary (being wired up).
-fn main() {}
+//! `hsm-driver`: polls the Dfns API over mutual TLS for jobs, executes them on a PKCS#11 HSM,
+//! keeps wrapped keys in a database, and reports results.
+//!
+//! Subcommands: `run` (the service), `check` (verify every dependency and print a line for
+//! each), `migrate` (apply database migrations), `master-key create` (provision the master key
+//! on a token). Configuration: a TOML file (`--config`) plus `HSM_DRIVER__SECTION__FIELD`
+//! environment overrides; see the README's configuration reference.
+
+mod check;
+mod config;
+mod run;
+mod secrets;
+mod wiring;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(name = "hsm-driver", version, about)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short, global = true, default_value = "hsm-driver.toml", env = "HSM_DRIVER_CONFIG")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Lease and execute jobs until SIGTERM or SIGINT.
+    Run,
+    /// Check configuration, PKCS#11 module, token, login, master key, capabilities, database
+    /// and the mutual-TLS connection to the API; print one line for each.
+    Check,
+    /// Apply pending database migrations.
+    Migrate,
+    /// Manage the master (wrapping) key.
+    MasterKey {
+        #[command(subcommand)]
+        command: MasterKeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MasterKeyCommand {
+    /// Create the master key on the configured token: AES-256, sensitive, never extractable,
+    /// wrap and unwrap only. Refuses if a key with the label exists.
+    Create {
+        /// Label of the new key (default: `hsm.master_key_label`).
+        #[arg(long)]
+        label: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hsm-driver")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run => run::run(&config).await.map(|()| true),
+            Command::Check => Ok(check::check(&cli.config, &config).await),
+            Command::Migrate => run::migrate(&config).await.map(|()| true),
+            Command::MasterKey {
+                command: MasterKeyCommand::Create { label },
+            } => run::create_master_key(&config, label).await.map(|()| true),
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "hsm-driver failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

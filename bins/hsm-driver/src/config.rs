@@ -1,0 +1,380 @@
+//! The driver's configuration: a TOML file plus `HSM_DRIVER__SECTION__FIELD` environment
+//! overrides, parsed once at start-up into typed values. Unknown fields are rejected; errors
+//! name the field and the file. Secrets are never inline: the PIN comes from a file or an
+//! environment variable named here.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// Prefix of environment overrides: `HSM_DRIVER__API__URL=https://…` sets `api.url`.
+pub(crate) const ENV_PREFIX: &str = "HSM_DRIVER";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    pub(crate) driver: DriverSection,
+    pub(crate) api: ApiSection,
+    pub(crate) hsm: HsmSection,
+    #[serde(default)]
+    pub(crate) database: DatabaseSection,
+    #[serde(default)]
+    pub(crate) log: LogSection,
+}
+
+/// `[driver]`: the engine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DriverSection {
+    /// This driver's id, unique within a deployment.
+    pub(crate) id: String,
+    /// Jobs executed at once (and HSM sessions opened, unless `hsm.sessions` says otherwise).
+    #[serde(default = "default_workers")]
+    pub(crate) workers: usize,
+    /// Most jobs leased in one request.
+    #[serde(default = "default_lease_batch")]
+    pub(crate) lease_batch: u32,
+    /// Long-poll wait of one lease request, in milliseconds.
+    #[serde(default = "default_long_poll_ms")]
+    pub(crate) long_poll_ms: u64,
+    /// On shutdown, how long in-flight jobs may take, in seconds.
+    #[serde(default = "default_shutdown_deadline_secs")]
+    pub(crate) shutdown_deadline_secs: u64,
+}
+
+/// `[api]`: the Dfns API endpoint and the mutual-TLS material.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ApiSection {
+    /// `https://host:port` of the API.
+    pub(crate) url: String,
+    /// PEM bundle of the CA(s) that may sign the API's server certificate.
+    pub(crate) ca_bundle: PathBuf,
+    /// PEM client certificate chain presented to the API.
+    pub(crate) client_cert: PathBuf,
+    /// PEM private key of the client certificate (keep it mode 0600).
+    pub(crate) client_key: PathBuf,
+    /// Timeout of one request (a lease adds its long-poll wait), in milliseconds.
+    #[serde(default = "default_request_timeout_ms")]
+    pub(crate) request_timeout_ms: u64,
+}
+
+/// Which HSM implementation to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum HsmKind {
+    /// A PKCS#11 module (the default).
+    Pkcs11,
+    /// The software fake: for tests only, never for keys of value.
+    Fake,
+}
+
+/// `[hsm]`: the PKCS#11 module, token and master key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HsmSection {
+    /// `pkcs11` (default) or `fake` (tests only; must be chosen explicitly).
+    #[serde(default = "default_hsm_kind")]
+    pub(crate) kind: HsmKind,
+    /// Path of the PKCS#11 module (`.so`).
+    #[serde(default)]
+    pub(crate) module: Option<PathBuf>,
+    /// Label of the token holding the master key.
+    #[serde(default)]
+    pub(crate) token_label: Option<String>,
+    /// File holding the user PIN (its first line).
+    #[serde(default)]
+    pub(crate) user_pin_file: Option<PathBuf>,
+    /// Name of an environment variable holding the user PIN.
+    #[serde(default)]
+    pub(crate) user_pin_env: Option<String>,
+    /// Label of the master (wrapping) key.
+    #[serde(default = "default_master_key_label")]
+    pub(crate) master_key_label: String,
+    /// Wrap mechanism for new keys: `aes-key-wrap-pad` (default) or `aes-key-wrap`.
+    #[serde(default = "default_wrap_mechanism")]
+    pub(crate) wrap_mechanism: String,
+    /// Logged-in sessions (one per HSM worker thread); defaults to `driver.workers`.
+    #[serde(default)]
+    pub(crate) sessions: Option<usize>,
+}
+
+/// `[database]`: where wrapped keys are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DatabaseSection {
+    /// `sqlite://path` (default `sqlite://hsm-driver.db`) or `postgres://…`.
+    #[serde(default = "default_database_url")]
+    pub(crate) url: String,
+    /// Pool size.
+    #[serde(default = "default_max_connections")]
+    pub(crate) max_connections: u32,
+    /// Apply pending migrations at start-up.
+    #[serde(default = "default_true")]
+    pub(crate) migrate_on_start: bool,
+}
+
+impl Default for DatabaseSection {
+    fn default() -> Self {
+        Self {
+            url: default_database_url(),
+            max_connections: default_max_connections(),
+            migrate_on_start: true,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogSection {
+    /// A `tracing` filter such as `info` or `hsm_driver=debug,info` (`RUST_LOG` overrides it).
+    #[serde(default = "default_log_level")]
+    pub(crate) level: String,
+    /// `text` (default) or `json`.
+    #[serde(default = "default_log_format")]
+    pub(crate) format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: default_log_format(),
+        }
+    }
+}
+
+fn default_workers() -> usize {
+    4
+}
+fn default_lease_batch() -> u32 {
+    16
+}
+fn default_long_poll_ms() -> u64 {
+    20_000
+}
+fn default_shutdown_deadline_secs() -> u64 {
+    30
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_hsm_kind() -> HsmKind {
+    HsmKind::Pkcs11
+}
+fn default_master_key_label() -> String {
+    "hsm-driver-master-key".to_owned()
+}
+fn default_wrap_mechanism() -> String {
+    "aes-key-wrap-pad".to_owned()
+}
+fn default_database_url() -> String {
+    "sqlite://hsm-driver.db".to_owned()
+}
+fn default_max_connections() -> u32 {
+    8
+}
+fn default_true() -> bool {
+    true
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+
+impl Config {
+    /// Reads `path` and the environment overrides, then checks the values.
+    ///
+    /// Relative paths in the file are resolved against the file's directory.
+    pub(crate) fn load(path: &Path) -> anyhow::Result<Config> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .with_context(|| format!("reading configuration file {}", path.display()))?;
+        let mut config: Config = raw
+            .try_deserialize()
+            .with_context(|| format!("invalid configuration in {}", path.display()))?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        config.resolve_paths(base);
+        config
+            .validate()
+            .with_context(|| format!("invalid configuration in {}", path.display()))?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.api.ca_bundle);
+        resolve(&mut self.api.client_cert);
+        resolve(&mut self.api.client_key);
+        if let Some(p) = self.hsm.user_pin_file.as_mut() {
+            resolve(p);
+        }
+        if let Some(rest) = self.database.url.strip_prefix("sqlite://") {
+            let path = Path::new(rest);
+            if path.is_relative() && rest != ":memory:" {
+                self.database.url = format!("sqlite://{}", base.join(path).display());
+            }
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.driver.id.trim().is_empty() {
+            bail!("driver.id: must not be empty");
+        }
+        if self.driver.workers == 0 {
+            bail!("driver.workers: must be at least 1");
+        }
+        if self.driver.lease_batch == 0
+            || self.driver.lease_batch > dfns_api_client::protocol::MAX_LEASE_BATCH
+        {
+            bail!("driver.lease_batch: must be between 1 and 256");
+        }
+        if !self.api.url.starts_with("https://") {
+            bail!("api.url: must be an https:// URL (mutual TLS is required)");
+        }
+        if hsm_pkcs11::WrapMechanism::from_name(&self.hsm.wrap_mechanism).is_none() {
+            bail!(
+                "hsm.wrap_mechanism: `{}` is not one of aes-key-wrap-pad, aes-key-wrap",
+                self.hsm.wrap_mechanism
+            );
+        }
+        if self.hsm.kind == HsmKind::Pkcs11 {
+            if self.hsm.module.is_none() {
+                bail!("hsm.module: required (path of the PKCS#11 module)");
+            }
+            if self.hsm.token_label.is_none() {
+                bail!("hsm.token_label: required");
+            }
+            match (&self.hsm.user_pin_file, &self.hsm.user_pin_env) {
+                (None, None) => bail!("hsm.user_pin_file or hsm.user_pin_env: one is required"),
+                (Some(_), Some(_)) => {
+                    bail!("hsm.user_pin_file and hsm.user_pin_env: give only one")
+                }
+                _ => {}
+            }
+        }
+        if self.hsm.sessions == Some(0) {
+            bail!("hsm.sessions: must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The engine settings.
+    pub(crate) fn driver_config(&self) -> driver_core::DriverConfig {
+        driver_core::DriverConfig {
+            driver_id: self.driver.id.clone(),
+            workers: self.driver.workers,
+            lease_batch: self.driver.lease_batch,
+            long_poll: Duration::from_millis(self.driver.long_poll_ms),
+            shutdown_deadline: Duration::from_secs(self.driver.shutdown_deadline_secs),
+            ..driver_core::DriverConfig::default()
+        }
+    }
+
+    /// HSM sessions to open.
+    pub(crate) fn sessions(&self) -> usize {
+        self.hsm.sessions.unwrap_or(self.driver.workers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("driver.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const GOOD: &str = r#"
+[driver]
+id = "drv-1"
+[api]
+url = "https://127.0.0.1:8443"
+ca_bundle = "pki/ca.pem"
+client_cert = "pki/client.pem"
+client_key = "pki/client.key"
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "t"
+user_pin_file = "pin"
+"#;
+
+    #[test]
+    fn a_minimal_file_gets_defaults_and_relative_paths_resolve_against_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&write(dir.path(), GOOD)).unwrap();
+        assert_eq!(config.driver.workers, 4);
+        assert_eq!(config.hsm.kind, HsmKind::Pkcs11);
+        assert_eq!(config.api.ca_bundle, dir.path().join("pki/ca.pem"));
+        assert_eq!(config.hsm.user_pin_file, Some(dir.path().join("pin")));
+        assert_eq!(
+            config.database.url,
+            format!("sqlite://{}", dir.path().join("hsm-driver.db").display())
+        );
+    }
+
+    #[test]
+    fn an_unknown_field_is_rejected_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = GOOD.replace("[driver]\n", "[driver]\nworkerz = 3\n");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("workerz"), "error should name the field: {err}");
+        assert!(err.contains("driver.toml"), "error should name the file: {err}");
+    }
+
+    #[test]
+    fn a_missing_required_field_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = GOOD.replace("token_label = \"t\"\n", "");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("hsm.token_label"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_and_a_second_pin_source_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = GOOD.replace("https://", "http://");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("api.url"), "{err}");
+        let text = GOOD.replace("user_pin_file = \"pin\"", "user_pin_file = \"pin\"\nuser_pin_env = \"PIN\"");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("give only one"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_wrap_mechanism_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = GOOD.replace("user_pin_file", "wrap_mechanism = \"aes-gcm\"\nuser_pin_file");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("hsm.wrap_mechanism"), "{err}");
+    }
+}

@@ -1,0 +1,126 @@
+//! `run`, `migrate` and `master-key create`.
+
+use anyhow::Context;
+use dfns_api_client::HttpJobSource;
+use driver_core::Driver;
+use hsm_pkcs11::{FakeHsm, Hsm, SchemeSupport};
+use tracing::{info, warn};
+use wrapped_keystore::DieselKeyStore;
+
+use crate::config::{Config, HsmKind};
+use crate::{secrets, wiring};
+
+/// The service: wire everything, lease until SIGTERM/SIGINT, finish in-flight work, return.
+pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
+    let store = wiring::key_store(config).await?;
+    if config.database.migrate_on_start {
+        let applied = wiring::migrate(&store).await?;
+        if !applied.is_empty() {
+            info!(?applied, "database migrations applied");
+        }
+    }
+    let source = wiring::api_client(config)?;
+    match config.hsm.kind {
+        HsmKind::Pkcs11 => {
+            let module = wiring::pkcs11_module(config).await?;
+            let hsm = wiring::pkcs11_hsm(&module, config).await?;
+            serve(config, source, hsm, store).await
+        }
+        HsmKind::Fake => {
+            warn!(
+                "hsm.kind = \"fake\": keys are generated and wrapped IN SOFTWARE by a test fake. \
+                 Never use this configuration for keys of value."
+            );
+            serve(config, source, FakeHsm::new(), store).await
+        }
+    }
+}
+
+async fn serve<H: Hsm>(
+    config: &Config,
+    source: HttpJobSource,
+    hsm: H,
+    store: DieselKeyStore,
+) -> anyhow::Result<()> {
+    let master = hsm.master_key();
+    info!(label = %master.label, fingerprint = %master.fingerprint, "master key");
+    for (scheme, support) in &hsm.capabilities().schemes {
+        match support {
+            SchemeSupport::Supported => info!(%scheme, "scheme supported"),
+            SchemeSupport::Unsupported { reason } => {
+                warn!(%scheme, %reason, "scheme NOT supported by this token")
+            }
+        }
+    }
+    let driver = Driver::builder()
+        .job_source(source)
+        .hsm(hsm)
+        .key_store(store)
+        .config(config.driver_config())
+        .build()
+        .context("building the driver")?;
+    let report = driver.run(shutdown_signal()).await;
+    info!(
+        completed = report.completed,
+        failed = report.failed,
+        unreported = report.unreported,
+        abandoned = report.abandoned,
+        "hsm-driver stopped"
+    );
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; stop the driver with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+/// `migrate`: apply pending migrations and say which.
+pub(crate) async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let store: DieselKeyStore = wiring::key_store(config).await?;
+    let applied = wiring::migrate(&store).await?;
+    if applied.is_empty() {
+        println!("database {}: up to date", store.backend());
+    } else {
+        for version in &applied {
+            println!("database {}: applied {version}", store.backend());
+        }
+    }
+    Ok(())
+}
+
+/// `master-key create`.
+pub(crate) async fn create_master_key(config: &Config, label: Option<String>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.hsm.kind == HsmKind::Pkcs11,
+        "master-key create needs hsm.kind = \"pkcs11\""
+    );
+    let module = wiring::pkcs11_module(config).await?;
+    let token = config
+        .hsm
+        .token_label
+        .clone()
+        .context("hsm.token_label: required")?;
+    let pin = secrets::user_pin(&config.hsm)?;
+    let label = label.unwrap_or_else(|| config.hsm.master_key_label.clone());
+    let (token_for_task, label_for_task) = (token.clone(), label.clone());
+    tokio::task::spawn_blocking(move || {
+        hsm_pkcs11::create_master_key(&module, &token_for_task, &pin, &label_for_task)
+    })
+    .await
+    .context("master key task")?
+    .with_context(|| format!("creating master key `{label}` on token `{token}`"))?;
+    println!("master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only)");
+    Ok(())
+}

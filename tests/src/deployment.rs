@@ -1,0 +1,365 @@
+//! Starting and stopping a deployment: simulator and driver as separate processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use dfns_api_sim::app_client::AppClient;
+use tokio::process::{Child, Command};
+
+use crate::token::SoftHsmToken;
+
+/// What a deployment is made of.
+#[derive(Debug, Clone)]
+pub struct DeploymentOptions {
+    /// Where `hsm-driver` and `dfns-api-sim` were built.
+    pub bin_dir: PathBuf,
+    /// A directory for the token, PKI, configuration, database and logs (created; wiped tokens).
+    pub work_dir: PathBuf,
+    /// The SoftHSMv2 module.
+    pub softhsm_module: PathBuf,
+    /// The key store; default: a SQLite file in `work_dir`.
+    pub database_url: Option<String>,
+    /// Driver workers (and HSM sessions).
+    pub workers: usize,
+    /// The simulator's lease duration, in seconds.
+    pub lease_secs: u64,
+}
+
+impl DeploymentOptions {
+    /// Defaults for a deployment in `work_dir` with binaries from `bin_dir`.
+    pub fn new(bin_dir: PathBuf, work_dir: PathBuf, softhsm_module: PathBuf) -> Self {
+        Self {
+            bin_dir,
+            work_dir,
+            softhsm_module,
+            database_url: None,
+            workers: 2,
+            lease_secs: 30,
+        }
+    }
+}
+
+/// A running deployment. Dropping it kills both processes; [`Deployment::stop`] stops them
+/// cleanly and reports how they ended.
+pub struct Deployment {
+    options: DeploymentOptions,
+    token: SoftHsmToken,
+    config_path: PathBuf,
+    sim: Child,
+    driver: Child,
+    app: AppClient,
+    driver_url: String,
+}
+
+/// How a deployment ended.
+#[derive(Debug)]
+pub struct StopReport {
+    /// The driver's exit status after SIGTERM.
+    pub driver_exit: ExitStatus,
+    /// The simulator's exit status after SIGTERM.
+    pub sim_exit: ExitStatus,
+    /// `hsm-driver check` output, taken after the driver stopped.
+    pub check_output: String,
+    /// Private-key objects left on the token, as `check` counted them.
+    pub token_private_keys: usize,
+}
+
+impl Deployment {
+    /// Creates the token, master key and PKI, starts the simulator, then the driver.
+    ///
+    /// # Errors
+    /// If a step fails; the error includes the tail of the relevant log.
+    pub async fn start(options: DeploymentOptions) -> anyhow::Result<Deployment> {
+        let work = &options.work_dir;
+        std::fs::create_dir_all(work)
+            .with_context(|| format!("creating {}", work.display()))?;
+        let token = SoftHsmToken::create(&work.join("hsm"), "hsm-driver")?;
+
+        let pki = work.join("pki");
+        run_tool(
+            Command::new(options.bin_dir.join("dfns-api-sim"))
+                .arg("pki")
+                .arg("--out")
+                .arg(&pki),
+        )
+        .await?;
+
+        let ready = work.join("sim-ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let sim = spawn_logged(
+            Command::new(options.bin_dir.join("dfns-api-sim"))
+                .args(["serve", "--driver-listen", "127.0.0.1:0", "--app-listen", "127.0.0.1:0"])
+                .arg("--server-cert")
+                .arg(pki.join("server.pem"))
+                .arg("--server-key")
+                .arg(pki.join("server.key"))
+                .arg("--client-ca")
+                .arg(pki.join("ca.pem"))
+                .arg("--lease-secs")
+                .arg(options.lease_secs.to_string())
+                .arg("--ready-file")
+                .arg(&ready),
+            &work.join("sim.log"),
+        )?;
+        let mut sim = sim;
+        let (driver_addr, app_addr) = wait_ready_file(&ready, &mut sim, &work.join("sim.log")).await?;
+        let driver_url = format!("https://127.0.0.1:{}", driver_addr.port());
+
+        let database_url = options
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", work.join("keys.db").display()));
+        if database_url.starts_with("sqlite://") {
+            let path = &database_url["sqlite://".len()..];
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{path}{suffix}"));
+            }
+        }
+        let config_path = work.join("hsm-driver.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                r#"# Written by the end-to-end harness.
+[driver]
+id = "driver-1"
+workers = {workers}
+lease_batch = 16
+long_poll_ms = 5000
+shutdown_deadline_secs = 20
+
+[api]
+url = "{driver_url}"
+ca_bundle = "pki/ca.pem"
+client_cert = "pki/client.pem"
+client_key = "pki/client.key"
+
+[hsm]
+module = "{module}"
+token_label = "{label}"
+user_pin_file = "{pin}"
+master_key_label = "hsm-driver-master-key"
+
+[database]
+url = "{database_url}"
+"#,
+                workers = options.workers,
+                module = options.softhsm_module.display(),
+                label = token.label,
+                pin = token.pin_file.display(),
+            ),
+        )?;
+
+        run_tool(
+            driver_command(&options, &token, &config_path)
+                .args(["master-key", "create"]),
+        )
+        .await?;
+        let driver = spawn_logged(
+            driver_command(&options, &token, &config_path).arg("run"),
+            &work.join("driver.log"),
+        )?;
+        let app = AppClient::new(app_addr);
+        Ok(Deployment {
+            options,
+            token,
+            config_path,
+            sim,
+            driver,
+            app,
+            driver_url,
+        })
+    }
+
+    /// The simulator's application API.
+    pub fn app(&self) -> &AppClient {
+        &self.app
+    }
+
+    /// The simulator's driver endpoint (`https://127.0.0.1:port`).
+    pub fn driver_url(&self) -> &str {
+        &self.driver_url
+    }
+
+    /// The directory holding the PKI files (`ca.pem`, `client.pem`, `rogue-client.pem`, …).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.options.work_dir.join("pki")
+    }
+
+    /// The driver's configuration file.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Fails if the driver or the simulator has exited.
+    ///
+    /// # Errors
+    /// Names the process and shows the end of its log.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.driver.try_wait()? {
+            bail!(
+                "hsm-driver exited ({status}):\n{}",
+                log_tail(&self.options.work_dir.join("driver.log"))
+            );
+        }
+        if let Some(status) = self.sim.try_wait()? {
+            bail!(
+                "dfns-api-sim exited ({status}):\n{}",
+                log_tail(&self.options.work_dir.join("sim.log"))
+            );
+        }
+        Ok(())
+    }
+
+    /// The end of the driver's log.
+    pub fn driver_log_tail(&self) -> String {
+        log_tail(&self.options.work_dir.join("driver.log"))
+    }
+
+    /// Runs `hsm-driver check` against this deployment and returns its output and success.
+    ///
+    /// # Errors
+    /// If the command cannot be run.
+    pub async fn check(&self) -> anyhow::Result<(bool, String)> {
+        let output = driver_command(&self.options, &self.token, &self.config_path)
+            .arg("check")
+            .output()
+            .await
+            .context("running hsm-driver check")?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        ))
+    }
+
+    /// SIGTERM to the driver (waits for it), `check` (token objects), SIGTERM to the simulator.
+    ///
+    /// # Errors
+    /// If a process does not stop within a minute.
+    pub async fn stop(mut self) -> anyhow::Result<StopReport> {
+        let driver_exit = terminate(&mut self.driver, "hsm-driver").await?;
+        let (_, check_output) = self.check().await?;
+        let token_private_keys = parse_private_keys(&check_output).with_context(|| {
+            format!("hsm-driver check did not report token objects:\n{check_output}")
+        })?;
+        let sim_exit = terminate(&mut self.sim, "dfns-api-sim").await?;
+        Ok(StopReport {
+            driver_exit,
+            sim_exit,
+            check_output,
+            token_private_keys,
+        })
+    }
+}
+
+fn driver_command(options: &DeploymentOptions, token: &SoftHsmToken, config: &Path) -> Command {
+    let mut cmd = Command::new(options.bin_dir.join("hsm-driver"));
+    cmd.arg("--config")
+        .arg(config)
+        .env("SOFTHSM2_CONF", &token.conf)
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    cmd.stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))
+}
+
+async fn run_tool(cmd: &mut Command) -> anyhow::Result<String> {
+    let output = cmd
+        .output()
+        .await
+        .with_context(|| format!("starting {cmd:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Waits for the simulator's ready file (written once both listeners are bound), watching
+/// the process so a crash is reported at once.
+async fn wait_ready_file(
+    path: &Path,
+    sim: &mut Child,
+    log: &Path,
+) -> anyhow::Result<(std::net::SocketAddr, std::net::SocketAddr)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let value: serde_json::Value =
+                serde_json::from_str(&text).context("parsing the simulator's ready file")?;
+            let addr = |name: &str| -> anyhow::Result<std::net::SocketAddr> {
+                value[name]
+                    .as_str()
+                    .with_context(|| format!("ready file lacks {name}"))?
+                    .parse()
+                    .with_context(|| format!("ready file: bad {name}"))
+            };
+            return Ok((addr("driverAddr")?, addr("appAddr")?));
+        }
+        if let Some(status) = sim.try_wait()? {
+            bail!("dfns-api-sim exited ({status}) before it was ready:\n{}", log_tail(log));
+        }
+        if Instant::now() > deadline {
+            bail!("dfns-api-sim not ready after 30 s:\n{}", log_tail(log));
+        }
+        // Polling another process's file: back off gently.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+async fn terminate(child: &mut Child, name: &str) -> anyhow::Result<ExitStatus> {
+    if let Some(pid) = child.id() {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -TERM {pid} ({name}) failed");
+        }
+    }
+    match tokio::time::timeout(Duration::from_secs(60), child.wait()).await {
+        Ok(status) => Ok(status?),
+        Err(_) => {
+            let _ = child.kill().await;
+            bail!("{name} did not exit within 60 s of SIGTERM")
+        }
+    }
+}
+
+/// The end of a log file (last 40 lines).
+pub(crate) fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(40);
+    format!("--- {} (tail) ---\n{}", path.display(), lines[start..].join("\n"))
+}
+
+/// Reads the private-key token object count from `hsm-driver check` output.
+fn parse_private_keys(check: &str) -> Option<usize> {
+    let line = check.lines().find(|l| l.contains("token objects:"))?;
+    if line.contains("no private-key token object") {
+        return Some(0);
+    }
+    line.split("token objects:")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

@@ -1,1 +1,0 @@
-//! Support code for the end-to-end tests (being written).

@@ -1,0 +1,175 @@
+//! End to end: `dfns-api-sim` and `hsm-driver` as separate processes over mutual TLS, a real
+//! SoftHSMv2 token, SQLite and PostgreSQL key stores.
+//!
+//! Needs the binaries built first (`cargo build --workspace --bins`; `cargo xtask test` does it).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hsm_driver_e2e::{Deployment, DeploymentOptions, Workload, softhsm_module_path};
+
+fn bin_dir() -> PathBuf {
+    // target/debug/deps/end_to_end-<hash> → target/debug
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory")
+        .to_path_buf();
+    for bin in ["hsm-driver", "dfns-api-sim"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{} not found in {}: run `cargo build --workspace --bins` first (cargo xtask test does it)",
+            bin,
+            dir.display()
+        );
+    }
+    dir
+}
+
+fn options(work: &tempfile_dir::Dir) -> DeploymentOptions {
+    DeploymentOptions::new(
+        bin_dir(),
+        work.path().to_path_buf(),
+        softhsm_module_path().expect("SoftHSMv2 is installed (cargo xtask test installs it)"),
+    )
+}
+
+/// A temporary directory under the target directory, removed at the end of the test.
+mod tempfile_dir {
+    use std::path::{Path, PathBuf};
+
+    pub(crate) struct Dir(PathBuf);
+
+    impl Dir {
+        pub(crate) fn new(name: &str) -> Dir {
+            let base = std::env::current_exe()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .join("e2e");
+            let path = base.join(format!("{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+}
+
+async fn workload_round_trip(options: DeploymentOptions) {
+    let mut deployment = Deployment::start(options).await.expect("deployment starts");
+    let (ok, check) = deployment.check().await.unwrap();
+    assert!(ok, "hsm-driver check must pass on a fresh deployment:\n{check}");
+    for expected in ["[ ok ] master key", "[ ok ] database", "[ ok ] API", "ecdsa-secp256k1", "ecdsa-p256"] {
+        assert!(check.contains(expected), "check output lacks `{expected}`:\n{check}");
+    }
+    assert!(
+        check.contains("ed25519: unsupported") && check.contains("CKR_KEY_NOT_WRAPPABLE"),
+        "check must say SoftHSMv2 cannot wrap Ed25519 keys:\n{check}"
+    );
+
+    let summary = Workload::mixed(6, 60)
+        .run(deployment.app())
+        .await
+        .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
+    assert_eq!(summary.keys.len(), 6);
+    assert_eq!(summary.verified, 60, "every signature verifies independently");
+
+    // Ed25519 on SoftHSMv2: the key generation job fails and says why.
+    let ed = deployment.app().create_key("EdDSA", "ed25519").await.unwrap();
+    let ed = deployment
+        .app()
+        .wait_key_settled(&ed.id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(ed.status, "Failed", "{ed:?}");
+    let reason = ed.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("UnsupportedScheme") || reason.contains("not supported"),
+        "the failure must say the scheme is unsupported: {reason}"
+    );
+    assert!(reason.contains("CKR_KEY_NOT_WRAPPABLE"), "and why: {reason}");
+
+    deployment.ensure_running().unwrap();
+    let stop = deployment.stop().await.unwrap();
+    assert!(stop.driver_exit.success(), "hsm-driver exits 0 on SIGTERM: {stop:?}");
+    assert!(stop.sim_exit.success(), "dfns-api-sim exits 0 on SIGTERM: {stop:?}");
+    assert_eq!(stop.token_private_keys, 0, "no private-key object is left on the token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_and_signatures_over_mutual_tls_with_sqlite() {
+    let work = tempfile_dir::Dir::new("sqlite");
+    workload_round_trip(options(&work)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_and_signatures_over_mutual_tls_with_postgresql() {
+    // Skips (loudly) only when PostgreSQL is unreachable and not required (CI requires it).
+    let Some(db) = wrapped_keystore::testing::PgTestDatabase::create_or_skip()
+        .expect("creating a test database")
+    else {
+        return;
+    };
+    let work = tempfile_dir::Dir::new("postgres");
+    let mut options = options(&work);
+    options.database_url = Some(db.url().to_owned());
+    workload_round_trip(options).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_driver_with_a_certificate_from_another_ca_is_refused() {
+    let work = tempfile_dir::Dir::new("rogue");
+    let deployment = Deployment::start(options(&work)).await.unwrap();
+    // Tried: the driver presents a client certificate signed by a CA the API does not trust.
+    let config = std::fs::read_to_string(deployment.config_path()).unwrap();
+    let rogue = config
+        .replace("pki/client.pem", "pki/rogue-client.pem")
+        .replace("pki/client.key", "pki/rogue-client.key");
+    std::fs::write(deployment.config_path(), rogue).unwrap();
+    let (ok, check) = deployment.check().await.unwrap();
+    assert!(!ok, "check must fail with an untrusted client certificate:\n{check}");
+    assert!(check.contains("[FAIL] API"), "the API line must fail:\n{check}");
+    assert!(check.contains("[ ok ] master key"), "other checks still run:\n{check}");
+    // Tried: the driver trusts a different CA than the one that signed the API's certificate.
+    std::fs::write(deployment.config_path(), config.replace("pki/ca.pem", "pki/rogue-ca.pem")).unwrap();
+    let (ok, check) = deployment.check().await.unwrap();
+    assert!(!ok && check.contains("[FAIL] API"), "an untrusted server is refused:\n{check}");
+    deployment.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_configuration_is_refused_with_the_field_named() {
+    let work = tempfile_dir::Dir::new("badconfig");
+    let path = work.path().join("bad.toml");
+    // Tried: an unknown field in [driver].
+    std::fs::write(
+        &path,
+        "[driver]\nid = \"d\"\nworkerz = 3\n[api]\nurl = \"https://x:1\"\nca_bundle = \"a\"\nclient_cert = \"b\"\nclient_key = \"c\"\n[hsm]\nkind = \"fake\"\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(bin_dir().join("hsm-driver"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "configuration errors exit 2: {stderr}");
+    assert!(stderr.contains("workerz"), "the error names the field: {stderr}");
+    assert!(stderr.contains("bad.toml"), "the error names the file: {stderr}");
+}

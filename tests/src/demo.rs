@@ -79,7 +79,11 @@ pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
         .await?;
 
     let stop = deployment.stop().await?;
-    let k1 = summary.keys.iter().filter(|k| k.curve == "secp256k1").count();
+    let k1 = summary
+        .keys
+        .iter()
+        .filter(|k| k.curve == "secp256k1")
+        .count();
     let p256 = summary.keys.len() - k1;
     let rate = summary.verified as f64 / summary.signing_elapsed.as_secs_f64().max(1e-9);
     println!("\n== summary ==");
@@ -110,11 +114,26 @@ pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
         "shutdown:    hsm-driver {}, dfns-api-sim {}",
         stop.driver_exit, stop.sim_exit
     );
-    ensure!(summary.verified == summary.signatures, "not every signature verified");
-    ensure!(stop.token_private_keys == 0, "private-key objects were left on the token");
-    ensure!(stop.driver_exit.success(), "hsm-driver did not exit cleanly");
+    ensure!(
+        summary.verified == summary.signatures,
+        "not every signature verified"
+    );
+    ensure!(
+        stop.token_private_keys == 0,
+        "private-key objects were left on the token"
+    );
+    ensure!(
+        stop.driver_exit.success(),
+        "hsm-driver did not exit cleanly"
+    );
     ensure!(stop.sim_exit.success(), "dfns-api-sim did not exit cleanly");
-    ensure!(ed.status == "Failed", "an Ed25519 key on SoftHSMv2 must fail");
-    println!("\nall {} signatures verified; demo passed", summary.verified);
+    ensure!(
+        ed.status == "Failed",
+        "an Ed25519 key on SoftHSMv2 must fail"
+    );
+    println!(
+        "\nall {} signatures verified; demo passed",
+        summary.verified
+    );
     Ok(())
 }

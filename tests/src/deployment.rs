@@ -73,8 +73,7 @@ impl Deployment {
     /// If a step fails; the error includes the tail of the relevant log.
     pub async fn start(options: DeploymentOptions) -> anyhow::Result<Deployment> {
         let work = &options.work_dir;
-        std::fs::create_dir_all(work)
-            .with_context(|| format!("creating {}", work.display()))?;
+        std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
         let token = SoftHsmToken::create(&work.join("hsm"), "hsm-driver")?;
 
         let pki = work.join("pki");
@@ -90,7 +89,13 @@ impl Deployment {
         let _ = std::fs::remove_file(&ready);
         let sim = spawn_logged(
             Command::new(options.bin_dir.join("dfns-api-sim"))
-                .args(["serve", "--driver-listen", "127.0.0.1:0", "--app-listen", "127.0.0.1:0"])
+                .args([
+                    "serve",
+                    "--driver-listen",
+                    "127.0.0.1:0",
+                    "--app-listen",
+                    "127.0.0.1:0",
+                ])
                 .arg("--server-cert")
                 .arg(pki.join("server.pem"))
                 .arg("--server-key")
@@ -104,15 +109,15 @@ impl Deployment {
             &work.join("sim.log"),
         )?;
         let mut sim = sim;
-        let (driver_addr, app_addr) = wait_ready_file(&ready, &mut sim, &work.join("sim.log")).await?;
+        let (driver_addr, app_addr) =
+            wait_ready_file(&ready, &mut sim, &work.join("sim.log")).await?;
         let driver_url = format!("https://127.0.0.1:{}", driver_addr.port());
 
         let database_url = options
             .database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", work.join("keys.db").display()));
-        if database_url.starts_with("sqlite://") {
-            let path = &database_url["sqlite://".len()..];
+        if let Some(path) = database_url.strip_prefix("sqlite://") {
             for suffix in ["", "-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{path}{suffix}"));
             }
@@ -151,11 +156,8 @@ url = "{database_url}"
             ),
         )?;
 
-        run_tool(
-            driver_command(&options, &token, &config_path)
-                .args(["master-key", "create"]),
-        )
-        .await?;
+        run_tool(driver_command(&options, &token, &config_path).args(["master-key", "create"]))
+            .await?;
         let driver = spawn_logged(
             driver_command(&options, &token, &config_path).arg("run"),
             &work.join("driver.log"),
@@ -312,7 +314,10 @@ async fn wait_ready_file(
             return Ok((addr("driverAddr")?, addr("appAddr")?));
         }
         if let Some(status) = sim.try_wait()? {
-            bail!("dfns-api-sim exited ({status}) before it was ready:\n{}", log_tail(log));
+            bail!(
+                "dfns-api-sim exited ({status}) before it was ready:\n{}",
+                log_tail(log)
+            );
         }
         if Instant::now() > deadline {
             bail!("dfns-api-sim not ready after 30 s:\n{}", log_tail(log));
@@ -347,7 +352,11 @@ pub(crate) fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(40);
-    format!("--- {} (tail) ---\n{}", path.display(), lines[start..].join("\n"))
+    format!(
+        "--- {} (tail) ---\n{}",
+        path.display(),
+        lines[start..].join("\n")
+    )
 }
 
 /// Reads the private-key token object count from `hsm-driver check` output.

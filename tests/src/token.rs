@@ -56,12 +56,16 @@ impl SoftHsmToken {
         let pin: String = {
             use rand::Rng;
             let mut rng = rand::thread_rng();
-            (0..12).map(|_| rng.gen_range(b'0'..=b'9') as char).collect()
+            (0..12)
+                .map(|_| rng.gen_range(b'0'..=b'9') as char)
+                .collect()
         };
         let so_pin: String = {
             use rand::Rng;
             let mut rng = rand::thread_rng();
-            (0..12).map(|_| rng.gen_range(b'0'..=b'9') as char).collect()
+            (0..12)
+                .map(|_| rng.gen_range(b'0'..=b'9') as char)
+                .collect()
         };
         let output = Command::new("softhsm2-util")
             .args([

@@ -17,7 +17,8 @@ pub struct ApiSignature<'a> {
 }
 
 fn unhex(field: &str, value: &str) -> anyhow::Result<Vec<u8>> {
-    hex::decode(value.strip_prefix("0x").unwrap_or(value)).with_context(|| format!("{field} is not hex"))
+    hex::decode(value.strip_prefix("0x").unwrap_or(value))
+        .with_context(|| format!("{field} is not hex"))
 }
 
 /// Verifies `signature` over `payload` (the 32-byte hash for ECDSA, the message for EdDSA)
@@ -36,7 +37,10 @@ pub fn verify_signature(
     let r = unhex("r", signature.r)?;
     let s = unhex("s", signature.s)?;
     let encoded = unhex("encoded", signature.encoded)?;
-    ensure!(r.len() == 32 && s.len() == 32, "r and s must be 32 bytes each");
+    ensure!(
+        r.len() == 32 && s.len() == 32,
+        "r and s must be 32 bytes each"
+    );
     let mut rs = [0u8; 64];
     rs[..32].copy_from_slice(&r);
     rs[32..].copy_from_slice(&s);
@@ -44,11 +48,16 @@ pub fn verify_signature(
         "secp256k1" => {
             use k256::ecdsa::signature::hazmat::PrehashVerifier;
             use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
-            let key = VerifyingKey::from_sec1_bytes(&public_key).context("bad secp256k1 public key")?;
+            let key =
+                VerifyingKey::from_sec1_bytes(&public_key).context("bad secp256k1 public key")?;
             let sig = Signature::from_slice(&rs).context("bad (r, s)")?;
             ensure!(sig.normalize_s().is_none(), "s is not low");
-            ensure!(sig.to_der().as_bytes() == encoded.as_slice(), "DER encoding does not match r, s");
-            key.verify_prehash(payload, &sig).context("secp256k1 signature does not verify")?;
+            ensure!(
+                sig.to_der().as_bytes() == encoded.as_slice(),
+                "DER encoding does not match r, s"
+            );
+            key.verify_prehash(payload, &sig)
+                .context("secp256k1 signature does not verify")?;
             let recid = RecoveryId::from_byte(signature.recid.context("recid missing")?)
                 .context("recid out of range")?;
             let recovered = VerifyingKey::recover_from_prehash(payload, &sig, recid)
@@ -63,8 +72,12 @@ pub fn verify_signature(
             let key = VerifyingKey::from_sec1_bytes(&public_key).context("bad P-256 public key")?;
             let sig = Signature::from_slice(&rs).context("bad (r, s)")?;
             ensure!(sig.normalize_s().is_none(), "s is not low");
-            ensure!(sig.to_der().as_bytes() == encoded.as_slice(), "DER encoding does not match r, s");
-            key.verify_prehash(payload, &sig).context("P-256 signature does not verify")?;
+            ensure!(
+                sig.to_der().as_bytes() == encoded.as_slice(),
+                "DER encoding does not match r, s"
+            );
+            key.verify_prehash(payload, &sig)
+                .context("P-256 signature does not verify")?;
             let recid = RecoveryId::from_byte(signature.recid.context("recid missing")?)
                 .context("recid out of range")?;
             let recovered = VerifyingKey::recover_from_prehash(payload, &sig, recid)
@@ -72,11 +85,18 @@ pub fn verify_signature(
             ensure!(recovered == key, "recid does not recover the public key");
         }
         "ed25519" => {
-            let key: [u8; 32] = public_key.as_slice().try_into().context("Ed25519 key must be 32 bytes")?;
+            let key: [u8; 32] = public_key
+                .as_slice()
+                .try_into()
+                .context("Ed25519 key must be 32 bytes")?;
             let key = ed25519_dalek::VerifyingKey::from_bytes(&key).context("bad Ed25519 key")?;
-            ensure!(encoded.as_slice() == rs.as_slice(), "encoded must be R || S");
+            ensure!(
+                encoded.as_slice() == rs.as_slice(),
+                "encoded must be R || S"
+            );
             let sig = ed25519_dalek::Signature::from_bytes(&rs);
-            key.verify_strict(payload, &sig).context("Ed25519 signature does not verify")?;
+            key.verify_strict(payload, &sig)
+                .context("Ed25519 signature does not verify")?;
         }
         other => bail!("unknown curve {other}"),
     }

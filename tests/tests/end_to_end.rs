@@ -73,9 +73,21 @@ mod tempfile_dir {
 async fn workload_round_trip(options: DeploymentOptions) {
     let mut deployment = Deployment::start(options).await.expect("deployment starts");
     let (ok, check) = deployment.check().await.unwrap();
-    assert!(ok, "hsm-driver check must pass on a fresh deployment:\n{check}");
-    for expected in ["[ ok ] master key", "[ ok ] database", "[ ok ] API", "ecdsa-secp256k1", "ecdsa-p256"] {
-        assert!(check.contains(expected), "check output lacks `{expected}`:\n{check}");
+    assert!(
+        ok,
+        "hsm-driver check must pass on a fresh deployment:\n{check}"
+    );
+    for expected in [
+        "[ ok ] master key",
+        "[ ok ] database",
+        "[ ok ] API",
+        "ecdsa-secp256k1",
+        "ecdsa-p256",
+    ] {
+        assert!(
+            check.contains(expected),
+            "check output lacks `{expected}`:\n{check}"
+        );
     }
     assert!(
         check.contains("ed25519: unsupported") && check.contains("CKR_KEY_NOT_WRAPPABLE"),
@@ -87,10 +99,17 @@ async fn workload_round_trip(options: DeploymentOptions) {
         .await
         .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
     assert_eq!(summary.keys.len(), 6);
-    assert_eq!(summary.verified, 60, "every signature verifies independently");
+    assert_eq!(
+        summary.verified, 60,
+        "every signature verifies independently"
+    );
 
     // Ed25519 on SoftHSMv2: the key generation job fails and says why.
-    let ed = deployment.app().create_key("EdDSA", "ed25519").await.unwrap();
+    let ed = deployment
+        .app()
+        .create_key("EdDSA", "ed25519")
+        .await
+        .unwrap();
     let ed = deployment
         .app()
         .wait_key_settled(&ed.id, Duration::from_secs(30))
@@ -102,13 +121,25 @@ async fn workload_round_trip(options: DeploymentOptions) {
         reason.contains("UnsupportedScheme") || reason.contains("not supported"),
         "the failure must say the scheme is unsupported: {reason}"
     );
-    assert!(reason.contains("CKR_KEY_NOT_WRAPPABLE"), "and why: {reason}");
+    assert!(
+        reason.contains("CKR_KEY_NOT_WRAPPABLE"),
+        "and why: {reason}"
+    );
 
     deployment.ensure_running().unwrap();
     let stop = deployment.stop().await.unwrap();
-    assert!(stop.driver_exit.success(), "hsm-driver exits 0 on SIGTERM: {stop:?}");
-    assert!(stop.sim_exit.success(), "dfns-api-sim exits 0 on SIGTERM: {stop:?}");
-    assert_eq!(stop.token_private_keys, 0, "no private-key object is left on the token");
+    assert!(
+        stop.driver_exit.success(),
+        "hsm-driver exits 0 on SIGTERM: {stop:?}"
+    );
+    assert!(
+        stop.sim_exit.success(),
+        "dfns-api-sim exits 0 on SIGTERM: {stop:?}"
+    );
+    assert_eq!(
+        stop.token_private_keys, 0,
+        "no private-key object is left on the token"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -142,13 +173,29 @@ async fn a_driver_with_a_certificate_from_another_ca_is_refused() {
         .replace("pki/client.key", "pki/rogue-client.key");
     std::fs::write(deployment.config_path(), rogue).unwrap();
     let (ok, check) = deployment.check().await.unwrap();
-    assert!(!ok, "check must fail with an untrusted client certificate:\n{check}");
-    assert!(check.contains("[FAIL] API"), "the API line must fail:\n{check}");
-    assert!(check.contains("[ ok ] master key"), "other checks still run:\n{check}");
+    assert!(
+        !ok,
+        "check must fail with an untrusted client certificate:\n{check}"
+    );
+    assert!(
+        check.contains("[FAIL] API"),
+        "the API line must fail:\n{check}"
+    );
+    assert!(
+        check.contains("[ ok ] master key"),
+        "other checks still run:\n{check}"
+    );
     // Tried: the driver trusts a different CA than the one that signed the API's certificate.
-    std::fs::write(deployment.config_path(), config.replace("pki/ca.pem", "pki/rogue-ca.pem")).unwrap();
+    std::fs::write(
+        deployment.config_path(),
+        config.replace("pki/ca.pem", "pki/rogue-ca.pem"),
+    )
+    .unwrap();
     let (ok, check) = deployment.check().await.unwrap();
-    assert!(!ok && check.contains("[FAIL] API"), "an untrusted server is refused:\n{check}");
+    assert!(
+        !ok && check.contains("[FAIL] API"),
+        "an untrusted server is refused:\n{check}"
+    );
     deployment.stop().await.unwrap();
 }
 
@@ -169,7 +216,17 @@ async fn a_bad_configuration_is_refused_with_the_field_named() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "configuration errors exit 2: {stderr}");
-    assert!(stderr.contains("workerz"), "the error names the field: {stderr}");
-    assert!(stderr.contains("bad.toml"), "the error names the file: {stderr}");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "configuration errors exit 2: {stderr}"
+    );
+    assert!(
+        stderr.contains("workerz"),
+        "the error names the field: {stderr}"
+    );
+    assert!(
+        stderr.contains("bad.toml"),
+        "the error names the file: {stderr}"
+    );
 }

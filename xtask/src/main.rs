@@ -86,7 +86,9 @@ fn ensure_softhsm() -> anyhow::Result<PathBuf> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
         return softhsm_module_path().context("softhsm2 installed, but libsofthsm2.so not found");
     }
-    bail!("SoftHSMv2 is not installed. Install it with:\n\n    sudo sh -c '{install}'\n\nthen run this command again.")
+    bail!(
+        "SoftHSMv2 is not installed. Install it with:\n\n    sudo sh -c '{install}'\n\nthen run this command again."
+    )
 }
 
 fn demo(args: &[String]) -> anyhow::Result<()> {
@@ -167,7 +169,13 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     run(&mut test)?;
     if lint {
         run(cargo()
-            .args(["doc", "--workspace", "--no-deps", "--all-features", "--locked"])
+            .args([
+                "doc",
+                "--workspace",
+                "--no-deps",
+                "--all-features",
+                "--locked",
+            ])
             .env("RUSTDOCFLAGS", "-D warnings"))?;
     }
     println!("xtask test: all passed");

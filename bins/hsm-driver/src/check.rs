@@ -124,7 +124,10 @@ async fn check_pkcs11(config: &Config, report: &mut Report) {
     let master = hsm.master_key();
     report.ok(
         "master key",
-        format_args!("`{}` present, fingerprint {}", master.label, master.fingerprint),
+        format_args!(
+            "`{}` present, fingerprint {}",
+            master.label, master.fingerprint
+        ),
     );
     for (scheme, support) in &hsm.capabilities().schemes {
         match support {
@@ -132,9 +135,10 @@ async fn check_pkcs11(config: &Config, report: &mut Report) {
                 "capability",
                 format_args!("{scheme}: generate, wrap, unwrap and sign work"),
             ),
-            SchemeSupport::Unsupported { reason } => {
-                report.warn("capability", format_args!("{scheme}: unsupported: {reason}"))
-            }
+            SchemeSupport::Unsupported { reason } => report.warn(
+                "capability",
+                format_args!("{scheme}: unsupported: {reason}"),
+            ),
         }
     }
     if hsm.capabilities().supported().next().is_none() {

@@ -347,8 +347,14 @@ user_pin_file = "pin"
         let dir = tempfile::tempdir().unwrap();
         let text = GOOD.replace("[driver]\n", "[driver]\nworkerz = 3\n");
         let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
-        assert!(err.contains("workerz"), "error should name the field: {err}");
-        assert!(err.contains("driver.toml"), "error should name the file: {err}");
+        assert!(
+            err.contains("workerz"),
+            "error should name the field: {err}"
+        );
+        assert!(
+            err.contains("driver.toml"),
+            "error should name the file: {err}"
+        );
     }
 
     #[test]
@@ -365,7 +371,10 @@ user_pin_file = "pin"
         let text = GOOD.replace("https://", "http://");
         let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
         assert!(err.contains("api.url"), "{err}");
-        let text = GOOD.replace("user_pin_file = \"pin\"", "user_pin_file = \"pin\"\nuser_pin_env = \"PIN\"");
+        let text = GOOD.replace(
+            "user_pin_file = \"pin\"",
+            "user_pin_file = \"pin\"\nuser_pin_env = \"PIN\"",
+        );
         let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
         assert!(err.contains("give only one"), "{err}");
     }
@@ -373,7 +382,10 @@ user_pin_file = "pin"
     #[test]
     fn an_unknown_wrap_mechanism_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let text = GOOD.replace("user_pin_file", "wrap_mechanism = \"aes-gcm\"\nuser_pin_file");
+        let text = GOOD.replace(
+            "user_pin_file",
+            "wrap_mechanism = \"aes-gcm\"\nuser_pin_file",
+        );
         let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
         assert!(err.contains("hsm.wrap_mechanism"), "{err}");
     }

@@ -23,7 +23,13 @@ use crate::config::{Config, LogFormat};
 #[command(name = "hsm-driver", version, about)]
 struct Cli {
     /// Configuration file (TOML).
-    #[arg(long, short, global = true, default_value = "hsm-driver.toml", env = "HSM_DRIVER_CONFIG")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "hsm-driver.toml",
+        env = "HSM_DRIVER_CONFIG"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,

@@ -101,7 +101,10 @@ pub(crate) async fn migrate(config: &Config) -> anyhow::Result<()> {
 }
 
 /// `master-key create`.
-pub(crate) async fn create_master_key(config: &Config, label: Option<String>) -> anyhow::Result<()> {
+pub(crate) async fn create_master_key(
+    config: &Config,
+    label: Option<String>,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         config.hsm.kind == HsmKind::Pkcs11,
         "master-key create needs hsm.kind = \"pkcs11\""
@@ -121,6 +124,8 @@ pub(crate) async fn create_master_key(config: &Config, label: Option<String>) ->
     .await
     .context("master key task")?
     .with_context(|| format!("creating master key `{label}` on token `{token}`"))?;
-    println!("master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only)");
+    println!(
+        "master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only)"
+    );
     Ok(())
 }

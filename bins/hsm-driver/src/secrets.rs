@@ -14,8 +14,9 @@ pub(crate) fn user_pin(hsm: &HsmSection) -> anyhow::Result<SecretString> {
     match (&hsm.user_pin_file, &hsm.user_pin_env) {
         (Some(path), None) => pin_from_file(path),
         (None, Some(var)) => {
-            let value = std::env::var(var)
-                .with_context(|| format!("hsm.user_pin_env: environment variable {var} is not set"))?;
+            let value = std::env::var(var).with_context(|| {
+                format!("hsm.user_pin_env: environment variable {var} is not set")
+            })?;
             if value.is_empty() {
                 bail!("hsm.user_pin_env: environment variable {var} is empty");
             }
@@ -87,7 +88,10 @@ mod tests {
         let path = dir.path().join("pin");
         std::fs::write(&path, "\n").unwrap();
         let err = format!("{:#}", user_pin(&section(Some(&path), None)).unwrap_err());
-        assert!(err.contains("hsm.user_pin_file") && err.contains("empty"), "{err}");
+        assert!(
+            err.contains("hsm.user_pin_file") && err.contains("empty"),
+            "{err}"
+        );
         let err = format!(
             "{:#}",
             user_pin(&section(Some(&dir.path().join("absent")), None)).unwrap_err()

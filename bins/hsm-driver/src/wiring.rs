@@ -60,11 +60,7 @@ pub(crate) fn api_client(config: &Config) -> anyhow::Result<HttpJobSource> {
 
 /// Loads and initialises the PKCS#11 module (once per process).
 pub(crate) async fn pkcs11_module(config: &Config) -> anyhow::Result<Pkcs11Module> {
-    let path = config
-        .hsm
-        .module
-        .clone()
-        .context("hsm.module: required")?;
+    let path = config.hsm.module.clone().context("hsm.module: required")?;
     tokio::task::spawn_blocking(move || {
         Pkcs11Module::initialize(&path)
             .with_context(|| format!("loading PKCS#11 module {}", path.display()))

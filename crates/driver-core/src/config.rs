@@ -106,7 +106,8 @@ impl<S: JobSource, H: Hsm, K: KeyStore> DriverBuilder<S, H, K> {
         if config.workers == 0 {
             return Err(BuildError::Invalid("workers must be at least 1"));
         }
-        if config.lease_batch == 0 || config.lease_batch > dfns_api_client::protocol::MAX_LEASE_BATCH
+        if config.lease_batch == 0
+            || config.lease_batch > dfns_api_client::protocol::MAX_LEASE_BATCH
         {
             return Err(BuildError::Invalid("lease_batch must be between 1 and 256"));
         }

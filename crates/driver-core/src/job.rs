@@ -152,13 +152,14 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
             // Another delivery of this job stored its key first: ours is dropped (it exists
             // nowhere but in this process) and the stored one is reported.
             info!("another delivery stored this key first; reporting the stored key");
-            let existing = parts
-                .store
-                .get(key_id.as_str())
-                .await?
-                .ok_or_else(|| JobError::UnknownKey {
-                    key_id: key_id.to_string(),
-                })?;
+            let existing =
+                parts
+                    .store
+                    .get(key_id.as_str())
+                    .await?
+                    .ok_or_else(|| JobError::UnknownKey {
+                        key_id: key_id.to_string(),
+                    })?;
             stored_public_key(existing, key_scheme)
         }
         Err(e) => Err(e.into()),
@@ -193,11 +194,12 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
         key_id: key_id.to_string(),
         reason: "unknown scheme name".to_owned(),
     })?;
-    let mechanism =
-        WrapMechanism::from_name(&record.wrap_mechanism).ok_or_else(|| JobError::CorruptRecord {
+    let mechanism = WrapMechanism::from_name(&record.wrap_mechanism).ok_or_else(|| {
+        JobError::CorruptRecord {
             key_id: key_id.to_string(),
             reason: "unknown wrap mechanism name".to_owned(),
-        })?;
+        }
+    })?;
     let ours = &parts.hsm.master_key().fingerprint;
     if &record.master_key_fingerprint != ours {
         return Err(JobError::MasterKeyMismatch {

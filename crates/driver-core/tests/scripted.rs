@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dfns_api_client::protocol::{
-    Curve, DecodeError, FailureCode, JobFailure, JobId, JobRef, JobResult, JobSpec, KeyId,
-    LeaseId, LeasedJob, ReportOutcome, Scheme, SignaturePayload,
+    Curve, DecodeError, FailureCode, JobFailure, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseId,
+    LeasedJob, ReportOutcome, Scheme, SignaturePayload,
 };
 use dfns_api_client::{ApiError, JobSource};
 use driver_core::{Driver, DriverConfig, RunReport};
@@ -183,18 +183,28 @@ fn failure(report: &Report) -> &JobFailure {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_generation_stores_then_reports_and_signatures_verify_against_the_stored_key() {
     let h = Harness::start(FakeHsm::new());
-    h.source.push("job-1", keygen("key-k1", Scheme::Ecdsa, Curve::Secp256k1));
-    h.source.push("job-2", keygen("key-p256", Scheme::Ecdsa, Curve::Secp256r1));
+    h.source
+        .push("job-1", keygen("key-k1", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source
+        .push("job-2", keygen("key-p256", Scheme::Ecdsa, Curve::Secp256r1));
     let reports = h.source.wait_reports(2).await;
     let Report::Completed(JobResult::PublicKey(k1)) = report_for(&reports, "job-1") else {
         panic!("{reports:?}")
     };
-    let stored = h.store.get("key-k1").await.unwrap().expect("stored before it is reported");
+    let stored = h
+        .store
+        .get("key-k1")
+        .await
+        .unwrap()
+        .expect("stored before it is reported");
     assert_eq!(&stored.public_key, k1, "the reported key is the stored key");
     assert_eq!(stored.scheme, "ecdsa-secp256k1");
     assert_eq!(stored.curve, "secp256k1");
     assert_eq!(stored.created_by, "test-driver");
-    assert_eq!(stored.master_key_fingerprint, h.hsm.master_key().fingerprint);
+    assert_eq!(
+        stored.master_key_fingerprint,
+        h.hsm.master_key().fingerprint
+    );
 
     let hash = [0x42; 32];
     h.source.push("job-3", sign_hash("key-k1", hash));
@@ -232,11 +242,14 @@ async fn key_generation_stores_then_reports_and_signatures_verify_against_the_st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_key_generation_reports_the_stored_key_and_generates_nothing_new() {
     let h = Harness::start(FakeHsm::new());
-    h.source.push("job-1", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source
+        .push("job-1", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
     let first = h.source.wait_reports(1).await;
     // Tried: the same job delivered again (a lapsed lease), twice, concurrently.
-    h.source.push("job-1b", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
-    h.source.push("job-1c", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source
+        .push("job-1b", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source
+        .push("job-1c", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
     let reports = h.source.wait_reports(3).await;
     let Report::Completed(JobResult::PublicKey(original)) = report_for(&first, "job-1") else {
         panic!("{first:?}")
@@ -253,10 +266,12 @@ async fn a_redelivered_key_generation_reports_the_stored_key_and_generates_nothi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_is_reported_with_its_code_and_retry_decision() {
-    let h = Harness::start(
-        FakeHsm::new().with_unsupported(KeyScheme::Ed25519, "C_WrapKey returned CKR_KEY_NOT_WRAPPABLE"),
-    );
-    h.source.push("job-k", keygen("key-k", Scheme::Ecdsa, Curve::Secp256k1));
+    let h = Harness::start(FakeHsm::new().with_unsupported(
+        KeyScheme::Ed25519,
+        "C_WrapKey returned CKR_KEY_NOT_WRAPPABLE",
+    ));
+    h.source
+        .push("job-k", keygen("key-k", Scheme::Ecdsa, Curve::Secp256k1));
     h.source.wait_reports(1).await;
 
     // Tried, one job each:
@@ -268,9 +283,13 @@ async fn each_failure_is_reported_with_its_code_and_retry_decision() {
     // a signature with a key id that has no stored key,
     h.source.push("job-unknown", sign_hash("key-nope", [1; 32]));
     // a scheme this HSM cannot serve,
-    h.source.push("job-ed", keygen("key-ed", Scheme::Eddsa, Curve::Ed25519));
+    h.source
+        .push("job-ed", keygen("key-ed", Scheme::Eddsa, Curve::Ed25519));
     // a scheme with the wrong curve,
-    h.source.push("job-mismatch", keygen("key-x", Scheme::Ecdsa, Curve::Ed25519));
+    h.source.push(
+        "job-mismatch",
+        keygen("key-x", Scheme::Ecdsa, Curve::Ed25519),
+    );
     // a message for an ECDSA key,
     h.source.push(
         "job-message",
@@ -282,20 +301,47 @@ async fn each_failure_is_reported_with_its_code_and_retry_decision() {
     let reports = h.source.wait_reports(6).await;
 
     let f = failure(report_for(&reports, "job-malformed"));
-    assert_eq!((f.code, f.retryable), (FailureCode::BadPayload, false), "{f:?}");
+    assert_eq!(
+        (f.code, f.retryable),
+        (FailureCode::BadPayload, false),
+        "{f:?}"
+    );
     assert!(f.message.contains("hash"), "{f:?}");
     let f = failure(report_for(&reports, "job-unknown"));
-    assert_eq!((f.code, f.retryable), (FailureCode::UnknownKey, false), "{f:?}");
+    assert_eq!(
+        (f.code, f.retryable),
+        (FailureCode::UnknownKey, false),
+        "{f:?}"
+    );
     assert!(f.message.contains("key-nope"), "{f:?}");
     let f = failure(report_for(&reports, "job-ed"));
-    assert_eq!((f.code, f.retryable), (FailureCode::UnsupportedScheme, false), "{f:?}");
-    assert!(f.message.contains("CKR_KEY_NOT_WRAPPABLE"), "the reason is passed on: {f:?}");
+    assert_eq!(
+        (f.code, f.retryable),
+        (FailureCode::UnsupportedScheme, false),
+        "{f:?}"
+    );
+    assert!(
+        f.message.contains("CKR_KEY_NOT_WRAPPABLE"),
+        "the reason is passed on: {f:?}"
+    );
     let f = failure(report_for(&reports, "job-mismatch"));
-    assert_eq!((f.code, f.retryable), (FailureCode::BadPayload, false), "{f:?}");
+    assert_eq!(
+        (f.code, f.retryable),
+        (FailureCode::BadPayload, false),
+        "{f:?}"
+    );
     let f = failure(report_for(&reports, "job-message"));
-    assert_eq!((f.code, f.retryable), (FailureCode::BadPayload, false), "{f:?}");
+    assert_eq!(
+        (f.code, f.retryable),
+        (FailureCode::BadPayload, false),
+        "{f:?}"
+    );
 
-    assert_eq!(h.store.count().await.unwrap(), 1, "no failure stored anything");
+    assert_eq!(
+        h.store.count().await.unwrap(),
+        1,
+        "no failure stored anything"
+    );
     let report = h.shutdown().await;
     assert_eq!((report.completed, report.failed), (1, 5));
 }
@@ -303,8 +349,10 @@ async fn each_failure_is_reported_with_its_code_and_retry_decision() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_or_foreign_key_record_is_refused_before_any_signature_is_reported() {
     let h = Harness::start(FakeHsm::new());
-    h.source.push("job-a", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
-    h.source.push("job-b", keygen("key-b", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source
+        .push("job-a", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source
+        .push("job-b", keygen("key-b", Scheme::Ecdsa, Curve::Secp256k1));
     h.source.wait_reports(2).await;
     let a = h.store.get("key-a").await.unwrap().unwrap();
     let b = h.store.get("key-b").await.unwrap().unwrap();
@@ -327,9 +375,12 @@ async fn a_tampered_or_foreign_key_record_is_refused_before_any_signature_is_rep
     foreign.master_key_fingerprint = "00".repeat(32);
     h.store.insert(foreign).await.unwrap();
 
-    h.source.push("job-swapped", sign_hash("key-swapped", [9; 32]));
-    h.source.push("job-tampered", sign_hash("key-tampered", [9; 32]));
-    h.source.push("job-foreign", sign_hash("key-foreign", [9; 32]));
+    h.source
+        .push("job-swapped", sign_hash("key-swapped", [9; 32]));
+    h.source
+        .push("job-tampered", sign_hash("key-tampered", [9; 32]));
+    h.source
+        .push("job-foreign", sign_hash("key-foreign", [9; 32]));
     let reports = h.source.wait_reports(5).await;
     for job in ["job-swapped", "job-tampered", "job-foreign"] {
         let f = failure(report_for(&reports, job));
@@ -339,7 +390,9 @@ async fn a_tampered_or_foreign_key_record_is_refused_before_any_signature_is_rep
     assert!(!failure(report_for(&reports, "job-tampered")).retryable);
     let foreign = failure(report_for(&reports, "job-foreign"));
     assert!(
-        foreign.message.contains("all HSMs must hold the same master key"),
+        foreign
+            .message
+            .contains("all HSMs must hold the same master key"),
         "{foreign:?}"
     );
     h.shutdown().await;
@@ -349,7 +402,10 @@ async fn a_tampered_or_foreign_key_record_is_refused_before_any_signature_is_rep
 async fn shutdown_stops_leasing_and_returns_with_nothing_in_flight() {
     let h = Harness::start(FakeHsm::new());
     for i in 0..20 {
-        h.source.push(&format!("job-{i}"), keygen(&format!("key-{i}"), Scheme::Ecdsa, Curve::Secp256r1));
+        h.source.push(
+            &format!("job-{i}"),
+            keygen(&format!("key-{i}"), Scheme::Ecdsa, Curve::Secp256r1),
+        );
     }
     h.source.wait_reports(20).await;
     let source = Arc::clone(&h.source);
@@ -357,8 +413,15 @@ async fn shutdown_stops_leasing_and_returns_with_nothing_in_flight() {
     assert_eq!(report.completed, 20);
     assert_eq!(report.abandoned, 0);
     // Tried: a job queued after shutdown is never leased.
-    source.push("job-late", keygen("key-late", Scheme::Ecdsa, Curve::Secp256r1));
-    assert_eq!(source.queue.lock().unwrap().len(), 1, "nothing leases after shutdown");
+    source.push(
+        "job-late",
+        keygen("key-late", Scheme::Ecdsa, Curve::Secp256r1),
+    );
+    assert_eq!(
+        source.queue.lock().unwrap().len(),
+        1,
+        "nothing leases after shutdown"
+    );
 }
 
 #[tokio::test]

@@ -256,7 +256,9 @@ pub struct JobRef {
 #[non_exhaustive]
 pub enum DecodeError {
     /// An identifier is empty, too long or has characters outside `[A-Za-z0-9._-]`.
-    #[error("invalid {what}: {len} bytes, expected 1..={MAX_ID_LEN} characters from [A-Za-z0-9._-]")]
+    #[error(
+        "invalid {what}: {len} bytes, expected 1..={MAX_ID_LEN} characters from [A-Za-z0-9._-]"
+    )]
     InvalidId {
         /// Which identifier.
         what: &'static str,

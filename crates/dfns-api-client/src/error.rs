@@ -1,0 +1,159 @@
+//! [`ApiError`]: everything that can go wrong talking to the API, with predicates to branch on.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// An error talking to the Dfns API.
+///
+/// Callers branch on [`is_retryable`](Self::is_retryable), [`is_timeout`](Self::is_timeout)
+/// and [`status`](Self::status), never on the message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The request could not be sent or its response not received: connection refused or
+    /// reset, DNS, or a failed TLS handshake (an untrusted server certificate, or the server
+    /// refusing this client's certificate).
+    #[error("request to the API failed")]
+    Transport {
+        /// The HTTP client's error.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The connection failed while the response body was being read.
+    #[error("reading the API's response failed")]
+    ResponseBody {
+        /// The HTTP error.
+        #[source]
+        source: hyper::Error,
+    },
+    /// No complete response within the deadline.
+    #[error("no response from the API within {after:?}")]
+    Timeout {
+        /// The deadline that elapsed.
+        after: Duration,
+    },
+    /// The API answered with an error status.
+    #[error("the API answered {status}{}: {message}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Status {
+        /// The HTTP status (4xx or 5xx, or an unexpected other one).
+        status: http::StatusCode,
+        /// The error code from the body, if it had one.
+        code: Option<String>,
+        /// The error message from the body (truncated), or the start of the body.
+        message: String,
+    },
+    /// The response could not be decoded (not the expected JSON, or larger than allowed).
+    #[error("cannot decode the API's response: {reason}")]
+    Decode {
+        /// What was wrong.
+        reason: String,
+        /// The JSON error, if that is what it was.
+        #[source]
+        source: Option<serde_json::Error>,
+    },
+    /// A TLS file (CA bundle, client certificate or key) is missing, unreadable or invalid.
+    #[error("{}: {reason}", path.display())]
+    Tls {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+        /// The I/O error, if it was one.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// The TLS files are individually valid but do not make a configuration (for example the
+    /// key does not match the certificate).
+    #[error("invalid TLS configuration")]
+    TlsConfig {
+        /// rustls' error.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The client configuration is invalid (for example the base URL is not `https://host:port`).
+    #[error("invalid API client configuration: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl ApiError {
+    /// Whether trying again later may succeed: transport failures, timeouts, 5xx and 429 are
+    /// retryable; other 4xx, undecodable responses and configuration errors are not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ApiError::Transport { .. }
+            | ApiError::ResponseBody { .. }
+            | ApiError::Timeout { .. } => true,
+            ApiError::Status { status, .. } => {
+                status.is_server_error() || *status == http::StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::Decode { .. }
+            | ApiError::Tls { .. }
+            | ApiError::TlsConfig { .. }
+            | ApiError::Config { .. } => false,
+        }
+    }
+
+    /// Whether the request timed out.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ApiError::Timeout { .. })
+    }
+
+    /// The HTTP status, if the API answered with an error status.
+    pub fn status(&self) -> Option<http::StatusCode> {
+        match self {
+            ApiError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    fn status(code: u16) -> ApiError {
+        ApiError::Status {
+            status: StatusCode::from_u16(code).unwrap(),
+            code: None,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn retryable_statuses_are_5xx_and_429() {
+        assert!(status(500).is_retryable());
+        assert!(status(503).is_retryable());
+        assert!(status(429).is_retryable());
+        assert!(!status(400).is_retryable());
+        assert!(!status(404).is_retryable());
+        assert!(!status(409).is_retryable());
+        assert_eq!(status(404).status(), Some(StatusCode::NOT_FOUND));
+    }
+
+    #[test]
+    fn timeouts_are_retryable_and_say_so() {
+        let e = ApiError::Timeout {
+            after: Duration::from_secs(1),
+        };
+        assert!(e.is_timeout() && e.is_retryable());
+        assert_eq!(e.status(), None);
+        assert!(!status(504).is_timeout());
+    }
+
+    #[test]
+    fn status_display_includes_the_code() {
+        let e = ApiError::Status {
+            status: StatusCode::BAD_REQUEST,
+            code: Some("BadRequest".into()),
+            message: "maxJobs must be at least 1".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the API answered 400 Bad Request (BadRequest): maxJobs must be at least 1"
+        );
+    }
+}

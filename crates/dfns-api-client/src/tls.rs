@@ -1,0 +1,178 @@
+//! Mutual-TLS client configuration from PEM files.
+//!
+//! The server is trusted only through the configured CA bundle (no system roots: the API's
+//! driver endpoint is a private PKI), and the client presents its certificate chain and key.
+//! The crypto provider is `ring`, passed explicitly; no process-wide default is installed.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::error::ApiError;
+
+/// Where the client's TLS material lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM bundle of the CA certificates that may sign the API's server certificate.
+    pub ca_bundle: PathBuf,
+    /// PEM certificate chain of this driver (leaf first).
+    pub client_cert: PathBuf,
+    /// PEM private key of this driver (PKCS#8, SEC1 or PKCS#1).
+    pub client_key: PathBuf,
+}
+
+/// Builds a rustls client configuration: roots from `ca_bundle` only, client authentication
+/// with `client_cert` and `client_key`.
+///
+/// Logs a warning if the key file is readable by group or others (Unix).
+///
+/// # Errors
+/// [`ApiError::Tls`] naming the file that is missing, unreadable or holds no usable
+/// certificate or key; [`ApiError::TlsConfig`] if the key does not go with the certificate.
+pub fn load_client_tls(files: &TlsFiles) -> Result<rustls::ClientConfig, ApiError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(&files.ca_bundle)? {
+        roots.add(cert).map_err(|e| ApiError::Tls {
+            path: files.ca_bundle.clone(),
+            reason: format!("not a usable CA certificate: {e}"),
+            source: None,
+        })?;
+    }
+    let chain = read_certs(&files.client_cert)?;
+    warn_if_readable_by_others(&files.client_key);
+    let key = read_key(&files.client_key)?;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|source| ApiError::TlsConfig { source })?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|source| ApiError::TlsConfig { source })
+}
+
+fn open(path: &Path) -> Result<BufReader<File>, ApiError> {
+    File::open(path)
+        .map(BufReader::new)
+        .map_err(|e| ApiError::Tls {
+            path: path.to_owned(),
+            reason: if e.kind() == std::io::ErrorKind::NotFound {
+                "file not found".to_owned()
+            } else {
+                "cannot open the file".to_owned()
+            },
+            source: Some(e),
+        })
+}
+
+/// Reads every certificate of a PEM file; at least one is required.
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ApiError> {
+    let mut reader = open(path)?;
+    let certs = rustls_pemfile::certs(&mut reader)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::Tls {
+            path: path.to_owned(),
+            reason: "cannot read PEM certificates".to_owned(),
+            source: Some(e),
+        })?;
+    if certs.is_empty() {
+        return Err(ApiError::Tls {
+            path: path.to_owned(),
+            reason: "no certificate found (expected PEM `BEGIN CERTIFICATE` blocks)".to_owned(),
+            source: None,
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key of a PEM file. The key's bytes never appear in an error.
+pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, ApiError> {
+    let mut reader = open(path)?;
+    match rustls_pemfile::private_key(&mut reader) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) => Err(ApiError::Tls {
+            path: path.to_owned(),
+            reason: "no private key found (expected a PEM PKCS#8, SEC1 or RSA private key)"
+                .to_owned(),
+            source: None,
+        }),
+        Err(e) => Err(ApiError::Tls {
+            path: path.to_owned(),
+            reason: "cannot read the PEM private key".to_owned(),
+            source: Some(e),
+        }),
+    }
+}
+
+#[cfg(unix)]
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format_args!("{:o}", mode & 0o777),
+                "the client private key is readable by group or others; chmod 600 it"
+            );
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_readable_by_others(_path: &Path) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path) -> TlsFiles {
+        TlsFiles {
+            ca_bundle: dir.join("ca.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_client_tls(&files(dir.path())).unwrap_err();
+        match &err {
+            ApiError::Tls { path, reason, .. } => {
+                assert_eq!(path, &dir.path().join("ca.pem"));
+                assert_eq!(reason, "file not found");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(err.to_string().contains("ca.pem"));
+        assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn file_without_certificate_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate\n").unwrap();
+        let err = load_client_tls(&files(dir.path())).unwrap_err();
+        assert!(
+            matches!(&err, ApiError::Tls { path, reason, .. } if path.ends_with("ca.pem") && reason.starts_with("no certificate found")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn key_file_without_key_is_named_and_secret_free() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("client.key"), "SECRETSECRET\n").unwrap();
+        let err = read_key(&dir.path().join("client.key")).unwrap_err();
+        let text = format!("{err} {err:?}");
+        assert!(
+            text.contains("client.key") && text.contains("no private key found"),
+            "{text}"
+        );
+        assert!(!text.contains("SECRETSECRET"));
+    }
+}

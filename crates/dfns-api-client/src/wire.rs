@@ -1,0 +1,1010 @@
+//! The JSON encoding of the driver protocol, shared by the client and the simulator.
+//!
+//! `docs/protocol.md` describes every body with examples. The serde structs here are the
+//! bodies as they travel; the functions turn them into the validated types of
+//! [`protocol`](crate::protocol) and back.
+//!
+//! Decoding a lease response is deliberately forgiving at the batch level and strict at the
+//! job level: the array is read as raw JSON values, and each job is decoded on its own.
+//!
+//! - A job whose `jobId` or `leaseId` cannot be read cannot be reported on; it is skipped
+//!   (logged and counted in [`DecodedLease::skipped`]) and its lease lapses on the server.
+//! - A job with readable identifiers but any other invalid field (bad hex, wrong length,
+//!   unknown kind, scheme or curve, scheme/curve mismatch, missing field) is returned as a
+//!   [`LeasedJob`] whose `spec` is the [`DecodeError`], so that the engine fails it explicitly.
+//!
+//! One malformed job therefore never costs the rest of the batch.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::protocol::{
+    Curve, DecodeError, FailureCode, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseId, LeasedJob,
+    MAX_MESSAGE_LEN, ReportOutcome, Scheme, SignaturePayload, SignatureResult,
+};
+
+/// Longest public key accepted in a completion (an uncompressed SEC1 point is 65 bytes).
+pub const MAX_PUBLIC_KEY_LEN: usize = 133;
+
+/// Longest `encoded` signature accepted in a completion (DER of two 32-byte integers is at most 72).
+pub const MAX_ENCODED_SIGNATURE_LEN: usize = 256;
+
+// ---------------------------------------------------------------------------------------------
+// Bodies
+// ---------------------------------------------------------------------------------------------
+
+/// The response body of `POST /driver/v1/jobs/lease`, as the server writes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    /// The leased jobs, oldest first.
+    pub jobs: Vec<WireJob>,
+}
+
+/// One leased job as it travels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireJob {
+    /// The job id.
+    pub job_id: String,
+    /// This delivery's lease id.
+    pub lease_id: String,
+    /// When the lease lapses, in milliseconds since the Unix epoch.
+    pub lease_expires_at: u64,
+    /// What to do.
+    #[serde(flatten)]
+    pub body: WireJobBody,
+}
+
+/// The kind-specific part of a [`WireJob`], tagged by `kind`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum WireJobBody {
+    /// `"kind":"KeyGeneration"`.
+    #[serde(rename_all = "camelCase")]
+    KeyGeneration {
+        /// The key to create.
+        key_id: String,
+        /// `ECDSA` or `EdDSA`.
+        scheme: String,
+        /// `secp256k1`, `secp256r1` or `ed25519`.
+        curve: String,
+    },
+    /// `"kind":"Signature"`.
+    #[serde(rename_all = "camelCase")]
+    Signature {
+        /// The key to sign with.
+        key_id: String,
+        /// What to sign.
+        request: WireSignatureRequest,
+    },
+}
+
+/// What to sign, tagged by `kind`: the `request` of a signature job and the body of the
+/// application API's `POST /keys/{keyId}/signatures`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum WireSignatureRequest {
+    /// `{"kind":"Hash","hash":"0x<64 hex>"}`.
+    Hash {
+        /// `0x`-prefixed hex of a 32-byte digest.
+        hash: String,
+    },
+    /// `{"kind":"Message","message":"0x<hex>"}`.
+    Message {
+        /// `0x`-prefixed hex of the message.
+        message: String,
+    },
+}
+
+/// The request body of `POST /driver/v1/jobs/{jobId}/complete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompleteRequest {
+    /// The lease under which the job was executed.
+    pub lease_id: String,
+    /// What the job produced.
+    pub result: WireJobResult,
+}
+
+/// A job result as it travels, tagged by `kind`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum WireJobResult {
+    /// `{"kind":"PublicKey","publicKey":"<hex>"}`.
+    #[serde(rename_all = "camelCase")]
+    PublicKey {
+        /// Plain (unprefixed) hex of the public key.
+        public_key: String,
+    },
+    /// `{"kind":"Signature","signature":{…}}`.
+    Signature {
+        /// The signature.
+        signature: WireSignature,
+    },
+}
+
+/// A signature as it travels (driver protocol and application API alike).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSignature {
+    /// `0x`-hex of `r` (ECDSA) or `R` (EdDSA), 32 bytes.
+    pub r: String,
+    /// `0x`-hex of `s`, 32 bytes.
+    pub s: String,
+    /// ECDSA recovery id; absent for EdDSA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recid: Option<u8>,
+    /// `0x`-hex of the DER signature (ECDSA) or of `R || S` (EdDSA).
+    pub encoded: String,
+}
+
+/// The request body of `POST /driver/v1/jobs/{jobId}/fail`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailRequest {
+    /// The lease under which the job was attempted.
+    pub lease_id: String,
+    /// The failure category.
+    pub code: FailureCode,
+    /// A human-readable reason.
+    pub message: String,
+    /// Whether another attempt may succeed.
+    pub retryable: bool,
+}
+
+/// The answer to a completion or failure report (`200` or `409`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// What the report did.
+    pub status: ReportOutcome,
+}
+
+/// The body of every error response (4xx, 5xx).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The error inside an [`ErrorResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// A stable, machine-readable code (`NotFound`, `BadRequest`, …).
+    pub code: String,
+    /// A human-readable message.
+    pub message: String,
+}
+
+/// The response body of `GET /driver/v1/ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PingResponse {
+    /// `"ok"`.
+    pub status: String,
+    /// The subject of the client certificate the server saw, if it could tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_subject: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hex
+// ---------------------------------------------------------------------------------------------
+
+/// Decodes hex with an optional `0x` (or `0X`) prefix, either case.
+///
+/// # Errors
+/// [`DecodeError::InvalidHex`] naming `field` if the text is not an even number of hex digits.
+pub fn decode_hex(field: &'static str, text: &str) -> Result<Vec<u8>, DecodeError> {
+    let digits = text
+        .strip_prefix("0x")
+        .or_else(|| text.strip_prefix("0X"))
+        .unwrap_or(text);
+    hex::decode(digits).map_err(|_| DecodeError::InvalidHex { field })
+}
+
+/// Decodes hex (optional `0x`) of exactly `N` bytes.
+///
+/// # Errors
+/// [`DecodeError::InvalidHex`] or [`DecodeError::WrongLength`] naming `field`.
+pub fn decode_hex_array<const N: usize>(
+    field: &'static str,
+    expected: &'static str,
+    text: &str,
+) -> Result<[u8; N], DecodeError> {
+    // Refuse absurd lengths before allocating for them.
+    if text.len() > 2 * N + 2 {
+        return Err(DecodeError::WrongLength {
+            field,
+            actual: text.len() / 2,
+            expected,
+        });
+    }
+    let bytes = decode_hex(field, text)?;
+    <[u8; N]>::try_from(bytes.as_slice()).map_err(|_| DecodeError::WrongLength {
+        field,
+        actual: bytes.len(),
+        expected,
+    })
+}
+
+/// Decodes hex (optional `0x`) of at most `max` bytes.
+///
+/// # Errors
+/// [`DecodeError::InvalidHex`] or [`DecodeError::WrongLength`] naming `field`.
+pub fn decode_hex_bounded(
+    field: &'static str,
+    max: usize,
+    expected: &'static str,
+    text: &str,
+) -> Result<Vec<u8>, DecodeError> {
+    if text.len() > 2 * max + 2 {
+        return Err(DecodeError::WrongLength {
+            field,
+            actual: text.len() / 2,
+            expected,
+        });
+    }
+    let bytes = decode_hex(field, text)?;
+    if bytes.len() > max {
+        return Err(DecodeError::WrongLength {
+            field,
+            actual: bytes.len(),
+            expected,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Lowercase hex with a `0x` prefix (hashes, messages, `r`, `s`, `encoded`).
+pub fn encode_hex_prefixed(bytes: &[u8]) -> String {
+    format!("0x{}", hex::encode(bytes))
+}
+
+/// Lowercase hex without a prefix (public keys).
+pub fn encode_hex_plain(bytes: &[u8]) -> String {
+    hex::encode(bytes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding (server side) and decoding (driver side) of jobs
+// ---------------------------------------------------------------------------------------------
+
+/// Encodes a job for a lease response.
+pub fn encode_job(job: &JobRef, lease_expires_at_ms: u64, spec: &JobSpec) -> WireJob {
+    let body = match spec {
+        JobSpec::KeyGeneration {
+            key_id,
+            scheme,
+            curve,
+        } => WireJobBody::KeyGeneration {
+            key_id: key_id.to_string(),
+            scheme: scheme.as_str().to_owned(),
+            curve: curve.as_str().to_owned(),
+        },
+        JobSpec::Signature { key_id, payload } => WireJobBody::Signature {
+            key_id: key_id.to_string(),
+            request: encode_signature_request(payload),
+        },
+    };
+    WireJob {
+        job_id: job.job_id.to_string(),
+        lease_id: job.lease_id.to_string(),
+        lease_expires_at: lease_expires_at_ms,
+        body,
+    }
+}
+
+/// Encodes a signature payload as a request.
+pub fn encode_signature_request(payload: &SignaturePayload) -> WireSignatureRequest {
+    match payload {
+        SignaturePayload::Hash(hash) => WireSignatureRequest::Hash {
+            hash: encode_hex_prefixed(hash),
+        },
+        SignaturePayload::Message(message) => WireSignatureRequest::Message {
+            message: encode_hex_prefixed(message),
+        },
+    }
+}
+
+/// Decodes and validates a signature request (`Hash` of exactly 32 bytes, `Message` of at
+/// most [`MAX_MESSAGE_LEN`] bytes).
+///
+/// # Errors
+/// [`DecodeError::InvalidHex`] or [`DecodeError::WrongLength`].
+pub fn decode_signature_request(
+    request: &WireSignatureRequest,
+) -> Result<SignaturePayload, DecodeError> {
+    match request {
+        WireSignatureRequest::Hash { hash } => Ok(SignaturePayload::Hash(decode_hex_array::<32>(
+            "hash", "32", hash,
+        )?)),
+        WireSignatureRequest::Message { message } => Ok(SignaturePayload::Message(
+            decode_hex_bounded("message", MAX_MESSAGE_LEN, "at most 65536", message)?,
+        )),
+    }
+}
+
+/// What a lease response held.
+#[derive(Debug, Clone, Default)]
+pub struct DecodedLease {
+    /// The jobs that can be reported on (some may carry a decoding error in `spec`).
+    pub jobs: Vec<LeasedJob>,
+    /// Jobs skipped because their `jobId` or `leaseId` could not be read.
+    pub skipped: usize,
+}
+
+/// Decodes a lease response body.
+///
+/// # Errors
+/// [`ApiError::Decode`] if the body is not a JSON object with a `jobs` array. Individual
+/// malformed jobs are not errors; see the [module documentation](self).
+pub fn decode_lease_response(body: &[u8]) -> Result<DecodedLease, ApiError> {
+    #[derive(Deserialize)]
+    struct Raw {
+        jobs: Vec<Value>,
+    }
+    let raw: Raw = serde_json::from_slice(body).map_err(|e| ApiError::Decode {
+        reason: "lease response is not a JSON object with a `jobs` array".to_owned(),
+        source: Some(e),
+    })?;
+    let mut decoded = DecodedLease::default();
+    for (index, value) in raw.jobs.iter().enumerate() {
+        match decode_job(value) {
+            Ok(job) => decoded.jobs.push(job),
+            Err(e) => {
+                tracing::warn!(index, error = %e, "skipping a leased job that cannot be reported on");
+                decoded.skipped += 1;
+            }
+        }
+    }
+    Ok(decoded)
+}
+
+/// Decodes one raw job of a lease response.
+///
+/// # Errors
+/// A [`DecodeError`] only when the job cannot be reported on (not an object, or an unreadable
+/// `jobId` or `leaseId`). Any other problem is returned inside [`LeasedJob::spec`].
+pub fn decode_job(value: &Value) -> Result<LeasedJob, DecodeError> {
+    let Some(object) = value.as_object() else {
+        return Err(DecodeError::Malformed {
+            reason: format!("a job must be a JSON object, not {}", json_type(value)),
+        });
+    };
+    let job_id = JobId::new(required_str(object, "jobId")?)?;
+    let lease_id = LeaseId::new(required_str(object, "leaseId")?)?;
+    let lease_expires_at = object.get("leaseExpiresAt").and_then(Value::as_u64);
+    let spec = match lease_expires_at {
+        Some(_) => decode_spec(object),
+        None => Err(DecodeError::MissingField {
+            field: "leaseExpiresAt",
+        }),
+    };
+    Ok(LeasedJob {
+        job_id,
+        lease_id,
+        lease_expires_at_ms: lease_expires_at.unwrap_or(0),
+        spec,
+    })
+}
+
+fn decode_spec(object: &serde_json::Map<String, Value>) -> Result<JobSpec, DecodeError> {
+    let kind = required_str(object, "kind")?;
+    let key_id = KeyId::new(required_str(object, "keyId")?)?;
+    match kind {
+        "KeyGeneration" => {
+            let scheme = parse_scheme(required_str(object, "scheme")?)?;
+            let curve = parse_curve(required_str(object, "curve")?)?;
+            check_scheme_curve(scheme, curve)?;
+            Ok(JobSpec::KeyGeneration {
+                key_id,
+                scheme,
+                curve,
+            })
+        }
+        "Signature" => {
+            let request = object
+                .get("request")
+                .ok_or(DecodeError::MissingField { field: "request" })?;
+            let request = request.as_object().ok_or_else(|| DecodeError::Malformed {
+                reason: format!("`request` must be an object, not {}", json_type(request)),
+            })?;
+            let payload = match required_str(request, "kind")? {
+                "Hash" => SignaturePayload::Hash(decode_hex_array::<32>(
+                    "hash",
+                    "32",
+                    required_str(request, "hash")?,
+                )?),
+                "Message" => SignaturePayload::Message(decode_hex_bounded(
+                    "message",
+                    MAX_MESSAGE_LEN,
+                    "at most 65536",
+                    required_str(request, "message")?,
+                )?),
+                _ => {
+                    return Err(DecodeError::UnknownValue {
+                        field: "request.kind",
+                    });
+                }
+            };
+            Ok(JobSpec::Signature { key_id, payload })
+        }
+        _ => Err(DecodeError::UnknownValue { field: "kind" }),
+    }
+}
+
+/// Parses a scheme by its API name.
+///
+/// # Errors
+/// [`DecodeError::UnknownValue`] for any other name.
+pub fn parse_scheme(text: &str) -> Result<Scheme, DecodeError> {
+    match text {
+        "ECDSA" => Ok(Scheme::Ecdsa),
+        "EdDSA" => Ok(Scheme::Eddsa),
+        _ => Err(DecodeError::UnknownValue { field: "scheme" }),
+    }
+}
+
+/// Parses a curve by its API name.
+///
+/// # Errors
+/// [`DecodeError::UnknownValue`] for any other name.
+pub fn parse_curve(text: &str) -> Result<Curve, DecodeError> {
+    match text {
+        "secp256k1" => Ok(Curve::Secp256k1),
+        "secp256r1" => Ok(Curve::Secp256r1),
+        "ed25519" => Ok(Curve::Ed25519),
+        _ => Err(DecodeError::UnknownValue { field: "curve" }),
+    }
+}
+
+/// Checks that a scheme and a curve go together: ECDSA over secp256k1 or secp256r1, EdDSA
+/// over ed25519.
+///
+/// # Errors
+/// [`DecodeError::SchemeCurveMismatch`].
+pub fn check_scheme_curve(scheme: Scheme, curve: Curve) -> Result<(), DecodeError> {
+    match (scheme, curve) {
+        (Scheme::Ecdsa, Curve::Secp256k1 | Curve::Secp256r1) | (Scheme::Eddsa, Curve::Ed25519) => {
+            Ok(())
+        }
+        _ => Err(DecodeError::SchemeCurveMismatch {
+            scheme: scheme.as_str(),
+            curve: curve.as_str(),
+        }),
+    }
+}
+
+fn required_str<'a>(
+    object: &'a serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<&'a str, DecodeError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Err(DecodeError::MissingField { field }),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(DecodeError::Malformed {
+            reason: format!("`{field}` must be a string, not {}", json_type(other)),
+        }),
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results
+// ---------------------------------------------------------------------------------------------
+
+/// Encodes a job result for a completion.
+pub fn encode_job_result(result: &JobResult) -> WireJobResult {
+    match result {
+        JobResult::PublicKey(key) => WireJobResult::PublicKey {
+            public_key: encode_hex_plain(key),
+        },
+        JobResult::Signature(signature) => WireJobResult::Signature {
+            signature: encode_signature(signature),
+        },
+    }
+}
+
+/// Encodes a signature.
+pub fn encode_signature(signature: &SignatureResult) -> WireSignature {
+    WireSignature {
+        r: encode_hex_prefixed(&signature.r),
+        s: encode_hex_prefixed(&signature.s),
+        recid: signature.recid,
+        encoded: encode_hex_prefixed(&signature.encoded),
+    }
+}
+
+/// Decodes and validates a job result (the server side of a completion).
+///
+/// # Errors
+/// [`DecodeError`] for bad hex, `r`/`s` not 32 bytes, or an oversized public key or encoding.
+pub fn decode_job_result(result: &WireJobResult) -> Result<JobResult, DecodeError> {
+    match result {
+        WireJobResult::PublicKey { public_key } => Ok(JobResult::PublicKey(decode_hex_bounded(
+            "publicKey",
+            MAX_PUBLIC_KEY_LEN,
+            "at most 133",
+            public_key,
+        )?)),
+        WireJobResult::Signature { signature } => {
+            Ok(JobResult::Signature(decode_signature(signature)?))
+        }
+    }
+}
+
+/// Decodes and validates a signature.
+///
+/// # Errors
+/// [`DecodeError`] for bad hex, `r`/`s` not 32 bytes, or an oversized encoding.
+pub fn decode_signature(signature: &WireSignature) -> Result<SignatureResult, DecodeError> {
+    Ok(SignatureResult {
+        r: decode_hex_array::<32>("r", "32", &signature.r)?,
+        s: decode_hex_array::<32>("s", "32", &signature.s)?,
+        recid: signature.recid,
+        encoded: decode_hex_bounded(
+            "encoded",
+            MAX_ENCODED_SIGNATURE_LEN,
+            "at most 256",
+            &signature.encoded,
+        )?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn decode_one(value: Value) -> Result<LeasedJob, DecodeError> {
+        decode_job(&value)
+    }
+
+    fn keygen(scheme: &str, curve: &str) -> Value {
+        json!({"jobId":"job-1","leaseId":"lease-1","leaseExpiresAt":1_732_460_000_000u64,
+               "kind":"KeyGeneration","keyId":"key-1","scheme":scheme,"curve":curve})
+    }
+
+    fn signature(request: Value) -> Value {
+        json!({"jobId":"job-2","leaseId":"lease-2","leaseExpiresAt":1_732_460_000_000u64,
+               "kind":"Signature","keyId":"key-1","request":request})
+    }
+
+    fn spec_err(value: Value) -> DecodeError {
+        let job = decode_one(value).expect("the job is reportable");
+        job.spec.expect_err("the spec is invalid")
+    }
+
+    #[test]
+    fn valid_key_generation_decodes() {
+        let job = decode_one(keygen("ECDSA", "secp256k1")).unwrap();
+        assert_eq!(job.job_id.as_str(), "job-1");
+        assert_eq!(job.lease_id.as_str(), "lease-1");
+        assert_eq!(job.lease_expires_at_ms, 1_732_460_000_000);
+        assert_eq!(
+            job.spec.unwrap(),
+            JobSpec::KeyGeneration {
+                key_id: KeyId::new("key-1").unwrap(),
+                scheme: Scheme::Ecdsa,
+                curve: Curve::Secp256k1
+            }
+        );
+    }
+
+    #[test]
+    fn valid_hash_and_message_decode_with_or_without_prefix() {
+        let hash = "ab".repeat(32);
+        for text in [
+            format!("0x{hash}"),
+            hash.clone(),
+            format!("0X{}", hash.to_uppercase()),
+        ] {
+            let job = decode_one(signature(json!({"kind":"Hash","hash":text}))).unwrap();
+            assert!(matches!(
+                job.spec.unwrap(),
+                JobSpec::Signature { payload: SignaturePayload::Hash(h), .. } if h == [0xab; 32]
+            ));
+        }
+        let job = decode_one(signature(
+            json!({"kind":"Message","message":"0x68656c6c6f"}),
+        ))
+        .unwrap();
+        assert!(matches!(
+            job.spec.unwrap(),
+            JobSpec::Signature { payload: SignaturePayload::Message(m), .. } if m == b"hello"
+        ));
+        let job = decode_one(signature(json!({"kind":"Message","message":"0x"}))).unwrap();
+        assert!(job.spec.is_ok(), "an empty message is a valid message");
+    }
+
+    #[test]
+    fn bad_hex_is_a_spec_error() {
+        let err = spec_err(signature(
+            json!({"kind":"Hash","hash":format!("0x{}", "zz".repeat(32))}),
+        ));
+        assert_eq!(err, DecodeError::InvalidHex { field: "hash" });
+        let err = spec_err(signature(json!({"kind":"Message","message":"0xabc"})));
+        assert_eq!(err, DecodeError::InvalidHex { field: "message" });
+    }
+
+    #[test]
+    fn hash_of_31_or_33_bytes_is_a_spec_error() {
+        for len in [31, 33, 0] {
+            let err = spec_err(signature(
+                json!({"kind":"Hash","hash":format!("0x{}", "11".repeat(len))}),
+            ));
+            assert!(
+                matches!(err, DecodeError::WrongLength { field: "hash", .. }),
+                "{len}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversize_message_is_a_spec_error() {
+        let text = format!("0x{}", "00".repeat(MAX_MESSAGE_LEN + 1));
+        let err = spec_err(signature(json!({"kind":"Message","message":text})));
+        assert!(matches!(
+            err,
+            DecodeError::WrongLength {
+                field: "message",
+                ..
+            }
+        ));
+        let text = format!("0x{}", "00".repeat(MAX_MESSAGE_LEN));
+        assert!(
+            decode_one(signature(json!({"kind":"Message","message":text})))
+                .unwrap()
+                .spec
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn unknown_kind_is_a_spec_error() {
+        let mut job = keygen("ECDSA", "secp256k1");
+        job["kind"] = json!("KeyDeletion");
+        assert_eq!(spec_err(job), DecodeError::UnknownValue { field: "kind" });
+        let err = spec_err(signature(
+            json!({"kind":"Transaction","transaction":"0x00"}),
+        ));
+        assert_eq!(
+            err,
+            DecodeError::UnknownValue {
+                field: "request.kind"
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_scheme_or_curve_is_a_spec_error() {
+        assert_eq!(
+            spec_err(keygen("ECDSA", "secp384r1")),
+            DecodeError::UnknownValue { field: "curve" }
+        );
+        assert_eq!(
+            spec_err(keygen("Schnorr", "secp256k1")),
+            DecodeError::UnknownValue { field: "scheme" }
+        );
+        assert_eq!(
+            spec_err(keygen("ecdsa", "secp256k1")),
+            DecodeError::UnknownValue { field: "scheme" }
+        );
+    }
+
+    #[test]
+    fn scheme_curve_mismatch_is_a_spec_error() {
+        assert!(matches!(
+            spec_err(keygen("ECDSA", "ed25519")),
+            DecodeError::SchemeCurveMismatch { .. }
+        ));
+        assert!(matches!(
+            spec_err(keygen("EdDSA", "secp256k1")),
+            DecodeError::SchemeCurveMismatch { .. }
+        ));
+        assert!(matches!(
+            spec_err(keygen("EdDSA", "secp256r1")),
+            DecodeError::SchemeCurveMismatch { .. }
+        ));
+        assert!(
+            decode_one(keygen("ECDSA", "secp256r1"))
+                .unwrap()
+                .spec
+                .is_ok()
+        );
+        assert!(decode_one(keygen("EdDSA", "ed25519")).unwrap().spec.is_ok());
+    }
+
+    #[test]
+    fn missing_field_is_a_spec_error() {
+        for field in ["kind", "keyId", "scheme", "curve"] {
+            let mut job = keygen("ECDSA", "secp256k1");
+            job.as_object_mut().unwrap().remove(field);
+            assert!(
+                matches!(spec_err(job), DecodeError::MissingField { .. }),
+                "{field}"
+            );
+        }
+        let mut job = keygen("ECDSA", "secp256k1");
+        job.as_object_mut().unwrap().remove("leaseExpiresAt");
+        assert_eq!(
+            spec_err(job),
+            DecodeError::MissingField {
+                field: "leaseExpiresAt"
+            }
+        );
+        let mut job = signature(json!({"kind":"Hash"}));
+        assert_eq!(
+            spec_err(job.clone()),
+            DecodeError::MissingField { field: "hash" }
+        );
+        job.as_object_mut().unwrap().remove("request");
+        assert_eq!(
+            spec_err(job),
+            DecodeError::MissingField { field: "request" }
+        );
+        let err = spec_err(signature(json!("0x00")));
+        assert!(matches!(err, DecodeError::Malformed { .. }));
+    }
+
+    #[test]
+    fn wrongly_typed_field_is_a_spec_error() {
+        let mut job = keygen("ECDSA", "secp256k1");
+        job["scheme"] = json!(1);
+        assert!(matches!(spec_err(job), DecodeError::Malformed { .. }));
+        let mut job = keygen("ECDSA", "secp256k1");
+        job["leaseExpiresAt"] = json!("soon");
+        assert_eq!(
+            spec_err(job),
+            DecodeError::MissingField {
+                field: "leaseExpiresAt"
+            }
+        );
+    }
+
+    #[test]
+    fn bad_key_id_is_a_spec_error() {
+        let mut job = keygen("ECDSA", "secp256k1");
+        job["keyId"] = json!("key/../../etc");
+        assert!(matches!(
+            spec_err(job),
+            DecodeError::InvalidId { what: "key id", .. }
+        ));
+    }
+
+    #[test]
+    fn ids_with_bad_chars_or_too_long_make_the_job_unreportable() {
+        for (field, value) in [
+            ("jobId", json!("job 1")),
+            ("jobId", json!("job-\u{e9}")),
+            ("jobId", json!("")),
+            ("jobId", json!("j".repeat(129))),
+            ("leaseId", json!("lease\n1")),
+            ("leaseId", json!("l".repeat(1000))),
+            ("leaseId", json!(42)),
+            ("jobId", Value::Null),
+        ] {
+            let mut job = keygen("ECDSA", "secp256k1");
+            job[field] = value;
+            assert!(decode_one(job).is_err(), "{field}");
+        }
+        let mut job = keygen("ECDSA", "secp256k1");
+        job["jobId"] = json!("j".repeat(128));
+        assert!(decode_one(job).is_ok(), "128 characters is the limit");
+    }
+
+    #[test]
+    fn non_object_job_is_skipped_and_the_batch_survives() {
+        let body = json!({"jobs":[42, "job", null, [], keygen("ECDSA","secp256k1"),
+                                   {"leaseId":"lease-9"}, signature(json!({"kind":"Hash","hash":"0x00"}))]});
+        let decoded = decode_lease_response(body.to_string().as_bytes()).unwrap();
+        assert_eq!(decoded.skipped, 5);
+        assert_eq!(decoded.jobs.len(), 2);
+        assert!(decoded.jobs[0].spec.is_ok());
+        assert!(decoded.jobs[1].spec.is_err());
+    }
+
+    #[test]
+    fn whole_body_garbage_is_a_decode_error() {
+        for body in [
+            &b"<html>502 Bad Gateway</html>"[..],
+            b"",
+            b"{\"jobs\":",
+            b"{\"jobs\":{}}",
+            b"[]",
+            b"{}",
+            b"\xff\xfe",
+        ] {
+            let err = decode_lease_response(body).unwrap_err();
+            assert!(matches!(err, ApiError::Decode { .. }), "{body:?}: {err:?}");
+            assert!(!err.is_retryable());
+        }
+        assert!(
+            decode_lease_response(b"{\"jobs\":[]}")
+                .unwrap()
+                .jobs
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn results_round_trip_and_are_validated() {
+        let result = JobResult::Signature(SignatureResult {
+            r: [1; 32],
+            s: [2; 32],
+            recid: Some(1),
+            encoded: vec![0x30, 0x44],
+        });
+        let wire = encode_job_result(&result);
+        let text = serde_json::to_string(&wire).unwrap();
+        assert!(text.contains("\"r\":\"0x0101"), "{text}");
+        assert_eq!(
+            decode_job_result(&serde_json::from_str(&text).unwrap()).unwrap(),
+            result
+        );
+
+        let eddsa = WireSignature {
+            r: encode_hex_prefixed(&[1; 32]),
+            s: encode_hex_prefixed(&[2; 32]),
+            recid: None,
+            encoded: "0x".into(),
+        };
+        assert!(!serde_json::to_string(&eddsa).unwrap().contains("recid"));
+
+        let short = WireSignature {
+            r: "0x01".into(),
+            ..eddsa
+        };
+        assert!(matches!(
+            decode_signature(&short),
+            Err(DecodeError::WrongLength { field: "r", .. })
+        ));
+
+        let key = JobResult::PublicKey(vec![2; 33]);
+        let wire = encode_job_result(&key);
+        assert_eq!(
+            wire,
+            WireJobResult::PublicKey {
+                public_key: "02".repeat(33)
+            }
+        );
+        assert_eq!(decode_job_result(&wire).unwrap(), key);
+    }
+
+    #[test]
+    fn report_bodies_have_the_documented_shape() {
+        let fail = FailRequest {
+            lease_id: "lease-1".into(),
+            code: FailureCode::UnknownKey,
+            message: "no such key".into(),
+            retryable: false,
+        };
+        assert_eq!(
+            serde_json::to_value(&fail).unwrap(),
+            json!({"leaseId":"lease-1","code":"UnknownKey","message":"no such key","retryable":false})
+        );
+        let status: StatusResponse = serde_json::from_str(r#"{"status":"StaleLease"}"#).unwrap();
+        assert_eq!(status.status, ReportOutcome::StaleLease);
+    }
+
+    // ---- properties ----
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|n| json!(n)),
+            ".{0,40}".prop_map(Value::String),
+            "(0x)?[0-9a-fA-F]{0,70}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("jobId".to_owned()),
+                        Just("leaseId".to_owned()),
+                        Just("leaseExpiresAt".to_owned()),
+                        Just("kind".to_owned()),
+                        Just("keyId".to_owned()),
+                        Just("scheme".to_owned()),
+                        Just("curve".to_owned()),
+                        Just("request".to_owned()),
+                        Just("hash".to_owned()),
+                        Just("message".to_owned()),
+                        ".{0,8}",
+                    ],
+                    inner,
+                    0..10
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn arb_id() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9._-]{1,128}"
+    }
+
+    fn arb_spec() -> impl Strategy<Value = JobSpec> {
+        let keygen = (
+            arb_id(),
+            prop_oneof![
+                Just((Scheme::Ecdsa, Curve::Secp256k1)),
+                Just((Scheme::Ecdsa, Curve::Secp256r1)),
+                Just((Scheme::Eddsa, Curve::Ed25519)),
+            ],
+        )
+            .prop_map(|(key, (scheme, curve))| JobSpec::KeyGeneration {
+                key_id: KeyId::new(key).unwrap(),
+                scheme,
+                curve,
+            });
+        let payload = prop_oneof![
+            any::<[u8; 32]>().prop_map(SignaturePayload::Hash),
+            prop::collection::vec(any::<u8>(), 0..300).prop_map(SignaturePayload::Message),
+        ];
+        let sign = (arb_id(), payload).prop_map(|(key, payload)| JobSpec::Signature {
+            key_id: KeyId::new(key).unwrap(),
+            payload,
+        });
+        prop_oneof![keygen, sign]
+    }
+
+    proptest! {
+        #[test]
+        fn decode_job_never_panics(value in arb_json()) {
+            let _ = decode_job(&value);
+            let body = json!({"jobs":[value]}).to_string();
+            let _ = decode_lease_response(body.as_bytes());
+        }
+
+        #[test]
+        fn decode_lease_response_never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_lease_response(&bytes);
+        }
+
+        #[test]
+        fn decode_hex_never_panics(text in ".{0,100}") {
+            let _ = decode_hex("hash", &text);
+            let _ = decode_hex_array::<32>("hash", "32", &text);
+            let _ = decode_hex_bounded("message", 10, "at most 10", &text);
+        }
+
+        #[test]
+        fn valid_jobs_round_trip(spec in arb_spec(), job in arb_id(), lease in arb_id(), expires in any::<u64>()) {
+            let job_ref = JobRef { job_id: JobId::new(job).unwrap(), lease_id: LeaseId::new(lease).unwrap() };
+            let body = serde_json::to_vec(&LeaseResponse { jobs: vec![encode_job(&job_ref, expires, &spec)] }).unwrap();
+            let decoded = decode_lease_response(&body).unwrap();
+            prop_assert_eq!(decoded.skipped, 0);
+            prop_assert_eq!(decoded.jobs.len(), 1);
+            let got = &decoded.jobs[0];
+            prop_assert_eq!(&got.job_ref(), &job_ref);
+            prop_assert_eq!(got.lease_expires_at_ms, expires);
+            prop_assert_eq!(got.spec.as_ref().unwrap(), &spec);
+        }
+
+        #[test]
+        fn results_round_trip(r in any::<[u8; 32]>(), s in any::<[u8; 32]>(), recid in proptest::option::of(0u8..4),
+                              encoded in prop::collection::vec(any::<u8>(), 0..=MAX_ENCODED_SIGNATURE_LEN),
+                              key in prop::collection::vec(any::<u8>(), 0..=MAX_PUBLIC_KEY_LEN)) {
+            for result in [JobResult::Signature(SignatureResult { r, s, recid, encoded: encoded.clone() }), JobResult::PublicKey(key.clone())] {
+                let text = serde_json::to_string(&encode_job_result(&result)).unwrap();
+                let wire: WireJobResult = serde_json::from_str(&text).unwrap();
+                prop_assert_eq!(decode_job_result(&wire).unwrap(), result);
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The driver listener's routes: lease (long-poll), complete, fail, ping.
+//!
+//! Requests reach this module only over mutual TLS with a client certificate issued by the
+//! configured client CA; the handshake refuses anything else (see [`crate::tls`]).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dfns_api_client::protocol::{JobFailure, JobId, LeaseId, LeaseRequest, MAX_LEASE_BATCH};
+use dfns_api_client::wire::{
+    self, CompleteRequest, FailRequest, LeaseResponse, PingResponse, StatusResponse,
+};
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+
+use crate::respond::{self, HttpResponse, read_json};
+use crate::state::{Refusal, SimState};
+
+/// Serves one driver request. `client_subject` is the subject of the verified client certificate.
+pub(crate) async fn handle(
+    state: Arc<SimState>,
+    client_subject: Option<Arc<str>>,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, Infallible> {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_owned();
+    let method = &parts.method;
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let answer = match (method, segments.as_slice()) {
+        (&Method::GET, ["driver", "v1", "ping"]) => Ok(respond::json(
+            StatusCode::OK,
+            &PingResponse {
+                status: "ok".to_owned(),
+                client_subject: client_subject.map(|s| s.to_string()),
+            },
+        )),
+        (&Method::POST, ["driver", "v1", "jobs", "lease"]) => lease(&state, body).await,
+        (&Method::POST, ["driver", "v1", "jobs", job_id, "complete"]) => {
+            complete(&state, job_id, body).await
+        }
+        (&Method::POST, ["driver", "v1", "jobs", job_id, "fail"]) => {
+            fail(&state, job_id, body).await
+        }
+        (
+            _,
+            ["driver", "v1", "ping"]
+            | ["driver", "v1", "jobs", "lease"]
+            | ["driver", "v1", "jobs", _, "complete" | "fail"],
+        ) => Ok(respond::wrong_method(method, &path)),
+        _ => Ok(respond::no_route(method, &path)),
+    };
+    Ok(answer.unwrap_or_else(|refusal| respond::refusal(&refusal)))
+}
+
+async fn lease(state: &SimState, body: Incoming) -> Result<HttpResponse, Refusal> {
+    let request: LeaseRequest = read_json(body).await?;
+    if request.max_jobs == 0 || request.max_jobs > MAX_LEASE_BATCH {
+        return Err(Refusal::bad_request(format!(
+            "maxJobs must be between 1 and {MAX_LEASE_BATCH}"
+        )));
+    }
+    if request.driver_id.is_empty() {
+        return Err(Refusal::bad_request("driverId must not be empty"));
+    }
+    let max = usize::try_from(request.max_jobs).unwrap_or(usize::MAX);
+    let jobs = state
+        .lease(max, Duration::from_millis(request.wait_ms))
+        .await;
+    if !jobs.is_empty() {
+        tracing::debug!(driver_id = %request.driver_id, jobs = jobs.len(), "lease answered");
+    }
+    Ok(respond::json(StatusCode::OK, &LeaseResponse { jobs }))
+}
+
+/// Parses the path's job id (unknown if invalid) and the body's lease id (400 if invalid).
+fn ids(job_id: &str, lease_id: &str) -> Result<(JobId, LeaseId), Refusal> {
+    let job = JobId::new(job_id).map_err(|_| Refusal::not_found(format!("no job {job_id}")))?;
+    let lease = LeaseId::new(lease_id).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    Ok((job, lease))
+}
+
+fn outcome(outcome: dfns_api_client::protocol::ReportOutcome) -> HttpResponse {
+    let status = if outcome == dfns_api_client::protocol::ReportOutcome::Accepted {
+        StatusCode::OK
+    } else {
+        StatusCode::CONFLICT
+    };
+    respond::json(status, &StatusResponse { status: outcome })
+}
+
+async fn complete(state: &SimState, job_id: &str, body: Incoming) -> Result<HttpResponse, Refusal> {
+    let request: CompleteRequest = read_json(body).await?;
+    let (job, lease) = ids(job_id, &request.lease_id)?;
+    let result = wire::decode_job_result(&request.result)
+        .map_err(|e| Refusal::bad_request(e.to_string()))?;
+    state.complete(&job, &lease, result).map(outcome)
+}
+
+async fn fail(state: &SimState, job_id: &str, body: Incoming) -> Result<HttpResponse, Refusal> {
+    let request: FailRequest = read_json(body).await?;
+    let (job, lease) = ids(job_id, &request.lease_id)?;
+    let mut message = request.message;
+    if message.len() > 4096 {
+        let mut end = 4096;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    let failure = JobFailure {
+        code: request.code,
+        message,
+        retryable: request.retryable,
+    };
+    state.fail(&job, &lease, &failure).map(outcome)
+}

@@ -1,0 +1,49 @@
+//! A faithful stand-in for the Dfns API, for tests, benchmarks and the demo.
+//!
+//! ```text
+//!   hsm-driver ──mTLS──▶ driver listener (HTTPS, client certificate required)
+//!                          POST /driver/v1/jobs/lease            long-poll, leases with expiry
+//!                          POST /driver/v1/jobs/{jobId}/complete first completion wins
+//!                          POST /driver/v1/jobs/{jobId}/fail     retryable → requeued
+//!                          GET  /driver/v1/ping
+//!                               │
+//!                          ┌────┴─────────────────────────────┐
+//!                          │ state: job queue + keys + signature requests
+//!                          └────┬─────────────────────────────┘
+//!   tests, demo ──HTTP──▶ application listener (plain HTTP, loopback; no authentication)
+//!                          POST /keys, GET /keys/{keyId}
+//!                          POST /keys/{keyId}/signatures, GET /keys/{keyId}/signatures/{id}
+//!                          GET  /jobs/stats
+//! ```
+//!
+//! The driver side speaks exactly the protocol of [`dfns_api_client::wire`]. The application
+//! side is shaped like the real API's keys and signatures endpoints but is deliberately
+//! unauthenticated: the real API's application authentication is out of scope, and this
+//! listener is for tests and demos only.
+//!
+//! Delivery is at least once: a lease that lapses is handed out again under a new lease id,
+//! and the *first* completion of a job wins, even one made under a lease that has since
+//! lapsed (`docs/protocol.md`, "Delivery semantics").
+//!
+//! - [`start`] runs both listeners and returns a [`RunningSimulator`].
+//! - [`app_client::AppClient`] drives the application API.
+//! - [`pki::generate_dev_pki`] writes a development PKI (CA, server, client, and a rogue CA).
+
+pub mod app_client;
+pub mod pki;
+
+mod app_api;
+mod driver_api;
+mod error;
+mod ids;
+mod queue;
+mod respond;
+mod server;
+mod state;
+mod tls;
+
+pub use app_api::{KeyView, SignatureView};
+pub use error::SimError;
+pub use server::{RunningSimulator, SimConfig, start};
+pub use state::SimStats;
+pub use tls::{ServerTlsFiles, load_server_tls};

@@ -1,0 +1,665 @@
+//! The simulator's state: the job queue, keys and signature requests under one lock, plus the
+//! long-poll machinery.
+//!
+//! The lock is a `std::sync::Mutex` held only for in-memory updates, never across an `.await`.
+//! Long-polls wait on a [`Notify`] (new or requeued jobs) or until the next lease lapses, so a
+//! job whose lease lapsed is handed to a waiting driver without any background task.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dfns_api_client::protocol::{
+    Curve, JobFailure, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseId, ReportOutcome, Scheme,
+    SignatureResult,
+};
+use dfns_api_client::wire::{self, WireJob, WireSignatureRequest};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::app_api::{KeyView, SignatureView};
+use crate::ids::new_id;
+use crate::queue::{JobQueue, Origin, QueueConfig, ReportError, Terminal};
+
+/// Counters of the simulator, as `GET /jobs/stats` reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SimStats {
+    /// Jobs waiting to be leased.
+    pub queued: usize,
+    /// Jobs leased and not yet reported (leases not yet lapsed).
+    pub leased: usize,
+    /// Jobs completed.
+    pub completed: u64,
+    /// Jobs failed for good.
+    pub failed: u64,
+    /// Deliveries of a job beyond its first (lapsed leases and retryable failures).
+    pub redeliveries: u64,
+    /// Lease requests currently waiting for a job (long-polls).
+    pub waiting_long_polls: usize,
+}
+
+/// A request the API refuses: the status, a stable code and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+}
+
+impl Refusal {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NotFound", message)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyStatus {
+    Creating,
+    Active,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SignatureStatus {
+    Pending,
+    Signed,
+    Failed,
+}
+
+#[derive(Debug)]
+struct KeyRecord {
+    id: KeyId,
+    scheme: Scheme,
+    curve: Curve,
+    status: KeyStatus,
+    public_key: Option<Vec<u8>>,
+    reason: Option<String>,
+    date_created: String,
+}
+
+#[derive(Debug)]
+struct SignatureRecord {
+    id: String,
+    key_id: KeyId,
+    request: WireSignatureRequest,
+    status: SignatureStatus,
+    signature: Option<SignatureResult>,
+    reason: Option<String>,
+    date_requested: String,
+}
+
+impl KeyRecord {
+    fn view(&self) -> KeyView {
+        KeyView {
+            id: self.id.to_string(),
+            scheme: self.scheme.as_str().to_owned(),
+            curve: self.curve.as_str().to_owned(),
+            status: match self.status {
+                KeyStatus::Creating => "Creating",
+                KeyStatus::Active => "Active",
+                KeyStatus::Failed => "Failed",
+            }
+            .to_owned(),
+            public_key: self.public_key.as_deref().map(wire::encode_hex_plain),
+            reason: self.reason.clone(),
+            date_created: self.date_created.clone(),
+        }
+    }
+}
+
+impl SignatureRecord {
+    fn view(&self) -> SignatureView {
+        SignatureView {
+            id: self.id.clone(),
+            key_id: self.key_id.to_string(),
+            status: match self.status {
+                SignatureStatus::Pending => "Pending",
+                SignatureStatus::Signed => "Signed",
+                SignatureStatus::Failed => "Failed",
+            }
+            .to_owned(),
+            request_body: self.request.clone(),
+            signature: self.signature.as_ref().map(wire::encode_signature),
+            reason: self.reason.clone(),
+            date_requested: self.date_requested.clone(),
+        }
+    }
+}
+
+struct Inner {
+    queue: JobQueue,
+    keys: HashMap<KeyId, KeyRecord>,
+    signatures: HashMap<String, SignatureRecord>,
+}
+
+/// Everything both listeners share.
+pub(crate) struct SimState {
+    inner: Mutex<Inner>,
+    jobs_ready: Notify,
+    waiting: watch::Sender<usize>,
+    lease_duration: Duration,
+    max_long_poll: Duration,
+    shutdown: CancellationToken,
+}
+
+/// Counts a waiting long-poll for as long as it lives.
+struct WaitingGuard<'a>(&'a watch::Sender<usize>);
+
+impl<'a> WaitingGuard<'a> {
+    fn new(sender: &'a watch::Sender<usize>) -> Self {
+        sender.send_modify(|n| *n += 1);
+        Self(sender)
+    }
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl SimState {
+    pub(crate) fn new(
+        lease_duration: Duration,
+        max_attempts: u32,
+        max_long_poll: Duration,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner {
+                queue: JobQueue::new(QueueConfig {
+                    lease_duration,
+                    max_attempts: max_attempts.max(1),
+                }),
+                keys: HashMap::new(),
+                signatures: HashMap::new(),
+            }),
+            jobs_ready: Notify::new(),
+            waiting: watch::Sender::new(0),
+            lease_duration,
+            max_long_poll,
+            shutdown,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a simulator bug; the data stays usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A receiver of the number of waiting long-polls (for tests to await a waiting driver).
+    pub(crate) fn waiting_long_polls(&self) -> watch::Receiver<usize> {
+        self.waiting.subscribe()
+    }
+
+    pub(crate) fn stats(&self) -> SimStats {
+        let counts = self.lock().queue.counts(Instant::now());
+        SimStats {
+            queued: counts.queued,
+            leased: counts.leased,
+            completed: counts.completed,
+            failed: counts.failed,
+            redeliveries: counts.redeliveries,
+            waiting_long_polls: *self.waiting.borrow(),
+        }
+    }
+
+    // ---- application side ----
+
+    pub(crate) fn create_key(&self, scheme: Scheme, curve: Curve) -> KeyView {
+        #[allow(clippy::expect_used)]
+        let key_id = KeyId::new(new_id("key")).expect("generated ids are valid");
+        let record = KeyRecord {
+            id: key_id.clone(),
+            scheme,
+            curve,
+            status: KeyStatus::Creating,
+            public_key: None,
+            reason: None,
+            date_created: now_rfc3339(),
+        };
+        let view = record.view();
+        {
+            let mut inner = self.lock();
+            inner.keys.insert(key_id.clone(), record);
+            inner.queue.push(
+                JobSpec::KeyGeneration {
+                    key_id: key_id.clone(),
+                    scheme,
+                    curve,
+                },
+                Origin::Key(key_id.to_string()),
+            );
+        }
+        self.jobs_ready.notify_waiters();
+        tracing::info!(%key_id, scheme = scheme.as_str(), curve = curve.as_str(), "key generation queued");
+        view
+    }
+
+    pub(crate) fn get_key(&self, key_id: &str) -> Result<KeyView, Refusal> {
+        let inner = self.lock();
+        KeyId::new(key_id)
+            .ok()
+            .and_then(|id| inner.keys.get(&id))
+            .map(KeyRecord::view)
+            .ok_or_else(|| Refusal::not_found(format!("no key {key_id}")))
+    }
+
+    pub(crate) fn request_signature(
+        &self,
+        key_id: &str,
+        request: WireSignatureRequest,
+    ) -> Result<SignatureView, Refusal> {
+        let payload = wire::decode_signature_request(&request)
+            .map_err(|e| Refusal::bad_request(e.to_string()))?;
+        // Store the request normalised (lowercase, 0x) as the API echoes it.
+        let request = wire::encode_signature_request(&payload);
+        let view = {
+            let mut inner = self.lock();
+            let key = KeyId::new(key_id)
+                .ok()
+                .and_then(|id| inner.keys.get(&id))
+                .ok_or_else(|| Refusal::not_found(format!("no key {key_id}")))?;
+            if key.status != KeyStatus::Active {
+                return Err(Refusal::new(
+                    StatusCode::CONFLICT,
+                    "KeyNotActive",
+                    format!("key {key_id} is {}", key.view().status),
+                ));
+            }
+            let key_id = key.id.clone();
+            let id = new_id("sig");
+            let record = SignatureRecord {
+                id: id.clone(),
+                key_id: key_id.clone(),
+                request,
+                status: SignatureStatus::Pending,
+                signature: None,
+                reason: None,
+                date_requested: now_rfc3339(),
+            };
+            let view = record.view();
+            inner.signatures.insert(id.clone(), record);
+            inner.queue.push(
+                JobSpec::Signature { key_id, payload },
+                Origin::Signature(id),
+            );
+            view
+        };
+        self.jobs_ready.notify_waiters();
+        Ok(view)
+    }
+
+    pub(crate) fn get_signature(
+        &self,
+        key_id: &str,
+        signature_id: &str,
+    ) -> Result<SignatureView, Refusal> {
+        let inner = self.lock();
+        inner
+            .signatures
+            .get(signature_id)
+            .filter(|s| s.key_id.as_str() == key_id)
+            .map(SignatureRecord::view)
+            .ok_or_else(|| {
+                Refusal::not_found(format!("no signature {signature_id} for key {key_id}"))
+            })
+    }
+
+    // ---- driver side ----
+
+    /// Leases up to `max` jobs, waiting up to `wait` (capped) for one; returns early (empty)
+    /// when the simulator shuts down.
+    pub(crate) async fn lease(&self, max: usize, wait: Duration) -> Vec<WireJob> {
+        let deadline = tokio::time::Instant::now() + wait.min(self.max_long_poll);
+        let mut waiting = None;
+        loop {
+            let notified = self.jobs_ready.notified();
+            tokio::pin!(notified);
+            // Register before looking at the queue, so a job pushed in between wakes us.
+            notified.as_mut().enable();
+            let (deliveries, next_expiry) = {
+                let mut inner = self.lock();
+                let deliveries = inner.queue.lease(max, Instant::now());
+                (deliveries, inner.queue.next_expiry())
+            };
+            if !deliveries.is_empty() {
+                let expires_at = unix_ms_now().saturating_add(
+                    u64::try_from(self.lease_duration.as_millis()).unwrap_or(u64::MAX),
+                );
+                return deliveries
+                    .into_iter()
+                    .map(|d| {
+                        tracing::debug!(job_id = %d.job_id, lease_id = %d.lease_id, "job leased");
+                        wire::encode_job(
+                            &JobRef {
+                                job_id: d.job_id,
+                                lease_id: d.lease_id,
+                            },
+                            expires_at,
+                            &d.spec,
+                        )
+                    })
+                    .collect();
+            }
+            if tokio::time::Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                return Vec::new();
+            }
+            waiting.get_or_insert_with(|| WaitingGuard::new(&self.waiting));
+            let wake = next_expiry
+                .map(tokio::time::Instant::from_std)
+                .map_or(deadline, |at| at.min(deadline));
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(wake) => {}
+                () = self.shutdown.cancelled() => return Vec::new(),
+            }
+        }
+    }
+
+    pub(crate) fn complete(
+        &self,
+        job_id: &JobId,
+        lease_id: &LeaseId,
+        result: JobResult,
+    ) -> Result<ReportOutcome, Refusal> {
+        let mut inner = self.lock();
+        let report = inner
+            .queue
+            .complete(job_id, lease_id, result)
+            .map_err(|e| report_refusal(job_id, e))?;
+        tracing::debug!(%job_id, %lease_id, outcome = ?report.outcome, "completion reported");
+        if let Some((origin, terminal)) = report.settled {
+            inner.settle(origin, terminal);
+        }
+        Ok(report.outcome)
+    }
+
+    pub(crate) fn fail(
+        &self,
+        job_id: &JobId,
+        lease_id: &LeaseId,
+        failure: &JobFailure,
+    ) -> Result<ReportOutcome, Refusal> {
+        let report = {
+            let mut inner = self.lock();
+            let report = inner
+                .queue
+                .fail(job_id, lease_id, failure)
+                .map_err(|e| report_refusal(job_id, e))?;
+            if let Some((origin, terminal)) = report.settled.clone() {
+                inner.settle(origin, terminal);
+            }
+            report
+        };
+        tracing::debug!(%job_id, %lease_id, code = failure.code.as_str(), retryable = failure.retryable, outcome = ?report.outcome, "failure reported");
+        if report.requeued {
+            self.jobs_ready.notify_waiters();
+        }
+        Ok(report.outcome)
+    }
+}
+
+impl Inner {
+    /// Applies a finished job to its key or signature request.
+    fn settle(&mut self, origin: Origin, terminal: Terminal) {
+        match origin {
+            Origin::Key(id) => {
+                let Some(key) = KeyId::new(id).ok().and_then(|id| self.keys.get_mut(&id)) else {
+                    return;
+                };
+                match terminal {
+                    Terminal::Completed(JobResult::PublicKey(public_key)) => {
+                        key.status = KeyStatus::Active;
+                        key.public_key = Some(public_key);
+                        tracing::info!(key_id = %key.id, "key active");
+                    }
+                    Terminal::Completed(JobResult::Signature(_)) => {}
+                    Terminal::Failed { reason } => {
+                        tracing::info!(key_id = %key.id, %reason, "key generation failed");
+                        key.status = KeyStatus::Failed;
+                        key.reason = Some(reason);
+                    }
+                }
+            }
+            Origin::Signature(id) => {
+                let Some(signature) = self.signatures.get_mut(&id) else {
+                    return;
+                };
+                match terminal {
+                    Terminal::Completed(JobResult::Signature(result)) => {
+                        signature.status = SignatureStatus::Signed;
+                        signature.signature = Some(result);
+                    }
+                    Terminal::Completed(JobResult::PublicKey(_)) => {}
+                    Terminal::Failed { reason } => {
+                        tracing::info!(signature_id = %signature.id, %reason, "signature failed");
+                        signature.status = SignatureStatus::Failed;
+                        signature.reason = Some(reason);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn report_refusal(job_id: &JobId, error: ReportError) -> Refusal {
+    match error {
+        ReportError::UnknownJob => Refusal::not_found(format!("no job {job_id}")),
+        ReportError::ResultMismatch(why) => Refusal::bad_request(why),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The payload of a signature job, for tests.
+#[cfg(test)]
+impl SimState {
+    fn payload_of(
+        &self,
+        signature_id: &str,
+    ) -> Option<dfns_api_client::protocol::SignaturePayload> {
+        let inner = self.lock();
+        let record = inner.signatures.get(signature_id)?;
+        wire::decode_signature_request(&record.request).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dfns_api_client::protocol::{FailureCode, SignaturePayload};
+
+    fn state(lease: Duration) -> Arc<SimState> {
+        SimState::new(lease, 3, Duration::from_secs(30), CancellationToken::new())
+    }
+
+    fn ids(job: &WireJob) -> (JobId, LeaseId) {
+        (
+            JobId::new(&job.job_id).unwrap(),
+            LeaseId::new(&job.lease_id).unwrap(),
+        )
+    }
+
+    fn activate(state: &SimState, key: &KeyView) {
+        let jobs = state.lock().queue.lease(1, Instant::now());
+        let d = &jobs[0];
+        assert_eq!(d.spec.key_id().as_str(), key.id);
+        state
+            .complete(
+                &d.job_id,
+                &d.lease_id,
+                JobResult::PublicKey([vec![3], vec![9; 32]].concat()),
+            )
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_waiting_lease_returns_when_a_key_is_created() {
+        let state = state(Duration::from_secs(30));
+        let mut waiting = state.waiting_long_polls();
+        let poll = tokio::spawn({
+            let state = state.clone();
+            async move { state.lease(8, Duration::from_secs(20)).await }
+        });
+        waiting.wait_for(|n| *n == 1).await.unwrap();
+        let key = state.create_key(Scheme::Ecdsa, Curve::Secp256k1);
+        let jobs = poll.await.unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert!(
+            matches!(&jobs[0].body, wire::WireJobBody::KeyGeneration { key_id, .. } if *key_id == key.id)
+        );
+        assert_eq!(*waiting.borrow(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_lease_receives_a_lapsed_job() {
+        let state = state(Duration::from_millis(200));
+        state.create_key(Scheme::Ecdsa, Curve::Secp256r1);
+        let first = state.lease(8, Duration::ZERO).await;
+        assert_eq!(first.len(), 1);
+        let again = state.lease(8, Duration::from_secs(10)).await;
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].job_id, first[0].job_id);
+        assert_ne!(again[0].lease_id, first[0].lease_id);
+        assert_eq!(state.stats().redeliveries, 1);
+    }
+
+    #[tokio::test]
+    async fn an_empty_lease_returns_after_the_wait_or_at_shutdown() {
+        let state = state(Duration::from_secs(30));
+        let started = tokio::time::Instant::now();
+        assert!(state.lease(8, Duration::from_millis(50)).await.is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(50));
+
+        let mut waiting = state.waiting_long_polls();
+        let poll = tokio::spawn({
+            let state = state.clone();
+            async move { state.lease(8, Duration::from_secs(60)).await }
+        });
+        waiting.wait_for(|n| *n == 1).await.unwrap();
+        state.shutdown.cancel();
+        assert!(poll.await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn completions_settle_keys_and_signatures() {
+        let state = state(Duration::from_secs(30));
+        let key = state.create_key(Scheme::Ecdsa, Curve::Secp256k1);
+        assert_eq!(key.status, "Creating");
+        let refused = state
+            .request_signature(
+                &key.id,
+                WireSignatureRequest::Hash {
+                    hash: format!("0x{}", "00".repeat(32)),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(
+            (refused.status, refused.code),
+            (StatusCode::CONFLICT, "KeyNotActive")
+        );
+
+        activate(&state, &key);
+        let key = state.get_key(&key.id).unwrap();
+        assert_eq!(key.status, "Active");
+        assert_eq!(
+            key.public_key.as_deref(),
+            Some(format!("03{}", "09".repeat(32)).as_str())
+        );
+
+        let sig = state
+            .request_signature(
+                &key.id,
+                WireSignatureRequest::Hash {
+                    hash: format!("0X{}", "AB".repeat(32)),
+                },
+            )
+            .unwrap();
+        assert_eq!(sig.status, "Pending");
+        assert_eq!(
+            sig.request_body,
+            WireSignatureRequest::Hash {
+                hash: format!("0x{}", "ab".repeat(32))
+            }
+        );
+        assert_eq!(
+            state.payload_of(&sig.id),
+            Some(SignaturePayload::Hash([0xab; 32]))
+        );
+        let jobs = state.lease(1, Duration::ZERO).await;
+        let (job, lease) = ids(&jobs[0]);
+        let result = SignatureResult {
+            r: [1; 32],
+            s: [2; 32],
+            recid: Some(1),
+            encoded: vec![0x30, 0],
+        };
+        assert_eq!(
+            state
+                .complete(&job, &lease, JobResult::Signature(result.clone()))
+                .unwrap(),
+            ReportOutcome::Accepted
+        );
+        let view = state.get_signature(&key.id, &sig.id).unwrap();
+        assert_eq!(view.status, "Signed");
+        assert_eq!(view.signature, Some(wire::encode_signature(&result)));
+        assert!(state.get_signature("key-other", &sig.id).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_final_failure_settles_with_the_reason() {
+        let state = state(Duration::from_secs(30));
+        let key = state.create_key(Scheme::Eddsa, Curve::Ed25519);
+        let jobs = state.lease(1, Duration::ZERO).await;
+        let (job, lease) = ids(&jobs[0]);
+        let failure = JobFailure {
+            code: FailureCode::UnsupportedScheme,
+            message: "ed25519 keys cannot be wrapped: CKR_KEY_NOT_WRAPPABLE".into(),
+            retryable: false,
+        };
+        assert_eq!(
+            state.fail(&job, &lease, &failure).unwrap(),
+            ReportOutcome::Accepted
+        );
+        let key = state.get_key(&key.id).unwrap();
+        assert_eq!(key.status, "Failed");
+        assert_eq!(
+            key.reason.as_deref(),
+            Some("UnsupportedScheme: ed25519 keys cannot be wrapped: CKR_KEY_NOT_WRAPPABLE")
+        );
+        let unknown = JobId::new("job-nope").unwrap();
+        assert_eq!(
+            state.fail(&unknown, &lease, &failure).unwrap_err().status,
+            StatusCode::NOT_FOUND
+        );
+    }
+}

@@ -202,6 +202,36 @@ fn postgres_concurrent_migrations_apply_once() {
     concurrent_migrations_apply_once(&db.database_url());
 }
 
+/// `hsm-driver check` asks for pending migrations while a starting driver applies them: both
+/// touch diesel's bookkeeping table on a fresh database. Tried: 8 rounds of one migrator and
+/// one pending-migrations reader started together; neither may fail.
+fn pending_while_migrating_never_fails(url: &DatabaseUrl) {
+    let migrator = DieselKeyStore::connect(url, PoolOptions::default()).expect("migrator pool");
+    let reader = DieselKeyStore::connect(url, PoolOptions::default()).expect("reader pool");
+    let (migrated, pending) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| migrator.migrate());
+        let b = scope.spawn(|| reader.pending_migrations());
+        (a.join().expect("migrator"), b.join().expect("reader"))
+    });
+    migrated.unwrap_or_else(|e| panic!("migrating while another reads must succeed: {e:?}"));
+    let pending = pending
+        .unwrap_or_else(|e| panic!("reading pending while another migrates must succeed: {e:?}"));
+    assert!(
+        pending.len() <= 1,
+        "at most the one migration is pending: {pending:?}"
+    );
+}
+
+#[test]
+fn postgres_pending_migrations_while_another_driver_migrates() {
+    for _ in 0..8 {
+        let Some((_, db)) = support::unmigrated_postgres() else {
+            return;
+        };
+        pending_while_migrating_never_fails(&db.database_url());
+    }
+}
+
 #[test]
 fn sqlite_concurrent_migrations_apply_once() {
     let dir = tempfile::tempdir().expect("a temporary directory");

@@ -38,10 +38,21 @@ pub(crate) fn run_pending(conn: &mut AnyConnection) -> Result<Vec<String>, Store
 }
 
 /// The versions of the migrations not yet applied, oldest first.
+///
+/// Under the same lock as [`run_pending`]: diesel creates its bookkeeping table on first use,
+/// and on PostgreSQL two concurrent `CREATE TABLE IF NOT EXISTS` can collide in the catalog
+/// (`pg_type_typname_nsp_index`), as `check` racing a starting driver showed.
 pub(crate) fn pending(conn: &mut AnyConnection) -> Result<Vec<String>, StoreError> {
     match conn {
-        AnyConnection::Postgresql(conn) => pending_versions(conn, POSTGRES),
-        AnyConnection::Sqlite(conn) => pending_versions(conn, SQLITE),
+        AnyConnection::Postgresql(conn) => conn.transaction(|conn: &mut PgConnection| {
+            diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+                .bind::<BigInt, _>(PG_MIGRATION_LOCK)
+                .execute(conn)?;
+            pending_versions(conn, POSTGRES)
+        }),
+        AnyConnection::Sqlite(conn) => {
+            conn.immediate_transaction(|conn: &mut SqliteConnection| pending_versions(conn, SQLITE))
+        }
     }
 }
 

@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
         "test" => test(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo|test>\n\n  demo [--keys N] [--signatures N]   run the demo on embedded defaults\n  test [--no-lint]                   run formatting, lints, docs and the whole test suite"
+                "usage: cargo xtask <demo|test>\n\n  demo [--keys N] [--signatures N] [--release]   run the demo on embedded defaults\n  test [--no-lint]                   run formatting, lints, docs and the whole test suite"
             );
             bail!("unknown command `{command}`")
         }
@@ -93,6 +93,7 @@ fn ensure_softhsm() -> anyhow::Result<PathBuf> {
 
 fn demo(args: &[String]) -> anyhow::Result<()> {
     let mut options = DemoOptions::default();
+    let mut release = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| -> anyhow::Result<usize> {
@@ -104,19 +105,29 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
         match arg.as_str() {
             "--keys" => options.keys = value("--keys")?,
             "--signatures" => options.signatures = value("--signatures")?,
+            "--release" => release = true,
             other => bail!("unknown demo option `{other}`"),
         }
     }
     let module = ensure_softhsm()?;
-    run(cargo().args([
+    let mut build = cargo();
+    build.args([
         "build",
         "--package",
         "hsm-driver",
         "--package",
         "dfns-api-sim-bin",
-    ]))?;
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    run(&mut build)?;
     let root = workspace_root();
-    options.bin_dir = root.join("target/debug");
+    options.bin_dir = root.join(if release {
+        "target/release"
+    } else {
+        "target/debug"
+    });
     options.work_dir = root.join("target/demo");
     options.softhsm_module = module;
     let runtime = tokio::runtime::Runtime::new()?;

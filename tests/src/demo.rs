@@ -97,8 +97,13 @@ pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
         summary.signatures, summary.verified, summary.verified
     );
     println!(
-        "throughput:  {rate:.0} signatures/s end to end ({:.2} s, driver with 2 HSM sessions)",
-        summary.signing_elapsed.as_secs_f64()
+        "throughput:  {rate:.0} signatures/s end to end as the polling application sees it ({:.2} s; driver with 2 HSM sessions, {} binaries, client on the same cores)",
+        summary.signing_elapsed.as_secs_f64(),
+        if options.bin_dir.ends_with("release") {
+            "release"
+        } else {
+            "debug"
+        }
     );
     println!(
         "ed25519:     key {} is {}: {}",

@@ -36,6 +36,28 @@ pub enum StoreError {
         source: DieselError,
     },
 
+    /// The deployment's store records a different master key than this driver's HSM holds.
+    #[error(
+        "master key mismatch: the key store records master key {stored} but this driver's HSM \
+         holds {ours}; all HSMs must hold the same master key"
+    )]
+    MasterKeyMismatch {
+        /// The fingerprint recorded for the deployment.
+        stored: String,
+        /// The fingerprint this driver tried to register.
+        ours: String,
+    },
+
+    /// The newest audit entry cannot be read, so nothing can be chained to it: the log was
+    /// altered outside the store. Run a verification to find the first bad entry.
+    #[error("audit entry {seq} cannot be read: {reason}")]
+    AuditCorrupt {
+        /// The entry's seq as stored.
+        seq: i64,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A connection could not be established or set up.
     #[error("could not connect to the database")]
     Connection {
@@ -98,6 +120,8 @@ impl StoreError {
             },
             StoreError::Database { source } => diesel_error_is_retryable(source),
             StoreError::Conflict { .. }
+            | StoreError::MasterKeyMismatch { .. }
+            | StoreError::AuditCorrupt { .. }
             | StoreError::Migration { .. }
             | StoreError::InvalidUrl { .. }
             | StoreError::Corrupt { .. }
@@ -108,6 +132,12 @@ impl StoreError {
     /// Whether this is [`StoreError::Conflict`]: the key id holds different key material.
     pub fn is_conflict(&self) -> bool {
         matches!(self, StoreError::Conflict { .. })
+    }
+
+    /// Whether this is [`StoreError::MasterKeyMismatch`]: this driver's HSM holds a different
+    /// master key than the deployment's.
+    pub fn is_master_key_mismatch(&self) -> bool {
+        matches!(self, StoreError::MasterKeyMismatch { .. })
     }
 
     /// Whether this is [`StoreError::Corrupt`]: a stored row cannot be decoded.

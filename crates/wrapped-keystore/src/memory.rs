@@ -5,17 +5,23 @@ use std::collections::btree_map::Entry;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::audit::{AuditEntry, AuditRecord, AuditVerification, AuditVerifier};
 use crate::error::StoreError;
-use crate::store::{InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, PageRequest};
+use crate::store::{
+    InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration, PageRequest,
+};
 
 /// A fake [`KeyStore`] that keeps records in memory, for tests. It has the same semantics as
 /// [`DieselKeyStore`](crate::DieselKeyStore) (idempotent inserts, conflicts, bytewise key id
 /// order, pages capped at 1000) but keeps nothing across restarts: never use it in a driver.
 ///
-/// Clones share the same records.
+/// Clones share the same records, master key and audit log.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryKeyStore {
     records: Arc<Mutex<BTreeMap<String, KeyRecord>>>,
+    master_key: Arc<Mutex<Option<String>>>,
+    // Lock order: `records` before `audit` (insert_with_audit holds both).
+    audit: Arc<Mutex<Vec<AuditRecord>>>,
 }
 
 impl MemoryKeyStore {
@@ -24,13 +30,44 @@ impl MemoryKeyStore {
         MemoryKeyStore::default()
     }
 
-    fn records(&self) -> MutexGuard<'_, BTreeMap<String, KeyRecord>> {
-        // Nothing panics while holding the lock, and every update is a single map operation, so a
-        // poisoned map is still consistent.
-        self.records
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Checks the audit log's hash chain, as
+    /// [`DieselKeyStore::verify_audit`](crate::DieselKeyStore::verify_audit) does.
+    ///
+    /// # Errors
+    /// Never; the `Result` mirrors the durable store's.
+    pub fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
+        let mut verifier = AuditVerifier::default();
+        for record in self.audit().iter() {
+            if !verifier.check(record) {
+                break;
+            }
+        }
+        Ok(verifier.finish())
     }
+
+    fn records(&self) -> MutexGuard<'_, BTreeMap<String, KeyRecord>> {
+        lock(&self.records)
+    }
+
+    fn audit(&self) -> MutexGuard<'_, Vec<AuditRecord>> {
+        lock(&self.audit)
+    }
+}
+
+/// Locks `mutex`. Nothing panics while holding these locks, and every update is a single
+/// collection operation, so a poisoned value is still consistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Appends `entry` to `log`, chained to its last record.
+fn append(log: &mut Vec<AuditRecord>, entry: AuditEntry) -> AuditRecord {
+    let previous = log.last().map(|r| (r.seq, r.entry_hash));
+    let record = AuditRecord::next_after(previous, entry);
+    log.push(record.clone());
+    record
 }
 
 impl KeyStore for MemoryKeyStore {
@@ -69,5 +106,49 @@ impl KeyStore for MemoryKeyStore {
 
     async fn count(&self) -> Result<u64, StoreError> {
         Ok(u64::try_from(self.records().len()).unwrap_or(u64::MAX))
+    }
+
+    async fn register_master_key(
+        &self,
+        fingerprint: &str,
+        _driver_id: &str,
+    ) -> Result<MasterKeyRegistration, StoreError> {
+        let mut stored = lock(&self.master_key);
+        match stored.as_deref() {
+            None => {
+                *stored = Some(fingerprint.to_owned());
+                Ok(MasterKeyRegistration::Recorded)
+            }
+            Some(existing) if existing == fingerprint => Ok(MasterKeyRegistration::AlreadyRecorded),
+            Some(existing) => Err(StoreError::MasterKeyMismatch {
+                stored: existing.to_owned(),
+                ours: fingerprint.to_owned(),
+            }),
+        }
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
+        Ok(append(&mut self.audit(), entry))
+    }
+
+    async fn insert_with_audit(
+        &self,
+        record: KeyRecord,
+        entry: AuditEntry,
+    ) -> Result<InsertOutcome, StoreError> {
+        let mut records = self.records();
+        match records.entry(record.key_id.clone()) {
+            Entry::Vacant(slot) => {
+                append(&mut self.audit(), entry);
+                slot.insert(record);
+                Ok(InsertOutcome::Inserted)
+            }
+            Entry::Occupied(existing) if existing.get().same_key_as(&record) => {
+                Ok(InsertOutcome::AlreadyPresent)
+            }
+            Entry::Occupied(_) => Err(StoreError::Conflict {
+                key_id: record.key_id,
+            }),
+        }
     }
 }

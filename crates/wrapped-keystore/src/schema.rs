@@ -1,4 +1,4 @@
-//! The diesel schema of the `wrapped_keys` table.
+//! The diesel schema: the `wrapped_keys` table, the `deployment` row and the `audit_log`.
 //!
 //! Hand-written, not generated: it must match the migrations in `migrations/postgres/` and
 //! `migrations/sqlite/`. The tests below apply the migrations on both backends and round-trip
@@ -25,6 +25,46 @@ diesel::table! {
         created_at_ms -> BigInt,
         /// The driver that created the row.
         created_by -> Text,
+    }
+}
+
+diesel::table! {
+    /// The deployment's identity: at most one row, `id = 1`.
+    deployment (id) {
+        /// Always 1.
+        id -> Integer,
+        /// The fingerprint of the master key every HSM of the deployment holds.
+        master_key_fingerprint -> Text,
+        /// The driver that recorded it.
+        registered_by -> Text,
+        /// When, milliseconds since the Unix epoch.
+        registered_at_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// The hash-chained audit ledger; append-only (see `audit.rs`).
+    audit_log (seq) {
+        /// Position in the log, contiguous from 1.
+        seq -> BigInt,
+        /// The API job.
+        job_id -> Text,
+        /// The key generated or used.
+        key_id -> Text,
+        /// `KeyGeneration` or `Signature`.
+        kind -> Text,
+        /// SHA-256 of the signed payload (of the public key for a key generation).
+        payload_digest -> Binary,
+        /// The public key or the signature.
+        result -> Binary,
+        /// Milliseconds since the Unix epoch.
+        created_at_ms -> BigInt,
+        /// The driver that appended the entry.
+        driver_id -> Text,
+        /// The previous entry's hash.
+        prev_hash -> Binary,
+        /// This entry's hash.
+        entry_hash -> Binary,
     }
 }
 
@@ -84,37 +124,29 @@ mod tests {
             "driver-1".into(),
         )];
         with_connection(store, |conn| {
-            let mut columns: Vec<String> = on_backend!(conn, |c| {
-                let catalog = match c.backend_name() {
-                    "sqlite" => "SELECT name FROM pragma_table_info('wrapped_keys')",
-                    _ => {
-                        "SELECT column_name AS name FROM information_schema.columns \
-                          WHERE table_schema = current_schema() AND table_name = 'wrapped_keys'"
-                    }
-                };
-                diesel::sql_query(catalog).load::<ColumnName>(c)
-            })
-            .expect("reading the table's columns from the catalog")
-            .into_iter()
-            .map(|column| column.name)
-            .collect();
-            columns.sort();
-            let mut declared = vec![
-                "key_id",
-                "scheme",
-                "curve",
-                "public_key",
-                "wrapped_key",
-                "wrap_mechanism",
-                "master_key_fingerprint",
-                "created_at_ms",
-                "created_by",
-            ];
-            declared.sort_unstable();
-            assert_eq!(
-                columns, declared,
-                "the migrated table has exactly the columns of schema.rs"
-            );
+            for (table, declared) in tables() {
+                let mut columns: Vec<String> = on_backend!(conn, |c| {
+                    let catalog = match c.backend_name() {
+                        "sqlite" => format!("SELECT name FROM pragma_table_info('{table}')"),
+                        _ => format!(
+                            "SELECT column_name AS name FROM information_schema.columns \
+                             WHERE table_schema = current_schema() AND table_name = '{table}'"
+                        ),
+                    };
+                    diesel::sql_query(catalog).load::<ColumnName>(c)
+                })
+                .expect("reading the table's columns from the catalog")
+                .into_iter()
+                .map(|column| column.name)
+                .collect();
+                columns.sort();
+                let mut declared: Vec<&str> = declared.to_vec();
+                declared.sort_unstable();
+                assert_eq!(
+                    columns, declared,
+                    "the migrated table {table} has exactly the columns of schema.rs"
+                );
+            }
 
             let stored: Vec<Row> = on_backend!(conn, |c| {
                 diesel::insert_into(wrapped_keys::table)
@@ -150,6 +182,50 @@ mod tests {
             pending,
             "re-applies after revert"
         );
+    }
+
+    /// Every table and its columns as declared above.
+    fn tables() -> [(&'static str, &'static [&'static str]); 3] {
+        [
+            (
+                "wrapped_keys",
+                &[
+                    "key_id",
+                    "scheme",
+                    "curve",
+                    "public_key",
+                    "wrapped_key",
+                    "wrap_mechanism",
+                    "master_key_fingerprint",
+                    "created_at_ms",
+                    "created_by",
+                ],
+            ),
+            (
+                "deployment",
+                &[
+                    "id",
+                    "master_key_fingerprint",
+                    "registered_by",
+                    "registered_at_ms",
+                ],
+            ),
+            (
+                "audit_log",
+                &[
+                    "seq",
+                    "job_id",
+                    "key_id",
+                    "kind",
+                    "payload_digest",
+                    "result",
+                    "created_at_ms",
+                    "driver_id",
+                    "prev_hash",
+                    "entry_hash",
+                ],
+            ),
+        ]
     }
 
     /// Lets one generic block ask which backend it runs on.

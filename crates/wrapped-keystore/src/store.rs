@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 
+use crate::audit::{AuditEntry, AuditRecord};
 use crate::error::StoreError;
 
 /// One wrapped key. The private key inside `wrapped_key` is encrypted under the master key
@@ -70,6 +71,15 @@ pub enum InsertOutcome {
     AlreadyPresent,
 }
 
+/// What [`KeyStore::register_master_key`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MasterKeyRegistration {
+    /// No master key was recorded for the deployment; this one now is.
+    Recorded,
+    /// This master key was already recorded; nothing changed.
+    AlreadyRecorded,
+}
+
 /// The most records one [`KeyStore::list`] returns, whatever [`PageRequest::limit`] asks for.
 pub const MAX_PAGE_LIMIT: u32 = 1000;
 
@@ -118,4 +128,43 @@ pub trait KeyStore: Send + Sync + 'static {
     /// # Errors
     /// A [`StoreError`] if the database fails.
     fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Records `fingerprint` as the deployment's master key, or checks it against the one
+    /// recorded. Atomic: of drivers racing to register different fingerprints on a fresh store,
+    /// exactly one records its own and every other gets a mismatch.
+    ///
+    /// # Errors
+    /// [`StoreError::MasterKeyMismatch`] if another fingerprint is recorded (this driver's HSM
+    /// holds a different master key than the deployment's, and must not store or use keys);
+    /// other [`StoreError`]s if the database fails.
+    fn register_master_key(
+        &self,
+        fingerprint: &str,
+        driver_id: &str,
+    ) -> impl Future<Output = Result<MasterKeyRegistration, StoreError>> + Send;
+
+    /// Appends an entry to the audit log, assigning the next seq and chaining it to the last
+    /// entry. Appends from concurrent drivers are serialised.
+    ///
+    /// # Errors
+    /// [`StoreError::AuditCorrupt`] if the last stored entry cannot be chained to; other
+    /// [`StoreError`]s if the database fails (nothing is appended).
+    fn append_audit(
+        &self,
+        entry: AuditEntry,
+    ) -> impl Future<Output = Result<AuditRecord, StoreError>> + Send;
+
+    /// [`insert`](Self::insert)s a record and [`append_audit`](Self::append_audit)s an entry in
+    /// one transaction: both are written or neither is. A record already present
+    /// ([`InsertOutcome::AlreadyPresent`]) appends no entry, so a retried key generation is
+    /// audited once.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] if the key id holds different content (nothing is written); as
+    /// [`append_audit`](Self::append_audit) otherwise.
+    fn insert_with_audit(
+        &self,
+        record: KeyRecord,
+        entry: AuditEntry,
+    ) -> impl Future<Output = Result<InsertOutcome, StoreError>> + Send;
 }

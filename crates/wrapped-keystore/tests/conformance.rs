@@ -4,8 +4,11 @@
 
 mod support;
 
-use support::record;
-use wrapped_keystore::{InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, PageRequest};
+use support::{VerifyAudit, audit_entry, record};
+use wrapped_keystore::audit::{GENESIS_PREV_HASH, entry_hash};
+use wrapped_keystore::{
+    InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration, PageRequest,
+};
 
 mod suite {
     use std::collections::BTreeSet;
@@ -331,6 +334,249 @@ mod suite {
         );
     }
 
+    /// Tried: the first registration, the same fingerprint again (from another driver), and a
+    /// different fingerprint.
+    pub(crate) async fn master_key_is_recorded_once_and_checked_after<S: KeyStore + Clone>(
+        store: S,
+    ) {
+        assert_eq!(
+            store
+                .register_master_key("mk-aaaa", "driver-1")
+                .await
+                .expect("first registration"),
+            MasterKeyRegistration::Recorded,
+            "the first fingerprint is recorded"
+        );
+        assert_eq!(
+            store
+                .register_master_key("mk-aaaa", "driver-2")
+                .await
+                .expect("same fingerprint"),
+            MasterKeyRegistration::AlreadyRecorded,
+            "the same fingerprint from another driver is already recorded"
+        );
+        let error = store
+            .register_master_key("mk-bbbb", "driver-3")
+            .await
+            .expect_err("a different fingerprint must be refused");
+        assert!(
+            error.is_master_key_mismatch() && !error.is_retryable(),
+            "a different master key is a final mismatch: {error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains("mk-aaaa")
+                && message.contains("mk-bbbb")
+                && message.contains("all HSMs must hold the same master key"),
+            "the mismatch names both fingerprints and says what to do: {message}"
+        );
+        assert_eq!(
+            store
+                .register_master_key("mk-aaaa", "driver-1")
+                .await
+                .expect("original again"),
+            MasterKeyRegistration::AlreadyRecorded,
+            "a refused fingerprint does not replace the recorded one"
+        );
+    }
+
+    /// Tried: 8 drivers registering 8 different fingerprints at once on a fresh store.
+    pub(crate) async fn racing_master_key_registrations_have_one_winner<S: KeyStore + Clone>(
+        store: S,
+    ) {
+        let barrier = Arc::new(Barrier::new(8));
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let fingerprint = format!("mk-{i}");
+                    let result = store
+                        .register_master_key(&fingerprint, &format!("driver-{i}"))
+                        .await;
+                    (fingerprint, result)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        let mut losers = 0;
+        for task in tasks {
+            let (fingerprint, result) = task.await.expect("a registration task");
+            match result {
+                Ok(MasterKeyRegistration::Recorded) => winners.push(fingerprint),
+                Err(e) if e.is_master_key_mismatch() => losers += 1,
+                other => panic!("{fingerprint}: expected Recorded or a mismatch, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            winners.len(),
+            1,
+            "exactly one of 8 racing drivers records its key: {winners:?}"
+        );
+        assert_eq!(losers, 7, "every other driver gets a mismatch");
+        assert_eq!(
+            store
+                .register_master_key(&winners[0], "driver-late")
+                .await
+                .expect("the winner's key"),
+            MasterKeyRegistration::AlreadyRecorded,
+            "the winner's fingerprint is the one recorded"
+        );
+    }
+
+    /// Tried: three entries appended one after another; checked seq, links and hashes.
+    pub(crate) async fn appended_entries_form_a_chain<S: KeyStore + Clone + VerifyAudit>(store: S) {
+        let empty = store.verify().await;
+        assert!(
+            empty.is_intact() && empty.entries_checked == 0 && empty.head.is_none(),
+            "an empty log is intact and has no head: {empty:?}"
+        );
+        let mut previous: Option<wrapped_keystore::AuditRecord> = None;
+        for job in 1..=3 {
+            let appended = store
+                .append_audit(audit_entry(job, "driver-a"))
+                .await
+                .expect("appending an audit entry");
+            assert_eq!(
+                appended.seq,
+                u64::from(job),
+                "seqs start at 1 and are contiguous"
+            );
+            assert_eq!(
+                appended.entry,
+                audit_entry(job, "driver-a"),
+                "the entry is stored as given"
+            );
+            let expected_prev = previous
+                .as_ref()
+                .map_or(GENESIS_PREV_HASH, |p| p.entry_hash);
+            assert_eq!(
+                appended.prev_hash, expected_prev,
+                "entry {job} links to the one before"
+            );
+            assert_eq!(
+                appended.entry_hash,
+                entry_hash(appended.seq, &appended.prev_hash, &appended.entry),
+                "entry {job}'s hash is the documented one"
+            );
+            previous = Some(appended);
+        }
+        let result = store.verify().await;
+        let last = previous.expect("three entries");
+        assert_eq!(
+            (result.entries_checked, result.head, result.problem),
+            (3, Some((3, last.entry_hash)), None),
+            "three appended entries verify, the head is the last"
+        );
+    }
+
+    /// Tried: 3 tasks appending 50 entries each at once.
+    pub(crate) async fn concurrent_appends_stay_contiguous_and_chained<
+        S: KeyStore + Clone + VerifyAudit,
+    >(
+        store: S,
+    ) {
+        let barrier = Arc::new(Barrier::new(3));
+        let tasks: Vec<_> = (0..3u32)
+            .map(|driver| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let mut seqs = Vec::new();
+                    for job in 0..50 {
+                        let entry = audit_entry(driver * 1000 + job, &format!("driver-{driver}"));
+                        seqs.push(
+                            store
+                                .append_audit(entry)
+                                .await
+                                .expect("a concurrent append")
+                                .seq,
+                        );
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for task in tasks {
+            seqs.extend(task.await.expect("an append task"));
+        }
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (1..=150).collect::<Vec<u64>>(),
+            "150 appends get seqs 1..=150 once each"
+        );
+        let result = store.verify().await;
+        assert!(
+            result.is_intact(),
+            "the interleaved chain verifies: {result:?}"
+        );
+        assert_eq!(result.entries_checked, 150, "every entry is checked");
+    }
+
+    /// Tried: a new key (record + entry), the same key again, and a conflicting key.
+    pub(crate) async fn insert_with_audit_writes_both_or_neither<
+        S: KeyStore + Clone + VerifyAudit,
+    >(
+        store: S,
+    ) {
+        let generated = audit_entry(3, "driver-a");
+        assert_eq!(
+            store
+                .insert_with_audit(record("key-audited", 1), generated.clone())
+                .await
+                .expect("inserting a new key with its audit entry"),
+            InsertOutcome::Inserted,
+            "a new key is inserted"
+        );
+        assert_eq!(
+            store.get("key-audited").await.expect("get"),
+            Some(record("key-audited", 1))
+        );
+        assert_eq!(
+            store.verify().await.entries_checked,
+            1,
+            "one audit entry for one new key"
+        );
+
+        assert_eq!(
+            store
+                .insert_with_audit(record("key-audited", 1), audit_entry(4, "driver-b"))
+                .await
+                .expect("inserting the same key again"),
+            InsertOutcome::AlreadyPresent,
+            "the same key again is already present"
+        );
+        assert_eq!(
+            store.verify().await.entries_checked,
+            1,
+            "a retried key adds no audit entry"
+        );
+
+        let error = store
+            .insert_with_audit(record("key-audited", 2), audit_entry(5, "driver-c"))
+            .await
+            .expect_err("a different key under a stored id must fail");
+        assert!(error.is_conflict(), "a conflict, got {error:?}");
+        let after = store.verify().await;
+        assert!(
+            after.is_intact() && after.entries_checked == 1,
+            "a conflict writes no audit entry: {after:?}"
+        );
+        assert_eq!(
+            store.get("key-audited").await.expect("get"),
+            Some(record("key-audited", 1)),
+            "a conflict leaves the stored key untouched"
+        );
+
+        let next = store
+            .append_audit(audit_entry(6, "driver-a"))
+            .await
+            .expect("appending after a refused insert");
+        assert_eq!(next.seq, 2, "a refused insert leaves no hole in the seqs");
+    }
+
     /// Starts 16 inserts together (released by one barrier) and collects their results.
     async fn race<S: KeyStore + Clone>(
         store: &S,
@@ -372,7 +618,12 @@ macro_rules! conformance {
                 a_page_is_capped_at_the_maximum,
                 count_counts_distinct_keys,
                 concurrent_different_inserts_of_one_key_store_exactly_one,
-                concurrent_identical_inserts_store_one
+                concurrent_identical_inserts_store_one,
+                master_key_is_recorded_once_and_checked_after,
+                racing_master_key_registrations_have_one_winner,
+                appended_entries_form_a_chain,
+                concurrent_appends_stay_contiguous_and_chained,
+                insert_with_audit_writes_both_or_neither
             );
         }
     };

@@ -5,6 +5,7 @@
 //! (`spawn_blocking`) so they never stall an async worker thread; the inherent methods
 //! (`connect`, `migrate`, `ping`…) block the caller and say so.
 
+mod ledger;
 mod migrations;
 pub(crate) mod pool;
 mod queries;
@@ -16,8 +17,9 @@ pub use pool::PoolOptions;
 pub use url::DatabaseUrl;
 
 use self::pool::{AnyConnection, Pool};
+use crate::audit::{AuditEntry, AuditRecord, AuditVerification};
 use crate::error::StoreError;
-use crate::store::{InsertOutcome, KeyRecord, KeyStore, PageRequest};
+use crate::store::{InsertOutcome, KeyRecord, KeyStore, MasterKeyRegistration, PageRequest};
 
 /// The durable [`KeyStore`]: PostgreSQL for deployments where several drivers share one store,
 /// SQLite for a single driver.
@@ -139,6 +141,21 @@ impl DieselKeyStore {
         queries::ping(&mut *self.connection()?)
     }
 
+    /// Checks the audit log's hash chain from its first entry to its newest, reading 1000
+    /// entries at a time (never the whole log at once). Stops at the first problem: a gap in
+    /// seq, a broken link or an altered entry. Blocks: from async code call it inside
+    /// `tokio::task::spawn_blocking`.
+    ///
+    /// An intact result does not prove that no newest entries were deleted; compare
+    /// [`AuditVerification::head`] with one kept elsewhere.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Database`] if the log cannot be read; a
+    /// tampered log is not an error but an [`AuditVerification::problem`].
+    pub fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
+        ledger::verify_audit(&mut *self.connection()?)
+    }
+
     fn connection(&self) -> Result<r2d2::PooledConnection<pool::ConnectionManager>, StoreError> {
         self.inner
             .pool
@@ -177,6 +194,38 @@ impl KeyStore for DieselKeyStore {
     async fn count(&self) -> Result<u64, StoreError> {
         self.run(queries::count).await
     }
+
+    async fn register_master_key(
+        &self,
+        fingerprint: &str,
+        driver_id: &str,
+    ) -> Result<MasterKeyRegistration, StoreError> {
+        let (fingerprint, driver_id) = (fingerprint.to_owned(), driver_id.to_owned());
+        let now_ms = now_ms();
+        self.run(move |conn| ledger::register_master_key(conn, &fingerprint, &driver_id, now_ms))
+            .await
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
+        self.run(move |conn| ledger::append_audit(conn, entry))
+            .await
+    }
+
+    async fn insert_with_audit(
+        &self,
+        record: KeyRecord,
+        entry: AuditEntry,
+    ) -> Result<InsertOutcome, StoreError> {
+        self.run(move |conn| ledger::insert_with_audit(conn, &record, entry))
+            .await
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

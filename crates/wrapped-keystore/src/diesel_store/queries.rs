@@ -16,7 +16,7 @@ const INSERT_ATTEMPTS: usize = 3;
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = wrapped_keys)]
 #[diesel(check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
-struct StoredKey {
+pub(super) struct StoredKey {
     key_id: String,
     scheme: String,
     curve: String,
@@ -47,7 +47,7 @@ impl From<StoredKey> for KeyRecord {
 /// A row as written to the table, borrowed from a [`KeyRecord`].
 #[derive(Insertable)]
 #[diesel(table_name = wrapped_keys)]
-struct NewKey<'a> {
+pub(super) struct NewKey<'a> {
     key_id: &'a str,
     scheme: &'a str,
     curve: &'a str,

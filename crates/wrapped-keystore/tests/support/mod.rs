@@ -92,3 +92,45 @@ pub fn unmigrated_postgres() -> Option<(DieselKeyStore, PgTestDatabase)> {
         .expect("connecting to the PostgreSQL test database");
     Some((store, db))
 }
+
+/// An audit entry whose content depends on `job` and `driver`.
+pub fn audit_entry(job: u32, driver: &str) -> wrapped_keystore::AuditEntry {
+    let mut result = vec![0x30, 0x44];
+    result.extend(job.to_be_bytes());
+    wrapped_keystore::AuditEntry {
+        job_id: format!("job-{job}"),
+        key_id: format!("key-{}", job % 7),
+        kind: if job % 3 == 0 {
+            wrapped_keystore::AuditKind::KeyGeneration
+        } else {
+            wrapped_keystore::AuditKind::Signature
+        },
+        payload_digest: [u8::try_from(job % 256).unwrap_or_default(); 32],
+        result,
+        created_at_ms: 1_700_000_000_000 + i64::from(job),
+        driver_id: driver.to_owned(),
+    }
+}
+
+/// Runs each store's own `verify_audit` (on a blocking thread for the diesel store).
+pub trait VerifyAudit {
+    fn verify(
+        &self,
+    ) -> impl std::future::Future<Output = wrapped_keystore::AuditVerification> + Send;
+}
+
+impl VerifyAudit for DieselKeyStore {
+    async fn verify(&self) -> wrapped_keystore::AuditVerification {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.verify_audit())
+            .await
+            .expect("the verification task")
+            .expect("reading the audit log")
+    }
+}
+
+impl VerifyAudit for MemoryKeyStore {
+    async fn verify(&self) -> wrapped_keystore::AuditVerification {
+        self.verify_audit().expect("verifying the fake's audit log")
+    }
+}

@@ -1,0 +1,142 @@
+//! Array-valued attributes (`CKA_UNWRAP_TEMPLATE`), which cryptoki 0.12 has no typed
+//! [`Attribute`] for, passed through [`Attribute::VendorDefined`].
+//!
+//! An array attribute's value is itself an array of `CK_ATTRIBUTE` structs, each pointing at
+//! its own value. cryptoki passes a `VendorDefined` attribute's bytes to the token unchanged
+//! and its type number unchanged (`AttributeType::VendorDefined(n)` converts to `n`), so the
+//! bytes of a correctly laid out `CK_ATTRIBUTE` array work. This module builds those bytes
+//! **without `unsafe`**: every field is written at its `offset_of!` position in native byte
+//! order (portable across the `CK_ULONG` widths and the packed Windows layout, and no padding
+//! byte is ever read), and the inner values are pointers turned into integers (`as usize`,
+//! an exposed-provenance cast).
+//!
+//! The one invariant the type system does not check: the inner pointers point into the
+//! [`RawTemplate`]'s own heap buffers, so the [`Attribute`] from [`RawTemplate::attribute`]
+//! must only be passed to the token (`C_GenerateKey`, `C_CreateObject`) while its
+//! [`RawTemplate`] is alive. `attribute` borrows `self` for that reason; a clone placed in a
+//! template must be used and dropped while the [`RawTemplate`] lives (declare the
+//! [`RawTemplate`] first, so that it is dropped last). The module is crate-private so that
+//! this stays a local rule.
+
+use std::mem::{offset_of, size_of};
+
+use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+use cryptoki_sys::{
+    CK_ATTRIBUTE, CK_ATTRIBUTE_TYPE, CK_BBOOL, CK_FALSE, CK_OBJECT_CLASS, CK_TRUE, CK_ULONG,
+    CKA_CLASS, CKA_EXTRACTABLE, CKA_SENSITIVE, CKA_UNWRAP_TEMPLATE,
+};
+
+/// One inner attribute: a type and its value bytes, kept on the heap at a fixed address.
+struct Entry {
+    kind: CK_ATTRIBUTE_TYPE,
+    /// A boxed slice never moves when the `Vec` holding it grows or the template moves.
+    value: Box<[u8]>,
+}
+
+/// An array attribute (type and inner attributes) and the storage its bytes point into.
+pub(crate) struct RawTemplate {
+    /// Read only through the pointers in `attribute`; owning it keeps them valid.
+    _entries: Vec<Entry>,
+    attribute: Attribute,
+}
+
+impl RawTemplate {
+    /// The `CKA_UNWRAP_TEMPLATE` of the master key: whatever is unwrapped with it must be a
+    /// private key (not a secret key whose `CKA_VALUE` could be read), sensitive, and
+    /// non-extractable (so it cannot be re-wrapped under a key the caller knows).
+    pub(crate) fn master_unwrap_template() -> Self {
+        Self::build(
+            CKA_UNWRAP_TEMPLATE,
+            vec![
+                Entry::ulong(CKA_CLASS, CK_OBJECT_CLASS::from(ObjectClass::PRIVATE_KEY)),
+                Entry::bool(CKA_SENSITIVE, true),
+                Entry::bool(CKA_EXTRACTABLE, false),
+            ],
+        )
+    }
+
+    fn build(kind: CK_ATTRIBUTE_TYPE, entries: Vec<Entry>) -> Self {
+        let stride = size_of::<CK_ATTRIBUTE>();
+        let mut bytes = vec![0u8; stride * entries.len()];
+        for (entry, slot) in entries.iter().zip(bytes.chunks_exact_mut(stride)) {
+            let len = CK_ULONG::try_from(entry.value.len()).unwrap_or(CK_ULONG::MAX);
+            // The address of the value, as the C struct's `pValue` expects it.
+            let address = entry.value.as_ptr() as usize;
+            put(slot, offset_of!(CK_ATTRIBUTE, type_), &entry.kind.to_ne_bytes());
+            put(slot, offset_of!(CK_ATTRIBUTE, pValue), &address.to_ne_bytes());
+            put(slot, offset_of!(CK_ATTRIBUTE, ulValueLen), &len.to_ne_bytes());
+        }
+        RawTemplate {
+            _entries: entries,
+            attribute: Attribute::VendorDefined((AttributeType::VendorDefined(kind), bytes)),
+        }
+    }
+
+    /// The attribute to add to a `C_GenerateKey` / `C_CreateObject` template. Valid only while
+    /// `self` is (see the module documentation).
+    pub(crate) fn attribute(&self) -> &Attribute {
+        &self.attribute
+    }
+}
+
+impl Entry {
+    fn bool(kind: CK_ATTRIBUTE_TYPE, value: bool) -> Self {
+        let value: CK_BBOOL = if value { CK_TRUE } else { CK_FALSE };
+        Entry {
+            kind,
+            value: Box::new([value]),
+        }
+    }
+
+    fn ulong(kind: CK_ATTRIBUTE_TYPE, value: CK_ULONG) -> Self {
+        Entry {
+            kind,
+            value: value.to_ne_bytes().to_vec().into_boxed_slice(),
+        }
+    }
+}
+
+/// Copies `field` into `slot` at `offset`.
+fn put(slot: &mut [u8], offset: usize, field: &[u8]) {
+    slot[offset..offset + field.len()].copy_from_slice(field);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(slot: &[u8], offset: usize) -> CK_ULONG {
+        let mut raw = [0u8; size_of::<CK_ULONG>()];
+        raw.copy_from_slice(&slot[offset..offset + size_of::<CK_ULONG>()]);
+        CK_ULONG::from_ne_bytes(raw)
+    }
+
+    #[test]
+    fn the_unwrap_template_is_a_ck_attribute_array_pointing_at_its_values() {
+        let template = RawTemplate::master_unwrap_template();
+        let Attribute::VendorDefined((AttributeType::VendorDefined(kind), bytes)) =
+            template.attribute()
+        else {
+            panic!("not a vendor-defined attribute");
+        };
+        assert_eq!(*kind, CKA_UNWRAP_TEMPLATE);
+        let stride = size_of::<CK_ATTRIBUTE>();
+        assert_eq!(bytes.len(), 3 * stride);
+        let kinds: Vec<_> = bytes
+            .chunks_exact(stride)
+            .map(|slot| field(slot, offset_of!(CK_ATTRIBUTE, type_)))
+            .collect();
+        assert_eq!(kinds, [CKA_CLASS, CKA_SENSITIVE, CKA_EXTRACTABLE]);
+        let lengths: Vec<_> = bytes
+            .chunks_exact(stride)
+            .map(|slot| field(slot, offset_of!(CK_ATTRIBUTE, ulValueLen)))
+            .collect();
+        assert_eq!(lengths, [size_of::<CK_ULONG>() as CK_ULONG, 1, 1]);
+        for (slot, entry) in bytes.chunks_exact(stride).zip(&template._entries) {
+            let at = offset_of!(CK_ATTRIBUTE, pValue);
+            let mut raw = [0u8; size_of::<usize>()];
+            raw.copy_from_slice(&slot[at..at + size_of::<usize>()]);
+            assert_eq!(usize::from_ne_bytes(raw), entry.value.as_ptr() as usize);
+        }
+    }
+}

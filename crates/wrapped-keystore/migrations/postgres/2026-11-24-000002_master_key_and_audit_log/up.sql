@@ -1,0 +1,26 @@
+-- The deployment's master key identity and the audit ledger. Must match src/schema.rs.
+
+-- At most one row (id = 1): the fingerprint of the master key every HSM of the deployment
+-- must hold. Written once by the first driver to start; later drivers compare against it.
+CREATE TABLE deployment (
+    id INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
+    master_key_fingerprint TEXT NOT NULL,
+    registered_by TEXT NOT NULL,
+    registered_at_ms BIGINT NOT NULL
+);
+
+-- Append-only, hash-chained log of every key generated and payload signed. seq is assigned by
+-- the store under an advisory lock (contiguous from 1, no sequence object: a rolled-back
+-- append must not leave a gap). The hashing is documented in src/audit.rs.
+CREATE TABLE audit_log (
+    seq BIGINT NOT NULL PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    payload_digest BYTEA NOT NULL,
+    result BYTEA NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    driver_id TEXT NOT NULL,
+    prev_hash BYTEA NOT NULL,
+    entry_hash BYTEA NOT NULL
+);

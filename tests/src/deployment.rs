@@ -158,6 +158,8 @@ url = "{database_url}"
 
         run_tool(driver_command(&options, &token, &config_path).args(["master-key", "create"]))
             .await?;
+        // As an operator would: migrate, then run (so `check` never races the first migration).
+        run_tool(driver_command(&options, &token, &config_path).arg("migrate")).await?;
         let driver = spawn_logged(
             driver_command(&options, &token, &config_path).arg("run"),
             &work.join("driver.log"),
@@ -232,6 +234,81 @@ url = "{database_url}"
         Ok((
             output.status.success(),
             String::from_utf8_lossy(&output.stdout).into_owned(),
+        ))
+    }
+
+    /// Runs `hsm-driver audit verify` and returns its success and output.
+    ///
+    /// # Errors
+    /// If the command cannot be run.
+    pub async fn audit_verify(&self) -> anyhow::Result<(bool, String)> {
+        let output = driver_command(&self.options, &self.token, &self.config_path)
+            .args(["audit", "verify"])
+            .output()
+            .await
+            .context("running hsm-driver audit verify")?;
+        Ok((
+            output.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        ))
+    }
+
+    /// Runs `hsm-driver run` as a second driver on this deployment's database and API, with
+    /// its own fresh token and master key (under `dir`), and returns its exit status and log
+    /// once it exits (within 30 s).
+    ///
+    /// # Errors
+    /// If it cannot be started or is still running after 30 s.
+    pub async fn run_driver_with_another_master_key(
+        &self,
+        dir: &Path,
+    ) -> anyhow::Result<(ExitStatus, String)> {
+        std::fs::create_dir_all(dir)?;
+        let token = SoftHsmToken::create(dir, "other-hsm")?;
+        let config = std::fs::read_to_string(&self.config_path)?
+            .replace(
+                &format!("token_label = \"{}\"", self.token.label),
+                &format!("token_label = \"{}\"", token.label),
+            )
+            .replace(
+                &self.token.pin_file.display().to_string(),
+                &token.pin_file.display().to_string(),
+            )
+            .replace("id = \"driver-1\"", "id = \"driver-2\"")
+            .replace(
+                "ca_bundle = \"pki/",
+                &format!("ca_bundle = \"{}/", self.pki_dir().display()),
+            )
+            .replace(
+                "client_cert = \"pki/",
+                &format!("client_cert = \"{}/", self.pki_dir().display()),
+            )
+            .replace(
+                "client_key = \"pki/",
+                &format!("client_key = \"{}/", self.pki_dir().display()),
+            );
+        let config_path = dir.join("hsm-driver.toml");
+        std::fs::write(&config_path, config)?;
+        run_tool(
+            driver_command(&self.options, &token, &config_path).args(["master-key", "create"]),
+        )
+        .await?;
+        let output = tokio::time::timeout(
+            Duration::from_secs(30),
+            driver_command(&self.options, &token, &config_path)
+                .arg("run")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .context("the second driver kept running for 30 s")??;
+        Ok((
+            output.status,
+            String::from_utf8_lossy(&output.stderr).into_owned(),
         ))
     }
 

@@ -126,6 +126,11 @@ async fn workload_round_trip(options: DeploymentOptions) {
         "and why: {reason}"
     );
 
+    // The customer's own ledger: 6 key generations and 60 signatures, chained and intact.
+    let (ok, audit) = deployment.audit_verify().await.unwrap();
+    assert!(ok, "the audit ledger verifies:\n{audit}");
+    assert!(audit.contains("entries checked: 66"), "{audit}");
+
     deployment.ensure_running().unwrap();
     let stop = deployment.stop().await.unwrap();
     assert!(
@@ -229,4 +234,51 @@ async fn a_bad_configuration_is_refused_with_the_field_named() {
         stderr.contains("bad.toml"),
         "the error names the file: {stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_driver_with_another_master_key_refuses_to_start_and_audit_tampering_is_found() {
+    let work = tempfile_dir::Dir::new("mismatch");
+    let mut deployment = Deployment::start(options(&work)).await.unwrap();
+    Workload::mixed(2, 6)
+        .run(deployment.app())
+        .await
+        .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
+
+    // Tried: a second driver whose HSM holds a different master key, on the same database.
+    let (status, log) = deployment
+        .run_driver_with_another_master_key(&work.path().join("second"))
+        .await
+        .unwrap();
+    assert!(!status.success(), "it must refuse to start:\n{log}");
+    assert!(
+        log.contains("all HSMs must hold the same master key"),
+        "and say why:\n{log}"
+    );
+    deployment.ensure_running().unwrap();
+    let stop = deployment.stop().await.unwrap();
+    assert!(stop.driver_exit.success());
+
+    // Tried: deleting one audit entry in the middle of the ledger, directly in the database.
+    let db = work.path().join("keys.db");
+    {
+        use diesel::{Connection, RunQueryDsl};
+        let mut conn = diesel::SqliteConnection::establish(&db.display().to_string()).unwrap();
+        let deleted = diesel::sql_query("DELETE FROM audit_log WHERE seq = 3")
+            .execute(&mut conn)
+            .unwrap();
+        assert_eq!(deleted, 1);
+    }
+    let output = std::process::Command::new(bin_dir().join("hsm-driver"))
+        .arg("--config")
+        .arg(work.path().join("hsm-driver.toml"))
+        .args(["audit", "verify"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !output.status.success(),
+        "a deleted entry fails verification:\n{text}"
+    );
+    assert!(text.contains("AUDIT LEDGER BROKEN"), "{text}");
 }

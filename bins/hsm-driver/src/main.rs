@@ -49,6 +49,17 @@ enum Command {
         #[command(subcommand)]
         command: MasterKeyCommand,
     },
+    /// The audit ledger of everything this deployment generated and signed.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain: report a deleted, altered or reordered entry (exit 1 if any).
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +102,9 @@ fn main() -> ExitCode {
             Command::MasterKey {
                 command: MasterKeyCommand::Create { label },
             } => run::create_master_key(&config, label).await.map(|()| true),
+            Command::Audit {
+                command: AuditCommand::Verify,
+            } => run::audit_verify(&config).await,
         }
     });
     match result {

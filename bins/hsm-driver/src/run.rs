@@ -5,7 +5,7 @@ use dfns_api_client::HttpJobSource;
 use driver_core::Driver;
 use hsm_pkcs11::{FakeHsm, Hsm, SchemeSupport};
 use tracing::{info, warn};
-use wrapped_keystore::DieselKeyStore;
+use wrapped_keystore::{DieselKeyStore, KeyStore};
 
 use crate::config::{Config, HsmKind};
 use crate::{secrets, wiring};
@@ -44,6 +44,15 @@ async fn serve<H: Hsm>(
 ) -> anyhow::Result<()> {
     let master = hsm.master_key();
     info!(label = %master.label, fingerprint = %master.fingerprint, "master key");
+    // The first driver records the deployment's master key; every later one must match it.
+    let registration = store
+        .register_master_key(&master.fingerprint, &config.driver.id)
+        .await
+        .context("registering the master key fingerprint in the database (all HSMs of a deployment must hold the same master key)")?;
+    info!(
+        ?registration,
+        "master key fingerprint matches the deployment's"
+    );
     for (scheme, support) in &hsm.capabilities().schemes {
         match support {
             SchemeSupport::Supported => info!(%scheme, "scheme supported"),
@@ -128,4 +137,36 @@ pub(crate) async fn create_master_key(
         "master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only)"
     );
     Ok(())
+}
+
+/// `audit verify`: walk the whole audit ledger and report the first deleted, altered or
+/// reordered entry. Prints the head (last seq and its hash) so it can be recorded elsewhere:
+/// deleting the newest entries is only detectable against such an anchor.
+pub(crate) async fn audit_verify(config: &Config) -> anyhow::Result<bool> {
+    let store = wiring::key_store(config).await?;
+    let verification = tokio::task::spawn_blocking(move || store.verify_audit())
+        .await
+        .context("audit verification task")?
+        .context("reading the audit ledger")?;
+    println!("entries checked: {}", verification.entries_checked);
+    if let Some((seq, hash)) = verification.head {
+        println!(
+            "head: seq {seq}, entry hash {} (record it elsewhere to detect truncation)",
+            hex_string(&hash)
+        );
+    }
+    match &verification.problem {
+        None => {
+            println!("audit ledger intact");
+            Ok(true)
+        }
+        Some(problem) => {
+            println!("AUDIT LEDGER BROKEN: {problem}");
+            Ok(false)
+        }
+    }
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

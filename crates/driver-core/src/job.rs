@@ -4,12 +4,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
-    Curve, JobResult, JobSpec, KeyId, LeasedJob, ReportOutcome, Scheme, SignaturePayload,
+    Curve, JobId, JobResult, JobSpec, KeyId, LeasedJob, ReportOutcome, Scheme, SignaturePayload,
     SignatureResult,
 };
 use hsm_pkcs11::{Hsm, KeyScheme, SignPayload, SignRequest, Signature, WrapMechanism, WrappedKey};
+use sha2::{Digest, Sha256};
 use tracing::{Instrument, debug, info, info_span, warn};
-use wrapped_keystore::{KeyRecord, KeyStore};
+use wrapped_keystore::{AuditEntry, AuditKind, KeyRecord, KeyStore};
 
 use crate::engine::Parts;
 use crate::error::{JobError, error_chain};
@@ -53,7 +54,7 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
     let outcome = async {
         let job_ref = job.job_ref();
         let result = match job.spec {
-            Ok(spec) => execute(parts, spec).await,
+            Ok(spec) => execute(parts, &job_ref.job_id, spec).await,
             Err(e) => Err(JobError::Decode(e)),
         };
         let report = match &result {
@@ -98,6 +99,7 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
 
 async fn execute<S: JobSource, H: Hsm, K: KeyStore>(
     parts: &Parts<S, H, K>,
+    job_id: &JobId,
     spec: JobSpec,
 ) -> Result<JobResult, JobError> {
     match spec {
@@ -105,8 +107,8 @@ async fn execute<S: JobSource, H: Hsm, K: KeyStore>(
             key_id,
             scheme,
             curve,
-        } => generate(parts, key_id, scheme, curve).await,
-        JobSpec::Signature { key_id, payload } => sign(parts, key_id, payload).await,
+        } => generate(parts, job_id, key_id, scheme, curve).await,
+        JobSpec::Signature { key_id, payload } => sign(parts, job_id, key_id, payload).await,
     }
 }
 
@@ -115,6 +117,7 @@ async fn execute<S: JobSource, H: Hsm, K: KeyStore>(
 /// nothing new is generated.
 async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     parts: &Parts<S, H, K>,
+    job_id: &JobId,
     key_id: KeyId,
     scheme: Scheme,
     curve: Curve,
@@ -146,7 +149,17 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
         created_at_ms: now_ms(),
         created_by: parts.config.driver_id.clone(),
     };
-    match parts.store.insert(record.clone()).await {
+    // The key record and its audit entry are written in one transaction.
+    let audit = AuditEntry {
+        job_id: job_id.to_string(),
+        key_id: record.key_id.clone(),
+        kind: AuditKind::KeyGeneration,
+        payload_digest: Sha256::digest(&record.public_key).into(),
+        result: record.public_key.clone(),
+        created_at_ms: record.created_at_ms,
+        driver_id: record.created_by.clone(),
+    };
+    match parts.store.insert_with_audit(record.clone(), audit).await {
         Ok(_) => Ok(JobResult::PublicKey(record.public_key)),
         Err(e) if e.is_conflict() => {
             // Another delivery of this job stored its key first: ours is dropped (it exists
@@ -180,6 +193,7 @@ fn stored_public_key(record: KeyRecord, expected: KeyScheme) -> Result<JobResult
 /// then report.
 async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
     parts: &Parts<S, H, K>,
+    job_id: &JobId,
     key_id: KeyId,
     payload: SignaturePayload,
 ) -> Result<JobResult, JobError> {
@@ -229,7 +243,25 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
             source,
         }
     })?;
-    Ok(JobResult::Signature(signature_result(signature)))
+    let result = signature_result(signature);
+    // Recorded before it is reported: the customer's own ledger of what their HSM signed.
+    let payload_bytes: &[u8] = match &check.1 {
+        SignPayload::Digest(digest) => digest,
+        SignPayload::Message(message) => message,
+    };
+    parts
+        .store
+        .append_audit(AuditEntry {
+            job_id: job_id.to_string(),
+            key_id: key_id.to_string(),
+            kind: AuditKind::Signature,
+            payload_digest: Sha256::digest(payload_bytes).into(),
+            result: result.encoded.clone(),
+            created_at_ms: now_ms(),
+            driver_id: parts.config.driver_id.clone(),
+        })
+        .await?;
+    Ok(JobResult::Signature(result))
 }
 
 fn key_scheme(scheme: Scheme, curve: Curve) -> Result<KeyScheme, JobError> {

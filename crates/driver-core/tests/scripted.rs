@@ -234,6 +234,13 @@ async fn key_generation_stores_then_reports_and_signatures_verify_against_the_st
         }
         assert!(sig.recid.is_some());
     }
+    // The audit ledger holds both key generations and both signatures, chained.
+    let audit = h.store.verify_audit().unwrap();
+    assert!(audit.is_intact(), "{audit:?}");
+    assert_eq!(
+        audit.entries_checked, 4,
+        "two keys and two signatures are audited"
+    );
     let report = h.shutdown().await;
     assert_eq!(report.completed, 4);
     assert_eq!(report.failed, 0);
@@ -261,6 +268,11 @@ async fn a_redelivered_key_generation_reports_the_stored_key_and_generates_nothi
         assert_eq!(again, original, "a redelivery reports the stored key");
     }
     assert_eq!(h.store.count().await.unwrap(), 1, "exactly one stored key");
+    assert_eq!(
+        h.store.verify_audit().unwrap().entries_checked,
+        1,
+        "a redelivered key generation adds no audit entry"
+    );
     h.shutdown().await;
 }
 

@@ -6,6 +6,7 @@
 use cryptoki::error::{Error as CryptokiError, RvError};
 
 use crate::hsm::KeyScheme;
+use crate::pkcs11::SelfTestReport;
 
 /// Everything that can go wrong talking to an HSM.
 ///
@@ -106,6 +107,15 @@ pub enum HsmError {
         source: std::io::Error,
     },
 
+    /// The master key self-test found that keys wrapped under the master key can be extracted
+    /// or that the master key allows more than wrap and unwrap: refuse to start. The report's
+    /// findings say what is wrong and how to fix it.
+    #[error("{report}")]
+    UnsafeMasterKey {
+        /// The self-test's report.
+        report: Box<SelfTestReport>,
+    },
+
     /// The worker pool has shut down (the HSM was closed or a worker died).
     #[error("the HSM worker pool is not running")]
     WorkerUnavailable,
@@ -137,8 +147,14 @@ impl HsmError {
             | HsmError::MasterKeyExists { .. }
             | HsmError::TokenNotFound { .. }
             | HsmError::Config { .. }
-            | HsmError::Io { .. } => false,
+            | HsmError::Io { .. }
+            | HsmError::UnsafeMasterKey { .. } => false,
         }
+    }
+
+    /// Whether the master key failed its self-test (see [`HsmError::UnsafeMasterKey`]).
+    pub fn is_unsafe_master_key(&self) -> bool {
+        matches!(self, HsmError::UnsafeMasterKey { .. })
     }
 
     /// Whether the token cannot serve the requested scheme.
@@ -178,7 +194,7 @@ impl HsmError {
 }
 
 /// Return values that may go away on their own: device, memory, session and login state.
-fn rv_is_transient(rv: RvError) -> bool {
+pub(crate) fn rv_is_transient(rv: RvError) -> bool {
     matches!(
         rv,
         RvError::DeviceError

@@ -14,7 +14,9 @@
 //! stored public key before it is returned ([`signature`]).
 //!
 //! - [`Hsm`]: the trait driver-core is generic over.
-//! - [`Pkcs11Hsm`]: the real thing, over `cryptoki`.
+//! - [`Pkcs11Hsm`]: the real thing, over `cryptoki`;
+//!   [`Pkcs11Hsm::master_key_self_test`] attempts the key-extraction attacks against the
+//!   master key and reports ([`SelfTestReport`]); `docs/key-ceremony.md` explains the master key.
 //! - [`FakeHsm`] (feature `fake`): a software implementation for fast tests of the layers above.
 //! - [`softhsm`] (feature `softhsm-fixture`): isolated SoftHSMv2 tokens for tests.
 
@@ -36,5 +38,6 @@ pub use hsm::{
     SignRequest, Signature, WrapMechanism, WrappedKey,
 };
 pub use pkcs11::{
-    Pkcs11Config, Pkcs11Hsm, Pkcs11Module, TokenReport, create_master_key, import_master_key,
+    Attack, AttackOutcome, AttackRecord, FindingKind, Pkcs11Config, Pkcs11Hsm, Pkcs11Module,
+    SelfTestFinding, SelfTestReport, Severity, TokenReport, create_master_key, import_master_key,
 };

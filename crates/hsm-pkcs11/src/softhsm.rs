@@ -41,7 +41,10 @@ use zeroize::Zeroizing;
 
 use crate::error::HsmError;
 use crate::hsm::WrapMechanism;
-use crate::pkcs11::{Pkcs11Config, Pkcs11Hsm, Pkcs11Module, create_master_key, import_master_key};
+use crate::pkcs11::{
+    Pkcs11Config, Pkcs11Hsm, Pkcs11Module, PolicyDeviation, create_master_key, generate_master_key,
+    import_master_key,
+};
 
 /// Where the module is looked for when `SOFTHSM2_MODULE` is not set.
 const MODULE_CANDIDATES: [&str; 2] = [
@@ -230,6 +233,50 @@ impl SoftHsmToken {
         Ok(token)
     }
 
+    /// **Hazard, for negative tests only:** a new token whose master key is a plain
+    /// wrap/unwrap AES-256 key *without* `CKA_UNWRAP_TEMPLATE`, as an older or hand-made
+    /// deployment would have. Any logged-in session can extract every key wrapped under it
+    /// (see [`Pkcs11Hsm::master_key_self_test`]). Otherwise the usual policy: private,
+    /// sensitive, non-extractable, no usage but wrap and unwrap. Blocking.
+    ///
+    /// # Errors
+    /// As [`SoftHsmToken::create`].
+    pub fn create_with_unprotected_master_key() -> Result<Self, HsmError> {
+        Self::create_with_hazardous_master_key(MasterKeyHazard::NoUnwrapTemplate)
+    }
+
+    /// **Hazard, for negative tests only:** a new token whose master key departs from the
+    /// policy in the one way `hazard` says, keeping the rest (including the unwrap template
+    /// unless the hazard is [`MasterKeyHazard::NoUnwrapTemplate`]). Blocking.
+    ///
+    /// # Errors
+    /// As [`SoftHsmToken::create`].
+    pub fn create_with_hazardous_master_key(hazard: MasterKeyHazard) -> Result<Self, HsmError> {
+        let deviation = match hazard {
+            MasterKeyHazard::NoUnwrapTemplate => PolicyDeviation {
+                without_unwrap_template: true,
+                ..PolicyDeviation::default()
+            },
+            MasterKeyHazard::AlsoEncrypts => PolicyDeviation {
+                encrypt: true,
+                ..PolicyDeviation::default()
+            },
+            MasterKeyHazard::Extractable => PolicyDeviation {
+                extractable: true,
+                ..PolicyDeviation::default()
+            },
+        };
+        let token = Self::create_empty()?;
+        generate_master_key(
+            &token.module,
+            &token.label,
+            &token.user_pin,
+            &token.master_key_label,
+            deviation,
+        )?;
+        Ok(token)
+    }
+
     /// A new token with a user PIN and no objects. Blocking.
     ///
     /// # Errors
@@ -339,6 +386,19 @@ impl SoftHsmToken {
     pub fn shared_module() -> Result<Pkcs11Module, HsmError> {
         Ok(fixture()?.module.clone())
     }
+}
+
+/// How a hazardous fixture master key departs from the policy. Test-only: each makes
+/// [`Pkcs11Hsm::master_key_self_test`] report the key unsafe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MasterKeyHazard {
+    /// No `CKA_UNWRAP_TEMPLATE`: wrapped keys can be unwrapped readable or extractable.
+    NoUnwrapTemplate,
+    /// `CKA_ENCRYPT=true` as well as wrap and unwrap.
+    AlsoEncrypts,
+    /// `CKA_EXTRACTABLE=true`: the master key itself can be wrapped out.
+    Extractable,
 }
 
 /// A slot whose token is not initialised yet. SoftHSMv2 always offers one, and adds a new one

@@ -11,7 +11,9 @@ mod keys;
 mod module;
 mod probe;
 mod provision;
+mod raw_template;
 mod report;
+mod self_test;
 pub(crate) mod token;
 mod worker;
 
@@ -28,15 +30,20 @@ use tokio::sync::oneshot;
 
 pub use config::Pkcs11Config;
 pub use module::Pkcs11Module;
+#[cfg(feature = "softhsm-fixture")]
+pub(crate) use provision::{PolicyDeviation, generate_master_key};
 pub use provision::{create_master_key, import_master_key};
 pub use report::TokenReport;
+pub use self_test::{
+    Attack, AttackOutcome, AttackRecord, FindingKind, SelfTestFinding, SelfTestReport, Severity,
+};
 #[cfg(feature = "softhsm-fixture")]
 pub(crate) use token::find_slot;
 
 use crate::error::HsmError;
 use crate::hsm::{
     Capabilities, GeneratedKey, Hsm, KeyScheme, MasterKeyInfo, SchemeSupport, SignRequest,
-    Signature,
+    Signature, WrapMechanism,
 };
 use worker::{Job, Worker};
 
@@ -56,6 +63,7 @@ pub struct Pkcs11Hsm {
     slot: Slot,
     capabilities: Capabilities,
     master: MasterKeyInfo,
+    wrap_mechanism: WrapMechanism,
 }
 
 impl Pkcs11Hsm {
@@ -94,6 +102,7 @@ impl Pkcs11Hsm {
                 label: config.master_key_label.clone(),
                 fingerprint,
             },
+            wrap_mechanism: config.wrap_mechanism,
         };
         // On an error below, dropping `hsm` stops the workers already started.
         for index in 0..config.sessions {
@@ -154,6 +163,29 @@ impl Pkcs11Hsm {
                 Attribute::Token(true),
             ])?,
         })
+    }
+
+    /// Proves that keys wrapped under the master key cannot be extracted, by attempting the
+    /// attacks: checks the master key's attributes, then wraps a throwaway P-256 canary key
+    /// and tries (a) to unwrap it as a non-sensitive generic secret and read `CKA_VALUE`, and
+    /// (b) to unwrap it as an extractable EC key and wrap it again under a fresh session AES
+    /// key. Every object it creates is a session object destroyed on every path; bytes an
+    /// attack obtains are zeroized and never logged.
+    ///
+    /// Blocking (about ten PKCS#11 calls including an EC key-pair generation): runs on the
+    /// keep-alive session, on the caller's thread, holding it for the duration; call it from
+    /// a blocking thread. The workers keep serving jobs meanwhile. A caller that must refuse
+    /// to start on an unsafe key uses [`SelfTestReport::require_safe`].
+    ///
+    /// # Errors
+    /// [`HsmError::MasterKeyNotFound`] if the key went away; [`HsmError::Pkcs11`] naming the
+    /// failing call when the self-test could not run (generating or wrapping the canary) or
+    /// an attack failed with a transient return value (device, session, login), so that no
+    /// verdict could be reached. An unsafe key is not an error here: see the report.
+    pub fn master_key_self_test(&self) -> Result<SelfTestReport, HsmError> {
+        let session = self.keepalive()?;
+        let master = token::find_master_key(&session, &self.master.label)?;
+        self_test::run(&session, master, &self.master.label, self.wrap_mechanism)
     }
 
     /// Stops the workers (jobs still queued fail with [`HsmError::WorkerUnavailable`]), waits

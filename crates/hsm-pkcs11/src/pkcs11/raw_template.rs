@@ -62,9 +62,21 @@ impl RawTemplate {
             let len = CK_ULONG::try_from(entry.value.len()).unwrap_or(CK_ULONG::MAX);
             // The address of the value, as the C struct's `pValue` expects it.
             let address = entry.value.as_ptr() as usize;
-            put(slot, offset_of!(CK_ATTRIBUTE, type_), &entry.kind.to_ne_bytes());
-            put(slot, offset_of!(CK_ATTRIBUTE, pValue), &address.to_ne_bytes());
-            put(slot, offset_of!(CK_ATTRIBUTE, ulValueLen), &len.to_ne_bytes());
+            put(
+                slot,
+                offset_of!(CK_ATTRIBUTE, type_),
+                &entry.kind.to_ne_bytes(),
+            );
+            put(
+                slot,
+                offset_of!(CK_ATTRIBUTE, pValue),
+                &address.to_ne_bytes(),
+            );
+            put(
+                slot,
+                offset_of!(CK_ATTRIBUTE, ulValueLen),
+                &len.to_ne_bytes(),
+            );
         }
         RawTemplate {
             _entries: entries,

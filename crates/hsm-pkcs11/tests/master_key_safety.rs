@@ -1,0 +1,406 @@
+//! The master key extraction attacks, attempted for real against SoftHSMv2: they succeed
+//! against a master key without `CKA_UNWRAP_TEMPLATE` (so the attacks are real) and are
+//! refused against the key `create_master_key` provisions; and the self-test reports each.
+
+use cryptoki::error::{Error as CryptokiError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use hsm_pkcs11::softhsm::{MasterKeyHazard, SoftHsmToken};
+use hsm_pkcs11::{
+    Attack, AttackOutcome, FindingKind, Hsm, KeyScheme, SelfTestReport, Severity, SignPayload,
+    SignRequest,
+};
+use sha2::{Digest, Sha256};
+
+/// DER `OBJECT IDENTIFIER` prime256v1.
+const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+/// A logged-in session on the token: the attacker's position (any logged-in application).
+fn raw_session(token: &SoftHsmToken) -> Session {
+    let context = token.module().context();
+    let slot = context
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| context.get_token_info(*slot).unwrap().label().trim_end() == token.label())
+        .expect("fixture token slot");
+    let session = context.open_rw_session(slot).unwrap();
+    match session.login(UserType::User, Some(token.user_pin())) {
+        Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("login: {e}"),
+    }
+    session
+}
+
+fn master(session: &Session, token: &SoftHsmToken) -> ObjectHandle {
+    let found = session
+        .find_objects(&[Attribute::Label(
+            token.master_key_label().as_bytes().to_vec(),
+        )])
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    found[0]
+}
+
+/// A wrapped P-256 private key as the database would hold it, and its uncompressed public
+/// point. The key objects are destroyed: only the blob remains, as in production.
+fn stored_blob(session: &Session, master: ObjectHandle) -> (Vec<u8>, Vec<u8>) {
+    let (public, private) = session
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(false),
+                Attribute::EcParams(P256_PARAMS.to_vec()),
+                Attribute::Verify(true),
+            ],
+            &[
+                Attribute::Token(false),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(true),
+                Attribute::Sign(true),
+            ],
+        )
+        .unwrap();
+    let point = match &session
+        .get_attributes(public, &[AttributeType::EcPoint])
+        .unwrap()[..]
+    {
+        // DER OCTET STRING of the 65-byte uncompressed point.
+        [Attribute::EcPoint(der)] => der[2..].to_vec(),
+        other => panic!("no EC point: {other:?}"),
+    };
+    let blob = session
+        .wrap_key(&Mechanism::AesKeyWrapPad, master, private)
+        .unwrap();
+    session.destroy_object(private).unwrap();
+    session.destroy_object(public).unwrap();
+    (blob, point)
+}
+
+/// The uncompressed public point of the private scalar in a PKCS#8 EC private key: proof
+/// that `pkcs8` really is the plaintext key.
+fn public_point_of_pkcs8(pkcs8: &[u8]) -> Vec<u8> {
+    // ECPrivateKey ::= SEQUENCE { version INTEGER 1, privateKey OCTET STRING, ... }
+    let at = pkcs8
+        .windows(4)
+        .position(|w| w == [0x02, 0x01, 0x01, 0x04])
+        .expect("an ECPrivateKey in the PKCS#8");
+    let len = usize::from(pkcs8[at + 4]);
+    let scalar = &pkcs8[at + 5..at + 5 + len];
+    let mut padded = [0u8; 32];
+    padded[32 - len..].copy_from_slice(scalar);
+    let secret = p256::SecretKey::from_slice(&padded).expect("a P-256 scalar");
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    secret
+        .public_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .to_vec()
+}
+
+/// Attack (a): unwrap as a non-sensitive generic secret, then read `CKA_VALUE`.
+fn attack_a(session: &Session, master: ObjectHandle, blob: &[u8]) -> Result<Vec<u8>, RvError> {
+    let key = session
+        .unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            master,
+            blob,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Token(false),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+            ],
+        )
+        .map_err(rv)?;
+    let value = match &session
+        .get_attributes(key, &[AttributeType::Value])
+        .unwrap()[..]
+    {
+        [Attribute::Value(value)] => value.clone(),
+        other => panic!("CKA_VALUE not readable: {other:?}"),
+    };
+    session.destroy_object(key).unwrap();
+    Ok(value)
+}
+
+/// Attack (b): unwrap as an extractable EC private key, wrap it under an AES key whose value
+/// the attacker chose, and open that blob (the attacker's key has no unwrap template).
+fn attack_b(session: &Session, master: ObjectHandle, blob: &[u8]) -> Result<Vec<u8>, RvError> {
+    let key = session
+        .unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            master,
+            blob,
+            &[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::KeyType(KeyType::EC),
+                Attribute::Token(false),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(true),
+            ],
+        )
+        .map_err(rv)?;
+    let attacker = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Value(vec![0x42; 32]),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+        ])
+        .unwrap();
+    let rewrapped = session
+        .wrap_key(&Mechanism::AesKeyWrapPad, attacker, key)
+        .expect("re-wrap under the attacker's key");
+    // With the blob and the known key, the attacker has the key; open it on the token to
+    // show it.
+    let value = attack_a(session, attacker, &rewrapped).expect("the attacker's key opens it");
+    session.destroy_object(attacker).unwrap();
+    session.destroy_object(key).unwrap();
+    Ok(value)
+}
+
+fn rv(error: CryptokiError) -> RvError {
+    match error {
+        CryptokiError::Pkcs11(rv, _) => rv,
+        other => panic!("not a PKCS#11 error: {other}"),
+    }
+}
+
+fn session_objects(session: &Session) -> usize {
+    session
+        .find_objects(&[Attribute::Token(false)])
+        .unwrap()
+        .len()
+}
+
+async fn token_with(hazard: Option<MasterKeyHazard>) -> SoftHsmToken {
+    blocking(move || match hazard {
+        None => SoftHsmToken::create(),
+        Some(MasterKeyHazard::NoUnwrapTemplate) => {
+            SoftHsmToken::create_with_unprotected_master_key()
+        }
+        Some(hazard) => SoftHsmToken::create_with_hazardous_master_key(hazard),
+    })
+    .await
+    .expect("SoftHSMv2 token")
+}
+
+async fn self_test(token: &SoftHsmToken) -> SelfTestReport {
+    let token = token.clone();
+    blocking(move || {
+        let hsm = token.open_hsm(1).expect("open");
+        let report = hsm.master_key_self_test().expect("self-test runs");
+        // Every object the self-test made is gone, whatever it found.
+        assert_eq!(session_objects(&raw_session(&token)), 0, "objects left");
+        report
+    })
+    .await
+}
+
+fn outcome(report: &SelfTestReport, attack: Attack) -> AttackOutcome {
+    report
+        .attacks
+        .iter()
+        .find(|r| r.attack == attack)
+        .expect("attack attempted")
+        .outcome
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attack_a_reads_the_plaintext_key_under_an_unprotected_master_key() {
+    // Tried: unwrap a stored blob as a non-sensitive CKK_GENERIC_SECRET and read CKA_VALUE;
+    // the value's scalar must give the wrapped key's public point.
+    let token = token_with(Some(MasterKeyHazard::NoUnwrapTemplate)).await;
+    blocking(move || {
+        let session = raw_session(&token);
+        let master = master(&session, &token);
+        let (blob, point) = stored_blob(&session, master);
+        let pkcs8 = attack_a(&session, master, &blob).expect("attack (a) works on this key");
+        assert_eq!(public_point_of_pkcs8(&pkcs8), point);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attack_a_is_refused_by_the_provisioned_master_key() {
+    // Tried: the same unwrap against the key `create_master_key` makes.
+    let token = token_with(None).await;
+    blocking(move || {
+        let session = raw_session(&token);
+        let master = master(&session, &token);
+        let (blob, _) = stored_blob(&session, master);
+        assert_eq!(
+            attack_a(&session, master, &blob).unwrap_err(),
+            RvError::TemplateInconsistent
+        );
+        assert_eq!(session_objects(&session), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attack_b_rewraps_the_key_under_a_known_key_with_an_unprotected_master_key() {
+    // Tried: unwrap as an extractable EC key, wrap it under an AES key of a chosen value, and
+    // open that; the recovered scalar must give the wrapped key's public point.
+    let token = token_with(Some(MasterKeyHazard::NoUnwrapTemplate)).await;
+    blocking(move || {
+        let session = raw_session(&token);
+        let master = master(&session, &token);
+        let (blob, point) = stored_blob(&session, master);
+        let pkcs8 = attack_b(&session, master, &blob).expect("attack (b) works on this key");
+        assert_eq!(public_point_of_pkcs8(&pkcs8), point);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attack_b_is_refused_by_the_provisioned_master_key() {
+    // Tried: unwrap as an extractable (but sensitive) EC private key under the provisioned key.
+    let token = token_with(None).await;
+    blocking(move || {
+        let session = raw_session(&token);
+        let master = master(&session, &token);
+        let (blob, _) = stored_blob(&session, master);
+        assert_eq!(
+            attack_b(&session, master, &blob).unwrap_err(),
+            RvError::TemplateInconsistent
+        );
+        assert_eq!(session_objects(&session), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_self_test_reports_both_attacks_on_an_unprotected_master_key() {
+    // Tried: the self-test against a key without CKA_UNWRAP_TEMPLATE.
+    let token = token_with(Some(MasterKeyHazard::NoUnwrapTemplate)).await;
+    let report = self_test(&token).await;
+    assert!(!report.is_safe(), "{report}");
+    assert!(report.has(FindingKind::ReadableSecretUnwrap), "{report}");
+    assert!(report.has(FindingKind::ExtractableUnwrap), "{report}");
+    assert_eq!(
+        outcome(&report, Attack::ReadableSecret),
+        AttackOutcome::Succeeded {
+            rewrapped_or_read: true
+        }
+    );
+    assert_eq!(
+        outcome(&report, Attack::ExtractableRewrap),
+        AttackOutcome::Succeeded {
+            rewrapped_or_read: true
+        }
+    );
+    // Only the attacks: the attributes are otherwise as provisioned.
+    assert_eq!(report.unsafe_findings().count(), 2, "{report}");
+    let error = report.require_safe().unwrap_err();
+    assert!(error.is_unsafe_master_key() && !error.is_retryable());
+    let message = error.to_string();
+    assert!(message.contains("attack a succeeded"), "{message}");
+    assert!(
+        message.contains("hsm-driver master-key create"),
+        "{message}"
+    );
+    assert!(message.contains("docs/key-ceremony.md"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_self_test_passes_the_provisioned_master_keys() {
+    // Tried: the self-test against a generated key (create_master_key) and an imported one
+    // (import_master_key); both attacks must be refused with CKR_TEMPLATE_INCONSISTENT.
+    let generated = token_with(None).await;
+    let imported = blocking(|| SoftHsmToken::create_with_master_key([7; 32]))
+        .await
+        .unwrap();
+    for (token, kind) in [(generated, "generated"), (imported, "imported")] {
+        let report = self_test(&token).await;
+        assert!(report.is_safe(), "{kind}: {report}");
+        for attack in [Attack::ReadableSecret, Attack::ExtractableRewrap] {
+            assert_eq!(
+                outcome(&report, attack),
+                AttackOutcome::Refused {
+                    return_value: RvError::TemplateInconsistent
+                },
+                "{kind}"
+            );
+        }
+        assert!(
+            report
+                .findings
+                .iter()
+                .all(|f| f.severity == Severity::Advisory),
+            "{kind}: {:?}",
+            report.findings
+        );
+        if kind == "generated" {
+            assert!(report.findings.is_empty(), "{:?}", report.findings);
+        } else {
+            // SoftHSMv2 marks an imported key never-extractable/always-sensitive = false:
+            // reported, as advice only.
+            assert!(
+                report.has(FindingKind::WasExtractable),
+                "{:?}",
+                report.findings
+            );
+            assert!(
+                report.has(FindingKind::WasNotSensitive),
+                "{:?}",
+                report.findings
+            );
+        }
+        assert!(report.require_safe().is_ok());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_self_test_reports_a_master_key_that_also_encrypts() {
+    // Tried: the self-test against a key with the unwrap template but CKA_ENCRYPT=true.
+    let token = token_with(Some(MasterKeyHazard::AlsoEncrypts)).await;
+    let report = self_test(&token).await;
+    assert!(!report.is_safe());
+    assert!(report.has(FindingKind::ExtraUsage {
+        attribute: "CKA_ENCRYPT"
+    }));
+    assert_eq!(report.unsafe_findings().count(), 1, "{report}");
+    assert!(report.to_string().contains("CKA_ENCRYPT=true"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_self_test_reports_an_extractable_master_key() {
+    // Tried: the self-test against a key with the unwrap template but CKA_EXTRACTABLE=true.
+    let token = token_with(Some(MasterKeyHazard::Extractable)).await;
+    let report = self_test(&token).await;
+    assert!(!report.is_safe());
+    assert!(report.has(FindingKind::Extractable), "{report}");
+    assert!(
+        report.to_string().contains("CKA_EXTRACTABLE=true"),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_driver_generates_and_signs_under_the_protected_master_key() {
+    // Tried: the driver's own unwrap template satisfies CKA_UNWRAP_TEMPLATE (generate, sign).
+    let token = token_with(None).await;
+    let hsm = blocking(move || token.open_hsm(1)).await.unwrap();
+    for scheme in [KeyScheme::EcdsaSecp256k1, KeyScheme::EcdsaP256] {
+        let key = hsm.generate_key(scheme).await.unwrap();
+        hsm.sign(SignRequest {
+            scheme,
+            public_key: key.public_key,
+            wrapped: key.wrapped,
+            payload: SignPayload::Digest(Sha256::digest(b"protected").into()),
+        })
+        .await
+        .expect("sign under the protected master key");
+    }
+}

@@ -25,6 +25,8 @@ pub struct DeploymentOptions {
     pub workers: usize,
     /// The simulator's lease duration, in seconds.
     pub lease_secs: u64,
+    /// The driver's log filter (`[log] level`).
+    pub log_level: String,
 }
 
 impl DeploymentOptions {
@@ -37,6 +39,7 @@ impl DeploymentOptions {
             database_url: None,
             workers: 2,
             lease_secs: 30,
+            log_level: "info".to_owned(),
         }
     }
 }
@@ -148,7 +151,11 @@ master_key_label = "hsm-driver-master-key"
 
 [database]
 url = "{database_url}"
+
+[log]
+level = "{log_level}"
 "#,
+                log_level = options.log_level,
                 workers = options.workers,
                 module = options.softhsm_module.display(),
                 label = token.label,
@@ -214,6 +221,19 @@ url = "{database_url}"
             );
         }
         Ok(())
+    }
+
+    /// The driver's whole log so far.
+    pub fn driver_log(&self) -> String {
+        std::fs::read_to_string(self.options.work_dir.join("driver.log")).unwrap_or_default()
+    }
+
+    /// The user PIN of this deployment's token (for tests that prove it never leaks).
+    pub fn user_pin(&self) -> String {
+        std::fs::read_to_string(&self.token.pin_file)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
     }
 
     /// The end of the driver's log.

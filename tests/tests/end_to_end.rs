@@ -282,3 +282,50 @@ async fn a_driver_with_another_master_key_refuses_to_start_and_audit_tampering_i
     );
     assert!(text.contains("AUDIT LEDGER BROKEN"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pin_never_appears_in_logs_output_or_the_database_even_at_trace_level() {
+    let work = tempfile_dir::Dir::new("secrets");
+    let mut options = options(&work);
+    // Tried: the most verbose logging of every crate, a demo-sized workload, check and audit.
+    options.log_level = "trace".to_owned();
+    let deployment = Deployment::start(options).await.unwrap();
+    Workload::mixed(20, 200)
+        .run(deployment.app())
+        .await
+        .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
+    let (_, check) = deployment.check().await.unwrap();
+    let (_, audit) = deployment.audit_verify().await.unwrap();
+    let pin = deployment.user_pin();
+    assert!(
+        pin.len() >= 8,
+        "the harness PIN is long enough to be unambiguous"
+    );
+    deployment.stop().await.unwrap();
+
+    let log = std::fs::read_to_string(work.path().join("driver.log")).unwrap();
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "the log really was verbose"
+    );
+    for (what, text) in [
+        ("driver log", &log),
+        ("check output", &check),
+        ("audit output", &audit),
+    ] {
+        assert!(!text.contains(&pin), "the PIN appears in the {what}");
+    }
+    // Every column of every table, as stored: the database files' raw bytes.
+    let mut stored = 0;
+    for suffix in ["", "-wal"] {
+        let Ok(bytes) = std::fs::read(work.path().join(format!("keys.db{suffix}"))) else {
+            continue;
+        };
+        stored += bytes.len();
+        assert!(
+            !bytes.windows(pin.len()).any(|w| w == pin.as_bytes()),
+            "the PIN appears in the database file keys.db{suffix}"
+        );
+    }
+    assert!(stored > 0, "the database was read");
+}

@@ -329,3 +329,62 @@ async fn the_pin_never_appears_in_logs_output_or_the_database_even_at_trace_leve
     }
     assert!(stored > 0, "the database was read");
 }
+
+#[test]
+fn a_driver_refuses_to_start_on_a_master_key_that_lets_keys_be_extracted() {
+    use secrecy::ExposeSecret;
+    // Tried: a token whose master key has wrap/unwrap only, without CKA_UNWRAP_TEMPLATE (as a
+    // hand-made or older key would be): the self-test's extraction attacks succeed on it.
+    let token = hsm_pkcs11::softhsm::SoftHsmToken::create_with_unprotected_master_key()
+        .expect("a SoftHSMv2 token with an unprotected master key");
+    let work = tempfile_dir::Dir::new("unsafe-master");
+    let pin = work.path().join("pin");
+    std::fs::write(&pin, token.user_pin().expose_secret()).unwrap();
+    let write_config = |escape_hatch: bool| {
+        let path = work.path().join("hsm-driver.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[driver]\nid = \"d\"\n[api]\nurl = \"https://127.0.0.1:9\"\nca_bundle = \"ca.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c.key\"\n\
+                 [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\nuser_pin_file = \"pin\"\nmaster_key_label = \"{}\"\ndangerous_allow_unsafe_master_key = {escape_hatch}\n\
+                 [database]\nurl = \"sqlite://keys.db\"\n",
+                softhsm_module_path().unwrap().display(),
+                token.label(),
+                token.master_key_label(),
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let conf = hsm_pkcs11::softhsm::SoftHsmToken::conf_path().unwrap();
+    let run = |config: &std::path::Path, command: &str| {
+        std::process::Command::new(bin_dir().join("hsm-driver"))
+            .arg("--config")
+            .arg(config)
+            .arg(command)
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .unwrap()
+    };
+
+    let output = run(&write_config(false), "run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "run must refuse:\n{stderr}");
+    assert!(stderr.contains("refusing to start"), "{stderr}");
+    assert!(
+        stderr.contains("master-key create"),
+        "and say how to fix it: {stderr}"
+    );
+
+    let output = run(&write_config(false), "check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("[FAIL] master key self-test"), "{stdout}");
+
+    // The development escape hatch is explicit and loud: check warns, it does not pass silently.
+    let output = run(&write_config(true), "check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("[warn] master key self-test: UNSAFE"),
+        "{stdout}"
+    );
+}

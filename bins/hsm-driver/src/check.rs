@@ -129,6 +129,20 @@ async fn check_pkcs11(config: &Config, report: &mut Report) {
             master.label, master.fingerprint
         ),
     );
+    let hsm = match wiring::master_key_self_test(hsm, config).await {
+        Ok((hsm, self_test)) if self_test.is_safe() => {
+            report.ok("master key self-test", &self_test);
+            hsm
+        }
+        Ok((hsm, self_test)) => {
+            report.warn(
+                "master key self-test",
+                format_args!("UNSAFE, accepted only because hsm.dangerous_allow_unsafe_master_key = true: {self_test}"),
+            );
+            hsm
+        }
+        Err(e) => return report.fail("master key self-test", &e),
+    };
     for (scheme, support) in &hsm.capabilities().schemes {
         match support {
             SchemeSupport::Supported => report.ok(

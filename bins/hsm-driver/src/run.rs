@@ -12,6 +12,26 @@ use crate::{secrets, wiring};
 
 /// The service: wire everything, lease until SIGTERM/SIGINT, finish in-flight work, return.
 pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
+    // The HSM first: an unsafe master key stops everything before the database is touched.
+    match config.hsm.kind {
+        HsmKind::Pkcs11 => {
+            let module = wiring::pkcs11_module(config).await?;
+            let hsm = wiring::pkcs11_hsm(&module, config).await?;
+            let (hsm, report) = wiring::master_key_self_test(hsm, config).await?;
+            info!(%report, "master key self-test");
+            serve(config, hsm).await
+        }
+        HsmKind::Fake => {
+            warn!(
+                "hsm.kind = \"fake\": keys are generated and wrapped IN SOFTWARE by a test fake. \
+                 Never use this configuration for keys of value."
+            );
+            serve(config, FakeHsm::new()).await
+        }
+    }
+}
+
+async fn serve<H: Hsm>(config: &Config, hsm: H) -> anyhow::Result<()> {
     let store = wiring::key_store(config).await?;
     if config.database.migrate_on_start {
         let applied = wiring::migrate(&store).await?;
@@ -19,29 +39,7 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
             info!(?applied, "database migrations applied");
         }
     }
-    let source = wiring::api_client(config)?;
-    match config.hsm.kind {
-        HsmKind::Pkcs11 => {
-            let module = wiring::pkcs11_module(config).await?;
-            let hsm = wiring::pkcs11_hsm(&module, config).await?;
-            serve(config, source, hsm, store).await
-        }
-        HsmKind::Fake => {
-            warn!(
-                "hsm.kind = \"fake\": keys are generated and wrapped IN SOFTWARE by a test fake. \
-                 Never use this configuration for keys of value."
-            );
-            serve(config, source, FakeHsm::new(), store).await
-        }
-    }
-}
-
-async fn serve<H: Hsm>(
-    config: &Config,
-    source: HttpJobSource,
-    hsm: H,
-    store: DieselKeyStore,
-) -> anyhow::Result<()> {
+    let source: HttpJobSource = wiring::api_client(config)?;
     let master = hsm.master_key();
     info!(label = %master.label, fingerprint = %master.fingerprint, "master key");
     // The first driver records the deployment's master key; every later one must match it.

@@ -70,6 +70,7 @@ mod tests {
             master_key_label: "m".to_owned(),
             wrap_mechanism: "aes-key-wrap-pad".to_owned(),
             sessions: None,
+            dangerous_allow_unsafe_master_key: false,
         }
     }
 

@@ -98,3 +98,33 @@ pub(crate) async fn pkcs11_hsm(
         .context("PKCS#11 open task")?
         .with_context(|| format!("opening token `{label}`"))
 }
+
+/// Runs the master-key self-test (attribute checks and both extraction attacks against a
+/// canary) and refuses an unsafe key unless the development escape hatch is set.
+pub(crate) async fn master_key_self_test(
+    hsm: Pkcs11Hsm,
+    config: &Config,
+) -> anyhow::Result<(Pkcs11Hsm, hsm_pkcs11::SelfTestReport)> {
+    let (hsm, report) = tokio::task::spawn_blocking(move || {
+        let report = hsm.master_key_self_test();
+        (hsm, report)
+    })
+    .await
+    .context("master key self-test task")?;
+    let report = report.context("running the master key self-test")?;
+    if !report.is_safe() {
+        if config.hsm.dangerous_allow_unsafe_master_key {
+            tracing::error!(
+                report = %report,
+                "UNSAFE MASTER KEY ACCEPTED because hsm.dangerous_allow_unsafe_master_key = true: \
+                 wrapped keys in the database can be extracted by anyone holding the PIN. \
+                 Development only."
+            );
+        } else {
+            anyhow::bail!(
+                "refusing to start: {report}\n(to override for development only, set hsm.dangerous_allow_unsafe_master_key = true)"
+            );
+        }
+    }
+    Ok((hsm, report))
+}

@@ -388,3 +388,107 @@ fn a_driver_refuses_to_start_on_a_master_key_that_lets_keys_be_extracted() {
         "{stdout}"
     );
 }
+
+/// Runs SQL against a deployment's database (SQLite file or PostgreSQL URL).
+fn tamper(database_url: &str, sql: &str) -> usize {
+    use diesel::{Connection, RunQueryDsl};
+    match database_url.strip_prefix("sqlite://") {
+        Some(path) => {
+            let mut conn = diesel::SqliteConnection::establish(path).unwrap();
+            diesel::sql_query(sql).execute(&mut conn).unwrap()
+        }
+        None => {
+            let mut conn = diesel::PgConnection::establish(database_url).unwrap();
+            diesel::sql_query(sql).execute(&mut conn).unwrap()
+        }
+    }
+}
+
+async fn swapped_record_is_refused(options: DeploymentOptions, database_url: String) {
+    let mut deployment = Deployment::start(options).await.unwrap();
+    let summary = Workload::mixed(4, 4)
+        .run(deployment.app())
+        .await
+        .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
+    let (a, b) = (&summary.keys[0], &summary.keys[1]);
+    assert_eq!(a.curve, b.curve);
+    // Tried: key A's public key and wrapped blob copied into key B's row, in the real database.
+    let changed = tamper(
+        &database_url,
+        &format!(
+            "UPDATE wrapped_keys SET public_key = (SELECT public_key FROM wrapped_keys WHERE key_id = '{a}'), \
+             wrapped_key = (SELECT wrapped_key FROM wrapped_keys WHERE key_id = '{a}') WHERE key_id = '{b}'",
+            a = a.id,
+            b = b.id
+        ),
+    );
+    assert_eq!(changed, 1);
+    let request = deployment
+        .app()
+        .request_signature_hash(&b.id, &[7; 32])
+        .await
+        .unwrap();
+    let view = deployment
+        .app()
+        .wait_signature(&b.id, &request.id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(view.status, "Failed", "{view:?}");
+    assert!(
+        view.signature.is_none(),
+        "no signature leaves the driver: {view:?}"
+    );
+    let reason = view.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("failed its integrity check"),
+        "a tamper error: {reason}"
+    );
+    // Tried: a field outside the MAC changed in key A's row.
+    tamper(
+        &database_url,
+        &format!(
+            "UPDATE wrapped_keys SET created_by = 'someone-else' WHERE key_id = '{}'",
+            a.id
+        ),
+    );
+    deployment.ensure_running().unwrap();
+    let log = deployment.driver_log();
+    assert!(
+        log.contains("TAMPER"),
+        "the event is logged:\n{}",
+        deployment.driver_log_tail()
+    );
+    // Fields outside the MAC (who created the record) do not stop key A from signing.
+    let request = deployment
+        .app()
+        .request_signature_hash(&a.id, &[8; 32])
+        .await
+        .unwrap();
+    let view = deployment
+        .app()
+        .wait_signature(&a.id, &request.id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(view.status, "Signed", "{view:?}");
+    deployment.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_swapped_in_sqlite_is_refused_as_tampered() {
+    let work = tempfile_dir::Dir::new("tamper-sqlite");
+    let url = format!("sqlite://{}", work.path().join("keys.db").display());
+    swapped_record_is_refused(options(&work), url).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_swapped_in_postgresql_is_refused_as_tampered() {
+    let Some(db) = wrapped_keystore::testing::PgTestDatabase::create_or_skip()
+        .expect("creating a test database")
+    else {
+        return;
+    };
+    let work = tempfile_dir::Dir::new("tamper-postgres");
+    let mut options = options(&work);
+    options.database_url = Some(db.url().to_owned());
+    swapped_record_is_refused(options, db.url().to_owned()).await;
+}

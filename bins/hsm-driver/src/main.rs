@@ -71,6 +71,10 @@ enum MasterKeyCommand {
         #[arg(long)]
         label: Option<String>,
     },
+    /// Add the record-MAC key (`<master label>-mac`) to a token whose master key was created
+    /// before key records were MACed. Tokens sharing a master key must share this key too:
+    /// create it on one and clone it with the vendor's tools (docs/key-ceremony.md).
+    CreateMacKey,
 }
 
 fn main() -> ExitCode {
@@ -102,6 +106,9 @@ fn main() -> ExitCode {
             Command::MasterKey {
                 command: MasterKeyCommand::Create { label },
             } => run::create_master_key(&config, label).await.map(|()| true),
+            Command::MasterKey {
+                command: MasterKeyCommand::CreateMacKey,
+            } => run::create_mac_key(&config).await.map(|()| true),
             Command::Audit {
                 command: AuditCommand::Verify,
             } => run::audit_verify(&config).await,

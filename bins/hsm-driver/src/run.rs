@@ -132,7 +132,36 @@ pub(crate) async fn create_master_key(
     .context("master key task")?
     .with_context(|| format!("creating master key `{label}` on token `{token}`"))?;
     println!(
-        "master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only)"
+        "master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only, CKA_UNWRAP_TEMPLATE set), with its record-MAC key `{}`",
+        hsm_pkcs11::record_mac_key_label(&label)
+    );
+    Ok(())
+}
+
+/// `master-key create-mac-key`.
+pub(crate) async fn create_mac_key(config: &Config) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.hsm.kind == HsmKind::Pkcs11,
+        "master-key create-mac-key needs hsm.kind = \"pkcs11\""
+    );
+    let module = wiring::pkcs11_module(config).await?;
+    let token = config
+        .hsm
+        .token_label
+        .clone()
+        .context("hsm.token_label: required")?;
+    let pin = secrets::user_pin(&config.hsm)?;
+    let master = config.hsm.master_key_label.clone();
+    let (token_for_task, master_for_task) = (token.clone(), master.clone());
+    tokio::task::spawn_blocking(move || {
+        hsm_pkcs11::create_mac_key(&module, &token_for_task, &pin, &master_for_task)
+    })
+    .await
+    .context("MAC key task")?
+    .with_context(|| format!("creating the record-MAC key for `{master}` on token `{token}`"))?;
+    println!(
+        "record-MAC key `{}` created on token `{token}` (HMAC-SHA256, sensitive, not extractable, sign/verify only)",
+        hsm_pkcs11::record_mac_key_label(&master)
     );
     Ok(())
 }

@@ -62,6 +62,17 @@ pub enum JobError {
         /// What is wrong.
         reason: String,
     },
+    /// A stored record failed its HSM-computed integrity check: altered, swapped between key
+    /// ids, or not written by this deployment's HSM. Nothing was unwrapped or signed.
+    #[error(
+        "key record {key_id} failed its integrity check ({reason}): it was altered, swapped or not written by this deployment's HSM"
+    )]
+    RecordTampered {
+        /// The key id.
+        key_id: String,
+        /// What failed.
+        reason: &'static str,
+    },
     /// A signature did not verify against the stored public key; it was not reported.
     #[error("signature for key {key_id} does not verify against the stored public key")]
     SignatureRejected {
@@ -103,7 +114,9 @@ impl JobError {
             JobError::MasterKeyMismatch { .. }
             | JobError::SignatureRejected { .. }
             | JobError::Hsm(_) => FailureCode::HsmError,
-            JobError::CorruptRecord { .. } | JobError::Store(_) => FailureCode::StoreError,
+            JobError::CorruptRecord { .. }
+            | JobError::RecordTampered { .. }
+            | JobError::Store(_) => FailureCode::StoreError,
         }
     }
 
@@ -119,6 +132,7 @@ impl JobError {
             | JobError::UnknownKey { .. }
             | JobError::UnsupportedScheme { .. }
             | JobError::CorruptRecord { .. }
+            | JobError::RecordTampered { .. }
             | JobError::SignatureRejected { .. } => false,
         }
     }

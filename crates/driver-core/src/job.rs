@@ -9,7 +9,7 @@ use dfns_api_client::protocol::{
 };
 use hsm_pkcs11::{Hsm, KeyScheme, SignPayload, SignRequest, Signature, WrapMechanism, WrappedKey};
 use sha2::{Digest, Sha256};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 use wrapped_keystore::{AuditEntry, AuditKind, KeyRecord, KeyStore};
 
 use crate::engine::Parts;
@@ -124,7 +124,7 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
 ) -> Result<JobResult, JobError> {
     let key_scheme = key_scheme(scheme, curve)?;
     if let Some(existing) = parts.store.get(key_id.as_str()).await? {
-        return stored_public_key(existing, key_scheme);
+        return stored_public_key(parts, existing, key_scheme).await;
     }
     if !parts.hsm.capabilities().supports(key_scheme) {
         let reason = match parts.hsm.capabilities().schemes.get(&key_scheme) {
@@ -138,7 +138,7 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     }
 
     let generated = parts.hsm.generate_key(key_scheme).await?;
-    let record = KeyRecord {
+    let mut record = KeyRecord {
         key_id: key_id.as_str().to_owned(),
         scheme: key_scheme.as_str().to_owned(),
         curve: curve.as_str().to_owned(),
@@ -148,7 +148,15 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
         master_key_fingerprint: parts.hsm.master_key().fingerprint.clone(),
         created_at_ms: now_ms(),
         created_by: parts.config.driver_id.clone(),
+        record_mac: Vec::new(),
     };
+    // Computed inside the HSM with a non-extractable key: a record altered or swapped in the
+    // database no longer matches it.
+    record.record_mac = parts
+        .hsm
+        .mac_record(record_mac_input(&record))
+        .await?
+        .to_vec();
     // The key record and its audit entry are written in one transaction.
     let audit = AuditEntry {
         job_id: job_id.to_string(),
@@ -173,13 +181,18 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
                     .ok_or_else(|| JobError::UnknownKey {
                         key_id: key_id.to_string(),
                     })?;
-            stored_public_key(existing, key_scheme)
+            stored_public_key(parts, existing, key_scheme).await
         }
         Err(e) => Err(e.into()),
     }
 }
 
-fn stored_public_key(record: KeyRecord, expected: KeyScheme) -> Result<JobResult, JobError> {
+async fn stored_public_key<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: &Parts<S, H, K>,
+    record: KeyRecord,
+    expected: KeyScheme,
+) -> Result<JobResult, JobError> {
+    check_record_mac(parts, &record).await?;
     if record.scheme != expected.as_str() {
         return Err(JobError::BadPayload(format!(
             "key {} already exists with scheme {}, not {}",
@@ -222,6 +235,8 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
             ours: ours.clone(),
         });
     }
+    // Before anything is unwrapped: the record is the one this deployment's HSM wrote.
+    check_record_mac(parts, &record).await?;
     let payload = sign_payload(scheme, payload)?;
 
     let request = SignRequest {
@@ -262,6 +277,52 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
         })
         .await?;
     Ok(JobResult::Signature(result))
+}
+
+/// The bytes the record MAC covers: every field that identifies the key.
+fn record_mac_input(record: &KeyRecord) -> Vec<u8> {
+    hsm_pkcs11::record_mac_message(
+        &record.key_id,
+        &record.scheme,
+        &record.curve,
+        &record.public_key,
+        &record.wrapped_key,
+        &record.wrap_mechanism,
+        &record.master_key_fingerprint,
+    )
+}
+
+/// Checks a stored record's MAC in the HSM. A missing or wrong MAC is a tamper event: logged
+/// as an error and the job fails without touching the key.
+async fn check_record_mac<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: &Parts<S, H, K>,
+    record: &KeyRecord,
+) -> Result<(), JobError> {
+    let tampered = |reason: &'static str| {
+        error!(
+            key_id = %record.key_id,
+            reason,
+            "TAMPER: key record failed its integrity check; refusing to use it"
+        );
+        JobError::RecordTampered {
+            key_id: record.key_id.clone(),
+            reason,
+        }
+    };
+    let Ok(mac) = <[u8; 32]>::try_from(record.record_mac.as_slice()) else {
+        return Err(tampered("the record has no valid MAC"));
+    };
+    match parts
+        .hsm
+        .verify_record_mac(record_mac_input(record), mac)
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_record_tampered() => {
+            Err(tampered("the MAC does not match the record's fields"))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn key_scheme(scheme: Scheme, curve: Curve) -> Result<KeyScheme, JobError> {

@@ -76,6 +76,28 @@ pub enum HsmError {
         label: String,
     },
 
+    /// The token has a master key but no record MAC key (provisioned by an older version):
+    /// provision one with [`create_mac_key`](crate::create_mac_key) (or, for tokens that share
+    /// an imported master key, [`import_mac_key`](crate::import_mac_key) with the same value on
+    /// every token).
+    #[error(
+        "no record MAC key labelled `{label}` on the token (provisioned before key records were \
+         MACed): provision it with `create_mac_key`, or `import_mac_key` with the imported \
+         master key value on every token that shares it"
+    )]
+    MacKeyNotFound {
+        /// The `CKA_LABEL` looked for (`<master key label>-mac`).
+        label: String,
+    },
+
+    /// A key record's MAC does not verify: a field of the record was altered, or the record
+    /// (its blob and public key) was copied from another key id. Never retry; never sign with
+    /// the record.
+    #[error(
+        "the key record's MAC does not verify: the record was altered or belongs to another key"
+    )]
+    RecordTampered,
+
     /// A key with this label already exists; provisioning refuses to create a second one.
     #[error("a key labelled `{label}` already exists on the token")]
     MasterKeyExists {
@@ -143,7 +165,9 @@ impl HsmError {
             | HsmError::UnwrapFailed { .. }
             | HsmError::VerificationFailed { .. }
             | HsmError::InvalidPublicKey { .. }
+            | HsmError::RecordTampered
             | HsmError::MasterKeyNotFound { .. }
+            | HsmError::MacKeyNotFound { .. }
             | HsmError::MasterKeyExists { .. }
             | HsmError::TokenNotFound { .. }
             | HsmError::Config { .. }
@@ -167,12 +191,19 @@ impl HsmError {
         matches!(self, HsmError::InvalidPayload { .. })
     }
 
-    /// Whether the stored key record is bad: the blob does not unwrap, the signature does not
-    /// verify against the stored public key, or the public key does not decode.
+    /// Whether a key record's MAC did not verify (see [`HsmError::RecordTampered`]).
+    pub fn is_record_tampered(&self) -> bool {
+        matches!(self, HsmError::RecordTampered)
+    }
+
+    /// Whether the stored key record is bad: its MAC does not verify, the blob does not unwrap,
+    /// the signature does not verify against the stored public key, or the public key does not
+    /// decode.
     pub fn is_key_material(&self) -> bool {
         matches!(
             self,
-            HsmError::UnwrapFailed { .. }
+            HsmError::RecordTampered
+                | HsmError::UnwrapFailed { .. }
                 | HsmError::VerificationFailed { .. }
                 | HsmError::InvalidPublicKey { .. }
         )
@@ -283,5 +314,8 @@ mod tests {
         let payload = HsmError::InvalidPayload { reason: "x".into() };
         assert!(payload.is_bad_payload() && !payload.is_retryable());
         assert!(HsmError::WorkerUnavailable.is_retryable());
+        let tampered = HsmError::RecordTampered;
+        assert!(tampered.is_key_material() && tampered.is_record_tampered());
+        assert!(!tampered.is_retryable());
     }
 }

@@ -21,6 +21,7 @@ use crate::hsm::{
     Capabilities, GeneratedKey, Hsm, KeyScheme, MasterKeyInfo, SchemeSupport, SignPayload,
     SignRequest, Signature, WrapMechanism, WrappedKey,
 };
+use crate::record_mac;
 use crate::signature;
 
 const NONCE_LEN: usize = 16;
@@ -39,6 +40,10 @@ const PLAINTEXT_LEN: usize = 33;
 /// [`Pkcs11Hsm`](crate::Pkcs11Hsm)'s.
 pub struct FakeHsm {
     master_secret: Zeroizing<[u8; 32]>,
+    /// The record MAC key, derived from the master secret as
+    /// [`import_master_key`](crate::import_master_key) derives it: a fake and a token given the
+    /// same value compute the same record MACs.
+    mac_key: Zeroizing<[u8; 32]>,
     wrap_mechanism: WrapMechanism,
     capabilities: Capabilities,
     master: MasterKeyInfo,
@@ -62,6 +67,7 @@ impl FakeHsm {
                 .finalize(),
         );
         Self {
+            mac_key: record_mac::derive_mac_key(&master_secret),
             master_secret,
             wrap_mechanism: WrapMechanism::AesKeyWrapPad,
             capabilities: Capabilities {
@@ -313,6 +319,26 @@ impl Hsm for FakeHsm {
     ) -> impl Future<Output = Result<Signature, HsmError>> + Send {
         std::future::ready(self.sign_now(&request))
     }
+
+    fn mac_record(
+        &self,
+        message: Vec<u8>,
+    ) -> impl Future<Output = Result<[u8; 32], HsmError>> + Send {
+        std::future::ready(Ok(record_mac::hmac_sha256(self.mac_key.as_ref(), &message)))
+    }
+
+    fn verify_record_mac(
+        &self,
+        message: Vec<u8>,
+        mac: [u8; 32],
+    ) -> impl Future<Output = Result<(), HsmError>> + Send {
+        let expected = record_mac::hmac_sha256(self.mac_key.as_ref(), &message);
+        std::future::ready(if record_mac::macs_equal(&expected, &mac) {
+            Ok(())
+        } else {
+            Err(HsmError::RecordTampered)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -385,6 +411,27 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    #[tokio::test]
+    async fn record_macs_verify_and_detect_tampering() {
+        let a = FakeHsm::with_master_secret(Zeroizing::new([5; 32]));
+        let b = FakeHsm::with_master_secret(Zeroizing::new([5; 32]));
+        let message = record_mac::record_mac_message("k", "s", "c", &[1], &[2], "m", "f");
+        let mac = a.mac_record(message.clone()).await.unwrap();
+        assert_eq!(b.mac_record(message.clone()).await.unwrap(), mac);
+        b.verify_record_mac(message.clone(), mac).await.unwrap();
+        let moved = record_mac::record_mac_message("k2", "s", "c", &[1], &[2], "m", "f");
+        let e = a.verify_record_mac(moved, mac).await.unwrap_err();
+        assert!(e.is_record_tampered() && e.is_key_material(), "{e}");
+        let other = FakeHsm::new();
+        assert!(
+            other
+                .verify_record_mac(message, mac)
+                .await
+                .unwrap_err()
+                .is_record_tampered()
+        );
     }
 
     #[tokio::test]

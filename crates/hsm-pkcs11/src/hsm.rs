@@ -218,4 +218,28 @@ pub trait Hsm: Send + Sync + 'static {
         &self,
         request: SignRequest,
     ) -> impl Future<Output = Result<Signature, HsmError>> + Send;
+
+    /// Computes the MAC of a key record inside the HSM: `CKM_SHA256_HMAC` over `message`
+    /// (built with [`record_mac_message`](crate::record_mac_message)) under the record MAC key
+    /// provisioned with the master key. HSMs sharing a master key (imported with the same
+    /// value) produce the same MAC.
+    ///
+    /// # Errors
+    /// [`HsmError`]: a device error, or a worker pool that has shut down.
+    fn mac_record(
+        &self,
+        message: Vec<u8>,
+    ) -> impl Future<Output = Result<[u8; 32], HsmError>> + Send;
+
+    /// Checks a key record's MAC inside the HSM (`C_Verify` with `CKM_SHA256_HMAC`).
+    ///
+    /// # Errors
+    /// [`HsmError::RecordTampered`] ([`HsmError::is_key_material`]) when `mac` is not the MAC
+    /// of `message`: the record was altered or belongs to another key id. Other [`HsmError`]s
+    /// for device errors.
+    fn verify_record_mac(
+        &self,
+        message: Vec<u8>,
+        mac: [u8; 32],
+    ) -> impl Future<Output = Result<(), HsmError>> + Send;
 }

@@ -14,6 +14,9 @@
 //! stored public key before it is returned ([`signature`]).
 //!
 //! - [`Hsm`]: the trait driver-core is generic over.
+//! - Tamper-evident key records: [`Hsm::mac_record`] / [`Hsm::verify_record_mac`] compute and
+//!   check, inside the HSM, an HMAC-SHA256 over [`record_mac_message`] with a non-extractable
+//!   key provisioned next to the master key ([`record_mac_key_label`]).
 //! - [`Pkcs11Hsm`]: the real thing, over `cryptoki`;
 //!   [`Pkcs11Hsm::master_key_self_test`] attempts the key-extraction attacks against the
 //!   master key and reports ([`SelfTestReport`]); `docs/key-ceremony.md` explains the master key.
@@ -23,6 +26,7 @@
 mod error;
 mod hsm;
 mod pkcs11;
+pub mod record_mac;
 pub mod signature;
 
 #[cfg(feature = "fake")]
@@ -39,5 +43,7 @@ pub use hsm::{
 };
 pub use pkcs11::{
     Attack, AttackOutcome, AttackRecord, FindingKind, Pkcs11Config, Pkcs11Hsm, Pkcs11Module,
-    SelfTestFinding, SelfTestReport, Severity, TokenReport, create_master_key, import_master_key,
+    SelfTestFinding, SelfTestReport, Severity, TokenReport, create_mac_key, create_master_key,
+    import_mac_key, import_master_key,
 };
+pub use record_mac::{RECORD_MAC_DOMAIN, record_mac_key_label, record_mac_message};

@@ -12,7 +12,7 @@
 //!    [`Pkcs11Module`].
 //!
 //! Every [`SoftHsmToken::create`] then initialises a fresh token with a unique label on a free
-//! slot, sets its user PIN and creates a master key. Tests may create tokens from many threads
+//! slot, sets its user PIN and creates a master key and its record MAC key. Tests may create tokens from many threads
 //! at once.
 //!
 //! ```no_run
@@ -190,7 +190,7 @@ fn module_path() -> Result<PathBuf, HsmError> {
         })
 }
 
-/// A fresh SoftHSMv2 token with a user PIN and an AES-256 master key.
+/// A fresh SoftHSMv2 token with a user PIN, an AES-256 master key and its record MAC key.
 #[derive(Clone)]
 pub struct SoftHsmToken {
     label: String,
@@ -335,6 +335,11 @@ impl SoftHsmToken {
     /// The master key's label.
     pub fn master_key_label(&self) -> &str {
         &self.master_key_label
+    }
+
+    /// The record MAC key's label (`<master key label>-mac`).
+    pub fn mac_key_label(&self) -> String {
+        crate::record_mac::record_mac_key_label(&self.master_key_label)
     }
 
     /// The process-wide module.

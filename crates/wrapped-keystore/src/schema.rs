@@ -25,6 +25,9 @@ diesel::table! {
         created_at_ms -> BigInt,
         /// The driver that created the row.
         created_by -> Text,
+        /// The record's MAC (HMAC-SHA256 in the HSM over its identifying fields); empty for
+        /// rows written before the column existed.
+        record_mac -> Binary,
     }
 }
 
@@ -93,6 +96,7 @@ mod tests {
         String,
         i64,
         String,
+        Vec<u8>,
     );
 
     /// Migrates a fresh database, checks that the table's columns are exactly this module's and
@@ -122,6 +126,7 @@ mod tests {
             "fp".into(),
             i64::MAX,
             "driver-1".into(),
+            (0..32).rev().collect(),
         )];
         with_connection(store, |conn| {
             for (table, declared) in tables() {
@@ -163,6 +168,34 @@ mod tests {
                 stored, expected,
                 "every column round-trips through schema.rs"
             );
+
+            // A row written without a MAC (as before the column existed) reads back empty.
+            let mut old = expected[0].clone();
+            old.0 = "written-before-record-macs".into();
+            let old_mac: Vec<u8> = on_backend!(conn, |c| {
+                use wrapped_keys::*;
+                diesel::insert_into(wrapped_keys::table)
+                    .values((
+                        key_id.eq(old.0.clone()),
+                        scheme.eq(old.1.clone()),
+                        curve.eq(old.2.clone()),
+                        public_key.eq(old.3.clone()),
+                        wrapped_key.eq(old.4.clone()),
+                        wrap_mechanism.eq(old.5.clone()),
+                        master_key_fingerprint.eq(old.6.clone()),
+                        created_at_ms.eq(old.7),
+                        created_by.eq(old.8.clone()),
+                    ))
+                    .execute(c)
+                    .and_then(|_| {
+                        wrapped_keys::table
+                            .find(old.0.clone())
+                            .select(record_mac)
+                            .first(c)
+                    })
+            })
+            .expect("inserting a row without a MAC");
+            assert!(old_mac.is_empty(), "the default MAC is empty");
         });
 
         let reverted =
@@ -199,6 +232,7 @@ mod tests {
                     "master_key_fingerprint",
                     "created_at_ms",
                     "created_by",
+                    "record_mac",
                 ],
             ),
             (
@@ -259,6 +293,7 @@ mod tests {
             diesel::dsl::Eq<wrapped_keys::master_key_fingerprint, String>,
             diesel::dsl::Eq<wrapped_keys::created_at_ms, i64>,
             diesel::dsl::Eq<wrapped_keys::created_by, String>,
+            diesel::dsl::Eq<wrapped_keys::record_mac, Vec<u8>>,
         );
         fn into_values(self) -> Self::Values {
             use wrapped_keys::*;
@@ -272,6 +307,7 @@ mod tests {
                 master_key_fingerprint.eq(self.6),
                 created_at_ms.eq(self.7),
                 created_by.eq(self.8),
+                record_mac.eq(self.9),
             )
         }
     }

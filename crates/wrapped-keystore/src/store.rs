@@ -28,10 +28,16 @@ pub struct KeyRecord {
     pub created_at_ms: i64,
     /// The driver that created it.
     pub created_by: String,
+    /// HMAC-SHA256 of the identifying fields (everything above but `created_at_ms` and
+    /// `created_by`), computed inside the HSM with its non-extractable record MAC key (see
+    /// `hsm_pkcs11::record_mac_message`): 32 bytes for new records, empty for records stored
+    /// before the MAC existed, which the driver refuses as untrusted. Not secret.
+    pub record_mac: Vec<u8>,
 }
 
 impl KeyRecord {
-    /// Whether two records describe the same key (everything but creation time and creator).
+    /// Whether two records describe the same key (everything but creation time and creator;
+    /// the MAC included).
     pub fn same_key_as(&self, other: &KeyRecord) -> bool {
         self.key_id == other.key_id
             && self.scheme == other.scheme
@@ -40,6 +46,7 @@ impl KeyRecord {
             && self.wrapped_key == other.wrapped_key
             && self.wrap_mechanism == other.wrap_mechanism
             && self.master_key_fingerprint == other.master_key_fingerprint
+            && self.record_mac == other.record_mac
     }
 }
 
@@ -58,6 +65,7 @@ impl fmt::Debug for KeyRecord {
             .field("master_key_fingerprint", &self.master_key_fingerprint)
             .field("created_at_ms", &self.created_at_ms)
             .field("created_by", &self.created_by)
+            .field("record_mac", &hex::encode(&self.record_mac))
             .finish()
     }
 }

@@ -117,6 +117,28 @@ mod suite {
         );
     }
 
+    pub(crate) async fn a_different_record_mac_is_a_conflict<S: KeyStore + Clone>(store: S) {
+        let original = record("key-mac", 1);
+        assert_eq!(original.record_mac.len(), 32);
+        insert(&store, original.clone()).await;
+        let mut remaced = original.clone();
+        remaced.record_mac[0] ^= 1;
+        assert!(!remaced.same_key_as(&original));
+        let error = store
+            .insert(remaced)
+            .await
+            .expect_err("the same key under another MAC must not be accepted");
+        assert!(error.is_conflict(), "{error:?}");
+        let mut unmaced = original.clone();
+        unmaced.record_mac.clear();
+        assert!(store.insert(unmaced).await.unwrap_err().is_conflict());
+        assert_eq!(
+            store.get("key-mac").await.expect("get"),
+            Some(original),
+            "the stored MAC is unchanged"
+        );
+    }
+
     pub(crate) async fn unknown_key_is_none<S: KeyStore + Clone>(store: S) {
         insert(&store, record("key-known", 1)).await;
         assert_eq!(
@@ -612,6 +634,7 @@ macro_rules! conformance {
                 insert_then_get_round_trips_every_field,
                 inserting_the_same_key_again_is_idempotent,
                 conflicting_insert_leaves_the_original_untouched,
+                a_different_record_mac_is_a_conflict,
                 unknown_key_is_none,
                 paging_walks_every_record_once_in_order,
                 listing_orders_key_ids_bytewise,

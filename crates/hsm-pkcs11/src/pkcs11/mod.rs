@@ -1,13 +1,14 @@
 //! [`Pkcs11Hsm`]: the [`Hsm`] trait over a PKCS#11 token, through `cryptoki`.
 //!
 //! [`Pkcs11Hsm::open`] finds the token by label, opens and logs in a keep-alive session,
-//! finds the master key, computes its fingerprint, probes every scheme, then starts one worker
+//! finds the master key and the record MAC key, computes its fingerprint, probes every scheme, then starts one worker
 //! thread per configured session. The async [`Hsm`] methods only send a job to the workers
 //! and await the answer.
 
 mod config;
 mod guard;
 mod keys;
+mod mac;
 mod module;
 mod probe;
 mod provision;
@@ -32,7 +33,7 @@ pub use config::Pkcs11Config;
 pub use module::Pkcs11Module;
 #[cfg(feature = "softhsm-fixture")]
 pub(crate) use provision::{PolicyDeviation, generate_master_key};
-pub use provision::{create_master_key, import_master_key};
+pub use provision::{create_mac_key, create_master_key, import_mac_key, import_master_key};
 pub use report::TokenReport;
 pub use self_test::{
     Attack, AttackOutcome, AttackRecord, FindingKind, SelfTestFinding, SelfTestReport, Severity,
@@ -45,6 +46,7 @@ use crate::hsm::{
     Capabilities, GeneratedKey, Hsm, KeyScheme, MasterKeyInfo, SchemeSupport, SignRequest,
     Signature, WrapMechanism,
 };
+use crate::record_mac::record_mac_key_label;
 use worker::{Job, Worker};
 
 /// An [`Hsm`] backed by a PKCS#11 token.
@@ -72,7 +74,9 @@ impl Pkcs11Hsm {
     ///
     /// # Errors
     /// [`HsmError::Config`] for `sessions == 0`; [`HsmError::TokenNotFound`];
-    /// [`HsmError::MasterKeyNotFound`]; [`HsmError::Pkcs11`] naming the failing call
+    /// [`HsmError::MasterKeyNotFound`]; [`HsmError::MacKeyNotFound`] when the master key has no
+    /// record MAC key next to it (provisioned by an older version: see
+    /// [`create_mac_key`]); [`HsmError::Pkcs11`] naming the failing call
     /// (`C_Login` for a wrong PIN, `C_OpenSession`, `C_WrapKey` for the fingerprint...).
     /// A scheme the token cannot serve is not an error: see [`Hsm::capabilities`].
     pub fn open(module: &Pkcs11Module, config: Pkcs11Config) -> Result<Self, HsmError> {
@@ -85,6 +89,8 @@ impl Pkcs11Hsm {
         let slot = token::find_slot(context, &config.token_label)?;
         let keepalive = token::open_user_session(context, slot, &config.user_pin)?;
         let master = token::find_master_key(&keepalive, &config.master_key_label)?;
+        let mac_label = record_mac_key_label(&config.master_key_label);
+        token::find_mac_key(&keepalive, &mac_label)?;
         let fingerprint = keys::fingerprint(&keepalive, master)?;
         let capabilities = probe::probe(&keepalive, master, config.wrap_mechanism);
 
@@ -109,9 +115,11 @@ impl Pkcs11Hsm {
             let session = token::open_user_session(context, slot, &config.user_pin)?;
             // Looked up once per session: a find can be slow on a token with many objects.
             let master = token::find_master_key(&session, &config.master_key_label)?;
+            let mac_key = token::find_mac_key(&session, &mac_label)?;
             let worker = Worker {
                 session,
                 master,
+                mac_key,
                 wrap_mechanism: config.wrap_mechanism,
                 jobs: receiver.clone(),
                 stopping: Arc::clone(&stopping),
@@ -277,6 +285,22 @@ impl Hsm for Pkcs11Hsm {
         let (reply, answer) = oneshot::channel();
         self.submit(Job::Sign {
             request: Box::new(request),
+            reply,
+        })?;
+        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+    }
+
+    async fn mac_record(&self, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Mac { message, reply })?;
+        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+    }
+
+    async fn verify_record_mac(&self, message: Vec<u8>, mac: [u8; 32]) -> Result<(), HsmError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::VerifyMac {
+            message,
+            mac,
             reply,
         })?;
         answer.await.map_err(|_| HsmError::WorkerUnavailable)?

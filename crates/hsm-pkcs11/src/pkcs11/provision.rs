@@ -4,6 +4,13 @@
 //! non-extractable private key (see [`RawTemplate::master_unwrap_template`] and
 //! `docs/key-ceremony.md`).
 //!
+//! Next to it, the record MAC key (label `<master label>-mac`, see
+//! [`crate::record_mac`]): a 256-bit `CKK_GENERIC_SECRET` token object that signs and verifies
+//! with `CKM_SHA256_HMAC` and does nothing else, private, sensitive and non-extractable. An
+//! imported master key brings a MAC key derived from its value, so tokens sharing the master
+//! key share the MAC key. [`create_mac_key`] / [`import_mac_key`] add one to a token
+//! provisioned before key records were MACed.
+//!
 //! Without that template, any logged-in session could unwrap a stored blob as a readable
 //! generic secret (the plaintext PKCS#8 key) or as an extractable key and re-wrap it under a
 //! key it knows. [`super::Pkcs11Hsm::master_key_self_test`] attempts exactly those attacks.
@@ -22,6 +29,7 @@ use super::module::Pkcs11Module;
 use super::raw_template::RawTemplate;
 use super::token;
 use crate::error::HsmError;
+use crate::record_mac::{derive_mac_key, record_mac_key_label};
 
 /// Departures from the master key policy, for the SoftHSMv2 fixture's negative tests only
 /// (a deployment that was provisioned by hand or by an older version). The default is none.
@@ -57,30 +65,94 @@ fn master_key_policy(label: &str, deviation: PolicyDeviation) -> Vec<Attribute> 
     ]
 }
 
-/// Opens a logged-in session on the token and refuses if anything is labelled `label`.
+/// The policy attributes of a record MAC key: a 256-bit generic secret that signs and
+/// verifies (`CKM_SHA256_HMAC`) and nothing else, never leaves the token and cannot be read.
+fn mac_key_policy(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Derive(false),
+        Attribute::Extractable(false),
+        Attribute::Sensitive(true),
+    ]
+}
+
+/// How a record MAC key gets its value.
+enum MacKeyValue<'a> {
+    /// `CKM_GENERIC_SECRET_KEY_GEN` on the token.
+    Generate,
+    /// Derived from an imported master key value (see [`crate::record_mac`]).
+    DerivedFrom(&'a Zeroizing<[u8; 32]>),
+}
+
+/// Creates the record MAC key labelled `label` on `session`.
+fn make_mac_key(
+    session: &cryptoki::session::Session,
+    label: &str,
+    value: MacKeyValue<'_>,
+) -> Result<(), HsmError> {
+    let mut template = mac_key_policy(label);
+    match value {
+        MacKeyValue::Generate => {
+            template.push(Attribute::ValueLen(32.into()));
+            session
+                .generate_key(&Mechanism::GenericSecretKeyGen, &template)
+                .map_err(HsmError::pkcs11("C_GenerateKey"))?;
+        }
+        MacKeyValue::DerivedFrom(master_value) => {
+            let derived = derive_mac_key(master_value);
+            template.push(Attribute::Value(derived.to_vec()));
+            let created = session.create_object(&template);
+            for attribute in template {
+                if let Attribute::Value(mut bytes) = attribute {
+                    bytes.zeroize();
+                }
+            }
+            created.map_err(HsmError::pkcs11("C_CreateObject"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens a logged-in session on the token and refuses if anything is labelled with one of
+/// `labels`.
 fn session_for_new_key(
     module: &Pkcs11Module,
     token_label: &str,
     user_pin: &SecretString,
-    label: &str,
+    labels: &[&str],
 ) -> Result<cryptoki::session::Session, HsmError> {
     let slot = token::find_slot(module.context(), token_label)?;
     let session = token::open_user_session(module.context(), slot, user_pin)?;
-    if !token::find_labelled(&session, label)?.is_empty() {
-        return Err(HsmError::MasterKeyExists {
-            label: label.to_owned(),
-        });
+    for label in labels {
+        if !token::find_labelled(&session, label)?.is_empty() {
+            return Err(HsmError::MasterKeyExists {
+                label: (*label).to_owned(),
+            });
+        }
     }
     Ok(session)
 }
 
 /// Generates the master key on the token (`CKM_AES_KEY_GEN`, 256 bits): a private, sensitive,
 /// non-extractable token object that can wrap and unwrap and nothing else, with a
-/// `CKA_UNWRAP_TEMPLATE` of {class private key, sensitive, non-extractable}. Blocking.
+/// `CKA_UNWRAP_TEMPLATE` of {class private key, sensitive, non-extractable}; and the record
+/// MAC key labelled `<label>-mac` (`CKM_GENERIC_SECRET_KEY_GEN`, 256 bits, HMAC sign and
+/// verify only, private, sensitive, non-extractable). Blocking.
 ///
 /// # Errors
 /// [`HsmError::TokenNotFound`], [`HsmError::MasterKeyExists`] when any object already carries
-/// `label`, or [`HsmError::Pkcs11`] naming the failing call (`C_Login` for a wrong PIN).
+/// `label` or `<label>-mac` (nothing is created then), or [`HsmError::Pkcs11`] naming the
+/// failing call (`C_Login` for a wrong PIN).
 pub fn create_master_key(
     module: &Pkcs11Module,
     token_label: &str,
@@ -104,7 +176,8 @@ pub(crate) fn generate_master_key(
     label: &str,
     deviation: PolicyDeviation,
 ) -> Result<(), HsmError> {
-    let session = session_for_new_key(module, token_label, user_pin, label)?;
+    let mac_label = record_mac_key_label(label);
+    let session = session_for_new_key(module, token_label, user_pin, &[label, &mac_label])?;
     let unwrap_template = RawTemplate::master_unwrap_template();
     let mut template = master_key_policy(label, deviation);
     if !deviation.without_unwrap_template {
@@ -115,14 +188,21 @@ pub(crate) fn generate_master_key(
     session
         .generate_key(&Mechanism::AesKeyGen, &template)
         .map_err(HsmError::pkcs11("C_GenerateKey"))?;
-    tracing::info!(token = token_label, label, "master key created");
+    make_mac_key(&session, &mac_label, MacKeyValue::Generate)?;
+    tracing::info!(
+        token = token_label,
+        label,
+        "master key and record MAC key created"
+    );
     Ok(())
 }
 
 /// Imports a known master key value (`C_CreateObject`) with the same policy as
-/// [`create_master_key`]. For giving several tokens the same master key (tests, or a
-/// documented key ceremony); a key generated on the token is better where it will do.
-/// Blocking.
+/// [`create_master_key`], and the record MAC key labelled `<label>-mac` with a value derived
+/// from `value` (`HMAC-SHA256(value, "hsm-driver/record-mac-key/v1")`, see
+/// [`crate::record_mac`]): tokens given the same value share both keys and produce the same
+/// record MACs. For giving several tokens the same master key (tests, or a documented key
+/// ceremony); a key generated on the token is better where it will do. Blocking.
 ///
 /// # Errors
 /// As [`create_master_key`], with `C_CreateObject` as the failing call.
@@ -133,7 +213,8 @@ pub fn import_master_key(
     label: &str,
     value: &Zeroizing<[u8; 32]>,
 ) -> Result<(), HsmError> {
-    let session = session_for_new_key(module, token_label, user_pin, label)?;
+    let mac_label = record_mac_key_label(label);
+    let session = session_for_new_key(module, token_label, user_pin, &[label, &mac_label])?;
     let unwrap_template = RawTemplate::master_unwrap_template();
     let mut template = master_key_policy(label, PolicyDeviation::default());
     // Alive until after C_CreateObject below: the attribute points into it.
@@ -147,6 +228,62 @@ pub fn import_master_key(
         }
     }
     created.map_err(HsmError::pkcs11("C_CreateObject"))?;
-    tracing::info!(token = token_label, label, "master key imported");
+    make_mac_key(&session, &mac_label, MacKeyValue::DerivedFrom(value))?;
+    tracing::info!(
+        token = token_label,
+        label,
+        "master key and record MAC key imported"
+    );
+    Ok(())
+}
+
+/// Generates the record MAC key (labelled `<master_label>-mac`, the policy of
+/// [`create_master_key`]) on a token whose master key was provisioned before key records were
+/// MACed. For a token that shares an imported master key with others, use
+/// [`import_mac_key`] instead, with the same value on every token, so they share the MAC key.
+/// Blocking.
+///
+/// Records stored before the MAC key existed carry no MAC; the driver refuses them until they
+/// are re-MACed by a deliberate, audited step.
+///
+/// # Errors
+/// [`HsmError::TokenNotFound`]; [`HsmError::MasterKeyNotFound`] when no master key is labelled
+/// `master_label`; [`HsmError::MasterKeyExists`] when `<master_label>-mac` is taken;
+/// [`HsmError::Pkcs11`] naming the failing call.
+pub fn create_mac_key(
+    module: &Pkcs11Module,
+    token_label: &str,
+    user_pin: &SecretString,
+    master_label: &str,
+) -> Result<(), HsmError> {
+    let mac_label = record_mac_key_label(master_label);
+    let session = session_for_new_key(module, token_label, user_pin, &[&mac_label])?;
+    token::find_master_key(&session, master_label)?;
+    make_mac_key(&session, &mac_label, MacKeyValue::Generate)?;
+    tracing::info!(token = token_label, label = %mac_label, "record MAC key created");
+    Ok(())
+}
+
+/// Creates the record MAC key of [`import_master_key`] (derived from `master_value`, the value
+/// the master key labelled `master_label` was imported with) on a token provisioned before
+/// key records were MACed. Blocking.
+///
+/// The value is not checked against the master key on the token (the token cannot tell);
+/// tokens given the same `master_value` produce the same record MACs.
+///
+/// # Errors
+/// As [`create_mac_key`], with `C_CreateObject` as the failing call.
+pub fn import_mac_key(
+    module: &Pkcs11Module,
+    token_label: &str,
+    user_pin: &SecretString,
+    master_label: &str,
+    master_value: &Zeroizing<[u8; 32]>,
+) -> Result<(), HsmError> {
+    let mac_label = record_mac_key_label(master_label);
+    let session = session_for_new_key(module, token_label, user_pin, &[&mac_label])?;
+    token::find_master_key(&session, master_label)?;
+    make_mac_key(&session, &mac_label, MacKeyValue::DerivedFrom(master_value))?;
+    tracing::info!(token = token_label, label = %mac_label, "record MAC key imported");
     Ok(())
 }

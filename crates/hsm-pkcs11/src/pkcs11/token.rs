@@ -1,4 +1,4 @@
-//! Finding a token by label, logging in, and finding the master key.
+//! Finding a token by label, logging in, and finding the master key and the record MAC key.
 
 use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CryptokiError, RvError};
@@ -77,6 +77,30 @@ pub(crate) fn find_master_key(session: &Session, label: &str) -> Result<ObjectHa
         more => Err(HsmError::Config {
             reason: format!(
                 "{} AES keys are labelled `{label}`; the master key label must be unique",
+                more.len()
+            ),
+        }),
+    }
+}
+
+/// The record MAC key (a generic secret) labelled `label`; exactly one must exist.
+pub(crate) fn find_mac_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(HsmError::pkcs11("C_FindObjects"))?;
+    match found.as_slice() {
+        [] => Err(HsmError::MacKeyNotFound {
+            label: label.to_owned(),
+        }),
+        [one] => Ok(*one),
+        more => Err(HsmError::Config {
+            reason: format!(
+                "{} generic secret keys are labelled `{label}`; the record MAC key label must be \
+                 unique",
                 more.len()
             ),
         }),

@@ -1,5 +1,5 @@
 //! The worker pool: dedicated OS threads, each owning one logged-in session and the master
-//! key handle looked up once for it, taking jobs from a channel and answering on a oneshot.
+//! key and record MAC key handles looked up once for it, taking jobs from a channel and answering on a oneshot.
 //! PKCS#11 never runs on an async thread.
 
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use tokio::sync::oneshot;
 
-use super::keys;
+use super::{keys, mac};
 use crate::error::HsmError;
 use crate::hsm::{GeneratedKey, KeyScheme, SignRequest, Signature, WrapMechanism};
 
@@ -27,12 +27,24 @@ pub(crate) enum Job {
         request: Box<SignRequest>,
         reply: oneshot::Sender<Result<Signature, HsmError>>,
     },
+    /// MAC a key record.
+    Mac {
+        message: Vec<u8>,
+        reply: oneshot::Sender<Result<[u8; 32], HsmError>>,
+    },
+    /// Check a key record's MAC.
+    VerifyMac {
+        message: Vec<u8>,
+        mac: [u8; 32],
+        reply: oneshot::Sender<Result<(), HsmError>>,
+    },
 }
 
 /// What a worker thread owns.
 pub(crate) struct Worker {
     pub(crate) session: Session,
     pub(crate) master: ObjectHandle,
+    pub(crate) mac_key: ObjectHandle,
     pub(crate) wrap_mechanism: WrapMechanism,
     pub(crate) jobs: Receiver<Job>,
     /// Set when the pool stops: queued jobs are then dropped (their callers see
@@ -76,6 +88,23 @@ impl Worker {
                         continue;
                     }
                     let result = keys::unwrap_and_sign(&self.session, self.master, &request);
+                    let _ = reply.send(result);
+                }
+                Job::Mac { message, reply } => {
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    let _ = reply.send(mac::mac(&self.session, self.mac_key, &message));
+                }
+                Job::VerifyMac {
+                    message,
+                    mac,
+                    reply,
+                } => {
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    let result = mac::verify(&self.session, self.mac_key, &message, &mac);
                     let _ = reply.send(result);
                 }
             }

@@ -26,6 +26,7 @@ pub(super) struct StoredKey {
     master_key_fingerprint: String,
     created_at_ms: i64,
     created_by: String,
+    record_mac: Vec<u8>,
 }
 
 impl From<StoredKey> for KeyRecord {
@@ -40,6 +41,7 @@ impl From<StoredKey> for KeyRecord {
             master_key_fingerprint: row.master_key_fingerprint,
             created_at_ms: row.created_at_ms,
             created_by: row.created_by,
+            record_mac: row.record_mac,
         }
     }
 }
@@ -57,6 +59,7 @@ pub(super) struct NewKey<'a> {
     master_key_fingerprint: &'a str,
     created_at_ms: i64,
     created_by: &'a str,
+    record_mac: &'a [u8],
 }
 
 impl<'a> From<&'a KeyRecord> for NewKey<'a> {
@@ -71,6 +74,7 @@ impl<'a> From<&'a KeyRecord> for NewKey<'a> {
             master_key_fingerprint: &record.master_key_fingerprint,
             created_at_ms: record.created_at_ms,
             created_by: &record.created_by,
+            record_mac: &record.record_mac,
         }
     }
 }

@@ -32,6 +32,7 @@ pub fn record(key_id: &str, variant: u8) -> KeyRecord {
         master_key_fingerprint: format!("mk-{variant:02x}"),
         created_at_ms: 1_700_000_000_000 + i64::from(variant),
         created_by: format!("driver-{variant}"),
+        record_mac: vec![variant; 32],
     }
 }
 

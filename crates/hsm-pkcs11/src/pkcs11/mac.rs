@@ -1,0 +1,46 @@
+//! Key record MACs on one session: `CKM_SHA256_HMAC` sign and verify under the record MAC key
+//! (see [`crate::record_mac`]).
+
+use cryptoki::error::{Error as CryptokiError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::Session;
+
+use crate::error::HsmError;
+
+/// HMAC-SHA256 of `message` under `mac_key`, computed by the token.
+pub(crate) fn mac(
+    session: &Session,
+    mac_key: ObjectHandle,
+    message: &[u8],
+) -> Result<[u8; 32], HsmError> {
+    let mac = session
+        .sign(&Mechanism::Sha256Hmac, mac_key, message)
+        .map_err(HsmError::pkcs11("C_Sign"))?;
+    <[u8; 32]>::try_from(mac.as_slice()).map_err(|_| HsmError::Config {
+        reason: format!(
+            "the token returned a {}-byte CKM_SHA256_HMAC (expected 32)",
+            mac.len()
+        ),
+    })
+}
+
+/// Checks `mac` against `message` under `mac_key` on the token; a mismatch is
+/// [`HsmError::RecordTampered`].
+pub(crate) fn verify(
+    session: &Session,
+    mac_key: ObjectHandle,
+    message: &[u8],
+    mac: &[u8; 32],
+) -> Result<(), HsmError> {
+    match session.verify(&Mechanism::Sha256Hmac, mac_key, message, mac) {
+        Ok(()) => Ok(()),
+        Err(CryptokiError::Pkcs11(RvError::SignatureInvalid | RvError::SignatureLenRange, _)) => {
+            Err(HsmError::RecordTampered)
+        }
+        Err(source) => Err(HsmError::Pkcs11 {
+            function: "C_Verify",
+            source,
+        }),
+    }
+}

@@ -1,0 +1,369 @@
+//! Tamper-evident key records against a real SoftHSMv2: the record MAC key provisioned next to
+//! the master key, MACs computed and checked in the token, and what a database writer cannot do.
+
+use cryptoki::error::{Error as CryptokiError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use hsm_pkcs11::softhsm::SoftHsmToken;
+use hsm_pkcs11::{
+    FakeHsm, Hsm, HsmError, Pkcs11Hsm, create_mac_key, import_mac_key, record_mac_message,
+};
+use zeroize::Zeroizing;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+async fn open(token: &SoftHsmToken) -> Pkcs11Hsm {
+    let token = token.clone();
+    blocking(move || token.open_hsm(2)).await.expect("open HSM")
+}
+
+async fn imported(value: [u8; 32]) -> SoftHsmToken {
+    blocking(move || SoftHsmToken::create_with_master_key(value))
+        .await
+        .expect("SoftHSMv2 token")
+}
+
+/// A key record's identifying fields, in `record_mac_message`'s order.
+#[derive(Clone)]
+struct Fields {
+    key_id: String,
+    scheme: String,
+    curve: String,
+    public_key: Vec<u8>,
+    wrapped_key: Vec<u8>,
+    wrap_mechanism: String,
+    fingerprint: String,
+}
+
+impl Fields {
+    fn new(key_id: &str, seed: u8) -> Self {
+        Fields {
+            key_id: key_id.into(),
+            scheme: "ecdsa-secp256k1".into(),
+            curve: "secp256k1".into(),
+            public_key: vec![seed; 33],
+            wrapped_key: vec![seed.wrapping_add(1); 72],
+            wrap_mechanism: "aes-key-wrap-pad".into(),
+            fingerprint: "ab".repeat(32),
+        }
+    }
+
+    fn message(&self) -> Vec<u8> {
+        record_mac_message(
+            &self.key_id,
+            &self.scheme,
+            &self.curve,
+            &self.public_key,
+            &self.wrapped_key,
+            &self.wrap_mechanism,
+            &self.fingerprint,
+        )
+    }
+
+    /// The record with one field altered, for each of the seven fields.
+    fn each_altered(&self) -> Vec<(&'static str, Fields)> {
+        let mut out = Vec::new();
+        let mut f = self.clone();
+        f.key_id.push('x');
+        out.push(("key_id", f));
+        let mut f = self.clone();
+        f.scheme = "ecdsa-p256".into();
+        out.push(("scheme", f));
+        let mut f = self.clone();
+        f.curve = "secp256r1".into();
+        out.push(("curve", f));
+        let mut f = self.clone();
+        f.public_key[5] ^= 1;
+        out.push(("public_key", f));
+        let mut f = self.clone();
+        f.wrapped_key[71] ^= 0x80;
+        out.push(("wrapped_key", f));
+        let mut f = self.clone();
+        f.wrap_mechanism = "aes-key-wrap".into();
+        out.push(("wrap_mechanism", f));
+        let mut f = self.clone();
+        f.fingerprint.replace_range(0..2, "cd");
+        out.push(("master_key_fingerprint", f));
+        out
+    }
+}
+
+fn assert_tampered(result: Result<(), HsmError>, what: &str) {
+    let error = result.expect_err(what);
+    assert!(
+        matches!(error, HsmError::RecordTampered),
+        "{what}: {error:?}"
+    );
+    assert!(error.is_key_material() && !error.is_retryable(), "{what}");
+}
+
+/// A logged-in session on the fixture token, for driving cryptoki directly.
+fn raw_session(token: &SoftHsmToken) -> Session {
+    let context = token.module().context();
+    let slot = context
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| context.get_token_info(*slot).unwrap().label().trim_end() == token.label())
+        .expect("fixture token slot");
+    let session = context.open_rw_session(slot).unwrap();
+    match session.login(UserType::User, Some(token.user_pin())) {
+        Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("login: {e}"),
+    }
+    session
+}
+
+fn mac_key(session: &Session, token: &SoftHsmToken) -> ObjectHandle {
+    let found = session
+        .find_objects(&[Attribute::Label(token.mac_key_label().into_bytes())])
+        .unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "one object labelled {}",
+        token.mac_key_label()
+    );
+    found[0]
+}
+
+fn rv(error: CryptokiError) -> RvError {
+    match error {
+        CryptokiError::Pkcs11(rv, _) => rv,
+        other => panic!("not a PKCS#11 return value: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mac_verifies_and_any_altered_field_or_moved_record_is_tampered() {
+    let token = blocking(SoftHsmToken::create).await.unwrap();
+    let hsm = open(&token).await;
+    let a = Fields::new("key-a", 1);
+    let mac = hsm.mac_record(a.message()).await.unwrap();
+    assert_eq!(
+        hsm.mac_record(a.message()).await.unwrap(),
+        mac,
+        "deterministic"
+    );
+    hsm.verify_record_mac(a.message(), mac).await.unwrap();
+
+    for (field, altered) in a.each_altered() {
+        assert_tampered(hsm.verify_record_mac(altered.message(), mac).await, field);
+    }
+    let mut flipped = mac;
+    flipped[0] ^= 1;
+    assert_tampered(hsm.verify_record_mac(a.message(), flipped).await, "mac");
+
+    // Key A's blob, public key and MAC copied into key B's row.
+    let b = Fields::new("key-b", 9);
+    let b_mac = hsm.mac_record(b.message()).await.unwrap();
+    let swapped = Fields {
+        key_id: b.key_id.clone(),
+        ..a.clone()
+    };
+    assert_tampered(hsm.verify_record_mac(swapped.message(), mac).await, "swap");
+    assert_tampered(
+        hsm.verify_record_mac(swapped.message(), b_mac).await,
+        "swap, keeping B's MAC",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_sharing_an_imported_master_key_share_record_macs() {
+    let (one, two, other) = (
+        imported([3; 32]).await,
+        imported([3; 32]).await,
+        imported([4; 32]).await,
+    );
+    let (one, two, other) = (open(&one).await, open(&two).await, open(&other).await);
+    let record = Fields::new("key-a", 1).message();
+    let mac = one.mac_record(record.clone()).await.unwrap();
+    assert_eq!(two.mac_record(record.clone()).await.unwrap(), mac);
+    two.verify_record_mac(record.clone(), mac).await.unwrap();
+    let mac_two = two.mac_record(record.clone()).await.unwrap();
+    one.verify_record_mac(record.clone(), mac_two)
+        .await
+        .unwrap();
+
+    let other_mac = other.mac_record(record.clone()).await.unwrap();
+    assert_ne!(other_mac, mac);
+    assert_tampered(
+        other.verify_record_mac(record.clone(), mac).await,
+        "another master key",
+    );
+    assert_tampered(
+        one.verify_record_mac(record.clone(), other_mac).await,
+        "another master key's MAC",
+    );
+
+    // The fake derives its MAC key as import_master_key does: same value, same MACs (this
+    // also checks the fake's hand-written HMAC against the token's).
+    let fake = FakeHsm::with_master_secret(Zeroizing::new([3; 32]));
+    assert_eq!(fake.mac_record(record.clone()).await.unwrap(), mac);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mac_key_cannot_be_read_extracted_or_used_to_wrap_or_encrypt() {
+    let token = blocking(SoftHsmToken::create).await.unwrap();
+    let checking = token.clone();
+    blocking(move || {
+        let session = raw_session(&checking);
+        let key = mac_key(&session, &checking);
+        let attributes = session
+            .get_attributes(
+                key,
+                &[
+                    AttributeType::Class,
+                    AttributeType::KeyType,
+                    AttributeType::Token,
+                    AttributeType::Private,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::Sign,
+                    AttributeType::Verify,
+                    AttributeType::Wrap,
+                    AttributeType::Unwrap,
+                    AttributeType::Encrypt,
+                    AttributeType::Decrypt,
+                    AttributeType::Derive,
+                    AttributeType::ValueLen,
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            attributes,
+            vec![
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Sign(true),
+                Attribute::Verify(true),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Encrypt(false),
+                Attribute::Decrypt(false),
+                Attribute::Derive(false),
+                Attribute::ValueLen(32.into()),
+            ]
+        );
+        // Sensitive: the value is not readable (cryptoki drops unavailable attributes).
+        let value = session
+            .get_attributes(key, &[AttributeType::Value])
+            .unwrap();
+        assert!(value.is_empty(), "CKA_VALUE readable");
+
+        // Not extractable: it cannot be wrapped out under a key the caller knows.
+        let known = session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Token(false),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Wrap(true),
+                    Attribute::Encrypt(true),
+                    Attribute::Extractable(true),
+                ],
+            )
+            .unwrap();
+        let out = session.wrap_key(&Mechanism::AesKeyWrapPad, known, key);
+        assert_eq!(rv(out.unwrap_err()), RvError::KeyUnextractable);
+
+        // It cannot wrap (take a known, extractable key out) or encrypt. SoftHSMv2 2.6.1
+        // refuses the wrap on the key type (no wrap mechanism takes a generic secret) and the
+        // encryption on CKA_ENCRYPT=false.
+        let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, key, known);
+        assert_eq!(
+            rv(wrapped.unwrap_err()),
+            RvError::WrappingKeyTypeInconsistent
+        );
+        let encrypted = session.encrypt(&Mechanism::AesEcb, key, &[0; 16]);
+        assert_eq!(rv(encrypted.unwrap_err()), RvError::KeyFunctionNotPermitted);
+        session.destroy_object(known).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_without_a_mac_key_is_refused_until_one_is_provisioned() {
+    // Older provisioning: a master key and no MAC key.
+    let token = blocking(SoftHsmToken::create).await.unwrap();
+    let removing = token.clone();
+    blocking(move || {
+        let session = raw_session(&removing);
+        session
+            .destroy_object(mac_key(&session, &removing))
+            .unwrap();
+    })
+    .await;
+    let opening = token.clone();
+    let error = blocking(move || opening.open_hsm(1)).await.unwrap_err();
+    match &error {
+        HsmError::MacKeyNotFound { label } => assert_eq!(*label, token.mac_key_label()),
+        other => panic!("{other:?}"),
+    }
+    assert!(error.to_string().contains("create_mac_key"), "{error}");
+
+    let provisioning = token.clone();
+    blocking(move || {
+        create_mac_key(
+            provisioning.module(),
+            provisioning.label(),
+            provisioning.user_pin(),
+            provisioning.master_key_label(),
+        )
+    })
+    .await
+    .unwrap();
+    let hsm = open(&token).await;
+    let record = Fields::new("key-a", 1).message();
+    let mac = hsm.mac_record(record.clone()).await.unwrap();
+    hsm.verify_record_mac(record, mac).await.unwrap();
+
+    // Once is enough: a second MAC key is refused.
+    let again = token.clone();
+    let error = blocking(move || {
+        create_mac_key(
+            again.module(),
+            again.label(),
+            again.user_pin(),
+            again.master_key_label(),
+        )
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(error, HsmError::MasterKeyExists { .. }), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_imported_mac_key_added_later_matches_one_imported_with_the_master_key() {
+    let fresh = imported([6; 32]).await;
+    let older = imported([6; 32]).await;
+    let removing = older.clone();
+    blocking(move || {
+        let session = raw_session(&removing);
+        session
+            .destroy_object(mac_key(&session, &removing))
+            .unwrap();
+        import_mac_key(
+            removing.module(),
+            removing.label(),
+            removing.user_pin(),
+            removing.master_key_label(),
+            &Zeroizing::new([6; 32]),
+        )
+    })
+    .await
+    .unwrap();
+    let (fresh, older) = (open(&fresh).await, open(&older).await);
+    let record = Fields::new("key-a", 1).message();
+    assert_eq!(
+        fresh.mac_record(record.clone()).await.unwrap(),
+        older.mac_record(record).await.unwrap()
+    );
+}

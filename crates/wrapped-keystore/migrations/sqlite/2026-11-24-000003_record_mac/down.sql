@@ -1,0 +1,1 @@
+ALTER TABLE wrapped_keys DROP COLUMN record_mac;

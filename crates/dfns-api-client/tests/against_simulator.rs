@@ -428,6 +428,46 @@ async fn a_server_outside_the_ca_bundle_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_server_with_an_expired_certificate_is_refused() {
+    // Tried: the simulator presents a certificate for the right names, from the right CA,
+    // that expired a year ago.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = generate_dev_pki(dir.path(), &["localhost"]).unwrap();
+    let mut tls = pki.server_tls();
+    tls.server_cert = pki.expired_server_cert.clone();
+    tls.server_key = pki.expired_server_key.clone();
+    let sim = dfns_api_sim::start(SimConfig::local(tls)).await.unwrap();
+    let client = HttpJobSource::new(client_config(
+        &sim.driver_url(),
+        &pki.ca_cert,
+        &pki.client_cert,
+        &pki.client_key,
+    ))
+    .unwrap();
+    let err = client.ping().await.unwrap_err();
+    assert!(matches!(err, ApiError::Transport { .. }), "{err:?}");
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(inner) = source {
+        chain.push_str(&format!(": {inner}"));
+        source = inner.source();
+    }
+    assert!(
+        chain.contains("xpired"),
+        "the error says the certificate expired: {chain}"
+    );
+    let err = client
+        .lease(1, Duration::from_millis(10))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ApiError::Transport { .. }),
+        "a lease is refused too: {err:?}"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_silent_server_is_a_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let pki = generate_dev_pki(dir.path(), &[]).unwrap();

@@ -45,6 +45,11 @@ pub struct DevPkiPaths {
     pub rogue_client_cert: PathBuf,
     /// `rogue-client.key`.
     pub rogue_client_key: PathBuf,
+    /// `expired-server.pem`: the server's names, signed by the real CA, expired a year ago
+    /// (for negative tests).
+    pub expired_server_cert: PathBuf,
+    /// `expired-server.key`.
+    pub expired_server_key: PathBuf,
 }
 
 impl DevPkiPaths {
@@ -81,6 +86,8 @@ pub fn generate_dev_pki(dir: &Path, server_names: &[&str]) -> Result<DevPkiPaths
         rogue_ca_cert: dir.join("rogue-ca.pem"),
         rogue_client_cert: dir.join("rogue-client.pem"),
         rogue_client_key: dir.join("rogue-client.key"),
+        expired_server_cert: dir.join("expired-server.pem"),
+        expired_server_key: dir.join("expired-server.key"),
     };
 
     let (ca_params, ca_key) = ca("hsm-driver development CA")?;
@@ -120,6 +127,17 @@ pub fn generate_dev_pki(dir: &Path, server_names: &[&str]) -> Result<DevPkiPaths
         "server certificate",
         &paths.server_cert,
         &paths.server_key,
+    )?;
+    let mut expired = server.clone();
+    let now = OffsetDateTime::now_utc();
+    expired.not_before = now - Duration::days(730);
+    expired.not_after = now - Duration::days(365);
+    issue(
+        &expired,
+        &issuer,
+        "expired server certificate",
+        &paths.expired_server_cert,
+        &paths.expired_server_key,
     )?;
 
     let mut client = leaf("hsm-driver");

@@ -26,6 +26,8 @@ enum Report {
 /// reports are recorded and announced.
 #[derive(Default)]
 struct ScriptedSource {
+    /// The next lease requests fail with these errors, in order (a misbehaving API).
+    lease_errors: Mutex<VecDeque<ApiError>>,
     queue: Mutex<VecDeque<LeasedJob>>,
     queued: Notify,
     reports: Mutex<Vec<(JobId, Report)>>,
@@ -72,6 +74,9 @@ impl ScriptedSource {
 
 impl JobSource for ScriptedSource {
     async fn lease(&self, max_jobs: u32, wait: Duration) -> Result<Vec<LeasedJob>, ApiError> {
+        if let Some(error) = self.lease_errors.lock().unwrap().pop_front() {
+            return Err(error);
+        }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.queued.notified();
@@ -109,7 +114,11 @@ struct Harness {
 
 impl Harness {
     fn start(hsm: FakeHsm) -> Harness {
-        let source = Arc::new(ScriptedSource::default());
+        Harness::start_with(hsm, ScriptedSource::default())
+    }
+
+    fn start_with(hsm: FakeHsm, source: ScriptedSource) -> Harness {
+        let source = Arc::new(source);
         let store = Arc::new(MemoryKeyStore::new());
         let hsm = Arc::new(hsm);
         let driver = Driver::<ScriptedSource, FakeHsm, MemoryKeyStore>::builder()
@@ -120,6 +129,11 @@ impl Harness {
                 driver_id: "test-driver".to_owned(),
                 workers: 4,
                 long_poll: Duration::from_millis(200),
+                lease_backoff: dfns_api_client::Backoff {
+                    initial: Duration::from_millis(1),
+                    max: Duration::from_millis(20),
+                    ..dfns_api_client::Backoff::default()
+                },
                 ..DriverConfig::default()
             })
             .build()
@@ -463,4 +477,48 @@ async fn the_builder_refuses_missing_parts_and_bad_settings() {
         .err()
         .expect("zero workers");
     assert!(err.to_string().contains("workers"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misbehaving_api_is_retried_and_the_driver_keeps_running() {
+    // Tried, one lease each: a body that is not JSON, a 500, a 401, a timeout.
+    let source = ScriptedSource::default();
+    source.lease_errors.lock().unwrap().extend([
+        ApiError::Decode {
+            reason: "expected value at line 1 column 1".to_owned(),
+            source: None,
+        },
+        ApiError::Status {
+            status: http::StatusCode::INTERNAL_SERVER_ERROR,
+            code: None,
+            message: "boom".to_owned(),
+        },
+        ApiError::Status {
+            status: http::StatusCode::UNAUTHORIZED,
+            code: None,
+            message: "who are you".to_owned(),
+        },
+        ApiError::Timeout {
+            after: Duration::from_secs(1),
+        },
+    ]);
+    let h = Harness::start_with(FakeHsm::new(), source);
+    h.source.push(
+        "job-after-errors",
+        keygen("key-z", Scheme::Ecdsa, Curve::Secp256k1),
+    );
+    let reports = h.source.wait_reports(1).await;
+    assert!(
+        matches!(
+            report_for(&reports, "job-after-errors"),
+            Report::Completed(_)
+        ),
+        "{reports:?}"
+    );
+    assert!(
+        h.source.lease_errors.lock().unwrap().is_empty(),
+        "every error was met"
+    );
+    let report = h.shutdown().await;
+    assert_eq!(report.completed, 1);
 }

@@ -83,6 +83,19 @@ impl FakeHsm {
         }
     }
 
+    /// The private key inside a blob this fake wrapped. A test hook only a software fake can
+    /// offer: it lets tests prove that key material never reaches logs, errors or the database.
+    ///
+    /// # Errors
+    /// As signing would: a blob this fake did not wrap, or one that was tampered with.
+    pub fn reveal_private_key_for_tests(
+        &self,
+        scheme: KeyScheme,
+        wrapped: &WrappedKey,
+    ) -> Result<Zeroizing<[u8; 32]>, HsmError> {
+        self.unwrap(scheme, wrapped)
+    }
+
     /// This fake, with `scheme` reported unsupported for `reason` (as a token's probe would).
     pub fn with_unsupported(mut self, scheme: KeyScheme, reason: impl Into<String>) -> Self {
         self.capabilities.schemes.insert(

@@ -167,10 +167,11 @@ level = "{log_level}"
             .await?;
         // As an operator would: migrate, then run (so `check` never races the first migration).
         run_tool(driver_command(&options, &token, &config_path).arg("migrate")).await?;
-        let driver = spawn_logged(
+        let mut driver = spawn_logged(
             driver_command(&options, &token, &config_path).arg("run"),
             &work.join("driver.log"),
         )?;
+        wait_for_log_line(&work.join("driver.log"), "driver started", &mut driver).await?;
         let app = AppClient::new(app_addr);
         Ok(Deployment {
             options,
@@ -420,6 +421,33 @@ async fn wait_ready_file(
             bail!("dfns-api-sim not ready after 30 s:\n{}", log_tail(log));
         }
         // Polling another process's file: back off gently.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the process's log shows `needle` (the driver logs "driver started" once its
+/// HSM, self-test, database and API client are set up), watching the process so a failed
+/// start is reported at once. Starting `check` (another PKCS#11 application on the same
+/// SoftHSMv2 token directory) while the driver is still opening the token has been seen to
+/// fail with CKR_GENERAL_ERROR.
+async fn wait_for_log_line(log: &Path, needle: &str, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if std::fs::read_to_string(log).is_ok_and(|text| text.contains(needle)) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "process exited ({status}) before `{needle}`:\n{}",
+                log_tail(log)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("no `{needle}` after 30 s:\n{}", log_tail(log));
+        }
+        // Polling another process's log: back off gently.
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }

@@ -428,6 +428,39 @@ async fn a_server_outside_the_ca_bundle_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_response_is_a_decode_error_and_the_job_is_not_lost() {
+    let h = harness(Duration::from_millis(300)).await;
+    h.app.create_key("ECDSA", "secp256k1").await.unwrap();
+    // Tried: a lease answer larger than the client accepts (limit 64 bytes).
+    let mut config = client_config(
+        &h.sim.driver_url(),
+        &h.pki.ca_cert,
+        &h.pki.client_cert,
+        &h.pki.client_key,
+    );
+    config.max_response_bytes = 64;
+    let small = HttpJobSource::new(config).unwrap();
+    let err = small.lease(1, Duration::from_millis(10)).await.unwrap_err();
+    assert!(matches!(err, ApiError::Decode { .. }), "{err:?}");
+    assert!(err.to_string().contains("larger than 64 bytes"), "{err}");
+    assert!(!err.is_retryable());
+    // The lease lapses and the job is delivered again to a client that can read it.
+    let normal = HttpJobSource::new(client_config(
+        &h.sim.driver_url(),
+        &h.pki.ca_cert,
+        &h.pki.client_cert,
+        &h.pki.client_key,
+    ))
+    .unwrap();
+    let jobs = normal.lease(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        jobs.len(),
+        1,
+        "the job was redelivered after its lease lapsed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_server_with_an_expired_certificate_is_refused() {
     // Tried: the simulator presents a certificate for the right names, from the right CA,
     // that expired a year ago.

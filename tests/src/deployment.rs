@@ -1,11 +1,14 @@
 //! Starting and stopping a deployment: simulator and driver as separate processes.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use dfns_api_sim::app_client::AppClient;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 use crate::token::SoftHsmToken;
@@ -54,6 +57,7 @@ pub struct Deployment {
     driver: Child,
     app: AppClient,
     driver_url: String,
+    telemetry_addr: SocketAddr,
 }
 
 /// How a deployment ended.
@@ -154,6 +158,10 @@ url = "{database_url}"
 
 [log]
 level = "{log_level}"
+
+[telemetry]
+# Port 0: the driver binds a free port and logs it; the harness reads it from the log.
+listen = "127.0.0.1:0"
 "#,
                 log_level = options.log_level,
                 workers = options.workers,
@@ -172,6 +180,8 @@ level = "{log_level}"
             &work.join("driver.log"),
         )?;
         wait_for_log_line(&work.join("driver.log"), "driver started", &mut driver).await?;
+        // The endpoint is bound (and logged) before the engine starts.
+        let telemetry_addr = telemetry_addr_from_log(&work.join("driver.log"))?;
         let app = AppClient::new(app_addr);
         Ok(Deployment {
             options,
@@ -181,6 +191,7 @@ level = "{log_level}"
             driver,
             app,
             driver_url,
+            telemetry_addr,
         })
     }
 
@@ -192,6 +203,41 @@ level = "{log_level}"
     /// The simulator's driver endpoint (`https://127.0.0.1:port`).
     pub fn driver_url(&self) -> &str {
         &self.driver_url
+    }
+
+    /// The driver's telemetry endpoint (`[telemetry] listen`, as bound).
+    pub fn telemetry_addr(&self) -> SocketAddr {
+        self.telemetry_addr
+    }
+
+    /// `GET path` on the driver's telemetry endpoint: the status code, the content type and
+    /// the body.
+    ///
+    /// # Errors
+    /// If the endpoint cannot be reached within 10 s or the response is not HTTP.
+    pub async fn telemetry_get(&self, path: &str) -> anyhow::Result<TelemetryResponse> {
+        http_get(self.telemetry_addr, path).await
+    }
+
+    /// The driver's `/metrics`, in Prometheus text format.
+    ///
+    /// # Errors
+    /// If the request fails or the answer is not `200` with the Prometheus text content type.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let response = self.telemetry_get("/metrics").await?;
+        if response.status != 200
+            || !response
+                .content_type
+                .starts_with("text/plain; version=0.0.4")
+        {
+            bail!(
+                "GET /metrics: status {}, content type `{}`:\n{}",
+                response.status,
+                response.content_type,
+                response.body
+            );
+        }
+        Ok(response.body)
     }
 
     /// The directory holding the PKI files (`ca.pem`, `client.pem`, `rogue-client.pem`, …).
@@ -351,6 +397,91 @@ level = "{log_level}"
             token_private_keys,
         })
     }
+}
+
+/// One answer from the telemetry endpoint.
+#[derive(Debug, Clone)]
+pub struct TelemetryResponse {
+    /// The HTTP status code.
+    pub status: u16,
+    /// The `content-type` header (empty if absent).
+    pub content_type: String,
+    /// The body, as text.
+    pub body: String,
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection (`Connection: close`, so the body ends at
+/// end of stream); enough for the driver's fixed-length answers.
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<TelemetryResponse> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        anyhow::Ok(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .with_context(|| format!("GET http://{addr}{path}: no answer within 10 s"))?
+        .with_context(|| format!("GET http://{addr}{path}"))?;
+    let text = String::from_utf8(raw).context("telemetry response is not UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("GET {path}: malformed response:\n{text}"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.strip_prefix("HTTP/1.1 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("GET {path}: no status line:\n{head}"))?;
+    let content_type = lines
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.trim().to_owned())
+        .unwrap_or_default();
+    Ok(TelemetryResponse {
+        status,
+        content_type,
+        body: body.to_owned(),
+    })
+}
+
+/// Reads the bound address from the driver's `telemetry endpoint listening addr=…` line.
+fn telemetry_addr_from_log(log: &Path) -> anyhow::Result<SocketAddr> {
+    let text = std::fs::read_to_string(log)?;
+    let line = text
+        .lines()
+        .map(strip_ansi)
+        .find(|line| line.contains("telemetry endpoint listening"))
+        .with_context(|| format!("no `telemetry endpoint listening`:\n{}", log_tail(log)))?;
+    line.split_once("addr=")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse().ok())
+        .with_context(|| format!("no address in `{line}`"))
+}
+
+/// Removes terminal colour sequences (`ESC [ … m`), which the driver's text log may contain.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn driver_command(options: &DeploymentOptions, token: &SoftHsmToken, config: &Path) -> Command {

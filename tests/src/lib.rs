@@ -11,7 +11,7 @@ mod verify;
 mod workload;
 
 pub use demo::{DemoOptions, run_demo};
-pub use deployment::{Deployment, DeploymentOptions, StopReport};
+pub use deployment::{Deployment, DeploymentOptions, StopReport, TelemetryResponse};
 pub use token::{SoftHsmToken, softhsm_module_path};
 pub use verify::verify_signature;
 pub use workload::{Workload, WorkloadSummary};

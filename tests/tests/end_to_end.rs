@@ -167,6 +167,126 @@ async fn keys_and_signatures_over_mutual_tls_with_postgresql() {
     workload_round_trip(options).await;
 }
 
+/// Sum of the samples of `metric` (Prometheus text) whose labels include every one of `labels`
+/// (each written `name="value"`).
+fn sum_samples(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Scrapes `/metrics` until `hsm_driver_jobs_total{outcome="completed"}` reaches `expected`.
+/// The engine counts a job just after the API accepted its report, so a client that saw the
+/// result may scrape a moment before the count moves; the endpoint is the only signal there is.
+async fn metrics_once_completed(deployment: &Deployment, expected: usize) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let text = deployment.metrics().await.unwrap();
+        let completed = sum_samples(&text, "hsm_driver_jobs_total", &["outcome=\"completed\""]);
+        if completed >= expected as f64 || std::time::Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_every_job_and_carry_no_secret_and_no_key_id() {
+    const KEYS: usize = 4;
+    const SIGNATURES: usize = 24;
+    let work = tempfile_dir::Dir::new("metrics");
+    let deployment = Deployment::start(options(&work)).await.unwrap();
+    let addr = deployment.telemetry_addr();
+
+    let health = deployment.telemetry_get("/healthz").await.unwrap();
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let missing = deployment.telemetry_get("/keys").await.unwrap();
+    assert_eq!(missing.status, 404, "{missing:?}");
+
+    let summary = Workload::mixed(KEYS, SIGNATURES)
+        .run(deployment.app())
+        .await
+        .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
+    assert_eq!(summary.verified, SIGNATURES);
+    let metrics = metrics_once_completed(&deployment, KEYS + SIGNATURES).await;
+
+    let completed = |kind: &str| {
+        sum_samples(
+            &metrics,
+            "hsm_driver_jobs_total",
+            &[&format!("kind=\"{kind}\""), "outcome=\"completed\""],
+        )
+    };
+    assert_eq!(completed("KeyGeneration"), KEYS as f64, "{metrics}");
+    assert_eq!(completed("Signature"), SIGNATURES as f64, "{metrics}");
+    assert_eq!(
+        sum_samples(&metrics, "hsm_driver_jobs_total", &[]),
+        (KEYS + SIGNATURES) as f64,
+        "no job failed or went unreported:\n{metrics}"
+    );
+    assert_eq!(
+        sum_samples(&metrics, "hsm_driver_job_duration_seconds_count", &[]),
+        (KEYS + SIGNATURES) as f64,
+        "one duration observation per job:\n{metrics}"
+    );
+    assert_eq!(
+        sum_samples(&metrics, "hsm_driver_up", &[]),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sum_samples(
+            &metrics,
+            "hsm_driver_info",
+            &["driver_id=\"driver-1\"", "version=\""]
+        ),
+        1.0,
+        "{metrics}"
+    );
+
+    // Low-cardinality labels only: no key id, no public key, and never the PIN.
+    let pin = deployment.user_pin();
+    assert!(
+        pin.len() >= 8,
+        "the harness PIN is long enough to be unambiguous"
+    );
+    assert!(!metrics.contains(&pin), "the PIN appears in /metrics");
+    assert!(
+        !metrics.contains("key-"),
+        "a key id appears in /metrics:\n{metrics}"
+    );
+    for key in &summary.keys {
+        assert!(
+            !metrics.contains(&key.id),
+            "key id {} appears in /metrics",
+            key.id
+        );
+        assert!(
+            !metrics
+                .to_ascii_lowercase()
+                .contains(&key.public_key.to_ascii_lowercase()),
+            "the public key of {} appears in /metrics",
+            key.id
+        );
+    }
+    let health = deployment.telemetry_get("/healthz").await.unwrap();
+    assert_eq!(health.status, 200, "still healthy after the workload");
+
+    let stop = deployment.stop().await.unwrap();
+    assert!(stop.driver_exit.success(), "{stop:?}");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the telemetry endpoint stops with the driver"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_driver_with_a_certificate_from_another_ca_is_refused() {
     let work = tempfile_dir::Dir::new("rogue");
@@ -296,6 +416,7 @@ async fn the_pin_never_appears_in_logs_output_or_the_database_even_at_trace_leve
         .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
     let (_, check) = deployment.check().await.unwrap();
     let (_, audit) = deployment.audit_verify().await.unwrap();
+    let metrics = deployment.metrics().await.unwrap();
     let pin = deployment.user_pin();
     assert!(
         pin.len() >= 8,
@@ -312,6 +433,7 @@ async fn the_pin_never_appears_in_logs_output_or_the_database_even_at_trace_leve
         ("driver log", &log),
         ("check output", &check),
         ("audit output", &audit),
+        ("/metrics", &metrics),
     ] {
         assert!(!text.contains(&pin), "the PIN appears in the {what}");
     }

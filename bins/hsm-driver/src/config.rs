@@ -3,6 +3,7 @@
 //! name the field and the file. Secrets are never inline: the PIN comes from a file or an
 //! environment variable named here.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,6 +24,8 @@ pub(crate) struct Config {
     pub(crate) database: DatabaseSection,
     #[serde(default)]
     pub(crate) log: LogSection,
+    #[serde(default)]
+    pub(crate) telemetry: TelemetrySection,
 }
 
 /// `[driver]`: the engine.
@@ -160,6 +163,16 @@ impl Default for LogSection {
             format: default_log_format(),
         }
     }
+}
+
+/// `[telemetry]`: the optional HTTP endpoint serving `/healthz` and `/metrics`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TelemetrySection {
+    /// Address to serve plain HTTP on (port 0 picks a free port, logged at start-up);
+    /// absent: no endpoint.
+    #[serde(default)]
+    pub(crate) listen: Option<SocketAddr>,
 }
 
 fn default_workers() -> usize {
@@ -344,6 +357,22 @@ user_pin_file = "pin"
             config.database.url,
             format!("sqlite://{}", dir.path().join("hsm-driver.db").display())
         );
+    }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_listen_is_a_socket_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&write(dir.path(), GOOD)).unwrap();
+        assert_eq!(config.telemetry.listen, None);
+        let text = format!("{GOOD}[telemetry]\nlisten = \"127.0.0.1:0\"\n");
+        let config = Config::load(&write(dir.path(), &text)).unwrap();
+        assert_eq!(
+            config.telemetry.listen,
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        let text = format!("{GOOD}[telemetry]\nlisten = \"localhost\"\n");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("listen"), "{err}");
     }
 
     #[test]

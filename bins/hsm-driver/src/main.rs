@@ -10,6 +10,7 @@ mod check;
 mod config;
 mod run;
 mod secrets;
+mod telemetry;
 mod wiring;
 
 use std::path::PathBuf;

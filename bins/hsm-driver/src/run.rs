@@ -4,10 +4,12 @@ use anyhow::Context;
 use dfns_api_client::HttpJobSource;
 use driver_core::Driver;
 use hsm_pkcs11::{FakeHsm, Hsm, SchemeSupport};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use wrapped_keystore::{DieselKeyStore, KeyStore};
 
 use crate::config::{Config, HsmKind};
+use crate::telemetry::Telemetry;
 use crate::{secrets, wiring};
 
 /// The service: wire everything, lease until SIGTERM/SIGINT, finish in-flight work, return.
@@ -59,14 +61,33 @@ async fn serve<H: Hsm>(config: &Config, hsm: H) -> anyhow::Result<()> {
             }
         }
     }
-    let driver = Driver::builder()
+    let mut builder = Driver::builder()
         .job_source(source)
         .hsm(hsm)
         .key_store(store)
-        .config(config.driver_config())
-        .build()
-        .context("building the driver")?;
+        .config(config.driver_config());
+    // Bound before the engine starts, so a scrape after "driver started" always connects.
+    let endpoint = match config.telemetry.listen {
+        Some(addr) => {
+            let telemetry = Telemetry::new(&config.driver.id)?;
+            builder = builder.meter(telemetry.meter());
+            Some(telemetry.bind(addr).await?)
+        }
+        None => None,
+    };
+    let driver = builder.build().context("building the driver")?;
+    // The endpoint outlives the signal: it keeps answering while in-flight jobs drain and
+    // stops once the engine has returned.
+    let driver_stopped = CancellationToken::new();
+    let server = endpoint
+        .map(|endpoint| tokio::spawn(endpoint.serve(driver_stopped.clone().cancelled_owned())));
     let report = driver.run(shutdown_signal()).await;
+    driver_stopped.cancel();
+    if let Some(server) = server {
+        if let Err(e) = server.await {
+            warn!(error = %e, "telemetry endpoint task");
+        }
+    }
     info!(
         completed = report.completed,
         failed = report.failed,

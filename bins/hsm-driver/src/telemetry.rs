@@ -1,0 +1,302 @@
+//! The telemetry endpoint (`[telemetry] listen`): plain HTTP on an operator-chosen address,
+//! serving `GET /healthz` (`ok`) and `GET /metrics` (Prometheus text), 404 for anything else.
+//!
+//! ```text
+//! driver-core ── instruments ──▶ Meter ◀── SdkMeterProvider ── reader: Prometheus exporter
+//!                                                                    │ (pull, on each scrape)
+//!           GET /metrics ──▶ prometheus::Registry::gather() ──▶ text ◀┘
+//! ```
+//!
+//! The provider is built here and handed to the engine as a `Meter`; nothing is global. Labels
+//! stay low-cardinality (kind, outcome, driver id, version): never key ids, job ids or
+//! secrets. The server has no TLS and no authentication: bind it to a loopback or management
+//! address.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Gauge, Meter, MeterProvider as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use prometheus::{Encoder as _, TextEncoder};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+/// Content type of the Prometheus text exposition format.
+const PROMETHEUS_TEXT: &str = prometheus::TEXT_FORMAT;
+
+/// The meter provider, its Prometheus registry and the process-level gauges.
+pub(crate) struct Telemetry {
+    provider: SdkMeterProvider,
+    registry: prometheus::Registry,
+    // Held for the life of the process: the gauges were recorded once, at start-up.
+    _info: Gauge<u64>,
+    _up: Gauge<u64>,
+}
+
+impl Telemetry {
+    /// Builds the provider with the Prometheus exporter as its reader and records
+    /// `hsm_driver_info{version, driver_id} = 1` and `hsm_driver_up = 1`.
+    ///
+    /// # Errors
+    /// If the exporter cannot be built.
+    pub(crate) fn new(driver_id: &str) -> anyhow::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .build()
+            .context("building the Prometheus exporter")?;
+        let provider = SdkMeterProvider::builder()
+            .with_resource(Resource::builder().with_service_name("hsm-driver").build())
+            .with_reader(exporter)
+            .build();
+        let meter = provider.meter("hsm-driver");
+        let info = meter
+            .u64_gauge("hsm_driver_info")
+            .with_description("Always 1; labels name this driver and its version")
+            .build();
+        info.record(
+            1,
+            &[
+                KeyValue::new("version", env!("CARGO_PKG_VERSION")),
+                KeyValue::new("driver_id", driver_id.to_owned()),
+            ],
+        );
+        let up = meter
+            .u64_gauge("hsm_driver_up")
+            .with_description("1 while the driver process runs")
+            .build();
+        up.record(1, &[]);
+        Ok(Self {
+            provider,
+            registry,
+            _info: info,
+            _up: up,
+        })
+    }
+
+    /// The meter to hand to the engine (`Driver::builder().meter(…)`).
+    pub(crate) fn meter(&self) -> Meter {
+        self.provider.meter("hsm-driver")
+    }
+
+    /// Every metric, in Prometheus text format.
+    ///
+    /// # Errors
+    /// If the encoder fails (it does not, for the families the exporter produces).
+    pub(crate) fn render(&self) -> anyhow::Result<Vec<u8>> {
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut text)
+            .context("encoding metrics")?;
+        Ok(text)
+    }
+
+    /// Answers one request: the whole HTTP surface, without a socket.
+    pub(crate) fn respond<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            (&Method::GET, "/metrics") => match self.render() {
+                Ok(text) => reply(StatusCode::OK, PROMETHEUS_TEXT, text.into()),
+                Err(e) => {
+                    warn!(error = format!("{e:#}"), "cannot render metrics");
+                    reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        "cannot render metrics\n".into(),
+                    )
+                }
+            },
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        }
+    }
+
+    /// Binds `addr` (port 0 picks a free port) and logs
+    /// `telemetry endpoint listening addr=…` with the bound address.
+    ///
+    /// # Errors
+    /// If the address cannot be bound.
+    pub(crate) async fn bind(self, addr: SocketAddr) -> anyhow::Result<Endpoint> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("telemetry.listen: cannot bind {addr}"))?;
+        let local = listener
+            .local_addr()
+            .context("telemetry.listen: bound address")?;
+        info!(addr = %local, "telemetry endpoint listening");
+        Ok(Endpoint {
+            telemetry: std::sync::Arc::new(self),
+            listener,
+        })
+    }
+
+    /// Flushes nothing (pull only) but stops the provider's reader cleanly.
+    fn shutdown(&self) {
+        if let Err(e) = self.provider.shutdown() {
+            debug!(error = %e, "meter provider shutdown");
+        }
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// A bound telemetry endpoint, not yet serving.
+pub(crate) struct Endpoint {
+    telemetry: std::sync::Arc<Telemetry>,
+    listener: TcpListener,
+}
+
+impl Endpoint {
+    /// The bound address.
+    #[cfg(test)]
+    pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves connections until `stop` completes, then drops the ones still open.
+    pub(crate) async fn serve(self, stop: impl Future<Output = ()>) {
+        let mut connections = JoinSet::new();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let telemetry = self.telemetry.clone();
+                        connections.spawn(async move {
+                            let service = service_fn(move |request: Request<Incoming>| {
+                                let response = telemetry.respond(&request);
+                                async move { Ok::<_, Infallible>(response) }
+                            });
+                            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                            {
+                                debug!(%peer, error = %e, "telemetry connection");
+                            }
+                        });
+                    }
+                    // Out of file descriptors and the like: keep serving the others.
+                    Err(e) => warn!(error = %e, "telemetry endpoint: accept failed"),
+                },
+                // Reap finished connections so the set does not grow.
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        connections.shutdown().await;
+        self.telemetry.shutdown();
+        info!("telemetry endpoint stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn get(path: &str) -> Request<()> {
+        Request::get(path).body(()).unwrap()
+    }
+
+    async fn body(response: Response<Full<Bytes>>) -> String {
+        use http_body_util::BodyExt as _;
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn healthz_is_ok_and_unknown_paths_are_404() {
+        let telemetry = Telemetry::new("drv-1").unwrap();
+        let response = telemetry.respond(&get("/healthz"));
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body(response).await, "ok\n");
+        assert_eq!(
+            telemetry.respond(&get("/nope")).status(),
+            StatusCode::NOT_FOUND
+        );
+        let post = Request::post("/metrics").body(()).unwrap();
+        assert_eq!(telemetry.respond(&post).status(), StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn metrics_are_prometheus_text_with_info_up_and_engine_instruments() {
+        let telemetry = Telemetry::new("drv-1").unwrap();
+        let counter = telemetry.meter().u64_counter("hsm_driver_jobs").build();
+        counter.add(
+            3,
+            &[
+                KeyValue::new("kind", "Signature"),
+                KeyValue::new("outcome", "completed"),
+            ],
+        );
+        let response = telemetry.respond(&get("/metrics"));
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[CONTENT_TYPE],
+            "text/plain; version=0.0.4"
+        );
+        let text = body(response).await;
+        assert!(text.contains("hsm_driver_up{"), "{text}");
+        let info = text
+            .lines()
+            .find(|l| l.starts_with("hsm_driver_info{"))
+            .unwrap_or_else(|| panic!("no hsm_driver_info in\n{text}"));
+        assert!(info.contains("driver_id=\"drv-1\""), "{info}");
+        assert!(
+            info.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+            "{info}"
+        );
+        assert!(info.ends_with(" 1"), "{info}");
+        assert!(
+            text.lines().any(|l| l.starts_with("hsm_driver_jobs_total{")
+                && l.contains("kind=\"Signature\"")
+                && l.contains("outcome=\"completed\"")
+                && l.ends_with(" 3")),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_serves_on_a_real_port_until_stopped() {
+        let endpoint = Telemetry::new("drv-1")
+            .unwrap()
+            .bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(endpoint.serve(stop.clone().cancelled_owned()));
+
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(response.ends_with("\r\n\r\nok\n"), "{response}");
+
+        stop.cancel();
+        server.await.unwrap();
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+}

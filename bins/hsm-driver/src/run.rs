@@ -133,25 +133,13 @@ pub(crate) async fn create_master_key(
     config: &Config,
     label: Option<String>,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        config.hsm.kind == HsmKind::Pkcs11,
-        "master-key create needs hsm.kind = \"pkcs11\""
-    );
-    let module = wiring::pkcs11_module(config).await?;
-    let token = config
-        .hsm
-        .token_label
-        .clone()
-        .context("hsm.token_label: required")?;
-    let pin = secrets::user_pin(&config.hsm)?;
     let label = label.unwrap_or_else(|| config.hsm.master_key_label.clone());
-    let (token_for_task, label_for_task) = (token.clone(), label.clone());
-    tokio::task::spawn_blocking(move || {
-        hsm_pkcs11::create_master_key(&module, &token_for_task, &pin, &label_for_task)
+    let token = provision(config, "master-key create", {
+        let label = label.clone();
+        move |module, token, pin| hsm_pkcs11::create_master_key(module, token, pin, &label)
     })
     .await
-    .context("master key task")?
-    .with_context(|| format!("creating master key `{label}` on token `{token}`"))?;
+    .with_context(|| format!("creating master key `{label}`"))?;
     println!(
         "master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only, CKA_UNWRAP_TEMPLATE set), with its record-MAC key `{}`",
         hsm_pkcs11::record_mac_key_label(&label)
@@ -161,9 +149,36 @@ pub(crate) async fn create_master_key(
 
 /// `master-key create-mac-key`.
 pub(crate) async fn create_mac_key(config: &Config) -> anyhow::Result<()> {
+    let master = config.hsm.master_key_label.clone();
+    let token = provision(config, "master-key create-mac-key", {
+        let master = master.clone();
+        move |module, token, pin| hsm_pkcs11::create_mac_key(module, token, pin, &master)
+    })
+    .await
+    .with_context(|| format!("creating the record-MAC key for `{master}`"))?;
+    println!(
+        "record-MAC key `{}` created on token `{token}` (HMAC-SHA256, sensitive, not extractable, sign/verify only)",
+        hsm_pkcs11::record_mac_key_label(&master)
+    );
+    Ok(())
+}
+
+/// Runs a provisioning step on the configured token (module, token label and PIN from the
+/// configuration) on the blocking pool; returns the token label.
+async fn provision(
+    config: &Config,
+    command: &str,
+    step: impl FnOnce(
+        &hsm_pkcs11::Pkcs11Module,
+        &str,
+        &secrecy::SecretString,
+    ) -> Result<(), hsm_pkcs11::HsmError>
+    + Send
+    + 'static,
+) -> anyhow::Result<String> {
     anyhow::ensure!(
         config.hsm.kind == HsmKind::Pkcs11,
-        "master-key create-mac-key needs hsm.kind = \"pkcs11\""
+        "{command} needs hsm.kind = \"pkcs11\""
     );
     let module = wiring::pkcs11_module(config).await?;
     let token = config
@@ -172,19 +187,12 @@ pub(crate) async fn create_mac_key(config: &Config) -> anyhow::Result<()> {
         .clone()
         .context("hsm.token_label: required")?;
     let pin = secrets::user_pin(&config.hsm)?;
-    let master = config.hsm.master_key_label.clone();
-    let (token_for_task, master_for_task) = (token.clone(), master.clone());
-    tokio::task::spawn_blocking(move || {
-        hsm_pkcs11::create_mac_key(&module, &token_for_task, &pin, &master_for_task)
-    })
-    .await
-    .context("MAC key task")?
-    .with_context(|| format!("creating the record-MAC key for `{master}` on token `{token}`"))?;
-    println!(
-        "record-MAC key `{}` created on token `{token}` (HMAC-SHA256, sensitive, not extractable, sign/verify only)",
-        hsm_pkcs11::record_mac_key_label(&master)
-    );
-    Ok(())
+    let label = token.clone();
+    tokio::task::spawn_blocking(move || step(&module, &label, &pin))
+        .await
+        .context("provisioning task")?
+        .with_context(|| format!("on token `{token}`"))?;
+    Ok(token)
 }
 
 /// `audit verify`: walk the whole audit ledger and report the first deleted, altered or

@@ -42,8 +42,8 @@ use zeroize::Zeroizing;
 use crate::error::HsmError;
 use crate::hsm::WrapMechanism;
 use crate::pkcs11::{
-    Pkcs11Config, Pkcs11Hsm, Pkcs11Module, PolicyDeviation, create_master_key, generate_master_key,
-    import_master_key,
+    Pkcs11Config, Pkcs11Hsm, Pkcs11Module, PolicyDeviation, create_master_key, find_slot,
+    generate_master_key, import_master_key, open_user_session,
 };
 
 /// Where the module is looked for when `SOFTHSM2_MODULE` is not set.
@@ -365,6 +365,17 @@ impl SoftHsmToken {
     /// As [`Pkcs11Hsm::open`].
     pub fn open_hsm(&self, sessions: usize) -> Result<Pkcs11Hsm, HsmError> {
         Pkcs11Hsm::open(&self.module, self.config(sessions))
+    }
+
+    /// A logged-in read-write session on this token, for tests that drive cryptoki directly
+    /// (inspect objects, play an attacker holding the PIN). Blocking.
+    ///
+    /// # Errors
+    /// If the token's slot is gone or login fails.
+    pub fn login_session(&self) -> Result<cryptoki::session::Session, HsmError> {
+        let context = self.module.context();
+        let slot = find_slot(context, &self.label)?;
+        open_user_session(context, slot, &self.user_pin)
     }
 
     /// The SoftHSMv2 library in use.

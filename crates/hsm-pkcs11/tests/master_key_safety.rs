@@ -5,7 +5,7 @@
 use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::Session;
 use hsm_pkcs11::softhsm::{MasterKeyHazard, SoftHsmToken};
 use hsm_pkcs11::{
     Attack, AttackOutcome, FindingKind, Hsm, KeyScheme, SelfTestReport, Severity, SignPayload,
@@ -20,21 +20,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
-/// A logged-in session on the token: the attacker's position (any logged-in application).
+/// A logged-in session on the fixture token, for driving cryptoki directly.
 fn raw_session(token: &SoftHsmToken) -> Session {
-    let context = token.module().context();
-    let slot = context
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|slot| context.get_token_info(*slot).unwrap().label().trim_end() == token.label())
-        .expect("fixture token slot");
-    let session = context.open_rw_session(slot).unwrap();
-    match session.login(UserType::User, Some(token.user_pin())) {
-        Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => panic!("login: {e}"),
-    }
-    session
+    token
+        .login_session()
+        .expect("a logged-in session on the fixture token")
 }
 
 fn master(session: &Session, token: &SoftHsmToken) -> ObjectHandle {

@@ -4,7 +4,7 @@
 use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::Session;
 use hsm_pkcs11::softhsm::SoftHsmToken;
 use hsm_pkcs11::{
     FakeHsm, Hsm, HsmError, Pkcs11Hsm, create_mac_key, import_mac_key, record_mac_message,
@@ -102,19 +102,9 @@ fn assert_tampered(result: Result<(), HsmError>, what: &str) {
 
 /// A logged-in session on the fixture token, for driving cryptoki directly.
 fn raw_session(token: &SoftHsmToken) -> Session {
-    let context = token.module().context();
-    let slot = context
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|slot| context.get_token_info(*slot).unwrap().label().trim_end() == token.label())
-        .expect("fixture token slot");
-    let session = context.open_rw_session(slot).unwrap();
-    match session.login(UserType::User, Some(token.user_pin())) {
-        Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => panic!("login: {e}"),
-    }
-    session
+    token
+        .login_session()
+        .expect("a logged-in session on the fixture token")
 }
 
 fn mac_key(session: &Session, token: &SoftHsmToken) -> ObjectHandle {

@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::Session;
 use hsm_pkcs11::softhsm::SoftHsmToken;
 use hsm_pkcs11::{
     Hsm, HsmError, KeyScheme, Pkcs11Hsm, SchemeSupport, SignPayload, SignRequest, Signature,
@@ -82,19 +81,9 @@ fn check_ecdsa(scheme: KeyScheme, public_key: &[u8], digest: &[u8; 32], signatur
 
 /// A logged-in session on the fixture token, for driving cryptoki directly.
 fn raw_session(token: &SoftHsmToken) -> Session {
-    let context = token.module().context();
-    let slot = context
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|slot| context.get_token_info(*slot).unwrap().label().trim_end() == token.label())
-        .expect("fixture token slot");
-    let session = context.open_rw_session(slot).unwrap();
-    match session.login(UserType::User, Some(token.user_pin())) {
-        Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => panic!("login: {e}"),
-    }
-    session
+    token
+        .login_session()
+        .expect("a logged-in session on the fixture token")
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -39,7 +39,7 @@ pub use self_test::{
     Attack, AttackOutcome, AttackRecord, FindingKind, SelfTestFinding, SelfTestReport, Severity,
 };
 #[cfg(feature = "softhsm-fixture")]
-pub(crate) use token::find_slot;
+pub(crate) use token::{find_slot, open_user_session};
 
 use crate::error::HsmError;
 use crate::hsm::{

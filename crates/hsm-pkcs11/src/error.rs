@@ -4,6 +4,7 @@
 //! involved; they never contain key material, wrapped blobs or PINs.
 
 use cryptoki::error::{Error as CryptokiError, RvError};
+use cryptoki::session::SessionState;
 
 use crate::hsm::KeyScheme;
 use crate::pkcs11::SelfTestReport;
@@ -138,9 +139,54 @@ pub enum HsmError {
         report: Box<SelfTestReport>,
     },
 
-    /// The worker pool has shut down (the HSM was closed or a worker died).
+    /// The worker pool is not running: the HSM is being re-established
+    /// ([`Hsm::recover`](crate::Hsm::recover)), a recovery failed, the HSM was closed, or a
+    /// worker died. Retryable: call [`Hsm::recover`](crate::Hsm::recover), then try again.
     #[error("the HSM worker pool is not running")]
     WorkerUnavailable,
+
+    /// The token now holds a master key with another fingerprint than the one found at open:
+    /// the master key was replaced under a running driver. Keys wrapped under the old one no
+    /// longer unwrap, and new keys would be wrapped under a key the rest of the fleet may not
+    /// share. Never retried: an operator must find out what happened to the token.
+    #[error(
+        "the master key on the token changed: fingerprint {found} found on recovery,          {expected} at open; refusing to use it (an operator must check the token)"
+    )]
+    MasterKeyChanged {
+        /// The fingerprint found at open.
+        expected: String,
+        /// The fingerprint found now.
+        found: String,
+    },
+
+    /// The token labelled `label`, open until now, is not visible any more (removed,
+    /// disconnected, or forgotten by the module). Retryable, unlike
+    /// [`HsmError::TokenNotFound`] at open: it may come back.
+    #[error("the token labelled `{label}` is not visible any more (removed or disconnected)")]
+    TokenUnavailable {
+        /// The token label looked for.
+        label: String,
+    },
+
+    /// A session that should be a logged-in read-write user session is not (the application
+    /// was logged out, for example by a `C_Logout` or by closing every session). Retryable
+    /// after [`Hsm::recover`](crate::Hsm::recover).
+    #[error("the PKCS#11 session is no longer logged in (state {state:?}, expected RwUser)")]
+    SessionNotLoggedIn {
+        /// The state `C_GetSessionInfo` reported.
+        state: SessionState,
+    },
+
+    /// A fault injected by [`FaultInjectingHsm`](crate::fault::FaultInjectingHsm) (a test and
+    /// fault-drill configuration). Retryable, like the device error it stands for.
+    #[error(
+        "injected HSM fault in {operation} (fault-injection test configuration): behaves as \
+         CKR_DEVICE_ERROR"
+    )]
+    InjectedFault {
+        /// The [`Hsm`](crate::Hsm) method that failed, for example `sign`.
+        operation: &'static str,
+    },
 }
 
 impl HsmError {
@@ -159,7 +205,10 @@ impl HsmError {
                 CryptokiError::Pkcs11(rv, _) => rv_is_transient(*rv),
                 _ => false,
             },
-            HsmError::WorkerUnavailable => true,
+            HsmError::WorkerUnavailable
+            | HsmError::TokenUnavailable { .. }
+            | HsmError::SessionNotLoggedIn { .. }
+            | HsmError::InjectedFault { .. } => true,
             HsmError::UnsupportedScheme { .. }
             | HsmError::InvalidPayload { .. }
             | HsmError::UnwrapFailed { .. }
@@ -172,13 +221,26 @@ impl HsmError {
             | HsmError::TokenNotFound { .. }
             | HsmError::Config { .. }
             | HsmError::Io { .. }
-            | HsmError::UnsafeMasterKey { .. } => false,
+            | HsmError::UnsafeMasterKey { .. }
+            | HsmError::MasterKeyChanged { .. } => false,
         }
     }
 
     /// Whether the master key failed its self-test (see [`HsmError::UnsafeMasterKey`]).
     pub fn is_unsafe_master_key(&self) -> bool {
         matches!(self, HsmError::UnsafeMasterKey { .. })
+    }
+
+    /// Whether the token's master key changed under a running HSM (see
+    /// [`HsmError::MasterKeyChanged`]).
+    pub fn is_master_key_changed(&self) -> bool {
+        matches!(self, HsmError::MasterKeyChanged { .. })
+    }
+
+    /// Whether this is a fault injected by
+    /// [`FaultInjectingHsm`](crate::fault::FaultInjectingHsm) (see [`HsmError::InjectedFault`]).
+    pub fn is_injected_fault(&self) -> bool {
+        matches!(self, HsmError::InjectedFault { .. })
     }
 
     /// Whether the token cannot serve the requested scheme.
@@ -224,11 +286,18 @@ impl HsmError {
     }
 }
 
-/// Return values that may go away on their own: device, memory, session and login state.
+/// Return values that may go away on their own or after [`Hsm::recover`](crate::Hsm::recover):
+/// device, memory, session and login state, and the handles of the master and MAC keys that
+/// each session looks up once (a lost login or session invalidates them; recovery looks them
+/// up again, and fails for good if the key is really gone).
 pub(crate) fn rv_is_transient(rv: RvError) -> bool {
     matches!(
         rv,
-        RvError::DeviceError
+        RvError::KeyHandleInvalid
+            | RvError::ObjectHandleInvalid
+            | RvError::WrappingKeyHandleInvalid
+            | RvError::UnwrappingKeyHandleInvalid
+            | RvError::DeviceError
             | RvError::DeviceMemory
             | RvError::DeviceRemoved
             | RvError::HostMemory
@@ -265,6 +334,18 @@ pub(crate) fn rv_name(rv: RvError) -> String {
             name
         }
     }
+}
+
+/// `error` and its sources, joined by `: `, for one log field.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    chain
 }
 
 /// A short description of a cryptoki error: the `CKR_*` name rather than the spec's paragraph.
@@ -317,5 +398,40 @@ mod tests {
         let tampered = HsmError::RecordTampered;
         assert!(tampered.is_key_material() && tampered.is_record_tampered());
         assert!(!tampered.is_retryable());
+    }
+
+    #[test]
+    fn recovery_errors_say_whether_to_try_again() {
+        let changed = HsmError::MasterKeyChanged {
+            expected: "aa".into(),
+            found: "bb".into(),
+        };
+        assert!(changed.is_master_key_changed() && !changed.is_retryable());
+        assert!(
+            changed
+                .to_string()
+                .contains("master key on the token changed")
+        );
+        let injected = HsmError::InjectedFault { operation: "sign" };
+        assert!(injected.is_injected_fault() && injected.is_retryable());
+        assert_eq!(
+            injected.to_string(),
+            "injected HSM fault in sign (fault-injection test configuration): behaves as \
+             CKR_DEVICE_ERROR"
+        );
+        assert!(HsmError::TokenUnavailable { label: "t".into() }.is_retryable());
+        assert!(
+            HsmError::SessionNotLoggedIn {
+                state: SessionState::RwPublic
+            }
+            .is_retryable()
+        );
+        assert!(!HsmError::TokenNotFound { label: "t".into() }.is_retryable());
+        // A lost login invalidates the key handles each session cached: recover finds them.
+        let stale = HsmError::Pkcs11 {
+            function: "C_UnwrapKey",
+            source: CryptokiError::Pkcs11(RvError::UnwrappingKeyHandleInvalid, Function::UnwrapKey),
+        };
+        assert!(stale.is_retryable() && !stale.is_key_material());
     }
 }

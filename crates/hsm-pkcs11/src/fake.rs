@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::RngCore;
 use rand::rngs::OsRng;
@@ -47,6 +48,8 @@ pub struct FakeHsm {
     wrap_mechanism: WrapMechanism,
     capabilities: Capabilities,
     master: MasterKeyInfo,
+    /// How many times [`Hsm::recover`] was called.
+    recover_calls: AtomicU64,
 }
 
 impl FakeHsm {
@@ -80,7 +83,15 @@ impl FakeHsm {
                 label: "fake-master-key".into(),
                 fingerprint,
             },
+            recover_calls: AtomicU64::new(0),
         }
+    }
+
+    /// How many times [`Hsm::recover`] has been called on this fake, so that tests can assert
+    /// that recovery happened. Combine with
+    /// [`FaultInjectingHsm`](crate::fault::FaultInjectingHsm) to make operations fail.
+    pub fn recover_calls(&self) -> u64 {
+        self.recover_calls.load(Ordering::Acquire)
     }
 
     /// The private key inside a blob this fake wrapped. A test hook only a software fake can
@@ -298,6 +309,7 @@ impl std::fmt::Debug for FakeHsm {
         f.debug_struct("FakeHsm")
             .field("master", &self.master)
             .field("capabilities", &self.capabilities)
+            .field("recover_calls", &self.recover_calls())
             .finish_non_exhaustive()
     }
 }
@@ -351,6 +363,17 @@ impl Hsm for FakeHsm {
         } else {
             Err(HsmError::RecordTampered)
         })
+    }
+
+    /// Always usable: a fake has no device to lose.
+    fn check(&self) -> impl Future<Output = Result<(), HsmError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    /// Counts the call ([`FakeHsm::recover_calls`]) and succeeds.
+    async fn recover(&self) -> Result<(), HsmError> {
+        self.recover_calls.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 }
 
@@ -445,6 +468,16 @@ mod tests {
                 .unwrap_err()
                 .is_record_tampered()
         );
+    }
+
+    #[tokio::test]
+    async fn check_succeeds_and_recover_is_counted() {
+        let hsm = FakeHsm::new();
+        hsm.check().await.unwrap();
+        assert_eq!(hsm.recover_calls(), 0);
+        hsm.recover().await.unwrap();
+        hsm.recover().await.unwrap();
+        assert_eq!(hsm.recover_calls(), 2);
     }
 
     #[tokio::test]

@@ -191,6 +191,11 @@ pub struct MasterKeyInfo {
 ///
 /// Implementations run blocking device calls off the async worker threads; the futures they
 /// return are cheap to poll.
+///
+/// Failure handling: an operation that fails with a retryable [`HsmError`]
+/// ([`HsmError::is_retryable`]) may mean the sessions or the device are gone. The caller then
+/// stops taking work, calls [`Hsm::recover`] with backoff until it succeeds, confirms with
+/// [`Hsm::check`], and resumes.
 pub trait Hsm: Send + Sync + 'static {
     /// What the token can do (probed once at start-up).
     fn capabilities(&self) -> &Capabilities;
@@ -242,4 +247,26 @@ pub trait Hsm: Send + Sync + 'static {
         message: Vec<u8>,
         mac: [u8; 32],
     ) -> impl Future<Output = Result<(), HsmError>> + Send;
+
+    /// Proves the HSM is usable now with one cheap operation through the same path jobs take
+    /// (the worker sessions), without creating any persistent object.
+    ///
+    /// # Errors
+    /// The [`HsmError`] that shows it is not usable (retryable ones mean "try
+    /// [`recover`](Hsm::recover)").
+    fn check(&self) -> impl Future<Output = Result<(), HsmError>> + Send;
+
+    /// Re-establishes the HSM after failures: closes what is left of the old sessions, opens
+    /// and logs in new ones, finds the master and MAC keys again and re-initialises the
+    /// PKCS#11 library when the failure requires it. Idempotent; safe to call while healthy.
+    ///
+    /// While it runs, operations fail fast with [`HsmError::WorkerUnavailable`] (retryable),
+    /// and jobs queued but not started fail the same way. Dropping the returned future does
+    /// not stop a recovery that has started.
+    ///
+    /// # Errors
+    /// A retryable [`HsmError`] when the HSM is still unreachable (call again later, with
+    /// backoff); [`HsmError::MasterKeyChanged`] (not retryable) when the token now holds a
+    /// master key with a different fingerprint than at open.
+    fn recover(&self) -> impl Future<Output = Result<(), HsmError>> + Send;
 }

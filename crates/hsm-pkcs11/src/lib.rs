@@ -20,10 +20,19 @@
 //! - [`Pkcs11Hsm`]: the real thing, over `cryptoki`;
 //!   [`Pkcs11Hsm::master_key_self_test`] attempts the key-extraction attacks against the
 //!   master key and reports ([`SelfTestReport`]); `docs/key-ceremony.md` explains the master key.
+//! - Failure handling: [`Hsm::check`] proves the HSM usable through the workers' sessions;
+//!   [`Hsm::recover`] re-establishes it after session, token or device errors (it closes the
+//!   old sessions, re-initialises the PKCS#11 library when it lost its state, opens and logs
+//!   in new sessions, and refuses with [`HsmError::MasterKeyChanged`] if the master key was
+//!   replaced). Callers branch on [`HsmError::is_retryable`] to decide to recover.
 //! - [`FakeHsm`] (feature `fake`): a software implementation for fast tests of the layers above.
+//! - [`fault::FaultInjectingHsm`]: wraps any [`Hsm`] and fails every operation while a
+//!   [`fault::FaultSwitch`] is tripped (manually, or while a trigger file exists), for tests
+//!   and fault drills of the failure handling above.
 //! - [`softhsm`] (feature `softhsm-fixture`): isolated SoftHSMv2 tokens for tests.
 
 mod error;
+pub mod fault;
 mod hsm;
 mod pkcs11;
 pub mod record_mac;

@@ -378,6 +378,44 @@ impl SoftHsmToken {
         open_user_session(context, slot, &self.user_pin)
     }
 
+    /// **For failure tests:** `C_CloseAllSessions` on this token's slot, as a lost
+    /// connection or a device reset would do it: every session of this process on the token
+    /// closes under whoever holds it (the application is logged out), and later calls on them
+    /// fail with `CKR_SESSION_HANDLE_INVALID`. Other tokens are not touched. Blocking.
+    ///
+    /// cryptoki 0.12 does not wrap `C_CloseAllSessions`, so this calls it through
+    /// `cryptoki-sys` on the library loaded again (the same, already initialised instance).
+    ///
+    /// # Errors
+    /// If the token's slot is gone, the library cannot be loaded again ([`HsmError::Io`]) or
+    /// lacks the function ([`HsmError::Config`]), or the call fails ([`HsmError::Pkcs11`]
+    /// naming `C_CloseAllSessions`).
+    #[allow(unsafe_code)]
+    pub fn close_all_sessions(&self) -> Result<(), HsmError> {
+        let slot = find_slot(self.module.context(), &self.label)?;
+        let path = self.module.path();
+        // SAFETY: loading a library runs its initialisers; this is the library this process
+        // has already loaded and initialised (the fixture's module, same path), so the dynamic
+        // loader only takes another reference to it, and the symbols resolve to the same,
+        // initialised instance.
+        let library = unsafe { cryptoki_sys::Pkcs11::new(path) }.map_err(|error| HsmError::Io {
+            context: format!("loading {} again for C_CloseAllSessions", path.display()),
+            source: std::io::Error::other(error),
+        })?;
+        if library.C_CloseAllSessions.is_err() {
+            return Err(HsmError::Config {
+                reason: format!("{} does not export C_CloseAllSessions", path.display()),
+            });
+        }
+        // SAFETY: the symbol exists (checked above) and has the PKCS#11 signature the
+        // bindings declare; it takes a slot id by value and no pointers. `library` outlives
+        // the call.
+        let rv = unsafe { library.C_CloseAllSessions(slot.id()) };
+        cryptoki::error::Rv::from(rv)
+            .into_result(cryptoki::context::Function::CloseAllSessions)
+            .map_err(HsmError::pkcs11("C_CloseAllSessions"))
+    }
+
     /// The SoftHSMv2 library in use.
     ///
     /// # Errors

@@ -1,15 +1,22 @@
 //! [`Pkcs11Hsm`]: the [`Hsm`] trait over a PKCS#11 token, through `cryptoki`.
 //!
 //! [`Pkcs11Hsm::open`] finds the token by label, opens and logs in a keep-alive session,
-//! finds the master key and the record MAC key, computes its fingerprint, probes every scheme, then starts one worker
-//! thread per configured session. The async [`Hsm`] methods only send a job to the workers
-//! and await the answer.
+//! finds the master key and the record MAC key, computes its fingerprint, probes every scheme,
+//! then starts one worker thread per configured session (the [`pool`]). The async [`Hsm`]
+//! methods only send a job to the workers and await the answer.
+//!
+//! Recovery ([`Hsm::recover`]) replaces the pool: it takes the old one out (new jobs fail
+//! fast with [`HsmError::WorkerUnavailable`]), stops its workers and closes its sessions, opens
+//! and logs in new ones, finds the keys again, checks the master key fingerprint, and installs
+//! the new pool. The order matters: SoftHSMv2 reuses freed session handle numbers, so a stale
+//! session closed after new ones are open could close a new one.
 
 mod config;
 mod guard;
 mod keys;
 mod mac;
 mod module;
+mod pool;
 mod probe;
 mod provision;
 mod raw_template;
@@ -19,11 +26,10 @@ pub(crate) mod token;
 mod worker;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, TryLockError};
 
-use crossbeam_channel::Sender;
+use cryptoki::error::RvError;
 use cryptoki::object::{Attribute, ObjectClass};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
@@ -41,31 +47,192 @@ pub use self_test::{
 #[cfg(feature = "softhsm-fixture")]
 pub(crate) use token::{find_slot, open_user_session};
 
-use crate::error::HsmError;
+use crate::error::{HsmError, error_chain};
 use crate::hsm::{
     Capabilities, GeneratedKey, Hsm, KeyScheme, MasterKeyInfo, SchemeSupport, SignRequest,
-    Signature, WrapMechanism,
+    Signature,
 };
 use crate::record_mac::record_mac_key_label;
-use worker::{Job, Worker};
+use pool::{KeepAlive, Pool};
+use token::OwnedSession;
+use worker::Job;
 
 /// An [`Hsm`] backed by a PKCS#11 token.
 ///
 /// Holds `sessions` worker threads, each with its own session, plus one keep-alive session
-/// that stays open for the life of this value (closing a token's last session logs the
-/// application out). Dropping it, or [`Pkcs11Hsm::close`], stops the workers, lets them close
-/// their sessions, and closes the keep-alive session last.
+/// (closing a token's last session logs the application out). [`Hsm::recover`] replaces them
+/// all after a failure; [`Hsm::check`] proves them usable. Dropping it, or
+/// [`Pkcs11Hsm::close`], stops the workers, lets them close their sessions, and closes the
+/// keep-alive session last.
 pub struct Pkcs11Hsm {
-    jobs: Option<Sender<Job>>,
-    workers: Vec<JoinHandle<()>>,
-    stopping: Arc<AtomicBool>,
-    /// Also serves [`Pkcs11Hsm::token_report`]; `Session` is not `Sync`.
-    keepalive: Option<Mutex<Session>>,
-    module: Pkcs11Module,
-    slot: Slot,
+    /// What the recovery thread needs too.
+    shared: Arc<Shared>,
     capabilities: Capabilities,
     master: MasterKeyInfo,
-    wrap_mechanism: WrapMechanism,
+}
+
+/// The replaceable part of a [`Pkcs11Hsm`], and what re-opening it takes.
+struct Shared {
+    module: Pkcs11Module,
+    /// As given to [`Pkcs11Hsm::open`], PIN included (a `SecretString`).
+    config: Pkcs11Config,
+    mac_label: String,
+    /// The master key fingerprint found at open; recovery insists on it.
+    fingerprint: String,
+    state: RwLock<PoolState>,
+    /// Serialises recoveries (and [`Pkcs11Hsm::close`] against a recovery).
+    recovery: Mutex<()>,
+    /// Counts the pools installed by recoveries.
+    generation: AtomicU64,
+}
+
+/// Whether jobs can run.
+enum PoolState {
+    /// Workers are running.
+    Ready(Pool),
+    /// Between the start of a recovery and its success: jobs fail fast.
+    Down,
+    /// [`Pkcs11Hsm::close`]d or dropped: nothing will install a pool again.
+    Closed,
+}
+
+impl PoolState {
+    fn name(&self) -> &'static str {
+        match self {
+            PoolState::Ready(_) => "ready",
+            PoolState::Down => "down",
+            PoolState::Closed => "closed",
+        }
+    }
+}
+
+impl Shared {
+    /// Runs `f` on the running pool, holding it (a read lock) meanwhile; without one,
+    /// [`HsmError::WorkerUnavailable`]. Only for quick, non-blocking `f`: callers on async
+    /// threads wait for the lock while a recovery swaps pools.
+    fn with_pool<R>(&self, f: impl FnOnce(&Pool) -> Result<R, HsmError>) -> Result<R, HsmError> {
+        match &*self.state.read().unwrap_or_else(PoisonError::into_inner) {
+            PoolState::Ready(pool) => f(pool),
+            PoolState::Down | PoolState::Closed => Err(HsmError::WorkerUnavailable),
+        }
+    }
+
+    /// The running pool's slot and keep-alive session, without holding the pool: blocking
+    /// work on the session must not keep a recovery (and with it every job submission)
+    /// waiting for the pool lock.
+    fn keepalive(&self) -> Result<(Slot, KeepAlive), HsmError> {
+        self.with_pool(|pool| Ok((pool.slot(), Arc::clone(pool.keepalive()))))
+    }
+
+    fn is_ready(&self) -> bool {
+        matches!(
+            *self.state.read().unwrap_or_else(PoisonError::into_inner),
+            PoolState::Ready(_)
+        )
+    }
+
+    /// Opens, logs in and checks a new keep-alive session, then starts the workers: step 3
+    /// of a recovery. Blocking. On an error, every session it opened is closed before it
+    /// returns.
+    fn open_pool(&self) -> Result<Pool, HsmError> {
+        let context = self.module.context();
+        let slot = match token::find_slot(context, &self.config.token_label) {
+            // It was there at open: gone for now, not misconfigured.
+            Err(HsmError::TokenNotFound { label }) => {
+                return Err(HsmError::TokenUnavailable { label });
+            }
+            other => other?,
+        };
+        let keepalive = token::open_owned_session(context, slot, &self.config.user_pin)?;
+        let master = token::find_master_key(keepalive.get(), &self.config.master_key_label)?;
+        token::find_mac_key(keepalive.get(), &self.mac_label)?;
+        let found = keys::fingerprint(keepalive.get(), master)?;
+        if found != self.fingerprint {
+            return Err(HsmError::MasterKeyChanged {
+                expected: self.fingerprint.clone(),
+                found,
+            });
+        }
+        Pool::start(context, slot, keepalive, &self.config, &self.mac_label)
+    }
+
+    /// [`Hsm::recover`], on a blocking thread. `seen` is the generation when it was called.
+    fn recover(&self, seen: u64) -> Result<(), HsmError> {
+        let _serialised = self.recovery.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.generation.load(Ordering::Acquire) != seen && self.is_ready() {
+            tracing::debug!("a recovery that finished after this call began did the work");
+            return Ok(());
+        }
+        // (1) Take the old pool out: from now on, jobs fail fast with WorkerUnavailable.
+        let old = {
+            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            match std::mem::replace(&mut *state, PoolState::Down) {
+                PoolState::Ready(pool) => Some(pool),
+                PoolState::Down => None,
+                PoolState::Closed => {
+                    *state = PoolState::Closed;
+                    return Err(HsmError::WorkerUnavailable);
+                }
+            }
+        };
+        // (2) Stop its workers and close its sessions, before any new session exists.
+        if let Some(mut old) = old {
+            if let Err(error) = old.shutdown() {
+                tracing::debug!(error = %error_chain(&error), "closing the old PKCS#11 sessions");
+            }
+        }
+        // (3) New sessions; re-initialise the library first if it lost its state.
+        let pool = match self.open_pool() {
+            Err(error) if library_lost(&error) => {
+                tracing::warn!(
+                    error = %error_chain(&error),
+                    "the PKCS#11 library lost its state or the token; re-initialising it"
+                );
+                self.module.reinitialize()?;
+                self.open_pool()?
+            }
+            other => other?,
+        };
+        // (4) Install it, unless the HSM was closed meanwhile (then `pool` stops on drop).
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        if matches!(*state, PoolState::Closed) {
+            return Err(HsmError::WorkerUnavailable);
+        }
+        *state = PoolState::Ready(pool);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        tracing::info!(
+            token = %self.config.token_label,
+            sessions = self.config.sessions,
+            "PKCS#11 sessions re-established"
+        );
+        Ok(())
+    }
+
+    /// Stops the pool for good. Waits for a recovery in progress. Idempotent.
+    fn close(&self) -> Result<(), HsmError> {
+        let _serialised = self.recovery.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = std::mem::replace(
+            &mut *self.state.write().unwrap_or_else(PoisonError::into_inner),
+            PoolState::Closed,
+        );
+        match old {
+            PoolState::Ready(mut pool) => pool.shutdown(),
+            PoolState::Down | PoolState::Closed => Ok(()),
+        }
+    }
+}
+
+/// Whether a failure to open sessions means the library must be re-initialised: it says it
+/// is not initialised (finalised underneath), or the device or token went away (some modules
+/// only see a returning device, or rebuild their slot list, at `C_Initialize`).
+fn library_lost(error: &HsmError) -> bool {
+    matches!(error, HsmError::TokenUnavailable { .. })
+        || matches!(
+            error.return_value(),
+            Some(
+                RvError::CryptokiNotInitialized | RvError::DeviceRemoved | RvError::TokenNotPresent
+            )
+        )
 }
 
 impl Pkcs11Hsm {
@@ -87,89 +254,78 @@ impl Pkcs11Hsm {
         }
         let context = module.context();
         let slot = token::find_slot(context, &config.token_label)?;
-        let keepalive = token::open_user_session(context, slot, &config.user_pin)?;
-        let master = token::find_master_key(&keepalive, &config.master_key_label)?;
+        let keepalive = token::open_owned_session(context, slot, &config.user_pin)?;
+        let master = token::find_master_key(keepalive.get(), &config.master_key_label)?;
         let mac_label = record_mac_key_label(&config.master_key_label);
-        token::find_mac_key(&keepalive, &mac_label)?;
-        let fingerprint = keys::fingerprint(&keepalive, master)?;
-        let capabilities = probe::probe(&keepalive, master, config.wrap_mechanism);
-
-        let (jobs, receiver) = crossbeam_channel::unbounded();
-        let stopping = Arc::new(AtomicBool::new(false));
-        let mut hsm = Pkcs11Hsm {
-            jobs: Some(jobs),
-            workers: Vec::with_capacity(config.sessions),
-            stopping: Arc::clone(&stopping),
-            keepalive: Some(Mutex::new(keepalive)),
-            module: module.clone(),
-            slot,
-            capabilities,
-            master: MasterKeyInfo {
-                label: config.master_key_label.clone(),
-                fingerprint,
-            },
-            wrap_mechanism: config.wrap_mechanism,
-        };
-        // On an error below, dropping `hsm` stops the workers already started.
-        for index in 0..config.sessions {
-            let session = token::open_user_session(context, slot, &config.user_pin)?;
-            // Looked up once per session: a find can be slow on a token with many objects.
-            let master = token::find_master_key(&session, &config.master_key_label)?;
-            let mac_key = token::find_mac_key(&session, &mac_label)?;
-            let worker = Worker {
-                session,
-                master,
-                mac_key,
-                wrap_mechanism: config.wrap_mechanism,
-                jobs: receiver.clone(),
-                stopping: Arc::clone(&stopping),
-            };
-            hsm.workers.push(worker.spawn(index)?);
-        }
+        token::find_mac_key(keepalive.get(), &mac_label)?;
+        let fingerprint = keys::fingerprint(keepalive.get(), master)?;
+        let capabilities = probe::probe(keepalive.get(), master, config.wrap_mechanism);
+        // On an error, the sessions opened so far are closed before this returns.
+        let pool = Pool::start(context, slot, keepalive, &config, &mac_label)?;
         tracing::info!(
             token = %config.token_label,
             sessions = config.sessions,
-            fingerprint = %hsm.master.fingerprint,
+            fingerprint = %fingerprint,
             "PKCS#11 token open"
         );
-        Ok(hsm)
+        let master = MasterKeyInfo {
+            label: config.master_key_label.clone(),
+            fingerprint: fingerprint.clone(),
+        };
+        Ok(Pkcs11Hsm {
+            shared: Arc::new(Shared {
+                module: module.clone(),
+                config,
+                mac_label,
+                fingerprint,
+                state: RwLock::new(PoolState::Ready(pool)),
+                recovery: Mutex::new(()),
+                generation: AtomicU64::new(0),
+            }),
+            capabilities,
+            master,
+        })
     }
 
     /// Identifies the token and counts private- and secret-key objects. Blocking (runs on the
     /// keep-alive session, on the caller's thread): call it from a blocking thread.
     ///
     /// # Errors
-    /// [`HsmError::Pkcs11`] naming the failing call.
+    /// [`HsmError::Pkcs11`] naming the failing call; [`HsmError::WorkerUnavailable`] while a
+    /// recovery is replacing the sessions (or after a failed one).
     pub fn token_report(&self) -> Result<TokenReport, HsmError> {
+        let (slot, keepalive) = self.shared.keepalive()?;
         let info = self
+            .shared
             .module
             .context()
-            .get_token_info(self.slot)
+            .get_token_info(slot)
             .map_err(HsmError::pkcs11("C_GetTokenInfo"))?;
-        let session = self.keepalive()?;
-        let count = |template: &[Attribute]| {
-            session
-                .find_objects(template)
-                .map(|found| found.len())
-                .map_err(HsmError::pkcs11("C_FindObjects"))
-        };
-        Ok(TokenReport {
-            token_label: info.label().trim_end().to_owned(),
-            manufacturer: info.manufacturer_id().trim_end().to_owned(),
-            model: info.model().trim_end().to_owned(),
-            serial_number: info.serial_number().trim_end().to_owned(),
-            token_private_keys: count(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Token(true),
-            ])?,
-            session_private_keys: count(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Token(false),
-            ])?,
-            token_secret_keys: count(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::Token(true),
-            ])?,
+        with_keepalive(&keepalive, |session| {
+            let count = |template: &[Attribute]| {
+                session
+                    .find_objects(template)
+                    .map(|found| found.len())
+                    .map_err(HsmError::pkcs11("C_FindObjects"))
+            };
+            Ok(TokenReport {
+                token_label: info.label().trim_end().to_owned(),
+                manufacturer: info.manufacturer_id().trim_end().to_owned(),
+                model: info.model().trim_end().to_owned(),
+                serial_number: info.serial_number().trim_end().to_owned(),
+                token_private_keys: count(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Token(true),
+                ])?,
+                session_private_keys: count(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Token(false),
+                ])?,
+                token_secret_keys: count(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Token(true),
+                ])?,
+            })
         })
     }
 
@@ -182,60 +338,39 @@ impl Pkcs11Hsm {
     ///
     /// Blocking (about ten PKCS#11 calls including an EC key-pair generation): runs on the
     /// keep-alive session, on the caller's thread, holding it for the duration; call it from
-    /// a blocking thread. The workers keep serving jobs meanwhile. A caller that must refuse
-    /// to start on an unsafe key uses [`SelfTestReport::require_safe`].
+    /// a blocking thread. The workers keep serving jobs meanwhile (a recovery waits for it).
+    /// A caller that must refuse to start on an unsafe key uses
+    /// [`SelfTestReport::require_safe`].
     ///
     /// # Errors
     /// [`HsmError::MasterKeyNotFound`] if the key went away; [`HsmError::Pkcs11`] naming the
     /// failing call when the self-test could not run (generating or wrapping the canary) or
     /// an attack failed with a transient return value (device, session, login), so that no
-    /// verdict could be reached. An unsafe key is not an error here: see the report.
+    /// verdict could be reached; [`HsmError::WorkerUnavailable`] while a recovery is
+    /// replacing the sessions. An unsafe key is not an error here: see the report.
     pub fn master_key_self_test(&self) -> Result<SelfTestReport, HsmError> {
-        let session = self.keepalive()?;
-        let master = token::find_master_key(&session, &self.master.label)?;
-        self_test::run(&session, master, &self.master.label, self.wrap_mechanism)
+        let config = &self.shared.config;
+        let (_, keepalive) = self.shared.keepalive()?;
+        with_keepalive(&keepalive, |session| {
+            let master = token::find_master_key(session, &config.master_key_label)?;
+            self_test::run(
+                session,
+                master,
+                &config.master_key_label,
+                config.wrap_mechanism,
+            )
+        })
     }
 
     /// Stops the workers (jobs still queued fail with [`HsmError::WorkerUnavailable`]), waits
-    /// for the job each is running, and closes every session, the keep-alive session last.
-    /// Blocking for at most one job per worker.
+    /// for the job each is running (and for a recovery in progress), and closes every
+    /// session, the keep-alive session last. Blocking for at most one job per worker.
     ///
     /// # Errors
     /// [`HsmError::WorkerUnavailable`] if a worker thread had panicked;
     /// [`HsmError::Pkcs11`] naming `C_CloseSession` if closing the keep-alive session failed.
-    pub fn close(mut self) -> Result<(), HsmError> {
-        self.shutdown()
-    }
-
-    fn shutdown(&mut self) -> Result<(), HsmError> {
-        self.stopping.store(true, Ordering::Release);
-        drop(self.jobs.take());
-        let panicked = self
-            .workers
-            .drain(..)
-            .map(JoinHandle::join)
-            .filter(Result::is_err)
-            .count();
-        let closed = match self.keepalive.take() {
-            Some(session) => session
-                .into_inner()
-                .unwrap_or_else(PoisonError::into_inner)
-                .close()
-                .map_err(HsmError::pkcs11("C_CloseSession")),
-            None => Ok(()),
-        };
-        if panicked > 0 {
-            tracing::error!(panicked, "HSM worker threads had panicked");
-            return Err(HsmError::WorkerUnavailable);
-        }
-        closed
-    }
-
-    fn keepalive(&self) -> Result<MutexGuard<'_, Session>, HsmError> {
-        self.keepalive
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
-            .ok_or(HsmError::WorkerUnavailable)
+    pub fn close(self) -> Result<(), HsmError> {
+        self.shared.close()
     }
 
     /// Fails fast for a scheme the probe found unsupported.
@@ -253,14 +388,20 @@ impl Pkcs11Hsm {
         }
     }
 
-    /// Queues a job; the answer comes on the job's oneshot.
+    /// Queues a job on the running pool; without one, [`HsmError::WorkerUnavailable`] at once.
     fn submit(&self, job: Job) -> Result<(), HsmError> {
-        self.jobs
-            .as_ref()
-            .ok_or(HsmError::WorkerUnavailable)?
-            .send(job)
-            .map_err(|_| HsmError::WorkerUnavailable)
+        self.shared.with_pool(|pool| pool.submit(job))
     }
+}
+
+/// Runs `f` on a pool's keep-alive session, locked meanwhile (a recovery waits for it
+/// before closing the session); [`HsmError::WorkerUnavailable`] if that pool has stopped.
+fn with_keepalive<R>(
+    keepalive: &Mutex<Option<OwnedSession>>,
+    f: impl FnOnce(&Session) -> Result<R, HsmError>,
+) -> Result<R, HsmError> {
+    let keepalive = keepalive.lock().unwrap_or_else(PoisonError::into_inner);
+    f(keepalive.as_ref().ok_or(HsmError::WorkerUnavailable)?.get())
 }
 
 impl Hsm for Pkcs11Hsm {
@@ -305,22 +446,75 @@ impl Hsm for Pkcs11Hsm {
         })?;
         answer.await.map_err(|_| HsmError::WorkerUnavailable)?
     }
+
+    /// On one worker: `C_GetSessionInfo` (a logged-in R/W user session) and the record MAC of
+    /// a fixed probe message; then `C_GetSessionInfo` on the keep-alive session.
+    async fn check(&self) -> Result<(), HsmError> {
+        let (reply, answer) = oneshot::channel();
+        self.shared.with_pool(|pool| {
+            pool.submit(Job::Check {
+                keepalive: Arc::clone(pool.keepalive()),
+                reply,
+            })
+        })?;
+        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+    }
+
+    /// On a dedicated thread (the returned future only waits for it; recoveries are
+    /// serialised): (1) takes the worker pool out, so that new jobs fail fast with
+    /// [`HsmError::WorkerUnavailable`]; (2) stops the workers and closes every old session;
+    /// (3) opens and logs in a new keep-alive session, finds the master and MAC keys, checks
+    /// the master key fingerprint against the one found at open, and starts new workers, after
+    /// [`Pkcs11Module::reinitialize`] if the library lost its state (`CKR_CRYPTOKI_NOT_INITIALIZED`,
+    /// `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, or the token no longer listed); (4)
+    /// installs the new pool. The old sessions are closed before any new one is opened:
+    /// SoftHSMv2 reuses freed session handle numbers. Capabilities stay those probed at open.
+    async fn recover(&self) -> Result<(), HsmError> {
+        let shared = Arc::clone(&self.shared);
+        let seen = shared.generation.load(Ordering::Acquire);
+        let (reply, answer) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("hsm-pkcs11-recover".into())
+            .spawn(move || {
+                let result = shared.recover(seen);
+                if let Err(error) = &result {
+                    tracing::warn!(
+                        token = %shared.config.token_label,
+                        retryable = error.is_retryable(),
+                        error = %error_chain(error),
+                        "re-establishing the PKCS#11 sessions failed"
+                    );
+                }
+                let _ = reply.send(result);
+            })
+            .map_err(|source| HsmError::Io {
+                context: "starting the HSM recovery thread".into(),
+                source,
+            })?;
+        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+    }
 }
 
 impl Drop for Pkcs11Hsm {
     fn drop(&mut self) {
-        if let Err(error) = self.shutdown() {
-            tracing::warn!(%error, "closing the PKCS#11 HSM");
+        if let Err(error) = self.shared.close() {
+            tracing::warn!(error = %error_chain(&error), "closing the PKCS#11 HSM");
         }
     }
 }
 
 impl fmt::Debug for Pkcs11Hsm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.shared.state.try_read() {
+            Ok(state) => state.name(),
+            Err(TryLockError::Poisoned(state)) => state.into_inner().name(),
+            Err(TryLockError::WouldBlock) => "changing",
+        };
         f.debug_struct("Pkcs11Hsm")
-            .field("module", &self.module)
-            .field("slot", &self.slot)
-            .field("sessions", &self.workers.len())
+            .field("module", &self.shared.module)
+            .field("token_label", &self.shared.config.token_label)
+            .field("sessions", &self.shared.config.sessions)
+            .field("pool", &state)
             .field("master", &self.master)
             .field("capabilities", &self.capabilities)
             .finish_non_exhaustive()

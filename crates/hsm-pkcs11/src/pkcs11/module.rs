@@ -5,15 +5,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CryptokiError, RvError};
 
 use crate::error::HsmError;
+
+/// The `C_Initialize` flags, at start-up and on every re-initialisation.
+const INITIALIZE_FLAGS: CInitializeFlags = CInitializeFlags::OS_LOCKING_OK;
 
 /// A loaded and initialised PKCS#11 module (`C_Initialize` with `CKF_OS_LOCKING_OK`).
 ///
 /// There is one per process: a second [`Pkcs11Module::initialize`] of the same library in the
 /// same process fails with `CKR_CRYPTOKI_ALREADY_INITIALIZED`, so initialise once and share
-/// clones (cheap: reference-counted). The library is finalised when the last clone, and every
-/// [`Pkcs11Hsm`](crate::Pkcs11Hsm) opened from it, is dropped.
+/// clones (cheap: reference-counted). The library is unloaded when the last clone, and every
+/// [`Pkcs11Hsm`](crate::Pkcs11Hsm) opened from it, is dropped; it is never finalised except by
+/// [`Pkcs11Module::reinitialize`].
+///
+/// In production, open only one [`Pkcs11Hsm`](crate::Pkcs11Hsm) per module: its recovery may
+/// re-initialise the library, which closes every session of the process.
 #[derive(Clone)]
 pub struct Pkcs11Module {
     context: Pkcs11,
@@ -31,12 +39,51 @@ impl Pkcs11Module {
     pub fn initialize(path: &Path) -> Result<Self, HsmError> {
         let context = Pkcs11::new(path).map_err(HsmError::pkcs11("C_GetFunctionList"))?;
         context
-            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .initialize(CInitializeArgs::new(INITIALIZE_FLAGS))
             .map_err(HsmError::pkcs11("C_Initialize"))?;
         Ok(Self {
             context,
             path: Arc::from(PathBuf::from(path)),
         })
+    }
+
+    /// Re-initialises the library after it lost its state (`CKR_CRYPTOKI_NOT_INITIALIZED`,
+    /// a removed device): `C_Finalize` (already finalised is fine), then `C_Initialize` with
+    /// the flags of [`Pkcs11Module::initialize`] (already initialised again, by another
+    /// thread, is fine). Blocking.
+    ///
+    /// **This invalidates every session of the process**, whoever opened it, and every object
+    /// handle: sessions opened before it must be closed (or known dead) before, and none of
+    /// their `Session` values used after. [`Hsm::recover`](crate::Hsm::recover) calls it only
+    /// when the failure requires it; that is why only one [`Pkcs11Hsm`](crate::Pkcs11Hsm)
+    /// should use a module in production.
+    ///
+    /// # Errors
+    /// [`HsmError::Pkcs11`] naming `C_Finalize` or `C_Initialize`.
+    pub fn reinitialize(&self) -> Result<(), HsmError> {
+        // `finalize` takes the context by value; the clone shares the library with `self`.
+        match self.context.clone().finalize() {
+            Ok(()) | Err(CryptokiError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
+            Err(source) => {
+                return Err(HsmError::Pkcs11 {
+                    function: "C_Finalize",
+                    source,
+                });
+            }
+        }
+        match self
+            .context
+            .initialize(CInitializeArgs::new(INITIALIZE_FLAGS))
+        {
+            Ok(()) | Err(CryptokiError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+                tracing::info!(module = %self.path.display(), "PKCS#11 library re-initialised");
+                Ok(())
+            }
+            Err(source) => Err(HsmError::Pkcs11 {
+                function: "C_Initialize",
+                source,
+            }),
+        }
     }
 
     /// The library's path.

@@ -42,6 +42,68 @@ pub(crate) fn open_user_session(
     Ok(session)
 }
 
+/// A session of the worker pool (a worker's or the keep-alive session), closed exactly once:
+/// by [`OwnedSession::close`] or when dropped.
+///
+/// Opened with cryptoki's "no drop" variant so that this type, not cryptoki, decides how the
+/// session is closed: once, with a failure logged at debug level. After a lost session
+/// (`C_CloseAllSessions`, `C_Finalize`) closing fails with `CKR_SESSION_HANDLE_INVALID` or
+/// `CKR_CRYPTOKI_NOT_INITIALIZED`; cryptoki's own drop would try a second `C_CloseSession` on
+/// the stale handle number, which SoftHSMv2 may by then have given to a new session.
+pub(crate) struct OwnedSession {
+    /// `Some` until closed.
+    session: Option<Session>,
+}
+
+impl OwnedSession {
+    /// The session.
+    pub(crate) fn get(&self) -> &Session {
+        // Only `close` (which consumes `self`) and `drop` take the session out.
+        self.session
+            .as_ref()
+            .expect("an OwnedSession holds its session until closed")
+    }
+
+    /// Closes the session (`C_CloseSession`) once.
+    pub(crate) fn close(mut self) -> Result<(), HsmError> {
+        self.close_once()
+    }
+
+    fn close_once(&mut self) -> Result<(), HsmError> {
+        match self.session.take() {
+            Some(session) => session.close().map_err(HsmError::pkcs11("C_CloseSession")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for OwnedSession {
+    fn drop(&mut self) {
+        if let Err(error) = self.close_once() {
+            // Expected after a lost session or library; nothing else to do about it.
+            tracing::debug!(%error, "closing a stale PKCS#11 session");
+        }
+    }
+}
+
+/// As [`open_user_session`], for a session of the worker pool (see [`OwnedSession`]).
+pub(crate) fn open_owned_session(
+    context: &Pkcs11,
+    slot: Slot,
+    pin: &SecretString,
+) -> Result<OwnedSession, HsmError> {
+    let session = OwnedSession {
+        session: Some(
+            context
+                .open_rw_session_no_drop(slot)
+                .map_err(HsmError::pkcs11("C_OpenSession"))?,
+        ),
+    };
+    // On a failed login, dropping `session` closes it.
+    login(session.get(), pin)?;
+    Ok(session)
+}
+
 /// Logs the user in; already being logged in is fine.
 pub(crate) fn login(session: &Session, pin: &SecretString) -> Result<(), HsmError> {
     match session.login(UserType::User, Some(pin)) {

@@ -1,16 +1,18 @@
-//! The worker pool: dedicated OS threads, each owning one logged-in session and the master
-//! key and record MAC key handles looked up once for it, taking jobs from a channel and answering on a oneshot.
-//! PKCS#11 never runs on an async thread.
+//! The workers: dedicated OS threads, each owning one logged-in session and the master key
+//! and record MAC key handles looked up once for it, taking jobs from a channel and answering
+//! on a oneshot. PKCS#11 never runs on an async thread. [`super::pool`] starts and stops them.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Receiver;
 use cryptoki::object::ObjectHandle;
-use cryptoki::session::Session;
+use cryptoki::session::{Session, SessionState};
 use tokio::sync::oneshot;
 
+use super::pool::KeepAlive;
+use super::token::OwnedSession;
 use super::{keys, mac};
 use crate::error::HsmError;
 use crate::hsm::{GeneratedKey, KeyScheme, SignRequest, Signature, WrapMechanism};
@@ -38,11 +40,31 @@ pub(crate) enum Job {
         mac: [u8; 32],
         reply: oneshot::Sender<Result<(), HsmError>>,
     },
+    /// Prove the worker's session and the keep-alive session usable (see [`Worker::check`]).
+    Check {
+        keepalive: KeepAlive,
+        reply: oneshot::Sender<Result<(), HsmError>>,
+    },
+}
+
+/// What [`Job::Check`] MACs: fixed, public, and outside the record MAC domain (it does not
+/// start with [`crate::RECORD_MAC_DOMAIN`]), so the MAC can never stand for a key record's.
+const CHECK_PROBE: &[u8] = b"hsm-pkcs11 health check probe v1";
+
+/// `C_GetSessionInfo`, and the session must be a logged-in read-write user session.
+fn check_session(session: &Session) -> Result<(), HsmError> {
+    let info = session
+        .get_session_info()
+        .map_err(HsmError::pkcs11("C_GetSessionInfo"))?;
+    match info.session_state() {
+        SessionState::RwUser => Ok(()),
+        state => Err(HsmError::SessionNotLoggedIn { state }),
+    }
 }
 
 /// What a worker thread owns.
 pub(crate) struct Worker {
-    pub(crate) session: Session,
+    pub(crate) session: OwnedSession,
     pub(crate) master: ObjectHandle,
     pub(crate) mac_key: ObjectHandle,
     pub(crate) wrap_mechanism: WrapMechanism,
@@ -53,7 +75,8 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// Starts the thread. The session is closed when the thread ends.
+    /// Starts the thread. The session is closed when the thread ends (so joining the thread
+    /// proves it closed).
     pub(crate) fn spawn(self, index: usize) -> Result<JoinHandle<()>, HsmError> {
         std::thread::Builder::new()
             .name(format!("hsm-pkcs11-{index}"))
@@ -65,6 +88,7 @@ impl Worker {
     }
 
     fn run(self) {
+        let session = self.session.get();
         while let Ok(job) = self.jobs.recv() {
             if self.stopping.load(Ordering::Acquire) {
                 break;
@@ -75,26 +99,22 @@ impl Worker {
                     if reply.is_closed() {
                         continue;
                     }
-                    let result = keys::generate_and_wrap(
-                        &self.session,
-                        self.master,
-                        scheme,
-                        self.wrap_mechanism,
-                    );
+                    let result =
+                        keys::generate_and_wrap(session, self.master, scheme, self.wrap_mechanism);
                     let _ = reply.send(result);
                 }
                 Job::Sign { request, reply } => {
                     if reply.is_closed() {
                         continue;
                     }
-                    let result = keys::unwrap_and_sign(&self.session, self.master, &request);
+                    let result = keys::unwrap_and_sign(session, self.master, &request);
                     let _ = reply.send(result);
                 }
                 Job::Mac { message, reply } => {
                     if reply.is_closed() {
                         continue;
                     }
-                    let _ = reply.send(mac::mac(&self.session, self.mac_key, &message));
+                    let _ = reply.send(mac::mac(session, self.mac_key, &message));
                 }
                 Job::VerifyMac {
                     message,
@@ -104,11 +124,32 @@ impl Worker {
                     if reply.is_closed() {
                         continue;
                     }
-                    let result = mac::verify(&self.session, self.mac_key, &message, &mac);
+                    let result = mac::verify(session, self.mac_key, &message, &mac);
                     let _ = reply.send(result);
+                }
+                Job::Check { keepalive, reply } => {
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    let _ = reply.send(self.check(session, &keepalive));
                 }
             }
         }
         tracing::debug!("HSM worker stopped");
+    }
+
+    /// This worker's session is a logged-in R/W user session and MACs [`CHECK_PROBE`] (which
+    /// exercises the device and finds the MAC key), and so is the keep-alive session. Creates
+    /// nothing.
+    fn check(
+        &self,
+        session: &Session,
+        keepalive: &Mutex<Option<OwnedSession>>,
+    ) -> Result<(), HsmError> {
+        check_session(session)?;
+        mac::mac(session, self.mac_key, CHECK_PROBE)?;
+        let keepalive = keepalive.lock().unwrap_or_else(PoisonError::into_inner);
+        // `None`: the pool is stopping.
+        check_session(keepalive.as_ref().ok_or(HsmError::WorkerUnavailable)?.get())
     }
 }

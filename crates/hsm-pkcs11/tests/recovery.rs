@@ -1,0 +1,329 @@
+//! Recovery of a [`Pkcs11Hsm`] after real failures underneath it, against SoftHSMv2: every
+//! session closed (`C_CloseAllSessions`), the library finalised (`C_Finalize`), the master key
+//! replaced.
+//!
+//! Its own test binary, hence its own process, because finalising the library breaks every
+//! session of the process: the tests take turns ([`serial`]) and every test that breaks
+//! sessions lives in this file.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cryptoki::error::RvError;
+use cryptoki::object::Attribute;
+use hsm_pkcs11::softhsm::SoftHsmToken;
+use hsm_pkcs11::{
+    GeneratedKey, Hsm, HsmError, KeyScheme, Pkcs11Hsm, SignPayload, SignRequest, Signature,
+    create_master_key,
+};
+use k256::ecdsa::signature::hazmat::PrehashVerifier;
+use sha2::{Digest, Sha256};
+
+/// One test at a time: they break sessions (or the whole library) under each other otherwise.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Runs `test` on a fresh runtime while holding [`SERIAL`].
+fn serial<F: Future<Output = ()>>(test: F) {
+    let _turn = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(test);
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+/// A fresh token and a [`Pkcs11Hsm`] with two worker sessions on it.
+async fn open() -> (SoftHsmToken, Arc<Pkcs11Hsm>) {
+    let token = blocking(SoftHsmToken::create)
+        .await
+        .expect("SoftHSMv2 token");
+    let opening = token.clone();
+    let hsm = blocking(move || opening.open_hsm(2))
+        .await
+        .expect("open HSM");
+    (token, Arc::new(hsm))
+}
+
+fn request(key: &GeneratedKey, i: u64) -> SignRequest {
+    SignRequest {
+        scheme: KeyScheme::EcdsaSecp256k1,
+        public_key: key.public_key.clone(),
+        wrapped: key.wrapped.clone(),
+        payload: SignPayload::Digest(Sha256::digest(i.to_be_bytes()).into()),
+    }
+}
+
+/// Signs with `key` and checks the signature independently with `k256`.
+async fn sign_and_verify(hsm: &Pkcs11Hsm, key: &GeneratedKey, i: u64) {
+    let request = request(key, i);
+    let SignPayload::Digest(digest) = request.payload else {
+        unreachable!("a digest payload");
+    };
+    let signature = hsm.sign(request).await.expect("sign");
+    let Signature::Ecdsa { r, s, .. } = signature else {
+        panic!("not an ECDSA signature");
+    };
+    let verifying = k256::ecdsa::VerifyingKey::from_sec1_bytes(&key.public_key).unwrap();
+    let signature = k256::ecdsa::Signature::from_scalars(r, s).unwrap();
+    verifying
+        .verify_prehash(&digest, &signature)
+        .expect("k256 verifies the signature");
+}
+
+/// Signs on every worker (more concurrent requests than workers) and checks each signature.
+async fn sign_on_every_worker(hsm: &Arc<Pkcs11Hsm>, key: &Arc<GeneratedKey>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let (hsm, key) = (Arc::clone(hsm), Arc::clone(key));
+        tasks.spawn(async move { sign_and_verify(&hsm, &key, 100 + i).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("signing task");
+    }
+}
+
+fn assert_retryable(error: &HsmError, what: &str) {
+    assert!(error.is_retryable(), "{what}: {error} is not retryable");
+}
+
+/// No private key object, token or session, is left on the token.
+async fn assert_no_private_keys(hsm: &Arc<Pkcs11Hsm>) {
+    let reporting = Arc::clone(hsm);
+    let report = blocking(move || reporting.token_report())
+        .await
+        .expect("token report");
+    assert_eq!(report.token_private_keys, 0, "{report:?}");
+    assert_eq!(report.session_private_keys, 0, "{report:?}");
+}
+
+async fn close(hsm: Arc<Pkcs11Hsm>) {
+    let hsm = Arc::into_inner(hsm).expect("no task holds the HSM");
+    blocking(move || hsm.close()).await.expect("close");
+}
+
+#[test]
+fn sessions_closed_underneath_are_re_established_by_recover() {
+    serial(async {
+        let (token, hsm) = open().await;
+        let key = Arc::new(hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap());
+        sign_and_verify(&hsm, &key, 1).await;
+        hsm.check().await.expect("check while healthy");
+
+        let closing = token.clone();
+        blocking(move || closing.close_all_sessions())
+            .await
+            .expect("C_CloseAllSessions");
+
+        let error = hsm.sign(request(&key, 2)).await.unwrap_err();
+        assert_retryable(&error, "sign after the sessions were closed");
+        assert_eq!(
+            error.return_value(),
+            Some(RvError::SessionHandleInvalid),
+            "{error}"
+        );
+        let error = hsm.check().await.unwrap_err();
+        assert_retryable(&error, "check after the sessions were closed");
+        let reporting = Arc::clone(&hsm);
+        let error = blocking(move || reporting.token_report())
+            .await
+            .unwrap_err();
+        assert_retryable(&error, "token report on the closed keep-alive session");
+
+        hsm.recover().await.expect("recover");
+        hsm.check().await.expect("check after recovery");
+        sign_and_verify(&hsm, &key, 3).await;
+        sign_on_every_worker(&hsm, &key).await;
+        let fresh = hsm
+            .generate_key(KeyScheme::EcdsaP256)
+            .await
+            .expect("keygen");
+        assert_eq!(fresh.public_key.len(), 33);
+        assert_no_private_keys(&hsm).await;
+        close(hsm).await;
+    });
+}
+
+#[test]
+fn a_library_finalised_underneath_is_re_initialised_by_recover() {
+    serial(async {
+        let (token, hsm) = open().await;
+        let key = Arc::new(hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap());
+        sign_and_verify(&hsm, &key, 1).await;
+
+        let context = token.module().context().clone();
+        blocking(move || context.finalize())
+            .await
+            .expect("C_Finalize underneath");
+
+        let error = hsm.sign(request(&key, 2)).await.unwrap_err();
+        assert_retryable(&error, "sign after C_Finalize");
+        assert_eq!(
+            error.return_value(),
+            Some(RvError::CryptokiNotInitialized),
+            "{error}"
+        );
+        let error = hsm.check().await.unwrap_err();
+        assert_retryable(&error, "check after C_Finalize");
+        assert_eq!(
+            error.return_value(),
+            Some(RvError::CryptokiNotInitialized),
+            "{error}"
+        );
+
+        hsm.recover()
+            .await
+            .expect("recover re-initialises the library");
+        hsm.check().await.expect("check after recovery");
+        sign_on_every_worker(&hsm, &key).await;
+        assert_no_private_keys(&hsm).await;
+        // The library serves the rest of the process again: a new token works end to end.
+        let (_other_token, other) = open().await;
+        let other_key = other.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap();
+        sign_and_verify(&other, &other_key, 4).await;
+        close(other).await;
+        close(hsm).await;
+    });
+}
+
+#[test]
+fn a_lost_login_fails_check_until_recover_logs_in_again() {
+    serial(async {
+        let (token, hsm) = open().await;
+        let key = Arc::new(hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap());
+        hsm.check().await.expect("check while healthy");
+
+        // Login state is per application and token: one C_Logout logs out every session.
+        let logging_out = token.clone();
+        blocking(move || {
+            let session = logging_out.login_session().expect("session");
+            session.logout().expect("C_Logout");
+        })
+        .await;
+
+        let error = hsm.check().await.unwrap_err();
+        assert!(
+            matches!(error, HsmError::SessionNotLoggedIn { .. }),
+            "{error}"
+        );
+        assert_retryable(&error, "check after C_Logout");
+        // The private master key's handle is invalid without a login.
+        let error = hsm.sign(request(&key, 1)).await.unwrap_err();
+        assert_eq!(
+            error.return_value(),
+            Some(RvError::UnwrappingKeyHandleInvalid),
+            "{error}"
+        );
+        assert_retryable(&error, "sign after C_Logout");
+        assert!(!error.is_key_material(), "{error}");
+
+        hsm.recover().await.expect("recover logs in again");
+        hsm.check().await.expect("check after recovery");
+        sign_on_every_worker(&hsm, &key).await;
+        close(hsm).await;
+    });
+}
+
+#[test]
+fn a_replaced_master_key_makes_recover_fail_for_good() {
+    serial(async {
+        let (token, hsm) = open().await;
+        let key = hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap();
+        sign_and_verify(&hsm, &key, 1).await;
+        let expected = hsm.master_key().fingerprint.clone();
+
+        // Destroy the master key and its MAC key; provision a new pair under the same labels.
+        let replacing = token.clone();
+        blocking(move || {
+            let session = replacing.login_session()?;
+            for label in [
+                replacing.master_key_label().to_owned(),
+                replacing.mac_key_label(),
+            ] {
+                for object in session
+                    .find_objects(&[Attribute::Label(label.into_bytes())])
+                    .expect("C_FindObjects")
+                {
+                    session.destroy_object(object).expect("C_DestroyObject");
+                }
+            }
+            drop(session);
+            create_master_key(
+                replacing.module(),
+                replacing.label(),
+                replacing.user_pin(),
+                replacing.master_key_label(),
+            )
+        })
+        .await
+        .expect("replace the master key");
+
+        let error = hsm.recover().await.unwrap_err();
+        let HsmError::MasterKeyChanged {
+            expected: was,
+            found,
+        } = &error
+        else {
+            panic!("expected MasterKeyChanged, got {error}");
+        };
+        assert_eq!(was, &expected);
+        assert_ne!(found, &expected);
+        assert!(
+            error.is_master_key_changed() && !error.is_retryable(),
+            "{error}"
+        );
+        assert!(error.to_string().contains("master key"), "{error}");
+
+        // No pool is installed: jobs fail at once, retryably, and recovery keeps refusing.
+        let error = hsm.sign(request(&key, 2)).await.unwrap_err();
+        assert!(matches!(error, HsmError::WorkerUnavailable), "{error}");
+        assert!(matches!(
+            hsm.check().await.unwrap_err(),
+            HsmError::WorkerUnavailable
+        ));
+        assert!(hsm.recover().await.unwrap_err().is_master_key_changed());
+        close(hsm).await;
+    });
+}
+
+#[test]
+fn recover_while_healthy_and_concurrently_with_signing_is_safe() {
+    serial(async {
+        let (_token, hsm) = open().await;
+        let key = Arc::new(hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap());
+        let mut signers = tokio::task::JoinSet::new();
+        for task in 0..4u64 {
+            let (hsm, key) = (Arc::clone(&hsm), Arc::clone(&key));
+            signers.spawn(async move {
+                let mut signed = 0;
+                for i in 0..25 {
+                    match hsm.sign(request(&key, task * 1000 + i)).await {
+                        Ok(_) => signed += 1,
+                        // Queued while the pool was replaced: given back, retryable.
+                        Err(error) => assert_retryable(&error, "sign during recovery"),
+                    }
+                }
+                signed
+            });
+        }
+        let mut recoveries = tokio::task::JoinSet::new();
+        for _ in 0..3 {
+            let hsm = Arc::clone(&hsm);
+            recoveries.spawn(async move { hsm.recover().await });
+        }
+        while let Some(done) = recoveries.join_next().await {
+            done.expect("recovery task").expect("recover while healthy");
+        }
+        while let Some(done) = signers.join_next().await {
+            done.expect("signing task");
+        }
+        hsm.check().await.expect("check after recoveries");
+        sign_on_every_worker(&hsm, &key).await;
+        assert_no_private_keys(&hsm).await;
+        close(hsm).await;
+    });
+}

@@ -4,7 +4,8 @@
 //! dfns-api-sim pki --out DIR [--server-name NAME]...
 //! dfns-api-sim serve --driver-listen ADDR --app-listen ADDR \
 //!     --server-cert FILE --server-key FILE --client-ca FILE \
-//!     [--lease-secs N] [--max-attempts N] [--ready-file PATH]
+//!     [--lease-secs N] [--max-attempts N] [--heartbeat-ms N] [--liveness-ms N] \
+//!     [--ready-file PATH]
 //! ```
 //!
 //! `serve` writes `{"driverAddr":"127.0.0.1:port","appAddr":"127.0.0.1:port"}` to the ready
@@ -66,6 +67,13 @@ struct ServeArgs {
     /// Retryable failures after which a job fails for good.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     max_attempts: u32,
+    /// How often registered drivers are asked to heartbeat, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    heartbeat_ms: u64,
+    /// How long after its last sign of life a driver is forgotten (it must register again), in
+    /// milliseconds; at least the heartbeat interval.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    liveness_ms: u64,
     /// Where to write the bound addresses as JSON once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -126,6 +134,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         lease_duration: Duration::from_secs(args.lease_secs),
         max_attempts: args.max_attempts,
         max_long_poll: Duration::from_secs(30),
+        heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+        liveness_timeout: Duration::from_millis(args.liveness_ms),
     };
     let sim = dfns_api_sim::start(config)
         .await

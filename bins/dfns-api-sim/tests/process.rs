@@ -43,6 +43,10 @@ fn pki_then_serve_then_sigterm_exits_cleanly() {
             "127.0.0.1:0",
             "--lease-secs",
             "5",
+            "--heartbeat-ms",
+            "250",
+            "--liveness-ms",
+            "2000",
         ])
         .arg("--server-cert")
         .arg(pki.join("server.pem"))
@@ -113,4 +117,42 @@ fn unusable_tls_files_exit_non_zero_naming_the_file() {
         stderr.contains("ca.pem") || stderr.contains("missing.pem"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_liveness_timeout_shorter_than_the_heartbeat_interval_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(bin())
+        .args([
+            "serve",
+            "--driver-listen",
+            "127.0.0.1:0",
+            "--app-listen",
+            "127.0.0.1:0",
+            "--heartbeat-ms",
+            "2000",
+            "--liveness-ms",
+            "500",
+        ])
+        .arg("--server-cert")
+        .arg(dir.path().join("server.pem"))
+        .arg("--server-key")
+        .arg(dir.path().join("server.key"))
+        .arg("--client-ca")
+        .arg(dir.path().join("ca.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("liveness timeout (500ms) is shorter than the heartbeat interval (2s)"),
+        "{stderr}"
+    );
+    for flag in ["--heartbeat-ms", "--liveness-ms"] {
+        let output = Command::new(bin())
+            .args(["serve", flag, "0"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{flag} 0 is a usage error");
+    }
 }

@@ -4,7 +4,9 @@
 //! under a deadline covering connect, TLS handshake, response and body; bodies are read with a
 //! size limit. Reports (`complete`, `fail`) are idempotent on the server, so they are retried
 //! with [`Backoff`] on retryable errors; `lease` is not retried here (the engine's lease loop
-//! backs off itself, and a retried long-poll would only hide an outage).
+//! backs off itself, and a retried long-poll would only hide an outage). Neither are
+//! `register`, `heartbeat` and `extend`: they run on the engine's own cadence (the heartbeat
+//! interval, half the remaining lease), and a retry here would only make it late.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,13 +22,14 @@ use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::protocol::{
-    JobFailure, JobRef, JobResult, LeaseRequest, LeasedJob, MAX_LEASE_BATCH, ReportOutcome,
+    DriverRegistration, Heartbeat, JobFailure, JobRef, JobResult, LeaseExtension, LeaseRequest,
+    LeasedJob, MAX_LEASE_BATCH, PresenceTerms, ReportOutcome,
 };
 use crate::retry::Backoff;
 use crate::source::JobSource;
 use crate::tls::{TlsFiles, load_client_tls};
 use crate::wire::{
-    self, CompleteRequest, ErrorResponse, FailRequest, PingResponse, StatusResponse,
+    self, CompleteRequest, ErrorResponse, ExtendRequest, FailRequest, PingResponse, StatusResponse,
 };
 
 /// Longest error message kept from a response body.
@@ -42,7 +45,8 @@ pub struct ClientConfig {
     pub base_url: Uri,
     /// Client certificate, key and CA bundle.
     pub tls: TlsFiles,
-    /// This driver's identifier, sent with every lease request.
+    /// This driver's identifier, sent with every lease request (registrations and heartbeats
+    /// must carry the same one).
     pub driver_id: String,
     /// Deadline of one request (a lease adds its long-poll wait to it).
     pub request_timeout: Duration,
@@ -177,6 +181,38 @@ impl HttpJobSource {
         Ok(())
     }
 
+    /// Refuses a registration or heartbeat for another driver id than the one this client
+    /// leases with: the API would then refuse every lease as `DriverNotRegistered`.
+    fn check_own_id(&self, driver_id: &str, what: &str) -> Result<(), ApiError> {
+        if driver_id == self.inner.driver_id {
+            Ok(())
+        } else {
+            Err(ApiError::Config {
+                reason: format!(
+                    "{what} for driver `{driver_id}`, but this client leases as `{}`",
+                    self.inner.driver_id
+                ),
+            })
+        }
+    }
+
+    /// Posts a registration or heartbeat once and reads the presence terms.
+    async fn presence<T: Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<PresenceTerms, ApiError> {
+        let body = encode_body(body)?;
+        let (status, body) = self
+            .inner
+            .send(Method::POST, path, Some(body), self.inner.request_timeout)
+            .await?;
+        if status != StatusCode::OK {
+            return Err(status_error(status, &body));
+        }
+        wire::decode_presence_terms(&body)
+    }
+
     async fn report<T: Serialize>(
         &self,
         job: &JobRef,
@@ -184,10 +220,7 @@ impl HttpJobSource {
         body: &T,
     ) -> Result<ReportOutcome, ApiError> {
         let path = format!("/driver/v1/jobs/{}/{action}", job.job_id);
-        let body = Bytes::from(serde_json::to_vec(body).map_err(|e| ApiError::Decode {
-            reason: "cannot encode the request body".to_owned(),
-            source: Some(e),
-        })?);
+        let body = encode_body(body)?;
         let mut attempt = 0;
         loop {
             let result = self
@@ -313,6 +346,64 @@ impl JobSource for HttpJobSource {
         };
         self.report(job, "fail", &body).await
     }
+
+    async fn register(&self, registration: &DriverRegistration) -> Result<PresenceTerms, ApiError> {
+        self.check_own_id(&registration.driver_id, "a registration")?;
+        self.presence(
+            "/driver/v1/drivers/register",
+            &wire::encode_registration(registration),
+        )
+        .await
+    }
+
+    async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<PresenceTerms, ApiError> {
+        self.check_own_id(&heartbeat.driver_id, "a heartbeat")?;
+        self.presence(
+            "/driver/v1/drivers/heartbeat",
+            &wire::encode_heartbeat(heartbeat),
+        )
+        .await
+    }
+
+    async fn extend(&self, job: &JobRef) -> Result<LeaseExtension, ApiError> {
+        let path = format!("/driver/v1/jobs/{}/extend", job.job_id);
+        let body = encode_body(&ExtendRequest {
+            lease_id: job.lease_id.to_string(),
+        })?;
+        let (status, body) = self
+            .inner
+            .send(Method::POST, &path, Some(body), self.inner.request_timeout)
+            .await?;
+        extension_outcome(status, &body)
+    }
+}
+
+fn encode_body<T: Serialize>(body: &T) -> Result<Bytes, ApiError> {
+    serde_json::to_vec(body)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::Decode {
+            reason: "cannot encode the request body".to_owned(),
+            source: Some(e),
+        })
+}
+
+/// `200` with `Extended` and `409` with a lost outcome are answers; anything else is an error.
+fn extension_outcome(status: StatusCode, body: &Bytes) -> Result<LeaseExtension, ApiError> {
+    if status == StatusCode::OK || status == StatusCode::CONFLICT {
+        match wire::decode_extend_response(body) {
+            Ok(LeaseExtension::Extended { .. }) if status == StatusCode::CONFLICT => {
+                return Err(ApiError::Decode {
+                    reason: "a 409 answer to an extension says `Extended`".to_owned(),
+                    source: None,
+                });
+            }
+            Ok(extension) => return Ok(extension),
+            Err(e) if status == StatusCode::OK => return Err(e),
+            // A 409 with an error body (not an outcome) is a status error.
+            Err(_) => {}
+        }
+    }
+    Err(status_error(status, body))
 }
 
 /// `200` and `409` with a status body are outcomes; anything else is an error.
@@ -384,6 +475,43 @@ mod tests {
             report_outcome(StatusCode::OK, &body).unwrap(),
             ReportOutcome::Accepted
         );
+    }
+
+    #[test]
+    fn extension_answers_map_to_outcomes_or_errors() {
+        let ok = |body: &'static [u8]| extension_outcome(StatusCode::OK, &Bytes::from_static(body));
+        let conflict = |body: &'static [u8]| {
+            extension_outcome(StatusCode::CONFLICT, &Bytes::from_static(body))
+        };
+        assert_eq!(
+            ok(br#"{"outcome":"Extended","leaseExpiresAt":5}"#).unwrap(),
+            LeaseExtension::Extended {
+                lease_expires_at_ms: 5
+            }
+        );
+        assert_eq!(
+            conflict(br#"{"outcome":"StaleLease"}"#).unwrap(),
+            LeaseExtension::Lost(ReportOutcome::StaleLease)
+        );
+        assert!(matches!(
+            conflict(br#"{"outcome":"Extended","leaseExpiresAt":5}"#),
+            Err(ApiError::Decode { .. })
+        ));
+        assert!(matches!(
+            ok(br#"{"status":"Accepted"}"#),
+            Err(ApiError::Decode { .. })
+        ));
+        let err = conflict(br#"{"error":{"code":"DriverNotRegistered","message":"unknown"}}"#)
+            .unwrap_err();
+        assert!(err.is_not_registered(), "{err:?}");
+        let err = extension_outcome(
+            StatusCode::NOT_FOUND,
+            &Bytes::from_static(br#"{"error":{"code":"NotFound","message":"no job"}}"#),
+        )
+        .unwrap_err();
+        assert_eq!(err.status(), Some(StatusCode::NOT_FOUND));
+        let err = extension_outcome(StatusCode::SERVICE_UNAVAILABLE, &Bytes::new()).unwrap_err();
+        assert!(err.is_retryable());
     }
 
     #[test]

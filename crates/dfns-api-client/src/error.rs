@@ -5,8 +5,9 @@ use std::time::Duration;
 
 /// An error talking to the Dfns API.
 ///
-/// Callers branch on [`is_retryable`](Self::is_retryable), [`is_timeout`](Self::is_timeout)
-/// and [`status`](Self::status), never on the message.
+/// Callers branch on [`is_retryable`](Self::is_retryable), [`is_timeout`](Self::is_timeout),
+/// [`is_not_registered`](Self::is_not_registered) and [`status`](Self::status), never on the
+/// message.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ApiError {
@@ -81,6 +82,9 @@ pub enum ApiError {
 impl ApiError {
     /// Whether trying again later may succeed: transport failures, timeouts, 5xx and 429 are
     /// retryable; other 4xx, undecodable responses and configuration errors are not.
+    ///
+    /// In particular [`is_not_registered`](Self::is_not_registered) errors are not retryable:
+    /// waiting does not help, registering again does.
     pub fn is_retryable(&self) -> bool {
         match self {
             ApiError::Transport { .. }
@@ -94,6 +98,18 @@ impl ApiError {
             | ApiError::TlsConfig { .. }
             | ApiError::Config { .. } => false,
         }
+    }
+
+    /// Whether the API does not know this driver (`409` with code `DriverNotRegistered`): it
+    /// never registered, or its registration lapsed for want of heartbeats. The caller
+    /// registers again ([`JobSource::register`](crate::JobSource::register)) before leasing or
+    /// heartbeating.
+    pub fn is_not_registered(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Status { status, code: Some(code), .. }
+                if *status == http::StatusCode::CONFLICT && code == crate::wire::DRIVER_NOT_REGISTERED
+        )
     }
 
     /// Whether the request timed out.
@@ -132,6 +148,28 @@ mod tests {
         assert!(!status(404).is_retryable());
         assert!(!status(409).is_retryable());
         assert_eq!(status(404).status(), Some(StatusCode::NOT_FOUND));
+    }
+
+    #[test]
+    fn not_registered_is_a_409_with_its_code_and_not_retryable() {
+        let not_registered = |status: u16, code: Option<&str>| ApiError::Status {
+            status: StatusCode::from_u16(status).unwrap(),
+            code: code.map(str::to_owned),
+            message: "unknown driver".into(),
+        };
+        let e = not_registered(409, Some("DriverNotRegistered"));
+        assert!(e.is_not_registered());
+        assert!(!e.is_retryable());
+        assert!(!not_registered(409, None).is_not_registered());
+        assert!(!not_registered(409, Some("driverNotRegistered")).is_not_registered());
+        assert!(!not_registered(400, Some("DriverNotRegistered")).is_not_registered());
+        assert!(!status(409).is_not_registered());
+        assert!(
+            !ApiError::Timeout {
+                after: Duration::from_secs(1)
+            }
+            .is_not_registered()
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //!
 //! ```text
 //!   hsm-driver ──(mTLS, HTTP/1.1, JSON)──▶ Dfns API
-//!       POST /driver/v1/jobs/lease              lease a batch, long-poll
+//!       POST /driver/v1/drivers/register        who I am, what I serve → presence terms
+//!       POST /driver/v1/drivers/heartbeat       alive, ready, in flight (409 if forgotten)
+//!       POST /driver/v1/jobs/lease              lease a batch of jobs I can serve, long-poll
+//!       POST /driver/v1/jobs/{jobId}/extend     keep the lease of a long job
 //!       POST /driver/v1/jobs/{jobId}/complete   public key or signature
 //!       POST /driver/v1/jobs/{jobId}/fail       code, message, retryable
 //! ```

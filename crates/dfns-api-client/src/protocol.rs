@@ -5,8 +5,15 @@
 //! validated when a job is turned into a [`JobSpec`], so the engine never sees a malformed job.
 //! A job that cannot be decoded is still returned to the caller (as a [`LeasedJob`] whose
 //! `spec` is an error) so that it can be failed explicitly instead of silently dropped.
+//!
+//! Several drivers may serve one queue (an active-active cluster). Each one registers
+//! ([`DriverRegistration`]: its id, version, the [`Capability`]s it serves and its master key's
+//! fingerprint), then keeps its registration alive with [`Heartbeat`]s on the cadence the API
+//! answers with ([`PresenceTerms`]). A driver working on a long job keeps its lease with an
+//! extension ([`LeaseExtension`]).
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -98,7 +105,7 @@ fn validate_id(what: &'static str, value: &str) -> Result<(), DecodeError> {
 }
 
 /// The signature scheme of a key, as the API names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Scheme {
     /// ECDSA.
     #[serde(rename = "ECDSA")]
@@ -109,7 +116,7 @@ pub enum Scheme {
 }
 
 /// The curve of a key, as the API names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Curve {
     /// secp256k1 (Bitcoin, Ethereum).
     #[serde(rename = "secp256k1")]
@@ -399,4 +406,72 @@ pub enum ReportOutcome {
     /// The lease is unknown for this job or no longer current, and the job is not finished;
     /// this report changed nothing and the job stays with its current lease holder.
     StaleLease,
+}
+
+/// One (scheme, curve) pair a driver can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Capability {
+    /// The signature scheme.
+    pub scheme: Scheme,
+    /// The curve.
+    pub curve: Curve,
+}
+
+impl fmt::Display for Capability {
+    /// `ECDSA/secp256k1`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.scheme.as_str(), self.curve.as_str())
+    }
+}
+
+/// What a driver tells the API when it joins (or rejoins, after a restart): who it is and
+/// which jobs it can take. A registration replaces any earlier one of the same `driver_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverRegistration {
+    /// The driver's identifier, the same it leases with (non-empty).
+    pub driver_id: String,
+    /// The driver's software version, for operators.
+    pub version: String,
+    /// The (scheme, curve) pairs its HSM serves; the API hands it only jobs of these.
+    pub capabilities: Vec<Capability>,
+    /// Lowercase hex (64 digits) of the SHA-256 fingerprint of its master key, so that the
+    /// API (and operators) can tell drivers that cannot unwrap each other's keys apart.
+    pub master_key_fingerprint: String,
+}
+
+/// A registered driver's periodic sign of life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The driver.
+    pub driver_id: String,
+    /// Whether it is leasing now (its HSM and key store are usable and it is not draining).
+    pub ready: bool,
+    /// Jobs it holds leases on and has not reported yet.
+    pub in_flight: u32,
+}
+
+/// What the API expects of a registered driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceTerms {
+    /// How often to send a [`Heartbeat`].
+    pub heartbeat_interval: Duration,
+    /// How long after its last sign of life (registration, heartbeat or lease request) the API
+    /// forgets a driver; it must then register again.
+    pub liveness_timeout: Duration,
+}
+
+/// How the API answered a request to extend a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseExtension {
+    /// The lease is still this driver's and now lapses at this time (milliseconds since the
+    /// Unix epoch).
+    Extended {
+        /// The lease's new expiry.
+        lease_expires_at_ms: u64,
+    },
+    /// The lease is no longer this driver's or the job is finished; stop extending.
+    ///
+    /// The outcome is [`ReportOutcome::AlreadyCompleted`], [`ReportOutcome::AlreadyFailed`]
+    /// or [`ReportOutcome::StaleLease`] (the lease lapsed or the job was delivered again).
+    Lost(ReportOutcome),
 }

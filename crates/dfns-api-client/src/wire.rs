@@ -14,14 +14,22 @@
 //!   [`LeasedJob`] whose `spec` is the [`DecodeError`], so that the engine fails it explicitly.
 //!
 //! One malformed job therefore never costs the rest of the batch.
+//!
+//! Presence bodies (registration, heartbeat) are decoded strictly on the server side
+//! ([`decode_registration`], [`decode_heartbeat`]); the answers the driver reads
+//! ([`decode_presence_terms`], [`decode_extend_response`]) are checked before the engine sees
+//! them, so that a confused server cannot, say, make a driver heartbeat in a busy loop.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use std::time::Duration;
+
 use crate::error::ApiError;
 use crate::protocol::{
-    Curve, DecodeError, FailureCode, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseId, LeasedJob,
-    MAX_MESSAGE_LEN, ReportOutcome, Scheme, SignaturePayload, SignatureResult,
+    Capability, Curve, DecodeError, DriverRegistration, FailureCode, Heartbeat, JobId, JobRef,
+    JobResult, JobSpec, KeyId, LeaseExtension, LeaseId, LeasedJob, MAX_MESSAGE_LEN, PresenceTerms,
+    ReportOutcome, Scheme, SignaturePayload, SignatureResult,
 };
 
 /// Longest public key accepted in a completion (an uncompressed SEC1 point is 65 bytes).
@@ -29,6 +37,16 @@ pub const MAX_PUBLIC_KEY_LEN: usize = 133;
 
 /// Longest `encoded` signature accepted in a completion (DER of two 32-byte integers is at most 72).
 pub const MAX_ENCODED_SIGNATURE_LEN: usize = 256;
+
+/// Longest driver id accepted (lease, registration, heartbeat), in bytes.
+pub const MAX_DRIVER_ID_LEN: usize = 256;
+
+/// Longest driver version accepted in a registration, in bytes.
+pub const MAX_VERSION_LEN: usize = 128;
+
+/// The error code of the `409` that answers a lease or heartbeat from a driver the API does
+/// not know (never registered, or its registration lapsed).
+pub const DRIVER_NOT_REGISTERED: &str = "DriverNotRegistered";
 
 // ---------------------------------------------------------------------------------------------
 // Bodies
@@ -157,6 +175,94 @@ pub struct FailRequest {
 pub struct StatusResponse {
     /// What the report did.
     pub status: ReportOutcome,
+}
+
+/// The request body of `POST /driver/v1/drivers/register`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// The driver's identifier.
+    pub driver_id: String,
+    /// Its software version.
+    pub version: String,
+    /// The (scheme, curve) pairs it serves.
+    pub capabilities: Vec<WireCapability>,
+    /// Lowercase hex (64 digits) of its master key's fingerprint.
+    pub master_key_fingerprint: String,
+}
+
+/// A (scheme, curve) pair as it travels: `{"scheme":"ECDSA","curve":"secp256k1"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireCapability {
+    /// `ECDSA` or `EdDSA`.
+    pub scheme: String,
+    /// `secp256k1`, `secp256r1` or `ed25519`.
+    pub curve: String,
+}
+
+/// The request body of `POST /driver/v1/drivers/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// The driver.
+    pub driver_id: String,
+    /// Whether it is leasing now.
+    pub ready: bool,
+    /// Jobs it holds and has not reported yet.
+    pub in_flight: u32,
+}
+
+/// The answer to a registration or a heartbeat (`200`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceTermsResponse {
+    /// How often to heartbeat, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// How long after its last sign of life a driver is forgotten, in milliseconds.
+    pub liveness_timeout_ms: u64,
+}
+
+/// The request body of `POST /driver/v1/jobs/{jobId}/extend`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtendRequest {
+    /// The lease to extend.
+    pub lease_id: String,
+}
+
+/// The answer to a lease extension, tagged by `outcome`: `200` for `Extended`, `409` for the
+/// others (as reports answer `409` for every outcome but `Accepted`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome")]
+pub enum ExtendResponse {
+    /// `{"outcome":"Extended","leaseExpiresAt":1732460030000}`.
+    #[serde(rename_all = "camelCase")]
+    Extended {
+        /// The lease's new expiry, milliseconds since the Unix epoch.
+        lease_expires_at: u64,
+    },
+    /// `{"outcome":"AlreadyCompleted"}`: the job is finished; stop extending.
+    AlreadyCompleted,
+    /// `{"outcome":"AlreadyFailed"}`: the job failed for good; stop extending.
+    AlreadyFailed,
+    /// `{"outcome":"StaleLease"}`: the lease lapsed or is not the job's current one.
+    StaleLease,
+}
+
+impl From<ExtendResponse> for LeaseExtension {
+    fn from(response: ExtendResponse) -> Self {
+        match response {
+            ExtendResponse::Extended { lease_expires_at } => LeaseExtension::Extended {
+                lease_expires_at_ms: lease_expires_at,
+            },
+            ExtendResponse::AlreadyCompleted => {
+                LeaseExtension::Lost(ReportOutcome::AlreadyCompleted)
+            }
+            ExtendResponse::AlreadyFailed => LeaseExtension::Lost(ReportOutcome::AlreadyFailed),
+            ExtendResponse::StaleLease => LeaseExtension::Lost(ReportOutcome::StaleLease),
+        }
+    }
 }
 
 /// The body of every error response (4xx, 5xx).
@@ -497,6 +603,202 @@ fn json_type(value: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Presence (registration, heartbeats) and lease extensions
+// ---------------------------------------------------------------------------------------------
+
+/// Checks a driver id (lease, registration, heartbeat): 1 to [`MAX_DRIVER_ID_LEN`] bytes, no
+/// control characters (it is logged and shown to operators).
+///
+/// # Errors
+/// [`DecodeError::Malformed`], without echoing the id.
+pub fn check_driver_id(driver_id: &str) -> Result<(), DecodeError> {
+    if driver_id.is_empty()
+        || driver_id.len() > MAX_DRIVER_ID_LEN
+        || driver_id.chars().any(char::is_control)
+    {
+        return Err(DecodeError::Malformed {
+            reason: format!(
+                "driverId must be 1 to {MAX_DRIVER_ID_LEN} bytes without control characters ({} bytes given)",
+                driver_id.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Encodes a registration (the driver side).
+pub fn encode_registration(registration: &DriverRegistration) -> RegisterRequest {
+    RegisterRequest {
+        driver_id: registration.driver_id.clone(),
+        version: registration.version.clone(),
+        capabilities: registration
+            .capabilities
+            .iter()
+            .map(encode_capability)
+            .collect(),
+        master_key_fingerprint: registration.master_key_fingerprint.clone(),
+    }
+}
+
+/// Decodes and validates a registration (the server side): a valid driver id, a version of 1
+/// to [`MAX_VERSION_LEN`] bytes without control characters, at least one capability, each a
+/// known scheme/curve pair (returned sorted, without duplicates), and a fingerprint of exactly
+/// 64 lowercase hex digits.
+///
+/// # Errors
+/// The first [`DecodeError`] found.
+pub fn decode_registration(request: &RegisterRequest) -> Result<DriverRegistration, DecodeError> {
+    check_driver_id(&request.driver_id)?;
+    if request.version.is_empty()
+        || request.version.len() > MAX_VERSION_LEN
+        || request.version.chars().any(char::is_control)
+    {
+        return Err(DecodeError::Malformed {
+            reason: format!(
+                "version must be 1 to {MAX_VERSION_LEN} bytes without control characters ({} bytes given)",
+                request.version.len()
+            ),
+        });
+    }
+    if request.capabilities.is_empty() {
+        return Err(DecodeError::Malformed {
+            reason: "capabilities must name at least one scheme/curve pair".to_owned(),
+        });
+    }
+    let mut capabilities = request
+        .capabilities
+        .iter()
+        .map(decode_capability)
+        .collect::<Result<Vec<_>, _>>()?;
+    capabilities.sort_unstable();
+    capabilities.dedup();
+    let fingerprint = &request.master_key_fingerprint;
+    if fingerprint.len() != 64 {
+        return Err(DecodeError::WrongLength {
+            field: "masterKeyFingerprint",
+            actual: fingerprint.len(),
+            expected: "64 hex digits",
+        });
+    }
+    if !fingerprint
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(DecodeError::InvalidHex {
+            field: "masterKeyFingerprint",
+        });
+    }
+    Ok(DriverRegistration {
+        driver_id: request.driver_id.clone(),
+        version: request.version.clone(),
+        capabilities,
+        master_key_fingerprint: fingerprint.clone(),
+    })
+}
+
+/// Decodes one capability: a known scheme and curve that go together.
+///
+/// # Errors
+/// [`DecodeError::UnknownValue`] or [`DecodeError::SchemeCurveMismatch`].
+pub fn decode_capability(capability: &WireCapability) -> Result<Capability, DecodeError> {
+    let scheme = parse_scheme(&capability.scheme).map_err(|_| DecodeError::UnknownValue {
+        field: "capabilities.scheme",
+    })?;
+    let curve = parse_curve(&capability.curve).map_err(|_| DecodeError::UnknownValue {
+        field: "capabilities.curve",
+    })?;
+    check_scheme_curve(scheme, curve)?;
+    Ok(Capability { scheme, curve })
+}
+
+/// Encodes a capability.
+pub fn encode_capability(capability: &Capability) -> WireCapability {
+    WireCapability {
+        scheme: capability.scheme.as_str().to_owned(),
+        curve: capability.curve.as_str().to_owned(),
+    }
+}
+
+/// Encodes a heartbeat (the driver side).
+pub fn encode_heartbeat(heartbeat: &Heartbeat) -> HeartbeatRequest {
+    HeartbeatRequest {
+        driver_id: heartbeat.driver_id.clone(),
+        ready: heartbeat.ready,
+        in_flight: heartbeat.in_flight,
+    }
+}
+
+/// Decodes and validates a heartbeat (the server side).
+///
+/// # Errors
+/// [`DecodeError::Malformed`] for an invalid driver id.
+pub fn decode_heartbeat(request: &HeartbeatRequest) -> Result<Heartbeat, DecodeError> {
+    check_driver_id(&request.driver_id)?;
+    Ok(Heartbeat {
+        driver_id: request.driver_id.clone(),
+        ready: request.ready,
+        in_flight: request.in_flight,
+    })
+}
+
+/// Encodes presence terms (the server side), in whole milliseconds.
+pub fn encode_presence_terms(terms: &PresenceTerms) -> PresenceTermsResponse {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    PresenceTermsResponse {
+        heartbeat_interval_ms: ms(terms.heartbeat_interval),
+        liveness_timeout_ms: ms(terms.liveness_timeout),
+    }
+}
+
+/// Decodes the answer to a registration or heartbeat (the driver side).
+///
+/// # Errors
+/// [`ApiError::Decode`] if the body is not the expected JSON, the heartbeat interval is zero,
+/// or the liveness timeout is shorter than the interval (the driver would be forgotten between
+/// two heartbeats).
+pub fn decode_presence_terms(body: &[u8]) -> Result<PresenceTerms, ApiError> {
+    let terms: PresenceTermsResponse =
+        serde_json::from_slice(body).map_err(|e| ApiError::Decode {
+            reason: "presence answer is not an object with `heartbeatIntervalMs` and `livenessTimeoutMs`"
+                .to_owned(),
+            source: Some(e),
+        })?;
+    if terms.heartbeat_interval_ms == 0 {
+        return Err(ApiError::Decode {
+            reason: "heartbeatIntervalMs must be at least 1".to_owned(),
+            source: None,
+        });
+    }
+    if terms.liveness_timeout_ms < terms.heartbeat_interval_ms {
+        return Err(ApiError::Decode {
+            reason: format!(
+                "livenessTimeoutMs ({}) is shorter than heartbeatIntervalMs ({})",
+                terms.liveness_timeout_ms, terms.heartbeat_interval_ms
+            ),
+            source: None,
+        });
+    }
+    Ok(PresenceTerms {
+        heartbeat_interval: Duration::from_millis(terms.heartbeat_interval_ms),
+        liveness_timeout: Duration::from_millis(terms.liveness_timeout_ms),
+    })
+}
+
+/// Decodes the body of the answer to a lease extension (the driver side).
+///
+/// # Errors
+/// [`ApiError::Decode`] if the body is not an `outcome` object this protocol knows
+/// (`Extended` with `leaseExpiresAt`, `AlreadyCompleted`, `AlreadyFailed`, `StaleLease`).
+pub fn decode_extend_response(body: &[u8]) -> Result<LeaseExtension, ApiError> {
+    serde_json::from_slice::<ExtendResponse>(body)
+        .map(LeaseExtension::from)
+        .map_err(|e| ApiError::Decode {
+            reason: "extension answer has no known `outcome`".to_owned(),
+            source: Some(e),
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -898,6 +1200,294 @@ mod tests {
         assert_eq!(status.status, ReportOutcome::StaleLease);
     }
 
+    // ---- presence and extensions ----
+
+    const FINGERPRINT: &str = "3f2a9c0e1b7d4a6f8e5c2b1a0d9f8e7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f10";
+
+    fn registration_body() -> Value {
+        json!({"driverId":"drv-1","version":"0.1.0",
+               "capabilities":[{"scheme":"ECDSA","curve":"secp256k1"},{"scheme":"EdDSA","curve":"ed25519"}],
+               "masterKeyFingerprint":FINGERPRINT})
+    }
+
+    fn decode_registration_value(value: Value) -> Result<DriverRegistration, String> {
+        let request: RegisterRequest =
+            serde_json::from_value(value).map_err(|e| format!("serde: {e}"))?;
+        decode_registration(&request).map_err(|e| format!("decode: {e}"))
+    }
+
+    #[test]
+    fn registrations_have_the_documented_shape_and_round_trip() {
+        let registration = DriverRegistration {
+            driver_id: "drv-1".into(),
+            version: "0.1.0".into(),
+            capabilities: vec![
+                Capability {
+                    scheme: Scheme::Ecdsa,
+                    curve: Curve::Secp256k1,
+                },
+                Capability {
+                    scheme: Scheme::Eddsa,
+                    curve: Curve::Ed25519,
+                },
+            ],
+            master_key_fingerprint: FINGERPRINT.into(),
+        };
+        let body = serde_json::to_value(encode_registration(&registration)).unwrap();
+        assert_eq!(body, registration_body());
+        assert_eq!(decode_registration_value(body).unwrap(), registration);
+    }
+
+    #[test]
+    fn registration_capabilities_are_sorted_and_deduplicated() {
+        let mut body = registration_body();
+        body["capabilities"] = json!([
+            {"scheme":"EdDSA","curve":"ed25519"},
+            {"scheme":"ECDSA","curve":"secp256r1"},
+            {"scheme":"EdDSA","curve":"ed25519"},
+            {"scheme":"ECDSA","curve":"secp256k1"},
+        ]);
+        let decoded = decode_registration_value(body).unwrap();
+        assert_eq!(
+            decoded.capabilities,
+            [
+                (Scheme::Ecdsa, Curve::Secp256k1),
+                (Scheme::Ecdsa, Curve::Secp256r1),
+                (Scheme::Eddsa, Curve::Ed25519)
+            ]
+            .map(|(scheme, curve)| Capability { scheme, curve })
+        );
+    }
+
+    #[test]
+    fn hostile_registrations_are_refused() {
+        let cases: Vec<(&str, Value)> = vec![
+            ("driverId", json!("")),
+            ("driverId", json!("drv\n1")),
+            ("driverId", json!("d".repeat(MAX_DRIVER_ID_LEN + 1))),
+            ("driverId", json!(42)),
+            ("driverId", Value::Null),
+            ("version", json!("")),
+            ("version", json!("1.0\u{1b}[31m")),
+            ("version", json!("v".repeat(MAX_VERSION_LEN + 1))),
+            ("capabilities", json!([])),
+            (
+                "capabilities",
+                json!({"scheme":"ECDSA","curve":"secp256k1"}),
+            ),
+            ("capabilities", json!(["ECDSA/secp256k1"])),
+            ("capabilities", json!([{"scheme":"ECDSA"}])),
+            (
+                "capabilities",
+                json!([{"scheme":"ECDSA","curve":"secp384r1"}]),
+            ),
+            (
+                "capabilities",
+                json!([{"scheme":"Schnorr","curve":"secp256k1"}]),
+            ),
+            (
+                "capabilities",
+                json!([{"scheme":"ecdsa","curve":"secp256k1"}]),
+            ),
+            (
+                "capabilities",
+                json!([{"scheme":"ECDSA","curve":"ed25519"}]),
+            ),
+            (
+                "capabilities",
+                json!([{"scheme":"EdDSA","curve":"secp256r1"}]),
+            ),
+            (
+                "capabilities",
+                json!([{"scheme":"ECDSA","curve":"secp256k1","extra":1}]),
+            ),
+            ("masterKeyFingerprint", json!("")),
+            ("masterKeyFingerprint", json!(&FINGERPRINT[1..])),
+            ("masterKeyFingerprint", json!(format!("{FINGERPRINT}0"))),
+            ("masterKeyFingerprint", json!(FINGERPRINT.to_uppercase())),
+            (
+                "masterKeyFingerprint",
+                json!(format!("0x{}", &FINGERPRINT[2..])),
+            ),
+            (
+                "masterKeyFingerprint",
+                json!(format!("{}g", &FINGERPRINT[1..])),
+            ),
+            (
+                "masterKeyFingerprint",
+                json!(format!("{}\u{e9}", &FINGERPRINT[2..])),
+            ),
+        ];
+        for (field, value) in cases {
+            let mut body = registration_body();
+            body[field] = value.clone();
+            assert!(
+                decode_registration_value(body).is_err(),
+                "{field} = {value} was accepted"
+            );
+        }
+        for field in [
+            "driverId",
+            "version",
+            "capabilities",
+            "masterKeyFingerprint",
+        ] {
+            let mut body = registration_body();
+            body.as_object_mut().unwrap().remove(field);
+            assert!(decode_registration_value(body).is_err(), "without {field}");
+        }
+        let mut body = registration_body();
+        body["admin"] = json!(true);
+        assert!(decode_registration_value(body).is_err(), "an unknown field");
+        assert!(decode_registration_value(json!([])).is_err());
+    }
+
+    #[test]
+    fn heartbeats_are_validated() {
+        let decode = |value: Value| -> Result<Heartbeat, String> {
+            let request: HeartbeatRequest =
+                serde_json::from_value(value).map_err(|e| e.to_string())?;
+            decode_heartbeat(&request).map_err(|e| e.to_string())
+        };
+        let heartbeat = Heartbeat {
+            driver_id: "drv-1".into(),
+            ready: true,
+            in_flight: 3,
+        };
+        let body = serde_json::to_value(encode_heartbeat(&heartbeat)).unwrap();
+        assert_eq!(body, json!({"driverId":"drv-1","ready":true,"inFlight":3}));
+        assert_eq!(decode(body).unwrap(), heartbeat);
+        for body in [
+            json!({"driverId":"","ready":true,"inFlight":0}),
+            json!({"driverId":"drv\t1","ready":true,"inFlight":0}),
+            json!({"driverId":"drv-1","ready":"yes","inFlight":0}),
+            json!({"driverId":"drv-1","ready":true,"inFlight":-1}),
+            json!({"driverId":"drv-1","ready":true,"inFlight":4_294_967_296u64}),
+            json!({"driverId":"drv-1","ready":true,"inFlight":1.5}),
+            json!({"driverId":"drv-1","ready":true}),
+            json!({"driverId":"drv-1","inFlight":0}),
+            json!({"driverId":"drv-1","ready":true,"inFlight":0,"busy":true}),
+            json!(null),
+        ] {
+            assert!(decode(body.clone()).is_err(), "{body} was accepted");
+        }
+    }
+
+    #[test]
+    fn presence_terms_are_checked_before_the_engine_sees_them() {
+        let terms = PresenceTerms {
+            heartbeat_interval: Duration::from_secs(1),
+            liveness_timeout: Duration::from_secs(5),
+        };
+        let body = serde_json::to_vec(&encode_presence_terms(&terms)).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap(),
+            json!({"heartbeatIntervalMs":1000,"livenessTimeoutMs":5000})
+        );
+        assert_eq!(decode_presence_terms(&body).unwrap(), terms);
+        // Unknown fields in an answer are tolerated (the server may add some).
+        let relaxed = br#"{"heartbeatIntervalMs":10,"livenessTimeoutMs":10,"serverTime":1}"#;
+        assert_eq!(
+            decode_presence_terms(relaxed).unwrap().liveness_timeout,
+            Duration::from_millis(10)
+        );
+        for body in [
+            &br#"{"heartbeatIntervalMs":0,"livenessTimeoutMs":5000}"#[..],
+            br#"{"heartbeatIntervalMs":5000,"livenessTimeoutMs":1000}"#,
+            br#"{"heartbeatIntervalMs":-1,"livenessTimeoutMs":5000}"#,
+            br#"{"heartbeatIntervalMs":1.5,"livenessTimeoutMs":5000}"#,
+            br#"{"heartbeatIntervalMs":"1000","livenessTimeoutMs":5000}"#,
+            br#"{"heartbeatIntervalMs":1000}"#,
+            br#"{"heartbeatIntervalMs":1e30,"livenessTimeoutMs":5000}"#,
+            br#"{"status":"Accepted"}"#,
+            b"<html>502</html>",
+            b"",
+            b"\xff",
+        ] {
+            let err = decode_presence_terms(body).unwrap_err();
+            assert!(
+                matches!(err, ApiError::Decode { .. }) && !err.is_retryable(),
+                "{}: {err:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn extension_answers_decode_and_unknown_outcomes_are_refused() {
+        assert_eq!(
+            decode_extend_response(br#"{"outcome":"Extended","leaseExpiresAt":1732460030000}"#)
+                .unwrap(),
+            LeaseExtension::Extended {
+                lease_expires_at_ms: 1_732_460_030_000
+            }
+        );
+        for (outcome, expected) in [
+            ("AlreadyCompleted", ReportOutcome::AlreadyCompleted),
+            ("AlreadyFailed", ReportOutcome::AlreadyFailed),
+            ("StaleLease", ReportOutcome::StaleLease),
+        ] {
+            let body = serde_json::to_vec(&json!({ "outcome": outcome })).unwrap();
+            assert_eq!(
+                decode_extend_response(&body).unwrap(),
+                LeaseExtension::Lost(expected)
+            );
+        }
+        for body in [
+            &br#"{"outcome":"Extended"}"#[..],
+            br#"{"outcome":"Extended","leaseExpiresAt":"soon"}"#,
+            br#"{"outcome":"Extended","leaseExpiresAt":-5}"#,
+            br#"{"outcome":"Accepted"}"#,
+            br#"{"outcome":"extended","leaseExpiresAt":1}"#,
+            br#"{"outcome":null}"#,
+            br#"{"status":"StaleLease"}"#,
+            br#"{"error":{"code":"NotFound","message":"no job"}}"#,
+            b"[]",
+            b"",
+        ] {
+            let err = decode_extend_response(body).unwrap_err();
+            assert!(
+                matches!(err, ApiError::Decode { .. }),
+                "{}: {err:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // The server's encoding is what the client decodes.
+        for response in [
+            ExtendResponse::Extended {
+                lease_expires_at: 7,
+            },
+            ExtendResponse::StaleLease,
+        ] {
+            let body = serde_json::to_vec(&response).unwrap();
+            assert_eq!(
+                decode_extend_response(&body).unwrap(),
+                LeaseExtension::from(response)
+            );
+        }
+        assert_eq!(
+            serde_json::to_value(ExtendRequest {
+                lease_id: "lease-1".into()
+            })
+            .unwrap(),
+            json!({"leaseId":"lease-1"})
+        );
+    }
+
+    #[test]
+    fn driver_ids_follow_one_rule() {
+        assert!(check_driver_id("drv-1").is_ok());
+        assert!(check_driver_id("eu-west-1/hsm driver #2").is_ok());
+        assert!(check_driver_id(&"d".repeat(MAX_DRIVER_ID_LEN)).is_ok());
+        for bad in ["", "a\u{0}b", "\r\n", &"d".repeat(MAX_DRIVER_ID_LEN + 1)] {
+            let err = check_driver_id(bad).unwrap_err();
+            assert!(
+                !err.to_string().contains(bad) || bad.is_empty(),
+                "the id is not echoed: {err}"
+            );
+        }
+    }
+
     // ---- properties ----
 
     fn arb_json() -> impl Strategy<Value = Value> {
@@ -964,6 +1554,46 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn presence_and_extension_decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256), value in arb_json()) {
+            let _ = decode_presence_terms(&bytes);
+            let _ = decode_extend_response(&bytes);
+            let text = value.to_string();
+            let _ = decode_presence_terms(text.as_bytes());
+            let _ = decode_extend_response(text.as_bytes());
+            if let Ok(request) = serde_json::from_value::<RegisterRequest>(value.clone()) {
+                let _ = decode_registration(&request);
+            }
+            if let Ok(request) = serde_json::from_value::<HeartbeatRequest>(value) {
+                let _ = decode_heartbeat(&request);
+            }
+        }
+
+        #[test]
+        fn registration_decoding_never_panics(driver_id in ".{0,300}", version in ".{0,140}",
+                                              scheme in "(ECDSA|EdDSA|.{0,8})", curve in "(secp256k1|secp256r1|ed25519|.{0,10})",
+                                              fingerprint in "([0-9a-f]{64}|.{0,70})") {
+            let request = RegisterRequest {
+                driver_id,
+                version,
+                capabilities: vec![WireCapability { scheme, curve }],
+                master_key_fingerprint: fingerprint,
+            };
+            if let Ok(registration) = decode_registration(&request) {
+                prop_assert_eq!(encode_registration(&registration), request);
+            }
+        }
+
+        #[test]
+        fn presence_terms_round_trip(interval in 1u64..=u64::MAX / 2, extra in 0u64..=u64::MAX / 2) {
+            let terms = PresenceTerms {
+                heartbeat_interval: Duration::from_millis(interval),
+                liveness_timeout: Duration::from_millis(interval + extra),
+            };
+            let body = serde_json::to_vec(&encode_presence_terms(&terms)).unwrap();
+            prop_assert_eq!(decode_presence_terms(&body).unwrap(), terms);
+        }
+
         #[test]
         fn decode_job_never_panics(value in arb_json()) {
             let _ = decode_job(&value);

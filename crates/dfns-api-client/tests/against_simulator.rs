@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dfns_api_client::protocol::{
-    FailureCode, JobFailure, JobId, JobRef, JobResult, JobSpec, LeaseId, LeasedJob, ReportOutcome,
-    SignaturePayload, SignatureResult,
+    Capability, Curve, DriverRegistration, FailureCode, Heartbeat, JobFailure, JobId, JobRef,
+    JobResult, JobSpec, LeaseId, LeasedJob, ReportOutcome, Scheme, SignaturePayload,
+    SignatureResult,
 };
 use dfns_api_client::{ApiError, Backoff, ClientConfig, HttpJobSource, JobSource, TlsFiles};
 use dfns_api_sim::app_client::AppClient;
@@ -58,15 +59,41 @@ fn client_config(url: &str, ca: &Path, cert: &Path, key: &Path) -> ClientConfig 
     config
 }
 
+/// `drv-1` serving every scheme and curve.
+fn registration() -> DriverRegistration {
+    DriverRegistration {
+        driver_id: "drv-1".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        capabilities: vec![
+            Capability {
+                scheme: Scheme::Ecdsa,
+                curve: Curve::Secp256k1,
+            },
+            Capability {
+                scheme: Scheme::Ecdsa,
+                curve: Curve::Secp256r1,
+            },
+            Capability {
+                scheme: Scheme::Eddsa,
+                curve: Curve::Ed25519,
+            },
+        ],
+        master_key_fingerprint: "0f".repeat(32),
+    }
+}
+
 impl Harness {
-    fn source(&self) -> HttpJobSource {
-        HttpJobSource::new(client_config(
+    /// A client of `drv-1`, registered (the API leases only to registered drivers).
+    async fn source(&self) -> HttpJobSource {
+        let source = HttpJobSource::new(client_config(
             &self.sim.driver_url(),
             &self.pki.ca_cert,
             &self.pki.client_cert,
             &self.pki.client_key,
         ))
-        .unwrap()
+        .unwrap();
+        source.register(&registration()).await.unwrap();
+        source
     }
 
     /// Creates a secp256k1 key and completes its generation; returns the key id.
@@ -113,7 +140,7 @@ fn failure(code: FailureCode, retryable: bool) -> JobFailure {
 #[tokio::test(flavor = "multi_thread")]
 async fn lease_then_complete_a_key_and_a_signature() {
     let h = harness(Duration::from_secs(30)).await;
-    let source = h.source();
+    let source = h.source().await;
     source.ping().await.unwrap();
 
     let key = h.app.create_key("ECDSA", "secp256k1").await.unwrap();
@@ -172,7 +199,7 @@ async fn lease_then_complete_a_key_and_a_signature() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_poll_returns_as_soon_as_a_job_arrives() {
     let h = harness(Duration::from_secs(30)).await;
-    let source = h.source();
+    let source = h.source().await;
     let mut waiting = h.sim.long_polls_waiting();
     let started = Instant::now();
     let poll = tokio::spawn({
@@ -199,7 +226,7 @@ async fn a_long_poll_returns_as_soon_as_a_job_arrives() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lapsed_lease_is_redelivered_and_the_first_completion_wins() {
     let h = harness(Duration::from_millis(300)).await;
-    let source = h.source();
+    let source = h.source().await;
     let key = h.app.create_key("ECDSA", "secp256r1").await.unwrap();
     let first = lease_one(&source).await;
     // Not reported: the lease lapses and the waiting long-poll gets the job again.
@@ -247,7 +274,7 @@ async fn a_lapsed_lease_is_redelivered_and_the_first_completion_wins() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retryable_failure_is_redelivered_until_attempts_run_out() {
     let h = harness(Duration::from_secs(30)).await;
-    let source = h.source();
+    let source = h.source().await;
     let key = h.app.create_key("ECDSA", "secp256k1").await.unwrap();
     let mut leases = Vec::new();
     for attempt in 1..=3 {
@@ -276,7 +303,7 @@ async fn a_retryable_failure_is_redelivered_until_attempts_run_out() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_non_retryable_failure_fails_the_signature_request() {
     let h = harness(Duration::from_secs(30)).await;
-    let source = h.source();
+    let source = h.source().await;
     let key_id = h.active_key(&source).await;
     let request = h
         .app
@@ -308,7 +335,7 @@ async fn a_non_retryable_failure_fails_the_signature_request() {
 #[tokio::test(flavor = "multi_thread")]
 async fn client_errors_map_to_non_retryable_status_errors() {
     let h = harness(Duration::from_secs(30)).await;
-    let source = h.source();
+    let source = h.source().await;
     let unknown = JobRef {
         job_id: JobId::new("job-unknown").unwrap(),
         lease_id: LeaseId::new("lease-unknown").unwrap(),
@@ -408,7 +435,7 @@ async fn a_client_with_a_certificate_from_another_ca_is_refused() {
     let err = rogue.lease(1, Duration::ZERO).await.unwrap_err();
     assert_eq!(err.status(), None, "{err:?}");
     // The legitimate client is still served.
-    h.source().ping().await.unwrap();
+    h.source().await.ping().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -430,6 +457,7 @@ async fn a_server_outside_the_ca_bundle_is_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oversized_response_is_a_decode_error_and_the_job_is_not_lost() {
     let h = harness(Duration::from_millis(300)).await;
+    h.source().await;
     h.app.create_key("ECDSA", "secp256k1").await.unwrap();
     // Tried: a lease answer larger than the client accepts (limit 64 bytes).
     let mut config = client_config(
@@ -539,7 +567,7 @@ async fn a_silent_server_is_a_timeout() {
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_answers_waiting_long_polls_and_completes() {
     let h = harness(Duration::from_secs(30)).await;
-    let source = h.source();
+    let source = h.source().await;
     let mut waiting = h.sim.long_polls_waiting();
     let poll = tokio::spawn({
         let source = source.clone();
@@ -553,6 +581,68 @@ async fn shutdown_answers_waiting_long_polls_and_completes() {
     assert!(started.elapsed() < Duration::from_secs(5));
     // Nothing listens any more.
     assert!(source.ping().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn presence_calls_return_the_terms_and_refuse_what_they_must() {
+    let h = harness(Duration::from_secs(30)).await;
+    let source = HttpJobSource::new(client_config(
+        &h.sim.driver_url(),
+        &h.pki.ca_cert,
+        &h.pki.client_cert,
+        &h.pki.client_key,
+    ))
+    .unwrap();
+    // Not registered yet: leases and heartbeats say so, and waiting would not help.
+    let heartbeat = Heartbeat {
+        driver_id: "drv-1".to_owned(),
+        ready: true,
+        in_flight: 0,
+    };
+    let err = source.lease(1, Duration::ZERO).await.unwrap_err();
+    assert!(err.is_not_registered() && !err.is_retryable(), "{err:?}");
+    let err = source.heartbeat(&heartbeat).await.unwrap_err();
+    assert!(err.is_not_registered(), "{err:?}");
+
+    let terms = source.register(&registration()).await.unwrap();
+    assert_eq!(terms.heartbeat_interval, Duration::from_secs(1));
+    assert_eq!(terms.liveness_timeout, Duration::from_secs(5));
+    assert_eq!(source.heartbeat(&heartbeat).await.unwrap(), terms);
+    assert!(source.lease(1, Duration::ZERO).await.unwrap().is_empty());
+
+    // An invalid registration is a 400, not retryable.
+    let mut bad = registration();
+    bad.master_key_fingerprint = "0F".repeat(32);
+    let err = source.register(&bad).await.unwrap_err();
+    assert_eq!(err.status(), Some(http::StatusCode::BAD_REQUEST), "{err:?}");
+    assert!(!err.is_retryable() && !err.is_not_registered());
+    bad = registration();
+    bad.capabilities.clear();
+    let err = source.register(&bad).await.unwrap_err();
+    assert_eq!(err.status(), Some(http::StatusCode::BAD_REQUEST), "{err:?}");
+
+    // A registration or heartbeat for another id than the client leases with never leaves.
+    let mut other = registration();
+    other.driver_id = "drv-2".to_owned();
+    let err = source.register(&other).await.unwrap_err();
+    assert!(matches!(err, ApiError::Config { .. }), "{err:?}");
+    let err = source
+        .heartbeat(&Heartbeat {
+            driver_id: "drv-2".to_owned(),
+            ..heartbeat
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::Config { .. }), "{err:?}");
+    assert_eq!(h.sim.drivers().len(), 1);
+
+    // Extending a job that does not exist is a 404.
+    let unknown = JobRef {
+        job_id: JobId::new("job-unknown").unwrap(),
+        lease_id: LeaseId::new("lease-unknown").unwrap(),
+    };
+    let err = source.extend(&unknown).await.unwrap_err();
+    assert_eq!(err.status(), Some(http::StatusCode::NOT_FOUND), "{err:?}");
 }
 
 // ---- raw TLS helpers ----

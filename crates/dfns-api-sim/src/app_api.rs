@@ -5,16 +5,17 @@
 //!
 //! | Route | Body | Answer |
 //! |---|---|---|
-//! | `POST /keys` | `{"scheme":"ECDSA","curve":"secp256k1"}` | [`KeyView`] |
+//! | `POST /keys` | `{"scheme":"ECDSA","curve":"secp256k1"}` | [`KeyView`] (422 `NoCapableDriver` when drivers are live and none serves the pair) |
 //! | `GET /keys/{keyId}` | | [`KeyView`] |
 //! | `POST /keys/{keyId}/signatures` | `{"kind":"Hash","hash":"0x…"}` or `{"kind":"Message","message":"0x…"}` | [`SignatureView`] (409 `KeyNotActive` unless the key is Active) |
 //! | `GET /keys/{keyId}/signatures/{signatureId}` | | [`SignatureView`] |
 //! | `GET /jobs/stats` | | [`SimStats`](crate::SimStats) |
+//! | `GET /app/v1/drivers` | | `[`[`DriverView`]`, …]` by driver id |
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use dfns_api_client::wire::{self, WireSignature, WireSignatureRequest};
+use dfns_api_client::wire::{self, WireCapability, WireSignature, WireSignatureRequest};
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,46 @@ pub struct SignatureView {
     pub date_requested: String,
 }
 
+/// The error code of the `422` refusing a key that no live driver can generate.
+pub(crate) const NO_CAPABLE_DRIVER: &str = "NoCapableDriver";
+
+/// A registered driver as the application API shows it (`GET /app/v1/drivers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriverView {
+    /// The driver's id.
+    pub driver_id: String,
+    /// Its version, as registered.
+    pub version: String,
+    /// The (scheme, curve) pairs it registered, sorted.
+    pub capabilities: Vec<WireCapability>,
+    /// Its master key's fingerprint.
+    pub master_key_fingerprint: String,
+    /// Whether its last sign of life is within the liveness timeout.
+    pub live: bool,
+    /// Whether it is leasing, as its last heartbeat said (true from registration until then).
+    pub ready: bool,
+    /// Jobs it holds, as its last heartbeat said.
+    pub in_flight: u32,
+    /// How many times it registered (a restarted driver registers again).
+    pub registrations: u64,
+    /// Completions accepted under its leases.
+    pub completed: u64,
+    /// Failure reports accepted under its leases (retryable or not).
+    pub failed: u64,
+    /// Milliseconds since its last sign of life.
+    pub last_seen_ms_ago: u64,
+}
+
+impl DriverView {
+    /// Whether it registered `scheme` over `curve` (API names, such as `ECDSA`, `secp256k1`).
+    pub fn serves(&self, scheme: &str, curve: &str) -> bool {
+        self.capabilities
+            .iter()
+            .any(|c| c.scheme == scheme && c.curve == curve)
+    }
+}
+
 /// The body of `POST /keys`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct CreateKeyRequest {
@@ -99,13 +140,17 @@ pub(crate) async fn handle(
             .get_signature(key_id, signature_id)
             .map(|s| respond::json(StatusCode::OK, &s)),
         (&Method::GET, ["jobs", "stats"]) => Ok(respond::json(StatusCode::OK, &state.stats())),
+        (&Method::GET, ["app", "v1", "drivers"]) => {
+            Ok(respond::json(StatusCode::OK, &state.drivers()))
+        }
         (
             _,
             ["keys"]
             | ["keys", _]
             | ["keys", _, "signatures"]
             | ["keys", _, "signatures", _]
-            | ["jobs", "stats"],
+            | ["jobs", "stats"]
+            | ["app", "v1", "drivers"],
         ) => Ok(respond::wrong_method(method, &path)),
         _ => Ok(respond::no_route(method, &path)),
     };
@@ -119,8 +164,7 @@ async fn create_key(state: &SimState, body: Incoming) -> Result<HttpResponse, Re
     let curve =
         wire::parse_curve(&request.curve).map_err(|e| Refusal::bad_request(e.to_string()))?;
     wire::check_scheme_curve(scheme, curve).map_err(|e| Refusal::bad_request(e.to_string()))?;
-    Ok(respond::json(
-        StatusCode::OK,
-        &state.create_key(scheme, curve),
-    ))
+    state
+        .create_key(scheme, curve)
+        .map(|key| respond::json(StatusCode::OK, &key))
 }

@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 
 use dfns_api_client::wire::{self, ErrorResponse, WireSignatureRequest};
 
-pub use crate::app_api::{KeyView, SignatureView};
+pub use crate::app_api::{DriverView, KeyView, SignatureView};
 use crate::error::SimError;
 use crate::state::SimStats;
 
@@ -58,7 +58,9 @@ impl AppClient {
     /// `POST /keys`: asks for a key; it starts `Creating`.
     ///
     /// # Errors
-    /// [`SimError::Status`] (400) for an unsupported scheme/curve pair; transport errors.
+    /// [`SimError::Status`]: 400 for an unsupported scheme/curve pair; 422 `NoCapableDriver`
+    /// ([`SimError::is_no_capable_driver`]) when drivers are live and none of them serves the
+    /// pair. Transport errors.
     pub async fn create_key(&self, scheme: &str, curve: &str) -> Result<KeyView, SimError> {
         #[derive(Serialize)]
         struct Body<'a> {
@@ -205,6 +207,15 @@ impl AppClient {
             |s| s.status != "Pending",
         )
         .await
+    }
+
+    /// `GET /app/v1/drivers`: every driver that ever registered, by id.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn drivers(&self) -> Result<Vec<DriverView>, SimError> {
+        self.call::<(), _>(Method::GET, "/app/v1/drivers".to_owned(), None, "drivers")
+            .await
     }
 
     /// `GET /jobs/stats`.

@@ -1,4 +1,5 @@
-//! The driver listener's routes: lease (long-poll), complete, fail, ping.
+//! The driver listener's routes: register, heartbeat, lease (long-poll), extend, complete,
+//! fail, ping.
 //!
 //! Requests reach this module only over mutual TLS with a client certificate issued by the
 //! configured client CA; the handshake refuses anything else (see [`crate::tls`]).
@@ -7,9 +8,12 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dfns_api_client::protocol::{JobFailure, JobId, LeaseId, LeaseRequest, MAX_LEASE_BATCH};
+use dfns_api_client::protocol::{
+    JobFailure, JobId, LeaseId, LeaseRequest, MAX_LEASE_BATCH, ReportOutcome,
+};
 use dfns_api_client::wire::{
-    self, CompleteRequest, FailRequest, LeaseResponse, PingResponse, StatusResponse,
+    self, CompleteRequest, ExtendRequest, ExtendResponse, FailRequest, HeartbeatRequest,
+    LeaseResponse, PingResponse, RegisterRequest, StatusResponse,
 };
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
@@ -35,7 +39,12 @@ pub(crate) async fn handle(
                 client_subject: client_subject.map(|s| s.to_string()),
             },
         )),
+        (&Method::POST, ["driver", "v1", "drivers", "register"]) => register(&state, body).await,
+        (&Method::POST, ["driver", "v1", "drivers", "heartbeat"]) => heartbeat(&state, body).await,
         (&Method::POST, ["driver", "v1", "jobs", "lease"]) => lease(&state, body).await,
+        (&Method::POST, ["driver", "v1", "jobs", job_id, "extend"]) => {
+            extend(&state, job_id, body).await
+        }
         (&Method::POST, ["driver", "v1", "jobs", job_id, "complete"]) => {
             complete(&state, job_id, body).await
         }
@@ -45,8 +54,9 @@ pub(crate) async fn handle(
         (
             _,
             ["driver", "v1", "ping"]
+            | ["driver", "v1", "drivers", "register" | "heartbeat"]
             | ["driver", "v1", "jobs", "lease"]
-            | ["driver", "v1", "jobs", _, "complete" | "fail"],
+            | ["driver", "v1", "jobs", _, "complete" | "fail" | "extend"],
         ) => Ok(respond::wrong_method(method, &path)),
         _ => Ok(respond::no_route(method, &path)),
     };
@@ -60,17 +70,53 @@ async fn lease(state: &SimState, body: Incoming) -> Result<HttpResponse, Refusal
             "maxJobs must be between 1 and {MAX_LEASE_BATCH}"
         )));
     }
-    if request.driver_id.is_empty() {
-        return Err(Refusal::bad_request("driverId must not be empty"));
-    }
+    wire::check_driver_id(&request.driver_id).map_err(|e| Refusal::bad_request(e.to_string()))?;
     let max = usize::try_from(request.max_jobs).unwrap_or(usize::MAX);
     let jobs = state
-        .lease(max, Duration::from_millis(request.wait_ms))
-        .await;
+        .lease(
+            &request.driver_id,
+            max,
+            Duration::from_millis(request.wait_ms),
+        )
+        .await?;
     if !jobs.is_empty() {
         tracing::debug!(driver_id = %request.driver_id, jobs = jobs.len(), "lease answered");
     }
     Ok(respond::json(StatusCode::OK, &LeaseResponse { jobs }))
+}
+
+async fn register(state: &SimState, body: Incoming) -> Result<HttpResponse, Refusal> {
+    let request: RegisterRequest = read_json(body).await?;
+    let registration =
+        wire::decode_registration(&request).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    let terms = state.register(registration);
+    Ok(respond::json(
+        StatusCode::OK,
+        &wire::encode_presence_terms(&terms),
+    ))
+}
+
+async fn heartbeat(state: &SimState, body: Incoming) -> Result<HttpResponse, Refusal> {
+    let request: HeartbeatRequest = read_json(body).await?;
+    let heartbeat =
+        wire::decode_heartbeat(&request).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    let terms = state.heartbeat(&heartbeat)?;
+    Ok(respond::json(
+        StatusCode::OK,
+        &wire::encode_presence_terms(&terms),
+    ))
+}
+
+async fn extend(state: &SimState, job_id: &str, body: Incoming) -> Result<HttpResponse, Refusal> {
+    let request: ExtendRequest = read_json(body).await?;
+    let (job, lease) = ids(job_id, &request.lease_id)?;
+    let answer = state.extend(&job, &lease)?;
+    // As for reports: 200 when the lease was extended, 409 for every other outcome.
+    let status = match answer {
+        ExtendResponse::Extended { .. } => StatusCode::OK,
+        _ => StatusCode::CONFLICT,
+    };
+    Ok(respond::json(status, &answer))
 }
 
 /// Parses the path's job id (unknown if invalid) and the body's lease id (400 if invalid).
@@ -80,8 +126,8 @@ fn ids(job_id: &str, lease_id: &str) -> Result<(JobId, LeaseId), Refusal> {
     Ok((job, lease))
 }
 
-fn outcome(outcome: dfns_api_client::protocol::ReportOutcome) -> HttpResponse {
-    let status = if outcome == dfns_api_client::protocol::ReportOutcome::Accepted {
+fn outcome(outcome: ReportOutcome) -> HttpResponse {
+    let status = if outcome == ReportOutcome::Accepted {
         StatusCode::OK
     } else {
         StatusCode::CONFLICT

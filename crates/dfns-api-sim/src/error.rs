@@ -92,6 +92,12 @@ pub enum SimError {
         /// How long.
         after: Duration,
     },
+    /// The simulator's configuration is inconsistent.
+    #[error("invalid simulator configuration: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
     /// A key or signature request ended Failed while it was awaited to succeed.
     #[error("{what} failed: {reason}")]
     Failed {
@@ -109,6 +115,22 @@ impl SimError {
             SimError::Status { status, .. } => Some(*status),
             _ => None,
         }
+    }
+
+    /// The error code of the application API's error body (`NotFound`, `KeyNotActive`,
+    /// `NoCapableDriver`, …), if it answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            SimError::Status { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether a key was refused because drivers are live and none of them serves its scheme
+    /// and curve (`422 NoCapableDriver`). With no live driver at all, keys are accepted.
+    pub fn is_no_capable_driver(&self) -> bool {
+        self.status() == Some(http::StatusCode::UNPROCESSABLE_ENTITY)
+            && self.code() == Some(crate::app_api::NO_CAPABLE_DRIVER)
     }
 
     /// Whether a wait ran out of time.

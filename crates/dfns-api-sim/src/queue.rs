@@ -20,12 +20,23 @@
 //! - A failure counts only from the current lease (a stale failure must not requeue a job that
 //!   another holder is working on): otherwise `StaleLease`.
 //! - A retryable failure requeues the job until `max_attempts` failures; then it fails for good.
+//! - Capability routing: every job carries the (scheme, curve) [`Capability`] it needs (for a
+//!   signature, that of its key), and a lease hands a driver only jobs of the capabilities it
+//!   registered. Ready jobs are kept in one FIFO per capability and a lease takes the oldest
+//!   head among the driver's FIFOs, so jobs nobody in this lease can serve neither block the
+//!   others nor lose their place.
+//! - Only the current lease can be extended (to `now + lease_duration`); a lapsed lease cannot,
+//!   even before the job is delivered again.
+//! - A report on a finished job counts as a duplicate; a key generation completed again with a
+//!   *different* public key (byte for byte) also counts as a conflict and is logged as an error:
+//!   two drivers generated different keys for one key id.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dfns_api_client::protocol::{
-    Curve, JobFailure, JobId, JobResult, JobSpec, LeaseId, ReportOutcome, Scheme,
+    Capability, Curve, JobFailure, JobId, JobResult, JobSpec, LeaseId, ReportOutcome, Scheme,
 };
 
 use crate::ids::new_id;
@@ -71,6 +82,8 @@ pub(crate) struct Report {
     pub(crate) settled: Option<(Origin, Terminal)>,
     /// Set when this report put the job back in the queue.
     pub(crate) requeued: bool,
+    /// The driver whose lease an accepted report was made under.
+    pub(crate) holder: Option<Arc<str>>,
 }
 
 impl Report {
@@ -79,8 +92,18 @@ impl Report {
             outcome,
             settled: None,
             requeued: false,
+            holder: None,
         }
     }
+}
+
+/// The answer to a lease extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Extension {
+    /// The lease now lapses at this instant.
+    Extended(Instant),
+    /// The lease is not the job's current one, or the job is finished.
+    Lost(ReportOutcome),
 }
 
 /// A report the queue refuses outright.
@@ -100,6 +123,8 @@ pub(crate) struct QueueCounts {
     pub(crate) completed: u64,
     pub(crate) failed: u64,
     pub(crate) redeliveries: u64,
+    pub(crate) duplicate_reports: u64,
+    pub(crate) conflicting_key_reports: u64,
 }
 
 #[derive(Debug)]
@@ -117,11 +142,25 @@ enum State {
 struct Entry {
     seq: u64,
     spec: JobSpec,
+    /// What a driver must serve to be handed this job.
+    capability: Capability,
     origin: Origin,
     state: State,
     failed_attempts: u32,
     deliveries: u32,
-    leases: Vec<LeaseId>,
+    /// Every lease issued for the job, with the driver it was issued to.
+    leases: Vec<(LeaseId, Arc<str>)>,
+    /// The public key a completed key generation recorded.
+    public_key: Option<Vec<u8>>,
+}
+
+impl Entry {
+    fn holder_of(&self, lease_id: &LeaseId) -> Option<&Arc<str>> {
+        self.leases
+            .iter()
+            .find(|(id, _)| id == lease_id)
+            .map(|(_, holder)| holder)
+    }
 }
 
 /// The queue.
@@ -129,14 +168,16 @@ struct Entry {
 pub(crate) struct JobQueue {
     config: QueueConfig,
     jobs: HashMap<JobId, Entry>,
-    /// Deliverable jobs by creation order.
-    ready: BTreeMap<u64, JobId>,
+    /// Deliverable jobs, one FIFO (by creation order) per capability.
+    ready: BTreeMap<Capability, BTreeMap<u64, JobId>>,
     /// Leased jobs by expiry.
     leased: BTreeMap<(Instant, u64), JobId>,
     next_seq: u64,
     completed: u64,
     failed: u64,
     redeliveries: u64,
+    duplicate_reports: u64,
+    conflicting_key_reports: u64,
 }
 
 impl JobQueue {
@@ -150,11 +191,20 @@ impl JobQueue {
             completed: 0,
             failed: 0,
             redeliveries: 0,
+            duplicate_reports: 0,
+            conflicting_key_reports: 0,
         }
     }
 
-    /// Adds a job at the end of the queue.
-    pub(crate) fn push(&mut self, spec: JobSpec, origin: Origin) -> JobId {
+    fn make_ready(&mut self, capability: Capability, seq: u64, job_id: JobId) {
+        self.ready
+            .entry(capability)
+            .or_default()
+            .insert(seq, job_id);
+    }
+
+    /// Adds a job at the end of the queue; only drivers serving `capability` will be handed it.
+    pub(crate) fn push(&mut self, spec: JobSpec, capability: Capability, origin: Origin) -> JobId {
         let job_id = loop {
             #[allow(clippy::expect_used)]
             let id = JobId::new(new_id("job")).expect("generated ids are valid");
@@ -169,14 +219,16 @@ impl JobQueue {
             Entry {
                 seq,
                 spec,
+                capability,
                 origin,
                 state: State::Queued,
                 failed_attempts: 0,
                 deliveries: 0,
                 leases: Vec::new(),
+                public_key: None,
             },
         );
-        self.ready.insert(seq, job_id.clone());
+        self.make_ready(capability, seq, job_id.clone());
         job_id
     }
 
@@ -191,7 +243,8 @@ impl JobQueue {
             if let Some(job) = self.jobs.get_mut(&job_id) {
                 tracing::debug!(%job_id, "lease lapsed; job requeued");
                 job.state = State::Queued;
-                self.ready.insert(seq, job_id);
+                let capability = job.capability;
+                self.make_ready(capability, seq, job_id);
                 count += 1;
             }
         }
@@ -203,13 +256,31 @@ impl JobQueue {
         self.leased.first_key_value().map(|((at, _), _)| *at)
     }
 
-    /// Leases up to `max` jobs, oldest first, each under a new lease id.
-    pub(crate) fn lease(&mut self, max: usize, now: Instant) -> Vec<Delivery> {
+    /// Leases to `holder` up to `max` jobs of the `capabilities` it serves, oldest first, each
+    /// under a new lease id. Jobs of other capabilities stay queued in their place.
+    pub(crate) fn lease(
+        &mut self,
+        max: usize,
+        now: Instant,
+        holder: &Arc<str>,
+        capabilities: &BTreeSet<Capability>,
+    ) -> Vec<Delivery> {
         self.expire(now);
         let expires_at = now + self.config.lease_duration;
         let mut out = Vec::new();
         while out.len() < max {
-            let Some((seq, job_id)) = self.ready.pop_first() else {
+            // The oldest head among the FIFOs this driver serves.
+            let oldest = capabilities
+                .iter()
+                .filter_map(|c| {
+                    let (seq, _) = self.ready.get(c)?.first_key_value()?;
+                    Some((*seq, *c))
+                })
+                .min();
+            let Some((seq, job_id)) = oldest
+                .and_then(|(_, c)| self.ready.get_mut(&c))
+                .and_then(BTreeMap::pop_first)
+            else {
                 break;
             };
             let Some(job) = self.jobs.get_mut(&job_id) else {
@@ -221,7 +292,7 @@ impl JobQueue {
             if job.deliveries > 1 {
                 self.redeliveries += 1;
             }
-            job.leases.push(lease_id.clone());
+            job.leases.push((lease_id.clone(), Arc::clone(holder)));
             job.state = State::Leased {
                 lease_id: lease_id.clone(),
                 expires_at,
@@ -245,23 +316,81 @@ impl JobQueue {
     ) -> Result<Report, ReportError> {
         let job = self.jobs.get_mut(job_id).ok_or(ReportError::UnknownJob)?;
         match job.state {
-            State::Completed => return Ok(Report::unchanged(ReportOutcome::AlreadyCompleted)),
-            State::Failed => return Ok(Report::unchanged(ReportOutcome::AlreadyFailed)),
+            State::Completed => {
+                self.duplicate_reports += 1;
+                if let (
+                    JobSpec::KeyGeneration { key_id, .. },
+                    JobResult::PublicKey(reported),
+                    Some(recorded),
+                ) = (&job.spec, &result, &job.public_key)
+                {
+                    if reported != recorded {
+                        self.conflicting_key_reports += 1;
+                        tracing::error!(
+                            %job_id,
+                            %key_id,
+                            %lease_id,
+                            driver = job.holder_of(lease_id).map(|h| &**h),
+                            recorded = %hex::encode(recorded),
+                            reported = %hex::encode(reported),
+                            "CONFLICTING KEY GENERATION: a late or duplicate completion reports another \
+                             public key than the one recorded; two drivers generated different keys for one key id"
+                        );
+                    }
+                }
+                return Ok(Report::unchanged(ReportOutcome::AlreadyCompleted));
+            }
+            State::Failed => {
+                self.duplicate_reports += 1;
+                return Ok(Report::unchanged(ReportOutcome::AlreadyFailed));
+            }
             State::Queued | State::Leased { .. } => {}
         }
-        if !job.leases.contains(lease_id) {
+        let Some(holder) = job.holder_of(lease_id).cloned() else {
             return Ok(Report::unchanged(ReportOutcome::StaleLease));
-        }
+        };
         check_result(&job.spec, &result).map_err(ReportError::ResultMismatch)?;
         let previous = std::mem::replace(&mut job.state, State::Completed);
-        let (seq, origin) = (job.seq, job.origin.clone());
-        self.forget_position(seq, &previous);
+        if let JobResult::PublicKey(key) = &result {
+            job.public_key = Some(key.clone());
+        }
+        let (seq, origin, capability) = (job.seq, job.origin.clone(), job.capability);
+        self.forget_position(seq, capability, &previous);
         self.completed += 1;
         Ok(Report {
             outcome: ReportOutcome::Accepted,
             settled: Some((origin, Terminal::Completed(result))),
             requeued: false,
+            holder: Some(holder),
         })
+    }
+
+    /// Extends the current lease of a job to `now + lease_duration`.
+    pub(crate) fn extend(
+        &mut self,
+        job_id: &JobId,
+        lease_id: &LeaseId,
+        now: Instant,
+    ) -> Result<Extension, ReportError> {
+        // A lease that lapsed by now is no longer current, whether or not it was redelivered.
+        self.expire(now);
+        let expires_at = now + self.config.lease_duration;
+        let job = self.jobs.get_mut(job_id).ok_or(ReportError::UnknownJob)?;
+        let previous = match &mut job.state {
+            State::Completed => return Ok(Extension::Lost(ReportOutcome::AlreadyCompleted)),
+            State::Failed => return Ok(Extension::Lost(ReportOutcome::AlreadyFailed)),
+            State::Leased {
+                lease_id: current,
+                expires_at: expiry,
+            } if current == lease_id => std::mem::replace(expiry, expires_at),
+            State::Leased { .. } | State::Queued => {
+                return Ok(Extension::Lost(ReportOutcome::StaleLease));
+            }
+        };
+        let seq = job.seq;
+        self.leased.remove(&(previous, seq));
+        self.leased.insert((expires_at, seq), job_id.clone());
+        Ok(Extension::Extended(expires_at))
     }
 
     /// Records a failure from the current lease.
@@ -274,8 +403,14 @@ impl JobQueue {
         let max_attempts = self.config.max_attempts;
         let job = self.jobs.get_mut(job_id).ok_or(ReportError::UnknownJob)?;
         match &job.state {
-            State::Completed => return Ok(Report::unchanged(ReportOutcome::AlreadyCompleted)),
-            State::Failed => return Ok(Report::unchanged(ReportOutcome::AlreadyFailed)),
+            State::Completed => {
+                self.duplicate_reports += 1;
+                return Ok(Report::unchanged(ReportOutcome::AlreadyCompleted));
+            }
+            State::Failed => {
+                self.duplicate_reports += 1;
+                return Ok(Report::unchanged(ReportOutcome::AlreadyFailed));
+            }
             State::Leased {
                 lease_id: current, ..
             } if current == lease_id => {}
@@ -283,19 +418,21 @@ impl JobQueue {
                 return Ok(Report::unchanged(ReportOutcome::StaleLease));
             }
         }
-        let seq = job.seq;
+        let (seq, capability) = (job.seq, job.capability);
+        let holder = job.holder_of(lease_id).cloned();
         let reason = format!("{}: {}", failure.code.as_str(), failure.message);
         if failure.retryable {
             job.failed_attempts += 1;
             if job.failed_attempts < max_attempts {
                 tracing::debug!(%job_id, attempts = job.failed_attempts, %reason, "retryable failure; job requeued");
                 let previous = std::mem::replace(&mut job.state, State::Queued);
-                self.forget_position(seq, &previous);
-                self.ready.insert(seq, job_id.clone());
+                self.forget_position(seq, capability, &previous);
+                self.make_ready(capability, seq, job_id.clone());
                 return Ok(Report {
                     outcome: ReportOutcome::Accepted,
                     settled: None,
                     requeued: true,
+                    holder,
                 });
             }
         }
@@ -306,12 +443,13 @@ impl JobQueue {
         };
         let previous = std::mem::replace(&mut job.state, State::Failed);
         let origin = job.origin.clone();
-        self.forget_position(seq, &previous);
+        self.forget_position(seq, capability, &previous);
         self.failed += 1;
         Ok(Report {
             outcome: ReportOutcome::Accepted,
             settled: Some((origin, Terminal::Failed { reason })),
             requeued: false,
+            holder,
         })
     }
 
@@ -319,18 +457,22 @@ impl JobQueue {
     pub(crate) fn counts(&mut self, now: Instant) -> QueueCounts {
         self.expire(now);
         QueueCounts {
-            queued: self.ready.len(),
+            queued: self.ready.values().map(BTreeMap::len).sum(),
             leased: self.leased.len(),
             completed: self.completed,
             failed: self.failed,
             redeliveries: self.redeliveries,
+            duplicate_reports: self.duplicate_reports,
+            conflicting_key_reports: self.conflicting_key_reports,
         }
     }
 
-    fn forget_position(&mut self, seq: u64, previous: &State) {
+    fn forget_position(&mut self, seq: u64, capability: Capability, previous: &State) {
         match previous {
             State::Queued => {
-                self.ready.remove(&seq);
+                if let Some(fifo) = self.ready.get_mut(&capability) {
+                    fifo.remove(&seq);
+                }
             }
             State::Leased { expires_at, .. } => {
                 self.leased.remove(&(*expires_at, seq));
@@ -374,6 +516,30 @@ mod tests {
     use dfns_api_client::protocol::{FailureCode, KeyId, SignaturePayload, SignatureResult};
 
     const LEASE: Duration = Duration::from_secs(30);
+
+    const K1: Capability = Capability {
+        scheme: Scheme::Ecdsa,
+        curve: Curve::Secp256k1,
+    };
+    const P256: Capability = Capability {
+        scheme: Scheme::Ecdsa,
+        curve: Curve::Secp256r1,
+    };
+    const ED: Capability = Capability {
+        scheme: Scheme::Eddsa,
+        curve: Curve::Ed25519,
+    };
+
+    fn serving(capabilities: &[Capability]) -> BTreeSet<Capability> {
+        capabilities.iter().copied().collect()
+    }
+
+    impl JobQueue {
+        /// Leases as a driver serving every capability.
+        fn lease_any(&mut self, max: usize, now: Instant) -> Vec<Delivery> {
+            self.lease(max, now, &Arc::from("drv-any"), &serving(&[K1, P256, ED]))
+        }
+    }
 
     fn failure(code: FailureCode, retryable: bool) -> JobFailure {
         JobFailure {
@@ -420,19 +586,19 @@ mod tests {
         let ids: Vec<JobId> = (0..5)
             .map(|n| {
                 let (spec, origin) = keygen(n);
-                q.push(spec, origin)
+                q.push(spec, K1, origin)
             })
             .collect();
         let now = Instant::now();
-        let first = q.lease(2, now);
+        let first = q.lease_any(2, now);
         assert_eq!(
             first.iter().map(|d| &d.job_id).collect::<Vec<_>>(),
             [&ids[0], &ids[1]]
         );
-        let rest = q.lease(10, now);
+        let rest = q.lease_any(10, now);
         assert_eq!(rest.len(), 3);
         assert_eq!(rest[0].job_id, ids[2]);
-        assert!(q.lease(10, now).is_empty());
+        assert!(q.lease_any(10, now).is_empty());
         let counts = q.counts(now);
         assert_eq!((counts.queued, counts.leased), (0, 5));
     }
@@ -441,19 +607,19 @@ mod tests {
     fn a_lapsed_lease_is_redelivered_first_with_a_new_lease_id() {
         let mut q = queue(5);
         let (spec, origin) = keygen(1);
-        let a = q.push(spec, origin);
+        let a = q.push(spec, K1, origin);
         let (spec, origin) = keygen(2);
-        let b = q.push(spec, origin);
+        let b = q.push(spec, K1, origin);
         let t0 = Instant::now();
-        let first = q.lease(1, t0).remove(0);
+        let first = q.lease_any(1, t0).remove(0);
         assert_eq!(first.job_id, a);
         assert_eq!(q.next_expiry(), Some(t0 + LEASE));
         // Not yet lapsed: only b is deliverable.
-        let before = q.lease(5, t0 + LEASE - Duration::from_millis(1));
+        let before = q.lease_any(5, t0 + LEASE - Duration::from_millis(1));
         assert_eq!(before.iter().map(|d| &d.job_id).collect::<Vec<_>>(), [&b]);
         assert_eq!(q.counts(t0).redeliveries, 0);
         // Lapsed: a is deliverable again, under a new lease.
-        let again = q.lease(5, t0 + LEASE);
+        let again = q.lease_any(5, t0 + LEASE);
         assert_eq!(again.iter().map(|d| &d.job_id).collect::<Vec<_>>(), [&a]);
         assert_ne!(again[0].lease_id, first.lease_id);
         assert_eq!(q.counts(t0 + LEASE).redeliveries, 1);
@@ -463,10 +629,10 @@ mod tests {
     fn the_first_completion_wins_even_from_a_lapsed_lease() {
         let mut q = queue(5);
         let (spec, origin) = keygen(1);
-        let job = q.push(spec, origin.clone());
+        let job = q.push(spec, K1, origin.clone());
         let t0 = Instant::now();
-        let old = q.lease(1, t0).remove(0).lease_id;
-        let new = q.lease(1, t0 + LEASE).remove(0).lease_id;
+        let old = q.lease_any(1, t0).remove(0).lease_id;
+        let new = q.lease_any(1, t0 + LEASE).remove(0).lease_id;
         let report = q.complete(&job, &old, public_key()).unwrap();
         assert_eq!(report.outcome, ReportOutcome::Accepted);
         assert_eq!(
@@ -488,7 +654,7 @@ mod tests {
     fn unknown_job_or_lease_is_refused() {
         let mut q = queue(5);
         let (spec, origin) = keygen(1);
-        let job = q.push(spec, origin);
+        let job = q.push(spec, K1, origin);
         let stranger = LeaseId::new("lease-stranger").unwrap();
         assert_eq!(
             q.complete(&job, &stranger, public_key()).unwrap().outcome,
@@ -509,8 +675,8 @@ mod tests {
     fn a_result_of_the_wrong_kind_or_size_is_refused() {
         let mut q = queue(5);
         let (spec, origin) = keygen(1);
-        let job = q.push(spec, origin);
-        let lease = q.lease(1, Instant::now()).remove(0).lease_id;
+        let job = q.push(spec, K1, origin);
+        let lease = q.lease_any(1, Instant::now()).remove(0).lease_id;
         assert!(matches!(
             q.complete(&job, &lease, signature()),
             Err(ReportError::ResultMismatch(_))
@@ -529,9 +695,10 @@ mod tests {
                 key_id: KeyId::new("key-1").unwrap(),
                 payload: SignaturePayload::Hash([0; 32]),
             },
+            K1,
             Origin::Signature("sig-1".into()),
         );
-        let lease = q.lease(1, Instant::now()).remove(0).lease_id;
+        let lease = q.lease_any(1, Instant::now()).remove(0).lease_id;
         assert!(matches!(
             q.complete(&sign, &lease, public_key()),
             Err(ReportError::ResultMismatch(_))
@@ -546,11 +713,11 @@ mod tests {
     fn retryable_failures_requeue_until_max_attempts() {
         let mut q = queue(3);
         let (spec, origin) = keygen(1);
-        let job = q.push(spec, origin.clone());
+        let job = q.push(spec, K1, origin.clone());
         let now = Instant::now();
         let mut leases = Vec::new();
         for attempt in 1..=3 {
-            let delivery = q.lease(1, now).remove(0);
+            let delivery = q.lease_any(1, now).remove(0);
             assert_eq!(delivery.job_id, job);
             assert!(!leases.contains(&delivery.lease_id));
             leases.push(delivery.lease_id.clone());
@@ -576,7 +743,7 @@ mod tests {
                 }
             }
         }
-        assert!(q.lease(1, now).is_empty());
+        assert!(q.lease_any(1, now).is_empty());
         let counts = q.counts(now);
         assert_eq!((counts.failed, counts.redeliveries), (1, 2));
         assert_eq!(
@@ -589,8 +756,8 @@ mod tests {
     fn a_non_retryable_failure_is_final() {
         let mut q = queue(5);
         let (spec, origin) = keygen(1);
-        let job = q.push(spec, origin);
-        let lease = q.lease(1, Instant::now()).remove(0).lease_id;
+        let job = q.push(spec, K1, origin);
+        let lease = q.lease_any(1, Instant::now()).remove(0).lease_id;
         let report = q
             .fail(
                 &job,
@@ -618,9 +785,9 @@ mod tests {
     fn a_failure_from_a_stale_lease_changes_nothing() {
         let mut q = queue(5);
         let (spec, origin) = keygen(1);
-        let job = q.push(spec, origin);
+        let job = q.push(spec, K1, origin);
         let t0 = Instant::now();
-        let old = q.lease(1, t0).remove(0).lease_id;
+        let old = q.lease_any(1, t0).remove(0).lease_id;
         // Lapsed and queued again: the old holder's failure must not count.
         q.expire(t0 + LEASE);
         let report = q
@@ -628,7 +795,7 @@ mod tests {
             .unwrap();
         assert_eq!(report.outcome, ReportOutcome::StaleLease);
         // Re-leased to someone else: still stale.
-        let new = q.lease(1, t0 + LEASE).remove(0).lease_id;
+        let new = q.lease_any(1, t0 + LEASE).remove(0).lease_id;
         let report = q
             .fail(&job, &old, &failure(FailureCode::HsmError, false))
             .unwrap();
@@ -636,6 +803,242 @@ mod tests {
         assert_eq!(
             q.complete(&job, &new, public_key()).unwrap().outcome,
             ReportOutcome::Accepted
+        );
+    }
+}
+
+#[cfg(test)]
+mod routing_tests {
+    use super::*;
+    use dfns_api_client::protocol::{KeyId, SignaturePayload};
+
+    const LEASE: Duration = Duration::from_secs(30);
+    const K1: Capability = Capability {
+        scheme: Scheme::Ecdsa,
+        curve: Curve::Secp256k1,
+    };
+    const P256: Capability = Capability {
+        scheme: Scheme::Ecdsa,
+        curve: Curve::Secp256r1,
+    };
+
+    fn queue() -> JobQueue {
+        JobQueue::new(QueueConfig {
+            lease_duration: LEASE,
+            max_attempts: 3,
+        })
+    }
+
+    fn keygen(q: &mut JobQueue, n: u32, capability: Capability) -> JobId {
+        q.push(
+            JobSpec::KeyGeneration {
+                key_id: KeyId::new(format!("key-{n}")).unwrap(),
+                scheme: capability.scheme,
+                curve: capability.curve,
+            },
+            capability,
+            Origin::Key(format!("key-{n}")),
+        )
+    }
+
+    fn only(capability: Capability) -> BTreeSet<Capability> {
+        BTreeSet::from([capability])
+    }
+
+    fn ids(deliveries: &[Delivery]) -> Vec<&JobId> {
+        deliveries.iter().map(|d| &d.job_id).collect()
+    }
+
+    #[test]
+    fn a_driver_is_handed_only_jobs_it_serves_in_fifo_order() {
+        let mut q = queue();
+        let p1 = keygen(&mut q, 1, P256);
+        let k1 = keygen(&mut q, 2, K1);
+        let p2 = keygen(&mut q, 3, P256);
+        let k2 = keygen(&mut q, 4, K1);
+        // A signature job needs its key's capability, whatever its payload.
+        let sig = q.push(
+            JobSpec::Signature {
+                key_id: KeyId::new("key-1").unwrap(),
+                payload: SignaturePayload::Hash([0; 32]),
+            },
+            P256,
+            Origin::Signature("sig-1".into()),
+        );
+        let now = Instant::now();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("drv-a"), Arc::from("drv-b"));
+        // The P-256 jobs at the head do not block A, and keep their place for B.
+        let for_a = q.lease(10, now, &a, &only(K1));
+        assert_eq!(ids(&for_a), [&k1, &k2]);
+        let for_b = q.lease(1, now, &b, &only(P256));
+        assert_eq!(ids(&for_b), [&p1]);
+        assert!(q.lease(10, now, &a, &only(K1)).is_empty());
+        let for_b = q.lease(10, now, &b, &only(P256));
+        assert_eq!(ids(&for_b), [&p2, &sig]);
+        assert_eq!(q.counts(now).queued, 0);
+    }
+
+    #[test]
+    fn a_driver_serving_several_capabilities_gets_the_oldest_first() {
+        let mut q = queue();
+        let jobs = [
+            keygen(&mut q, 1, P256),
+            keygen(&mut q, 2, K1),
+            keygen(&mut q, 3, K1),
+            keygen(&mut q, 4, P256),
+        ];
+        let both = BTreeSet::from([K1, P256]);
+        let got = q.lease(10, Instant::now(), &Arc::from("drv"), &both);
+        assert_eq!(ids(&got), jobs.iter().collect::<Vec<_>>());
+        assert!(
+            q.lease(10, Instant::now(), &Arc::from("drv"), &BTreeSet::new())
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_lapsed_or_requeued_job_goes_back_to_its_own_fifo() {
+        let mut q = queue();
+        let p = keygen(&mut q, 1, P256);
+        let t0 = Instant::now();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("drv-a"), Arc::from("drv-b"));
+        let first = q.lease(1, t0, &b, &only(P256)).remove(0);
+        assert!(
+            q.lease(1, t0 + LEASE, &a, &only(K1)).is_empty(),
+            "A never gets it"
+        );
+        let again = q.lease(1, t0 + LEASE, &b, &only(P256)).remove(0);
+        assert_eq!(again.job_id, p);
+        let failure = JobFailure {
+            code: dfns_api_client::protocol::FailureCode::HsmError,
+            message: "busy".into(),
+            retryable: true,
+        };
+        let report = q.fail(&p, &again.lease_id, &failure).unwrap();
+        assert!(report.requeued);
+        assert_eq!(report.holder.as_deref(), Some("drv-b"));
+        assert!(q.lease(1, t0 + LEASE, &a, &only(K1)).is_empty());
+        let third = q.lease(1, t0 + LEASE, &b, &only(P256)).remove(0);
+        assert_ne!(third.lease_id, first.lease_id);
+    }
+
+    #[test]
+    fn reports_name_the_driver_whose_lease_they_used() {
+        let mut q = queue();
+        let job = keygen(&mut q, 1, K1);
+        let t0 = Instant::now();
+        let old = q.lease(1, t0, &Arc::from("drv-a"), &only(K1)).remove(0);
+        let _new = q
+            .lease(1, t0 + LEASE, &Arc::from("drv-b"), &only(K1))
+            .remove(0);
+        // A's late completion wins and is A's.
+        let report = q
+            .complete(
+                &job,
+                &old.lease_id,
+                JobResult::PublicKey([vec![2], vec![1; 32]].concat()),
+            )
+            .unwrap();
+        assert_eq!(report.outcome, ReportOutcome::Accepted);
+        assert_eq!(report.holder.as_deref(), Some("drv-a"));
+    }
+
+    #[test]
+    fn only_the_current_lease_is_extended() {
+        let mut q = queue();
+        let job = keygen(&mut q, 1, K1);
+        let other = keygen(&mut q, 2, K1);
+        let drv: Arc<str> = Arc::from("drv");
+        let t0 = Instant::now();
+        let lease = q.lease(1, t0, &drv, &only(K1)).remove(0).lease_id;
+        // Extended just before it lapses: it now lapses a whole lease later.
+        let at = t0 + LEASE - Duration::from_millis(1);
+        assert_eq!(
+            q.extend(&job, &lease, at).unwrap(),
+            Extension::Extended(at + LEASE)
+        );
+        assert_eq!(q.next_expiry(), Some(at + LEASE));
+        // Past the original expiry it is still leased: not handed out again.
+        let later = t0 + LEASE + Duration::from_secs(1);
+        assert_eq!(ids(&q.lease(5, later, &drv, &only(K1))), [&other]);
+        assert_eq!(q.counts(later).redeliveries, 0);
+        // Once the extended lease lapses, extending it is too late, even before redelivery.
+        let lapsed = at + LEASE;
+        assert_eq!(
+            q.extend(&job, &lease, lapsed).unwrap(),
+            Extension::Lost(ReportOutcome::StaleLease)
+        );
+        let new = q.lease(1, lapsed, &drv, &only(K1)).remove(0).lease_id;
+        assert_eq!(
+            q.extend(&job, &lease, lapsed).unwrap(),
+            Extension::Lost(ReportOutcome::StaleLease)
+        );
+        q.complete(
+            &job,
+            &new,
+            JobResult::PublicKey([vec![3], vec![1; 32]].concat()),
+        )
+        .unwrap();
+        assert_eq!(
+            q.extend(&job, &new, lapsed).unwrap(),
+            Extension::Lost(ReportOutcome::AlreadyCompleted)
+        );
+        let stranger = JobId::new("job-nope").unwrap();
+        assert_eq!(
+            q.extend(&stranger, &new, lapsed),
+            Err(ReportError::UnknownJob)
+        );
+    }
+
+    #[test]
+    fn a_second_completion_with_another_public_key_is_a_conflict() {
+        let mut q = queue();
+        let job = keygen(&mut q, 1, K1);
+        let t0 = Instant::now();
+        let drv: Arc<str> = Arc::from("drv");
+        let first = q.lease(1, t0, &drv, &only(K1)).remove(0).lease_id;
+        let second = q.lease(1, t0 + LEASE, &drv, &only(K1)).remove(0).lease_id;
+        let key = |b: u8| JobResult::PublicKey([vec![2], vec![b; 32]].concat());
+        assert_eq!(
+            q.complete(&job, &first, key(1)).unwrap().outcome,
+            ReportOutcome::Accepted
+        );
+        let counts = q.counts(t0);
+        assert_eq!(
+            (counts.duplicate_reports, counts.conflicting_key_reports),
+            (0, 0)
+        );
+        // The same key again: a harmless duplicate.
+        assert_eq!(
+            q.complete(&job, &second, key(1)).unwrap().outcome,
+            ReportOutcome::AlreadyCompleted
+        );
+        let counts = q.counts(t0);
+        assert_eq!(
+            (counts.duplicate_reports, counts.conflicting_key_reports),
+            (1, 0)
+        );
+        // Another key: still AlreadyCompleted for the driver, but counted as a conflict.
+        assert_eq!(
+            q.complete(&job, &second, key(9)).unwrap().outcome,
+            ReportOutcome::AlreadyCompleted
+        );
+        let counts = q.counts(t0);
+        assert_eq!(
+            (counts.duplicate_reports, counts.conflicting_key_reports),
+            (2, 1)
+        );
+        // A late failure is a duplicate too, not a conflict.
+        let failure = JobFailure {
+            code: dfns_api_client::protocol::FailureCode::HsmError,
+            message: "late".into(),
+            retryable: false,
+        };
+        q.fail(&job, &second, &failure).unwrap();
+        let counts = q.counts(t0);
+        assert_eq!(
+            (counts.duplicate_reports, counts.conflicting_key_reports),
+            (3, 1)
         );
     }
 }

@@ -20,8 +20,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app_api::DriverView;
 use crate::error::SimError;
-use crate::state::{SimState, SimStats};
+use crate::state::{SimState, SimStats, Timings};
 use crate::tls::{ServerTlsFiles, load_server_tls, subject_common_name};
 use crate::{app_api, driver_api};
 
@@ -43,11 +44,16 @@ pub struct SimConfig {
     pub max_attempts: u32,
     /// Longest long-poll the server grants, whatever the driver asks.
     pub max_long_poll: Duration,
+    /// How often registered drivers are asked to heartbeat (at least 1 ms).
+    pub heartbeat_interval: Duration,
+    /// How long after its last sign of life a driver is forgotten (at least
+    /// `heartbeat_interval`).
+    pub liveness_timeout: Duration,
 }
 
 impl SimConfig {
     /// Both listeners on `127.0.0.1` with free ports, and the default timings: 30 s leases,
-    /// 5 attempts, 30 s long-polls.
+    /// 5 attempts, 30 s long-polls, heartbeats every 1 s, drivers forgotten after 5 s.
     pub fn local(tls: ServerTlsFiles) -> Self {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         Self {
@@ -57,6 +63,8 @@ impl SimConfig {
             lease_duration: Duration::from_secs(30),
             max_attempts: 5,
             max_long_poll: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(1),
+            liveness_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -83,9 +91,26 @@ impl std::fmt::Debug for RunningSimulator {
 /// Binds both listeners and starts serving.
 ///
 /// # Errors
-/// [`SimError::Tls`] and friends for unusable TLS files; [`SimError::Io`] if an address cannot
-/// be bound.
+/// [`SimError::Config`] for a heartbeat interval under 1 ms or a liveness timeout shorter
+/// than it; [`SimError::Tls`] and friends for unusable TLS files; [`SimError::Io`] if an
+/// address cannot be bound.
 pub async fn start(config: SimConfig) -> Result<RunningSimulator, SimError> {
+    if config.heartbeat_interval < Duration::from_millis(1) {
+        return Err(SimError::Config {
+            reason: format!(
+                "the heartbeat interval must be at least 1 ms, not {:?}",
+                config.heartbeat_interval
+            ),
+        });
+    }
+    if config.liveness_timeout < config.heartbeat_interval {
+        return Err(SimError::Config {
+            reason: format!(
+                "the liveness timeout ({:?}) is shorter than the heartbeat interval ({:?}): drivers would lapse between heartbeats",
+                config.liveness_timeout, config.heartbeat_interval
+            ),
+        });
+    }
     let tls = load_server_tls(&config.tls)?;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -109,9 +134,13 @@ pub async fn start(config: SimConfig) -> Result<RunningSimulator, SimError> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let state = SimState::new(
-        config.lease_duration,
-        config.max_attempts,
-        config.max_long_poll,
+        Timings {
+            lease_duration: config.lease_duration,
+            max_attempts: config.max_attempts,
+            max_long_poll: config.max_long_poll,
+            heartbeat_interval: config.heartbeat_interval,
+            liveness_timeout: config.liveness_timeout,
+        },
         shutdown.clone(),
     );
     tasks.spawn(accept_driver(
@@ -127,7 +156,14 @@ pub async fn start(config: SimConfig) -> Result<RunningSimulator, SimError> {
         shutdown.clone(),
         tasks.clone(),
     ));
-    tracing::info!(%driver_addr, %app_addr, lease = ?config.lease_duration, "simulator listening");
+    tracing::info!(
+        %driver_addr,
+        %app_addr,
+        lease = ?config.lease_duration,
+        heartbeat = ?config.heartbeat_interval,
+        liveness = ?config.liveness_timeout,
+        "simulator listening"
+    );
     Ok(RunningSimulator {
         driver_addr,
         app_addr,
@@ -156,6 +192,11 @@ impl RunningSimulator {
     /// The queue's counters.
     pub fn stats(&self) -> SimStats {
         self.state.stats()
+    }
+
+    /// Every driver that ever registered, by id (as `GET /app/v1/drivers` shows them).
+    pub fn drivers(&self) -> Vec<DriverView> {
+        self.state.drivers()
     }
 
     /// The number of lease requests currently waiting for a job, as a watch: tests await

@@ -1,27 +1,30 @@
-//! The simulator's state: the job queue, keys and signature requests under one lock, plus the
-//! long-poll machinery.
+//! The simulator's state: the job queue, the driver registry, keys and signature requests under
+//! one lock, plus the long-poll machinery.
 //!
 //! The lock is a `std::sync::Mutex` held only for in-memory updates, never across an `.await`.
 //! Long-polls wait on a [`Notify`] (new or requeued jobs) or until the next lease lapses, so a
-//! job whose lease lapsed is handed to a waiting driver without any background task.
+//! job whose lease lapsed is handed to a waiting driver without any background task. Every
+//! waiting long-poll wakes for every new job and re-checks with its driver's capabilities, so
+//! a job it cannot serve sends it back to waiting (correctness over cleverness).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dfns_api_client::protocol::{
-    Curve, JobFailure, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseId, ReportOutcome, Scheme,
-    SignatureResult,
+    Capability, Curve, DriverRegistration, Heartbeat, JobFailure, JobId, JobRef, JobResult,
+    JobSpec, KeyId, LeaseId, PresenceTerms, ReportOutcome, Scheme, SignatureResult,
 };
-use dfns_api_client::wire::{self, WireJob, WireSignatureRequest};
+use dfns_api_client::wire::{self, ExtendResponse, WireJob, WireSignatureRequest};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::app_api::{KeyView, SignatureView};
+use crate::app_api::{DriverView, KeyView, NO_CAPABLE_DRIVER, SignatureView};
 use crate::ids::new_id;
-use crate::queue::{JobQueue, Origin, QueueConfig, ReportError, Terminal};
+use crate::queue::{Extension, JobQueue, Origin, QueueConfig, ReportError, Terminal};
+use crate::registry::{Credit, DriverRegistry, NotRegistered};
 
 /// Counters of the simulator, as `GET /jobs/stats` reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +42,25 @@ pub struct SimStats {
     pub redeliveries: u64,
     /// Lease requests currently waiting for a job (long-polls).
     pub waiting_long_polls: usize,
+    /// Registered drivers whose last sign of life is within the liveness timeout.
+    pub live_drivers: usize,
+    /// Key generations completed again (a duplicate or late delivery) with a *different*
+    /// public key than the one recorded: two drivers made different keys for one key id.
+    /// Each is logged at error level. Also counted in `duplicate_reports`.
+    pub conflicting_key_reports: u64,
+    /// Reports (completions or failures) on a job that was already finished, answered
+    /// `AlreadyCompleted` or `AlreadyFailed`.
+    pub duplicate_reports: u64,
+}
+
+/// The simulator's timings, as [`SimConfig`](crate::SimConfig) sets them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timings {
+    pub(crate) lease_duration: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) max_long_poll: Duration,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) liveness_timeout: Duration,
 }
 
 /// A request the API refuses: the status, a stable code and a message.
@@ -143,6 +165,7 @@ impl SignatureRecord {
 
 struct Inner {
     queue: JobQueue,
+    drivers: DriverRegistry,
     keys: HashMap<KeyId, KeyRecord>,
     signatures: HashMap<String, SignatureRecord>,
 }
@@ -154,6 +177,7 @@ pub(crate) struct SimState {
     waiting: watch::Sender<usize>,
     lease_duration: Duration,
     max_long_poll: Duration,
+    terms: PresenceTerms,
     shutdown: CancellationToken,
 }
 
@@ -174,25 +198,25 @@ impl Drop for WaitingGuard<'_> {
 }
 
 impl SimState {
-    pub(crate) fn new(
-        lease_duration: Duration,
-        max_attempts: u32,
-        max_long_poll: Duration,
-        shutdown: CancellationToken,
-    ) -> Arc<Self> {
+    pub(crate) fn new(timings: Timings, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 queue: JobQueue::new(QueueConfig {
-                    lease_duration,
-                    max_attempts: max_attempts.max(1),
+                    lease_duration: timings.lease_duration,
+                    max_attempts: timings.max_attempts.max(1),
                 }),
+                drivers: DriverRegistry::new(timings.liveness_timeout),
                 keys: HashMap::new(),
                 signatures: HashMap::new(),
             }),
             jobs_ready: Notify::new(),
             waiting: watch::Sender::new(0),
-            lease_duration,
-            max_long_poll,
+            lease_duration: timings.lease_duration,
+            max_long_poll: timings.max_long_poll,
+            terms: PresenceTerms {
+                heartbeat_interval: timings.heartbeat_interval,
+                liveness_timeout: timings.liveness_timeout,
+            },
             shutdown,
         })
     }
@@ -210,7 +234,11 @@ impl SimState {
     }
 
     pub(crate) fn stats(&self) -> SimStats {
-        let counts = self.lock().queue.counts(Instant::now());
+        let now = Instant::now();
+        let (counts, live_drivers) = {
+            let mut inner = self.lock();
+            (inner.queue.counts(now), inner.drivers.live_count(now))
+        };
         SimStats {
             queued: counts.queued,
             leased: counts.leased,
@@ -218,12 +246,23 @@ impl SimState {
             failed: counts.failed,
             redeliveries: counts.redeliveries,
             waiting_long_polls: *self.waiting.borrow(),
+            live_drivers,
+            conflicting_key_reports: counts.conflicting_key_reports,
+            duplicate_reports: counts.duplicate_reports,
         }
+    }
+
+    /// Every driver ever registered, by id.
+    pub(crate) fn drivers(&self) -> Vec<DriverView> {
+        self.lock().drivers.views(Instant::now())
     }
 
     // ---- application side ----
 
-    pub(crate) fn create_key(&self, scheme: Scheme, curve: Curve) -> KeyView {
+    /// Queues a key generation; refused (`422 NoCapableDriver`) when drivers are live and
+    /// none of them serves the scheme and curve.
+    pub(crate) fn create_key(&self, scheme: Scheme, curve: Curve) -> Result<KeyView, Refusal> {
+        let capability = Capability { scheme, curve };
         #[allow(clippy::expect_used)]
         let key_id = KeyId::new(new_id("key")).expect("generated ids are valid");
         let record = KeyRecord {
@@ -238,6 +277,18 @@ impl SimState {
         let view = record.view();
         {
             let mut inner = self.lock();
+            if let Some(served) = inner.drivers.refuses(capability, Instant::now()) {
+                let served: Vec<String> = served.iter().map(ToString::to_string).collect();
+                tracing::info!(%capability, live_drivers_serve = ?served, "key refused: no live driver serves it");
+                return Err(Refusal::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    NO_CAPABLE_DRIVER,
+                    format!(
+                        "no live driver serves {capability} (live drivers serve {})",
+                        served.join(", ")
+                    ),
+                ));
+            }
             inner.keys.insert(key_id.clone(), record);
             inner.queue.push(
                 JobSpec::KeyGeneration {
@@ -245,12 +296,13 @@ impl SimState {
                     scheme,
                     curve,
                 },
+                capability,
                 Origin::Key(key_id.to_string()),
             );
         }
         self.jobs_ready.notify_waiters();
         tracing::info!(%key_id, scheme = scheme.as_str(), curve = curve.as_str(), "key generation queued");
-        view
+        Ok(view)
     }
 
     pub(crate) fn get_key(&self, key_id: &str) -> Result<KeyView, Refusal> {
@@ -285,6 +337,11 @@ impl SimState {
                 ));
             }
             let key_id = key.id.clone();
+            // A signature needs a driver serving its key's scheme and curve.
+            let capability = Capability {
+                scheme: key.scheme,
+                curve: key.curve,
+            };
             let id = new_id("sig");
             let record = SignatureRecord {
                 id: id.clone(),
@@ -299,6 +356,7 @@ impl SimState {
             inner.signatures.insert(id.clone(), record);
             inner.queue.push(
                 JobSpec::Signature { key_id, payload },
+                capability,
                 Origin::Signature(id),
             );
             view
@@ -325,9 +383,50 @@ impl SimState {
 
     // ---- driver side ----
 
-    /// Leases up to `max` jobs, waiting up to `wait` (capped) for one; returns early (empty)
-    /// when the simulator shuts down.
-    pub(crate) async fn lease(&self, max: usize, wait: Duration) -> Vec<WireJob> {
+    /// Registers (or registers again) a driver.
+    pub(crate) fn register(&self, registration: DriverRegistration) -> PresenceTerms {
+        self.lock().drivers.register(registration, Instant::now());
+        // A waiting long-poll of this driver may now serve more.
+        self.jobs_ready.notify_waiters();
+        self.terms
+    }
+
+    /// Records a heartbeat; `409 DriverNotRegistered` if the driver is unknown or lapsed.
+    pub(crate) fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<PresenceTerms, Refusal> {
+        self.lock()
+            .drivers
+            .heartbeat(heartbeat, Instant::now())
+            .map_err(|e| self.not_registered(&heartbeat.driver_id, e))?;
+        Ok(self.terms)
+    }
+
+    fn not_registered(&self, driver_id: &str, why: NotRegistered) -> Refusal {
+        let message = if why.lapsed {
+            format!(
+                "the registration of driver {driver_id} lapsed (no sign of life for over {:?}); register again",
+                self.terms.liveness_timeout
+            )
+        } else {
+            format!("driver {driver_id} is not registered; register first")
+        };
+        tracing::info!(%driver_id, lapsed = why.lapsed, "request from an unregistered driver refused");
+        Refusal::new(StatusCode::CONFLICT, wire::DRIVER_NOT_REGISTERED, message)
+    }
+
+    /// Leases to `driver_id` up to `max` jobs it serves, waiting up to `wait` (capped) for
+    /// one; returns early (empty) when the simulator shuts down. Refused (`409
+    /// DriverNotRegistered`) unless the driver is registered and live; the request refreshes
+    /// its liveness when it arrives and when it is answered with jobs.
+    pub(crate) async fn lease(
+        &self,
+        driver_id: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<WireJob>, Refusal> {
+        self.lock()
+            .drivers
+            .seen(driver_id, Instant::now())
+            .map_err(|e| self.not_registered(driver_id, e))?;
         let deadline = tokio::time::Instant::now() + wait.min(self.max_long_poll);
         let mut waiting = None;
         loop {
@@ -337,17 +436,27 @@ impl SimState {
             notified.as_mut().enable();
             let (deliveries, next_expiry) = {
                 let mut inner = self.lock();
-                let deliveries = inner.queue.lease(max, Instant::now());
+                let now = Instant::now();
+                // The current registration: the driver may have registered again meanwhile.
+                let deliveries = match inner.drivers.serving(driver_id) {
+                    Some((holder, serves)) => inner.queue.lease(max, now, &holder, &serves),
+                    None => Vec::new(),
+                };
+                if !deliveries.is_empty() {
+                    // Refreshes a live driver; a lapsed one stays lapsed (its long-poll was
+                    // accepted while it was live, so it is answered).
+                    let _ = inner.drivers.seen(driver_id, now);
+                }
                 (deliveries, inner.queue.next_expiry())
             };
             if !deliveries.is_empty() {
                 let expires_at = unix_ms_now().saturating_add(
                     u64::try_from(self.lease_duration.as_millis()).unwrap_or(u64::MAX),
                 );
-                return deliveries
+                return Ok(deliveries
                     .into_iter()
                     .map(|d| {
-                        tracing::debug!(job_id = %d.job_id, lease_id = %d.lease_id, "job leased");
+                        tracing::debug!(%driver_id, job_id = %d.job_id, lease_id = %d.lease_id, "job leased");
                         wire::encode_job(
                             &JobRef {
                                 job_id: d.job_id,
@@ -357,10 +466,10 @@ impl SimState {
                             &d.spec,
                         )
                     })
-                    .collect();
+                    .collect());
             }
             if tokio::time::Instant::now() >= deadline || self.shutdown.is_cancelled() {
-                return Vec::new();
+                return Ok(Vec::new());
             }
             waiting.get_or_insert_with(|| WaitingGuard::new(&self.waiting));
             let wake = next_expiry
@@ -369,7 +478,7 @@ impl SimState {
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep_until(wake) => {}
-                () = self.shutdown.cancelled() => return Vec::new(),
+                () = self.shutdown.cancelled() => return Ok(Vec::new()),
             }
         }
     }
@@ -386,10 +495,37 @@ impl SimState {
             .complete(job_id, lease_id, result)
             .map_err(|e| report_refusal(job_id, e))?;
         tracing::debug!(%job_id, %lease_id, outcome = ?report.outcome, "completion reported");
+        if let Some(holder) = &report.holder {
+            inner.drivers.credit(holder, Credit::Completed);
+        }
         if let Some((origin, terminal)) = report.settled {
             inner.settle(origin, terminal);
         }
         Ok(report.outcome)
+    }
+
+    /// Extends the current lease of a job.
+    pub(crate) fn extend(
+        &self,
+        job_id: &JobId,
+        lease_id: &LeaseId,
+    ) -> Result<ExtendResponse, Refusal> {
+        let extension = self
+            .lock()
+            .queue
+            .extend(job_id, lease_id, Instant::now())
+            .map_err(|e| report_refusal(job_id, e))?;
+        tracing::debug!(%job_id, %lease_id, ?extension, "lease extension asked");
+        Ok(match extension {
+            Extension::Extended(_) => ExtendResponse::Extended {
+                lease_expires_at: unix_ms_now().saturating_add(
+                    u64::try_from(self.lease_duration.as_millis()).unwrap_or(u64::MAX),
+                ),
+            },
+            Extension::Lost(ReportOutcome::AlreadyCompleted) => ExtendResponse::AlreadyCompleted,
+            Extension::Lost(ReportOutcome::AlreadyFailed) => ExtendResponse::AlreadyFailed,
+            Extension::Lost(_) => ExtendResponse::StaleLease,
+        })
     }
 
     pub(crate) fn fail(
@@ -404,6 +540,9 @@ impl SimState {
                 .queue
                 .fail(job_id, lease_id, failure)
                 .map_err(|e| report_refusal(job_id, e))?;
+            if let Some(holder) = &report.holder {
+                inner.drivers.credit(holder, Credit::Failed);
+            }
             if let Some((origin, terminal)) = report.settled.clone() {
                 inner.settle(origin, terminal);
             }
@@ -498,8 +637,48 @@ mod tests {
     use super::*;
     use dfns_api_client::protocol::{FailureCode, SignaturePayload};
 
+    const DRIVER: &str = "drv-1";
+
+    /// A state with one live driver, `drv-1`, serving everything.
     fn state(lease: Duration) -> Arc<SimState> {
-        SimState::new(lease, 3, Duration::from_secs(30), CancellationToken::new())
+        let state = SimState::new(
+            Timings {
+                lease_duration: lease,
+                max_attempts: 3,
+                max_long_poll: Duration::from_secs(30),
+                heartbeat_interval: Duration::from_secs(1),
+                liveness_timeout: Duration::from_secs(60),
+            },
+            CancellationToken::new(),
+        );
+        state.register(registration(DRIVER, &ALL));
+        state
+    }
+
+    const K1: Capability = Capability {
+        scheme: Scheme::Ecdsa,
+        curve: Curve::Secp256k1,
+    };
+    const P256: Capability = Capability {
+        scheme: Scheme::Ecdsa,
+        curve: Curve::Secp256r1,
+    };
+    const ALL: [Capability; 3] = [
+        K1,
+        P256,
+        Capability {
+            scheme: Scheme::Eddsa,
+            curve: Curve::Ed25519,
+        },
+    ];
+
+    fn registration(id: &str, capabilities: &[Capability]) -> DriverRegistration {
+        DriverRegistration {
+            driver_id: id.into(),
+            version: "0.1.0".into(),
+            capabilities: capabilities.to_vec(),
+            master_key_fingerprint: "cd".repeat(32),
+        }
     }
 
     fn ids(job: &WireJob) -> (JobId, LeaseId) {
@@ -510,7 +689,12 @@ mod tests {
     }
 
     fn activate(state: &SimState, key: &KeyView) {
-        let jobs = state.lock().queue.lease(1, Instant::now());
+        let jobs = state.lock().queue.lease(
+            1,
+            Instant::now(),
+            &Arc::from(DRIVER),
+            &ALL.into_iter().collect(),
+        );
         let d = &jobs[0];
         assert_eq!(d.spec.key_id().as_str(), key.id);
         state
@@ -528,10 +712,15 @@ mod tests {
         let mut waiting = state.waiting_long_polls();
         let poll = tokio::spawn({
             let state = state.clone();
-            async move { state.lease(8, Duration::from_secs(20)).await }
+            async move {
+                state
+                    .lease(DRIVER, 8, Duration::from_secs(20))
+                    .await
+                    .unwrap()
+            }
         });
         waiting.wait_for(|n| *n == 1).await.unwrap();
-        let key = state.create_key(Scheme::Ecdsa, Curve::Secp256k1);
+        let key = state.create_key(Scheme::Ecdsa, Curve::Secp256k1).unwrap();
         let jobs = poll.await.unwrap();
         assert_eq!(jobs.len(), 1);
         assert!(
@@ -543,10 +732,13 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_lease_receives_a_lapsed_job() {
         let state = state(Duration::from_millis(200));
-        state.create_key(Scheme::Ecdsa, Curve::Secp256r1);
-        let first = state.lease(8, Duration::ZERO).await;
+        state.create_key(Scheme::Ecdsa, Curve::Secp256r1).unwrap();
+        let first = state.lease(DRIVER, 8, Duration::ZERO).await.unwrap();
         assert_eq!(first.len(), 1);
-        let again = state.lease(8, Duration::from_secs(10)).await;
+        let again = state
+            .lease(DRIVER, 8, Duration::from_secs(10))
+            .await
+            .unwrap();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].job_id, first[0].job_id);
         assert_ne!(again[0].lease_id, first[0].lease_id);
@@ -557,13 +749,24 @@ mod tests {
     async fn an_empty_lease_returns_after_the_wait_or_at_shutdown() {
         let state = state(Duration::from_secs(30));
         let started = tokio::time::Instant::now();
-        assert!(state.lease(8, Duration::from_millis(50)).await.is_empty());
+        assert!(
+            state
+                .lease(DRIVER, 8, Duration::from_millis(50))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert!(started.elapsed() >= Duration::from_millis(50));
 
         let mut waiting = state.waiting_long_polls();
         let poll = tokio::spawn({
             let state = state.clone();
-            async move { state.lease(8, Duration::from_secs(60)).await }
+            async move {
+                state
+                    .lease(DRIVER, 8, Duration::from_secs(60))
+                    .await
+                    .unwrap()
+            }
         });
         waiting.wait_for(|n| *n == 1).await.unwrap();
         state.shutdown.cancel();
@@ -573,7 +776,7 @@ mod tests {
     #[tokio::test]
     async fn completions_settle_keys_and_signatures() {
         let state = state(Duration::from_secs(30));
-        let key = state.create_key(Scheme::Ecdsa, Curve::Secp256k1);
+        let key = state.create_key(Scheme::Ecdsa, Curve::Secp256k1).unwrap();
         assert_eq!(key.status, "Creating");
         let refused = state
             .request_signature(
@@ -615,7 +818,7 @@ mod tests {
             state.payload_of(&sig.id),
             Some(SignaturePayload::Hash([0xab; 32]))
         );
-        let jobs = state.lease(1, Duration::ZERO).await;
+        let jobs = state.lease(DRIVER, 1, Duration::ZERO).await.unwrap();
         let (job, lease) = ids(&jobs[0]);
         let result = SignatureResult {
             r: [1; 32],
@@ -638,8 +841,8 @@ mod tests {
     #[tokio::test]
     async fn a_final_failure_settles_with_the_reason() {
         let state = state(Duration::from_secs(30));
-        let key = state.create_key(Scheme::Eddsa, Curve::Ed25519);
-        let jobs = state.lease(1, Duration::ZERO).await;
+        let key = state.create_key(Scheme::Eddsa, Curve::Ed25519).unwrap();
+        let jobs = state.lease(DRIVER, 1, Duration::ZERO).await.unwrap();
         let (job, lease) = ids(&jobs[0]);
         let failure = JobFailure {
             code: FailureCode::UnsupportedScheme,
@@ -661,5 +864,91 @@ mod tests {
             state.fail(&unknown, &lease, &failure).unwrap_err().status,
             StatusCode::NOT_FOUND
         );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_lease_is_not_answered_with_a_job_it_cannot_serve() {
+        let state = state(Duration::from_secs(30));
+        state.register(registration("drv-k1", &[K1]));
+        let mut waiting = state.waiting_long_polls();
+        let poll = tokio::spawn({
+            let state = state.clone();
+            async move {
+                state
+                    .lease("drv-k1", 8, Duration::from_secs(20))
+                    .await
+                    .unwrap()
+            }
+        });
+        waiting.wait_for(|n| *n == 1).await.unwrap();
+        let p256 = state.create_key(Scheme::Ecdsa, Curve::Secp256r1).unwrap();
+        let k1 = state.create_key(Scheme::Ecdsa, Curve::Secp256k1).unwrap();
+        let jobs = poll.await.unwrap();
+        let key_ids: Vec<&str> = jobs
+            .iter()
+            .map(|j| match &j.body {
+                wire::WireJobBody::KeyGeneration { key_id, .. } => key_id.as_str(),
+                wire::WireJobBody::Signature { key_id, .. } => key_id.as_str(),
+            })
+            .collect();
+        assert_eq!(key_ids, [k1.id.as_str()]);
+        let jobs = state.lease(DRIVER, 8, Duration::ZERO).await.unwrap();
+        assert!(
+            matches!(&jobs[..], [job] if matches!(&job.body, wire::WireJobBody::KeyGeneration { key_id, .. } if *key_id == p256.id))
+        );
+    }
+
+    #[tokio::test]
+    async fn unregistered_drivers_are_refused_and_reports_are_credited() {
+        let state = state(Duration::from_secs(30));
+        let refused = state.lease("drv-x", 1, Duration::ZERO).await.unwrap_err();
+        assert_eq!(
+            (refused.status, refused.code),
+            (StatusCode::CONFLICT, wire::DRIVER_NOT_REGISTERED)
+        );
+        let refused = state
+            .heartbeat(&Heartbeat {
+                driver_id: "drv-x".into(),
+                ready: true,
+                in_flight: 0,
+            })
+            .unwrap_err();
+        assert_eq!(refused.code, wire::DRIVER_NOT_REGISTERED);
+
+        let key = state.create_key(Scheme::Ecdsa, Curve::Secp256k1).unwrap();
+        activate(&state, &key);
+        let drivers = state.drivers();
+        assert_eq!(drivers.len(), 1);
+        assert_eq!((drivers[0].completed, drivers[0].failed), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn keys_nobody_live_serves_are_refused_unless_nobody_is_live() {
+        let state = SimState::new(
+            Timings {
+                lease_duration: Duration::from_secs(30),
+                max_attempts: 3,
+                max_long_poll: Duration::from_secs(30),
+                heartbeat_interval: Duration::from_secs(1),
+                liveness_timeout: Duration::from_secs(60),
+            },
+            CancellationToken::new(),
+        );
+        state.create_key(Scheme::Ecdsa, Curve::Secp256r1).unwrap();
+        state.register(registration("drv-k1", &[K1]));
+        let refused = state
+            .create_key(Scheme::Ecdsa, Curve::Secp256r1)
+            .unwrap_err();
+        assert_eq!(
+            (refused.status, refused.code),
+            (StatusCode::UNPROCESSABLE_ENTITY, NO_CAPABLE_DRIVER)
+        );
+        assert!(
+            refused.message.contains("ECDSA/secp256r1"),
+            "{}",
+            refused.message
+        );
+        state.create_key(Scheme::Ecdsa, Curve::Secp256k1).unwrap();
+        assert_eq!(state.stats().queued, 2, "the refused key queued nothing");
     }
 }

@@ -102,31 +102,31 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether the same call may succeed if tried again later: the pool had no connection, the
-    /// connection broke, or the database aborted a transaction because of a concurrent one.
+    /// Whether the database could not be reached or the connection to it broke: the pool could
+    /// not hand out a connection in time, a connection was refused, reset or closed, or the
+    /// server went away mid-query. Says nothing about the request itself; the same call may
+    /// succeed once the database is back, and a [`DieselKeyStore`](crate::DieselKeyStore)
+    /// reconnects by itself. Every unavailable error [`is_retryable`](Self::is_retryable).
+    ///
+    /// A connection that broke while a transaction was committing leaves its outcome unknown;
+    /// every write of the [`KeyStore`](crate::KeyStore) is idempotent, so trying again is safe.
+    ///
+    /// PostgreSQL and SQLite name most such failures only in their message; those recognised
+    /// are libpq's and the server's English messages (a server or client set to another language
+    /// reports some of them as not unavailable, never the other way round).
+    pub fn is_unavailable(&self) -> bool {
+        self.class() == Class::Unavailable
+    }
+
+    /// Whether the same call may succeed if tried again later: the store is
+    /// [unavailable](Self::is_unavailable), or the database gave up on the call because of a
+    /// concurrent one (a PostgreSQL serialization failure or deadlock, SQLite's `database is
+    /// locked`), or the connection's transaction state was lost.
     ///
     /// Conflicts, corrupt rows, invalid URLs, failed migrations and panicked tasks are not
     /// retryable.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            StoreError::Unavailable { .. } => true,
-            StoreError::Connection { source } => match source {
-                // The server refused or could not be reached; a later attempt may succeed.
-                ConnectionError::BadConnection(_) => true,
-                ConnectionError::CouldntSetupConfiguration(inner) => {
-                    diesel_error_is_retryable(inner)
-                }
-                _ => false,
-            },
-            StoreError::Database { source } => diesel_error_is_retryable(source),
-            StoreError::Conflict { .. }
-            | StoreError::MasterKeyMismatch { .. }
-            | StoreError::AuditCorrupt { .. }
-            | StoreError::Migration { .. }
-            | StoreError::InvalidUrl { .. }
-            | StoreError::Corrupt { .. }
-            | StoreError::TaskFailed { .. } => false,
-        }
+        self.class() != Class::Final
     }
 
     /// Whether this is [`StoreError::Conflict`]: the key id holds different key material.
@@ -144,19 +144,111 @@ impl StoreError {
     pub fn is_corrupt(&self) -> bool {
         matches!(self, StoreError::Corrupt { .. })
     }
+
+    fn class(&self) -> Class {
+        match self {
+            // r2d2 reports every failed checkout as a timeout; its message carries the last
+            // connection error, which is about reaching the database, never about a request.
+            StoreError::Unavailable { .. } => Class::Unavailable,
+            StoreError::Connection { source } => connection_error_class(source),
+            StoreError::Database { source } => diesel_error_class(source),
+            StoreError::Conflict { .. }
+            | StoreError::MasterKeyMismatch { .. }
+            | StoreError::AuditCorrupt { .. }
+            | StoreError::Migration { .. }
+            | StoreError::InvalidUrl { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::TaskFailed { .. } => Class::Final,
+        }
+    }
 }
 
-fn diesel_error_is_retryable(error: &DieselError) -> bool {
+/// What trying again can do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// The database could not be reached or the connection broke; a later call may succeed.
+    Unavailable,
+    /// The database gave up on this call because of a concurrent one; trying again may succeed.
+    Transient,
+    /// The same call fails the same way.
+    Final,
+}
+
+/// Phrases of libpq (client side) and the PostgreSQL server that mean the connection is gone,
+/// for errors diesel reports with no specific kind because the connection still looked usable
+/// when the error was read.
+const CONNECTION_LOST_MESSAGES: &[&str] = &[
+    "server closed the connection unexpectedly",
+    "no connection to the server",
+    "connection to server was lost",
+    "could not receive data from server",
+    "could not send data to server",
+    "SSL connection has been closed unexpectedly",
+    // SQLSTATE 57P01..57P03: the server is shutting down, restarting or not yet accepting.
+    "terminating connection due to administrator command",
+    "the database system is shutting down",
+    "the database system is starting up",
+];
+
+/// Messages of contention that ends in an error instead of a wait: PostgreSQL's deadlock
+/// (SQLSTATE 40P01, which diesel reports with no specific kind) and SQLite's `SQLITE_BUSY` and
+/// `SQLITE_LOCKED` (after the connection's 5 s busy timeout).
+const CONTENTION_MESSAGES: &[&str] = &[
+    "deadlock detected",
+    "database is locked",
+    "database table is locked",
+];
+
+fn connection_error_class(error: &ConnectionError) -> Class {
     match error {
-        DieselError::DatabaseError(kind, _) => matches!(
-            kind,
-            DatabaseErrorKind::SerializationFailure
-                | DatabaseErrorKind::ClosedConnection
-                | DatabaseErrorKind::UnableToSendCommand
-        ),
-        // The connection's transaction state is unknown; a fresh connection may succeed.
-        DieselError::BrokenTransactionManager => true,
-        _ => false,
+        // libpq could not reach the server, or the server refused the connection (down,
+        // starting, too many clients, or credentials it does not accept right now).
+        ConnectionError::BadConnection(_) => Class::Unavailable,
+        ConnectionError::CouldntSetupConfiguration(inner) => diesel_error_class(inner),
+        _ => Class::Final,
+    }
+}
+
+fn diesel_error_class(error: &DieselError) -> Class {
+    match error {
+        DieselError::DatabaseError(kind, info) => match kind {
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
+                Class::Unavailable
+            }
+            DatabaseErrorKind::SerializationFailure => Class::Transient,
+            DatabaseErrorKind::UniqueViolation
+            | DatabaseErrorKind::ForeignKeyViolation
+            | DatabaseErrorKind::ReadOnlyTransaction
+            | DatabaseErrorKind::RestrictViolation
+            | DatabaseErrorKind::NotNullViolation
+            | DatabaseErrorKind::CheckViolation
+            | DatabaseErrorKind::ExclusionViolation => Class::Final,
+            // `Unknown` and kinds added later: neither backend exposes the SQLSTATE or result
+            // code any other way.
+            _ => message_class(info.message()),
+        },
+        // A commit that failed (and the rollback after it): the commit's error says why.
+        DieselError::RollbackErrorOnCommit {
+            commit_error,
+            rollback_error,
+        } => match diesel_error_class(commit_error) {
+            Class::Final => diesel_error_class(rollback_error),
+            class => class,
+        },
+        // The connection's transaction state is unknown; the pool drops the connection, and a
+        // fresh one may succeed.
+        DieselError::BrokenTransactionManager => Class::Transient,
+        _ => Class::Final,
+    }
+}
+
+fn message_class(message: &str) -> Class {
+    if CONNECTION_LOST_MESSAGES.iter().any(|m| message.contains(m)) {
+        Class::Unavailable
+    } else if CONTENTION_MESSAGES.iter().any(|m| message.contains(m)) {
+        Class::Transient
+    } else {
+        Class::Final
     }
 }
 
@@ -174,64 +266,283 @@ impl fmt::Display for KeyIdOrListing<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
-    fn database_error(kind: DatabaseErrorKind) -> StoreError {
+    fn database_error(kind: DatabaseErrorKind, message: &str) -> StoreError {
         StoreError::Database {
-            source: DieselError::DatabaseError(
-                kind,
-                Box::new("message from the server".to_owned()),
+            source: DieselError::DatabaseError(kind, Box::new(message.to_owned())),
+        }
+    }
+
+    fn unknown(message: &str) -> StoreError {
+        database_error(DatabaseErrorKind::Unknown, message)
+    }
+
+    /// `(error, unavailable, retryable)` for one error.
+    fn assert_class(what: &str, error: &StoreError, unavailable: bool, retryable: bool) {
+        assert_eq!(
+            error.is_unavailable(),
+            unavailable,
+            "{what}: is_unavailable of {error:?}"
+        );
+        assert_eq!(
+            error.is_retryable(),
+            retryable,
+            "{what}: is_retryable of {error:?}"
+        );
+    }
+
+    /// A pool whose every connection attempt fails, as when the database is down.
+    #[derive(Debug)]
+    struct Unreachable;
+
+    impl r2d2::ManageConnection for Unreachable {
+        type Connection = ();
+        type Error = StoreError;
+
+        fn connect(&self) -> Result<(), StoreError> {
+            Err(StoreError::Connection {
+                source: ConnectionError::BadConnection("Connection refused".into()),
+            })
+        }
+
+        fn is_valid(&self, _: &mut ()) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        fn has_broken(&self, _: &mut ()) -> bool {
+            false
+        }
+    }
+
+    #[derive(Debug)]
+    struct Quiet;
+
+    impl r2d2::HandleError<StoreError> for Quiet {
+        fn handle_error(&self, _: StoreError) {}
+    }
+
+    #[test]
+    fn a_pool_that_cannot_hand_out_a_connection_is_unavailable() {
+        let pool = r2d2::Pool::builder()
+            .max_size(1)
+            .min_idle(Some(0))
+            .error_handler(Box::new(Quiet))
+            .build_unchecked(Unreachable);
+        let source = pool
+            .get_timeout(Duration::from_millis(50))
+            .expect_err("no connection can be made");
+        assert_class(
+            "a pool checkout timeout",
+            &StoreError::Unavailable { source },
+            true,
+            true,
+        );
+    }
+
+    #[test]
+    fn a_lost_connection_is_unavailable_and_retryable() {
+        let cases = [
+            (
+                "diesel's closed connection",
+                database_error(DatabaseErrorKind::ClosedConnection, "connection closed"),
             ),
+            (
+                "a query that could not be sent",
+                database_error(
+                    DatabaseErrorKind::UnableToSendCommand,
+                    "no connection to the server\n",
+                ),
+            ),
+            (
+                "libpq's EOF mid-query",
+                unknown(
+                    "server closed the connection unexpectedly\n\tThis probably means the \
+                     server terminated abnormally\n\tbefore or while processing the request.\n",
+                ),
+            ),
+            (
+                "an administrator's pg_terminate_backend",
+                unknown("terminating connection due to administrator command"),
+            ),
+            (
+                "a server shutting down",
+                unknown("the database system is shutting down"),
+            ),
+            (
+                "a refused connection",
+                StoreError::Connection {
+                    source: ConnectionError::BadConnection(
+                        "connection to server at \"127.0.0.1\", port 1 failed: Connection \
+                         refused"
+                            .into(),
+                    ),
+                },
+            ),
+            (
+                "a connection reset while configuring it",
+                StoreError::Connection {
+                    source: ConnectionError::CouldntSetupConfiguration(DieselError::DatabaseError(
+                        DatabaseErrorKind::ClosedConnection,
+                        Box::new("connection reset".to_owned()),
+                    )),
+                },
+            ),
+            (
+                "a commit on a connection that broke",
+                StoreError::Database {
+                    source: DieselError::RollbackErrorOnCommit {
+                        commit_error: Box::new(DieselError::DatabaseError(
+                            DatabaseErrorKind::ClosedConnection,
+                            Box::new("server closed the connection unexpectedly".to_owned()),
+                        )),
+                        rollback_error: Box::new(DieselError::DatabaseError(
+                            DatabaseErrorKind::UnableToSendCommand,
+                            Box::new("no connection to the server".to_owned()),
+                        )),
+                    },
+                },
+            ),
+        ];
+        for (what, error) in &cases {
+            assert_class(what, error, true, true);
         }
     }
 
     #[test]
-    fn predicates_classify_each_kind_of_failure() {
+    fn contention_is_retryable_but_not_unavailable() {
+        let cases = [
+            (
+                "a PostgreSQL serialization failure (40001)",
+                database_error(
+                    DatabaseErrorKind::SerializationFailure,
+                    "could not serialize access due to concurrent update",
+                ),
+            ),
+            (
+                "a PostgreSQL deadlock (40P01)",
+                unknown("deadlock detected"),
+            ),
+            ("SQLite's SQLITE_BUSY", unknown("database is locked")),
+            (
+                "SQLite's SQLITE_LOCKED",
+                unknown("database table is locked"),
+            ),
+            (
+                "SQLite busy while configuring a connection",
+                StoreError::Connection {
+                    source: ConnectionError::CouldntSetupConfiguration(DieselError::DatabaseError(
+                        DatabaseErrorKind::Unknown,
+                        Box::new("database is locked".to_owned()),
+                    )),
+                },
+            ),
+            (
+                "a connection whose transaction state is lost",
+                StoreError::Database {
+                    source: DieselError::BrokenTransactionManager,
+                },
+            ),
+        ];
+        for (what, error) in &cases {
+            assert_class(what, error, false, true);
+        }
+    }
+
+    #[test]
+    fn errors_about_the_request_are_final() {
+        let cases = [
+            (
+                "a conflict",
+                StoreError::Conflict {
+                    key_id: "k1".into(),
+                },
+            ),
+            (
+                "a unique violation",
+                database_error(DatabaseErrorKind::UniqueViolation, "duplicate key value"),
+            ),
+            (
+                "a not-null violation",
+                database_error(DatabaseErrorKind::NotNullViolation, "null value"),
+            ),
+            (
+                "a read-only transaction",
+                database_error(DatabaseErrorKind::ReadOnlyTransaction, "read-only"),
+            ),
+            (
+                "an unknown server error",
+                unknown("relation \"wrapped_keys\" does not exist"),
+            ),
+            (
+                "a row that was not found",
+                StoreError::Database {
+                    source: DieselError::NotFound,
+                },
+            ),
+            (
+                "an unparsable URL",
+                StoreError::Connection {
+                    source: ConnectionError::InvalidConnectionUrl("nonsense".into()),
+                },
+            ),
+            (
+                "an invalid URL",
+                StoreError::InvalidUrl {
+                    reason: "nope".into(),
+                },
+            ),
+            (
+                "a corrupt row",
+                StoreError::Corrupt {
+                    key_id: Some("k9".into()),
+                    source: Box::new(DieselError::NotFound),
+                },
+            ),
+            (
+                "a failed migration, even over a broken connection",
+                StoreError::Migration {
+                    source: Box::new(DieselError::DatabaseError(
+                        DatabaseErrorKind::ClosedConnection,
+                        Box::new("server closed the connection unexpectedly".to_owned()),
+                    )),
+                },
+            ),
+            (
+                "a master key mismatch",
+                StoreError::MasterKeyMismatch {
+                    stored: "a".into(),
+                    ours: "b".into(),
+                },
+            ),
+            (
+                "a corrupt audit log",
+                StoreError::AuditCorrupt {
+                    seq: 3,
+                    reason: "short hash".into(),
+                },
+            ),
+        ];
+        for (what, error) in &cases {
+            assert_class(what, error, false, false);
+        }
+    }
+
+    #[test]
+    fn predicates_name_their_variant() {
         let conflict = StoreError::Conflict {
             key_id: "k1".into(),
         };
         assert!(conflict.is_conflict(), "a conflict is a conflict");
-        assert!(!conflict.is_retryable(), "retrying a conflict cannot help");
-
-        assert!(
-            database_error(DatabaseErrorKind::SerializationFailure).is_retryable(),
-            "a serialization failure is retryable"
-        );
-        assert!(
-            database_error(DatabaseErrorKind::ClosedConnection).is_retryable(),
-            "a closed connection is retryable"
-        );
-        assert!(
-            !database_error(DatabaseErrorKind::UniqueViolation).is_retryable(),
-            "a constraint violation is not retryable"
-        );
-
-        let refused = StoreError::Connection {
-            source: ConnectionError::BadConnection("connection refused".into()),
-        };
-        assert!(refused.is_retryable(), "a refused connection is retryable");
-
-        let bad_url = StoreError::Connection {
-            source: ConnectionError::InvalidConnectionUrl("nonsense".into()),
-        };
-        assert!(
-            !bad_url.is_retryable(),
-            "an unparsable URL is not retryable"
-        );
-
-        let invalid = StoreError::InvalidUrl {
-            reason: "nope".into(),
-        };
-        assert!(!invalid.is_retryable(), "an invalid URL is not retryable");
+        assert!(!conflict.is_corrupt() && !conflict.is_master_key_mismatch());
 
         let corrupt = StoreError::Corrupt {
             key_id: Some("k9".into()),
             source: Box::new(DieselError::NotFound),
         };
-        assert!(
-            corrupt.is_corrupt() && !corrupt.is_retryable(),
-            "a corrupt row is final"
-        );
+        assert!(corrupt.is_corrupt(), "a corrupt row is corrupt");
         assert_eq!(
             corrupt.to_string(),
             "stored record for key k9 cannot be decoded"

@@ -4,13 +4,27 @@
 //! Capacity is the database's. Several drivers share one store (PostgreSQL) in active-active
 //! deployments; SQLite is the embedded default for a single driver.
 //!
-//! - [`KeyStore`]: the trait driver-core is generic over; inserts are idempotent.
+//! - [`KeyStore`]: the trait driver-core is generic over; inserts are idempotent, and
+//!   [`KeyStore::check`] proves the database answers.
 //! - [`audit`]: the hash-chained audit ledger of every key generated and payload signed, and
 //!   the exact encoding a customer needs to check it independently.
 //! - [`DieselKeyStore`]: diesel + r2d2 over PostgreSQL or SQLite, chosen by URL, with embedded
 //!   migrations.
-//! - `MemoryKeyStore` (feature `fake`): an in-memory fake for tests.
-//! - `testing` (feature `pg-fixture`): a throwaway PostgreSQL database per test.
+//! - `MemoryKeyStore` (feature `fake`): an in-memory fake for tests, with a switch that fakes an
+//!   outage.
+//! - `testing` (feature `pg-fixture`): a throwaway PostgreSQL database per test, and a
+//!   `TcpProxy` that cuts one client's connections to fake a database outage.
+//!
+//! # When the database goes away
+//!
+//! Calls fail with a [`StoreError`] for which [`StoreError::is_unavailable`] holds, after at most
+//! [`PoolOptions::connection_timeout`] (a connection that breaks mid-call fails at once); callers
+//! stop and [`check`](KeyStore::check) until it succeeds. The same store value then works again
+//! by itself: the pool drops broken connections and reopens them in the background. Transactions
+//! cut off midway are rolled back by the database, so nothing is half-written, and every write is
+//! idempotent, so retrying a call whose outcome is unknown is safe. Contention (a serialization
+//! failure, a deadlock, a locked SQLite file) is [retryable](StoreError::is_retryable) but not
+//! unavailable.
 
 pub mod audit;
 mod diesel_store;

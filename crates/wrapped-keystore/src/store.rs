@@ -101,7 +101,17 @@ pub struct PageRequest {
 }
 
 /// Durable storage for wrapped keys, shared by every driver of a deployment.
+///
+/// A store whose database goes away fails its calls with errors for which
+/// [`StoreError::is_unavailable`] holds, and serves again by itself once the database is back:
+/// callers stop, [`check`](Self::check) until it succeeds, and carry on with the same value.
 pub trait KeyStore: Send + Sync + 'static {
+    /// Proves the store is usable now: one round trip to the database through the pool.
+    ///
+    /// # Errors
+    /// [`StoreError`]; [`StoreError::is_unavailable`] when the database cannot be reached.
+    fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Stores a record. Idempotent: storing the same key again succeeds with
     /// [`InsertOutcome::AlreadyPresent`].
     ///

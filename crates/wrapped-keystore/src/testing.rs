@@ -1,4 +1,5 @@
-//! Test fixtures (feature `pg-fixture`): a throwaway PostgreSQL database per test.
+//! Test fixtures (feature `pg-fixture`): a throwaway PostgreSQL database per test, and a
+//! [`TcpProxy`] to cut one client's connections to it.
 //!
 //! Each [`PgTestDatabase`] is a fresh database with a random name on the server named by
 //! `HSM_DRIVER_TEST_PG_URL` (default [`DEFAULT_ADMIN_URL`]), dropped when the value is dropped.
@@ -17,9 +18,16 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! To fake a database outage for one store (or one driver process) only, connect it through a
+//! [`TcpProxy`] in front of the server ([`PgTestDatabase::server_addr`],
+//! [`PgTestDatabase::database_url_via`]) and [`cut`](TcpProxy::cut) it.
+
+mod tcp_proxy;
 
 use std::env;
 use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
 
 use diesel::Connection;
 use diesel::connection::SimpleConnection;
@@ -27,6 +35,8 @@ use diesel::pg::PgConnection;
 
 use crate::diesel_store::DatabaseUrl;
 use crate::error::StoreError;
+
+pub use self::tcp_proxy::TcpProxy;
 
 /// The environment variable naming the PostgreSQL server (any database on it; the fixture
 /// connects there to create and drop test databases).
@@ -123,6 +133,22 @@ impl PgTestDatabase {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The server's TCP address: the URL's host (resolved) and port (5432 if it names none),
+    /// for a [`TcpProxy`] to forward to.
+    ///
+    /// # Errors
+    /// [`std::io::ErrorKind::InvalidInput`] if the URL names no host (a Unix socket), or the
+    /// resolver's error.
+    pub fn server_addr(&self) -> std::io::Result<SocketAddr> {
+        server_addr(&self.url)
+    }
+
+    /// The new database's URL with the server's host and port replaced by `addr`: the URL to
+    /// reach it through a [`TcpProxy`] at [`TcpProxy::local_addr`].
+    pub fn database_url_via(&self, addr: SocketAddr) -> DatabaseUrl {
+        DatabaseUrl::Postgres(url_via(&self.url, addr))
+    }
 }
 
 impl std::fmt::Debug for PgTestDatabase {
@@ -156,6 +182,53 @@ impl Drop for PgTestDatabase {
             tracing::warn!(database = %self.name, error = &error as &dyn std::error::Error, "could not drop test database");
         }
     }
+}
+
+/// The TCP address of `url`'s server (see [`PgTestDatabase::server_addr`]).
+fn server_addr(url: &str) -> std::io::Result<SocketAddr> {
+    let (start, end) = host_range(url);
+    let host_port = &url[start..end];
+    if host_port.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the PostgreSQL URL names no TCP host",
+        ));
+    }
+    // `[::1]:5432`, `[::1]`, `db:5432` or `db`.
+    let has_port = match host_port.rfind(']') {
+        Some(bracket) => host_port[bracket..].contains(':'),
+        None => host_port.contains(':'),
+    };
+    let with_port = if has_port {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    };
+    with_port.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host_port} resolves to no address"),
+        )
+    })
+}
+
+/// `url` with its `host[:port]` replaced by `addr`.
+fn url_via(url: &str, addr: SocketAddr) -> String {
+    let (start, end) = host_range(url);
+    format!("{}{addr}{}", &url[..start], &url[end..])
+}
+
+/// The byte range of `url`'s `host[:port]` (after any `user[:password]@`, before the path or
+/// query); empty if the URL names no host.
+fn host_range(url: &str) -> (usize, usize) {
+    let authority_start = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[authority_start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| authority_start + i);
+    let host_start = url[authority_start..authority_end]
+        .rfind('@')
+        .map_or(authority_start, |i| authority_start + i + 1);
+    (host_start, authority_end)
 }
 
 /// `admin_url` with its database replaced by `database`, keeping any query parameters.
@@ -203,5 +276,42 @@ mod tests {
                 "pointing {admin} at database t1"
             );
         }
+    }
+
+    #[test]
+    fn a_test_database_is_reachable_through_another_address() {
+        let via = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let cases = [
+            (
+                "postgres://postgres@127.0.0.1:5432/t1",
+                "127.0.0.1:5432",
+                "postgres://postgres@127.0.0.1:40000/t1",
+            ),
+            (
+                "postgres://u:p@127.0.0.1/t1?sslmode=disable",
+                "127.0.0.1:5432",
+                "postgres://u:p@127.0.0.1:40000/t1?sslmode=disable",
+            ),
+            (
+                "postgresql://[::1]:6543/t1",
+                "[::1]:6543",
+                "postgresql://127.0.0.1:40000/t1",
+            ),
+        ];
+        for (url, server, through) in cases {
+            assert_eq!(
+                server_addr(url).ok(),
+                server.parse().ok(),
+                "the server of {url}"
+            );
+            assert_eq!(url_via(url, via), through, "{url} through {via}");
+        }
+        assert_eq!(
+            server_addr("postgres:///t1?host=/run/postgresql")
+                .map_err(|e| e.kind())
+                .err(),
+            Some(std::io::ErrorKind::InvalidInput),
+            "a Unix socket URL has no TCP address"
+        );
     }
 }

@@ -36,6 +36,15 @@ mod suite {
             .unwrap_or_else(|e| panic!("listing {limit} after {after:?}: {e:?}"))
     }
 
+    pub(crate) async fn check_succeeds_on_a_working_store<S: KeyStore + Clone>(store: S) {
+        store.check().await.expect("checking a fresh store");
+        insert(&store, record("key-checked", 1)).await;
+        store
+            .check()
+            .await
+            .expect("checking a store that holds a key");
+    }
+
     pub(crate) async fn insert_then_get_round_trips_every_field<S: KeyStore + Clone>(store: S) {
         let stored = record("key-round-trip", 1);
         assert_eq!(
@@ -631,6 +640,7 @@ macro_rules! conformance {
         mod $backend {
             use super::*;
             conformance!(@tests $fixture;
+                check_succeeds_on_a_working_store,
                 insert_then_get_round_trips_every_field,
                 inserting_the_same_key_again_is_idempotent,
                 conflicting_insert_leaves_the_original_untouched,

@@ -27,6 +27,15 @@ use crate::store::{InsertOutcome, KeyRecord, KeyStore, MasterKeyRegistration, Pa
 /// Cloning is cheap and clones share one connection pool. The [`KeyStore`] methods must be
 /// awaited inside a tokio runtime: each runs its query on the runtime's blocking pool.
 ///
+/// # When the database goes away
+///
+/// A call waits at most [`PoolOptions::connection_timeout`] for a connection, then fails with
+/// [`StoreError::Unavailable`]; a call whose connection breaks under it fails at once with a
+/// [`StoreError::Database`] error; both are [`StoreError::is_unavailable`]. Nothing needs to be
+/// reopened afterwards: the pool pings every connection before handing it out, drops the ones
+/// that fail or that diesel reports broken, and keeps reopening what it dropped in the background
+/// (pausing up to half the connection timeout between attempts) until the database answers.
+///
 /// ```no_run
 /// # fn main() -> Result<(), wrapped_keystore::StoreError> {
 /// use wrapped_keystore::{DatabaseUrl, DieselKeyStore, PoolOptions};
@@ -177,6 +186,13 @@ impl DieselKeyStore {
 }
 
 impl KeyStore for DieselKeyStore {
+    /// `SELECT 1` on a pooled connection, on tokio's blocking pool. The checkout has already
+    /// dropped (and begun to reopen) every idle connection that broke while the database was
+    /// away: each is pinged before it is handed out.
+    async fn check(&self) -> Result<(), StoreError> {
+        self.run(queries::ping).await
+    }
+
     async fn insert(&self, record: KeyRecord) -> Result<InsertOutcome, StoreError> {
         self.run(move |conn| queries::insert(conn, &record)).await
     }

@@ -6,6 +6,8 @@
 //! `ON CONFLICT`. Here the URL picks the backend, and queries match on the variant
 //! ([`on_backend!`]) so each runs with its own backend's full dialect.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use diesel::Connection;
@@ -45,12 +47,22 @@ pub(crate) enum AnyConnection {
 }
 
 /// Connection pool settings for [`DieselKeyStore::connect`](crate::DieselKeyStore::connect).
+///
+/// The defaults suit a driver: 8 connections, a 5 s connection timeout, all of them kept open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolOptions {
     /// The most connections the pool holds. Ignored for `:memory:`, which has exactly one.
     pub max_size: u32,
-    /// How long a caller waits for a connection before [`StoreError::Unavailable`]; also how
-    /// long `connect` waits for the initial connections.
+    /// How long a call waits for a connection before failing with [`StoreError::Unavailable`],
+    /// an error for which [`StoreError::is_unavailable`] holds: while the database is down, the
+    /// longest a [`KeyStore`](crate::KeyStore) call takes to say so. Also how long `connect`
+    /// waits for the initial connections, and twice the longest pause between the pool's
+    /// background attempts to reopen connections. Default 5 s.
+    ///
+    /// It bounds the wait for a connection, not a query on one: a PostgreSQL server that stops
+    /// answering without closing its connections (a network partition) holds a query until TCP
+    /// gives up. Bound that in the URL with libpq's `connect_timeout`, `tcp_user_timeout` and
+    /// `keepalives_*` parameters.
     pub connection_timeout: Duration,
     /// Idle connections the pool keeps open; `None` keeps `max_size`.
     pub min_idle: Option<u32>,
@@ -66,8 +78,9 @@ impl Default for PoolOptions {
     }
 }
 
-/// The r2d2 manager: opens connections for one [`DatabaseUrl`], configures SQLite ones, and
-/// checks connections with a ping before handing them out.
+/// The r2d2 manager: opens connections for one [`DatabaseUrl`], configures SQLite ones, checks
+/// connections with a ping before handing them out, and reports the ones diesel considers
+/// broken (lost, or left in a transaction) so the pool drops them when they come back.
 #[derive(Debug)]
 pub(crate) struct ConnectionManager {
     url: DatabaseUrl,
@@ -114,19 +127,51 @@ impl r2d2::ManageConnection for ConnectionManager {
     }
 }
 
+/// Whether the pool's last connection attempt failed, shared by its error and event handlers
+/// so that an outage is logged once at `warn` (each further failure at `debug`, as the pool
+/// retries every connection it lost) and its end once at `info`.
+#[derive(Debug, Default)]
+struct Outage {
+    failing: AtomicBool,
+}
+
 /// Sends the pool's background connection errors to `tracing` (r2d2 would use `log`).
 #[derive(Debug)]
 struct TracingErrorHandler {
     backend: &'static str,
+    outage: Arc<Outage>,
 }
 
 impl r2d2::HandleError<StoreError> for TracingErrorHandler {
     fn handle_error(&self, error: StoreError) {
-        tracing::warn!(
-            backend = self.backend,
-            error = &error as &dyn std::error::Error,
-            "key store connection failed"
-        );
+        if self.outage.failing.swap(true, Ordering::Relaxed) {
+            tracing::debug!(
+                backend = self.backend,
+                error = &error as &dyn std::error::Error,
+                "key store connection failed again"
+            );
+        } else {
+            tracing::warn!(
+                backend = self.backend,
+                error = &error as &dyn std::error::Error,
+                "key store connection failed; the pool keeps retrying"
+            );
+        }
+    }
+}
+
+/// Logs the first connection opened after a failure.
+#[derive(Debug)]
+struct TracingEventHandler {
+    backend: &'static str,
+    outage: Arc<Outage>,
+}
+
+impl r2d2::HandleEvent for TracingEventHandler {
+    fn handle_acquire(&self, _: r2d2::event::AcquireEvent) {
+        if self.outage.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(backend = self.backend, "key store connection restored");
+        }
     }
 }
 
@@ -138,11 +183,20 @@ pub(crate) type Pool = r2d2::Pool<ConnectionManager>;
 pub(crate) fn build(url: &DatabaseUrl, options: &PoolOptions) -> Result<Pool, StoreError> {
     let manager = ConnectionManager::new(url.clone());
     drop(manager.open()?);
+    let outage = Arc::new(Outage::default());
     let builder = r2d2::Pool::builder()
         .connection_timeout(options.connection_timeout)
+        // Recovery after an outage: a connection that died while idle fails this ping and is
+        // dropped (and reopened in the background) instead of failing a call. One that breaks
+        // during a call is dropped when it comes back: diesel then reports it broken.
         .test_on_check_out(true)
         .error_handler(Box::new(TracingErrorHandler {
             backend: url.backend(),
+            outage: outage.clone(),
+        }))
+        .event_handler(Box::new(TracingEventHandler {
+            backend: url.backend(),
+            outage,
         }));
     let builder = if url.is_in_memory() {
         // Every connection to `:memory:` is a separate, empty database that vanishes when it

@@ -46,6 +46,13 @@ pub(crate) struct DriverSection {
     /// On shutdown, how long in-flight jobs may take, in seconds.
     #[serde(default = "default_shutdown_deadline_secs")]
     pub(crate) shutdown_deadline_secs: u64,
+    /// How often a healthy HSM and database are checked, in milliseconds.
+    #[serde(default = "default_health_check_interval_ms")]
+    pub(crate) health_check_interval_ms: u64,
+    /// Longest wait between recovery attempts of an unusable HSM or database, and between
+    /// registration attempts, in milliseconds (the waits grow to it, jittered).
+    #[serde(default = "default_recovery_backoff_max_ms")]
+    pub(crate) recovery_backoff_max_ms: u64,
 }
 
 /// `[api]`: the Dfns API endpoint and the mutual-TLS material.
@@ -107,6 +114,19 @@ pub(crate) struct HsmSection {
     /// lets wrapped keys be extracted). Logged as an error at every start.
     #[serde(default)]
     pub(crate) dangerous_allow_unsafe_master_key: bool,
+    /// TESTS AND FAULT DRILLS ONLY: make the HSM fail on demand.
+    #[serde(default)]
+    pub(crate) fault_injection: Option<FaultInjectionSection>,
+}
+
+/// `[hsm.fault_injection]`: while `trigger_file` exists, every HSM operation fails as a device
+/// error would (`CKR_DEVICE_ERROR`), so that outages can be rehearsed. It can only make the
+/// HSM fail, never succeed; a warning is logged at start and on every change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FaultInjectionSection {
+    /// The file whose existence trips the fault.
+    pub(crate) trigger_file: PathBuf,
 }
 
 /// `[database]`: where wrapped keys are kept.
@@ -122,6 +142,10 @@ pub(crate) struct DatabaseSection {
     /// Apply pending migrations at start-up.
     #[serde(default = "default_true")]
     pub(crate) migrate_on_start: bool,
+    /// How long an operation waits for a database connection before failing (and the
+    /// database being marked down), in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub(crate) connect_timeout_ms: u64,
 }
 
 impl Default for DatabaseSection {
@@ -130,6 +154,7 @@ impl Default for DatabaseSection {
             url: default_database_url(),
             max_connections: default_max_connections(),
             migrate_on_start: true,
+            connect_timeout_ms: default_connect_timeout_ms(),
         }
     }
 }
@@ -186,6 +211,15 @@ fn default_long_poll_ms() -> u64 {
 }
 fn default_shutdown_deadline_secs() -> u64 {
     30
+}
+fn default_health_check_interval_ms() -> u64 {
+    5_000
+}
+fn default_recovery_backoff_max_ms() -> u64 {
+    5_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
 }
 fn default_request_timeout_ms() -> u64 {
     10_000
@@ -253,6 +287,9 @@ impl Config {
         if let Some(p) = self.hsm.user_pin_file.as_mut() {
             resolve(p);
         }
+        if let Some(fault) = self.hsm.fault_injection.as_mut() {
+            resolve(&mut fault.trigger_file);
+        }
         if let Some(rest) = self.database.url.strip_prefix("sqlite://") {
             let path = Path::new(rest);
             if path.is_relative() && rest != ":memory:" {
@@ -300,6 +337,12 @@ impl Config {
         if self.hsm.sessions == Some(0) {
             bail!("hsm.sessions: must be at least 1");
         }
+        if self.driver.health_check_interval_ms == 0 {
+            bail!("driver.health_check_interval_ms: must be at least 1");
+        }
+        if self.database.connect_timeout_ms == 0 {
+            bail!("database.connect_timeout_ms: must be at least 1");
+        }
         Ok(())
     }
 
@@ -311,6 +354,13 @@ impl Config {
             lease_batch: self.driver.lease_batch,
             long_poll: Duration::from_millis(self.driver.long_poll_ms),
             shutdown_deadline: Duration::from_secs(self.driver.shutdown_deadline_secs),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            health_check_interval: Duration::from_millis(self.driver.health_check_interval_ms),
+            recovery_backoff: dfns_api_client::Backoff {
+                initial: Duration::from_millis(200),
+                max: Duration::from_millis(self.driver.recovery_backoff_max_ms),
+                ..dfns_api_client::Backoff::default()
+            },
             ..driver_core::DriverConfig::default()
         }
     }
@@ -373,6 +423,39 @@ user_pin_file = "pin"
         let text = format!("{GOOD}[telemetry]\nlisten = \"localhost\"\n");
         let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
         assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn fault_injection_is_off_by_default_and_its_trigger_file_resolves_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&write(dir.path(), GOOD)).unwrap();
+        assert!(config.hsm.fault_injection.is_none());
+        let engine = config.driver_config();
+        assert_eq!(engine.health_check_interval, Duration::from_secs(5));
+        assert_eq!(engine.recovery_backoff.max, Duration::from_secs(5));
+        assert_eq!(config.database.connect_timeout_ms, 5_000);
+
+        let text = format!("{GOOD}[hsm.fault_injection]\ntrigger_file = \"fail-hsm\"\n");
+        let config = Config::load(&write(dir.path(), &text)).unwrap();
+        assert_eq!(
+            config.hsm.fault_injection.unwrap().trigger_file,
+            dir.path().join("fail-hsm")
+        );
+    }
+
+    #[test]
+    fn zero_health_intervals_and_timeouts_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        // Tried: a zero health-check interval and a zero database connect timeout.
+        let text = GOOD.replace(
+            "id = \"drv-1\"",
+            "id = \"drv-1\"\nhealth_check_interval_ms = 0",
+        );
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("driver.health_check_interval_ms"), "{err}");
+        let text = format!("{GOOD}[database]\nconnect_timeout_ms = 0\n");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("database.connect_timeout_ms"), "{err}");
     }
 
     #[test]

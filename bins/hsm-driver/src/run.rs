@@ -3,6 +3,7 @@
 use anyhow::Context;
 use dfns_api_client::HttpJobSource;
 use driver_core::Driver;
+use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
 use hsm_pkcs11::{FakeHsm, Hsm, SchemeSupport};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -21,7 +22,17 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
             let hsm = wiring::pkcs11_hsm(&module, config).await?;
             let (hsm, report) = wiring::master_key_self_test(hsm, config).await?;
             info!(%report, "master key self-test");
-            serve(config, hsm).await
+            match &config.hsm.fault_injection {
+                None => serve(config, hsm).await,
+                Some(fault) => {
+                    warn!(
+                        trigger_file = %fault.trigger_file.display(),
+                        "hsm.fault_injection is configured: the HSM fails while the trigger file exists. For tests and fault drills only."
+                    );
+                    let switch = FaultSwitch::from_trigger_file(&fault.trigger_file);
+                    serve(config, FaultInjectingHsm::new(hsm, switch)).await
+                }
+            }
         }
         HsmKind::Fake => {
             warn!(
@@ -79,8 +90,14 @@ async fn serve<H: Hsm>(config: &Config, hsm: H) -> anyhow::Result<()> {
     // The endpoint outlives the signal: it keeps answering while in-flight jobs drain and
     // stops once the engine has returned.
     let driver_stopped = CancellationToken::new();
-    let server = endpoint
-        .map(|endpoint| tokio::spawn(endpoint.serve(driver_stopped.clone().cancelled_owned())));
+    let health = driver.health();
+    let server = endpoint.map(|endpoint| {
+        tokio::spawn(
+            endpoint
+                .with_health(health)
+                .serve(driver_stopped.clone().cancelled_owned()),
+        )
+    });
     let report = driver.run(shutdown_signal()).await;
     driver_stopped.cancel();
     if let Some(server) = server {
@@ -93,6 +110,7 @@ async fn serve<H: Hsm>(config: &Config, hsm: H) -> anyhow::Result<()> {
         failed = report.failed,
         unreported = report.unreported,
         abandoned = report.abandoned,
+        given_back = report.given_back,
         "hsm-driver stopped"
     );
     Ok(())

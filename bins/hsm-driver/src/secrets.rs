@@ -71,6 +71,7 @@ mod tests {
             wrap_mechanism: "aes-key-wrap-pad".to_owned(),
             sessions: None,
             dangerous_allow_unsafe_master_key: false,
+            fault_injection: None,
         }
     }
 

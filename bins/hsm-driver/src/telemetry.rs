@@ -1,5 +1,7 @@
 //! The telemetry endpoint (`[telemetry] listen`): plain HTTP on an operator-chosen address,
-//! serving `GET /healthz` (`ok`) and `GET /metrics` (Prometheus text), 404 for anything else.
+//! serving `GET /healthz` (the process is alive: `ok`), `GET /readyz` (200 when the driver
+//! leases work: HSM, database and API usable and registered; 503 otherwise, with one line per
+//! component saying why) and `GET /metrics` (Prometheus text), 404 for anything else.
 //!
 //! ```text
 //! driver-core ── instruments ──▶ Meter ◀── SdkMeterProvider ── reader: Prometheus exporter
@@ -18,6 +20,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use bytes::Bytes;
+use driver_core::{Component, ComponentState, Health, HealthReport};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
@@ -103,10 +106,23 @@ impl Telemetry {
         Ok(text)
     }
 
-    /// Answers one request: the whole HTTP surface, without a socket.
-    pub(crate) fn respond<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
+    /// Answers one request: the whole HTTP surface, without a socket. `/readyz` answers 503
+    /// until the engine's health is known.
+    pub(crate) fn respond<B>(
+        &self,
+        health: Option<&Health>,
+        request: &Request<B>,
+    ) -> Response<Full<Bytes>> {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            (&Method::GET, "/readyz") => match health {
+                Some(health) => readiness(&health.report()),
+                None => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready\nstarting\n".into(),
+                ),
+            },
             (&Method::GET, "/metrics") => match self.render() {
                 Ok(text) => reply(StatusCode::OK, PROMETHEUS_TEXT, text.into()),
                 Err(e) => {
@@ -137,6 +153,7 @@ impl Telemetry {
         info!(addr = %local, "telemetry endpoint listening");
         Ok(Endpoint {
             telemetry: std::sync::Arc::new(self),
+            health: None,
             listener,
         })
     }
@@ -147,6 +164,52 @@ impl Telemetry {
             debug!(error = %e, "meter provider shutdown");
         }
     }
+}
+
+/// `/readyz`: `ready` or `not ready`, then one line per component and the time since the last
+/// successful poll, so an operator sees at a glance which dependency is at fault.
+fn readiness(report: &HealthReport) -> Response<Full<Bytes>> {
+    use std::fmt::Write as _;
+    let ready = report.is_ready();
+    let mut text = String::from(if ready { "ready\n" } else { "not ready\n" });
+    for component in Component::ALL {
+        match report.component(component) {
+            ComponentState::Up => {
+                let _ = writeln!(text, "{component}: up");
+            }
+            ComponentState::Down { reason, since } => {
+                let _ = writeln!(
+                    text,
+                    "{component}: down for {:.1}s: {reason}",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        text,
+        "registered: {}",
+        if report.registered { "yes" } else { "no" }
+    );
+    if report.draining {
+        text.push_str("draining: shutting down\n");
+    }
+    match report.since_last_successful_poll() {
+        Some(elapsed) => {
+            let _ = writeln!(
+                text,
+                "last successful poll: {:.1}s ago",
+                elapsed.as_secs_f64()
+            );
+        }
+        None => text.push_str("last successful poll: never\n"),
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    reply(status, "text/plain", text.into())
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
@@ -161,10 +224,17 @@ fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Respons
 /// A bound telemetry endpoint, not yet serving.
 pub(crate) struct Endpoint {
     telemetry: std::sync::Arc<Telemetry>,
+    health: Option<Health>,
     listener: TcpListener,
 }
 
 impl Endpoint {
+    /// Answers `/readyz` from the engine's health.
+    pub(crate) fn with_health(mut self, health: Health) -> Self {
+        self.health = Some(health);
+        self
+    }
+
     /// The bound address.
     #[cfg(test)]
     pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -181,9 +251,10 @@ impl Endpoint {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let telemetry = self.telemetry.clone();
+                        let health = self.health.clone();
                         connections.spawn(async move {
                             let service = service_fn(move |request: Request<Incoming>| {
-                                let response = telemetry.respond(&request);
+                                let response = telemetry.respond(health.as_ref(), &request);
                                 async move { Ok::<_, Infallible>(response) }
                             });
                             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -225,15 +296,35 @@ mod tests {
     #[tokio::test]
     async fn healthz_is_ok_and_unknown_paths_are_404() {
         let telemetry = Telemetry::new("drv-1").unwrap();
-        let response = telemetry.respond(&get("/healthz"));
+        let response = telemetry.respond(None, &get("/healthz"));
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(body(response).await, "ok\n");
         assert_eq!(
-            telemetry.respond(&get("/nope")).status(),
+            telemetry.respond(None, &get("/nope")).status(),
             StatusCode::NOT_FOUND
         );
         let post = Request::post("/metrics").body(()).unwrap();
-        assert_eq!(telemetry.respond(&post).status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            telemetry.respond(None, &post).status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_with_reasons_until_the_driver_can_lease() {
+        let telemetry = Telemetry::new("drv-1").unwrap();
+        // Tried: before the engine exists, and with an engine not yet registered.
+        let response = telemetry.respond(None, &get("/readyz"));
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let health = Health::new();
+        let response = telemetry.respond(Some(&health), &get("/readyz"));
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let text = body(response).await;
+        assert!(text.starts_with("not ready\n"), "{text}");
+        assert!(text.contains("hsm: up\n"), "{text}");
+        assert!(text.contains("api: down for "), "{text}");
+        assert!(text.contains("registered: no\n"), "{text}");
+        assert!(text.contains("last successful poll: never\n"), "{text}");
     }
 
     #[tokio::test]
@@ -247,7 +338,7 @@ mod tests {
                 KeyValue::new("outcome", "completed"),
             ],
         );
-        let response = telemetry.respond(&get("/metrics"));
+        let response = telemetry.respond(None, &get("/metrics"));
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(
             response.headers()[CONTENT_TYPE],

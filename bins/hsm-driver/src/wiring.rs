@@ -16,6 +16,7 @@ pub(crate) async fn key_store(config: &Config) -> anyhow::Result<DieselKeyStore>
     let url = DatabaseUrl::parse(&config.database.url).context("database.url")?;
     let options = PoolOptions {
         max_size: config.database.max_connections,
+        connection_timeout: std::time::Duration::from_millis(config.database.connect_timeout_ms),
         ..PoolOptions::default()
     };
     let store = tokio::task::spawn_blocking(move || DieselKeyStore::connect(&url, options))

@@ -10,6 +10,7 @@ use wrapped_keystore::KeyStore;
 
 use crate::engine::Driver;
 use crate::error::BuildError;
+use crate::health::Health;
 use crate::metrics::Metrics;
 
 /// How the engine runs. Parsed by the host from its own configuration.
@@ -29,6 +30,14 @@ pub struct DriverConfig {
     /// After shutdown is requested, how long in-flight jobs may take before they are abandoned
     /// (their leases then lapse and the API delivers them again).
     pub shutdown_deadline: Duration,
+    /// The host's version, sent when registering with the API.
+    pub version: String,
+    /// How often a healthy HSM and key store are checked (one cheap operation each), so that an
+    /// outage is noticed, and leasing stopped, even while no job is running.
+    pub health_check_interval: Duration,
+    /// Backoff between recovery attempts of an unusable HSM or key store, and between
+    /// registration attempts.
+    pub recovery_backoff: Backoff,
 }
 
 impl Default for DriverConfig {
@@ -40,6 +49,13 @@ impl Default for DriverConfig {
             long_poll: Duration::from_secs(20),
             lease_backoff: Backoff::default(),
             shutdown_deadline: Duration::from_secs(30),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            health_check_interval: Duration::from_secs(5),
+            recovery_backoff: Backoff {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(5),
+                ..Backoff::default()
+            },
         }
     }
 }
@@ -114,15 +130,18 @@ impl<S: JobSource, H: Hsm, K: KeyStore> DriverBuilder<S, H, K> {
         if config.driver_id.is_empty() {
             return Err(BuildError::Invalid("driver_id must not be empty"));
         }
+        if config.health_check_interval.is_zero() {
+            return Err(BuildError::Invalid(
+                "health_check_interval must be more than zero",
+            ));
+        }
         let meter = self
             .meter
             .unwrap_or_else(|| NoopMeterProvider::new().meter("driver-core"));
+        let health = Health::new();
+        let metrics = Metrics::new(&meter, &health);
         Ok(Driver::from_parts(
-            source,
-            hsm,
-            store,
-            config,
-            Metrics::new(&meter),
+            source, hsm, store, config, metrics, health,
         ))
     }
 }

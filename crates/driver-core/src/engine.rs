@@ -1,17 +1,25 @@
-//! The lease loop: keep every worker slot busy, stop cleanly on shutdown.
+//! The lease loop: keep every worker slot busy while the driver is healthy, stop cleanly on
+//! shutdown. Beside it run three background tasks: presence (register with the API and
+//! heartbeat), and one supervisor each for the HSM and the key store (check them while healthy,
+//! recover them with backoff while not). See `health` for what decides leasing.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use dfns_api_client::JobSource;
-use hsm_pkcs11::Hsm;
+use dfns_api_client::protocol::{
+    Capability, Curve, DriverRegistration, FailureCode, Heartbeat, JobFailure, LeasedJob, Scheme,
+};
+use hsm_pkcs11::{Hsm, KeyScheme};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use wrapped_keystore::KeyStore;
 
 use crate::config::{DriverBuilder, DriverConfig};
 use crate::error::error_chain;
+use crate::health::{Component, Health, HealthReport};
 use crate::job::{self, Outcome};
 use crate::metrics::Metrics;
 
@@ -22,6 +30,9 @@ pub(crate) struct Parts<S, H, K> {
     pub(crate) store: Arc<K>,
     pub(crate) config: DriverConfig,
     pub(crate) metrics: Metrics,
+    pub(crate) health: Health,
+    /// Jobs leased and not yet reported, for heartbeats.
+    pub(crate) in_flight: AtomicU32,
 }
 
 /// The engine. Build it with [`Driver::builder`], run it with [`Driver::run`].
@@ -40,6 +51,9 @@ pub struct RunReport {
     pub unreported: u64,
     /// Jobs still running when the shutdown deadline passed (their leases will lapse).
     pub abandoned: u64,
+    /// Leased jobs handed back unexecuted, as retryable failures, because the driver had
+    /// become unable to run them (HSM or key store down) by the time they arrived.
+    pub given_back: u64,
 }
 
 impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
@@ -54,6 +68,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
         store: Arc<K>,
         config: DriverConfig,
         metrics: Metrics,
+        health: Health,
     ) -> Self {
         Self {
             parts: Arc::new(Parts {
@@ -62,8 +77,16 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                 store,
                 config,
                 metrics,
+                health,
+                in_flight: AtomicU32::new(0),
             }),
         }
+    }
+
+    /// A handle on the driver's health (HSM, key store, API, registration), for a host's
+    /// readiness endpoint. Take it before [`Driver::run`]; it stays valid after the run ends.
+    pub fn health(&self) -> Health {
+        self.parts.health.clone()
     }
 
     /// The engine's configuration.
@@ -74,19 +97,40 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
     /// Leases and executes jobs until `shutdown` completes, then stops leasing, lets in-flight
     /// jobs finish (up to [`DriverConfig::shutdown_deadline`]) and returns what it did.
     ///
-    /// A failing API is retried with jittered exponential backoff for as long as the driver
-    /// runs; the run only ends through `shutdown`. Must be called within a Tokio runtime.
+    /// Leasing happens only while [`HealthReport::can_lease`]: the driver first registers with
+    /// the API (retrying with backoff), stops leasing while its HSM or key store is unusable,
+    /// recovers them by itself and resumes. A failing API is retried with jittered exponential
+    /// backoff for as long as the driver runs; the run only ends through `shutdown`. Must be
+    /// called within a Tokio runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> RunReport {
         let parts = self.parts;
         let config = &parts.config;
+        let health = &parts.health;
         let slots = Arc::new(Semaphore::new(config.workers));
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
         let mut report = RunReport::default();
         let mut failures: u32 = 0;
         tokio::pin!(shutdown);
+
+        let mut background = JoinSet::new();
+        background.spawn(presence(Arc::clone(&parts)));
+        background.spawn(supervise(Arc::clone(&parts), Component::Hsm));
+        background.spawn(supervise(Arc::clone(&parts), Component::Store));
         info!(driver_id = %config.driver_id, workers = config.workers, "driver started");
 
         loop {
+            if !health.report().can_lease() {
+                let problems = health.report().problems();
+                info!(?problems, "not leasing until the driver is healthy again");
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    () = health.wait_for(HealthReport::can_lease) => {
+                        info!("healthy again: leasing resumes");
+                        continue;
+                    }
+                }
+            }
             // Wait for a free slot; only this loop takes slots, so the count can only grow
             // between here and the lease answer.
             let first = tokio::select! {
@@ -94,6 +138,9 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                 () = &mut shutdown => break,
                 permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             };
+            if !health.report().can_lease() {
+                continue;
+            }
             let free = 1 + slots.available_permits();
             let want = u32::try_from(free)
                 .unwrap_or(u32::MAX)
@@ -107,10 +154,17 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
             let jobs = match leased {
                 Ok(jobs) => {
                     failures = 0;
+                    health.polled();
                     jobs
+                }
+                Err(e) if e.is_not_registered() => {
+                    warn!(error = %error_chain(&e), "the API does not know this driver; registering again");
+                    health.set_registered(false);
+                    continue;
                 }
                 Err(e) => {
                     parts.metrics.lease_failed();
+                    health.set_down(Component::Api, error_chain(&e));
                     let delay = config.lease_backoff.delay(failures);
                     failures = failures.saturating_add(1);
                     if e.is_retryable() {
@@ -146,8 +200,17 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                     },
                 };
                 let parts = Arc::clone(&parts);
+                parts.in_flight.fetch_add(1, Ordering::Relaxed);
                 tasks.spawn(async move {
-                    let outcome = job::run(&parts, job).await;
+                    // Health may have changed while the lease was in flight: a job this
+                    // driver cannot run now goes straight back to the queue for the others.
+                    let health = parts.health.report();
+                    let outcome = if health.can_lease() {
+                        job::run(&parts, job).await
+                    } else {
+                        give_back(&parts, job, &health).await
+                    };
+                    parts.in_flight.fetch_sub(1, Ordering::Relaxed);
                     drop(permit);
                     outcome
                 });
@@ -157,6 +220,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
             }
         }
 
+        health.set_draining();
         info!(
             in_flight = tasks.len(),
             deadline = ?config.shutdown_deadline,
@@ -178,8 +242,196 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
             );
             tasks.abort_all();
         }
+        // A last heartbeat tells the API this driver is going away (best effort, bounded).
+        let farewell = Heartbeat {
+            driver_id: config.driver_id.clone(),
+            ready: false,
+            in_flight: 0,
+        };
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            parts.source.heartbeat(&farewell),
+        )
+        .await;
+        background.abort_all();
         info!(?report, "driver stopped");
         report
+    }
+}
+
+/// Hands a leased job back unexecuted: a retryable failure, so the API redelivers it to a
+/// driver that can run it now.
+async fn give_back<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: &Parts<S, H, K>,
+    job: LeasedJob,
+    health: &HealthReport,
+) -> Outcome {
+    let code = if health.hsm.is_up() {
+        FailureCode::StoreError
+    } else {
+        FailureCode::HsmError
+    };
+    let failure = JobFailure {
+        code,
+        message: format!(
+            "driver {} cannot run jobs now ({}); job handed back for another driver",
+            parts.config.driver_id,
+            health.problems().join("; ")
+        ),
+        retryable: true,
+    };
+    parts.metrics.given_back();
+    info!(job_id = %job.job_id, "driver not ready: job handed back");
+    match parts.source.fail(&job.job_ref(), &failure).await {
+        Ok(_) => Outcome::GivenBack,
+        Err(e) => {
+            warn!(job_id = %job.job_id, error = %error_chain(&e), "handing a job back failed; its lease will lapse");
+            Outcome::Unreported
+        }
+    }
+}
+
+/// Registers with the API, then heartbeats (and registers again whenever the API has forgotten
+/// this driver) until aborted.
+async fn presence<S: JobSource, H: Hsm, K: KeyStore>(parts: Arc<Parts<S, H, K>>) {
+    let config = &parts.config;
+    let health = &parts.health;
+    let registration = DriverRegistration {
+        driver_id: config.driver_id.clone(),
+        version: config.version.clone(),
+        capabilities: parts
+            .hsm
+            .capabilities()
+            .supported()
+            .map(capability)
+            .collect(),
+        master_key_fingerprint: parts.hsm.master_key().fingerprint.clone(),
+    };
+    let mut failures: u32 = 0;
+    let mut interval = std::time::Duration::from_secs(1);
+    loop {
+        if !health.report().registered {
+            match parts.source.register(&registration).await {
+                Ok(terms) => {
+                    failures = 0;
+                    interval = terms.heartbeat_interval;
+                    health.set_registered(true);
+                    health.set_up(Component::Api);
+                    info!(
+                        capabilities = ?registration.capabilities,
+                        heartbeat = ?terms.heartbeat_interval,
+                        "registered with the API"
+                    );
+                }
+                Err(e) => {
+                    health.set_down(Component::Api, error_chain(&e));
+                    let delay = config.recovery_backoff.delay(failures);
+                    failures = failures.saturating_add(1);
+                    warn!(error = %error_chain(&e), retry_in = ?delay, "registering with the API failed");
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            }
+        }
+        // Heartbeat on schedule, and at once when the driver's health changes, so the API
+        // learns quickly that it stopped (or resumed) leasing.
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = health.changed() => {}
+        }
+        let report = health.report();
+        if !report.registered {
+            continue;
+        }
+        let heartbeat = Heartbeat {
+            driver_id: config.driver_id.clone(),
+            ready: report.can_lease(),
+            in_flight: parts.in_flight.load(Ordering::Relaxed),
+        };
+        match parts.source.heartbeat(&heartbeat).await {
+            Ok(terms) => {
+                interval = terms.heartbeat_interval;
+                health.set_up(Component::Api);
+            }
+            Err(e) if e.is_not_registered() => {
+                warn!("the API has forgotten this driver; registering again");
+                health.set_registered(false);
+            }
+            Err(e) => {
+                debug!(error = %error_chain(&e), "heartbeat failed");
+                health.set_down(Component::Api, error_chain(&e));
+            }
+        }
+    }
+}
+
+/// Keeps one component (HSM or key store) honest: while it is up, checks it every
+/// `health_check_interval` (or at once when a job reports it down); while it is down, tries to
+/// recover it with backoff and marks it up when a check passes. Runs until aborted.
+async fn supervise<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: Arc<Parts<S, H, K>>,
+    component: Component,
+) {
+    let config = &parts.config;
+    let health = &parts.health;
+    let mut failures: u32 = 0;
+    loop {
+        let up = health.report().component(component).is_up();
+        if up {
+            tokio::select! {
+                () = tokio::time::sleep(config.health_check_interval) => {}
+                () = health.wait_for(|r| !r.component(component).is_up()) => {}
+            }
+        } else {
+            tokio::time::sleep(config.recovery_backoff.delay(failures)).await;
+        }
+        let was_up = health.report().component(component).is_up();
+        let result = match component {
+            Component::Hsm if was_up => parts.hsm.check().await.map_err(|e| error_chain(&e)),
+            Component::Hsm => match parts.hsm.recover().await {
+                Ok(()) => parts.hsm.check().await.map_err(|e| error_chain(&e)),
+                Err(e) if !e.is_retryable() => {
+                    error!(error = %error_chain(&e), "the HSM cannot be recovered without an operator; still retrying");
+                    Err(error_chain(&e))
+                }
+                Err(e) => Err(error_chain(&e)),
+            },
+            Component::Store => parts.store.check().await.map_err(|e| error_chain(&e)),
+            Component::Api => return,
+        };
+        match result {
+            Ok(()) => {
+                failures = 0;
+                if health.set_up(component) {
+                    info!(%component, "recovered; leasing resumes when every component is up");
+                }
+            }
+            Err(reason) => {
+                failures = failures.saturating_add(1);
+                if health.set_down(component, reason.clone()) {
+                    error!(%component, error = %reason, "unusable: leasing stopped, recovering");
+                } else {
+                    warn!(%component, error = %reason, attempt = failures, "still unusable");
+                }
+            }
+        }
+    }
+}
+
+fn capability(scheme: KeyScheme) -> Capability {
+    match scheme {
+        KeyScheme::EcdsaSecp256k1 => Capability {
+            scheme: Scheme::Ecdsa,
+            curve: Curve::Secp256k1,
+        },
+        KeyScheme::EcdsaP256 => Capability {
+            scheme: Scheme::Ecdsa,
+            curve: Curve::Secp256r1,
+        },
+        KeyScheme::Ed25519 => Capability {
+            scheme: Scheme::Eddsa,
+            curve: Curve::Ed25519,
+        },
     }
 }
 
@@ -188,6 +440,7 @@ fn tally(report: &mut RunReport, done: Result<Outcome, tokio::task::JoinError>) 
         Ok(Outcome::Completed) => report.completed += 1,
         Ok(Outcome::Failed { .. }) => report.failed += 1,
         Ok(Outcome::Unreported) => report.unreported += 1,
+        Ok(Outcome::GivenBack) => report.given_back += 1,
         Err(e) => {
             error!(error = %e, "job task panicked");
             report.unreported += 1;

@@ -1,11 +1,13 @@
 //! The data path of one job, top to bottom: decode → load → HSM → store/verify → report.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
-    Curve, JobId, JobResult, JobSpec, KeyId, LeasedJob, ReportOutcome, Scheme, SignaturePayload,
-    SignatureResult,
+    Curve, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseExtension, LeasedJob, ReportOutcome,
+    Scheme, SignaturePayload, SignatureResult,
 };
 use hsm_pkcs11::{Hsm, KeyScheme, SignPayload, SignRequest, Signature, WrapMechanism, WrappedKey};
 use sha2::{Digest, Sha256};
@@ -14,6 +16,7 @@ use wrapped_keystore::{AuditEntry, AuditKind, KeyRecord, KeyStore};
 
 use crate::engine::Parts;
 use crate::error::{JobError, error_chain};
+use crate::health::Component;
 
 /// How a job ended, from the engine's point of view.
 #[derive(Debug)]
@@ -25,6 +28,8 @@ pub(crate) enum Outcome {
     /// Executed, but the report did not reach the API; the lease will lapse and the job be
     /// delivered again (its effect is idempotent).
     Unreported,
+    /// Not executed: handed back as a retryable failure because the driver was not ready.
+    GivenBack,
 }
 
 impl Outcome {
@@ -34,13 +39,14 @@ impl Outcome {
             Outcome::Failed { retryable: true } => "failed_retryable",
             Outcome::Failed { retryable: false } => "failed",
             Outcome::Unreported => "unreported",
+            Outcome::GivenBack => "given_back",
         }
     }
 }
 
 /// Runs one leased job to its report.
 pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
-    parts: &Parts<S, H, K>,
+    parts: &Arc<Parts<S, H, K>>,
     job: LeasedJob,
 ) -> Outcome {
     let started = Instant::now();
@@ -54,9 +60,15 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
     let outcome = async {
         let job_ref = job.job_ref();
         let result = match job.spec {
-            Ok(spec) => execute(parts, &job_ref.job_id, spec).await,
+            Ok(spec) => {
+                let work = execute(parts, &job_ref.job_id, spec);
+                keeping_lease(parts, &job_ref, job.lease_expires_at_ms, work).await
+            }
             Err(e) => Err(JobError::Decode(e)),
         };
+        if let Err(error) = &result {
+            note_component_failure(parts, error);
+        }
         let report = match &result {
             Ok(result) => parts.source.complete(&job_ref, result).await,
             Err(error) => {
@@ -95,6 +107,84 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
         .metrics
         .job_finished(kind, &outcome, started.elapsed());
     outcome
+}
+
+/// A job failing because the HSM or the key store is unusable marks it down: leasing stops at
+/// once and the supervisor starts recovering it, instead of failing job after job.
+fn note_component_failure<S, H, K>(parts: &Parts<S, H, K>, error: &JobError) {
+    let component = match error {
+        JobError::Hsm(e) if e.is_retryable() => Component::Hsm,
+        JobError::Store(e) if e.is_unavailable() => Component::Store,
+        _ => return,
+    };
+    if parts.health.set_down(component, error_chain(error)) {
+        error!(%component, error = %error_chain(error), "a job found a dependency unusable: leasing stopped");
+    }
+}
+
+/// Runs `work`; if it is still running at half of the lease's remaining time, extends the lease
+/// (again and again) until it finishes, so that a long job is not delivered to another driver
+/// meanwhile. Short jobs (nearly all) spawn nothing.
+async fn keeping_lease<S: JobSource, H: Hsm, K: KeyStore, T>(
+    parts: &Arc<Parts<S, H, K>>,
+    job: &JobRef,
+    lease_expires_at_ms: u64,
+    work: impl Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    tokio::select! {
+        biased;
+        done = &mut work => return done,
+        () = tokio::time::sleep(extend_after(lease_expires_at_ms)) => {}
+    }
+    let keeper = tokio::spawn(keep_lease(
+        Arc::clone(parts),
+        job.clone(),
+        lease_expires_at_ms,
+    ));
+    let done = work.await;
+    keeper.abort();
+    done
+}
+
+async fn keep_lease<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: Arc<Parts<S, H, K>>,
+    job: JobRef,
+    mut expires_at_ms: u64,
+) {
+    let mut failures = 0;
+    loop {
+        match parts.source.extend(&job).await {
+            Ok(LeaseExtension::Extended {
+                lease_expires_at_ms,
+            }) => {
+                failures = 0;
+                expires_at_ms = lease_expires_at_ms;
+                parts.metrics.lease_extended();
+                debug!(job_id = %job.job_id, "lease extended");
+            }
+            Ok(LeaseExtension::Lost(outcome)) => {
+                warn!(job_id = %job.job_id, ?outcome, "lease lost while the job ran; finishing it anyway (its effect is idempotent)");
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(job_id = %job.job_id, error = %error_chain(&e), "extending the lease failed");
+                if failures > 3 {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(extend_after(expires_at_ms)).await;
+    }
+}
+
+/// Half of the lease's remaining time (at least 20 ms). The lease's expiry is the API's clock:
+/// drivers and API must keep their clocks synchronised (NTP), as `docs/operations.md` says.
+fn extend_after(lease_expires_at_ms: u64) -> Duration {
+    let now = u64::try_from(now_ms()).unwrap_or(0);
+    Duration::from_millis(lease_expires_at_ms.saturating_sub(now) / 2)
+        .max(Duration::from_millis(20))
 }
 
 async fn execute<S: JobSource, H: Hsm, K: KeyStore>(
@@ -137,7 +227,7 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
         });
     }
 
-    let generated = parts.hsm.generate_key(key_scheme).await?;
+    let generated = timed(parts, "generate_key", parts.hsm.generate_key(key_scheme)).await?;
     let mut record = KeyRecord {
         key_id: key_id.as_str().to_owned(),
         scheme: key_scheme.as_str().to_owned(),
@@ -152,11 +242,13 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     };
     // Computed inside the HSM with a non-extractable key: a record altered or swapped in the
     // database no longer matches it.
-    record.record_mac = parts
-        .hsm
-        .mac_record(record_mac_input(&record))
-        .await?
-        .to_vec();
+    record.record_mac = timed(
+        parts,
+        "mac_record",
+        parts.hsm.mac_record(record_mac_input(&record)),
+    )
+    .await?
+    .to_vec();
     // The key record and its audit entry are written in one transaction.
     let audit = AuditEntry {
         job_id: job_id.to_string(),
@@ -251,7 +343,7 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
     // The HSM verifies too; this check is the engine's own, independent of the Hsm
     // implementation: nothing is reported that does not verify against the stored key.
     let check = (request.public_key.clone(), request.payload.clone());
-    let signature = parts.hsm.sign(request).await?;
+    let signature = timed(parts, "sign", parts.hsm.sign(request)).await?;
     hsm_pkcs11::signature::verify(scheme, &check.0, &check.1, &signature).map_err(|source| {
         JobError::SignatureRejected {
             key_id: key_id.to_string(),
@@ -277,6 +369,20 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
         })
         .await?;
     Ok(JobResult::Signature(result))
+}
+
+/// Awaits one HSM operation and records its latency.
+async fn timed<S, H, K, T>(
+    parts: &Parts<S, H, K>,
+    operation: &'static str,
+    call: impl Future<Output = Result<T, hsm_pkcs11::HsmError>>,
+) -> Result<T, hsm_pkcs11::HsmError> {
+    let started = Instant::now();
+    let result = call.await;
+    parts
+        .metrics
+        .hsm_operation(operation, result.is_ok(), started.elapsed());
+    result
 }
 
 /// The bytes the record MAC covers: every field that identifies the key.
@@ -312,10 +418,12 @@ async fn check_record_mac<S: JobSource, H: Hsm, K: KeyStore>(
     let Ok(mac) = <[u8; 32]>::try_from(record.record_mac.as_slice()) else {
         return Err(tampered("the record has no valid MAC"));
     };
-    match parts
-        .hsm
-        .verify_record_mac(record_mac_input(record), mac)
-        .await
+    match timed(
+        parts,
+        "verify_record_mac",
+        parts.hsm.verify_record_mac(record_mac_input(record), mac),
+    )
+    .await
     {
         Ok(()) => Ok(()),
         Err(e) if e.is_record_tampered() => {

@@ -22,6 +22,14 @@
 //!
 //! The data path of one job reads top to bottom in the `job` module.
 //!
+//! **Failures.** The driver leases only while it is healthy ([`HealthReport::can_lease`]):
+//! registered with the API, HSM usable, key store usable. A job that finds the HSM or the store
+//! unusable marks it down; leasing stops, jobs already leased are handed back as retryable
+//! failures, and a supervisor recovers the component with backoff (`Hsm::recover`, then
+//! `Hsm::check`; `KeyStore::check`) and resumes leasing by itself. Healthy components are
+//! checked every [`DriverConfig::health_check_interval`] so an outage is seen with an idle
+//! queue too. A host reads the state through [`Driver::health`] (for `/readyz`).
+//!
 //! [`JobSource`]: dfns_api_client::JobSource
 //! [`Hsm`]: hsm_pkcs11::Hsm
 //! [`KeyStore`]: wrapped_keystore::KeyStore
@@ -29,9 +37,11 @@
 mod config;
 mod engine;
 mod error;
+mod health;
 mod job;
 mod metrics;
 
 pub use config::{DriverBuilder, DriverConfig};
 pub use engine::{Driver, RunReport};
 pub use error::{BuildError, JobError};
+pub use health::{Component, ComponentState, Health, HealthReport};

@@ -6,6 +6,7 @@ use std::time::Duration;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
 
+use crate::health::{Component, Health};
 use crate::job::Outcome;
 
 /// Instruments recorded by the engine.
@@ -15,10 +16,14 @@ pub(crate) struct Metrics {
     job_duration: Histogram<f64>,
     in_flight: UpDownCounter<i64>,
     lease_errors: Counter<u64>,
+    lease_extensions: Counter<u64>,
+    given_back: Counter<u64>,
+    hsm_duration: Histogram<f64>,
 }
 
 impl Metrics {
-    pub(crate) fn new(meter: &Meter) -> Self {
+    pub(crate) fn new(meter: &Meter, health: &Health) -> Self {
+        observe_health(meter, health);
         Self {
             jobs: meter
                 .u64_counter("hsm_driver_jobs")
@@ -40,7 +45,43 @@ impl Metrics {
                 .u64_counter("hsm_driver_lease_errors")
                 .with_description("Failed lease requests")
                 .build(),
+            lease_extensions: meter
+                .u64_counter("hsm_driver_lease_extensions")
+                .with_description("Leases extended because a job ran long")
+                .build(),
+            given_back: meter
+                .u64_counter("hsm_driver_jobs_given_back")
+                .with_description(
+                    "Leased jobs handed back unexecuted (retryable failure) because the driver was not ready",
+                )
+                .build(),
+            hsm_duration: meter
+                .f64_histogram("hsm_driver_hsm_operation_duration")
+                .with_unit("s")
+                .with_description("HSM operation latency, by operation and outcome")
+                .with_boundaries(vec![
+                    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0,
+                ])
+                .build(),
         }
+    }
+
+    pub(crate) fn hsm_operation(&self, operation: &'static str, ok: bool, elapsed: Duration) {
+        self.hsm_duration.record(
+            elapsed.as_secs_f64(),
+            &[
+                KeyValue::new("operation", operation),
+                KeyValue::new("outcome", if ok { "ok" } else { "error" }),
+            ],
+        );
+    }
+
+    pub(crate) fn lease_extended(&self) {
+        self.lease_extensions.add(1, &[]);
+    }
+
+    pub(crate) fn given_back(&self) {
+        self.given_back.add(1, &[]);
     }
 
     pub(crate) fn job_started(&self) {
@@ -60,4 +101,40 @@ impl Metrics {
     pub(crate) fn lease_failed(&self) {
         self.lease_errors.add(1, &[]);
     }
+}
+
+/// Gauges read from the health state when metrics are collected: one per component
+/// (1 usable, 0 not), readiness, and the time since the last successful lease request.
+fn observe_health(meter: &Meter, health: &Health) {
+    let state = health.clone();
+    meter
+        .u64_observable_gauge("hsm_driver_component_up")
+        .with_description("Whether a dependency is usable (1) or not (0), by component")
+        .with_callback(move |observer| {
+            let report = state.report();
+            for component in Component::ALL {
+                observer.observe(
+                    u64::from(report.component(component).is_up()),
+                    &[KeyValue::new("component", component.as_str())],
+                );
+            }
+        })
+        .build();
+    let state = health.clone();
+    meter
+        .u64_observable_gauge("hsm_driver_ready")
+        .with_description("Whether the driver leases work (1) or not (0): what /readyz answers")
+        .with_callback(move |observer| observer.observe(u64::from(state.report().is_ready()), &[]))
+        .build();
+    let state = health.clone();
+    meter
+        .f64_observable_gauge("hsm_driver_seconds_since_last_poll")
+        .with_unit("s")
+        .with_description("Time since the last successful lease request (absent before the first)")
+        .with_callback(move |observer| {
+            if let Some(elapsed) = state.report().since_last_successful_poll() {
+                observer.observe(elapsed.as_secs_f64(), &[]);
+            }
+        })
+        .build();
 }

@@ -1,202 +1,41 @@
 //! The engine against a scripted job source (jobs handed in by the test, reports recorded), the
 //! software fake HSM and the in-memory key store: every branch of the data path, quickly.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+mod support;
+
+use std::sync::Arc;
 use std::time::Duration;
 
+use dfns_api_client::ApiError;
 use dfns_api_client::protocol::{
-    Curve, DecodeError, FailureCode, JobFailure, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseId,
-    LeasedJob, ReportOutcome, Scheme, SignaturePayload,
+    Curve, DecodeError, FailureCode, JobResult, JobSpec, Scheme, SignaturePayload,
 };
-use dfns_api_client::{ApiError, JobSource};
-use driver_core::{Driver, DriverConfig, RunReport};
+use driver_core::{Driver, DriverConfig};
 use hsm_pkcs11::{FakeHsm, Hsm, KeyScheme};
-use tokio::sync::{Notify, oneshot};
 use wrapped_keystore::{KeyStore, MemoryKeyStore};
 
-/// What the engine reported for a job.
-#[derive(Debug, Clone)]
-enum Report {
-    Completed(JobResult),
-    Failed(JobFailure),
+use support::{
+    Report, ScriptedSource, failure, key_id, keygen, report_for, sign_hash, test_config,
+};
+
+type Harness = support::Harness<FakeHsm, MemoryKeyStore>;
+
+fn start(hsm: FakeHsm) -> Harness {
+    Harness::start(hsm, MemoryKeyStore::new())
 }
 
-/// A job source fed by the test. `lease` hands out queued jobs (waiting for one when empty);
-/// reports are recorded and announced.
-#[derive(Default)]
-struct ScriptedSource {
-    /// The next lease requests fail with these errors, in order (a misbehaving API).
-    lease_errors: Mutex<VecDeque<ApiError>>,
-    queue: Mutex<VecDeque<LeasedJob>>,
-    queued: Notify,
-    reports: Mutex<Vec<(JobId, Report)>>,
-    reported: Notify,
-}
-
-impl ScriptedSource {
-    fn push(&self, job_id: &str, spec: Result<JobSpec, DecodeError>) {
-        self.queue.lock().unwrap().push_back(LeasedJob {
-            job_id: JobId::new(job_id).unwrap(),
-            lease_id: LeaseId::new(format!("lease-{job_id}")).unwrap(),
-            lease_expires_at_ms: u64::MAX,
-            spec,
-        });
-        self.queued.notify_one();
-    }
-
-    /// Waits until `count` reports have arrived, then returns them all.
-    async fn wait_reports(&self, count: usize) -> Vec<(JobId, Report)> {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let notified = self.reported.notified();
-                {
-                    let reports = self.reports.lock().unwrap();
-                    if reports.len() >= count {
-                        return reports.clone();
-                    }
-                }
-                notified.await;
-            }
-        })
-        .await
-        .expect("reports arrive within 30 s")
-    }
-
-    fn record(&self, job: &JobRef, report: Report) {
-        self.reports
-            .lock()
-            .unwrap()
-            .push((job.job_id.clone(), report));
-        self.reported.notify_waiters();
-    }
-}
-
-impl JobSource for ScriptedSource {
-    async fn lease(&self, max_jobs: u32, wait: Duration) -> Result<Vec<LeasedJob>, ApiError> {
-        if let Some(error) = self.lease_errors.lock().unwrap().pop_front() {
-            return Err(error);
-        }
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let notified = self.queued.notified();
-            {
-                let mut queue = self.queue.lock().unwrap();
-                if !queue.is_empty() {
-                    let n = queue.len().min(max_jobs as usize);
-                    return Ok(queue.drain(..n).collect());
-                }
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(Vec::new());
-            }
-        }
-    }
-
-    async fn complete(&self, job: &JobRef, result: &JobResult) -> Result<ReportOutcome, ApiError> {
-        self.record(job, Report::Completed(result.clone()));
-        Ok(ReportOutcome::Accepted)
-    }
-
-    async fn fail(&self, job: &JobRef, failure: &JobFailure) -> Result<ReportOutcome, ApiError> {
-        self.record(job, Report::Failed(failure.clone()));
-        Ok(ReportOutcome::Accepted)
-    }
-}
-
-struct Harness {
-    source: Arc<ScriptedSource>,
-    store: Arc<MemoryKeyStore>,
-    hsm: Arc<FakeHsm>,
-    stop: Option<oneshot::Sender<()>>,
-    run: tokio::task::JoinHandle<RunReport>,
-}
-
-impl Harness {
-    fn start(hsm: FakeHsm) -> Harness {
-        Harness::start_with(hsm, ScriptedSource::default())
-    }
-
-    fn start_with(hsm: FakeHsm, source: ScriptedSource) -> Harness {
-        let source = Arc::new(source);
-        let store = Arc::new(MemoryKeyStore::new());
-        let hsm = Arc::new(hsm);
-        let driver = Driver::<ScriptedSource, FakeHsm, MemoryKeyStore>::builder()
-            .job_source(Arc::clone(&source))
-            .hsm(Arc::clone(&hsm))
-            .key_store(Arc::clone(&store))
-            .config(DriverConfig {
-                driver_id: "test-driver".to_owned(),
-                workers: 4,
-                long_poll: Duration::from_millis(200),
-                lease_backoff: dfns_api_client::Backoff {
-                    initial: Duration::from_millis(1),
-                    max: Duration::from_millis(20),
-                    ..dfns_api_client::Backoff::default()
-                },
-                ..DriverConfig::default()
-            })
-            .build()
-            .unwrap();
-        let (stop, stopped) = oneshot::channel();
-        let run = tokio::spawn(driver.run(async {
-            let _ = stopped.await;
-        }));
-        Harness {
-            source,
-            store,
-            hsm,
-            stop: Some(stop),
-            run,
-        }
-    }
-
-    async fn shutdown(mut self) -> RunReport {
-        self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(30), self.run)
-            .await
-            .expect("the driver stops within 30 s")
-            .unwrap()
-    }
-}
-
-fn key_id(s: &str) -> KeyId {
-    KeyId::new(s).unwrap()
-}
-
-fn keygen(key: &str, scheme: Scheme, curve: Curve) -> Result<JobSpec, DecodeError> {
-    Ok(JobSpec::KeyGeneration {
-        key_id: key_id(key),
-        scheme,
-        curve,
-    })
-}
-
-fn sign_hash(key: &str, hash: [u8; 32]) -> Result<JobSpec, DecodeError> {
-    Ok(JobSpec::Signature {
-        key_id: key_id(key),
-        payload: SignaturePayload::Hash(hash),
-    })
-}
-
-fn report_for<'a>(reports: &'a [(JobId, Report)], job: &str) -> &'a Report {
-    &reports
-        .iter()
-        .find(|(id, _)| id.as_str() == job)
-        .unwrap_or_else(|| panic!("no report for {job}: {reports:?}"))
-        .1
-}
-
-fn failure(report: &Report) -> &JobFailure {
-    match report {
-        Report::Failed(f) => f,
-        other => panic!("expected a failure, got {other:?}"),
-    }
+fn start_with(hsm: FakeHsm, source: ScriptedSource) -> Harness {
+    Harness::start_with(
+        hsm,
+        Arc::new(MemoryKeyStore::new()),
+        source,
+        test_config("test-driver"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_generation_stores_then_reports_and_signatures_verify_against_the_stored_key() {
-    let h = Harness::start(FakeHsm::new());
+    let h = start(FakeHsm::new());
     h.source
         .push("job-1", keygen("key-k1", Scheme::Ecdsa, Curve::Secp256k1));
     h.source
@@ -262,7 +101,7 @@ async fn key_generation_stores_then_reports_and_signatures_verify_against_the_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_key_generation_reports_the_stored_key_and_generates_nothing_new() {
-    let h = Harness::start(FakeHsm::new());
+    let h = start(FakeHsm::new());
     h.source
         .push("job-1", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
     let first = h.source.wait_reports(1).await;
@@ -292,7 +131,7 @@ async fn a_redelivered_key_generation_reports_the_stored_key_and_generates_nothi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_is_reported_with_its_code_and_retry_decision() {
-    let h = Harness::start(FakeHsm::new().with_unsupported(
+    let h = start(FakeHsm::new().with_unsupported(
         KeyScheme::Ed25519,
         "C_WrapKey returned CKR_KEY_NOT_WRAPPABLE",
     ));
@@ -374,7 +213,7 @@ async fn each_failure_is_reported_with_its_code_and_retry_decision() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_or_foreign_key_record_is_refused_before_any_signature_is_reported() {
-    let h = Harness::start(FakeHsm::new());
+    let h = start(FakeHsm::new());
     h.source
         .push("job-a", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
     h.source
@@ -432,7 +271,7 @@ async fn a_tampered_or_foreign_key_record_is_refused_before_any_signature_is_rep
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_leasing_and_returns_with_nothing_in_flight() {
-    let h = Harness::start(FakeHsm::new());
+    let h = start(FakeHsm::new());
     for i in 0..20 {
         h.source.push(
             &format!("job-{i}"),
@@ -502,7 +341,7 @@ async fn a_misbehaving_api_is_retried_and_the_driver_keeps_running() {
             after: Duration::from_secs(1),
         },
     ]);
-    let h = Harness::start_with(FakeHsm::new(), source);
+    let h = start_with(FakeHsm::new(), source);
     h.source.push(
         "job-after-errors",
         keygen("key-z", Scheme::Ecdsa, Curve::Secp256k1),

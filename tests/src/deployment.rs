@@ -1,16 +1,18 @@
-//! Starting and stopping a deployment: simulator and driver as separate processes.
+//! A single-driver deployment: one token, the development PKI, `dfns-api-sim` and one
+//! `hsm-driver`, as separate processes. (Several drivers: [`crate::Cluster`].)
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use dfns_api_sim::app_client::AppClient;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
+use crate::driver::{DriverProcess, DriverSettings, DriverWiring};
+use crate::master_key::MasterKeyProvisioning;
+use crate::simulator::{Simulator, SimulatorOptions};
+use crate::telemetry::{Readiness, TelemetryResponse};
 use crate::token::SoftHsmToken;
 
 /// What a deployment is made of.
@@ -30,6 +32,8 @@ pub struct DeploymentOptions {
     pub lease_secs: u64,
     /// The driver's log filter (`[log] level`).
     pub log_level: String,
+    /// How the token gets its master key: generated on it (default) or a shared value imported.
+    pub master_key: MasterKeyProvisioning,
 }
 
 impl DeploymentOptions {
@@ -43,6 +47,7 @@ impl DeploymentOptions {
             workers: 2,
             lease_secs: 30,
             log_level: "info".to_owned(),
+            master_key: MasterKeyProvisioning::Generate,
         }
     }
 }
@@ -51,13 +56,9 @@ impl DeploymentOptions {
 /// cleanly and reports how they ended.
 pub struct Deployment {
     options: DeploymentOptions,
-    token: SoftHsmToken,
-    config_path: PathBuf,
-    sim: Child,
-    driver: Child,
-    app: AppClient,
-    driver_url: String,
-    telemetry_addr: SocketAddr,
+    settings: DriverSettings,
+    sim: Simulator,
+    driver: DriverProcess,
 }
 
 /// How a deployment ended.
@@ -74,7 +75,8 @@ pub struct StopReport {
 }
 
 impl Deployment {
-    /// Creates the token, master key and PKI, starts the simulator, then the driver.
+    /// Creates the token, master key and PKI, starts the simulator, then the driver, and waits
+    /// until the driver is ready (`/readyz`: registered with the API, HSM and store up).
     ///
     /// # Errors
     /// If a step fails; the error includes the tail of the relevant log.
@@ -82,43 +84,15 @@ impl Deployment {
         let work = &options.work_dir;
         std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
         let token = SoftHsmToken::create(&work.join("hsm"), "hsm-driver")?;
-
-        let pki = work.join("pki");
-        run_tool(
-            Command::new(options.bin_dir.join("dfns-api-sim"))
-                .arg("pki")
-                .arg("--out")
-                .arg(&pki),
+        let sim = Simulator::start(
+            &options.bin_dir,
+            work,
+            &SimulatorOptions {
+                lease_secs: options.lease_secs,
+                ..SimulatorOptions::default()
+            },
         )
         .await?;
-
-        let ready = work.join("sim-ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let sim = spawn_logged(
-            Command::new(options.bin_dir.join("dfns-api-sim"))
-                .args([
-                    "serve",
-                    "--driver-listen",
-                    "127.0.0.1:0",
-                    "--app-listen",
-                    "127.0.0.1:0",
-                ])
-                .arg("--server-cert")
-                .arg(pki.join("server.pem"))
-                .arg("--server-key")
-                .arg(pki.join("server.key"))
-                .arg("--client-ca")
-                .arg(pki.join("ca.pem"))
-                .arg("--lease-secs")
-                .arg(options.lease_secs.to_string())
-                .arg("--ready-file")
-                .arg(&ready),
-            &work.join("sim.log"),
-        )?;
-        let mut sim = sim;
-        let (driver_addr, app_addr) =
-            wait_ready_file(&ready, &mut sim, &work.join("sim.log")).await?;
-        let driver_url = format!("https://127.0.0.1:{}", driver_addr.port());
 
         let database_url = options
             .database_url
@@ -129,85 +103,50 @@ impl Deployment {
                 let _ = std::fs::remove_file(format!("{path}{suffix}"));
             }
         }
-        let config_path = work.join("hsm-driver.toml");
-        std::fs::write(
-            &config_path,
-            format!(
-                r#"# Written by the end-to-end harness.
-[driver]
-id = "driver-1"
-workers = {workers}
-lease_batch = 16
-long_poll_ms = 5000
-shutdown_deadline_secs = 20
-
-[api]
-url = "{driver_url}"
-ca_bundle = "pki/ca.pem"
-client_cert = "pki/client.pem"
-client_key = "pki/client.key"
-
-[hsm]
-module = "{module}"
-token_label = "{label}"
-user_pin_file = "{pin}"
-master_key_label = "hsm-driver-master-key"
-
-[database]
-url = "{database_url}"
-
-[log]
-level = "{log_level}"
-
-[telemetry]
-# Port 0: the driver binds a free port and logs it; the harness reads it from the log.
-listen = "127.0.0.1:0"
-"#,
-                log_level = options.log_level,
-                workers = options.workers,
-                module = options.softhsm_module.display(),
-                label = token.label,
-                pin = token.pin_file.display(),
-            ),
-        )?;
-
-        run_tool(driver_command(&options, &token, &config_path).args(["master-key", "create"]))
-            .await?;
+        let mut settings = DriverSettings::new("driver-1", &database_url);
+        settings.workers = options.workers;
+        settings.log_level = options.log_level.clone();
+        let api_url = sim.driver_url();
+        // `pki/…` relative to the configuration file (tests rewrite these paths).
+        let mut driver = DriverProcess::provision(
+            &options.bin_dir,
+            work,
+            token,
+            &settings,
+            &DriverWiring {
+                api_url: &api_url,
+                pki_dir: Path::new("pki"),
+                softhsm_module: &options.softhsm_module,
+            },
+            &options.master_key,
+        )
+        .await?;
         // As an operator would: migrate, then run (so `check` never races the first migration).
-        run_tool(driver_command(&options, &token, &config_path).arg("migrate")).await?;
-        let mut driver = spawn_logged(
-            driver_command(&options, &token, &config_path).arg("run"),
-            &work.join("driver.log"),
-        )?;
-        wait_for_log_line(&work.join("driver.log"), "driver started", &mut driver).await?;
-        // The endpoint is bound (and logged) before the engine starts.
-        let telemetry_addr = telemetry_addr_from_log(&work.join("driver.log"))?;
-        let app = AppClient::new(app_addr);
+        driver.migrate().await?;
+        driver.start().await?;
         Ok(Deployment {
             options,
-            token,
-            config_path,
+            settings,
             sim,
             driver,
-            app,
-            driver_url,
-            telemetry_addr,
         })
     }
 
     /// The simulator's application API.
     pub fn app(&self) -> &AppClient {
-        &self.app
+        self.sim.app()
     }
 
     /// The simulator's driver endpoint (`https://127.0.0.1:port`).
-    pub fn driver_url(&self) -> &str {
-        &self.driver_url
+    pub fn driver_url(&self) -> String {
+        self.sim.driver_url()
     }
 
     /// The driver's telemetry endpoint (`[telemetry] listen`, as bound).
     pub fn telemetry_addr(&self) -> SocketAddr {
-        self.telemetry_addr
+        self.driver
+            .telemetry_addr()
+            .expect("a started deployment's driver has a telemetry address")
     }
 
     /// `GET path` on the driver's telemetry endpoint: the status code, the content type and
@@ -216,7 +155,15 @@ listen = "127.0.0.1:0"
     /// # Errors
     /// If the endpoint cannot be reached within 10 s or the response is not HTTP.
     pub async fn telemetry_get(&self, path: &str) -> anyhow::Result<TelemetryResponse> {
-        http_get(self.telemetry_addr, path).await
+        self.driver.telemetry_get(path).await
+    }
+
+    /// The driver's `/readyz`.
+    ///
+    /// # Errors
+    /// If the endpoint cannot be reached.
+    pub async fn readyz(&self) -> anyhow::Result<Readiness> {
+        self.driver.readyz().await
     }
 
     /// The driver's `/metrics`, in Prometheus text format.
@@ -242,12 +189,12 @@ listen = "127.0.0.1:0"
 
     /// The directory holding the PKI files (`ca.pem`, `client.pem`, `rogue-client.pem`, …).
     pub fn pki_dir(&self) -> PathBuf {
-        self.options.work_dir.join("pki")
+        self.sim.pki_dir().to_path_buf()
     }
 
     /// The driver's configuration file.
     pub fn config_path(&self) -> &Path {
-        &self.config_path
+        self.driver.config_path()
     }
 
     /// Fails if the driver or the simulator has exited.
@@ -255,29 +202,18 @@ listen = "127.0.0.1:0"
     /// # Errors
     /// Names the process and shows the end of its log.
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.driver.try_wait()? {
-            bail!(
-                "hsm-driver exited ({status}):\n{}",
-                log_tail(&self.options.work_dir.join("driver.log"))
-            );
-        }
-        if let Some(status) = self.sim.try_wait()? {
-            bail!(
-                "dfns-api-sim exited ({status}):\n{}",
-                log_tail(&self.options.work_dir.join("sim.log"))
-            );
-        }
-        Ok(())
+        self.driver.ensure_running()?;
+        self.sim.ensure_running()
     }
 
     /// The driver's whole log so far.
     pub fn driver_log(&self) -> String {
-        std::fs::read_to_string(self.options.work_dir.join("driver.log")).unwrap_or_default()
+        std::fs::read_to_string(self.driver.log()).unwrap_or_default()
     }
 
     /// The user PIN of this deployment's token (for tests that prove it never leaks).
     pub fn user_pin(&self) -> String {
-        std::fs::read_to_string(&self.token.pin_file)
+        std::fs::read_to_string(&self.driver.token().pin_file)
             .unwrap_or_default()
             .trim()
             .to_owned()
@@ -285,7 +221,7 @@ listen = "127.0.0.1:0"
 
     /// The end of the driver's log.
     pub fn driver_log_tail(&self) -> String {
-        log_tail(&self.options.work_dir.join("driver.log"))
+        self.driver.log_tail()
     }
 
     /// Runs `hsm-driver check` against this deployment and returns its output and success.
@@ -293,15 +229,7 @@ listen = "127.0.0.1:0"
     /// # Errors
     /// If the command cannot be run.
     pub async fn check(&self) -> anyhow::Result<(bool, String)> {
-        let output = driver_command(&self.options, &self.token, &self.config_path)
-            .arg("check")
-            .output()
-            .await
-            .context("running hsm-driver check")?;
-        Ok((
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        ))
+        self.driver.check().await
     }
 
     /// Runs `hsm-driver audit verify` and returns its success and output.
@@ -309,24 +237,12 @@ listen = "127.0.0.1:0"
     /// # Errors
     /// If the command cannot be run.
     pub async fn audit_verify(&self) -> anyhow::Result<(bool, String)> {
-        let output = driver_command(&self.options, &self.token, &self.config_path)
-            .args(["audit", "verify"])
-            .output()
-            .await
-            .context("running hsm-driver audit verify")?;
-        Ok((
-            output.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            ),
-        ))
+        self.driver.audit_verify().await
     }
 
-    /// Runs `hsm-driver run` as a second driver on this deployment's database and API, with
-    /// its own fresh token and master key (under `dir`), and returns its exit status and log
-    /// once it exits (within 30 s).
+    /// Runs `hsm-driver run` as a second driver (`driver-2`) on this deployment's database and
+    /// API, with its own fresh token and a master key generated on it (under `dir`), and
+    /// returns its exit status and log once it exits (within 30 s).
     ///
     /// # Errors
     /// If it cannot be started or is still running after 30 s.
@@ -335,48 +251,25 @@ listen = "127.0.0.1:0"
         dir: &Path,
     ) -> anyhow::Result<(ExitStatus, String)> {
         std::fs::create_dir_all(dir)?;
-        let token = SoftHsmToken::create(dir, "other-hsm")?;
-        let config = std::fs::read_to_string(&self.config_path)?
-            .replace(
-                &format!("token_label = \"{}\"", self.token.label),
-                &format!("token_label = \"{}\"", token.label),
-            )
-            .replace(
-                &self.token.pin_file.display().to_string(),
-                &token.pin_file.display().to_string(),
-            )
-            .replace("id = \"driver-1\"", "id = \"driver-2\"")
-            .replace(
-                "ca_bundle = \"pki/",
-                &format!("ca_bundle = \"{}/", self.pki_dir().display()),
-            )
-            .replace(
-                "client_cert = \"pki/",
-                &format!("client_cert = \"{}/", self.pki_dir().display()),
-            )
-            .replace(
-                "client_key = \"pki/",
-                &format!("client_key = \"{}/", self.pki_dir().display()),
-            );
-        let config_path = dir.join("hsm-driver.toml");
-        std::fs::write(&config_path, config)?;
-        run_tool(
-            driver_command(&self.options, &token, &config_path).args(["master-key", "create"]),
+        let token = SoftHsmToken::create(&dir.join("hsm"), "other-hsm")?;
+        let mut settings = self.settings.clone();
+        settings.id = "driver-2".to_owned();
+        let api_url = self.sim.driver_url();
+        let mut second = DriverProcess::provision(
+            &self.options.bin_dir,
+            dir,
+            token,
+            &settings,
+            &DriverWiring {
+                api_url: &api_url,
+                pki_dir: self.sim.pki_dir(),
+                softhsm_module: &self.options.softhsm_module,
+            },
+            &MasterKeyProvisioning::Generate,
         )
         .await?;
-        let output = tokio::time::timeout(
-            Duration::from_secs(30),
-            driver_command(&self.options, &token, &config_path)
-                .arg("run")
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .context("the second driver kept running for 30 s")??;
-        Ok((
-            output.status,
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        ))
+        second.spawn()?;
+        second.wait_exit(Duration::from_secs(30)).await
     }
 
     /// SIGTERM to the driver (waits for it), `check` (token objects), SIGTERM to the simulator.
@@ -384,12 +277,9 @@ listen = "127.0.0.1:0"
     /// # Errors
     /// If a process does not stop within a minute.
     pub async fn stop(mut self) -> anyhow::Result<StopReport> {
-        let driver_exit = terminate(&mut self.driver, "hsm-driver").await?;
-        let (_, check_output) = self.check().await?;
-        let token_private_keys = parse_private_keys(&check_output).with_context(|| {
-            format!("hsm-driver check did not report token objects:\n{check_output}")
-        })?;
-        let sim_exit = terminate(&mut self.sim, "dfns-api-sim").await?;
+        let driver_exit = self.driver.terminate().await?;
+        let (token_private_keys, check_output) = self.driver.token_private_keys().await?;
+        let sim_exit = self.sim.stop().await?;
         Ok(StopReport {
             driver_exit,
             sim_exit,
@@ -397,234 +287,4 @@ listen = "127.0.0.1:0"
             token_private_keys,
         })
     }
-}
-
-/// One answer from the telemetry endpoint.
-#[derive(Debug, Clone)]
-pub struct TelemetryResponse {
-    /// The HTTP status code.
-    pub status: u16,
-    /// The `content-type` header (empty if absent).
-    pub content_type: String,
-    /// The body, as text.
-    pub body: String,
-}
-
-/// A minimal HTTP/1.1 GET over a fresh connection (`Connection: close`, so the body ends at
-/// end of stream); enough for the driver's fixed-length answers.
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<TelemetryResponse> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        anyhow::Ok(raw)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .with_context(|| format!("GET http://{addr}{path}: no answer within 10 s"))?
-        .with_context(|| format!("GET http://{addr}{path}"))?;
-    let text = String::from_utf8(raw).context("telemetry response is not UTF-8")?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("GET {path}: malformed response:\n{text}"))?;
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|line| line.strip_prefix("HTTP/1.1 "))
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("GET {path}: no status line:\n{head}"))?;
-    let content_type = lines
-        .filter_map(|line| line.split_once(':'))
-        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
-        .map(|(_, value)| value.trim().to_owned())
-        .unwrap_or_default();
-    Ok(TelemetryResponse {
-        status,
-        content_type,
-        body: body.to_owned(),
-    })
-}
-
-/// Reads the bound address from the driver's `telemetry endpoint listening addr=…` line.
-fn telemetry_addr_from_log(log: &Path) -> anyhow::Result<SocketAddr> {
-    let text = std::fs::read_to_string(log)?;
-    let line = text
-        .lines()
-        .map(strip_ansi)
-        .find(|line| line.contains("telemetry endpoint listening"))
-        .with_context(|| format!("no `telemetry endpoint listening`:\n{}", log_tail(log)))?;
-    line.split_once("addr=")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|addr| addr.parse().ok())
-        .with_context(|| format!("no address in `{line}`"))
-}
-
-/// Removes terminal colour sequences (`ESC [ … m`), which the driver's text log may contain.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn driver_command(options: &DeploymentOptions, token: &SoftHsmToken, config: &Path) -> Command {
-    let mut cmd = Command::new(options.bin_dir.join("hsm-driver"));
-    cmd.arg("--config")
-        .arg(config)
-        .env("SOFTHSM2_CONF", &token.conf)
-        .env_remove("RUST_LOG");
-    cmd
-}
-
-fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
-    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let err = out.try_clone()?;
-    cmd.stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))
-}
-
-async fn run_tool(cmd: &mut Command) -> anyhow::Result<String> {
-    let output = cmd
-        .output()
-        .await
-        .with_context(|| format!("starting {cmd:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\n{}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// Waits for the simulator's ready file (written once both listeners are bound), watching
-/// the process so a crash is reported at once.
-async fn wait_ready_file(
-    path: &Path,
-    sim: &mut Child,
-    log: &Path,
-) -> anyhow::Result<(std::net::SocketAddr, std::net::SocketAddr)> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut pause = Duration::from_millis(5);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            let value: serde_json::Value =
-                serde_json::from_str(&text).context("parsing the simulator's ready file")?;
-            let addr = |name: &str| -> anyhow::Result<std::net::SocketAddr> {
-                value[name]
-                    .as_str()
-                    .with_context(|| format!("ready file lacks {name}"))?
-                    .parse()
-                    .with_context(|| format!("ready file: bad {name}"))
-            };
-            return Ok((addr("driverAddr")?, addr("appAddr")?));
-        }
-        if let Some(status) = sim.try_wait()? {
-            bail!(
-                "dfns-api-sim exited ({status}) before it was ready:\n{}",
-                log_tail(log)
-            );
-        }
-        if Instant::now() > deadline {
-            bail!("dfns-api-sim not ready after 30 s:\n{}", log_tail(log));
-        }
-        // Polling another process's file: back off gently.
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
-    }
-}
-
-/// Waits until the process's log shows `needle` (the driver logs "driver started" once its
-/// HSM, self-test, database and API client are set up), watching the process so a failed
-/// start is reported at once. Starting `check` (another PKCS#11 application on the same
-/// SoftHSMv2 token directory) while the driver is still opening the token has been seen to
-/// fail with CKR_GENERAL_ERROR.
-async fn wait_for_log_line(log: &Path, needle: &str, child: &mut Child) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut pause = Duration::from_millis(5);
-    loop {
-        if std::fs::read_to_string(log).is_ok_and(|text| text.contains(needle)) {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "process exited ({status}) before `{needle}`:\n{}",
-                log_tail(log)
-            );
-        }
-        if Instant::now() > deadline {
-            bail!("no `{needle}` after 30 s:\n{}", log_tail(log));
-        }
-        // Polling another process's log: back off gently.
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
-    }
-}
-
-async fn terminate(child: &mut Child, name: &str) -> anyhow::Result<ExitStatus> {
-    if let Some(pid) = child.id() {
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .context("running kill")?;
-        if !status.success() {
-            bail!("kill -TERM {pid} ({name}) failed");
-        }
-    }
-    match tokio::time::timeout(Duration::from_secs(60), child.wait()).await {
-        Ok(status) => Ok(status?),
-        Err(_) => {
-            let _ = child.kill().await;
-            bail!("{name} did not exit within 60 s of SIGTERM")
-        }
-    }
-}
-
-/// The end of a log file (last 40 lines).
-pub(crate) fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(40);
-    format!(
-        "--- {} (tail) ---\n{}",
-        path.display(),
-        lines[start..].join("\n")
-    )
-}
-
-/// Reads the private-key token object count from `hsm-driver check` output.
-fn parse_private_keys(check: &str) -> Option<usize> {
-    let line = check.lines().find(|l| l.contains("token objects:"))?;
-    if line.contains("no private-key token object") {
-        return Some(0);
-    }
-    line.split("token objects:")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }

@@ -1,17 +1,42 @@
-//! End-to-end harness: a whole deployment — a SoftHSMv2 token with a master key, development
+//! End-to-end harness: whole deployments — SoftHSMv2 tokens with a master key, development
 //! PKI, `dfns-api-sim` and `hsm-driver` as separate processes talking mutual TLS — started from
-//! built binaries, driven through the simulator's application API, and stopped cleanly.
+//! built binaries, driven through the simulator's application API, broken on purpose, and
+//! stopped cleanly.
+//!
+//! - [`Deployment`]: one driver, one token (SQLite or PostgreSQL).
+//! - [`Cluster`]: N drivers, each with its own token holding the same imported master key
+//!   ([`SharedMasterKey`], the `import-master-key` tool of this crate), on one PostgreSQL
+//!   database, with per-driver SIGKILL, SIGTERM, restart, HSM fault and database cut.
+//! - [`Workload`] / [`ContinuousWorkload`]: keys and signatures through the application API,
+//!   every signature verified independently ([`verify_signature`]).
+//! - [`keystore`] and [`backup`]: reading the key store directly; `pg_dump` and restore.
 //!
 //! Used by the end-to-end tests in `tests/tests/` and by `cargo xtask demo`.
 
+pub mod backup;
+mod cluster;
 mod demo;
 mod deployment;
+mod driver;
+pub mod keystore;
+mod master_key;
+mod process;
+mod simulator;
+mod telemetry;
 mod token;
 mod verify;
 mod workload;
 
+pub use cluster::{Cluster, ClusterDriver, ClusterOptions, ClusterStopReport};
 pub use demo::{DemoOptions, run_demo};
-pub use deployment::{Deployment, DeploymentOptions, StopReport, TelemetryResponse};
+pub use deployment::{Deployment, DeploymentOptions, StopReport};
+pub use driver::DriverSettings;
+pub use master_key::{MASTER_KEY_LABEL, MasterKeyProvisioning, SharedMasterKey};
+pub use simulator::SimulatorOptions;
+pub use telemetry::{Readiness, TelemetryResponse};
 pub use token::{SoftHsmToken, softhsm_module_path};
-pub use verify::verify_signature;
-pub use workload::{Workload, WorkloadSummary};
+pub use verify::{same_public_key, verify_signature};
+pub use workload::{
+    ContinuousSummary, ContinuousWorkload, ContinuousWorkloadHandle, CreatedKey, Workload,
+    WorkloadSummary, sign_and_verify,
+};

@@ -102,3 +102,25 @@ pub fn verify_signature(
     }
     Ok(())
 }
+
+/// Whether two hex public keys (any SEC1 encoding, `0x` optional) are the same point on
+/// `curve` (`secp256k1`, `secp256r1`); Ed25519 keys are compared byte for byte.
+///
+/// # Errors
+/// If either is not hex or not a point on the curve.
+pub fn same_public_key(curve: &str, a_hex: &str, b_hex: &str) -> anyhow::Result<bool> {
+    let a = unhex("public key", a_hex)?;
+    let b = unhex("public key", b_hex)?;
+    Ok(match curve {
+        "secp256k1" => {
+            k256::PublicKey::from_sec1_bytes(&a).context("bad secp256k1 public key")?
+                == k256::PublicKey::from_sec1_bytes(&b).context("bad secp256k1 public key")?
+        }
+        "secp256r1" => {
+            p256::PublicKey::from_sec1_bytes(&a).context("bad P-256 public key")?
+                == p256::PublicKey::from_sec1_bytes(&b).context("bad P-256 public key")?
+        }
+        "ed25519" => a == b,
+        other => bail!("unknown curve {other}"),
+    })
+}

@@ -3,72 +3,15 @@
 //!
 //! Needs the binaries built first (`cargo build --workspace --bins`; `cargo xtask test` does it).
 
-use std::path::PathBuf;
+mod support;
+
 use std::time::Duration;
 
-use hsm_driver_e2e::{Deployment, DeploymentOptions, Workload, softhsm_module_path};
-
-fn bin_dir() -> PathBuf {
-    // target/debug/deps/end_to_end-<hash> → target/debug
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory")
-        .to_path_buf();
-    for bin in ["hsm-driver", "dfns-api-sim"] {
-        assert!(
-            dir.join(bin).exists(),
-            "{} not found in {}: run `cargo build --workspace --bins` first (cargo xtask test does it)",
-            bin,
-            dir.display()
-        );
-    }
-    dir
-}
-
-fn options(work: &tempfile_dir::Dir) -> DeploymentOptions {
-    DeploymentOptions::new(
-        bin_dir(),
-        work.path().to_path_buf(),
-        softhsm_module_path().expect("SoftHSMv2 is installed (cargo xtask test installs it)"),
-    )
-}
-
-/// A temporary directory under the target directory, removed at the end of the test.
-mod tempfile_dir {
-    use std::path::{Path, PathBuf};
-
-    pub(crate) struct Dir(PathBuf);
-
-    impl Dir {
-        pub(crate) fn new(name: &str) -> Dir {
-            let base = std::env::current_exe()
-                .unwrap()
-                .parent()
-                .unwrap()
-                .parent()
-                .unwrap()
-                .join("e2e");
-            let path = base.join(format!("{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).unwrap();
-            Dir(path)
-        }
-
-        pub(crate) fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            if !std::thread::panicking() {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-    }
-}
+use hsm_driver_e2e::{
+    Deployment, DeploymentOptions, MasterKeyProvisioning, SharedMasterKey, Workload,
+    softhsm_module_path,
+};
+use support::{TestDir, bin_dir, options};
 
 async fn workload_round_trip(options: DeploymentOptions) {
     let mut deployment = Deployment::start(options).await.expect("deployment starts");
@@ -104,26 +47,43 @@ async fn workload_round_trip(options: DeploymentOptions) {
         "every signature verifies independently"
     );
 
-    // Ed25519 on SoftHSMv2: the key generation job fails and says why.
-    let ed = deployment
+    // Ed25519 on SoftHSMv2: the driver registered without it (and logged why), so the API
+    // refuses the key at once instead of queueing a job no live driver can run.
+    let view = deployment
+        .app()
+        .drivers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.driver_id == "driver-1")
+        .expect("driver-1 registered");
+    assert!(
+        view.serves("ECDSA", "secp256k1") && view.serves("ECDSA", "secp256r1"),
+        "{view:?}"
+    );
+    assert!(!view.serves("EdDSA", "ed25519"), "{view:?}");
+    let refused = deployment
         .app()
         .create_key("EdDSA", "ed25519")
         .await
-        .unwrap();
-    let ed = deployment
-        .app()
-        .wait_key_settled(&ed.id, Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(ed.status, "Failed", "{ed:?}");
-    let reason = ed.reason.clone().unwrap_or_default();
+        .expect_err("no live driver serves Ed25519: the key must be refused");
+    match &refused {
+        dfns_api_sim::SimError::Status {
+            status,
+            code,
+            message,
+        } => {
+            assert_eq!(status.as_u16(), 422, "{refused:?}");
+            assert_eq!(code.as_deref(), Some("NoCapableDriver"), "{refused:?}");
+            assert!(message.contains("EdDSA/ed25519"), "{refused:?}");
+        }
+        other => panic!("expected a 422 NoCapableDriver, got {other:?}"),
+    }
+    let log = deployment.driver_log();
     assert!(
-        reason.contains("UnsupportedScheme") || reason.contains("not supported"),
-        "the failure must say the scheme is unsupported: {reason}"
-    );
-    assert!(
-        reason.contains("CKR_KEY_NOT_WRAPPABLE"),
-        "and why: {reason}"
+        log.contains("scheme NOT supported by this token") && log.contains("CKR_KEY_NOT_WRAPPABLE"),
+        "the driver says at start-up why it does not serve Ed25519:\n{}",
+        deployment.driver_log_tail()
     );
 
     // The customer's own ledger: 6 key generations and 60 signatures, chained and intact.
@@ -149,7 +109,7 @@ async fn workload_round_trip(options: DeploymentOptions) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_and_signatures_over_mutual_tls_with_sqlite() {
-    let work = tempfile_dir::Dir::new("sqlite");
+    let work = TestDir::new("sqlite");
     workload_round_trip(options(&work)).await;
 }
 
@@ -161,9 +121,14 @@ async fn keys_and_signatures_over_mutual_tls_with_postgresql() {
     else {
         return;
     };
-    let work = tempfile_dir::Dir::new("postgres");
+    let work = TestDir::new("postgres");
     let mut options = options(&work);
     options.database_url = Some(db.url().to_owned());
+    // This deployment's token gets an imported master key (`import-master-key`, as the
+    // cluster's tokens do) instead of one generated on the token: it must work the same.
+    options.master_key = MasterKeyProvisioning::Import(
+        SharedMasterKey::generate(&work.path().join("master-key.hex")).unwrap(),
+    );
     workload_round_trip(options).await;
 }
 
@@ -201,7 +166,7 @@ async fn metrics_once_completed(deployment: &Deployment, expected: usize) -> Str
 async fn metrics_count_every_job_and_carry_no_secret_and_no_key_id() {
     const KEYS: usize = 4;
     const SIGNATURES: usize = 24;
-    let work = tempfile_dir::Dir::new("metrics");
+    let work = TestDir::new("metrics");
     let deployment = Deployment::start(options(&work)).await.unwrap();
     let addr = deployment.telemetry_addr();
 
@@ -289,7 +254,7 @@ async fn metrics_count_every_job_and_carry_no_secret_and_no_key_id() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_driver_with_a_certificate_from_another_ca_is_refused() {
-    let work = tempfile_dir::Dir::new("rogue");
+    let work = TestDir::new("rogue");
     let deployment = Deployment::start(options(&work)).await.unwrap();
     // Tried: the driver presents a client certificate signed by a CA the API does not trust.
     let config = std::fs::read_to_string(deployment.config_path()).unwrap();
@@ -326,7 +291,7 @@ async fn a_driver_with_a_certificate_from_another_ca_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bad_configuration_is_refused_with_the_field_named() {
-    let work = tempfile_dir::Dir::new("badconfig");
+    let work = TestDir::new("badconfig");
     let path = work.path().join("bad.toml");
     // Tried: an unknown field in [driver].
     std::fs::write(
@@ -358,7 +323,7 @@ async fn a_bad_configuration_is_refused_with_the_field_named() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_driver_with_another_master_key_refuses_to_start_and_audit_tampering_is_found() {
-    let work = tempfile_dir::Dir::new("mismatch");
+    let work = TestDir::new("mismatch");
     let mut deployment = Deployment::start(options(&work)).await.unwrap();
     Workload::mixed(2, 6)
         .run(deployment.app())
@@ -405,7 +370,7 @@ async fn a_driver_with_another_master_key_refuses_to_start_and_audit_tampering_i
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pin_never_appears_in_logs_output_or_the_database_even_at_trace_level() {
-    let work = tempfile_dir::Dir::new("secrets");
+    let work = TestDir::new("secrets");
     let mut options = options(&work);
     // Tried: the most verbose logging of every crate, a demo-sized workload, check and audit.
     options.log_level = "trace".to_owned();
@@ -459,7 +424,7 @@ fn a_driver_refuses_to_start_on_a_master_key_that_lets_keys_be_extracted() {
     // hand-made or older key would be): the self-test's extraction attacks succeed on it.
     let token = hsm_pkcs11::softhsm::SoftHsmToken::create_with_unprotected_master_key()
         .expect("a SoftHSMv2 token with an unprotected master key");
-    let work = tempfile_dir::Dir::new("unsafe-master");
+    let work = TestDir::new("unsafe-master");
     let pin = work.path().join("pin");
     std::fs::write(&pin, token.user_pin().expose_secret()).unwrap();
     let write_config = |escape_hatch: bool| {
@@ -597,7 +562,7 @@ async fn swapped_record_is_refused(options: DeploymentOptions, database_url: Str
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_swapped_in_sqlite_is_refused_as_tampered() {
-    let work = tempfile_dir::Dir::new("tamper-sqlite");
+    let work = TestDir::new("tamper-sqlite");
     let url = format!("sqlite://{}", work.path().join("keys.db").display());
     swapped_record_is_refused(options(&work), url).await;
 }
@@ -609,7 +574,7 @@ async fn a_record_swapped_in_postgresql_is_refused_as_tampered() {
     else {
         return;
     };
-    let work = tempfile_dir::Dir::new("tamper-postgres");
+    let work = TestDir::new("tamper-postgres");
     let mut options = options(&work);
     options.database_url = Some(db.url().to_owned());
     swapped_record_is_refused(options, db.url().to_owned()).await;

@@ -1,0 +1,459 @@
+//! One `hsm-driver` as the harness runs it: its configuration file, its token, its log, and
+//! the process itself (start, wait until started and ready, SIGKILL, SIGTERM, restart with the
+//! same configuration), plus the one-shot commands run beside it (`migrate`, `check`,
+//! `audit verify`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+use crate::master_key::{MASTER_KEY_LABEL, MasterKeyProvisioning, provision};
+use crate::process::{
+    Check, LogMode, kill, log_len, log_since, log_tail, log_tail_lines, poll_until, run_tool,
+    spawn_logged, terminate, wait_for_log_line,
+};
+use crate::telemetry::{Readiness, TelemetryResponse, http_get, telemetry_addr_from_log};
+use crate::token::SoftHsmToken;
+
+/// How long a driver may take from `run` to "driver started" (debug build, 2 shared cores,
+/// the master-key self-test and migrations included).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a driver may take from "driver started" to ready (registered, everything up).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a driver's configuration file says, besides the API, PKI and token it is given.
+#[derive(Debug, Clone)]
+pub struct DriverSettings {
+    /// `[driver] id`.
+    pub id: String,
+    /// `[driver] workers` (and HSM sessions).
+    pub workers: usize,
+    /// `[database] url`.
+    pub database_url: String,
+    /// `[log] level`.
+    pub log_level: String,
+    /// `[driver] health_check_interval_ms`; `None`: the driver's default.
+    pub health_check_interval_ms: Option<u64>,
+    /// `[driver] recovery_backoff_max_ms`; `None`: the driver's default.
+    pub recovery_backoff_max_ms: Option<u64>,
+    /// `[database] connect_timeout_ms`; `None`: the driver's default.
+    pub connect_timeout_ms: Option<u64>,
+    /// `[hsm.fault_injection] trigger_file` (relative paths resolve against the configuration
+    /// file's directory); `None`: no fault injection.
+    pub fault_trigger_file: Option<PathBuf>,
+}
+
+impl DriverSettings {
+    /// Settings for driver `id` on `database_url`, with the harness defaults (2 workers, log
+    /// level `info`, the driver's own health and timeout defaults, no fault injection).
+    pub fn new(id: &str, database_url: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            workers: 2,
+            database_url: database_url.to_owned(),
+            log_level: "info".to_owned(),
+            health_check_interval_ms: None,
+            recovery_backoff_max_ms: None,
+            connect_timeout_ms: None,
+            fault_trigger_file: None,
+        }
+    }
+}
+
+/// Where a driver connects and which token it uses: written into its configuration file.
+pub(crate) struct DriverWiring<'a> {
+    /// `https://127.0.0.1:port` of the simulator's driver endpoint.
+    pub(crate) api_url: &'a str,
+    /// The PKI directory, as written into the file (relative to it, or absolute).
+    pub(crate) pki_dir: &'a Path,
+    /// The PKCS#11 module.
+    pub(crate) softhsm_module: &'a Path,
+}
+
+/// Renders the configuration file.
+fn render_config(
+    settings: &DriverSettings,
+    wiring: &DriverWiring<'_>,
+    token: &SoftHsmToken,
+) -> String {
+    use std::fmt::Write as _;
+    let pki = wiring.pki_dir.display();
+    let mut text = format!(
+        r#"# Written by the end-to-end harness.
+[driver]
+id = "{id}"
+workers = {workers}
+lease_batch = 16
+long_poll_ms = 5000
+shutdown_deadline_secs = 20
+"#,
+        id = settings.id,
+        workers = settings.workers,
+    );
+    if let Some(ms) = settings.health_check_interval_ms {
+        let _ = writeln!(text, "health_check_interval_ms = {ms}");
+    }
+    if let Some(ms) = settings.recovery_backoff_max_ms {
+        let _ = writeln!(text, "recovery_backoff_max_ms = {ms}");
+    }
+    let _ = write!(
+        text,
+        r#"
+[api]
+url = "{api_url}"
+ca_bundle = "{pki}/ca.pem"
+client_cert = "{pki}/client.pem"
+client_key = "{pki}/client.key"
+
+[hsm]
+module = "{module}"
+token_label = "{label}"
+user_pin_file = "{pin}"
+master_key_label = "{MASTER_KEY_LABEL}"
+"#,
+        api_url = wiring.api_url,
+        module = wiring.softhsm_module.display(),
+        label = token.label,
+        pin = token.pin_file.display(),
+    );
+    if let Some(trigger) = &settings.fault_trigger_file {
+        let _ = write!(
+            text,
+            "\n[hsm.fault_injection]\n# While this file exists, every HSM operation fails (tests only).\ntrigger_file = \"{}\"\n",
+            trigger.display()
+        );
+    }
+    let _ = write!(text, "\n[database]\nurl = \"{}\"\n", settings.database_url);
+    if let Some(ms) = settings.connect_timeout_ms {
+        let _ = writeln!(text, "connect_timeout_ms = {ms}");
+    }
+    let _ = write!(
+        text,
+        r#"
+[log]
+level = "{log_level}"
+
+[telemetry]
+# Port 0: the driver binds a free port and logs it; the harness reads it from the log.
+listen = "127.0.0.1:0"
+"#,
+        log_level = settings.log_level,
+    );
+    text
+}
+
+/// A driver: its files and, while it runs, its process.
+pub(crate) struct DriverProcess {
+    id: String,
+    bin_dir: PathBuf,
+    token: SoftHsmToken,
+    config_path: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    /// Where the current run's lines begin in `log`.
+    run_offset: u64,
+    telemetry_addr: Option<SocketAddr>,
+}
+
+impl DriverProcess {
+    /// Writes `dir/hsm-driver.toml` for `token` and puts a master key on the token. Nothing
+    /// runs yet.
+    pub(crate) async fn provision(
+        bin_dir: &Path,
+        dir: &Path,
+        token: SoftHsmToken,
+        settings: &DriverSettings,
+        wiring: &DriverWiring<'_>,
+        master_key: &MasterKeyProvisioning,
+    ) -> anyhow::Result<DriverProcess> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config_path = dir.join("hsm-driver.toml");
+        std::fs::write(&config_path, render_config(settings, wiring, &token))
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        provision(
+            bin_dir,
+            wiring.softhsm_module,
+            &token,
+            &config_path,
+            master_key,
+        )
+        .await
+        .with_context(|| format!("provisioning the master key of {}", settings.id))?;
+        Ok(DriverProcess {
+            id: settings.id.clone(),
+            bin_dir: bin_dir.to_path_buf(),
+            token,
+            config_path,
+            log: dir.join("driver.log"),
+            child: None,
+            run_offset: 0,
+            telemetry_addr: None,
+        })
+    }
+
+    /// The driver id.
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The configuration file.
+    pub(crate) fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The token.
+    pub(crate) fn token(&self) -> &SoftHsmToken {
+        &self.token
+    }
+
+    /// The log file (every run, appended).
+    pub(crate) fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// `hsm-driver --config … <args>` with this driver's token.
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join("hsm-driver"));
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .env("SOFTHSM2_CONF", &self.token.conf)
+            .env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// `hsm-driver migrate`.
+    pub(crate) async fn migrate(&self) -> anyhow::Result<()> {
+        run_tool(self.command().arg("migrate")).await.map(|_| ())
+    }
+
+    /// Starts `hsm-driver run` without waiting for it. The first run truncates the log; later
+    /// runs append to it after a marker line.
+    pub(crate) fn spawn(&mut self) -> anyhow::Result<()> {
+        if self.is_running()? {
+            bail!("{} is already running", self.id);
+        }
+        let mode = if self.log.exists() {
+            use std::io::Write as _;
+            let mut file = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+            writeln!(file, "===== harness: starting {} again =====", self.id)?;
+            LogMode::Append
+        } else {
+            LogMode::Truncate
+        };
+        self.run_offset = log_len(&self.log);
+        self.telemetry_addr = None;
+        self.child = Some(spawn_logged(self.command().arg("run"), &self.log, mode)?);
+        Ok(())
+    }
+
+    /// Waits for this run's "driver started" and reads its telemetry address (bound and logged
+    /// before the engine starts).
+    pub(crate) async fn wait_started(&mut self) -> anyhow::Result<()> {
+        let child = self
+            .child
+            .as_mut()
+            .with_context(|| format!("{} was not started", self.id))?;
+        wait_for_log_line(
+            &self.log,
+            self.run_offset,
+            "driver started",
+            child,
+            START_TIMEOUT,
+        )
+        .await
+        .with_context(|| format!("starting {}", self.id))?;
+        self.telemetry_addr = Some(telemetry_addr_from_log(&self.log, self.run_offset)?);
+        Ok(())
+    }
+
+    /// [`spawn`](Self::spawn), [`wait_started`](Self::wait_started), then waits until
+    /// `/readyz` says ready (registered with the API, HSM and store up).
+    pub(crate) async fn start(&mut self) -> anyhow::Result<()> {
+        self.spawn()?;
+        self.wait_started().await?;
+        self.wait_ready(READY_TIMEOUT).await
+    }
+
+    /// Waits until `/readyz` answers 200 `ready`.
+    pub(crate) async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let result = poll_until(&format!("{} to be ready", self.id), timeout, || async {
+            let readiness = self.readyz().await?;
+            Ok(if readiness.is_ready() {
+                Check::Done(())
+            } else {
+                Check::NotYet(format!("{} {}", readiness.status, readiness.body))
+            })
+        })
+        .await;
+        if let Err(e) = result {
+            bail!("{e:#}\n{}", log_tail(&self.log));
+        }
+        self.ensure_running()
+    }
+
+    /// Waits for the process to exit on its own (a refusal to start) and returns its status and
+    /// this run's log.
+    pub(crate) async fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<(ExitStatus, String)> {
+        let child = self
+            .child
+            .as_mut()
+            .with_context(|| format!("{} was not started", self.id))?;
+        let status = tokio::time::timeout(timeout, child.wait())
+            .await
+            .with_context(|| {
+                format!(
+                    "{} kept running for {timeout:?}:\n{}",
+                    self.id,
+                    log_tail(&self.log)
+                )
+            })??;
+        self.child = None;
+        Ok((status, log_since(&self.log, self.run_offset)))
+    }
+
+    /// Whether the process is running (reaps it if it has exited).
+    pub(crate) fn is_running(&mut self) -> anyhow::Result<bool> {
+        match self.child.as_mut() {
+            None => Ok(false),
+            Some(child) => Ok(child.try_wait()?.is_none()),
+        }
+    }
+
+    /// Fails if the driver is not running, with the end of its log.
+    pub(crate) fn ensure_running(&mut self) -> anyhow::Result<()> {
+        match self.child.as_mut() {
+            None => bail!("{} is not running", self.id),
+            Some(child) => {
+                if let Some(status) = child.try_wait()? {
+                    bail!("{} exited ({status}):\n{}", self.id, log_tail(&self.log));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// SIGKILL: no chance to finish, report or say goodbye.
+    pub(crate) async fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .with_context(|| format!("{} is not running", self.id))?;
+        kill(&mut child, &self.id).await
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the running process.
+    pub(crate) fn signal(&mut self, signal: &str) -> anyhow::Result<()> {
+        let child = self
+            .child
+            .as_ref()
+            .with_context(|| format!("{} is not running", self.id))?;
+        crate::process::signal(child, signal, &self.id)
+    }
+
+    /// SIGTERM and its exit status (within a minute).
+    pub(crate) async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .with_context(|| format!("{} is not running", self.id))?;
+        terminate(&mut child, &self.id, Duration::from_secs(60)).await
+    }
+
+    /// The telemetry address of the current run.
+    pub(crate) fn telemetry_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.telemetry_addr
+            .with_context(|| format!("{} has no telemetry address (not started?)", self.id))
+    }
+
+    /// `GET path` on the telemetry endpoint.
+    pub(crate) async fn telemetry_get(&self, path: &str) -> anyhow::Result<TelemetryResponse> {
+        http_get(self.telemetry_addr()?, path).await
+    }
+
+    /// `GET /readyz`.
+    pub(crate) async fn readyz(&self) -> anyhow::Result<Readiness> {
+        let response = self.telemetry_get("/readyz").await?;
+        Ok(Readiness {
+            status: response.status,
+            body: response.body,
+        })
+    }
+
+    /// `hsm-driver check`: success and stdout.
+    pub(crate) async fn check(&self) -> anyhow::Result<(bool, String)> {
+        let output = self
+            .command()
+            .arg("check")
+            .output()
+            .await
+            .context("running hsm-driver check")?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        ))
+    }
+
+    /// Private-key objects on the token, as `hsm-driver check` counts them. Run it while the
+    /// driver is stopped (starting `check` beside a driver that is opening the token has been
+    /// seen to fail with `CKR_GENERAL_ERROR`).
+    pub(crate) async fn token_private_keys(&self) -> anyhow::Result<(usize, String)> {
+        let (_, output) = self.check().await?;
+        let count = parse_private_keys(&output).with_context(|| {
+            format!(
+                "hsm-driver check ({}) did not report token objects:\n{output}",
+                self.id
+            )
+        })?;
+        Ok((count, output))
+    }
+
+    /// `hsm-driver audit verify`: success and stdout + stderr.
+    pub(crate) async fn audit_verify(&self) -> anyhow::Result<(bool, String)> {
+        let output = self
+            .command()
+            .args(["audit", "verify"])
+            .output()
+            .await
+            .context("running hsm-driver audit verify")?;
+        Ok((
+            output.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        ))
+    }
+
+    /// The end of the log (40 lines).
+    pub(crate) fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+
+    /// The last `lines` lines of the log.
+    pub(crate) fn log_tail_lines(&self, lines: usize) -> String {
+        log_tail_lines(&self.log, lines)
+    }
+}
+
+/// Reads the private-key token object count from `hsm-driver check` output.
+fn parse_private_keys(check: &str) -> Option<usize> {
+    let line = check.lines().find(|l| l.contains("token objects:"))?;
+    if line.contains("no private-key token object") {
+        return Some(0);
+    }
+    line.split("token objects:")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

@@ -1,0 +1,78 @@
+//! Reading a deployment's key store directly (PostgreSQL or SQLite), to check what the drivers
+//! stored against what the API reported: one row per key id, and the same public key.
+
+use anyhow::Context;
+use diesel::sql_types::{BigInt, Text};
+use diesel::{Connection, QueryableByName, RunQueryDsl};
+
+/// One stored wrapped-key record, as far as the tests care.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct StoredKey {
+    /// The API's key id.
+    #[diesel(sql_type = Text)]
+    pub key_id: String,
+    /// The API's curve name.
+    #[diesel(sql_type = Text)]
+    pub curve: String,
+    /// The public key, lowercase hex.
+    #[diesel(sql_type = Text)]
+    pub public_key_hex: String,
+    /// The driver that created the record.
+    #[diesel(sql_type = Text)]
+    pub created_by: String,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// What the `wrapped_keys` table holds.
+#[derive(Debug, Clone)]
+pub struct StoredKeys {
+    /// Every row.
+    pub rows: Vec<StoredKey>,
+    /// `count(*)`.
+    pub row_count: usize,
+    /// `count(DISTINCT key_id)`.
+    pub distinct_key_ids: usize,
+}
+
+impl StoredKeys {
+    /// The rows of `key_id`.
+    pub fn rows_of(&self, key_id: &str) -> Vec<&StoredKey> {
+        self.rows.iter().filter(|r| r.key_id == key_id).collect()
+    }
+}
+
+/// Reads every wrapped-key record from a PostgreSQL database. Blocking.
+///
+/// # Errors
+/// If the database cannot be reached or queried.
+pub fn stored_keys_postgres(database_url: &str) -> anyhow::Result<StoredKeys> {
+    let mut conn = diesel::PgConnection::establish(database_url)
+        .context("connecting to PostgreSQL to read wrapped_keys")?;
+    let rows = diesel::sql_query(
+        "SELECT key_id, curve, encode(public_key, 'hex') AS public_key_hex, created_by \
+         FROM wrapped_keys ORDER BY key_id",
+    )
+    .load::<StoredKey>(&mut conn)
+    .context("reading wrapped_keys")?;
+    Ok(StoredKeys {
+        row_count: count(&mut conn, "SELECT count(*) AS n FROM wrapped_keys")?,
+        distinct_key_ids: count(
+            &mut conn,
+            "SELECT count(DISTINCT key_id) AS n FROM wrapped_keys",
+        )?,
+        rows,
+    })
+}
+
+fn count(conn: &mut diesel::PgConnection, sql: &str) -> anyhow::Result<usize> {
+    let n = diesel::sql_query(sql)
+        .get_result::<Count>(conn)
+        .with_context(|| format!("running {sql}"))?
+        .n;
+    Ok(usize::try_from(n)?)
+}

@@ -1,0 +1,80 @@
+//! What every end-to-end test file needs: where the binaries are, a working directory per
+//! test, and deployment options pointing at both.
+
+// Each test file uses its own subset of these helpers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use hsm_driver_e2e::{ClusterOptions, DeploymentOptions, softhsm_module_path};
+
+/// The directory holding the built binaries (`target/debug`), checked to contain
+/// `hsm-driver`, `dfns-api-sim` and `import-master-key`.
+pub(crate) fn bin_dir() -> PathBuf {
+    // target/debug/deps/<test>-<hash> → target/debug
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory")
+        .to_path_buf();
+    for bin in ["hsm-driver", "dfns-api-sim", "import-master-key"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{} not found in {}: run `cargo build --workspace --bins` first (cargo xtask test does it)",
+            bin,
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// The SoftHSMv2 module.
+pub(crate) fn softhsm() -> PathBuf {
+    softhsm_module_path().expect("SoftHSMv2 is installed (cargo xtask test installs it)")
+}
+
+/// Single-driver deployment options in `work`.
+pub(crate) fn options(work: &TestDir) -> DeploymentOptions {
+    DeploymentOptions::new(bin_dir(), work.path().to_path_buf(), softhsm())
+}
+
+/// Cluster options for `drivers` drivers in `work`.
+pub(crate) fn cluster_options(work: &TestDir, drivers: usize) -> ClusterOptions {
+    ClusterOptions::new(bin_dir(), work.path().to_path_buf(), softhsm(), drivers)
+}
+
+/// A directory under `target/debug/e2e/`, removed at the end of a passing test (kept, with
+/// every log, when the test fails or `HSM_DRIVER_E2E_KEEP` is set).
+pub(crate) struct TestDir(PathBuf);
+
+impl TestDir {
+    /// `target/debug/e2e/<name>-<pid>`, emptied.
+    pub(crate) fn new(name: &str) -> TestDir {
+        let base = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("e2e");
+        let path = base.join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TestDir(path)
+    }
+
+    /// The directory.
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let keep = std::env::var_os("HSM_DRIVER_E2E_KEEP").is_some();
+        if !std::thread::panicking() && !keep {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

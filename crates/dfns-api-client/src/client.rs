@@ -29,7 +29,8 @@ use crate::retry::Backoff;
 use crate::source::JobSource;
 use crate::tls::{TlsFiles, load_client_tls};
 use crate::wire::{
-    self, CompleteRequest, ErrorResponse, ExtendRequest, FailRequest, PingResponse, StatusResponse,
+    self, CompleteRequest, DeregisterRequest, ErrorResponse, ExtendRequest, FailRequest,
+    PingResponse, StatusResponse,
 };
 
 /// Longest error message kept from a response body.
@@ -363,6 +364,27 @@ impl JobSource for HttpJobSource {
             &wire::encode_heartbeat(heartbeat),
         )
         .await
+    }
+
+    async fn deregister(&self, driver_id: &str) -> Result<(), ApiError> {
+        self.check_own_id(driver_id, "a deregistration")?;
+        let body = encode_body(&DeregisterRequest {
+            driver_id: driver_id.to_owned(),
+        })?;
+        let (status, body) = self
+            .inner
+            .send(
+                Method::POST,
+                "/driver/v1/drivers/deregister",
+                Some(body),
+                self.inner.request_timeout,
+            )
+            .await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(status_error(status, &body))
+        }
     }
 
     async fn extend(&self, job: &JobRef) -> Result<LeaseExtension, ApiError> {

@@ -74,6 +74,13 @@ pub trait JobSource: Send + Sync + 'static {
         heartbeat: &Heartbeat,
     ) -> impl Future<Output = Result<PresenceTerms, ApiError>> + Send;
 
+    /// Tells the API this driver is shutting down cleanly: it stops counting as live at once
+    /// (rather than after missing heartbeats) and gets no more jobs until it registers again.
+    ///
+    /// # Errors
+    /// An [`ApiError`]; a driver the API does not know is not an error.
+    fn deregister(&self, driver_id: &str) -> impl Future<Output = Result<(), ApiError>> + Send;
+
     /// Extends the lease of a job still being worked on, so it is not delivered to another
     /// driver meanwhile. A lease that is no longer current (it lapsed, or the job is finished)
     /// is not an error but [`LeaseExtension::Lost`]: stop extending.

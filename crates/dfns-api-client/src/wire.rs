@@ -213,6 +213,15 @@ pub struct HeartbeatRequest {
     pub in_flight: u32,
 }
 
+/// The request body of `POST /driver/v1/drivers/deregister` (answered `200 {}`, also for a
+/// driver the API does not know).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeregisterRequest {
+    /// The driver shutting down.
+    pub driver_id: String,
+}
+
 /// The answer to a registration or a heartbeat (`200`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

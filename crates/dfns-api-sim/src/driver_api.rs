@@ -12,8 +12,8 @@ use dfns_api_client::protocol::{
     JobFailure, JobId, LeaseId, LeaseRequest, MAX_LEASE_BATCH, ReportOutcome,
 };
 use dfns_api_client::wire::{
-    self, CompleteRequest, ExtendRequest, ExtendResponse, FailRequest, HeartbeatRequest,
-    LeaseResponse, PingResponse, RegisterRequest, StatusResponse,
+    self, CompleteRequest, DeregisterRequest, ExtendRequest, ExtendResponse, FailRequest,
+    HeartbeatRequest, LeaseResponse, PingResponse, RegisterRequest, StatusResponse,
 };
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
@@ -41,6 +41,9 @@ pub(crate) async fn handle(
         )),
         (&Method::POST, ["driver", "v1", "drivers", "register"]) => register(&state, body).await,
         (&Method::POST, ["driver", "v1", "drivers", "heartbeat"]) => heartbeat(&state, body).await,
+        (&Method::POST, ["driver", "v1", "drivers", "deregister"]) => {
+            deregister(&state, body).await
+        }
         (&Method::POST, ["driver", "v1", "jobs", "lease"]) => lease(&state, body).await,
         (&Method::POST, ["driver", "v1", "jobs", job_id, "extend"]) => {
             extend(&state, job_id, body).await
@@ -54,7 +57,12 @@ pub(crate) async fn handle(
         (
             _,
             ["driver", "v1", "ping"]
-            | ["driver", "v1", "drivers", "register" | "heartbeat"]
+            | [
+                "driver",
+                "v1",
+                "drivers",
+                "register" | "heartbeat" | "deregister",
+            ]
             | ["driver", "v1", "jobs", "lease"]
             | ["driver", "v1", "jobs", _, "complete" | "fail" | "extend"],
         ) => Ok(respond::wrong_method(method, &path)),
@@ -105,6 +113,13 @@ async fn heartbeat(state: &SimState, body: Incoming) -> Result<HttpResponse, Ref
         StatusCode::OK,
         &wire::encode_presence_terms(&terms),
     ))
+}
+
+async fn deregister(state: &SimState, body: Incoming) -> Result<HttpResponse, Refusal> {
+    let request: DeregisterRequest = read_json(body).await?;
+    wire::check_driver_id(&request.driver_id).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    state.deregister(&request.driver_id);
+    Ok(respond::json(StatusCode::OK, &serde_json::json!({})))
 }
 
 async fn extend(state: &SimState, job_id: &str, body: Incoming) -> Result<HttpResponse, Refusal> {

@@ -56,6 +56,8 @@ struct DriverRecord {
     registrations: u64,
     completed: u64,
     failed: u64,
+    /// Deregistered (shut down cleanly): not live until it registers again.
+    departed: bool,
 }
 
 /// The registry.
@@ -74,7 +76,7 @@ impl DriverRegistry {
     }
 
     fn is_live(&self, record: &DriverRecord, now: Instant) -> bool {
-        now.saturating_duration_since(record.last_seen) <= self.liveness_timeout
+        !record.departed && now.saturating_duration_since(record.last_seen) <= self.liveness_timeout
     }
 
     /// Registers a driver, or registers it again (replacing what it serves).
@@ -104,6 +106,7 @@ impl DriverRegistry {
                 record.ready = true;
                 record.in_flight = 0;
                 record.registrations += 1;
+                record.departed = false;
             }
             None => {
                 tracing::info!(%driver_id, %version, capabilities = ?served, "driver registered");
@@ -119,6 +122,7 @@ impl DriverRegistry {
                     registrations: 1,
                     completed: 0,
                     failed: 0,
+                    departed: false,
                 };
                 self.drivers.insert(driver_id, record);
             }
@@ -134,10 +138,30 @@ impl DriverRegistry {
         let timeout = self.liveness_timeout;
         match self.drivers.get_mut(driver_id) {
             None => Err(NotRegistered { lapsed: false }),
-            Some(record) if now.saturating_duration_since(record.last_seen) > timeout => {
+            Some(record)
+                if record.departed || now.saturating_duration_since(record.last_seen) > timeout =>
+            {
                 Err(NotRegistered { lapsed: true })
             }
             Some(record) => Ok(record),
+        }
+    }
+
+    /// A driver shutting down cleanly: no longer live (and refused until it registers again),
+    /// at once rather than after the liveness timeout. Its counters are kept. Returns whether
+    /// the driver was known.
+    pub(crate) fn deregister(&mut self, driver_id: &str) -> bool {
+        match self.drivers.get_mut(driver_id) {
+            Some(record) => {
+                if !record.departed {
+                    tracing::info!(%driver_id, "driver deregistered");
+                }
+                record.departed = true;
+                record.ready = false;
+                record.in_flight = 0;
+                true
+            }
+            None => false,
         }
     }
 

@@ -400,6 +400,12 @@ impl SimState {
         Ok(self.terms)
     }
 
+    /// A driver shutting down: not live from now on. Idempotent; an unknown driver is fine too
+    /// (nothing to forget).
+    pub(crate) fn deregister(&self, driver_id: &str) {
+        self.lock().drivers.deregister(driver_id);
+    }
+
     fn not_registered(&self, driver_id: &str, why: NotRegistered) -> Refusal {
         let message = if why.lapsed {
             format!(

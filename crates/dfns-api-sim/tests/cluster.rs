@@ -195,6 +195,48 @@ async fn a_registration_lapses_without_heartbeats_until_the_driver_registers_aga
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_deregistered_driver_is_not_live_at_once_until_it_registers_again() {
+    // Default terms: a silent driver would stay live for 5 s; deregistering ends it now.
+    let c = cluster(|_| {}).await;
+    let a = c.driver("drv-a", &[K1]).await;
+    let b = c.driver("drv-b", &[K1]).await;
+    assert_eq!(c.sim.stats().live_drivers, 2);
+
+    a.deregister("drv-a").await.unwrap();
+    let drivers = c.app.drivers().await.unwrap();
+    let view = drivers.iter().find(|d| d.driver_id == "drv-a").unwrap();
+    assert!(!view.live && !view.ready, "{view:?}");
+    assert_eq!(c.sim.stats().live_drivers, 1);
+    // Tried: leasing and heartbeating after deregistering, and deregistering twice.
+    assert!(
+        a.lease(1, Duration::ZERO)
+            .await
+            .unwrap_err()
+            .is_not_registered()
+    );
+    assert!(
+        a.heartbeat(&heartbeat("drv-a", true, 0))
+            .await
+            .unwrap_err()
+            .is_not_registered()
+    );
+    a.deregister("drv-a").await.unwrap();
+    // The others carry on; a stranger deregistering is harmless.
+    c.client("drv-stranger")
+        .deregister("drv-stranger")
+        .await
+        .unwrap();
+    let key = c.app.create_key("ECDSA", "secp256k1").await.unwrap();
+    let jobs = b.lease(8, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(keys_of(&jobs), [key.id.as_str()]);
+
+    a.register(&registration("drv-a", &[K1])).await.unwrap();
+    let drivers = c.wait_drivers(|d| d.iter().all(|d| d.live)).await;
+    let view = drivers.iter().find(|d| d.driver_id == "drv-a").unwrap();
+    assert_eq!(view.registrations, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn each_driver_is_handed_only_the_jobs_it_serves() {
     let c = cluster(|_| {}).await;
     let a = c.driver("drv-a", &[K1]).await;

@@ -242,17 +242,21 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
             );
             tasks.abort_all();
         }
-        // A last heartbeat tells the API this driver is going away (best effort, bounded).
-        let farewell = Heartbeat {
-            driver_id: config.driver_id.clone(),
-            ready: false,
-            in_flight: 0,
-        };
-        let _ = tokio::time::timeout(
+        // Deregistering tells the API at once that this driver is gone (best effort, bounded:
+        // otherwise it lapses after the liveness timeout).
+        background.abort_all();
+        match tokio::time::timeout(
             std::time::Duration::from_secs(2),
-            parts.source.heartbeat(&farewell),
+            parts.source.deregister(&config.driver_id),
         )
-        .await;
+        .await
+        {
+            Ok(Ok(())) => info!("deregistered from the API"),
+            Ok(Err(e)) => {
+                warn!(error = %error_chain(&e), "deregistering failed; the API will notice when heartbeats stop")
+            }
+            Err(_) => warn!("deregistering timed out; the API will notice when heartbeats stop"),
+        }
         background.abort_all();
         info!(?report, "driver stopped");
         report

@@ -283,6 +283,11 @@ async fn shutdown_stops_leasing_and_returns_with_nothing_in_flight() {
     let report = h.shutdown().await;
     assert_eq!(report.completed, 20);
     assert_eq!(report.abandoned, 0);
+    assert_eq!(
+        *source.deregistrations.lock().unwrap(),
+        ["test-driver"],
+        "a clean shutdown deregisters, so the API stops counting the driver as live at once"
+    );
     // Tried: a job queued after shutdown is never leased.
     source.push(
         "job-late",

@@ -40,6 +40,7 @@ pub(crate) struct ScriptedSource {
     pub(crate) registrations: Mutex<Vec<DriverRegistration>>,
     pub(crate) heartbeats: Mutex<Vec<Heartbeat>>,
     pub(crate) extensions: AtomicU64,
+    pub(crate) deregistrations: Mutex<Vec<String>>,
     /// Lease length handed out with each job (`None`: leases never lapse).
     pub(crate) lease_length: Mutex<Option<Duration>>,
     /// While set, the API has forgotten the driver: leases and heartbeats answer
@@ -186,6 +187,15 @@ impl JobSource for ScriptedSource {
             heartbeat_interval: Duration::from_millis(50),
             liveness_timeout: Duration::from_millis(500),
         })
+    }
+
+    async fn deregister(&self, driver_id: &str) -> Result<(), ApiError> {
+        self.deregistrations
+            .lock()
+            .unwrap()
+            .push(driver_id.to_owned());
+        self.changed.notify_waiters();
+        Ok(())
     }
 
     async fn extend(&self, _job: &JobRef) -> Result<LeaseExtension, ApiError> {

@@ -205,7 +205,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                     // Health may have changed while the lease was in flight: a job this
                     // driver cannot run now goes straight back to the queue for the others.
                     let health = parts.health.report();
-                    let outcome = if health.can_lease() {
+                    let outcome = if health.can_execute() {
                         job::run(&parts, job).await
                     } else {
                         give_back(&parts, job, &health).await

@@ -97,6 +97,13 @@ impl HealthReport {
         self.hsm.is_up() && self.store.is_up() && self.registered && !self.draining
     }
 
+    /// Whether a job already leased can run: HSM and store usable. (Registration and draining
+    /// do not matter here: the API handed the job over, and a draining driver finishes what it
+    /// holds.)
+    pub fn can_execute(&self) -> bool {
+        self.hsm.is_up() && self.store.is_up()
+    }
+
     /// Whether the driver is fully usable: it can lease and the API answers. This is `/readyz`.
     pub fn is_ready(&self) -> bool {
         self.can_lease() && self.api.is_up()

@@ -402,3 +402,49 @@ fn components_are_named_for_logs_and_metrics() {
         ["hsm", "store", "api"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_arrives_after_the_store_went_down_is_handed_back_unexecuted() {
+    // A long long-poll, so that one is still waiting when the database goes down.
+    let config = driver_core::DriverConfig {
+        long_poll: Duration::from_secs(5),
+        ..test_config("test-driver")
+    };
+    let h = Harness::start_with(
+        FakeHsm::new(),
+        Arc::new(MemoryKeyStore::new()),
+        ScriptedSource::default(),
+        config,
+    );
+    wait_health(&h.health, "ready", HealthReport::can_lease).await;
+    let before = h.source.leases.load(Ordering::SeqCst);
+    h.source
+        .wait_until(WAIT, || {
+            (h.source.leases.load(Ordering::SeqCst) > before).then_some(())
+        })
+        .await
+        .expect("a long-poll is waiting");
+    // Tried: the database goes down while that long-poll waits; then a job arrives on it.
+    h.store.set_unavailable(true);
+    wait_health(&h.health, "store down", |r| !r.store.is_up()).await;
+    h.source.push(
+        "job-late",
+        keygen("key-late", Scheme::Ecdsa, Curve::Secp256k1),
+    );
+    let reports = h.source.wait_reports(1).await;
+    let handed_back = failure(report_for(&reports, "job-late"));
+    assert_eq!(handed_back.code, FailureCode::StoreError);
+    assert!(handed_back.retryable, "{handed_back:?}");
+    assert!(
+        handed_back.message.contains("handed back"),
+        "{handed_back:?}"
+    );
+    h.store.set_unavailable(false);
+    assert_eq!(
+        h.store.count().await.unwrap(),
+        0,
+        "nothing was executed: no key generated or stored"
+    );
+    let report = h.shutdown().await;
+    assert_eq!(report.given_back, 1);
+}

@@ -15,8 +15,9 @@
 //!                          │        + keys + signature requests
 //!                          └────┬─────────────────────────────┘
 //!   tests, demo ──HTTP──▶ application listener (plain HTTP, loopback; no authentication)
-//!                          POST /keys, GET /keys/{keyId}
-//!                          POST /keys/{keyId}/signatures, GET /keys/{keyId}/signatures/{id}
+//!                          POST /keys, GET /keys/{keyId}[?waitMs=N]
+//!                          POST /keys/{keyId}/signatures
+//!                          GET  /keys/{keyId}/signatures/{id}[?waitMs=N]   long-poll until settled
 //!                          GET  /jobs/stats, GET /app/v1/drivers
 //! ```
 //!

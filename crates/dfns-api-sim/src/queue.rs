@@ -65,6 +65,8 @@ pub(crate) struct Delivery {
     pub(crate) job_id: JobId,
     pub(crate) lease_id: LeaseId,
     pub(crate) spec: JobSpec,
+    /// Who is waiting for the job's outcome.
+    pub(crate) origin: Origin,
 }
 
 /// How a job ended.
@@ -302,6 +304,7 @@ impl JobQueue {
                 job_id,
                 lease_id,
                 spec: job.spec.clone(),
+                origin: job.origin.clone(),
             });
         }
         out

@@ -205,6 +205,13 @@ impl RunningSimulator {
         self.state.waiting_long_polls()
     }
 
+    /// The number of application requests currently waiting for a key or signature to settle
+    /// (`GET …?waitMs=N`), as a watch: tests await `wait_for(|n| *n > 0)` to know a wait is
+    /// outstanding.
+    pub fn result_polls_waiting(&self) -> watch::Receiver<usize> {
+        self.state.waiting_result_polls()
+    }
+
     /// Stops accepting connections, answers waiting long-polls with no jobs, lets in-flight
     /// requests finish, and returns when every connection has closed.
     pub async fn shutdown(self) {

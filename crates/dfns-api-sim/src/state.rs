@@ -6,6 +6,14 @@
 //! job whose lease lapsed is handed to a waiting driver without any background task. Every
 //! waiting long-poll wakes for every new job and re-checks with its driver's capabilities, so
 //! a job it cannot serve sends it back to waiting (correctness over cleverness).
+//!
+//! Applications waiting for a key or signature to settle (`GET …?waitMs=N`) wait on a
+//! [`Notify`] of that record alone, created by its first waiter and fired once when the record
+//! settles: an event wakes only the waiters of its own record.
+//!
+//! Timings (`createdAtUs`, `firstLeasedAtUs`, `settledAtUs`) come from one [`Clock`]: the Unix
+//! time when the simulator started plus monotonic time since, so they never go backwards
+//! within a run.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::app_api::{DriverView, KeyView, NO_CAPABLE_DRIVER, SignatureView};
+use crate::app_api::{DriverView, KeyView, MAX_RESULT_WAIT, NO_CAPABLE_DRIVER, SignatureView};
 use crate::ids::new_id;
 use crate::queue::{Extension, JobQueue, Origin, QueueConfig, ReportError, Terminal};
 use crate::registry::{Credit, DriverRegistry, NotRegistered};
@@ -42,6 +50,10 @@ pub struct SimStats {
     pub redeliveries: u64,
     /// Lease requests currently waiting for a job (long-polls).
     pub waiting_long_polls: usize,
+    /// Application requests currently waiting for a key or signature to settle
+    /// (`GET …?waitMs=N`).
+    #[serde(default)]
+    pub waiting_result_polls: usize,
     /// Registered drivers whose last sign of life is within the liveness timeout.
     pub live_drivers: usize,
     /// Key generations completed again (a duplicate or late delivery) with a *different*
@@ -103,6 +115,76 @@ enum SignatureStatus {
     Failed,
 }
 
+/// The simulator's clock for timings: microseconds since the Unix epoch, monotonic within a
+/// run (the Unix time at start plus an [`Instant`]'s elapsed time).
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    started: Instant,
+    started_unix_us: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Self {
+            started: Instant::now(),
+            started_unix_us: micros(unix),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.started_unix_us
+            .saturating_add(micros(self.started.elapsed()))
+    }
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// What a key or signature request went through, and who waits for it to settle.
+#[derive(Debug)]
+struct Lifecycle {
+    created_at_us: u64,
+    /// When its job was first handed to a driver.
+    first_leased_at_us: Option<u64>,
+    settled_at_us: Option<u64>,
+    /// The driver whose report settled it.
+    settled_by: Option<Arc<str>>,
+    /// Fired once when the record settles; created by its first waiter, taken when it fires.
+    waiters: Option<Arc<Notify>>,
+}
+
+impl Lifecycle {
+    fn new(created_at_us: u64) -> Self {
+        Self {
+            created_at_us,
+            first_leased_at_us: None,
+            settled_at_us: None,
+            settled_by: None,
+            waiters: None,
+        }
+    }
+
+    fn leased(&mut self, at_us: u64) {
+        self.first_leased_at_us.get_or_insert(at_us);
+    }
+
+    /// Records the settlement; returns the waiters to wake (after the lock is released).
+    fn settled(&mut self, at_us: u64, by: Option<Arc<str>>) -> Option<Arc<Notify>> {
+        self.settled_at_us = Some(at_us);
+        self.settled_by = by;
+        self.waiters.take()
+    }
+
+    /// The notify a waiter of this (unsettled) record waits on.
+    fn waiters(&mut self) -> Arc<Notify> {
+        Arc::clone(self.waiters.get_or_insert_with(Arc::default))
+    }
+}
+
 #[derive(Debug)]
 struct KeyRecord {
     id: KeyId,
@@ -112,6 +194,7 @@ struct KeyRecord {
     public_key: Option<Vec<u8>>,
     reason: Option<String>,
     date_created: String,
+    lifecycle: Lifecycle,
 }
 
 #[derive(Debug)]
@@ -123,9 +206,20 @@ struct SignatureRecord {
     signature: Option<SignatureResult>,
     reason: Option<String>,
     date_requested: String,
+    lifecycle: Lifecycle,
 }
 
 impl KeyRecord {
+    fn is_settled(&self) -> bool {
+        self.status != KeyStatus::Creating
+    }
+
+    /// The view, and the notify to wait on while it is not settled.
+    fn watch(&mut self) -> (KeyView, Option<Arc<Notify>>) {
+        let waiters = (!self.is_settled()).then(|| self.lifecycle.waiters());
+        (self.view(), waiters)
+    }
+
     fn view(&self) -> KeyView {
         KeyView {
             id: self.id.to_string(),
@@ -140,11 +234,25 @@ impl KeyRecord {
             public_key: self.public_key.as_deref().map(wire::encode_hex_plain),
             reason: self.reason.clone(),
             date_created: self.date_created.clone(),
+            created_at_us: self.lifecycle.created_at_us,
+            first_leased_at_us: self.lifecycle.first_leased_at_us,
+            settled_at_us: self.lifecycle.settled_at_us,
+            completed_by: self.lifecycle.settled_by.as_deref().map(str::to_owned),
         }
     }
 }
 
 impl SignatureRecord {
+    fn is_settled(&self) -> bool {
+        self.status != SignatureStatus::Pending
+    }
+
+    /// The view, and the notify to wait on while it is not settled.
+    fn watch(&mut self) -> (SignatureView, Option<Arc<Notify>>) {
+        let waiters = (!self.is_settled()).then(|| self.lifecycle.waiters());
+        (self.view(), waiters)
+    }
+
     fn view(&self) -> SignatureView {
         SignatureView {
             id: self.id.clone(),
@@ -159,6 +267,10 @@ impl SignatureRecord {
             signature: self.signature.as_ref().map(wire::encode_signature),
             reason: self.reason.clone(),
             date_requested: self.date_requested.clone(),
+            created_at_us: self.lifecycle.created_at_us,
+            first_leased_at_us: self.lifecycle.first_leased_at_us,
+            settled_at_us: self.lifecycle.settled_at_us,
+            completed_by: self.lifecycle.settled_by.as_deref().map(str::to_owned),
         }
     }
 }
@@ -175,6 +287,9 @@ pub(crate) struct SimState {
     inner: Mutex<Inner>,
     jobs_ready: Notify,
     waiting: watch::Sender<usize>,
+    /// Application requests waiting for a record to settle.
+    waiting_results: watch::Sender<usize>,
+    clock: Clock,
     lease_duration: Duration,
     max_long_poll: Duration,
     terms: PresenceTerms,
@@ -211,6 +326,8 @@ impl SimState {
             }),
             jobs_ready: Notify::new(),
             waiting: watch::Sender::new(0),
+            waiting_results: watch::Sender::new(0),
+            clock: Clock::new(),
             lease_duration: timings.lease_duration,
             max_long_poll: timings.max_long_poll,
             terms: PresenceTerms {
@@ -233,6 +350,11 @@ impl SimState {
         self.waiting.subscribe()
     }
 
+    /// A receiver of the number of application requests waiting for a record to settle.
+    pub(crate) fn waiting_result_polls(&self) -> watch::Receiver<usize> {
+        self.waiting_results.subscribe()
+    }
+
     pub(crate) fn stats(&self) -> SimStats {
         let now = Instant::now();
         let (counts, live_drivers) = {
@@ -246,6 +368,7 @@ impl SimState {
             failed: counts.failed,
             redeliveries: counts.redeliveries,
             waiting_long_polls: *self.waiting.borrow(),
+            waiting_result_polls: *self.waiting_results.borrow(),
             live_drivers,
             conflicting_key_reports: counts.conflicting_key_reports,
             duplicate_reports: counts.duplicate_reports,
@@ -273,6 +396,7 @@ impl SimState {
             public_key: None,
             reason: None,
             date_created: now_rfc3339(),
+            lifecycle: Lifecycle::new(self.clock.now_us()),
         };
         let view = record.view();
         {
@@ -306,12 +430,14 @@ impl SimState {
     }
 
     pub(crate) fn get_key(&self, key_id: &str) -> Result<KeyView, Refusal> {
-        let inner = self.lock();
-        KeyId::new(key_id)
-            .ok()
-            .and_then(|id| inner.keys.get(&id))
-            .map(KeyRecord::view)
-            .ok_or_else(|| Refusal::not_found(format!("no key {key_id}")))
+        self.lock().key_mut(key_id).map(|key| key.view())
+    }
+
+    /// The key, once it is Active or Failed or after `wait` (capped at [`MAX_RESULT_WAIT`]),
+    /// whichever comes first; at shutdown, at once.
+    pub(crate) async fn wait_key(&self, key_id: &str, wait: Duration) -> Result<KeyView, Refusal> {
+        self.wait_settled(wait, |inner| inner.key_mut(key_id).map(KeyRecord::watch))
+            .await
     }
 
     pub(crate) fn request_signature(
@@ -351,6 +477,7 @@ impl SimState {
                 signature: None,
                 reason: None,
                 date_requested: now_rfc3339(),
+                lifecycle: Lifecycle::new(self.clock.now_us()),
             };
             let view = record.view();
             inner.signatures.insert(id.clone(), record);
@@ -370,15 +497,60 @@ impl SimState {
         key_id: &str,
         signature_id: &str,
     ) -> Result<SignatureView, Refusal> {
-        let inner = self.lock();
-        inner
-            .signatures
-            .get(signature_id)
-            .filter(|s| s.key_id.as_str() == key_id)
-            .map(SignatureRecord::view)
-            .ok_or_else(|| {
-                Refusal::not_found(format!("no signature {signature_id} for key {key_id}"))
-            })
+        self.lock()
+            .signature_mut(key_id, signature_id)
+            .map(|signature| signature.view())
+    }
+
+    /// The signature request, once it is Signed or Failed or after `wait` (capped at
+    /// [`MAX_RESULT_WAIT`]), whichever comes first; at shutdown, at once.
+    pub(crate) async fn wait_signature(
+        &self,
+        key_id: &str,
+        signature_id: &str,
+        wait: Duration,
+    ) -> Result<SignatureView, Refusal> {
+        self.wait_settled(wait, |inner| {
+            inner
+                .signature_mut(key_id, signature_id)
+                .map(SignatureRecord::watch)
+        })
+        .await
+    }
+
+    /// Long-polls one record. `look` answers its view and, while it is not settled, the
+    /// notify its settlement fires (see [`Lifecycle`]).
+    async fn wait_settled<V>(
+        &self,
+        wait: Duration,
+        look: impl Fn(&mut Inner) -> Result<(V, Option<Arc<Notify>>), Refusal>,
+    ) -> Result<V, Refusal> {
+        let wait = wait.min(MAX_RESULT_WAIT);
+        let (view, waiters) = look(&mut self.lock())?;
+        let Some(waiters) = waiters else {
+            return Ok(view);
+        };
+        if wait.is_zero() || self.shutdown.is_cancelled() {
+            return Ok(view);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let _counted = WaitingGuard::new(&self.waiting_results);
+        let settled = waiters.notified();
+        tokio::pin!(settled);
+        settled.as_mut().enable();
+        // It may have settled between the first look and `enable`: look again now that a
+        // settlement cannot be missed.
+        let (view, unsettled) = look(&mut self.lock())?;
+        if unsettled.is_none() {
+            return Ok(view);
+        }
+        tokio::select! {
+            () = settled => {}
+            () = tokio::time::sleep_until(deadline) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+        // A record settles once: settled or not, this is the answer.
+        look(&mut self.lock()).map(|(view, _)| view)
     }
 
     // ---- driver side ----
@@ -452,6 +624,12 @@ impl SimState {
                     // Refreshes a live driver; a lapsed one stays lapsed (its long-poll was
                     // accepted while it was live, so it is answered).
                     let _ = inner.drivers.seen(driver_id, now);
+                    let at_us = self.clock.now_us();
+                    for delivery in &deliveries {
+                        if let Some(lifecycle) = inner.lifecycle_mut(&delivery.origin) {
+                            lifecycle.leased(at_us);
+                        }
+                    }
                 }
                 (deliveries, inner.queue.next_expiry())
             };
@@ -495,19 +673,25 @@ impl SimState {
         lease_id: &LeaseId,
         result: JobResult,
     ) -> Result<ReportOutcome, Refusal> {
-        let mut inner = self.lock();
-        let report = inner
-            .queue
-            .complete(job_id, lease_id, result)
-            .map_err(|e| report_refusal(job_id, e))?;
-        tracing::debug!(%job_id, %lease_id, outcome = ?report.outcome, "completion reported");
-        if let Some(holder) = &report.holder {
-            inner.drivers.credit(holder, Credit::Completed);
+        let (outcome, wake) = {
+            let mut inner = self.lock();
+            let report = inner
+                .queue
+                .complete(job_id, lease_id, result)
+                .map_err(|e| report_refusal(job_id, e))?;
+            tracing::debug!(%job_id, %lease_id, outcome = ?report.outcome, "completion reported");
+            if let Some(holder) = &report.holder {
+                inner.drivers.credit(holder, Credit::Completed);
+            }
+            let wake = report.settled.and_then(|(origin, terminal)| {
+                inner.settle(origin, terminal, report.holder, self.clock.now_us())
+            });
+            (report.outcome, wake)
+        };
+        if let Some(waiters) = wake {
+            waiters.notify_waiters();
         }
-        if let Some((origin, terminal)) = report.settled {
-            inner.settle(origin, terminal);
-        }
-        Ok(report.outcome)
+        Ok(outcome)
     }
 
     /// Extends the current lease of a job.
@@ -540,7 +724,7 @@ impl SimState {
         lease_id: &LeaseId,
         failure: &JobFailure,
     ) -> Result<ReportOutcome, Refusal> {
-        let report = {
+        let (report, wake) = {
             let mut inner = self.lock();
             let report = inner
                 .queue
@@ -549,12 +733,15 @@ impl SimState {
             if let Some(holder) = &report.holder {
                 inner.drivers.credit(holder, Credit::Failed);
             }
-            if let Some((origin, terminal)) = report.settled.clone() {
-                inner.settle(origin, terminal);
-            }
-            report
+            let wake = report.settled.clone().and_then(|(origin, terminal)| {
+                inner.settle(origin, terminal, report.holder.clone(), self.clock.now_us())
+            });
+            (report, wake)
         };
         tracing::debug!(%job_id, %lease_id, code = failure.code.as_str(), retryable = failure.retryable, outcome = ?report.outcome, "failure reported");
+        if let Some(waiters) = wake {
+            waiters.notify_waiters();
+        }
         if report.requeued {
             self.jobs_ready.notify_waiters();
         }
@@ -563,43 +750,80 @@ impl SimState {
 }
 
 impl Inner {
-    /// Applies a finished job to its key or signature request.
-    fn settle(&mut self, origin: Origin, terminal: Terminal) {
+    fn key_mut(&mut self, key_id: &str) -> Result<&mut KeyRecord, Refusal> {
+        KeyId::new(key_id)
+            .ok()
+            .and_then(|id| self.keys.get_mut(&id))
+            .ok_or_else(|| Refusal::not_found(format!("no key {key_id}")))
+    }
+
+    fn signature_mut(
+        &mut self,
+        key_id: &str,
+        signature_id: &str,
+    ) -> Result<&mut SignatureRecord, Refusal> {
+        self.signatures
+            .get_mut(signature_id)
+            .filter(|s| s.key_id.as_str() == key_id)
+            .ok_or_else(|| {
+                Refusal::not_found(format!("no signature {signature_id} for key {key_id}"))
+            })
+    }
+
+    fn lifecycle_mut(&mut self, origin: &Origin) -> Option<&mut Lifecycle> {
+        match origin {
+            Origin::Key(id) => KeyId::new(id.as_str())
+                .ok()
+                .and_then(|id| self.keys.get_mut(&id))
+                .map(|key| &mut key.lifecycle),
+            Origin::Signature(id) => self.signatures.get_mut(id).map(|s| &mut s.lifecycle),
+        }
+    }
+
+    /// Applies a finished job to its key or signature request, settled at `at_us` by the
+    /// report of `by`; returns the waiters to wake once the lock is released.
+    fn settle(
+        &mut self,
+        origin: Origin,
+        terminal: Terminal,
+        by: Option<Arc<str>>,
+        at_us: u64,
+    ) -> Option<Arc<Notify>> {
         match origin {
             Origin::Key(id) => {
-                let Some(key) = KeyId::new(id).ok().and_then(|id| self.keys.get_mut(&id)) else {
-                    return;
-                };
+                let key = KeyId::new(id).ok().and_then(|id| self.keys.get_mut(&id))?;
                 match terminal {
                     Terminal::Completed(JobResult::PublicKey(public_key)) => {
                         key.status = KeyStatus::Active;
                         key.public_key = Some(public_key);
                         tracing::info!(key_id = %key.id, "key active");
                     }
-                    Terminal::Completed(JobResult::Signature(_)) => {}
+                    // The queue checks results against their jobs: cannot happen.
+                    Terminal::Completed(JobResult::Signature(_)) => return None,
                     Terminal::Failed { reason } => {
                         tracing::info!(key_id = %key.id, %reason, "key generation failed");
                         key.status = KeyStatus::Failed;
                         key.reason = Some(reason);
                     }
                 }
+                key.lifecycle.settled(at_us, by)
             }
             Origin::Signature(id) => {
-                let Some(signature) = self.signatures.get_mut(&id) else {
-                    return;
-                };
+                let signature = self.signatures.get_mut(&id)?;
                 match terminal {
                     Terminal::Completed(JobResult::Signature(result)) => {
                         signature.status = SignatureStatus::Signed;
                         signature.signature = Some(result);
                     }
-                    Terminal::Completed(JobResult::PublicKey(_)) => {}
+                    // The queue checks results against their jobs: cannot happen.
+                    Terminal::Completed(JobResult::PublicKey(_)) => return None,
                     Terminal::Failed { reason } => {
                         tracing::info!(signature_id = %signature.id, %reason, "signature failed");
                         signature.status = SignatureStatus::Failed;
                         signature.reason = Some(reason);
                     }
                 }
+                signature.lifecycle.settled(at_us, by)
             }
         }
     }
@@ -956,5 +1180,127 @@ mod tests {
         );
         state.create_key(Scheme::Ecdsa, Curve::Secp256k1).unwrap();
         assert_eq!(state.stats().queued, 2, "the refused key queued nothing");
+    }
+
+    fn hash_request(byte: u8) -> WireSignatureRequest {
+        WireSignatureRequest::Hash {
+            hash: wire::encode_hex_prefixed(&[byte; 32]),
+        }
+    }
+
+    fn a_signature() -> SignatureResult {
+        SignatureResult {
+            r: [1; 32],
+            s: [2; 32],
+            recid: Some(0),
+            encoded: vec![0x30, 0],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_get_returns_when_its_record_settles_and_only_then() {
+        let state = state(Duration::from_secs(30));
+        let key = state.create_key(Scheme::Ecdsa, Curve::Secp256k1).unwrap();
+        activate(&state, &key);
+        let one = state.request_signature(&key.id, hash_request(1)).unwrap();
+        let two = state.request_signature(&key.id, hash_request(2)).unwrap();
+        let mut waiting = state.waiting_result_polls();
+        let wait = |id: String| {
+            let (state, key_id) = (state.clone(), key.id.clone());
+            tokio::spawn(async move {
+                state
+                    .wait_signature(&key_id, &id, Duration::from_secs(20))
+                    .await
+                    .unwrap()
+            })
+        };
+        let (wait_one, wait_two) = (wait(one.id.clone()), wait(two.id.clone()));
+        waiting.wait_for(|n| *n == 2).await.unwrap();
+        assert_eq!(state.stats().waiting_result_polls, 2);
+
+        let jobs = state.lease(DRIVER, 1, Duration::ZERO).await.unwrap();
+        let (job, lease) = ids(&jobs[0]);
+        state
+            .complete(&job, &lease, JobResult::Signature(a_signature()))
+            .unwrap();
+        let signed = wait_one.await.unwrap();
+        assert_eq!(signed.status, "Signed");
+        // The other record's waiter was not answered.
+        waiting.wait_for(|n| *n == 1).await.unwrap();
+        assert!(!wait_two.is_finished());
+        wait_two.abort();
+    }
+
+    #[tokio::test]
+    async fn a_waiting_get_answers_the_unsettled_record_after_the_wait_or_at_shutdown() {
+        let state = state(Duration::from_secs(30));
+        let key = state.create_key(Scheme::Ecdsa, Curve::Secp256k1).unwrap();
+        let started = tokio::time::Instant::now();
+        let view = state
+            .wait_key(&key.id, Duration::from_millis(50))
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(view.status, "Creating");
+        assert_eq!(*state.waiting_result_polls().borrow(), 0);
+        assert_eq!(
+            state
+                .wait_key("key-nope", Duration::from_secs(5))
+                .await
+                .unwrap_err()
+                .status,
+            StatusCode::NOT_FOUND
+        );
+
+        let mut waiting = state.waiting_result_polls();
+        let poll = tokio::spawn({
+            let (state, id) = (state.clone(), key.id.clone());
+            async move { state.wait_key(&id, Duration::from_secs(60)).await }
+        });
+        waiting.wait_for(|n| *n == 1).await.unwrap();
+        state.shutdown.cancel();
+        assert_eq!(poll.await.unwrap().unwrap().status, "Creating");
+    }
+
+    #[tokio::test]
+    async fn a_settled_record_is_answered_at_once_with_its_timings() {
+        let state = state(Duration::from_secs(30));
+        let key = state.create_key(Scheme::Eddsa, Curve::Ed25519).unwrap();
+        assert!(key.created_at_us > 1_600_000_000_000_000, "{key:?}");
+        assert_eq!(
+            (key.first_leased_at_us, key.settled_at_us, key.completed_by),
+            (None, None, None)
+        );
+        let jobs = state.lease(DRIVER, 1, Duration::ZERO).await.unwrap();
+        let leased = state.get_key(&key.id).unwrap();
+        let first_leased = leased.first_leased_at_us.unwrap();
+        assert!(key.created_at_us <= first_leased);
+        assert_eq!(leased.settled_at_us, None);
+
+        let (job, lease) = ids(&jobs[0]);
+        let failure = JobFailure {
+            code: FailureCode::HsmError,
+            message: "busy".into(),
+            retryable: true,
+        };
+        state.fail(&job, &lease, &failure).unwrap();
+        // Delivered again: the first lease's time stays.
+        state.register(registration("drv-2", &ALL));
+        let jobs = state.lease("drv-2", 1, Duration::ZERO).await.unwrap();
+        let (job, lease) = ids(&jobs[0]);
+        state
+            .complete(&job, &lease, JobResult::PublicKey(vec![7; 32]))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let active = state
+            .wait_key(&key.id, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(active.status, "Active");
+        assert_eq!(active.first_leased_at_us, Some(first_leased));
+        assert!(first_leased <= active.settled_at_us.unwrap());
+        assert_eq!(active.completed_by.as_deref(), Some("drv-2"));
+        assert_eq!(active.created_at_us, key.created_at_us);
     }
 }

@@ -117,6 +117,21 @@ pub(crate) struct HsmSection {
     /// TESTS AND FAULT DRILLS ONLY: make the HSM fail on demand.
     #[serde(default)]
     pub(crate) fault_injection: Option<FaultInjectionSection>,
+    /// The opt-in hot-key path (absent: strictly stateless, the default).
+    #[serde(default)]
+    pub(crate) hot_keys: Option<HotKeysSection>,
+}
+
+/// `[hsm.hot_keys]`: keep recently used keys unwrapped (sensitive, non-extractable session
+/// objects) so busy wallets skip the unwrap. Off unless this section is present; see the
+/// trade-off in `docs/security.md`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HotKeysSection {
+    /// Most keys kept unwrapped per HSM session.
+    pub(crate) capacity: usize,
+    /// Longest time a key stays unwrapped after its unwrap, in milliseconds.
+    pub(crate) ttl_ms: u64,
 }
 
 /// `[hsm.fault_injection]`: while `trigger_file` exists, every HSM operation fails as a device
@@ -337,6 +352,14 @@ impl Config {
         if self.hsm.sessions == Some(0) {
             bail!("hsm.sessions: must be at least 1");
         }
+        if let Some(hot) = &self.hsm.hot_keys {
+            if hot.capacity == 0 {
+                bail!("hsm.hot_keys.capacity: must be at least 1");
+            }
+            if hot.ttl_ms == 0 {
+                bail!("hsm.hot_keys.ttl_ms: must be at least 1");
+            }
+        }
         if self.driver.health_check_interval_ms == 0 {
             bail!("driver.health_check_interval_ms: must be at least 1");
         }
@@ -456,6 +479,26 @@ user_pin_file = "pin"
         let text = format!("{GOOD}[database]\nconnect_timeout_ms = 0\n");
         let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
         assert!(err.contains("database.connect_timeout_ms"), "{err}");
+        // Tried: hot keys with no capacity, and with no time-to-live.
+        for (field, section) in [
+            ("capacity", "capacity = 0\nttl_ms = 1000"),
+            ("ttl_ms", "capacity = 8\nttl_ms = 0"),
+        ] {
+            let text = format!("{GOOD}[hsm.hot_keys]\n{section}\n");
+            let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+            assert!(err.contains(&format!("hsm.hot_keys.{field}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn hot_keys_are_off_unless_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&write(dir.path(), GOOD)).unwrap();
+        assert!(config.hsm.hot_keys.is_none());
+        let text = format!("{GOOD}[hsm.hot_keys]\ncapacity = 8\nttl_ms = 5000\n");
+        let config = Config::load(&write(dir.path(), &text)).unwrap();
+        let hot = config.hsm.hot_keys.unwrap();
+        assert_eq!((hot.capacity, hot.ttl_ms), (8, 5000));
     }
 
     #[test]

@@ -72,6 +72,7 @@ mod tests {
             sessions: None,
             dangerous_allow_unsafe_master_key: false,
             fault_injection: None,
+            hot_keys: None,
         }
     }
 

@@ -30,6 +30,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         master_key_label: "hsm-driver-master-key".to_owned(),
         sessions: 2,
         wrap_mechanism: WrapMechanism::AesKeyWrapPad,
+        hot_keys: None,
     };
     let hsm = tokio::task::spawn_blocking(move || Pkcs11Hsm::open(&module, settings)).await??;
 

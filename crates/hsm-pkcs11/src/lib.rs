@@ -30,6 +30,8 @@
 //!   [`fault::FaultSwitch`] is tripped (manually, or while a trigger file exists), for tests
 //!   and fault drills of the failure handling above.
 //! - [`softhsm`] (feature `softhsm-fixture`): isolated SoftHSMv2 tokens for tests.
+//! - `anchor` (feature `bench`): the workers' PKCS#11 work per job on one plain session, the
+//!   raw baseline `hsm-driver-bench` compares the driver with.
 
 mod error;
 pub mod fault;
@@ -50,9 +52,11 @@ pub use hsm::{
     Capabilities, GeneratedKey, Hsm, KeyScheme, MasterKeyInfo, SchemeSupport, SignPayload,
     SignRequest, Signature, WrapMechanism, WrappedKey,
 };
+#[cfg(feature = "bench")]
+pub use pkcs11::anchor;
 pub use pkcs11::{
-    Attack, AttackOutcome, AttackRecord, FindingKind, Pkcs11Config, Pkcs11Hsm, Pkcs11Module,
-    SelfTestFinding, SelfTestReport, Severity, TokenReport, create_mac_key, create_master_key,
-    import_mac_key, import_master_key,
+    Attack, AttackOutcome, AttackRecord, FindingKind, HotKeyStats, HotKeys, Pkcs11Config,
+    Pkcs11Hsm, Pkcs11Module, SelfTestFinding, SelfTestReport, Severity, TokenReport,
+    create_mac_key, create_master_key, import_mac_key, import_master_key,
 };
 pub use record_mac::{RECORD_MAC_DOMAIN, record_mac_key_label, record_mac_message};

@@ -356,6 +356,7 @@ impl SoftHsmToken {
             master_key_label: self.master_key_label.clone(),
             sessions,
             wrap_mechanism: WrapMechanism::AesKeyWrapPad,
+            hot_keys: None,
         }
     }
 

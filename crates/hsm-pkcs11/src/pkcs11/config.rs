@@ -1,6 +1,7 @@
 //! [`Pkcs11Config`]: which token, PIN, master key and how many sessions.
 
 use std::fmt;
+use std::time::Duration;
 
 use secrecy::SecretString;
 
@@ -21,6 +22,27 @@ pub struct Pkcs11Config {
     /// The mechanism new keys are wrapped with. Existing keys are always unwrapped with the
     /// mechanism recorded with them.
     pub wrap_mechanism: WrapMechanism,
+    /// The opt-in hot-key path (`None`, the default: strictly stateless, every signature
+    /// unwraps its key and destroys it at once). See [`HotKeys`].
+    pub hot_keys: Option<HotKeys>,
+}
+
+/// The hot-key path: each worker session keeps the keys it recently unwrapped as sensitive,
+/// non-extractable **session** objects, so that repeated signatures with a few busy keys skip
+/// the unwrap (the expensive part of a signature on most HSMs).
+///
+/// Bounded: at most `capacity` keys per session (least recently used evicted first), each for
+/// at most `ttl` after it was unwrapped, whether used or not. All of a session's hot keys are
+/// destroyed on any PKCS#11 error in that session, when the pool is recovered, and on shutdown.
+/// A hot key is found by the SHA-256 of the stored record's blob, mechanism, scheme and public
+/// key, and every signature is still verified against the stored public key. Never a token
+/// object. The trade-off against strict statelessness is in `docs/security.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotKeys {
+    /// Most keys kept per session (at least 1).
+    pub capacity: usize,
+    /// Longest time a key stays unwrapped after its unwrap (more than zero).
+    pub ttl: Duration,
 }
 
 impl fmt::Debug for Pkcs11Config {
@@ -31,6 +53,7 @@ impl fmt::Debug for Pkcs11Config {
             .field("master_key_label", &self.master_key_label)
             .field("sessions", &self.sessions)
             .field("wrap_mechanism", &self.wrap_mechanism)
+            .field("hot_keys", &self.hot_keys)
             .finish()
     }
 }
@@ -47,6 +70,7 @@ mod tests {
             master_key_label: "m".into(),
             sessions: 2,
             wrap_mechanism: WrapMechanism::AesKeyWrapPad,
+            hot_keys: None,
         };
         let debug = format!("{config:?}");
         assert!(!debug.contains("hunter2"), "{debug}");

@@ -142,6 +142,21 @@ pub(crate) fn unwrap_and_sign(
     master: ObjectHandle,
     request: &SignRequest,
 ) -> Result<Signature, HsmError> {
+    let key = ObjectGuard::new(
+        session,
+        unwrap_signing_key(session, master, request)?,
+        "unwrapped private key",
+    );
+    sign_with(session, key.handle(), request)
+}
+
+/// Unwraps `request.wrapped` as a sensitive, non-extractable signing session object. The
+/// caller owns the handle and must destroy it.
+pub(crate) fn unwrap_signing_key(
+    session: &Session,
+    master: ObjectHandle,
+    request: &SignRequest,
+) -> Result<ObjectHandle, HsmError> {
     signature::check_payload(request.scheme, &request.payload)?;
     let (key_type, _, _) = scheme_parameters(request.scheme);
     // Class and key type are required; SoftHSMv2 defaults sensitive to false: say it.
@@ -153,7 +168,7 @@ pub(crate) fn unwrap_and_sign(
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
     ];
-    let key = session
+    session
         .unwrap_key(
             &wrap_mechanism(request.wrapped.mechanism),
             master,
@@ -169,26 +184,31 @@ pub(crate) fn unwrap_and_sign(
                     source,
                 }
             }
-        })?;
-    let key = ObjectGuard::new(session, key, "unwrapped private key");
-    let signed = match &request.payload {
+        })
+}
+
+/// Signs `request.payload` with the private key `key` (unwrapped from `request.wrapped`) and
+/// verifies the signature against `request.public_key`.
+pub(crate) fn sign_with(
+    session: &Session,
+    key: ObjectHandle,
+    request: &SignRequest,
+) -> Result<Signature, HsmError> {
+    match &request.payload {
         SignPayload::Digest(digest) => {
             let raw = session
-                .sign(&Mechanism::Ecdsa, key.handle(), digest)
+                .sign(&Mechanism::Ecdsa, key, digest)
                 .map_err(HsmError::pkcs11("C_Sign"))?;
-            drop(key);
-            signature::finish_ecdsa(request.scheme, &request.public_key, digest, &raw)?
+            signature::finish_ecdsa(request.scheme, &request.public_key, digest, &raw)
         }
         SignPayload::Message(message) => {
             let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
             let raw = session
-                .sign(&mechanism, key.handle(), message)
+                .sign(&mechanism, key, message)
                 .map_err(HsmError::pkcs11("C_Sign"))?;
-            drop(key);
-            signature::finish_ed25519(&request.public_key, message, &raw)?
+            signature::finish_ed25519(&request.public_key, message, &raw)
         }
-    };
-    Ok(signed)
+    }
 }
 
 /// The fixed, public canary key value: SHA-256 of a versioned constant. Not a secret.

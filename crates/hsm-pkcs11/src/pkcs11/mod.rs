@@ -11,8 +11,11 @@
 //! the new pool. The order matters: SoftHSMv2 reuses freed session handle numbers, so a stale
 //! session closed after new ones are open could close a new one.
 
+#[cfg(feature = "bench")]
+pub mod anchor;
 mod config;
 mod guard;
+mod hot_keys;
 mod keys;
 mod mac;
 mod module;
@@ -35,7 +38,8 @@ use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use tokio::sync::oneshot;
 
-pub use config::Pkcs11Config;
+pub use config::{HotKeys, Pkcs11Config};
+pub use hot_keys::HotKeyStats;
 pub use module::Pkcs11Module;
 #[cfg(feature = "softhsm-fixture")]
 pub(crate) use provision::{PolicyDeviation, generate_master_key};
@@ -53,6 +57,7 @@ use crate::hsm::{
     Signature,
 };
 use crate::record_mac::record_mac_key_label;
+use hot_keys::HotKeyCounters;
 use pool::{KeepAlive, Pool};
 use token::OwnedSession;
 use worker::Job;
@@ -84,6 +89,8 @@ struct Shared {
     recovery: Mutex<()>,
     /// Counts the pools installed by recoveries.
     generation: AtomicU64,
+    /// The hot-key counters of every worker, across recoveries.
+    hot_keys: Arc<HotKeyCounters>,
 }
 
 /// Whether jobs can run.
@@ -153,7 +160,14 @@ impl Shared {
                 found,
             });
         }
-        Pool::start(context, slot, keepalive, &self.config, &self.mac_label)
+        Pool::start(
+            context,
+            slot,
+            keepalive,
+            &self.config,
+            &self.mac_label,
+            &self.hot_keys,
+        )
     }
 
     /// [`Hsm::recover`], on a blocking thread. `seen` is the generation when it was called.
@@ -252,6 +266,14 @@ impl Pkcs11Hsm {
                 reason: "sessions must be at least 1".into(),
             });
         }
+        if let Some(hot) = config.hot_keys {
+            if hot.capacity == 0 || hot.ttl.is_zero() {
+                return Err(HsmError::Config {
+                    reason: "hot keys need a capacity of at least 1 and a time-to-live above zero"
+                        .into(),
+                });
+            }
+        }
         let context = module.context();
         let slot = token::find_slot(context, &config.token_label)?;
         let keepalive = token::open_owned_session(context, slot, &config.user_pin)?;
@@ -261,7 +283,8 @@ impl Pkcs11Hsm {
         let fingerprint = keys::fingerprint(keepalive.get(), master)?;
         let capabilities = probe::probe(keepalive.get(), master, config.wrap_mechanism);
         // On an error, the sessions opened so far are closed before this returns.
-        let pool = Pool::start(context, slot, keepalive, &config, &mac_label)?;
+        let hot_keys = Arc::new(HotKeyCounters::default());
+        let pool = Pool::start(context, slot, keepalive, &config, &mac_label, &hot_keys)?;
         tracing::info!(
             token = %config.token_label,
             sessions = config.sessions,
@@ -281,10 +304,17 @@ impl Pkcs11Hsm {
                 state: RwLock::new(PoolState::Ready(pool)),
                 recovery: Mutex::new(()),
                 generation: AtomicU64::new(0),
+                hot_keys,
             }),
             capabilities,
             master,
         })
+    }
+
+    /// The hot-key counters, summed over every session since [`Pkcs11Hsm::open`] (all zero
+    /// when [`Pkcs11Config::hot_keys`] is `None`).
+    pub fn hot_key_stats(&self) -> HotKeyStats {
+        self.shared.hot_keys.snapshot()
     }
 
     /// Identifies the token and counts private- and secret-key objects. Blocking (runs on the

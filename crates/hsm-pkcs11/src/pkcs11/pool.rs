@@ -11,6 +11,7 @@ use cryptoki::context::Pkcs11;
 use cryptoki::slot::Slot;
 
 use super::config::Pkcs11Config;
+use super::hot_keys::{HotKeyCache, HotKeyCounters};
 use super::token::{self, OwnedSession};
 use super::worker::{Job, Worker};
 use crate::error::HsmError;
@@ -43,6 +44,7 @@ impl Pool {
         keepalive: OwnedSession,
         config: &Pkcs11Config,
         mac_label: &str,
+        hot_keys: &Arc<HotKeyCounters>,
     ) -> Result<Pool, HsmError> {
         let (jobs, receiver) = crossbeam_channel::unbounded();
         let stopping = Arc::new(AtomicBool::new(false));
@@ -67,6 +69,9 @@ impl Pool {
                 wrap_mechanism: config.wrap_mechanism,
                 jobs: receiver.clone(),
                 stopping: Arc::clone(&stopping),
+                hot: config
+                    .hot_keys
+                    .map(|limits| HotKeyCache::new(limits, Arc::clone(hot_keys))),
             };
             pool.workers.push(worker.spawn(index)?);
         }

@@ -5,12 +5,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::{Session, SessionState};
 use tokio::sync::oneshot;
 
+use super::guard::ObjectGuard;
+use super::hot_keys::{HotKeyCache, cache_id};
 use super::pool::KeepAlive;
 use super::token::OwnedSession;
 use super::{keys, mac};
@@ -62,6 +65,43 @@ fn check_session(session: &Session) -> Result<(), HsmError> {
     }
 }
 
+/// Signs with a hot key: the one already unwrapped for this exact record, else unwraps it and
+/// keeps it. Any PKCS#11 error (or a signature that does not verify) destroys every hot key of
+/// the session: the next signatures start from the stored blobs again.
+fn sign_hot(
+    session: &Session,
+    master: ObjectHandle,
+    hot: &mut HotKeyCache,
+    request: &SignRequest,
+) -> Result<Signature, HsmError> {
+    let id = cache_id(request);
+    if let Some(key) = hot.get(session, &id) {
+        let result = keys::sign_with(session, key, request);
+        if result.is_err() {
+            hot.clear(session);
+        }
+        return result;
+    }
+    let key = match keys::unwrap_signing_key(session, master, request) {
+        Ok(key) => key,
+        Err(error) => {
+            hot.clear(session);
+            return Err(error);
+        }
+    };
+    match keys::sign_with(session, key, request) {
+        Ok(signature) => {
+            hot.insert(session, id, key);
+            Ok(signature)
+        }
+        Err(error) => {
+            drop(ObjectGuard::new(session, key, "unwrapped private key"));
+            hot.clear(session);
+            Err(error)
+        }
+    }
+}
+
 /// What a worker thread owns.
 pub(crate) struct Worker {
     pub(crate) session: OwnedSession,
@@ -72,6 +112,8 @@ pub(crate) struct Worker {
     /// Set when the pool stops: queued jobs are then dropped (their callers see
     /// [`HsmError::WorkerUnavailable`]) instead of run.
     pub(crate) stopping: Arc<AtomicBool>,
+    /// The opt-in hot-key cache of this session (`None`: strictly stateless).
+    pub(crate) hot: Option<HotKeyCache>,
 }
 
 impl Worker {
@@ -87,9 +129,30 @@ impl Worker {
             })
     }
 
-    fn run(self) {
+    fn run(mut self) {
         let session = self.session.get();
-        while let Ok(job) = self.jobs.recv() {
+        loop {
+            // With hot keys held, wake up when the oldest expires even if no job comes.
+            let wait = self
+                .hot
+                .as_ref()
+                .and_then(|hot| hot.next_expiry(Instant::now()));
+            let job = match wait {
+                None => match self.jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+                Some(wait) => match self.jobs.recv_timeout(wait) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Some(hot) = self.hot.as_mut() {
+                            hot.evict_expired(session, Instant::now());
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+            };
             if self.stopping.load(Ordering::Acquire) {
                 break;
             }
@@ -107,7 +170,10 @@ impl Worker {
                     if reply.is_closed() {
                         continue;
                     }
-                    let result = keys::unwrap_and_sign(session, self.master, &request);
+                    let result = match self.hot.as_mut() {
+                        None => keys::unwrap_and_sign(session, self.master, &request),
+                        Some(hot) => sign_hot(session, self.master, hot, &request),
+                    };
                     let _ = reply.send(result);
                 }
                 Job::Mac { message, reply } => {
@@ -134,6 +200,10 @@ impl Worker {
                     let _ = reply.send(self.check(session, &keepalive));
                 }
             }
+        }
+        // Hot keys never outlive the worker (closing the session would destroy them too).
+        if let Some(hot) = self.hot.as_mut() {
+            hot.clear(session);
         }
         tracing::debug!("HSM worker stopped");
     }

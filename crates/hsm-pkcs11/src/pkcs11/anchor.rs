@@ -1,0 +1,135 @@
+//! The raw PKCS#11 anchor for benchmarks (feature `bench`): the exact PKCS#11 work a worker
+//! does per job, on one logged-in session, with no pool, channel, async runtime or driver
+//! around it. `hsm-driver-bench` runs it in a loop, one thread per session, and compares the
+//! driver's end-to-end throughput with it.
+//!
+//! Nothing here is a second copy of the data path: [`AnchorSession::generate_and_wrap`] and
+//! [`AnchorSession::sign`] call the worker's own functions, and
+//! [`AnchorSession::unwrap_sign_destroy`] calls the worker's unwrap (same template, same
+//! mechanism), `CKM_ECDSA` sign and destroys the key through the same guard, leaving out only
+//! the software half of a worker's signature (low-s normalisation, recovery id and
+//! verification against the public key), which is not PKCS#11 work.
+//!
+//! ```no_run
+//! # fn demo(module: &hsm_pkcs11::Pkcs11Module, config: &hsm_pkcs11::Pkcs11Config)
+//! #     -> Result<(), hsm_pkcs11::HsmError> {
+//! use hsm_pkcs11::anchor::AnchorSession;
+//! use hsm_pkcs11::{KeyScheme, SignPayload, SignRequest};
+//!
+//! let session = AnchorSession::open(module, config)?;
+//! let key = session.generate_and_wrap(KeyScheme::EcdsaSecp256k1)?;
+//! let request = SignRequest {
+//!     scheme: KeyScheme::EcdsaSecp256k1,
+//!     public_key: key.public_key,
+//!     wrapped: key.wrapped,
+//!     payload: SignPayload::Digest([0x11; 32]),
+//! };
+//! let raw = session.unwrap_sign_destroy(&request)?; // r || s, as the token returned it
+//! assert_eq!(raw.len(), 64);
+//! session.close()?;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::ObjectHandle;
+
+use super::guard::ObjectGuard;
+use super::keys;
+use super::token::{self, OwnedSession};
+use crate::error::HsmError;
+use crate::hsm::{GeneratedKey, KeyScheme, SignPayload, SignRequest, Signature, WrapMechanism};
+use crate::pkcs11::{Pkcs11Config, Pkcs11Module};
+
+/// One logged-in read-write session with the master key looked up once, as a worker holds
+/// them. `Send` but not `Sync` (a PKCS#11 session belongs to one thread at a time): open one
+/// per thread. Closed by [`AnchorSession::close`] or on drop.
+pub struct AnchorSession {
+    session: OwnedSession,
+    master: ObjectHandle,
+    wrap_mechanism: WrapMechanism,
+}
+
+impl AnchorSession {
+    /// Finds the token labelled `config.token_label`, opens a session, logs in with
+    /// `config.user_pin` and finds the master key labelled `config.master_key_label`.
+    /// `config.sessions` and `config.hot_keys` are ignored (one session, strictly stateless);
+    /// `config.wrap_mechanism` wraps generated keys. Blocking.
+    ///
+    /// # Errors
+    /// [`HsmError::TokenNotFound`], [`HsmError::MasterKeyNotFound`], or
+    /// [`HsmError::Pkcs11`] naming the failing call (`C_OpenSession`, `C_Login`…).
+    pub fn open(module: &Pkcs11Module, config: &Pkcs11Config) -> Result<Self, HsmError> {
+        let context = module.context();
+        let slot = token::find_slot(context, &config.token_label)?;
+        let session = token::open_owned_session(context, slot, &config.user_pin)?;
+        let master = token::find_master_key(session.get(), &config.master_key_label)?;
+        Ok(Self {
+            session,
+            master,
+            wrap_mechanism: config.wrap_mechanism,
+        })
+    }
+
+    /// A worker's key generation: `C_GenerateKeyPair` (session objects), `C_GetAttributeValue`
+    /// of the public point, `C_WrapKey` of the private key under the master key, and
+    /// `C_DestroyObject` of both. Blocking.
+    ///
+    /// # Errors
+    /// [`HsmError::Pkcs11`] naming the failing call.
+    pub fn generate_and_wrap(&self, scheme: KeyScheme) -> Result<GeneratedKey, HsmError> {
+        keys::generate_and_wrap(self.session.get(), self.master, scheme, self.wrap_mechanism)
+    }
+
+    /// The PKCS#11 part of a worker's signature: `C_UnwrapKey` with the worker's template,
+    /// `C_Sign` with `CKM_ECDSA`, `C_DestroyObject`. Returns the token's raw `r || s`,
+    /// neither normalised nor verified. ECDSA only. Blocking.
+    ///
+    /// # Errors
+    /// [`HsmError::InvalidPayload`] for an EdDSA request; [`HsmError::UnwrapFailed`] for a blob
+    /// this master key did not wrap; [`HsmError::Pkcs11`] naming the failing call.
+    pub fn unwrap_sign_destroy(&self, request: &SignRequest) -> Result<Vec<u8>, HsmError> {
+        let SignPayload::Digest(digest) = &request.payload else {
+            return Err(HsmError::InvalidPayload {
+                reason: "the raw anchor signs ECDSA digests only".into(),
+            });
+        };
+        let session = self.session.get();
+        let key = ObjectGuard::new(
+            session,
+            keys::unwrap_signing_key(session, self.master, request)?,
+            "unwrapped private key",
+        );
+        session
+            .sign(&Mechanism::Ecdsa, key.handle(), digest)
+            .map_err(HsmError::pkcs11("C_Sign"))
+    }
+
+    /// A worker's whole signature: [`unwrap_sign_destroy`](Self::unwrap_sign_destroy) plus
+    /// the software half (low-s, recovery id, verification against `request.public_key`).
+    /// Blocking.
+    ///
+    /// # Errors
+    /// As the worker: [`HsmError::UnwrapFailed`], [`HsmError::Pkcs11`], or a signature that
+    /// does not verify.
+    pub fn sign(&self, request: &SignRequest) -> Result<Signature, HsmError> {
+        keys::unwrap_and_sign(self.session.get(), self.master, request)
+    }
+
+    /// Closes the session (`C_CloseSession`).
+    ///
+    /// # Errors
+    /// [`HsmError::Pkcs11`] naming `C_CloseSession`.
+    pub fn close(self) -> Result<(), HsmError> {
+        self.session.close()
+    }
+}
+
+impl fmt::Debug for AnchorSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnchorSession")
+            .field("wrap_mechanism", &self.wrap_mechanism)
+            .finish_non_exhaustive()
+    }
+}

@@ -26,8 +26,10 @@ pub struct DeploymentOptions {
     pub softhsm_module: PathBuf,
     /// The key store; default: a SQLite file in `work_dir`.
     pub database_url: Option<String>,
-    /// Driver workers (and HSM sessions).
+    /// Driver workers: jobs executed at once (and HSM sessions, unless `hsm_sessions`).
     pub workers: usize,
+    /// HSM sessions; `None`: as many as workers (the driver's default).
+    pub hsm_sessions: Option<usize>,
     /// The simulator's lease duration, in seconds.
     pub lease_secs: u64,
     /// The driver's log filter (`[log] level`).
@@ -45,6 +47,7 @@ impl DeploymentOptions {
             softhsm_module,
             database_url: None,
             workers: 2,
+            hsm_sessions: None,
             lease_secs: 30,
             log_level: "info".to_owned(),
             master_key: MasterKeyProvisioning::Generate,
@@ -105,6 +108,7 @@ impl Deployment {
         }
         let mut settings = DriverSettings::new("driver-1", &database_url);
         settings.workers = options.workers;
+        settings.hsm_sessions = options.hsm_sessions;
         settings.log_level = options.log_level.clone();
         let api_url = sim.driver_url();
         // `pki/…` relative to the configuration file (tests rewrite these paths).
@@ -185,6 +189,27 @@ impl Deployment {
             );
         }
         Ok(response.body)
+    }
+
+    /// The driver's process id, while it runs (for CPU time and memory from `/proc`).
+    pub fn driver_pid(&self) -> Option<u32> {
+        self.driver.pid()
+    }
+
+    /// The simulator's process id, while it runs.
+    pub fn simulator_pid(&self) -> Option<u32> {
+        self.sim.pid()
+    }
+
+    /// The driver's token (its `SOFTHSM2_CONF`, label and PIN file), for tools that use the
+    /// token beside the driver, such as the benchmark's bulk loading of key records.
+    pub fn driver_token(&self) -> &SoftHsmToken {
+        self.driver.token()
+    }
+
+    /// The key store the driver uses (`[database] url`).
+    pub fn database_url(&self) -> &str {
+        &self.settings.database_url
     }
 
     /// The directory holding the PKI files (`ca.pem`, `client.pem`, `rogue-client.pem`, …).

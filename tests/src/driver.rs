@@ -31,8 +31,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct DriverSettings {
     /// `[driver] id`.
     pub id: String,
-    /// `[driver] workers` (and HSM sessions).
+    /// `[driver] workers`: jobs executed at once (and HSM sessions, unless `hsm_sessions`).
     pub workers: usize,
+    /// `[hsm] sessions`; `None`: the driver's default (as many as workers).
+    pub hsm_sessions: Option<usize>,
     /// `[database] url`.
     pub database_url: String,
     /// `[log] level`.
@@ -55,6 +57,7 @@ impl DriverSettings {
         Self {
             id: id.to_owned(),
             workers: 2,
+            hsm_sessions: None,
             database_url: database_url.to_owned(),
             log_level: "info".to_owned(),
             health_check_interval_ms: None,
@@ -121,6 +124,9 @@ master_key_label = "{MASTER_KEY_LABEL}"
         label = token.label,
         pin = token.pin_file.display(),
     );
+    if let Some(sessions) = settings.hsm_sessions {
+        let _ = writeln!(text, "sessions = {sessions}");
+    }
     if let Some(trigger) = &settings.fault_trigger_file {
         let _ = write!(
             text,
@@ -317,6 +323,11 @@ impl DriverProcess {
             })??;
         self.child = None;
         Ok((status, log_since(&self.log, self.run_offset)))
+    }
+
+    /// The process id of the current run, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     /// Whether the process is running (reaps it if it has exited).

@@ -35,7 +35,7 @@ pub use master_key::{MASTER_KEY_LABEL, MasterKeyProvisioning, SharedMasterKey};
 pub use simulator::SimulatorOptions;
 pub use telemetry::{Readiness, TelemetryResponse};
 pub use token::{SoftHsmToken, softhsm_module_path};
-pub use verify::{same_public_key, verify_signature};
+pub use verify::{ApiSignature, same_public_key, verify_signature};
 pub use workload::{
     ContinuousSummary, ContinuousWorkload, ContinuousWorkloadHandle, CreatedKey, Workload,
     WorkloadSummary, sign_and_verify,

@@ -122,6 +122,11 @@ impl Simulator {
         &self.log
     }
 
+    /// The process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Fails if the simulator has exited.
     pub(crate) fn ensure_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {

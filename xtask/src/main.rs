@@ -6,6 +6,9 @@
 //!   independently, a summary, a clean shutdown.
 //! - `cargo xtask test`: the same prerequisites, then formatting, lints, docs and the whole
 //!   test suite (PostgreSQL tests included; under `CI=true` an unreachable PostgreSQL fails).
+//! - `cargo xtask bench [--quick] [--out DIR]`: release binaries, then `hsm-driver-bench`: the
+//!   driver end to end against the raw HSM, a table on stdout, JSON, CSV and two SVG pictures
+//!   in `DIR` (default `docs/benchmarks-data`); see `docs/benchmarks.md`. Not part of `test`.
 //!
 //! Every command is printed before it runs.
 
@@ -24,9 +27,10 @@ fn main() -> anyhow::Result<()> {
     match command.as_str() {
         "demo" => demo(&rest),
         "test" => test(&rest),
+        "bench" => bench(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo|test>\n\n  demo [--keys N] [--signatures N] [--release]   run the demo on embedded defaults\n  test [--no-lint]                   run formatting, lints, docs and the whole test suite"
+                "usage: cargo xtask <demo|test|bench>\n\n  demo [--keys N] [--signatures N] [--release]   run the demo on embedded defaults\n  test [--no-lint]                   run formatting, lints, docs and the whole test suite\n  bench [--quick] [--out DIR]        measure the driver end to end against the raw HSM"
             );
             bail!("unknown command `{command}`")
         }
@@ -132,6 +136,21 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
     options.softhsm_module = module;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(hsm_driver_e2e::run_demo(options))
+}
+
+/// Builds the release binaries and runs `hsm-driver-bench` with `args` (`--quick`, `--out DIR`
+/// and the bench's other options pass through; `--help` lists them).
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    let module = ensure_softhsm()?;
+    run(cargo().args(["build", "--release", "--bins"]))?;
+    let root = workspace_root();
+    let mut bench = Command::new(root.join("target/release/hsm-driver-bench"));
+    bench
+        .current_dir(&root)
+        .args(args)
+        .env("SOFTHSM2_MODULE", &module)
+        .env_remove("RUST_LOG");
+    run(&mut bench)
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {

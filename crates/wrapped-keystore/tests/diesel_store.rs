@@ -422,3 +422,57 @@ async fn a_row_that_cannot_be_decoded_is_corrupt_and_names_its_key() {
         "listing an undecodable row is corrupt: {error:?}"
     );
 }
+
+/// A bulk load writes every record (more than one statement's worth) in one go; a batch with a
+/// key id already stored writes nothing at all.
+async fn a_batch_is_stored_whole_or_not_at_all(store: DieselKeyStore) {
+    let records: Vec<_> = (0..1203)
+        .map(|i| record(&format!("key-batch-{i:05}"), (i % 251) as u8))
+        .collect();
+    let bulk = store.clone();
+    let batch = records.clone();
+    let written = tokio::task::spawn_blocking(move || bulk.insert_batch(&batch))
+        .await
+        .expect("the batch task")
+        .expect("storing a batch of new records");
+    assert_eq!(written, records.len(), "every record is written");
+    assert_eq!(store.count().await.expect("count"), 1203);
+    assert_eq!(
+        store.get("key-batch-01202").await.expect("get"),
+        Some(records[1202].clone()),
+        "a record of the last statement reads back as given"
+    );
+
+    let bulk = store.clone();
+    let clashing = vec![record("key-batch-new", 1), records[7].clone()];
+    let error = tokio::task::spawn_blocking(move || bulk.insert_batch(&clashing))
+        .await
+        .expect("the batch task")
+        .expect_err("a batch with a stored key id is refused");
+    assert!(
+        matches!(error, StoreError::Database { .. }),
+        "a unique violation, got {error:?}"
+    );
+    assert_eq!(
+        store.get("key-batch-new").await.expect("get"),
+        None,
+        "nothing of a refused batch is written"
+    );
+    assert_eq!(store.count().await.expect("count"), 1203);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_batch_is_stored_whole_or_not_at_all() {
+    let Some(fixture) = support::sqlite().await else {
+        return;
+    };
+    a_batch_is_stored_whole_or_not_at_all(fixture.store.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_batch_is_stored_whole_or_not_at_all() {
+    let Some(fixture) = support::postgres().await else {
+        return;
+    };
+    a_batch_is_stored_whole_or_not_at_all(fixture.store.clone()).await;
+}

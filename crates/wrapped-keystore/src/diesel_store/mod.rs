@@ -150,6 +150,20 @@ impl DieselKeyStore {
         queries::ping(&mut *self.connection()?)
     }
 
+    /// Stores many new records in one transaction (multi-row `INSERT`s of up to 500 rows), for
+    /// bulk loads such as benchmark fixtures, where [`KeyStore::insert`]'s one statement and
+    /// commit per record is the cost. Returns how many rows were written (all of them). Unlike
+    /// [`KeyStore::insert`] it is not idempotent and compares nothing: records must be new and
+    /// already carry their record MAC. Appends no audit entries. Blocks: from async code call it
+    /// inside `tokio::task::spawn_blocking`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] (a unique violation) if a key id is already stored or repeated
+    /// in `records`: then nothing is written. The pool's errors.
+    pub fn insert_batch(&self, records: &[KeyRecord]) -> Result<usize, StoreError> {
+        queries::insert_batch(&mut *self.connection()?, records)
+    }
+
     /// Checks the audit log's hash chain from its first entry to its newest, reading 1000
     /// entries at a time (never the whole log at once). Stops at the first problem: a gap in
     /// seq, a broken link or an altered entry. Blocks: from async code call it inside

@@ -126,6 +126,31 @@ pub(crate) fn insert(
     })
 }
 
+/// Rows per `INSERT` statement of [`insert_batch`]: 10 bound values each, well under SQLite's
+/// 32,766 and PostgreSQL's 65,535 bound parameters per statement.
+const BATCH_ROWS: usize = 500;
+
+/// Stores `records`, which must all be new, in one transaction: multi-row `INSERT`s of
+/// [`BATCH_ROWS`] rows. A key id already stored (or repeated) fails the whole call and writes
+/// nothing.
+pub(crate) fn insert_batch(
+    conn: &mut AnyConnection,
+    records: &[KeyRecord],
+) -> Result<usize, StoreError> {
+    let rows: Vec<NewKey<'_>> = records.iter().map(NewKey::from).collect();
+    let written = on_backend!(conn, |c| c.transaction(|c| {
+        let mut written = 0;
+        for chunk in rows.chunks(BATCH_ROWS) {
+            written += diesel::insert_into(wrapped_keys::table)
+                .values(chunk)
+                .execute(c)?;
+        }
+        Ok::<_, diesel::result::Error>(written)
+    }))?;
+    tracing::debug!(written, "stored a batch of wrapped keys");
+    Ok(written)
+}
+
 /// Reads one record.
 pub(crate) fn get(conn: &mut AnyConnection, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
     let row = on_backend!(conn, |c| wrapped_keys::table

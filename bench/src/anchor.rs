@@ -1,0 +1,261 @@
+//! The raw anchor: the workers' PKCS#11 work per job ([`hsm_pkcs11::anchor`]) in a plain loop,
+//! one thread per session, on a fresh SoftHSMv2 token like the driver's.
+//!
+//! It runs in a child process of its own (`hsm-driver-bench anchor-child`, hidden): SoftHSMv2
+//! reads `SOFTHSM2_CONF` once per process, at `C_Initialize`, so the token's configuration is
+//! given as the child's environment; and nothing else (no async runtime, no HTTP) shares the
+//! process with the loop.
+//!
+//! Per scheme, the child generates [`Plan::anchor_keys`](crate::plan::Plan) real keys, then per
+//! session count measures, for a warm-up and then a counted window:
+//! - `sign`: unwrap + sign + destroy (the PKCS#11 calls of a worker's signature),
+//! - `sign+verify`: the worker's whole signature function (plus low-s, recovery id and
+//!   verification in software), to show what the software half costs,
+//! - `keygen`: the worker's key generation (generate pair, read the point, wrap, destroy both).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hsm_driver_e2e::{MASTER_KEY_LABEL, SoftHsmToken};
+use hsm_pkcs11::anchor::AnchorSession;
+use hsm_pkcs11::{
+    GeneratedKey, KeyScheme, Pkcs11Config, Pkcs11Module, SignPayload, SignRequest, WrapMechanism,
+};
+use rand::RngCore;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use crate::plan::Plan;
+
+/// One anchor measurement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct AnchorResult {
+    /// `sign`, `sign+verify` or `keygen`.
+    pub(crate) operation: String,
+    /// The API's curve name.
+    pub(crate) curve: String,
+    /// Sessions (threads).
+    pub(crate) sessions: usize,
+    /// Operations completed in the window.
+    pub(crate) ops: u64,
+    pub(crate) seconds: f64,
+    pub(crate) ops_per_sec: f64,
+}
+
+/// What the parent tells the child.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ChildArgs {
+    /// The PKCS#11 module.
+    #[arg(long)]
+    module: PathBuf,
+    /// The token's label (the token exists, without keys).
+    #[arg(long)]
+    token_label: String,
+    /// A file holding the user PIN.
+    #[arg(long)]
+    pin_file: PathBuf,
+    /// Session counts, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    sessions: Vec<usize>,
+    /// Keys generated per scheme for the signing loops.
+    #[arg(long)]
+    keys: usize,
+    #[arg(long)]
+    warmup_ms: u64,
+    #[arg(long)]
+    window_ms: u64,
+}
+
+/// Creates the anchor token under `work` and runs the child; returns its measurements.
+///
+/// # Errors
+/// If the token cannot be created or the child fails.
+pub(crate) async fn run(
+    plan: &Plan,
+    module: &Path,
+    work: &Path,
+) -> anyhow::Result<Vec<AnchorResult>> {
+    let token = SoftHsmToken::create(&work.join("anchor").join("hsm"), "bench-anchor")?;
+    let exe = std::env::current_exe().context("locating hsm-driver-bench")?;
+    let sessions: Vec<String> = plan
+        .anchor_sessions
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let output = tokio::process::Command::new(exe)
+        .arg("anchor-child")
+        .arg("--module")
+        .arg(module)
+        .arg("--token-label")
+        .arg(&token.label)
+        .arg("--pin-file")
+        .arg(&token.pin_file)
+        .arg("--sessions")
+        .arg(sessions.join(","))
+        .arg("--keys")
+        .arg(plan.anchor_keys.to_string())
+        .arg("--warmup-ms")
+        .arg(plan.anchor_warmup.as_millis().to_string())
+        .arg("--window-ms")
+        .arg(plan.anchor_window.as_millis().to_string())
+        .env("SOFTHSM2_CONF", &token.conf)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .context("starting the anchor child process")?;
+    if !output.status.success() {
+        bail!(
+            "the raw anchor failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    serde_json::from_slice(&output.stdout).context("reading the anchor's results")
+}
+
+/// The child: provisions the master key, measures, prints the results as JSON on stdout.
+///
+/// # Errors
+/// On any PKCS#11 failure.
+pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
+    let module = Pkcs11Module::initialize(&args.module)?;
+    let pin = std::fs::read_to_string(&args.pin_file)
+        .with_context(|| format!("reading {}", args.pin_file.display()))?;
+    let pin = SecretString::from(pin.trim().to_owned());
+    hsm_pkcs11::create_master_key(&module, &args.token_label, &pin, MASTER_KEY_LABEL)?;
+    let config = Pkcs11Config {
+        token_label: args.token_label.clone(),
+        user_pin: pin,
+        master_key_label: MASTER_KEY_LABEL.to_owned(),
+        sessions: 1,
+        wrap_mechanism: WrapMechanism::AesKeyWrapPad,
+        hot_keys: None,
+    };
+    // Kept open throughout: closing a token's last session logs the application out.
+    let keepalive = AnchorSession::open(&module, &config)?;
+    let warmup = Duration::from_millis(args.warmup_ms);
+    let window = Duration::from_millis(args.window_ms);
+    let mut results = Vec::new();
+    for (scheme, curve) in [
+        (KeyScheme::EcdsaSecp256k1, "secp256k1"),
+        (KeyScheme::EcdsaP256, "secp256r1"),
+    ] {
+        let keys: Vec<GeneratedKey> = (0..args.keys.max(1))
+            .map(|_| keepalive.generate_and_wrap(scheme))
+            .collect::<Result<_, _>>()?;
+        let keys = Arc::new(keys);
+        for &sessions in &args.sessions {
+            for operation in [Operation::Sign, Operation::SignVerify, Operation::Keygen] {
+                let (ops, elapsed) = measure(
+                    &module, &config, sessions, warmup, window, operation, scheme, &keys,
+                )?;
+                let seconds = elapsed.as_secs_f64();
+                results.push(AnchorResult {
+                    operation: operation.name().to_owned(),
+                    curve: curve.to_owned(),
+                    sessions,
+                    ops,
+                    seconds,
+                    ops_per_sec: ops as f64 / seconds,
+                });
+            }
+        }
+    }
+    keepalive.close()?;
+    println!("{}", serde_json::to_string(&results)?);
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Operation {
+    Sign,
+    SignVerify,
+    Keygen,
+}
+
+impl Operation {
+    fn name(self) -> &'static str {
+        match self {
+            Operation::Sign => "sign",
+            Operation::SignVerify => "sign+verify",
+            Operation::Keygen => "keygen",
+        }
+    }
+}
+
+/// Runs `operation` on `sessions` threads (a session each) for `warmup`, then counts
+/// completions for `window`. Returns the count and the exact window.
+#[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
+fn measure(
+    module: &Pkcs11Module,
+    config: &Pkcs11Config,
+    sessions: usize,
+    warmup: Duration,
+    window: Duration,
+    operation: Operation,
+    scheme: KeyScheme,
+    keys: &Arc<Vec<GeneratedKey>>,
+) -> anyhow::Result<(u64, Duration)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Arc::new(Barrier::new(sessions + 1));
+    let threads: Vec<_> = (0..sessions)
+        .map(|index| {
+            let (module, config) = (module.clone(), config.clone());
+            let (stop, done, start, keys) = (
+                Arc::clone(&stop),
+                Arc::clone(&done),
+                Arc::clone(&start),
+                Arc::clone(keys),
+            );
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let opened = AnchorSession::open(&module, &config);
+                start.wait();
+                let session = opened?;
+                let mut digest = [0u8; 32];
+                let mut i = index;
+                while !stop.load(Ordering::Relaxed) {
+                    match operation {
+                        Operation::Keygen => {
+                            session.generate_and_wrap(scheme)?;
+                        }
+                        Operation::Sign | Operation::SignVerify => {
+                            let key = &keys[i % keys.len()];
+                            i += 1;
+                            rand::thread_rng().fill_bytes(&mut digest);
+                            let request = SignRequest {
+                                scheme,
+                                public_key: key.public_key.clone(),
+                                wrapped: key.wrapped.clone(),
+                                payload: SignPayload::Digest(digest),
+                            };
+                            if matches!(operation, Operation::Sign) {
+                                session.unwrap_sign_destroy(&request)?;
+                            } else {
+                                session.sign(&request)?;
+                            }
+                        }
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                session.close()?;
+                Ok(())
+            })
+        })
+        .collect();
+    start.wait();
+    std::thread::sleep(warmup);
+    let (before, began) = (done.load(Ordering::Relaxed), Instant::now());
+    std::thread::sleep(window);
+    let (after, elapsed) = (done.load(Ordering::Relaxed), began.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for thread in threads {
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("an anchor thread panicked"))??;
+    }
+    Ok((after - before, elapsed))
+}

@@ -1,0 +1,503 @@
+//! The driver end to end: the simulator and one `hsm-driver` (N sessions) as separate
+//! processes over mutual TLS, on SQLite or PostgreSQL, driven through the application API.
+//!
+//! Per store, in this order (the order matters: key generations add stored keys):
+//! 1. a pool of real keys per curve (signatures are spread over them);
+//! 2. job pickup on an idle queue, one signature at a time;
+//! 3. the store topped up to the stored-keys baseline (1k) with copies of the pool;
+//! 4. signature throughput per curve at saturation (closed loop), with the driver's CPU time
+//!    per job;
+//! 5. latency per curve in an open loop at a fraction of that saturation rate;
+//! 6. the in-flight sweep (secp256k1);
+//! 7. key-generation throughput per curve at saturation;
+//! 8. the larger stored-key counts (full run), secp256k1 saturation at each;
+//! 9. peak RSS of the driver.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use dfns_api_sim::app_client::AppClient;
+use hsm_driver_e2e::{CreatedKey, Deployment, DeploymentOptions};
+use serde::Serialize;
+use wrapped_keystore::testing::PgTestDatabase;
+
+use crate::load::{ClosedLoop, Timed, Work, one_at_a_time, open_loop};
+use crate::plan::{CURVES, Curve, Plan};
+use crate::procfs;
+use crate::replicate::{self, TopUp};
+use crate::stats::{Percentiles, Samples};
+
+/// Which key store the driver uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Store {
+    Sqlite,
+    Postgres,
+}
+
+impl Store {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Store::Sqlite => "sqlite",
+            Store::Postgres => "postgresql",
+        }
+    }
+}
+
+/// A saturation measurement.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Throughput {
+    pub(crate) in_flight: usize,
+    /// Jobs completed in the window (the simulator's count).
+    pub(crate) jobs: u64,
+    pub(crate) seconds: f64,
+    pub(crate) ops_per_sec: f64,
+    /// The driver's CPU time (user + system) per job, in milliseconds.
+    pub(crate) driver_cpu_ms_per_job: f64,
+    /// The simulator's CPU time per job, in milliseconds.
+    pub(crate) sim_cpu_ms_per_job: f64,
+    /// This process's (the load generator's) CPU time per job, in milliseconds.
+    pub(crate) client_cpu_ms_per_job: f64,
+    /// The whole machine's busy CPU time per job (driver and HSM, simulator, database, load
+    /// generator, and anything else running), in milliseconds.
+    pub(crate) machine_cpu_ms_per_job: f64,
+    /// How busy the machine's CPUs were during the window, in percent of all of them.
+    pub(crate) machine_busy_percent: f64,
+}
+
+/// A throughput per curve.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct CurveThroughput {
+    pub(crate) curve: String,
+    #[serde(flatten)]
+    pub(crate) throughput: Throughput,
+}
+
+/// Where latencies were taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TimingSource {
+    /// The simulator's `createdAtUs` / `firstLeasedAtUs` / `settledAtUs`.
+    Simulator,
+    /// The client's clock (a simulator without timings).
+    Client,
+}
+
+/// The open-loop latency of one curve.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Latency {
+    pub(crate) curve: String,
+    /// Requests per second offered.
+    pub(crate) rate_per_sec: f64,
+    pub(crate) source: TimingSource,
+    /// Request created to signed result (per `source`).
+    pub(crate) total: Percentiles,
+    /// The same requests as the client saw them.
+    pub(crate) client: Percentiles,
+    /// The CDF of `total`: (milliseconds, fraction).
+    pub(crate) cdf: Vec<(f64, f64)>,
+}
+
+/// Job pickup on an idle queue.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Pickup {
+    /// `firstLeasedAtUs − createdAtUs`; `None` without simulator timings.
+    pub(crate) pickup: Option<Percentiles>,
+    /// Request created to signed result, one at a time (per `source`).
+    pub(crate) total: Percentiles,
+    pub(crate) source: TimingSource,
+}
+
+/// A stored-keys sweep point.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct StoredKeys {
+    /// Records in the store when measured.
+    pub(crate) stored: u64,
+    /// secp256k1 signature throughput at saturation.
+    pub(crate) ops_per_sec: f64,
+    /// How the store was topped up to this count.
+    pub(crate) load: Option<TopUp>,
+}
+
+/// Everything measured on one store.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct StoreResult {
+    pub(crate) store: String,
+    pub(crate) sign: Vec<CurveThroughput>,
+    pub(crate) keygen: Vec<CurveThroughput>,
+    pub(crate) latency: Vec<Latency>,
+    pub(crate) pickup: Pickup,
+    /// secp256k1 signature throughput by requests in flight (empty if not swept).
+    pub(crate) sweep: Vec<Throughput>,
+    pub(crate) stored_keys: Vec<StoredKeys>,
+    pub(crate) driver_peak_rss_kib: u64,
+    pub(crate) sim_peak_rss_kib: u64,
+}
+
+/// Where the processes come from.
+#[derive(Debug, Clone)]
+pub(crate) struct Setup {
+    pub(crate) bin_dir: PathBuf,
+    pub(crate) module: PathBuf,
+    pub(crate) work: PathBuf,
+}
+
+/// Runs every measurement on `store`.
+///
+/// # Errors
+/// If the deployment cannot start or a request fails.
+pub(crate) async fn run(
+    plan: &Plan,
+    setup: &Setup,
+    store: Store,
+    sweep: bool,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<StoreResult> {
+    let work = setup.work.join(store.name());
+    let mut options =
+        DeploymentOptions::new(setup.bin_dir.clone(), work.clone(), setup.module.clone());
+    options.workers = plan.workers;
+    options.hsm_sessions = Some(plan.sessions);
+    // The driver's default, `info`, logs nothing per job (and the harness waits for its
+    // start-up lines).
+    options.log_level = "info".to_owned();
+    // Dropped (the database with it) after the deployment stops.
+    let pg = match store {
+        Store::Sqlite => None,
+        Store::Postgres => {
+            let db = tokio::task::spawn_blocking(PgTestDatabase::create)
+                .await?
+                .context("creating a PostgreSQL database for the benchmark")?;
+            options.database_url = Some(db.database_url().to_string());
+            Some(db)
+        }
+    };
+    say(&format!(
+        "{}: starting the simulator and the driver",
+        store.name()
+    ));
+    let deployment = Deployment::start(options).await?;
+    let result = measure(plan, setup, &deployment, &work, store, sweep, say).await;
+    let driver_peak = deployment.driver_pid().map(procfs::peak_rss_kib);
+    let sim_peak = deployment.simulator_pid().map(procfs::peak_rss_kib);
+    deployment.stop().await?;
+    drop(pg);
+    let mut result = result?;
+    result.driver_peak_rss_kib = driver_peak.transpose()?.unwrap_or_default();
+    result.sim_peak_rss_kib = sim_peak.transpose()?.unwrap_or_default();
+    Ok(result)
+}
+
+async fn measure(
+    plan: &Plan,
+    setup: &Setup,
+    deployment: &Deployment,
+    work: &Path,
+    store: Store,
+    sweep: bool,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<StoreResult> {
+    let app = deployment.app().clone();
+    let meter = Meter::new(deployment)?;
+
+    say(&format!(
+        "{}: creating {} keys per curve",
+        store.name(),
+        plan.pool_keys_per_curve
+    ));
+    let mut pools = Vec::new();
+    for curve in CURVES {
+        pools.push((
+            curve,
+            create_keys(&app, curve, plan.pool_keys_per_curve).await?,
+        ));
+    }
+    let k1 = Arc::new(Work::Sign(pools[0].1.clone()));
+    let all_ids: Vec<String> = pools
+        .iter()
+        .flat_map(|(_, keys)| keys.iter().map(|k| k.id.clone()))
+        .collect();
+
+    say(&format!("{}: job pickup on an idle queue", store.name()));
+    let idle = one_at_a_time(&app, &k1, plan.pickup_samples, plan.pickup_gap).await?;
+    let pickup = pickup_summary(&idle);
+
+    let mut stored_keys = Vec::new();
+    let baseline = plan.stored_keys.first().copied().unwrap_or(1_000);
+    say(&format!(
+        "{}: topping the store up to {baseline} keys",
+        store.name()
+    ));
+    let load = replicate::top_up(deployment, &setup.module, work, &all_ids, baseline).await?;
+
+    let mut sign = Vec::new();
+    for (curve, keys) in &pools {
+        say(&format!(
+            "{}: {} signature throughput",
+            store.name(),
+            curve.label
+        ));
+        let work = Arc::new(Work::Sign(keys.clone()));
+        let throughput = meter
+            .saturate(
+                &app,
+                &work,
+                plan.in_flight,
+                plan.warmup,
+                plan.window,
+                plan.verify_one_in,
+            )
+            .await?;
+        sign.push(CurveThroughput {
+            curve: curve.api.to_owned(),
+            throughput,
+        });
+    }
+    stored_keys.push(StoredKeys {
+        stored: load.before + load.added,
+        ops_per_sec: sign[0].throughput.ops_per_sec,
+        load: Some(load),
+    });
+
+    let mut latency = Vec::new();
+    for ((curve, keys), saturated) in pools.iter().zip(&sign) {
+        let rate = saturated.throughput.ops_per_sec * plan.latency_load;
+        say(&format!(
+            "{}: {} latency at {rate:.0}/s",
+            store.name(),
+            curve.label
+        ));
+        let work = Arc::new(Work::Sign(keys.clone()));
+        let timed = open_loop(&app, &work, rate, plan.latency_window).await?;
+        latency.push(latency_summary(curve, rate, &timed));
+    }
+
+    let mut swept = Vec::new();
+    if sweep {
+        for &in_flight in &plan.sweep {
+            say(&format!(
+                "{}: secp256k1 throughput with {in_flight} in flight",
+                store.name()
+            ));
+            swept.push(
+                meter
+                    .saturate(
+                        &app,
+                        &k1,
+                        in_flight,
+                        plan.warmup / 2,
+                        plan.sweep_window,
+                        plan.verify_one_in,
+                    )
+                    .await?,
+            );
+        }
+    }
+
+    let mut keygen = Vec::new();
+    for curve in CURVES {
+        say(&format!(
+            "{}: {} key-generation throughput",
+            store.name(),
+            curve.label
+        ));
+        let work = Arc::new(Work::Keygen(curve.api));
+        let throughput = meter
+            .saturate(&app, &work, plan.in_flight, plan.warmup, plan.window, 1)
+            .await?;
+        keygen.push(CurveThroughput {
+            curve: curve.api.to_owned(),
+            throughput,
+        });
+    }
+
+    for &target in plan.stored_keys.iter().skip(1) {
+        say(&format!(
+            "{}: topping the store up to {target} keys",
+            store.name()
+        ));
+        let load = replicate::top_up(deployment, &setup.module, work, &all_ids, target).await?;
+        say(&format!(
+            "{}: secp256k1 throughput with {} stored keys",
+            store.name(),
+            load.before + load.added
+        ));
+        let throughput = meter
+            .saturate(
+                &app,
+                &k1,
+                plan.in_flight,
+                plan.warmup,
+                plan.window,
+                plan.verify_one_in,
+            )
+            .await?;
+        stored_keys.push(StoredKeys {
+            stored: load.before + load.added,
+            ops_per_sec: throughput.ops_per_sec,
+            load: Some(load),
+        });
+    }
+
+    Ok(StoreResult {
+        store: store.name().to_owned(),
+        sign,
+        keygen,
+        latency,
+        pickup,
+        sweep: swept,
+        stored_keys,
+        driver_peak_rss_kib: 0,
+        sim_peak_rss_kib: 0,
+    })
+}
+
+/// Creates `count` keys on `curve`, all requested before any is awaited.
+async fn create_keys(
+    app: &AppClient,
+    curve: Curve,
+    count: usize,
+) -> anyhow::Result<Vec<CreatedKey>> {
+    let mut requested = Vec::with_capacity(count);
+    for _ in 0..count {
+        requested.push(app.create_key("ECDSA", curve.api).await?.id);
+    }
+    let mut keys = Vec::with_capacity(count);
+    for id in requested {
+        let key = app.wait_key_active(&id, Duration::from_secs(120)).await?;
+        keys.push(CreatedKey {
+            public_key: key
+                .public_key
+                .with_context(|| format!("key {id} is Active without a public key"))?,
+            id,
+            curve: curve.api.to_owned(),
+        });
+    }
+    Ok(keys)
+}
+
+/// Reads the simulator's completed-job count and both processes' CPU time.
+struct Meter {
+    driver: u32,
+    sim: u32,
+}
+
+/// A reading of [`Meter`].
+struct Reading {
+    completed: u64,
+    driver_cpu: Duration,
+    sim_cpu: Duration,
+    client_cpu: Duration,
+    machine_busy: Duration,
+    machine_total: Duration,
+    at: Instant,
+}
+
+impl Meter {
+    fn new(deployment: &Deployment) -> anyhow::Result<Self> {
+        Ok(Self {
+            driver: deployment
+                .driver_pid()
+                .context("the driver is not running")?,
+            sim: deployment
+                .simulator_pid()
+                .context("the simulator is not running")?,
+        })
+    }
+
+    async fn read(&self, app: &AppClient) -> anyhow::Result<Reading> {
+        let completed = app.stats().await?.completed;
+        let (machine_busy, machine_total) = procfs::machine_cpu()?;
+        Ok(Reading {
+            completed,
+            driver_cpu: procfs::cpu_time(self.driver)?,
+            sim_cpu: procfs::cpu_time(self.sim)?,
+            client_cpu: procfs::cpu_time(std::process::id())?,
+            machine_busy,
+            machine_total,
+            at: Instant::now(),
+        })
+    }
+
+    /// Keeps `in_flight` requests of `work` outstanding; after `warmup`, counts the jobs the
+    /// simulator sees completed during `window`.
+    async fn saturate(
+        &self,
+        app: &AppClient,
+        work: &Arc<Work>,
+        in_flight: usize,
+        warmup: Duration,
+        window: Duration,
+        verify_one_in: u64,
+    ) -> anyhow::Result<Throughput> {
+        let load = ClosedLoop::start(app, work, in_flight, verify_one_in);
+        tokio::time::sleep(warmup).await;
+        let before = self.read(app).await?;
+        tokio::time::sleep(window).await;
+        let after = self.read(app).await?;
+        load.finish().await?;
+        let jobs = after.completed - before.completed;
+        let seconds = (after.at - before.at).as_secs_f64();
+        let per_job = |a: Duration, b: Duration| {
+            if jobs == 0 {
+                0.0
+            } else {
+                (a - b).as_secs_f64() * 1000.0 / jobs as f64
+            }
+        };
+        Ok(Throughput {
+            in_flight,
+            jobs,
+            seconds,
+            ops_per_sec: jobs as f64 / seconds,
+            driver_cpu_ms_per_job: per_job(after.driver_cpu, before.driver_cpu),
+            sim_cpu_ms_per_job: per_job(after.sim_cpu, before.sim_cpu),
+            client_cpu_ms_per_job: per_job(after.client_cpu, before.client_cpu),
+            machine_cpu_ms_per_job: per_job(after.machine_busy, before.machine_busy),
+            machine_busy_percent: (after.machine_busy - before.machine_busy).as_secs_f64()
+                / (after.machine_total - before.machine_total)
+                    .as_secs_f64()
+                    .max(f64::MIN_POSITIVE)
+                * 100.0,
+        })
+    }
+}
+
+/// The simulator's timings when every request has them, else the client's.
+fn totals(timed: &[Timed]) -> (Samples, TimingSource) {
+    match timed.iter().map(|t| t.total).collect::<Option<Vec<_>>>() {
+        Some(total) if !total.is_empty() => (Samples::new(total), TimingSource::Simulator),
+        _ => (
+            Samples::new(timed.iter().map(|t| t.client).collect()),
+            TimingSource::Client,
+        ),
+    }
+}
+
+fn latency_summary(curve: &Curve, rate: f64, timed: &[Timed]) -> Latency {
+    let (total, source) = totals(timed);
+    Latency {
+        curve: curve.api.to_owned(),
+        rate_per_sec: rate,
+        source,
+        total: total.percentiles(),
+        client: Samples::new(timed.iter().map(|t| t.client).collect()).percentiles(),
+        cdf: total.cdf(200),
+    }
+}
+
+fn pickup_summary(timed: &[Timed]) -> Pickup {
+    let (total, source) = totals(timed);
+    let pickup = timed
+        .iter()
+        .map(|t| t.pickup)
+        .collect::<Option<Vec<_>>>()
+        .filter(|p| !p.is_empty())
+        .map(|p| Samples::new(p).percentiles());
+    Pickup {
+        pickup,
+        total: total.percentiles(),
+        source,
+    }
+}

@@ -1,0 +1,187 @@
+//! `hsm-driver-bench`: how close the driver comes, end to end, to the raw HSM it drives,
+//! measured side by side in one run (`cargo xtask bench`; `docs/benchmarks.md`).
+//!
+//! ```text
+//!  anchor-child process            one run of this binary                       child processes
+//!  ┌─────────────────────┐        ┌───────────────────────────┐   HTTP   ┌───────────────────────┐
+//!  │ hsm_pkcs11::anchor  │◀─JSON──│ 1. raw anchor             │─────────▶│ dfns-api-sim          │
+//!  │ loop, 1 thread per  │        │ 2. per store (SQLite, PG):│ app API  │   ▲ mTLS              │
+//!  │ session, own token  │        │    load generators,       │          │ hsm-driver (N workers)│
+//!  └─────────────────────┘        │    /proc readings         │          │   ├─ SoftHSMv2 token  │
+//!  replicate-child process        │ 3. table, JSON, CSV, SVG  │          │   └─ SQLite / PG      │
+//!  (record MACs + batch inserts)◀─└───────────────────────────┘          └───────────────────────┘
+//! ```
+//!
+//! - [`anchor`]: the raw PKCS#11 loop (no driver, no async, no channels) on a fresh token.
+//! - [`e2e`]: the real processes from the end-to-end harness, measured through the simulator's
+//!   application API ([`load`]), with CPU time and peak memory from `/proc` ([`procfs`]).
+//! - [`replicate`]: the stored-keys sweep's bulk load.
+//! - [`report`] and [`svg`]: the targets, the table, the files.
+
+mod anchor;
+mod e2e;
+mod load;
+mod plan;
+mod procfs;
+mod replicate;
+mod report;
+mod stats;
+mod svg;
+
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hsm_driver_e2e::softhsm_module_path;
+use wrapped_keystore::testing::PgTestDatabase;
+
+use crate::e2e::{Setup, Store};
+use crate::plan::{Mode, Plan};
+use crate::report::Report;
+
+/// Measures the HSM driver end to end against the raw HSM and writes the results.
+#[derive(Debug, Parser)]
+#[command(name = "hsm-driver-bench", args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    child: Option<Child>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// What a run measures and where it writes.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// About two minutes on two cores: shorter windows, fewer sweep points, 1k stored keys only.
+    #[arg(long)]
+    quick: bool,
+    /// Where `results.json`, `results.csv` and the SVG pictures go.
+    #[arg(long, default_value = "docs/benchmarks-data")]
+    out: PathBuf,
+    /// Where `hsm-driver` and `dfns-api-sim` were built (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Scratch space: tokens, PKI, SQLite files, logs (wiped per run).
+    #[arg(long, default_value = "target/bench")]
+    work_dir: PathBuf,
+    /// The driver's HSM sessions; the ratios compare with the anchor at this count.
+    #[arg(long, default_value_t = 2)]
+    sessions: usize,
+    /// The driver's workers, jobs executed at once (default: as many as sessions, the
+    /// driver's own default).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// The SoftHSMv2 module (default: `SOFTHSM2_MODULE` or the Debian locations).
+    #[arg(long)]
+    module: Option<PathBuf>,
+    /// Leave PostgreSQL out (it is skipped anyway, with a note, when not reachable).
+    #[arg(long)]
+    no_postgres: bool,
+}
+
+/// The child processes a run starts (not for direct use).
+#[derive(Debug, Subcommand)]
+enum Child {
+    /// The raw anchor loop, with `SOFTHSM2_CONF` naming the anchor token.
+    #[command(hide = true)]
+    AnchorChild(anchor::ChildArgs),
+    /// The stored-keys bulk load, with `SOFTHSM2_CONF` naming the driver's token.
+    #[command(hide = true)]
+    ReplicateChild(replicate::ChildArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match &cli.child {
+        Some(Child::AnchorChild(args)) => anchor::child(args),
+        Some(Child::ReplicateChild(args)) => replicate::child(args),
+        None => tokio::runtime::Runtime::new()?.block_on(run(&cli.run)),
+    }
+}
+
+/// Progress, on stderr so that stdout carries the table alone.
+fn say(line: &str) {
+    eprintln!("bench: {line}");
+}
+
+async fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mode = if args.quick { Mode::Quick } else { Mode::Full };
+    let sessions = args.sessions.max(1);
+    let plan = Plan::new(mode, sessions, args.workers.unwrap_or(sessions).max(1));
+    let bin_dir = match &args.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("this binary has no directory")?
+            .to_path_buf(),
+    };
+    for bin in ["hsm-driver", "dfns-api-sim"] {
+        anyhow::ensure!(
+            bin_dir.join(bin).exists(),
+            "{} not found: build the binaries first (`cargo build --release --bins`)",
+            bin_dir.join(bin).display()
+        );
+    }
+    let module = args
+        .module
+        .clone()
+        .or_else(softhsm_module_path)
+        .context("SoftHSMv2 not found: install softhsm2 or set SOFTHSM2_MODULE")?;
+    if args.work_dir.exists() {
+        std::fs::remove_dir_all(&args.work_dir)
+            .with_context(|| format!("wiping {}", args.work_dir.display()))?;
+    }
+    std::fs::create_dir_all(&args.work_dir)?;
+    std::fs::create_dir_all(&args.out)?;
+    let setup = Setup {
+        bin_dir,
+        module,
+        work: std::fs::canonicalize(&args.work_dir)?,
+    };
+
+    say("raw anchor (direct PKCS#11)");
+    let anchor = anchor::run(&plan, &setup.module, &setup.work).await?;
+
+    let mut stores = vec![Store::Sqlite];
+    let mut skipped = Vec::new();
+    if args.no_postgres {
+        skipped.push("PostgreSQL (--no-postgres)".to_owned());
+    } else if tokio::task::spawn_blocking(PgTestDatabase::server_reachable).await? {
+        stores.push(Store::Postgres);
+    } else {
+        skipped.push(format!(
+            "PostgreSQL not reachable at {}",
+            wrapped_keystore::DatabaseUrl::Postgres(wrapped_keystore::testing::admin_url())
+        ));
+    }
+    let mut results = Vec::new();
+    for (i, &store) in stores.iter().enumerate() {
+        let sweep = i == 0 || plan.sweep_every_store;
+        results.push(e2e::run(&plan, &setup, store, sweep, &say).await?);
+    }
+
+    let mut report = Report {
+        plan,
+        started_at_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_sub(started.elapsed().as_secs()),
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+        cpus: std::thread::available_parallelism().map_or(1, usize::from),
+        anchor,
+        stores: results,
+        skipped,
+        targets: Vec::new(),
+    };
+    report.evaluate();
+    report.write_files(&args.out)?;
+    svg::write(&report, &args.out)?;
+    println!("{}", report.table());
+    say(&format!(
+        "wrote results.json, results.csv, throughput-vs-in-flight.svg and latency-cdf.svg to {}",
+        args.out.display()
+    ));
+    Ok(())
+}

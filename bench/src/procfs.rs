@@ -1,0 +1,124 @@
+//! CPU time and peak memory of a process, from `/proc/<pid>/stat` and `/proc/<pid>/status`.
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux unless told otherwise).
+fn clock_ticks() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
+}
+
+/// User plus system CPU time the process has used so far (all its threads).
+///
+/// # Errors
+/// If the process is gone or the file cannot be parsed.
+pub(crate) fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let ticks = parse_cpu_ticks(&stat).with_context(|| format!("parsing {path}"))?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+}
+
+/// `utime + stime` (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field 2)
+/// is in parentheses and may contain spaces: fields are counted after its closing `)`.
+fn parse_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
+    let after = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .context("no `)` after the command name")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // `fields[0]` is field 3 (state), so field n is `fields[n - 3]`.
+    let (Some(utime), Some(stime)) = (fields.get(11), fields.get(12)) else {
+        bail!("too few fields");
+    };
+    Ok(utime.parse::<u64>()? + stime.parse::<u64>()?)
+}
+
+/// The whole machine's CPU time so far, summed over CPUs: `(busy, total)`, where busy is
+/// everything but idle and I/O wait (`/proc/stat`, first line).
+///
+/// # Errors
+/// If `/proc/stat` cannot be read or parsed.
+pub(crate) fn machine_cpu() -> anyhow::Result<(Duration, Duration)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let (busy, total) = parse_machine_ticks(&stat).context("parsing /proc/stat")?;
+    let ticks = clock_ticks() as f64;
+    Ok((
+        Duration::from_secs_f64(busy as f64 / ticks),
+        Duration::from_secs_f64(total as f64 / ticks),
+    ))
+}
+
+/// `(busy, total)` ticks of the `cpu` line: user nice system idle iowait irq softirq steal
+/// (guest time is already counted in user).
+fn parse_machine_ticks(stat: &str) -> anyhow::Result<(u64, u64)> {
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no `cpu` line")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    if fields.len() < 5 {
+        bail!("too few fields");
+    }
+    let total: u64 = fields.iter().sum();
+    Ok((total - fields[3] - fields[4], total))
+}
+
+/// The process's peak resident set size (`VmHWM`), in KiB.
+///
+/// # Errors
+/// If the process is gone or the line is missing.
+pub(crate) fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no VmHWM in {path}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_counted_after_the_command_name() {
+        let stat = "4242 (hsm driver) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 75 0 0 20 0 9 0 \
+                    100 200000000 3000 18446744073709551615";
+        assert_eq!(parse_cpu_ticks(stat).ok(), Some(325));
+        assert!(parse_cpu_ticks("1 (x) S 1").is_err());
+    }
+
+    #[test]
+    fn machine_ticks_leave_out_idle_and_iowait() {
+        let stat = "cpu  100 5 50 800 20 3 2 0 0 0\ncpu0 50 2 25 400 10 1 1 0 0 0\n";
+        assert_eq!(parse_machine_ticks(stat).ok(), Some((160, 980)));
+        assert!(machine_cpu().is_ok());
+    }
+
+    #[test]
+    fn this_process_has_a_cpu_time_and_a_peak_rss() {
+        let pid = std::process::id();
+        assert!(cpu_time(pid).is_ok());
+        assert!(peak_rss_kib(pid).is_ok_and(|kib| kib > 0));
+    }
+}

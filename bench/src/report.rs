@@ -1,0 +1,656 @@
+//! The run's results: the targets, the printed table, and the machine-readable files
+//! (`results.json`, `results.csv`).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::anchor::AnchorResult;
+use crate::e2e::{StoreResult, TimingSource};
+use crate::plan::{CURVES, Plan};
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Report {
+    pub(crate) plan: Plan,
+    /// When the run started, seconds since the Unix epoch.
+    pub(crate) started_at_unix: u64,
+    pub(crate) elapsed_seconds: f64,
+    /// Logical CPUs of the machine (everything shares them: HSM, driver, simulator, database).
+    pub(crate) cpus: usize,
+    pub(crate) anchor: Vec<AnchorResult>,
+    pub(crate) stores: Vec<StoreResult>,
+    /// What was not measured, and why.
+    pub(crate) skipped: Vec<String>,
+    pub(crate) targets: Vec<Target>,
+}
+
+/// Which way a target bounds its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Bound {
+    AtLeast,
+    AtMost,
+}
+
+/// One target line.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Target {
+    /// What is bounded (`sign e2e/raw`, `pickup p50`…).
+    pub(crate) name: String,
+    /// Where (`sqlite secp256k1`…).
+    pub(crate) scope: String,
+    pub(crate) value: f64,
+    pub(crate) bound_kind: Bound,
+    pub(crate) bound: f64,
+    pub(crate) unit: String,
+    pub(crate) met: bool,
+    /// How far inside (positive) or outside (negative) the bound, in percent of the bound.
+    pub(crate) margin_percent: f64,
+}
+
+impl Target {
+    fn new(
+        name: &str,
+        scope: String,
+        value: f64,
+        bound_kind: Bound,
+        bound: f64,
+        unit: &str,
+    ) -> Self {
+        let margin = match bound_kind {
+            Bound::AtLeast => (value - bound) / bound * 100.0,
+            Bound::AtMost => (bound - value) / bound * 100.0,
+        };
+        Target {
+            name: name.to_owned(),
+            scope,
+            value,
+            bound_kind,
+            bound,
+            unit: unit.to_owned(),
+            met: margin >= 0.0,
+            margin_percent: margin,
+        }
+    }
+
+    fn line(&self) -> String {
+        let op = match self.bound_kind {
+            Bound::AtLeast => "≥",
+            Bound::AtMost => "≤",
+        };
+        let how = match (self.bound_kind, self.met) {
+            (Bound::AtLeast, true) => "above",
+            (Bound::AtLeast, false) => "short",
+            (Bound::AtMost, true) => "under",
+            (Bound::AtMost, false) => "over",
+        };
+        format!(
+            "{:<7} {:<34} {:<22} {:>9} {} (target {op} {}{}; {:.1}% {how})",
+            if self.met { "MET" } else { "MISSED" },
+            self.name,
+            self.scope,
+            number(self.value),
+            self.unit,
+            number(self.bound),
+            self.unit,
+            self.margin_percent.abs(),
+        )
+    }
+}
+
+/// The ratio and sweep targets of the issue.
+pub(crate) const RATIO_TARGET: f64 = 0.9;
+pub(crate) const PICKUP_P50_TARGET_MS: f64 = 5.0;
+pub(crate) const STORED_KEYS_TARGET: f64 = 0.9;
+
+impl Report {
+    /// The anchor's rate for `operation` on `curve` at `sessions`.
+    pub(crate) fn anchor_rate(&self, operation: &str, curve: &str, sessions: usize) -> Option<f64> {
+        self.anchor
+            .iter()
+            .find(|a| a.operation == operation && a.curve == curve && a.sessions == sessions)
+            .map(|a| a.ops_per_sec)
+    }
+
+    /// Computes the target lines from the measurements.
+    pub(crate) fn evaluate(&mut self) {
+        let mut targets = Vec::new();
+        let n = self.plan.sessions;
+        for store in &self.stores {
+            for (kind, measured, anchor_op) in [
+                ("sign", &store.sign, "sign"),
+                ("keygen", &store.keygen, "keygen"),
+            ] {
+                for m in measured {
+                    if let Some(raw) = self.anchor_rate(anchor_op, &m.curve, n) {
+                        targets.push(Target::new(
+                            &format!("{kind} e2e/raw ({n} sessions)"),
+                            format!("{} {}", store.store, m.curve),
+                            m.throughput.ops_per_sec / raw,
+                            Bound::AtLeast,
+                            RATIO_TARGET,
+                            "",
+                        ));
+                    }
+                }
+            }
+            if let Some(pickup) = &store.pickup.pickup {
+                targets.push(Target::new(
+                    "job pickup p50, idle queue",
+                    store.store.clone(),
+                    pickup.p50_ms,
+                    Bound::AtMost,
+                    PICKUP_P50_TARGET_MS,
+                    " ms",
+                ));
+            }
+            let at = |k: usize| store.sweep.iter().find(|t| t.in_flight == k);
+            if let (Some(two), Some(many)) = (at(2), at(64)) {
+                targets.push(Target::new(
+                    "no collapse: sign/s @64 vs @2",
+                    format!("{} secp256k1", store.store),
+                    many.ops_per_sec / two.ops_per_sec,
+                    Bound::AtLeast,
+                    1.0,
+                    "×",
+                ));
+            }
+            if let Some((base, larger)) = store.stored_keys.split_first() {
+                for point in larger {
+                    targets.push(Target::new(
+                        &format!(
+                            "stored keys: sign/s @{} vs @{}",
+                            count(point.stored),
+                            count(base.stored)
+                        ),
+                        format!("{} secp256k1", store.store),
+                        point.ops_per_sec / base.ops_per_sec,
+                        Bound::AtLeast,
+                        STORED_KEYS_TARGET,
+                        "×",
+                    ));
+                }
+            }
+        }
+        self.targets = targets;
+    }
+
+    /// The human-readable table.
+    pub(crate) fn table(&self) -> String {
+        let mut t = String::new();
+        let n = self.plan.sessions;
+        let _ = writeln!(
+            t,
+            "\nhsm-driver-bench ({:?} run, {} CPUs shared by HSM, driver, simulator and database; {:.0} s)",
+            self.plan.mode, self.cpus, self.elapsed_seconds
+        );
+
+        let _ = writeln!(
+            t,
+            "\nRaw anchor: direct PKCS#11 on SoftHSMv2, one thread per session (ops/s)"
+        );
+        let sessions = &self.plan.anchor_sessions;
+        let mut header = format!("  {:<34} {:<10}", "operation", "curve");
+        for s in sessions {
+            let _ = write!(
+                header,
+                " {:>11}",
+                format!("{s} session{}", if *s == 1 { "" } else { "s" })
+            );
+        }
+        let _ = writeln!(t, "{header}");
+        for (op, label) in [
+            ("sign", "unwrap + sign + destroy"),
+            ("sign+verify", "  … + low-s, recid, verify (sw)"),
+            ("keygen", "keygen + wrap + destroy"),
+        ] {
+            for curve in CURVES {
+                let mut line = format!("  {label:<34} {:<10}", curve.label);
+                for &s in sessions {
+                    let rate = self.anchor_rate(op, curve.api, s);
+                    let _ = write!(line, " {:>11}", rate.map_or("-".to_owned(), number));
+                }
+                let _ = writeln!(t, "{line}");
+            }
+        }
+
+        let _ = writeln!(
+            t,
+            "\nEnd to end: simulator + hsm-driver ({} workers, {n} HSM sessions) over mTLS, {} requests in flight",
+            self.plan.workers, self.plan.in_flight
+        );
+        let _ = writeln!(
+            t,
+            "  {:<11} {:<10} {:>8} {:>8} {:>6} {:>9} {:>8} {:>6}",
+            "store", "curve", "sign/s", "raw/s", "ratio", "keygen/s", "raw/s", "ratio"
+        );
+        for store in &self.stores {
+            for curve in CURVES {
+                let sign = store.sign.iter().find(|m| m.curve == curve.api);
+                let keygen = store.keygen.iter().find(|m| m.curve == curve.api);
+                let raw_sign = self.anchor_rate("sign", curve.api, n);
+                let raw_keygen = self.anchor_rate("keygen", curve.api, n);
+                let ratio = |m: Option<f64>, raw: Option<f64>| match (m, raw) {
+                    (Some(m), Some(raw)) => format!("{:.2}", m / raw),
+                    _ => "-".to_owned(),
+                };
+                let sign_rate = sign.map(|m| m.throughput.ops_per_sec);
+                let keygen_rate = keygen.map(|m| m.throughput.ops_per_sec);
+                let _ = writeln!(
+                    t,
+                    "  {:<11} {:<10} {:>8} {:>8} {:>6} {:>9} {:>8} {:>6}",
+                    store.store,
+                    curve.label,
+                    opt(sign_rate),
+                    opt(raw_sign),
+                    ratio(sign_rate, raw_sign),
+                    opt(keygen_rate),
+                    opt(raw_keygen),
+                    ratio(keygen_rate, raw_keygen),
+                );
+            }
+        }
+
+        let _ = writeln!(
+            t,
+            "\nCPU time per job at saturation (ms; user + system from /proc). SoftHSMv2 runs inside the\n\
+             driver process, so `driver` includes the HSM; `HSM` is the anchor's time per operation on\n\
+             one session; `machine` is every CPU's busy time (database and load generator included)"
+        );
+        let _ = writeln!(
+            t,
+            "  {:<11} {:<10} {:<7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>6}",
+            "store",
+            "curve",
+            "job",
+            "driver",
+            "HSM",
+            "overhead",
+            "sim",
+            "client",
+            "machine",
+            "busy"
+        );
+        for store in &self.stores {
+            for (kind, anchor_op, list) in [
+                ("sign", "sign", &store.sign),
+                ("keygen", "keygen", &store.keygen),
+            ] {
+                for m in list {
+                    let hsm = self.anchor_rate(anchor_op, &m.curve, 1).map(|r| 1000.0 / r);
+                    let th = &m.throughput;
+                    let _ = writeln!(
+                        t,
+                        "  {:<11} {:<10} {:<7} {:>7.3} {:>7} {:>8} {:>7.3} {:>7.3} {:>8.3} {:>5.0}%",
+                        store.store,
+                        curve_label(&m.curve),
+                        kind,
+                        th.driver_cpu_ms_per_job,
+                        hsm.map_or("-".to_owned(), |h| format!("{h:.3}")),
+                        hsm.map_or("-".to_owned(), |h| format!(
+                            "{:+.3}",
+                            th.driver_cpu_ms_per_job - h
+                        )),
+                        th.sim_cpu_ms_per_job,
+                        th.client_cpu_ms_per_job,
+                        th.machine_cpu_ms_per_job,
+                        th.machine_busy_percent,
+                    );
+                }
+            }
+        }
+
+        let _ = writeln!(
+            t,
+            "\nLatency, request created → signed result, open loop at {:.0}% of saturation (ms)",
+            self.plan.latency_load * 100.0
+        );
+        let _ = writeln!(
+            t,
+            "  {:<11} {:<10} {:>8} {:>7} {:>7} {:>7} {:>7} {:>10}  timings",
+            "store", "curve", "rate/s", "p50", "p95", "p99", "max", "client p50"
+        );
+        for store in &self.stores {
+            for l in &store.latency {
+                let _ = writeln!(
+                    t,
+                    "  {:<11} {:<10} {:>8.0} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>10.2}  {}",
+                    store.store,
+                    curve_label(&l.curve),
+                    l.rate_per_sec,
+                    l.total.p50_ms,
+                    l.total.p95_ms,
+                    l.total.p99_ms,
+                    l.total.max_ms,
+                    l.client.p50_ms,
+                    source(l.source),
+                );
+            }
+        }
+
+        let _ = writeln!(
+            t,
+            "\nJob pickup on an idle queue: one secp256k1 signature at a time, {} ms apart (ms)",
+            self.plan.pickup_gap.as_millis()
+        );
+        let _ = writeln!(
+            t,
+            "  {:<11} {:>10} {:>10} {:>10} {:>10}  timings",
+            "store", "pickup p50", "pickup p99", "total p50", "total p99"
+        );
+        for store in &self.stores {
+            let p = &store.pickup;
+            let _ = writeln!(
+                t,
+                "  {:<11} {:>10} {:>10} {:>10.2} {:>10.2}  {}",
+                store.store,
+                p.pickup
+                    .as_ref()
+                    .map_or("n/a".to_owned(), |p| format!("{:.2}", p.p50_ms)),
+                p.pickup
+                    .as_ref()
+                    .map_or("n/a".to_owned(), |p| format!("{:.2}", p.p99_ms)),
+                p.total.p50_ms,
+                p.total.p99_ms,
+                source(p.source),
+            );
+        }
+
+        if self.stores.iter().any(|s| !s.sweep.is_empty()) {
+            let _ = writeln!(
+                t,
+                "\nIn-flight sweep: secp256k1 signatures/s by requests outstanding"
+            );
+            let mut header = format!("  {:<11}", "store");
+            for k in &self.plan.sweep {
+                let _ = write!(header, " {k:>8}");
+            }
+            let _ = writeln!(t, "{header}");
+            for store in self.stores.iter().filter(|s| !s.sweep.is_empty()) {
+                let mut line = format!("  {:<11}", store.store);
+                for k in &self.plan.sweep {
+                    let rate = store
+                        .sweep
+                        .iter()
+                        .find(|p| p.in_flight == *k)
+                        .map(|p| p.ops_per_sec);
+                    let _ = write!(line, " {:>8}", opt(rate));
+                }
+                let _ = writeln!(t, "{line}");
+            }
+        }
+
+        let _ = writeln!(
+            t,
+            "\nStored keys: secp256k1 signatures/s by records in the store (copies of real keys, each\n\
+             with its own record MAC from the HSM, bulk-inserted before the measurement)"
+        );
+        let _ = writeln!(
+            t,
+            "  {:<11} {:>8} {:>8} {:>10} {:>8} {:>9}",
+            "store", "stored", "sign/s", "copies", "MAC s", "insert s"
+        );
+        for store in &self.stores {
+            for p in &store.stored_keys {
+                let (added, mac, insert) = p.load.as_ref().map_or((0, 0.0, 0.0), |l| {
+                    (l.added, l.mac_seconds, l.insert_seconds)
+                });
+                let _ = writeln!(
+                    t,
+                    "  {:<11} {:>8} {:>8} {:>10} {:>8.2} {:>9.2}",
+                    store.store,
+                    count(p.stored),
+                    number(p.ops_per_sec),
+                    format!("+{added}"),
+                    mac,
+                    insert
+                );
+            }
+        }
+
+        let _ = writeln!(t, "\nMemory: peak RSS (VmHWM)");
+        for store in &self.stores {
+            let _ = writeln!(
+                t,
+                "  {:<11} driver {:.1} MiB, simulator {:.1} MiB",
+                store.store,
+                store.driver_peak_rss_kib as f64 / 1024.0,
+                store.sim_peak_rss_kib as f64 / 1024.0
+            );
+        }
+
+        for skipped in &self.skipped {
+            let _ = writeln!(t, "\nSKIPPED: {skipped}");
+        }
+
+        let _ = writeln!(t, "\nTargets");
+        for target in &self.targets {
+            let _ = writeln!(t, "  {}", target.line());
+        }
+        let missed = self.targets.iter().filter(|t| !t.met).count();
+        let _ = writeln!(t, "  {} met, {missed} missed", self.targets.len() - missed);
+        t
+    }
+
+    /// Writes `results.json` and `results.csv` into `dir`.
+    ///
+    /// # Errors
+    /// If a file cannot be written.
+    pub(crate) fn write_files(&self, dir: &Path) -> anyhow::Result<()> {
+        let json = dir.join("results.json");
+        std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("writing {}", json.display()))?;
+        let csv = dir.join("results.csv");
+        std::fs::write(&csv, self.csv()).with_context(|| format!("writing {}", csv.display()))?;
+        Ok(())
+    }
+
+    /// One measurement a row: `section,store,curve,parameter,metric,value,unit`.
+    fn csv(&self) -> String {
+        let mut rows = vec!["section,store,curve,parameter,metric,value,unit".to_owned()];
+        let mut row = |section: &str,
+                       store: &str,
+                       curve: &str,
+                       parameter: String,
+                       metric: &str,
+                       value: f64,
+                       unit: &str| {
+            rows.push(format!(
+                "{section},{store},{curve},{parameter},{metric},{value},{unit}"
+            ));
+        };
+        for a in &self.anchor {
+            row(
+                "anchor",
+                "",
+                &a.curve,
+                format!("sessions={}", a.sessions),
+                &a.operation,
+                a.ops_per_sec,
+                "ops/s",
+            );
+        }
+        for s in &self.stores {
+            for (kind, list) in [("sign", &s.sign), ("keygen", &s.keygen)] {
+                for m in list {
+                    let p = format!("in_flight={}", m.throughput.in_flight);
+                    row(
+                        kind,
+                        &s.store,
+                        &m.curve,
+                        p.clone(),
+                        "throughput",
+                        m.throughput.ops_per_sec,
+                        "ops/s",
+                    );
+                    row(
+                        kind,
+                        &s.store,
+                        &m.curve,
+                        p.clone(),
+                        "driver_cpu_per_job",
+                        m.throughput.driver_cpu_ms_per_job,
+                        "ms",
+                    );
+                    row(
+                        kind,
+                        &s.store,
+                        &m.curve,
+                        p,
+                        "sim_cpu_per_job",
+                        m.throughput.sim_cpu_ms_per_job,
+                        "ms",
+                    );
+                }
+            }
+            for l in &s.latency {
+                let p = format!("rate={:.0}", l.rate_per_sec);
+                for (metric, value) in [
+                    ("p50", l.total.p50_ms),
+                    ("p95", l.total.p95_ms),
+                    ("p99", l.total.p99_ms),
+                    ("max", l.total.max_ms),
+                ] {
+                    row(
+                        "latency",
+                        &s.store,
+                        &l.curve,
+                        p.clone(),
+                        metric,
+                        value,
+                        "ms",
+                    );
+                }
+            }
+            if let Some(p) = &s.pickup.pickup {
+                row(
+                    "pickup",
+                    &s.store,
+                    "secp256k1",
+                    String::new(),
+                    "p50",
+                    p.p50_ms,
+                    "ms",
+                );
+                row(
+                    "pickup",
+                    &s.store,
+                    "secp256k1",
+                    String::new(),
+                    "p99",
+                    p.p99_ms,
+                    "ms",
+                );
+            }
+            for t in &s.sweep {
+                row(
+                    "sweep",
+                    &s.store,
+                    "secp256k1",
+                    format!("in_flight={}", t.in_flight),
+                    "throughput",
+                    t.ops_per_sec,
+                    "ops/s",
+                );
+            }
+            for k in &s.stored_keys {
+                row(
+                    "stored_keys",
+                    &s.store,
+                    "secp256k1",
+                    format!("stored={}", k.stored),
+                    "throughput",
+                    k.ops_per_sec,
+                    "ops/s",
+                );
+            }
+            row(
+                "memory",
+                &s.store,
+                "",
+                String::new(),
+                "driver_peak_rss",
+                s.driver_peak_rss_kib as f64,
+                "KiB",
+            );
+        }
+        for t in &self.targets {
+            row(
+                "target",
+                "",
+                "",
+                format!("{} {}", t.name, t.scope).replace(',', ";"),
+                if t.met { "met" } else { "missed" },
+                t.value,
+                &t.unit,
+            );
+        }
+        rows.join("\n") + "\n"
+    }
+}
+
+fn source(source: TimingSource) -> &'static str {
+    match source {
+        TimingSource::Simulator => "simulator",
+        TimingSource::Client => "client (simulator has no timings)",
+    }
+}
+
+fn curve_label(api: &str) -> &str {
+    CURVES
+        .iter()
+        .find(|c| c.api == api)
+        .map_or(api, |c| c.label)
+}
+
+/// A rate or ratio, with as many decimals as it deserves.
+fn number(x: f64) -> String {
+    if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn opt(x: Option<f64>) -> String {
+    x.map_or("-".to_owned(), number)
+}
+
+/// `1000` → `1k`, `1000000` → `1M`.
+pub(crate) fn count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_say_how_far_inside_or_outside() {
+        let met = Target::new("ratio", "x".into(), 0.95, Bound::AtLeast, 0.9, "");
+        assert!(met.met);
+        assert!((met.margin_percent - 5.555).abs() < 0.01);
+        assert!(met.line().starts_with("MET"));
+        let missed = Target::new("p50", "x".into(), 6.0, Bound::AtMost, 5.0, " ms");
+        assert!(!missed.met);
+        assert!(missed.line().starts_with("MISSED"), "{}", missed.line());
+        assert!(missed.line().contains("20.0% over"), "{}", missed.line());
+    }
+
+    #[test]
+    fn counts_are_short() {
+        assert_eq!(count(1_000), "1k");
+        assert_eq!(count(1_000_000), "1M");
+        assert_eq!(count(100_000), "100k");
+        assert_eq!(count(1_234), "1234");
+    }
+}

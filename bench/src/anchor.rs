@@ -11,7 +11,11 @@
 //! - `sign`: unwrap + sign + destroy (the PKCS#11 calls of a worker's signature),
 //! - `sign+verify`: the worker's whole signature function (plus low-s, recovery id and
 //!   verification in software), to show what the software half costs,
-//! - `keygen`: the worker's key generation (generate pair, read the point, wrap, destroy both).
+//! - `keygen`: the worker's key generation (generate pair, read the point, wrap, destroy both);
+//! - `sign resident`: the hot-key path's ceiling: each thread unwraps the first
+//!   [`Plan::hot_keys_per_curve`](crate::plan::Plan) keys once, in its own session, then signs
+//!   with them in turn (`C_Sign` alone), and destroys them at the end;
+//! - `sign+verify resident`: the same with a hot key's whole signature (plus the software half).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,7 +37,7 @@ use crate::plan::Plan;
 /// One anchor measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct AnchorResult {
-    /// `sign`, `sign+verify` or `keygen`.
+    /// `sign`, `sign+verify`, `keygen`, `sign resident` or `sign+verify resident`.
     pub(crate) operation: String,
     /// The API's curve name.
     pub(crate) curve: String,
@@ -63,6 +67,9 @@ pub(crate) struct ChildArgs {
     /// Keys generated per scheme for the signing loops.
     #[arg(long)]
     keys: usize,
+    /// Of those, the keys each session keeps unwrapped in the resident-key loops.
+    #[arg(long)]
+    resident_keys: usize,
     #[arg(long)]
     warmup_ms: u64,
     #[arg(long)]
@@ -97,6 +104,8 @@ pub(crate) async fn run(
         .arg(sessions.join(","))
         .arg("--keys")
         .arg(plan.anchor_keys.to_string())
+        .arg("--resident-keys")
+        .arg(plan.hot_keys_per_curve.to_string())
         .arg("--warmup-ms")
         .arg(plan.anchor_warmup.as_millis().to_string())
         .arg("--window-ms")
@@ -146,11 +155,17 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
         let keys: Vec<GeneratedKey> = (0..args.keys.max(1))
             .map(|_| keepalive.generate_and_wrap(scheme))
             .collect::<Result<_, _>>()?;
+        let resident = Arc::new(keys[..args.resident_keys.clamp(1, keys.len())].to_vec());
         let keys = Arc::new(keys);
         for &sessions in &args.sessions {
-            for operation in [Operation::Sign, Operation::SignVerify, Operation::Keygen] {
+            for operation in Operation::ALL {
+                let keys = if operation.resident() {
+                    &resident
+                } else {
+                    &keys
+                };
                 let (ops, elapsed) = measure(
-                    &module, &config, sessions, warmup, window, operation, scheme, &keys,
+                    &module, &config, sessions, warmup, window, operation, scheme, keys,
                 )?;
                 let seconds = elapsed.as_secs_f64();
                 results.push(AnchorResult {
@@ -174,20 +189,51 @@ enum Operation {
     Sign,
     SignVerify,
     Keygen,
+    SignResident,
+    SignVerifyResident,
 }
 
 impl Operation {
+    const ALL: [Operation; 5] = [
+        Operation::Sign,
+        Operation::SignVerify,
+        Operation::Keygen,
+        Operation::SignResident,
+        Operation::SignVerifyResident,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Operation::Sign => "sign",
             Operation::SignVerify => "sign+verify",
             Operation::Keygen => "keygen",
+            Operation::SignResident => "sign resident",
+            Operation::SignVerifyResident => "sign+verify resident",
         }
+    }
+
+    /// Whether each session signs with keys it unwrapped once, before the loop.
+    fn resident(self) -> bool {
+        matches!(
+            self,
+            Operation::SignResident | Operation::SignVerifyResident
+        )
+    }
+}
+
+/// A signature request for `key`.
+fn request(scheme: KeyScheme, key: &GeneratedKey, digest: [u8; 32]) -> SignRequest {
+    SignRequest {
+        scheme,
+        public_key: key.public_key.clone(),
+        wrapped: key.wrapped.clone(),
+        payload: SignPayload::Digest(digest),
     }
 }
 
 /// Runs `operation` on `sessions` threads (a session each) for `warmup`, then counts
-/// completions for `window`. Returns the count and the exact window.
+/// completions for `window`; signatures take `keys` in turn (resident operations unwrap them
+/// all first, in each session). Returns the count and the exact window.
 #[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
 fn measure(
     module: &Pkcs11Module,
@@ -215,32 +261,46 @@ fn measure(
                 let opened = AnchorSession::open(&module, &config);
                 start.wait();
                 let session = opened?;
-                let mut digest = [0u8; 32];
+                // Unwrapped once, during the warm-up; destroyed when dropped, before the close.
+                let resident = if operation.resident() {
+                    keys.iter()
+                        .map(|key| session.unwrap_resident(&request(scheme, key, [0; 32])))
+                        .collect::<Result<Vec<_>, _>>()?
+                } else {
+                    Vec::new()
+                };
                 let mut i = index;
+                // The next key in turn (its index) and a request for a fresh random digest.
+                let mut next = || {
+                    let k = i % keys.len();
+                    i += 1;
+                    let mut digest = [0u8; 32];
+                    rand::thread_rng().fill_bytes(&mut digest);
+                    (k, request(scheme, &keys[k], digest))
+                };
                 while !stop.load(Ordering::Relaxed) {
                     match operation {
                         Operation::Keygen => {
                             session.generate_and_wrap(scheme)?;
                         }
-                        Operation::Sign | Operation::SignVerify => {
-                            let key = &keys[i % keys.len()];
-                            i += 1;
-                            rand::thread_rng().fill_bytes(&mut digest);
-                            let request = SignRequest {
-                                scheme,
-                                public_key: key.public_key.clone(),
-                                wrapped: key.wrapped.clone(),
-                                payload: SignPayload::Digest(digest),
-                            };
-                            if matches!(operation, Operation::Sign) {
-                                session.unwrap_sign_destroy(&request)?;
-                            } else {
-                                session.sign(&request)?;
-                            }
+                        Operation::Sign => {
+                            session.unwrap_sign_destroy(&next().1)?;
+                        }
+                        Operation::SignVerify => {
+                            session.sign(&next().1)?;
+                        }
+                        Operation::SignResident => {
+                            let (k, request) = next();
+                            resident[k].sign_raw(&request)?;
+                        }
+                        Operation::SignVerifyResident => {
+                            let (k, request) = next();
+                            resident[k].sign(&request)?;
                         }
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                 }
+                drop(resident);
                 session.close()?;
                 Ok(())
             })

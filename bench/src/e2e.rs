@@ -354,7 +354,7 @@ async fn measure(
 }
 
 /// Creates `count` keys on `curve`, all requested before any is awaited.
-async fn create_keys(
+pub(crate) async fn create_keys(
     app: &AppClient,
     curve: Curve,
     count: usize,
@@ -378,7 +378,7 @@ async fn create_keys(
 }
 
 /// Reads the simulator's completed-job count and both processes' CPU time.
-struct Meter {
+pub(crate) struct Meter {
     driver: u32,
     sim: u32,
 }
@@ -395,7 +395,7 @@ struct Reading {
 }
 
 impl Meter {
-    fn new(deployment: &Deployment) -> anyhow::Result<Self> {
+    pub(crate) fn new(deployment: &Deployment) -> anyhow::Result<Self> {
         Ok(Self {
             driver: deployment
                 .driver_pid()
@@ -422,7 +422,7 @@ impl Meter {
 
     /// Keeps `in_flight` requests of `work` outstanding; after `warmup`, counts the jobs the
     /// simulator sees completed during `window`.
-    async fn saturate(
+    pub(crate) async fn saturate(
         &self,
         app: &AppClient,
         work: &Arc<Work>,

@@ -8,18 +8,24 @@
 //!  │ loop, 1 thread per  │        │ 2. per store (SQLite, PG):│ app API  │   ▲ mTLS              │
 //!  │ session, own token  │        │    load generators,       │          │ hsm-driver (N workers)│
 //!  └─────────────────────┘        │    /proc readings         │          │   ├─ SoftHSMv2 token  │
-//!  replicate-child process        │ 3. table, JSON, CSV, SVG  │          │   └─ SQLite / PG      │
-//!  (record MACs + batch inserts)◀─└───────────────────────────┘          └───────────────────────┘
+//!  replicate-child process        │ 3. hot keys (SQLite): the │          │   └─ SQLite / PG      │
+//!  (record MACs + batch inserts)◀─│    stateless driver, then │          └───────────────────────┘
+//!                                 │    one with [hsm.hot_keys]│
+//!                                 │ 4. table, JSON, CSV, SVG  │
+//!                                 └───────────────────────────┘
 //! ```
 //!
 //! - [`anchor`]: the raw PKCS#11 loop (no driver, no async, no channels) on a fresh token.
 //! - [`e2e`]: the real processes from the end-to-end harness, measured through the simulator's
 //!   application API ([`load`]), with CPU time and peak memory from `/proc` ([`procfs`]).
+//! - [`hot_keys`]: a few busy keys per curve, the default (stateless) driver against one with
+//!   `[hsm.hot_keys]`, each in a deployment of its own.
 //! - [`replicate`]: the stored-keys sweep's bulk load.
 //! - [`report`] and [`svg`]: the targets, the table, the files.
 
 mod anchor;
 mod e2e;
+mod hot_keys;
 mod load;
 mod plan;
 mod procfs;
@@ -37,7 +43,7 @@ use hsm_driver_e2e::softhsm_module_path;
 use wrapped_keystore::testing::PgTestDatabase;
 
 use crate::e2e::{Setup, Store};
-use crate::plan::{Mode, Plan};
+use crate::plan::{Mode, Plan, WORKERS_PER_SESSION};
 use crate::report::Report;
 
 /// Measures the HSM driver end to end against the raw HSM and writes the results.
@@ -68,8 +74,9 @@ struct RunArgs {
     /// The driver's HSM sessions; the ratios compare with the anchor at this count.
     #[arg(long, default_value_t = 2)]
     sessions: usize,
-    /// The driver's workers, jobs executed at once (default: as many as sessions, the
-    /// driver's own default).
+    /// The driver's workers, jobs executed at once (default: 4 × sessions, so that a session
+    /// never waits while its job does store, MAC and report work; the driver's own default is
+    /// as many as sessions).
     #[arg(long)]
     workers: Option<usize>,
     /// The SoftHSMv2 module (default: `SOFTHSM2_MODULE` or the Debian locations).
@@ -109,7 +116,11 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mode = if args.quick { Mode::Quick } else { Mode::Full };
     let sessions = args.sessions.max(1);
-    let plan = Plan::new(mode, sessions, args.workers.unwrap_or(sessions).max(1));
+    let workers = args
+        .workers
+        .unwrap_or(WORKERS_PER_SESSION * sessions)
+        .max(1);
+    let plan = Plan::new(mode, sessions, workers);
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
         None => std::env::current_exe()?
@@ -161,6 +172,7 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
         let sweep = i == 0 || plan.sweep_every_store;
         results.push(e2e::run(&plan, &setup, store, sweep, &say).await?);
     }
+    let hot_keys = hot_keys::run(&plan, &setup, &say).await?;
 
     let mut report = Report {
         plan,
@@ -172,6 +184,7 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
         cpus: std::thread::available_parallelism().map_or(1, usize::from),
         anchor,
         stores: results,
+        hot_keys,
         skipped,
         targets: Vec::new(),
     };

@@ -40,8 +40,8 @@ pub(crate) struct Plan {
     pub(crate) mode: Mode,
     /// The driver's HSM sessions, and the anchor's session count the ratios use.
     pub(crate) sessions: usize,
-    /// The driver's workers: jobs it executes at once (the driver's default: as many as
-    /// sessions).
+    /// The driver's workers: jobs it executes at once. The bench's default is
+    /// [`WORKERS_PER_SESSION`] × sessions (the driver's own default is as many as sessions).
     pub(crate) workers: usize,
     /// The anchor's session counts (one thread each).
     pub(crate) anchor_sessions: Vec<usize>,
@@ -80,7 +80,21 @@ pub(crate) struct Plan {
     /// One in this many signatures is verified independently by the bench (the driver
     /// verifies every one; verifying all here would take CPU from what is measured).
     pub(crate) verify_one_in: u64,
+    /// The hot-key scenario's keys per curve (signatures take them in turn), and the keys each
+    /// raw-anchor session keeps resident.
+    pub(crate) hot_keys_per_curve: usize,
+    /// `[hsm.hot_keys] capacity` of the hot driver: keys kept unwrapped per HSM session.
+    pub(crate) hot_key_capacity: usize,
+    /// `[hsm.hot_keys] ttl_ms` of the hot driver.
+    #[serde(with = "millis")]
+    pub(crate) hot_key_ttl: Duration,
 }
+
+/// The bench's default workers per HSM session. With as many workers as sessions, a session
+/// waits while its job loads its key, reports its result and writes the audit ledger (on two
+/// cores the machine stayed about a quarter idle at saturation); four jobs per session keep
+/// the sessions busy.
+pub(crate) const WORKERS_PER_SESSION: usize = 4;
 
 impl Plan {
     pub(crate) fn new(mode: Mode, sessions: usize, workers: usize) -> Self {
@@ -120,6 +134,10 @@ impl Plan {
                 vec![1_000, 100_000, 1_000_000]
             },
             verify_one_in: 32,
+            hot_keys_per_curve: 4,
+            // Both curves' keys fit: the second curve's measurement evicts nothing it needs.
+            hot_key_capacity: 8,
+            hot_key_ttl: s(60),
         }
     }
 }

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::anchor::AnchorResult;
 use crate::e2e::{StoreResult, TimingSource};
+use crate::hot_keys::HotKeysResult;
 use crate::plan::{CURVES, Plan};
 
 /// Everything one run measured.
@@ -22,6 +23,8 @@ pub(crate) struct Report {
     pub(crate) cpus: usize,
     pub(crate) anchor: Vec<AnchorResult>,
     pub(crate) stores: Vec<StoreResult>,
+    /// The hot-key scenario (SQLite).
+    pub(crate) hot_keys: HotKeysResult,
     /// What was not measured, and why.
     pub(crate) skipped: Vec<String>,
     pub(crate) targets: Vec<Target>,
@@ -105,6 +108,8 @@ impl Target {
 pub(crate) const RATIO_TARGET: f64 = 0.9;
 pub(crate) const PICKUP_P50_TARGET_MS: f64 = 5.0;
 pub(crate) const STORED_KEYS_TARGET: f64 = 0.9;
+/// Hot keys against the stateless driver, signing repeatedly with a few keys.
+pub(crate) const HOT_KEYS_TARGET: f64 = 3.0;
 
 impl Report {
     /// The anchor's rate for `operation` on `curve` at `sessions`.
@@ -175,6 +180,16 @@ impl Report {
                 }
             }
         }
+        for c in &self.hot_keys.curves {
+            targets.push(Target::new(
+                "hot keys vs stateless sign/s",
+                format!("{} {}", self.hot_keys.store, c.curve),
+                c.hot_vs_stateless,
+                Bound::AtLeast,
+                HOT_KEYS_TARGET,
+                "×",
+            ));
+        }
         self.targets = targets;
     }
 
@@ -184,8 +199,9 @@ impl Report {
         let n = self.plan.sessions;
         let _ = writeln!(
             t,
-            "\nhsm-driver-bench ({:?} run, {} CPUs shared by HSM, driver, simulator and database; {:.0} s)",
-            self.plan.mode, self.cpus, self.elapsed_seconds
+            "\nhsm-driver-bench ({:?} run, {} CPUs shared by HSM, driver, simulator and database; \
+             driver: {} workers, {n} HSM sessions; {:.0} s)",
+            self.plan.mode, self.cpus, self.plan.workers, self.elapsed_seconds
         );
 
         let _ = writeln!(
@@ -206,6 +222,8 @@ impl Report {
             ("sign", "unwrap + sign + destroy"),
             ("sign+verify", "  … + low-s, recid, verify (sw)"),
             ("keygen", "keygen + wrap + destroy"),
+            ("sign resident", "sign with a resident key"),
+            ("sign+verify resident", "  … + low-s, recid, verify (sw)"),
         ] {
             for curve in CURVES {
                 let mut line = format!("  {label:<34} {:<10}", curve.label);
@@ -256,9 +274,11 @@ impl Report {
 
         let _ = writeln!(
             t,
-            "\nCPU time per job at saturation (ms; user + system from /proc). SoftHSMv2 runs inside the\n\
-             driver process, so `driver` includes the HSM; `HSM` is the anchor's time per operation on\n\
-             one session; `machine` is every CPU's busy time (database and load generator included)"
+            "\nCPU time per job at saturation (ms; user + system from /proc; {} workers, {n} HSM sessions).\n\
+             SoftHSMv2 runs inside the driver process, so `driver` includes the HSM; `HSM` is the\n\
+             anchor's time per operation on one session; `machine` is every CPU's busy time\n\
+             (database and load generator included)",
+            self.plan.workers
         );
         let _ = writeln!(
             t,
@@ -302,6 +322,8 @@ impl Report {
                 }
             }
         }
+
+        self.hot_keys_table(&mut t);
 
         let _ = writeln!(
             t,
@@ -433,6 +455,72 @@ impl Report {
         let missed = self.targets.iter().filter(|t| !t.met).count();
         let _ = writeln!(t, "  {} met, {missed} missed", self.targets.len() - missed);
         t
+    }
+
+    /// The hot-key scenario: the stateless and the hot driver's rates, their ratio, and the hot
+    /// rate against the raw anchor with resident keys (same session count), then CPU per job.
+    fn hot_keys_table(&self, t: &mut String) {
+        let n = self.plan.sessions;
+        let h = &self.hot_keys;
+        let _ = writeln!(
+            t,
+            "\nHot keys: {} keys per curve signing repeatedly on {}, {} workers, {n} HSM sessions,\n\
+             {} in flight; the default (stateless) driver, then one with [hsm.hot_keys]\n\
+             capacity = {}, ttl_ms = {}. `resident` is the raw anchor at {n} sessions signing with\n\
+             keys unwrapped once (`C_Sign` alone; `+sw`: with low-s, recid and verification)",
+            h.keys_per_curve, h.store, self.plan.workers, self.plan.in_flight, h.capacity, h.ttl_ms
+        );
+        let _ = writeln!(
+            t,
+            "  {:<10} {:>16} {:>10} {:>6} {:>11} {:>7} {:>14} {:>7}",
+            "curve",
+            "stateless sign/s",
+            "hot sign/s",
+            "ratio",
+            "resident/s",
+            "hot/raw",
+            "resident+sw/s",
+            "hot/raw"
+        );
+        for c in &h.curves {
+            let raw = self.anchor_rate("sign resident", &c.curve, n);
+            let raw_sw = self.anchor_rate("sign+verify resident", &c.curve, n);
+            let of = |raw: Option<f64>| {
+                raw.map_or("-".to_owned(), |raw| {
+                    format!("{:.2}", c.hot.ops_per_sec / raw)
+                })
+            };
+            let _ = writeln!(
+                t,
+                "  {:<10} {:>16} {:>10} {:>6.2} {:>11} {:>7} {:>14} {:>7}",
+                curve_label(&c.curve),
+                number(c.stateless.ops_per_sec),
+                number(c.hot.ops_per_sec),
+                c.hot_vs_stateless,
+                opt(raw),
+                of(raw),
+                opt(raw_sw),
+                of(raw_sw),
+            );
+        }
+        let _ = writeln!(
+            t,
+            "  CPU per job (ms), stateless → hot: the driver (HSM included), the machine; machine busy"
+        );
+        for c in &h.curves {
+            let (s, hot) = (&c.stateless, &c.hot);
+            let _ = writeln!(
+                t,
+                "  {:<10} driver {:.3} → {:.3}, machine {:.3} → {:.3}, busy {:.0}% → {:.0}%",
+                curve_label(&c.curve),
+                s.driver_cpu_ms_per_job,
+                hot.driver_cpu_ms_per_job,
+                s.machine_cpu_ms_per_job,
+                hot.machine_cpu_ms_per_job,
+                s.machine_busy_percent,
+                hot.machine_busy_percent,
+            );
+        }
     }
 
     /// Writes `results.json` and `results.csv` into `dir`.
@@ -575,6 +663,38 @@ impl Report {
                 "driver_peak_rss",
                 s.driver_peak_rss_kib as f64,
                 "KiB",
+            );
+        }
+        for c in &self.hot_keys.curves {
+            for (driver, th) in [("stateless", &c.stateless), ("hot", &c.hot)] {
+                let p = format!("driver={driver};in_flight={}", th.in_flight);
+                row(
+                    "hot_keys",
+                    &self.hot_keys.store,
+                    &c.curve,
+                    p.clone(),
+                    "throughput",
+                    th.ops_per_sec,
+                    "ops/s",
+                );
+                row(
+                    "hot_keys",
+                    &self.hot_keys.store,
+                    &c.curve,
+                    p,
+                    "driver_cpu_per_job",
+                    th.driver_cpu_ms_per_job,
+                    "ms",
+                );
+            }
+            row(
+                "hot_keys",
+                &self.hot_keys.store,
+                &c.curve,
+                format!("keys={}", self.hot_keys.keys_per_curve),
+                "hot_vs_stateless",
+                c.hot_vs_stateless,
+                "×",
             );
         }
         for t in &self.targets {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use dfns_api_sim::app_client::AppClient;
 
-use crate::driver::{DriverProcess, DriverSettings, DriverWiring};
+use crate::driver::{DriverProcess, DriverSettings, DriverWiring, HotKeySettings};
 use crate::master_key::MasterKeyProvisioning;
 use crate::simulator::{Simulator, SimulatorOptions};
 use crate::telemetry::{Readiness, TelemetryResponse};
@@ -36,6 +36,8 @@ pub struct DeploymentOptions {
     pub log_level: String,
     /// How the token gets its master key: generated on it (default) or a shared value imported.
     pub master_key: MasterKeyProvisioning,
+    /// The driver's `[hsm.hot_keys]`; `None` (default): strictly stateless.
+    pub hot_keys: Option<HotKeySettings>,
 }
 
 impl DeploymentOptions {
@@ -51,6 +53,7 @@ impl DeploymentOptions {
             lease_secs: 30,
             log_level: "info".to_owned(),
             master_key: MasterKeyProvisioning::Generate,
+            hot_keys: None,
         }
     }
 }
@@ -110,6 +113,7 @@ impl Deployment {
         settings.workers = options.workers;
         settings.hsm_sessions = options.hsm_sessions;
         settings.log_level = options.log_level.clone();
+        settings.hot_keys = options.hot_keys;
         let api_url = sim.driver_url();
         // `pki/…` relative to the configuration file (tests rewrite these paths).
         let mut driver = DriverProcess::provision(

@@ -48,11 +48,23 @@ pub struct DriverSettings {
     /// `[hsm.fault_injection] trigger_file` (relative paths resolve against the configuration
     /// file's directory); `None`: no fault injection.
     pub fault_trigger_file: Option<PathBuf>,
+    /// `[hsm.hot_keys]`; `None`: no such section (the driver's default, strictly stateless).
+    pub hot_keys: Option<HotKeySettings>,
+}
+
+/// `[hsm.hot_keys]`: the driver keeps recently unwrapped keys per HSM session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotKeySettings {
+    /// `capacity`: keys kept unwrapped per HSM session.
+    pub capacity: usize,
+    /// `ttl_ms`: the longest a key stays unwrapped after its unwrap, in milliseconds.
+    pub ttl_ms: u64,
 }
 
 impl DriverSettings {
     /// Settings for driver `id` on `database_url`, with the harness defaults (2 workers, log
-    /// level `info`, the driver's own health and timeout defaults, no fault injection).
+    /// level `info`, the driver's own health and timeout defaults, no fault injection, no hot
+    /// keys).
     pub fn new(id: &str, database_url: &str) -> Self {
         Self {
             id: id.to_owned(),
@@ -64,6 +76,7 @@ impl DriverSettings {
             recovery_backoff_max_ms: None,
             connect_timeout_ms: None,
             fault_trigger_file: None,
+            hot_keys: None,
         }
     }
 }
@@ -132,6 +145,13 @@ master_key_label = "{MASTER_KEY_LABEL}"
             text,
             "\n[hsm.fault_injection]\n# While this file exists, every HSM operation fails (tests only).\ntrigger_file = \"{}\"\n",
             trigger.display()
+        );
+    }
+    if let Some(hot) = settings.hot_keys {
+        let _ = write!(
+            text,
+            "\n[hsm.hot_keys]\ncapacity = {}\nttl_ms = {}\n",
+            hot.capacity, hot.ttl_ms
         );
     }
     let _ = write!(text, "\n[database]\nurl = \"{}\"\n", settings.database_url);
@@ -467,4 +487,42 @@ fn parse_private_keys(check: &str) -> Option<usize> {
         .next()?
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered(hot_keys: Option<HotKeySettings>) -> String {
+        let mut settings = DriverSettings::new("driver-1", "sqlite:///tmp/keys.db");
+        settings.hot_keys = hot_keys;
+        let token = SoftHsmToken {
+            conf: PathBuf::from("/tmp/softhsm2.conf"),
+            label: "hsm-driver".to_owned(),
+            pin_file: PathBuf::from("/tmp/pin"),
+        };
+        let wiring = DriverWiring {
+            api_url: "https://127.0.0.1:1",
+            pki_dir: Path::new("pki"),
+            softhsm_module: Path::new("/usr/lib/softhsm/libsofthsm2.so"),
+        };
+        render_config(&settings, &wiring, &token)
+    }
+
+    #[test]
+    fn hot_keys_are_written_under_hsm_only_when_set() {
+        assert!(!rendered(None).contains("hot_keys"));
+        let text = rendered(Some(HotKeySettings {
+            capacity: 8,
+            ttl_ms: 60_000,
+        }));
+        let section = text
+            .find("\n[hsm.hot_keys]\ncapacity = 8\nttl_ms = 60000\n")
+            .expect(&text);
+        assert!(text.find("\n[hsm]\n").expect(&text) < section, "{text}");
+        assert!(
+            section < text.find("\n[database]\n").expect(&text),
+            "{text}"
+        );
+    }
 }

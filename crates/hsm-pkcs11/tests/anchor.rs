@@ -1,6 +1,7 @@
 //! The benchmark's raw anchor (feature `bench`) does a worker's PKCS#11 work on a SoftHSMv2
 //! token: keys it generates unwrap and sign, its raw signatures verify once normalised, a blob
-//! from another master key is refused as the worker refuses it, and nothing stays on the token.
+//! from another master key is refused as the worker refuses it, a resident key signs until it
+//! is dropped, and nothing stays on the token.
 
 use cryptoki::object::{Attribute, ObjectClass};
 use hsm_pkcs11::anchor::AnchorSession;
@@ -52,6 +53,42 @@ fn the_anchor_signs_like_a_worker_and_leaves_nothing_behind() {
         "every generated and unwrapped key was destroyed: {} left",
         private_keys.len()
     );
+    session.close().expect("C_CloseSession");
+}
+
+#[test]
+fn a_resident_key_signs_repeatedly_and_is_destroyed_when_dropped() {
+    let token = SoftHsmToken::create().expect("SoftHSMv2 token");
+    let session = AnchorSession::open(token.module(), &token.config(1)).expect("anchor session");
+    let inspector = token.login_session().expect("an inspecting session");
+    let private_keys = || {
+        inspector
+            .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+            .expect("C_FindObjects")
+            .len()
+    };
+    for scheme in [KeyScheme::EcdsaSecp256k1, KeyScheme::EcdsaP256] {
+        let key = session
+            .generate_and_wrap(scheme)
+            .expect("generate and wrap");
+        let resident = session
+            .unwrap_resident(&request(scheme, &key, [0; 32]))
+            .expect("unwrapped once");
+        assert_eq!(private_keys(), 1, "{scheme}: the resident key, and only it");
+        for i in 0..4u8 {
+            let digest = [i.wrapping_add(0x60); 32];
+            let request = request(scheme, &key, digest);
+            let raw = resident.sign_raw(&request).expect("raw signature");
+            signature::finish_ecdsa(scheme, &key.public_key, &digest, &raw)
+                .expect("the raw signature verifies against the generated key");
+            let whole = resident.sign(&request).expect("a hot key's signature");
+            signature::verify(scheme, &key.public_key, &request.payload, &whole)
+                .expect("the hot key's signature verifies");
+        }
+        assert_eq!(private_keys(), 1, "{scheme}: signing unwraps nothing more");
+        drop(resident);
+        assert_eq!(private_keys(), 0, "{scheme}: destroyed when dropped");
+    }
     session.close().expect("C_CloseSession");
 }
 

@@ -9,6 +9,9 @@
 //! mechanism), `CKM_ECDSA` sign and destroys the key through the same guard, leaving out only
 //! the software half of a worker's signature (low-s normalisation, recovery id and
 //! verification against the public key), which is not PKCS#11 work.
+//! [`AnchorSession::unwrap_resident`] is the hot-key path's ceiling: the worker's unwrap once,
+//! then [`ResidentKey::sign_raw`] (`C_Sign` alone) or [`ResidentKey::sign`] (the worker's
+//! `sign_with`, as a hot key signs) as often as wanted, and the destroy when it is dropped.
 //!
 //! ```no_run
 //! # fn demo(module: &hsm_pkcs11::Pkcs11Module, config: &hsm_pkcs11::Pkcs11Config)
@@ -34,6 +37,7 @@ use std::fmt;
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
+use cryptoki::session::Session;
 
 use super::guard::ObjectGuard;
 use super::keys;
@@ -117,12 +121,74 @@ impl AnchorSession {
         keys::unwrap_and_sign(self.session.get(), self.master, request)
     }
 
+    /// The worker's unwrap of `request.wrapped` (same template, same mechanism), kept: the
+    /// returned key signs until it is dropped, which destroys it (`C_DestroyObject`), as a hot
+    /// key is kept by a worker session. `request.payload` is only checked against the scheme.
+    /// Blocking.
+    ///
+    /// # Errors
+    /// [`HsmError::UnwrapFailed`] for a blob this master key did not wrap;
+    /// [`HsmError::Pkcs11`] naming `C_UnwrapKey`.
+    pub fn unwrap_resident(&self, request: &SignRequest) -> Result<ResidentKey<'_>, HsmError> {
+        let session = self.session.get();
+        Ok(ResidentKey {
+            key: ObjectGuard::new(
+                session,
+                keys::unwrap_signing_key(session, self.master, request)?,
+                "resident private key",
+            ),
+            session,
+        })
+    }
+
     /// Closes the session (`C_CloseSession`).
     ///
     /// # Errors
     /// [`HsmError::Pkcs11`] naming `C_CloseSession`.
     pub fn close(self) -> Result<(), HsmError> {
         self.session.close()
+    }
+}
+
+/// A signing key unwrapped once by [`AnchorSession::unwrap_resident`] and kept as a session
+/// object of that session; destroyed when dropped. Every request given to it must be for the
+/// key it was unwrapped from (its `wrapped` blob is not used again).
+pub struct ResidentKey<'s> {
+    key: ObjectGuard<'s>,
+    session: &'s Session,
+}
+
+impl ResidentKey<'_> {
+    /// `C_Sign` with `CKM_ECDSA` alone: the PKCS#11 part of a hot key's signature. Returns the
+    /// token's raw `r || s`, neither normalised nor verified. ECDSA only. Blocking.
+    ///
+    /// # Errors
+    /// [`HsmError::InvalidPayload`] for an EdDSA request; [`HsmError::Pkcs11`] naming `C_Sign`.
+    pub fn sign_raw(&self, request: &SignRequest) -> Result<Vec<u8>, HsmError> {
+        let SignPayload::Digest(digest) = &request.payload else {
+            return Err(HsmError::InvalidPayload {
+                reason: "the raw anchor signs ECDSA digests only".into(),
+            });
+        };
+        self.session
+            .sign(&Mechanism::Ecdsa, self.key.handle(), digest)
+            .map_err(HsmError::pkcs11("C_Sign"))
+    }
+
+    /// A hot key's whole signature, as a worker makes it: `C_Sign` plus the software half
+    /// (low-s, recovery id, verification against `request.public_key`). Blocking.
+    ///
+    /// # Errors
+    /// [`HsmError::Pkcs11`] naming `C_Sign`, or a signature that does not verify (a request
+    /// for another key).
+    pub fn sign(&self, request: &SignRequest) -> Result<Signature, HsmError> {
+        keys::sign_with(self.session, self.key.handle(), request)
+    }
+}
+
+impl fmt::Debug for ResidentKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResidentKey").finish_non_exhaustive()
     }
 }
 

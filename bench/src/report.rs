@@ -108,6 +108,10 @@ impl Target {
 pub(crate) const RATIO_TARGET: f64 = 0.9;
 pub(crate) const PICKUP_P50_TARGET_MS: f64 = 5.0;
 pub(crate) const STORED_KEYS_TARGET: f64 = 0.9;
+/// The driver's CPU per signature beyond the HSM's, as a fraction of the HSM's.
+pub(crate) const DRIVER_CPU_TARGET: f64 = 0.1;
+/// The driver's peak resident memory.
+pub(crate) const PEAK_RSS_TARGET_MIB: f64 = 64.0;
 /// Hot keys against the stateless driver, signing repeatedly with a few keys.
 pub(crate) const HOT_KEYS_TARGET: f64 = 3.0;
 
@@ -141,6 +145,31 @@ impl Report {
                         ));
                     }
                 }
+            }
+            // The driver's own CPU per signature beyond the HSM's work (SoftHSMv2 runs inside
+            // the driver process, so the HSM's share is taken from the one-session anchor).
+            for m in &store.sign {
+                if let Some(raw) = self.anchor_rate("sign", &m.curve, 1) {
+                    let hsm_ms = 1000.0 / raw;
+                    targets.push(Target::new(
+                        "driver CPU per signature / HSM's",
+                        format!("{} {}", store.store, m.curve),
+                        (m.throughput.driver_cpu_ms_per_job - hsm_ms) / hsm_ms,
+                        Bound::AtMost,
+                        DRIVER_CPU_TARGET,
+                        "",
+                    ));
+                }
+            }
+            if store.driver_peak_rss_kib > 0 {
+                targets.push(Target::new(
+                    "driver peak RSS",
+                    store.store.clone(),
+                    store.driver_peak_rss_kib as f64 / 1024.0,
+                    Bound::AtMost,
+                    PEAK_RSS_TARGET_MIB,
+                    " MiB",
+                ));
             }
             if let Some(pickup) = &store.pickup.pickup {
                 targets.push(Target::new(

@@ -22,15 +22,21 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
             let hsm = wiring::pkcs11_hsm(&module, config).await?;
             let (hsm, report) = wiring::master_key_self_test(hsm, config).await?;
             info!(%report, "master key self-test");
+            // Read before the HSM moves into the engine: hit/miss counters for /metrics.
+            let hot_keys = config
+                .hsm
+                .hot_keys
+                .as_ref()
+                .map(|_| Box::new(hsm.hot_key_stats_reader()) as HotKeyReader);
             match &config.hsm.fault_injection {
-                None => serve(config, hsm).await,
+                None => serve(config, hsm, hot_keys).await,
                 Some(fault) => {
                     warn!(
                         trigger_file = %fault.trigger_file.display(),
                         "hsm.fault_injection is configured: the HSM fails while the trigger file exists. For tests and fault drills only."
                     );
                     let switch = FaultSwitch::from_trigger_file(&fault.trigger_file);
-                    serve(config, FaultInjectingHsm::new(hsm, switch)).await
+                    serve(config, FaultInjectingHsm::new(hsm, switch), hot_keys).await
                 }
             }
         }
@@ -39,12 +45,19 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
                 "hsm.kind = \"fake\": keys are generated and wrapped IN SOFTWARE by a test fake. \
                  Never use this configuration for keys of value."
             );
-            serve(config, FakeHsm::new()).await
+            serve(config, FakeHsm::new(), None).await
         }
     }
 }
 
-async fn serve<H: Hsm>(config: &Config, hsm: H) -> anyhow::Result<()> {
+/// Reads the HSM's hot-key counters (when hot keys are configured).
+type HotKeyReader = Box<dyn Fn() -> hsm_pkcs11::HotKeyStats + Send + Sync>;
+
+async fn serve<H: Hsm>(
+    config: &Config,
+    hsm: H,
+    hot_keys: Option<HotKeyReader>,
+) -> anyhow::Result<()> {
     let store = wiring::key_store(config).await?;
     if config.database.migrate_on_start {
         let applied = wiring::migrate(&store).await?;
@@ -81,6 +94,9 @@ async fn serve<H: Hsm>(config: &Config, hsm: H) -> anyhow::Result<()> {
     let endpoint = match config.telemetry.listen {
         Some(addr) => {
             let telemetry = Telemetry::new(&config.driver.id)?;
+            if let Some(read) = hot_keys {
+                telemetry.observe_hot_keys(read);
+            }
             builder = builder.meter(telemetry.meter());
             Some(telemetry.bind(addr).await?)
         }

@@ -89,6 +89,41 @@ impl Telemetry {
         })
     }
 
+    /// Exports the HSM's hot-key counters as `hsm_driver_hot_key_{hits,misses,evictions}_total`,
+    /// read at each scrape.
+    pub(crate) fn observe_hot_keys(
+        &self,
+        read: Box<dyn Fn() -> hsm_pkcs11::HotKeyStats + Send + Sync>,
+    ) {
+        let read: std::sync::Arc<dyn Fn() -> hsm_pkcs11::HotKeyStats + Send + Sync> =
+            std::sync::Arc::from(read);
+        let meter = self.provider.meter("hsm-driver");
+        for (name, description, pick) in [
+            (
+                "hsm_driver_hot_key_hits",
+                "Signatures made with a key already unwrapped (hot-key path)",
+                (|s: &hsm_pkcs11::HotKeyStats| s.hits) as fn(&hsm_pkcs11::HotKeyStats) -> u64,
+            ),
+            (
+                "hsm_driver_hot_key_misses",
+                "Signatures that unwrapped their key and kept it (hot-key path)",
+                |s: &hsm_pkcs11::HotKeyStats| s.misses,
+            ),
+            (
+                "hsm_driver_hot_key_evictions",
+                "Hot keys destroyed: expired, evicted when full, after errors, on shutdown",
+                |s: &hsm_pkcs11::HotKeyStats| s.evictions,
+            ),
+        ] {
+            let read = std::sync::Arc::clone(&read);
+            meter
+                .u64_observable_counter(name)
+                .with_description(description)
+                .with_callback(move |observer| observer.observe(pick(&read()), &[]))
+                .build();
+        }
+    }
+
     /// The meter to hand to the engine (`Driver::builder().meter(…)`).
     pub(crate) fn meter(&self) -> Meter {
         self.provider.meter("hsm-driver")
@@ -308,6 +343,28 @@ mod tests {
             telemetry.respond(None, &post).status(),
             StatusCode::NOT_FOUND
         );
+    }
+
+    #[tokio::test]
+    async fn hot_key_counters_are_exported_when_configured() {
+        let telemetry = Telemetry::new("drv-1").unwrap();
+        telemetry.observe_hot_keys(Box::new(|| hsm_pkcs11::HotKeyStats {
+            hits: 7,
+            misses: 2,
+            evictions: 1,
+        }));
+        let text = body(telemetry.respond(None, &get("/metrics"))).await;
+        for (name, value) in [
+            ("hsm_driver_hot_key_hits_total", 7),
+            ("hsm_driver_hot_key_misses_total", 2),
+            ("hsm_driver_hot_key_evictions_total", 1),
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(name) && l.ends_with(&format!(" {value}"))),
+                "{name} = {value} in\n{text}"
+            );
+        }
     }
 
     #[tokio::test]

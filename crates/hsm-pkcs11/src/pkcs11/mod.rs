@@ -317,6 +317,13 @@ impl Pkcs11Hsm {
         self.shared.hot_keys.snapshot()
     }
 
+    /// A cheap, shareable reader of [`Pkcs11Hsm::hot_key_stats`] that outlives moving the HSM
+    /// into a driver (for a metrics callback).
+    pub fn hot_key_stats_reader(&self) -> impl Fn() -> HotKeyStats + Send + Sync + 'static {
+        let counters = Arc::clone(&self.shared.hot_keys);
+        move || counters.snapshot()
+    }
+
     /// Identifies the token and counts private- and secret-key objects. Blocking (runs on the
     /// keep-alive session, on the caller's thread): call it from a blocking thread.
     ///

@@ -23,8 +23,6 @@ use support::{
 };
 
 const WAIT: Duration = Duration::from_secs(10);
-/// `test_config`'s long-poll (200 ms) plus a margin: a lease request in flight has ended.
-const LONG_POLL_AND_MARGIN: Duration = Duration::from_millis(400);
 
 async fn wait_health(
     health: &driver_core::Health,
@@ -70,8 +68,11 @@ async fn an_hsm_failure_stops_leasing_and_the_driver_recovers_by_itself() {
 
     // While the HSM is down nothing is leased: the queued job stays queued. (A long-poll
     // already waiting when the HSM failed may still return one batch, which is handed back;
-    // let it run out first.)
-    tokio::time::sleep(LONG_POLL_AND_MARGIN).await;
+    // wait for it to return first.)
+    h.source
+        .wait_until(WAIT, || h.source.no_lease_in_flight().then_some(()))
+        .await
+        .expect("the lease request in flight returns");
     let leases_while_down = h.source.leases.load(Ordering::SeqCst);
     h.source.push("job-sign-2", sign_hash("key-1", [2; 32]));
     h.source
@@ -86,6 +87,7 @@ async fn an_hsm_failure_stops_leasing_and_the_driver_recovers_by_itself() {
         })
         .await
         .expect("a heartbeat tells the API the driver is not ready");
+    // An absence has no event to await: give the driver 300 ms in which it must not lease.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         h.source.leases.load(Ordering::SeqCst),
@@ -159,9 +161,13 @@ async fn a_key_store_outage_stops_leasing_and_the_driver_recovers_by_itself() {
     assert_eq!(given_back.code, FailureCode::StoreError);
     assert!(given_back.retryable, "{given_back:?}");
     wait_health(&h.health, "store down", |r| !r.store.is_up()).await;
-    tokio::time::sleep(LONG_POLL_AND_MARGIN).await;
+    h.source
+        .wait_until(WAIT, || h.source.no_lease_in_flight().then_some(()))
+        .await
+        .expect("the lease request in flight returns");
     let leases_while_down = h.source.leases.load(Ordering::SeqCst);
     h.source.push("job-sign-2", sign_hash("key-1", [2; 32]));
+    // An absence has no event to await: give the driver 300 ms in which it must not lease.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         h.source.leases.load(Ordering::SeqCst),

@@ -37,6 +37,8 @@ pub(crate) struct ScriptedSource {
     pub(crate) reports: Mutex<Vec<(JobId, Report)>>,
     reported: Notify,
     pub(crate) leases: AtomicU64,
+    /// Lease requests that have returned (with jobs, empty or an error).
+    leases_returned: AtomicU64,
     pub(crate) registrations: Mutex<Vec<DriverRegistration>>,
     pub(crate) heartbeats: Mutex<Vec<Heartbeat>>,
     pub(crate) extensions: AtomicU64,
@@ -113,25 +115,12 @@ impl ScriptedSource {
         .ok()
     }
 
-    /// The API forgets the driver (as after its registration lapsed).
-    pub(crate) fn forget_driver(&self) {
-        self.forgotten.store(true, Ordering::SeqCst);
+    /// Whether every lease request made so far has returned.
+    pub(crate) fn no_lease_in_flight(&self) -> bool {
+        self.leases_returned.load(Ordering::SeqCst) == self.leases.load(Ordering::SeqCst)
     }
 
-    fn record(&self, job: &JobRef, report: Report) {
-        self.reports
-            .lock()
-            .unwrap()
-            .push((job.job_id.clone(), report));
-        self.reported.notify_waiters();
-        self.changed.notify_waiters();
-    }
-}
-
-impl JobSource for ScriptedSource {
-    async fn lease(&self, max_jobs: u32, wait: Duration) -> Result<Vec<LeasedJob>, ApiError> {
-        self.leases.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_waiters();
+    async fn lease_now(&self, max_jobs: u32, wait: Duration) -> Result<Vec<LeasedJob>, ApiError> {
         if self.forgotten.load(Ordering::SeqCst) {
             return Err(not_registered());
         }
@@ -154,6 +143,30 @@ impl JobSource for ScriptedSource {
         }
     }
 
+    /// The API forgets the driver (as after its registration lapsed).
+    pub(crate) fn forget_driver(&self) {
+        self.forgotten.store(true, Ordering::SeqCst);
+    }
+
+    fn record(&self, job: &JobRef, report: Report) {
+        self.reports
+            .lock()
+            .unwrap()
+            .push((job.job_id.clone(), report));
+        self.reported.notify_waiters();
+        self.changed.notify_waiters();
+    }
+}
+
+impl JobSource for ScriptedSource {
+    async fn lease(&self, max_jobs: u32, wait: Duration) -> Result<Vec<LeasedJob>, ApiError> {
+        self.leases.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+        let result = self.lease_now(max_jobs, wait).await;
+        self.leases_returned.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+        result
+    }
     async fn complete(&self, job: &JobRef, result: &JobResult) -> Result<ReportOutcome, ApiError> {
         self.record(job, Report::Completed(result.clone()));
         Ok(ReportOutcome::Accepted)

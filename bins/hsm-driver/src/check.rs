@@ -129,6 +129,19 @@ async fn check_pkcs11(config: &Config, report: &mut Report) {
             master.label, master.fingerprint
         ),
     );
+    let mechanism = hsm.wrap_mechanism();
+    report.ok(
+        "wrap mechanism",
+        format_args!(
+            "{mechanism} ({}) for new keys ({}); existing keys unwrap with the mechanism recorded with them",
+            mechanism.pkcs11_name(),
+            if config.hsm.wrap_mechanism == "auto" {
+                "the token's best, chosen from its mechanism list"
+            } else {
+                "as configured"
+            }
+        ),
+    );
     let hsm = match wiring::master_key_self_test(hsm, config).await {
         Ok((hsm, self_test)) if self_test.is_safe() => {
             report.ok("master key self-test", &self_test);

@@ -104,7 +104,9 @@ pub(crate) struct HsmSection {
     /// Label of the master (wrapping) key.
     #[serde(default = "default_master_key_label")]
     pub(crate) master_key_label: String,
-    /// Wrap mechanism for new keys: `aes-key-wrap-pad` (default) or `aes-key-wrap`.
+    /// Wrap mechanism for new keys: `auto` (default: `aes-key-wrap-kwp` where the token
+    /// offers `CKM_AES_KEY_WRAP_KWP`, else `aes-key-wrap-pad`), `aes-key-wrap-kwp`,
+    /// `aes-key-wrap-pad` or `aes-key-wrap`. Each key record keeps the mechanism that wrapped it.
     #[serde(default = "default_wrap_mechanism")]
     pub(crate) wrap_mechanism: String,
     /// Logged-in sessions (one per HSM worker thread); defaults to `driver.workers`.
@@ -246,7 +248,7 @@ fn default_master_key_label() -> String {
     "hsm-driver-master-key".to_owned()
 }
 fn default_wrap_mechanism() -> String {
-    "aes-key-wrap-pad".to_owned()
+    "auto".to_owned()
 }
 fn default_database_url() -> String {
     "sqlite://hsm-driver.db".to_owned()
@@ -262,6 +264,23 @@ fn default_log_level() -> String {
 }
 fn default_log_format() -> LogFormat {
     LogFormat::Text
+}
+
+impl HsmSection {
+    /// `hsm.wrap_mechanism`: `None` for `auto` (the token's best).
+    pub(crate) fn wrap_mechanism(&self) -> anyhow::Result<Option<hsm_pkcs11::WrapMechanism>> {
+        if self.wrap_mechanism == "auto" {
+            return Ok(None);
+        }
+        hsm_pkcs11::WrapMechanism::from_name(&self.wrap_mechanism)
+            .map(Some)
+            .with_context(|| {
+                format!(
+                    "hsm.wrap_mechanism: `{}` is not one of auto, aes-key-wrap-kwp, aes-key-wrap-pad, aes-key-wrap",
+                    self.wrap_mechanism
+                )
+            })
+    }
 }
 
 impl Config {
@@ -328,11 +347,8 @@ impl Config {
         if !self.api.url.starts_with("https://") {
             bail!("api.url: must be an https:// URL (mutual TLS is required)");
         }
-        if hsm_pkcs11::WrapMechanism::from_name(&self.hsm.wrap_mechanism).is_none() {
-            bail!(
-                "hsm.wrap_mechanism: `{}` is not one of aes-key-wrap-pad, aes-key-wrap",
-                self.hsm.wrap_mechanism
-            );
+        if let Err(error) = self.hsm.wrap_mechanism() {
+            bail!("{error}");
         }
         if self.hsm.kind == HsmKind::Pkcs11 {
             if self.hsm.module.is_none() {

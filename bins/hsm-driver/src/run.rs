@@ -20,6 +20,10 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
         HsmKind::Pkcs11 => {
             let module = wiring::pkcs11_module(config).await?;
             let hsm = wiring::pkcs11_hsm(&module, config).await?;
+            info!(
+                mechanism = %hsm.wrap_mechanism(),
+                "new keys are wrapped with this mechanism"
+            );
             let (hsm, report) = wiring::master_key_self_test(hsm, config).await?;
             info!(%report, "master key self-test");
             // Read before the HSM moves into the engine: hit/miss counters for /metrics.

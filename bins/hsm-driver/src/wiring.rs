@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dfns_api_client::{Backoff, ClientConfig, HttpJobSource, TlsFiles};
-use hsm_pkcs11::{HotKeys, Pkcs11Config, Pkcs11Hsm, Pkcs11Module, WrapMechanism};
+use hsm_pkcs11::{HotKeys, Pkcs11Config, Pkcs11Hsm, Pkcs11Module};
 use wrapped_keystore::{DatabaseUrl, DieselKeyStore, PoolOptions};
 
 use crate::config::Config;
@@ -81,8 +81,7 @@ pub(crate) fn pkcs11_config(config: &Config) -> anyhow::Result<Pkcs11Config> {
         user_pin: secrets::user_pin(&config.hsm)?,
         master_key_label: config.hsm.master_key_label.clone(),
         sessions: config.sessions(),
-        wrap_mechanism: WrapMechanism::from_name(&config.hsm.wrap_mechanism)
-            .context("hsm.wrap_mechanism")?,
+        wrap_mechanism: config.hsm.wrap_mechanism()?,
         hot_keys: config.hsm.hot_keys.as_ref().map(|hot| HotKeys {
             capacity: hot.capacity,
             ttl: std::time::Duration::from_millis(hot.ttl_ms),

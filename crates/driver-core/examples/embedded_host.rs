@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use dfns_api_client::{Backoff, ClientConfig, HttpJobSource, TlsFiles};
 use driver_core::{Driver, DriverConfig};
-use hsm_pkcs11::{Pkcs11Config, Pkcs11Hsm, Pkcs11Module, WrapMechanism};
+use hsm_pkcs11::{Pkcs11Config, Pkcs11Hsm, Pkcs11Module};
 use wrapped_keystore::{DatabaseUrl, DieselKeyStore, PoolOptions};
 
 fn var(name: &str) -> Result<String, Box<dyn std::error::Error>> {
@@ -29,7 +29,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         user_pin: var("HSM_PIN")?.into(),
         master_key_label: "hsm-driver-master-key".to_owned(),
         sessions: 2,
-        wrap_mechanism: WrapMechanism::AesKeyWrapPad,
+        wrap_mechanism: None,
         hot_keys: None,
     };
     let hsm = tokio::task::spawn_blocking(move || Pkcs11Hsm::open(&module, settings)).await??;

@@ -43,7 +43,7 @@ pub mod signature;
 #[cfg(feature = "fake")]
 mod fake;
 #[cfg(feature = "softhsm-fixture")]
-pub mod softhsm;
+pub mod test_token;
 
 pub use error::HsmError;
 #[cfg(feature = "fake")]

@@ -1,45 +1,109 @@
-//! The benchmark's raw anchor (feature `bench`) does a worker's PKCS#11 work on a SoftHSMv2
-//! token: keys it generates unwrap and sign, its raw signatures verify once normalised, a blob
-//! from another master key is refused as the worker refuses it, a resident key signs until it
-//! is dropped, and nothing stays on the token.
+//! The benchmark's raw anchor (feature `bench`) does a worker's PKCS#11 work on a real token of
+//! the matrix (SoftHSMv2, Kryoptic): keys it generates unwrap and sign, its raw signatures
+//! verify once normalised, a blob from another master key is refused as the worker refuses
+//! it, a resident key signs until it is dropped, and nothing stays on the token. Every scheme
+//! the token serves is exercised (the anchor signs ECDSA digests and pure EdDSA messages);
+//! the others are skipped out loud with [`scheme_available`].
 
+use cryptoki::error::RvError;
 use cryptoki::object::{Attribute, ObjectClass};
 use hsm_pkcs11::anchor::AnchorSession;
-use hsm_pkcs11::softhsm::SoftHsmToken;
-use hsm_pkcs11::{HsmError, KeyScheme, SignPayload, SignRequest, Signature, signature};
+use hsm_pkcs11::test_token::{TestToken, TokenKind, scheme_available};
+use hsm_pkcs11::{
+    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, SignPayload, SignRequest, Signature,
+    WrapMechanism, signature,
+};
 
-fn request(scheme: KeyScheme, key: &hsm_pkcs11::GeneratedKey, digest: [u8; 32]) -> SignRequest {
+fn request(scheme: KeyScheme, key: &GeneratedKey, i: u8) -> SignRequest {
     SignRequest {
         scheme,
         public_key: key.public_key.clone(),
         wrapped: key.wrapped.clone(),
-        payload: SignPayload::Digest(digest),
+        payload: payload(scheme, i),
     }
+}
+
+/// What `scheme` signs, numbered: a digest for ECDSA, a message for Ed25519.
+fn payload(scheme: KeyScheme, i: u8) -> SignPayload {
+    match scheme {
+        KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256 => {
+            SignPayload::Digest([i.wrapping_add(0x40); 32])
+        }
+        KeyScheme::Ed25519 => SignPayload::Message(format!("anchor message {i}").into_bytes()),
+    }
+}
+
+/// The software half of a worker's signature over the token's raw one: normalised and
+/// verified against the public key.
+fn finish(
+    scheme: KeyScheme,
+    key: &GeneratedKey,
+    payload: &SignPayload,
+    raw: &[u8],
+) -> Result<Signature, HsmError> {
+    match payload {
+        SignPayload::Digest(digest) => {
+            signature::finish_ecdsa(scheme, &key.public_key, digest, raw)
+        }
+        SignPayload::Message(message) => signature::finish_ed25519(&key.public_key, message, raw),
+    }
+}
+
+/// What the token serves, from the probe a [`hsm_pkcs11::Pkcs11Hsm`] runs when it opens.
+fn capabilities(token: &TestToken) -> Capabilities {
+    token
+        .open_hsm(1)
+        .expect("open HSM for its capabilities")
+        .capabilities()
+        .clone()
 }
 
 #[test]
 fn the_anchor_signs_like_a_worker_and_leaves_nothing_behind() {
-    let token = SoftHsmToken::create().expect("SoftHSMv2 token");
+    const TEST: &str = "the_anchor_signs_like_a_worker_and_leaves_nothing_behind";
+    let token = TestToken::create().expect("test token");
+    let capabilities = capabilities(&token);
     let session = AnchorSession::open(token.module(), &token.config(1)).expect("anchor session");
-    for scheme in [KeyScheme::EcdsaSecp256k1, KeyScheme::EcdsaP256] {
+    assert_eq!(
+        session.wrap_mechanism(),
+        token.wrap_mechanism().unwrap(),
+        "the mechanism Pkcs11Hsm::open would choose"
+    );
+    for scheme in KeyScheme::ALL {
+        if !scheme_available(&capabilities, scheme, TEST) {
+            continue;
+        }
         let key = session
             .generate_and_wrap(scheme)
             .expect("generate and wrap");
-        assert_eq!(key.public_key.len(), 33, "{scheme}: compressed public key");
+        let public_len = match scheme {
+            KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256 => 33,
+            KeyScheme::Ed25519 => 32,
+        };
+        assert_eq!(key.public_key.len(), public_len, "{scheme}: public key");
+        assert_eq!(key.wrapped.mechanism, session.wrap_mechanism());
         for i in 0..4u8 {
-            let digest = [i.wrapping_add(0x40); 32];
-            let request = request(scheme, &key, digest);
+            let request = request(scheme, &key, i);
             let raw = session
                 .unwrap_sign_destroy(&request)
                 .expect("raw signature");
-            assert_eq!(raw.len(), 64, "{scheme}: r || s as the token returns it");
+            // ECDSA: r || s as the token returns it; Ed25519: R || S.
+            assert_eq!(raw.len(), 64, "{scheme}: the raw signature");
             // The raw signature is the token's; normalised and checked, it verifies.
-            let finished = signature::finish_ecdsa(scheme, &key.public_key, &digest, &raw)
+            let finished = finish(scheme, &key, &request.payload, &raw)
                 .expect("the raw signature verifies against the generated key");
             signature::verify(scheme, &key.public_key, &request.payload, &finished)
                 .expect("normalised signature verifies");
             let whole = session.sign(&request).expect("worker signature");
-            assert!(matches!(whole, Signature::Ecdsa { .. }), "{scheme}");
+            match scheme {
+                KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256 => {
+                    assert!(matches!(whole, Signature::Ecdsa { .. }), "{scheme}");
+                }
+                KeyScheme::Ed25519 => {
+                    // Pure EdDSA is deterministic: the worker's signature is the raw one.
+                    assert_eq!(whole, Signature::Ed25519(raw[..].try_into().unwrap()));
+                }
+            }
             signature::verify(scheme, &key.public_key, &request.payload, &whole)
                 .expect("the worker's signature verifies");
         }
@@ -58,7 +122,9 @@ fn the_anchor_signs_like_a_worker_and_leaves_nothing_behind() {
 
 #[test]
 fn a_resident_key_signs_repeatedly_and_is_destroyed_when_dropped() {
-    let token = SoftHsmToken::create().expect("SoftHSMv2 token");
+    const TEST: &str = "a_resident_key_signs_repeatedly_and_is_destroyed_when_dropped";
+    let token = TestToken::create().expect("test token");
+    let capabilities = capabilities(&token);
     let session = AnchorSession::open(token.module(), &token.config(1)).expect("anchor session");
     let inspector = token.login_session().expect("an inspecting session");
     let private_keys = || {
@@ -67,19 +133,21 @@ fn a_resident_key_signs_repeatedly_and_is_destroyed_when_dropped() {
             .expect("C_FindObjects")
             .len()
     };
-    for scheme in [KeyScheme::EcdsaSecp256k1, KeyScheme::EcdsaP256] {
+    for scheme in KeyScheme::ALL {
+        if !scheme_available(&capabilities, scheme, TEST) {
+            continue;
+        }
         let key = session
             .generate_and_wrap(scheme)
             .expect("generate and wrap");
         let resident = session
-            .unwrap_resident(&request(scheme, &key, [0; 32]))
+            .unwrap_resident(&request(scheme, &key, 0))
             .expect("unwrapped once");
         assert_eq!(private_keys(), 1, "{scheme}: the resident key, and only it");
         for i in 0..4u8 {
-            let digest = [i.wrapping_add(0x60); 32];
-            let request = request(scheme, &key, digest);
+            let request = request(scheme, &key, i.wrapping_add(0x20));
             let raw = resident.sign_raw(&request).expect("raw signature");
-            signature::finish_ecdsa(scheme, &key.public_key, &digest, &raw)
+            finish(scheme, &key, &request.payload, &raw)
                 .expect("the raw signature verifies against the generated key");
             let whole = resident.sign(&request).expect("a hot key's signature");
             signature::verify(scheme, &key.public_key, &request.payload, &whole)
@@ -94,25 +162,55 @@ fn a_resident_key_signs_repeatedly_and_is_destroyed_when_dropped() {
 
 #[test]
 fn the_anchor_refuses_what_a_worker_refuses() {
-    let token = SoftHsmToken::create().expect("SoftHSMv2 token");
-    let other = SoftHsmToken::create().expect("a token with another master key");
+    let token = TestToken::create().expect("test token");
+    let other = TestToken::create().expect("a token with another master key");
     let session = AnchorSession::open(token.module(), &token.config(1)).expect("anchor session");
+    // P-256: both tokens serve it.
     let foreign = AnchorSession::open(other.module(), &other.config(1))
         .expect("anchor session on the other token")
         .generate_and_wrap(KeyScheme::EcdsaP256)
         .expect("a key wrapped under the other master key");
     let error = session
-        .unwrap_sign_destroy(&request(KeyScheme::EcdsaP256, &foreign, [7; 32]))
+        .unwrap_sign_destroy(&request(KeyScheme::EcdsaP256, &foreign, 7))
         .expect_err("a blob of another master key does not unwrap");
     assert!(matches!(error, HsmError::UnwrapFailed { .. }), "{error:?}");
-
-    let ed25519 = SignRequest {
-        payload: SignPayload::Message(b"not a digest".to_vec()),
-        scheme: KeyScheme::Ed25519,
-        ..request(KeyScheme::EcdsaP256, &foreign, [0; 32])
+    // Measured: each token's return value for a blob of another master key.
+    let expected = match TestToken::kind().unwrap() {
+        TokenKind::SoftHsm2 => RvError::GeneralError,
+        TokenKind::Kryoptic => RvError::DeviceError,
     };
-    let error = session
-        .unwrap_sign_destroy(&ed25519)
-        .expect_err("the raw anchor signs ECDSA digests only");
-    assert!(error.is_bad_payload(), "{error:?}");
+    assert_eq!(error.return_value(), Some(expected), "{error}");
+
+    // A payload that does not fit the scheme is refused before the token is asked: a
+    // message for an ECDSA key, a digest for an Ed25519 one (on any token).
+    let message_for_ecdsa = SignRequest {
+        payload: SignPayload::Message(b"not a digest".to_vec()),
+        ..request(KeyScheme::EcdsaP256, &foreign, 0)
+    };
+    let digest_for_ed25519 = SignRequest {
+        scheme: KeyScheme::Ed25519,
+        payload: SignPayload::Digest([0; 32]),
+        ..request(KeyScheme::EcdsaP256, &foreign, 0)
+    };
+    for mismatched in [message_for_ecdsa, digest_for_ed25519] {
+        let error = session
+            .unwrap_sign_destroy(&mismatched)
+            .expect_err("a payload that does not fit the scheme");
+        assert!(error.is_bad_payload(), "{error:?}");
+        let error = session.sign(&mismatched).unwrap_err();
+        assert!(error.is_bad_payload(), "{error:?}");
+    }
+
+    // A wrap mechanism the token does not list is refused at open, as Pkcs11Hsm::open does.
+    let unlisted = match TestToken::kind().unwrap() {
+        TokenKind::SoftHsm2 => WrapMechanism::AesKeyWrapKwp,
+        TokenKind::Kryoptic => WrapMechanism::AesKeyWrapPad,
+    };
+    let mut config = token.config(1);
+    config.wrap_mechanism = Some(unlisted);
+    let error = AnchorSession::open(token.module(), &config).unwrap_err();
+    let HsmError::Config { reason } = &error else {
+        panic!("expected a configuration error, got {error:?}");
+    };
+    assert!(reason.contains(unlisted.pkcs11_name()), "{reason}");
 }

@@ -1,24 +1,31 @@
-//! The opt-in hot-key path on a real SoftHSMv2: repeated signatures skip the unwrap, and the
-//! kept keys are bounded in count and age and destroyed after errors and on close. Objects are
-//! counted on the token (`token_report`), not trusted from the counters alone.
+//! The opt-in hot-key path on a real token of the matrix (SoftHSMv2, Kryoptic): repeated
+//! signatures skip the unwrap, and the kept keys are bounded in count and age and destroyed
+//! after errors and on close. Objects are counted on the token (`token_report`), not trusted
+//! from the counters alone.
+//!
+//! The cache does not depend on the scheme: the tests use P-256, which both tokens serve
+//! (Kryoptic has no secp256k1); the first one also runs every scheme the token serves.
 
 use std::time::{Duration, Instant};
 
-use hsm_pkcs11::softhsm::SoftHsmToken;
+use hsm_pkcs11::test_token::{TestToken, scheme_available};
 use hsm_pkcs11::{
     GeneratedKey, HotKeys, Hsm, KeyScheme, Pkcs11Hsm, SignPayload, SignRequest, Signature,
 };
-use k256::ecdsa::signature::hazmat::PrehashVerifier;
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use sha2::{Digest, Sha256};
+
+/// The scheme of the tests that need one ECDSA key: P-256, served by both tokens.
+const SCHEME: KeyScheme = KeyScheme::EcdsaP256;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
 /// A token and an HSM on it with one session and the given hot-key limits.
-async fn hsm(hot_keys: Option<HotKeys>) -> (SoftHsmToken, Pkcs11Hsm) {
+async fn hsm(hot_keys: Option<HotKeys>) -> (TestToken, Pkcs11Hsm) {
     blocking(move || {
-        let token = SoftHsmToken::create().expect("SoftHSMv2 token");
+        let token = TestToken::create().expect("test token");
         let mut config = token.config(1);
         config.hot_keys = hot_keys;
         let hsm = Pkcs11Hsm::open(token.module(), config).expect("open HSM");
@@ -27,25 +34,55 @@ async fn hsm(hot_keys: Option<HotKeys>) -> (SoftHsmToken, Pkcs11Hsm) {
     .await
 }
 
+/// A request to sign with a [`SCHEME`] key.
 fn request(key: &GeneratedKey, i: u64) -> SignRequest {
+    scheme_request(SCHEME, key, i)
+}
+
+fn scheme_request(scheme: KeyScheme, key: &GeneratedKey, i: u64) -> SignRequest {
+    let payload = match scheme {
+        KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256 => {
+            SignPayload::Digest(Sha256::digest(i.to_be_bytes()).into())
+        }
+        KeyScheme::Ed25519 => SignPayload::Message(format!("message {i}").into_bytes()),
+    };
     SignRequest {
-        scheme: KeyScheme::EcdsaSecp256k1,
+        scheme,
         public_key: key.public_key.clone(),
         wrapped: key.wrapped.clone(),
-        payload: SignPayload::Digest(Sha256::digest(i.to_be_bytes()).into()),
+        payload,
     }
 }
 
-fn verify(key: &GeneratedKey, i: u64, signature: &Signature) {
-    let Signature::Ecdsa { r, s, .. } = signature else {
-        panic!("not ECDSA");
-    };
-    let verifying = k256::ecdsa::VerifyingKey::from_sec1_bytes(&key.public_key).unwrap();
-    let signature = k256::ecdsa::Signature::from_scalars(*r, *s).unwrap();
-    let digest: [u8; 32] = Sha256::digest(i.to_be_bytes()).into();
-    verifying
-        .verify_prehash(&digest, &signature)
-        .expect("k256 verifies");
+/// Checks `signature` independently (`k256`, `p256` or `ed25519-dalek`) against the request.
+fn verify(request: &SignRequest, signature: &Signature) {
+    match (&request.payload, signature) {
+        (SignPayload::Digest(digest), Signature::Ecdsa { r, s, .. }) => match request.scheme {
+            KeyScheme::EcdsaSecp256k1 => {
+                let key = k256::ecdsa::VerifyingKey::from_sec1_bytes(&request.public_key);
+                let sig = k256::ecdsa::Signature::from_scalars(*r, *s).unwrap();
+                key.unwrap()
+                    .verify_prehash(digest, &sig)
+                    .expect("k256 verifies");
+            }
+            KeyScheme::EcdsaP256 => {
+                let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&request.public_key);
+                let sig = p256::ecdsa::Signature::from_scalars(*r, *s).unwrap();
+                key.unwrap()
+                    .verify_prehash(digest, &sig)
+                    .expect("p256 verifies");
+            }
+            KeyScheme::Ed25519 => panic!("an ECDSA signature for an Ed25519 key"),
+        },
+        (SignPayload::Message(message), Signature::Ed25519(bytes)) => {
+            let public: [u8; 32] = request.public_key[..].try_into().unwrap();
+            ed25519_dalek::VerifyingKey::from_bytes(&public)
+                .unwrap()
+                .verify_strict(message, &ed25519_dalek::Signature::from_bytes(bytes))
+                .expect("ed25519-dalek verifies");
+        }
+        other => panic!("a signature of the wrong kind: {other:?}"),
+    }
 }
 
 async fn session_private_keys(hsm: &Pkcs11Hsm) -> usize {
@@ -60,21 +97,32 @@ const LIMITS: HotKeys = HotKeys {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_signatures_unwrap_once_and_still_verify() {
-    let (_token, hsm) = hsm(Some(LIMITS)).await;
-    let key = hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap();
-    for i in 0..10 {
-        let signature = hsm.sign(request(&key, i)).await.unwrap();
-        verify(&key, i, &signature);
+    const TEST: &str = "repeated_signatures_unwrap_once_and_still_verify";
+    // Tried: every scheme the token serves, each on a fresh HSM (so the counters are its own).
+    for scheme in KeyScheme::ALL {
+        let (_token, hsm) = hsm(Some(LIMITS)).await;
+        if !scheme_available(hsm.capabilities(), scheme, TEST) {
+            continue;
+        }
+        let key = hsm.generate_key(scheme).await.unwrap();
+        for i in 0..10 {
+            let request = scheme_request(scheme, &key, i);
+            let signature = hsm.sign(request.clone()).await.unwrap();
+            verify(&request, &signature);
+        }
+        let stats = hsm.hot_key_stats();
+        assert_eq!((stats.misses, stats.hits), (1, 9), "{scheme}: {stats:?}");
+        assert_eq!(
+            session_private_keys(&hsm).await,
+            1,
+            "{scheme}: one hot key, a session object"
+        );
+        let report = tokio::task::block_in_place(|| hsm.token_report().unwrap());
+        assert_eq!(
+            report.token_private_keys, 0,
+            "{scheme}: never a token object"
+        );
     }
-    let stats = hsm.hot_key_stats();
-    assert_eq!((stats.misses, stats.hits), (1, 9), "{stats:?}");
-    assert_eq!(
-        session_private_keys(&hsm).await,
-        1,
-        "one hot key, a session object"
-    );
-    let report = tokio::task::block_in_place(|| hsm.token_report().unwrap());
-    assert_eq!(report.token_private_keys, 0, "never a token object");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,7 +130,7 @@ async fn the_least_recently_used_key_is_destroyed_when_full() {
     let (_token, hsm) = hsm(Some(LIMITS)).await;
     let mut keys = Vec::new();
     for _ in 0..3 {
-        keys.push(hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap());
+        keys.push(hsm.generate_key(SCHEME).await.unwrap());
     }
     // Tried: three keys through a cache of two, then the first again (evicted: a miss).
     for (i, key) in keys.iter().enumerate() {
@@ -103,7 +151,7 @@ async fn hot_keys_expire_even_when_no_job_comes() {
         ttl: Duration::from_millis(200),
     }))
     .await;
-    let key = hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap();
+    let key = hsm.generate_key(SCHEME).await.unwrap();
     hsm.sign(request(&key, 1)).await.unwrap();
     assert_eq!(session_private_keys(&hsm).await, 1);
     // Tried: an idle worker; only its expiry timer can destroy the key.
@@ -127,7 +175,7 @@ async fn hot_keys_expire_even_when_no_job_comes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_destroys_every_hot_key_of_the_session() {
     let (_token, hsm) = hsm(Some(LIMITS)).await;
-    let key = hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap();
+    let key = hsm.generate_key(SCHEME).await.unwrap();
     hsm.sign(request(&key, 1)).await.unwrap();
     assert_eq!(session_private_keys(&hsm).await, 1);
     // Tried: a tampered blob (the unwrap fails in the HSM).
@@ -143,7 +191,7 @@ async fn an_error_destroys_every_hot_key_of_the_session() {
     );
     // Tried: the cached blob with another public key: a different record, so a miss, and
     // the signature does not verify against it.
-    let other = hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap();
+    let other = hsm.generate_key(SCHEME).await.unwrap();
     hsm.sign(request(&key, 3)).await.unwrap();
     let mut swapped = request(&key, 4);
     swapped.public_key = other.public_key.clone();
@@ -155,7 +203,7 @@ async fn an_error_destroys_every_hot_key_of_the_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn off_by_default_and_bad_limits_are_refused() {
     let (token, hsm) = hsm(None).await;
-    let key = hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap();
+    let key = hsm.generate_key(SCHEME).await.unwrap();
     for i in 0..3 {
         hsm.sign(request(&key, i)).await.unwrap();
     }
@@ -175,7 +223,7 @@ async fn off_by_default_and_bad_limits_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_the_workers_destroys_their_hot_keys() {
     let (_token, hsm) = hsm(Some(LIMITS)).await;
-    let key = hsm.generate_key(KeyScheme::EcdsaSecp256k1).await.unwrap();
+    let key = hsm.generate_key(SCHEME).await.unwrap();
     hsm.sign(request(&key, 1)).await.unwrap();
     assert_eq!(hsm.hot_key_stats().evictions, 0);
     // Tried: a recovery, which stops the workers (as shutdown does) and starts new ones.

@@ -1,13 +1,15 @@
-//! Tamper-evident key records against a real SoftHSMv2: the record MAC key provisioned next to
-//! the master key, MACs computed and checked in the token, and what a database writer cannot do.
+//! Tamper-evident key records against a real token of the matrix (SoftHSMv2, Kryoptic): the
+//! record MAC key provisioned next to the master key, MACs computed and checked in the token,
+//! and what a database writer cannot do.
 
 use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
-use hsm_pkcs11::softhsm::SoftHsmToken;
+use hsm_pkcs11::test_token::{TestToken, TokenKind};
 use hsm_pkcs11::{
-    FakeHsm, Hsm, HsmError, Pkcs11Hsm, create_mac_key, import_mac_key, record_mac_message,
+    FakeHsm, Hsm, HsmError, Pkcs11Hsm, WrapMechanism, create_mac_key, import_mac_key,
+    record_mac_message,
 };
 use zeroize::Zeroizing;
 
@@ -15,15 +17,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
-async fn open(token: &SoftHsmToken) -> Pkcs11Hsm {
+async fn open(token: &TestToken) -> Pkcs11Hsm {
     let token = token.clone();
     blocking(move || token.open_hsm(2)).await.expect("open HSM")
 }
 
-async fn imported(value: [u8; 32]) -> SoftHsmToken {
-    blocking(move || SoftHsmToken::create_with_master_key(value))
+async fn imported(value: [u8; 32]) -> TestToken {
+    blocking(move || TestToken::create_with_master_key(value))
         .await
-        .expect("SoftHSMv2 token")
+        .expect("test token")
 }
 
 /// A key record's identifying fields, in `record_mac_message`'s order.
@@ -101,13 +103,13 @@ fn assert_tampered(result: Result<(), HsmError>, what: &str) {
 }
 
 /// A logged-in session on the fixture token, for driving cryptoki directly.
-fn raw_session(token: &SoftHsmToken) -> Session {
+fn raw_session(token: &TestToken) -> Session {
     token
         .login_session()
         .expect("a logged-in session on the fixture token")
 }
 
-fn mac_key(session: &Session, token: &SoftHsmToken) -> ObjectHandle {
+fn mac_key(session: &Session, token: &TestToken) -> ObjectHandle {
     let found = session
         .find_objects(&[Attribute::Label(token.mac_key_label().into_bytes())])
         .unwrap();
@@ -129,7 +131,7 @@ fn rv(error: CryptokiError) -> RvError {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mac_verifies_and_any_altered_field_or_moved_record_is_tampered() {
-    let token = blocking(SoftHsmToken::create).await.unwrap();
+    let token = blocking(TestToken::create).await.unwrap();
     let hsm = open(&token).await;
     let a = Fields::new("key-a", 1);
     let mac = hsm.mac_record(a.message()).await.unwrap();
@@ -197,7 +199,7 @@ async fn tokens_sharing_an_imported_master_key_share_record_macs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_mac_key_cannot_be_read_extracted_or_used_to_wrap_or_encrypt() {
-    let token = blocking(SoftHsmToken::create).await.unwrap();
+    let token = blocking(TestToken::create).await.unwrap();
     let checking = token.clone();
     blocking(move || {
         let session = raw_session(&checking);
@@ -248,7 +250,13 @@ async fn the_mac_key_cannot_be_read_extracted_or_used_to_wrap_or_encrypt() {
             .unwrap();
         assert!(value.is_empty(), "CKA_VALUE readable");
 
-        // Not extractable: it cannot be wrapped out under a key the caller knows.
+        // Not extractable: it cannot be wrapped out under a key the caller knows, with any
+        // AES key-wrap mechanism the token offers (the HSM's own, and plain CKM_AES_KEY_WRAP,
+        // which both tokens list); both tokens say CKR_KEY_UNEXTRACTABLE.
+        let listed = [
+            checking.wrap_mechanism().unwrap(),
+            WrapMechanism::AesKeyWrap,
+        ];
         let known = session
             .generate_key(
                 &Mechanism::AesKeyGen,
@@ -261,19 +269,38 @@ async fn the_mac_key_cannot_be_read_extracted_or_used_to_wrap_or_encrypt() {
                 ],
             )
             .unwrap();
-        let out = session.wrap_key(&Mechanism::AesKeyWrapPad, known, key);
-        assert_eq!(rv(out.unwrap_err()), RvError::KeyUnextractable);
+        for mechanism in listed {
+            let out = checking.wrap_key(&session, mechanism, known, key);
+            assert_eq!(
+                rv(out.unwrap_err()),
+                RvError::KeyUnextractable,
+                "{mechanism}"
+            );
+        }
 
-        // It cannot wrap (take a known, extractable key out) or encrypt. SoftHSMv2 2.6.1
-        // refuses the wrap on the key type (no wrap mechanism takes a generic secret) and the
-        // encryption on CKA_ENCRYPT=false.
-        let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, key, known);
-        assert_eq!(
-            rv(wrapped.unwrap_err()),
-            RvError::WrappingKeyTypeInconsistent
-        );
+        // It cannot wrap (take a known, extractable key out) or encrypt. The tokens refuse
+        // for different reasons, measured: SoftHSMv2 2.6.1 refuses the wrap on the key type
+        // (no wrap mechanism takes a generic secret) and the encryption on CKA_ENCRYPT=false;
+        // Kryoptic answers the wrap with CKR_WRAPPING_KEY_HANDLE_INVALID (its answer for a
+        // generic secret as the wrapping key of an AES key-wrap mechanism) and refuses the
+        // encryption on the key type before it looks at CKA_ENCRYPT (no AES mechanism takes a
+        // generic secret), so on Kryoptic the key type, not CKA_ENCRYPT, is what is shown.
+        let (wrap_refusal, encrypt_refusal) = match TestToken::kind().unwrap() {
+            TokenKind::SoftHsm2 => (
+                RvError::WrappingKeyTypeInconsistent,
+                RvError::KeyFunctionNotPermitted,
+            ),
+            TokenKind::Kryoptic => (
+                RvError::WrappingKeyHandleInvalid,
+                RvError::KeyTypeInconsistent,
+            ),
+        };
+        for mechanism in listed {
+            let wrapped = checking.wrap_key(&session, mechanism, key, known);
+            assert_eq!(rv(wrapped.unwrap_err()), wrap_refusal, "{mechanism}");
+        }
         let encrypted = session.encrypt(&Mechanism::AesEcb, key, &[0; 16]);
-        assert_eq!(rv(encrypted.unwrap_err()), RvError::KeyFunctionNotPermitted);
+        assert_eq!(rv(encrypted.unwrap_err()), encrypt_refusal);
         session.destroy_object(known).unwrap();
     })
     .await;
@@ -282,7 +309,7 @@ async fn the_mac_key_cannot_be_read_extracted_or_used_to_wrap_or_encrypt() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_without_a_mac_key_is_refused_until_one_is_provisioned() {
     // Older provisioning: a master key and no MAC key.
-    let token = blocking(SoftHsmToken::create).await.unwrap();
+    let token = blocking(TestToken::create).await.unwrap();
     let removing = token.clone();
     blocking(move || {
         let session = raw_session(&removing);

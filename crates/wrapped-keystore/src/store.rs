@@ -20,7 +20,7 @@ pub struct KeyRecord {
     pub public_key: Vec<u8>,
     /// The wrapped private key.
     pub wrapped_key: Vec<u8>,
-    /// The mechanism that wrapped it (`aes-key-wrap-pad`, `aes-key-wrap`).
+    /// The mechanism that wrapped it (`aes-key-wrap-kwp`, `aes-key-wrap-pad`, `aes-key-wrap`).
     pub wrap_mechanism: String,
     /// The fingerprint of the master key that wrapped it.
     pub master_key_fingerprint: String,

@@ -35,15 +35,17 @@
 
 use std::fmt;
 
-use cryptoki::mechanism::Mechanism;
+use std::sync::Arc;
+
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 
 use super::guard::ObjectGuard;
-use super::keys;
+use super::keys::{self, MasterKey};
+use super::raw::RawPkcs11;
 use super::token::{self, OwnedSession};
 use crate::error::HsmError;
-use crate::hsm::{GeneratedKey, KeyScheme, SignPayload, SignRequest, Signature, WrapMechanism};
+use crate::hsm::{GeneratedKey, KeyScheme, SignRequest, Signature, WrapMechanism};
 use crate::pkcs11::{Pkcs11Config, Pkcs11Module};
 
 /// One logged-in read-write session with the master key looked up once, as a worker holds
@@ -52,6 +54,7 @@ use crate::pkcs11::{Pkcs11Config, Pkcs11Module};
 pub struct AnchorSession {
     session: OwnedSession,
     master: ObjectHandle,
+    raw: Arc<RawPkcs11>,
     wrap_mechanism: WrapMechanism,
 }
 
@@ -59,21 +62,38 @@ impl AnchorSession {
     /// Finds the token labelled `config.token_label`, opens a session, logs in with
     /// `config.user_pin` and finds the master key labelled `config.master_key_label`.
     /// `config.sessions` and `config.hot_keys` are ignored (one session, strictly stateless);
-    /// `config.wrap_mechanism` wraps generated keys. Blocking.
+    /// generated keys are wrapped with the mechanism [`Pkcs11Hsm::open`](crate::Pkcs11Hsm::open)
+    /// would choose (`config.wrap_mechanism`, else the token's best). Blocking.
     ///
     /// # Errors
-    /// [`HsmError::TokenNotFound`], [`HsmError::MasterKeyNotFound`], or
-    /// [`HsmError::Pkcs11`] naming the failing call (`C_OpenSession`, `C_Login`…).
+    /// [`HsmError::TokenNotFound`], [`HsmError::MasterKeyNotFound`], [`HsmError::Config`]
+    /// when the token does not offer the wrap mechanism, or [`HsmError::Pkcs11`] naming the
+    /// failing call (`C_OpenSession`, `C_Login`…).
     pub fn open(module: &Pkcs11Module, config: &Pkcs11Config) -> Result<Self, HsmError> {
         let context = module.context();
-        let slot = token::find_slot(context, &config.token_label)?;
+        let slot = token::find_slot(module, &config.token_label)?;
         let session = token::open_owned_session(context, slot, &config.user_pin)?;
         let master = token::find_master_key(session.get(), &config.master_key_label)?;
+        let wrap_mechanism =
+            keys::choose_wrap_mechanism(module.raw(), slot, config.wrap_mechanism)?;
         Ok(Self {
             session,
             master,
-            wrap_mechanism: config.wrap_mechanism,
+            raw: Arc::clone(module.raw()),
+            wrap_mechanism,
         })
+    }
+
+    /// The mechanism generated keys are wrapped with.
+    pub fn wrap_mechanism(&self) -> WrapMechanism {
+        self.wrap_mechanism
+    }
+
+    fn master(&self) -> MasterKey<'_> {
+        MasterKey {
+            handle: self.master,
+            raw: &self.raw,
+        }
     }
 
     /// A worker's key generation: `C_GenerateKeyPair` (session objects), `C_GetAttributeValue`
@@ -83,31 +103,31 @@ impl AnchorSession {
     /// # Errors
     /// [`HsmError::Pkcs11`] naming the failing call.
     pub fn generate_and_wrap(&self, scheme: KeyScheme) -> Result<GeneratedKey, HsmError> {
-        keys::generate_and_wrap(self.session.get(), self.master, scheme, self.wrap_mechanism)
+        keys::generate_and_wrap(
+            self.session.get(),
+            self.master(),
+            scheme,
+            self.wrap_mechanism,
+        )
     }
 
     /// The PKCS#11 part of a worker's signature: `C_UnwrapKey` with the worker's template,
-    /// `C_Sign` with `CKM_ECDSA`, `C_DestroyObject`. Returns the token's raw `r || s`,
-    /// neither normalised nor verified. ECDSA only. Blocking.
+    /// `C_Sign` (`CKM_ECDSA` over a digest, pure `CKM_EDDSA` over a message),
+    /// `C_DestroyObject`. Returns the token's raw signature, neither normalised nor verified.
+    /// Blocking.
     ///
     /// # Errors
-    /// [`HsmError::InvalidPayload`] for an EdDSA request; [`HsmError::UnwrapFailed`] for a blob
-    /// this master key did not wrap; [`HsmError::Pkcs11`] naming the failing call.
+    /// [`HsmError::InvalidPayload`] for a payload that does not fit the scheme;
+    /// [`HsmError::UnwrapFailed`] for a blob this master key did not wrap; [`HsmError::Pkcs11`]
+    /// naming the failing call.
     pub fn unwrap_sign_destroy(&self, request: &SignRequest) -> Result<Vec<u8>, HsmError> {
-        let SignPayload::Digest(digest) = &request.payload else {
-            return Err(HsmError::InvalidPayload {
-                reason: "the raw anchor signs ECDSA digests only".into(),
-            });
-        };
         let session = self.session.get();
         let key = ObjectGuard::new(
             session,
-            keys::unwrap_signing_key(session, self.master, request)?,
+            keys::unwrap_signing_key(session, self.master(), request)?,
             "unwrapped private key",
         );
-        session
-            .sign(&Mechanism::Ecdsa, key.handle(), digest)
-            .map_err(HsmError::pkcs11("C_Sign"))
+        keys::sign_raw(session, key.handle(), &request.payload)
     }
 
     /// A worker's whole signature: [`unwrap_sign_destroy`](Self::unwrap_sign_destroy) plus
@@ -118,7 +138,7 @@ impl AnchorSession {
     /// As the worker: [`HsmError::UnwrapFailed`], [`HsmError::Pkcs11`], or a signature that
     /// does not verify.
     pub fn sign(&self, request: &SignRequest) -> Result<Signature, HsmError> {
-        keys::unwrap_and_sign(self.session.get(), self.master, request)
+        keys::unwrap_and_sign(self.session.get(), self.master(), request)
     }
 
     /// The worker's unwrap of `request.wrapped` (same template, same mechanism), kept: the
@@ -134,7 +154,7 @@ impl AnchorSession {
         Ok(ResidentKey {
             key: ObjectGuard::new(
                 session,
-                keys::unwrap_signing_key(session, self.master, request)?,
+                keys::unwrap_signing_key(session, self.master(), request)?,
                 "resident private key",
             ),
             session,
@@ -159,20 +179,14 @@ pub struct ResidentKey<'s> {
 }
 
 impl ResidentKey<'_> {
-    /// `C_Sign` with `CKM_ECDSA` alone: the PKCS#11 part of a hot key's signature. Returns the
-    /// token's raw `r || s`, neither normalised nor verified. ECDSA only. Blocking.
+    /// `C_Sign` alone (`CKM_ECDSA` over a digest, pure `CKM_EDDSA` over a message): the
+    /// PKCS#11 part of a hot key's signature. Returns the token's raw signature, neither
+    /// normalised nor verified. Blocking.
     ///
     /// # Errors
-    /// [`HsmError::InvalidPayload`] for an EdDSA request; [`HsmError::Pkcs11`] naming `C_Sign`.
+    /// [`HsmError::Pkcs11`] naming `C_Sign`.
     pub fn sign_raw(&self, request: &SignRequest) -> Result<Vec<u8>, HsmError> {
-        let SignPayload::Digest(digest) = &request.payload else {
-            return Err(HsmError::InvalidPayload {
-                reason: "the raw anchor signs ECDSA digests only".into(),
-            });
-        };
-        self.session
-            .sign(&Mechanism::Ecdsa, self.key.handle(), digest)
-            .map_err(HsmError::pkcs11("C_Sign"))
+        keys::sign_raw(self.session, self.key.handle(), &request.payload)
     }
 
     /// A hot key's whole signature, as a worker makes it: `C_Sign` plus the software half

@@ -19,9 +19,11 @@ pub struct Pkcs11Config {
     pub master_key_label: String,
     /// How many sessions, hence worker threads, to open (at least 1).
     pub sessions: usize,
-    /// The mechanism new keys are wrapped with. Existing keys are always unwrapped with the
-    /// mechanism recorded with them.
-    pub wrap_mechanism: WrapMechanism,
+    /// The mechanism new keys are wrapped with; `None` (the default): the token's best,
+    /// `CKM_AES_KEY_WRAP_KWP` where it lists it, else `CKM_AES_KEY_WRAP_PAD`
+    /// ([`WrapMechanism::PREFERENCE`]). Opening fails if the token does not list the mechanism
+    /// named here. Existing keys are always unwrapped with the mechanism recorded with them.
+    pub wrap_mechanism: Option<WrapMechanism>,
     /// The opt-in hot-key path (`None`, the default: strictly stateless, every signature
     /// unwraps its key and destroys it at once). See [`HotKeys`].
     pub hot_keys: Option<HotKeys>,
@@ -69,7 +71,7 @@ mod tests {
             user_pin: SecretString::from("hunter2-pin"),
             master_key_label: "m".into(),
             sessions: 2,
-            wrap_mechanism: WrapMechanism::AesKeyWrapPad,
+            wrap_mechanism: Some(WrapMechanism::AesKeyWrapPad),
             hot_keys: None,
         };
         let debug = format!("{config:?}");

@@ -6,10 +6,12 @@ use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::Session;
+use cryptoki::session::{Session, SessionState};
+use cryptoki::slot::Slot;
 use sha2::{Digest, Sha256};
 
 use super::guard::ObjectGuard;
+use super::raw::RawPkcs11;
 use crate::error::HsmError;
 use crate::hsm::{
     GeneratedKey, KeyScheme, SignPayload, SignRequest, Signature, WrapMechanism, WrappedKey,
@@ -36,11 +38,102 @@ fn scheme_parameters(scheme: KeyScheme) -> (KeyType, Mechanism<'static>, &'stati
     }
 }
 
-/// The cryptoki mechanism for a wrap mechanism.
-pub(crate) fn wrap_mechanism(mechanism: WrapMechanism) -> Mechanism<'static> {
+/// The master key as one session uses it: its handle there, and the raw calls for the wrap
+/// mechanisms cryptoki cannot express ([`RawPkcs11`]).
+#[derive(Clone, Copy)]
+pub(crate) struct MasterKey<'a> {
+    pub(crate) handle: ObjectHandle,
+    pub(crate) raw: &'a RawPkcs11,
+}
+
+/// The cryptoki mechanism for a wrap mechanism, `None` for those cryptoki 0.12 cannot express
+/// (they go through [`RawPkcs11`]).
+pub(crate) fn wrap_mechanism(mechanism: WrapMechanism) -> Option<Mechanism<'static>> {
     match mechanism {
-        WrapMechanism::AesKeyWrapPad => Mechanism::AesKeyWrapPad,
-        WrapMechanism::AesKeyWrap => Mechanism::AesKeyWrap,
+        WrapMechanism::AesKeyWrapPad => Some(Mechanism::AesKeyWrapPad),
+        WrapMechanism::AesKeyWrap => Some(Mechanism::AesKeyWrap),
+        WrapMechanism::AesKeyWrapKwp => None,
+    }
+}
+
+/// The mechanism new keys are wrapped with on the token in `slot`: `configured` if the token
+/// lists it, else (nothing configured) the first of [`WrapMechanism::PREFERENCE`] it lists.
+/// Read from the token's full mechanism list ([`RawPkcs11::mechanism_list`]: cryptoki's drops
+/// `CKM_AES_KEY_WRAP_KWP`).
+pub(crate) fn choose_wrap_mechanism(
+    raw: &RawPkcs11,
+    slot: Slot,
+    configured: Option<WrapMechanism>,
+) -> Result<WrapMechanism, HsmError> {
+    let offered = raw.mechanism_list(slot)?;
+    let offers = |m: WrapMechanism| offered.contains(&m.mechanism_type());
+    let wrap_offered = || {
+        let names: Vec<_> = WrapMechanism::ALL
+            .into_iter()
+            .filter(|m| offers(*m))
+            .map(WrapMechanism::pkcs11_name)
+            .collect();
+        if names.is_empty() {
+            "none of them".to_owned()
+        } else {
+            names.join(", ")
+        }
+    };
+    match configured {
+        Some(mechanism) if offers(mechanism) => Ok(mechanism),
+        Some(mechanism) => Err(HsmError::Config {
+            reason: format!(
+                "the configured wrap mechanism {mechanism} ({}) is not offered by this token \
+                 (of the AES key-wrap mechanisms it offers {})",
+                mechanism.pkcs11_name(),
+                wrap_offered()
+            ),
+        }),
+        None => WrapMechanism::PREFERENCE
+            .into_iter()
+            .find(|m| offers(*m))
+            .ok_or_else(|| HsmError::Config {
+                reason: format!(
+                    "this token offers neither CKM_AES_KEY_WRAP_KWP nor CKM_AES_KEY_WRAP_PAD \
+                     (of the AES key-wrap mechanisms it offers {}); configure one it offers",
+                    wrap_offered()
+                ),
+            }),
+    }
+}
+
+/// `C_WrapKey` of `key` under the master key with `mechanism`.
+pub(crate) fn wrap(
+    session: &Session,
+    master: MasterKey<'_>,
+    mechanism: WrapMechanism,
+    key: ObjectHandle,
+) -> Result<Vec<u8>, CryptokiError> {
+    match wrap_mechanism(mechanism) {
+        Some(known) => session.wrap_key(&known, master.handle, key),
+        None => master
+            .raw
+            .wrap_key(session, mechanism.mechanism_type(), master.handle, key),
+    }
+}
+
+/// `C_UnwrapKey` of `blob` under the master key with `mechanism` (the one that wrapped it).
+pub(crate) fn unwrap(
+    session: &Session,
+    master: MasterKey<'_>,
+    mechanism: WrapMechanism,
+    blob: &[u8],
+    template: &[Attribute],
+) -> Result<ObjectHandle, CryptokiError> {
+    match wrap_mechanism(mechanism) {
+        Some(known) => session.unwrap_key(&known, master.handle, blob, template),
+        None => master.raw.unwrap_key(
+            session,
+            mechanism.mechanism_type(),
+            master.handle,
+            blob,
+            template,
+        ),
     }
 }
 
@@ -48,7 +141,7 @@ pub(crate) fn wrap_mechanism(mechanism: WrapMechanism) -> Mechanism<'static> {
 /// both objects, and returns the compressed public key with the blob.
 pub(crate) fn generate_and_wrap(
     session: &Session,
-    master: ObjectHandle,
+    master: MasterKey<'_>,
     scheme: KeyScheme,
     mechanism: WrapMechanism,
 ) -> Result<GeneratedKey, HsmError> {
@@ -72,10 +165,9 @@ pub(crate) fn generate_and_wrap(
     let public = ObjectGuard::new(session, public, "generated public key");
     let private = ObjectGuard::new(session, private, "generated private key");
 
-    let point = ec_point(session, public.handle())?;
+    let point = ec_point(session, public.handle(), scheme)?;
     let public_key = signature::compress_public_key(scheme, &point)?;
-    let blob = session
-        .wrap_key(&wrap_mechanism(mechanism), master, private.handle())
+    let blob = wrap(session, master, mechanism, private.handle())
         .map_err(HsmError::pkcs11("C_WrapKey"))?;
     drop(private);
     drop(public);
@@ -85,8 +177,14 @@ pub(crate) fn generate_and_wrap(
     })
 }
 
-/// The public point of an EC or EdDSA public-key object, without its DER OCTET STRING.
-fn ec_point(session: &Session, public: ObjectHandle) -> Result<Vec<u8>, HsmError> {
+/// The public point of an EC or EdDSA public-key object. PKCS#11 wraps `CKA_EC_POINT` in a DER
+/// OCTET STRING (SoftHSMv2 does, for every curve); some tokens (Kryoptic, for EdDSA) return
+/// the raw point, accepted when its length is the scheme's.
+fn ec_point(
+    session: &Session,
+    public: ObjectHandle,
+    scheme: KeyScheme,
+) -> Result<Vec<u8>, HsmError> {
     let attributes = session
         .get_attributes(public, &[AttributeType::EcPoint])
         .map_err(HsmError::pkcs11("C_GetAttributeValue"))?;
@@ -99,14 +197,22 @@ fn ec_point(session: &Session, public: ObjectHandle) -> Result<Vec<u8>, HsmError
         .ok_or_else(|| HsmError::InvalidPublicKey {
             reason: "the token returned no CKA_EC_POINT".into(),
         })?;
-    strip_octet_string(&der)
-        .map(<[u8]>::to_vec)
-        .ok_or_else(|| HsmError::InvalidPublicKey {
-            reason: format!(
-                "CKA_EC_POINT ({} bytes) is not a DER OCTET STRING",
-                der.len()
-            ),
-        })
+    if let Some(point) = strip_octet_string(&der) {
+        return Ok(point.to_vec());
+    }
+    let raw_len = match scheme {
+        KeyScheme::Ed25519 => 32,
+        KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256 => 65,
+    };
+    if der.len() == raw_len {
+        return Ok(der);
+    }
+    Err(HsmError::InvalidPublicKey {
+        reason: format!(
+            "CKA_EC_POINT ({} bytes) is neither a DER OCTET STRING nor a raw {scheme} point",
+            der.len()
+        ),
+    })
 }
 
 /// The content of a DER OCTET STRING (short or one-byte long length form).
@@ -118,28 +224,79 @@ fn strip_octet_string(der: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// Return values with which SoftHSMv2 (and others) reject a blob that is not a key wrapped
-/// by this master key with this mechanism.
-fn is_bad_blob(error: &CryptokiError) -> bool {
-    matches!(
-        error,
+/// How a failed `C_UnwrapKey` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UnwrapFailure {
+    /// The token says the blob is not a key wrapped this way (`CKR_WRAPPED_KEY_INVALID`...).
+    BadBlob,
+    /// A return value tokens use both for a blob that fails its integrity check and for a
+    /// failing device: SoftHSMv2 answers a tampered blob with `CKR_GENERAL_ERROR`, Kryoptic a
+    /// blob of another master key with `CKR_DEVICE_ERROR`, and Kryoptic an unwrap after a
+    /// lost login with `CKR_GENERAL_ERROR`. Settled by checking the device, the session and
+    /// the master key ([`blob_is_to_blame`]).
+    Ambiguous,
+    /// Anything else (session, login, template...): reported as it is.
+    Other,
+}
+
+fn unwrap_failure(error: &CryptokiError) -> UnwrapFailure {
+    match error {
         CryptokiError::Pkcs11(
-            RvError::GeneralError
-                | RvError::FunctionFailed
-                | RvError::WrappedKeyInvalid
-                | RvError::WrappedKeyLenRange
-                | RvError::EncryptedDataInvalid
-                | RvError::EncryptedDataLenRange,
-            _
-        )
-    )
+            RvError::WrappedKeyInvalid
+            | RvError::WrappedKeyLenRange
+            | RvError::EncryptedDataInvalid
+            | RvError::EncryptedDataLenRange,
+            _,
+        ) => UnwrapFailure::BadBlob,
+        CryptokiError::Pkcs11(
+            RvError::GeneralError | RvError::FunctionFailed | RvError::DeviceError,
+            _,
+        ) => UnwrapFailure::Ambiguous,
+        _ => UnwrapFailure::Other,
+    }
+}
+
+/// Whether the blob, rather than the device or the session, is to blame for an ambiguous
+/// unwrap failure: the device answers a cheap, stateless request (`C_GenerateRandom` of 16
+/// bytes), the session is still logged in (`C_GetSessionInfo`: a read-write user session), and
+/// the master key's handle is still valid (`C_GetAttributeValue` of its class). Kryoptic
+/// answers an unwrap after a lost login with `CKR_GENERAL_ERROR`, while random numbers still
+/// come without a login: only the three together clear the device and the session.
+fn blob_is_to_blame(session: &Session, master: ObjectHandle) -> bool {
+    let device_answers = session.generate_random_vec(16).is_ok();
+    let logged_in = session
+        .get_session_info()
+        .is_ok_and(|info| info.session_state() == SessionState::RwUser);
+    let master_valid = session
+        .get_attributes(master, &[AttributeType::Class])
+        .is_ok();
+    device_answers && logged_in && master_valid
+}
+
+/// A failed unwrap as an [`HsmError`]: key material ([`HsmError::UnwrapFailed`], not
+/// retryable) when the blob is at fault, a PKCS#11 error (retryable when the device is)
+/// otherwise. `blob_at_fault` is asked only for an ambiguous return value.
+fn classify_unwrap_error(source: CryptokiError, blob_at_fault: impl FnOnce() -> bool) -> HsmError {
+    let bad_blob = match unwrap_failure(&source) {
+        UnwrapFailure::BadBlob => true,
+        UnwrapFailure::Ambiguous => blob_at_fault(),
+        UnwrapFailure::Other => false,
+    };
+    if bad_blob {
+        HsmError::UnwrapFailed { source }
+    } else {
+        HsmError::Pkcs11 {
+            function: "C_UnwrapKey",
+            source,
+        }
+    }
 }
 
 /// Unwraps `request.wrapped` into a session object, signs, destroys the object, and verifies
 /// the signature against `request.public_key`.
 pub(crate) fn unwrap_and_sign(
     session: &Session,
-    master: ObjectHandle,
+    master: MasterKey<'_>,
     request: &SignRequest,
 ) -> Result<Signature, HsmError> {
     let key = ObjectGuard::new(
@@ -154,7 +311,7 @@ pub(crate) fn unwrap_and_sign(
 /// caller owns the handle and must destroy it.
 pub(crate) fn unwrap_signing_key(
     session: &Session,
-    master: ObjectHandle,
+    master: MasterKey<'_>,
     request: &SignRequest,
 ) -> Result<ObjectHandle, HsmError> {
     signature::check_payload(request.scheme, &request.payload)?;
@@ -168,23 +325,14 @@ pub(crate) fn unwrap_signing_key(
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
     ];
-    session
-        .unwrap_key(
-            &wrap_mechanism(request.wrapped.mechanism),
-            master,
-            &request.wrapped.blob,
-            &template,
-        )
-        .map_err(|source| {
-            if is_bad_blob(&source) {
-                HsmError::UnwrapFailed { source }
-            } else {
-                HsmError::Pkcs11 {
-                    function: "C_UnwrapKey",
-                    source,
-                }
-            }
-        })
+    unwrap(
+        session,
+        master,
+        request.wrapped.mechanism,
+        &request.wrapped.blob,
+        &template,
+    )
+    .map_err(|source| classify_unwrap_error(source, || blob_is_to_blame(session, master.handle)))
 }
 
 /// Signs `request.payload` with the private key `key` (unwrapped from `request.wrapped`) and
@@ -194,21 +342,34 @@ pub(crate) fn sign_with(
     key: ObjectHandle,
     request: &SignRequest,
 ) -> Result<Signature, HsmError> {
+    let raw = sign_raw(session, key, &request.payload)?;
     match &request.payload {
         SignPayload::Digest(digest) => {
-            let raw = session
-                .sign(&Mechanism::Ecdsa, key, digest)
-                .map_err(HsmError::pkcs11("C_Sign"))?;
             signature::finish_ecdsa(request.scheme, &request.public_key, digest, &raw)
         }
         SignPayload::Message(message) => {
-            let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
-            let raw = session
-                .sign(&mechanism, key, message)
-                .map_err(HsmError::pkcs11("C_Sign"))?;
             signature::finish_ed25519(&request.public_key, message, &raw)
         }
     }
+}
+
+/// `C_Sign` of `payload` with `key`: `CKM_ECDSA` over a digest, pure `CKM_EDDSA` over a
+/// message. Returns the token's raw signature, neither normalised nor verified.
+pub(crate) fn sign_raw(
+    session: &Session,
+    key: ObjectHandle,
+    payload: &SignPayload,
+) -> Result<Vec<u8>, HsmError> {
+    let (mechanism, data) = match payload {
+        SignPayload::Digest(digest) => (Mechanism::Ecdsa, &digest[..]),
+        SignPayload::Message(message) => (
+            Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+            &message[..],
+        ),
+    };
+    session
+        .sign(&mechanism, key, data)
+        .map_err(HsmError::pkcs11("C_Sign"))
 }
 
 /// The fixed, public canary key value: SHA-256 of a versioned constant. Not a secret.
@@ -239,6 +400,34 @@ pub(crate) fn fingerprint(session: &Session, master: ObjectHandle) -> Result<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ambiguous_unwrap_failure_is_the_blob_only_if_the_device_responds() {
+        use cryptoki::context::Function;
+        let rv = |rv| CryptokiError::Pkcs11(rv, Function::UnwrapKey);
+        // Tried: each ambiguous return value with a responding and a silent device.
+        for ambiguous in [
+            RvError::GeneralError,
+            RvError::FunctionFailed,
+            RvError::DeviceError,
+        ] {
+            let error = classify_unwrap_error(rv(ambiguous), || true);
+            assert!(error.is_key_material(), "{ambiguous:?}: {error}");
+            assert!(!error.is_retryable());
+            let error = classify_unwrap_error(rv(ambiguous), || false);
+            assert!(!error.is_key_material(), "{ambiguous:?}: {error}");
+        }
+        assert!(
+            classify_unwrap_error(rv(RvError::DeviceError), || false).is_retryable(),
+            "a device that stopped answering is an outage"
+        );
+        // Unambiguous values never ask the device.
+        let error = classify_unwrap_error(rv(RvError::WrappedKeyInvalid), || panic!("not asked"));
+        assert!(error.is_key_material());
+        let error =
+            classify_unwrap_error(rv(RvError::SessionHandleInvalid), || panic!("not asked"));
+        assert!(error.is_retryable(), "{error}");
+    }
 
     #[test]
     fn octet_strings_are_stripped() {

@@ -22,6 +22,7 @@ mod module;
 mod pool;
 mod probe;
 mod provision;
+mod raw;
 mod raw_template;
 mod report;
 mod self_test;
@@ -40,6 +41,8 @@ use tokio::sync::oneshot;
 
 pub use config::{HotKeys, Pkcs11Config};
 pub use hot_keys::HotKeyStats;
+#[cfg(feature = "softhsm-fixture")]
+pub(crate) use keys::{MasterKey, choose_wrap_mechanism, unwrap, wrap};
 pub use module::Pkcs11Module;
 #[cfg(feature = "softhsm-fixture")]
 pub(crate) use provision::{PolicyDeviation, generate_master_key};
@@ -54,10 +57,12 @@ pub(crate) use token::{find_slot, open_user_session};
 use crate::error::{HsmError, error_chain};
 use crate::hsm::{
     Capabilities, GeneratedKey, Hsm, KeyScheme, MasterKeyInfo, SchemeSupport, SignRequest,
-    Signature,
+    Signature, WrapMechanism,
 };
 use crate::record_mac::record_mac_key_label;
 use hot_keys::HotKeyCounters;
+#[cfg(not(feature = "softhsm-fixture"))]
+use keys::MasterKey;
 use pool::{KeepAlive, Pool};
 use token::OwnedSession;
 use worker::Job;
@@ -84,6 +89,8 @@ struct Shared {
     mac_label: String,
     /// The master key fingerprint found at open; recovery insists on it.
     fingerprint: String,
+    /// The mechanism new keys are wrapped with, chosen at open.
+    wrap_mechanism: WrapMechanism,
     state: RwLock<PoolState>,
     /// Serialises recoveries (and [`Pkcs11Hsm::close`] against a recovery).
     recovery: Mutex<()>,
@@ -143,7 +150,7 @@ impl Shared {
     /// returns.
     fn open_pool(&self) -> Result<Pool, HsmError> {
         let context = self.module.context();
-        let slot = match token::find_slot(context, &self.config.token_label) {
+        let slot = match token::find_slot(&self.module, &self.config.token_label) {
             // It was there at open: gone for now, not misconfigured.
             Err(HsmError::TokenNotFound { label }) => {
                 return Err(HsmError::TokenUnavailable { label });
@@ -161,10 +168,11 @@ impl Shared {
             });
         }
         Pool::start(
-            context,
+            &self.module,
             slot,
             keepalive,
             &self.config,
+            self.wrap_mechanism,
             &self.mac_label,
             &self.hot_keys,
         )
@@ -275,20 +283,35 @@ impl Pkcs11Hsm {
             }
         }
         let context = module.context();
-        let slot = token::find_slot(context, &config.token_label)?;
+        let slot = token::find_slot(module, &config.token_label)?;
         let keepalive = token::open_owned_session(context, slot, &config.user_pin)?;
         let master = token::find_master_key(keepalive.get(), &config.master_key_label)?;
         let mac_label = record_mac_key_label(&config.master_key_label);
         token::find_mac_key(keepalive.get(), &mac_label)?;
         let fingerprint = keys::fingerprint(keepalive.get(), master)?;
-        let capabilities = probe::probe(keepalive.get(), master, config.wrap_mechanism);
+        let wrap_mechanism =
+            keys::choose_wrap_mechanism(module.raw(), slot, config.wrap_mechanism)?;
+        let master_key = MasterKey {
+            handle: master,
+            raw: module.raw(),
+        };
+        let capabilities = probe::probe(keepalive.get(), master_key, wrap_mechanism);
         // On an error, the sessions opened so far are closed before this returns.
         let hot_keys = Arc::new(HotKeyCounters::default());
-        let pool = Pool::start(context, slot, keepalive, &config, &mac_label, &hot_keys)?;
+        let pool = Pool::start(
+            module,
+            slot,
+            keepalive,
+            &config,
+            wrap_mechanism,
+            &mac_label,
+            &hot_keys,
+        )?;
         tracing::info!(
             token = %config.token_label,
             sessions = config.sessions,
             fingerprint = %fingerprint,
+            wrap_mechanism = %wrap_mechanism,
             "PKCS#11 token open"
         );
         let master = MasterKeyInfo {
@@ -301,6 +324,7 @@ impl Pkcs11Hsm {
                 config,
                 mac_label,
                 fingerprint,
+                wrap_mechanism,
                 state: RwLock::new(PoolState::Ready(pool)),
                 recovery: Mutex::new(()),
                 generation: AtomicU64::new(0),
@@ -309,6 +333,13 @@ impl Pkcs11Hsm {
             capabilities,
             master,
         })
+    }
+
+    /// The mechanism new keys are wrapped with: [`Pkcs11Config::wrap_mechanism`], else the
+    /// token's best ([`WrapMechanism::PREFERENCE`]). Keys are always unwrapped with the
+    /// mechanism recorded with them.
+    pub fn wrap_mechanism(&self) -> WrapMechanism {
+        self.shared.wrap_mechanism
     }
 
     /// The hot-key counters, summed over every session since [`Pkcs11Hsm::open`] (all zero
@@ -386,15 +417,18 @@ impl Pkcs11Hsm {
     /// verdict could be reached; [`HsmError::WorkerUnavailable`] while a recovery is
     /// replacing the sessions. An unsafe key is not an error here: see the report.
     pub fn master_key_self_test(&self) -> Result<SelfTestReport, HsmError> {
-        let config = &self.shared.config;
-        let (_, keepalive) = self.shared.keepalive()?;
+        let shared = &self.shared;
+        let (_, keepalive) = shared.keepalive()?;
         with_keepalive(&keepalive, |session| {
-            let master = token::find_master_key(session, &config.master_key_label)?;
+            let master = MasterKey {
+                handle: token::find_master_key(session, &shared.config.master_key_label)?,
+                raw: shared.module.raw(),
+            };
             self_test::run(
                 session,
                 master,
-                &config.master_key_label,
-                config.wrap_mechanism,
+                &shared.config.master_key_label,
+                shared.wrap_mechanism,
             )
         })
     }

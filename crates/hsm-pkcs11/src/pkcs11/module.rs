@@ -2,11 +2,12 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CryptokiError, RvError};
 
+use super::raw::RawPkcs11;
 use crate::error::HsmError;
 
 /// The `C_Initialize` flags, at start-up and on every re-initialisation.
@@ -16,15 +17,19 @@ const INITIALIZE_FLAGS: CInitializeFlags = CInitializeFlags::OS_LOCKING_OK;
 ///
 /// There is one per process: a second [`Pkcs11Module::initialize`] of the same library in the
 /// same process fails with `CKR_CRYPTOKI_ALREADY_INITIALIZED`, so initialise once and share
-/// clones (cheap: reference-counted). The library is unloaded when the last clone, and every
-/// [`Pkcs11Hsm`](crate::Pkcs11Hsm) opened from it, is dropped; it is never finalised except by
-/// [`Pkcs11Module::reinitialize`].
+/// clones (cheap: reference-counted). The library stays loaded for the life of the process
+/// (`RTLD_NODELETE`: modules may leave per-thread destructors behind) and is never finalised
+/// except by [`Pkcs11Module::reinitialize`].
 ///
 /// In production, open only one [`Pkcs11Hsm`](crate::Pkcs11Hsm) per module: its recovery may
 /// re-initialise the library, which closes every session of the process.
 #[derive(Clone)]
 pub struct Pkcs11Module {
     context: Pkcs11,
+    /// The same library, for the few calls cryptoki cannot make ([`RawPkcs11`]).
+    raw: Arc<RawPkcs11>,
+    /// Serialises this process's `C_GetSlotList` and `C_InitToken` calls ([`Self::lock_slots`]).
+    slots: Arc<Mutex<()>>,
     path: Arc<Path>,
 }
 
@@ -41,8 +46,11 @@ impl Pkcs11Module {
         context
             .initialize(CInitializeArgs::new(INITIALIZE_FLAGS))
             .map_err(HsmError::pkcs11("C_Initialize"))?;
+        let raw = Arc::new(RawPkcs11::load(path)?);
         Ok(Self {
             context,
+            raw,
+            slots: Arc::new(Mutex::new(())),
             path: Arc::from(PathBuf::from(path)),
         })
     }
@@ -84,6 +92,19 @@ impl Pkcs11Module {
                 source,
             }),
         }
+    }
+
+    /// The raw calls cryptoki cannot make, on the same library instance.
+    pub(crate) fn raw(&self) -> &Arc<RawPkcs11> {
+        &self.raw
+    }
+
+    /// Held around `C_GetSlotList` and `C_InitToken`: SoftHSMv2 adds a free slot inside
+    /// `C_GetSlotList` whenever it has none (right after every `C_InitToken`) without a lock of
+    /// its own, and two concurrent calls at that moment both add it and abort the process
+    /// (`SlotManager.cpp: insertToken: Assertion 'result.second' failed`).
+    pub(crate) fn lock_slots(&self) -> MutexGuard<'_, ()> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The library's path.

@@ -7,14 +7,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
-use cryptoki::context::Pkcs11;
+
 use cryptoki::slot::Slot;
 
 use super::config::Pkcs11Config;
 use super::hot_keys::{HotKeyCache, HotKeyCounters};
+use super::module::Pkcs11Module;
 use super::token::{self, OwnedSession};
 use super::worker::{Job, Worker};
 use crate::error::HsmError;
+use crate::hsm::WrapMechanism;
 
 /// The keep-alive session of a pool, shared with `check` jobs and `token_report`; `None` once
 /// the pool has stopped.
@@ -39,10 +41,11 @@ impl Pool {
     /// On an error, whatever was started is stopped and its sessions closed before this
     /// returns.
     pub(crate) fn start(
-        context: &Pkcs11,
+        module: &Pkcs11Module,
         slot: Slot,
         keepalive: OwnedSession,
         config: &Pkcs11Config,
+        wrap_mechanism: WrapMechanism,
         mac_label: &str,
         hot_keys: &Arc<HotKeyCounters>,
     ) -> Result<Pool, HsmError> {
@@ -57,7 +60,7 @@ impl Pool {
         };
         // On an error below, dropping `pool` stops the workers already started.
         for index in 0..config.sessions {
-            let session = token::open_owned_session(context, slot, &config.user_pin)?;
+            let session = token::open_owned_session(module.context(), slot, &config.user_pin)?;
             // Looked up once per session: a find can be slow on a token with many objects,
             // and object handles do not survive a re-login.
             let master = token::find_master_key(session.get(), &config.master_key_label)?;
@@ -66,7 +69,8 @@ impl Pool {
                 session,
                 master,
                 mac_key,
-                wrap_mechanism: config.wrap_mechanism,
+                raw: Arc::clone(module.raw()),
+                wrap_mechanism,
                 jobs: receiver.clone(),
                 stopping: Arc::clone(&stopping),
                 hot: config

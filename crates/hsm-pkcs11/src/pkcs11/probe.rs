@@ -2,18 +2,17 @@
 //! verify → destroy on the real token, and record why a scheme does not work.
 
 use cryptoki::error::{Error as CryptokiError, RvError};
-use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use sha2::{Digest, Sha256};
 
-use super::keys;
+use super::keys::{self, MasterKey};
 use crate::error::{HsmError, describe};
 use crate::hsm::{Capabilities, KeyScheme, SchemeSupport, SignPayload, SignRequest, WrapMechanism};
 
 /// Probes every [`KeyScheme`] with `mechanism`.
 pub(crate) fn probe(
     session: &Session,
-    master: ObjectHandle,
+    master: MasterKey<'_>,
     mechanism: WrapMechanism,
 ) -> Capabilities {
     let mut capabilities = Capabilities::default();
@@ -33,7 +32,7 @@ pub(crate) fn probe(
 
 fn probe_scheme(
     session: &Session,
-    master: ObjectHandle,
+    master: MasterKey<'_>,
     scheme: KeyScheme,
     mechanism: WrapMechanism,
 ) -> Result<(), HsmError> {

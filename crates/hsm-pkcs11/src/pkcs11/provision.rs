@@ -131,7 +131,7 @@ fn session_for_new_key(
     user_pin: &SecretString,
     labels: &[&str],
 ) -> Result<cryptoki::session::Session, HsmError> {
-    let slot = token::find_slot(module.context(), token_label)?;
+    let slot = token::find_slot(module, token_label)?;
     let session = token::open_user_session(module.context(), slot, user_pin)?;
     for label in labels {
         if !token::find_labelled(&session, label)?.is_empty() {

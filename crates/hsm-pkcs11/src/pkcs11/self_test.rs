@@ -27,7 +27,7 @@ use cryptoki::session::Session;
 use zeroize::Zeroizing;
 
 use super::guard::ObjectGuard;
-use super::keys;
+use super::keys::{self, MasterKey};
 use crate::error::{HsmError, rv_is_transient, rv_name};
 use crate::hsm::WrapMechanism;
 
@@ -198,7 +198,7 @@ impl fmt::Display for SelfTestReport {
 /// Runs the self-test on `session` (see the module documentation).
 pub(crate) fn run(
     session: &Session,
-    master: ObjectHandle,
+    master: MasterKey<'_>,
     label: &str,
     mechanism: WrapMechanism,
 ) -> Result<SelfTestReport, HsmError> {
@@ -207,9 +207,8 @@ pub(crate) fn run(
         findings: Vec::new(),
         attacks: Vec::new(),
     };
-    check_attributes(session, master, &mut report)?;
+    check_attributes(session, master.handle, &mut report)?;
 
-    let mechanism = keys::wrap_mechanism(mechanism);
     let (public, private) = session
         .generate_key_pair(
             &Mechanism::EccKeyPairGen,
@@ -230,12 +229,11 @@ pub(crate) fn run(
     let public = ObjectGuard::new(session, public, "self-test canary public key");
     drop(public);
     let private = ObjectGuard::new(session, private, "self-test canary private key");
-    let blob = session
-        .wrap_key(&mechanism, master, private.handle())
+    let blob = keys::wrap(session, master, mechanism, private.handle())
         .map_err(HsmError::pkcs11("C_WrapKey"))?;
     drop(private);
 
-    let outcome = readable_secret_attack(session, master, &mechanism, &blob)?;
+    let outcome = readable_secret_attack(session, master, mechanism, &blob)?;
     report.record(Attack::ReadableSecret, outcome);
     if let AttackOutcome::Succeeded { .. } = outcome {
         report.unsafe_finding(
@@ -247,7 +245,7 @@ pub(crate) fn run(
             ),
         );
     }
-    let outcome = extractable_rewrap_attack(session, master, &mechanism, &blob)?;
+    let outcome = extractable_rewrap_attack(session, master, mechanism, &blob)?;
     report.record(Attack::ExtractableRewrap, outcome);
     if let AttackOutcome::Succeeded { rewrapped_or_read } = outcome {
         let then = if rewrapped_or_read {
@@ -368,8 +366,8 @@ fn extra_usage(report: &mut SelfTestReport, attribute: &'static str) {
 /// Attack (a): unwrap as a non-sensitive generic secret and read `CKA_VALUE`.
 fn readable_secret_attack(
     session: &Session,
-    master: ObjectHandle,
-    mechanism: &Mechanism<'_>,
+    master: MasterKey<'_>,
+    mechanism: WrapMechanism,
     blob: &[u8],
 ) -> Result<AttackOutcome, HsmError> {
     let template = [
@@ -379,7 +377,7 @@ fn readable_secret_attack(
         Attribute::Sensitive(false),
         Attribute::Extractable(true),
     ];
-    let key = match session.unwrap_key(mechanism, master, blob, &template) {
+    let key = match keys::unwrap(session, master, mechanism, blob, &template) {
         Ok(key) => ObjectGuard::new(session, key, "self-test attack (a) secret key"),
         Err(error) => return refused("C_UnwrapKey", error),
     };
@@ -404,8 +402,8 @@ fn readable_secret_attack(
 /// Attack (b): unwrap as an extractable EC private key and wrap it under a session AES key.
 fn extractable_rewrap_attack(
     session: &Session,
-    master: ObjectHandle,
-    mechanism: &Mechanism<'_>,
+    master: MasterKey<'_>,
+    mechanism: WrapMechanism,
     blob: &[u8],
 ) -> Result<AttackOutcome, HsmError> {
     let template = [
@@ -417,7 +415,7 @@ fn extractable_rewrap_attack(
         Attribute::Extractable(true),
         Attribute::Sign(false),
     ];
-    let key = match session.unwrap_key(mechanism, master, blob, &template) {
+    let key = match keys::unwrap(session, master, mechanism, blob, &template) {
         Ok(key) => ObjectGuard::new(session, key, "self-test attack (b) private key"),
         Err(error) => return refused("C_UnwrapKey", error),
     };
@@ -436,8 +434,11 @@ fn extractable_rewrap_attack(
         )
         .map_err(HsmError::pkcs11("C_GenerateKey"))?;
     let attacker = ObjectGuard::new(session, attacker, "self-test attack (b) AES key");
-    let rewrapped = session
-        .wrap_key(&Mechanism::AesKeyWrapPad, attacker.handle(), key.handle())
+    let attacker_key = MasterKey {
+        handle: attacker.handle(),
+        raw: master.raw,
+    };
+    let rewrapped = keys::wrap(session, attacker_key, mechanism, key.handle())
         // Encrypted under a key only this session holds, but wiped all the same.
         .map(Zeroizing::new)
         .is_ok();

@@ -7,11 +7,15 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use secrecy::SecretString;
 
+use super::module::Pkcs11Module;
 use crate::error::HsmError;
 
 /// The slot holding the initialised token labelled `label`. Looked up by label every time:
-/// some modules (SoftHSMv2) renumber slots.
-pub(crate) fn find_slot(context: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
+/// some modules (SoftHSMv2) renumber slots. Holds the module's slot-list lock
+/// ([`Pkcs11Module::lock_slots`]).
+pub(crate) fn find_slot(module: &Pkcs11Module, label: &str) -> Result<Slot, HsmError> {
+    let _slots = module.lock_slots();
+    let context = module.context();
     let slots = context
         .get_slots_with_initialized_token()
         .map_err(HsmError::pkcs11("C_GetSlotList"))?;

@@ -14,9 +14,11 @@ use tokio::sync::oneshot;
 
 use super::guard::ObjectGuard;
 use super::hot_keys::{HotKeyCache, cache_id};
+use super::keys::{self, MasterKey};
+use super::mac;
 use super::pool::KeepAlive;
+use super::raw::RawPkcs11;
 use super::token::OwnedSession;
-use super::{keys, mac};
 use crate::error::HsmError;
 use crate::hsm::{GeneratedKey, KeyScheme, SignRequest, Signature, WrapMechanism};
 
@@ -70,7 +72,7 @@ fn check_session(session: &Session) -> Result<(), HsmError> {
 /// the session: the next signatures start from the stored blobs again.
 fn sign_hot(
     session: &Session,
-    master: ObjectHandle,
+    master: MasterKey<'_>,
     hot: &mut HotKeyCache,
     request: &SignRequest,
 ) -> Result<Signature, HsmError> {
@@ -107,6 +109,8 @@ pub(crate) struct Worker {
     pub(crate) session: OwnedSession,
     pub(crate) master: ObjectHandle,
     pub(crate) mac_key: ObjectHandle,
+    /// The raw calls for wrap mechanisms cryptoki cannot express.
+    pub(crate) raw: Arc<RawPkcs11>,
     pub(crate) wrap_mechanism: WrapMechanism,
     pub(crate) jobs: Receiver<Job>,
     /// Set when the pool stops: queued jobs are then dropped (their callers see
@@ -131,6 +135,10 @@ impl Worker {
 
     fn run(mut self) {
         let session = self.session.get();
+        let master = MasterKey {
+            handle: self.master,
+            raw: &self.raw,
+        };
         loop {
             // With hot keys held, wake up when the oldest expires even if no job comes.
             let wait = self
@@ -163,7 +171,7 @@ impl Worker {
                         continue;
                     }
                     let result =
-                        keys::generate_and_wrap(session, self.master, scheme, self.wrap_mechanism);
+                        keys::generate_and_wrap(session, master, scheme, self.wrap_mechanism);
                     let _ = reply.send(result);
                 }
                 Job::Sign { request, reply } => {
@@ -171,8 +179,8 @@ impl Worker {
                         continue;
                     }
                     let result = match self.hot.as_mut() {
-                        None => keys::unwrap_and_sign(session, self.master, &request),
-                        Some(hot) => sign_hot(session, self.master, hot, &request),
+                        None => keys::unwrap_and_sign(session, master, &request),
+                        Some(hot) => sign_hot(session, master, hot, &request),
                     };
                     let _ = reply.send(result);
                 }

@@ -1,5 +1,5 @@
 //! An active-active cluster: one simulator, N drivers (`driver-1`, `driver-2`, …) each with its
-//! own SoftHSMv2 token holding the SAME imported master key, its own telemetry port and log,
+//! own token (SoftHSMv2 by default) holding the SAME imported master key, its own telemetry port and log,
 //! all on one PostgreSQL database — some of them, optionally, through a [`TcpProxy`] that the
 //! test can cut to fake a database outage for that driver alone.
 //!
@@ -33,7 +33,7 @@ use crate::master_key::{MasterKeyProvisioning, SharedMasterKey};
 use crate::process::{Check, log_tail_lines, poll_until};
 use crate::simulator::{Simulator, SimulatorOptions};
 use crate::telemetry::{Readiness, TelemetryResponse};
-use crate::token::SoftHsmToken;
+use crate::token::{HsmModule, HsmToken};
 
 /// What a cluster is made of.
 #[derive(Debug, Clone)]
@@ -42,8 +42,8 @@ pub struct ClusterOptions {
     pub bin_dir: PathBuf,
     /// A directory for the tokens, PKI, configurations and logs (`driver-N/` per driver).
     pub work_dir: PathBuf,
-    /// The SoftHSMv2 module.
-    pub softhsm_module: PathBuf,
+    /// The PKCS#11 implementation and module of every driver's token.
+    pub hsm: HsmModule,
     /// Drivers to start (`driver-1` … `driver-N`).
     pub drivers: usize,
     /// Workers (and HSM sessions) per driver.
@@ -65,17 +65,18 @@ pub struct ClusterOptions {
 impl ClusterOptions {
     /// A cluster of `drivers` drivers with settings for failure tests: 3 s leases, heartbeats
     /// every 200 ms, a driver gone after 2 s of silence, health checks every 300 ms, recovery
-    /// retried at least every second, database connections given up after 1.5 s.
+    /// retried at least every second, database connections given up after 1.5 s. `hsm`: an
+    /// [`HsmModule`], or the path of a SoftHSMv2 module.
     pub fn new(
         bin_dir: PathBuf,
         work_dir: PathBuf,
-        softhsm_module: PathBuf,
+        hsm: impl Into<HsmModule>,
         drivers: usize,
     ) -> Self {
         Self {
             bin_dir,
             work_dir,
-            softhsm_module,
+            hsm: hsm.into(),
             drivers,
             workers: 2,
             simulator: SimulatorOptions {
@@ -361,7 +362,12 @@ impl Cluster {
             bail!("the cluster already has a {id}");
         }
         let dir = self.options.work_dir.join(id);
-        let token = SoftHsmToken::create(&dir.join("hsm"), &format!("cluster-{id}"))?;
+        let token = HsmToken::create(
+            &self.options.bin_dir,
+            &self.options.hsm,
+            &dir.join("hsm"),
+            &format!("cluster-{id}"),
+        )?;
         let api_url = self.sim.driver_url();
         let process = DriverProcess::provision(
             &self.options.bin_dir,
@@ -371,7 +377,6 @@ impl Cluster {
             &DriverWiring {
                 api_url: &api_url,
                 pki_dir: self.sim.pki_dir(),
-                softhsm_module: &self.options.softhsm_module,
             },
             master_key,
         )

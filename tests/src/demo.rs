@@ -1,25 +1,33 @@
 //! `cargo xtask demo`: a whole deployment on embedded defaults, a workload, a summary.
+//!
+//! On SoftHSMv2 (the default) the wallets are secp256k1 and P-256; on Kryoptic (`cargo xtask
+//! demo --token kryoptic`) they are Ed25519 and P-256. Either way the scheme the token cannot
+//! serve is shown refused by the API (`422 NoCapableDriver`) rather than queued.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, ensure};
 
 use crate::deployment::{Deployment, DeploymentOptions};
-use crate::workload::Workload;
+use crate::token::{HsmModule, KeyScheme, TokenKind, api_names};
+use crate::workload::{Workload, sign_message_and_verify};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// Keys to create (half secp256k1, half P-256).
+    /// Keys to create, split evenly over the schemes the token serves (SoftHSMv2: secp256k1
+    /// and P-256; Kryoptic: P-256 and Ed25519).
     pub keys: usize,
     /// Signatures to request.
     pub signatures: usize,
-    /// Where the binaries are.
+    /// Where the binaries are (`hsm-driver`, `dfns-api-sim`; for Kryoptic also `init-token`).
     pub bin_dir: PathBuf,
     /// Working directory (token, PKI, configuration, database, logs).
     pub work_dir: PathBuf,
-    /// The SoftHSMv2 module.
-    pub softhsm_module: PathBuf,
+    /// The PKCS#11 implementation and module of the demo's token. Default: SoftHSMv2 at its
+    /// Debian location.
+    pub hsm: HsmModule,
 }
 
 impl Default for DemoOptions {
@@ -29,8 +37,19 @@ impl Default for DemoOptions {
             signatures: 200,
             bin_dir: PathBuf::from("target/debug"),
             work_dir: PathBuf::from("target/demo"),
-            softhsm_module: PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
+            hsm: HsmModule::new(
+                TokenKind::SoftHsm2,
+                PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
+            ),
         }
+    }
+}
+
+/// The implementation's name for people.
+fn product(kind: TokenKind) -> &'static str {
+    match kind {
+        TokenKind::SoftHsm2 => "SoftHSMv2",
+        TokenKind::Kryoptic => "Kryoptic",
     }
 }
 
@@ -39,19 +58,23 @@ impl Default for DemoOptions {
 /// # Errors
 /// If any step fails or any signature does not verify.
 pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
-    println!("== hsm-driver demo ==");
+    let kind = options.hsm.kind;
+    let schemes = options.hsm.expected_schemes();
+    let gaps = options.hsm.known_gaps();
+    println!("== hsm-driver demo ({}) ==", product(kind));
     println!("work directory: {}", options.work_dir.display());
     let mut deployment_options = DeploymentOptions::new(
         options.bin_dir.clone(),
         options.work_dir.clone(),
-        options.softhsm_module.clone(),
+        options.hsm.clone(),
     );
     deployment_options.workers = 2;
     let mut deployment = Deployment::start(deployment_options)
         .await
         .context("starting the deployment")?;
     println!(
-        "started: SoftHSMv2 token with a master key, dev PKI, dfns-api-sim (driver endpoint {} over mutual TLS), hsm-driver",
+        "started: {} token with a master key, dev PKI, dfns-api-sim (driver endpoint {} over mutual TLS), hsm-driver",
+        product(kind),
         deployment.driver_url()
     );
 
@@ -59,7 +82,7 @@ pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
     println!("\n$ hsm-driver check\n{check}");
     ensure!(ok, "hsm-driver check failed");
 
-    let workload = Workload::mixed(options.keys, options.signatures);
+    let workload = Workload::over(&schemes, options.keys, options.signatures);
     let result = workload.run(deployment.app()).await;
     deployment.ensure_running()?;
     let summary = match result {
@@ -70,28 +93,73 @@ pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
         }
     };
 
-    // SoftHSMv2 cannot wrap Ed25519 keys: the driver registers without Ed25519, so the API
-    // refuses such a key at once (422 NoCapableDriver) rather than queueing a job no driver runs.
-    let ed = deployment.app().create_key("EdDSA", "ed25519").await;
-
-    let stop = deployment.stop().await?;
-    let k1 = summary
+    // Pure EdDSA signs messages: one `Message` signature per Ed25519 key, beside the `Hash`
+    // signatures of the workload.
+    let messages: Vec<_> = summary
         .keys
         .iter()
-        .filter(|k| k.curve == "secp256k1")
-        .count();
-    let p256 = summary.keys.len() - k1;
+        .filter(|k| k.curve == "ed25519")
+        .collect();
+    for (i, key) in messages.iter().enumerate() {
+        let message = format!("hsm-driver demo: message {i} signed with pure Ed25519");
+        sign_message_and_verify(
+            deployment.app(),
+            key,
+            message.as_bytes(),
+            Duration::from_secs(60),
+        )
+        .await
+        .with_context(|| format!("an Ed25519 message signature with {}", key.id))?;
+    }
+
+    // What the token cannot serve (SoftHSMv2: it cannot wrap Ed25519 keys; Kryoptic: no
+    // secp256k1): the driver registers without it, so the API refuses such a key at once
+    // (422 NoCapableDriver) rather than queueing a job no driver runs.
+    let mut refusals = Vec::new();
+    for (scheme, why) in &gaps {
+        let (scheme_name, curve) = api_names(*scheme);
+        let answer = deployment.app().create_key(scheme_name, curve).await;
+        refusals.push((*scheme, *why, answer));
+    }
+
+    let stop = deployment.stop().await?;
     let rate = summary.verified as f64 / summary.signing_elapsed.as_secs_f64().max(1e-9);
+    let per_curve: Vec<String> = schemes
+        .iter()
+        .map(|scheme| {
+            let (_, curve) = api_names(*scheme);
+            let count = summary.keys.iter().filter(|k| k.curve == curve).count();
+            format!("{count} {scheme}")
+        })
+        .collect();
     println!("\n== summary ==");
     println!(
-        "keys:        {} created ({k1} secp256k1, {p256} P-256) in {:.2} s",
+        "keys:        {} created ({}) in {:.2} s",
         summary.keys.len(),
+        per_curve.join(", "),
         summary.keygen_elapsed.as_secs_f64()
     );
+    let verifiers: Vec<&str> = schemes
+        .iter()
+        .map(|scheme| match scheme {
+            KeyScheme::EcdsaSecp256k1 => "k256: signature, low-s, DER, recid",
+            KeyScheme::EcdsaP256 => "p256: signature, low-s, DER, recid",
+            KeyScheme::Ed25519 => "ed25519-dalek: verify_strict",
+        })
+        .collect();
     println!(
-        "signatures:  {} requested, {} signed, {} verified independently (k256/p256: signature, low-s, DER, recid)",
-        summary.signatures, summary.verified, summary.verified
+        "signatures:  {} requested, {} signed, {} verified independently ({})",
+        summary.signatures,
+        summary.verified,
+        summary.verified,
+        verifiers.join("; ")
     );
+    if !messages.is_empty() {
+        println!(
+            "messages:    {} Ed25519 message signature(s) (pure EdDSA over the bytes given), verified independently",
+            messages.len()
+        );
+    }
     println!(
         "throughput:  {rate:.0} signatures/s end to end as the polling application sees it ({:.2} s; driver with 2 HSM sessions, {} binaries, client on the same cores)",
         summary.signing_elapsed.as_secs_f64(),
@@ -101,12 +169,14 @@ pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
             "debug"
         }
     );
-    match &ed {
-        Ok(key) => println!(
-            "ed25519:     key {} accepted ({}): unexpected",
-            key.id, key.status
-        ),
-        Err(e) => println!("ed25519:     refused by the API: {e}"),
+    for (scheme, why, answer) in &refusals {
+        match answer {
+            Ok(key) => println!(
+                "{scheme}: key {} accepted ({}): unexpected ({why})",
+                key.id, key.status
+            ),
+            Err(e) => println!("{scheme}: refused by the API: {e} ({why})"),
+        }
     }
     println!(
         "token:       {} private-key object(s) left on the token",
@@ -129,13 +199,15 @@ pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
         "hsm-driver did not exit cleanly"
     );
     ensure!(stop.sim_exit.success(), "dfns-api-sim did not exit cleanly");
-    ensure!(
-        matches!(&ed, Err(dfns_api_sim::SimError::Status { code: Some(code), .. }) if code == "NoCapableDriver"),
-        "an Ed25519 key must be refused when no driver serves it: {ed:?}"
-    );
+    for (scheme, _, answer) in &refusals {
+        ensure!(
+            matches!(answer, Err(e) if e.is_no_capable_driver()),
+            "a {scheme} key must be refused when no driver serves it: {answer:?}"
+        );
+    }
     println!(
         "\nall {} signatures verified; demo passed",
-        summary.verified
+        summary.verified + messages.len()
     );
     Ok(())
 }

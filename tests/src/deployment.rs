@@ -13,7 +13,7 @@ use crate::driver::{DriverProcess, DriverSettings, DriverWiring, HotKeySettings}
 use crate::master_key::MasterKeyProvisioning;
 use crate::simulator::{Simulator, SimulatorOptions};
 use crate::telemetry::{Readiness, TelemetryResponse};
-use crate::token::SoftHsmToken;
+use crate::token::{HsmModule, HsmToken};
 
 /// What a deployment is made of.
 #[derive(Debug, Clone)]
@@ -22,8 +22,8 @@ pub struct DeploymentOptions {
     pub bin_dir: PathBuf,
     /// A directory for the token, PKI, configuration, database and logs (created; wiped tokens).
     pub work_dir: PathBuf,
-    /// The SoftHSMv2 module.
-    pub softhsm_module: PathBuf,
+    /// The PKCS#11 implementation and module the driver's token lives on.
+    pub hsm: HsmModule,
     /// The key store; default: a SQLite file in `work_dir`.
     pub database_url: Option<String>,
     /// Driver workers: jobs executed at once (and HSM sessions, unless `hsm_sessions`).
@@ -41,12 +41,13 @@ pub struct DeploymentOptions {
 }
 
 impl DeploymentOptions {
-    /// Defaults for a deployment in `work_dir` with binaries from `bin_dir`.
-    pub fn new(bin_dir: PathBuf, work_dir: PathBuf, softhsm_module: PathBuf) -> Self {
+    /// Defaults for a deployment in `work_dir` with binaries from `bin_dir`, its token on `hsm`
+    /// (an [`HsmModule`], or the path of a SoftHSMv2 module).
+    pub fn new(bin_dir: PathBuf, work_dir: PathBuf, hsm: impl Into<HsmModule>) -> Self {
         Self {
             bin_dir,
             work_dir,
-            softhsm_module,
+            hsm: hsm.into(),
             database_url: None,
             workers: 2,
             hsm_sessions: None,
@@ -89,7 +90,12 @@ impl Deployment {
     pub async fn start(options: DeploymentOptions) -> anyhow::Result<Deployment> {
         let work = &options.work_dir;
         std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
-        let token = SoftHsmToken::create(&work.join("hsm"), "hsm-driver")?;
+        let token = HsmToken::create(
+            &options.bin_dir,
+            &options.hsm,
+            &work.join("hsm"),
+            "hsm-driver",
+        )?;
         let sim = Simulator::start(
             &options.bin_dir,
             work,
@@ -124,7 +130,6 @@ impl Deployment {
             &DriverWiring {
                 api_url: &api_url,
                 pki_dir: Path::new("pki"),
-                softhsm_module: &options.softhsm_module,
             },
             &options.master_key,
         )
@@ -205,9 +210,9 @@ impl Deployment {
         self.sim.pid()
     }
 
-    /// The driver's token (its `SOFTHSM2_CONF`, label and PIN file), for tools that use the
-    /// token beside the driver, such as the benchmark's bulk loading of key records.
-    pub fn driver_token(&self) -> &SoftHsmToken {
+    /// The driver's token (its module, configuration file, label and PIN file), for tools that
+    /// use the token beside the driver, such as the benchmark's bulk loading of key records.
+    pub fn driver_token(&self) -> &HsmToken {
         self.driver.token()
     }
 
@@ -280,7 +285,12 @@ impl Deployment {
         dir: &Path,
     ) -> anyhow::Result<(ExitStatus, String)> {
         std::fs::create_dir_all(dir)?;
-        let token = SoftHsmToken::create(&dir.join("hsm"), "other-hsm")?;
+        let token = HsmToken::create(
+            &self.options.bin_dir,
+            &self.options.hsm,
+            &dir.join("hsm"),
+            "other-hsm",
+        )?;
         let mut settings = self.settings.clone();
         settings.id = "driver-2".to_owned();
         let api_url = self.sim.driver_url();
@@ -292,7 +302,6 @@ impl Deployment {
             &DriverWiring {
                 api_url: &api_url,
                 pki_dir: self.sim.pki_dir(),
-                softhsm_module: &self.options.softhsm_module,
             },
             &MasterKeyProvisioning::Generate,
         )

@@ -17,7 +17,7 @@ use crate::process::{
     spawn_logged, terminate, wait_for_log_line,
 };
 use crate::telemetry::{Readiness, TelemetryResponse, http_get, telemetry_addr_from_log};
-use crate::token::SoftHsmToken;
+use crate::token::HsmToken;
 
 /// How long a driver may take from `run` to "driver started" (debug build, 2 shared cores,
 /// the master-key self-test and migrations included).
@@ -81,22 +81,17 @@ impl DriverSettings {
     }
 }
 
-/// Where a driver connects and which token it uses: written into its configuration file.
+/// Where a driver connects: written into its configuration file (with its token's module,
+/// label and PIN file).
 pub(crate) struct DriverWiring<'a> {
     /// `https://127.0.0.1:port` of the simulator's driver endpoint.
     pub(crate) api_url: &'a str,
     /// The PKI directory, as written into the file (relative to it, or absolute).
     pub(crate) pki_dir: &'a Path,
-    /// The PKCS#11 module.
-    pub(crate) softhsm_module: &'a Path,
 }
 
 /// Renders the configuration file.
-fn render_config(
-    settings: &DriverSettings,
-    wiring: &DriverWiring<'_>,
-    token: &SoftHsmToken,
-) -> String {
+fn render_config(settings: &DriverSettings, wiring: &DriverWiring<'_>, token: &HsmToken) -> String {
     use std::fmt::Write as _;
     let pki = wiring.pki_dir.display();
     let mut text = format!(
@@ -133,7 +128,7 @@ user_pin_file = "{pin}"
 master_key_label = "{MASTER_KEY_LABEL}"
 "#,
         api_url = wiring.api_url,
-        module = wiring.softhsm_module.display(),
+        module = token.hsm.path.display(),
         label = token.label,
         pin = token.pin_file.display(),
     );
@@ -177,7 +172,7 @@ listen = "127.0.0.1:0"
 pub(crate) struct DriverProcess {
     id: String,
     bin_dir: PathBuf,
-    token: SoftHsmToken,
+    token: HsmToken,
     config_path: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -192,7 +187,7 @@ impl DriverProcess {
     pub(crate) async fn provision(
         bin_dir: &Path,
         dir: &Path,
-        token: SoftHsmToken,
+        token: HsmToken,
         settings: &DriverSettings,
         wiring: &DriverWiring<'_>,
         master_key: &MasterKeyProvisioning,
@@ -201,15 +196,9 @@ impl DriverProcess {
         let config_path = dir.join("hsm-driver.toml");
         std::fs::write(&config_path, render_config(settings, wiring, &token))
             .with_context(|| format!("writing {}", config_path.display()))?;
-        provision(
-            bin_dir,
-            wiring.softhsm_module,
-            &token,
-            &config_path,
-            master_key,
-        )
-        .await
-        .with_context(|| format!("provisioning the master key of {}", settings.id))?;
+        provision(bin_dir, &token, &config_path, master_key)
+            .await
+            .with_context(|| format!("provisioning the master key of {}", settings.id))?;
         Ok(DriverProcess {
             id: settings.id.clone(),
             bin_dir: bin_dir.to_path_buf(),
@@ -233,7 +222,7 @@ impl DriverProcess {
     }
 
     /// The token.
-    pub(crate) fn token(&self) -> &SoftHsmToken {
+    pub(crate) fn token(&self) -> &HsmToken {
         &self.token
     }
 
@@ -247,7 +236,7 @@ impl DriverProcess {
         let mut cmd = Command::new(self.bin_dir.join("hsm-driver"));
         cmd.arg("--config")
             .arg(&self.config_path)
-            .env("SOFTHSM2_CONF", &self.token.conf)
+            .env(self.token.conf_var(), &self.token.conf)
             .env_remove("RUST_LOG");
         cmd
     }
@@ -426,10 +415,14 @@ impl DriverProcess {
             .output()
             .await
             .context("running hsm-driver check")?;
-        Ok((
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        ))
+        let mut stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        // A crash after the report (seen while a PKCS#11 library unloads) must not pass for a
+        // failed check whose report says "all checks passed".
+        if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&output.status) {
+            use std::fmt::Write as _;
+            let _ = writeln!(stdout, "(hsm-driver check was killed by signal {signal})");
+        }
+        Ok((output.status.success(), stdout))
     }
 
     /// Private-key objects on the token, as `hsm-driver check` counts them. Run it while the
@@ -492,11 +485,16 @@ fn parse_private_keys(check: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::{HsmModule, TokenKind};
 
     fn rendered(hot_keys: Option<HotKeySettings>) -> String {
         let mut settings = DriverSettings::new("driver-1", "sqlite:///tmp/keys.db");
         settings.hot_keys = hot_keys;
-        let token = SoftHsmToken {
+        let token = HsmToken {
+            hsm: HsmModule::new(
+                TokenKind::SoftHsm2,
+                PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
+            ),
             conf: PathBuf::from("/tmp/softhsm2.conf"),
             label: "hsm-driver".to_owned(),
             pin_file: PathBuf::from("/tmp/pin"),
@@ -504,7 +502,6 @@ mod tests {
         let wiring = DriverWiring {
             api_url: "https://127.0.0.1:1",
             pki_dir: Path::new("pki"),
-            softhsm_module: Path::new("/usr/lib/softhsm/libsofthsm2.so"),
         };
         render_config(&settings, &wiring, &token)
     }

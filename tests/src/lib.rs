@@ -1,8 +1,12 @@
-//! End-to-end harness: whole deployments — SoftHSMv2 tokens with a master key, development
-//! PKI, `dfns-api-sim` and `hsm-driver` as separate processes talking mutual TLS — started from
+//! End-to-end harness: whole deployments — PKCS#11 tokens with a master key, development PKI,
+//! `dfns-api-sim` and `hsm-driver` as separate processes talking mutual TLS — started from
 //! built binaries, driven through the simulator's application API, broken on purpose, and
 //! stopped cleanly.
 //!
+//! - [`HsmToken`] / [`HsmModule`]: a token of its own per driver, on SoftHSMv2 (the default)
+//!   or Kryoptic ([`TokenKind`]; the tests take it from `HSM_PKCS11_TEST_TOKEN` with
+//!   [`HsmModule::from_env`]), and the schemes each is known not to serve
+//!   ([`report_skipped`] says so out loud when a test leaves such a cell out).
 //! - [`Deployment`]: one driver, one token (SQLite or PostgreSQL).
 //! - [`Cluster`]: N drivers, each with its own token holding the same imported master key
 //!   ([`SharedMasterKey`], the `import-master-key` tool of this crate), on one PostgreSQL
@@ -34,9 +38,11 @@ pub use driver::{DriverSettings, HotKeySettings};
 pub use master_key::{MASTER_KEY_LABEL, MasterKeyProvisioning, SharedMasterKey};
 pub use simulator::SimulatorOptions;
 pub use telemetry::{Readiness, TelemetryResponse};
-pub use token::{SoftHsmToken, softhsm_module_path};
+pub use token::{
+    HsmModule, HsmToken, KeyScheme, TokenKind, api_names, report_skipped, softhsm_module_path,
+};
 pub use verify::{ApiSignature, same_public_key, verify_signature};
 pub use workload::{
     ContinuousSummary, ContinuousWorkload, ContinuousWorkloadHandle, CreatedKey, Workload,
-    WorkloadSummary, sign_and_verify,
+    WorkloadSummary, sign_and_verify, sign_message_and_verify,
 };

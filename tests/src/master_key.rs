@@ -12,7 +12,7 @@ use tokio::process::Command;
 use zeroize::Zeroizing;
 
 use crate::process::run_tool;
-use crate::token::{SoftHsmToken, write_secret};
+use crate::token::{HsmToken, write_secret};
 
 /// The label the harness gives the master key (the driver's default).
 pub const MASTER_KEY_LABEL: &str = "hsm-driver-master-key";
@@ -72,8 +72,7 @@ pub enum MasterKeyProvisioning {
 /// token (used by `master-key create`).
 pub(crate) async fn provision(
     bin_dir: &Path,
-    softhsm_module: &Path,
-    token: &SoftHsmToken,
+    token: &HsmToken,
     config: &Path,
     how: &MasterKeyProvisioning,
 ) -> anyhow::Result<()> {
@@ -84,7 +83,7 @@ pub(crate) async fn provision(
                     .arg("--config")
                     .arg(config)
                     .args(["master-key", "create"])
-                    .env("SOFTHSM2_CONF", &token.conf)
+                    .env(token.conf_var(), &token.conf)
                     .env_remove("RUST_LOG"),
             )
             .await?;
@@ -99,7 +98,7 @@ pub(crate) async fn provision(
             run_tool(
                 Command::new(tool)
                     .arg("--module")
-                    .arg(softhsm_module)
+                    .arg(&token.hsm.path)
                     .arg("--token-label")
                     .arg(&token.label)
                     .arg("--pin-file")
@@ -108,7 +107,7 @@ pub(crate) async fn provision(
                     .arg(shared.value_file())
                     .arg("--label")
                     .arg(MASTER_KEY_LABEL)
-                    .env("SOFTHSM2_CONF", &token.conf),
+                    .env(token.conf_var(), &token.conf),
             )
             .await
             .with_context(|| format!("importing the shared master key into {}", token.label))?;

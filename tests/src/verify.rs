@@ -23,7 +23,8 @@ fn unhex(field: &str, value: &str) -> anyhow::Result<Vec<u8>> {
 
 /// Verifies `signature` over `payload` (the 32-byte hash for ECDSA, the message for EdDSA)
 /// against `public_key_hex` on `curve` (`secp256k1`, `secp256r1`, `ed25519`): the signature
-/// verifies, `s` is low, the DER encoding matches `r` and `s`, and `recid` recovers the key.
+/// verifies, `s` is low, the DER encoding matches `r` and `s`, and `recid` recovers the key
+/// (ECDSA); `encoded` is `R || S` and there is no `recid` (EdDSA, verified strictly).
 ///
 /// # Errors
 /// Says which check failed.
@@ -94,6 +95,7 @@ pub fn verify_signature(
                 encoded.as_slice() == rs.as_slice(),
                 "encoded must be R || S"
             );
+            ensure!(signature.recid.is_none(), "an EdDSA signature has no recid");
             let sig = ed25519_dalek::Signature::from_bytes(&rs);
             key.verify_strict(payload, &sig)
                 .context("Ed25519 signature does not verify")?;

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use dfns_api_sim::app_client::AppClient;
 use rand::RngCore;
 
+use crate::token::{KeyScheme, api_names};
 use crate::verify::{ApiSignature, verify_signature};
 
 /// What to run.
@@ -29,12 +30,27 @@ pub struct Workload {
 impl Workload {
     /// `keys` keys split between secp256k1 and P-256, and `signatures` signatures.
     pub fn mixed(keys: usize, signatures: usize) -> Self {
-        let k1 = keys.div_ceil(2);
+        Self::over(
+            &[KeyScheme::EcdsaSecp256k1, KeyScheme::EcdsaP256],
+            keys,
+            signatures,
+        )
+    }
+
+    /// `keys` keys split evenly over `schemes` (the first ones get one more when it does not
+    /// divide), and `signatures` signatures. Ed25519 keys sign the same random 32 bytes as a
+    /// `Hash` (pure EdDSA signs them as a 32-byte message).
+    pub fn over(schemes: &[KeyScheme], keys: usize, signatures: usize) -> Self {
+        let n = schemes.len().max(1);
         Self {
-            keys: vec![
-                ("ECDSA", "secp256k1", k1),
-                ("ECDSA", "secp256r1", keys - k1),
-            ],
+            keys: schemes
+                .iter()
+                .enumerate()
+                .map(|(i, scheme)| {
+                    let (scheme_name, curve) = api_names(*scheme);
+                    (scheme_name, curve, keys / n + usize::from(i < keys % n))
+                })
+                .collect(),
             signatures,
             concurrency: 64,
             timeout: Duration::from_secs(60),
@@ -142,7 +158,7 @@ impl Workload {
 }
 
 /// Requests a signature of `hash` with `key`, waits for it (at most `timeout`) and verifies it
-/// independently ([`verify_signature`]).
+/// independently ([`verify_signature`]). An Ed25519 key signs the 32 bytes as a message.
 ///
 /// # Errors
 /// If the request fails, the signature does not come back Signed, or it does not verify.
@@ -156,7 +172,36 @@ pub async fn sign_and_verify(
         .request_signature_hash(&key.id, hash)
         .await
         .with_context(|| format!("requesting a signature with key {}", key.id))?;
-    let signature_id = request.id;
+    wait_and_verify(app, key, request.id, hash, timeout).await
+}
+
+/// Requests a signature of `message` (a `Message` payload: pure EdDSA over exactly these
+/// bytes) with an Ed25519 `key`, waits for it (at most `timeout`) and verifies it independently
+/// ([`verify_signature`]).
+///
+/// # Errors
+/// If the request fails, the signature does not come back Signed, or it does not verify.
+pub async fn sign_message_and_verify(
+    app: &AppClient,
+    key: &CreatedKey,
+    message: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let request = app
+        .request_signature_message(&key.id, message)
+        .await
+        .with_context(|| format!("requesting a message signature with key {}", key.id))?;
+    wait_and_verify(app, key, request.id, message, timeout).await
+}
+
+/// Waits for signature request `signature_id` and verifies its signature over `payload`.
+async fn wait_and_verify(
+    app: &AppClient,
+    key: &CreatedKey,
+    signature_id: String,
+    payload: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let view = app
         .wait_signature(&key.id, &signature_id, timeout)
         .await
@@ -171,7 +216,7 @@ pub async fn sign_and_verify(
     verify_signature(
         &key.curve,
         &key.public_key,
-        hash,
+        payload,
         ApiSignature {
             r: &signature.r,
             s: &signature.s,

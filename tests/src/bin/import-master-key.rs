@@ -1,16 +1,17 @@
 //! `import-master-key`: puts a known master key value (and the record-MAC key derived from it)
-//! on one SoftHSMv2 token, so that several tokens hold the SAME master key.
+//! on one token, so that several tokens hold the SAME master key.
 //!
-//! **For tests only.** It exists so that the end-to-end harness can give several SoftHSMv2
-//! tokens, each in its own directory, one master key (a cluster of drivers, a disaster-recovery
-//! restore onto a fresh token). The value travels in plaintext through `C_CreateObject`
+//! **For tests only.** It exists so that the end-to-end harness can give several tokens
+//! (SoftHSMv2 or Kryoptic), each in its own directory, one master key (a cluster of drivers, a
+//! disaster-recovery restore onto a fresh token). The value travels in plaintext through `C_CreateObject`
 //! (`hsm_pkcs11::import_master_key`): never do that with a key of value. Production deployments
 //! generate the key inside one HSM and copy it with the vendor's cloning or backup mechanism,
 //! or import it under a key-encryption key in a split-knowledge ceremony: see
 //! `docs/key-ceremony.md`.
 //!
-//! One PKCS#11 context per process, with the token chosen by `SOFTHSM2_CONF`: so one run of
-//! this program per token, with that token's `SOFTHSM2_CONF` in its environment.
+//! One PKCS#11 context per process, with the token's configuration chosen by the
+//! implementation's variable (`SOFTHSM2_CONF`, `KRYOPTIC_CONF`): so one run of this program per
+//! token, with that token's configuration variable in its environment.
 //!
 //! ```text
 //! SOFTHSM2_CONF=… import-master-key --module /usr/lib/softhsm/libsofthsm2.so \
@@ -34,7 +35,8 @@ use zeroize::Zeroizing;
 #[derive(Debug, Parser)]
 #[command(name = "import-master-key")]
 struct Args {
-    /// The PKCS#11 module (the token is chosen by `SOFTHSM2_CONF` and `--token-label`).
+    /// The PKCS#11 module (the token is chosen by its configuration variable, such as
+    /// `SOFTHSM2_CONF`, and `--token-label`).
     #[arg(long)]
     module: PathBuf,
     /// Label of the token to import into.

@@ -188,7 +188,7 @@ fn ec_point(
     let attributes = session
         .get_attributes(public, &[AttributeType::EcPoint])
         .map_err(HsmError::pkcs11("C_GetAttributeValue"))?;
-    let der = attributes
+    let value = attributes
         .into_iter()
         .find_map(|a| match a {
             Attribute::EcPoint(point) => Some(point),
@@ -197,20 +197,29 @@ fn ec_point(
         .ok_or_else(|| HsmError::InvalidPublicKey {
             reason: "the token returned no CKA_EC_POINT".into(),
         })?;
-    if let Some(point) = strip_octet_string(&der) {
+    public_point(value, scheme)
+}
+
+/// The point in a `CKA_EC_POINT` value: the content of a DER OCTET STRING when that content
+/// has a length the scheme's points have, else the value itself when it has. Tried in that
+/// order and by length because a raw point can look like an OCTET STRING: a raw Ed25519 key
+/// starting `04 1e` would otherwise be cut to its last 30 bytes (1 key in 65,536).
+fn public_point(value: Vec<u8>, scheme: KeyScheme) -> Result<Vec<u8>, HsmError> {
+    let fits = |len: usize| match scheme {
+        KeyScheme::Ed25519 => len == 32,
+        // Uncompressed or compressed SEC1.
+        KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256 => len == 65 || len == 33,
+    };
+    if let Some(point) = strip_octet_string(&value).filter(|point| fits(point.len())) {
         return Ok(point.to_vec());
     }
-    let raw_len = match scheme {
-        KeyScheme::Ed25519 => 32,
-        KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256 => 65,
-    };
-    if der.len() == raw_len {
-        return Ok(der);
+    if fits(value.len()) {
+        return Ok(value);
     }
     Err(HsmError::InvalidPublicKey {
         reason: format!(
             "CKA_EC_POINT ({} bytes) is neither a DER OCTET STRING nor a raw {scheme} point",
-            der.len()
+            value.len()
         ),
     })
 }
@@ -427,6 +436,42 @@ mod tests {
         let error =
             classify_unwrap_error(rv(RvError::SessionHandleInvalid), || panic!("not asked"));
         assert!(error.is_retryable(), "{error}");
+    }
+
+    #[test]
+    fn public_points_are_read_raw_or_der_by_length() {
+        // Tried: DER and raw forms of each scheme's point, including raw points whose first
+        // bytes read as an OCTET STRING header of the wrong length.
+        let mut ed_raw = vec![0x04, 0x1e];
+        ed_raw.extend([0xab; 30]);
+        assert_eq!(
+            public_point(ed_raw.clone(), KeyScheme::Ed25519).unwrap(),
+            ed_raw,
+            "a raw Ed25519 key starting 04 1e is taken whole"
+        );
+        let mut ed_der = vec![0x04, 0x20];
+        ed_der.extend([0xcd; 32]);
+        assert_eq!(
+            public_point(ed_der, KeyScheme::Ed25519).unwrap(),
+            vec![0xcd; 32]
+        );
+        let mut ec_raw = vec![0x04, 0x3f];
+        ec_raw.extend([0x11; 63]);
+        assert_eq!(
+            public_point(ec_raw.clone(), KeyScheme::EcdsaP256).unwrap(),
+            ec_raw,
+            "a raw uncompressed point starting 04 3f is taken whole"
+        );
+        let mut ec_der = vec![0x04, 0x41, 0x04];
+        ec_der.extend([0x22; 64]);
+        assert_eq!(
+            public_point(ec_der, KeyScheme::EcdsaSecp256k1)
+                .unwrap()
+                .len(),
+            65
+        );
+        let error = public_point(vec![0x04, 0x02, 1, 2], KeyScheme::Ed25519).unwrap_err();
+        assert!(error.to_string().contains("4 bytes"), "{error}");
     }
 
     #[test]

@@ -18,7 +18,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use hsm_driver_e2e::{DemoOptions, softhsm_module_path};
+use hsm_driver_e2e::{DemoOptions, HsmModule, TokenKind, softhsm_module_path};
+
+mod kryoptic;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -28,9 +30,14 @@ fn main() -> anyhow::Result<()> {
         "demo" => demo(&rest),
         "test" => test(&rest),
         "bench" => bench(&rest),
+        "kryoptic" => {
+            let module = kryoptic::ensure_kryoptic(&workspace_root())?;
+            println!("KRYOPTIC_MODULE={}", module.display());
+            Ok(())
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo|test|bench>\n\n  demo [--keys N] [--signatures N] [--release]   run the demo on embedded defaults\n  test [--no-lint]                   run formatting, lints, docs and the whole test suite\n  bench [--quick] [--out DIR]        measure the driver end to end against the raw HSM"
+                "usage: cargo xtask <demo|test|bench|kryoptic>\n\n  demo [--token softhsm2|kryoptic] [--keys N] [--signatures N] [--release]\n                                     run the demo on embedded defaults (SoftHSMv2 by default)\n  test [--no-lint]                   run formatting, lints, docs, the whole test suite and the token matrix\n  bench [--quick] [--out DIR]        measure the driver end to end against the raw HSM\n  kryoptic                           build Kryoptic once (cached under target/kryoptic) and print its path"
             );
             bail!("unknown command `{command}`")
         }
@@ -95,9 +102,33 @@ fn ensure_softhsm() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Makes sure the Debian package `package` is installed (`present` says whether what is needed
+/// from it is there): installs it when running as root with apt-get, otherwise prints the
+/// exact command and stops.
+fn ensure_debian_package(package: &str, present: impl Fn() -> bool) -> anyhow::Result<()> {
+    if present() {
+        return Ok(());
+    }
+    if is_root() && Path::new("/usr/bin/apt-get").exists() {
+        println!("{package} is missing: installing the Debian package");
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", package])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        if present() {
+            return Ok(());
+        }
+        bail!("{package} installed, but what is needed from it is still missing");
+    }
+    bail!(
+        "{package} is not installed. Install it with:\n\n    sudo apt-get install -y {package}\n\nthen run this command again."
+    )
+}
+
 fn demo(args: &[String]) -> anyhow::Result<()> {
     let mut options = DemoOptions::default();
     let mut release = false;
+    let mut token = TokenKind::SoftHsm2;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| -> anyhow::Result<usize> {
@@ -110,10 +141,18 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
             "--keys" => options.keys = value("--keys")?,
             "--signatures" => options.signatures = value("--signatures")?,
             "--release" => release = true,
+            "--token" => {
+                let name = it.next().context("--token needs softhsm2 or kryoptic")?;
+                token = TokenKind::from_name(name)
+                    .with_context(|| format!("--token `{name}`: expected softhsm2 or kryoptic"))?;
+            }
             other => bail!("unknown demo option `{other}`"),
         }
     }
-    let module = ensure_softhsm()?;
+    let module = match token {
+        TokenKind::SoftHsm2 => ensure_softhsm()?,
+        TokenKind::Kryoptic => kryoptic::ensure_kryoptic(&workspace_root())?,
+    };
     let mut build = cargo();
     build.args([
         "build",
@@ -121,6 +160,9 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
         "hsm-driver",
         "--package",
         "dfns-api-sim-bin",
+        "--package",
+        "hsm-driver-e2e",
+        "--bins",
     ]);
     if release {
         build.arg("--release");
@@ -133,23 +175,38 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
         "target/debug"
     });
     options.work_dir = root.join("target/demo");
-    options.softhsm_module = module;
+    options.hsm = HsmModule::new(token, module);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(hsm_driver_e2e::run_demo(options))
 }
 
-/// Builds the release binaries and runs `hsm-driver-bench` with `args` (`--quick`, `--out DIR`
-/// and the bench's other options pass through; `--help` lists them).
+/// Builds Kryoptic (cached; not with `--no-kryoptic`) and the release binaries, and runs
+/// `hsm-driver-bench` with `args` (`--quick`, `--out DIR` and the bench's other options pass
+/// through; `--help` lists them), its modules in `SOFTHSM2_MODULE` and `KRYOPTIC_MODULE`.
 fn bench(args: &[String]) -> anyhow::Result<()> {
     let module = ensure_softhsm()?;
-    run(cargo().args(["build", "--release", "--bins"]))?;
     let root = workspace_root();
+    // The Kryoptic column's module (built once, cached), unless that column is left out.
+    let kryoptic = if args
+        .iter()
+        .any(|a| a == "--no-kryoptic" || a == "--help" || a == "-h")
+    {
+        None
+    } else {
+        Some(kryoptic::ensure_kryoptic(&root)?)
+    };
+    // `--bins` over the whole workspace: the driver, the simulator and `init-token` (which
+    // initialises a Kryoptic token).
+    run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let mut bench = Command::new(root.join("target/release/hsm-driver-bench"));
     bench
         .current_dir(&root)
         .args(args)
         .env("SOFTHSM2_MODULE", &module)
         .env_remove("RUST_LOG");
+    if let Some(kryoptic) = &kryoptic {
+        bench.env("KRYOPTIC_MODULE", kryoptic);
+    }
     run(&mut bench)
 }
 
@@ -186,10 +243,13 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "warnings",
         ]))?;
     }
+    // Built before any test, so that a failure to build it fails early.
+    let kryoptic = kryoptic::ensure_kryoptic(&workspace_root())?;
     // The end-to-end tests start the real binaries.
     run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     let mut test = cargo();
     test.args(["test", "--workspace", "--all-features", "--locked"])
+        .env("HSM_PKCS11_TEST_TOKEN", "softhsm2")
         .env("SOFTHSM2_MODULE", &module)
         .env("HSM_DRIVER_TEST_PG_URL", &pg_url)
         .env("RUST_BACKTRACE", "1");
@@ -197,6 +257,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         test.env("HSM_DRIVER_REQUIRE_PG", "1");
     }
     run(&mut test)?;
+    token_matrix(&kryoptic, &pg_url, in_ci)?;
     if lint {
         run(cargo()
             .args([
@@ -209,6 +270,47 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             .env("RUSTDOCFLAGS", "-D warnings"))?;
     }
     println!("xtask test: all passed");
+    Ok(())
+}
+
+/// The token matrix's second column: the hsm-pkcs11 suite and the end-to-end simulator →
+/// driver tests again, on Kryoptic (the first column, SoftHSMv2, is the workspace run). A
+/// scheme a token lacks prints a `SKIPPED [token × scheme]` line; any other gap fails.
+fn token_matrix(kryoptic: &Path, pg_url: &str, in_ci: bool) -> anyhow::Result<()> {
+    println!("token matrix: the hsm-pkcs11 suite and the end-to-end tests on Kryoptic");
+    let runs: [&[&str]; 2] = [
+        &[
+            "test",
+            "--all-features",
+            "--locked",
+            "--package",
+            "hsm-pkcs11",
+            "--tests",
+        ],
+        &[
+            "test",
+            "--locked",
+            "--package",
+            "hsm-driver-e2e",
+            "--test",
+            "end_to_end",
+        ],
+    ];
+    for args in runs {
+        let mut test = cargo();
+        test.args(args)
+            .env("HSM_PKCS11_TEST_TOKEN", "kryoptic")
+            .env("KRYOPTIC_MODULE", kryoptic)
+            .env("HSM_DRIVER_TEST_PG_URL", pg_url)
+            .env("RUST_BACKTRACE", "1");
+        if in_ci {
+            test.env("HSM_DRIVER_REQUIRE_PG", "1");
+        }
+        run(&mut test)?;
+    }
+    println!(
+        "token matrix: softhsm2 and kryoptic passed (skipped cells are listed above as SKIPPED)"
+    );
     Ok(())
 }
 

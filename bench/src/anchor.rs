@@ -1,16 +1,20 @@
 //! The raw anchor: the workers' PKCS#11 work per job ([`hsm_pkcs11::anchor`]) in a plain loop,
-//! one thread per session, on a fresh SoftHSMv2 token like the driver's.
+//! one thread per session, on a fresh token like the driver's (SoftHSMv2, or Kryoptic for the
+//! Kryoptic column).
 //!
-//! It runs in a child process of its own (`hsm-driver-bench anchor-child`, hidden): SoftHSMv2
-//! reads `SOFTHSM2_CONF` once per process, at `C_Initialize`, so the token's configuration is
-//! given as the child's environment; and nothing else (no async runtime, no HTTP) shares the
-//! process with the loop.
+//! It runs in a child process of its own (`hsm-driver-bench anchor-child`, hidden): both
+//! implementations read their configuration file (`SOFTHSM2_CONF`, `KRYOPTIC_CONF`) once per
+//! process, at `C_Initialize`, so the token's configuration is given as the child's
+//! environment; and nothing else (no async runtime, no HTTP) shares the process with the loop.
 //!
-//! Per scheme, the child generates [`Plan::anchor_keys`](crate::plan::Plan) real keys, then per
-//! session count measures, for a warm-up and then a counted window:
-//! - `sign`: unwrap + sign + destroy (the PKCS#11 calls of a worker's signature),
-//! - `sign+verify`: the worker's whole signature function (plus low-s, recovery id and
-//!   verification in software), to show what the software half costs,
+//! Per curve, the child generates [`Plan::anchor_keys`](crate::plan::Plan) real keys, then per
+//! session count measures the operations it is asked for, each for a warm-up and then a counted
+//! window:
+//! - `sign`: unwrap + sign + destroy (the PKCS#11 calls of a worker's signature: `CKM_ECDSA`
+//!   over a 32-byte digest, or pure `CKM_EDDSA` over a 32-byte message for Ed25519, as the
+//!   driver signs an API `Hash` with an Ed25519 key),
+//! - `sign+verify`: the worker's whole signature function (plus, in software, low-s and
+//!   recovery id for ECDSA, and verification), to show what the software half costs,
 //! - `keygen`: the worker's key generation (generate pair, read the point, wrap, destroy both);
 //! - `sign resident`: the hot-key path's ceiling: each thread unwraps the first
 //!   [`Plan::hot_keys_per_curve`](crate::plan::Plan) keys once, in its own session, then signs
@@ -23,16 +27,14 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use hsm_driver_e2e::{MASTER_KEY_LABEL, SoftHsmToken};
+use hsm_driver_e2e::{HsmModule, HsmToken, MASTER_KEY_LABEL, api_names};
 use hsm_pkcs11::anchor::AnchorSession;
-use hsm_pkcs11::{
-    GeneratedKey, KeyScheme, Pkcs11Config, Pkcs11Module, SignPayload, SignRequest, WrapMechanism,
-};
+use hsm_pkcs11::{GeneratedKey, KeyScheme, Pkcs11Config, Pkcs11Module, SignPayload, SignRequest};
 use rand::RngCore;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use crate::plan::Plan;
+use crate::plan::{Curve, Plan};
 
 /// One anchor measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +60,12 @@ pub(crate) struct ChildArgs {
     /// The token's label (the token exists, without keys).
     #[arg(long)]
     token_label: String,
+    /// The curves, as the API names them (`secp256k1`, `secp256r1`, `ed25519`), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    curves: Vec<String>,
+    /// The operations measured per curve and session count, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    operations: Vec<Operation>,
     /// A file holding the user PIN.
     #[arg(long)]
     pin_file: PathBuf,
@@ -76,32 +84,42 @@ pub(crate) struct ChildArgs {
     window_ms: u64,
 }
 
-/// Creates the anchor token under `work` and runs the child; returns its measurements.
+/// Creates the anchor token in `dir` on `hsm` and runs the child with `operations` on `curves`;
+/// returns its measurements.
 ///
 /// # Errors
 /// If the token cannot be created or the child fails.
 pub(crate) async fn run(
     plan: &Plan,
-    module: &Path,
-    work: &Path,
+    hsm: &HsmModule,
+    dir: &Path,
+    curves: &[Curve],
+    operations: &[Operation],
 ) -> anyhow::Result<Vec<AnchorResult>> {
-    let token = SoftHsmToken::create(&work.join("anchor").join("hsm"), "bench-anchor")?;
     let exe = std::env::current_exe().context("locating hsm-driver-bench")?;
-    let sessions: Vec<String> = plan
-        .anchor_sessions
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    // `init-token` (a Kryoptic token's initialisation) is built beside this binary.
+    let bin_dir = exe.parent().context("hsm-driver-bench has no directory")?;
+    let token = HsmToken::create(bin_dir, hsm, &dir.join("hsm"), "bench-anchor")?;
+    let list = |items: Vec<String>| items.join(",");
     let output = tokio::process::Command::new(exe)
         .arg("anchor-child")
         .arg("--module")
-        .arg(module)
+        .arg(&hsm.path)
         .arg("--token-label")
         .arg(&token.label)
         .arg("--pin-file")
         .arg(&token.pin_file)
+        .arg("--curves")
+        .arg(list(curves.iter().map(|c| c.api.to_owned()).collect()))
+        .arg("--operations")
+        .arg(list(operations.iter().map(|o| o.arg()).collect()))
         .arg("--sessions")
-        .arg(sessions.join(","))
+        .arg(list(
+            plan.anchor_sessions
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        ))
         .arg("--keys")
         .arg(plan.anchor_keys.to_string())
         .arg("--resident-keys")
@@ -110,19 +128,28 @@ pub(crate) async fn run(
         .arg(plan.anchor_warmup.as_millis().to_string())
         .arg("--window-ms")
         .arg(plan.anchor_window.as_millis().to_string())
-        .env("SOFTHSM2_CONF", &token.conf)
+        .env(token.conf_var(), &token.conf)
         .env_remove("RUST_LOG")
         .output()
         .await
         .context("starting the anchor child process")?;
     if !output.status.success() {
         bail!(
-            "the raw anchor failed ({}):\n{}",
+            "the raw anchor on {} failed ({}):\n{}",
+            hsm.kind,
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
     }
     serde_json::from_slice(&output.stdout).context("reading the anchor's results")
+}
+
+/// The driver's key scheme for the API's curve name `api`.
+fn scheme_of(api: &str) -> anyhow::Result<KeyScheme> {
+    KeyScheme::ALL
+        .into_iter()
+        .find(|s| api_names(*s).1 == api)
+        .with_context(|| format!("no key scheme for the curve `{api}`"))
 }
 
 /// The child: provisions the master key, measures, prints the results as JSON on stdout.
@@ -140,7 +167,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
         user_pin: pin,
         master_key_label: MASTER_KEY_LABEL.to_owned(),
         sessions: 1,
-        wrap_mechanism: WrapMechanism::AesKeyWrapPad,
+        wrap_mechanism: None,
         hot_keys: None,
     };
     // Kept open throughout: closing a token's last session logs the application out.
@@ -148,17 +175,15 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
     let warmup = Duration::from_millis(args.warmup_ms);
     let window = Duration::from_millis(args.window_ms);
     let mut results = Vec::new();
-    for (scheme, curve) in [
-        (KeyScheme::EcdsaSecp256k1, "secp256k1"),
-        (KeyScheme::EcdsaP256, "secp256r1"),
-    ] {
+    for curve in &args.curves {
+        let scheme = scheme_of(curve)?;
         let keys: Vec<GeneratedKey> = (0..args.keys.max(1))
             .map(|_| keepalive.generate_and_wrap(scheme))
             .collect::<Result<_, _>>()?;
         let resident = Arc::new(keys[..args.resident_keys.clamp(1, keys.len())].to_vec());
         let keys = Arc::new(keys);
         for &sessions in &args.sessions {
-            for operation in Operation::ALL {
+            for &operation in &args.operations {
                 let keys = if operation.resident() {
                     &resident
                 } else {
@@ -170,7 +195,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
                 let seconds = elapsed.as_secs_f64();
                 results.push(AnchorResult {
                     operation: operation.name().to_owned(),
-                    curve: curve.to_owned(),
+                    curve: curve.clone(),
                     sessions,
                     ops,
                     seconds,
@@ -184,8 +209,9 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Operation {
+/// What the anchor loops; [`Operation::name`] is its name in the results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Operation {
     Sign,
     SignVerify,
     Keygen,
@@ -194,7 +220,8 @@ enum Operation {
 }
 
 impl Operation {
-    const ALL: [Operation; 5] = [
+    /// Every operation (the SoftHSMv2 anchor's).
+    pub(crate) const ALL: [Operation; 5] = [
         Operation::Sign,
         Operation::SignVerify,
         Operation::Keygen,
@@ -202,6 +229,7 @@ impl Operation {
         Operation::SignVerifyResident,
     ];
 
+    /// The name in the results (`sign`, `sign+verify`, …).
     fn name(self) -> &'static str {
         match self {
             Operation::Sign => "sign",
@@ -210,6 +238,13 @@ impl Operation {
             Operation::SignResident => "sign resident",
             Operation::SignVerifyResident => "sign+verify resident",
         }
+    }
+
+    /// The child's command-line value (`sign-verify` for `sign+verify`, …).
+    fn arg(self) -> String {
+        use clap::ValueEnum as _;
+        self.to_possible_value()
+            .map_or_else(|| self.name().to_owned(), |v| v.get_name().to_owned())
     }
 
     /// Whether each session signs with keys it unwrapped once, before the loop.
@@ -221,13 +256,17 @@ impl Operation {
     }
 }
 
-/// A signature request for `key`.
-fn request(scheme: KeyScheme, key: &GeneratedKey, digest: [u8; 32]) -> SignRequest {
+/// A signature request for `key` over 32 bytes: a digest for ECDSA; for Ed25519 a message,
+/// as the driver signs an API `Hash` with an Ed25519 key (pure EdDSA over the 32 bytes).
+fn request(scheme: KeyScheme, key: &GeneratedKey, bytes: [u8; 32]) -> SignRequest {
     SignRequest {
         scheme,
         public_key: key.public_key.clone(),
         wrapped: key.wrapped.clone(),
-        payload: SignPayload::Digest(digest),
+        payload: match scheme {
+            KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256 => SignPayload::Digest(bytes),
+            KeyScheme::Ed25519 => SignPayload::Message(bytes.to_vec()),
+        },
     }
 }
 
@@ -318,4 +357,29 @@ fn measure(
             .map_err(|_| anyhow::anyhow!("an anchor thread panicked"))??;
     }
     Ok((after - before, elapsed))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum as _;
+
+    use super::*;
+
+    #[test]
+    fn every_curve_the_bench_names_has_a_scheme() {
+        assert_eq!(scheme_of("secp256k1").unwrap(), KeyScheme::EcdsaSecp256k1);
+        assert_eq!(scheme_of("secp256r1").unwrap(), KeyScheme::EcdsaP256);
+        assert_eq!(scheme_of("ed25519").unwrap(), KeyScheme::Ed25519);
+        assert!(scheme_of("P-256").is_err());
+    }
+
+    #[test]
+    fn the_child_reads_back_the_operations_it_is_given() {
+        for operation in Operation::ALL {
+            assert_eq!(
+                Operation::from_str(&operation.arg(), false).unwrap(),
+                operation
+            );
+        }
+    }
 }

@@ -12,6 +12,9 @@
 //! 7. key-generation throughput per curve at saturation;
 //! 8. the larger stored-key counts (full run), secp256k1 saturation at each;
 //! 9. peak RSS of the driver.
+//!
+//! [`run_throughput`] is the short form for another token's column (Kryoptic): one SQLite
+//! deployment, signature and key-generation throughput per curve, peak RSS.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use dfns_api_sim::app_client::AppClient;
-use hsm_driver_e2e::{CreatedKey, Deployment, DeploymentOptions};
+use hsm_driver_e2e::{CreatedKey, Deployment, DeploymentOptions, HsmModule};
 use serde::Serialize;
 use wrapped_keystore::testing::PgTestDatabase;
 
@@ -139,7 +142,8 @@ pub(crate) struct StoreResult {
 #[derive(Debug, Clone)]
 pub(crate) struct Setup {
     pub(crate) bin_dir: PathBuf,
-    pub(crate) module: PathBuf,
+    /// The PKCS#11 implementation and module of the drivers' tokens.
+    pub(crate) hsm: HsmModule,
     pub(crate) work: PathBuf,
 }
 
@@ -156,7 +160,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<StoreResult> {
     let work = setup.work.join(store.name());
     let mut options =
-        DeploymentOptions::new(setup.bin_dir.clone(), work.clone(), setup.module.clone());
+        DeploymentOptions::new(setup.bin_dir.clone(), work.clone(), setup.hsm.clone());
     options.workers = plan.workers;
     options.hsm_sessions = Some(plan.sessions);
     // The driver's default, `info`, logs nothing per job (and the harness waits for its
@@ -178,7 +182,7 @@ pub(crate) async fn run(
         store.name()
     ));
     let deployment = Deployment::start(options).await?;
-    let result = measure(plan, setup, &deployment, &work, store, sweep, say).await;
+    let result = measure(plan, &deployment, &work, store, sweep, say).await;
     let driver_peak = deployment.driver_pid().map(procfs::peak_rss_kib);
     let sim_peak = deployment.simulator_pid().map(procfs::peak_rss_kib);
     deployment.stop().await?;
@@ -191,7 +195,6 @@ pub(crate) async fn run(
 
 async fn measure(
     plan: &Plan,
-    setup: &Setup,
     deployment: &Deployment,
     work: &Path,
     store: Store,
@@ -229,7 +232,7 @@ async fn measure(
         "{}: topping the store up to {baseline} keys",
         store.name()
     ));
-    let load = replicate::top_up(deployment, &setup.module, work, &all_ids, baseline).await?;
+    let load = replicate::top_up(deployment, work, &all_ids, baseline).await?;
 
     let mut sign = Vec::new();
     for (curve, keys) in &pools {
@@ -302,7 +305,7 @@ async fn measure(
             store.name(),
             curve.label
         ));
-        let work = Arc::new(Work::Keygen(curve.api));
+        let work = Arc::new(Work::Keygen(curve));
         let throughput = meter
             .saturate(&app, &work, plan.in_flight, plan.warmup, plan.window, 1)
             .await?;
@@ -317,7 +320,7 @@ async fn measure(
             "{}: topping the store up to {target} keys",
             store.name()
         ));
-        let load = replicate::top_up(deployment, &setup.module, work, &all_ids, target).await?;
+        let load = replicate::top_up(deployment, work, &all_ids, target).await?;
         say(&format!(
             "{}: secp256k1 throughput with {} stored keys",
             store.name(),
@@ -353,6 +356,106 @@ async fn measure(
     })
 }
 
+/// Signature and key-generation throughput of one SQLite deployment on `setup.hsm`.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ThroughputResult {
+    pub(crate) store: String,
+    pub(crate) sign: Vec<CurveThroughput>,
+    pub(crate) keygen: Vec<CurveThroughput>,
+    pub(crate) driver_peak_rss_kib: u64,
+}
+
+/// One SQLite deployment on `setup.hsm` with the run's workers and sessions: a pool of
+/// [`Plan::pool_keys_per_curve`] keys per curve of `sign_curves`, then per curve signature
+/// throughput at saturation (closed loop, [`Plan::in_flight`] outstanding, the pool's keys in
+/// turn, CPU per job), then key-generation throughput per curve of `keygen_curves`, then the
+/// driver's peak RSS. `label` prefixes the progress lines.
+///
+/// # Errors
+/// If the deployment cannot start or a request fails.
+pub(crate) async fn run_throughput(
+    plan: &Plan,
+    setup: &Setup,
+    sign_curves: &[Curve],
+    keygen_curves: &[Curve],
+    label: &str,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<ThroughputResult> {
+    let store = Store::Sqlite;
+    let mut options = DeploymentOptions::new(
+        setup.bin_dir.clone(),
+        setup.work.join(store.name()),
+        setup.hsm.clone(),
+    );
+    options.workers = plan.workers;
+    options.hsm_sessions = Some(plan.sessions);
+    options.log_level = "info".to_owned();
+    say(&format!("{label}: starting the simulator and the driver"));
+    let deployment = Deployment::start(options).await?;
+    let measured = throughput(plan, &deployment, sign_curves, keygen_curves, label, say).await;
+    let driver_peak = deployment.driver_pid().map(procfs::peak_rss_kib);
+    deployment.stop().await?;
+    let (sign, keygen) = measured?;
+    Ok(ThroughputResult {
+        store: store.name().to_owned(),
+        sign,
+        keygen,
+        driver_peak_rss_kib: driver_peak.transpose()?.unwrap_or_default(),
+    })
+}
+
+/// [`run_throughput`]'s measurements on a running deployment: (signatures, key generations).
+async fn throughput(
+    plan: &Plan,
+    deployment: &Deployment,
+    sign_curves: &[Curve],
+    keygen_curves: &[Curve],
+    label: &str,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<(Vec<CurveThroughput>, Vec<CurveThroughput>)> {
+    let app = deployment.app();
+    let meter = Meter::new(deployment)?;
+    let mut sign = Vec::new();
+    for &curve in sign_curves {
+        say(&format!(
+            "{label}: creating {} {} keys, then signature throughput",
+            plan.pool_keys_per_curve, curve.label
+        ));
+        let keys = create_keys(app, curve, plan.pool_keys_per_curve).await?;
+        let work = Arc::new(Work::Sign(keys));
+        let throughput = meter
+            .saturate(
+                app,
+                &work,
+                plan.in_flight,
+                plan.warmup,
+                plan.window,
+                plan.verify_one_in,
+            )
+            .await?;
+        sign.push(CurveThroughput {
+            curve: curve.api.to_owned(),
+            throughput,
+        });
+    }
+    let mut keygen = Vec::new();
+    for &curve in keygen_curves {
+        say(&format!(
+            "{label}: {} key-generation throughput",
+            curve.label
+        ));
+        let work = Arc::new(Work::Keygen(curve));
+        let throughput = meter
+            .saturate(app, &work, plan.in_flight, plan.warmup, plan.window, 1)
+            .await?;
+        keygen.push(CurveThroughput {
+            curve: curve.api.to_owned(),
+            throughput,
+        });
+    }
+    Ok((sign, keygen))
+}
+
 /// Creates `count` keys on `curve`, all requested before any is awaited.
 pub(crate) async fn create_keys(
     app: &AppClient,
@@ -361,7 +464,7 @@ pub(crate) async fn create_keys(
 ) -> anyhow::Result<Vec<CreatedKey>> {
     let mut requested = Vec::with_capacity(count);
     for _ in 0..count {
-        requested.push(app.create_key("ECDSA", curve.api).await?.id);
+        requested.push(app.create_key(curve.scheme, curve.api).await?.id);
     }
     let mut keys = Vec::with_capacity(count);
     for id in requested {

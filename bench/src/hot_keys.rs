@@ -91,7 +91,7 @@ async fn measure(
         "stateless"
     };
     let work = setup.work.join("hot-keys").join(name);
-    let mut options = DeploymentOptions::new(setup.bin_dir.clone(), work, setup.module.clone());
+    let mut options = DeploymentOptions::new(setup.bin_dir.clone(), work, setup.hsm.clone());
     options.workers = plan.workers;
     options.hsm_sessions = Some(plan.sessions);
     options.log_level = "info".to_owned();

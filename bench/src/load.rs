@@ -17,16 +17,19 @@ use hsm_driver_e2e::{ApiSignature, CreatedKey, verify_signature};
 use rand::RngCore;
 use tokio::task::JoinSet;
 
+use crate::plan::Curve;
+
 /// How long one job may take before the bench gives up.
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What each request asks for.
 #[derive(Debug)]
 pub(crate) enum Work {
-    /// A signature of a random hash, with the pool's keys in turn.
+    /// A signature of a random hash (an Ed25519 key signs it as a 32-byte message), with the
+    /// pool's keys in turn.
     Sign(Vec<CreatedKey>),
-    /// A new ECDSA key on this curve (API name).
-    Keygen(&'static str),
+    /// A new key on this curve.
+    Keygen(Curve),
 }
 
 /// One request's timings.
@@ -106,9 +109,9 @@ async fn one(app: &AppClient, work: &Work, n: u64, verify: bool) -> anyhow::Resu
         }
         Work::Keygen(curve) => {
             let key = app
-                .create_key("ECDSA", curve)
+                .create_key(curve.scheme, curve.api)
                 .await
-                .with_context(|| format!("creating an ECDSA/{curve} key"))?;
+                .with_context(|| format!("creating an {}/{} key", curve.scheme, curve.api))?;
             let view = app
                 .wait_key_active(&key.id, JOB_TIMEOUT)
                 .await

@@ -11,7 +11,9 @@
 //!  replicate-child process        │ 3. hot keys (SQLite): the │          │   └─ SQLite / PG      │
 //!  (record MACs + batch inserts)◀─│    stateless driver, then │          └───────────────────────┘
 //!                                 │    one with [hsm.hot_keys]│
-//!                                 │ 4. table, JSON, CSV, SVG  │
+//!  anchor-child on a Kryoptic    ◀│ 4. Kryoptic: raw anchor,  │─────────▶ simulator + driver
+//!  token (P-256, Ed25519)         │    then end to end        │           on a Kryoptic token
+//!                                 │ 5. table, JSON, CSV, SVG  │
 //!                                 └───────────────────────────┘
 //! ```
 //!
@@ -21,11 +23,14 @@
 //! - [`hot_keys`]: a few busy keys per curve, the default (stateless) driver against one with
 //!   `[hsm.hot_keys]`, each in a deployment of its own.
 //! - [`replicate`]: the stored-keys sweep's bulk load.
+//! - [`kryoptic`]: the Kryoptic column, the raw anchor and the driver end to end on the token
+//!   matrix's second implementation (P-256, Ed25519).
 //! - [`report`] and [`svg`]: the targets, the table, the files.
 
 mod anchor;
 mod e2e;
 mod hot_keys;
+mod kryoptic;
 mod load;
 mod plan;
 mod procfs;
@@ -39,11 +44,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hsm_driver_e2e::softhsm_module_path;
+use hsm_driver_e2e::{HsmModule, TokenKind, softhsm_module_path};
 use wrapped_keystore::testing::PgTestDatabase;
 
+use crate::anchor::Operation;
 use crate::e2e::{Setup, Store};
-use crate::plan::{Mode, Plan, WORKERS_PER_SESSION};
+use crate::plan::{CURVES, Mode, Plan, WORKERS_PER_SESSION};
 use crate::report::Report;
 
 /// Measures the HSM driver end to end against the raw HSM and writes the results.
@@ -59,7 +65,7 @@ struct Cli {
 /// What a run measures and where it writes.
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// About two minutes on two cores: shorter windows, fewer sweep points, 1k stored keys only.
+    /// A few minutes on two cores: shorter windows, fewer sweep points, 1k stored keys only.
     #[arg(long)]
     quick: bool,
     /// Where `results.json`, `results.csv` and the SVG pictures go.
@@ -85,15 +91,22 @@ struct RunArgs {
     /// Leave PostgreSQL out (it is skipped anyway, with a note, when not reachable).
     #[arg(long)]
     no_postgres: bool,
+    /// The Kryoptic module, `libkryoptic_pkcs11.so` (`cargo xtask bench` builds it and sets
+    /// `KRYOPTIC_MODULE`); without it the Kryoptic column is skipped, with a note.
+    #[arg(long, env = "KRYOPTIC_MODULE")]
+    kryoptic_module: Option<PathBuf>,
+    /// Leave the Kryoptic column out.
+    #[arg(long)]
+    no_kryoptic: bool,
 }
 
 /// The child processes a run starts (not for direct use).
 #[derive(Debug, Subcommand)]
 enum Child {
-    /// The raw anchor loop, with `SOFTHSM2_CONF` naming the anchor token.
+    /// The raw anchor loop, with `SOFTHSM2_CONF` or `KRYOPTIC_CONF` naming the anchor token.
     #[command(hide = true)]
     AnchorChild(anchor::ChildArgs),
-    /// The stored-keys bulk load, with `SOFTHSM2_CONF` naming the driver's token.
+    /// The stored-keys bulk load, with the driver's token configuration.
     #[command(hide = true)]
     ReplicateChild(replicate::ChildArgs),
 }
@@ -148,15 +161,40 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let setup = Setup {
         bin_dir,
-        module,
+        hsm: HsmModule::new(TokenKind::SoftHsm2, module),
         work: std::fs::canonicalize(&args.work_dir)?,
+    };
+    let mut skipped = Vec::new();
+    let kryoptic_module = match (&args.kryoptic_module, args.no_kryoptic) {
+        (_, true) => {
+            skipped.push("Kryoptic (--no-kryoptic)".to_owned());
+            None
+        }
+        (None, false) => {
+            skipped.push(
+                "Kryoptic: no module (set KRYOPTIC_MODULE or --kryoptic-module; \
+                 `cargo xtask bench` builds it)"
+                    .to_owned(),
+            );
+            None
+        }
+        (Some(path), false) => {
+            anyhow::ensure!(path.exists(), "{} not found", path.display());
+            Some(HsmModule::new(TokenKind::Kryoptic, path.clone()))
+        }
     };
 
     say("raw anchor (direct PKCS#11)");
-    let anchor = anchor::run(&plan, &setup.module, &setup.work).await?;
+    let anchor = anchor::run(
+        &plan,
+        &setup.hsm,
+        &setup.work.join("anchor"),
+        &CURVES,
+        &Operation::ALL,
+    )
+    .await?;
 
     let mut stores = vec![Store::Sqlite];
-    let mut skipped = Vec::new();
     if args.no_postgres {
         skipped.push("PostgreSQL (--no-postgres)".to_owned());
     } else if tokio::task::spawn_blocking(PgTestDatabase::server_reachable).await? {
@@ -173,6 +211,10 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
         results.push(e2e::run(&plan, &setup, store, sweep, &say).await?);
     }
     let hot_keys = hot_keys::run(&plan, &setup, &say).await?;
+    let kryoptic = match kryoptic_module {
+        Some(hsm) => Some(kryoptic::run(&plan, &setup, hsm, &say).await?),
+        None => None,
+    };
 
     let mut report = Report {
         plan,
@@ -185,6 +227,7 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
         anchor,
         stores: results,
         hot_keys,
+        kryoptic,
         skipped,
         targets: Vec::new(),
     };

@@ -13,25 +13,47 @@ pub(crate) enum Mode {
     Full,
 }
 
-/// The curves measured, as the API names them, with the driver's scheme name.
-pub(crate) const CURVES: [Curve; 2] = [
-    Curve {
-        api: "secp256k1",
-        label: "secp256k1",
-    },
-    Curve {
-        api: "secp256r1",
-        label: "P-256",
-    },
-];
+const SECP256K1: Curve = Curve {
+    scheme: "ECDSA",
+    api: "secp256k1",
+    label: "secp256k1",
+};
+pub(crate) const P256: Curve = Curve {
+    scheme: "ECDSA",
+    api: "secp256r1",
+    label: "P-256",
+};
+const ED25519: Curve = Curve {
+    scheme: "EdDSA",
+    api: "ed25519",
+    label: "Ed25519",
+};
+
+/// The curves measured on SoftHSMv2, as the API names them, with the report's names.
+pub(crate) const CURVES: [Curve; 2] = [SECP256K1, P256];
+
+/// The curves measured on Kryoptic: it serves P-256 and Ed25519, not secp256k1.
+pub(crate) const KRYOPTIC_CURVES: [Curve; 2] = [P256, ED25519];
 
 /// A curve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Curve {
-    /// The API's name (`secp256k1`, `secp256r1`).
+    /// The API's scheme (`ECDSA`, `EdDSA`).
+    pub(crate) scheme: &'static str,
+    /// The API's curve name (`secp256k1`, `secp256r1`, `ed25519`).
     pub(crate) api: &'static str,
     /// How the report names it.
     pub(crate) label: &'static str,
+}
+
+impl Curve {
+    /// How the report names the curve the API calls `api` (`api` itself if unknown).
+    pub(crate) fn label_of(api: &str) -> &str {
+        [SECP256K1, P256, ED25519]
+            .iter()
+            .find(|c| c.api == api)
+            .map_or(api, |c| c.label)
+    }
 }
 
 /// Every knob of a run.

@@ -8,7 +8,8 @@
 //! the real keys; the copies make the table (and its index) that large around them.
 //!
 //! It runs in a child process (`hsm-driver-bench replicate-child`, hidden) with the driver's
-//! `SOFTHSM2_CONF`, beside the running driver, as a second application on its token.
+//! token configuration (`SOFTHSM2_CONF` or `KRYOPTIC_CONF`), beside the running driver, as a
+//! second application on its token.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use hsm_driver_e2e::{Deployment, MASTER_KEY_LABEL};
-use hsm_pkcs11::{Hsm, Pkcs11Config, Pkcs11Hsm, Pkcs11Module, WrapMechanism, record_mac_message};
+use hsm_pkcs11::{Hsm, Pkcs11Config, Pkcs11Hsm, Pkcs11Module, record_mac_message};
 use rand::Rng;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
@@ -70,7 +71,6 @@ pub(crate) struct ChildArgs {
 /// If the child fails.
 pub(crate) async fn top_up(
     deployment: &Deployment,
-    module: &Path,
     work: &Path,
     sources: &[String],
     target: u64,
@@ -82,7 +82,7 @@ pub(crate) async fn top_up(
     let output = tokio::process::Command::new(exe)
         .arg("replicate-child")
         .arg("--module")
-        .arg(module)
+        .arg(&token.hsm.path)
         .arg("--token-label")
         .arg(&token.label)
         .arg("--pin-file")
@@ -93,7 +93,7 @@ pub(crate) async fn top_up(
         .arg(&list)
         .arg("--target")
         .arg(target.to_string())
-        .env("SOFTHSM2_CONF", &token.conf)
+        .env(token.conf_var(), &token.conf)
         .env_remove("RUST_LOG")
         .output()
         .await
@@ -123,7 +123,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
             user_pin: SecretString::from(pin.trim().to_owned()),
             master_key_label: MASTER_KEY_LABEL.to_owned(),
             sessions: 2,
-            wrap_mechanism: WrapMechanism::AesKeyWrapPad,
+            wrap_mechanism: None,
             hot_keys: None,
         },
     )?);

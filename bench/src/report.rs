@@ -8,9 +8,10 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::anchor::AnchorResult;
-use crate::e2e::{StoreResult, TimingSource};
+use crate::e2e::{CurveThroughput, StoreResult, TimingSource};
 use crate::hot_keys::HotKeysResult;
-use crate::plan::{CURVES, Plan};
+use crate::kryoptic::KryopticResult;
+use crate::plan::{CURVES, Curve, KRYOPTIC_CURVES, Plan};
 
 /// Everything one run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -25,6 +26,8 @@ pub(crate) struct Report {
     pub(crate) stores: Vec<StoreResult>,
     /// The hot-key scenario (SQLite).
     pub(crate) hot_keys: HotKeysResult,
+    /// The Kryoptic column (`None` when skipped).
+    pub(crate) kryoptic: Option<KryopticResult>,
     /// What was not measured, and why.
     pub(crate) skipped: Vec<String>,
     pub(crate) targets: Vec<Target>,
@@ -114,14 +117,22 @@ pub(crate) const DRIVER_CPU_TARGET: f64 = 0.1;
 pub(crate) const PEAK_RSS_TARGET_MIB: f64 = 64.0;
 /// Hot keys against the stateless driver, signing repeatedly with a few keys.
 pub(crate) const HOT_KEYS_TARGET: f64 = 3.0;
+/// On Kryoptic, whose signatures cost a fraction of SoftHSMv2's: signatures end to end against
+/// the raw anchor's unwrap + sign + destroy at the same session count.
+pub(crate) const KRYOPTIC_RATIO_TARGET: f64 = 0.5;
+
+/// The rate in `anchor` for `operation` on `curve` at `sessions`.
+fn rate_in(anchor: &[AnchorResult], operation: &str, curve: &str, sessions: usize) -> Option<f64> {
+    anchor
+        .iter()
+        .find(|a| a.operation == operation && a.curve == curve && a.sessions == sessions)
+        .map(|a| a.ops_per_sec)
+}
 
 impl Report {
-    /// The anchor's rate for `operation` on `curve` at `sessions`.
+    /// The (SoftHSMv2) anchor's rate for `operation` on `curve` at `sessions`.
     pub(crate) fn anchor_rate(&self, operation: &str, curve: &str, sessions: usize) -> Option<f64> {
-        self.anchor
-            .iter()
-            .find(|a| a.operation == operation && a.curve == curve && a.sessions == sessions)
-            .map(|a| a.ops_per_sec)
+        rate_in(&self.anchor, operation, curve, sessions)
     }
 
     /// Computes the target lines from the measurements.
@@ -219,6 +230,20 @@ impl Report {
                 "×",
             ));
         }
+        if let Some(k) = &self.kryoptic {
+            for m in &k.end_to_end.sign {
+                if let Some(raw) = rate_in(&k.anchor, "sign", &m.curve, n) {
+                    targets.push(Target::new(
+                        &format!("kryoptic sign e2e/raw ({n} sessions)"),
+                        format!("{} {}", k.end_to_end.store, m.curve),
+                        m.throughput.ops_per_sec / raw,
+                        Bound::AtLeast,
+                        KRYOPTIC_RATIO_TARGET,
+                        "",
+                    ));
+                }
+            }
+        }
         self.targets = targets;
     }
 
@@ -237,32 +262,19 @@ impl Report {
             t,
             "\nRaw anchor: direct PKCS#11 on SoftHSMv2, one thread per session (ops/s)"
         );
-        let sessions = &self.plan.anchor_sessions;
-        let mut header = format!("  {:<34} {:<10}", "operation", "curve");
-        for s in sessions {
-            let _ = write!(
-                header,
-                " {:>11}",
-                format!("{s} session{}", if *s == 1 { "" } else { "s" })
-            );
-        }
-        let _ = writeln!(t, "{header}");
-        for (op, label) in [
-            ("sign", "unwrap + sign + destroy"),
-            ("sign+verify", "  … + low-s, recid, verify (sw)"),
-            ("keygen", "keygen + wrap + destroy"),
-            ("sign resident", "sign with a resident key"),
-            ("sign+verify resident", "  … + low-s, recid, verify (sw)"),
-        ] {
-            for curve in CURVES {
-                let mut line = format!("  {label:<34} {:<10}", curve.label);
-                for &s in sessions {
-                    let rate = self.anchor_rate(op, curve.api, s);
-                    let _ = write!(line, " {:>11}", rate.map_or("-".to_owned(), number));
-                }
-                let _ = writeln!(t, "{line}");
-            }
-        }
+        anchor_table(
+            &mut t,
+            &self.anchor,
+            &self.plan.anchor_sessions,
+            &CURVES,
+            &[
+                ("sign", "unwrap + sign + destroy"),
+                ("sign+verify", "  … + low-s, recid, verify (sw)"),
+                ("keygen", "keygen + wrap + destroy"),
+                ("sign resident", "sign with a resident key"),
+                ("sign+verify resident", "  … + low-s, recid, verify (sw)"),
+            ],
+        );
 
         let _ = writeln!(
             t,
@@ -280,10 +292,6 @@ impl Report {
                 let keygen = store.keygen.iter().find(|m| m.curve == curve.api);
                 let raw_sign = self.anchor_rate("sign", curve.api, n);
                 let raw_keygen = self.anchor_rate("keygen", curve.api, n);
-                let ratio = |m: Option<f64>, raw: Option<f64>| match (m, raw) {
-                    (Some(m), Some(raw)) => format!("{:.2}", m / raw),
-                    _ => "-".to_owned(),
-                };
                 let sign_rate = sign.map(|m| m.throughput.ops_per_sec);
                 let keygen_rate = keygen.map(|m| m.throughput.ops_per_sec);
                 let _ = writeln!(
@@ -335,7 +343,7 @@ impl Report {
                         t,
                         "  {:<11} {:<10} {:<7} {:>7.3} {:>7} {:>8} {:>7.3} {:>7.3} {:>8.3} {:>5.0}%",
                         store.store,
-                        curve_label(&m.curve),
+                        Curve::label_of(&m.curve),
                         kind,
                         th.driver_cpu_ms_per_job,
                         hsm.map_or("-".to_owned(), |h| format!("{h:.3}")),
@@ -353,6 +361,7 @@ impl Report {
         }
 
         self.hot_keys_table(&mut t);
+        self.kryoptic_table(&mut t);
 
         let _ = writeln!(
             t,
@@ -370,7 +379,7 @@ impl Report {
                     t,
                     "  {:<11} {:<10} {:>8.0} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>10.2}  {}",
                     store.store,
-                    curve_label(&l.curve),
+                    Curve::label_of(&l.curve),
                     l.rate_per_sec,
                     l.total.p50_ms,
                     l.total.p95_ms,
@@ -522,7 +531,7 @@ impl Report {
             let _ = writeln!(
                 t,
                 "  {:<10} {:>16} {:>10} {:>6.2} {:>11} {:>7} {:>14} {:>7}",
-                curve_label(&c.curve),
+                Curve::label_of(&c.curve),
                 number(c.stateless.ops_per_sec),
                 number(c.hot.ops_per_sec),
                 c.hot_vs_stateless,
@@ -541,7 +550,7 @@ impl Report {
             let _ = writeln!(
                 t,
                 "  {:<10} driver {:.3} → {:.3}, machine {:.3} → {:.3}, busy {:.0}% → {:.0}%",
-                curve_label(&c.curve),
+                Curve::label_of(&c.curve),
                 s.driver_cpu_ms_per_job,
                 hot.driver_cpu_ms_per_job,
                 s.machine_cpu_ms_per_job,
@@ -550,6 +559,101 @@ impl Report {
                 hot.machine_busy_percent,
             );
         }
+    }
+
+    /// The Kryoptic column: its raw anchor, then the driver end to end against it, with CPU per
+    /// job.
+    fn kryoptic_table(&self, t: &mut String) {
+        let Some(k) = &self.kryoptic else {
+            return;
+        };
+        let n = self.plan.sessions;
+        let _ = writeln!(
+            t,
+            "\nKryoptic ({}): raw anchor, direct PKCS#11, one thread per session (ops/s)",
+            k.module.display()
+        );
+        anchor_table(
+            t,
+            &k.anchor,
+            &self.plan.anchor_sessions,
+            &KRYOPTIC_CURVES,
+            &[
+                ("sign", "unwrap + sign + destroy"),
+                ("sign+verify", "  … + software finish (sw)"),
+                ("keygen", "keygen + wrap + destroy"),
+            ],
+        );
+        let e = &k.end_to_end;
+        let _ = writeln!(
+            t,
+            "\nEnd to end on Kryoptic: simulator + hsm-driver ({} workers, {n} HSM sessions) over mTLS,\n\
+             {}, {} requests in flight; raw = the Kryoptic anchor at {n} sessions",
+            self.plan.workers, e.store, self.plan.in_flight
+        );
+        let _ = writeln!(
+            t,
+            "  {:<10} {:>8} {:>8} {:>6} {:>9} {:>8} {:>6}",
+            "curve", "sign/s", "raw/s", "ratio", "keygen/s", "raw/s", "ratio"
+        );
+        for curve in KRYOPTIC_CURVES {
+            let rate = |list: &[CurveThroughput]| {
+                list.iter()
+                    .find(|m| m.curve == curve.api)
+                    .map(|m| m.throughput.ops_per_sec)
+            };
+            let (sign, keygen) = (rate(&e.sign), rate(&e.keygen));
+            let raw_sign = rate_in(&k.anchor, "sign", curve.api, n);
+            let raw_keygen = rate_in(&k.anchor, "keygen", curve.api, n);
+            let _ = writeln!(
+                t,
+                "  {:<10} {:>8} {:>8} {:>6} {:>9} {:>8} {:>6}",
+                curve.label,
+                opt(sign),
+                opt(raw_sign),
+                ratio(sign, raw_sign),
+                opt(keygen),
+                opt(raw_keygen),
+                ratio(keygen, raw_keygen),
+            );
+        }
+        let _ = writeln!(
+            t,
+            "  CPU per job (ms): Kryoptic runs inside the driver process, so `driver` includes it;\n  \
+             `HSM` is the Kryoptic anchor's time per operation on one session"
+        );
+        let _ = writeln!(
+            t,
+            "  {:<10} {:<7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>6}",
+            "curve", "job", "driver", "HSM", "overhead", "sim", "client", "machine", "busy"
+        );
+        for (kind, list) in [("sign", &e.sign), ("keygen", &e.keygen)] {
+            for m in list {
+                let hsm = rate_in(&k.anchor, kind, &m.curve, 1).map(|r| 1000.0 / r);
+                let th = &m.throughput;
+                let _ = writeln!(
+                    t,
+                    "  {:<10} {:<7} {:>7.3} {:>7} {:>8} {:>7.3} {:>7.3} {:>8.3} {:>5.0}%",
+                    Curve::label_of(&m.curve),
+                    kind,
+                    th.driver_cpu_ms_per_job,
+                    hsm.map_or("-".to_owned(), |h| format!("{h:.3}")),
+                    hsm.map_or("-".to_owned(), |h| format!(
+                        "{:+.3}",
+                        th.driver_cpu_ms_per_job - h
+                    )),
+                    th.sim_cpu_ms_per_job,
+                    th.client_cpu_ms_per_job,
+                    th.machine_cpu_ms_per_job,
+                    th.machine_busy_percent,
+                );
+            }
+        }
+        let _ = writeln!(
+            t,
+            "  driver peak RSS {:.1} MiB",
+            e.driver_peak_rss_kib as f64 / 1024.0
+        );
     }
 
     /// Writes `results.json` and `results.csv` into `dir`.
@@ -726,6 +830,50 @@ impl Report {
                 "×",
             );
         }
+        if let Some(k) = &self.kryoptic {
+            for a in &k.anchor {
+                row(
+                    "kryoptic_anchor",
+                    "",
+                    &a.curve,
+                    format!("sessions={}", a.sessions),
+                    &a.operation,
+                    a.ops_per_sec,
+                    "ops/s",
+                );
+            }
+            let e = &k.end_to_end;
+            for (section, list) in [("kryoptic_sign", &e.sign), ("kryoptic_keygen", &e.keygen)] {
+                for m in list {
+                    let p = format!("in_flight={}", m.throughput.in_flight);
+                    for (metric, value, unit) in [
+                        ("throughput", m.throughput.ops_per_sec, "ops/s"),
+                        (
+                            "driver_cpu_per_job",
+                            m.throughput.driver_cpu_ms_per_job,
+                            "ms",
+                        ),
+                        ("sim_cpu_per_job", m.throughput.sim_cpu_ms_per_job, "ms"),
+                        (
+                            "machine_cpu_per_job",
+                            m.throughput.machine_cpu_ms_per_job,
+                            "ms",
+                        ),
+                    ] {
+                        row(section, &e.store, &m.curve, p.clone(), metric, value, unit);
+                    }
+                }
+            }
+            row(
+                "kryoptic_memory",
+                &e.store,
+                "",
+                String::new(),
+                "driver_peak_rss",
+                e.driver_peak_rss_kib as f64,
+                "KiB",
+            );
+        }
         for t in &self.targets {
             row(
                 "target",
@@ -748,11 +896,41 @@ fn source(source: TimingSource) -> &'static str {
     }
 }
 
-fn curve_label(api: &str) -> &str {
-    CURVES
-        .iter()
-        .find(|c| c.api == api)
-        .map_or(api, |c| c.label)
+/// `m / raw` with two decimals, or `-`.
+fn ratio(m: Option<f64>, raw: Option<f64>) -> String {
+    match (m, raw) {
+        (Some(m), Some(raw)) => format!("{:.2}", m / raw),
+        _ => "-".to_owned(),
+    }
+}
+
+/// Rows `operations` (name in the results, label) × `curves`, a column per session count.
+fn anchor_table(
+    t: &mut String,
+    anchor: &[AnchorResult],
+    sessions: &[usize],
+    curves: &[Curve],
+    operations: &[(&str, &str)],
+) {
+    let mut header = format!("  {:<34} {:<10}", "operation", "curve");
+    for s in sessions {
+        let _ = write!(
+            header,
+            " {:>11}",
+            format!("{s} session{}", if *s == 1 { "" } else { "s" })
+        );
+    }
+    let _ = writeln!(t, "{header}");
+    for (op, label) in operations {
+        for curve in curves {
+            let mut line = format!("  {label:<34} {:<10}", curve.label);
+            for &s in sessions {
+                let rate = rate_in(anchor, op, curve.api, s);
+                let _ = write!(line, " {:>11}", rate.map_or("-".to_owned(), number));
+            }
+            let _ = writeln!(t, "{line}");
+        }
+    }
 }
 
 /// A rate or ratio, with as many decimals as it deserves.

@@ -29,7 +29,8 @@
 //! - [`fault::FaultInjectingHsm`]: wraps any [`Hsm`] and fails every operation while a
 //!   [`fault::FaultSwitch`] is tripped (manually, or while a trigger file exists), for tests
 //!   and fault drills of the failure handling above.
-//! - [`softhsm`] (feature `softhsm-fixture`): isolated SoftHSMv2 tokens for tests.
+//! - [`test_token`] (feature `softhsm-fixture`): isolated test tokens on SoftHSMv2 or Kryoptic, the
+//!   two PKCS#11 implementations of the token matrix.
 //! - `anchor` (feature `bench`): the workers' PKCS#11 work per job on one plain session, the
 //!   raw baseline `hsm-driver-bench` compares the driver with.
 

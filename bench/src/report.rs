@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::anchor::AnchorResult;
-use crate::e2e::{CurveThroughput, StoreResult, TimingSource};
+use crate::e2e::{CurveThroughput, StoreResult, Throughput, TimingSource};
 use crate::hot_keys::HotKeysResult;
 use crate::kryoptic::KryopticResult;
 use crate::plan::{CURVES, Curve, KRYOPTIC_CURVES, Plan};
@@ -341,20 +341,11 @@ impl Report {
                     let th = &m.throughput;
                     let _ = writeln!(
                         t,
-                        "  {:<11} {:<10} {:<7} {:>7.3} {:>7} {:>8} {:>7.3} {:>7.3} {:>8.3} {:>5.0}%",
+                        "  {:<11} {:<10} {:<7} {}",
                         store.store,
                         Curve::label_of(&m.curve),
                         kind,
-                        th.driver_cpu_ms_per_job,
-                        hsm.map_or("-".to_owned(), |h| format!("{h:.3}")),
-                        hsm.map_or("-".to_owned(), |h| format!(
-                            "{:+.3}",
-                            th.driver_cpu_ms_per_job - h
-                        )),
-                        th.sim_cpu_ms_per_job,
-                        th.client_cpu_ms_per_job,
-                        th.machine_cpu_ms_per_job,
-                        th.machine_busy_percent,
+                        cpu_cells(th, hsm),
                     );
                 }
             }
@@ -633,19 +624,10 @@ impl Report {
                 let th = &m.throughput;
                 let _ = writeln!(
                     t,
-                    "  {:<10} {:<7} {:>7.3} {:>7} {:>8} {:>7.3} {:>7.3} {:>8.3} {:>5.0}%",
+                    "  {:<10} {:<7} {}",
                     Curve::label_of(&m.curve),
                     kind,
-                    th.driver_cpu_ms_per_job,
-                    hsm.map_or("-".to_owned(), |h| format!("{h:.3}")),
-                    hsm.map_or("-".to_owned(), |h| format!(
-                        "{:+.3}",
-                        th.driver_cpu_ms_per_job - h
-                    )),
-                    th.sim_cpu_ms_per_job,
-                    th.client_cpu_ms_per_job,
-                    th.machine_cpu_ms_per_job,
-                    th.machine_busy_percent,
+                    cpu_cells(th, hsm),
                 );
             }
         }
@@ -931,6 +913,24 @@ fn anchor_table(
             let _ = writeln!(t, "{line}");
         }
     }
+}
+
+/// The CPU-per-job columns of a row: driver, HSM (the one-session anchor's time per operation,
+/// when measured), the driver's overhead beyond it, simulator, client, machine, busy.
+fn cpu_cells(th: &Throughput, hsm: Option<f64>) -> String {
+    format!(
+        "{:>7.3} {:>7} {:>8} {:>7.3} {:>7.3} {:>8.3} {:>5.0}%",
+        th.driver_cpu_ms_per_job,
+        hsm.map_or("-".to_owned(), |h| format!("{h:.3}")),
+        hsm.map_or("-".to_owned(), |h| format!(
+            "{:+.3}",
+            th.driver_cpu_ms_per_job - h
+        )),
+        th.sim_cpu_ms_per_job,
+        th.client_cpu_ms_per_job,
+        th.machine_cpu_ms_per_job,
+        th.machine_busy_percent,
+    )
 }
 
 /// A rate or ratio, with as many decimals as it deserves.

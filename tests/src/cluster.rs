@@ -65,18 +65,13 @@ pub struct ClusterOptions {
 impl ClusterOptions {
     /// A cluster of `drivers` drivers with settings for failure tests: 3 s leases, heartbeats
     /// every 200 ms, a driver gone after 2 s of silence, health checks every 300 ms, recovery
-    /// retried at least every second, database connections given up after 1.5 s. `hsm`: an
-    /// [`HsmModule`], or the path of a SoftHSMv2 module.
-    pub fn new(
-        bin_dir: PathBuf,
-        work_dir: PathBuf,
-        hsm: impl Into<HsmModule>,
-        drivers: usize,
-    ) -> Self {
+    /// retried at least every second, database connections given up after 1.5 s, every
+    /// driver's token on `hsm`.
+    pub fn new(bin_dir: PathBuf, work_dir: PathBuf, hsm: HsmModule, drivers: usize) -> Self {
         Self {
             bin_dir,
             work_dir,
-            hsm: hsm.into(),
+            hsm,
             drivers,
             workers: 2,
             simulator: SimulatorOptions {

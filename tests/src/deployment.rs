@@ -41,13 +41,12 @@ pub struct DeploymentOptions {
 }
 
 impl DeploymentOptions {
-    /// Defaults for a deployment in `work_dir` with binaries from `bin_dir`, its token on `hsm`
-    /// (an [`HsmModule`], or the path of a SoftHSMv2 module).
-    pub fn new(bin_dir: PathBuf, work_dir: PathBuf, hsm: impl Into<HsmModule>) -> Self {
+    /// Defaults for a deployment in `work_dir` with binaries from `bin_dir`, its token on `hsm`.
+    pub fn new(bin_dir: PathBuf, work_dir: PathBuf, hsm: HsmModule) -> Self {
         Self {
             bin_dir,
             work_dir,
-            hsm: hsm.into(),
+            hsm,
             database_url: None,
             workers: 2,
             hsm_sessions: None,

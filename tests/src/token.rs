@@ -92,15 +92,6 @@ impl HsmModule {
     }
 }
 
-/// For callers that predate the token matrix and hold only a SoftHSMv2 module path (the
-/// cluster tests' support code, the benchmark): `path` is a **SoftHSMv2** module. Name the
-/// implementation with [`HsmModule::new`] for anything else.
-impl From<PathBuf> for HsmModule {
-    fn from(path: PathBuf) -> Self {
-        Self::new(TokenKind::SoftHsm2, path)
-    }
-}
-
 /// The application API's names for `scheme`: `(scheme, curve)`, such as `("ECDSA",
 /// "secp256k1")`.
 pub fn api_names(scheme: KeyScheme) -> (&'static str, &'static str) {

@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use hsm_driver_e2e::{ClusterOptions, DeploymentOptions, softhsm_module_path};
+use hsm_driver_e2e::{
+    ClusterOptions, DeploymentOptions, HsmModule, TokenKind, softhsm_module_path,
+};
 
 /// The directory holding the built binaries (`target/debug`), checked to contain
 /// `hsm-driver`, `dfns-api-sim` and `import-master-key`.
@@ -29,9 +31,13 @@ pub(crate) fn bin_dir() -> PathBuf {
     dir
 }
 
-/// The SoftHSMv2 module.
-pub(crate) fn softhsm() -> PathBuf {
-    softhsm_module_path().expect("SoftHSMv2 is installed (cargo xtask test installs it)")
+/// The SoftHSMv2 module: the cluster and disaster-recovery tests test the driver, not the
+/// token, and run on SoftHSMv2 only.
+pub(crate) fn softhsm() -> HsmModule {
+    HsmModule::new(
+        TokenKind::SoftHsm2,
+        softhsm_module_path().expect("SoftHSMv2 is installed (cargo xtask test installs it)"),
+    )
 }
 
 /// Single-driver deployment options in `work`.

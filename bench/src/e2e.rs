@@ -147,6 +147,18 @@ pub(crate) struct Setup {
     pub(crate) work: PathBuf,
 }
 
+/// A deployment in `work` with the run's workers and sessions, on the setup's token and
+/// binaries.
+pub(crate) fn deployment_options(plan: &Plan, setup: &Setup, work: PathBuf) -> DeploymentOptions {
+    let mut options = DeploymentOptions::new(setup.bin_dir.clone(), work, setup.hsm.clone());
+    options.workers = plan.workers;
+    options.hsm_sessions = Some(plan.sessions);
+    // The driver's default, `info`, logs nothing per job (and the harness waits for its
+    // start-up lines).
+    options.log_level = "info".to_owned();
+    options
+}
+
 /// Runs every measurement on `store`.
 ///
 /// # Errors
@@ -159,13 +171,7 @@ pub(crate) async fn run(
     say: &dyn Fn(&str),
 ) -> anyhow::Result<StoreResult> {
     let work = setup.work.join(store.name());
-    let mut options =
-        DeploymentOptions::new(setup.bin_dir.clone(), work.clone(), setup.hsm.clone());
-    options.workers = plan.workers;
-    options.hsm_sessions = Some(plan.sessions);
-    // The driver's default, `info`, logs nothing per job (and the harness waits for its
-    // start-up lines).
-    options.log_level = "info".to_owned();
+    let mut options = deployment_options(plan, setup, work.clone());
     // Dropped (the database with it) after the deployment stops.
     let pg = match store {
         Store::Sqlite => None,
@@ -382,14 +388,7 @@ pub(crate) async fn run_throughput(
     say: &dyn Fn(&str),
 ) -> anyhow::Result<ThroughputResult> {
     let store = Store::Sqlite;
-    let mut options = DeploymentOptions::new(
-        setup.bin_dir.clone(),
-        setup.work.join(store.name()),
-        setup.hsm.clone(),
-    );
-    options.workers = plan.workers;
-    options.hsm_sessions = Some(plan.sessions);
-    options.log_level = "info".to_owned();
+    let options = deployment_options(plan, setup, setup.work.join(store.name()));
     say(&format!("{label}: starting the simulator and the driver"));
     let deployment = Deployment::start(options).await?;
     let measured = throughput(plan, &deployment, sign_curves, keygen_curves, label, say).await;

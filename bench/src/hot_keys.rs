@@ -12,10 +12,10 @@
 
 use std::sync::Arc;
 
-use hsm_driver_e2e::{Deployment, DeploymentOptions, HotKeySettings};
+use hsm_driver_e2e::{Deployment, HotKeySettings};
 use serde::Serialize;
 
-use crate::e2e::{Meter, Setup, Throughput, create_keys};
+use crate::e2e::{self, Meter, Setup, Throughput, create_keys};
 use crate::load::Work;
 use crate::plan::{CURVES, Plan};
 
@@ -91,10 +91,7 @@ async fn measure(
         "stateless"
     };
     let work = setup.work.join("hot-keys").join(name);
-    let mut options = DeploymentOptions::new(setup.bin_dir.clone(), work, setup.hsm.clone());
-    options.workers = plan.workers;
-    options.hsm_sessions = Some(plan.sessions);
-    options.log_level = "info".to_owned();
+    let mut options = e2e::deployment_options(plan, setup, work);
     options.hot_keys = hot_keys;
     say(&format!("hot keys: starting a {name} driver (sqlite)"));
     let deployment = Deployment::start(options).await?;

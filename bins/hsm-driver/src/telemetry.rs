@@ -378,7 +378,8 @@ mod tests {
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         let text = body(response).await;
         assert!(text.starts_with("not ready\n"), "{text}");
-        assert!(text.contains("hsm: up\n"), "{text}");
+        assert!(text.contains("hsm: down for "), "{text}");
+        assert!(text.contains("not checked yet"), "{text}");
         assert!(text.contains("api: down for "), "{text}");
         assert!(text.contains("registered: no\n"), "{text}");
         assert!(text.contains("last successful poll: never\n"), "{text}");

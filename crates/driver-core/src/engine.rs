@@ -11,7 +11,7 @@ use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
     Capability, Curve, DriverRegistration, FailureCode, Heartbeat, JobFailure, LeasedJob, Scheme,
 };
-use hsm_pkcs11::{Hsm, KeyScheme};
+use hsm_pkcs11::{Hsm, HsmError, KeyScheme};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
@@ -379,21 +379,26 @@ async fn supervise<S: JobSource, H: Hsm, K: KeyStore>(
     let config = &parts.config;
     let health = &parts.health;
     let mut failures: u32 = 0;
+    // The first check runs at once and without a recovery: the component starts "not
+    // checked yet", and nothing is leased until it passes.
+    let mut first = true;
     loop {
-        let up = health.report().component(component).is_up();
-        if up {
-            tokio::select! {
-                () = tokio::time::sleep(config.health_check_interval) => {}
-                () = health.wait_for(|r| !r.component(component).is_up()) => {}
+        let initial = std::mem::take(&mut first);
+        if !initial {
+            if health.report().component(component).is_up() {
+                tokio::select! {
+                    () = tokio::time::sleep(config.health_check_interval) => {}
+                    () = health.wait_for(|r| !r.component(component).is_up()) => {}
+                }
+            } else {
+                tokio::time::sleep(config.recovery_backoff.delay(failures)).await;
             }
-        } else {
-            tokio::time::sleep(config.recovery_backoff.delay(failures)).await;
         }
-        let was_up = health.report().component(component).is_up();
+        let was_up = initial || health.report().component(component).is_up();
         let result = match component {
-            Component::Hsm if was_up => parts.hsm.check().await.map_err(|e| error_chain(&e)),
+            Component::Hsm if was_up => check_hsm(&parts).await,
             Component::Hsm => match parts.hsm.recover().await {
-                Ok(()) => parts.hsm.check().await.map_err(|e| error_chain(&e)),
+                Ok(()) => check_hsm(&parts).await,
                 Err(e) if !e.is_retryable() => {
                     error!(error = %error_chain(&e), "the HSM cannot be recovered without an operator; still retrying");
                     Err(error_chain(&e))
@@ -407,12 +412,16 @@ async fn supervise<S: JobSource, H: Hsm, K: KeyStore>(
             Ok(()) => {
                 failures = 0;
                 if health.set_up(component) {
-                    info!(%component, "recovered; leasing resumes when every component is up");
+                    if initial {
+                        info!(%component, "checked: usable");
+                    } else {
+                        info!(%component, "recovered; leasing resumes when every component is up");
+                    }
                 }
             }
             Err(reason) => {
                 failures = failures.saturating_add(1);
-                if health.set_down(component, reason.clone()) {
+                if health.set_down(component, reason.clone()) || failures == 1 {
                     error!(%component, error = %reason, "unusable: leasing stopped, recovering");
                 } else {
                     warn!(%component, error = %reason, attempt = failures, "still unusable");
@@ -420,6 +429,31 @@ async fn supervise<S: JobSource, H: Hsm, K: KeyStore>(
             }
         }
     }
+}
+
+/// [`Hsm::check`], which for a PKCS#11 HSM includes the insider attack suite. A check that
+/// finds the HSM's keys attackable is a TAMPER event: each unsafe finding is logged at error
+/// level with its remedy and counted in `hsm_driver_tamper_detected_total`; the HSM stays down
+/// (the error is not retryable, and every later check finds the same) until an operator acts.
+async fn check_hsm<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: &Parts<S, H, K>,
+) -> Result<(), String> {
+    let error = match parts.hsm.check().await {
+        Ok(()) => return Ok(()),
+        Err(error) => error,
+    };
+    if let HsmError::UnsafeMasterKey { report } = &error {
+        for finding in report.unsafe_findings() {
+            parts.metrics.tamper_detected(finding.kind.as_str());
+            error!(
+                finding = finding.kind.as_str(),
+                problem = %finding.problem,
+                remedy = %finding.remedy,
+                "TAMPER: the HSM's keys are attackable by a PIN holder; signing stopped"
+            );
+        }
+    }
+    Err(error_chain(&error))
 }
 
 fn capability(scheme: KeyScheme) -> Capability {

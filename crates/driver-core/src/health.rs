@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+/// Why the HSM and the store are down before their first check.
+const NOT_CHECKED_YET: &str = "not checked yet";
+
 /// One dependency of the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Component {
@@ -159,9 +162,15 @@ impl Default for Health {
 impl Health {
     /// A new state: HSM and store up (the host opened them), API not yet reached, not registered.
     pub fn new() -> Self {
+        // Nothing is leased before the HSM (with its attack suite) and the store have passed
+        // their first check, which the engine runs at once.
+        let unchecked = || ComponentState::Down {
+            reason: NOT_CHECKED_YET.to_owned(),
+            since: Instant::now(),
+        };
         let (state, _) = watch::channel(HealthReport {
-            hsm: ComponentState::Up,
-            store: ComponentState::Up,
+            hsm: unchecked(),
+            store: unchecked(),
             api: ComponentState::Down {
                 reason: "not contacted yet".to_owned(),
                 since: Instant::now(),
@@ -210,6 +219,13 @@ impl Health {
                         since: Instant::now(),
                     };
                     transition = true;
+                    true
+                }
+                // The first check's failure replaces the placeholder, keeping the time.
+                ComponentState::Down {
+                    reason: current, ..
+                } if current == NOT_CHECKED_YET => {
+                    *current = reason;
                     true
                 }
                 // Keep the first reason and time: "down since" must not reset on each failure.
@@ -274,6 +290,14 @@ mod tests {
     #[test]
     fn a_driver_leases_only_with_hsm_and_store_up_and_registered() {
         let health = Health::new();
+        assert!(!health.report().can_lease(), "nothing checked yet");
+        assert!(
+            health.report().problems()[0].contains("not checked yet"),
+            "{:?}",
+            health.report().problems()
+        );
+        health.set_up(Component::Hsm);
+        health.set_up(Component::Store);
         assert!(!health.report().can_lease(), "not registered yet");
         health.set_registered(true);
         assert!(health.report().can_lease());
@@ -319,6 +343,7 @@ mod tests {
     async fn waiters_wake_when_the_state_changes() {
         let health = Health::new();
         health.set_registered(true);
+        health.set_up(Component::Hsm);
         health.set_down(Component::Store, "pool timed out".into());
         let waiter = {
             let health = health.clone();

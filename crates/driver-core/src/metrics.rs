@@ -19,6 +19,7 @@ pub(crate) struct Metrics {
     lease_extensions: Counter<u64>,
     given_back: Counter<u64>,
     hsm_duration: Histogram<f64>,
+    tamper: Counter<u64>,
 }
 
 impl Metrics {
@@ -63,7 +64,17 @@ impl Metrics {
                     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0,
                 ])
                 .build(),
+            tamper: meter
+                .u64_counter("hsm_driver_tamper_detected")
+                .with_description(
+                    "Health checks whose insider attack suite found the HSM's keys attackable (signing stops), by finding",
+                )
+                .build(),
         }
+    }
+
+    pub(crate) fn tamper_detected(&self, finding: &'static str) {
+        self.tamper.add(1, &[KeyValue::new("finding", finding)]);
     }
 
     pub(crate) fn hsm_operation(&self, operation: &'static str, ok: bool, elapsed: Duration) {

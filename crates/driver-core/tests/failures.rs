@@ -454,3 +454,57 @@ async fn a_job_that_arrives_after_the_store_went_down_is_handed_back_unexecuted(
     let report = h.shutdown().await;
     assert_eq!(report.given_back, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attackable_hsm_is_marked_down_at_the_health_check_and_nothing_is_signed() {
+    // Tried: a real token (SoftHSMv2 or Kryoptic, as the matrix says) provisioned the way the
+    // seed did (copyable, modifiable, destroyable keys; the old unwrap template). The engine
+    // is started without the binary's start-up refusal, so it is the health check's attack
+    // suite that must stop it: the HSM goes down naming the attack, no job is leased, and the
+    // check keeps failing after recovery attempts.
+    use hsm_pkcs11::test_token::{MasterKeyHazard, TestToken};
+    let hsm = tokio::task::spawn_blocking(|| {
+        TestToken::create_with_hazardous_master_key(MasterKeyHazard::AsProvisionedBefore)
+            .and_then(|token| token.open_hsm(1))
+    })
+    .await
+    .unwrap()
+    .expect("open the weak token");
+    let h = Harness::start(hsm, MemoryKeyStore::new());
+    h.source.push(
+        "job-keygen",
+        keygen("key-1", Scheme::Ecdsa, Curve::Secp256r1),
+    );
+    wait_health(&h.health, "HSM down", |r| match &r.hsm {
+        driver_core::ComponentState::Down { reason, .. } => reason.contains("unsafe"),
+        driver_core::ComponentState::Up => false,
+    })
+    .await;
+    let reason = match h.health.report().hsm {
+        driver_core::ComponentState::Down { reason, .. } => reason,
+        driver_core::ComponentState::Up => unreachable!(),
+    };
+    assert!(reason.contains("copy attack succeeded"), "{reason}");
+    // Recovery re-opens the sessions and the check finds the same (what the supervisor does
+    // with backoff): still down, and the job was never run (a lease answered before the first
+    // check is handed back unexecuted).
+    h.hsm.recover().await.expect("the sessions re-open");
+    let error = h.hsm.check().await.unwrap_err();
+    assert!(
+        error.is_unsafe_master_key() && !error.is_retryable(),
+        "{error}"
+    );
+    assert!(!h.health.report().is_ready());
+    assert_eq!(
+        h.store.count().await.unwrap(),
+        0,
+        "no key was generated and stored"
+    );
+    for (_, report) in h.source.reports.lock().unwrap().iter() {
+        match report {
+            Report::Failed(failure) => assert!(failure.retryable, "{failure:?}"),
+            other => panic!("a job ran on an attackable HSM: {other:?}"),
+        }
+    }
+    h.shutdown().await;
+}

@@ -51,8 +51,9 @@ use zeroize::Zeroizing;
 use crate::error::HsmError;
 use crate::hsm::{Capabilities, KeyScheme, SchemeSupport, WrapMechanism};
 use crate::pkcs11::{
-    Pkcs11Config, Pkcs11Hsm, Pkcs11Module, PolicyDeviation, create_master_key, find_slot,
-    generate_master_key, import_master_key, open_user_session,
+    Pkcs11Config, Pkcs11Hsm, Pkcs11Module, PolicyDeviation, UnwrapTemplateChoice,
+    create_master_key, find_slot, generate_master_key, import_master_key, import_master_key_with,
+    open_user_session,
 };
 
 /// Where SoftHSMv2 is looked for when `SOFTHSM2_MODULE` is not set.
@@ -393,7 +394,11 @@ impl TestToken {
     pub fn create_with_hazardous_master_key(hazard: MasterKeyHazard) -> Result<Self, HsmError> {
         let deviation = match hazard {
             MasterKeyHazard::NoUnwrapTemplate => PolicyDeviation {
-                without_unwrap_template: true,
+                unwrap_template: UnwrapTemplateChoice::Omitted,
+                ..PolicyDeviation::default()
+            },
+            MasterKeyHazard::LegacyUnwrapTemplate => PolicyDeviation {
+                unwrap_template: UnwrapTemplateChoice::Legacy,
                 ..PolicyDeviation::default()
             },
             MasterKeyHazard::AlsoEncrypts => PolicyDeviation {
@@ -402,6 +407,25 @@ impl TestToken {
             },
             MasterKeyHazard::Extractable => PolicyDeviation {
                 extractable: true,
+                ..PolicyDeviation::default()
+            },
+            MasterKeyHazard::Modifiable => PolicyDeviation {
+                modifiable: true,
+                ..PolicyDeviation::default()
+            },
+            MasterKeyHazard::Copyable => PolicyDeviation {
+                copyable: true,
+                ..PolicyDeviation::default()
+            },
+            MasterKeyHazard::Destroyable => PolicyDeviation {
+                destroyable: true,
+                ..PolicyDeviation::default()
+            },
+            MasterKeyHazard::AsProvisionedBefore => PolicyDeviation {
+                unwrap_template: UnwrapTemplateChoice::Legacy,
+                modifiable: true,
+                copyable: true,
+                destroyable: true,
                 ..PolicyDeviation::default()
             },
         };
@@ -413,6 +437,38 @@ impl TestToken {
             &token.master_key_label,
             deviation,
         )?;
+        Ok(token)
+    }
+
+    /// A new token provisioned as versions before record MACs were: a master key (generated,
+    /// or imported with `value`) and no record MAC key, for tests of adding one later with
+    /// [`crate::create_mac_key`] / [`crate::import_mac_key`]. Blocking.
+    ///
+    /// # Errors
+    /// As [`TestToken::create`].
+    pub fn create_without_mac_key(value: Option<[u8; 32]>) -> Result<Self, HsmError> {
+        let deviation = PolicyDeviation {
+            without_mac_key: true,
+            ..PolicyDeviation::default()
+        };
+        let token = Self::create_empty()?;
+        match value {
+            None => generate_master_key(
+                &token.module,
+                &token.label,
+                &token.user_pin,
+                &token.master_key_label,
+                deviation,
+            )?,
+            Some(value) => import_master_key_with(
+                &token.module,
+                &token.label,
+                &token.user_pin,
+                &token.master_key_label,
+                &Zeroizing::new(value),
+                deviation,
+            )?,
+        }
         Ok(token)
     }
 
@@ -515,6 +571,23 @@ impl TestToken {
         let context = self.module.context();
         let slot = find_slot(&self.module, &self.label)?;
         open_user_session(context, slot, &self.user_pin)
+    }
+
+    /// A read-write session logged in as the security officer, for tests that play an
+    /// insider holding the SO PIN (the SO sees public objects only). Blocking.
+    ///
+    /// # Errors
+    /// If the token's slot is gone or login fails.
+    pub fn so_session(&self) -> Result<cryptoki::session::Session, HsmError> {
+        let context = self.module.context();
+        let slot = find_slot(&self.module, &self.label)?;
+        let session = context
+            .open_rw_session(slot)
+            .map_err(HsmError::pkcs11("C_OpenSession"))?;
+        session
+            .login(UserType::So, Some(&SecretString::from(SO_PIN)))
+            .map_err(HsmError::pkcs11("C_Login"))?;
+        Ok(session)
     }
 
     /// The mechanism [`Pkcs11Hsm::open`] wraps new keys with on this token when the
@@ -629,6 +702,22 @@ impl TestToken {
 pub enum MasterKeyHazard {
     /// No `CKA_UNWRAP_TEMPLATE`: wrapped keys can be unwrapped readable or extractable.
     NoUnwrapTemplate,
+    /// The unwrap template of versions before the insider attack suite (private key,
+    /// sensitive, non-extractable; usages and copying left open): a wrapped key can be
+    /// unwrapped with `CKA_DERIVE` and used for ECDH.
+    LegacyUnwrapTemplate,
+    /// The master and MAC keys are `CKA_MODIFIABLE` (the token default): a usage can be
+    /// turned on in place.
+    Modifiable,
+    /// The master and MAC keys are `CKA_COPYABLE` (the token default): they can be copied
+    /// with a usage on.
+    Copyable,
+    /// The master and MAC keys are `CKA_DESTROYABLE` (the token default).
+    Destroyable,
+    /// Everything the seed's `master-key create` did: the legacy unwrap template, and
+    /// modifiable, copyable, destroyable keys (the token defaults). The key the copy and
+    /// modify attacks were first found on.
+    AsProvisionedBefore,
     /// `CKA_ENCRYPT=true` as well as wrap and unwrap.
     AlsoEncrypts,
     /// `CKA_EXTRACTABLE=true`: the master key itself can be wrapped out.

@@ -7,107 +7,21 @@
 //! (cryptoki cannot express KWP). Measured: both tokens refuse both attacks with
 //! `CKR_TEMPLATE_INCONSISTENT`, and both let both succeed without the template.
 
-use cryptoki::error::{Error as CryptokiError, RvError};
-use cryptoki::mechanism::Mechanism;
+use cryptoki::error::RvError;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use hsm_pkcs11::test_token::{MasterKeyHazard, TestToken, TokenKind, scheme_available};
 use hsm_pkcs11::{
     Attack, AttackOutcome, FindingKind, Hsm, KeyScheme, SelfTestReport, Severity, SignPayload,
-    SignRequest, WrapMechanism,
+    SignRequest,
 };
 use sha2::{Digest, Sha256};
 
-/// DER `OBJECT IDENTIFIER` prime256v1.
-const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking task")
-}
-
-/// A logged-in session on the fixture token, for driving cryptoki directly.
-fn raw_session(token: &TestToken) -> Session {
-    token
-        .login_session()
-        .expect("a logged-in session on the fixture token")
-}
-
-fn master(session: &Session, token: &TestToken) -> ObjectHandle {
-    let found = session
-        .find_objects(&[Attribute::Label(
-            token.master_key_label().as_bytes().to_vec(),
-        )])
-        .unwrap();
-    assert_eq!(found.len(), 1);
-    found[0]
-}
-
-/// The mechanism the HSM wraps with on this token: the attacks use it too.
-fn mechanism(token: &TestToken) -> WrapMechanism {
-    token
-        .wrap_mechanism()
-        .expect("the token offers a wrap mechanism")
-}
-
-/// A wrapped P-256 private key as the database would hold it, and its uncompressed public
-/// point. The key objects are destroyed: only the blob remains, as in production.
-fn stored_blob(token: &TestToken, session: &Session, master: ObjectHandle) -> (Vec<u8>, Vec<u8>) {
-    let (public, private) = session
-        .generate_key_pair(
-            &Mechanism::EccKeyPairGen,
-            &[
-                Attribute::Token(false),
-                Attribute::EcParams(P256_PARAMS.to_vec()),
-                Attribute::Verify(true),
-            ],
-            &[
-                Attribute::Token(false),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(true),
-                Attribute::Sign(true),
-            ],
-        )
-        .unwrap();
-    let point = match &session
-        .get_attributes(public, &[AttributeType::EcPoint])
-        .unwrap()[..]
-    {
-        // The 65-byte uncompressed point, in a DER OCTET STRING (as PKCS#11 says) or raw.
-        [Attribute::EcPoint(der)] if der.len() == 67 && der[..2] == [0x04, 0x41] => {
-            der[2..].to_vec()
-        }
-        [Attribute::EcPoint(raw)] if raw.len() == 65 => raw.clone(),
-        other => panic!("no EC point: {other:?}"),
-    };
-    let blob = token
-        .wrap_key(session, mechanism(token), master, private)
-        .unwrap();
-    session.destroy_object(private).unwrap();
-    session.destroy_object(public).unwrap();
-    (blob, point)
-}
-
-/// The uncompressed public point of the private scalar in a PKCS#8 EC private key: proof
-/// that `pkcs8` really is the plaintext key.
-fn public_point_of_pkcs8(pkcs8: &[u8]) -> Vec<u8> {
-    // ECPrivateKey ::= SEQUENCE { version INTEGER 1, privateKey OCTET STRING, ... }
-    let at = pkcs8
-        .windows(4)
-        .position(|w| w == [0x02, 0x01, 0x01, 0x04])
-        .expect("an ECPrivateKey in the PKCS#8");
-    let len = usize::from(pkcs8[at + 4]);
-    let scalar = &pkcs8[at + 5..at + 5 + len];
-    let mut padded = [0u8; 32];
-    padded[32 - len..].copy_from_slice(scalar);
-    let secret = p256::SecretKey::from_slice(&padded).expect("a P-256 scalar");
-    use p256::elliptic_curve::sec1::ToEncodedPoint;
-    secret
-        .public_key()
-        .to_encoded_point(false)
-        .as_bytes()
-        .to_vec()
-}
+mod support;
+use support::{
+    attacker_template, blocking, find, mechanism, public_point_of_pkcs8, rv, self_test,
+    session_objects, stored_blob, token_with,
+};
 
 /// Attack (a): unwrap as a non-sensitive generic secret, then read `CKA_VALUE`.
 fn attack_a(
@@ -142,29 +56,30 @@ fn attack_a(
     Ok(value)
 }
 
-/// Attack (b): unwrap as an extractable EC private key, wrap it under an AES key whose value
-/// the attacker chose, and open that blob (the attacker's key has no unwrap template).
+/// Attack (b): unwrap as an extractable EC private key (stating every other attribute as the
+/// provisioned unwrap template pins it, as the strongest attacker would), wrap it under an AES
+/// key whose value the attacker chose, and open that blob (the attacker's key has no unwrap
+/// template). Fails with the return value of whichever step the token refuses.
 fn attack_b(
     token: &TestToken,
     session: &Session,
     master: ObjectHandle,
     blob: &[u8],
 ) -> Result<Vec<u8>, RvError> {
-    let key = token
-        .unwrap_key(
+    let unwrap = |wrap_with_trusted: bool| {
+        token.unwrap_key(
             session,
             mechanism(token),
             master,
             blob,
-            &[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::KeyType(KeyType::EC),
-                Attribute::Token(false),
-                Attribute::Sensitive(true),
+            &attacker_template(&[
                 Attribute::Extractable(true),
-            ],
+                Attribute::WrapWithTrusted(wrap_with_trusted),
+            ]),
         )
-        .map_err(rv)?;
+    };
+    // A key any key may wrap first; where the template insists, one only a trusted key may.
+    let key = unwrap(false).or_else(|_| unwrap(true)).map_err(rv)?;
     let attacker = session
         .create_object(&[
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -175,61 +90,37 @@ fn attack_b(
             Attribute::Unwrap(true),
         ])
         .unwrap();
-    let rewrapped = token
-        .wrap_key(session, mechanism(token), attacker, key)
-        .expect("re-wrap under the attacker's key");
-    // With the blob and the known key, the attacker has the key; open it on the token to
-    // show it.
-    let value =
-        attack_a(token, session, attacker, &rewrapped).expect("the attacker's key opens it");
+    let rewrapped = token.wrap_key(session, mechanism(token), attacker, key);
+    let value = rewrapped.map_err(rv).map(|rewrapped| {
+        // With the blob and the known key, the attacker has the key; open it on the token
+        // to show it.
+        attack_a(token, session, attacker, &rewrapped).expect("the attacker's key opens it")
+    });
     session.destroy_object(attacker).unwrap();
     session.destroy_object(key).unwrap();
-    Ok(value)
+    value
 }
 
-fn rv(error: CryptokiError) -> RvError {
-    match error {
-        CryptokiError::Pkcs11(rv, _) => rv,
-        other => panic!("not a PKCS#11 error: {other}"),
+/// What the token answers when an unwrapped key marked `CKA_WRAP_WITH_TRUSTED` is wrapped
+/// under a key that is not trusted.
+fn untrusted_wrap_refusal() -> RvError {
+    match TestToken::kind().unwrap() {
+        TokenKind::SoftHsm2 => RvError::KeyNotWrappable,
+        TokenKind::Kryoptic => RvError::WrappingKeyHandleInvalid,
     }
 }
 
-fn session_objects(session: &Session) -> usize {
-    session
-        .find_objects(&[Attribute::Token(false)])
-        .unwrap()
-        .len()
-}
-
-async fn token_with(hazard: Option<MasterKeyHazard>) -> TestToken {
-    blocking(move || match hazard {
-        None => TestToken::create(),
-        Some(MasterKeyHazard::NoUnwrapTemplate) => TestToken::create_with_unprotected_master_key(),
-        Some(hazard) => TestToken::create_with_hazardous_master_key(hazard),
-    })
-    .await
-    .expect("test token")
-}
-
-async fn self_test(token: &TestToken) -> SelfTestReport {
-    let token = token.clone();
-    blocking(move || {
-        let hsm = token.open_hsm(1).expect("open");
-        let report = hsm.master_key_self_test().expect("self-test runs");
-        // Every object the self-test made is gone, whatever it found.
-        assert_eq!(session_objects(&raw_session(&token)), 0, "objects left");
-        report
-    })
-    .await
-}
-
+/// How `attack` ended with the wrap mechanism the HSM uses (the suite tries every offered one).
 fn outcome(report: &SelfTestReport, attack: Attack) -> AttackOutcome {
-    report
+    let token_mechanism = report
         .attacks
         .iter()
-        .find(|r| r.attack == attack)
-        .expect("attack attempted")
-        .outcome
+        .filter(|r| r.attack == attack)
+        .find(|r| {
+            r.mechanism.is_none() || !matches!(r.outcome, AttackOutcome::NotApplicable { .. })
+        })
+        .expect("attack attempted");
+    token_mechanism.outcome
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -238,8 +129,8 @@ async fn attack_a_reads_the_plaintext_key_under_an_unprotected_master_key() {
     // the value's scalar must give the wrapped key's public point.
     let token = token_with(Some(MasterKeyHazard::NoUnwrapTemplate)).await;
     blocking(move || {
-        let session = raw_session(&token);
-        let master = master(&session, &token);
+        let session = token.login_session().unwrap();
+        let master = find(&session, token.master_key_label());
         let (blob, point) = stored_blob(&token, &session, master);
         let pkcs8 =
             attack_a(&token, &session, master, &blob).expect("attack (a) works on this key");
@@ -253,8 +144,8 @@ async fn attack_a_is_refused_by_the_provisioned_master_key() {
     // Tried: the same unwrap against the key `create_master_key` makes.
     let token = token_with(None).await;
     blocking(move || {
-        let session = raw_session(&token);
-        let master = master(&session, &token);
+        let session = token.login_session().unwrap();
+        let master = find(&session, token.master_key_label());
         let (blob, _) = stored_blob(&token, &session, master);
         assert_eq!(
             attack_a(&token, &session, master, &blob).unwrap_err(),
@@ -271,8 +162,8 @@ async fn attack_b_rewraps_the_key_under_a_known_key_with_an_unprotected_master_k
     // open that; the recovered scalar must give the wrapped key's public point.
     let token = token_with(Some(MasterKeyHazard::NoUnwrapTemplate)).await;
     blocking(move || {
-        let session = raw_session(&token);
-        let master = master(&session, &token);
+        let session = token.login_session().unwrap();
+        let master = find(&session, token.master_key_label());
         let (blob, point) = stored_blob(&token, &session, master);
         let pkcs8 =
             attack_b(&token, &session, master, &blob).expect("attack (b) works on this key");
@@ -282,16 +173,19 @@ async fn attack_b_rewraps_the_key_under_a_known_key_with_an_unprotected_master_k
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn attack_b_is_refused_by_the_provisioned_master_key() {
-    // Tried: unwrap as an extractable (but sensitive) EC private key under the provisioned key.
+async fn attack_b_is_contained_by_the_provisioned_master_key() {
+    // Tried: unwrap as an extractable (but sensitive) EC private key under the provisioned
+    // key, which is allowed (a master-key rotation needs it), then wrap it under a known key:
+    // the unwrap template made it CKA_WRAP_WITH_TRUSTED, and no key the insider holds is
+    // trusted.
     let token = token_with(None).await;
     blocking(move || {
-        let session = raw_session(&token);
-        let master = master(&session, &token);
+        let session = token.login_session().unwrap();
+        let master = find(&session, token.master_key_label());
         let (blob, _) = stored_blob(&token, &session, master);
         assert_eq!(
             attack_b(&token, &session, master, &blob).unwrap_err(),
-            RvError::TemplateInconsistent
+            untrusted_wrap_refusal()
         );
         assert_eq!(session_objects(&session), 0);
     })
@@ -318,8 +212,23 @@ async fn the_self_test_reports_both_attacks_on_an_unprotected_master_key() {
             rewrapped_or_read: true
         }
     );
-    // Only the attacks: the attributes are otherwise as provisioned.
-    assert_eq!(report.unsafe_findings().count(), 2, "{report}");
+    // Without a template, every forbidden unwrap goes through too; the attributes are
+    // otherwise as provisioned.
+    assert!(
+        report.has(FindingKind::ForbiddenUnwrap {
+            attribute: "CKA_DERIVE"
+        }),
+        "{report}"
+    );
+    assert!(
+        report.unsafe_findings().all(|f| matches!(
+            f.kind,
+            FindingKind::ReadableSecretUnwrap
+                | FindingKind::ExtractableUnwrap
+                | FindingKind::ForbiddenUnwrap { .. }
+        )),
+        "{report}"
+    );
     let error = report.require_safe().unwrap_err();
     assert!(error.is_unsafe_master_key() && !error.is_retryable());
     let message = error.to_string();
@@ -342,15 +251,20 @@ async fn the_self_test_passes_the_provisioned_master_keys() {
     for (token, kind) in [(generated, "generated"), (imported, "imported")] {
         let report = self_test(&token).await;
         assert!(report.is_safe(), "{kind}: {report}");
-        for attack in [Attack::ReadableSecret, Attack::ExtractableRewrap] {
-            assert_eq!(
-                outcome(&report, attack),
-                AttackOutcome::Refused {
-                    return_value: RvError::TemplateInconsistent
-                },
-                "{kind}"
-            );
-        }
+        assert_eq!(
+            outcome(&report, Attack::ReadableSecret),
+            AttackOutcome::Refused {
+                return_value: RvError::TemplateInconsistent
+            },
+            "{kind}"
+        );
+        assert_eq!(
+            outcome(&report, Attack::ExtractableRewrap),
+            AttackOutcome::Contained {
+                return_value: untrusted_wrap_refusal()
+            },
+            "{kind}"
+        );
         assert!(
             report
                 .findings
@@ -440,8 +354,8 @@ async fn a_key_unwrapped_by_the_driver_cannot_be_read_or_wrapped_out_again() {
     // signing key), then read CKA_VALUE and wrap it under a key the caller knows.
     let token = token_with(None).await;
     blocking(move || {
-        let session = raw_session(&token);
-        let master = master(&session, &token);
+        let session = token.login_session().unwrap();
+        let master = find(&session, token.master_key_label());
         let (blob, _) = stored_blob(&token, &session, master);
         let key = token
             .unwrap_key(
@@ -449,14 +363,8 @@ async fn a_key_unwrapped_by_the_driver_cannot_be_read_or_wrapped_out_again() {
                 mechanism(&token),
                 master,
                 &blob,
-                &[
-                    Attribute::Class(ObjectClass::PRIVATE_KEY),
-                    Attribute::KeyType(KeyType::EC),
-                    Attribute::Token(false),
-                    Attribute::Sign(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                ],
+                // The worker's template: the pinned attributes, non-extractable.
+                &attacker_template(&[Attribute::Extractable(false)]),
             )
             .expect("the worker's template satisfies the unwrap template");
         let attributes = session
@@ -502,7 +410,8 @@ async fn a_key_unwrapped_by_the_driver_cannot_be_read_or_wrapped_out_again() {
         // Both refuse; they name the reason differently.
         let refused = match TestToken::kind().unwrap() {
             TokenKind::SoftHsm2 => RvError::KeyUnextractable,
-            TokenKind::Kryoptic => RvError::KeyFunctionNotPermitted,
+            // Kryoptic checks CKA_WRAP_WITH_TRUSTED before CKA_EXTRACTABLE.
+            TokenKind::Kryoptic => RvError::WrappingKeyHandleInvalid,
         };
         assert_eq!(rv(rewrapped.unwrap_err()), refused);
         session.destroy_object(known).unwrap();

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use cryptoki::error::RvError;
 use cryptoki::object::Attribute;
-use hsm_pkcs11::test_token::{TestToken, TokenKind};
+use hsm_pkcs11::test_token::{MasterKeyHazard, TestToken, TokenKind};
 use hsm_pkcs11::{
     GeneratedKey, Hsm, HsmError, KeyScheme, Pkcs11Hsm, SignPayload, SignRequest, Signature,
     create_master_key,
@@ -43,7 +43,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// A fresh token and a [`Pkcs11Hsm`] with two worker sessions on it.
 async fn open() -> (TestToken, Arc<Pkcs11Hsm>) {
-    let token = blocking(TestToken::create).await.expect("test token");
+    open_token(blocking(TestToken::create).await.expect("test token")).await
+}
+
+async fn open_token(token: TestToken) -> (TestToken, Arc<Pkcs11Hsm>) {
     let opening = token.clone();
     let hsm = blocking(move || opening.open_hsm(2))
         .await
@@ -247,7 +250,14 @@ fn a_lost_login_fails_check_until_recover_logs_in_again() {
 #[test]
 fn a_replaced_master_key_makes_recover_fail_for_good() {
     serial(async {
-        let (token, hsm) = open().await;
+        // A deployment provisioned before the keys were made indestructible: a PIN holder
+        // can no longer destroy and replace a provisioned master key (see
+        // `insider_attacks.rs`); only re-initialising the token can, which this stands for.
+        let token =
+            blocking(|| TestToken::create_with_hazardous_master_key(MasterKeyHazard::Destroyable))
+                .await
+                .expect("test token");
+        let (token, hsm) = open_token(token).await;
         let key = hsm.generate_key(SCHEME).await.unwrap();
         sign_and_verify(&hsm, &key, 1).await;
         let expected = hsm.master_key().fingerprint.clone();

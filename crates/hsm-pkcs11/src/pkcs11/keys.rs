@@ -25,6 +25,24 @@ const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x0
 /// DER `OBJECT IDENTIFIER` id-Ed25519 (1.3.101.112).
 const ED25519_PARAMS: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
 
+/// The usage and lifecycle attributes of every private key the driver creates (generated or
+/// unwrapped): it signs and does nothing else (no ECDH, no decryption, no unwrapping, no
+/// signature with recovery), and it cannot be changed in place or copied into an object that
+/// would do more. The master key's `CKA_UNWRAP_TEMPLATE` pins the same values.
+///
+/// `CKA_MODIFIABLE=false` comes last, and templates that extend this list put nothing after
+/// it: SoftHSMv2 applies an unwrap, derive or copy template in order and refuses every
+/// attribute after `CKA_MODIFIABLE=false` with `CKR_ATTRIBUTE_READ_ONLY`.
+pub(crate) const SIGNING_ONLY: [Attribute; 7] = [
+    Attribute::Sign(true),
+    Attribute::Derive(false),
+    Attribute::Decrypt(false),
+    Attribute::Unwrap(false),
+    Attribute::SignRecover(false),
+    Attribute::Copyable(false),
+    Attribute::Modifiable(false),
+];
+
 /// The PKCS#11 key type, key-pair generation mechanism and curve parameters of a scheme.
 fn scheme_parameters(scheme: KeyScheme) -> (KeyType, Mechanism<'static>, &'static [u8]) {
     match scheme {
@@ -102,6 +120,18 @@ pub(crate) fn choose_wrap_mechanism(
     }
 }
 
+/// Every [`WrapMechanism`] the token in `slot` lists (from its full mechanism list).
+pub(crate) fn offered_wrap_mechanisms(
+    raw: &RawPkcs11,
+    slot: Slot,
+) -> Result<Vec<WrapMechanism>, HsmError> {
+    let offered = raw.mechanism_list(slot)?;
+    Ok(WrapMechanism::ALL
+        .into_iter()
+        .filter(|m| offered.contains(&m.mechanism_type()))
+        .collect())
+}
+
 /// `C_WrapKey` of `key` under the master key with `mechanism`.
 pub(crate) fn wrap(
     session: &Session,
@@ -151,14 +181,16 @@ pub(crate) fn generate_and_wrap(
         Attribute::EcParams(params.to_vec()),
         Attribute::Verify(true),
     ];
-    // Extractable only so that C_WrapKey can wrap it; sensitive so that it can never be read.
-    let private_template = [
+    // Extractable only so that C_WrapKey can wrap it under the master key (which is not a
+    // trusted key, so CKA_WRAP_WITH_TRUSTED cannot be set here); sensitive so that it can
+    // never be read; signing only, and fixed.
+    let mut private_template = vec![
         Attribute::Token(false),
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(true),
-        Attribute::Sign(true),
     ];
+    private_template.extend(SIGNING_ONLY);
     let (public, private) = session
         .generate_key_pair(&generation, &public_template, &private_template)
         .map_err(HsmError::pkcs11("C_GenerateKeyPair"))?;
@@ -225,7 +257,7 @@ fn public_point(value: Vec<u8>, scheme: KeyScheme) -> Result<Vec<u8>, HsmError> 
 }
 
 /// The content of a DER OCTET STRING (short or one-byte long length form).
-fn strip_octet_string(der: &[u8]) -> Option<&[u8]> {
+pub(crate) fn strip_octet_string(der: &[u8]) -> Option<&[u8]> {
     match der {
         [0x04, 0x81, len, rest @ ..] if usize::from(*len) == rest.len() => Some(rest),
         [0x04, len, rest @ ..] if *len < 0x80 && usize::from(*len) == rest.len() => Some(rest),
@@ -325,15 +357,17 @@ pub(crate) fn unwrap_signing_key(
 ) -> Result<ObjectHandle, HsmError> {
     signature::check_payload(request.scheme, &request.payload)?;
     let (key_type, _, _) = scheme_parameters(request.scheme);
-    // Class and key type are required; SoftHSMv2 defaults sensitive to false: say it.
-    let template = [
+    // Class and key type are required; SoftHSMv2 defaults sensitive to false: say it. Every
+    // attribute the master key's CKA_UNWRAP_TEMPLATE pins is stated with the pinned value.
+    let mut template = vec![
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::KeyType(key_type),
         Attribute::Token(false),
-        Attribute::Sign(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
+        Attribute::WrapWithTrusted(true),
     ];
+    template.extend(SIGNING_ONLY);
     unwrap(
         session,
         master,

@@ -45,7 +45,9 @@ pub use hot_keys::HotKeyStats;
 pub(crate) use keys::{MasterKey, choose_wrap_mechanism, unwrap, wrap};
 pub use module::Pkcs11Module;
 #[cfg(feature = "softhsm-fixture")]
-pub(crate) use provision::{PolicyDeviation, generate_master_key};
+pub(crate) use provision::{
+    PolicyDeviation, UnwrapTemplateChoice, generate_master_key, import_master_key_with,
+};
 pub use provision::{create_mac_key, create_master_key, import_mac_key, import_master_key};
 pub use report::TokenReport;
 pub use self_test::{
@@ -91,6 +93,8 @@ struct Shared {
     fingerprint: String,
     /// The mechanism new keys are wrapped with, chosen at open.
     wrap_mechanism: WrapMechanism,
+    /// Every wrap mechanism the token offers: the attack suite tries each.
+    offered_wrap_mechanisms: Vec<WrapMechanism>,
     state: RwLock<PoolState>,
     /// Serialises recoveries (and [`Pkcs11Hsm::close`] against a recovery).
     recovery: Mutex<()>,
@@ -244,6 +248,32 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// [`Pkcs11Hsm::master_key_self_test`], on the keep-alive session. Blocking.
+    fn attack_suite(&self) -> Result<SelfTestReport, HsmError> {
+        let (_, keepalive) = self.keepalive()?;
+        with_keepalive(&keepalive, |session| {
+            let master = MasterKey {
+                handle: token::find_master_key(session, &self.config.master_key_label)?,
+                raw: self.module.raw(),
+            };
+            let mac = self_test::HmacKey {
+                label: &self.mac_label,
+                handle: token::find_mac_key(session, &self.mac_label)?,
+            };
+            self_test::run(
+                session,
+                &self_test::Targets {
+                    master,
+                    master_label: &self.config.master_key_label,
+                    hmac_keys: vec![mac],
+                    mechanisms: self.offered_wrap_mechanisms.clone(),
+                },
+            )
+        })
+    }
+}
+
 /// Whether a failure to open sessions means the library must be re-initialised: it says it
 /// is not initialised (finalised underneath), or the device or token went away (some modules
 /// only see a returning device, or rebuild their slot list, at `C_Initialize`).
@@ -291,6 +321,7 @@ impl Pkcs11Hsm {
         let fingerprint = keys::fingerprint(keepalive.get(), master)?;
         let wrap_mechanism =
             keys::choose_wrap_mechanism(module.raw(), slot, config.wrap_mechanism)?;
+        let offered_wrap_mechanisms = keys::offered_wrap_mechanisms(module.raw(), slot)?;
         let master_key = MasterKey {
             handle: master,
             raw: module.raw(),
@@ -325,6 +356,7 @@ impl Pkcs11Hsm {
                 mac_label,
                 fingerprint,
                 wrap_mechanism,
+                offered_wrap_mechanisms,
                 state: RwLock::new(PoolState::Ready(pool)),
                 recovery: Mutex::new(()),
                 generation: AtomicU64::new(0),
@@ -397,14 +429,16 @@ impl Pkcs11Hsm {
         })
     }
 
-    /// Proves that keys wrapped under the master key cannot be extracted, by attempting the
-    /// attacks: checks the master key's attributes, then wraps a throwaway P-256 canary key
-    /// and tries (a) to unwrap it as a non-sensitive generic secret and read `CKA_VALUE`, and
-    /// (b) to unwrap it as an extractable EC key and wrap it again under a fresh session AES
-    /// key. Every object it creates is a session object destroyed on every path; bytes an
-    /// attack obtains are zeroized and never logged.
+    /// Runs the insider attack suite against the deployment's keys and reports: the policy
+    /// attributes of the master key and the record MAC key, the modify and copy attacks on
+    /// each, any trusted key but the master key, and, with a throwaway P-256 canary wrapped
+    /// under the master key with every wrap mechanism the token offers, the unwrap attacks
+    /// ((a) readable secret, (b) extractable and re-wrapped under a known key, and unwrapping
+    /// with each attribute the unwrap template forbids, followed by the use it enables). See
+    /// the `self_test` module for each attack. Every object it creates is a session object
+    /// destroyed on every path; bytes an attack obtains are zeroized and never logged.
     ///
-    /// Blocking (about ten PKCS#11 calls including an EC key-pair generation): runs on the
+    /// Blocking (a few dozen PKCS#11 calls including one EC key-pair generation): runs on the
     /// keep-alive session, on the caller's thread, holding it for the duration; call it from
     /// a blocking thread. The workers keep serving jobs meanwhile (a recovery waits for it).
     /// A caller that must refuse to start on an unsafe key uses
@@ -417,20 +451,7 @@ impl Pkcs11Hsm {
     /// verdict could be reached; [`HsmError::WorkerUnavailable`] while a recovery is
     /// replacing the sessions. An unsafe key is not an error here: see the report.
     pub fn master_key_self_test(&self) -> Result<SelfTestReport, HsmError> {
-        let shared = &self.shared;
-        let (_, keepalive) = shared.keepalive()?;
-        with_keepalive(&keepalive, |session| {
-            let master = MasterKey {
-                handle: token::find_master_key(session, &shared.config.master_key_label)?,
-                raw: shared.module.raw(),
-            };
-            self_test::run(
-                session,
-                master,
-                &shared.config.master_key_label,
-                shared.wrap_mechanism,
-            )
-        })
+        self.shared.attack_suite()
     }
 
     /// Stops the workers (jobs still queued fail with [`HsmError::WorkerUnavailable`]), waits
@@ -519,7 +540,12 @@ impl Hsm for Pkcs11Hsm {
     }
 
     /// On one worker: `C_GetSessionInfo` (a logged-in R/W user session) and the record MAC of
-    /// a fixed probe message; then `C_GetSessionInfo` on the keep-alive session.
+    /// a fixed probe message; then `C_GetSessionInfo` on the keep-alive session; then, on a
+    /// blocking thread and the keep-alive session, the insider attack suite
+    /// ([`Pkcs11Hsm::master_key_self_test`]): a key of the deployment that has become
+    /// attackable since start-up (a trusted key added by the security officer, a master key
+    /// replaced by a weaker one) fails the check with [`HsmError::UnsafeMasterKey`], which is
+    /// not retryable: the driver stops signing until an operator acts.
     async fn check(&self) -> Result<(), HsmError> {
         let (reply, answer) = oneshot::channel();
         self.shared.with_pool(|pool| {
@@ -528,7 +554,12 @@ impl Hsm for Pkcs11Hsm {
                 reply,
             })
         })?;
-        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+        answer.await.map_err(|_| HsmError::WorkerUnavailable)??;
+        let shared = Arc::clone(&self.shared);
+        let report = tokio::task::spawn_blocking(move || shared.attack_suite())
+            .await
+            .map_err(|_| HsmError::WorkerUnavailable)??;
+        report.require_safe().map(drop)
     }
 
     /// On a dedicated thread (the returned future only waits for it; recoveries are

@@ -31,23 +31,67 @@ use super::token;
 use crate::error::HsmError;
 use crate::record_mac::{derive_mac_key, record_mac_key_label};
 
-/// Departures from the master key policy, for the SoftHSMv2 fixture's negative tests only
-/// (a deployment that was provisioned by hand or by an older version). The default is none.
+/// Departures from the key policy, for the test fixture's negative tests only (a deployment
+/// that was provisioned by hand or by an older version). The default is none.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct PolicyDeviation {
-    /// Leave out `CKA_UNWRAP_TEMPLATE` (the extraction attacks then succeed).
-    pub(crate) without_unwrap_template: bool,
+    /// Which `CKA_UNWRAP_TEMPLATE` the master key gets.
+    pub(crate) unwrap_template: UnwrapTemplateChoice,
     /// Set `CKA_ENCRYPT` to true.
     pub(crate) encrypt: bool,
     /// Set `CKA_EXTRACTABLE` to true.
     pub(crate) extractable: bool,
+    /// Leave the master and MAC keys `CKA_MODIFIABLE` (the token's default, true).
+    pub(crate) modifiable: bool,
+    /// Leave the master and MAC keys `CKA_COPYABLE` (the token's default, true).
+    pub(crate) copyable: bool,
+    /// Leave the master and MAC keys `CKA_DESTROYABLE` (the token's default, true).
+    pub(crate) destroyable: bool,
+    /// Make no record MAC key (as versions before record MACs did).
+    pub(crate) without_mac_key: bool,
+}
+
+/// The master key's `CKA_UNWRAP_TEMPLATE`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+// Only the test fixture makes the weakened ones.
+#[cfg_attr(not(feature = "softhsm-fixture"), allow(dead_code))]
+pub(crate) enum UnwrapTemplateChoice {
+    /// [`RawTemplate::master_unwrap_template`]: the policy.
+    #[default]
+    Policy,
+    /// [`RawTemplate::legacy_unwrap_template`]: what versions before the insider attack suite
+    /// set (class, sensitive, non-extractable; usages and copy/modify left open).
+    Legacy,
+    /// None at all.
+    Omitted,
+}
+
+impl UnwrapTemplateChoice {
+    fn template(self) -> Option<RawTemplate> {
+        match self {
+            UnwrapTemplateChoice::Policy => Some(RawTemplate::master_unwrap_template()),
+            UnwrapTemplateChoice::Legacy => Some(RawTemplate::legacy_unwrap_template()),
+            UnwrapTemplateChoice::Omitted => None,
+        }
+    }
+}
+
+/// `CKA_MODIFIABLE`, `CKA_COPYABLE` and `CKA_DESTROYABLE` false, unless `deviation` says
+/// otherwise: a key of the deployment can neither be changed in place (turning a usage on),
+/// nor copied into an object with other attributes, nor destroyed by a PIN holder.
+fn lifecycle_policy(deviation: PolicyDeviation) -> [Attribute; 3] {
+    [
+        Attribute::Modifiable(deviation.modifiable),
+        Attribute::Copyable(deviation.copyable),
+        Attribute::Destroyable(deviation.destroyable),
+    ]
 }
 
 /// The policy attributes of a master key, shared by [`create_master_key`] and
 /// [`import_master_key`]. SoftHSMv2 defaults `CKA_SIGN` to true on AES keys: every usage is
 /// stated explicitly. The unwrap template is added by the caller, which keeps it alive.
 fn master_key_policy(label: &str, deviation: PolicyDeviation) -> Vec<Attribute> {
-    vec![
+    let mut policy = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::Token(true),
@@ -62,13 +106,15 @@ fn master_key_policy(label: &str, deviation: PolicyDeviation) -> Vec<Attribute> 
         Attribute::Derive(false),
         Attribute::Extractable(deviation.extractable),
         Attribute::Sensitive(true),
-    ]
+    ];
+    policy.extend(lifecycle_policy(deviation));
+    policy
 }
 
 /// The policy attributes of a record MAC key: a 256-bit generic secret that signs and
 /// verifies (`CKM_SHA256_HMAC`) and nothing else, never leaves the token and cannot be read.
-fn mac_key_policy(label: &str) -> Vec<Attribute> {
-    vec![
+fn mac_key_policy(label: &str, deviation: PolicyDeviation) -> Vec<Attribute> {
+    let mut policy = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::GENERIC_SECRET),
         Attribute::Token(true),
@@ -83,7 +129,9 @@ fn mac_key_policy(label: &str) -> Vec<Attribute> {
         Attribute::Derive(false),
         Attribute::Extractable(false),
         Attribute::Sensitive(true),
-    ]
+    ];
+    policy.extend(lifecycle_policy(deviation));
+    policy
 }
 
 /// How a record MAC key gets its value.
@@ -99,8 +147,9 @@ fn make_mac_key(
     session: &cryptoki::session::Session,
     label: &str,
     value: MacKeyValue<'_>,
+    deviation: PolicyDeviation,
 ) -> Result<(), HsmError> {
-    let mut template = mac_key_policy(label);
+    let mut template = mac_key_policy(label, deviation);
     match value {
         MacKeyValue::Generate => {
             template.push(Attribute::ValueLen(32.into()));
@@ -178,9 +227,9 @@ pub(crate) fn generate_master_key(
 ) -> Result<(), HsmError> {
     let mac_label = record_mac_key_label(label);
     let session = session_for_new_key(module, token_label, user_pin, &[label, &mac_label])?;
-    let unwrap_template = RawTemplate::master_unwrap_template();
+    let unwrap_template = deviation.unwrap_template.template();
     let mut template = master_key_policy(label, deviation);
-    if !deviation.without_unwrap_template {
+    if let Some(unwrap_template) = &unwrap_template {
         // Alive until after C_GenerateKey below: the attribute points into it.
         template.push(unwrap_template.attribute().clone());
     }
@@ -188,7 +237,9 @@ pub(crate) fn generate_master_key(
     session
         .generate_key(&Mechanism::AesKeyGen, &template)
         .map_err(HsmError::pkcs11("C_GenerateKey"))?;
-    make_mac_key(&session, &mac_label, MacKeyValue::Generate)?;
+    if !deviation.without_mac_key {
+        make_mac_key(&session, &mac_label, MacKeyValue::Generate, deviation)?;
+    }
     tracing::info!(
         token = token_label,
         label,
@@ -213,12 +264,33 @@ pub fn import_master_key(
     label: &str,
     value: &Zeroizing<[u8; 32]>,
 ) -> Result<(), HsmError> {
+    import_master_key_with(
+        module,
+        token_label,
+        user_pin,
+        label,
+        value,
+        PolicyDeviation::default(),
+    )
+}
+
+/// [`import_master_key`] with `deviation` from the policy (none in production).
+pub(crate) fn import_master_key_with(
+    module: &Pkcs11Module,
+    token_label: &str,
+    user_pin: &SecretString,
+    label: &str,
+    value: &Zeroizing<[u8; 32]>,
+    deviation: PolicyDeviation,
+) -> Result<(), HsmError> {
     let mac_label = record_mac_key_label(label);
     let session = session_for_new_key(module, token_label, user_pin, &[label, &mac_label])?;
-    let unwrap_template = RawTemplate::master_unwrap_template();
-    let mut template = master_key_policy(label, PolicyDeviation::default());
-    // Alive until after C_CreateObject below: the attribute points into it.
-    template.push(unwrap_template.attribute().clone());
+    let unwrap_template = deviation.unwrap_template.template();
+    let mut template = master_key_policy(label, deviation);
+    if let Some(unwrap_template) = &unwrap_template {
+        // Alive until after C_CreateObject below: the attribute points into it.
+        template.push(unwrap_template.attribute().clone());
+    }
     template.push(Attribute::Value(value.to_vec()));
     let created = session.create_object(&template);
     drop(unwrap_template);
@@ -228,7 +300,14 @@ pub fn import_master_key(
         }
     }
     created.map_err(HsmError::pkcs11("C_CreateObject"))?;
-    make_mac_key(&session, &mac_label, MacKeyValue::DerivedFrom(value))?;
+    if !deviation.without_mac_key {
+        make_mac_key(
+            &session,
+            &mac_label,
+            MacKeyValue::DerivedFrom(value),
+            deviation,
+        )?;
+    }
     tracing::info!(
         token = token_label,
         label,
@@ -259,7 +338,12 @@ pub fn create_mac_key(
     let mac_label = record_mac_key_label(master_label);
     let session = session_for_new_key(module, token_label, user_pin, &[&mac_label])?;
     token::find_master_key(&session, master_label)?;
-    make_mac_key(&session, &mac_label, MacKeyValue::Generate)?;
+    make_mac_key(
+        &session,
+        &mac_label,
+        MacKeyValue::Generate,
+        PolicyDeviation::default(),
+    )?;
     tracing::info!(token = token_label, label = %mac_label, "record MAC key created");
     Ok(())
 }
@@ -283,7 +367,12 @@ pub fn import_mac_key(
     let mac_label = record_mac_key_label(master_label);
     let session = session_for_new_key(module, token_label, user_pin, &[&mac_label])?;
     token::find_master_key(&session, master_label)?;
-    make_mac_key(&session, &mac_label, MacKeyValue::DerivedFrom(master_value))?;
+    make_mac_key(
+        &session,
+        &mac_label,
+        MacKeyValue::DerivedFrom(master_value),
+        PolicyDeviation::default(),
+    )?;
     tracing::info!(token = token_label, label = %mac_label, "record MAC key imported");
     Ok(())
 }

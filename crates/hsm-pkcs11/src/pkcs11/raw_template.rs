@@ -23,7 +23,8 @@ use std::mem::{offset_of, size_of};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki_sys::{
     CK_ATTRIBUTE, CK_ATTRIBUTE_TYPE, CK_BBOOL, CK_FALSE, CK_OBJECT_CLASS, CK_TRUE, CK_ULONG,
-    CKA_CLASS, CKA_EXTRACTABLE, CKA_SENSITIVE, CKA_UNWRAP_TEMPLATE,
+    CKA_CLASS, CKA_COPYABLE, CKA_DECRYPT, CKA_DERIVE, CKA_EXTRACTABLE, CKA_MODIFIABLE,
+    CKA_SENSITIVE, CKA_SIGN_RECOVER, CKA_UNWRAP, CKA_UNWRAP_TEMPLATE, CKA_WRAP_WITH_TRUSTED,
 };
 
 /// One inner attribute: a type and its value bytes, kept on the heap at a fixed address.
@@ -41,10 +42,40 @@ pub(crate) struct RawTemplate {
 }
 
 impl RawTemplate {
-    /// The `CKA_UNWRAP_TEMPLATE` of the master key: whatever is unwrapped with it must be a
-    /// private key (not a secret key whose `CKA_VALUE` could be read), sensitive, and
-    /// non-extractable (so it cannot be re-wrapped under a key the caller knows).
+    /// The `CKA_UNWRAP_TEMPLATE` of the master key. Whatever is unwrapped with it must be:
+    ///
+    /// - a private key (`CKA_CLASS`), not a secret key whose `CKA_VALUE` could be read;
+    /// - sensitive (`CKA_SENSITIVE`): its value is never readable;
+    /// - wrappable only by a trusted key (`CKA_WRAP_WITH_TRUSTED`): a PIN holder cannot mark a
+    ///   key trusted, so the key cannot be wrapped out under a key whose value they know;
+    ///   `CKA_EXTRACTABLE` is left to the caller on purpose, so that a master-key rotation can
+    ///   unwrap a key extractable and wrap it under a new, trusted master key inside the HSM;
+    /// - for signing only: no `CKA_DERIVE` (ECDH with a customer key), `CKA_DECRYPT`,
+    ///   `CKA_UNWRAP` or `CKA_SIGN_RECOVER`;
+    /// - fixed (`CKA_MODIFIABLE`, `CKA_COPYABLE` false): a usage cannot be turned on
+    ///   afterwards, in place or on a copy.
     pub(crate) fn master_unwrap_template() -> Self {
+        Self::build(
+            CKA_UNWRAP_TEMPLATE,
+            vec![
+                Entry::ulong(CKA_CLASS, CK_OBJECT_CLASS::from(ObjectClass::PRIVATE_KEY)),
+                Entry::bool(CKA_SENSITIVE, true),
+                Entry::bool(CKA_WRAP_WITH_TRUSTED, true),
+                Entry::bool(CKA_DERIVE, false),
+                Entry::bool(CKA_DECRYPT, false),
+                Entry::bool(CKA_UNWRAP, false),
+                Entry::bool(CKA_SIGN_RECOVER, false),
+                // Last, as in the driver's own templates (see `keys::SIGNING_ONLY`).
+                Entry::bool(CKA_COPYABLE, false),
+                Entry::bool(CKA_MODIFIABLE, false),
+            ],
+        )
+    }
+
+    /// The unwrap template versions before the insider attack suite set: private key,
+    /// sensitive, non-extractable, and nothing about usages or copying. For the test fixture's
+    /// negative tests (the derive attack succeeds under it).
+    pub(crate) fn legacy_unwrap_template() -> Self {
         Self::build(
             CKA_UNWRAP_TEMPLATE,
             vec![
@@ -133,17 +164,33 @@ mod tests {
         };
         assert_eq!(*kind, CKA_UNWRAP_TEMPLATE);
         let stride = size_of::<CK_ATTRIBUTE>();
-        assert_eq!(bytes.len(), 3 * stride);
+        assert_eq!(bytes.len(), 9 * stride);
         let kinds: Vec<_> = bytes
             .chunks_exact(stride)
             .map(|slot| field(slot, offset_of!(CK_ATTRIBUTE, type_)))
             .collect();
-        assert_eq!(kinds, [CKA_CLASS, CKA_SENSITIVE, CKA_EXTRACTABLE]);
+        assert_eq!(
+            kinds,
+            [
+                CKA_CLASS,
+                CKA_SENSITIVE,
+                CKA_WRAP_WITH_TRUSTED,
+                CKA_DERIVE,
+                CKA_DECRYPT,
+                CKA_UNWRAP,
+                CKA_SIGN_RECOVER,
+                CKA_COPYABLE,
+                CKA_MODIFIABLE
+            ]
+        );
         let lengths: Vec<_> = bytes
             .chunks_exact(stride)
             .map(|slot| field(slot, offset_of!(CK_ATTRIBUTE, ulValueLen)))
             .collect();
-        assert_eq!(lengths, [size_of::<CK_ULONG>() as CK_ULONG, 1, 1]);
+        assert_eq!(
+            lengths,
+            [size_of::<CK_ULONG>() as CK_ULONG, 1, 1, 1, 1, 1, 1, 1, 1]
+        );
         for (slot, entry) in bytes.chunks_exact(stride).zip(&template._entries) {
             let at = offset_of!(CK_ATTRIBUTE, pValue);
             let mut raw = [0u8; size_of::<usize>()];

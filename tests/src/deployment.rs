@@ -38,6 +38,8 @@ pub struct DeploymentOptions {
     pub master_key: MasterKeyProvisioning,
     /// The driver's `[hsm.hot_keys]`; `None` (default): strictly stateless.
     pub hot_keys: Option<HotKeySettings>,
+    /// The driver's `[driver] health_check_interval_ms`; `None` (default): the driver's own.
+    pub health_check_interval_ms: Option<u64>,
 }
 
 impl DeploymentOptions {
@@ -54,6 +56,7 @@ impl DeploymentOptions {
             log_level: "info".to_owned(),
             master_key: MasterKeyProvisioning::Generate,
             hot_keys: None,
+            health_check_interval_ms: None,
         }
     }
 }
@@ -119,6 +122,7 @@ impl Deployment {
         settings.hsm_sessions = options.hsm_sessions;
         settings.log_level = options.log_level.clone();
         settings.hot_keys = options.hot_keys;
+        settings.health_check_interval_ms = options.health_check_interval_ms;
         let api_url = sim.driver_url();
         // `pki/…` relative to the configuration file (tests rewrite these paths).
         let mut driver = DriverProcess::provision(

@@ -498,6 +498,7 @@ mod tests {
             conf: PathBuf::from("/tmp/softhsm2.conf"),
             label: "hsm-driver".to_owned(),
             pin_file: PathBuf::from("/tmp/pin"),
+            so_pin_file: PathBuf::from("/tmp/so-pin"),
         };
         let wiring = DriverWiring {
             api_url: "https://127.0.0.1:1",

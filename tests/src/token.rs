@@ -122,6 +122,9 @@ pub struct HsmToken {
     pub label: String,
     /// A file holding the user PIN (mode 0600).
     pub pin_file: PathBuf,
+    /// A file holding the security officer's PIN (mode 0600), for tests that play an insider
+    /// holding it.
+    pub so_pin_file: PathBuf,
 }
 
 impl HsmToken {
@@ -147,6 +150,8 @@ impl HsmToken {
         let so_pin = random_pin();
         let pin_file = dir.join("user-pin");
         write_secret(&pin_file, &pin)?;
+        let so_pin_file = dir.join("so-pin");
+        write_secret(&so_pin_file, &so_pin)?;
         let conf = match hsm.kind {
             TokenKind::SoftHsm2 => {
                 let conf = dir.join("softhsm2.conf");
@@ -169,8 +174,6 @@ impl HsmToken {
                         tokens.join("token.sql").display()
                     ),
                 )?;
-                let so_pin_file = dir.join("so-pin");
-                write_secret(&so_pin_file, &so_pin)?;
                 init_with_tool(bin_dir, hsm, &conf, label, &so_pin_file, &pin_file)?;
                 conf
             }
@@ -180,6 +183,7 @@ impl HsmToken {
             conf,
             label: label.to_owned(),
             pin_file,
+            so_pin_file,
         })
     }
 

@@ -906,3 +906,102 @@ async fn ed25519_keys_sign_hashes_and_messages_with_pure_eddsa_end_to_end() {
         "no private-key object is left on the token"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trusted_key_planted_by_the_so_while_the_driver_runs_stops_signing_as_tamper() {
+    // Tried: while the driver serves, an insider holding the SO PIN logs in from another
+    // process and creates a trusted AES key of a value they chose (every key the master key
+    // unwraps may be wrapped under a trusted key). The driver's next health check runs the
+    // attack suite, finds it, and stops signing: /readyz 503 naming it, a TAMPER line in the
+    // log, hsm_driver_tamper_detected_total counted, and a signature asked for afterwards is
+    // not made. Kryoptic never lets anyone set CKA_TRUSTED: there the planting itself fails.
+    let work = TestDir::new("tamper-trusted-key");
+    let mut options = options(&work);
+    options.health_check_interval_ms = Some(200);
+    let hsm = options.hsm.clone();
+    let deployment = Deployment::start(options).await.expect("deployment starts");
+    let summary = Workload::over(&[KeyScheme::EcdsaP256], 1, 2)
+        .run(deployment.app())
+        .await
+        .expect("signing works before the tamper");
+    assert_eq!(summary.verified, 2);
+
+    let token = deployment.driver_token().clone();
+    let planted = std::process::Command::new(bin_dir().join("plant-trusted-key"))
+        .arg("--module")
+        .arg(&token.hsm.path)
+        .arg("--token")
+        .arg(&token.label)
+        .arg("--so-pin-file")
+        .arg(&token.so_pin_file)
+        .args(["--key-label", "planted-by-the-so"])
+        .env(token.conf_var(), &token.conf)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run plant-trusted-key");
+    let said = String::from_utf8_lossy(&planted.stdout);
+    if hsm.kind == TokenKind::Kryoptic {
+        assert_eq!(planted.status.code(), Some(3), "{said}");
+        assert!(said.contains("AttributeTypeInvalid"), "{said}");
+        assert!(deployment.readyz().await.unwrap().is_ready());
+        deployment.stop().await.unwrap();
+        return;
+    }
+    assert!(planted.status.success(), "{said}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let readiness = loop {
+        let readiness = deployment.readyz().await.unwrap();
+        if !readiness.is_ready() {
+            break readiness;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the driver did not notice the planted key:\n{}",
+            deployment.driver_log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(readiness.status, 503);
+    assert!(
+        readiness.body.contains("planted-by-the-so"),
+        "{}",
+        readiness.body
+    );
+    let metrics = deployment.metrics().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("hsm_driver_tamper_detected_total")
+                && l.contains("finding=\"trusted_key\"")),
+        "{metrics}"
+    );
+    let log = deployment.driver_log();
+    assert!(log.contains("TAMPER"), "{}", deployment.driver_log_tail());
+
+    // Nothing is signed from now on: the request stays pending.
+    let key = &summary.keys[0];
+    let request = deployment
+        .app()
+        .request_signature_hash(&key.id, &[7; 32])
+        .await
+        .unwrap();
+    let later = deployment
+        .app()
+        .get_signature_waiting(&key.id, &request.id, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(later.status, "Pending", "{later:?}");
+    assert!(!deployment.readyz().await.unwrap().is_ready());
+
+    // `hsm-driver check` fails, naming the attack and the remedy.
+    let (ok, check) = deployment.check().await.unwrap();
+    assert!(!ok, "{check}");
+    let failed = check
+        .lines()
+        .find(|l| l.starts_with("[FAIL]") && l.contains("planted-by-the-so"))
+        .unwrap_or_else(|| panic!("no FAIL line names the planted key:\n{check}"));
+    assert!(failed.contains("hsm-driver master-key create"), "{failed}");
+    // The processes are killed on drop: the token cannot be checked clean any more.
+    drop(deployment);
+}

@@ -1,0 +1,119 @@
+//! `plant-trusted-key`: plays an insider holding the security officer's PIN. From a process of
+//! its own (the driver's login is not disturbed), it logs in as SO on a running deployment's
+//! token and creates a **trusted** AES-256 key of a value it chose (a public token object: the
+//! SO sees no private ones). Every key unwrapped under the master key is `CKA_WRAP_WITH_TRUSTED`,
+//! so such a key could receive any of them; the driver's health check must notice it and stop
+//! signing.
+//!
+//! **For tests only** (the end-to-end tamper drill).
+//!
+//! ```text
+//! SOFTHSM2_CONF=… plant-trusted-key --module libsofthsm2.so --token LABEL \
+//!     --so-pin-file FILE --key-label planted
+//! ```
+//!
+//! Exit status: 0 when the key was created; 3 when the token refused it (Kryoptic never lets
+//! anyone set `CKA_TRUSTED`), with the return value on standard output; 1 on any other error.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use cryptoki::session::UserType;
+use secrecy::SecretString;
+use zeroize::Zeroizing;
+
+/// Creates a trusted AES key of a known value as the security officer. For tests only.
+#[derive(Debug, Parser)]
+#[command(name = "plant-trusted-key")]
+struct Args {
+    /// The PKCS#11 module (its slots come from its configuration variable).
+    #[arg(long)]
+    module: PathBuf,
+    /// The label of the token to plant the key on.
+    #[arg(long)]
+    token: String,
+    /// File holding the security officer's PIN (its first line).
+    #[arg(long)]
+    so_pin_file: PathBuf,
+    /// The label to give the planted key.
+    #[arg(long)]
+    key_label: String,
+}
+
+/// How planting ended.
+enum Planted {
+    Created,
+    Refused(cryptoki::error::RvError),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match plant(&args) {
+        Ok(Planted::Created) => {
+            println!("planted trusted key `{}`", args.key_label);
+            ExitCode::SUCCESS
+        }
+        Ok(Planted::Refused(rv)) => {
+            println!("refused: {rv:?}");
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            eprintln!("plant-trusted-key: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn plant(args: &Args) -> anyhow::Result<Planted> {
+    let so_pin = read_pin(&args.so_pin_file)?;
+    let module = hsm_pkcs11::Pkcs11Module::initialize(&args.module)
+        .with_context(|| format!("loading {}", args.module.display()))?;
+    let context = module.context();
+    let slot = context
+        .get_slots_with_token()
+        .context("C_GetSlotList failed")?
+        .into_iter()
+        .find(|slot| {
+            context
+                .get_token_info(*slot)
+                .is_ok_and(|info| info.label().trim_end() == args.token)
+        })
+        .with_context(|| format!("no token labelled `{}`", args.token))?;
+    let session = context
+        .open_rw_session(slot)
+        .context("C_OpenSession failed")?;
+    session
+        .login(UserType::So, Some(&so_pin))
+        .context("C_Login (SO) failed")?;
+    let created = session.create_object(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Label(args.key_label.as_bytes().to_vec()),
+        Attribute::Value(vec![0x42; 32]),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Trusted(true),
+    ]);
+    let outcome = match created {
+        Ok(_) => Planted::Created,
+        Err(cryptoki::error::Error::Pkcs11(rv, _)) => Planted::Refused(rv),
+        Err(other) => return Err(other).context("C_CreateObject failed"),
+    };
+    session.logout().context("C_Logout failed")?;
+    Ok(outcome)
+}
+
+/// The first line of a PIN file.
+fn read_pin(path: &Path) -> anyhow::Result<SecretString> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    );
+    Ok(SecretString::from(
+        text.lines().next().unwrap_or_default().to_owned(),
+    ))
+}

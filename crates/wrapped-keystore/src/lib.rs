@@ -38,7 +38,7 @@ mod memory;
 pub mod testing;
 
 pub use audit::{AuditEntry, AuditKind, AuditProblem, AuditRecord, AuditVerification};
-pub use diesel_store::{DatabaseUrl, DieselKeyStore, PoolOptions};
+pub use diesel_store::{DatabaseUrl, DieselKeyStore, PgConnectOptions, PoolOptions};
 pub use error::StoreError;
 #[cfg(feature = "fake")]
 pub use memory::MemoryKeyStore;

@@ -12,8 +12,9 @@
 //!   migrations.
 //! - `MemoryKeyStore` (feature `fake`): an in-memory fake for tests, with a switch that fakes an
 //!   outage.
-//! - `testing` (feature `pg-fixture`): a throwaway PostgreSQL database per test, and a
-//!   `TcpProxy` that cuts one client's connections to fake a database outage.
+//! - `testing` (feature `pg-fixture`): a throwaway PostgreSQL database per test, a `TcpProxy`
+//!   that cuts one client's connections to fake a database outage, and a throwaway PostgreSQL
+//!   server (`PgCluster`) with a test CA for TLS and authentication tests.
 //!
 //! # When the database goes away
 //!

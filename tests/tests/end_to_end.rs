@@ -386,7 +386,7 @@ async fn a_bad_configuration_is_refused_with_the_field_named() {
     // Tried: an unknown field in [driver].
     std::fs::write(
         &path,
-        "[driver]\nid = \"d\"\nworkerz = 3\n[api]\nurl = \"https://x:1\"\nca_bundle = \"a\"\nclient_cert = \"b\"\nclient_key = \"c\"\n[hsm]\nkind = \"fake\"\n",
+        "[driver]\nid = \"d\"\nworkerz = 3\n[api]\nurl = \"https://x:1\"\nca_bundle = \"a\"\nclient_cert = \"b\"\nclient_key = \"c\"\n[hsm]\nkind = \"pkcs11\"\n",
     )
     .unwrap();
     let output = std::process::Command::new(bin_dir().join("hsm-driver"))

@@ -97,9 +97,7 @@ impl ConnectionManager {
     /// A manager for `url`, after checking that a PostgreSQL URL with `postgres` is either
     /// TLS-verified or stays on this machine.
     pub(crate) fn new(url: DatabaseUrl, postgres: PgConnectOptions) -> Result<Self, StoreError> {
-        if let DatabaseUrl::Postgres(raw) = &url {
-            pg_transport::check(raw, &postgres)?;
-        }
+        url.check_postgres_options(&postgres)?;
         Ok(ConnectionManager { url, postgres })
     }
 

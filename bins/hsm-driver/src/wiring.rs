@@ -168,6 +168,27 @@ mod tests {
         Config::load(&path)
     }
 
+    #[test]
+    fn an_api_client_key_others_may_read_is_refused_unless_explicitly_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("c.key");
+        // Tried: the mTLS client key readable by everyone.
+        std::fs::write(&key, "not really a key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut config = config(dir.path(), "").expect("a valid configuration");
+        let err = format!("{:#}", api_client(&config).unwrap_err());
+        assert!(
+            err.contains("api.client_key")
+                && err.contains("mode 644")
+                && err.contains("api.dangerous_allow_readable_secrets = true"),
+            "{err}"
+        );
+        // Allowed explicitly, the key file is used (and fails later, for not being a key).
+        config.api.dangerous_allow_readable_secrets = true;
+        let err = format!("{:#}", api_client(&config).unwrap_err());
+        assert!(!err.contains("readable by its group"), "{err}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_database_password_file_authenticates_over_verified_tls_and_must_be_private() {
         let ca = TestCa::new("hsm-driver test CA").expect("a test CA");

@@ -9,7 +9,9 @@
 //! - [`audit`]: the hash-chained audit ledger of every key generated and payload signed, and
 //!   the exact encoding a customer needs to check it independently.
 //! - [`DieselKeyStore`]: diesel + r2d2 over PostgreSQL or SQLite, chosen by URL, with embedded
-//!   migrations.
+//!   migrations. [`PgConnectOptions`] secures PostgreSQL connections (verified TLS, client
+//!   certificate, a password kept out of the URL); an unverified connection to a host off this
+//!   machine is refused unless explicitly allowed.
 //! - `MemoryKeyStore` (feature `fake`): an in-memory fake for tests, with a switch that fakes an
 //!   outage.
 //! - `testing` (feature `pg-fixture`): a throwaway PostgreSQL database per test, a `TcpProxy`

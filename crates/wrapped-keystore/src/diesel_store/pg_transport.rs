@@ -108,9 +108,10 @@ impl ParsedPgUrl {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Every place libpq may connect to: the hosts (URL authority, else `host=`, else `PGHOST`),
-    /// and the host addresses (`hostaddr=`, else `PGHOSTADDR`). `None` in the list stands for
-    /// libpq's default, a Unix socket. A `service=` is reported as a host we cannot see.
+    /// Every place libpq may connect to: the hosts (of the URL's authority and of every
+    /// `host=` parameter, which overrides it; without either, `PGHOST`) and the host addresses
+    /// (`hostaddr=`, else `PGHOSTADDR`). An empty list means libpq's default, a Unix socket. A
+    /// `service=` is reported as a host that cannot be seen from here.
     fn destinations(&self) -> Vec<String> {
         let env_list = |var: &str| {
             std::env::var(var)
@@ -118,16 +119,25 @@ impl ParsedPgUrl {
                 .filter(|v| !v.is_empty())
                 .map(|v| split_list(&v))
         };
-        let mut out = if !self.authority_hosts.is_empty() {
-            self.authority_hosts.clone()
-        } else if let Some(hosts) = self.param("host").filter(|h| !h.is_empty()) {
-            split_list(hosts)
-        } else {
-            env_list("PGHOST").unwrap_or_default()
+        let params = |name: &str| -> Vec<String> {
+            self.params
+                .iter()
+                .filter(|(n, _)| n == name)
+                .flat_map(|(_, v)| split_list(v))
+                .collect()
         };
-        match self.param("hostaddr").filter(|h| !h.is_empty()) {
-            Some(addrs) => out.extend(split_list(addrs)),
-            None => out.extend(env_list("PGHOSTADDR").unwrap_or_default()),
+        // More than libpq will use (a later `host=` replaces the authority's hosts) errs
+        // towards refusing.
+        let mut out = self.authority_hosts.clone();
+        out.extend(params("host"));
+        if out.is_empty() {
+            out.extend(env_list("PGHOST").unwrap_or_default());
+        }
+        let addrs = params("hostaddr");
+        if addrs.is_empty() {
+            out.extend(env_list("PGHOSTADDR").unwrap_or_default());
+        } else {
+            out.extend(addrs);
         }
         if let Some(service) = self.param("service") {
             out.push(format!("service {service}"));
@@ -331,6 +341,12 @@ mod tests {
                 "192.0.2.7",
             ),
             ("postgres:///keys?host=db.example", "db.example"),
+            // A `host` parameter overrides the URL's host.
+            ("postgres://localhost/keys?host=db.example", "db.example"),
+            (
+                "postgres://localhost/keys?host=%2Ftmp&host=db.example",
+                "db.example",
+            ),
             ("postgres:///keys?service=keys", "service keys"),
         ];
         for (url, host) in cases {

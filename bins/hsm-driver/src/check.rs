@@ -54,6 +54,15 @@ pub(crate) async fn check(path: &Path, config: &Config) -> bool {
         HsmKind::Pkcs11 => check_pkcs11(config, &mut report).await,
     }
 
+    if let Some(refused) = config.database.plaintext_allowed_only_by_the_flag() {
+        report.warn(
+            "database transport",
+            format_args!(
+                "accepted only because database.dangerous_allow_plaintext = true: {refused}"
+            ),
+        );
+    }
+
     match wiring::key_store(config).await {
         Ok(store) => {
             let pending = {

@@ -253,6 +253,24 @@ impl DatabaseSection {
         }
     }
 
+    /// What `dangerous_allow_plaintext` is letting through: the error the connection would be
+    /// refused with without it (`None` if it would not be refused, or for SQLite).
+    pub(crate) fn plaintext_allowed_only_by_the_flag(
+        &self,
+    ) -> Option<wrapped_keystore::StoreError> {
+        if !self.dangerous_allow_plaintext {
+            return None;
+        }
+        let url = DatabaseUrl::parse(&self.url).ok()?;
+        let strict = PgConnectOptions {
+            dangerous_allow_plaintext: false,
+            ..self.pg_connect_options()
+        };
+        url.check_postgres_options(&strict)
+            .err()
+            .filter(wrapped_keystore::StoreError::is_insecure_transport)
+    }
+
     /// Checks the URL and how it is secured, before anything connects.
     fn validate(&self) -> anyhow::Result<()> {
         let url = DatabaseUrl::parse(&self.url).context("database.url")?;

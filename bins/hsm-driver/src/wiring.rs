@@ -16,6 +16,13 @@ use crate::secrets;
 /// before anything connects.
 pub(crate) async fn key_store(config: &Config) -> anyhow::Result<DieselKeyStore> {
     let url = DatabaseUrl::parse(&config.database.url).context("database.url")?;
+    if let Some(refused) = config.database.plaintext_allowed_only_by_the_flag() {
+        tracing::warn!(
+            what = %refused,
+            "database.dangerous_allow_plaintext = true lets this connection through unverified: \
+             anyone on the network path can read and alter the key store"
+        );
+    }
     let options = PoolOptions {
         max_size: config.database.max_connections,
         connection_timeout: std::time::Duration::from_millis(config.database.connect_timeout_ms),

@@ -1,5 +1,6 @@
 //! The real `hsm-driver` binary, started as a process: what an operator sees when the
-//! configuration asks for the software HSM, and what happens to a PIN given in the environment.
+//! configuration asks for the software HSM or an unverified remote database, and what happens
+//! to a PIN given in the environment.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -80,5 +81,39 @@ fn a_pin_from_the_environment_is_removed_from_it_at_start_up() {
     assert!(
         !stdout.contains("123456"),
         "the PIN is never printed: {stdout}"
+    );
+}
+
+#[test]
+fn check_warns_when_only_the_dangerous_flag_lets_a_plaintext_database_through() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let hsm = "module = \"/nonexistent.so\"\ntoken_label = \"t\"\nuser_pin_file = \"pin\"";
+    let path = config(dir.path(), "driver.toml", hsm);
+    // Nothing listens on port 1 of 127.0.0.1, which `hostaddr` sends the connection to.
+    let remote = "postgres://driver@db.internal.example:1/keys?hostaddr=127.0.0.1";
+    let text = std::fs::read_to_string(&path)
+        .expect("reading the configuration")
+        .replace("url = \"sqlite://keys.db\"", &format!("url = \"{remote}\""));
+
+    // Tried: the remote URL without TLS. Refused at load.
+    std::fs::write(&path, &text).expect("writing the configuration");
+    let output = hsm_driver(&path, "check", &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`db.internal.example`") && stderr.contains("database.tls_ca_file"),
+        "{stderr}"
+    );
+
+    // With the flag, `check` goes on and says what the flag let through.
+    std::fs::write(&path, format!("{text}dangerous_allow_plaintext = true\n"))
+        .expect("writing the configuration");
+    let output = hsm_driver(&path, "check", &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(
+            "[warn] database transport: accepted only because database.dangerous_allow_plaintext = true"
+        ) && stdout.contains("`db.internal.example`"),
+        "{stdout}"
     );
 }

@@ -658,3 +658,34 @@ fn percent_encode_path(path: &Path) -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_serves_until_dropped_and_leaves_nothing_behind() {
+        let Some(cluster) = PgCluster::builder()
+            .start_or_skip()
+            .expect("starting a PostgreSQL cluster")
+        else {
+            return;
+        };
+        cluster
+            .execute("SELECT 1")
+            .expect("the superuser over the socket");
+        let mut tcp =
+            PgConnection::establish(&cluster.tcp_url("127.0.0.1", "postgres", "postgres"))
+                .expect("trusted TCP on loopback by default");
+        tcp.batch_execute("SELECT 1").expect("a query over TCP");
+        drop(tcp);
+        let (port, dir) = (cluster.port(), cluster.socket_dir().to_owned());
+
+        drop(cluster);
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "the server stopped listening on {port}"
+        );
+        assert!(!dir.exists(), "{} was removed", dir.display());
+    }
+}

@@ -274,7 +274,7 @@ impl DatabaseSection {
     /// Checks the URL and how it is secured, before anything connects.
     fn validate(&self) -> anyhow::Result<()> {
         let url = DatabaseUrl::parse(&self.url).context("database.url")?;
-        if url.backend() != "postgresql" {
+        if let DatabaseUrl::Sqlite(_) = url {
             for (field, set) in [
                 ("tls_ca_file", self.tls_ca_file.is_some()),
                 ("tls_client_cert", self.tls_client_cert.is_some()),

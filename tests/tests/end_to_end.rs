@@ -386,7 +386,7 @@ async fn a_bad_configuration_is_refused_with_the_field_named() {
     // Tried: an unknown field in [driver].
     std::fs::write(
         &path,
-        "[driver]\nid = \"d\"\nworkerz = 3\n[api]\nurl = \"https://x:1\"\nca_bundle = \"a\"\nclient_cert = \"b\"\nclient_key = \"c\"\n[hsm]\nkind = \"fake\"\n",
+        "[driver]\nid = \"d\"\nworkerz = 3\n[api]\nurl = \"https://x:1\"\nca_bundle = \"a\"\nclient_cert = \"b\"\nclient_key = \"c\"\n[hsm]\nkind = \"pkcs11\"\n",
     )
     .unwrap();
     let output = std::process::Command::new(bin_dir().join("hsm-driver"))
@@ -532,6 +532,12 @@ fn a_driver_refuses_to_start_on_a_master_key_that_lets_keys_be_extracted() {
     let work = TestDir::new("unsafe-master");
     let pin = work.path().join("pin");
     std::fs::write(&pin, token.user_pin().expose_secret()).unwrap();
+    // A PIN file others may read is refused before the self-test could run.
+    std::fs::set_permissions(
+        &pin,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
     let write_config = |escape_hatch: bool| {
         let path = work.path().join("hsm-driver.toml");
         std::fs::write(

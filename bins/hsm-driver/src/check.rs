@@ -35,12 +35,32 @@ pub(crate) async fn check(path: &Path, config: &Config) -> bool {
         format_args!("{} (driver id `{}`)", path.display(), config.driver.id),
     );
 
+    if let Some(var) = &config.hsm.user_pin_env {
+        // `main` took the PIN and removed the variable before any thread started.
+        if std::env::var_os(var).is_none() {
+            report.ok(
+                "PIN variable",
+                format_args!("{var} was read at start-up and removed from the environment"),
+            );
+        } else {
+            report.fail(
+                "PIN variable",
+                &anyhow::anyhow!("{var} is still in the environment"),
+            );
+        }
+    }
+
     match config.hsm.kind {
-        HsmKind::Fake => report.warn(
-            "hsm",
-            "kind = \"fake\": a SOFTWARE test fake, not an HSM; never use it for keys of value",
-        ),
         HsmKind::Pkcs11 => check_pkcs11(config, &mut report).await,
+    }
+
+    if let Some(refused) = config.database.plaintext_allowed_only_by_the_flag() {
+        report.warn(
+            "database transport",
+            format_args!(
+                "accepted only because database.dangerous_allow_plaintext = true: {refused}"
+            ),
+        );
     }
 
     match wiring::key_store(config).await {

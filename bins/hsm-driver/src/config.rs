@@ -1,14 +1,18 @@
 //! The driver's configuration: a TOML file plus `HSM_DRIVER__SECTION__FIELD` environment
 //! overrides, parsed once at start-up into typed values. Unknown fields are rejected; errors
 //! name the field and the file. Secrets are never inline: the PIN comes from a file or an
-//! environment variable named here.
+//! environment variable named here, the database password from a file. A secret file that its
+//! group or others may read is refused unless its section says
+//! `dangerous_allow_readable_secrets = true`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use secrecy::SecretString;
 use serde::Deserialize;
+use wrapped_keystore::{DatabaseUrl, PgConnectOptions};
 
 /// Prefix of environment overrides: `HSM_DRIVER__API__URL=https://…` sets `api.url`.
 pub(crate) const ENV_PREFIX: &str = "HSM_DRIVER";
@@ -70,23 +74,47 @@ pub(crate) struct ApiSection {
     /// Timeout of one request (a lease adds its long-poll wait), in milliseconds.
     #[serde(default = "default_request_timeout_ms")]
     pub(crate) request_timeout_ms: u64,
+    /// DANGEROUS: accept a `client_key` file that its group or others may read (logged as a
+    /// warning) instead of refusing to start.
+    #[serde(default)]
+    pub(crate) dangerous_allow_readable_secrets: bool,
 }
 
-/// Which HSM implementation to use.
+/// Which HSM implementation to use: a PKCS#11 module is the only one the shipped binary has.
+///
+/// The software `FakeHsm` is not compiled in; `kind = "fake"` is refused by name rather than
+/// silently running with keys in software.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(try_from = "String")]
 pub(crate) enum HsmKind {
     /// A PKCS#11 module (the default).
     Pkcs11,
-    /// The software fake: for tests only, never for keys of value.
-    Fake,
+}
+
+impl TryFrom<String> for HsmKind {
+    type Error = String;
+
+    fn try_from(kind: String) -> Result<Self, String> {
+        match kind.as_str() {
+            "pkcs11" => Ok(HsmKind::Pkcs11),
+            "fake" => Err(
+                "`fake` (the software test HSM) is not part of hsm-driver: keys \
+                           would be generated and kept in software. The only kind is \
+                           `pkcs11`; tests that want the fake use the library crates"
+                    .to_owned(),
+            ),
+            other => Err(format!(
+                "`{other}` is not an HSM kind; the only kind is `pkcs11`"
+            )),
+        }
+    }
 }
 
 /// `[hsm]`: the PKCS#11 module, token and master key.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HsmSection {
-    /// `pkcs11` (default) or `fake` (tests only; must be chosen explicitly).
+    /// `pkcs11`, the default and the only kind.
     #[serde(default = "default_hsm_kind")]
     pub(crate) kind: HsmKind,
     /// Path of the PKCS#11 module (`.so`).
@@ -98,9 +126,18 @@ pub(crate) struct HsmSection {
     /// File holding the user PIN (its first line).
     #[serde(default)]
     pub(crate) user_pin_file: Option<PathBuf>,
-    /// Name of an environment variable holding the user PIN.
+    /// Name of an environment variable holding the user PIN. Read and removed from the
+    /// environment at start-up, before any thread starts.
     #[serde(default)]
     pub(crate) user_pin_env: Option<String>,
+    /// The PIN taken from `user_pin_env` at start-up (`None` if the variable was unset or
+    /// empty); never read from the file.
+    #[serde(skip)]
+    pub(crate) pin_from_env: Option<SecretString>,
+    /// DANGEROUS: accept a `user_pin_file` that its group or others may read (logged as a
+    /// warning) instead of refusing to start.
+    #[serde(default)]
+    pub(crate) dangerous_allow_readable_secrets: bool,
     /// Label of the master (wrapping) key.
     #[serde(default = "default_master_key_label")]
     pub(crate) master_key_label: String,
@@ -163,6 +200,28 @@ pub(crate) struct DatabaseSection {
     /// database being marked down), in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub(crate) connect_timeout_ms: u64,
+    /// PostgreSQL: PEM file of the CA(s) that sign the server's certificate. Connections then
+    /// use TLS with `sslmode=verify-full` (the certificate and the host name are checked).
+    #[serde(default)]
+    pub(crate) tls_ca_file: Option<PathBuf>,
+    /// PostgreSQL: PEM client certificate presented to the server (needs `tls_client_key`).
+    #[serde(default)]
+    pub(crate) tls_client_cert: Option<PathBuf>,
+    /// PostgreSQL: PEM private key of `tls_client_cert` (mode 0600).
+    #[serde(default)]
+    pub(crate) tls_client_key: Option<PathBuf>,
+    /// PostgreSQL: file holding the password (its first line), instead of one in `url`.
+    #[serde(default)]
+    pub(crate) password_file: Option<PathBuf>,
+    /// DANGEROUS: allow a PostgreSQL connection without verified TLS to a host that is not
+    /// loopback or a Unix socket. Anyone on the path can then read and alter wrapped keys,
+    /// the audit ledger and the password.
+    #[serde(default)]
+    pub(crate) dangerous_allow_plaintext: bool,
+    /// DANGEROUS: accept a `password_file` or `tls_client_key` that its group or others may
+    /// read (logged as a warning) instead of refusing to start.
+    #[serde(default)]
+    pub(crate) dangerous_allow_readable_secrets: bool,
 }
 
 impl Default for DatabaseSection {
@@ -172,6 +231,70 @@ impl Default for DatabaseSection {
             max_connections: default_max_connections(),
             migrate_on_start: true,
             connect_timeout_ms: default_connect_timeout_ms(),
+            tls_ca_file: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+            password_file: None,
+            dangerous_allow_plaintext: false,
+            dangerous_allow_readable_secrets: false,
+        }
+    }
+}
+
+impl DatabaseSection {
+    /// The PostgreSQL connection options, without the password (read when connecting).
+    pub(crate) fn pg_connect_options(&self) -> PgConnectOptions {
+        PgConnectOptions {
+            tls_ca_file: self.tls_ca_file.clone(),
+            tls_client_cert: self.tls_client_cert.clone(),
+            tls_client_key: self.tls_client_key.clone(),
+            password: None,
+            dangerous_allow_plaintext: self.dangerous_allow_plaintext,
+        }
+    }
+
+    /// What `dangerous_allow_plaintext` is letting through: the error the connection would be
+    /// refused with without it (`None` if it would not be refused, or for SQLite).
+    pub(crate) fn plaintext_allowed_only_by_the_flag(
+        &self,
+    ) -> Option<wrapped_keystore::StoreError> {
+        if !self.dangerous_allow_plaintext {
+            return None;
+        }
+        let url = DatabaseUrl::parse(&self.url).ok()?;
+        let strict = PgConnectOptions {
+            dangerous_allow_plaintext: false,
+            ..self.pg_connect_options()
+        };
+        url.check_postgres_options(&strict)
+            .err()
+            .filter(wrapped_keystore::StoreError::is_insecure_transport)
+    }
+
+    /// Checks the URL and how it is secured, before anything connects.
+    fn validate(&self) -> anyhow::Result<()> {
+        let url = DatabaseUrl::parse(&self.url).context("database.url")?;
+        if let DatabaseUrl::Sqlite(_) = url {
+            for (field, set) in [
+                ("tls_ca_file", self.tls_ca_file.is_some()),
+                ("tls_client_cert", self.tls_client_cert.is_some()),
+                ("tls_client_key", self.tls_client_key.is_some()),
+                ("password_file", self.password_file.is_some()),
+            ] {
+                if set {
+                    bail!("database.{field}: only for a postgres:// url");
+                }
+            }
+            return Ok(());
+        }
+        match url.check_postgres_options(&self.pg_connect_options()) {
+            Ok(()) => Ok(()),
+            Err(error) if error.is_insecure_transport() => Err(anyhow::Error::new(error).context(
+                "database.url: set database.tls_ca_file to the CA that signs the server's \
+                 certificate (TLS with sslmode=verify-full), or, to accept this connection \
+                 unverified, database.dangerous_allow_plaintext = true",
+            )),
+            Err(error) => Err(anyhow::Error::new(error).context("database")),
         }
     }
 }
@@ -321,6 +444,17 @@ impl Config {
         if let Some(p) = self.hsm.user_pin_file.as_mut() {
             resolve(p);
         }
+        for p in [
+            &mut self.database.tls_ca_file,
+            &mut self.database.tls_client_cert,
+            &mut self.database.tls_client_key,
+            &mut self.database.password_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(p);
+        }
         if let Some(fault) = self.hsm.fault_injection.as_mut() {
             resolve(&mut fault.trigger_file);
         }
@@ -350,20 +484,18 @@ impl Config {
         if let Err(error) = self.hsm.wrap_mechanism() {
             bail!("{error}");
         }
-        if self.hsm.kind == HsmKind::Pkcs11 {
-            if self.hsm.module.is_none() {
-                bail!("hsm.module: required (path of the PKCS#11 module)");
+        if self.hsm.module.is_none() {
+            bail!("hsm.module: required (path of the PKCS#11 module)");
+        }
+        if self.hsm.token_label.is_none() {
+            bail!("hsm.token_label: required");
+        }
+        match (&self.hsm.user_pin_file, &self.hsm.user_pin_env) {
+            (None, None) => bail!("hsm.user_pin_file or hsm.user_pin_env: one is required"),
+            (Some(_), Some(_)) => {
+                bail!("hsm.user_pin_file and hsm.user_pin_env: give only one")
             }
-            if self.hsm.token_label.is_none() {
-                bail!("hsm.token_label: required");
-            }
-            match (&self.hsm.user_pin_file, &self.hsm.user_pin_env) {
-                (None, None) => bail!("hsm.user_pin_file or hsm.user_pin_env: one is required"),
-                (Some(_), Some(_)) => {
-                    bail!("hsm.user_pin_file and hsm.user_pin_env: give only one")
-                }
-                _ => {}
-            }
+            _ => {}
         }
         if self.hsm.sessions == Some(0) {
             bail!("hsm.sessions: must be at least 1");
@@ -382,7 +514,7 @@ impl Config {
         if self.database.connect_timeout_ms == 0 {
             bail!("database.connect_timeout_ms: must be at least 1");
         }
-        Ok(())
+        self.database.validate()
     }
 
     /// The engine settings.
@@ -552,6 +684,79 @@ user_pin_file = "pin"
         );
         let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
         assert!(err.contains("give only one"), "{err}");
+    }
+
+    #[test]
+    fn the_software_hsm_cannot_be_selected() {
+        let dir = tempfile::tempdir().unwrap();
+        // Tried: `kind = "fake"` in the file, which once ran the driver on software keys.
+        let text = GOOD.replace("[hsm]\n", "[hsm]\nkind = \"fake\"\n");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(
+            err.contains("kind") && err.contains("`fake` (the software test HSM) is not part"),
+            "{err}"
+        );
+        let text = GOOD.replace("[hsm]\n", "[hsm]\nkind = \"pkcs11\"\n");
+        assert!(Config::load(&write(dir.path(), &text)).is_ok());
+    }
+
+    #[test]
+    fn an_unverified_remote_database_is_refused_at_load_naming_what_to_set() {
+        let dir = tempfile::tempdir().unwrap();
+        // Tried: plaintext (libpq's default `prefer`, and `require`, which checks no
+        // certificate) to a remote host, and a multi-host URL with one remote host.
+        for url in [
+            "postgres://driver@db.internal.example:5432/keys",
+            "postgres://driver@10.1.2.3/keys?sslmode=require",
+            "postgres://driver@127.0.0.1:5432,db-b.internal.example:5432/keys?target_session_attrs=read-write",
+        ] {
+            let text = format!("{GOOD}[database]\nurl = \"{url}\"\n");
+            let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+            assert!(
+                err.contains("database.tls_ca_file")
+                    && err.contains("database.dangerous_allow_plaintext = true")
+                    && (err.contains("`db.internal.example`")
+                        || err.contains("`10.1.2.3`")
+                        || err.contains("`db-b.internal.example`")),
+                "{url}: {err}"
+            );
+        }
+        // Accepted: loopback, a Unix socket, a CA file (verify-full), or the explicit flag.
+        for database in [
+            "url = \"postgres://driver@127.0.0.1:5432/keys\"",
+            "url = \"postgres:///keys?host=/run/postgresql\"",
+            "url = \"postgres://driver@db.internal.example/keys\"\ntls_ca_file = \"pg-ca.pem\"",
+            "url = \"postgres://driver@db.internal.example/keys?sslmode=verify-full\"",
+            "url = \"postgres://driver@db.internal.example/keys\"\ndangerous_allow_plaintext = true",
+        ] {
+            let text = format!("{GOOD}[database]\n{database}\n");
+            let config = Config::load(&write(dir.path(), &text))
+                .unwrap_or_else(|e| panic!("{database}: {e:#}"));
+            if let Some(ca) = config.database.tls_ca_file {
+                assert_eq!(
+                    ca,
+                    dir.path().join("pg-ca.pem"),
+                    "resolved against the file"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn database_tls_and_password_fields_need_postgres_and_one_place() {
+        let dir = tempfile::tempdir().unwrap();
+        // Tried: a CA file with SQLite, and a password both in the URL and in a file.
+        let text = format!("{GOOD}[database]\nurl = \"sqlite://k.db\"\ntls_ca_file = \"ca.pem\"\n");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(
+            err.contains("database.tls_ca_file: only for a postgres://"),
+            "{err}"
+        );
+        let text = format!(
+            "{GOOD}[database]\nurl = \"postgres://u@db.example/k?sslmode=disable\"\ntls_ca_file = \"ca.pem\"\n"
+        );
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("sslmode"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 mod check;
 mod config;
+mod env_scrub;
 mod run;
 mod secrets;
 mod telemetry;
@@ -80,13 +81,18 @@ enum MasterKeyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config) {
+    let mut config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::from(2);
         }
     };
+    // Still one thread: the only moment the environment can be changed soundly.
+    if let Err(e) = secrets::take_env_pin(&mut config.hsm) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

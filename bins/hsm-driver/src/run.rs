@@ -4,7 +4,7 @@ use anyhow::Context;
 use dfns_api_client::HttpJobSource;
 use driver_core::Driver;
 use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
-use hsm_pkcs11::{FakeHsm, Hsm, SchemeSupport};
+use hsm_pkcs11::{Hsm, SchemeSupport};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use wrapped_keystore::{DieselKeyStore, KeyStore};
@@ -43,13 +43,6 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
                     serve(config, FaultInjectingHsm::new(hsm, switch), hot_keys).await
                 }
             }
-        }
-        HsmKind::Fake => {
-            warn!(
-                "hsm.kind = \"fake\": keys are generated and wrapped IN SOFTWARE by a test fake. \
-                 Never use this configuration for keys of value."
-            );
-            serve(config, FakeHsm::new(), None).await
         }
     }
 }
@@ -214,10 +207,6 @@ async fn provision(
     + Send
     + 'static,
 ) -> anyhow::Result<String> {
-    anyhow::ensure!(
-        config.hsm.kind == HsmKind::Pkcs11,
-        "{command} needs hsm.kind = \"pkcs11\""
-    );
     let module = wiring::pkcs11_module(config).await?;
     let token = config
         .hsm
@@ -229,7 +218,7 @@ async fn provision(
     tokio::task::spawn_blocking(move || step(&module, &label, &pin))
         .await
         .context("provisioning task")?
-        .with_context(|| format!("on token `{token}`"))?;
+        .with_context(|| format!("{command} on token `{token}`"))?;
     Ok(token)
 }
 

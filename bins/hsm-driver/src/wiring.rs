@@ -6,17 +6,30 @@ use std::time::Duration;
 use anyhow::Context;
 use dfns_api_client::{Backoff, ClientConfig, HttpJobSource, TlsFiles};
 use hsm_pkcs11::{HotKeys, Pkcs11Config, Pkcs11Hsm, Pkcs11Module};
-use wrapped_keystore::{DatabaseUrl, DieselKeyStore, PoolOptions};
+use wrapped_keystore::{DatabaseUrl, DieselKeyStore, PgConnectOptions, PoolOptions};
 
 use crate::config::Config;
 use crate::secrets;
 
-/// Connects to the key store (without migrating).
+/// Connects to the key store (without migrating): TLS as `[database]` says, the password from
+/// `database.password_file`. An unverified PostgreSQL connection to a remote host is refused
+/// before anything connects.
 pub(crate) async fn key_store(config: &Config) -> anyhow::Result<DieselKeyStore> {
     let url = DatabaseUrl::parse(&config.database.url).context("database.url")?;
+    if let Some(refused) = config.database.plaintext_allowed_only_by_the_flag() {
+        tracing::warn!(
+            what = %refused,
+            "database.dangerous_allow_plaintext = true lets this connection through unverified: \
+             anyone on the network path can read and alter the key store"
+        );
+    }
     let options = PoolOptions {
         max_size: config.database.max_connections,
         connection_timeout: std::time::Duration::from_millis(config.database.connect_timeout_ms),
+        postgres: PgConnectOptions {
+            password: secrets::database_password(&config.database)?,
+            ..config.database.pg_connect_options()
+        },
         ..PoolOptions::default()
     };
     let store = tokio::task::spawn_blocking(move || DieselKeyStore::connect(&url, options))
@@ -37,7 +50,12 @@ pub(crate) async fn migrate(store: &DieselKeyStore) -> anyhow::Result<Vec<String
 
 /// The mutual-TLS API client.
 pub(crate) fn api_client(config: &Config) -> anyhow::Result<HttpJobSource> {
-    secrets::warn_if_readable_by_others(&config.api.client_key);
+    secrets::refuse_if_readable_by_others(
+        &config.api.client_key,
+        "api",
+        "client_key",
+        config.api.dangerous_allow_readable_secrets,
+    )?;
     let base_url = config
         .api
         .url
@@ -131,4 +149,108 @@ pub(crate) async fn master_key_self_test(
         }
     }
     Ok((hsm, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use wrapped_keystore::testing::{PgCluster, TestCa};
+
+    use super::*;
+
+    /// A configuration whose `[database]` section is `database`, written into `dir`.
+    fn config(dir: &Path, database: &str) -> anyhow::Result<Config> {
+        let path = dir.join("driver.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[driver]\nid = \"drv-1\"\n[api]\nurl = \"https://127.0.0.1:8443\"\n\
+                 ca_bundle = \"ca.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c.key\"\n\
+                 [hsm]\nmodule = \"/nonexistent.so\"\ntoken_label = \"t\"\nuser_pin_file = \"pin\"\n\
+                 [database]\n{database}\n"
+            ),
+        )?;
+        Config::load(&path)
+    }
+
+    #[test]
+    fn an_api_client_key_others_may_read_is_refused_unless_explicitly_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("c.key");
+        // Tried: the mTLS client key readable by everyone.
+        std::fs::write(&key, "not really a key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut config = config(dir.path(), "").expect("a valid configuration");
+        let err = format!("{:#}", api_client(&config).unwrap_err());
+        assert!(
+            err.contains("api.client_key")
+                && err.contains("mode 644")
+                && err.contains("api.dangerous_allow_readable_secrets = true"),
+            "{err}"
+        );
+        // Allowed explicitly, the key file is used (and fails later, for not being a key).
+        config.api.dangerous_allow_readable_secrets = true;
+        let err = format!("{:#}", api_client(&config).unwrap_err());
+        assert!(!err.contains("readable by its group"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_database_password_file_authenticates_over_verified_tls_and_must_be_private() {
+        let ca = TestCa::new("hsm-driver test CA").expect("a test CA");
+        let server = ca
+            .issue_server(&["localhost", "127.0.0.1"])
+            .expect("a server certificate");
+        let Some(cluster) = tokio::task::spawn_blocking(move || {
+            PgCluster::builder()
+                .tls(server)
+                .hba("hostssl all all all scram-sha-256")
+                .hba("hostnossl all all all reject")
+                .start_or_skip()
+                .expect("starting a TLS PostgreSQL cluster")
+        })
+        .await
+        .expect("the cluster task") else {
+            return;
+        };
+        for sql in [
+            "CREATE ROLE driver LOGIN PASSWORD 'pg pass from a file'",
+            "CREATE DATABASE keys OWNER driver",
+        ] {
+            cluster.execute(sql).expect("creating the driver's role");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pg-ca.pem"), ca.cert_pem()).unwrap();
+        let password = dir.path().join("pg-password");
+        std::fs::write(&password, "pg pass from a file\n").unwrap();
+        std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let database = format!(
+            "url = \"{}\"\ntls_ca_file = \"pg-ca.pem\"\npassword_file = \"pg-password\"",
+            cluster.tcp_url("localhost", "driver", "keys")
+        );
+
+        let config = config(dir.path(), &database).expect("a valid configuration");
+        let store = key_store(&config)
+            .await
+            .expect("the password from the file, over verify-full TLS");
+        let applied = migrate(&store)
+            .await
+            .expect("migrations as the driver role");
+        assert!(!applied.is_empty());
+        assert!(!format!("{config:?}{store:?}").contains("pg pass"));
+
+        // Tried: the same password file readable by everyone.
+        std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = format!("{:#}", key_store(&config).await.unwrap_err());
+        assert!(
+            err.contains("database.password_file")
+                && err.contains("mode 644")
+                && !err.contains("pg pass"),
+            "{err}"
+        );
+        tokio::task::spawn_blocking(move || drop(cluster))
+            .await
+            .expect("stopping the cluster");
+    }
 }

@@ -81,6 +81,22 @@ pub enum StoreError {
         reason: String,
     },
 
+    /// A PostgreSQL connection would be neither TLS-verified (`sslmode=verify-full`) nor on this
+    /// machine: refused before connecting, unless plaintext was explicitly allowed
+    /// ([`PgConnectOptions::dangerous_allow_plaintext`](crate::PgConnectOptions)).
+    #[error(
+        "refusing an unverified connection (sslmode={sslmode}) to PostgreSQL host `{host}`: \
+         a host that is not loopback or a Unix socket must be reached with TLS and \
+         sslmode=verify-full, checked against the CA that signed its certificate; \
+         plaintext there must be allowed explicitly"
+    )]
+    InsecureTransport {
+        /// The first host (or `hostaddr`, or `service …`) that is not on this machine.
+        host: String,
+        /// The `sslmode` the connection would have used.
+        sslmode: String,
+    },
+
     /// A stored row cannot be decoded into a [`KeyRecord`](crate::KeyRecord): the schema was
     /// changed behind the store's back or the row was written by something else.
     #[error("stored record {} cannot be decoded", KeyIdOrListing(key_id.as_deref()))]
@@ -140,6 +156,12 @@ impl StoreError {
         matches!(self, StoreError::MasterKeyMismatch { .. })
     }
 
+    /// Whether this is [`StoreError::InsecureTransport`]: the connection was refused before it
+    /// was attempted because it would not be TLS-verified to a host off this machine.
+    pub fn is_insecure_transport(&self) -> bool {
+        matches!(self, StoreError::InsecureTransport { .. })
+    }
+
     /// Whether this is [`StoreError::Corrupt`]: a stored row cannot be decoded.
     pub fn is_corrupt(&self) -> bool {
         matches!(self, StoreError::Corrupt { .. })
@@ -157,6 +179,7 @@ impl StoreError {
             | StoreError::AuditCorrupt { .. }
             | StoreError::Migration { .. }
             | StoreError::InvalidUrl { .. }
+            | StoreError::InsecureTransport { .. }
             | StoreError::Corrupt { .. }
             | StoreError::TaskFailed { .. } => Class::Final,
         }

@@ -9,11 +9,14 @@
 //! - [`audit`]: the hash-chained audit ledger of every key generated and payload signed, and
 //!   the exact encoding a customer needs to check it independently.
 //! - [`DieselKeyStore`]: diesel + r2d2 over PostgreSQL or SQLite, chosen by URL, with embedded
-//!   migrations.
+//!   migrations. [`PgConnectOptions`] secures PostgreSQL connections (verified TLS, client
+//!   certificate, a password kept out of the URL); an unverified connection to a host off this
+//!   machine is refused unless explicitly allowed.
 //! - `MemoryKeyStore` (feature `fake`): an in-memory fake for tests, with a switch that fakes an
 //!   outage.
-//! - `testing` (feature `pg-fixture`): a throwaway PostgreSQL database per test, and a
-//!   `TcpProxy` that cuts one client's connections to fake a database outage.
+//! - `testing` (feature `pg-fixture`): a throwaway PostgreSQL database per test, a `TcpProxy`
+//!   that cuts one client's connections to fake a database outage, and a throwaway PostgreSQL
+//!   server (`PgCluster`) with a test CA for TLS and authentication tests.
 //!
 //! # When the database goes away
 //!
@@ -38,7 +41,7 @@ mod memory;
 pub mod testing;
 
 pub use audit::{AuditEntry, AuditKind, AuditProblem, AuditRecord, AuditVerification};
-pub use diesel_store::{DatabaseUrl, DieselKeyStore, PoolOptions};
+pub use diesel_store::{DatabaseUrl, DieselKeyStore, PgConnectOptions, PoolOptions};
 pub use error::StoreError;
 #[cfg(feature = "fake")]
 pub use memory::MemoryKeyStore;

@@ -1,5 +1,7 @@
-//! Test fixtures (feature `pg-fixture`): a throwaway PostgreSQL database per test, and a
-//! [`TcpProxy`] to cut one client's connections to it.
+//! Test fixtures (feature `pg-fixture`): a throwaway PostgreSQL database per test, a
+//! [`TcpProxy`] to cut one client's connections to it, and a throwaway PostgreSQL server of a
+//! test's own ([`PgCluster`], with certificates from a [`TestCa`]) for tests that need the
+//! server configured their way: TLS, plaintext refused, passwords, several servers.
 //!
 //! Each [`PgTestDatabase`] is a fresh database with a random name on the server named by
 //! `HSM_DRIVER_TEST_PG_URL` (default [`DEFAULT_ADMIN_URL`]), dropped when the value is dropped.
@@ -23,7 +25,9 @@
 //! [`TcpProxy`] in front of the server ([`PgTestDatabase::server_addr`],
 //! [`PgTestDatabase::database_url_via`]) and [`cut`](TcpProxy::cut) it.
 
+mod pg_cluster;
 mod tcp_proxy;
+mod test_ca;
 
 use std::env;
 use std::io::Write;
@@ -36,7 +40,11 @@ use diesel::pg::PgConnection;
 use crate::diesel_store::DatabaseUrl;
 use crate::error::StoreError;
 
+pub use self::pg_cluster::{
+    PG_BIN_VAR, PG_OS_USER_VAR, PgCluster, PgClusterBuilder, PgClusterError,
+};
 pub use self::tcp_proxy::TcpProxy;
+pub use self::test_ca::{IssuedCert, TestCa};
 
 /// The environment variable naming the PostgreSQL server (any database on it; the fixture
 /// connects there to create and drop test databases).

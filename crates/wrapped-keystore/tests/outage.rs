@@ -41,6 +41,7 @@ async fn store_behind_a_proxy() -> Option<(DieselKeyStore, TcpProxy, PgTestDatab
             max_size: 4,
             connection_timeout: CONNECTION_TIMEOUT,
             min_idle: None,
+            ..PoolOptions::default()
         };
         let store =
             DieselKeyStore::connect_and_migrate(&db.database_url_via(proxy.local_addr()), options)

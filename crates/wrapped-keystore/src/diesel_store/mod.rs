@@ -7,12 +7,14 @@
 
 mod ledger;
 mod migrations;
+mod pg_transport;
 pub(crate) mod pool;
 mod queries;
 mod url;
 
 use std::sync::Arc;
 
+pub use pg_transport::PgConnectOptions;
 pub use pool::PoolOptions;
 pub use url::DatabaseUrl;
 
@@ -76,9 +78,16 @@ impl DieselKeyStore {
     /// keys and `synchronous = NORMAL`. `:memory:` gets a single connection that is never
     /// recycled, as each connection would otherwise see its own empty database.
     ///
+    /// A PostgreSQL URL is checked before anything connects: a host other than loopback,
+    /// `localhost` or a Unix socket must be reached with `sslmode=verify-full` (in the URL, or
+    /// by [`PgConnectOptions::tls_ca_file`]) unless [`PgConnectOptions::dangerous_allow_plaintext`].
+    ///
     /// # Errors
-    /// [`StoreError::Connection`] if the first connection fails (with the database's reason), or
-    /// [`StoreError::Unavailable`] if the pool cannot fill within `connection_timeout`.
+    /// [`StoreError::InsecureTransport`] for an unverified connection to a remote host,
+    /// [`StoreError::InvalidUrl`] if the URL sets what [`PoolOptions::postgres`] sets too,
+    /// [`StoreError::Connection`] if the first connection fails (with the database's reason, such
+    /// as a certificate that does not verify), or [`StoreError::Unavailable`] if the pool cannot
+    /// fill within `connection_timeout`.
     pub fn connect(url: &DatabaseUrl, options: PoolOptions) -> Result<Self, StoreError> {
         let pool = pool::build(url, &options)?;
         tracing::info!(url = %url, max_size = pool.max_size(), "opened key store");

@@ -16,6 +16,7 @@ use diesel::pg::PgConnection;
 use diesel::r2d2::R2D2Connection;
 use diesel::sqlite::SqliteConnection;
 
+use super::pg_transport::{self, PgConnectOptions};
 use super::url::DatabaseUrl;
 use crate::error::StoreError;
 
@@ -48,8 +49,9 @@ pub(crate) enum AnyConnection {
 
 /// Connection pool settings for [`DieselKeyStore::connect`](crate::DieselKeyStore::connect).
 ///
-/// The defaults suit a driver: 8 connections, a 5 s connection timeout, all of them kept open.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The defaults suit a driver: 8 connections, a 5 s connection timeout, all of them kept open,
+/// and PostgreSQL reached in plaintext only on this machine (see [`PgConnectOptions`]).
+#[derive(Debug, Clone)]
 pub struct PoolOptions {
     /// The most connections the pool holds. Ignored for `:memory:`, which has exactly one.
     pub max_size: u32,
@@ -66,6 +68,9 @@ pub struct PoolOptions {
     pub connection_timeout: Duration,
     /// Idle connections the pool keeps open; `None` keeps `max_size`.
     pub min_idle: Option<u32>,
+    /// How PostgreSQL connections are secured (TLS, client certificate, password). Ignored for
+    /// SQLite.
+    pub postgres: PgConnectOptions,
 }
 
 impl Default for PoolOptions {
@@ -74,6 +79,7 @@ impl Default for PoolOptions {
             max_size: 8,
             connection_timeout: Duration::from_secs(5),
             min_idle: None,
+            postgres: PgConnectOptions::default(),
         }
     }
 }
@@ -84,20 +90,28 @@ impl Default for PoolOptions {
 #[derive(Debug)]
 pub(crate) struct ConnectionManager {
     url: DatabaseUrl,
+    postgres: PgConnectOptions,
 }
 
 impl ConnectionManager {
-    pub(crate) fn new(url: DatabaseUrl) -> Self {
-        ConnectionManager { url }
+    /// A manager for `url`, after checking that a PostgreSQL URL with `postgres` is either
+    /// TLS-verified or stays on this machine.
+    pub(crate) fn new(url: DatabaseUrl, postgres: PgConnectOptions) -> Result<Self, StoreError> {
+        url.check_postgres_options(&postgres)?;
+        Ok(ConnectionManager { url, postgres })
     }
 
     /// Opens and configures one connection.
     pub(crate) fn open(&self) -> Result<AnyConnection, StoreError> {
         let to_error = |source| StoreError::Connection { source };
         match &self.url {
-            DatabaseUrl::Postgres(_) => PgConnection::establish(self.url.connection_string())
-                .map(AnyConnection::Postgresql)
-                .map_err(to_error),
+            DatabaseUrl::Postgres(raw) => {
+                // Holds any password in clear; wiped when it goes out of scope.
+                let conninfo = pg_transport::connection_string(raw, &self.postgres);
+                PgConnection::establish(&conninfo)
+                    .map(AnyConnection::Postgresql)
+                    .map_err(to_error)
+            }
             DatabaseUrl::Sqlite(_) => {
                 let mut conn =
                     SqliteConnection::establish(self.url.connection_string()).map_err(to_error)?;
@@ -179,9 +193,10 @@ impl r2d2::HandleEvent for TracingEventHandler {
 pub(crate) type Pool = r2d2::Pool<ConnectionManager>;
 
 /// Builds a pool, opening one connection first so that a wrong URL or password is reported as
-/// the database's own error rather than as a pool timeout.
+/// the database's own error rather than as a pool timeout. An unverified PostgreSQL connection to
+/// a host off this machine is refused before anything connects.
 pub(crate) fn build(url: &DatabaseUrl, options: &PoolOptions) -> Result<Pool, StoreError> {
-    let manager = ConnectionManager::new(url.clone());
+    let manager = ConnectionManager::new(url.clone(), options.postgres.clone())?;
     drop(manager.open()?);
     let outage = Arc::new(Outage::default());
     let builder = r2d2::Pool::builder()

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
+use super::pg_transport::{self, PgConnectOptions};
 use crate::error::StoreError;
 
 /// What replaces a password when a URL is printed.
@@ -78,6 +79,22 @@ impl DatabaseUrl {
     /// Whether this is an in-memory SQLite database (one connection, gone when it closes).
     pub fn is_in_memory(&self) -> bool {
         matches!(self, DatabaseUrl::Sqlite(path) if path == ":memory:")
+    }
+
+    /// Checks, without connecting, what [`DieselKeyStore::connect`](crate::DieselKeyStore::connect)
+    /// checks before it connects to PostgreSQL with `options`: that every host and `hostaddr`
+    /// is loopback, `localhost` or a Unix socket, or the connection is `sslmode=verify-full`
+    /// (or plaintext is explicitly allowed); and that the URL does not set what `options` sets.
+    /// Always `Ok` for SQLite.
+    ///
+    /// # Errors
+    /// [`StoreError::InsecureTransport`] naming the first host that does not qualify, or
+    /// [`StoreError::InvalidUrl`] for a parameter given both in the URL and in `options`.
+    pub fn check_postgres_options(&self, options: &PgConnectOptions) -> Result<(), StoreError> {
+        match self {
+            DatabaseUrl::Postgres(url) => pg_transport::check(url, options),
+            DatabaseUrl::Sqlite(_) => Ok(()),
+        }
     }
 
     /// The string handed to the database driver. Contains any password in clear: never log it.

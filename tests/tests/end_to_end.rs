@@ -538,13 +538,13 @@ fn a_driver_refuses_to_start_on_a_master_key_that_lets_keys_be_extracted() {
         <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
     )
     .unwrap();
-    let write_config = |escape_hatch: bool| {
+    let write_config = || {
         let path = work.path().join("hsm-driver.toml");
         std::fs::write(
             &path,
             format!(
                 "[driver]\nid = \"d\"\n[api]\nurl = \"https://127.0.0.1:9\"\nca_bundle = \"ca.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c.key\"\n\
-                 [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\nuser_pin_file = \"pin\"\nmaster_key_label = \"{}\"\ndangerous_allow_unsafe_master_key = {escape_hatch}\n\
+                 [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\nuser_pin_file = \"pin\"\nmaster_key_label = \"{}\"\n\
                  [database]\nurl = \"sqlite://keys.db\"\n",
                 module.display(),
                 token.label(),
@@ -565,7 +565,7 @@ fn a_driver_refuses_to_start_on_a_master_key_that_lets_keys_be_extracted() {
             .unwrap()
     };
 
-    let output = run(&write_config(false), "run");
+    let output = run(&write_config(), "run");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "run must refuse:\n{stderr}");
     assert!(stderr.contains("refusing to start"), "{stderr}");
@@ -574,16 +574,38 @@ fn a_driver_refuses_to_start_on_a_master_key_that_lets_keys_be_extracted() {
         "and say how to fix it: {stderr}"
     );
 
-    let output = run(&write_config(false), "check");
+    let output = run(&write_config(), "check");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("[FAIL] master key self-test"), "{stdout}");
+    assert!(stdout.contains("[FAIL] attack suite"), "{stdout}");
 
-    // The development escape hatch is explicit and loud: check warns, it does not pass silently.
-    let output = run(&write_config(true), "check");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    // One FAIL line per way in, each naming its remedy; and no way to accept the key: the
+    // escape hatch of earlier versions is gone.
+    let fails: Vec<_> = stdout
+        .lines()
+        .filter(|l| l.starts_with("[FAIL] attack suite"))
+        .collect();
+    assert!(fails.len() >= 2, "{stdout}");
     assert!(
-        stdout.contains("[warn] master key self-test: UNSAFE"),
+        fails
+            .iter()
+            .all(|l| l.contains("hsm-driver master-key create")),
         "{stdout}"
+    );
+    assert!(stdout.contains("attack a succeeded"), "{stdout}");
+
+    // Tried: the old escape hatch, in the file. Refused as an unknown field.
+    let config = write_config();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[hsm]\n",
+        "[hsm]\ndangerous_allow_unsafe_master_key = true\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let output = run(&config, "run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("dangerous_allow_unsafe_master_key"),
+        "{stderr}"
     );
 }
 

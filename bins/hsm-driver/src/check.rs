@@ -162,19 +162,19 @@ async fn check_pkcs11(config: &Config, report: &mut Report) {
             }
         ),
     );
-    let hsm = match wiring::master_key_self_test(hsm, config).await {
-        Ok((hsm, self_test)) if self_test.is_safe() => {
-            report.ok("master key self-test", &self_test);
+    let hsm = match wiring::attack_suite(hsm).await {
+        Ok((hsm, suite)) if suite.is_safe() => {
+            report.ok("attack suite", &suite);
             hsm
         }
-        Ok((hsm, self_test)) => {
-            report.warn(
-                "master key self-test",
-                format_args!("UNSAFE, accepted only because hsm.dangerous_allow_unsafe_master_key = true: {self_test}"),
-            );
-            hsm
+        Ok((_, suite)) => {
+            // One line per way in, naming the attack and the remedy.
+            for finding in suite.unsafe_findings() {
+                report.fail("attack suite", &anyhow::anyhow!("{finding}"));
+            }
+            return;
         }
-        Err(e) => return report.fail("master key self-test", &e),
+        Err(e) => return report.fail("attack suite", &e),
     };
     for (scheme, support) in &hsm.capabilities().schemes {
         match support {

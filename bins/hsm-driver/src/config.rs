@@ -149,10 +149,6 @@ pub(crate) struct HsmSection {
     /// Logged-in sessions (one per HSM worker thread); defaults to `driver.workers`.
     #[serde(default)]
     pub(crate) sessions: Option<usize>,
-    /// DEVELOPMENT ONLY: run even if the master-key self-test finds the key unsafe (a key that
-    /// lets wrapped keys be extracted). Logged as an error at every start.
-    #[serde(default)]
-    pub(crate) dangerous_allow_unsafe_master_key: bool,
     /// TESTS AND FAULT DRILLS ONLY: make the HSM fail on demand.
     #[serde(default)]
     pub(crate) fault_injection: Option<FaultInjectionSection>,

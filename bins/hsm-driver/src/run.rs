@@ -24,8 +24,19 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
                 mechanism = %hsm.wrap_mechanism(),
                 "new keys are wrapped with this mechanism"
             );
-            let (hsm, report) = wiring::master_key_self_test(hsm, config).await?;
-            info!(%report, "master key self-test");
+            let (hsm, report) = wiring::attack_suite(hsm).await?;
+            if !report.is_safe() {
+                for finding in report.unsafe_findings() {
+                    tracing::error!(
+                        finding = finding.kind.as_str(),
+                        problem = %finding.problem,
+                        remedy = %finding.remedy,
+                        "TAMPER: the HSM's keys are attackable by a PIN holder"
+                    );
+                }
+                anyhow::bail!("refusing to start: {report}");
+            }
+            info!(%report, "attack suite");
             // Read before the HSM moves into the engine: hit/miss counters for /metrics.
             let hot_keys = config
                 .hsm

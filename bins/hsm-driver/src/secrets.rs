@@ -170,7 +170,6 @@ mod tests {
             master_key_label: "m".to_owned(),
             wrap_mechanism: "aes-key-wrap-pad".to_owned(),
             sessions: None,
-            dangerous_allow_unsafe_master_key: false,
             fault_injection: None,
             hot_keys: None,
         }

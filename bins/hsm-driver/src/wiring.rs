@@ -121,33 +121,20 @@ pub(crate) async fn pkcs11_hsm(
         .with_context(|| format!("opening token `{label}`"))
 }
 
-/// Runs the master-key self-test (attribute checks and both extraction attacks against a
-/// canary) and refuses an unsafe key unless the development escape hatch is set.
-pub(crate) async fn master_key_self_test(
+/// Runs the insider attack suite against the deployment's keys (`Pkcs11Hsm::
+/// master_key_self_test`): its report, or the error that kept it from reaching a verdict.
+/// There is no way to run on an attackable key: `run` refuses to start on any unsafe finding,
+/// and every later health check runs the same suite.
+pub(crate) async fn attack_suite(
     hsm: Pkcs11Hsm,
-    config: &Config,
 ) -> anyhow::Result<(Pkcs11Hsm, hsm_pkcs11::SelfTestReport)> {
     let (hsm, report) = tokio::task::spawn_blocking(move || {
         let report = hsm.master_key_self_test();
         (hsm, report)
     })
     .await
-    .context("master key self-test task")?;
-    let report = report.context("running the master key self-test")?;
-    if !report.is_safe() {
-        if config.hsm.dangerous_allow_unsafe_master_key {
-            tracing::error!(
-                report = %report,
-                "UNSAFE MASTER KEY ACCEPTED because hsm.dangerous_allow_unsafe_master_key = true: \
-                 wrapped keys in the database can be extracted by anyone holding the PIN. \
-                 Development only."
-            );
-        } else {
-            anyhow::bail!(
-                "refusing to start: {report}\n(to override for development only, set hsm.dangerous_allow_unsafe_master_key = true)"
-            );
-        }
-    }
+    .context("attack suite task")?;
+    let report = report.context("running the attack suite")?;
     Ok((hsm, report))
 }
 

@@ -76,6 +76,10 @@ enum MasterKeyCommand {
     /// before key records were MACed. Tokens sharing a master key must share this key too:
     /// create it on one and clone it with the vendor's tools (docs/key-ceremony.md).
     CreateMacKey,
+    /// Add the ledger key (`<master label>-ledger`) to a token whose master key was created
+    /// before audit ledger entries were MACed in the HSM. Tokens sharing a master key must
+    /// share this key too (docs/key-ceremony.md, docs/ledger.md).
+    CreateLedgerKey,
 }
 
 fn main() -> ExitCode {
@@ -110,6 +114,9 @@ fn main() -> ExitCode {
             Command::MasterKey {
                 command: MasterKeyCommand::CreateMacKey,
             } => run::create_mac_key(&config).await.map(|()| true),
+            Command::MasterKey {
+                command: MasterKeyCommand::CreateLedgerKey,
+            } => run::create_ledger_key(&config).await.map(|()| true),
             Command::Audit {
                 command: AuditCommand::Verify,
             } => run::audit_verify(&config).await,

@@ -179,8 +179,9 @@ pub(crate) async fn create_master_key(
     .await
     .with_context(|| format!("creating master key `{label}`"))?;
     println!(
-        "master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only, CKA_UNWRAP_TEMPLATE set), with its record-MAC key `{}`",
-        hsm_pkcs11::record_mac_key_label(&label)
+        "master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only, CKA_UNWRAP_TEMPLATE set), with its record-MAC key `{}` and its ledger key `{}`",
+        hsm_pkcs11::record_mac_key_label(&label),
+        hsm_pkcs11::ledger_key_label(&label)
     );
     Ok(())
 }
@@ -197,6 +198,22 @@ pub(crate) async fn create_mac_key(config: &Config) -> anyhow::Result<()> {
     println!(
         "record-MAC key `{}` created on token `{token}` (HMAC-SHA256, sensitive, not extractable, sign/verify only)",
         hsm_pkcs11::record_mac_key_label(&master)
+    );
+    Ok(())
+}
+
+/// `master-key create-ledger-key`.
+pub(crate) async fn create_ledger_key(config: &Config) -> anyhow::Result<()> {
+    let master = config.hsm.master_key_label.clone();
+    let token = provision(config, "master-key create-ledger-key", {
+        let master = master.clone();
+        move |module, token, pin| hsm_pkcs11::create_ledger_key(module, token, pin, &master)
+    })
+    .await
+    .with_context(|| format!("creating the ledger key for `{master}`"))?;
+    println!(
+        "ledger key `{}` created on token `{token}` (HMAC-SHA256, sensitive, not extractable, sign/verify only)",
+        hsm_pkcs11::ledger_key_label(&master)
     );
     Ok(())
 }

@@ -328,7 +328,8 @@ fn set_conf_var(kind: TokenKind, conf: &Path) {
     unsafe { std::env::set_var(kind.conf_var(), conf) };
 }
 
-/// A fresh test token with a user PIN, an AES-256 master key and its record MAC key.
+/// A fresh test token with a user PIN, an AES-256 master key, its record MAC key and its
+/// ledger key.
 #[derive(Clone)]
 pub struct TestToken {
     label: String,
@@ -478,6 +479,11 @@ impl TestToken {
     /// The record MAC key's label (`<master key label>-mac`).
     pub fn mac_key_label(&self) -> String {
         crate::record_mac::record_mac_key_label(&self.master_key_label)
+    }
+
+    /// The ledger key's label (`<master key label>-ledger`).
+    pub fn ledger_key_label(&self) -> String {
+        crate::record_mac::ledger_key_label(&self.master_key_label)
     }
 
     /// The process-wide module.

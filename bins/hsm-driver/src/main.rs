@@ -7,6 +7,7 @@
 //! environment overrides; see the README's configuration reference.
 
 mod check;
+mod checkpoint_file;
 mod config;
 mod run;
 mod secrets;
@@ -59,8 +60,14 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain: report a deleted, altered or reordered entry (exit 1 if any).
-    Verify,
+    /// Check every driver's chain through the HSM (each entry's MAC under the ledger key, the
+    /// links, contiguous seqs) and against checkpoints kept outside the database; name the
+    /// first bad entry (exit 1 if any) or print each chain's head.
+    Verify {
+        /// A local checkpoint file (a driver's `[ledger] checkpoint_file`), JSON lines.
+        #[arg(long)]
+        checkpoint_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,8 +125,13 @@ fn main() -> ExitCode {
                 command: MasterKeyCommand::CreateLedgerKey,
             } => run::create_ledger_key(&config).await.map(|()| true),
             Command::Audit {
-                command: AuditCommand::Verify,
-            } => run::audit_verify(&config).await,
+                command: AuditCommand::Verify { checkpoint_file },
+            } => {
+                let sources = run::CheckpointSources {
+                    file: checkpoint_file,
+                };
+                run::audit_verify(&config, &sources).await
+            }
         }
     });
     match result {

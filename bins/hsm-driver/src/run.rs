@@ -3,6 +3,7 @@
 use anyhow::Context;
 use dfns_api_client::HttpJobSource;
 use driver_core::Driver;
+use driver_core::ledger::{self, Checkpoints, HsmAuthenticator};
 use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
 use hsm_pkcs11::{FakeHsm, Hsm, SchemeSupport};
 use tokio_util::sync::CancellationToken;
@@ -11,7 +12,7 @@ use wrapped_keystore::{DieselKeyStore, KeyStore};
 
 use crate::config::{Config, HsmKind};
 use crate::telemetry::Telemetry;
-use crate::{secrets, wiring};
+use crate::{checkpoint_file, secrets, wiring};
 
 /// The service: wire everything, lease until SIGTERM/SIGINT, finish in-flight work, return.
 pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
@@ -107,6 +108,26 @@ async fn serve<H: Hsm>(
         None => None,
     };
     let driver = builder.build().context("building the driver")?;
+    // The start-up check of this driver's ledger chain: its newest entry must be one this
+    // deployment's HSM wrote.
+    match driver
+        .open_ledger()
+        .await
+        .context("checking this driver's ledger chain head")?
+    {
+        Some(head) => info!(%head, "ledger chain head verified in the HSM"),
+        None => info!(chain = %config.driver.id, "ledger chain is empty"),
+    }
+    let checkpoints_stopped = CancellationToken::new();
+    let checkpoints = config.ledger.checkpoint_file.clone().map(|path| {
+        info!(file = %path.display(), "ledger checkpoints are appended to a local file");
+        tokio::spawn(checkpoint_file::keep_writing(
+            path,
+            std::time::Duration::from_millis(config.ledger.checkpoint_interval_ms),
+            driver.watch_ledger_head(),
+            checkpoints_stopped.clone(),
+        ))
+    });
     // The endpoint outlives the signal: it keeps answering while in-flight jobs drain and
     // stops once the engine has returned.
     let driver_stopped = CancellationToken::new();
@@ -120,6 +141,12 @@ async fn serve<H: Hsm>(
     });
     let report = driver.run(shutdown_signal()).await;
     driver_stopped.cancel();
+    checkpoints_stopped.cancel();
+    if let Some(checkpoints) = checkpoints {
+        if let Err(e) = checkpoints.await {
+            warn!(error = %e, "checkpoint file task");
+        }
+    }
     if let Some(server) = server {
         if let Err(e) = server.await {
             warn!(error = %e, "telemetry endpoint task");
@@ -250,32 +277,82 @@ async fn provision(
     Ok(token)
 }
 
-/// `audit verify`: walk the whole audit ledger and report the first deleted, altered or
-/// reordered entry. Prints the head (last seq and its hash) so it can be recorded elsewhere:
-/// deleting the newest entries is only detectable against such an anchor.
-pub(crate) async fn audit_verify(config: &Config) -> anyhow::Result<bool> {
-    let store = wiring::key_store(config).await?;
-    let verification = tokio::task::spawn_blocking(move || store.verify_audit())
-        .await
-        .context("audit verification task")?
-        .context("reading the audit ledger")?;
-    println!("entries checked: {}", verification.entries_checked);
-    if let Some((seq, hash)) = verification.head {
+/// Where `audit verify` takes checkpoints from.
+#[derive(Debug, Default)]
+pub(crate) struct CheckpointSources {
+    /// A local checkpoint file (`[ledger] checkpoint_file` of a driver).
+    pub(crate) file: Option<std::path::PathBuf>,
+}
+
+/// `audit verify`: check every chain of the ledger through the deployment's HSM (`C_Verify`
+/// under its ledger key) and against the checkpoints given; print each chain's head, or the
+/// first bad entry. Returns whether every chain is intact.
+pub(crate) async fn audit_verify(
+    config: &Config,
+    sources: &CheckpointSources,
+) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        config.hsm.kind == HsmKind::Pkcs11,
+        "audit verify needs the deployment's HSM (hsm.kind = \"pkcs11\"): only its ledger key \
+         can check the entries' MACs"
+    );
+    let mut checkpoints = Checkpoints::new();
+    if let Some(path) = &sources.file {
+        let path = path.clone();
+        let from_file = tokio::task::spawn_blocking(move || checkpoint_file::read(&path))
+            .await
+            .context("checkpoint file task")??;
         println!(
-            "head: seq {seq}, entry hash {} (record it elsewhere to detect truncation)",
-            hex_string(&hash)
+            "checkpoints from {}: {}",
+            sources
+                .file
+                .as_ref()
+                .map_or_else(String::new, |p| p.display().to_string()),
+            from_file.len()
+        );
+        checkpoints.extend(from_file.iter().cloned());
+    }
+    let module = wiring::pkcs11_module(config).await?;
+    let hsm = wiring::pkcs11_hsm(&module, config).await?;
+    let store = wiring::key_store(config).await?;
+    let chains = ledger::verify_all(&HsmAuthenticator(&hsm), &store, &checkpoints)
+        .await
+        .context("reading the audit ledger")?;
+    let total: u64 = chains.iter().map(|c| c.entries_checked).sum();
+    let mut intact = true;
+    for chain in &chains {
+        match (&chain.problem, &chain.head) {
+            (None, Some(head)) => println!(
+                "chain {}: intact, {} entries, {} checkpoints matched; head seq {} mac {}",
+                chain.chain,
+                chain.entries_checked,
+                chain.checkpoints_checked,
+                head.seq,
+                hex_string(&head.mac)
+            ),
+            (None, None) => println!("chain {}: intact, empty", chain.chain),
+            (Some(problem), _) => {
+                intact = false;
+                println!(
+                    "LEDGER BROKEN: chain {} entry {}: {problem}",
+                    chain.chain,
+                    problem.seq()
+                );
+            }
+        }
+    }
+    println!("chains: {}", chains.len());
+    println!("entries checked: {total}");
+    if checkpoints.is_empty() {
+        println!(
+            "no checkpoints given: deleting a chain's newest entries cannot be detected without \
+             them (--checkpoint-file)"
         );
     }
-    match &verification.problem {
-        None => {
-            println!("audit ledger intact");
-            Ok(true)
-        }
-        Some(problem) => {
-            println!("AUDIT LEDGER BROKEN: {problem}");
-            Ok(false)
-        }
+    if intact {
+        println!("audit ledger intact");
     }
+    Ok(intact)
 }
 
 fn hex_string(bytes: &[u8]) -> String {

@@ -21,6 +21,7 @@ use crate::config::{DriverBuilder, DriverConfig};
 use crate::error::error_chain;
 use crate::health::{Component, Health, HealthReport};
 use crate::job::{self, Outcome};
+use crate::ledger::{ChainHead, Ledger, LedgerError};
 use crate::metrics::Metrics;
 
 /// What one job task needs; shared by all of them.
@@ -33,6 +34,8 @@ pub(crate) struct Parts<S, H, K> {
     pub(crate) health: Health,
     /// Jobs leased and not yet reported, for heartbeats.
     pub(crate) in_flight: AtomicU32,
+    /// This driver's chain of the audit ledger.
+    pub(crate) ledger: Ledger<H, K>,
 }
 
 /// The engine. Build it with [`Driver::builder`], run it with [`Driver::run`].
@@ -72,6 +75,11 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
     ) -> Self {
         Self {
             parts: Arc::new(Parts {
+                ledger: Ledger::new(
+                    Arc::clone(&hsm),
+                    Arc::clone(&store),
+                    config.driver_id.clone(),
+                ),
                 source,
                 hsm,
                 store,
@@ -87,6 +95,28 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
     /// readiness endpoint. Take it before [`Driver::run`]; it stays valid after the run ends.
     pub fn health(&self) -> Health {
         self.parts.health.clone()
+    }
+
+    /// Reads this driver's ledger chain head and checks its MAC in the HSM: the start-up check
+    /// a host runs before [`Driver::run`] (the first append runs it otherwise). Returns the head.
+    ///
+    /// # Errors
+    /// [`LedgerError::HeadTampered`] when the chain's newest entry is not one this
+    /// deployment's HSM wrote: refuse to start and run `hsm-driver audit verify`. HSM and store
+    /// errors otherwise.
+    pub async fn open_ledger(&self) -> Result<Option<ChainHead>, LedgerError> {
+        self.parts.ledger.open().await
+    }
+
+    /// This driver's ledger chain head as of its last append (no I/O): what checkpoints record.
+    pub fn ledger_head(&self) -> Option<ChainHead> {
+        self.parts.ledger.published()
+    }
+
+    /// Follows this driver's ledger chain head: the receiver sees every change, for a host
+    /// that records checkpoints (a local file). Take it before [`Driver::run`].
+    pub fn watch_ledger_head(&self) -> tokio::sync::watch::Receiver<Option<ChainHead>> {
+        self.parts.ledger.watch()
     }
 
     /// The engine's configuration.

@@ -3,6 +3,7 @@
 
 mod support;
 
+use driver_core::ledger::{Checkpoints, HsmAuthenticator, verify_all};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,12 +88,16 @@ async fn key_generation_stores_then_reports_and_signatures_verify_against_the_st
         }
         assert!(sig.recid.is_some());
     }
-    // The audit ledger holds both key generations and both signatures, chained.
-    let audit = h.store.verify_audit().unwrap();
-    assert!(audit.is_intact(), "{audit:?}");
+    // The driver's ledger chain holds both key generations and both signatures, chained and
+    // MACed in the HSM.
+    let chains = verify_all(&HsmAuthenticator(&*h.hsm), &*h.store, &Checkpoints::new())
+        .await
+        .unwrap();
+    assert_eq!(chains.len(), 1, "one driver, one chain: {chains:?}");
+    assert!(chains[0].is_intact(), "{chains:?}");
     assert_eq!(
-        audit.entries_checked, 4,
-        "two keys and two signatures are audited"
+        chains[0].entries_checked, 4,
+        "two keys and two signatures are recorded"
     );
     let report = h.shutdown().await;
     assert_eq!(report.completed, 4);
@@ -121,10 +126,12 @@ async fn a_redelivered_key_generation_reports_the_stored_key_and_generates_nothi
         assert_eq!(again, original, "a redelivery reports the stored key");
     }
     assert_eq!(h.store.count().await.unwrap(), 1, "exactly one stored key");
+    let chains = verify_all(&HsmAuthenticator(&*h.hsm), &*h.store, &Checkpoints::new())
+        .await
+        .unwrap();
     assert_eq!(
-        h.store.verify_audit().unwrap().entries_checked,
-        1,
-        "a redelivered key generation adds no audit entry"
+        chains[0].entries_checked, 1,
+        "a redelivered key generation adds no ledger entry"
     );
     h.shutdown().await;
 }

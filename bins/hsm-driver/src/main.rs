@@ -67,6 +67,10 @@ enum AuditCommand {
         /// A local checkpoint file (a driver's `[ledger] checkpoint_file`), JSON lines.
         #[arg(long)]
         checkpoint_file: Option<PathBuf>,
+        /// Also compare with the checkpoints the API keeps from every driver's heartbeats
+        /// (`GET /driver/v1/ledger/checkpoints`, with this configuration's mTLS client).
+        #[arg(long)]
+        api: bool,
     },
 }
 
@@ -125,10 +129,15 @@ fn main() -> ExitCode {
                 command: MasterKeyCommand::CreateLedgerKey,
             } => run::create_ledger_key(&config).await.map(|()| true),
             Command::Audit {
-                command: AuditCommand::Verify { checkpoint_file },
+                command:
+                    AuditCommand::Verify {
+                        checkpoint_file,
+                        api,
+                    },
             } => {
                 let sources = run::CheckpointSources {
                     file: checkpoint_file,
+                    api,
                 };
                 run::audit_verify(&config, &sources).await
             }

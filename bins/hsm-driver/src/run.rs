@@ -2,8 +2,8 @@
 
 use anyhow::Context;
 use dfns_api_client::HttpJobSource;
-use driver_core::Driver;
 use driver_core::ledger::{self, Checkpoints, HsmAuthenticator};
+use driver_core::{ChainHead, Driver};
 use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
 use hsm_pkcs11::{FakeHsm, Hsm, SchemeSupport};
 use tokio_util::sync::CancellationToken;
@@ -282,6 +282,8 @@ async fn provision(
 pub(crate) struct CheckpointSources {
     /// A local checkpoint file (`[ledger] checkpoint_file` of a driver).
     pub(crate) file: Option<std::path::PathBuf>,
+    /// The API's checkpoints (`GET /driver/v1/ledger/checkpoints`).
+    pub(crate) api: bool,
 }
 
 /// `audit verify`: check every chain of the ledger through the deployment's HSM (`C_Verify`
@@ -311,6 +313,19 @@ pub(crate) async fn audit_verify(
             from_file.len()
         );
         checkpoints.extend(from_file.iter().cloned());
+    }
+    if sources.api {
+        let client = wiring::api_client(config)?;
+        let from_api = client
+            .ledger_checkpoints()
+            .await
+            .with_context(|| format!("reading the ledger checkpoints from {}", config.api.url))?;
+        println!("checkpoints from the API: {}", from_api.len());
+        checkpoints.extend(from_api.into_iter().map(|c| ChainHead {
+            chain: c.chain,
+            seq: c.seq,
+            mac: c.mac,
+        }));
     }
     let module = wiring::pkcs11_module(config).await?;
     let hsm = wiring::pkcs11_hsm(&module, config).await?;
@@ -346,7 +361,7 @@ pub(crate) async fn audit_verify(
     if checkpoints.is_empty() {
         println!(
             "no checkpoints given: deleting a chain's newest entries cannot be detected without \
-             them (--checkpoint-file)"
+             them (--api, --checkpoint-file)"
         );
     }
     if intact {

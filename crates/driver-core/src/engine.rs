@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
-    Capability, Curve, DriverRegistration, FailureCode, Heartbeat, JobFailure, LeasedJob, Scheme,
+    Capability, Curve, DriverRegistration, FailureCode, Heartbeat, JobFailure, LeasedJob,
+    LedgerCheckpoint, Scheme,
 };
 use hsm_pkcs11::{Hsm, KeyScheme};
 use tokio::sync::Semaphore;
@@ -381,6 +382,12 @@ async fn presence<S: JobSource, H: Hsm, K: KeyStore>(parts: Arc<Parts<S, H, K>>)
             driver_id: config.driver_id.clone(),
             ready: report.can_lease(),
             in_flight: parts.in_flight.load(Ordering::Relaxed),
+            // The API keeps it as a checkpoint outside this driver's database.
+            ledger_head: parts.ledger.published().map(|head| LedgerCheckpoint {
+                chain: head.chain,
+                seq: head.seq,
+                mac: head.mac,
+            }),
         };
         match parts.source.heartbeat(&heartbeat).await {
             Ok(terms) => {

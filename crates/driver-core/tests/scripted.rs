@@ -3,7 +3,6 @@
 
 mod support;
 
-use driver_core::ledger::{Checkpoints, HsmAuthenticator, verify_all};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +10,7 @@ use dfns_api_client::ApiError;
 use dfns_api_client::protocol::{
     Curve, DecodeError, FailureCode, JobResult, JobSpec, Scheme, SignaturePayload,
 };
+use driver_core::ledger::{Checkpoints, HsmAuthenticator, verify_all};
 use driver_core::{Driver, DriverConfig};
 use hsm_pkcs11::{FakeHsm, Hsm, KeyScheme};
 use wrapped_keystore::{KeyStore, MemoryKeyStore};
@@ -372,4 +372,35 @@ async fn a_misbehaving_api_is_retried_and_the_driver_keeps_running() {
     );
     let report = h.shutdown().await;
     assert_eq!(report.completed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_carry_the_ledger_chain_head_as_a_checkpoint() {
+    let h = start(FakeHsm::new());
+    h.source
+        .push("job-1", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.wait_reports(1).await;
+    let chains = verify_all(&HsmAuthenticator(&*h.hsm), &*h.store, &Checkpoints::new())
+        .await
+        .unwrap();
+    let head = chains[0].head.clone().expect("one entry");
+    assert_eq!(head.seq, 1);
+    let expected = dfns_api_client::protocol::LedgerCheckpoint {
+        chain: head.chain,
+        seq: head.seq,
+        mac: head.mac,
+    };
+    h.source
+        .wait_until(Duration::from_secs(5), || {
+            h.source
+                .heartbeats
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|hb| hb.ledger_head.as_ref() == Some(&expected))
+                .then_some(())
+        })
+        .await
+        .expect("a heartbeat carries the chain's head, for the API to keep");
+    h.shutdown().await;
 }

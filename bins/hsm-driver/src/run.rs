@@ -321,6 +321,12 @@ pub(crate) async fn audit_verify(
             .await
             .with_context(|| format!("reading the ledger checkpoints from {}", config.api.url))?;
         println!("checkpoints from the API: {}", from_api.len());
+        for checkpoint in &from_api {
+            println!(
+                "checkpoint from the API: chain {} seq {}",
+                checkpoint.chain, checkpoint.seq
+            );
+        }
         checkpoints.extend(from_api.into_iter().map(|c| ChainHead {
             chain: c.chain,
             seq: c.seq,

@@ -276,6 +276,19 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
         // Deregistering tells the API at once that this driver is gone (best effort, bounded:
         // otherwise it lapses after the liveness timeout).
         background.abort_all();
+        // A last heartbeat first, so that the API checkpoints the ledger head of the jobs just
+        // finished (best effort, bounded).
+        if health.report().registered && parts.ledger.published().is_some() {
+            let last = heartbeat(&parts, false);
+            if let Ok(Err(e)) = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                parts.source.heartbeat(&last),
+            )
+            .await
+            {
+                debug!(error = %error_chain(&e), "the last heartbeat failed");
+            }
+        }
         match tokio::time::timeout(
             std::time::Duration::from_secs(2),
             parts.source.deregister(&config.driver_id),
@@ -323,6 +336,21 @@ async fn give_back<S: JobSource, H: Hsm, K: KeyStore>(
             warn!(job_id = %job.job_id, error = %error_chain(&e), "handing a job back failed; its lease will lapse");
             Outcome::Unreported
         }
+    }
+}
+
+/// This driver's heartbeat now: readiness, jobs held, and its ledger chain head, which the API
+/// keeps as a checkpoint outside this driver's database.
+fn heartbeat<S, H: Hsm, K: KeyStore>(parts: &Parts<S, H, K>, ready: bool) -> Heartbeat {
+    Heartbeat {
+        driver_id: parts.config.driver_id.clone(),
+        ready,
+        in_flight: parts.in_flight.load(Ordering::Relaxed),
+        ledger_head: parts.ledger.published().map(|head| LedgerCheckpoint {
+            chain: head.chain,
+            seq: head.seq,
+            mac: head.mac,
+        }),
     }
 }
 
@@ -378,17 +406,7 @@ async fn presence<S: JobSource, H: Hsm, K: KeyStore>(parts: Arc<Parts<S, H, K>>)
         if !report.registered {
             continue;
         }
-        let heartbeat = Heartbeat {
-            driver_id: config.driver_id.clone(),
-            ready: report.can_lease(),
-            in_flight: parts.in_flight.load(Ordering::Relaxed),
-            // The API keeps it as a checkpoint outside this driver's database.
-            ledger_head: parts.ledger.published().map(|head| LedgerCheckpoint {
-                chain: head.chain,
-                seq: head.seq,
-                mac: head.mac,
-            }),
-        };
+        let heartbeat = heartbeat(&parts, report.can_lease());
         match parts.source.heartbeat(&heartbeat).await {
             Ok(terms) => {
                 interval = terms.heartbeat_interval;

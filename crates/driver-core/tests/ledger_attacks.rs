@@ -537,23 +537,7 @@ async fn several_drivers_append_at_once_and_every_chain_stays_intact(setup: Setu
     let barrier = Arc::new(Barrier::new(DRIVERS));
     let mut tasks = Vec::new();
     for driver in 0..DRIVERS {
-        let url = setup.url.clone();
-        let store = blocking(move || {
-            DieselKeyStore::connect(
-                &url,
-                PoolOptions {
-                    max_size: 2,
-                    ..PoolOptions::default()
-                },
-            )
-            .expect("a driver's own pool")
-        })
-        .await;
-        let ledger = Ledger::new(
-            Arc::clone(&setup.hsm),
-            Arc::new(store),
-            format!("driver-{driver}"),
-        );
+        let ledger = own_pool_ledger(&setup, &format!("driver-{driver}")).await;
         let barrier = Arc::clone(&barrier);
         tasks.push(tokio::spawn(async move {
             ledger.open().await.expect("opening the chain");
@@ -579,6 +563,42 @@ async fn several_drivers_append_at_once_and_every_chain_stays_intact(setup: Setu
     }
 }
 
+/// A ledger writer for `chain` with a connection pool of its own, as another process has.
+async fn own_pool_ledger(setup: &Setup, chain: &str) -> Ledger<Pkcs11Hsm, DieselKeyStore> {
+    let url = setup.url.clone();
+    let store = blocking(move || {
+        DieselKeyStore::connect(
+            &url,
+            PoolOptions {
+                max_size: 2,
+                ..PoolOptions::default()
+            },
+        )
+        .expect("a pool of its own")
+    })
+    .await;
+    Ledger::new(Arc::clone(&setup.hsm), Arc::new(store), chain)
+}
+
+/// Tried: two processes misconfigured with one driver id, each with its own pool, appending to
+/// the same chain in turn. Expected: the one whose head went stale finds its place taken, reads
+/// the head again (checking it in the HSM) and appends after it; the chain stays intact.
+async fn a_second_writer_of_one_chain_is_read_past_not_forked(setup: Setup) {
+    let first = own_pool_ledger(&setup, CHAIN).await;
+    let second = own_pool_ledger(&setup, CHAIN).await;
+    assert_eq!(first.append(entry(1)).await.unwrap().seq, 1);
+    assert_eq!(first.append(entry(2)).await.unwrap().seq, 2);
+    // The second reads the head now; the first appends meanwhile.
+    assert_eq!(second.open().await.unwrap().map(|h| h.seq), Some(2));
+    assert_eq!(first.append(entry(3)).await.unwrap().seq, 3);
+    // Stale: its place (3) is taken; it reads the head again and appends at 4.
+    assert_eq!(second.append(entry(4)).await.unwrap().seq, 4);
+    assert_eq!(first.append(entry(5)).await.unwrap().seq, 5);
+    let result = verify(&setup, &Checkpoints::new()).await;
+    assert_intact(&result, "two writers of one chain");
+    assert_eq!(result.entries_checked, 5);
+}
+
 /// Runs each attack against one backend.
 macro_rules! on_backend {
     ($backend:ident, $setup:path) => {
@@ -589,7 +609,8 @@ macro_rules! on_backend {
                 swapping_two_entries_is_found_at_the_first,
                 truncating_the_tail_is_found_only_against_a_checkpoint,
                 a_forger_is_found_at_the_first_forged_entry,
-                several_drivers_append_at_once_and_every_chain_stays_intact
+                several_drivers_append_at_once_and_every_chain_stays_intact,
+                a_second_writer_of_one_chain_is_read_past_not_forked
             );
         }
     };

@@ -142,6 +142,40 @@ fn now_ms() -> i64 {
 mod tests {
     use super::*;
 
+    fn head(seq: u64) -> ChainHead {
+        ChainHead {
+            chain: "driver-1".into(),
+            seq,
+            mac: [u8::try_from(seq).unwrap(); 32],
+        }
+    }
+
+    #[tokio::test]
+    async fn the_newest_head_is_in_the_file_when_the_writer_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("heads.jsonl");
+        let (heads, watching) = watch::channel(Some(head(1)));
+        let stop = CancellationToken::new();
+        let writer = tokio::spawn(keep_writing(
+            path.clone(),
+            Duration::from_secs(3600),
+            watching,
+            stop.clone(),
+        ));
+        // Changed within the (long) interval, then the driver stops: the last head is written
+        // on the way out.
+        heads.send_replace(Some(head(2)));
+        heads.send_replace(Some(head(3)));
+        stop.cancel();
+        writer.await.unwrap();
+        let written = read(&path).unwrap();
+        assert!(written.iter().any(|h| *h == head(3)), "{written:?}");
+        assert!(
+            written.iter().all(|h| h.seq != 2),
+            "at most one line per interval: {written:?}"
+        );
+    }
+
     #[test]
     fn checkpoints_round_trip_and_a_bad_line_is_named() {
         let dir = tempfile::tempdir().unwrap();

@@ -300,18 +300,11 @@ pub(crate) async fn audit_verify(
     );
     let mut checkpoints = Checkpoints::new();
     if let Some(path) = &sources.file {
-        let path = path.clone();
-        let from_file = tokio::task::spawn_blocking(move || checkpoint_file::read(&path))
+        let reading = path.clone();
+        let from_file = tokio::task::spawn_blocking(move || checkpoint_file::read(&reading))
             .await
             .context("checkpoint file task")??;
-        println!(
-            "checkpoints from {}: {}",
-            sources
-                .file
-                .as_ref()
-                .map_or_else(String::new, |p| p.display().to_string()),
-            from_file.len()
-        );
+        println!("checkpoints from {}: {}", path.display(), from_file.len());
         checkpoints.extend(from_file.iter().cloned());
     }
     if sources.api {

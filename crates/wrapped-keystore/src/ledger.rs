@@ -257,18 +257,10 @@ impl fmt::Debug for StoredLedgerRow {
 /// The bytes the MAC of the entry at `seq` of `chain`, after an entry whose MAC is
 /// `prev_mac`, covers; the encoding is in the [module documentation](self).
 pub fn mac_message(chain: &str, seq: u64, prev_mac: &[u8; 32], entry: &LedgerEntry) -> Vec<u8> {
-    let mut message = Vec::with_capacity(
-        DOMAIN_TAG.len()
-            + 32
-            + 8 * 8
-            + chain.len()
-            + entry.job_id.len()
-            + entry.key_id.len()
-            + 16
-            + 32
-            + entry.result.len()
-            + 16,
-    );
+    // The tag, the 32-byte link, 9 length prefixes and the fixed-size fields, then the rest.
+    let variable = chain.len() + entry.job_id.len() + entry.key_id.len() + entry.result.len();
+    let mut message =
+        Vec::with_capacity(DOMAIN_TAG.len() + 32 + 9 * 8 + 8 + 16 + 32 + 8 + variable);
     message.extend_from_slice(DOMAIN_TAG);
     let field = |message: &mut Vec<u8>, bytes: &[u8]| {
         // usize always fits in u64 on the platforms we build for.

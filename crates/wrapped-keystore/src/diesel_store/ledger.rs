@@ -72,9 +72,10 @@ struct NewLedgerRow<'a> {
 
 impl<'a> NewLedgerRow<'a> {
     fn new(record: &'a LedgerRecord) -> Result<Self, StoreError> {
-        let seq = i64::try_from(record.seq).map_err(|_| StoreError::LedgerConflict {
-            chain: record.chain.clone(),
-            seq: record.seq,
+        // Seqs are assigned from 1 after a stored (i64) one, so they fit unless the caller is
+        // broken; refuse rather than wrap.
+        let seq = i64::try_from(record.seq).map_err(|e| StoreError::Database {
+            source: DieselError::SerializationError(Box::new(e)),
         })?;
         Ok(NewLedgerRow {
             chain: &record.chain,

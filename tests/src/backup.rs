@@ -14,7 +14,7 @@ use tokio::process::Command;
 use crate::process::run_tool;
 
 /// The tables of a key store, in an order that loads (none has a foreign key).
-pub const KEY_STORE_TABLES: [&str; 3] = ["deployment", "wrapped_keys", "audit_log"];
+pub const KEY_STORE_TABLES: [&str; 4] = ["deployment", "wrapped_keys", "audit_log", "ledger"];
 
 /// The versions of the `pg_dump` on `PATH` and of the server.
 #[derive(Debug, Clone)]

@@ -277,6 +277,22 @@ impl Deployment {
         self.driver.audit_verify().await
     }
 
+    /// Runs `hsm-driver audit verify` with `args` (`--api`, `--checkpoint-file …`) and returns
+    /// its success and output.
+    ///
+    /// # Errors
+    /// If the command cannot be run.
+    pub async fn audit_verify_with(&self, args: &[&str]) -> anyhow::Result<(bool, String)> {
+        self.driver.audit_verify_with(args).await
+    }
+
+    /// The driver's local ledger checkpoint file (`[ledger] checkpoint_file`).
+    pub fn ledger_checkpoint_file(&self) -> PathBuf {
+        self.driver
+            .config_path()
+            .with_file_name(crate::driver::LEDGER_CHECKPOINT_FILE)
+    }
+
     /// Runs `hsm-driver run` as a second driver (`driver-2`) on this deployment's database and
     /// API, with its own fresh token and a master key generated on it (under `dir`), and
     /// returns its exit status and log once it exits (within 30 s).

@@ -156,6 +156,11 @@ master_key_label = "{MASTER_KEY_LABEL}"
     let _ = write!(
         text,
         r#"
+[ledger]
+# Relative to this file's directory; written at most every 100 ms, and at shutdown.
+checkpoint_file = "{LEDGER_CHECKPOINT_FILE}"
+checkpoint_interval_ms = 100
+
 [log]
 level = "{log_level}"
 
@@ -167,6 +172,9 @@ listen = "127.0.0.1:0"
     );
     text
 }
+
+/// The driver's local ledger checkpoint file, next to its configuration file.
+pub(crate) const LEDGER_CHECKPOINT_FILE: &str = "ledger-checkpoints.jsonl";
 
 /// A driver: its files and, while it runs, its process.
 pub(crate) struct DriverProcess {
@@ -441,9 +449,16 @@ impl DriverProcess {
 
     /// `hsm-driver audit verify`: success and stdout + stderr.
     pub(crate) async fn audit_verify(&self) -> anyhow::Result<(bool, String)> {
+        self.audit_verify_with(&[]).await
+    }
+
+    /// `hsm-driver audit verify` with `args` (`--api`, `--checkpoint-file …`): success and
+    /// stdout + stderr.
+    pub(crate) async fn audit_verify_with(&self, args: &[&str]) -> anyhow::Result<(bool, String)> {
         let output = self
             .command()
             .args(["audit", "verify"])
+            .args(args)
             .output()
             .await
             .context("running hsm-driver audit verify")?;

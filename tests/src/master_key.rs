@@ -57,7 +57,7 @@ impl fmt::Debug for SharedMasterKey {
     }
 }
 
-/// How a driver's token gets its master key (and record-MAC key).
+/// How a driver's token gets its master key (and its record-MAC key and ledger key).
 #[derive(Debug, Clone, Default)]
 pub enum MasterKeyProvisioning {
     /// `hsm-driver master-key create`: generated inside the token, unique to it.

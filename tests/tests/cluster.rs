@@ -354,7 +354,8 @@ async fn scenario(
         stored.row_count
     ));
 
-    // ---- The audit ledger the three drivers appended to concurrently is one intact chain.
+    // ---- The audit ledger the three drivers appended to concurrently: one chain per driver,
+    // each intact (checked through this driver's HSM, which shares the ledger key).
     let (ok, audit) = cluster.driver("driver-1")?.audit_verify().await?;
     ensure!(ok, "the shared audit ledger verifies:\n{audit}");
     Ok(())

@@ -438,31 +438,103 @@ async fn a_driver_with_another_master_key_refuses_to_start_and_audit_tampering_i
         "and say why:\n{log}"
     );
     deployment.ensure_running().unwrap();
-    let stop = deployment.stop().await.unwrap();
-    assert!(stop.driver_exit.success());
 
-    // Tried: deleting one audit entry in the middle of the ledger, directly in the database.
+    // Tried: deleting one entry in the middle of the driver's ledger chain, directly in the
+    // database.
     let db = work.path().join("keys.db");
     {
         use diesel::{Connection, RunQueryDsl};
         let mut conn = diesel::SqliteConnection::establish(&db.display().to_string()).unwrap();
-        let deleted = diesel::sql_query("DELETE FROM audit_log WHERE seq = 3")
+        let deleted = diesel::sql_query("DELETE FROM ledger WHERE seq = 3")
             .execute(&mut conn)
             .unwrap();
         assert_eq!(deleted, 1);
     }
-    let output = std::process::Command::new(bin_dir().join("hsm-driver"))
-        .arg("--config")
-        .arg(work.path().join("hsm-driver.toml"))
-        .args(["audit", "verify"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
+    let (ok, text) = deployment.audit_verify().await.unwrap();
+    assert!(!ok, "a deleted entry fails verification:\n{text}");
     assert!(
-        !output.status.success(),
-        "a deleted entry fails verification:\n{text}"
+        text.contains("LEDGER BROKEN") && text.contains("entry 3 is missing"),
+        "and names it:\n{text}"
     );
-    assert!(text.contains("AUDIT LEDGER BROKEN"), "{text}");
+    let stop = deployment.stop().await.unwrap();
+    assert!(stop.driver_exit.success());
+}
+
+/// The number after `entries checked: ` in `audit verify`'s output.
+fn entries_checked(output: &str) -> u64 {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix("entries checked: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no entry count in:\n{output}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn truncating_the_ledger_passes_alone_and_is_found_against_the_api_and_the_local_checkpoints()
+{
+    let work = TestDir::new("truncation");
+    let options = options(&work);
+    let workload = workload(
+        &options.hsm,
+        2,
+        4,
+        "truncating_the_ledger_passes_alone_and_is_found_against_the_api_and_the_local_checkpoints",
+    );
+    let deployment = Deployment::start(options).await.unwrap();
+    workload
+        .run(deployment.app())
+        .await
+        .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
+    let (ok, before) = deployment.audit_verify().await.unwrap();
+    assert!(ok, "{before}");
+    let entries = entries_checked(&before);
+    assert!(entries >= 4, "{before}");
+
+    // Both checkpoints reach the driver's head: the local file (every 100 ms) and the API
+    // (every heartbeat). Neither announces it: poll, bounded.
+    let file = deployment.ledger_checkpoint_file();
+    let file_arg = file.display().to_string();
+    let api_line = format!("seq {entries}\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let written = std::fs::read_to_string(&file).unwrap_or_default();
+        let (_, api) = deployment.audit_verify_with(&["--api"]).await.unwrap();
+        if written.contains(&format!("\"seq\":{entries},")) && api.contains(&api_line) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the checkpoints never reached seq {entries}:\nfile:\n{written}\napi:\n{api}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Tried: deleting the two newest entries directly in the database.
+    {
+        use diesel::{Connection, RunQueryDsl};
+        let db = work.path().join("keys.db");
+        let mut conn = diesel::SqliteConnection::establish(&db.display().to_string()).unwrap();
+        let deleted = diesel::sql_query(format!("DELETE FROM ledger WHERE seq > {}", entries - 2))
+            .execute(&mut conn)
+            .unwrap();
+        assert_eq!(deleted, 2);
+    }
+    let first_missing = format!("entry {} is missing", entries - 1);
+    let (ok, alone) = deployment.audit_verify().await.unwrap();
+    assert!(
+        ok && alone.contains("no checkpoints given"),
+        "without a checkpoint the shorter chain passes (and the output says why it may):\n{alone}"
+    );
+    for args in [vec!["--checkpoint-file", file_arg.as_str()], vec!["--api"]] {
+        let (ok, text) = deployment.audit_verify_with(&args).await.unwrap();
+        assert!(!ok, "{args:?}: the truncation is found:\n{text}");
+        assert!(
+            text.contains("LEDGER BROKEN") && text.contains(&first_missing),
+            "{args:?}: naming the first missing entry:\n{text}"
+        );
+    }
+    let stop = deployment.stop().await.unwrap();
+    assert!(stop.driver_exit.success());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -30,6 +30,8 @@ pub(crate) struct Config {
     pub(crate) log: LogSection,
     #[serde(default)]
     pub(crate) telemetry: TelemetrySection,
+    #[serde(default)]
+    pub(crate) ledger: LedgerSection,
 }
 
 /// `[driver]`: the engine.
@@ -336,6 +338,35 @@ pub(crate) struct TelemetrySection {
     pub(crate) listen: Option<SocketAddr>,
 }
 
+/// `[ledger]`: the audit ledger's checkpoints kept outside the database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LedgerSection {
+    /// A local file this driver appends its chain head to (JSON lines, fsynced), as a
+    /// checkpoint that `hsm-driver audit verify --checkpoint-file` compares the ledger with.
+    /// Keep it where a database writer cannot write. Absent: no file (the API's checkpoints
+    /// still apply).
+    #[serde(default)]
+    pub(crate) checkpoint_file: Option<PathBuf>,
+    /// At most one checkpoint line per this many milliseconds (the newest head is written; the
+    /// last one again at shutdown).
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub(crate) checkpoint_interval_ms: u64,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_file: None,
+            checkpoint_interval_ms: default_checkpoint_interval_ms(),
+        }
+    }
+}
+
+fn default_checkpoint_interval_ms() -> u64 {
+    5_000
+}
+
 fn default_workers() -> usize {
     4
 }
@@ -437,6 +468,9 @@ impl Config {
         resolve(&mut self.api.ca_bundle);
         resolve(&mut self.api.client_cert);
         resolve(&mut self.api.client_key);
+        if let Some(p) = self.ledger.checkpoint_file.as_mut() {
+            resolve(p);
+        }
         if let Some(p) = self.hsm.user_pin_file.as_mut() {
             resolve(p);
         }
@@ -465,6 +499,9 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         if self.driver.id.trim().is_empty() {
             bail!("driver.id: must not be empty");
+        }
+        if self.ledger.checkpoint_interval_ms == 0 {
+            bail!("ledger.checkpoint_interval_ms: must be at least 1");
         }
         if self.driver.workers == 0 {
             bail!("driver.workers: must be at least 1");
@@ -561,6 +598,26 @@ module = "/usr/lib/softhsm/libsofthsm2.so"
 token_label = "t"
 user_pin_file = "pin"
 "#;
+
+    #[test]
+    fn the_ledger_section_is_optional_strict_and_resolves_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&write(dir.path(), GOOD)).unwrap();
+        assert_eq!(config.ledger.checkpoint_file, None);
+        assert_eq!(config.ledger.checkpoint_interval_ms, 5_000);
+        let text = format!("{GOOD}[ledger]\ncheckpoint_file = \"ckpt/heads.jsonl\"\n");
+        let config = Config::load(&write(dir.path(), &text)).unwrap();
+        assert_eq!(
+            config.ledger.checkpoint_file,
+            Some(dir.path().join("ckpt/heads.jsonl"))
+        );
+        let text = format!("{GOOD}[ledger]\ncheckpoint_fiel = \"x\"\n");
+        let error = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(error.contains("checkpoint_fiel"), "{error}");
+        let text = format!("{GOOD}[ledger]\ncheckpoint_interval_ms = 0\n");
+        let error = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(error.contains("ledger.checkpoint_interval_ms"), "{error}");
+    }
 
     #[test]
     fn a_minimal_file_gets_defaults_and_relative_paths_resolve_against_it() {

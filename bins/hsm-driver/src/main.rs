@@ -7,6 +7,7 @@
 //! environment overrides; see the README's configuration reference.
 
 mod check;
+mod checkpoint_file;
 mod config;
 mod env_scrub;
 mod run;
@@ -60,8 +61,18 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain: report a deleted, altered or reordered entry (exit 1 if any).
-    Verify,
+    /// Check every driver's chain through the HSM (each entry's MAC under the ledger key, the
+    /// links, contiguous seqs) and against checkpoints kept outside the database; name the
+    /// first bad entry (exit 1 if any) or print each chain's head.
+    Verify {
+        /// A local checkpoint file (a driver's `[ledger] checkpoint_file`), JSON lines.
+        #[arg(long)]
+        checkpoint_file: Option<PathBuf>,
+        /// Also compare with the checkpoints the API keeps from every driver's heartbeats
+        /// (`GET /driver/v1/ledger/checkpoints`, with this configuration's mTLS client).
+        #[arg(long)]
+        api: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +88,10 @@ enum MasterKeyCommand {
     /// before key records were MACed. Tokens sharing a master key must share this key too:
     /// create it on one and clone it with the vendor's tools (docs/key-ceremony.md).
     CreateMacKey,
+    /// Add the ledger key (`<master label>-ledger`) to a token whose master key was created
+    /// before audit ledger entries were MACed in the HSM. Tokens sharing a master key must
+    /// share this key too (docs/key-ceremony.md, docs/ledger.md).
+    CreateLedgerKey,
 }
 
 fn main() -> ExitCode {
@@ -116,9 +131,22 @@ fn main() -> ExitCode {
             Command::MasterKey {
                 command: MasterKeyCommand::CreateMacKey,
             } => run::create_mac_key(&config).await.map(|()| true),
+            Command::MasterKey {
+                command: MasterKeyCommand::CreateLedgerKey,
+            } => run::create_ledger_key(&config).await.map(|()| true),
             Command::Audit {
-                command: AuditCommand::Verify,
-            } => run::audit_verify(&config).await,
+                command:
+                    AuditCommand::Verify {
+                        checkpoint_file,
+                        api,
+                    },
+            } => {
+                let sources = run::CheckpointSources {
+                    file: checkpoint_file,
+                    api,
+                };
+                run::audit_verify(&config, &sources).await
+            }
         }
     });
     match result {

@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use dfns_api_client::HttpJobSource;
-use driver_core::Driver;
+use driver_core::ledger::{self, Checkpoints, HsmAuthenticator};
+use driver_core::{ChainHead, Driver};
 use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
 use hsm_pkcs11::{Hsm, SchemeSupport};
 use tokio_util::sync::CancellationToken;
@@ -11,7 +12,7 @@ use wrapped_keystore::{DieselKeyStore, KeyStore};
 
 use crate::config::{Config, HsmKind};
 use crate::telemetry::Telemetry;
-use crate::{secrets, wiring};
+use crate::{checkpoint_file, secrets, wiring};
 
 /// The service: wire everything, lease until SIGTERM/SIGINT, finish in-flight work, return.
 pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
@@ -111,6 +112,26 @@ async fn serve<H: Hsm>(
         None => None,
     };
     let driver = builder.build().context("building the driver")?;
+    // The start-up check of this driver's ledger chain: its newest entry must be one this
+    // deployment's HSM wrote.
+    match driver
+        .open_ledger()
+        .await
+        .context("checking this driver's ledger chain head")?
+    {
+        Some(head) => info!(%head, "ledger chain head verified in the HSM"),
+        None => info!(chain = %config.driver.id, "ledger chain is empty"),
+    }
+    let checkpoints_stopped = CancellationToken::new();
+    let checkpoints = config.ledger.checkpoint_file.clone().map(|path| {
+        info!(file = %path.display(), "ledger checkpoints are appended to a local file");
+        tokio::spawn(checkpoint_file::keep_writing(
+            path,
+            std::time::Duration::from_millis(config.ledger.checkpoint_interval_ms),
+            driver.watch_ledger_head(),
+            checkpoints_stopped.clone(),
+        ))
+    });
     // The endpoint outlives the signal: it keeps answering while in-flight jobs drain and
     // stops once the engine has returned.
     let driver_stopped = CancellationToken::new();
@@ -124,6 +145,12 @@ async fn serve<H: Hsm>(
     });
     let report = driver.run(shutdown_signal()).await;
     driver_stopped.cancel();
+    checkpoints_stopped.cancel();
+    if let Some(checkpoints) = checkpoints {
+        if let Err(e) = checkpoints.await {
+            warn!(error = %e, "checkpoint file task");
+        }
+    }
     if let Some(server) = server {
         if let Err(e) = server.await {
             warn!(error = %e, "telemetry endpoint task");
@@ -183,8 +210,9 @@ pub(crate) async fn create_master_key(
     .await
     .with_context(|| format!("creating master key `{label}`"))?;
     println!(
-        "master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only, CKA_UNWRAP_TEMPLATE set), with its record-MAC key `{}`",
-        hsm_pkcs11::record_mac_key_label(&label)
+        "master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only, CKA_UNWRAP_TEMPLATE set), with its record-MAC key `{}` and its ledger key `{}`",
+        hsm_pkcs11::record_mac_key_label(&label),
+        hsm_pkcs11::ledger_key_label(&label)
     );
     Ok(())
 }
@@ -201,6 +229,22 @@ pub(crate) async fn create_mac_key(config: &Config) -> anyhow::Result<()> {
     println!(
         "record-MAC key `{}` created on token `{token}` (HMAC-SHA256, sensitive, not extractable, sign/verify only)",
         hsm_pkcs11::record_mac_key_label(&master)
+    );
+    Ok(())
+}
+
+/// `master-key create-ledger-key`.
+pub(crate) async fn create_ledger_key(config: &Config) -> anyhow::Result<()> {
+    let master = config.hsm.master_key_label.clone();
+    let token = provision(config, "master-key create-ledger-key", {
+        let master = master.clone();
+        move |module, token, pin| hsm_pkcs11::create_ledger_key(module, token, pin, &master)
+    })
+    .await
+    .with_context(|| format!("creating the ledger key for `{master}`"))?;
+    println!(
+        "ledger key `{}` created on token `{token}` (HMAC-SHA256, sensitive, not extractable, sign/verify only)",
+        hsm_pkcs11::ledger_key_label(&master)
     );
     Ok(())
 }
@@ -233,32 +277,96 @@ async fn provision(
     Ok(token)
 }
 
-/// `audit verify`: walk the whole audit ledger and report the first deleted, altered or
-/// reordered entry. Prints the head (last seq and its hash) so it can be recorded elsewhere:
-/// deleting the newest entries is only detectable against such an anchor.
-pub(crate) async fn audit_verify(config: &Config) -> anyhow::Result<bool> {
+/// Where `audit verify` takes checkpoints from.
+#[derive(Debug, Default)]
+pub(crate) struct CheckpointSources {
+    /// A local checkpoint file (`[ledger] checkpoint_file` of a driver).
+    pub(crate) file: Option<std::path::PathBuf>,
+    /// The API's checkpoints (`GET /driver/v1/ledger/checkpoints`).
+    pub(crate) api: bool,
+}
+
+/// `audit verify`: check every chain of the ledger through the deployment's HSM (`C_Verify`
+/// under its ledger key) and against the checkpoints given; print each chain's head, or the
+/// first bad entry. Returns whether every chain is intact.
+pub(crate) async fn audit_verify(
+    config: &Config,
+    sources: &CheckpointSources,
+) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        config.hsm.kind == HsmKind::Pkcs11,
+        "audit verify needs the deployment's HSM (hsm.kind = \"pkcs11\"): only its ledger key \
+         can check the entries' MACs"
+    );
+    let mut checkpoints = Checkpoints::new();
+    if let Some(path) = &sources.file {
+        let reading = path.clone();
+        let from_file = tokio::task::spawn_blocking(move || checkpoint_file::read(&reading))
+            .await
+            .context("checkpoint file task")??;
+        println!("checkpoints from {}: {}", path.display(), from_file.len());
+        checkpoints.extend(from_file.iter().cloned());
+    }
+    if sources.api {
+        let client = wiring::api_client(config)?;
+        let from_api = client
+            .ledger_checkpoints()
+            .await
+            .with_context(|| format!("reading the ledger checkpoints from {}", config.api.url))?;
+        println!("checkpoints from the API: {}", from_api.len());
+        for checkpoint in &from_api {
+            println!(
+                "checkpoint from the API: chain {} seq {}",
+                checkpoint.chain, checkpoint.seq
+            );
+        }
+        checkpoints.extend(from_api.into_iter().map(|c| ChainHead {
+            chain: c.chain,
+            seq: c.seq,
+            mac: c.mac,
+        }));
+    }
+    let module = wiring::pkcs11_module(config).await?;
+    let hsm = wiring::pkcs11_hsm(&module, config).await?;
     let store = wiring::key_store(config).await?;
-    let verification = tokio::task::spawn_blocking(move || store.verify_audit())
+    let chains = ledger::verify_all(&HsmAuthenticator(&hsm), &store, &checkpoints)
         .await
-        .context("audit verification task")?
         .context("reading the audit ledger")?;
-    println!("entries checked: {}", verification.entries_checked);
-    if let Some((seq, hash)) = verification.head {
+    let total: u64 = chains.iter().map(|c| c.entries_checked).sum();
+    let mut intact = true;
+    for chain in &chains {
+        match (&chain.problem, &chain.head) {
+            (None, Some(head)) => println!(
+                "chain {}: intact, {} entries, {} checkpoints matched; head seq {} mac {}",
+                chain.chain,
+                chain.entries_checked,
+                chain.checkpoints_checked,
+                head.seq,
+                hex_string(&head.mac)
+            ),
+            (None, None) => println!("chain {}: intact, empty", chain.chain),
+            (Some(problem), _) => {
+                intact = false;
+                println!(
+                    "LEDGER BROKEN: chain {} entry {}: {problem}",
+                    chain.chain,
+                    problem.seq()
+                );
+            }
+        }
+    }
+    println!("chains: {}", chains.len());
+    println!("entries checked: {total}");
+    if checkpoints.is_empty() {
         println!(
-            "head: seq {seq}, entry hash {} (record it elsewhere to detect truncation)",
-            hex_string(&hash)
+            "no checkpoints given: deleting a chain's newest entries cannot be detected without \
+             them (--api, --checkpoint-file)"
         );
     }
-    match &verification.problem {
-        None => {
-            println!("audit ledger intact");
-            Ok(true)
-        }
-        Some(problem) => {
-            println!("AUDIT LEDGER BROKEN: {problem}");
-            Ok(false)
-        }
+    if intact {
+        println!("audit ledger intact");
     }
+    Ok(intact)
 }
 
 fn hex_string(bytes: &[u8]) -> String {

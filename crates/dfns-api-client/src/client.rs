@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::error::ApiError;
 use crate::protocol::{
     DriverRegistration, Heartbeat, JobFailure, JobRef, JobResult, LeaseExtension, LeaseRequest,
-    LeasedJob, MAX_LEASE_BATCH, PresenceTerms, ReportOutcome,
+    LeasedJob, LedgerCheckpoint, MAX_LEASE_BATCH, PresenceTerms, ReportOutcome,
 };
 use crate::retry::Backoff;
 use crate::source::JobSource;
@@ -180,6 +180,28 @@ impl HttpJobSource {
         let ping: PingResponse = decode_json(&body, "ping response")?;
         tracing::debug!(client_subject = ?ping.client_subject, "API ping succeeded");
         Ok(())
+    }
+
+    /// `GET /driver/v1/ledger/checkpoints`: the audit ledger checkpoints the API keeps (per
+    /// chain, the head with the highest seq it received in heartbeats), for
+    /// `hsm-driver audit verify --api`. Not retried.
+    ///
+    /// # Errors
+    /// An [`ApiError`]; [`ApiError::Decode`] if a checkpoint in the answer is invalid.
+    pub async fn ledger_checkpoints(&self) -> Result<Vec<LedgerCheckpoint>, ApiError> {
+        let (status, body) = self
+            .inner
+            .send(
+                Method::GET,
+                "/driver/v1/ledger/checkpoints",
+                None,
+                self.inner.request_timeout,
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(status_error(status, &body));
+        }
+        wire::decode_ledger_checkpoints(&body)
     }
 
     /// Refuses a registration or heartbeat for another driver id than the one this client

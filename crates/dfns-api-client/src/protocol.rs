@@ -448,6 +448,32 @@ pub struct Heartbeat {
     pub ready: bool,
     /// Jobs it holds leases on and has not reported yet.
     pub in_flight: u32,
+    /// The head of its audit ledger chain, as a checkpoint the API keeps outside the driver's
+    /// database; `None` before its first entry.
+    pub ledger_head: Option<LedgerCheckpoint>,
+}
+
+/// A driver's audit ledger chain head (see `docs/ledger.md`): the API keeps, per chain, the one
+/// with the highest seq, so that deleting a chain's newest entries from the database is found
+/// by `hsm-driver audit verify --api`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LedgerCheckpoint {
+    /// The chain: the driver id.
+    pub chain: String,
+    /// The newest entry's seq (at least 1).
+    pub seq: u64,
+    /// The newest entry's MAC (HMAC-SHA256 under the HSM's ledger key).
+    pub mac: [u8; 32],
+}
+
+impl fmt::Debug for LedgerCheckpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LedgerCheckpoint")
+            .field("chain", &self.chain)
+            .field("seq", &self.seq)
+            .field("mac", &hex::encode(self.mac))
+            .finish()
+    }
 }
 
 /// What the API expects of a registered driver.

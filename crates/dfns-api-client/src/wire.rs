@@ -28,8 +28,8 @@ use std::time::Duration;
 use crate::error::ApiError;
 use crate::protocol::{
     Capability, Curve, DecodeError, DriverRegistration, FailureCode, Heartbeat, JobId, JobRef,
-    JobResult, JobSpec, KeyId, LeaseExtension, LeaseId, LeasedJob, MAX_MESSAGE_LEN, PresenceTerms,
-    ReportOutcome, Scheme, SignaturePayload, SignatureResult,
+    JobResult, JobSpec, KeyId, LeaseExtension, LeaseId, LeasedJob, LedgerCheckpoint,
+    MAX_MESSAGE_LEN, PresenceTerms, ReportOutcome, Scheme, SignaturePayload, SignatureResult,
 };
 
 /// Longest public key accepted in a completion (an uncompressed SEC1 point is 65 bytes).
@@ -211,6 +211,31 @@ pub struct HeartbeatRequest {
     pub ready: bool,
     /// Jobs it holds and has not reported yet.
     pub in_flight: u32,
+    /// Its audit ledger chain head (absent before its first entry, and from older drivers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_head: Option<WireLedgerCheckpoint>,
+}
+
+/// A ledger chain head as it travels: in a heartbeat's `ledgerHead`, and in the answer to
+/// `GET /driver/v1/ledger/checkpoints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WireLedgerCheckpoint {
+    /// The chain (the driver id).
+    pub chain: String,
+    /// The newest entry's seq, at least 1.
+    pub seq: u64,
+    /// The newest entry's MAC: 64 lowercase hex digits.
+    pub mac: String,
+}
+
+/// The answer to `GET /driver/v1/ledger/checkpoints` (`200`): per chain, the checkpoint with
+/// the highest seq the API received, in ascending chain order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerCheckpointsResponse {
+    /// The checkpoints.
+    pub checkpoints: Vec<WireLedgerCheckpoint>,
 }
 
 /// The request body of `POST /driver/v1/drivers/deregister` (answered `200 {}`, also for a
@@ -737,7 +762,61 @@ pub fn encode_heartbeat(heartbeat: &Heartbeat) -> HeartbeatRequest {
         driver_id: heartbeat.driver_id.clone(),
         ready: heartbeat.ready,
         in_flight: heartbeat.in_flight,
+        ledger_head: heartbeat.ledger_head.as_ref().map(encode_ledger_checkpoint),
     }
+}
+
+/// Encodes a ledger checkpoint.
+pub fn encode_ledger_checkpoint(checkpoint: &LedgerCheckpoint) -> WireLedgerCheckpoint {
+    WireLedgerCheckpoint {
+        chain: checkpoint.chain.clone(),
+        seq: checkpoint.seq,
+        mac: hex::encode(checkpoint.mac),
+    }
+}
+
+/// Decodes and validates a ledger checkpoint: a valid driver id as chain, a seq of at least 1,
+/// a MAC of 32 bytes in hex.
+///
+/// # Errors
+/// [`DecodeError::Malformed`] for the chain or seq, [`DecodeError::InvalidHex`] or
+/// [`DecodeError::WrongLength`] for the MAC.
+pub fn decode_ledger_checkpoint(
+    wire: &WireLedgerCheckpoint,
+) -> Result<LedgerCheckpoint, DecodeError> {
+    check_driver_id(&wire.chain)?;
+    if wire.seq == 0 {
+        return Err(DecodeError::Malformed {
+            reason: "ledgerHead.seq must be at least 1".to_owned(),
+        });
+    }
+    Ok(LedgerCheckpoint {
+        chain: wire.chain.clone(),
+        seq: wire.seq,
+        mac: decode_hex_array("mac", "32", &wire.mac)?,
+    })
+}
+
+/// Decodes the answer to `GET /driver/v1/ledger/checkpoints` (the driver side).
+///
+/// # Errors
+/// [`ApiError::Decode`] if the body is not the expected JSON or a checkpoint is invalid.
+pub fn decode_ledger_checkpoints(body: &[u8]) -> Result<Vec<LedgerCheckpoint>, ApiError> {
+    let response: LedgerCheckpointsResponse =
+        serde_json::from_slice(body).map_err(|e| ApiError::Decode {
+            reason: "ledger checkpoints answer is not an object with `checkpoints`".to_owned(),
+            source: Some(e),
+        })?;
+    response
+        .checkpoints
+        .iter()
+        .map(|wire| {
+            decode_ledger_checkpoint(wire).map_err(|e| ApiError::Decode {
+                reason: format!("a ledger checkpoint is invalid: {e}"),
+                source: None,
+            })
+        })
+        .collect()
 }
 
 /// Decodes and validates a heartbeat (the server side).
@@ -746,10 +825,24 @@ pub fn encode_heartbeat(heartbeat: &Heartbeat) -> HeartbeatRequest {
 /// [`DecodeError::Malformed`] for an invalid driver id.
 pub fn decode_heartbeat(request: &HeartbeatRequest) -> Result<Heartbeat, DecodeError> {
     check_driver_id(&request.driver_id)?;
+    let ledger_head = request
+        .ledger_head
+        .as_ref()
+        .map(decode_ledger_checkpoint)
+        .transpose()?;
+    if let Some(head) = &ledger_head {
+        // A driver appends to, and checkpoints, its own chain only.
+        if head.chain != request.driver_id {
+            return Err(DecodeError::Malformed {
+                reason: "ledgerHead.chain must be the heartbeat's driverId".to_owned(),
+            });
+        }
+    }
     Ok(Heartbeat {
         driver_id: request.driver_id.clone(),
         ready: request.ready,
         in_flight: request.in_flight,
+        ledger_head,
     })
 }
 
@@ -1362,10 +1455,27 @@ mod tests {
             driver_id: "drv-1".into(),
             ready: true,
             in_flight: 3,
+            ledger_head: None,
         };
         let body = serde_json::to_value(encode_heartbeat(&heartbeat)).unwrap();
         assert_eq!(body, json!({"driverId":"drv-1","ready":true,"inFlight":3}));
         assert_eq!(decode(body).unwrap(), heartbeat);
+        // With the driver's ledger chain head.
+        let with_head = Heartbeat {
+            ledger_head: Some(LedgerCheckpoint {
+                chain: "drv-1".into(),
+                seq: 42,
+                mac: [0xab; 32],
+            }),
+            ..heartbeat
+        };
+        let body = serde_json::to_value(encode_heartbeat(&with_head)).unwrap();
+        assert_eq!(
+            body,
+            json!({"driverId":"drv-1","ready":true,"inFlight":3,
+                   "ledgerHead":{"chain":"drv-1","seq":42,"mac":"ab".repeat(32)}})
+        );
+        assert_eq!(decode(body).unwrap(), with_head);
         for body in [
             json!({"driverId":"","ready":true,"inFlight":0}),
             json!({"driverId":"drv\t1","ready":true,"inFlight":0}),
@@ -1376,9 +1486,41 @@ mod tests {
             json!({"driverId":"drv-1","ready":true}),
             json!({"driverId":"drv-1","inFlight":0}),
             json!({"driverId":"drv-1","ready":true,"inFlight":0,"busy":true}),
+            json!({"driverId":"drv-1","ready":true,"inFlight":0,"ledgerHead":{"chain":"drv-2","seq":1,"mac":"00".repeat(32)}}),
+            json!({"driverId":"drv-1","ready":true,"inFlight":0,"ledgerHead":{"chain":"drv-1","seq":0,"mac":"00".repeat(32)}}),
+            json!({"driverId":"drv-1","ready":true,"inFlight":0,"ledgerHead":{"chain":"drv-1","seq":1,"mac":"00".repeat(31)}}),
+            json!({"driverId":"drv-1","ready":true,"inFlight":0,"ledgerHead":{"chain":"drv-1","seq":1,"mac":"zz".repeat(32)}}),
+            json!({"driverId":"drv-1","ready":true,"inFlight":0,"ledgerHead":{"chain":"drv-1","seq":1}}),
+            json!({"driverId":"drv-1","ready":true,"inFlight":0,"ledgerHead":{"chain":"drv-1","seq":1,"mac":"00".repeat(32),"x":1}}),
             json!(null),
         ] {
             assert!(decode(body.clone()).is_err(), "{body} was accepted");
+        }
+    }
+
+    #[test]
+    fn ledger_checkpoints_answers_are_checked() {
+        let checkpoint = LedgerCheckpoint {
+            chain: "drv-1".into(),
+            seq: 7,
+            mac: [1; 32],
+        };
+        let body = serde_json::to_vec(&LedgerCheckpointsResponse {
+            checkpoints: vec![encode_ledger_checkpoint(&checkpoint)],
+        })
+        .unwrap();
+        assert_eq!(decode_ledger_checkpoints(&body).unwrap(), vec![checkpoint]);
+        for bad in [
+            json!({}),
+            json!({"checkpoints":[{"chain":"drv-1","seq":0,"mac":"01".repeat(32)}]}),
+            json!({"checkpoints":[{"chain":"drv-1","seq":1,"mac":"01"}]}),
+            json!({"checkpoints":[{"chain":"","seq":1,"mac":"01".repeat(32)}]}),
+        ] {
+            let body = serde_json::to_vec(&bad).unwrap();
+            assert!(
+                decode_ledger_checkpoints(&body).is_err(),
+                "{bad} was accepted"
+            );
         }
     }
 

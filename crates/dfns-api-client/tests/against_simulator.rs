@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use dfns_api_client::protocol::{
     Capability, Curve, DriverRegistration, FailureCode, Heartbeat, JobFailure, JobId, JobRef,
-    JobResult, JobSpec, LeaseId, LeasedJob, ReportOutcome, Scheme, SignaturePayload,
-    SignatureResult,
+    JobResult, JobSpec, LeaseId, LeasedJob, LedgerCheckpoint, ReportOutcome, Scheme,
+    SignaturePayload, SignatureResult,
 };
 use dfns_api_client::{ApiError, Backoff, ClientConfig, HttpJobSource, JobSource, TlsFiles};
 use dfns_api_sim::app_client::AppClient;
@@ -598,6 +598,7 @@ async fn presence_calls_return_the_terms_and_refuse_what_they_must() {
         driver_id: "drv-1".to_owned(),
         ready: true,
         in_flight: 0,
+        ledger_head: None,
     };
     let err = source.lease(1, Duration::ZERO).await.unwrap_err();
     assert!(err.is_not_registered() && !err.is_retryable(), "{err:?}");
@@ -609,6 +610,27 @@ async fn presence_calls_return_the_terms_and_refuse_what_they_must() {
     assert_eq!(terms.liveness_timeout, Duration::from_secs(5));
     assert_eq!(source.heartbeat(&heartbeat).await.unwrap(), terms);
     assert!(source.lease(1, Duration::ZERO).await.unwrap().is_empty());
+
+    // The ledger head a heartbeat carries is kept as a checkpoint, served back over mTLS;
+    // a lower one later does not replace it.
+    assert!(source.ledger_checkpoints().await.unwrap().is_empty());
+    let head = |seq: u64, mac: u8| Heartbeat {
+        ledger_head: Some(LedgerCheckpoint {
+            chain: "drv-1".to_owned(),
+            seq,
+            mac: [mac; 32],
+        }),
+        ..heartbeat.clone()
+    };
+    source.heartbeat(&head(12, 1)).await.unwrap();
+    source.heartbeat(&head(4, 2)).await.unwrap();
+    let expected = vec![LedgerCheckpoint {
+        chain: "drv-1".to_owned(),
+        seq: 12,
+        mac: [1; 32],
+    }];
+    assert_eq!(source.ledger_checkpoints().await.unwrap(), expected);
+    assert_eq!(h.sim.ledger_checkpoints(), expected);
 
     // An invalid registration is a 400, not retryable.
     let mut bad = registration();

@@ -1,5 +1,5 @@
 //! The driver listener's routes: register, heartbeat, lease (long-poll), extend, complete,
-//! fail, ping.
+//! fail, ping, and the ledger checkpoints kept from heartbeats.
 //!
 //! Requests reach this module only over mutual TLS with a client certificate issued by the
 //! configured client CA; the handshake refuses anything else (see [`crate::tls`]).
@@ -13,7 +13,8 @@ use dfns_api_client::protocol::{
 };
 use dfns_api_client::wire::{
     self, CompleteRequest, DeregisterRequest, ExtendRequest, ExtendResponse, FailRequest,
-    HeartbeatRequest, LeaseResponse, PingResponse, RegisterRequest, StatusResponse,
+    HeartbeatRequest, LeaseResponse, LedgerCheckpointsResponse, PingResponse, RegisterRequest,
+    StatusResponse,
 };
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
@@ -39,6 +40,16 @@ pub(crate) async fn handle(
                 client_subject: client_subject.map(|s| s.to_string()),
             },
         )),
+        (&Method::GET, ["driver", "v1", "ledger", "checkpoints"]) => Ok(respond::json(
+            StatusCode::OK,
+            &LedgerCheckpointsResponse {
+                checkpoints: state
+                    .ledger_checkpoints()
+                    .iter()
+                    .map(wire::encode_ledger_checkpoint)
+                    .collect(),
+            },
+        )),
         (&Method::POST, ["driver", "v1", "drivers", "register"]) => register(&state, body).await,
         (&Method::POST, ["driver", "v1", "drivers", "heartbeat"]) => heartbeat(&state, body).await,
         (&Method::POST, ["driver", "v1", "drivers", "deregister"]) => {
@@ -57,6 +68,7 @@ pub(crate) async fn handle(
         (
             _,
             ["driver", "v1", "ping"]
+            | ["driver", "v1", "ledger", "checkpoints"]
             | [
                 "driver",
                 "v1",

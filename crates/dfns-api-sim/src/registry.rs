@@ -295,6 +295,7 @@ mod tests {
             driver_id: id.into(),
             ready,
             in_flight,
+            ledger_head: None,
         }
     }
 

@@ -199,6 +199,12 @@ impl RunningSimulator {
         self.state.drivers()
     }
 
+    /// The audit ledger checkpoints kept from drivers' heartbeats: per chain, the head with the
+    /// highest seq received (also served to drivers at `GET /driver/v1/ledger/checkpoints`).
+    pub fn ledger_checkpoints(&self) -> Vec<dfns_api_client::protocol::LedgerCheckpoint> {
+        self.state.ledger_checkpoints()
+    }
+
     /// The number of lease requests currently waiting for a job, as a watch: tests await
     /// `wait_for(|n| *n > 0)` to know a driver is long-polling, instead of sleeping.
     pub fn long_polls_waiting(&self) -> watch::Receiver<usize> {

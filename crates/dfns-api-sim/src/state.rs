@@ -15,13 +15,14 @@
 //! time when the simulator started plus monotonic time since, so they never go backwards
 //! within a run.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dfns_api_client::protocol::{
     Capability, Curve, DriverRegistration, Heartbeat, JobFailure, JobId, JobRef, JobResult,
-    JobSpec, KeyId, LeaseId, PresenceTerms, ReportOutcome, Scheme, SignatureResult,
+    JobSpec, KeyId, LeaseId, LedgerCheckpoint, PresenceTerms, ReportOutcome, Scheme,
+    SignatureResult,
 };
 use dfns_api_client::wire::{self, ExtendResponse, WireJob, WireSignatureRequest};
 use http::StatusCode;
@@ -280,6 +281,8 @@ struct Inner {
     drivers: DriverRegistry,
     keys: HashMap<KeyId, KeyRecord>,
     signatures: HashMap<String, SignatureRecord>,
+    /// Per ledger chain, the checkpoint with the highest seq received (never lowered).
+    ledger_checkpoints: BTreeMap<String, LedgerCheckpoint>,
 }
 
 /// Everything both listeners share.
@@ -323,6 +326,7 @@ impl SimState {
                 drivers: DriverRegistry::new(timings.liveness_timeout),
                 keys: HashMap::new(),
                 signatures: HashMap::new(),
+                ledger_checkpoints: BTreeMap::new(),
             }),
             jobs_ready: Notify::new(),
             waiting: watch::Sender::new(0),
@@ -565,11 +569,20 @@ impl SimState {
 
     /// Records a heartbeat; `409 DriverNotRegistered` if the driver is unknown or lapsed.
     pub(crate) fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<PresenceTerms, Refusal> {
-        self.lock()
+        let mut inner = self.lock();
+        inner
             .drivers
             .heartbeat(heartbeat, Instant::now())
             .map_err(|e| self.not_registered(&heartbeat.driver_id, e))?;
+        if let Some(head) = &heartbeat.ledger_head {
+            inner.record_checkpoint(head);
+        }
         Ok(self.terms)
+    }
+
+    /// Per ledger chain, the checkpoint with the highest seq received, in chain order.
+    pub(crate) fn ledger_checkpoints(&self) -> Vec<LedgerCheckpoint> {
+        self.lock().ledger_checkpoints.values().cloned().collect()
     }
 
     /// A driver shutting down: not live from now on. Idempotent; an unknown driver is fine too
@@ -750,6 +763,26 @@ impl SimState {
 }
 
 impl Inner {
+    /// Keeps `head` if it is its chain's first or has a higher seq than the one kept: a
+    /// checkpoint is never lowered (a driver whose chain was truncated cannot erase the
+    /// evidence by reporting a shorter head), and one at the same seq is not replaced.
+    fn record_checkpoint(&mut self, head: &LedgerCheckpoint) {
+        match self.ledger_checkpoints.get(&head.chain) {
+            Some(kept) if kept.seq > head.seq => {
+                tracing::warn!(chain = %head.chain, kept = kept.seq, reported = head.seq, "a driver reported a ledger head below its checkpoint (truncated ledger?); the checkpoint stays");
+            }
+            Some(kept) if kept.seq == head.seq => {
+                if kept.mac != head.mac {
+                    tracing::warn!(chain = %head.chain, seq = head.seq, "a driver reported another MAC for a checkpointed ledger entry (rewritten ledger?); the checkpoint stays");
+                }
+            }
+            _ => {
+                self.ledger_checkpoints
+                    .insert(head.chain.clone(), head.clone());
+            }
+        }
+    }
+
     fn key_mut(&mut self, key_id: &str) -> Result<&mut KeyRecord, Refusal> {
         KeyId::new(key_id)
             .ok()
@@ -1096,6 +1129,48 @@ mod tests {
         );
     }
 
+    #[test]
+    fn ledger_checkpoints_keep_the_highest_seq_per_chain_and_are_never_lowered() {
+        let state = state(Duration::from_secs(30));
+        state.register(registration("drv-2", &ALL));
+        let beat = |driver: &str, seq: u64, mac: u8| {
+            state
+                .heartbeat(&Heartbeat {
+                    driver_id: driver.into(),
+                    ready: true,
+                    in_flight: 0,
+                    ledger_head: Some(LedgerCheckpoint {
+                        chain: driver.into(),
+                        seq,
+                        mac: [mac; 32],
+                    }),
+                })
+                .unwrap();
+        };
+        beat(DRIVER, 5, 1);
+        beat("drv-2", 2, 7);
+        beat(DRIVER, 9, 2);
+        // Lower (a truncated ledger) and equal-but-different (a rewritten one) do not replace.
+        beat(DRIVER, 3, 3);
+        beat(DRIVER, 9, 4);
+        let kept = state.ledger_checkpoints();
+        assert_eq!(
+            kept,
+            vec![
+                LedgerCheckpoint {
+                    chain: DRIVER.into(),
+                    seq: 9,
+                    mac: [2; 32]
+                },
+                LedgerCheckpoint {
+                    chain: "drv-2".into(),
+                    seq: 2,
+                    mac: [7; 32]
+                },
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn a_waiting_lease_is_not_answered_with_a_job_it_cannot_serve() {
         let state = state(Duration::from_secs(30));
@@ -1141,6 +1216,7 @@ mod tests {
                 driver_id: "drv-x".into(),
                 ready: true,
                 in_flight: 0,
+                ledger_head: None,
             })
             .unwrap_err();
         assert_eq!(refused.code, wire::DRIVER_NOT_REGISTERED);

@@ -104,6 +104,7 @@ fn heartbeat(driver_id: &str, ready: bool, in_flight: u32) -> Heartbeat {
         driver_id: driver_id.to_owned(),
         ready,
         in_flight,
+        ledger_head: None,
     }
 }
 

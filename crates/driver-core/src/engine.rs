@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
-    Capability, Curve, DriverRegistration, FailureCode, Heartbeat, JobFailure, LeasedJob, Scheme,
+    Capability, Curve, DriverRegistration, FailureCode, Heartbeat, JobFailure, LeasedJob,
+    LedgerCheckpoint, Scheme,
 };
 use hsm_pkcs11::{Hsm, HsmError, KeyScheme};
 use tokio::sync::Semaphore;
@@ -21,6 +22,7 @@ use crate::config::{DriverBuilder, DriverConfig};
 use crate::error::error_chain;
 use crate::health::{Component, Health, HealthReport};
 use crate::job::{self, Outcome};
+use crate::ledger::{ChainHead, Ledger, LedgerError};
 use crate::metrics::Metrics;
 
 /// What one job task needs; shared by all of them.
@@ -33,6 +35,8 @@ pub(crate) struct Parts<S, H, K> {
     pub(crate) health: Health,
     /// Jobs leased and not yet reported, for heartbeats.
     pub(crate) in_flight: AtomicU32,
+    /// This driver's chain of the audit ledger.
+    pub(crate) ledger: Ledger<H, K>,
 }
 
 /// The engine. Build it with [`Driver::builder`], run it with [`Driver::run`].
@@ -72,6 +76,11 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
     ) -> Self {
         Self {
             parts: Arc::new(Parts {
+                ledger: Ledger::new(
+                    Arc::clone(&hsm),
+                    Arc::clone(&store),
+                    config.driver_id.clone(),
+                ),
                 source,
                 hsm,
                 store,
@@ -87,6 +96,28 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
     /// readiness endpoint. Take it before [`Driver::run`]; it stays valid after the run ends.
     pub fn health(&self) -> Health {
         self.parts.health.clone()
+    }
+
+    /// Reads this driver's ledger chain head and checks its MAC in the HSM: the start-up check
+    /// a host runs before [`Driver::run`] (the first append runs it otherwise). Returns the head.
+    ///
+    /// # Errors
+    /// [`LedgerError::HeadTampered`] when the chain's newest entry is not one this
+    /// deployment's HSM wrote: refuse to start and run `hsm-driver audit verify`. HSM and store
+    /// errors otherwise.
+    pub async fn open_ledger(&self) -> Result<Option<ChainHead>, LedgerError> {
+        self.parts.ledger.open().await
+    }
+
+    /// This driver's ledger chain head as of its last append (no I/O): what checkpoints record.
+    pub fn ledger_head(&self) -> Option<ChainHead> {
+        self.parts.ledger.published()
+    }
+
+    /// Follows this driver's ledger chain head: the receiver sees every change, for a host
+    /// that records checkpoints (a local file). Take it before [`Driver::run`].
+    pub fn watch_ledger_head(&self) -> tokio::sync::watch::Receiver<Option<ChainHead>> {
+        self.parts.ledger.watch()
     }
 
     /// The engine's configuration.
@@ -245,6 +276,19 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
         // Deregistering tells the API at once that this driver is gone (best effort, bounded:
         // otherwise it lapses after the liveness timeout).
         background.abort_all();
+        // A last heartbeat first, so that the API checkpoints the ledger head of the jobs just
+        // finished (best effort, bounded).
+        if health.report().registered && parts.ledger.published().is_some() {
+            let last = heartbeat(&parts, false);
+            if let Ok(Err(e)) = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                parts.source.heartbeat(&last),
+            )
+            .await
+            {
+                debug!(error = %error_chain(&e), "the last heartbeat failed");
+            }
+        }
         match tokio::time::timeout(
             std::time::Duration::from_secs(2),
             parts.source.deregister(&config.driver_id),
@@ -292,6 +336,21 @@ async fn give_back<S: JobSource, H: Hsm, K: KeyStore>(
             warn!(job_id = %job.job_id, error = %error_chain(&e), "handing a job back failed; its lease will lapse");
             Outcome::Unreported
         }
+    }
+}
+
+/// This driver's heartbeat now: readiness, jobs held, and its ledger chain head, which the API
+/// keeps as a checkpoint outside this driver's database.
+fn heartbeat<S, H: Hsm, K: KeyStore>(parts: &Parts<S, H, K>, ready: bool) -> Heartbeat {
+    Heartbeat {
+        driver_id: parts.config.driver_id.clone(),
+        ready,
+        in_flight: parts.in_flight.load(Ordering::Relaxed),
+        ledger_head: parts.ledger.published().map(|head| LedgerCheckpoint {
+            chain: head.chain,
+            seq: head.seq,
+            mac: head.mac,
+        }),
     }
 }
 
@@ -347,11 +406,7 @@ async fn presence<S: JobSource, H: Hsm, K: KeyStore>(parts: Arc<Parts<S, H, K>>)
         if !report.registered {
             continue;
         }
-        let heartbeat = Heartbeat {
-            driver_id: config.driver_id.clone(),
-            ready: report.can_lease(),
-            in_flight: parts.in_flight.load(Ordering::Relaxed),
-        };
+        let heartbeat = heartbeat(&parts, report.can_lease());
         match parts.source.heartbeat(&heartbeat).await {
             Ok(terms) => {
                 interval = terms.heartbeat_interval;

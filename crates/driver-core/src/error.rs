@@ -4,6 +4,8 @@ use dfns_api_client::protocol::{DecodeError, FailureCode, JobFailure};
 use hsm_pkcs11::{HsmError, KeyScheme};
 use wrapped_keystore::StoreError;
 
+use crate::ledger::LedgerError;
+
 /// Why a [`Driver`](crate::Driver) could not be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -88,6 +90,21 @@ pub enum JobError {
     /// The key store failed.
     #[error("key store error")]
     Store(#[source] StoreError),
+    /// The audit ledger could not be written: its head failed its integrity check, or another
+    /// writer of this driver's chain kept taking its place. (HSM and store failures while
+    /// writing it are [`JobError::Hsm`] and [`JobError::Store`].)
+    #[error("audit ledger error")]
+    Ledger(#[source] LedgerError),
+}
+
+impl From<LedgerError> for JobError {
+    fn from(error: LedgerError) -> Self {
+        match error {
+            LedgerError::Hsm(e) => JobError::Hsm(e),
+            LedgerError::Store(e) => JobError::Store(e),
+            other => JobError::Ledger(other),
+        }
+    }
 }
 
 impl From<HsmError> for JobError {
@@ -116,7 +133,8 @@ impl JobError {
             | JobError::Hsm(_) => FailureCode::HsmError,
             JobError::CorruptRecord { .. }
             | JobError::RecordTampered { .. }
-            | JobError::Store(_) => FailureCode::StoreError,
+            | JobError::Store(_)
+            | JobError::Ledger(_) => FailureCode::StoreError,
         }
     }
 
@@ -125,6 +143,7 @@ impl JobError {
         match self {
             JobError::Hsm(e) => e.is_retryable(),
             JobError::Store(e) => e.is_retryable(),
+            JobError::Ledger(e) => e.is_retryable(),
             // Another driver's HSM may hold the right master key.
             JobError::MasterKeyMismatch { .. } => true,
             JobError::Decode(_)

@@ -12,11 +12,12 @@ use dfns_api_client::protocol::{
 use hsm_pkcs11::{Hsm, KeyScheme, SignPayload, SignRequest, Signature, WrapMechanism, WrappedKey};
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, debug, error, info, info_span, warn};
-use wrapped_keystore::{AuditEntry, AuditKind, KeyRecord, KeyStore};
+use wrapped_keystore::{EntryKind, KeyRecord, KeyStore, LedgerEntry};
 
 use crate::engine::Parts;
 use crate::error::{JobError, error_chain};
 use crate::health::Component;
+use crate::ledger::LedgerError;
 
 /// How a job ended, from the engine's point of view.
 #[derive(Debug)]
@@ -249,19 +250,22 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     )
     .await?
     .to_vec();
-    // The key record and its audit entry are written in one transaction.
-    let audit = AuditEntry {
+    // The key record and its ledger entry (MACed in the HSM) are written in one transaction.
+    let entry = LedgerEntry {
         job_id: job_id.to_string(),
         key_id: record.key_id.clone(),
-        kind: AuditKind::KeyGeneration,
+        kind: EntryKind::KeyGeneration,
         payload_digest: Sha256::digest(&record.public_key).into(),
         result: record.public_key.clone(),
         created_at_ms: record.created_at_ms,
-        driver_id: record.created_by.clone(),
     };
-    match parts.store.insert_with_audit(record.clone(), audit).await {
+    match parts
+        .ledger
+        .insert_key_with_entry(record.clone(), entry)
+        .await
+    {
         Ok(_) => Ok(JobResult::PublicKey(record.public_key)),
-        Err(e) if e.is_conflict() => {
+        Err(LedgerError::Store(e)) if e.is_conflict() => {
             // Another delivery of this job stored its key first: ours is dropped (it exists
             // nowhere but in this process) and the stored one is reported.
             info!("another delivery stored this key first; reporting the stored key");
@@ -351,21 +355,21 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
         }
     })?;
     let result = signature_result(signature);
-    // Recorded before it is reported: the customer's own ledger of what their HSM signed.
+    // Recorded (MACed in the HSM, in this driver's chain) before it is reported: the
+    // customer's own ledger of what their HSM signed.
     let payload_bytes: &[u8] = match &check.1 {
         SignPayload::Digest(digest) => digest,
         SignPayload::Message(message) => message,
     };
     parts
-        .store
-        .append_audit(AuditEntry {
+        .ledger
+        .append(LedgerEntry {
             job_id: job_id.to_string(),
             key_id: key_id.to_string(),
-            kind: AuditKind::Signature,
+            kind: EntryKind::Signature,
             payload_digest: Sha256::digest(payload_bytes).into(),
             result: result.encoded.clone(),
             created_at_ms: now_ms(),
-            driver_id: parts.config.driver_id.clone(),
         })
         .await?;
     Ok(JobResult::Signature(result))

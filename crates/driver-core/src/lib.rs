@@ -22,6 +22,12 @@
 //!
 //! The data path of one job reads top to bottom in the `job` module.
 //!
+//! **Audit ledger.** Every key generated and every signature is appended, before it is
+//! reported, to this driver's own chain of the ledger, each entry MACed inside the HSM under
+//! its ledger key ([`ledger`]). [`Driver::open_ledger`] checks the chain's head at start-up;
+//! [`ledger::verify_all`] checks every chain against the HSM and against checkpoints kept
+//! outside the database.
+//!
 //! **Failures.** The driver leases only while it is healthy ([`HealthReport::can_lease`]):
 //! registered with the API, HSM usable, key store usable. A job that finds the HSM or the store
 //! unusable marks it down; leasing stops, jobs already leased are handed back as retryable
@@ -39,9 +45,11 @@ mod engine;
 mod error;
 mod health;
 mod job;
+pub mod ledger;
 mod metrics;
 
 pub use config::{DriverBuilder, DriverConfig};
 pub use engine::{Driver, RunReport};
 pub use error::{BuildError, JobError};
 pub use health::{Component, ComponentState, Health, HealthReport};
+pub use ledger::{ChainHead, LedgerError};

@@ -12,8 +12,8 @@ use dfns_api_client::protocol::{Curve, FailureCode, JobResult, Scheme};
 use driver_core::{Component, HealthReport};
 use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
 use hsm_pkcs11::{
-    Capabilities, FakeHsm, GeneratedKey, Hsm, HsmError, KeyScheme, MasterKeyInfo, SignRequest,
-    Signature,
+    Capabilities, FakeHsm, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo,
+    SignRequest, Signature,
 };
 use wrapped_keystore::{KeyStore, MemoryKeyStore};
 use zeroize::Zeroizing;
@@ -276,11 +276,16 @@ impl Hsm for SlowHsm {
         tokio::time::sleep(self.delay).await;
         self.inner.sign(request).await
     }
-    async fn mac_record(&self, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
-        self.inner.mac_record(message).await
+    async fn mac(&self, key: MacKey, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
+        self.inner.mac(key, message).await
     }
-    async fn verify_record_mac(&self, message: Vec<u8>, mac: [u8; 32]) -> Result<(), HsmError> {
-        self.inner.verify_record_mac(message, mac).await
+    async fn verify_mac(
+        &self,
+        key: MacKey,
+        message: Vec<u8>,
+        mac: [u8; 32],
+    ) -> Result<(), HsmError> {
+        self.inner.verify_mac(key, message, mac).await
     }
     async fn check(&self) -> Result<(), HsmError> {
         self.inner.check().await

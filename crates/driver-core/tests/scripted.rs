@@ -10,6 +10,7 @@ use dfns_api_client::ApiError;
 use dfns_api_client::protocol::{
     Curve, DecodeError, FailureCode, JobResult, JobSpec, Scheme, SignaturePayload,
 };
+use driver_core::ledger::{Checkpoints, HsmAuthenticator, verify_all};
 use driver_core::{Driver, DriverConfig};
 use hsm_pkcs11::{FakeHsm, Hsm, KeyScheme};
 use wrapped_keystore::{KeyStore, MemoryKeyStore};
@@ -87,12 +88,16 @@ async fn key_generation_stores_then_reports_and_signatures_verify_against_the_st
         }
         assert!(sig.recid.is_some());
     }
-    // The audit ledger holds both key generations and both signatures, chained.
-    let audit = h.store.verify_audit().unwrap();
-    assert!(audit.is_intact(), "{audit:?}");
+    // The driver's ledger chain holds both key generations and both signatures, chained and
+    // MACed in the HSM.
+    let chains = verify_all(&HsmAuthenticator(&*h.hsm), &*h.store, &Checkpoints::new())
+        .await
+        .unwrap();
+    assert_eq!(chains.len(), 1, "one driver, one chain: {chains:?}");
+    assert!(chains[0].is_intact(), "{chains:?}");
     assert_eq!(
-        audit.entries_checked, 4,
-        "two keys and two signatures are audited"
+        chains[0].entries_checked, 4,
+        "two keys and two signatures are recorded"
     );
     let report = h.shutdown().await;
     assert_eq!(report.completed, 4);
@@ -121,10 +126,12 @@ async fn a_redelivered_key_generation_reports_the_stored_key_and_generates_nothi
         assert_eq!(again, original, "a redelivery reports the stored key");
     }
     assert_eq!(h.store.count().await.unwrap(), 1, "exactly one stored key");
+    let chains = verify_all(&HsmAuthenticator(&*h.hsm), &*h.store, &Checkpoints::new())
+        .await
+        .unwrap();
     assert_eq!(
-        h.store.verify_audit().unwrap().entries_checked,
-        1,
-        "a redelivered key generation adds no audit entry"
+        chains[0].entries_checked, 1,
+        "a redelivered key generation adds no ledger entry"
     );
     h.shutdown().await;
 }
@@ -365,4 +372,35 @@ async fn a_misbehaving_api_is_retried_and_the_driver_keeps_running() {
     );
     let report = h.shutdown().await;
     assert_eq!(report.completed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_carry_the_ledger_chain_head_as_a_checkpoint() {
+    let h = start(FakeHsm::new());
+    h.source
+        .push("job-1", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.wait_reports(1).await;
+    let chains = verify_all(&HsmAuthenticator(&*h.hsm), &*h.store, &Checkpoints::new())
+        .await
+        .unwrap();
+    let head = chains[0].head.clone().expect("one entry");
+    assert_eq!(head.seq, 1);
+    let expected = dfns_api_client::protocol::LedgerCheckpoint {
+        chain: head.chain,
+        seq: head.seq,
+        mac: head.mac,
+    };
+    h.source
+        .wait_until(Duration::from_secs(5), || {
+            h.source
+                .heartbeats
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|hb| hb.ledger_head.as_ref() == Some(&expected))
+                .then_some(())
+        })
+        .await
+        .expect("a heartbeat carries the chain's head, for the API to keep");
+    h.shutdown().await;
 }

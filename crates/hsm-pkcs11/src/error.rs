@@ -91,6 +91,25 @@ pub enum HsmError {
         label: String,
     },
 
+    /// The token has a master key but no ledger key (provisioned by an older version):
+    /// provision one with [`create_ledger_key`](crate::create_ledger_key) (or, for tokens that
+    /// share an imported master key, [`import_ledger_key`](crate::import_ledger_key) with the
+    /// same value on every token).
+    #[error(
+        "no ledger key labelled `{label}` on the token (provisioned before ledger entries were \
+         MACed in the HSM): provision it with `create_ledger_key`, or `import_ledger_key` with \
+         the imported master key value on every token that shares it"
+    )]
+    LedgerKeyNotFound {
+        /// The `CKA_LABEL` looked for (`<master key label>-ledger`).
+        label: String,
+    },
+
+    /// A ledger entry's MAC does not verify under the HSM's ledger key: the entry was altered,
+    /// moved, or written by someone without the key. Never retry.
+    #[error("the ledger entry's MAC does not verify under the HSM's ledger key")]
+    LedgerMacMismatch,
+
     /// A key record's MAC does not verify: a field of the record was altered, or the record
     /// (its blob and public key) was copied from another key id. Never retry; never sign with
     /// the record.
@@ -217,6 +236,8 @@ impl HsmError {
             | HsmError::RecordTampered
             | HsmError::MasterKeyNotFound { .. }
             | HsmError::MacKeyNotFound { .. }
+            | HsmError::LedgerKeyNotFound { .. }
+            | HsmError::LedgerMacMismatch
             | HsmError::MasterKeyExists { .. }
             | HsmError::TokenNotFound { .. }
             | HsmError::Config { .. }
@@ -256,6 +277,17 @@ impl HsmError {
     /// Whether a key record's MAC did not verify (see [`HsmError::RecordTampered`]).
     pub fn is_record_tampered(&self) -> bool {
         matches!(self, HsmError::RecordTampered)
+    }
+
+    /// Whether a ledger entry's MAC did not verify (see [`HsmError::LedgerMacMismatch`]).
+    pub fn is_ledger_mac_mismatch(&self) -> bool {
+        matches!(self, HsmError::LedgerMacMismatch)
+    }
+
+    /// Whether a MAC did not verify under the key it was checked with, whatever its purpose
+    /// ([`HsmError::RecordTampered`] or [`HsmError::LedgerMacMismatch`]).
+    pub fn is_mac_mismatch(&self) -> bool {
+        matches!(self, HsmError::RecordTampered | HsmError::LedgerMacMismatch)
     }
 
     /// Whether the stored key record is bad: its MAC does not verify, the blob does not unwrap,

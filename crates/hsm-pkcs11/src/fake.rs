@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 
 use crate::error::HsmError;
 use crate::hsm::{
-    Capabilities, GeneratedKey, Hsm, KeyScheme, MasterKeyInfo, SchemeSupport, SignPayload,
+    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, SchemeSupport, SignPayload,
     SignRequest, Signature, WrapMechanism, WrappedKey,
 };
 use crate::record_mac;
@@ -45,6 +45,8 @@ pub struct FakeHsm {
     /// [`import_master_key`](crate::import_master_key) derives it: a fake and a token given the
     /// same value compute the same record MACs.
     mac_key: Zeroizing<[u8; 32]>,
+    /// The ledger key, derived likewise in its own domain.
+    ledger_key: Zeroizing<[u8; 32]>,
     wrap_mechanism: WrapMechanism,
     capabilities: Capabilities,
     master: MasterKeyInfo,
@@ -71,6 +73,7 @@ impl FakeHsm {
         );
         Self {
             mac_key: record_mac::derive_mac_key(&master_secret),
+            ledger_key: record_mac::derive_ledger_key(&master_secret),
             master_secret,
             wrap_mechanism: WrapMechanism::AesKeyWrapPad,
             capabilities: Capabilities {
@@ -84,6 +87,14 @@ impl FakeHsm {
                 fingerprint,
             },
             recover_calls: AtomicU64::new(0),
+        }
+    }
+
+    /// The software value of the HMAC key of purpose `key`.
+    fn hmac_key(&self, key: MacKey) -> &[u8] {
+        match key {
+            MacKey::Record => self.mac_key.as_ref(),
+            MacKey::Ledger => self.ledger_key.as_ref(),
         }
     }
 
@@ -345,23 +356,28 @@ impl Hsm for FakeHsm {
         std::future::ready(self.sign_now(&request))
     }
 
-    fn mac_record(
+    fn mac(
         &self,
+        key: MacKey,
         message: Vec<u8>,
     ) -> impl Future<Output = Result<[u8; 32], HsmError>> + Send {
-        std::future::ready(Ok(record_mac::hmac_sha256(self.mac_key.as_ref(), &message)))
+        std::future::ready(Ok(record_mac::hmac_sha256(self.hmac_key(key), &message)))
     }
 
-    fn verify_record_mac(
+    fn verify_mac(
         &self,
+        key: MacKey,
         message: Vec<u8>,
         mac: [u8; 32],
     ) -> impl Future<Output = Result<(), HsmError>> + Send {
-        let expected = record_mac::hmac_sha256(self.mac_key.as_ref(), &message);
+        let expected = record_mac::hmac_sha256(self.hmac_key(key), &message);
         std::future::ready(if record_mac::macs_equal(&expected, &mac) {
             Ok(())
         } else {
-            Err(HsmError::RecordTampered)
+            Err(match key {
+                MacKey::Record => HsmError::RecordTampered,
+                MacKey::Ledger => HsmError::LedgerMacMismatch,
+            })
         })
     }
 

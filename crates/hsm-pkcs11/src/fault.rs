@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::HsmError;
 use crate::hsm::{
-    Capabilities, GeneratedKey, Hsm, KeyScheme, MasterKeyInfo, SignRequest, Signature,
+    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, SignRequest, Signature,
 };
 
 /// Whether faults are being injected: a manual switch, and optionally a trigger file (tripped
@@ -163,14 +163,25 @@ impl<H: Hsm> Hsm for FaultInjectingHsm<H> {
         self.inner.sign(request).await
     }
 
-    async fn mac_record(&self, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
-        self.gate("mac_record")?;
-        self.inner.mac_record(message).await
+    async fn mac(&self, key: MacKey, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
+        self.gate(match key {
+            MacKey::Record => "mac_record",
+            MacKey::Ledger => "mac_ledger",
+        })?;
+        self.inner.mac(key, message).await
     }
 
-    async fn verify_record_mac(&self, message: Vec<u8>, mac: [u8; 32]) -> Result<(), HsmError> {
-        self.gate("verify_record_mac")?;
-        self.inner.verify_record_mac(message, mac).await
+    async fn verify_mac(
+        &self,
+        key: MacKey,
+        message: Vec<u8>,
+        mac: [u8; 32],
+    ) -> Result<(), HsmError> {
+        self.gate(match key {
+            MacKey::Record => "verify_record_mac",
+            MacKey::Ledger => "verify_ledger_mac",
+        })?;
+        self.inner.verify_mac(key, message, mac).await
     }
 
     async fn check(&self) -> Result<(), HsmError> {

@@ -228,6 +228,46 @@ pub struct MasterKeyInfo {
     pub fingerprint: String,
 }
 
+/// Which of the HSM's HMAC keys a MAC is computed with: each purpose has its own
+/// non-extractable `CKK_GENERIC_SECRET` token object next to the master key, so a MAC made for
+/// one purpose can never be passed off as one for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MacKey {
+    /// The key record MAC key, labelled `<master label>-mac` (see [`crate::record_mac`]).
+    Record,
+    /// The audit ledger key, labelled `<master label>-ledger` (see [`crate::record_mac`]):
+    /// authenticates every ledger entry.
+    Ledger,
+}
+
+impl MacKey {
+    /// Both purposes, in a stable order.
+    pub const ALL: [MacKey; 2] = [MacKey::Record, MacKey::Ledger];
+
+    /// The `CKA_LABEL` of this key next to the master key labelled `master_label`:
+    /// `<master label>-mac` or `<master label>-ledger`.
+    pub fn label(self, master_label: &str) -> String {
+        match self {
+            MacKey::Record => crate::record_mac::record_mac_key_label(master_label),
+            MacKey::Ledger => crate::record_mac::ledger_key_label(master_label),
+        }
+    }
+
+    /// A stable name for logs and errors (`record`, `ledger`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MacKey::Record => "record",
+            MacKey::Ledger => "ledger",
+        }
+    }
+}
+
+impl fmt::Display for MacKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An HSM as the driver uses it: generate-and-wrap, unwrap-and-sign, nothing persistent.
 ///
 /// Implementations run blocking device calls off the async worker threads; the futures they
@@ -265,19 +305,45 @@ pub trait Hsm: Send + Sync + 'static {
         request: SignRequest,
     ) -> impl Future<Output = Result<Signature, HsmError>> + Send;
 
-    /// Computes the MAC of a key record inside the HSM: `CKM_SHA256_HMAC` over `message`
-    /// (built with [`record_mac_message`](crate::record_mac_message)) under the record MAC key
-    /// provisioned with the master key. HSMs sharing a master key (imported with the same
-    /// value) produce the same MAC.
+    /// Computes `CKM_SHA256_HMAC` over `message` inside the HSM under the non-extractable key
+    /// of purpose `key` (see [`MacKey`]), provisioned with the master key. HSMs sharing a
+    /// master key (imported with the same value) produce the same MACs.
     ///
     /// # Errors
     /// [`HsmError`]: a device error, or a worker pool that has shut down.
-    fn mac_record(
+    fn mac(
         &self,
+        key: MacKey,
         message: Vec<u8>,
     ) -> impl Future<Output = Result<[u8; 32], HsmError>> + Send;
 
-    /// Checks a key record's MAC inside the HSM (`C_Verify` with `CKM_SHA256_HMAC`).
+    /// Checks a MAC inside the HSM (`C_Verify` with `CKM_SHA256_HMAC`) under the key of
+    /// purpose `key`.
+    ///
+    /// # Errors
+    /// When `mac` is not the MAC of `message`: [`HsmError::RecordTampered`] for
+    /// [`MacKey::Record`], [`HsmError::LedgerMacMismatch`] for [`MacKey::Ledger`] (both
+    /// [`HsmError::is_mac_mismatch`]). Other [`HsmError`]s for device errors.
+    fn verify_mac(
+        &self,
+        key: MacKey,
+        message: Vec<u8>,
+        mac: [u8; 32],
+    ) -> impl Future<Output = Result<(), HsmError>> + Send;
+
+    /// Computes the MAC of a key record inside the HSM: [`Hsm::mac`] with [`MacKey::Record`]
+    /// over `message` (built with [`record_mac_message`](crate::record_mac_message)).
+    ///
+    /// # Errors
+    /// As [`Hsm::mac`].
+    fn mac_record(
+        &self,
+        message: Vec<u8>,
+    ) -> impl Future<Output = Result<[u8; 32], HsmError>> + Send {
+        self.mac(MacKey::Record, message)
+    }
+
+    /// Checks a key record's MAC inside the HSM: [`Hsm::verify_mac`] with [`MacKey::Record`].
     ///
     /// # Errors
     /// [`HsmError::RecordTampered`] ([`HsmError::is_key_material`]) when `mac` is not the MAC
@@ -287,7 +353,9 @@ pub trait Hsm: Send + Sync + 'static {
         &self,
         message: Vec<u8>,
         mac: [u8; 32],
-    ) -> impl Future<Output = Result<(), HsmError>> + Send;
+    ) -> impl Future<Output = Result<(), HsmError>> + Send {
+        self.verify_mac(MacKey::Record, message, mac)
+    }
 
     /// Proves the HSM is usable now with one cheap operation through the same path jobs take
     /// (the worker sessions), without creating any persistent object.
@@ -298,7 +366,7 @@ pub trait Hsm: Send + Sync + 'static {
     fn check(&self) -> impl Future<Output = Result<(), HsmError>> + Send;
 
     /// Re-establishes the HSM after failures: closes what is left of the old sessions, opens
-    /// and logs in new ones, finds the master and MAC keys again and re-initialises the
+    /// and logs in new ones, finds the master key and both MAC keys again and re-initialises the
     /// PKCS#11 library when the failure requires it. Idempotent; safe to call while healthy.
     ///
     /// While it runs, operations fail fast with [`HsmError::WorkerUnavailable`] (retryable),

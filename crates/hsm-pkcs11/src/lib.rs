@@ -17,6 +17,9 @@
 //! - Tamper-evident key records: [`Hsm::mac_record`] / [`Hsm::verify_record_mac`] compute and
 //!   check, inside the HSM, an HMAC-SHA256 over [`record_mac_message`] with a non-extractable
 //!   key provisioned next to the master key ([`record_mac_key_label`]).
+//! - Authenticated audit ledger: [`Hsm::mac`] / [`Hsm::verify_mac`] with [`MacKey::Ledger`]
+//!   compute and check ledger entry MACs under a third non-extractable key of its own purpose
+//!   ([`ledger_key_label`]); driver-core's `ledger` module chains them.
 //! - [`Pkcs11Hsm`]: the real thing, over `cryptoki`;
 //!   [`Pkcs11Hsm::master_key_self_test`] attempts the key-extraction attacks against the
 //!   master key and reports ([`SelfTestReport`]); `docs/key-ceremony.md` explains the master key.
@@ -50,7 +53,7 @@ pub use error::HsmError;
 #[cfg(feature = "fake")]
 pub use fake::FakeHsm;
 pub use hsm::{
-    Capabilities, GeneratedKey, Hsm, KeyScheme, MasterKeyInfo, SchemeSupport, SignPayload,
+    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, SchemeSupport, SignPayload,
     SignRequest, Signature, WrapMechanism, WrappedKey,
 };
 #[cfg(feature = "bench")]
@@ -58,6 +61,10 @@ pub use pkcs11::anchor;
 pub use pkcs11::{
     Attack, AttackOutcome, AttackRecord, FindingKind, HotKeyStats, HotKeys, Pkcs11Config,
     Pkcs11Hsm, Pkcs11Module, SelfTestFinding, SelfTestReport, Severity, TokenReport,
-    create_mac_key, create_master_key, import_mac_key, import_master_key,
+    create_ledger_key, create_mac_key, create_master_key, import_ledger_key, import_mac_key,
+    import_master_key,
 };
-pub use record_mac::{RECORD_MAC_DOMAIN, record_mac_key_label, record_mac_message};
+pub use record_mac::{
+    RECORD_MAC_DOMAIN, ledger_key_label, record_mac_key_label, record_mac_message,
+    software_hmac_sha256,
+};

@@ -24,6 +24,15 @@
 //! has one secret: `mac key = HMAC-SHA256(key = master key value,
 //! message = "hsm-driver/record-mac-key/v1")`. The derivation is one-way: the MAC key reveals
 //! nothing about the master key.
+//!
+//! ## The ledger key
+//!
+//! A third key, labelled [`ledger_key_label`] (`<master label>-ledger`), has the same policy as
+//! the record MAC key but its own purpose: it authenticates audit ledger entries
+//! ([`MacKey::Ledger`](crate::MacKey::Ledger)), and nothing else is ever MACed with it. It is
+//! generated with the master key, or derived from an imported master key value in its own
+//! domain: `ledger key = HMAC-SHA256(key = master key value,
+//! message = "hsm-driver/ledger-key/v1")`.
 
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -34,6 +43,9 @@ pub const RECORD_MAC_DOMAIN: &str = "hsm-driver/key-record-mac/v1";
 /// The derivation label of an imported record MAC key (see the module documentation).
 const MAC_KEY_DERIVATION: &[u8] = b"hsm-driver/record-mac-key/v1";
 
+/// The derivation label of an imported ledger key (see the module documentation).
+const LEDGER_KEY_DERIVATION: &[u8] = b"hsm-driver/ledger-key/v1";
+
 /// The SHA-256 block size, for HMAC.
 const BLOCK: usize = 64;
 
@@ -41,6 +53,12 @@ const BLOCK: usize = 64;
 /// `master_label`: `<master label>-mac`.
 pub fn record_mac_key_label(master_label: &str) -> String {
     format!("{master_label}-mac")
+}
+
+/// The `CKA_LABEL` of the ledger key provisioned with the master key labelled
+/// `master_label`: `<master label>-ledger`.
+pub fn ledger_key_label(master_label: &str) -> String {
+    format!("{master_label}-ledger")
 }
 
 /// The bytes a key record's MAC covers: the identifying fields of the record, encoded without
@@ -105,6 +123,17 @@ pub(crate) fn derive_mac_key(master_value: &[u8; 32]) -> Zeroizing<[u8; 32]> {
     Zeroizing::new(hmac_sha256(master_value, MAC_KEY_DERIVATION))
 }
 
+/// The ledger key derived from an imported master key value (see the module documentation).
+pub(crate) fn derive_ledger_key(master_value: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    Zeroizing::new(hmac_sha256(master_value, LEDGER_KEY_DERIVATION))
+}
+
+/// HMAC-SHA256 in software, for tests and tools that play an attacker or an independent
+/// checker (never for a MAC the driver relies on: those are computed inside the HSM).
+pub fn software_hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    hmac_sha256(key, message)
+}
+
 /// Compares two MACs in time independent of where they differ. (The PKCS#11 path verifies
 /// inside the HSM; only the software fake compares MACs itself.)
 #[cfg(any(feature = "fake", test))]
@@ -158,6 +187,17 @@ mod tests {
             record_mac_message("k", "s", "c", &[1], &[2, 3], "m", "f"),
             record_mac_message("k", "s", "c", &[1, 2], &[3], "m", "f")
         );
+    }
+
+    #[test]
+    fn the_ledger_key_is_derived_in_its_own_domain() {
+        let master = [7u8; 32];
+        assert_ne!(*derive_ledger_key(&master), *derive_mac_key(&master));
+        assert_eq!(
+            *derive_ledger_key(&master),
+            hmac_sha256(&master, b"hsm-driver/ledger-key/v1")
+        );
+        assert_eq!(ledger_key_label("mk"), "mk-ledger");
     }
 
     #[test]

@@ -329,7 +329,8 @@ fn set_conf_var(kind: TokenKind, conf: &Path) {
     unsafe { std::env::set_var(kind.conf_var(), conf) };
 }
 
-/// A fresh test token with a user PIN, an AES-256 master key and its record MAC key.
+/// A fresh test token with a user PIN, an AES-256 master key, its record MAC key and its
+/// ledger key.
 #[derive(Clone)]
 pub struct TestToken {
     label: String,
@@ -447,10 +448,36 @@ impl TestToken {
     /// # Errors
     /// As [`TestToken::create`].
     pub fn create_without_mac_key(value: Option<[u8; 32]>) -> Result<Self, HsmError> {
-        let deviation = PolicyDeviation {
-            without_mac_key: true,
-            ..PolicyDeviation::default()
-        };
+        Self::create_as_before(
+            value,
+            PolicyDeviation {
+                without_mac_key: true,
+                ..PolicyDeviation::default()
+            },
+        )
+    }
+
+    /// A new token provisioned as versions before HSM-authenticated ledgers were: a master
+    /// key (generated, or imported with `value`) and its record MAC key, no ledger key, for
+    /// tests of adding one later with [`crate::create_ledger_key`] /
+    /// [`crate::import_ledger_key`]. Blocking.
+    ///
+    /// # Errors
+    /// As [`TestToken::create`].
+    pub fn create_without_ledger_key(value: Option<[u8; 32]>) -> Result<Self, HsmError> {
+        Self::create_as_before(
+            value,
+            PolicyDeviation {
+                without_ledger_key: true,
+                ..PolicyDeviation::default()
+            },
+        )
+    }
+
+    fn create_as_before(
+        value: Option<[u8; 32]>,
+        deviation: PolicyDeviation,
+    ) -> Result<Self, HsmError> {
         let token = Self::create_empty()?;
         match value {
             None => generate_master_key(
@@ -534,6 +561,11 @@ impl TestToken {
     /// The record MAC key's label (`<master key label>-mac`).
     pub fn mac_key_label(&self) -> String {
         crate::record_mac::record_mac_key_label(&self.master_key_label)
+    }
+
+    /// The ledger key's label (`<master key label>-ledger`).
+    pub fn ledger_key_label(&self) -> String {
+        crate::record_mac::ledger_key_label(&self.master_key_label)
     }
 
     /// The process-wide module.

@@ -471,8 +471,8 @@ async fn no_private_key_object_remains_after_200_mixed_operations() {
     assert_eq!(report.token_private_keys, 0, "{report:?}");
     assert_eq!(report.session_private_keys, 0, "{report:?}");
     assert_eq!(
-        report.token_secret_keys, 2,
-        "only the master key and the record MAC key: {report:?}"
+        report.token_secret_keys, 3,
+        "only the master key, the record MAC key and the ledger key: {report:?}"
     );
     let manufacturer = match kind() {
         TokenKind::SoftHsm2 => "SoftHSM project",

@@ -262,13 +262,14 @@ fn a_replaced_master_key_makes_recover_fail_for_good() {
         sign_and_verify(&hsm, &key, 1).await;
         let expected = hsm.master_key().fingerprint.clone();
 
-        // Destroy the master key and its MAC key; provision a new pair under the same labels.
+        // Destroy the master key and its MAC keys; provision new ones under the same labels.
         let replacing = token.clone();
         blocking(move || {
             let session = replacing.login_session()?;
             for label in [
                 replacing.master_key_label().to_owned(),
                 replacing.mac_key_label(),
+                replacing.ledger_key_label(),
             ] {
                 for object in session
                     .find_objects(&[Attribute::Label(label.into_bytes())])

@@ -48,14 +48,15 @@ pub enum StoreError {
         ours: String,
     },
 
-    /// The newest audit entry cannot be read, so nothing can be chained to it: the log was
-    /// altered outside the store. Run a verification to find the first bad entry.
-    #[error("audit entry {seq} cannot be read: {reason}")]
-    AuditCorrupt {
-        /// The entry's seq as stored.
-        seq: i64,
-        /// What is wrong with it.
-        reason: String,
+    /// A ledger entry with this chain and seq is already stored: another writer appended to
+    /// the chain since its head was read (two processes configured with one driver id). Nothing
+    /// was written; read the head again and retry.
+    #[error("ledger entry {seq} of chain {chain} is already stored")]
+    LedgerConflict {
+        /// The chain.
+        chain: String,
+        /// The seq that was taken.
+        seq: u64,
     },
 
     /// A connection could not be established or set up.
@@ -162,6 +163,11 @@ impl StoreError {
         matches!(self, StoreError::InsecureTransport { .. })
     }
 
+    /// Whether this is [`StoreError::LedgerConflict`]: the chain's head moved under the caller.
+    pub fn is_ledger_conflict(&self) -> bool {
+        matches!(self, StoreError::LedgerConflict { .. })
+    }
+
     /// Whether this is [`StoreError::Corrupt`]: a stored row cannot be decoded.
     pub fn is_corrupt(&self) -> bool {
         matches!(self, StoreError::Corrupt { .. })
@@ -176,7 +182,7 @@ impl StoreError {
             StoreError::Database { source } => diesel_error_class(source),
             StoreError::Conflict { .. }
             | StoreError::MasterKeyMismatch { .. }
-            | StoreError::AuditCorrupt { .. }
+            | StoreError::LedgerConflict { .. }
             | StoreError::Migration { .. }
             | StoreError::InvalidUrl { .. }
             | StoreError::InsecureTransport { .. }
@@ -541,10 +547,10 @@ mod tests {
                 },
             ),
             (
-                "a corrupt audit log",
-                StoreError::AuditCorrupt {
+                "a ledger conflict",
+                StoreError::LedgerConflict {
+                    chain: "driver-a".into(),
                     seq: 3,
-                    reason: "short hash".into(),
                 },
             ),
         ];

@@ -6,8 +6,9 @@
 //!
 //! - [`KeyStore`]: the trait driver-core is generic over; inserts are idempotent, and
 //!   [`KeyStore::check`] proves the database answers.
-//! - [`audit`]: the hash-chained audit ledger of every key generated and payload signed, and
-//!   the exact encoding a customer needs to check it independently.
+//! - [`ledger`]: the audit ledger's rows (one chain per driver) and the exact bytes each entry's
+//!   HSM MAC covers, which a customer needs to check it independently. The store persists and
+//!   reads rows; driver-core chains and MACs them.
 //! - [`DieselKeyStore`]: diesel + r2d2 over PostgreSQL or SQLite, chosen by URL, with embedded
 //!   migrations. [`PgConnectOptions`] secures PostgreSQL connections (verified TLS, client
 //!   certificate, a password kept out of the URL); an unverified connection to a host off this
@@ -29,9 +30,9 @@
 //! failure, a deadlock, a locked SQLite file) is [retryable](StoreError::is_retryable) but not
 //! unavailable.
 
-pub mod audit;
 mod diesel_store;
 mod error;
+pub mod ledger;
 mod schema;
 mod store;
 
@@ -40,11 +41,11 @@ mod memory;
 #[cfg(feature = "pg-fixture")]
 pub mod testing;
 
-pub use audit::{AuditEntry, AuditKind, AuditProblem, AuditRecord, AuditVerification};
 pub use diesel_store::{DatabaseUrl, DieselKeyStore, PgConnectOptions, PoolOptions};
 pub use error::StoreError;
+pub use ledger::{EntryKind, LedgerEntry, LedgerRecord, StoredLedgerRow};
 #[cfg(feature = "fake")]
-pub use memory::MemoryKeyStore;
+pub use memory::{LedgerRows, MemoryKeyStore};
 pub use store::{
     InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration, PageRequest,
 };

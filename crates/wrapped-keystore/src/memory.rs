@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use diesel::result::ConnectionError;
 
-use crate::audit::{AuditEntry, AuditRecord, AuditVerification, AuditVerifier};
 use crate::error::StoreError;
+use crate::ledger::{LedgerRecord, StoredLedgerRow};
 use crate::store::{
     InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration, PageRequest,
 };
@@ -18,14 +18,14 @@ use crate::store::{
 /// [`DieselKeyStore`](crate::DieselKeyStore) (idempotent inserts, conflicts, bytewise key id
 /// order, pages capped at 1000) but keeps nothing across restarts: never use it in a driver.
 ///
-/// Clones share the same records, master key, audit log and
+/// Clones share the same records, master key, ledger and
 /// [`set_unavailable`](Self::set_unavailable) switch.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryKeyStore {
     records: Arc<Mutex<BTreeMap<String, KeyRecord>>>,
     master_key: Arc<Mutex<Option<String>>>,
-    // Lock order: `records` before `audit` (insert_with_audit holds both).
-    audit: Arc<Mutex<Vec<AuditRecord>>>,
+    // Lock order: `records` before `ledger` (insert_with_ledger holds both).
+    ledger: Arc<Mutex<LedgerRows>>,
     unavailable: Arc<AtomicBool>,
 }
 
@@ -36,7 +36,7 @@ impl MemoryKeyStore {
     }
 
     /// Fakes a database outage. While `unavailable` is true every operation,
-    /// [`check`](KeyStore::check) and [`verify_audit`](Self::verify_audit) included, fails with
+    /// [`check`](KeyStore::check) included, fails with
     /// an error for which [`StoreError::is_unavailable`] holds, reading and changing nothing, as
     /// a [`DieselKeyStore`](crate::DieselKeyStore) does while its database cannot be reached.
     /// Setting it back to false restores service with everything stored before intact.
@@ -44,20 +44,10 @@ impl MemoryKeyStore {
         self.unavailable.store(unavailable, Ordering::SeqCst);
     }
 
-    /// Checks the audit log's hash chain, as
-    /// [`DieselKeyStore::verify_audit`](crate::DieselKeyStore::verify_audit) does.
-    ///
-    /// # Errors
-    /// Only an unavailable error while [`set_unavailable`](Self::set_unavailable) is on.
-    pub fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
-        self.available()?;
-        let mut verifier = AuditVerifier::default();
-        for record in self.audit().iter() {
-            if !verifier.check(record) {
-                break;
-            }
-        }
-        Ok(verifier.finish())
+    /// Runs `f` on the stored ledger rows, keyed by (chain, seq as stored): for tests that play
+    /// someone who writes to the database directly (delete, alter, reorder rows).
+    pub fn with_ledger_rows<T>(&self, f: impl FnOnce(&mut LedgerRows) -> T) -> T {
+        f(&mut self.ledger())
     }
 
     /// Fails as an unreachable database would while [`set_unavailable`](Self::set_unavailable)
@@ -79,8 +69,8 @@ impl MemoryKeyStore {
         lock(&self.records)
     }
 
-    fn audit(&self) -> MutexGuard<'_, Vec<AuditRecord>> {
-        lock(&self.audit)
+    fn ledger(&self) -> MutexGuard<'_, LedgerRows> {
+        lock(&self.ledger)
     }
 }
 
@@ -92,12 +82,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Appends `entry` to `log`, chained to its last record.
-fn append(log: &mut Vec<AuditRecord>, entry: AuditEntry) -> AuditRecord {
-    let previous = log.last().map(|r| (r.seq, r.entry_hash));
-    let record = AuditRecord::next_after(previous, entry);
-    log.push(record.clone());
-    record
+/// The fake's ledger: rows keyed by (chain, seq as stored).
+pub type LedgerRows = BTreeMap<(String, i64), StoredLedgerRow>;
+
+/// Writes `record` at its (chain, seq), or says the place is taken.
+fn append(rows: &mut LedgerRows, record: &LedgerRecord) -> Result<(), StoreError> {
+    let row = StoredLedgerRow::from(record);
+    match rows.entry((row.chain.clone(), row.seq)) {
+        Entry::Vacant(slot) => {
+            slot.insert(row);
+            Ok(())
+        }
+        Entry::Occupied(_) => Err(StoreError::LedgerConflict {
+            chain: record.chain.clone(),
+            seq: record.seq,
+        }),
+    }
 }
 
 impl KeyStore for MemoryKeyStore {
@@ -166,30 +166,61 @@ impl KeyStore for MemoryKeyStore {
         }
     }
 
-    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
+    async fn ledger_head(&self, chain: &str) -> Result<Option<StoredLedgerRow>, StoreError> {
         self.available()?;
-        Ok(append(&mut self.audit(), entry))
+        let rows = self.ledger();
+        let chain_rows = rows.range((chain.to_owned(), i64::MIN)..=(chain.to_owned(), i64::MAX));
+        Ok(chain_rows.last().map(|(_, row)| row.clone()))
     }
 
-    async fn insert_with_audit(
+    async fn append_ledger(&self, record: LedgerRecord) -> Result<(), StoreError> {
+        self.available()?;
+        append(&mut self.ledger(), &record)
+    }
+
+    async fn insert_with_ledger(
         &self,
-        record: KeyRecord,
-        entry: AuditEntry,
+        key: KeyRecord,
+        entry: LedgerRecord,
     ) -> Result<InsertOutcome, StoreError> {
         self.available()?;
         let mut records = self.records();
-        match records.entry(record.key_id.clone()) {
+        match records.entry(key.key_id.clone()) {
             Entry::Vacant(slot) => {
-                append(&mut self.audit(), entry);
-                slot.insert(record);
+                append(&mut self.ledger(), &entry)?;
+                slot.insert(key);
                 Ok(InsertOutcome::Inserted)
             }
-            Entry::Occupied(existing) if existing.get().same_key_as(&record) => {
+            Entry::Occupied(existing) if existing.get().same_key_as(&key) => {
                 Ok(InsertOutcome::AlreadyPresent)
             }
-            Entry::Occupied(_) => Err(StoreError::Conflict {
-                key_id: record.key_id,
-            }),
+            Entry::Occupied(_) => Err(StoreError::Conflict { key_id: key.key_id }),
         }
+    }
+
+    async fn ledger_chains(&self) -> Result<Vec<String>, StoreError> {
+        self.available()?;
+        let mut chains: Vec<String> = self.ledger().keys().map(|(c, _)| c.clone()).collect();
+        chains.dedup();
+        Ok(chains)
+    }
+
+    async fn ledger_page(
+        &self,
+        chain: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredLedgerRow>, StoreError> {
+        self.available()?;
+        let limit = usize::try_from(limit.min(MAX_PAGE_LIMIT)).unwrap_or(usize::MAX);
+        let rows = self.ledger();
+        Ok(rows
+            .range((
+                Bound::Excluded((chain.to_owned(), after_seq)),
+                Bound::Included((chain.to_owned(), i64::MAX)),
+            ))
+            .take(limit)
+            .map(|(_, row)| row.clone())
+            .collect())
     }
 }

@@ -1,4 +1,5 @@
-//! The diesel schema: the `wrapped_keys` table, the `deployment` row and the `audit_log`.
+//! The diesel schema: the `wrapped_keys` table, the `deployment` row, the audit `ledger` (v2)
+//! and the pre-v2 `audit_log` (no longer written; declared so the schema test sees it intact).
 //!
 //! Hand-written, not generated: it must match the migrations in `migrations/postgres/` and
 //! `migrations/sqlite/`. The tests below apply the migrations on both backends and round-trip
@@ -46,7 +47,8 @@ diesel::table! {
 }
 
 diesel::table! {
-    /// The hash-chained audit ledger; append-only (see `audit.rs`).
+    /// The pre-v2 audit log: one global SHA-256 hash chain, unauthenticated. No longer written or
+    /// verified; kept readable by SQL.
     audit_log (seq) {
         /// Position in the log, contiguous from 1.
         seq -> BigInt,
@@ -68,6 +70,32 @@ diesel::table! {
         prev_hash -> Binary,
         /// This entry's hash.
         entry_hash -> Binary,
+    }
+}
+
+diesel::table! {
+    /// The audit ledger v2: one chain per driver, each entry MACed in the HSM (see `ledger.rs`).
+    ledger (chain, seq) {
+        /// The chain: the appending driver's id.
+        chain -> Text,
+        /// Position in the chain, contiguous from 1.
+        seq -> BigInt,
+        /// The API job.
+        job_id -> Text,
+        /// The key generated or used.
+        key_id -> Text,
+        /// `KeyGeneration` or `Signature`.
+        kind -> Text,
+        /// SHA-256 of the signed payload (of the public key for a key generation).
+        payload_digest -> Binary,
+        /// The public key or the signature.
+        result -> Binary,
+        /// Milliseconds since the Unix epoch.
+        created_at_ms -> BigInt,
+        /// The previous entry's MAC in the chain (zeros for seq 1).
+        prev_mac -> Binary,
+        /// HMAC-SHA256 under the HSM's ledger key.
+        mac -> Binary,
     }
 }
 
@@ -218,7 +246,7 @@ mod tests {
     }
 
     /// Every table and its columns as declared above.
-    fn tables() -> [(&'static str, &'static [&'static str]); 3] {
+    fn tables() -> [(&'static str, &'static [&'static str]); 4] {
         [
             (
                 "wrapped_keys",
@@ -257,6 +285,21 @@ mod tests {
                     "driver_id",
                     "prev_hash",
                     "entry_hash",
+                ],
+            ),
+            (
+                "ledger",
+                &[
+                    "chain",
+                    "seq",
+                    "job_id",
+                    "key_id",
+                    "kind",
+                    "payload_digest",
+                    "result",
+                    "created_at_ms",
+                    "prev_mac",
+                    "mac",
                 ],
             ),
         ]

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::future::Future;
 
-use crate::audit::{AuditEntry, AuditRecord};
 use crate::error::StoreError;
+use crate::ledger::{LedgerRecord, StoredLedgerRow};
 
 /// One wrapped key. The private key inside `wrapped_key` is encrypted under the master key
 /// identified by `master_key_fingerprint`; nothing here is secret on its own.
@@ -161,28 +161,57 @@ pub trait KeyStore: Send + Sync + 'static {
         driver_id: &str,
     ) -> impl Future<Output = Result<MasterKeyRegistration, StoreError>> + Send;
 
-    /// Appends an entry to the audit log, assigning the next seq and chaining it to the last
-    /// entry. Appends from concurrent drivers are serialised.
+    /// The newest entry of the ledger chain `chain` (the highest seq), as stored; `None` for a
+    /// chain with no entry.
     ///
     /// # Errors
-    /// [`StoreError::AuditCorrupt`] if the last stored entry cannot be chained to; other
-    /// [`StoreError`]s if the database fails (nothing is appended).
-    fn append_audit(
+    /// A [`StoreError`] if the database fails.
+    fn ledger_head(
         &self,
-        entry: AuditEntry,
-    ) -> impl Future<Output = Result<AuditRecord, StoreError>> + Send;
+        chain: &str,
+    ) -> impl Future<Output = Result<Option<StoredLedgerRow>, StoreError>> + Send;
 
-    /// [`insert`](Self::insert)s a record and [`append_audit`](Self::append_audit)s an entry in
-    /// one transaction: both are written or neither is. A record already present
-    /// ([`InsertOutcome::AlreadyPresent`]) appends no entry, so a retried key generation is
-    /// audited once.
+    /// Writes one ledger entry, already chained and MACed by the caller. The store checks
+    /// nothing but that `(chain, seq)` is free: the engine owns the chain.
     ///
     /// # Errors
-    /// [`StoreError::Conflict`] if the key id holds different content (nothing is written); as
-    /// [`append_audit`](Self::append_audit) otherwise.
-    fn insert_with_audit(
+    /// [`StoreError::LedgerConflict`] if `(chain, seq)` is already stored (nothing is written:
+    /// read the head again); other [`StoreError`]s if the database fails.
+    fn append_ledger(
         &self,
-        record: KeyRecord,
-        entry: AuditEntry,
+        record: LedgerRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// [`insert`](Self::insert)s a key record and [`append_ledger`](Self::append_ledger)s an
+    /// entry in one transaction: both are written or neither is. A record already present
+    /// ([`InsertOutcome::AlreadyPresent`]) writes no entry, so a retried key generation is
+    /// recorded once.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] if the key id holds different content, and
+    /// [`StoreError::LedgerConflict`] if `(chain, seq)` is taken (nothing is written in
+    /// either case); other [`StoreError`]s if the database fails.
+    fn insert_with_ledger(
+        &self,
+        key: KeyRecord,
+        entry: LedgerRecord,
     ) -> impl Future<Output = Result<InsertOutcome, StoreError>> + Send;
+
+    /// The chains that have entries, in ascending (bytewise) order.
+    ///
+    /// # Errors
+    /// A [`StoreError`] if the database fails.
+    fn ledger_chains(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Up to `limit` (capped at [`MAX_PAGE_LIMIT`]) entries of `chain` with a seq above
+    /// `after_seq`, in ascending seq order, as stored.
+    ///
+    /// # Errors
+    /// A [`StoreError`] if the database fails.
+    fn ledger_page(
+        &self,
+        chain: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<StoredLedgerRow>, StoreError>> + Send;
 }

@@ -4,10 +4,10 @@
 
 mod support;
 
-use support::{VerifyAudit, audit_entry, record};
-use wrapped_keystore::audit::{GENESIS_PREV_HASH, entry_hash};
+use support::{ledger_record, record};
 use wrapped_keystore::{
     InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration, PageRequest,
+    StoredLedgerRow,
 };
 
 mod suite {
@@ -455,56 +455,87 @@ mod suite {
         );
     }
 
-    /// Tried: three entries appended one after another; checked seq, links and hashes.
-    pub(crate) async fn appended_entries_form_a_chain<S: KeyStore + Clone + VerifyAudit>(store: S) {
-        let empty = store.verify().await;
-        assert!(
-            empty.is_intact() && empty.entries_checked == 0 && empty.head.is_none(),
-            "an empty log is intact and has no head: {empty:?}"
-        );
-        let mut previous: Option<wrapped_keystore::AuditRecord> = None;
-        for job in 1..=3 {
-            let appended = store
-                .append_audit(audit_entry(job, "driver-a"))
-                .await
-                .expect("appending an audit entry");
-            assert_eq!(
-                appended.seq,
-                u64::from(job),
-                "seqs start at 1 and are contiguous"
-            );
-            assert_eq!(
-                appended.entry,
-                audit_entry(job, "driver-a"),
-                "the entry is stored as given"
-            );
-            let expected_prev = previous
-                .as_ref()
-                .map_or(GENESIS_PREV_HASH, |p| p.entry_hash);
-            assert_eq!(
-                appended.prev_hash, expected_prev,
-                "entry {job} links to the one before"
-            );
-            assert_eq!(
-                appended.entry_hash,
-                entry_hash(appended.seq, &appended.prev_hash, &appended.entry),
-                "entry {job}'s hash is the documented one"
-            );
-            previous = Some(appended);
+    async fn rows(store: &impl KeyStore, chain: &str) -> Vec<StoredLedgerRow> {
+        store
+            .ledger_page(chain, 0, MAX_PAGE_LIMIT)
+            .await
+            .unwrap_or_else(|e| panic!("reading chain {chain}: {e:?}"))
+    }
+
+    /// Tried: entries written to two chains, interleaved; read back by head, page and chain list.
+    pub(crate) async fn ledger_entries_round_trip_per_chain<S: KeyStore + Clone>(store: S) {
+        assert_eq!(store.ledger_head("driver-a").await.expect("head"), None);
+        assert!(store.ledger_chains().await.expect("chains").is_empty());
+        for seq in 1..=3 {
+            for chain in ["driver-b", "driver-a"] {
+                if chain == "driver-b" && seq == 3 {
+                    continue;
+                }
+                store
+                    .append_ledger(ledger_record(chain, seq))
+                    .await
+                    .expect("appending a ledger entry");
+            }
         }
-        let result = store.verify().await;
-        let last = previous.expect("three entries");
         assert_eq!(
-            (result.entries_checked, result.head, result.problem),
-            (3, Some((3, last.entry_hash)), None),
-            "three appended entries verify, the head is the last"
+            store.ledger_head("driver-a").await.expect("head"),
+            Some(StoredLedgerRow::from(&ledger_record("driver-a", 3))),
+            "the head is the chain's newest entry, every field as written"
+        );
+        assert_eq!(
+            store
+                .ledger_head("driver-b")
+                .await
+                .expect("head")
+                .map(|r| r.seq),
+            Some(2),
+            "each chain has its own head"
+        );
+        assert_eq!(
+            store.ledger_chains().await.expect("chains"),
+            vec!["driver-a".to_owned(), "driver-b".to_owned()]
+        );
+        let a: Vec<_> = rows(&store, "driver-a").await;
+        assert_eq!(
+            a,
+            (1..=3)
+                .map(|seq| StoredLedgerRow::from(&ledger_record("driver-a", seq)))
+                .collect::<Vec<_>>(),
+            "a chain reads back in seq order, only its own entries"
+        );
+        let page = store.ledger_page("driver-a", 1, 1).await.expect("a page");
+        assert_eq!(
+            page.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![2],
+            "a page starts after the given seq and holds at most the limit"
         );
     }
 
-    /// Tried: 3 tasks appending 50 entries each at once.
-    pub(crate) async fn concurrent_appends_stay_contiguous_and_chained<
-        S: KeyStore + Clone + VerifyAudit,
-    >(
+    /// Tried: a second entry at a place already taken (two writers of one chain).
+    pub(crate) async fn a_taken_ledger_place_is_a_conflict<S: KeyStore + Clone>(store: S) {
+        store
+            .append_ledger(ledger_record("driver-a", 1))
+            .await
+            .expect("the first entry");
+        let mut other = ledger_record("driver-a", 1);
+        other.entry.job_id = "another-writer".into();
+        let error = store
+            .append_ledger(other)
+            .await
+            .expect_err("a taken (chain, seq) must be refused");
+        assert!(
+            error.is_ledger_conflict() && !error.is_retryable(),
+            "{error:?}"
+        );
+        assert_eq!(
+            rows(&store, "driver-a").await,
+            vec![StoredLedgerRow::from(&ledger_record("driver-a", 1))],
+            "the stored entry is untouched"
+        );
+    }
+
+    /// Tried: 3 chains appended to at once, 50 entries each.
+    pub(crate) async fn concurrent_appends_to_distinct_chains_all_land<S: KeyStore + Clone>(
         store: S,
     ) {
         let barrier = Arc::new(Barrier::new(3));
@@ -513,51 +544,33 @@ mod suite {
                 let (store, barrier) = (store.clone(), barrier.clone());
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    let mut seqs = Vec::new();
-                    for job in 0..50 {
-                        let entry = audit_entry(driver * 1000 + job, &format!("driver-{driver}"));
-                        seqs.push(
-                            store
-                                .append_audit(entry)
-                                .await
-                                .expect("a concurrent append")
-                                .seq,
-                        );
+                    for seq in 1..=50 {
+                        store
+                            .append_ledger(ledger_record(&format!("driver-{driver}"), seq))
+                            .await
+                            .expect("a concurrent append");
                     }
-                    seqs
                 })
             })
             .collect();
-        let mut seqs = Vec::new();
         for task in tasks {
-            seqs.extend(task.await.expect("an append task"));
+            task.await.expect("an append task");
         }
-        seqs.sort_unstable();
-        assert_eq!(
-            seqs,
-            (1..=150).collect::<Vec<u64>>(),
-            "150 appends get seqs 1..=150 once each"
-        );
-        let result = store.verify().await;
-        assert!(
-            result.is_intact(),
-            "the interleaved chain verifies: {result:?}"
-        );
-        assert_eq!(result.entries_checked, 150, "every entry is checked");
+        for driver in 0..3 {
+            let chain = format!("driver-{driver}");
+            let seqs: Vec<i64> = rows(&store, &chain).await.iter().map(|r| r.seq).collect();
+            assert_eq!(seqs, (1..=50).collect::<Vec<i64>>(), "{chain} holds 1..=50");
+        }
     }
 
-    /// Tried: a new key (record + entry), the same key again, and a conflicting key.
-    pub(crate) async fn insert_with_audit_writes_both_or_neither<
-        S: KeyStore + Clone + VerifyAudit,
-    >(
-        store: S,
-    ) {
-        let generated = audit_entry(3, "driver-a");
+    /// Tried: a new key (record + entry), the same key again, a conflicting key, and a new key
+    /// whose entry's place is taken.
+    pub(crate) async fn insert_with_ledger_writes_both_or_neither<S: KeyStore + Clone>(store: S) {
         assert_eq!(
             store
-                .insert_with_audit(record("key-audited", 1), generated.clone())
+                .insert_with_ledger(record("key-audited", 1), ledger_record("driver-a", 1))
                 .await
-                .expect("inserting a new key with its audit entry"),
+                .expect("inserting a new key with its ledger entry"),
             InsertOutcome::Inserted,
             "a new key is inserted"
         );
@@ -566,46 +579,54 @@ mod suite {
             Some(record("key-audited", 1))
         );
         assert_eq!(
-            store.verify().await.entries_checked,
+            rows(&store, "driver-a").await.len(),
             1,
-            "one audit entry for one new key"
+            "one entry for one key"
         );
 
         assert_eq!(
             store
-                .insert_with_audit(record("key-audited", 1), audit_entry(4, "driver-b"))
+                .insert_with_ledger(record("key-audited", 1), ledger_record("driver-a", 2))
                 .await
                 .expect("inserting the same key again"),
             InsertOutcome::AlreadyPresent,
             "the same key again is already present"
         );
         assert_eq!(
-            store.verify().await.entries_checked,
+            rows(&store, "driver-a").await.len(),
             1,
-            "a retried key adds no audit entry"
+            "a retried key adds no entry"
         );
 
         let error = store
-            .insert_with_audit(record("key-audited", 2), audit_entry(5, "driver-c"))
+            .insert_with_ledger(record("key-audited", 2), ledger_record("driver-a", 2))
             .await
             .expect_err("a different key under a stored id must fail");
         assert!(error.is_conflict(), "a conflict, got {error:?}");
-        let after = store.verify().await;
+        assert_eq!(
+            rows(&store, "driver-a").await.len(),
+            1,
+            "and writes no entry"
+        );
+
+        let error = store
+            .insert_with_ledger(record("key-new", 3), ledger_record("driver-a", 1))
+            .await
+            .expect_err("an entry at a taken place must fail");
         assert!(
-            after.is_intact() && after.entries_checked == 1,
-            "a conflict writes no audit entry: {after:?}"
+            error.is_ledger_conflict(),
+            "a ledger conflict, got {error:?}"
+        );
+        assert_eq!(
+            store.get("key-new").await.expect("get"),
+            None,
+            "a refused entry leaves its key unwritten"
         );
         assert_eq!(
             store.get("key-audited").await.expect("get"),
             Some(record("key-audited", 1)),
-            "a conflict leaves the stored key untouched"
+            "conflicts leave the stored key untouched"
         );
-
-        let next = store
-            .append_audit(audit_entry(6, "driver-a"))
-            .await
-            .expect("appending after a refused insert");
-        assert_eq!(next.seq, 2, "a refused insert leaves no hole in the seqs");
     }
 
     /// Starts 16 inserts together (released by one barrier) and collects their results.
@@ -654,9 +675,10 @@ macro_rules! conformance {
                 concurrent_identical_inserts_store_one,
                 master_key_is_recorded_once_and_checked_after,
                 racing_master_key_registrations_have_one_winner,
-                appended_entries_form_a_chain,
-                concurrent_appends_stay_contiguous_and_chained,
-                insert_with_audit_writes_both_or_neither
+                ledger_entries_round_trip_per_chain,
+                a_taken_ledger_place_is_a_conflict,
+                concurrent_appends_to_distinct_chains_all_land,
+                insert_with_ledger_writes_both_or_neither
             );
         }
     };

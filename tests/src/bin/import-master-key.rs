@@ -1,5 +1,5 @@
-//! `import-master-key`: puts a known master key value (and the record-MAC key derived from it)
-//! on one token, so that several tokens hold the SAME master key.
+//! `import-master-key`: puts a known master key value (and the record-MAC and ledger keys
+//! derived from it) on one token, so that several tokens hold the SAME master key.
 //!
 //! **For tests only.** It exists so that the end-to-end harness can give several tokens
 //! (SoftHSMv2 or Kryoptic), each in its own directory, one master key (a cluster of drivers, a
@@ -48,7 +48,8 @@ struct Args {
     /// File (mode 0600) holding the master key value as 64 hex digits.
     #[arg(long)]
     value_file: PathBuf,
-    /// Label of the master key; the record-MAC key is labelled `<label>-mac`.
+    /// Label of the master key; the record-MAC key is labelled `<label>-mac`, the ledger key
+    /// `<label>-ledger`.
     #[arg(long, default_value = "hsm-driver-master-key")]
     label: String,
 }
@@ -58,9 +59,10 @@ fn main() -> ExitCode {
     match import(&args) {
         Ok(()) => {
             println!(
-                "imported master key `{}` and record MAC key `{}` into token `{}`",
+                "imported master key `{}`, record MAC key `{}` and ledger key `{}` into token `{}`",
                 args.label,
                 hsm_pkcs11::record_mac_key_label(&args.label),
+                hsm_pkcs11::ledger_key_label(&args.label),
                 args.token_label
             );
             ExitCode::SUCCESS
@@ -81,9 +83,9 @@ fn import(args: &Args) -> anyhow::Result<()> {
     let pin = SecretString::from(pin.lines().next().unwrap_or_default().to_owned());
     let module = hsm_pkcs11::Pkcs11Module::initialize(&args.module)
         .with_context(|| format!("loading {}", args.module.display()))?;
-    // Imports the master key and the record-MAC key derived from the same value
-    // (`import_mac_key` is only for adding the MAC key to a token that has the master key
-    // already), so tokens given one value share both keys.
+    // Imports the master key, and the record-MAC key and ledger key derived from the same
+    // value (`import_mac_key` / `import_ledger_key` are only for adding them to a token that
+    // has the master key already), so tokens given one value share all three keys.
     hsm_pkcs11::import_master_key(&module, &args.token_label, &pin, &args.label, &value)
         .with_context(|| format!("importing into token `{}`", args.token_label))?;
     Ok(())

@@ -1,5 +1,5 @@
-//! Key record MACs on one session: `CKM_SHA256_HMAC` sign and verify under the record MAC key
-//! (see [`crate::record_mac`]).
+//! HSM MACs on one session: `CKM_SHA256_HMAC` sign and verify under the record MAC key or the
+//! ledger key (see [`crate::record_mac`]).
 
 use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::Mechanism;
@@ -7,6 +7,7 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 
 use crate::error::HsmError;
+use crate::hsm::MacKey;
 
 /// HMAC-SHA256 of `message` under `mac_key`, computed by the token.
 pub(crate) fn mac(
@@ -25,18 +26,23 @@ pub(crate) fn mac(
     })
 }
 
-/// Checks `mac` against `message` under `mac_key` on the token; a mismatch is
-/// [`HsmError::RecordTampered`].
+/// Checks `mac` against `message` under `mac_key` (the key of purpose `purpose`) on the token;
+/// a mismatch is [`HsmError::RecordTampered`] for a record MAC,
+/// [`HsmError::LedgerMacMismatch`] for a ledger MAC.
 pub(crate) fn verify(
     session: &Session,
     mac_key: ObjectHandle,
+    purpose: MacKey,
     message: &[u8],
     mac: &[u8; 32],
 ) -> Result<(), HsmError> {
     match session.verify(&Mechanism::Sha256Hmac, mac_key, message, mac) {
         Ok(()) => Ok(()),
         Err(CryptokiError::Pkcs11(RvError::SignatureInvalid | RvError::SignatureLenRange, _)) => {
-            Err(HsmError::RecordTampered)
+            Err(match purpose {
+                MacKey::Record => HsmError::RecordTampered,
+                MacKey::Ledger => HsmError::LedgerMacMismatch,
+            })
         }
         Err(source) => Err(HsmError::Pkcs11 {
             function: "C_Verify",

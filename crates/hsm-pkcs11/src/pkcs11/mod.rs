@@ -48,7 +48,10 @@ pub use module::Pkcs11Module;
 pub(crate) use provision::{
     PolicyDeviation, UnwrapTemplateChoice, generate_master_key, import_master_key_with,
 };
-pub use provision::{create_mac_key, create_master_key, import_mac_key, import_master_key};
+pub use provision::{
+    create_ledger_key, create_mac_key, create_master_key, import_ledger_key, import_mac_key,
+    import_master_key,
+};
 pub use report::TokenReport;
 pub use self_test::{
     Attack, AttackOutcome, AttackRecord, FindingKind, SelfTestFinding, SelfTestReport, Severity,
@@ -58,7 +61,7 @@ pub(crate) use token::{find_slot, open_user_session};
 
 use crate::error::{HsmError, error_chain};
 use crate::hsm::{
-    Capabilities, GeneratedKey, Hsm, KeyScheme, MasterKeyInfo, SchemeSupport, SignRequest,
+    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, SchemeSupport, SignRequest,
     Signature, WrapMechanism,
 };
 use crate::record_mac::record_mac_key_label;
@@ -164,6 +167,11 @@ impl Shared {
         let keepalive = token::open_owned_session(context, slot, &self.config.user_pin)?;
         let master = token::find_master_key(keepalive.get(), &self.config.master_key_label)?;
         token::find_mac_key(keepalive.get(), &self.mac_label)?;
+        token::find_hmac_key(
+            keepalive.get(),
+            &self.config.master_key_label,
+            MacKey::Ledger,
+        )?;
         let found = keys::fingerprint(keepalive.get(), master)?;
         if found != self.fingerprint {
             return Err(HsmError::MasterKeyChanged {
@@ -261,12 +269,21 @@ impl Shared {
                 label: &self.mac_label,
                 handle: token::find_mac_key(session, &self.mac_label)?,
             };
+            let ledger_label = MacKey::Ledger.label(&self.config.master_key_label);
+            let ledger = self_test::HmacKey {
+                label: &ledger_label,
+                handle: token::find_hmac_key(
+                    session,
+                    &self.config.master_key_label,
+                    MacKey::Ledger,
+                )?,
+            };
             self_test::run(
                 session,
                 &self_test::Targets {
                     master,
                     master_label: &self.config.master_key_label,
-                    hmac_keys: vec![mac],
+                    hmac_keys: vec![mac, ledger],
                     mechanisms: self.offered_wrap_mechanisms.clone(),
                 },
             )
@@ -295,7 +312,8 @@ impl Pkcs11Hsm {
     /// [`HsmError::Config`] for `sessions == 0`; [`HsmError::TokenNotFound`];
     /// [`HsmError::MasterKeyNotFound`]; [`HsmError::MacKeyNotFound`] when the master key has no
     /// record MAC key next to it (provisioned by an older version: see
-    /// [`create_mac_key`]); [`HsmError::Pkcs11`] naming the failing call
+    /// [`create_mac_key`]); [`HsmError::LedgerKeyNotFound`] likewise for the ledger key (see
+    /// [`create_ledger_key`]); [`HsmError::Pkcs11`] naming the failing call
     /// (`C_Login` for a wrong PIN, `C_OpenSession`, `C_WrapKey` for the fingerprint...).
     /// A scheme the token cannot serve is not an error: see [`Hsm::capabilities`].
     pub fn open(module: &Pkcs11Module, config: Pkcs11Config) -> Result<Self, HsmError> {
@@ -318,6 +336,7 @@ impl Pkcs11Hsm {
         let master = token::find_master_key(keepalive.get(), &config.master_key_label)?;
         let mac_label = record_mac_key_label(&config.master_key_label);
         token::find_mac_key(keepalive.get(), &mac_label)?;
+        token::find_hmac_key(keepalive.get(), &config.master_key_label, MacKey::Ledger)?;
         let fingerprint = keys::fingerprint(keepalive.get(), master)?;
         let wrap_mechanism =
             keys::choose_wrap_mechanism(module.raw(), slot, config.wrap_mechanism)?;
@@ -523,15 +542,25 @@ impl Hsm for Pkcs11Hsm {
         answer.await.map_err(|_| HsmError::WorkerUnavailable)?
     }
 
-    async fn mac_record(&self, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
+    async fn mac(&self, key: MacKey, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
         let (reply, answer) = oneshot::channel();
-        self.submit(Job::Mac { message, reply })?;
+        self.submit(Job::Mac {
+            key,
+            message,
+            reply,
+        })?;
         answer.await.map_err(|_| HsmError::WorkerUnavailable)?
     }
 
-    async fn verify_record_mac(&self, message: Vec<u8>, mac: [u8; 32]) -> Result<(), HsmError> {
+    async fn verify_mac(
+        &self,
+        key: MacKey,
+        message: Vec<u8>,
+        mac: [u8; 32],
+    ) -> Result<(), HsmError> {
         let (reply, answer) = oneshot::channel();
         self.submit(Job::VerifyMac {
+            key,
             message,
             mac,
             reply,

@@ -16,6 +16,7 @@ use super::module::Pkcs11Module;
 use super::token::{self, OwnedSession};
 use super::worker::{Job, Worker};
 use crate::error::HsmError;
+use crate::hsm::MacKey;
 use crate::hsm::WrapMechanism;
 
 /// The keep-alive session of a pool, shared with `check` jobs and `token_report`; `None` once
@@ -37,7 +38,7 @@ pub(crate) struct Pool {
 
 impl Pool {
     /// Starts `config.sessions` workers on `slot`, each with its own logged-in session and
-    /// its own master and MAC key handles, around `keepalive` (already logged in). Blocking.
+    /// its own master and MAC key handles (record and ledger), around `keepalive` (already logged in). Blocking.
     /// On an error, whatever was started is stopped and its sessions closed before this
     /// returns.
     pub(crate) fn start(
@@ -65,10 +66,13 @@ impl Pool {
             // and object handles do not survive a re-login.
             let master = token::find_master_key(session.get(), &config.master_key_label)?;
             let mac_key = token::find_mac_key(session.get(), mac_label)?;
+            let ledger_key =
+                token::find_hmac_key(session.get(), &config.master_key_label, MacKey::Ledger)?;
             let worker = Worker {
                 session,
                 master,
                 mac_key,
+                ledger_key,
                 raw: Arc::clone(module.raw()),
                 wrap_mechanism,
                 jobs: receiver.clone(),

@@ -11,6 +11,12 @@
 //! key share the MAC key. [`create_mac_key`] / [`import_mac_key`] add one to a token
 //! provisioned before key records were MACed.
 //!
+//! And the ledger key (label `<master label>-ledger`): the same policy as the record MAC key
+//! ([`mac_key_policy`]) for another purpose, authenticating audit ledger entries; generated
+//! with the master key, or derived from an imported master key value in its own domain
+//! (`"hsm-driver/ledger-key/v1"`). [`create_ledger_key`] / [`import_ledger_key`] add one to a
+//! token provisioned before ledger entries were MACed in the HSM.
+//!
 //! Without that template, any logged-in session could unwrap a stored blob as a readable
 //! generic secret (the plaintext PKCS#8 key) or as an extractable key and re-wrap it under a
 //! key it knows. [`super::Pkcs11Hsm::master_key_self_test`] attempts exactly those attacks.
@@ -29,7 +35,9 @@ use super::module::Pkcs11Module;
 use super::raw_template::RawTemplate;
 use super::token;
 use crate::error::HsmError;
-use crate::record_mac::{derive_mac_key, record_mac_key_label};
+use crate::record_mac::{
+    derive_ledger_key, derive_mac_key, ledger_key_label, record_mac_key_label,
+};
 
 /// Departures from the key policy, for the test fixture's negative tests only (a deployment
 /// that was provisioned by hand or by an older version). The default is none.
@@ -49,6 +57,8 @@ pub(crate) struct PolicyDeviation {
     pub(crate) destroyable: bool,
     /// Make no record MAC key (as versions before record MACs did).
     pub(crate) without_mac_key: bool,
+    /// Make no ledger key (as versions before HSM-authenticated ledgers did).
+    pub(crate) without_ledger_key: bool,
 }
 
 /// The master key's `CKA_UNWRAP_TEMPLATE`.
@@ -140,6 +150,8 @@ enum MacKeyValue<'a> {
     Generate,
     /// Derived from an imported master key value (see [`crate::record_mac`]).
     DerivedFrom(&'a Zeroizing<[u8; 32]>),
+    /// An already derived value (the ledger key's, see [`crate::record_mac`]).
+    Derived(Zeroizing<[u8; 32]>),
 }
 
 /// Creates the record MAC key labelled `label` on `session`.
@@ -150,25 +162,25 @@ fn make_mac_key(
     deviation: PolicyDeviation,
 ) -> Result<(), HsmError> {
     let mut template = mac_key_policy(label, deviation);
-    match value {
+    let derived = match value {
         MacKeyValue::Generate => {
             template.push(Attribute::ValueLen(32.into()));
             session
                 .generate_key(&Mechanism::GenericSecretKeyGen, &template)
                 .map_err(HsmError::pkcs11("C_GenerateKey"))?;
+            return Ok(());
         }
-        MacKeyValue::DerivedFrom(master_value) => {
-            let derived = derive_mac_key(master_value);
-            template.push(Attribute::Value(derived.to_vec()));
-            let created = session.create_object(&template);
-            for attribute in template {
-                if let Attribute::Value(mut bytes) = attribute {
-                    bytes.zeroize();
-                }
-            }
-            created.map_err(HsmError::pkcs11("C_CreateObject"))?;
+        MacKeyValue::DerivedFrom(master_value) => derive_mac_key(master_value),
+        MacKeyValue::Derived(derived) => derived,
+    };
+    template.push(Attribute::Value(derived.to_vec()));
+    let created = session.create_object(&template);
+    for attribute in template {
+        if let Attribute::Value(mut bytes) = attribute {
+            bytes.zeroize();
         }
     }
+    created.map_err(HsmError::pkcs11("C_CreateObject"))?;
     Ok(())
 }
 
@@ -195,12 +207,13 @@ fn session_for_new_key(
 /// Generates the master key on the token (`CKM_AES_KEY_GEN`, 256 bits): a private, sensitive,
 /// non-extractable token object that can wrap and unwrap and nothing else, with a
 /// `CKA_UNWRAP_TEMPLATE` of {class private key, sensitive, non-extractable}; and the record
-/// MAC key labelled `<label>-mac` (`CKM_GENERIC_SECRET_KEY_GEN`, 256 bits, HMAC sign and
-/// verify only, private, sensitive, non-extractable). Blocking.
+/// MAC key labelled `<label>-mac` and the ledger key labelled `<label>-ledger` (each
+/// `CKM_GENERIC_SECRET_KEY_GEN`, 256 bits, HMAC sign and verify only, private, sensitive,
+/// non-extractable). Blocking.
 ///
 /// # Errors
 /// [`HsmError::TokenNotFound`], [`HsmError::MasterKeyExists`] when any object already carries
-/// `label` or `<label>-mac` (nothing is created then), or [`HsmError::Pkcs11`] naming the
+/// `label`, `<label>-mac` or `<label>-ledger` (nothing is created then), or [`HsmError::Pkcs11`] naming the
 /// failing call (`C_Login` for a wrong PIN).
 pub fn create_master_key(
     module: &Pkcs11Module,
@@ -226,7 +239,13 @@ pub(crate) fn generate_master_key(
     deviation: PolicyDeviation,
 ) -> Result<(), HsmError> {
     let mac_label = record_mac_key_label(label);
-    let session = session_for_new_key(module, token_label, user_pin, &[label, &mac_label])?;
+    let ledger_label = ledger_key_label(label);
+    let session = session_for_new_key(
+        module,
+        token_label,
+        user_pin,
+        &[label, &mac_label, &ledger_label],
+    )?;
     let unwrap_template = deviation.unwrap_template.template();
     let mut template = master_key_policy(label, deviation);
     if let Some(unwrap_template) = &unwrap_template {
@@ -240,10 +259,13 @@ pub(crate) fn generate_master_key(
     if !deviation.without_mac_key {
         make_mac_key(&session, &mac_label, MacKeyValue::Generate, deviation)?;
     }
+    if !deviation.without_ledger_key {
+        make_mac_key(&session, &ledger_label, MacKeyValue::Generate, deviation)?;
+    }
     tracing::info!(
         token = token_label,
         label,
-        "master key and record MAC key created"
+        "master key, record MAC key and ledger key created"
     );
     Ok(())
 }
@@ -251,8 +273,9 @@ pub(crate) fn generate_master_key(
 /// Imports a known master key value (`C_CreateObject`) with the same policy as
 /// [`create_master_key`], and the record MAC key labelled `<label>-mac` with a value derived
 /// from `value` (`HMAC-SHA256(value, "hsm-driver/record-mac-key/v1")`, see
-/// [`crate::record_mac`]): tokens given the same value share both keys and produce the same
-/// record MACs. For giving several tokens the same master key (tests, or a documented key
+/// [`crate::record_mac`]), and the ledger key labelled `<label>-ledger` derived in its own domain
+/// (`HMAC-SHA256(value, "hsm-driver/ledger-key/v1")`): tokens given the same value share all
+/// three keys and produce the same MACs. For giving several tokens the same master key (tests, or a documented key
 /// ceremony); a key generated on the token is better where it will do. Blocking.
 ///
 /// # Errors
@@ -284,7 +307,13 @@ pub(crate) fn import_master_key_with(
     deviation: PolicyDeviation,
 ) -> Result<(), HsmError> {
     let mac_label = record_mac_key_label(label);
-    let session = session_for_new_key(module, token_label, user_pin, &[label, &mac_label])?;
+    let ledger_label = ledger_key_label(label);
+    let session = session_for_new_key(
+        module,
+        token_label,
+        user_pin,
+        &[label, &mac_label, &ledger_label],
+    )?;
     let unwrap_template = deviation.unwrap_template.template();
     let mut template = master_key_policy(label, deviation);
     if let Some(unwrap_template) = &unwrap_template {
@@ -308,10 +337,18 @@ pub(crate) fn import_master_key_with(
             deviation,
         )?;
     }
+    if !deviation.without_ledger_key {
+        make_mac_key(
+            &session,
+            &ledger_label,
+            MacKeyValue::Derived(derive_ledger_key(value)),
+            deviation,
+        )?;
+    }
     tracing::info!(
         token = token_label,
         label,
-        "master key and record MAC key imported"
+        "master key, record MAC key and ledger key imported"
     );
     Ok(())
 }
@@ -374,5 +411,59 @@ pub fn import_mac_key(
         PolicyDeviation::default(),
     )?;
     tracing::info!(token = token_label, label = %mac_label, "record MAC key imported");
+    Ok(())
+}
+
+/// Generates the ledger key (labelled `<master_label>-ledger`, the record MAC key's policy) on
+/// a token whose master key was provisioned before ledger entries were MACed in the HSM. For
+/// a token that shares an imported master key with others, use [`import_ledger_key`] instead,
+/// with the same value on every token, so they share the ledger key. Blocking.
+///
+/// # Errors
+/// [`HsmError::TokenNotFound`]; [`HsmError::MasterKeyNotFound`] when no master key is labelled
+/// `master_label`; [`HsmError::MasterKeyExists`] when `<master_label>-ledger` is taken;
+/// [`HsmError::Pkcs11`] naming the failing call.
+pub fn create_ledger_key(
+    module: &Pkcs11Module,
+    token_label: &str,
+    user_pin: &SecretString,
+    master_label: &str,
+) -> Result<(), HsmError> {
+    let ledger_label = ledger_key_label(master_label);
+    let session = session_for_new_key(module, token_label, user_pin, &[&ledger_label])?;
+    token::find_master_key(&session, master_label)?;
+    make_mac_key(
+        &session,
+        &ledger_label,
+        MacKeyValue::Generate,
+        PolicyDeviation::default(),
+    )?;
+    tracing::info!(token = token_label, label = %ledger_label, "ledger key created");
+    Ok(())
+}
+
+/// Creates the ledger key of [`import_master_key`] (derived from `master_value`, the value the
+/// master key labelled `master_label` was imported with, in the ledger key's own domain) on a
+/// token provisioned before ledger entries were MACed in the HSM. Blocking.
+///
+/// # Errors
+/// As [`create_ledger_key`], with `C_CreateObject` as the failing call.
+pub fn import_ledger_key(
+    module: &Pkcs11Module,
+    token_label: &str,
+    user_pin: &SecretString,
+    master_label: &str,
+    master_value: &Zeroizing<[u8; 32]>,
+) -> Result<(), HsmError> {
+    let ledger_label = ledger_key_label(master_label);
+    let session = session_for_new_key(module, token_label, user_pin, &[&ledger_label])?;
+    token::find_master_key(&session, master_label)?;
+    make_mac_key(
+        &session,
+        &ledger_label,
+        MacKeyValue::Derived(derive_ledger_key(master_value)),
+        PolicyDeviation::default(),
+    )?;
+    tracing::info!(token = token_label, label = %ledger_label, "ledger key imported");
     Ok(())
 }

@@ -9,6 +9,7 @@ use secrecy::SecretString;
 
 use super::module::Pkcs11Module;
 use crate::error::HsmError;
+use crate::hsm::MacKey;
 
 /// The slot holding the initialised token labelled `label`. Looked up by label every time:
 /// some modules (SoftHSMv2) renumber slots. Holds the module's slot-list lock
@@ -149,6 +150,23 @@ pub(crate) fn find_master_key(session: &Session, label: &str) -> Result<ObjectHa
     }
 }
 
+/// The HMAC key of purpose `key` (a generic secret) next to the master key labelled
+/// `master_label`; exactly one must exist.
+pub(crate) fn find_hmac_key(
+    session: &Session,
+    master_label: &str,
+    key: MacKey,
+) -> Result<ObjectHandle, HsmError> {
+    let label = key.label(master_label);
+    match key {
+        MacKey::Record => find_mac_key(session, &label),
+        MacKey::Ledger => match find_mac_key(session, &label) {
+            Err(HsmError::MacKeyNotFound { label }) => Err(HsmError::LedgerKeyNotFound { label }),
+            other => other,
+        },
+    }
+}
+
 /// The record MAC key (a generic secret) labelled `label`; exactly one must exist.
 pub(crate) fn find_mac_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
     let found = session
@@ -165,7 +183,7 @@ pub(crate) fn find_mac_key(session: &Session, label: &str) -> Result<ObjectHandl
         [one] => Ok(*one),
         more => Err(HsmError::Config {
             reason: format!(
-                "{} generic secret keys are labelled `{label}`; the record MAC key label must be \
+                "{} generic secret keys are labelled `{label}`; an HSM MAC key label must be \
                  unique",
                 more.len()
             ),

@@ -1,5 +1,5 @@
-//! The workers: dedicated OS threads, each owning one logged-in session and the master key
-//! and record MAC key handles looked up once for it, taking jobs from a channel and answering
+//! The workers: dedicated OS threads, each owning one logged-in session and the master key,
+//! record MAC key and ledger key handles looked up once for it, taking jobs from a channel and answering
 //! on a oneshot. PKCS#11 never runs on an async thread. [`super::pool`] starts and stops them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +20,7 @@ use super::pool::KeepAlive;
 use super::raw::RawPkcs11;
 use super::token::OwnedSession;
 use crate::error::HsmError;
-use crate::hsm::{GeneratedKey, KeyScheme, SignRequest, Signature, WrapMechanism};
+use crate::hsm::{GeneratedKey, KeyScheme, MacKey, SignRequest, Signature, WrapMechanism};
 
 /// One unit of work.
 pub(crate) enum Job {
@@ -34,13 +34,15 @@ pub(crate) enum Job {
         request: Box<SignRequest>,
         reply: oneshot::Sender<Result<Signature, HsmError>>,
     },
-    /// MAC a key record.
+    /// MAC a message under the key of a purpose.
     Mac {
+        key: MacKey,
         message: Vec<u8>,
         reply: oneshot::Sender<Result<[u8; 32], HsmError>>,
     },
-    /// Check a key record's MAC.
+    /// Check a MAC under the key of a purpose.
     VerifyMac {
+        key: MacKey,
         message: Vec<u8>,
         mac: [u8; 32],
         reply: oneshot::Sender<Result<(), HsmError>>,
@@ -109,6 +111,7 @@ pub(crate) struct Worker {
     pub(crate) session: OwnedSession,
     pub(crate) master: ObjectHandle,
     pub(crate) mac_key: ObjectHandle,
+    pub(crate) ledger_key: ObjectHandle,
     /// The raw calls for wrap mechanisms cryptoki cannot express.
     pub(crate) raw: Arc<RawPkcs11>,
     pub(crate) wrap_mechanism: WrapMechanism,
@@ -184,13 +187,18 @@ impl Worker {
                     };
                     let _ = reply.send(result);
                 }
-                Job::Mac { message, reply } => {
+                Job::Mac {
+                    key,
+                    message,
+                    reply,
+                } => {
                     if reply.is_closed() {
                         continue;
                     }
-                    let _ = reply.send(mac::mac(session, self.mac_key, &message));
+                    let _ = reply.send(mac::mac(session, self.hmac_key(key), &message));
                 }
                 Job::VerifyMac {
+                    key,
                     message,
                     mac,
                     reply,
@@ -198,7 +206,7 @@ impl Worker {
                     if reply.is_closed() {
                         continue;
                     }
-                    let result = mac::verify(session, self.mac_key, &message, &mac);
+                    let result = mac::verify(session, self.hmac_key(key), key, &message, &mac);
                     let _ = reply.send(result);
                 }
                 Job::Check { keepalive, reply } => {
@@ -214,6 +222,14 @@ impl Worker {
             hot.clear(session);
         }
         tracing::debug!("HSM worker stopped");
+    }
+
+    /// The handle of the HMAC key of purpose `key`.
+    fn hmac_key(&self, key: MacKey) -> ObjectHandle {
+        match key {
+            MacKey::Record => self.mac_key,
+            MacKey::Ledger => self.ledger_key,
+        }
     }
 
     /// This worker's session is a logged-in R/W user session and MACs [`CHECK_PROBE`] (which

@@ -1,35 +1,31 @@
-//! The deployment's master key record and the audit ledger on either backend. Every function
-//! here blocks; callers run them on a blocking thread.
+//! The deployment's master key record and the audit ledger's rows on either backend. Every
+//! function here blocks; callers run them on a blocking thread.
 //!
-//! Audit appends are serialised across drivers: on PostgreSQL inside a transaction holding a
-//! transaction-scoped advisory lock, on SQLite inside an immediate transaction (which takes the
-//! database's write lock up front). Under that lock the newest entry is read and the next one
-//! inserted, so seqs are contiguous and every entry chains to the one committed before it.
+//! The ledger is one chain per driver, and each driver's engine owns its chain's head: it
+//! computes the next entry's MAC in the HSM and asks the store to write it at `(chain, seq)`.
+//! The store takes no lock shared by all drivers; the primary key `(chain, seq)` alone refuses a
+//! second writer of one chain ([`StoreError::LedgerConflict`]), and the key record and its entry
+//! are written in one transaction.
 
 use diesel::prelude::*;
-use diesel::sql_types::BigInt;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
 use super::pool::AnyConnection;
 use super::queries::{NewKey, StoredKey};
-use crate::audit::{AuditEntry, AuditKind, AuditRecord, AuditVerification, AuditVerifier};
 use crate::error::StoreError;
-use crate::schema::{audit_log, deployment, wrapped_keys};
-use crate::store::{InsertOutcome, KeyRecord, MasterKeyRegistration};
-
-/// The advisory lock key that serialises audit appends on PostgreSQL ("hsmaudit" in ASCII).
-const PG_AUDIT_LOCK: i64 = 0x6873_6d61_7564_6974;
-
-/// How many audit entries a verification reads per query.
-const VERIFY_PAGE: i64 = 1000;
+use crate::ledger::{LedgerRecord, StoredLedgerRow};
+use crate::schema::{deployment, ledger, wrapped_keys};
+use crate::store::{InsertOutcome, KeyRecord, MAX_PAGE_LIMIT, MasterKeyRegistration};
 
 /// How often an insert retries when a conflicting row disappears before it can be read.
 const INSERT_ATTEMPTS: usize = 3;
 
-/// An audit row as read from the table, before its lengths and kind are checked.
+/// A ledger row as read from the table.
 #[derive(Queryable, Selectable)]
-#[diesel(table_name = audit_log)]
+#[diesel(table_name = ledger)]
 #[diesel(check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
-struct StoredAudit {
+struct LedgerRow {
+    chain: String,
     seq: i64,
     job_id: String,
     key_id: String,
@@ -37,42 +33,32 @@ struct StoredAudit {
     payload_digest: Vec<u8>,
     result: Vec<u8>,
     created_at_ms: i64,
-    driver_id: String,
-    prev_hash: Vec<u8>,
-    entry_hash: Vec<u8>,
+    prev_mac: Vec<u8>,
+    mac: Vec<u8>,
 }
 
-impl StoredAudit {
-    /// The record, or what makes the row unreadable.
-    fn decode(self) -> Result<AuditRecord, (i64, String)> {
-        let seq = self.seq;
-        let fail = |reason: String| (seq, reason);
-        let hash = |name: &str, bytes: Vec<u8>| -> Result<[u8; 32], (i64, String)> {
-            let len = bytes.len();
-            <[u8; 32]>::try_from(bytes).map_err(|_| fail(format!("{name} is {len} bytes, not 32")))
-        };
-        Ok(AuditRecord {
-            seq: u64::try_from(seq).map_err(|_| fail("negative seq".to_owned()))?,
-            entry: AuditEntry {
-                job_id: self.job_id,
-                key_id: self.key_id,
-                kind: AuditKind::from_name(&self.kind)
-                    .ok_or_else(|| fail(format!("unknown kind {:?}", self.kind)))?,
-                payload_digest: hash("payload_digest", self.payload_digest)?,
-                result: self.result,
-                created_at_ms: self.created_at_ms,
-                driver_id: self.driver_id,
-            },
-            prev_hash: hash("prev_hash", self.prev_hash)?,
-            entry_hash: hash("entry_hash", self.entry_hash)?,
-        })
+impl From<LedgerRow> for StoredLedgerRow {
+    fn from(row: LedgerRow) -> Self {
+        StoredLedgerRow {
+            chain: row.chain,
+            seq: row.seq,
+            job_id: row.job_id,
+            key_id: row.key_id,
+            kind: row.kind,
+            payload_digest: row.payload_digest,
+            result: row.result,
+            created_at_ms: row.created_at_ms,
+            prev_mac: row.prev_mac,
+            mac: row.mac,
+        }
     }
 }
 
-/// An audit row as written.
+/// A ledger row as written.
 #[derive(Insertable)]
-#[diesel(table_name = audit_log)]
-struct NewAudit<'a> {
+#[diesel(table_name = ledger)]
+struct NewLedgerRow<'a> {
+    chain: &'a str,
     seq: i64,
     job_id: &'a str,
     key_id: &'a str,
@@ -80,9 +66,30 @@ struct NewAudit<'a> {
     payload_digest: &'a [u8],
     result: &'a [u8],
     created_at_ms: i64,
-    driver_id: &'a str,
-    prev_hash: &'a [u8],
-    entry_hash: &'a [u8],
+    prev_mac: &'a [u8],
+    mac: &'a [u8],
+}
+
+impl<'a> NewLedgerRow<'a> {
+    fn new(record: &'a LedgerRecord) -> Result<Self, StoreError> {
+        // Seqs are assigned from 1 after a stored (i64) one, so they fit unless the caller is
+        // broken; refuse rather than wrap.
+        let seq = i64::try_from(record.seq).map_err(|e| StoreError::Database {
+            source: DieselError::SerializationError(Box::new(e)),
+        })?;
+        Ok(NewLedgerRow {
+            chain: &record.chain,
+            seq,
+            job_id: &record.entry.job_id,
+            key_id: &record.entry.key_id,
+            kind: record.entry.kind.as_str(),
+            payload_digest: &record.entry.payload_digest,
+            result: &record.entry.result,
+            created_at_ms: record.entry.created_at_ms,
+            prev_mac: &record.prev_mac,
+            mac: &record.mac,
+        })
+    }
 }
 
 /// The deployment row as written.
@@ -97,13 +104,15 @@ struct NewDeployment<'a> {
 
 /// The statements the ledger needs, compiled once per backend.
 trait LedgerConnection: Connection {
-    /// Runs `f` in a transaction that holds the audit lock from its start.
-    fn serialised<T, F>(&mut self, f: F) -> Result<T, StoreError>
+    /// Runs `f` in a transaction (on SQLite an immediate one, which takes the database's write
+    /// lock up front rather than failing to upgrade a read lock midway).
+    fn write_transaction<T, F>(&mut self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&mut Self) -> Result<T, StoreError>;
-    fn audit_head(&mut self) -> QueryResult<Option<(i64, Vec<u8>)>>;
-    fn insert_audit(&mut self, row: &NewAudit<'_>) -> QueryResult<usize>;
-    fn audit_page(&mut self, after: i64, limit: i64) -> QueryResult<Vec<StoredAudit>>;
+    fn ledger_head(&mut self, chain: &str) -> QueryResult<Option<LedgerRow>>;
+    fn insert_ledger(&mut self, row: &NewLedgerRow<'_>) -> QueryResult<usize>;
+    fn ledger_chains(&mut self) -> QueryResult<Vec<String>>;
+    fn ledger_page(&mut self, chain: &str, after: i64, limit: i64) -> QueryResult<Vec<LedgerRow>>;
     fn insert_key_if_absent(&mut self, row: &NewKey<'_>) -> QueryResult<usize>;
     fn get_key(&mut self, key_id: &str) -> QueryResult<Option<StoredKey>>;
     fn insert_deployment_if_absent(&mut self, row: &NewDeployment<'_>) -> QueryResult<usize>;
@@ -113,29 +122,41 @@ trait LedgerConnection: Connection {
 /// The backend-independent statements; the body is the same diesel DSL for each connection.
 macro_rules! ledger_statements {
     () => {
-        fn audit_head(&mut self) -> QueryResult<Option<(i64, Vec<u8>)>> {
-            audit_log::table
-                .select((audit_log::seq, audit_log::entry_hash))
-                .order(audit_log::seq.desc())
+        fn ledger_head(&mut self, chain: &str) -> QueryResult<Option<LedgerRow>> {
+            ledger::table
+                .select(LedgerRow::as_select())
+                .filter(ledger::chain.eq(chain))
+                .order(ledger::seq.desc())
                 .first(self)
                 .optional()
         }
 
-        fn insert_audit(&mut self, row: &NewAudit<'_>) -> QueryResult<usize> {
-            diesel::insert_into(audit_log::table)
-                .values(row)
-                .execute(self)
+        fn insert_ledger(&mut self, row: &NewLedgerRow<'_>) -> QueryResult<usize> {
+            diesel::insert_into(ledger::table).values(row).execute(self)
         }
 
-        fn audit_page(&mut self, after: i64, limit: i64) -> QueryResult<Vec<StoredAudit>> {
-            audit_log::table
-                .select(StoredAudit::as_select())
-                .filter(audit_log::seq.gt(after))
-                .order(audit_log::seq.asc())
-                .limit(limit)
+        fn ledger_chains(&mut self) -> QueryResult<Vec<String>> {
+            ledger::table
+                .select(ledger::chain)
+                .distinct()
+                .order(ledger::chain.asc())
                 .load(self)
         }
 
+        fn ledger_page(
+            &mut self,
+            chain: &str,
+            after: i64,
+            limit: i64,
+        ) -> QueryResult<Vec<LedgerRow>> {
+            ledger::table
+                .select(LedgerRow::as_select())
+                .filter(ledger::chain.eq(chain))
+                .filter(ledger::seq.gt(after))
+                .order(ledger::seq.asc())
+                .limit(limit)
+                .load(self)
+        }
         fn insert_key_if_absent(&mut self, row: &NewKey<'_>) -> QueryResult<usize> {
             diesel::insert_into(wrapped_keys::table)
                 .values(row)
@@ -171,23 +192,18 @@ macro_rules! ledger_statements {
 }
 
 impl LedgerConnection for PgConnection {
-    fn serialised<T, F>(&mut self, f: F) -> Result<T, StoreError>
+    fn write_transaction<T, F>(&mut self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&mut Self) -> Result<T, StoreError>,
     {
-        self.transaction(|conn| {
-            diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-                .bind::<BigInt, _>(PG_AUDIT_LOCK)
-                .execute(conn)?;
-            f(conn)
-        })
+        self.transaction(f)
     }
 
     ledger_statements!();
 }
 
 impl LedgerConnection for SqliteConnection {
-    fn serialised<T, F>(&mut self, f: F) -> Result<T, StoreError>
+    fn write_transaction<T, F>(&mut self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&mut Self) -> Result<T, StoreError>,
     {
@@ -244,44 +260,75 @@ pub(crate) fn register_master_key(
     }
 }
 
-/// Appends `entry` under the audit lock.
-pub(crate) fn append_audit(
-    conn: &mut AnyConnection,
-    entry: AuditEntry,
-) -> Result<AuditRecord, StoreError> {
-    match conn {
-        AnyConnection::Postgresql(c) => c.serialised(|c| append_locked(c, entry)),
-        AnyConnection::Sqlite(c) => c.serialised(|c| append_locked(c, entry)),
+/// A unique violation on the ledger's primary key: the entry's place is taken.
+fn ledger_insert_error(record: &LedgerRecord, error: DieselError) -> StoreError {
+    match error {
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
+            StoreError::LedgerConflict {
+                chain: record.chain.clone(),
+                seq: record.seq,
+            }
+        }
+        source => StoreError::Database { source },
     }
 }
 
-/// Inserts `record` and appends `entry` in one transaction; appends nothing if the record was
-/// already present, and writes nothing on a conflict (the transaction rolls back).
-pub(crate) fn insert_with_audit(
+/// The newest entry of `chain`.
+pub(crate) fn ledger_head(
     conn: &mut AnyConnection,
-    record: &KeyRecord,
-    entry: AuditEntry,
+    chain: &str,
+) -> Result<Option<StoredLedgerRow>, StoreError> {
+    let row = match conn {
+        AnyConnection::Postgresql(c) => c.ledger_head(chain),
+        AnyConnection::Sqlite(c) => c.ledger_head(chain),
+    }?;
+    Ok(row.map(StoredLedgerRow::from))
+}
+
+/// Writes one entry at its `(chain, seq)`.
+pub(crate) fn append_ledger(
+    conn: &mut AnyConnection,
+    record: &LedgerRecord,
+) -> Result<(), StoreError> {
+    let row = NewLedgerRow::new(record)?;
+    let written = match conn {
+        AnyConnection::Postgresql(c) => c.insert_ledger(&row),
+        AnyConnection::Sqlite(c) => c.insert_ledger(&row),
+    };
+    written
+        .map(drop)
+        .map_err(|error| ledger_insert_error(record, error))
+}
+
+/// Inserts `key` and writes `entry` in one transaction; writes no entry if the key was already
+/// present, and nothing at all on a conflict of either kind (the transaction rolls back).
+pub(crate) fn insert_with_ledger(
+    conn: &mut AnyConnection,
+    key: &KeyRecord,
+    entry: &LedgerRecord,
 ) -> Result<InsertOutcome, StoreError> {
     fn run<C: LedgerConnection>(
         conn: &mut C,
-        record: &KeyRecord,
-        entry: AuditEntry,
+        key: &KeyRecord,
+        entry: &LedgerRecord,
     ) -> Result<InsertOutcome, StoreError> {
-        conn.serialised(|conn| {
-            let row = NewKey::from(record);
+        let entry_row = NewLedgerRow::new(entry)?;
+        conn.write_transaction(|conn| {
+            let row = NewKey::from(key);
             for _ in 0..INSERT_ATTEMPTS {
                 if conn.insert_key_if_absent(&row)? > 0 {
-                    let appended = append_locked(conn, entry)?;
-                    tracing::debug!(key_id = %record.key_id, seq = appended.seq, "stored wrapped key with its audit entry");
+                    conn.insert_ledger(&entry_row)
+                        .map_err(|error| ledger_insert_error(entry, error))?;
+                    tracing::debug!(key_id = %key.key_id, chain = %entry.chain, seq = entry.seq, "stored wrapped key with its ledger entry");
                     return Ok(InsertOutcome::Inserted);
                 }
-                match conn.get_key(&record.key_id)?.map(KeyRecord::from) {
-                    Some(existing) if existing.same_key_as(record) => {
+                match conn.get_key(&key.key_id)?.map(KeyRecord::from) {
+                    Some(existing) if existing.same_key_as(key) => {
                         return Ok(InsertOutcome::AlreadyPresent);
                     }
                     Some(_) => {
                         return Err(StoreError::Conflict {
-                            key_id: record.key_id.clone(),
+                            key_id: key.key_id.clone(),
                         });
                     }
                     // Deleted between the two statements (only by something outside the store).
@@ -294,75 +341,30 @@ pub(crate) fn insert_with_audit(
         })
     }
     match conn {
-        AnyConnection::Postgresql(c) => run(c, record, entry),
-        AnyConnection::Sqlite(c) => run(c, record, entry),
+        AnyConnection::Postgresql(c) => run(c, key, entry),
+        AnyConnection::Sqlite(c) => run(c, key, entry),
     }
 }
 
-/// Reads the newest entry and inserts the next one. The caller holds the audit lock.
-fn append_locked<C: LedgerConnection>(
-    conn: &mut C,
-    entry: AuditEntry,
-) -> Result<AuditRecord, StoreError> {
-    let previous = match conn.audit_head()? {
-        None => None,
-        Some((seq, hash)) => {
-            let corrupt = |reason: String| StoreError::AuditCorrupt { seq, reason };
-            let len = hash.len();
-            let hash = <[u8; 32]>::try_from(hash)
-                .map_err(|_| corrupt(format!("its entry hash is {len} bytes, not 32")))?;
-            let seq = u64::try_from(seq).map_err(|_| corrupt("its seq is negative".to_owned()))?;
-            Some((seq, hash))
-        }
-    };
-    let record = AuditRecord::next_after(previous, entry);
-    let seq = i64::try_from(record.seq).map_err(|_| StoreError::AuditCorrupt {
-        seq: i64::MAX,
-        reason: "the log is full".to_owned(),
-    })?;
-    conn.insert_audit(&NewAudit {
-        seq,
-        job_id: &record.entry.job_id,
-        key_id: &record.entry.key_id,
-        kind: record.entry.kind.as_str(),
-        payload_digest: &record.entry.payload_digest,
-        result: &record.entry.result,
-        created_at_ms: record.entry.created_at_ms,
-        driver_id: &record.entry.driver_id,
-        prev_hash: &record.prev_hash,
-        entry_hash: &record.entry_hash,
-    })?;
-    Ok(record)
+/// The chains with entries, ascending.
+pub(crate) fn ledger_chains(conn: &mut AnyConnection) -> Result<Vec<String>, StoreError> {
+    Ok(match conn {
+        AnyConnection::Postgresql(c) => c.ledger_chains(),
+        AnyConnection::Sqlite(c) => c.ledger_chains(),
+    }?)
 }
 
-/// Checks the whole chain, reading [`VERIFY_PAGE`] entries at a time in ascending seq order.
-pub(crate) fn verify_audit(conn: &mut AnyConnection) -> Result<AuditVerification, StoreError> {
-    fn run<C: LedgerConnection>(conn: &mut C) -> Result<AuditVerification, StoreError> {
-        let mut verifier = AuditVerifier::default();
-        // Below every seq, so a log that does not start at 1 shows as a gap.
-        let mut after = i64::MIN;
-        loop {
-            let page = conn.audit_page(after, VERIFY_PAGE)?;
-            let full = page.len() as i64 == VERIFY_PAGE;
-            for row in page {
-                after = row.seq;
-                match row.decode() {
-                    Ok(record) => {
-                        verifier.check(&record);
-                    }
-                    Err((seq, reason)) => verifier.malformed(seq, reason),
-                }
-                if !verifier.is_ok() {
-                    return Ok(verifier.finish());
-                }
-            }
-            if !full {
-                return Ok(verifier.finish());
-            }
-        }
-    }
-    match conn {
-        AnyConnection::Postgresql(c) => run(c),
-        AnyConnection::Sqlite(c) => run(c),
-    }
+/// Up to `limit` entries of `chain` after `after_seq`, ascending.
+pub(crate) fn ledger_page(
+    conn: &mut AnyConnection,
+    chain: &str,
+    after_seq: i64,
+    limit: u32,
+) -> Result<Vec<StoredLedgerRow>, StoreError> {
+    let limit = i64::from(limit.min(MAX_PAGE_LIMIT));
+    let rows = match conn {
+        AnyConnection::Postgresql(c) => c.ledger_page(chain, after_seq, limit),
+        AnyConnection::Sqlite(c) => c.ledger_page(chain, after_seq, limit),
+    }?;
+    Ok(rows.into_iter().map(StoredLedgerRow::from).collect())
 }

@@ -19,8 +19,8 @@ pub use pool::PoolOptions;
 pub use url::DatabaseUrl;
 
 use self::pool::{AnyConnection, Pool};
-use crate::audit::{AuditEntry, AuditRecord, AuditVerification};
 use crate::error::StoreError;
+use crate::ledger::{LedgerRecord, StoredLedgerRow};
 use crate::store::{InsertOutcome, KeyRecord, KeyStore, MasterKeyRegistration, PageRequest};
 
 /// The durable [`KeyStore`]: PostgreSQL for deployments where several drivers share one store,
@@ -163,7 +163,7 @@ impl DieselKeyStore {
     /// bulk loads such as benchmark fixtures, where [`KeyStore::insert`]'s one statement and
     /// commit per record is the cost. Returns how many rows were written (all of them). Unlike
     /// [`KeyStore::insert`] it is not idempotent and compares nothing: records must be new and
-    /// already carry their record MAC. Appends no audit entries. Blocks: from async code call it
+    /// already carry their record MAC. Writes no ledger entries. Blocks: from async code call it
     /// inside `tokio::task::spawn_blocking`.
     ///
     /// # Errors
@@ -171,21 +171,6 @@ impl DieselKeyStore {
     /// in `records`: then nothing is written. The pool's errors.
     pub fn insert_batch(&self, records: &[KeyRecord]) -> Result<usize, StoreError> {
         queries::insert_batch(&mut *self.connection()?, records)
-    }
-
-    /// Checks the audit log's hash chain from its first entry to its newest, reading 1000
-    /// entries at a time (never the whole log at once). Stops at the first problem: a gap in
-    /// seq, a broken link or an altered entry. Blocks: from async code call it inside
-    /// `tokio::task::spawn_blocking`.
-    ///
-    /// An intact result does not prove that no newest entries were deleted; compare
-    /// [`AuditVerification::head`] with one kept elsewhere.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`] or [`StoreError::Database`] if the log cannot be read; a
-    /// tampered log is not an error but an [`AuditVerification::problem`].
-    pub fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
-        ledger::verify_audit(&mut *self.connection()?)
     }
 
     fn connection(&self) -> Result<r2d2::PooledConnection<pool::ConnectionManager>, StoreError> {
@@ -245,17 +230,38 @@ impl KeyStore for DieselKeyStore {
             .await
     }
 
-    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
-        self.run(move |conn| ledger::append_audit(conn, entry))
+    async fn ledger_head(&self, chain: &str) -> Result<Option<StoredLedgerRow>, StoreError> {
+        let chain = chain.to_owned();
+        self.run(move |conn| ledger::ledger_head(conn, &chain))
             .await
     }
 
-    async fn insert_with_audit(
+    async fn append_ledger(&self, record: LedgerRecord) -> Result<(), StoreError> {
+        self.run(move |conn| ledger::append_ledger(conn, &record))
+            .await
+    }
+
+    async fn insert_with_ledger(
         &self,
-        record: KeyRecord,
-        entry: AuditEntry,
+        key: KeyRecord,
+        entry: LedgerRecord,
     ) -> Result<InsertOutcome, StoreError> {
-        self.run(move |conn| ledger::insert_with_audit(conn, &record, entry))
+        self.run(move |conn| ledger::insert_with_ledger(conn, &key, &entry))
+            .await
+    }
+
+    async fn ledger_chains(&self) -> Result<Vec<String>, StoreError> {
+        self.run(ledger::ledger_chains).await
+    }
+
+    async fn ledger_page(
+        &self,
+        chain: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredLedgerRow>, StoreError> {
+        let chain = chain.to_owned();
+        self.run(move |conn| ledger::ledger_page(conn, &chain, after_seq, limit))
             .await
     }
 }

@@ -94,44 +94,28 @@ pub fn unmigrated_postgres() -> Option<(DieselKeyStore, PgTestDatabase)> {
     Some((store, db))
 }
 
-/// An audit entry whose content depends on `job` and `driver`.
-pub fn audit_entry(job: u32, driver: &str) -> wrapped_keystore::AuditEntry {
+/// A ledger record at `(chain, seq)` whose content depends on both. The MACs are arbitrary:
+/// the store checks none (the engine owns the chain).
+pub fn ledger_record(chain: &str, seq: u64) -> wrapped_keystore::LedgerRecord {
     let mut result = vec![0x30, 0x44];
-    result.extend(job.to_be_bytes());
-    wrapped_keystore::AuditEntry {
-        job_id: format!("job-{job}"),
-        key_id: format!("key-{}", job % 7),
-        kind: if job % 3 == 0 {
-            wrapped_keystore::AuditKind::KeyGeneration
-        } else {
-            wrapped_keystore::AuditKind::Signature
+    result.extend(seq.to_be_bytes());
+    let byte = u8::try_from(seq % 256).unwrap_or_default();
+    wrapped_keystore::LedgerRecord {
+        chain: chain.to_owned(),
+        seq,
+        entry: wrapped_keystore::LedgerEntry {
+            job_id: format!("job-{chain}-{seq}"),
+            key_id: format!("key-{}", seq % 7),
+            kind: if seq % 3 == 0 {
+                wrapped_keystore::EntryKind::KeyGeneration
+            } else {
+                wrapped_keystore::EntryKind::Signature
+            },
+            payload_digest: [byte; 32],
+            result,
+            created_at_ms: 1_700_000_000_000 + i64::try_from(seq).unwrap_or_default(),
         },
-        payload_digest: [u8::try_from(job % 256).unwrap_or_default(); 32],
-        result,
-        created_at_ms: 1_700_000_000_000 + i64::from(job),
-        driver_id: driver.to_owned(),
-    }
-}
-
-/// Runs each store's own `verify_audit` (on a blocking thread for the diesel store).
-pub trait VerifyAudit {
-    fn verify(
-        &self,
-    ) -> impl std::future::Future<Output = wrapped_keystore::AuditVerification> + Send;
-}
-
-impl VerifyAudit for DieselKeyStore {
-    async fn verify(&self) -> wrapped_keystore::AuditVerification {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.verify_audit())
-            .await
-            .expect("the verification task")
-            .expect("reading the audit log")
-    }
-}
-
-impl VerifyAudit for MemoryKeyStore {
-    async fn verify(&self) -> wrapped_keystore::AuditVerification {
-        self.verify_audit().expect("verifying the fake's audit log")
+        prev_mac: [byte.wrapping_sub(1); 32],
+        mac: [byte; 32],
     }
 }

@@ -1,0 +1,811 @@
+//! The audit ledger, engine side: this driver's chain and its head, entries MACed inside the HSM,
+//! and the verification of every chain against the HSM and against checkpoints kept outside the
+//! database.
+//!
+//! ```text
+//!   job ──▶ Ledger::append ──(hold the head)──▶ Hsm::mac(Ledger, message) ──▶ KeyStore::append_ledger
+//!                 ▲                                                               │ (chain, seq) taken?
+//!                 └────────────── re-read the head, check its MAC, retry ◀────────┘
+//! ```
+//!
+//! Each driver appends only to its own chain (the chain is its driver id), so drivers never
+//! wait for each other: there is no lock shared by all drivers. Within a driver, appends are
+//! serialised by holding the chain head (an async mutex) while the MAC is computed and the row
+//! inserted. A second process misconfigured with the same driver id makes an insert fail on the
+//! `(chain, seq)` primary key; the head is then read again (its MAC checked in the HSM) and the
+//! append retried, at most [`APPEND_ATTEMPTS`] times.
+//!
+//! The MAC is `HMAC-SHA256` under the HSM's non-extractable ledger key
+//! ([`MacKey::Ledger`]) over the encoding documented in [`wrapped_keystore::ledger`]. A database
+//! writer can delete, alter, reorder or renumber rows and recompute every link, but cannot make
+//! a MAC the HSM accepts: [`verify_chain`] names the first entry that does not verify. Deleting
+//! a chain's newest entries leaves a valid shorter chain: [`Checkpoints`] taken from outside the
+//! database (the API's, a local file) reveal it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use hsm_pkcs11::{Hsm, HsmError, MacKey};
+use wrapped_keystore::ledger::{GENESIS_PREV_MAC, mac_message};
+use wrapped_keystore::{
+    InsertOutcome, KeyRecord, KeyStore, LedgerEntry, LedgerRecord, StoreError, StoredLedgerRow,
+};
+
+/// How many times an append re-reads the head and retries after finding its place taken.
+pub const APPEND_ATTEMPTS: usize = 5;
+
+/// How many entries a verification reads per page.
+const VERIFY_PAGE: u32 = 1000;
+
+/// A chain's newest entry: what a checkpoint records.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChainHead {
+    /// The chain (a driver id).
+    pub chain: String,
+    /// The newest entry's seq.
+    pub seq: u64,
+    /// The newest entry's MAC.
+    pub mac: [u8; 32],
+}
+
+impl fmt::Debug for ChainHead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChainHead")
+            .field("chain", &self.chain)
+            .field("seq", &self.seq)
+            .field("mac", &hex_string(&self.mac))
+            .finish()
+    }
+}
+
+impl fmt::Display for ChainHead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "chain {} seq {} mac {}",
+            self.chain,
+            self.seq,
+            hex_string(&self.mac)
+        )
+    }
+}
+
+/// Why the ledger could not be written or read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LedgerError {
+    /// The HSM failed (computing or checking a MAC).
+    #[error("HSM error")]
+    Hsm(#[source] HsmError),
+    /// The key store failed.
+    #[error("key store error")]
+    Store(#[source] StoreError),
+    /// The chain's newest stored entry is not one this deployment's HSM wrote (its MAC does not
+    /// verify, or the row does not decode): the ledger was tampered with. Nothing is appended
+    /// until an operator has looked (`hsm-driver audit verify`).
+    #[error("TAMPER: the head of ledger chain {chain} (seq {seq}) {reason}")]
+    HeadTampered {
+        /// The chain.
+        chain: String,
+        /// The head's seq as stored.
+        seq: i64,
+        /// What failed.
+        reason: String,
+    },
+    /// Another writer of the same chain (a second process with this driver id) took every
+    /// place this driver tried.
+    #[error(
+        "ledger chain {chain}: another writer took the next place {attempts} times in a row \
+         (is a second driver running with this driver id?)"
+    )]
+    Contended {
+        /// The chain.
+        chain: String,
+        /// How many times it was tried.
+        attempts: usize,
+    },
+}
+
+impl LedgerError {
+    /// Whether the stored ledger failed its integrity check ([`LedgerError::HeadTampered`]).
+    pub fn is_tampered(&self) -> bool {
+        matches!(self, LedgerError::HeadTampered { .. })
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LedgerError::Hsm(e) => e.is_retryable(),
+            LedgerError::Store(e) => e.is_retryable(),
+            LedgerError::Contended { .. } => true,
+            LedgerError::HeadTampered { .. } => false,
+        }
+    }
+}
+
+impl From<HsmError> for LedgerError {
+    fn from(error: HsmError) -> Self {
+        LedgerError::Hsm(error)
+    }
+}
+
+impl From<StoreError> for LedgerError {
+    fn from(error: StoreError) -> Self {
+        LedgerError::Store(error)
+    }
+}
+
+/// What the engine knows of its chain's head.
+#[derive(Debug, Clone, Copy)]
+enum HeadState {
+    /// Not read yet (or to be read again after a conflict).
+    Unread,
+    /// The newest entry's seq and MAC; `None` for an empty chain.
+    Known(Option<(u64, [u8; 32])>),
+}
+
+/// This driver's chain: appends entries MACed in the HSM, one at a time, and publishes the
+/// head for checkpoints.
+pub struct Ledger<H, K> {
+    hsm: Arc<H>,
+    store: Arc<K>,
+    chain: String,
+    /// Held while an entry is MACed and written: appends of this driver are serialised here.
+    head: tokio::sync::Mutex<HeadState>,
+    /// The head as of the last successful read or append, for heartbeats and checkpoint files.
+    published: tokio::sync::watch::Sender<Option<ChainHead>>,
+}
+
+impl<H: Hsm, K: KeyStore> Ledger<H, K> {
+    /// The chain `chain` (this driver's id) over `hsm` and `store`. Reads nothing yet.
+    pub fn new(hsm: Arc<H>, store: Arc<K>, chain: impl Into<String>) -> Self {
+        Ledger {
+            hsm,
+            store,
+            chain: chain.into(),
+            head: tokio::sync::Mutex::new(HeadState::Unread),
+            published: tokio::sync::watch::Sender::new(None),
+        }
+    }
+
+    /// The chain's name (the driver id).
+    pub fn chain(&self) -> &str {
+        &self.chain
+    }
+
+    /// Reads the chain's head from the store and checks its MAC in the HSM: the start-up check.
+    /// Returns the head (`None` for a chain with no entry yet).
+    ///
+    /// # Errors
+    /// [`LedgerError::HeadTampered`] if the newest stored entry does not decode or its MAC does
+    /// not verify; [`LedgerError::Hsm`] / [`LedgerError::Store`] if either fails.
+    pub async fn open(&self) -> Result<Option<ChainHead>, LedgerError> {
+        let mut head = self.head.lock().await;
+        let found = self.read_head().await?;
+        *head = HeadState::Known(found.as_ref().map(|h| (h.seq, h.mac)));
+        Ok(found)
+    }
+
+    /// The head as of the last read or append (no I/O): what a checkpoint records.
+    pub fn published(&self) -> Option<ChainHead> {
+        self.published.borrow().clone()
+    }
+
+    /// Follows [`published`](Self::published): the receiver sees every change of the head.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<Option<ChainHead>> {
+        self.published.subscribe()
+    }
+
+    /// Appends `entry` as the chain's next entry and returns it as written.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open) when the head must be (re-)read; [`LedgerError::Contended`] when
+    /// another writer of this chain took the place [`APPEND_ATTEMPTS`] times; the HSM's or the
+    /// store's errors (nothing is written then).
+    pub async fn append(&self, entry: LedgerEntry) -> Result<LedgerRecord, LedgerError> {
+        let store = Arc::clone(&self.store);
+        self.write(entry, move |record| {
+            let store = Arc::clone(&store);
+            async move { store.append_ledger(record).await.map(|()| true) }
+        })
+        .await
+        .map(|(record, _)| record)
+    }
+
+    /// Stores `key` and appends `entry` in one transaction: both are written or neither is. A
+    /// key already stored ([`InsertOutcome::AlreadyPresent`]) appends nothing.
+    ///
+    /// # Errors
+    /// As [`append`](Self::append); [`StoreError::Conflict`] (inside [`LedgerError::Store`]) if
+    /// the key id holds different key material.
+    pub async fn insert_key_with_entry(
+        &self,
+        key: KeyRecord,
+        entry: LedgerEntry,
+    ) -> Result<InsertOutcome, LedgerError> {
+        let store = Arc::clone(&self.store);
+        let (_, outcome) = self
+            .write(entry, move |record| {
+                let (store, key) = (Arc::clone(&store), key.clone());
+                async move {
+                    store
+                        .insert_with_ledger(key, record)
+                        .await
+                        .map(|outcome| outcome == InsertOutcome::Inserted)
+                }
+            })
+            .await?;
+        Ok(if outcome {
+            InsertOutcome::Inserted
+        } else {
+            InsertOutcome::AlreadyPresent
+        })
+    }
+
+    /// The append loop. `write` stores one record and says whether it was written (`false`:
+    /// nothing to record, the head stays).
+    async fn write<F, Fut>(
+        &self,
+        entry: LedgerEntry,
+        write: F,
+    ) -> Result<(LedgerRecord, bool), LedgerError>
+    where
+        F: Fn(LedgerRecord) -> Fut,
+        Fut: Future<Output = Result<bool, StoreError>>,
+    {
+        let mut head = self.head.lock().await;
+        for _ in 0..APPEND_ATTEMPTS {
+            let known = match *head {
+                HeadState::Known(known) => known,
+                HeadState::Unread => self.read_head().await?.map(|h| (h.seq, h.mac)),
+            };
+            *head = HeadState::Known(known);
+            let (seq, prev_mac) = match known {
+                Some((seq, mac)) => (seq + 1, mac),
+                None => (1, GENESIS_PREV_MAC),
+            };
+            let message = mac_message(&self.chain, seq, &prev_mac, &entry);
+            let mac = self.hsm.mac(MacKey::Ledger, message).await?;
+            let record = LedgerRecord {
+                chain: self.chain.clone(),
+                seq,
+                entry: entry.clone(),
+                prev_mac,
+                mac,
+            };
+            match write(record.clone()).await {
+                Ok(true) => {
+                    *head = HeadState::Known(Some((seq, mac)));
+                    self.publish(Some(ChainHead {
+                        chain: self.chain.clone(),
+                        seq,
+                        mac,
+                    }));
+                    return Ok((record, true));
+                }
+                Ok(false) => return Ok((record, false)),
+                Err(e) if e.is_ledger_conflict() => {
+                    tracing::warn!(chain = %self.chain, seq, "ledger place taken by another writer of this chain; reading the head again");
+                    *head = HeadState::Unread;
+                }
+                // The outcome may be unknown (a commit cut off): read the head again next time.
+                Err(e) => {
+                    *head = HeadState::Unread;
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(LedgerError::Contended {
+            chain: self.chain.clone(),
+            attempts: APPEND_ATTEMPTS,
+        })
+    }
+
+    /// Reads the newest stored entry and checks it in the HSM; publishes it.
+    async fn read_head(&self) -> Result<Option<ChainHead>, LedgerError> {
+        let Some(row) = self.store.ledger_head(&self.chain).await? else {
+            self.publish(None);
+            return Ok(None);
+        };
+        let tampered = |reason: String| {
+            tracing::error!(chain = %self.chain, seq = row.seq, %reason, "TAMPER: the ledger chain's head failed its integrity check");
+            LedgerError::HeadTampered {
+                chain: self.chain.clone(),
+                seq: row.seq,
+                reason,
+            }
+        };
+        let record = row
+            .decode()
+            .map_err(|reason| tampered(format!("cannot be read: {reason}")))?;
+        match self
+            .hsm
+            .verify_mac(MacKey::Ledger, record.mac_message(), record.mac)
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if e.is_ledger_mac_mismatch() => {
+                return Err(tampered(
+                    "has a MAC this deployment's HSM did not make".to_owned(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let head = ChainHead {
+            chain: self.chain.clone(),
+            seq: record.seq,
+            mac: record.mac,
+        };
+        self.publish(Some(head.clone()));
+        Ok(Some(head))
+    }
+
+    fn publish(&self, head: Option<ChainHead>) {
+        self.published.send_if_modified(|published| {
+            let changed = *published != head;
+            *published = head;
+            changed
+        });
+    }
+}
+
+impl<H, K> fmt::Debug for Ledger<H, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ledger")
+            .field("chain", &self.chain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What checks an entry's MAC. In production the HSM ([`HsmAuthenticator`]); tests plug in a
+/// deliberately weakened one (a MAC anyone can compute) to show what the HSM adds.
+pub trait EntryAuthenticator: Send + Sync {
+    /// Whether `mac` is the MAC of `message`.
+    ///
+    /// # Errors
+    /// An [`HsmError`] when the check itself fails (not a mismatch).
+    fn verify(
+        &self,
+        message: Vec<u8>,
+        mac: [u8; 32],
+    ) -> impl Future<Output = Result<bool, HsmError>> + Send;
+}
+
+/// Checks entry MACs inside the HSM ([`Hsm::verify_mac`] with [`MacKey::Ledger`]: `C_Verify`).
+#[derive(Debug)]
+pub struct HsmAuthenticator<'a, H>(pub &'a H);
+
+impl<H: Hsm> EntryAuthenticator for HsmAuthenticator<'_, H> {
+    async fn verify(&self, message: Vec<u8>, mac: [u8; 32]) -> Result<bool, HsmError> {
+        match self.0.verify_mac(MacKey::Ledger, message, mac).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_ledger_mac_mismatch() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Chain heads recorded outside the database (by the API from heartbeats, or in a local file).
+/// A verification checks that each is still in the ledger with the same MAC.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoints {
+    heads: BTreeSet<ChainHead>,
+}
+
+impl Checkpoints {
+    /// No checkpoints.
+    pub fn new() -> Self {
+        Checkpoints::default()
+    }
+
+    /// Adds one.
+    pub fn insert(&mut self, head: ChainHead) {
+        self.heads.insert(head);
+    }
+
+    /// How many distinct checkpoints there are.
+    pub fn len(&self) -> usize {
+        self.heads.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
+
+    /// Every checkpoint, by chain then seq.
+    pub fn iter(&self) -> impl Iterator<Item = &ChainHead> {
+        self.heads.iter()
+    }
+
+    /// The chains that have checkpoints.
+    pub fn chains(&self) -> impl Iterator<Item = &str> {
+        let mut seen = BTreeSet::new();
+        self.heads
+            .iter()
+            .map(|h| h.chain.as_str())
+            .filter(move |c| seen.insert(*c))
+    }
+
+    /// The checkpoints of `chain`: seq → the MACs recorded for it.
+    fn of(&self, chain: &str) -> BTreeMap<u64, Vec<[u8; 32]>> {
+        let mut of: BTreeMap<u64, Vec<[u8; 32]>> = BTreeMap::new();
+        for head in self.heads.iter().filter(|h| h.chain == chain) {
+            of.entry(head.seq).or_default().push(head.mac);
+        }
+        of
+    }
+}
+
+impl FromIterator<ChainHead> for Checkpoints {
+    fn from_iter<I: IntoIterator<Item = ChainHead>>(iter: I) -> Self {
+        Checkpoints {
+            heads: iter.into_iter().collect(),
+        }
+    }
+}
+
+impl Extend<ChainHead> for Checkpoints {
+    fn extend<I: IntoIterator<Item = ChainHead>>(&mut self, iter: I) {
+        self.heads.extend(iter);
+    }
+}
+
+/// The first thing wrong with a stored chain. [`seq`](Self::seq) names the first bad entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LedgerProblem {
+    /// The entry after `after` (0: the start of the chain) has seq `found`: the entries in
+    /// between are missing (deleted).
+    Gap {
+        /// The last good seq (0 before the first entry).
+        after: u64,
+        /// The seq found instead of `after + 1`.
+        found: i64,
+    },
+    /// The entry's `prev_mac` is not the previous entry's MAC: entries were deleted, moved or
+    /// replaced before it.
+    BrokenLink {
+        /// The entry.
+        seq: u64,
+    },
+    /// The entry's MAC does not verify in the HSM: altered, or written without the ledger key.
+    BadMac {
+        /// The entry.
+        seq: u64,
+    },
+    /// The row cannot be read as an entry (a MAC that is not 32 bytes, an unknown kind...).
+    Malformed {
+        /// The seq as stored.
+        seq: i64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A checkpoint records an entry at `seq` with another MAC than the stored one: the chain
+    /// was rewritten from there (or before).
+    CheckpointMismatch {
+        /// The entry.
+        seq: u64,
+    },
+    /// A checkpoint records an entry at `checkpoint_seq`, but the chain ends at `last`: the
+    /// newest entries were deleted (truncation). The first missing entry is `last + 1`.
+    Truncated {
+        /// The last entry still stored (0: none).
+        last: u64,
+        /// The highest checkpointed seq that is missing.
+        checkpoint_seq: u64,
+    },
+}
+
+impl LedgerProblem {
+    /// The seq of the first bad (or missing) entry.
+    pub fn seq(&self) -> i64 {
+        let fit = |seq: u64| i64::try_from(seq).unwrap_or(i64::MAX);
+        match self {
+            LedgerProblem::Gap { after, .. } => fit(after + 1),
+            LedgerProblem::BrokenLink { seq }
+            | LedgerProblem::BadMac { seq }
+            | LedgerProblem::CheckpointMismatch { seq } => fit(*seq),
+            LedgerProblem::Malformed { seq, .. } => *seq,
+            LedgerProblem::Truncated { last, .. } => fit(last + 1),
+        }
+    }
+}
+
+impl fmt::Display for LedgerProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LedgerProblem::Gap { after, found } => write!(
+                f,
+                "entry {} is missing: entry {found} follows entry {after}",
+                after + 1
+            ),
+            LedgerProblem::BrokenLink { seq } => write!(
+                f,
+                "entry {seq} does not link to the entry before it (entries deleted, moved or \
+                 replaced)"
+            ),
+            LedgerProblem::BadMac { seq } => write!(
+                f,
+                "entry {seq} has a MAC the HSM's ledger key did not make (altered or forged)"
+            ),
+            LedgerProblem::Malformed { seq, reason } => {
+                write!(f, "entry {seq} is malformed: {reason}")
+            }
+            LedgerProblem::CheckpointMismatch { seq } => write!(
+                f,
+                "entry {seq} differs from the checkpoint recorded outside the database \
+                 (the chain was rewritten)"
+            ),
+            LedgerProblem::Truncated {
+                last,
+                checkpoint_seq,
+            } => write!(
+                f,
+                "entry {} is missing: the chain ends at {last} but a checkpoint records entry \
+                 {checkpoint_seq} (the newest entries were deleted)",
+                last + 1
+            ),
+        }
+    }
+}
+
+/// The result of checking one chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainVerification {
+    /// The chain.
+    pub chain: String,
+    /// Entries checked and found good (up to the first problem).
+    pub entries_checked: u64,
+    /// The last good entry.
+    pub head: Option<ChainHead>,
+    /// Checkpoints of this chain compared with it.
+    pub checkpoints_checked: usize,
+    /// The first problem; `None` if the chain is intact. Checking stops there.
+    pub problem: Option<LedgerProblem>,
+}
+
+impl ChainVerification {
+    /// Whether no problem was found.
+    pub fn is_intact(&self) -> bool {
+        self.problem.is_none()
+    }
+}
+
+/// Checks one chain from its first entry: contiguous seqs from 1, each `prev_mac` equal to the
+/// previous MAC, each MAC verified by `authenticator`, and each checkpoint of the chain present
+/// with the same MAC. Reads 1000 entries at a time. Stops at the first problem.
+///
+/// # Errors
+/// The store's errors, or the authenticator's (an HSM that fails, not a MAC that mismatches).
+pub async fn verify_chain<A: EntryAuthenticator, K: KeyStore>(
+    authenticator: &A,
+    store: &K,
+    chain: &str,
+    checkpoints: &Checkpoints,
+) -> Result<ChainVerification, LedgerError> {
+    let expected_checkpoints = checkpoints.of(chain);
+    let mut result = ChainVerification {
+        chain: chain.to_owned(),
+        entries_checked: 0,
+        head: None,
+        checkpoints_checked: 0,
+        problem: None,
+    };
+    // Below every seq, so a chain that does not start at 1 shows as a gap.
+    let mut after = i64::MIN;
+    'pages: loop {
+        let page = store.ledger_page(chain, after, VERIFY_PAGE).await?;
+        let full = page.len() == VERIFY_PAGE as usize;
+        for row in page {
+            after = row.seq;
+            if let Some(problem) =
+                check_entry(authenticator, &row, &result, &expected_checkpoints).await?
+            {
+                result.problem = Some(problem);
+                break 'pages;
+            }
+            let seq = row.seq.unsigned_abs();
+            if expected_checkpoints.contains_key(&seq) {
+                result.checkpoints_checked += 1;
+            }
+            result.entries_checked += 1;
+            result.head = Some(ChainHead {
+                chain: chain.to_owned(),
+                seq,
+                mac: <[u8; 32]>::try_from(row.mac.as_slice()).unwrap_or_default(),
+            });
+        }
+        if !full {
+            break;
+        }
+    }
+    if result.problem.is_none() {
+        let last = result.head.as_ref().map_or(0, |h| h.seq);
+        if let Some((&checkpoint_seq, _)) = expected_checkpoints.range(last + 1..).next_back() {
+            result.problem = Some(LedgerProblem::Truncated {
+                last,
+                checkpoint_seq,
+            });
+        }
+    }
+    Ok(result)
+}
+
+/// The problem with `row`, the entry after `so_far.head`, if any.
+async fn check_entry<A: EntryAuthenticator>(
+    authenticator: &A,
+    row: &StoredLedgerRow,
+    so_far: &ChainVerification,
+    checkpoints: &BTreeMap<u64, Vec<[u8; 32]>>,
+) -> Result<Option<LedgerProblem>, LedgerError> {
+    let (expected_seq, expected_prev) = match &so_far.head {
+        Some(head) => (head.seq + 1, head.mac),
+        None => (1, GENESIS_PREV_MAC),
+    };
+    if u64::try_from(row.seq) != Ok(expected_seq) {
+        return Ok(Some(LedgerProblem::Gap {
+            after: expected_seq - 1,
+            found: row.seq,
+        }));
+    }
+    let record = match row.decode() {
+        Ok(record) => record,
+        Err(reason) => {
+            return Ok(Some(LedgerProblem::Malformed {
+                seq: row.seq,
+                reason,
+            }));
+        }
+    };
+    if record.prev_mac != expected_prev {
+        return Ok(Some(LedgerProblem::BrokenLink { seq: record.seq }));
+    }
+    if !authenticator
+        .verify(record.mac_message(), record.mac)
+        .await?
+    {
+        return Ok(Some(LedgerProblem::BadMac { seq: record.seq }));
+    }
+    if let Some(macs) = checkpoints.get(&record.seq) {
+        if macs.iter().any(|mac| *mac != record.mac) {
+            return Ok(Some(LedgerProblem::CheckpointMismatch { seq: record.seq }));
+        }
+    }
+    Ok(None)
+}
+
+/// [`verify_chain`] for every chain in the store and every chain with a checkpoint (a chain
+/// deleted whole still has its checkpoints), in ascending chain order.
+///
+/// # Errors
+/// As [`verify_chain`].
+pub async fn verify_all<A: EntryAuthenticator, K: KeyStore>(
+    authenticator: &A,
+    store: &K,
+    checkpoints: &Checkpoints,
+) -> Result<Vec<ChainVerification>, LedgerError> {
+    let mut chains: BTreeSet<String> = store.ledger_chains().await?.into_iter().collect();
+    chains.extend(checkpoints.chains().map(str::to_owned));
+    let mut results = Vec::with_capacity(chains.len());
+    for chain in chains {
+        results.push(verify_chain(authenticator, store, &chain, checkpoints).await?);
+    }
+    Ok(results)
+}
+
+/// Lowercase hex.
+pub(crate) fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use hsm_pkcs11::FakeHsm;
+    use wrapped_keystore::{EntryKind, MemoryKeyStore};
+
+    use super::*;
+
+    fn entry(i: u8) -> LedgerEntry {
+        LedgerEntry {
+            job_id: format!("job-{i}"),
+            key_id: format!("key-{i}"),
+            kind: EntryKind::Signature,
+            payload_digest: [i; 32],
+            result: vec![i; 3],
+            created_at_ms: 1_700_000_000_000 + i64::from(i),
+        }
+    }
+
+    async fn ledger(
+        store: &MemoryKeyStore,
+        hsm: &Arc<FakeHsm>,
+        n: u8,
+    ) -> Ledger<FakeHsm, MemoryKeyStore> {
+        let ledger = Ledger::new(Arc::clone(hsm), Arc::new(store.clone()), "driver-a");
+        assert_eq!(ledger.open().await.unwrap(), None);
+        for i in 1..=n {
+            let record = ledger.append(entry(i)).await.unwrap();
+            assert_eq!(record.seq, u64::from(i));
+        }
+        ledger
+    }
+
+    async fn verify(
+        store: &MemoryKeyStore,
+        hsm: &FakeHsm,
+        checkpoints: &Checkpoints,
+    ) -> ChainVerification {
+        verify_chain(&HsmAuthenticator(hsm), store, "driver-a", checkpoints)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn appended_entries_chain_and_verify_and_the_head_is_published() {
+        let (store, hsm) = (MemoryKeyStore::new(), Arc::new(FakeHsm::new()));
+        let ledger = ledger(&store, &hsm, 4).await;
+        let head = ledger.published().unwrap();
+        assert_eq!(head.seq, 4);
+        let result = verify(&store, &hsm, &Checkpoints::new()).await;
+        assert!(result.is_intact(), "{result:?}");
+        assert_eq!(
+            (result.entries_checked, result.head),
+            (4, Some(head.clone()))
+        );
+
+        // A second engine on the same chain (a restart) continues where the first stopped.
+        let again = Ledger::new(Arc::clone(&hsm), Arc::new(store.clone()), "driver-a");
+        assert_eq!(again.open().await.unwrap(), Some(head));
+        assert_eq!(again.append(entry(5)).await.unwrap().seq, 5);
+    }
+
+    #[tokio::test]
+    async fn a_stale_head_conflicts_and_is_read_again() {
+        let (store, hsm) = (MemoryKeyStore::new(), Arc::new(FakeHsm::new()));
+        let first = ledger(&store, &hsm, 2).await;
+        // Another process with the same driver id appends meanwhile.
+        let second = Ledger::new(Arc::clone(&hsm), Arc::new(store.clone()), "driver-a");
+        second.append(entry(3)).await.unwrap();
+        assert_eq!(first.append(entry(4)).await.unwrap().seq, 4);
+        assert!(verify(&store, &hsm, &Checkpoints::new()).await.is_intact());
+    }
+
+    #[tokio::test]
+    async fn a_head_from_another_key_is_refused_at_start() {
+        let (store, hsm) = (MemoryKeyStore::new(), Arc::new(FakeHsm::new()));
+        ledger(&store, &hsm, 2).await;
+        let other = Ledger::new(
+            Arc::new(FakeHsm::new()),
+            Arc::new(store.clone()),
+            "driver-a",
+        );
+        let error = other.open().await.unwrap_err();
+        assert!(error.is_tampered() && !error.is_retryable(), "{error:?}");
+        let error = other.append(entry(3)).await.unwrap_err();
+        assert!(
+            error.is_tampered(),
+            "nothing is appended to a tampered chain: {error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_truncated_chain_passes_alone_and_fails_against_a_checkpoint() {
+        let (store, hsm) = (MemoryKeyStore::new(), Arc::new(FakeHsm::new()));
+        let ledger = ledger(&store, &hsm, 5).await;
+        let checkpoints: Checkpoints = ledger.published().into_iter().collect();
+        store.with_ledger_rows(|rows| rows.retain(|(_, seq), _| *seq <= 3));
+        assert!(verify(&store, &hsm, &Checkpoints::new()).await.is_intact());
+        let result = verify(&store, &hsm, &checkpoints).await;
+        assert_eq!(
+            result.problem,
+            Some(LedgerProblem::Truncated {
+                last: 3,
+                checkpoint_seq: 5
+            })
+        );
+        assert_eq!(result.problem.unwrap().seq(), 4);
+    }
+}

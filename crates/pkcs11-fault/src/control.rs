@@ -46,10 +46,13 @@ impl Rule {
     /// A rule for the function called `function` (`C_Sign`), or for every function (`*`).
     ///
     /// # Errors
-    /// [`Error::Control`] when `function` is neither `*` nor a PKCS#11 2.40 function name.
+    /// [`Error::UnknownFunction`] when `function` is neither `*` nor a PKCS#11 2.40 function
+    /// name.
     pub fn new(function: &str, action: Action) -> Result<Rule, Error> {
         Ok(Rule {
-            target: parse_target(function).map_err(|reason| Error::Control { line: 1, reason })?,
+            target: parse_target(function).map_err(|_| Error::UnknownFunction {
+                name: function.to_owned(),
+            })?,
             action,
         })
     }
@@ -335,5 +338,9 @@ mod tests {
         ];
         let text: String = rules.iter().map(|r| format!("{r}\n")).collect();
         assert_eq!(Faults::parse(&text).unwrap().rules(), rules);
+        assert!(matches!(
+            Rule::new("C_sign", Action::Stall),
+            Err(Error::UnknownFunction { name }) if name == "C_sign"
+        ));
     }
 }

@@ -14,6 +14,13 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// [`Rule::new`](crate::Rule::new) was given a name that is neither `*` nor a PKCS#11 2.40
+    /// function name.
+    #[error("`{name}` is not `*` nor a PKCS#11 2.40 function name (such as C_Sign)")]
+    UnknownFunction {
+        /// The name given.
+        name: String,
+    },
     /// A statistics file is not in the format the module writes.
     #[error("{}: line {line}: not a statistics line", path.display())]
     Stats {

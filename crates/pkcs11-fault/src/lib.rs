@@ -69,7 +69,7 @@
 //! With `PKCS11_FAULT_STATS`, the module keeps the file current (within 20 ms): the rules in
 //! force and, per function, the calls entered, returned, stalled right now, ever stalled,
 //! failed and delayed. [`Stats::read`] and [`Stats::wait`] read it; the format is in
-//! [`stats`](crate::Stats). A drill writes its rules, waits until [`Stats::faults`] shows them
+//! [`Stats`]. A drill writes its rules, waits until [`Stats::faults`] shows them
 //! (then the module applies them to every new call), acts, and asserts on [`Stats::calls`],
 //! for example that a call is stalled right now.
 //!

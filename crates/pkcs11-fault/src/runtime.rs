@@ -45,6 +45,13 @@ struct Counters {
     delayed: AtomicU64,
 }
 
+/// What a call does once no `stall` holds it.
+enum Then {
+    Forward,
+    Delay(Duration),
+    Fail(CK_RV),
+}
+
 pub(crate) struct Runtime {
     control: Option<PathBuf>,
     stats: Option<PathBuf>,
@@ -107,25 +114,24 @@ impl Runtime {
     pub(crate) fn call(&self, function: Function, forward: impl FnOnce() -> CK_RV) -> CK_RV {
         let counters = &self.counters[function.index()];
         self.count(&counters.entered);
-        let rv = match self.action_after_stall(function, counters) {
-            None => forward(),
-            Some(Action::Delay(delay)) => {
+        let rv = match self.wait_out_stalls(function, counters) {
+            Then::Forward => forward(),
+            Then::Delay(delay) => {
                 self.count(&counters.delayed);
                 std::thread::sleep(delay);
                 forward()
             }
-            Some(Action::Fail(rv)) => {
+            Then::Fail(rv) => {
                 self.count(&counters.failed);
                 rv
             }
-            Some(Action::Stall) => unreachable!("action_after_stall waits out stalls"),
         };
         self.count(&counters.returned);
         rv
     }
 
-    /// The action for `function`, once no `stall` holds it.
-    fn action_after_stall(&self, function: Function, counters: &Counters) -> Option<Action> {
+    /// Blocks while a `stall` holds `function`, then says what the rule then in force asks.
+    fn wait_out_stalls(&self, function: Function, counters: &Counters) -> Then {
         let mut applied = self.lock();
         if applied.faults.action(function) == Some(Action::Stall) {
             self.count(&counters.stalls);
@@ -140,7 +146,11 @@ impl Runtime {
             counters.stalled.fetch_sub(1, Ordering::Relaxed);
             self.generation.fetch_add(1, Ordering::Release);
         }
-        applied.faults.action(function)
+        match applied.faults.action(function) {
+            None | Some(Action::Stall) => Then::Forward,
+            Some(Action::Delay(delay)) => Then::Delay(delay),
+            Some(Action::Fail(rv)) => Then::Fail(rv),
+        }
     }
 
     fn count(&self, counter: &AtomicU64) {

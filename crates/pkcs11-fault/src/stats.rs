@@ -1,16 +1,5 @@
 //! The statistics file: the faults the module has in force and its calls per function, written
 //! by the module (`PKCS11_FAULT_STATS`) and read by tests and drills ([`Stats::read`]).
-//!
-//! ```text
-//! # pkcs11-fault statistics
-//! fault C_Sign stall
-//! control-error line 2: unknown action `hang`: expected stall, delay <ms> or fail <CKR_*>
-//! call C_Sign entered=3 returned=2 stalled=1 stalls=1 failed=0 delayed=0
-//! ```
-//!
-//! `fault` lines echo the rules in force, in the control file's order; `control-error` is
-//! present while the control file cannot be applied (the previous rules stay in force);
-//! `call` lines list every function called at least once.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -46,7 +35,21 @@ impl Calls {
     }
 }
 
-/// A snapshot of the module's statistics file.
+/// A snapshot of the module's statistics file (`PKCS11_FAULT_STATS`).
+///
+/// The module rewrites the file (atomically) within one poll (20 ms) of any change, so it may
+/// lag the module by that much; the last changes before the process exits may be missing.
+///
+/// ```text
+/// # pkcs11-fault statistics
+/// fault C_Sign stall
+/// control-error /run/faults: control line 2: unknown action `hang`: expected stall, ...
+/// call C_Sign entered=3 returned=2 stalled=1 stalls=1 failed=0 delayed=0
+/// ```
+///
+/// `fault` lines echo the rules in force, in the control file's order; `control-error` is
+/// present while the control file cannot be applied (the previous rules stay in force);
+/// `call` lines list every function called at least once, with the fields of [`Calls`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     faults: Vec<Rule>,

@@ -61,7 +61,9 @@ impl Fixture {
     pub(crate) fn get(real: Real, module: &Path) -> &'static Fixture {
         static FIXTURE: OnceLock<Fixture> = OnceLock::new();
         FIXTURE.get_or_init(|| {
-            let dir = tempfile::tempdir().expect("temporary directory");
+            // Under target/tmp: the static is never dropped, so the directory outlives the
+            // process, and `cargo clean` removes it.
+            let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary directory");
             let tokens = dir.path().join("tokens");
             std::fs::create_dir(&tokens).expect("token directory");
             let (conf_var, conf, text) = match real {
@@ -168,9 +170,10 @@ impl Fixture {
 fn set_env(name: &str, value: &std::ffi::OsStr) {
     // SAFETY: `set_var` is unsafe because another thread may read the environment at the same
     // time. This runs once per process, inside `OnceLock::get_or_init`, before the module is
-    // loaded (it reads the variables in its first C_GetFunctionList, on this thread). The test
-    // harness's other threads are blocked on the same `OnceLock` or run tests that do not read
-    // the environment: the residual risk is accepted for a test.
+    // loaded (it reads the variables in its first C_GetFunctionList, on this thread). Every
+    // test of these binaries gets here first (holding the test lock in `softhsm.rs`; alone in
+    // `kryoptic.rs`), so no other test thread is running PKCS#11 code; the harness's own
+    // threads reading the environment meanwhile are the residual risk, accepted for a test.
     unsafe { std::env::set_var(name, value) };
 }
 

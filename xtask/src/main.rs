@@ -273,12 +273,15 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The token matrix's second column: the hsm-pkcs11 suite and the end-to-end simulator →
-/// driver tests again, on Kryoptic (the first column, SoftHSMv2, is the workspace run). A
-/// scheme a token lacks prints a `SKIPPED [token × scheme]` line; any other gap fails.
+/// The token matrix's second column: the hsm-pkcs11 suite, the fault module's forwarding test
+/// and the end-to-end simulator → driver tests again, on Kryoptic (the first column,
+/// SoftHSMv2, is the workspace run). A scheme a token lacks prints a
+/// `SKIPPED [token × scheme]` line; any other gap fails.
 fn token_matrix(kryoptic: &Path, pg_url: &str, in_ci: bool) -> anyhow::Result<()> {
-    println!("token matrix: the hsm-pkcs11 suite and the end-to-end tests on Kryoptic");
-    let runs: [&[&str]; 2] = [
+    println!(
+        "token matrix: the hsm-pkcs11 suite, the fault module and the end-to-end tests on Kryoptic"
+    );
+    let runs: [&[&str]; 3] = [
         &[
             "test",
             "--all-features",
@@ -286,6 +289,16 @@ fn token_matrix(kryoptic: &Path, pg_url: &str, in_ci: bool) -> anyhow::Result<()
             "--package",
             "hsm-pkcs11",
             "--tests",
+        ],
+        // The fault module in front of Kryoptic (it prints SKIPPED without KRYOPTIC_MODULE,
+        // which is how the workspace run sees it).
+        &[
+            "test",
+            "--locked",
+            "--package",
+            "pkcs11-fault",
+            "--test",
+            "kryoptic",
         ],
         &[
             "test",

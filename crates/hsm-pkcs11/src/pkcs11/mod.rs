@@ -48,7 +48,9 @@ pub use module::Pkcs11Module;
 pub(crate) use provision::{
     PolicyDeviation, UnwrapTemplateChoice, generate_master_key, import_master_key_with,
 };
-pub use provision::{create_mac_key, create_master_key, import_mac_key, import_master_key};
+pub use provision::{
+    create_mac_key, create_master_key, create_trusted_master_key, import_mac_key, import_master_key,
+};
 pub use report::TokenReport;
 pub use self_test::{
     Attack, AttackOutcome, AttackRecord, FindingKind, SelfTestFinding, SelfTestReport, Severity,

@@ -158,6 +158,16 @@ pub enum HsmError {
         report: Box<SelfTestReport>,
     },
 
+    /// This token cannot hold a trusted master key safely, so master keys cannot be rotated
+    /// on it: making one would give a PIN other than the user's a use of every key (measured
+    /// on Kryoptic 1.5.4: a security officer's session unwraps keys under a trusted key).
+    /// Nothing was created.
+    #[error("a trusted master key would not be safe on this token: {reason}")]
+    TrustedMasterKeyUnsafe {
+        /// What the probe found.
+        reason: String,
+    },
+
     /// The worker pool is not running: the HSM is being re-established
     /// ([`Hsm::recover`](crate::Hsm::recover)), a recovery failed, the HSM was closed, or a
     /// worker died. Retryable: call [`Hsm::recover`](crate::Hsm::recover), then try again.
@@ -243,6 +253,7 @@ impl HsmError {
             | HsmError::Config { .. }
             | HsmError::Io { .. }
             | HsmError::UnsafeMasterKey { .. }
+            | HsmError::TrustedMasterKeyUnsafe { .. }
             | HsmError::MasterKeyChanged { .. } => false,
         }
     }

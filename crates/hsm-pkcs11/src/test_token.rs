@@ -605,6 +605,25 @@ impl TestToken {
         open_user_session(context, slot, &self.user_pin)
     }
 
+    /// A read-write session that is not logged in, for tests that play someone without a
+    /// PIN (it sees public objects only, unless this process is logged in elsewhere: login
+    /// state is per process). Blocking.
+    ///
+    /// # Errors
+    /// If the token's slot is gone.
+    pub fn public_session(&self) -> Result<cryptoki::session::Session, HsmError> {
+        let slot = find_slot(&self.module, &self.label)?;
+        self.module
+            .context()
+            .open_rw_session(slot)
+            .map_err(HsmError::pkcs11("C_OpenSession"))
+    }
+
+    /// The security officer's PIN (a fixed, test-only value), for key ceremonies.
+    pub fn so_pin(&self) -> SecretString {
+        SecretString::from(SO_PIN)
+    }
+
     /// A read-write session logged in as the security officer, for tests that play an
     /// insider holding the SO PIN (the SO sees public objects only). Blocking.
     ///

@@ -348,36 +348,54 @@ async fn a_key_unwrapped_extractable_cannot_be_wrapped_under_a_key_the_insider_k
 async fn a_trusted_key_made_by_the_so_opens_every_key_and_the_attack_suite_names_it() {
     // Tried: the security officer creates a trusted AES key of a chosen value (a public
     // object: the SO sees no private ones); a PIN holder unwraps a stored key extractable and
-    // wraps it under that key. SoftHSMv2 lets the SO set CKA_TRUSTED, so SO + PIN together
-    // extract (the dual-control boundary in docs/security.md); Kryoptic never lets anyone.
+    // wraps it under that key. Both tokens let the SO make one (SoftHSMv2 by import, Kryoptic
+    // by generating a readable one), so SO + PIN together extract: the dual-control boundary
+    // in docs/security.md, and a finding of the attack suite.
     let token = token_with(None).await;
     let attacker = token.clone();
-    let made = blocking(move || {
+    let (imported, known_value) = blocking(move || {
         let so = attacker.so_session().unwrap();
-        so.create_object(&[
+        let common = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(KeyType::AES),
             Attribute::Token(true),
             Attribute::Private(false),
             Attribute::Label(b"so-known-key".to_vec()),
-            Attribute::Value(vec![0x42; 32]),
             Attribute::Wrap(true),
             Attribute::Unwrap(true),
             Attribute::Trusted(true),
-        ])
-        .map_err(rv)
+        ];
+        // First: import a value of the SO's choosing.
+        let mut import = common.to_vec();
+        import.push(Attribute::Value(vec![0x42; 32]));
+        let imported = so.create_object(&import).map_err(rv);
+        if imported.is_ok() {
+            return (imported.map(drop), vec![0x42; 32]);
+        }
+        // Else: generate one whose value can be read.
+        let mut generate = common.to_vec();
+        generate.extend([
+            Attribute::ValueLen(32.into()),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+        ]);
+        let key = so
+            .generate_key(&Mechanism::AesKeyGen, &generate)
+            .expect("the SO generates a readable trusted key");
+        let value = match &so.get_attributes(key, &[AttributeType::Value]).unwrap()[..] {
+            [Attribute::Value(value)] => value.clone(),
+            other => panic!("CKA_VALUE not readable: {other:?}"),
+        };
+        (imported.map(drop), value)
     })
     .await;
-    match kind() {
-        TokenKind::Kryoptic => {
-            // Kryoptic never lets anyone set CKA_TRUSTED on a key.
-            assert_eq!(made.unwrap_err(), RvError::AttributeTypeInvalid);
-            return;
-        }
-        TokenKind::SoftHsm2 => {
-            made.expect("the SO may create a trusted key");
-        }
-    }
+    // SoftHSMv2 takes the import; Kryoptic refuses a trusted key of a given value, but lets
+    // the SO generate one and read it.
+    let expected = match kind() {
+        TokenKind::SoftHsm2 => Ok(()),
+        TokenKind::Kryoptic => Err(RvError::AttributeTypeInvalid),
+    };
+    assert_eq!(imported, expected);
     let attacker = token.clone();
     blocking(move || {
         let session = attacker.login_session().unwrap();
@@ -402,7 +420,7 @@ async fn a_trusted_key_made_by_the_so_opens_every_key_and_the_attack_suite_names
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::KeyType(KeyType::AES),
                 Attribute::Token(false),
-                Attribute::Value(vec![0x42; 32]),
+                Attribute::Value(known_value),
                 Attribute::Decrypt(true),
             ])
             .unwrap();

@@ -1,7 +1,8 @@
 //! `plant-trusted-key`: plays an insider holding the security officer's PIN. From a process of
 //! its own (the driver's login is not disturbed), it logs in as SO on a running deployment's
-//! token and creates a **trusted** AES-256 key of a value it chose (a public token object: the
-//! SO sees no private ones). Every key unwrapped under the master key is `CKA_WRAP_WITH_TRUSTED`,
+//! token and creates a **trusted** AES-256 key of a value it knows (a public token object: the
+//! SO sees no private ones): imported with a value it chose, or, where the token refuses that
+//! (Kryoptic), generated readable. Every key unwrapped under the master key is `CKA_WRAP_WITH_TRUSTED`,
 //! so such a key could receive any of them; the driver's health check must notice it and stop
 //! signing.
 //!
@@ -12,14 +13,15 @@
 //!     --so-pin-file FILE --key-label planted
 //! ```
 //!
-//! Exit status: 0 when the key was created; 3 when the token refused it (Kryoptic never lets
-//! anyone set `CKA_TRUSTED`), with the return value on standard output; 1 on any other error.
+//! Exit status: 0 when the key was created; 3 when the token refused both ways, with the
+//! return value on standard output; 1 on any other error.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::UserType;
 use secrecy::SecretString;
@@ -88,20 +90,35 @@ fn plant(args: &Args) -> anyhow::Result<Planted> {
     session
         .login(UserType::So, Some(&so_pin))
         .context("C_Login (SO) failed")?;
-    let created = session.create_object(&[
+    let common = [
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::Token(true),
         Attribute::Private(false),
         Attribute::Label(args.key_label.as_bytes().to_vec()),
-        Attribute::Value(vec![0x42; 32]),
         Attribute::Wrap(true),
         Attribute::Unwrap(true),
         Attribute::Trusted(true),
-    ]);
-    let outcome = match created {
+    ];
+    // A value of the insider's choosing; a token that refuses to import a trusted key
+    // (Kryoptic) may still generate one whose value the SO can read.
+    let mut import = common.to_vec();
+    import.push(Attribute::Value(vec![0x42; 32]));
+    let outcome = match session.create_object(&import) {
         Ok(_) => Planted::Created,
-        Err(cryptoki::error::Error::Pkcs11(rv, _)) => Planted::Refused(rv),
+        Err(cryptoki::error::Error::Pkcs11(_, _)) => {
+            let mut generate = common.to_vec();
+            generate.extend([
+                Attribute::ValueLen(32.into()),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+            ]);
+            match session.generate_key(&Mechanism::AesKeyGen, &generate) {
+                Ok(_) => Planted::Created,
+                Err(cryptoki::error::Error::Pkcs11(rv, _)) => Planted::Refused(rv),
+                Err(other) => return Err(other).context("C_GenerateKey failed"),
+            }
+        }
         Err(other) => return Err(other).context("C_CreateObject failed"),
     };
     session.logout().context("C_Logout failed")?;

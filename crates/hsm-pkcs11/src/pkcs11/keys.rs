@@ -363,6 +363,7 @@ pub(crate) fn unwrap_signing_key(
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::KeyType(key_type),
         Attribute::Token(false),
+        Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::WrapWithTrusted(true),

@@ -49,8 +49,8 @@ pub(crate) use provision::{
     PolicyDeviation, UnwrapTemplateChoice, generate_master_key, import_master_key_with,
 };
 pub use provision::{
-    create_ledger_key, create_mac_key, create_master_key, import_ledger_key, import_mac_key,
-    import_master_key,
+    create_ledger_key, create_mac_key, create_master_key, create_trusted_master_key,
+    import_ledger_key, import_mac_key, import_master_key,
 };
 pub use report::TokenReport;
 pub use self_test::{

@@ -28,13 +28,17 @@
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use cryptoki::session::UserType;
 use secrecy::SecretString;
 use zeroize::{Zeroize, Zeroizing};
 
+use super::guard::ObjectGuard;
+use super::keys::{self, SIGNING_ONLY};
 use super::module::Pkcs11Module;
 use super::raw_template::RawTemplate;
 use super::token;
 use crate::error::HsmError;
+use crate::hsm::WrapMechanism;
 use crate::record_mac::{
     derive_ledger_key, derive_mac_key, ledger_key_label, record_mac_key_label,
 };
@@ -143,6 +147,9 @@ fn mac_key_policy(label: &str, deviation: PolicyDeviation) -> Vec<Attribute> {
     policy.extend(lifecycle_policy(deviation));
     policy
 }
+
+/// DER `OBJECT IDENTIFIER` prime256v1: the trusted-key probe's curve.
+const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 /// How a record MAC key gets its value.
 enum MacKeyValue<'a> {
@@ -268,6 +275,168 @@ pub(crate) fn generate_master_key(
         "master key, record MAC key and ledger key created"
     );
     Ok(())
+}
+
+/// Generates a **trusted** master key, the destination of a master-key rotation, as the
+/// security officer: the policy of [`create_master_key`], but `CKA_TRUSTED=true` (which only
+/// the SO can set) and, for that reason, a public object (`CKA_PRIVATE=false`: an SO session
+/// can create no other). Keys unwrapped under any master key are `CKA_WRAP_WITH_TRUSTED`, so a
+/// trusted master key is the only key they can be wrapped under: a rotation unwraps each key
+/// under the old master key and wraps it under this one, inside the HSM. Its unwrap template
+/// makes everything it unwraps a private object, so a session without the user PIN, which can
+/// see a public key, cannot unwrap with it. Blocking.
+///
+/// No MAC key is made here (the SO sees no private objects): the user makes the new master
+/// key's record MAC key with [`create_mac_key`] (or [`import_mac_key`]).
+///
+/// # Errors
+/// [`HsmError::TokenNotFound`]; [`HsmError::MasterKeyExists`] when a public object already
+/// carries `label` (the SO cannot see private ones: choose a label no key of the token has);
+/// [`HsmError::Pkcs11`] naming the failing call: `C_Login` for a wrong SO PIN, `C_GenerateKey`
+/// when the token will not make a trusted key (Kryoptic: `CKR_ATTRIBUTE_TYPE_INVALID`, it never
+/// lets anyone set `CKA_TRUSTED`; rotation is then impossible on it).
+pub fn create_trusted_master_key(
+    module: &Pkcs11Module,
+    token_label: &str,
+    so_pin: &SecretString,
+    label: &str,
+) -> Result<(), HsmError> {
+    let slot = token::find_slot(module, token_label)?;
+    let session = module
+        .context()
+        .open_rw_session(slot)
+        .map_err(HsmError::pkcs11("C_OpenSession"))?;
+    session
+        .login(UserType::So, Some(so_pin))
+        .map_err(HsmError::pkcs11("C_Login"))?;
+    let made = (|| {
+        if !token::find_labelled(&session, label)?.is_empty() {
+            return Err(HsmError::MasterKeyExists {
+                label: label.to_owned(),
+            });
+        }
+        let mechanism = keys::choose_wrap_mechanism(module.raw(), slot, None)?;
+        so_cannot_use_a_trusted_key(&session, module, mechanism)?;
+        let unwrap_template = RawTemplate::master_unwrap_template();
+        let mut template = trusted(master_key_policy(label, PolicyDeviation::default()));
+        // Alive until after C_GenerateKey below: the attribute points into it.
+        template.push(unwrap_template.attribute().clone());
+        template.push(Attribute::ValueLen(32.into()));
+        session
+            .generate_key(&Mechanism::AesKeyGen, &template)
+            .map_err(HsmError::pkcs11("C_GenerateKey"))
+    })();
+    let logged_out = session.logout().map_err(HsmError::pkcs11("C_Logout"));
+    made?;
+    logged_out?;
+    tracing::info!(
+        token = token_label,
+        label,
+        "trusted master key created by the security officer"
+    );
+    Ok(())
+}
+
+/// Before a trusted master key is made for good (it can never be destroyed), proves on a
+/// throwaway session copy of it that the security officer's session cannot use it: the SO
+/// generates a session key pair, wraps the private key under the probe key and unwraps it back
+/// as the driver would (a private, signing-only key). A token that lets that unwrap through
+/// would let the SO PIN sign with every stored key once they are under a trusted master key:
+/// refused with [`HsmError::TrustedMasterKeyUnsafe`]. Session objects die with the session.
+fn so_cannot_use_a_trusted_key(
+    session: &cryptoki::session::Session,
+    module: &Pkcs11Module,
+    mechanism: WrapMechanism,
+) -> Result<(), HsmError> {
+    let unwrap_template = RawTemplate::master_unwrap_template();
+    let mut template = trusted(master_key_policy(
+        "hsm-driver-trusted-key-probe",
+        PolicyDeviation::default(),
+    ));
+    for attribute in &mut template {
+        if let Attribute::Token(token) = attribute {
+            *token = false;
+        }
+        if let Attribute::Destroyable(destroyable) = attribute {
+            *destroyable = true;
+        }
+    }
+    template.push(unwrap_template.attribute().clone());
+    template.push(Attribute::ValueLen(32.into()));
+    let probe = session
+        .generate_key(&Mechanism::AesKeyGen, &template)
+        .map_err(HsmError::pkcs11("C_GenerateKey"))?;
+    let probe = ObjectGuard::new(session, probe, "trusted-key probe");
+    let (public, private) = session
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(false),
+                Attribute::Private(false),
+                Attribute::EcParams(P256_PARAMS.to_vec()),
+                Attribute::Verify(true),
+            ],
+            &[
+                Attribute::Token(false),
+                Attribute::Private(false),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(true),
+                Attribute::Sign(true),
+            ],
+        )
+        .map_err(HsmError::pkcs11("C_GenerateKeyPair"))?;
+    let _public = ObjectGuard::new(session, public, "trusted-key probe public key");
+    let private = ObjectGuard::new(session, private, "trusted-key probe private key");
+    let probe_key = keys::MasterKey {
+        handle: probe.handle(),
+        raw: module.raw(),
+    };
+    let blob = keys::wrap(session, probe_key, mechanism, private.handle())
+        .map_err(HsmError::pkcs11("C_WrapKey"))?;
+    let mut unwrap = vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::WrapWithTrusted(true),
+    ];
+    unwrap.extend(SIGNING_ONLY);
+    let attempt = keys::unwrap(session, probe_key, mechanism, &blob, &unwrap);
+    match attempt {
+        Ok(key) => {
+            drop(ObjectGuard::new(
+                session,
+                key,
+                "trusted-key probe unwrapped key",
+            ));
+            Err(HsmError::TrustedMasterKeyUnsafe {
+                reason: "a security officer's session unwrapped a key under a trusted key as a                          private signing key, so the SO PIN could sign with every stored key                          once they are under a trusted master key; master keys cannot be                          rotated on this token"
+                    .to_owned(),
+            })
+        }
+        Err(error) => {
+            tracing::debug!(error = %error, "the security officer cannot use a trusted key, as required");
+            Ok(())
+        }
+    }
+}
+
+/// `policy` as the security officer must make it: public and trusted.
+fn trusted(mut policy: Vec<Attribute>) -> Vec<Attribute> {
+    for attribute in &mut policy {
+        if let Attribute::Private(private) = attribute {
+            *private = false;
+        }
+    }
+    // Before CKA_MODIFIABLE and friends: some tokens refuse attributes after them.
+    let at = policy
+        .iter()
+        .position(|a| matches!(a, Attribute::Modifiable(_)))
+        .unwrap_or(policy.len());
+    policy.insert(at, Attribute::Trusted(true));
+    policy
 }
 
 /// Imports a known master key value (`C_CreateObject`) with the same policy as

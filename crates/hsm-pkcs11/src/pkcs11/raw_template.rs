@@ -23,7 +23,7 @@ use std::mem::{offset_of, size_of};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki_sys::{
     CK_ATTRIBUTE, CK_ATTRIBUTE_TYPE, CK_BBOOL, CK_FALSE, CK_OBJECT_CLASS, CK_TRUE, CK_ULONG,
-    CKA_CLASS, CKA_COPYABLE, CKA_DECRYPT, CKA_DERIVE, CKA_EXTRACTABLE, CKA_MODIFIABLE,
+    CKA_CLASS, CKA_COPYABLE, CKA_DECRYPT, CKA_DERIVE, CKA_EXTRACTABLE, CKA_MODIFIABLE, CKA_PRIVATE,
     CKA_SENSITIVE, CKA_SIGN_RECOVER, CKA_UNWRAP, CKA_UNWRAP_TEMPLATE, CKA_WRAP_WITH_TRUSTED,
 };
 
@@ -44,7 +44,10 @@ pub(crate) struct RawTemplate {
 impl RawTemplate {
     /// The `CKA_UNWRAP_TEMPLATE` of the master key. Whatever is unwrapped with it must be:
     ///
-    /// - a private key (`CKA_CLASS`), not a secret key whose `CKA_VALUE` could be read;
+    /// - a private key (`CKA_CLASS`), not a secret key whose `CKA_VALUE` could be read, and a
+    ///   private object (`CKA_PRIVATE`): only a session logged in as the user can create it,
+    ///   which matters for a trusted master key (a public object, made by the security
+    ///   officer) that a session without the user PIN can see;
     /// - sensitive (`CKA_SENSITIVE`): its value is never readable;
     /// - wrappable only by a trusted key (`CKA_WRAP_WITH_TRUSTED`): a PIN holder cannot mark a
     ///   key trusted, so the key cannot be wrapped out under a key whose value they know;
@@ -59,6 +62,7 @@ impl RawTemplate {
             CKA_UNWRAP_TEMPLATE,
             vec![
                 Entry::ulong(CKA_CLASS, CK_OBJECT_CLASS::from(ObjectClass::PRIVATE_KEY)),
+                Entry::bool(CKA_PRIVATE, true),
                 Entry::bool(CKA_SENSITIVE, true),
                 Entry::bool(CKA_WRAP_WITH_TRUSTED, true),
                 Entry::bool(CKA_DERIVE, false),
@@ -164,7 +168,7 @@ mod tests {
         };
         assert_eq!(*kind, CKA_UNWRAP_TEMPLATE);
         let stride = size_of::<CK_ATTRIBUTE>();
-        assert_eq!(bytes.len(), 9 * stride);
+        assert_eq!(bytes.len(), 10 * stride);
         let kinds: Vec<_> = bytes
             .chunks_exact(stride)
             .map(|slot| field(slot, offset_of!(CK_ATTRIBUTE, type_)))
@@ -173,6 +177,7 @@ mod tests {
             kinds,
             [
                 CKA_CLASS,
+                CKA_PRIVATE,
                 CKA_SENSITIVE,
                 CKA_WRAP_WITH_TRUSTED,
                 CKA_DERIVE,
@@ -189,7 +194,7 @@ mod tests {
             .collect();
         assert_eq!(
             lengths,
-            [size_of::<CK_ULONG>() as CK_ULONG, 1, 1, 1, 1, 1, 1, 1, 1]
+            [size_of::<CK_ULONG>() as CK_ULONG, 1, 1, 1, 1, 1, 1, 1, 1, 1]
         );
         for (slot, entry) in bytes.chunks_exact(stride).zip(&template._entries) {
             let at = offset_of!(CK_ATTRIBUTE, pValue);

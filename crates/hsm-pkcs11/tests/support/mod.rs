@@ -42,6 +42,14 @@ pub(crate) fn find(session: &Session, label: &str) -> ObjectHandle {
     found[0]
 }
 
+/// How many objects this session sees labelled `label`.
+pub(crate) fn find_all(session: &Session, label: &str) -> usize {
+    session
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .unwrap()
+        .len()
+}
+
 pub(crate) fn rv(error: CryptokiError) -> RvError {
     match error {
         CryptokiError::Pkcs11(rv, _) => rv,

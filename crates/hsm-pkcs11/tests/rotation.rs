@@ -1,0 +1,204 @@
+//! Master-key rotation inside the HSM, step by step on a real token of the matrix: a trusted
+//! master key made by the security officer, a stored key unwrapped under the old master key
+//! and wrapped under the new one without leaving the token, and what the new key gives to whom.
+
+use cryptoki::error::RvError;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType};
+use hsm_pkcs11::test_token::{TestToken, TokenKind};
+use hsm_pkcs11::{HsmError, create_ledger_key, create_mac_key, create_trusted_master_key};
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
+
+mod support;
+use support::{attacker_template, blocking, find, kind, mechanism, rv, stored_blob};
+
+const NEW_MASTER: &str = "rotation-target-master-key";
+
+/// `create_trusted_master_key` on `token`, as the SO.
+fn make_trusted(token: &TestToken) -> Result<(), HsmError> {
+    create_trusted_master_key(token.module(), token.label(), &token.so_pin(), NEW_MASTER)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stored_key_moves_to_a_trusted_master_key_inside_the_hsm_and_only_the_user_can_use_it() {
+    // Tried: the SO makes a trusted master key; the user unwraps a stored key extractable
+    // under the old master key and wraps it under the new one; the new blob unwraps (driver's
+    // template) and signs a digest that verifies against the original public key. Then, with
+    // no user logged in: a public session and an SO session each try to unwrap the new blob.
+    let token = blocking(TestToken::create).await.unwrap();
+    let ceremony = token.clone();
+    let made = blocking(move || make_trusted(&ceremony)).await;
+    if kind() == TokenKind::Kryoptic {
+        // Measured: a Kryoptic SO session unwraps under a trusted key (and signs with what
+        // it unwrapped): a trusted master key would hand the SO PIN every key. Refused, and
+        // nothing was made.
+        let error = made.unwrap_err();
+        assert!(
+            matches!(error, HsmError::TrustedMasterKeyUnsafe { .. }),
+            "{error:?}"
+        );
+        let checking = token.clone();
+        let found = blocking(move || {
+            let session = checking.login_session().unwrap();
+            support::find_all(&session, NEW_MASTER)
+        })
+        .await;
+        assert_eq!(found, 0, "nothing was created");
+        return;
+    }
+    made.expect("the SO makes a trusted master key");
+
+    let user = token.clone();
+    let new_blob = blocking(move || {
+        let session = user.login_session().unwrap();
+        let old = find(&session, user.master_key_label());
+        let new = find(&session, NEW_MASTER);
+        let attributes = session
+            .get_attributes(
+                new,
+                &[
+                    AttributeType::Trusted,
+                    AttributeType::Private,
+                    AttributeType::Extractable,
+                    AttributeType::Modifiable,
+                    AttributeType::Copyable,
+                    AttributeType::Destroyable,
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            attributes,
+            vec![
+                Attribute::Trusted(true),
+                Attribute::Private(false),
+                Attribute::Extractable(false),
+                Attribute::Modifiable(false),
+                Attribute::Copyable(false),
+                Attribute::Destroyable(false),
+            ]
+        );
+        let (blob, point) = stored_blob(&user, &session, old);
+        let key = user
+            .unwrap_key(
+                &session,
+                mechanism(&user),
+                old,
+                &blob,
+                &attacker_template(&[Attribute::Extractable(true)]),
+            )
+            .expect("unwrap extractable under the old master key");
+        let new_blob = user
+            .wrap_key(&session, mechanism(&user), new, key)
+            .expect("a trusted key may wrap it");
+        session.destroy_object(key).unwrap();
+        assert_ne!(new_blob, blob);
+        let key = user
+            .unwrap_key(
+                &session,
+                mechanism(&user),
+                new,
+                &new_blob,
+                &attacker_template(&[Attribute::Extractable(false)]),
+            )
+            .expect("the new blob unwraps with the driver's template");
+        let digest = [0x5a; 32];
+        let raw = session.sign(&Mechanism::Ecdsa, key, &digest).unwrap();
+        session.destroy_object(key).unwrap();
+        let verifying = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap();
+        let signature = p256::ecdsa::Signature::from_slice(&raw).unwrap();
+        verifying
+            .verify_prehash(&digest, &signature)
+            .expect("signed by the same key");
+        new_blob
+    })
+    .await;
+
+    // Every user session is closed now: the application is logged out.
+    let outsider = token.clone();
+    let blob = new_blob.clone();
+    let public = blocking(move || {
+        let slot_session = outsider.public_session().unwrap();
+        let new = find(&slot_session, NEW_MASTER);
+        let as_private = outsider
+            .unwrap_key(
+                &slot_session,
+                mechanism(&outsider),
+                new,
+                &blob,
+                &attacker_template(&[Attribute::Extractable(false)]),
+            )
+            .map_err(rv);
+        let as_public = outsider
+            .unwrap_key(
+                &slot_session,
+                mechanism(&outsider),
+                new,
+                &blob,
+                &attacker_template(&[Attribute::Private(false)]),
+            )
+            .map_err(rv);
+        (as_private, as_public)
+    })
+    .await;
+    assert_eq!(
+        public,
+        (
+            Err(RvError::UserNotLoggedIn),
+            Err(RvError::TemplateInconsistent)
+        ),
+        "a session without the user PIN"
+    );
+    let officer = token.clone();
+    let so = blocking(move || {
+        let session = officer.so_session().unwrap();
+        let new = find(&session, NEW_MASTER);
+        officer
+            .unwrap_key(
+                &session,
+                mechanism(&officer),
+                new,
+                &new_blob,
+                &attacker_template(&[Attribute::Extractable(false)]),
+            )
+            .map_err(rv)
+    })
+    .await;
+    assert_eq!(so, Err(RvError::UserNotLoggedIn), "an SO session");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_attack_suite_passes_a_trusted_master_key_in_service() {
+    // Tried: the suite with the trusted master key configured (its own MAC key made by the
+    // user): the trusted key is the master key, so it is no finding; everything else as usual.
+    if kind() == TokenKind::Kryoptic {
+        return;
+    }
+    let token = blocking(TestToken::create).await.unwrap();
+    let ceremony = token.clone();
+    blocking(move || {
+        make_trusted(&ceremony)?;
+        create_mac_key(
+            ceremony.module(),
+            ceremony.label(),
+            ceremony.user_pin(),
+            NEW_MASTER,
+        )?;
+        create_ledger_key(
+            ceremony.module(),
+            ceremony.label(),
+            ceremony.user_pin(),
+            NEW_MASTER,
+        )
+    })
+    .await
+    .unwrap();
+    let opening = token.clone();
+    let report = blocking(move || {
+        let mut config = opening.config(1);
+        config.master_key_label = NEW_MASTER.to_owned();
+        let hsm = hsm_pkcs11::Pkcs11Hsm::open(opening.module(), config).unwrap();
+        hsm.master_key_self_test().unwrap()
+    })
+    .await;
+    assert!(report.is_safe(), "{report}");
+}

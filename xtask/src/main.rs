@@ -279,9 +279,10 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 /// `SKIPPED [token × scheme]` line; any other gap fails.
 fn token_matrix(kryoptic: &Path, pg_url: &str, in_ci: bool) -> anyhow::Result<()> {
     println!(
-        "token matrix: the hsm-pkcs11 suite, the fault module and the end-to-end tests on Kryoptic"
+        "token matrix: the hsm-pkcs11 suite, the fault module, the ledger attacks, the engine's \
+         attack-suite drill and the end-to-end tests on Kryoptic"
     );
-    let runs: [&[&str]; 3] = [
+    let runs: [&[&str]; 5] = [
         &[
             "test",
             "--all-features",
@@ -299,6 +300,27 @@ fn token_matrix(kryoptic: &Path, pg_url: &str, in_ci: bool) -> anyhow::Result<()
             "pkcs11-fault",
             "--test",
             "kryoptic",
+        ],
+        // The ledger's MACs are the token's: every ledger attack on both databases.
+        &[
+            "test",
+            "--all-features",
+            "--locked",
+            "--package",
+            "driver-core",
+            "--test",
+            "ledger_attacks",
+        ],
+        // An attackable token stops the engine at its health check.
+        &[
+            "test",
+            "--all-features",
+            "--locked",
+            "--package",
+            "driver-core",
+            "--test",
+            "failures",
+            "an_attackable_hsm",
         ],
         &[
             "test",

@@ -1087,6 +1087,58 @@ async fn a_trusted_key_planted_by_the_so_while_the_driver_runs_stops_signing_as_
     assert_eq!(later.status, "Pending", "{later:?}");
     assert!(!deployment.readyz().await.unwrap().is_ready());
 
+    // Covering the tracks does not bring signing back: the TAMPER is latched for the run.
+    let removed = std::process::Command::new(bin_dir().join("plant-trusted-key"))
+        .arg("--module")
+        .arg(&token.hsm.path)
+        .arg("--token")
+        .arg(&token.label)
+        .arg("--so-pin-file")
+        .arg(&token.so_pin_file)
+        .args(["--key-label", "planted-by-the-so", "--remove"])
+        .env(token.conf_var(), &token.conf)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run plant-trusted-key --remove");
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stdout)
+    );
+    // Several health checks (200 ms apart) pass meanwhile; an absence has no event to await.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let readiness = deployment.readyz().await.unwrap();
+    assert!(!readiness.is_ready(), "{}", readiness.body);
+    assert!(
+        readiness.body.contains("planted-by-the-so"),
+        "down since the first finding: {}",
+        readiness.body
+    );
+    assert!(
+        deployment.driver_log().contains("TAMPER latched"),
+        "{}",
+        deployment.driver_log_tail()
+    );
+
+    // `hsm-driver check` (a new process: it runs the suite afresh) passes again once the key
+    // is gone; the running driver stays down until it is restarted.
+    let (ok, check) = deployment.check().await.unwrap();
+    assert!(ok, "{check}");
+    // Let the test below see a failing check: plant the key again.
+    let replanted = std::process::Command::new(bin_dir().join("plant-trusted-key"))
+        .arg("--module")
+        .arg(&token.hsm.path)
+        .arg("--token")
+        .arg(&token.label)
+        .arg("--so-pin-file")
+        .arg(&token.so_pin_file)
+        .args(["--key-label", "planted-by-the-so"])
+        .env(token.conf_var(), &token.conf)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run plant-trusted-key");
+    assert!(replanted.status.success());
+
     // `hsm-driver check` fails, naming the attack and the remedy.
     let (ok, check) = deployment.check().await.unwrap();
     assert!(!ok, "{check}");

@@ -37,6 +37,10 @@ pub(crate) struct Parts<S, H, K> {
     pub(crate) in_flight: AtomicU32,
     /// This driver's chain of the audit ledger.
     pub(crate) ledger: Ledger<H, K>,
+    /// The first TAMPER finding of this run, latched: once the HSM's keys were found
+    /// attackable the HSM stays down for the rest of the run, even if a later check passes (a
+    /// planted key removed again), until an operator restarts the driver.
+    pub(crate) tamper: std::sync::OnceLock<String>,
 }
 
 /// The engine. Build it with [`Driver::builder`], run it with [`Driver::run`].
@@ -88,6 +92,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                 metrics,
                 health,
                 in_flight: AtomicU32::new(0),
+                tamper: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -488,16 +493,25 @@ async fn supervise<S: JobSource, H: Hsm, K: KeyStore>(
 
 /// [`Hsm::check`], which for a PKCS#11 HSM includes the insider attack suite. A check that
 /// finds the HSM's keys attackable is a TAMPER event: each unsafe finding is logged at error
-/// level with its remedy and counted in `hsm_driver_tamper_detected_total`; the HSM stays down
-/// (the error is not retryable, and every later check finds the same) until an operator acts.
+/// level with its remedy and counted in `hsm_driver_tamper_detected_total`, and the event is
+/// latched: the HSM stays down for the rest of the run, whatever later checks find, until an
+/// operator restarts the driver (whose start-up runs the suite again).
 async fn check_hsm<S: JobSource, H: Hsm, K: KeyStore>(
     parts: &Parts<S, H, K>,
 ) -> Result<(), String> {
-    let error = match parts.hsm.check().await {
+    let checked = parts.hsm.check().await;
+    if let Some(first) = parts.tamper.get() {
+        return Err(format!(
+            "TAMPER latched: {first} (the HSM stays down until the driver is restarted by an \
+             operator who has investigated; docs/security.md)"
+        ));
+    }
+    let error = match checked {
         Ok(()) => return Ok(()),
         Err(error) => error,
     };
     if let HsmError::UnsafeMasterKey { report } = &error {
+        let _ = parts.tamper.set(report.to_string());
         for finding in report.unsafe_findings() {
             parts.metrics.tamper_detected(finding.kind.as_str());
             error!(

@@ -158,6 +158,19 @@ pub enum HsmError {
         report: Box<SelfTestReport>,
     },
 
+    /// The insider attack suite could not reach a verdict: a step that the token should have
+    /// performed or refused in a known way failed otherwise (an attribute it does not know, a
+    /// handle that went away). Not retryable: the suite fails closed, and the HSM is not used
+    /// until it passes.
+    #[error("the attack suite could not reach a verdict: {function} failed")]
+    SelfTestInconclusive {
+        /// The PKCS#11 function.
+        function: &'static str,
+        /// What it returned.
+        #[source]
+        source: CryptokiError,
+    },
+
     /// This token cannot hold a trusted master key safely, so master keys cannot be rotated
     /// on it: making one would give a PIN other than the user's a use of every key (measured
     /// on Kryoptic 1.5.4: a security officer's session unwraps keys under a trusted key).
@@ -254,6 +267,7 @@ impl HsmError {
             | HsmError::Io { .. }
             | HsmError::UnsafeMasterKey { .. }
             | HsmError::TrustedMasterKeyUnsafe { .. }
+            | HsmError::SelfTestInconclusive { .. }
             | HsmError::MasterKeyChanged { .. } => false,
         }
     }

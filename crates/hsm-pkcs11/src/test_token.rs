@@ -402,6 +402,10 @@ impl TestToken {
                 unwrap_template: UnwrapTemplateChoice::Legacy,
                 ..PolicyDeviation::default()
             },
+            MasterKeyHazard::ExtractableUnwrap => PolicyDeviation {
+                unwrap_template: UnwrapTemplateChoice::ExtractableWhatever,
+                ..PolicyDeviation::default()
+            },
             MasterKeyHazard::AlsoEncrypts => PolicyDeviation {
                 encrypt: true,
                 ..PolicyDeviation::default()
@@ -427,6 +431,7 @@ impl TestToken {
                 modifiable: true,
                 copyable: true,
                 destroyable: true,
+                without_allowed_mechanisms: true,
                 ..PolicyDeviation::default()
             },
         };
@@ -757,6 +762,10 @@ pub enum MasterKeyHazard {
     /// sensitive, non-extractable; usages and copying left open): a wrapped key can be
     /// unwrapped with `CKA_DERIVE` and used for ECDH.
     LegacyUnwrapTemplate,
+    /// The policy's unwrap template with `CKA_EXTRACTABLE` left open (the rotatable one) on
+    /// any token, even one where a user session can make a trusted key (Kryoptic): there, a
+    /// key unwrapped extractable can be wrapped out under a key the user made.
+    ExtractableUnwrap,
     /// The master and MAC keys are `CKA_MODIFIABLE` (the token default): a usage can be
     /// turned on in place.
     Modifiable,
@@ -765,8 +774,9 @@ pub enum MasterKeyHazard {
     Copyable,
     /// The master and MAC keys are `CKA_DESTROYABLE` (the token default).
     Destroyable,
-    /// Everything the seed's `master-key create` did: the legacy unwrap template, and
-    /// modifiable, copyable, destroyable keys (the token defaults). The key the copy and
+    /// Everything the seed's `master-key create` did: the legacy unwrap template, no
+    /// `CKA_ALLOWED_MECHANISMS`, and modifiable, copyable, destroyable keys (the token
+    /// defaults). The key the copy and
     /// modify attacks were first found on.
     AsProvisionedBefore,
     /// `CKA_ENCRYPT=true` as well as wrap and unwrap.

@@ -14,7 +14,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use hsm_pkcs11::test_token::{MasterKeyHazard, TestToken, TokenKind};
-use hsm_pkcs11::{Attack, FindingKind};
+use hsm_pkcs11::{Attack, AttackOutcome, FindingKind};
 use p256::elliptic_curve::sec1::{FromEncodedPoint, ToEncodedPoint};
 
 mod support;
@@ -46,6 +46,7 @@ fn copy_attack(token: &TestToken) -> Result<Vec<u8>, RvError> {
         .map_err(rv)?;
     let pkcs8 = software_unwrap(&session, copy, &blob);
     session.destroy_object(copy).unwrap();
+    let pkcs8 = pkcs8?;
     assert_eq!(public_point_of_pkcs8(&pkcs8), point, "the plaintext key");
     Ok(pkcs8)
 }
@@ -58,14 +59,15 @@ async fn the_copy_attack_extracts_keys_under_a_copyable_master_key_and_is_refuse
     let pkcs8 = blocking(move || copy_attack(&token)).await;
     assert!(pkcs8.is_ok(), "the copy attack works on the seed's key");
 
-    // Copyable but not modifiable: on SoftHSMv2 the copy inherits CKA_MODIFIABLE=false and
-    // no usage can change on the way; Kryoptic lets the copy take CKA_DECRYPT all the same,
-    // so CKA_COPYABLE=false is needed in its own right.
+    // Copyable but not modifiable, with CKA_ALLOWED_MECHANISMS: the copy inherits both, and
+    // CKM_AES_ECB cannot be added to it (SoftHSMv2: CKR_ATTRIBUTE_READ_ONLY; Kryoptic:
+    // CKR_ACTION_PROHIBITED). Without CKA_ALLOWED_MECHANISMS, Kryoptic let such a copy take
+    // CKA_DECRYPT and decrypt: overlapping defences, each kept.
     let token = token_with(Some(MasterKeyHazard::Copyable)).await;
     let copied = blocking(move || copy_attack(&token).map(|_| ())).await;
     let expected = match kind() {
         TokenKind::SoftHsm2 => Err(RvError::AttributeReadOnly),
-        TokenKind::Kryoptic => Ok(()),
+        TokenKind::Kryoptic => Err(RvError::ActionProhibited),
     };
     assert_eq!(copied, expected, "copyable, not modifiable");
 
@@ -88,7 +90,8 @@ fn modify_attack(token: &TestToken) -> Result<Vec<u8>, RvError> {
     session
         .update_attributes(master, &[Attribute::Decrypt(true)])
         .map_err(rv)?;
-    let pkcs8 = software_unwrap(&session, master, &blob);
+    // (`software_unwrap` also adds CKM_AES_ECB to CKA_ALLOWED_MECHANISMS where it must.)
+    let pkcs8 = software_unwrap(&session, master, &blob)?;
     session
         .update_attributes(master, &[Attribute::Decrypt(false)])
         .expect("and switched back off");
@@ -100,14 +103,20 @@ fn modify_attack(token: &TestToken) -> Result<Vec<u8>, RvError> {
 async fn the_modify_attack_extracts_keys_under_a_modifiable_master_key_and_is_refused_by_ours() {
     // Tried: turning CKA_DECRYPT on in place, unwrapping in software and turning it off
     // again, against the seed's provisioning, a key that is only modifiable, and ours.
-    for hazard in [
-        MasterKeyHazard::AsProvisionedBefore,
-        MasterKeyHazard::Modifiable,
-    ] {
-        let token = token_with(Some(hazard)).await;
-        let pkcs8 = blocking(move || modify_attack(&token)).await;
-        assert!(pkcs8.is_ok(), "{hazard:?}: the modify attack works");
-    }
+    let token = token_with(Some(MasterKeyHazard::AsProvisionedBefore)).await;
+    let pkcs8 = blocking(move || modify_attack(&token)).await;
+    assert!(pkcs8.is_ok(), "the modify attack works on the seed's key");
+
+    // Modifiable, but with CKA_ALLOWED_MECHANISMS: SoftHSMv2 will not let CKM_AES_ECB be added
+    // to the allowed mechanisms, Kryoptic will. Overlapping defences; CKA_MODIFIABLE=false is
+    // needed in its own right on Kryoptic.
+    let token = token_with(Some(MasterKeyHazard::Modifiable)).await;
+    let modified = blocking(move || modify_attack(&token).map(|_| ())).await;
+    let expected = match kind() {
+        TokenKind::SoftHsm2 => Err(RvError::AttributeReadOnly),
+        TokenKind::Kryoptic => Ok(()),
+    };
+    assert_eq!(modified, expected, "modifiable, with allowed mechanisms");
     let token = token_with(None).await;
     let probe = token.clone();
     let refused = blocking(move || modify_attack(&token).map(|_| ()))
@@ -263,20 +272,28 @@ async fn the_derive_attack_runs_ecdh_with_a_customer_key_under_the_legacy_templa
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_unwrapped_extractable_cannot_be_wrapped_under_a_key_the_insider_knows() {
     // Tried: unwrap a stored key extractable (with everything else as pinned), then wrap it
-    // under an AES key of a chosen value; and the same with CKA_WRAP_WITH_TRUSTED=false.
+    // under an AES key of a chosen value; and the same with CKA_WRAP_WITH_TRUSTED=false. On
+    // Kryoptic, where a user can make a trusted key, the extractable unwrap itself is refused.
     let token = token_with(None).await;
     blocking(move || {
         let session = token.login_session().unwrap();
         let master = find(&session, token.master_key_label());
         let (blob, _) = stored_blob(&token, &session, master);
-        let key = attacker_unwrap(
+        let unwrapped = attacker_unwrap(
             &token,
             &session,
             master,
             &blob,
             &[Attribute::Extractable(true)],
-        )
-        .expect("an extractable unwrap is allowed: a master-key rotation needs it");
+        );
+        if kind() == TokenKind::Kryoptic {
+            // A user session can make a trusted key there: the unwrap template pins
+            // CKA_EXTRACTABLE=false (and rotation is impossible on this token).
+            assert_eq!(unwrapped.unwrap_err(), RvError::TemplateInconsistent);
+            return;
+        }
+        let key =
+            unwrapped.expect("an extractable unwrap is allowed: a master-key rotation needs it");
         let attributes = session
             .get_attributes(
                 key,
@@ -349,8 +366,9 @@ async fn a_trusted_key_made_by_the_so_opens_every_key_and_the_attack_suite_names
     // Tried: the security officer creates a trusted AES key of a chosen value (a public
     // object: the SO sees no private ones); a PIN holder unwraps a stored key extractable and
     // wraps it under that key. Both tokens let the SO make one (SoftHSMv2 by import, Kryoptic
-    // by generating a readable one), so SO + PIN together extract: the dual-control boundary
-    // in docs/security.md, and a finding of the attack suite.
+    // by generating a readable one). On SoftHSMv2, SO + PIN together extract: the
+    // dual-control boundary in docs/security.md; on Kryoptic the extractable unwrap is refused.
+    // Either way the attack suite names the planted key.
     let token = token_with(None).await;
     let attacker = token.clone();
     let (imported, known_value) = blocking(move || {
@@ -402,14 +420,19 @@ async fn a_trusted_key_made_by_the_so_opens_every_key_and_the_attack_suite_names
         let master = find(&session, attacker.master_key_label());
         let known = find(&session, "so-known-key");
         let (blob, point) = stored_blob(&attacker, &session, master);
-        let key = attacker_unwrap(
+        let unwrapped = attacker_unwrap(
             &attacker,
             &session,
             master,
             &blob,
             &[Attribute::Extractable(true)],
-        )
-        .unwrap();
+        );
+        if kind() == TokenKind::Kryoptic {
+            // Extractable unwraps are refused there: the planted key gets nothing.
+            assert_eq!(unwrapped.unwrap_err(), RvError::TemplateInconsistent);
+            return;
+        }
+        let key = unwrapped.unwrap();
         let rewrapped = attacker
             .wrap_key(&session, mechanism(&attacker), known, key)
             .expect("a trusted key may wrap it");
@@ -424,7 +447,7 @@ async fn a_trusted_key_made_by_the_so_opens_every_key_and_the_attack_suite_names
                 Attribute::Decrypt(true),
             ])
             .unwrap();
-        let pkcs8 = software_unwrap(&session, opener, &rewrapped);
+        let pkcs8 = software_unwrap(&session, opener, &rewrapped).expect("opened");
         assert_eq!(public_point_of_pkcs8(&pkcs8), point, "the plaintext key");
         session.destroy_object(opener).unwrap();
         session.destroy_object(key).unwrap();
@@ -489,7 +512,39 @@ async fn the_attack_suite_refuses_or_contains_every_attack_on_the_provisioned_ke
     for token in [generated, imported] {
         let report = self_test(&token).await;
         assert!(report.is_safe(), "{report}");
-        assert_eq!(report.successful_attacks().count(), 0, "{report:?}");
+        // Every record ended as this token ends it, with the expected return value: an attack
+        // refused for another reason (a lost session, an unknown attribute) would be no proof.
+        let kryoptic = kind() == TokenKind::Kryoptic;
+        for record in &report.attacks {
+            let refused = |rv| AttackOutcome::Refused { return_value: rv };
+            let expected = match record.attack {
+                Attack::ModifyInPlace | Attack::CopyWithUsage => {
+                    vec![refused(RvError::ActionProhibited)]
+                }
+                Attack::UserMadeTrustedKey if kryoptic => vec![AttackOutcome::Succeeded {
+                    rewrapped_or_read: false,
+                }],
+                Attack::UserMadeTrustedKey => vec![refused(RvError::AttributeReadOnly)],
+                Attack::ExtractableRewrap if kryoptic => {
+                    vec![refused(RvError::TemplateInconsistent)]
+                }
+                Attack::ExtractableRewrap => vec![AttackOutcome::Contained {
+                    return_value: RvError::KeyNotWrappable,
+                }],
+                Attack::OtherMechanism { .. } => vec![refused(RvError::MechanismInvalid)],
+                _ => vec![
+                    refused(RvError::TemplateInconsistent),
+                    // Plain CKM_AES_KEY_WRAP of a P-256 key on Kryoptic.
+                    AttackOutcome::NotApplicable {
+                        return_value: RvError::DataLenRange,
+                    },
+                ],
+            };
+            assert!(
+                expected.contains(&record.outcome),
+                "{record} (expected one of {expected:?})"
+            );
+        }
         // Every offered mechanism is attacked (the records name them; a mechanism that
         // cannot wrap the canary is recorded as not applicable).
         let mut mechanisms: Vec<_> = report.attacks.iter().filter_map(|a| a.mechanism).collect();
@@ -555,4 +610,129 @@ async fn the_health_check_runs_the_attack_suite_and_fails_once_a_key_is_attackab
         assert!(error.is_unsafe_master_key(), "{error}");
         assert!(error.to_string().contains("planted-trusted-key"), "{error}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A trusted key made by the user; other mechanisms with the master key.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trusted_key_the_user_makes_opens_keys_under_an_extractable_template_only() {
+    // Tried: as the user (no SO), generate a trusted AES key and read its value, unwrap a
+    // stored key extractable, wrap it under the trusted key and open it in software. Kryoptic
+    // lets a user make the key: against a master key whose unwrap template leaves
+    // CKA_EXTRACTABLE open the plaintext comes out; against ours (which pins it where the
+    // token lets users make trusted keys) the unwrap is refused. SoftHSMv2 refuses the key.
+    let attempt = |token: TestToken| {
+        blocking(move || {
+            let session = token.login_session().unwrap();
+            let master = find(&session, token.master_key_label());
+            let (blob, point) = stored_blob(&token, &session, master);
+            let trusted = session
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Token(false),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Wrap(true),
+                        Attribute::Sensitive(false),
+                        Attribute::Extractable(true),
+                        Attribute::Trusted(true),
+                    ],
+                )
+                .map_err(rv)?;
+            let value = match &session
+                .get_attributes(trusted, &[AttributeType::Value])
+                .unwrap()[..]
+            {
+                [Attribute::Value(value)] => value.clone(),
+                other => panic!("CKA_VALUE not readable: {other:?}"),
+            };
+            let key = attacker_unwrap(
+                &token,
+                &session,
+                master,
+                &blob,
+                &[Attribute::Extractable(true)],
+            )?;
+            let rewrapped = token
+                .wrap_key(&session, mechanism(&token), trusted, key)
+                .map_err(rv)?;
+            let opener = session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Token(false),
+                    Attribute::Value(value),
+                    Attribute::Decrypt(true),
+                ])
+                .unwrap();
+            let pkcs8 = software_unwrap(&session, opener, &rewrapped)?;
+            assert_eq!(public_point_of_pkcs8(&pkcs8), point, "the plaintext key");
+            Ok::<(), RvError>(())
+        })
+    };
+    let weak = attempt(token_with(Some(MasterKeyHazard::ExtractableUnwrap)).await).await;
+    let ours = attempt(token_with(None).await).await;
+    match kind() {
+        TokenKind::Kryoptic => {
+            assert_eq!(weak, Ok(()), "the plaintext comes out");
+            assert_eq!(ours, Err(RvError::TemplateInconsistent));
+        }
+        TokenKind::SoftHsm2 => {
+            assert_eq!(
+                weak,
+                Err(RvError::AttributeReadOnly),
+                "no user-made trusted key"
+            );
+            assert_eq!(ours, Err(RvError::AttributeReadOnly));
+        }
+    }
+    // The suite sees it: on the weak key, attack (b) re-wraps under a trusted key it makes.
+    if kind() == TokenKind::Kryoptic {
+        let report = self_test(&token_with(Some(MasterKeyHazard::ExtractableUnwrap)).await).await;
+        assert!(report.has(FindingKind::ExtractableUnwrap), "{report}");
+        assert!(report.has(FindingKind::UserTrustedKey), "{report}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_master_key_is_refused_with_any_mechanism_but_its_key_wrap_ones() {
+    // Tried: C_UnwrapKey of a stored blob under the master key with CKM_AES_CBC_PAD (a padding
+    // oracle, where a token runs it) and CKM_AES_ECB, and C_Decrypt with CKM_AES_ECB, against
+    // the seed's key (no CKA_ALLOWED_MECHANISMS) and ours.
+    let attempt = |token: TestToken| {
+        blocking(move || {
+            let session = token.login_session().unwrap();
+            let master = find(&session, token.master_key_label());
+            let (blob, _) = stored_blob(&token, &session, master);
+            let template = [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Token(false),
+            ];
+            let cbc = session
+                .unwrap_key(&Mechanism::AesCbcPad([0; 16]), master, &blob, &template)
+                .map(drop)
+                .map_err(rv);
+            let ecb = session
+                .unwrap_key(&Mechanism::AesEcb, master, &blob, &template)
+                .map(drop)
+                .map_err(rv);
+            (cbc, ecb)
+        })
+    };
+    let ours = attempt(token_with(None).await).await;
+    assert_eq!(
+        ours,
+        (
+            Err(RvError::MechanismInvalid),
+            Err(RvError::MechanismInvalid)
+        ),
+        "CKA_ALLOWED_MECHANISMS"
+    );
+    let seed = attempt(token_with(Some(MasterKeyHazard::AsProvisionedBefore)).await).await;
+    eprintln!(
+        "[{}] other mechanisms on the seed's key: {seed:?}",
+        kind().name()
+    );
 }

@@ -13,7 +13,9 @@
 //!     --so-pin-file FILE --key-label planted
 //! ```
 //!
-//! Exit status: 0 when the key was created; 3 when the token refused both ways, with the
+//! `--remove` destroys it again (an insider covering their tracks).
+//!
+//! Exit status: 0 when the key was created (or removed); 3 when the token refused both ways, with the
 //! return value on standard output; 1 on any other error.
 
 use std::path::{Path, PathBuf};
@@ -43,11 +45,15 @@ struct Args {
     /// The label to give the planted key.
     #[arg(long)]
     key_label: String,
+    /// Instead of planting it, destroy the planted key (covering the tracks).
+    #[arg(long)]
+    remove: bool,
 }
 
 /// How planting ended.
 enum Planted {
     Created,
+    Removed(usize),
     Refused(cryptoki::error::RvError),
 }
 
@@ -56,6 +62,10 @@ fn main() -> ExitCode {
     match plant(&args) {
         Ok(Planted::Created) => {
             println!("planted trusted key `{}`", args.key_label);
+            ExitCode::SUCCESS
+        }
+        Ok(Planted::Removed(n)) => {
+            println!("removed {n} object(s) labelled `{}`", args.key_label);
             ExitCode::SUCCESS
         }
         Ok(Planted::Refused(rv)) => {
@@ -90,6 +100,18 @@ fn plant(args: &Args) -> anyhow::Result<Planted> {
     session
         .login(UserType::So, Some(&so_pin))
         .context("C_Login (SO) failed")?;
+    if args.remove {
+        let found = session
+            .find_objects(&[Attribute::Label(args.key_label.as_bytes().to_vec())])
+            .context("C_FindObjects failed")?;
+        for object in &found {
+            session
+                .destroy_object(*object)
+                .context("C_DestroyObject failed")?;
+        }
+        session.logout().context("C_Logout failed")?;
+        return Ok(Planted::Removed(found.len()));
+    }
     let common = [
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),

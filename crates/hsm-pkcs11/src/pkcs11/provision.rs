@@ -26,18 +26,19 @@
 //! template admits both and excludes anything worth excluding; wrapping under the master key
 //! yields only blobs the master key alone can open, and the unwrap template governs those.
 
+use cryptoki::error::Error as CryptokiError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
-use cryptoki::session::UserType;
+use cryptoki::session::{Session, UserType};
 use secrecy::SecretString;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::guard::ObjectGuard;
 use super::keys::{self, SIGNING_ONLY};
 use super::module::Pkcs11Module;
-use super::raw_template::RawTemplate;
+use super::raw_template::{self, Extraction, RawTemplate};
 use super::token;
-use crate::error::HsmError;
+use crate::error::{HsmError, rv_is_transient};
 use crate::hsm::WrapMechanism;
 use crate::record_mac::{
     derive_ledger_key, derive_mac_key, ledger_key_label, record_mac_key_label,
@@ -63,6 +64,8 @@ pub(crate) struct PolicyDeviation {
     pub(crate) without_mac_key: bool,
     /// Make no ledger key (as versions before HSM-authenticated ledgers did).
     pub(crate) without_ledger_key: bool,
+    /// Leave `CKA_ALLOWED_MECHANISMS` off the master key (any mechanism allowed).
+    pub(crate) without_allowed_mechanisms: bool,
 }
 
 /// The master key's `CKA_UNWRAP_TEMPLATE`.
@@ -70,9 +73,13 @@ pub(crate) struct PolicyDeviation {
 // Only the test fixture makes the weakened ones.
 #[cfg_attr(not(feature = "softhsm-fixture"), allow(dead_code))]
 pub(crate) enum UnwrapTemplateChoice {
-    /// [`RawTemplate::master_unwrap_template`]: the policy.
+    /// [`RawTemplate::master_unwrap_template`]: the policy, with `CKA_EXTRACTABLE` left open
+    /// (rotation possible) only where the token does not let a user make a trusted key.
     #[default]
     Policy,
+    /// The policy with `CKA_EXTRACTABLE` left open whatever the token: unsafe where a user
+    /// can make a trusted key (Kryoptic), for the test of exactly that.
+    ExtractableWhatever,
     /// [`RawTemplate::legacy_unwrap_template`]: what versions before the insider attack suite
     /// set (class, sensitive, non-extractable; usages and copy/modify left open).
     Legacy,
@@ -81,13 +88,92 @@ pub(crate) enum UnwrapTemplateChoice {
 }
 
 impl UnwrapTemplateChoice {
-    fn template(self) -> Option<RawTemplate> {
-        match self {
-            UnwrapTemplateChoice::Policy => Some(RawTemplate::master_unwrap_template()),
+    /// The template for a master key made on `session` (which the policy probes).
+    fn template(self, session: &Session) -> Result<Option<RawTemplate>, HsmError> {
+        Ok(match self {
+            UnwrapTemplateChoice::Policy => {
+                let extraction = if user_can_make_trusted_keys(session)? {
+                    tracing::warn!(
+                        "this token lets a user session make a trusted key: keys unwrapped \
+                         under the new master key are pinned non-extractable, and can never \
+                         be moved to another master key (no rotation on this token)"
+                    );
+                    Extraction::Never
+                } else {
+                    Extraction::ToTrustedKeysOnly
+                };
+                Some(RawTemplate::master_unwrap_template(extraction))
+            }
+            UnwrapTemplateChoice::ExtractableWhatever => Some(RawTemplate::master_unwrap_template(
+                Extraction::ToTrustedKeysOnly,
+            )),
             UnwrapTemplateChoice::Legacy => Some(RawTemplate::legacy_unwrap_template()),
             UnwrapTemplateChoice::Omitted => None,
+        })
+    }
+}
+
+/// Whether a user session can make a `CKA_TRUSTED` key (SoftHSMv2: no, `CKR_ATTRIBUTE_READ_ONLY`;
+/// Kryoptic 1.5.4: yes, by `C_GenerateKey`): tried with a session AES key, destroyed at once.
+/// Where it can, a key unwrapped extractable under the master key could be wrapped out under
+/// a key the user made, so the master key's unwrap template must pin `CKA_EXTRACTABLE=false`.
+pub(crate) fn user_can_make_trusted_keys(session: &Session) -> Result<bool, HsmError> {
+    // SoftHSMv2 creates the object before it refuses CKA_TRUSTED, and leaves it behind: the
+    // label, set first, finds it again.
+    const PROBE_LABEL: &[u8] = b"hsm-driver trusted-key capability probe";
+    let made = session.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Label(PROBE_LABEL.to_vec()),
+            Attribute::Token(false),
+            Attribute::ValueLen(32.into()),
+            Attribute::Wrap(true),
+            Attribute::Trusted(true),
+        ],
+    );
+    let leftovers = session
+        .find_objects(&[
+            Attribute::Token(false),
+            Attribute::Label(PROBE_LABEL.to_vec()),
+        ])
+        .map_err(HsmError::pkcs11("C_FindObjects"))?;
+    for leftover in leftovers {
+        if made.as_ref().ok() != Some(&leftover) {
+            drop(ObjectGuard::new(
+                session,
+                leftover,
+                "trusted-key probe leftover",
+            ));
         }
     }
+    match made {
+        Ok(key) => {
+            drop(ObjectGuard::new(
+                session,
+                key,
+                "trusted-key capability probe",
+            ));
+            Ok(true)
+        }
+        Err(CryptokiError::Pkcs11(rv, _)) if !rv_is_transient(rv) => Ok(false),
+        Err(source) => Err(HsmError::Pkcs11 {
+            function: "C_GenerateKey",
+            source,
+        }),
+    }
+}
+
+/// The master key's `CKA_ALLOWED_MECHANISMS`: the AES key-wrap mechanisms the token offers
+/// (`CKM_AES_KEY_WRAP` among them, which the fingerprint uses), and nothing else, so that no
+/// other mechanism (`CKM_AES_CBC_PAD`, a padding oracle; `CKM_AES_ECB`) can be used with it.
+fn master_key_mechanisms(module: &Pkcs11Module, token_label: &str) -> Result<Attribute, HsmError> {
+    let slot = token::find_slot(module, token_label)?;
+    let offered = keys::offered_wrap_mechanisms(module.raw(), slot)?;
+    let numbers: Vec<_> = offered
+        .into_iter()
+        .map(WrapMechanism::mechanism_type)
+        .collect();
+    Ok(raw_template::allowed_mechanisms(&numbers))
 }
 
 /// `CKA_MODIFIABLE`, `CKA_COPYABLE` and `CKA_DESTROYABLE` false, unless `deviation` says
@@ -253,8 +339,11 @@ pub(crate) fn generate_master_key(
         user_pin,
         &[label, &mac_label, &ledger_label],
     )?;
-    let unwrap_template = deviation.unwrap_template.template();
+    let unwrap_template = deviation.unwrap_template.template(&session)?;
     let mut template = master_key_policy(label, deviation);
+    if !deviation.without_allowed_mechanisms {
+        template.push(master_key_mechanisms(module, token_label)?);
+    }
     if let Some(unwrap_template) = &unwrap_template {
         // Alive until after C_GenerateKey below: the attribute points into it.
         template.push(unwrap_template.attribute().clone());
@@ -293,8 +382,8 @@ pub(crate) fn generate_master_key(
 /// [`HsmError::TokenNotFound`]; [`HsmError::MasterKeyExists`] when a public object already
 /// carries `label` (the SO cannot see private ones: choose a label no key of the token has);
 /// [`HsmError::Pkcs11`] naming the failing call: `C_Login` for a wrong SO PIN, `C_GenerateKey`
-/// when the token will not make a trusted key (Kryoptic: `CKR_ATTRIBUTE_TYPE_INVALID`, it never
-/// lets anyone set `CKA_TRUSTED`; rotation is then impossible on it).
+/// when the token will not make a trusted key; [`HsmError::TrustedMasterKeyUnsafe`] when an SO
+/// session could use one (Kryoptic 1.5.4), so master keys cannot be rotated there.
 pub fn create_trusted_master_key(
     module: &Pkcs11Module,
     token_label: &str,
@@ -317,8 +406,9 @@ pub fn create_trusted_master_key(
         }
         let mechanism = keys::choose_wrap_mechanism(module.raw(), slot, None)?;
         so_cannot_use_a_trusted_key(&session, module, mechanism)?;
-        let unwrap_template = RawTemplate::master_unwrap_template();
+        let unwrap_template = RawTemplate::master_unwrap_template(Extraction::ToTrustedKeysOnly);
         let mut template = trusted(master_key_policy(label, PolicyDeviation::default()));
+        template.push(master_key_mechanisms(module, token_label)?);
         // Alive until after C_GenerateKey below: the attribute points into it.
         template.push(unwrap_template.attribute().clone());
         template.push(Attribute::ValueLen(32.into()));
@@ -348,7 +438,7 @@ fn so_cannot_use_a_trusted_key(
     module: &Pkcs11Module,
     mechanism: WrapMechanism,
 ) -> Result<(), HsmError> {
-    let unwrap_template = RawTemplate::master_unwrap_template();
+    let unwrap_template = RawTemplate::master_unwrap_template(Extraction::ToTrustedKeysOnly);
     let mut template = trusted(master_key_policy(
         "hsm-driver-trusted-key-probe",
         PolicyDeviation::default(),
@@ -483,8 +573,11 @@ pub(crate) fn import_master_key_with(
         user_pin,
         &[label, &mac_label, &ledger_label],
     )?;
-    let unwrap_template = deviation.unwrap_template.template();
+    let unwrap_template = deviation.unwrap_template.template(&session)?;
     let mut template = master_key_policy(label, deviation);
+    if !deviation.without_allowed_mechanisms {
+        template.push(master_key_mechanisms(module, token_label)?);
+    }
     if let Some(unwrap_template) = &unwrap_template {
         // Alive until after C_CreateObject below: the attribute points into it.
         template.push(unwrap_template.attribute().clone());

@@ -23,9 +23,19 @@ use std::mem::{offset_of, size_of};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki_sys::{
     CK_ATTRIBUTE, CK_ATTRIBUTE_TYPE, CK_BBOOL, CK_FALSE, CK_OBJECT_CLASS, CK_TRUE, CK_ULONG,
-    CKA_CLASS, CKA_COPYABLE, CKA_DECRYPT, CKA_DERIVE, CKA_EXTRACTABLE, CKA_MODIFIABLE, CKA_PRIVATE,
-    CKA_SENSITIVE, CKA_SIGN_RECOVER, CKA_UNWRAP, CKA_UNWRAP_TEMPLATE, CKA_WRAP_WITH_TRUSTED,
+    CKA_ALLOWED_MECHANISMS, CKA_CLASS, CKA_COPYABLE, CKA_DECRYPT, CKA_DERIVE, CKA_EXTRACTABLE,
+    CKA_MODIFIABLE, CKA_PRIVATE, CKA_SENSITIVE, CKA_SIGN_RECOVER, CKA_UNWRAP, CKA_UNWRAP_TEMPLATE,
+    CKA_WRAP_WITH_TRUSTED,
 };
+
+/// Whether keys unwrapped under a master key may be extractable (towards trusted keys only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Extraction {
+    /// `CKA_EXTRACTABLE` left to the caller: rotation possible.
+    ToTrustedKeysOnly,
+    /// `CKA_EXTRACTABLE=false` pinned: rotation impossible.
+    Never,
+}
 
 /// One inner attribute: a type and its value bytes, kept on the heap at a fixed address.
 struct Entry {
@@ -49,31 +59,36 @@ impl RawTemplate {
     ///   which matters for a trusted master key (a public object, made by the security
     ///   officer) that a session without the user PIN can see;
     /// - sensitive (`CKA_SENSITIVE`): its value is never readable;
-    /// - wrappable only by a trusted key (`CKA_WRAP_WITH_TRUSTED`): a PIN holder cannot mark a
-    ///   key trusted, so the key cannot be wrapped out under a key whose value they know;
-    ///   `CKA_EXTRACTABLE` is left to the caller on purpose, so that a master-key rotation can
-    ///   unwrap a key extractable and wrap it under a new, trusted master key inside the HSM;
+    /// - wrappable only by a trusted key (`CKA_WRAP_WITH_TRUSTED`);
+    /// - with [`Extraction::ToTrustedKeysOnly`], `CKA_EXTRACTABLE` left to the caller, so that
+    ///   a master-key rotation can unwrap a key extractable and wrap it under a new, trusted
+    ///   master key inside the HSM: safe only on a token where a PIN holder cannot make a
+    ///   trusted key (SoftHSMv2). With [`Extraction::Never`], `CKA_EXTRACTABLE=false`: for a
+    ///   token that lets a user session make a trusted key (Kryoptic 1.5.4), where an
+    ///   extractable key could be wrapped out under it; keys under such a master key can never
+    ///   be rotated;
     /// - for signing only: no `CKA_DERIVE` (ECDH with a customer key), `CKA_DECRYPT`,
     ///   `CKA_UNWRAP` or `CKA_SIGN_RECOVER`;
     /// - fixed (`CKA_MODIFIABLE`, `CKA_COPYABLE` false): a usage cannot be turned on
     ///   afterwards, in place or on a copy.
-    pub(crate) fn master_unwrap_template() -> Self {
-        Self::build(
-            CKA_UNWRAP_TEMPLATE,
-            vec![
-                Entry::ulong(CKA_CLASS, CK_OBJECT_CLASS::from(ObjectClass::PRIVATE_KEY)),
-                Entry::bool(CKA_PRIVATE, true),
-                Entry::bool(CKA_SENSITIVE, true),
-                Entry::bool(CKA_WRAP_WITH_TRUSTED, true),
-                Entry::bool(CKA_DERIVE, false),
-                Entry::bool(CKA_DECRYPT, false),
-                Entry::bool(CKA_UNWRAP, false),
-                Entry::bool(CKA_SIGN_RECOVER, false),
-                // Last, as in the driver's own templates (see `keys::SIGNING_ONLY`).
-                Entry::bool(CKA_COPYABLE, false),
-                Entry::bool(CKA_MODIFIABLE, false),
-            ],
-        )
+    pub(crate) fn master_unwrap_template(extraction: Extraction) -> Self {
+        let mut entries = vec![
+            Entry::ulong(CKA_CLASS, CK_OBJECT_CLASS::from(ObjectClass::PRIVATE_KEY)),
+            Entry::bool(CKA_PRIVATE, true),
+            Entry::bool(CKA_SENSITIVE, true),
+            Entry::bool(CKA_WRAP_WITH_TRUSTED, true),
+            Entry::bool(CKA_DERIVE, false),
+            Entry::bool(CKA_DECRYPT, false),
+            Entry::bool(CKA_UNWRAP, false),
+            Entry::bool(CKA_SIGN_RECOVER, false),
+            // Last, as in the driver's own templates (see `keys::SIGNING_ONLY`).
+            Entry::bool(CKA_COPYABLE, false),
+            Entry::bool(CKA_MODIFIABLE, false),
+        ];
+        if extraction == Extraction::Never {
+            entries.insert(3, Entry::bool(CKA_EXTRACTABLE, false));
+        }
+        Self::build(CKA_UNWRAP_TEMPLATE, entries)
     }
 
     /// The unwrap template versions before the insider attack suite set: private key,
@@ -143,6 +158,14 @@ impl Entry {
     }
 }
 
+/// `CKA_ALLOWED_MECHANISMS` with exactly `mechanisms` (raw numbers: cryptoki 0.12 has no
+/// `MechanismType` for `CKM_AES_KEY_WRAP_KWP`). Its value is a plain `CK_MECHANISM_TYPE` array
+/// in native byte order, with no pointer inside, so the attribute owns everything it needs.
+pub(crate) fn allowed_mechanisms(mechanisms: &[CK_ULONG]) -> Attribute {
+    let bytes = mechanisms.iter().flat_map(|m| m.to_ne_bytes()).collect();
+    Attribute::VendorDefined((AttributeType::VendorDefined(CKA_ALLOWED_MECHANISMS), bytes))
+}
+
 /// Copies `field` into `slot` at `offset`.
 fn put(slot: &mut [u8], offset: usize, field: &[u8]) {
     slot[offset..offset + field.len()].copy_from_slice(field);
@@ -159,8 +182,31 @@ mod tests {
     }
 
     #[test]
+    fn a_never_extractable_template_pins_cka_extractable_false() {
+        let template = RawTemplate::master_unwrap_template(Extraction::Never);
+        let Attribute::VendorDefined((_, bytes)) = template.attribute() else {
+            panic!("not a vendor-defined attribute");
+        };
+        let stride = size_of::<CK_ATTRIBUTE>();
+        let kinds: Vec<_> = bytes
+            .chunks_exact(stride)
+            .map(|slot| field(slot, offset_of!(CK_ATTRIBUTE, type_)))
+            .collect();
+        assert_eq!(kinds.len(), 11);
+        assert_eq!(kinds[3], CKA_EXTRACTABLE);
+        let at = offset_of!(CK_ATTRIBUTE, pValue);
+        let mut raw = [0u8; size_of::<usize>()];
+        raw.copy_from_slice(&bytes[3 * stride + at..3 * stride + at + size_of::<usize>()]);
+        assert_eq!(
+            usize::from_ne_bytes(raw),
+            template._entries[3].value.as_ptr() as usize
+        );
+        assert_eq!(*template._entries[3].value, [CK_FALSE]);
+    }
+
+    #[test]
     fn the_unwrap_template_is_a_ck_attribute_array_pointing_at_its_values() {
-        let template = RawTemplate::master_unwrap_template();
+        let template = RawTemplate::master_unwrap_template(Extraction::ToTrustedKeysOnly);
         let Attribute::VendorDefined((AttributeType::VendorDefined(kind), bytes)) =
             template.attribute()
         else {

@@ -9,15 +9,20 @@
 //!    advisory only: a key imported in a key ceremony is never "never extractable".
 //! 2. **Modify in place**: `C_SetAttributeValue` on each deployment key. The suite writes the
 //!    value the key already has (`CKA_DERIVE=false`), so that a token that accepts the write
-//!    is reported without the production key ever being weakened, even for a moment; a token
+//!    is reported without the production key ever being weakened, even for a moment (`CKA_DERIVE`,
+//!    `CKA_DECRYPT`, `CKA_ENCRYPT`, one at a time); a token
 //!    that accepts it would equally accept `CKA_DECRYPT=true` (the tests do that for real).
 //! 3. **Copy with a usage**: `C_CopyObject` of each deployment key into a session object with
 //!    a usage it must not have (`CKA_DECRYPT` for the master key: with it, `C_Decrypt` in ECB
 //!    mode runs the RFC 3394/5649 unwrap in software; `CKA_DERIVE` for an HMAC key). A copy
 //!    that is made is destroyed at once.
-//! 4. A throwaway P-256 canary key pair is generated as session objects, and its private key
-//!    wrapped under the master key with **every wrap mechanism the token offers**; for each
-//!    blob:
+//! 4. Whether a user session can make a trusted key (advice: then no rotation is possible, and
+//!    attack (b) below re-wraps under such a key).
+//! 5. A throwaway P-256 canary key pair is generated as session objects, and its private key
+//!    wrapped under the master key with **every AES key-wrap mechanism the token offers**
+//!    (`CKM_AES_KEY_WRAP`, `_PAD`, `_KWP`); for each blob, first a positive control (it unwraps
+//!    with the driver's own template and signs: otherwise no attack below would prove
+//!    anything), then:
 //!    - (a) unwrap it as a non-sensitive `CKK_GENERIC_SECRET` and read `CKA_VALUE` (the
 //!      plaintext PKCS#8);
 //!    - (b) unwrap it as an extractable private key and wrap it again under a session AES
@@ -27,9 +32,14 @@
 //!      `CKA_UNWRAP`, `CKA_SIGN_RECOVER`, `CKA_MODIFIABLE` (then turn `CKA_DERIVE` on in
 //!      place), `CKA_COPYABLE` (then copy it with `CKA_DERIVE`), and `CKA_WRAP_WITH_TRUSTED`
 //!      false with `CKA_EXTRACTABLE` (then wrap it under a session AES key).
-//! 5. **Trusted keys**: any key with `CKA_TRUSTED=true` other than the master key could
-//!    receive every key unwrapped under the master key (they are wrappable by trusted keys
-//!    only): reported.
+//! 6. `C_UnwrapKey` under the master key with `CKM_AES_CBC_PAD` and `CKM_AES_ECB`: both must be
+//!    refused as mechanisms the key may not be used with (`CKA_ALLOWED_MECHANISMS`).
+//! 7. **Trusted objects**: any object with `CKA_TRUSTED=true` other than the master key itself
+//!    (compared by handle) could receive every key unwrapped under the master key: reported.
+//!
+//! Each step accepts only the return values that mean "refused" for it; any other answer is
+//! no verdict, and the suite fails ([`HsmError::SelfTestInconclusive`]) rather than count an
+//! attack that was never really tried as refused.
 //!
 //! Every object is a session object owned by an [`ObjectGuard`], destroyed on every path.
 //! Bytes a successful attack obtains are held in [`Zeroizing`] buffers, only their presence is
@@ -107,8 +117,15 @@ pub enum FindingKind {
         /// The attribute, for example `CKA_DERIVE`.
         attribute: &'static str,
     },
-    /// A key other than the master key is `CKA_TRUSTED`.
+    /// An object other than the master key is `CKA_TRUSTED`.
     TrustedKey,
+    /// A user session can make a trusted key (advisory: rotation is impossible on the token).
+    UserTrustedKey,
+    /// The master key can be used with a mechanism other than its key-wrap ones.
+    OtherMechanism {
+        /// The mechanism, for example `CKM_AES_CBC_PAD`.
+        mechanism: &'static str,
+    },
 }
 
 impl FindingKind {
@@ -128,6 +145,8 @@ impl FindingKind {
             FindingKind::ExtractableUnwrap => "extractable_unwrap",
             FindingKind::ForbiddenUnwrap { .. } => "forbidden_unwrap",
             FindingKind::TrustedKey => "trusted_key",
+            FindingKind::UserTrustedKey => "user_trusted_key",
+            FindingKind::OtherMechanism { .. } => "other_mechanism",
         }
     }
 }
@@ -169,6 +188,14 @@ pub enum Attack {
         /// The attribute, for example `CKA_DERIVE`.
         attribute: &'static str,
     },
+    /// Make a `CKA_TRUSTED` key from a user session.
+    UserMadeTrustedKey,
+    /// `C_UnwrapKey` under the master key with another mechanism than a key-wrap one
+    /// (`CKM_AES_CBC_PAD`: a padding oracle; `CKM_AES_ECB`).
+    OtherMechanism {
+        /// The mechanism.
+        mechanism: &'static str,
+    },
 }
 
 impl fmt::Display for Attack {
@@ -184,6 +211,10 @@ impl fmt::Display for Attack {
             }
             Attack::ForbiddenUnwrap { attribute } => {
                 write!(f, "unwrap with {attribute} and use it")
+            }
+            Attack::UserMadeTrustedKey => f.write_str("make a trusted key as the user"),
+            Attack::OtherMechanism { mechanism } => {
+                write!(f, "unwrap under the master key with {mechanism}")
             }
         }
     }
@@ -352,13 +383,21 @@ impl SelfTestReport {
     }
 
     fn advisory(&mut self, kind: FindingKind, problem: String) {
+        let remedy = match kind {
+            FindingKind::UserTrustedKey => {
+                "none needed while attack (b) is refused; master keys cannot be rotated on this \
+                 token; see docs/hsm-compatibility.md"
+            }
+            _ => {
+                "expected for a key imported in a key ceremony; otherwise treat the key as \
+                 exposed; see docs/key-ceremony.md"
+            }
+        };
         self.findings.push(SelfTestFinding {
             kind,
             severity: Severity::Advisory,
             problem,
-            remedy: "expected for a key imported in a key ceremony; otherwise treat the key as \
-                     exposed; see docs/key-ceremony.md"
-                .to_owned(),
+            remedy: remedy.to_owned(),
         });
     }
 }
@@ -434,7 +473,8 @@ pub(crate) fn run(session: &Session, targets: &Targets<'_>) -> Result<SelfTestRe
             &mut report,
         )?;
     }
-    trusted_keys(session, label, &mut report)?;
+    trusted_keys(session, targets.master.handle, &mut report)?;
+    let user_trusted = user_made_trusted_key(session, &mut report)?;
 
     let canary = Canary::generate(session)?;
     for &mechanism in &targets.mechanisms {
@@ -452,8 +492,15 @@ pub(crate) fn run(session: &Session, targets: &Targets<'_>) -> Result<SelfTestRe
             mechanism,
             blob: &blob,
             canary: &canary,
+            user_trusted,
         };
+        // The control: the blob unwraps as the driver unwraps it. Without it, a blob the
+        // token cannot unwrap at all would make every attack below look refused.
+        unwrapping.control()?;
         unwrapping.run_all(&mut report)?;
+        if mechanism == targets.mechanisms[0] {
+            unwrapping.other_mechanisms(&mut report)?;
+        }
     }
     drop(canary);
     for finding in report.unsafe_findings() {
@@ -518,6 +565,22 @@ fn check_attributes(
         let problem = own(&format!("has {attribute}=true: {what}"));
         report.unsafe_finding(FindingKind::NotFixed { attribute }, problem);
     };
+    // A policy attribute the token does not report cannot be relied on: a PKCS#11 2.20 token
+    // without CKA_COPYABLE, say, may well copy the key.
+    for (wanted, name) in [
+        (AttributeType::Extractable, "CKA_EXTRACTABLE"),
+        (AttributeType::Sensitive, "CKA_SENSITIVE"),
+        (AttributeType::Modifiable, "CKA_MODIFIABLE"),
+        (AttributeType::Copyable, "CKA_COPYABLE"),
+        (AttributeType::Destroyable, "CKA_DESTROYABLE"),
+    ] {
+        if !attributes.iter().any(|a| a.attribute_type() == wanted) {
+            let problem = own(&format!(
+                "does not report {name}: the policy cannot be checked, nor relied on"
+            ));
+            report.unsafe_finding(FindingKind::NotFixed { attribute: name }, problem);
+        }
+    }
     for attribute in attributes {
         match attribute {
             Attribute::Extractable(true) => report.unsafe_finding(
@@ -570,20 +633,35 @@ fn check_attributes(
     Ok(())
 }
 
-/// The modify attack: writes `CKA_DERIVE=false` (the value every deployment key has) to the
-/// key. A token that accepts the write lets a PIN holder turn a usage on.
+/// The modify attack: writes `CKA_DERIVE`, `CKA_DECRYPT` and `CKA_ENCRYPT` false (the values
+/// every deployment key has) to the key, one at a time. A token that accepts a write lets a
+/// PIN holder turn that usage on.
 fn modify_in_place(
     session: &Session,
     key: ObjectHandle,
     label: &str,
     report: &mut SelfTestReport,
 ) -> Result<(), HsmError> {
-    let outcome = match session.update_attributes(key, &[Attribute::Derive(false)]) {
-        Ok(()) => AttackOutcome::Succeeded {
-            rewrapped_or_read: false,
-        },
-        Err(error) => refused("C_SetAttributeValue", error)?,
+    // Each usage on its own: a token may guard attributes one by one. Every value written is
+    // the one the key already has.
+    let mut outcome = AttackOutcome::Refused {
+        return_value: RvError::ActionProhibited,
     };
+    for usage in [
+        Attribute::Derive(false),
+        Attribute::Decrypt(false),
+        Attribute::Encrypt(false),
+    ] {
+        outcome = match session.update_attributes(key, &[usage]) {
+            Ok(()) => AttackOutcome::Succeeded {
+                rewrapped_or_read: false,
+            },
+            Err(error) => refused("C_SetAttributeValue", error, REFUSED_CHANGE)?,
+        };
+        if outcome.succeeded() {
+            break;
+        }
+    }
     report.record(Attack::ModifyInPlace, label, None, outcome);
     if outcome.succeeded() {
         report.unsafe_finding(
@@ -616,7 +694,7 @@ fn copy_with_usage(
                 rewrapped_or_read: false,
             }
         }
-        Err(error) => refused("C_CopyObject", error)?,
+        Err(error) => refused("C_CopyObject", error, REFUSED_CHANGE)?,
     };
     report.record(Attack::CopyWithUsage, label, None, outcome);
     if outcome.succeeded() {
@@ -631,38 +709,65 @@ fn copy_with_usage(
     Ok(())
 }
 
-/// Reports every `CKA_TRUSTED` key but the master key.
+/// Reports every `CKA_TRUSTED` object but the master key itself (compared by handle, not by
+/// label: an object of another class may carry the master key's label).
 fn trusted_keys(
     session: &Session,
-    master_label: &str,
+    master: ObjectHandle,
     report: &mut SelfTestReport,
 ) -> Result<(), HsmError> {
     let found = session
         .find_objects(&[Attribute::Trusted(true)])
         .map_err(HsmError::pkcs11("C_FindObjects"))?;
     for handle in found {
-        let label = session
-            .get_attributes(handle, &[AttributeType::Label])
-            .map_err(HsmError::pkcs11("C_GetAttributeValue"))?
-            .into_iter()
-            .find_map(|a| match a {
-                Attribute::Label(label) => Some(String::from_utf8_lossy(&label).into_owned()),
-                _ => None,
-            })
-            .unwrap_or_default();
-        if label == master_label {
+        if handle == master {
             continue;
         }
+        let label = session
+            .get_attributes(handle, &[AttributeType::Label])
+            .ok()
+            .and_then(|attributes| {
+                attributes.into_iter().find_map(|a| match a {
+                    Attribute::Label(label) => Some(String::from_utf8_lossy(&label).into_owned()),
+                    _ => None,
+                })
+            })
+            .unwrap_or_default();
         report.unsafe_finding(
             FindingKind::TrustedKey,
             format!(
-                "the token holds a trusted key `{label}` (CKA_TRUSTED=true) other than the \
+                "the token holds a trusted object `{label}` (CKA_TRUSTED=true) other than the \
                  master key: keys unwrapped under the master key can be wrapped under it, and \
                  whoever knows its value can open them"
             ),
         );
     }
     Ok(())
+}
+
+/// Whether a user session can make a trusted key. Not unsafe by itself: the unwrap template
+/// must then pin `CKA_EXTRACTABLE=false`, which attack (b) (re-wrapping under a trusted key
+/// made this way) checks; but no master key can be rotated on such a token.
+fn user_made_trusted_key(session: &Session, report: &mut SelfTestReport) -> Result<bool, HsmError> {
+    let can = super::provision::user_can_make_trusted_keys(session)?;
+    let outcome = if can {
+        report.advisory(
+            FindingKind::UserTrustedKey,
+            "a user session can make a trusted key on this token: keys unwrapped under the \
+             master key must stay non-extractable (attack b checks it), and no master key can \
+             be rotated here"
+                .to_owned(),
+        );
+        AttackOutcome::Succeeded {
+            rewrapped_or_read: false,
+        }
+    } else {
+        AttackOutcome::Refused {
+            return_value: RvError::AttributeReadOnly,
+        }
+    };
+    report.record(Attack::UserMadeTrustedKey, "-", None, outcome);
+    Ok(can)
 }
 
 /// The canary key pair, destroyed on drop.
@@ -724,6 +829,8 @@ struct Unwrapping<'a, 's> {
     mechanism: WrapMechanism,
     blob: &'a [u8],
     canary: &'a Canary<'s>,
+    /// Whether a user session can make a trusted key: the attacker's wrapping key is one.
+    user_trusted: bool,
 }
 
 /// What the attacker does with a key once unwrapped with a forbidden attribute.
@@ -840,6 +947,87 @@ impl Unwrapping<'_, '_> {
         Ok(())
     }
 
+    /// The positive control: the blob unwraps with the driver's own template and signs.
+    fn control(&self) -> Result<(), HsmError> {
+        let session = self.session;
+        let mut template = vec![
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::WrapWithTrusted(true),
+        ];
+        template.extend(keys::SIGNING_ONLY);
+        let key = keys::unwrap(session, self.master, self.mechanism, self.blob, &template)
+            .map_err(|source| inconclusive("C_UnwrapKey", source))?;
+        let key = ObjectGuard::new(session, key, "self-test control key");
+        session
+            .sign(&Mechanism::Ecdsa, key.handle(), &[0x5a; 32])
+            .map_err(|source| inconclusive("C_Sign", source))?;
+        Ok(())
+    }
+
+    /// `C_UnwrapKey` of the blob under the master key with mechanisms that are not key-wrap
+    /// ones: each must be refused as a mechanism the key may not be used with.
+    fn other_mechanisms(&self, report: &mut SelfTestReport) -> Result<(), HsmError> {
+        let label = report.master_key_label.clone();
+        let iv = [0u8; 16];
+        let tries: [(&'static str, Mechanism<'_>); 2] = [
+            ("CKM_AES_CBC_PAD", Mechanism::AesCbcPad(iv)),
+            ("CKM_AES_ECB", Mechanism::AesEcb),
+        ];
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+        ];
+        for (mechanism, with) in tries {
+            let outcome =
+                match self
+                    .session
+                    .unwrap_key(&with, self.master.handle, self.blob, &template)
+                {
+                    Ok(key) => {
+                        drop(ObjectGuard::new(
+                            self.session,
+                            key,
+                            "self-test other-mechanism key",
+                        ));
+                        AttackOutcome::Succeeded {
+                            rewrapped_or_read: true,
+                        }
+                    }
+                    // Refused as a mechanism: the defence. Any other answer means the token ran
+                    // the mechanism with the master key (a padding or format error is an oracle).
+                    Err(CryptokiError::Pkcs11(rv, _)) if REFUSED_MECHANISM.contains(&rv) => {
+                        AttackOutcome::Refused { return_value: rv }
+                    }
+                    Err(CryptokiError::Pkcs11(rv, _)) if !rv_is_transient(rv) => {
+                        AttackOutcome::Succeeded {
+                            rewrapped_or_read: false,
+                        }
+                    }
+                    Err(source) => return Err(inconclusive("C_UnwrapKey", source)),
+                };
+            report.record(Attack::OtherMechanism { mechanism }, &label, None, outcome);
+            if outcome.succeeded() {
+                report.unsafe_finding(
+                    FindingKind::OtherMechanism { mechanism },
+                    format!(
+                        "master key `{label}` can be used with {mechanism} (C_UnwrapKey ran it \
+                         instead of refusing the mechanism): an oracle on the master key; it \
+                         needs CKA_ALLOWED_MECHANISMS"
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Attack (a): unwrap as a non-sensitive generic secret and read `CKA_VALUE`.
     fn readable_secret(&self) -> Result<AttackOutcome, HsmError> {
         let template = [
@@ -852,7 +1040,7 @@ impl Unwrapping<'_, '_> {
         let session = self.session;
         let key = match keys::unwrap(session, self.master, self.mechanism, self.blob, &template) {
             Ok(key) => ObjectGuard::new(session, key, "self-test attack (a) secret key"),
-            Err(error) => return refused("C_UnwrapKey", error),
+            Err(error) => return refused("C_UnwrapKey", error, REFUSED_UNWRAP),
         };
         let mut read = false;
         if let Ok(attributes) = session.get_attributes(key.handle(), &[AttributeType::Value]) {
@@ -921,13 +1109,21 @@ impl Unwrapping<'_, '_> {
         }
         let key = match keys::unwrap(session, self.master, self.mechanism, self.blob, &template) {
             Ok(key) => ObjectGuard::new(session, key, "self-test forbidden-unwrap key"),
-            Err(error) => return refused("C_UnwrapKey", error),
+            Err(error) => return refused("C_UnwrapKey", error, REFUSED_UNWRAP),
         };
         let follow = match follow_up {
             FollowUp::None => {
                 return Ok(AttackOutcome::Succeeded {
                     rewrapped_or_read: false,
                 });
+            }
+            FollowUp::Rewrap => {
+                return match self.rewrap(key.handle())? {
+                    None => Ok(AttackOutcome::Succeeded {
+                        rewrapped_or_read: true,
+                    }),
+                    Some(return_value) => self.contained(flipped, return_value),
+                };
             }
             FollowUp::Derive => self.derive(key.handle()),
             FollowUp::SetDerive => session
@@ -943,42 +1139,20 @@ impl Unwrapping<'_, '_> {
                     ],
                 )
                 .map(Some),
-            FollowUp::Rewrap => self.rewrap(key.handle()).map(|()| None),
         };
-        match follow {
-            Ok(made) => {
-                if let Some(made) = made {
-                    drop(ObjectGuard::new(
-                        session,
-                        made,
-                        "self-test follow-up object",
-                    ));
-                }
-                Ok(AttackOutcome::Succeeded {
-                    rewrapped_or_read: true,
-                })
-            }
-            // Kryoptic refuses to wrap a CKA_WRAP_WITH_TRUSTED key under an untrusted one
-            // with CKR_WRAPPING_KEY_HANDLE_INVALID, about a key this session just made: a
-            // refusal here, not a lost session.
-            Err(CryptokiError::Pkcs11(RvError::WrappingKeyHandleInvalid, _))
-                if matches!(follow_up, FollowUp::Rewrap) =>
-            {
-                self.contained(flipped, RvError::WrappingKeyHandleInvalid)
-            }
-            Err(error) => match refused("follow-up", error)? {
-                AttackOutcome::Refused { return_value }
-                    if matches!(follow_up, FollowUp::Rewrap) =>
-                {
-                    self.contained(flipped, return_value)
-                }
-                // The unwrap itself went through: that alone breaks the policy.
-                AttackOutcome::Refused { .. } => Ok(AttackOutcome::Succeeded {
-                    rewrapped_or_read: false,
-                }),
-                other => Ok(other),
-            },
+        // The unwrap itself went through: that alone breaks the policy; the follow-up says
+        // how far the attacker got.
+        let made = follow.as_ref().ok().copied().flatten();
+        if let Some(made) = made {
+            drop(ObjectGuard::new(
+                session,
+                made,
+                "self-test follow-up object",
+            ));
         }
+        Ok(AttackOutcome::Succeeded {
+            rewrapped_or_read: follow.is_ok(),
+        })
     }
 
     /// The outcome when a key was unwrapped extractable but the wrap under a session key was
@@ -1014,12 +1188,14 @@ impl Unwrapping<'_, '_> {
             .map(Some)
     }
 
-    /// Wraps `key` under a fresh session AES key (a key the caller controls).
-    fn rewrap(&self, key: ObjectHandle) -> Result<(), CryptokiError> {
+    /// Wraps `key` under a fresh session AES key the caller controls: a trusted one where the
+    /// token lets a user session make one (Kryoptic), else an ordinary one (asking for a
+    /// trusted one where it is refused would leave an object behind on SoftHSMv2). `None` when the
+    /// wrap went through; the return value when the token refused it.
+    fn rewrap(&self, key: ObjectHandle) -> Result<Option<RvError>, HsmError> {
         let session = self.session;
-        let attacker = session.generate_key(
-            &Mechanism::AesKeyGen,
-            &[
+        let attacker_template = |trusted: bool| {
+            let mut template = vec![
                 Attribute::Token(false),
                 Attribute::ValueLen(32.into()),
                 Attribute::Wrap(true),
@@ -1027,42 +1203,113 @@ impl Unwrapping<'_, '_> {
                 Attribute::Decrypt(false),
                 Attribute::Sign(false),
                 Attribute::Verify(false),
-            ],
-        )?;
+            ];
+            if trusted {
+                template.push(Attribute::Trusted(true));
+            }
+            template
+        };
+        let attacker = session
+            .generate_key(&Mechanism::AesKeyGen, &attacker_template(self.user_trusted))
+            .map_err(|source| inconclusive("C_GenerateKey", source))?;
         let attacker = ObjectGuard::new(session, attacker, "self-test attacker AES key");
         let attacker_key = MasterKey {
             handle: attacker.handle(),
             raw: self.master.raw,
         };
-        // Encrypted under a key only this session holds, but wiped all the same.
-        keys::wrap(session, attacker_key, self.mechanism, key).map(|blob| {
-            drop(Zeroizing::new(blob));
-        })
+        match keys::wrap(session, attacker_key, self.mechanism, key) {
+            // Encrypted under a key only this session holds, but wiped all the same.
+            Ok(blob) => {
+                drop(Zeroizing::new(blob));
+                Ok(None)
+            }
+            // Kryoptic's answer for a CKA_WRAP_WITH_TRUSTED key and an untrusted wrapping key,
+            // which is also what a lost handle gives: a refusal only while the attacker's key
+            // is still there.
+            Err(CryptokiError::Pkcs11(RvError::WrappingKeyHandleInvalid, function)) => {
+                match session.get_attributes(attacker.handle(), &[AttributeType::Class]) {
+                    Ok(_) => Ok(Some(RvError::WrappingKeyHandleInvalid)),
+                    Err(_) => Err(inconclusive(
+                        "C_WrapKey",
+                        CryptokiError::Pkcs11(RvError::WrappingKeyHandleInvalid, function),
+                    )),
+                }
+            }
+            Err(error) => match refused("C_WrapKey", error, REFUSED_WRAP)? {
+                AttackOutcome::Refused { return_value } => Ok(Some(return_value)),
+                _ => Ok(None),
+            },
+        }
     }
 }
 
-/// An attack's call failed: a refusal, unless the failure is transient (device, session,
-/// login), in which case the self-test could not decide and fails.
-fn refused(function: &'static str, error: CryptokiError) -> Result<AttackOutcome, HsmError> {
+/// The return values that mean "the token refused this step" for each kind of step. Anything
+/// else is no verdict (a lost session, an attribute this token does not know, a failing device):
+/// the suite fails closed with [`HsmError::SelfTestInconclusive`] rather than count an attack
+/// that was never really tried as refused.
+const REFUSED_UNWRAP: &[RvError] = &[
+    RvError::TemplateInconsistent,
+    RvError::AttributeValueInvalid,
+    RvError::AttributeReadOnly,
+    RvError::KeyFunctionNotPermitted,
+    RvError::ActionProhibited,
+];
+/// `C_SetAttributeValue`, `C_CopyObject`.
+const REFUSED_CHANGE: &[RvError] = &[
+    RvError::ActionProhibited,
+    RvError::AttributeReadOnly,
+    RvError::TemplateInconsistent,
+];
+/// `C_WrapKey` of an unwrapped key under the attacker's key. Kryoptic's answer for a
+/// `CKA_WRAP_WITH_TRUSTED` key is `CKR_WRAPPING_KEY_HANDLE_INVALID`, checked separately.
+const REFUSED_WRAP: &[RvError] = &[
+    RvError::KeyNotWrappable,
+    RvError::KeyUnextractable,
+    RvError::KeyFunctionNotPermitted,
+];
+/// `C_UnwrapKey` with a mechanism the master key must not be used with.
+const REFUSED_MECHANISM: &[RvError] = &[
+    RvError::MechanismInvalid,
+    RvError::KeyFunctionNotPermitted,
+    RvError::KeyTypeInconsistent,
+];
+
+/// An attack's call failed: a refusal if the return value is one of `refusals`; otherwise the
+/// suite cannot decide and fails.
+fn refused(
+    function: &'static str,
+    error: CryptokiError,
+    refusals: &[RvError],
+) -> Result<AttackOutcome, HsmError> {
     match error {
-        CryptokiError::Pkcs11(rv, _) if !rv_is_transient(rv) => {
+        CryptokiError::Pkcs11(rv, _) if refusals.contains(&rv) => {
             tracing::debug!(function, rv = %rv_name(rv), "self-test attack refused");
             Ok(AttackOutcome::Refused { return_value: rv })
         }
-        source => Err(HsmError::Pkcs11 {
-            function: if function == "follow-up" {
-                "C_DeriveKey/C_SetAttributeValue/C_CopyObject/C_WrapKey"
-            } else {
-                function
-            },
-            source,
-        }),
+        source => Err(inconclusive(function, source)),
     }
 }
 
-/// The canary could not be wrapped with a mechanism: not applicable, unless transient.
+/// A step that should have worked (or been refused in a known way) did something else.
+fn inconclusive(function: &'static str, source: CryptokiError) -> HsmError {
+    match source {
+        CryptokiError::Pkcs11(rv, _) if rv_is_transient(rv) => {
+            HsmError::Pkcs11 { function, source }
+        }
+        source => HsmError::SelfTestInconclusive { function, source },
+    }
+}
+
+/// The canary could not be wrapped with a mechanism: not applicable, where the token says the
+/// data or mechanism does not fit; otherwise no verdict.
 fn not_applicable(function: &'static str, error: CryptokiError) -> Result<AttackOutcome, HsmError> {
-    match refused(function, error)? {
+    const DOES_NOT_FIT: &[RvError] = &[
+        RvError::DataLenRange,
+        RvError::MechanismInvalid,
+        RvError::KeyNotWrappable,
+        RvError::MechanismParamInvalid,
+    ];
+    match refused(function, error, DOES_NOT_FIT)? {
         AttackOutcome::Refused { return_value } => {
             Ok(AttackOutcome::NotApplicable { return_value })
         }

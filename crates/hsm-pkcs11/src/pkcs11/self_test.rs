@@ -8,10 +8,10 @@
 //!    `CKA_DESTROYABLE` false). `CKA_NEVER_EXTRACTABLE`/`CKA_ALWAYS_SENSITIVE` false are
 //!    advisory only: a key imported in a key ceremony is never "never extractable".
 //! 2. **Modify in place**: `C_SetAttributeValue` on each deployment key. The suite writes the
-//!    value the key already has (`CKA_DERIVE=false`), so that a token that accepts the write
-//!    is reported without the production key ever being weakened, even for a moment (`CKA_DERIVE`,
-//!    `CKA_DECRYPT`, `CKA_ENCRYPT`, one at a time); a token
-//!    that accepts it would equally accept `CKA_DECRYPT=true` (the tests do that for real).
+//!    values the key already has (`CKA_DERIVE`, `CKA_DECRYPT`, `CKA_ENCRYPT` false, one at a
+//!    time), so that a token that accepts a write is reported without the production key ever
+//!    being weakened, even for a moment; a token that accepts it would equally accept
+//!    `CKA_DECRYPT=true` (the tests do that for real).
 //! 3. **Copy with a usage**: `C_CopyObject` of each deployment key into a session object with
 //!    a usage it must not have (`CKA_DECRYPT` for the master key: with it, `C_Decrypt` in ECB
 //!    mode runs the RFC 3394/5649 unwrap in software; `CKA_DERIVE` for an HMAC key). A copy

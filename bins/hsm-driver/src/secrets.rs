@@ -98,9 +98,11 @@ fn read_first_line(
     field: &str,
     allow_readable: bool,
 ) -> anyhow::Result<SecretString> {
-    refuse_if_readable_by_others(path, section, field, allow_readable)?;
     let cannot_read = || format!("{section}.{field}: cannot read {}", path.display());
     let mut file = std::fs::File::open(path).with_context(cannot_read)?;
+    // The permissions of the file opened (fstat), not of whatever the path names by then.
+    let meta = file.metadata().with_context(cannot_read)?;
+    refuse_mode(&meta, path, section, field, allow_readable)?;
     // Room for the whole file up front, so the buffer is never reallocated (which would leave
     // an unwiped copy behind); the extra byte lets `read_to_end` see the end without growing.
     let size = file
@@ -128,9 +130,20 @@ pub(crate) fn refuse_if_readable_by_others(
     field: &str,
     allow: bool,
 ) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path)
         .with_context(|| format!("{section}.{field}: cannot read {}", path.display()))?;
+    refuse_mode(&meta, path, section, field, allow)
+}
+
+/// [`refuse_if_readable_by_others`] on metadata already read.
+fn refuse_mode(
+    meta: &std::fs::Metadata,
+    path: &Path,
+    section: &str,
+    field: &str,
+    allow: bool,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 == 0 {
         return Ok(());

@@ -111,14 +111,15 @@ impl ParsedPgUrl {
     /// Every place libpq may connect to: the hosts (of the URL's authority and of every
     /// `host=` parameter, which overrides it; without either, `PGHOST`) and the host addresses
     /// (`hostaddr=`, else `PGHOSTADDR`). An empty list means libpq's default, a Unix socket. A
-    /// `service=` is reported as a host that cannot be seen from here.
+    /// `service=` (or `PGSERVICE`, which names one when the URL does not) is reported as a host
+    /// that cannot be seen from here: its service file may name any host and any `sslmode`.
     fn destinations(&self) -> Vec<String> {
-        let env_list = |var: &str| {
-            std::env::var(var)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .map(|v| split_list(&v))
-        };
+        self.destinations_in(|var| std::env::var(var).ok())
+    }
+
+    /// [`Self::destinations`] with `env` for the process environment.
+    fn destinations_in(&self, env: impl Fn(&str) -> Option<String>) -> Vec<String> {
+        let env_list = |var: &str| env(var).filter(|v| !v.is_empty()).map(|v| split_list(&v));
         let params = |name: &str| -> Vec<String> {
             self.params
                 .iter()
@@ -141,6 +142,8 @@ impl ParsedPgUrl {
         }
         if let Some(service) = self.param("service") {
             out.push(format!("service {service}"));
+        } else if let Some(service) = env("PGSERVICE").filter(|v| !v.is_empty()) {
+            out.push(format!("service {service} (PGSERVICE)"));
         }
         out
     }
@@ -425,5 +428,20 @@ mod tests {
             !format!("{options:?}").contains("p&w"),
             "Debug must not show the password"
         );
+    }
+
+    #[test]
+    fn a_service_named_by_pgservice_counts_as_a_remote_host() {
+        // Tried: a URL naming no host, with PGSERVICE set in the environment (libpq then reads
+        // the host and sslmode from a service file the driver cannot vet).
+        let parsed = ParsedPgUrl::parse("postgres:///keys");
+        let env = |var: &str| (var == "PGSERVICE").then(|| "keys-prod".to_owned());
+        let destinations = parsed.destinations_in(env);
+        assert_eq!(
+            destinations,
+            vec!["service keys-prod (PGSERVICE)".to_owned()]
+        );
+        assert!(!is_local(&destinations[0]));
+        assert!(parsed.destinations_in(|_| None).is_empty(), "a Unix socket");
     }
 }

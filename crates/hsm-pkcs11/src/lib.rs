@@ -62,7 +62,7 @@ pub use pkcs11::{
     Attack, AttackOutcome, AttackRecord, FindingKind, HotKeyStats, HotKeys, Pkcs11Config,
     Pkcs11Hsm, Pkcs11Module, SelfTestFinding, SelfTestReport, Severity, TokenReport,
     create_ledger_key, create_mac_key, create_master_key, create_trusted_master_key,
-    import_ledger_key, import_mac_key, import_master_key,
+    import_ledger_key, import_mac_key, import_master_key, user_can_make_trusted_keys,
 };
 pub use record_mac::{
     RECORD_MAC_DOMAIN, ledger_key_label, record_mac_key_label, record_mac_message,

@@ -202,3 +202,28 @@ async fn the_attack_suite_passes_a_trusted_master_key_in_service() {
     .await;
     assert!(report.is_safe(), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn whether_a_user_can_make_a_trusted_key_is_measured_and_leaves_nothing() {
+    // Tried: the probe `create_master_key` runs before it chooses the unwrap template, through
+    // its public form; SoftHSMv2 refuses the key (leaving a half-made object, which the probe
+    // destroys), Kryoptic makes it.
+    let token = blocking(TestToken::create).await.unwrap();
+    let probing = token.clone();
+    let can = blocking(move || {
+        hsm_pkcs11::user_can_make_trusted_keys(
+            probing.module(),
+            probing.label(),
+            probing.user_pin(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(can, kind() == TokenKind::Kryoptic);
+    let left = blocking(move || {
+        let session = token.login_session().unwrap();
+        support::session_objects(&session)
+    })
+    .await;
+    assert_eq!(left, 0, "nothing left behind");
+}

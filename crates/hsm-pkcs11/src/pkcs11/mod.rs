@@ -50,7 +50,7 @@ pub(crate) use provision::{
 };
 pub use provision::{
     create_ledger_key, create_mac_key, create_master_key, create_trusted_master_key,
-    import_ledger_key, import_mac_key, import_master_key,
+    import_ledger_key, import_mac_key, import_master_key, user_can_make_trusted_keys,
 };
 pub use report::TokenReport;
 pub use self_test::{

@@ -92,7 +92,7 @@ impl UnwrapTemplateChoice {
     fn template(self, session: &Session) -> Result<Option<RawTemplate>, HsmError> {
         Ok(match self {
             UnwrapTemplateChoice::Policy => {
-                let extraction = if user_can_make_trusted_keys(session)? {
+                let extraction = if session_can_make_trusted_keys(session)? {
                     tracing::warn!(
                         "this token lets a user session make a trusted key: keys unwrapped \
                          under the new master key are pinned non-extractable, and can never \
@@ -117,7 +117,7 @@ impl UnwrapTemplateChoice {
 /// Kryoptic 1.5.4: yes, by `C_GenerateKey`): tried with a session AES key, destroyed at once.
 /// Where it can, a key unwrapped extractable under the master key could be wrapped out under
 /// a key the user made, so the master key's unwrap template must pin `CKA_EXTRACTABLE=false`.
-pub(crate) fn user_can_make_trusted_keys(session: &Session) -> Result<bool, HsmError> {
+pub(crate) fn session_can_make_trusted_keys(session: &Session) -> Result<bool, HsmError> {
     // SoftHSMv2 creates the object before it refuses CKA_TRUSTED, and leaves it behind: the
     // label, set first, finds it again.
     const PROBE_LABEL: &[u8] = b"hsm-driver trusted-key capability probe";
@@ -364,6 +364,23 @@ pub(crate) fn generate_master_key(
         "master key, record MAC key and ledger key created"
     );
     Ok(())
+}
+
+/// Whether a session logged in as the user can make a `CKA_TRUSTED` key on the token (see the
+/// unwrap template: where it can, keys are unwrapped non-extractable and master keys cannot be
+/// rotated). Nothing is left on the token. Blocking.
+///
+/// # Errors
+/// [`HsmError::TokenNotFound`]; [`HsmError::Pkcs11`] naming the failing call (`C_Login` for a
+/// wrong PIN).
+pub fn user_can_make_trusted_keys(
+    module: &Pkcs11Module,
+    token_label: &str,
+    user_pin: &SecretString,
+) -> Result<bool, HsmError> {
+    let slot = token::find_slot(module, token_label)?;
+    let session = token::open_user_session(module.context(), slot, user_pin)?;
+    session_can_make_trusted_keys(&session)
 }
 
 /// Generates a **trusted** master key, the destination of a master-key rotation, as the

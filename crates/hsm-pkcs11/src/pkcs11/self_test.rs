@@ -749,7 +749,7 @@ fn trusted_keys(
 /// must then pin `CKA_EXTRACTABLE=false`, which attack (b) (re-wrapping under a trusted key
 /// made this way) checks; but no master key can be rotated on such a token.
 fn user_made_trusted_key(session: &Session, report: &mut SelfTestReport) -> Result<bool, HsmError> {
-    let can = super::provision::user_can_make_trusted_keys(session)?;
+    let can = super::provision::session_can_make_trusted_keys(session)?;
     let outcome = if can {
         report.advisory(
             FindingKind::UserTrustedKey,

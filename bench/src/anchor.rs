@@ -169,6 +169,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
         sessions: 1,
         wrap_mechanism: None,
         hot_keys: None,
+        rotation_target_label: None,
     };
     // Kept open throughout: closing a token's last session logs the application out.
     let keepalive = AnchorSession::open(&module, &config)?;

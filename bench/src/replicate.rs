@@ -125,6 +125,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
             sessions: 2,
             wrap_mechanism: None,
             hot_keys: None,
+            rotation_target_label: None,
         },
     )?);
     let url = DatabaseUrl::parse(&args.database_url)?;

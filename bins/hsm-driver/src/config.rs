@@ -151,6 +151,11 @@ pub(crate) struct HsmSection {
     /// Logged-in sessions (one per HSM worker thread); defaults to `driver.workers`.
     #[serde(default)]
     pub(crate) sessions: Option<usize>,
+    /// The label of a trusted master key the security officer made on this token as the
+    /// destination of a master-key rotation: the attack suite checks it like the master key
+    /// instead of reporting it as a foreign trusted object (docs/key-ceremony.md).
+    #[serde(default)]
+    pub(crate) rotation_target_label: Option<String>,
     /// TESTS AND FAULT DRILLS ONLY: make the HSM fail on demand.
     #[serde(default)]
     pub(crate) fault_injection: Option<FaultInjectionSection>,

@@ -183,6 +183,7 @@ mod tests {
             master_key_label: "m".to_owned(),
             wrap_mechanism: "aes-key-wrap-pad".to_owned(),
             sessions: None,
+            rotation_target_label: None,
             fault_injection: None,
             hot_keys: None,
         }

@@ -104,6 +104,7 @@ pub(crate) fn pkcs11_config(config: &Config) -> anyhow::Result<Pkcs11Config> {
             capacity: hot.capacity,
             ttl: std::time::Duration::from_millis(hot.ttl_ms),
         }),
+        rotation_target_label: config.hsm.rotation_target_label.clone(),
     })
 }
 

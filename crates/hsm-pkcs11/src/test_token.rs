@@ -588,6 +588,7 @@ impl TestToken {
             sessions,
             wrap_mechanism: None,
             hot_keys: None,
+            rotation_target_label: None,
         }
     }
 

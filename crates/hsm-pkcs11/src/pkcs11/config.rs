@@ -27,6 +27,12 @@ pub struct Pkcs11Config {
     /// The opt-in hot-key path (`None`, the default: strictly stateless, every signature
     /// unwraps its key and destroys it at once). See [`HotKeys`].
     pub hot_keys: Option<HotKeys>,
+    /// The `CKA_LABEL` of a trusted master key the security officer made as the destination of
+    /// a master-key rotation ([`create_trusted_master_key`](crate::create_trusted_master_key)),
+    /// which this deployment expects: the attack suite checks and attacks it like the master
+    /// key instead of reporting it as a foreign trusted object. `None` (the default): any
+    /// trusted object but the master key is an unsafe finding.
+    pub rotation_target_label: Option<String>,
 }
 
 /// The hot-key path: each worker session keeps the keys it recently unwrapped as sensitive,
@@ -56,6 +62,7 @@ impl fmt::Debug for Pkcs11Config {
             .field("sessions", &self.sessions)
             .field("wrap_mechanism", &self.wrap_mechanism)
             .field("hot_keys", &self.hot_keys)
+            .field("rotation_target_label", &self.rotation_target_label)
             .finish()
     }
 }
@@ -73,6 +80,7 @@ mod tests {
             sessions: 2,
             wrap_mechanism: Some(WrapMechanism::AesKeyWrapPad),
             hot_keys: None,
+            rotation_target_label: None,
         };
         let debug = format!("{config:?}");
         assert!(!debug.contains("hunter2"), "{debug}");

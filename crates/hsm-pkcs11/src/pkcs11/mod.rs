@@ -278,11 +278,16 @@ impl Shared {
                     MacKey::Ledger,
                 )?,
             };
+            let rotation_target = match &self.config.rotation_target_label {
+                Some(label) => Some((label.as_str(), token::find_master_key(session, label)?)),
+                None => None,
+            };
             self_test::run(
                 session,
                 &self_test::Targets {
                     master,
                     master_label: &self.config.master_key_label,
+                    rotation_target,
                     hmac_keys: vec![mac, ledger],
                     mechanisms: self.offered_wrap_mechanisms.clone(),
                 },

@@ -432,6 +432,10 @@ pub(crate) struct HmacKey<'a> {
 pub(crate) struct Targets<'a> {
     pub(crate) master: MasterKey<'a>,
     pub(crate) master_label: &'a str,
+    /// A trusted master key made for a rotation that the deployment expects (its label and
+    /// handle): checked and attacked like the master key, and not reported as a foreign
+    /// trusted object.
+    pub(crate) rotation_target: Option<(&'a str, ObjectHandle)>,
     pub(crate) hmac_keys: Vec<HmacKey<'a>>,
     /// Every wrap mechanism the token offers.
     pub(crate) mechanisms: Vec<WrapMechanism>,
@@ -463,6 +467,17 @@ pub(crate) fn run(session: &Session, targets: &Targets<'_>) -> Result<SelfTestRe
         Attribute::Decrypt(true),
         &mut report,
     )?;
+    if let Some((target_label, target)) = targets.rotation_target {
+        check_attributes(session, target, target_label, KeyRole::Master, &mut report)?;
+        modify_in_place(session, target, target_label, &mut report)?;
+        copy_with_usage(
+            session,
+            target,
+            target_label,
+            Attribute::Decrypt(true),
+            &mut report,
+        )?;
+    }
     for key in &targets.hmac_keys {
         modify_in_place(session, key.handle, key.label, &mut report)?;
         copy_with_usage(
@@ -473,7 +488,10 @@ pub(crate) fn run(session: &Session, targets: &Targets<'_>) -> Result<SelfTestRe
             &mut report,
         )?;
     }
-    trusted_keys(session, targets.master.handle, &mut report)?;
+    let expected: Vec<ObjectHandle> = std::iter::once(targets.master.handle)
+        .chain(targets.rotation_target.map(|(_, handle)| handle))
+        .collect();
+    trusted_keys(session, &expected, &mut report)?;
     let user_trusted = user_made_trusted_key(session, &mut report)?;
 
     let canary = Canary::generate(session)?;
@@ -709,18 +727,18 @@ fn copy_with_usage(
     Ok(())
 }
 
-/// Reports every `CKA_TRUSTED` object but the master key itself (compared by handle, not by
-/// label: an object of another class may carry the master key's label).
+/// Reports every `CKA_TRUSTED` object but the master key itself and an expected rotation target
+/// (compared by handle, not by label: an object of another class may carry their labels).
 fn trusted_keys(
     session: &Session,
-    master: ObjectHandle,
+    expected: &[ObjectHandle],
     report: &mut SelfTestReport,
 ) -> Result<(), HsmError> {
     let found = session
         .find_objects(&[Attribute::Trusted(true)])
         .map_err(HsmError::pkcs11("C_FindObjects"))?;
     for handle in found {
-        if handle == master {
+        if expected.contains(&handle) {
             continue;
         }
         let label = session

@@ -38,6 +38,10 @@ pub struct DriverConfig {
     /// Backoff between recovery attempts of an unusable HSM or key store, and between
     /// registration attempts.
     pub recovery_backoff: Backoff,
+    /// The heartbeat interval the API asks for is kept within these bounds (inclusive), so that
+    /// a hostile or broken API can neither make the driver flood it (a 1 ms interval) nor
+    /// silence it for good.
+    pub heartbeat_interval_bounds: (Duration, Duration),
 }
 
 impl Default for DriverConfig {
@@ -56,6 +60,7 @@ impl Default for DriverConfig {
                 max: Duration::from_secs(5),
                 ..Backoff::default()
             },
+            heartbeat_interval_bounds: (Duration::from_millis(100), Duration::from_secs(300)),
         }
     }
 }
@@ -133,6 +138,12 @@ impl<S: JobSource, H: Hsm, K: KeyStore> DriverBuilder<S, H, K> {
         if config.health_check_interval.is_zero() {
             return Err(BuildError::Invalid(
                 "health_check_interval must be more than zero",
+            ));
+        }
+        let (least, most) = config.heartbeat_interval_bounds;
+        if least.is_zero() || least > most {
+            return Err(BuildError::Invalid(
+                "heartbeat_interval_bounds must be more than zero and in order",
             ));
         }
         let meter = self

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
     Capability, Curve, DriverRegistration, FailureCode, Heartbeat, JobFailure, LeasedJob,
-    LedgerCheckpoint, Scheme,
+    LedgerCheckpoint, PresenceTerms, Scheme,
 };
 use hsm_pkcs11::{Hsm, HsmError, KeyScheme};
 use tokio::sync::Semaphore;
@@ -236,7 +236,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                     },
                 };
                 let parts = Arc::clone(&parts);
-                parts.in_flight.fetch_add(1, Ordering::Relaxed);
+                let counted = InFlight::start(Arc::clone(&parts));
                 tasks.spawn(async move {
                     // Health may have changed while the lease was in flight: a job this
                     // driver cannot run now goes straight back to the queue for the others.
@@ -246,7 +246,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                     } else {
                         give_back(&parts, job, &health).await
                     };
-                    parts.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    drop(counted);
                     drop(permit);
                     outcome
                 });
@@ -382,7 +382,7 @@ async fn presence<S: JobSource, H: Hsm, K: KeyStore>(parts: Arc<Parts<S, H, K>>)
             match parts.source.register(&registration).await {
                 Ok(terms) => {
                     failures = 0;
-                    interval = terms.heartbeat_interval;
+                    interval = bounded(&terms, config);
                     health.set_registered(true);
                     health.set_up(Component::Api);
                     info!(
@@ -414,7 +414,7 @@ async fn presence<S: JobSource, H: Hsm, K: KeyStore>(parts: Arc<Parts<S, H, K>>)
         let heartbeat = heartbeat(&parts, report.can_lease());
         match parts.source.heartbeat(&heartbeat).await {
             Ok(terms) => {
-                interval = terms.heartbeat_interval;
+                interval = bounded(&terms, config);
                 health.set_up(Component::Api);
             }
             Err(e) if e.is_not_registered() => {
@@ -488,6 +488,44 @@ async fn supervise<S: JobSource, H: Hsm, K: KeyStore>(
                 }
             }
         }
+    }
+}
+
+/// The heartbeat interval the API asked for, kept within
+/// [`DriverConfig::heartbeat_interval_bounds`].
+fn bounded(terms: &PresenceTerms, config: &DriverConfig) -> std::time::Duration {
+    let (least, most) = config.heartbeat_interval_bounds;
+    let asked = terms.heartbeat_interval;
+    let interval = asked.clamp(least, most);
+    if interval != asked {
+        warn!(
+            asked = ?asked,
+            used = ?interval,
+            "the API asked for a heartbeat interval out of bounds; using the nearest bound"
+        );
+    }
+    interval
+}
+
+/// One leased job being executed or reported: counted in the heartbeat's `inFlight` and in
+/// `hsm_driver_jobs_in_flight` from its lease until the guard is dropped, which happens on
+/// every path, a panicking job task included.
+struct InFlight<S, H, K> {
+    parts: Arc<Parts<S, H, K>>,
+}
+
+impl<S, H, K> InFlight<S, H, K> {
+    fn start(parts: Arc<Parts<S, H, K>>) -> Self {
+        parts.in_flight.fetch_add(1, Ordering::Relaxed);
+        parts.metrics.job_started();
+        InFlight { parts }
+    }
+}
+
+impl<S, H, K> Drop for InFlight<S, H, K> {
+    fn drop(&mut self) {
+        self.parts.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.parts.metrics.job_ended();
     }
 }
 

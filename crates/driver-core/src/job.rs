@@ -57,7 +57,6 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
     };
     let key_id = job.spec.as_ref().map(|s| s.key_id().as_str()).unwrap_or("");
     let span = info_span!("job", job_id = %job.job_id, key_id, kind);
-    parts.metrics.job_started();
     let outcome = async {
         let job_ref = job.job_ref();
         let result = match job.spec {

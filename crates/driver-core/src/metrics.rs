@@ -99,12 +99,15 @@ impl Metrics {
         self.in_flight.add(1, &[]);
     }
 
+    pub(crate) fn job_ended(&self) {
+        self.in_flight.add(-1, &[]);
+    }
+
     pub(crate) fn job_finished(&self, kind: &'static str, outcome: &Outcome, elapsed: Duration) {
         let attrs = [
             KeyValue::new("kind", kind),
             KeyValue::new("outcome", outcome.label()),
         ];
-        self.in_flight.add(-1, &[]);
         self.jobs.add(1, &attrs);
         self.job_duration.record(elapsed.as_secs_f64(), &attrs);
     }

@@ -248,6 +248,8 @@ struct SlowHsm {
     inner: FakeHsm,
     delay: Duration,
     generated: AtomicU64,
+    /// Panic in `generate_key` (a bug in an HSM implementation).
+    panic_on_generate: bool,
 }
 
 impl SlowHsm {
@@ -256,6 +258,7 @@ impl SlowHsm {
             inner,
             delay,
             generated: AtomicU64::new(0),
+            panic_on_generate: false,
         }
     }
 }
@@ -269,6 +272,7 @@ impl Hsm for SlowHsm {
     }
     async fn generate_key(&self, scheme: KeyScheme) -> Result<GeneratedKey, HsmError> {
         tokio::time::sleep(self.delay).await;
+        assert!(!self.panic_on_generate, "a bug in the HSM implementation");
         self.generated.fetch_add(1, Ordering::SeqCst);
         self.inner.generate_key(scheme).await
     }
@@ -511,5 +515,60 @@ async fn an_attackable_hsm_is_marked_down_at_the_health_check_and_nothing_is_sig
             other => panic!("a job ran on an attackable HSM: {other:?}"),
         }
     }
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_task_that_panics_is_not_counted_in_flight_forever() {
+    // Tried: a key generation whose HSM call panics. The job goes unreported (its lease will
+    // lapse and the API deliver it again), and the heartbeat's in-flight count comes back to 0.
+    let mut hsm = SlowHsm::new(FakeHsm::new(), Duration::ZERO);
+    hsm.panic_on_generate = true;
+    let h = Harness::start(hsm, MemoryKeyStore::new());
+    wait_health(&h.health, "ready", HealthReport::can_lease).await;
+    h.source.push(
+        "job-panics",
+        keygen("key-panics", Scheme::Ecdsa, Curve::Secp256k1),
+    );
+    h.source
+        .wait_until(WAIT, || {
+            (h.source.leases.load(Ordering::SeqCst) > 0
+                && h.source.queue.lock().unwrap().is_empty())
+            .then_some(())
+        })
+        .await
+        .expect("the job is leased");
+    h.source
+        .wait_until(WAIT, || {
+            let beats = h.source.heartbeats.lock().unwrap();
+            beats.last().filter(|b| b.in_flight == 0).map(|_| ())
+        })
+        .await
+        .expect("a heartbeat reports nothing in flight");
+    let report = h.shutdown().await;
+    assert_eq!(report.unreported, 1, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_heartbeat_interval_is_kept_within_bounds() {
+    // Tried: the API asks for a heartbeat every millisecond. The driver keeps to its lower
+    // bound (here 200 ms): over one second, a handful of heartbeats, not a thousand.
+    let source = ScriptedSource::default();
+    *source.heartbeat_interval.lock().unwrap() = Some(Duration::from_millis(1));
+    let mut config = test_config("bounded");
+    config.heartbeat_interval_bounds = (Duration::from_millis(200), Duration::from_secs(300));
+    let h = Harness::start_with(
+        FakeHsm::new(),
+        Arc::new(MemoryKeyStore::new()),
+        source,
+        config,
+    );
+    wait_health(&h.health, "ready", HealthReport::can_lease).await;
+    let before = h.source.heartbeats.lock().unwrap().len();
+    // An absence (of a flood) has no event to await: count over a fixed second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sent = h.source.heartbeats.lock().unwrap().len() - before;
+    assert!(sent <= 8, "{sent} heartbeats in one second");
+    assert!(sent >= 3, "but it does beat: {sent}");
     h.shutdown().await;
 }

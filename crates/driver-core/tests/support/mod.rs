@@ -45,10 +45,25 @@ pub(crate) struct ScriptedSource {
     pub(crate) deregistrations: Mutex<Vec<String>>,
     /// Lease length handed out with each job (`None`: leases never lapse).
     pub(crate) lease_length: Mutex<Option<Duration>>,
+    /// The heartbeat interval the API asks for (`None`: 50 ms).
+    pub(crate) heartbeat_interval: Mutex<Option<Duration>>,
     /// While set, the API has forgotten the driver: leases and heartbeats answer
     /// `DriverNotRegistered` until it registers again.
     forgotten: AtomicBool,
     changed: Notify,
+}
+
+impl ScriptedSource {
+    fn terms(&self) -> PresenceTerms {
+        PresenceTerms {
+            heartbeat_interval: self
+                .heartbeat_interval
+                .lock()
+                .unwrap()
+                .unwrap_or(Duration::from_millis(50)),
+            liveness_timeout: Duration::from_millis(500),
+        }
+    }
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -184,10 +199,7 @@ impl JobSource for ScriptedSource {
             .push(registration.clone());
         self.forgotten.store(false, Ordering::SeqCst);
         self.changed.notify_waiters();
-        Ok(PresenceTerms {
-            heartbeat_interval: Duration::from_millis(50),
-            liveness_timeout: Duration::from_millis(500),
-        })
+        Ok(self.terms())
     }
 
     async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<PresenceTerms, ApiError> {
@@ -196,10 +208,7 @@ impl JobSource for ScriptedSource {
         if self.forgotten.load(Ordering::SeqCst) {
             return Err(not_registered());
         }
-        Ok(PresenceTerms {
-            heartbeat_interval: Duration::from_millis(50),
-            liveness_timeout: Duration::from_millis(500),
-        })
+        Ok(self.terms())
     }
 
     async fn deregister(&self, driver_id: &str) -> Result<(), ApiError> {
@@ -239,6 +248,7 @@ pub(crate) fn test_config(driver_id: &str) -> DriverConfig {
         lease_backoff: quick,
         recovery_backoff: quick,
         health_check_interval: Duration::from_millis(50),
+        heartbeat_interval_bounds: (Duration::from_millis(10), Duration::from_secs(300)),
         ..DriverConfig::default()
     }
 }

@@ -190,6 +190,7 @@ impl Telemetry {
             telemetry: std::sync::Arc::new(self),
             health: None,
             listener,
+            limits: ConnectionLimits::default(),
         })
     }
 
@@ -256,11 +257,34 @@ fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Respons
     response
 }
 
+/// What one client may hold of the endpoint: it answers scrapes and probes, so nothing a
+/// client does (many idle connections, headers sent a byte a minute) may tie it up.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectionLimits {
+    /// Connections served at once; one more is closed at once.
+    pub(crate) max_connections: usize,
+    /// How long a request's headers may take to arrive.
+    pub(crate) header_timeout: std::time::Duration,
+    /// How long one connection may stay open, keep-alive included.
+    pub(crate) max_lifetime: std::time::Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 64,
+            header_timeout: std::time::Duration::from_secs(5),
+            max_lifetime: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
 /// A bound telemetry endpoint, not yet serving.
 pub(crate) struct Endpoint {
     telemetry: std::sync::Arc<Telemetry>,
     health: Option<Health>,
     listener: TcpListener,
+    limits: ConnectionLimits,
 }
 
 impl Endpoint {
@@ -276,6 +300,13 @@ impl Endpoint {
         self.listener.local_addr()
     }
 
+    /// Other connection limits than the defaults (tests).
+    #[cfg(test)]
+    pub(crate) fn with_limits(mut self, limits: ConnectionLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Serves connections until `stop` completes, then drops the ones still open.
     pub(crate) async fn serve(self, stop: impl Future<Output = ()>) {
         let mut connections = JoinSet::new();
@@ -284,19 +315,27 @@ impl Endpoint {
             tokio::select! {
                 () = &mut stop => break,
                 accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) if connections.len() >= self.limits.max_connections => {
+                        debug!(%peer, "telemetry endpoint: too many connections, closing this one");
+                        drop(stream);
+                    }
                     Ok((stream, peer)) => {
                         let telemetry = self.telemetry.clone();
                         let health = self.health.clone();
+                        let limits = self.limits;
                         connections.spawn(async move {
                             let service = service_fn(move |request: Request<Incoming>| {
                                 let response = telemetry.respond(health.as_ref(), &request);
                                 async move { Ok::<_, Infallible>(response) }
                             });
-                            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await
-                            {
-                                debug!(%peer, error = %e, "telemetry connection");
+                            let connection = hyper::server::conn::http1::Builder::new()
+                                .timer(hyper_util::rt::TokioTimer::new())
+                                .header_read_timeout(limits.header_timeout)
+                                .serve_connection(TokioIo::new(stream), service);
+                            match tokio::time::timeout(limits.max_lifetime, connection).await {
+                                Ok(Err(e)) => debug!(%peer, error = %e, "telemetry connection"),
+                                Err(_) => debug!(%peer, "telemetry connection: lifetime reached"),
+                                Ok(Ok(())) => {}
                             }
                         });
                     }
@@ -447,5 +486,88 @@ mod tests {
         stop.cancel();
         server.await.unwrap();
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_client_can_neither_hold_the_endpoint_with_idle_connections_nor_trickle_headers() {
+        // Tried: (1) as many idle connections as the cap, then one more: the extra one is
+        // closed at once, and the endpoint serves again when the idle ones go; (2) a request
+        // whose headers never finish: the connection is closed after the header timeout.
+        let endpoint = Telemetry::new("drv-1")
+            .unwrap()
+            .bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap()
+            .with_limits(ConnectionLimits {
+                max_connections: 2,
+                header_timeout: std::time::Duration::from_millis(1500),
+                max_lifetime: std::time::Duration::from_secs(60),
+            });
+        let addr = endpoint.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(endpoint.serve(stop.clone().cancelled_owned()));
+
+        let idle_a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let idle_b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The server has accepted both once a third connection gets an answer: closed.
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buffer = Vec::new();
+        // Well before the header timeout would close it: it was never served.
+        let read = tokio::time::timeout(
+            std::time::Duration::from_millis(1000),
+            extra.read_to_end(&mut buffer),
+        )
+        .await
+        .expect("the extra connection is closed at once");
+        assert_eq!(read.unwrap_or(0), 0, "closed without an answer");
+
+        // A trickle: headers that never end, closed after the header timeout. First the two
+        // idle connections go, and the endpoint answers a whole request again (their slots
+        // are free: closing them is asynchronous).
+        drop((idle_a, idle_b));
+        let healthz = || async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut response = String::new();
+            let _ = stream.read_to_string(&mut response).await;
+            response.starts_with("HTTP/1.1 200 OK\r\n")
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while !healthz().await {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the endpoint answers once the idle connections are gone");
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            slow.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the trickling connection is closed within the bound");
+        let waited = started.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_millis(1200),
+            "closed after the header timeout, not before: {waited:?} ({read:?})"
+        );
+
+        // And the endpoint still answers.
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        stop.cancel();
+        server.await.unwrap();
     }
 }

@@ -1007,6 +1007,24 @@ async fn ed25519_keys_sign_hashes_and_messages_with_pure_eddsa_end_to_end() {
     );
 }
 
+/// Runs `plant-trusted-key` (with `extra` arguments) against `token` as its security officer,
+/// from a process of its own.
+fn plant_trusted_key(token: &hsm_driver_e2e::HsmToken, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin_dir().join("plant-trusted-key"))
+        .arg("--module")
+        .arg(&token.hsm.path)
+        .arg("--token")
+        .arg(&token.label)
+        .arg("--so-pin-file")
+        .arg(&token.so_pin_file)
+        .args(["--key-label", "planted-by-the-so"])
+        .args(extra)
+        .env(token.conf_var(), &token.conf)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run plant-trusted-key")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trusted_key_planted_by_the_so_while_the_driver_runs_stops_signing_as_tamper() {
     // Tried: while the driver serves, an insider holding the SO PIN logs in from another
@@ -1027,18 +1045,7 @@ async fn a_trusted_key_planted_by_the_so_while_the_driver_runs_stops_signing_as_
     assert_eq!(summary.verified, 2);
 
     let token = deployment.driver_token().clone();
-    let planted = std::process::Command::new(bin_dir().join("plant-trusted-key"))
-        .arg("--module")
-        .arg(&token.hsm.path)
-        .arg("--token")
-        .arg(&token.label)
-        .arg("--so-pin-file")
-        .arg(&token.so_pin_file)
-        .args(["--key-label", "planted-by-the-so"])
-        .env(token.conf_var(), &token.conf)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run plant-trusted-key");
+    let planted = plant_trusted_key(&token, &[]);
     let said = String::from_utf8_lossy(&planted.stdout);
     assert!(planted.status.success(), "{said}");
 
@@ -1088,25 +1095,26 @@ async fn a_trusted_key_planted_by_the_so_while_the_driver_runs_stops_signing_as_
     assert!(!deployment.readyz().await.unwrap().is_ready());
 
     // Covering the tracks does not bring signing back: the TAMPER is latched for the run.
-    let removed = std::process::Command::new(bin_dir().join("plant-trusted-key"))
-        .arg("--module")
-        .arg(&token.hsm.path)
-        .arg("--token")
-        .arg(&token.label)
-        .arg("--so-pin-file")
-        .arg(&token.so_pin_file)
-        .args(["--key-label", "planted-by-the-so", "--remove"])
-        .env(token.conf_var(), &token.conf)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run plant-trusted-key --remove");
+    let removed = plant_trusted_key(&token, &["--remove"]);
     assert!(
         removed.status.success(),
         "{}",
         String::from_utf8_lossy(&removed.stdout)
     );
-    // Several health checks (200 ms apart) pass meanwhile; an absence has no event to await.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Two more health checks end after the removal (each logs the latch), rather than a
+    // guessed wait: the second one started after the key was gone.
+    let latched = |log: &str| log.matches("TAMPER latched").count();
+    let before = latched(&deployment.driver_log());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while latched(&deployment.driver_log()) < before + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no health check after the removal:\n{}",
+            deployment.driver_log_tail()
+        );
+        // Another process's log offers no event to wait on.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let readiness = deployment.readyz().await.unwrap();
     assert!(!readiness.is_ready(), "{}", readiness.body);
     assert!(
@@ -1114,29 +1122,13 @@ async fn a_trusted_key_planted_by_the_so_while_the_driver_runs_stops_signing_as_
         "down since the first finding: {}",
         readiness.body
     );
-    assert!(
-        deployment.driver_log().contains("TAMPER latched"),
-        "{}",
-        deployment.driver_log_tail()
-    );
 
     // `hsm-driver check` (a new process: it runs the suite afresh) passes again once the key
     // is gone; the running driver stays down until it is restarted.
     let (ok, check) = deployment.check().await.unwrap();
     assert!(ok, "{check}");
     // Let the test below see a failing check: plant the key again.
-    let replanted = std::process::Command::new(bin_dir().join("plant-trusted-key"))
-        .arg("--module")
-        .arg(&token.hsm.path)
-        .arg("--token")
-        .arg(&token.label)
-        .arg("--so-pin-file")
-        .arg(&token.so_pin_file)
-        .args(["--key-label", "planted-by-the-so"])
-        .env(token.conf_var(), &token.conf)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run plant-trusted-key");
+    let replanted = plant_trusted_key(&token, &[]);
     assert!(replanted.status.success());
 
     // `hsm-driver check` fails, naming the attack and the remedy.

@@ -26,7 +26,7 @@
 //! template admits both and excludes anything worth excluding; wrapping under the master key
 //! yields only blobs the master key alone can open, and the unwrap template governs those.
 
-use cryptoki::error::Error as CryptokiError;
+use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::{Session, UserType};
@@ -39,7 +39,7 @@ use super::module::Pkcs11Module;
 use super::raw_template::{self, Extraction, RawTemplate};
 use super::token;
 use crate::error::{HsmError, rv_is_transient};
-use crate::hsm::WrapMechanism;
+use crate::hsm::{MacKey, WrapMechanism};
 use crate::record_mac::{
     derive_ledger_key, derive_mac_key, ledger_key_label, record_mac_key_label,
 };
@@ -118,6 +118,12 @@ impl UnwrapTemplateChoice {
 /// Where it can, a key unwrapped extractable under the master key could be wrapped out under
 /// a key the user made, so the master key's unwrap template must pin `CKA_EXTRACTABLE=false`.
 pub(crate) fn session_can_make_trusted_keys(session: &Session) -> Result<bool, HsmError> {
+    Ok(trusted_key_probe(session)?.is_none())
+}
+
+/// [`session_can_make_trusted_keys`], with the token's answer: `None` when it made the key,
+/// else the return value it refused with.
+pub(crate) fn trusted_key_probe(session: &Session) -> Result<Option<RvError>, HsmError> {
     // SoftHSMv2 creates the object before it refuses CKA_TRUSTED, and leaves it behind: the
     // label, set first, finds it again.
     const PROBE_LABEL: &[u8] = b"hsm-driver trusted-key capability probe";
@@ -153,9 +159,9 @@ pub(crate) fn session_can_make_trusted_keys(session: &Session) -> Result<bool, H
                 key,
                 "trusted-key capability probe",
             ));
-            Ok(true)
+            Ok(None)
         }
-        Err(CryptokiError::Pkcs11(rv, _)) if !rv_is_transient(rv) => Ok(false),
+        Err(CryptokiError::Pkcs11(rv, _)) if !rv_is_transient(rv) => Ok(Some(rv)),
         Err(source) => Err(HsmError::Pkcs11 {
             function: "C_GenerateKey",
             source,
@@ -651,17 +657,14 @@ pub fn create_mac_key(
     user_pin: &SecretString,
     master_label: &str,
 ) -> Result<(), HsmError> {
-    let mac_label = record_mac_key_label(master_label);
-    let session = session_for_new_key(module, token_label, user_pin, &[&mac_label])?;
-    token::find_master_key(&session, master_label)?;
-    make_mac_key(
-        &session,
-        &mac_label,
-        MacKeyValue::Generate,
-        PolicyDeviation::default(),
-    )?;
-    tracing::info!(token = token_label, label = %mac_label, "record MAC key created");
-    Ok(())
+    add_hmac_key(
+        module,
+        token_label,
+        user_pin,
+        master_label,
+        MacKey::Record,
+        None,
+    )
 }
 
 /// Creates the record MAC key of [`import_master_key`] (derived from `master_value`, the value
@@ -680,17 +683,14 @@ pub fn import_mac_key(
     master_label: &str,
     master_value: &Zeroizing<[u8; 32]>,
 ) -> Result<(), HsmError> {
-    let mac_label = record_mac_key_label(master_label);
-    let session = session_for_new_key(module, token_label, user_pin, &[&mac_label])?;
-    token::find_master_key(&session, master_label)?;
-    make_mac_key(
-        &session,
-        &mac_label,
-        MacKeyValue::DerivedFrom(master_value),
-        PolicyDeviation::default(),
-    )?;
-    tracing::info!(token = token_label, label = %mac_label, "record MAC key imported");
-    Ok(())
+    add_hmac_key(
+        module,
+        token_label,
+        user_pin,
+        master_label,
+        MacKey::Record,
+        Some(master_value),
+    )
 }
 
 /// Generates the ledger key (labelled `<master_label>-ledger`, the record MAC key's policy) on
@@ -708,17 +708,14 @@ pub fn create_ledger_key(
     user_pin: &SecretString,
     master_label: &str,
 ) -> Result<(), HsmError> {
-    let ledger_label = ledger_key_label(master_label);
-    let session = session_for_new_key(module, token_label, user_pin, &[&ledger_label])?;
-    token::find_master_key(&session, master_label)?;
-    make_mac_key(
-        &session,
-        &ledger_label,
-        MacKeyValue::Generate,
-        PolicyDeviation::default(),
-    )?;
-    tracing::info!(token = token_label, label = %ledger_label, "ledger key created");
-    Ok(())
+    add_hmac_key(
+        module,
+        token_label,
+        user_pin,
+        master_label,
+        MacKey::Ledger,
+        None,
+    )
 }
 
 /// Creates the ledger key of [`import_master_key`] (derived from `master_value`, the value the
@@ -734,15 +731,43 @@ pub fn import_ledger_key(
     master_label: &str,
     master_value: &Zeroizing<[u8; 32]>,
 ) -> Result<(), HsmError> {
-    let ledger_label = ledger_key_label(master_label);
-    let session = session_for_new_key(module, token_label, user_pin, &[&ledger_label])?;
+    add_hmac_key(
+        module,
+        token_label,
+        user_pin,
+        master_label,
+        MacKey::Ledger,
+        Some(master_value),
+    )
+}
+
+/// Adds the HMAC key of purpose `key` next to the master key labelled `master_label`:
+/// generated, or derived from the imported master value in that key's own domain. What
+/// [`create_mac_key`], [`import_mac_key`], [`create_ledger_key`] and [`import_ledger_key`] do.
+fn add_hmac_key(
+    module: &Pkcs11Module,
+    token_label: &str,
+    user_pin: &SecretString,
+    master_label: &str,
+    key: MacKey,
+    master_value: Option<&Zeroizing<[u8; 32]>>,
+) -> Result<(), HsmError> {
+    let label = key.label(master_label);
+    let session = session_for_new_key(module, token_label, user_pin, &[&label])?;
     token::find_master_key(&session, master_label)?;
-    make_mac_key(
-        &session,
-        &ledger_label,
-        MacKeyValue::Derived(derive_ledger_key(master_value)),
-        PolicyDeviation::default(),
-    )?;
-    tracing::info!(token = token_label, label = %ledger_label, "ledger key imported");
+    let value = match (key, master_value) {
+        (_, None) => MacKeyValue::Generate,
+        (MacKey::Record, Some(master_value)) => MacKeyValue::DerivedFrom(master_value),
+        (MacKey::Ledger, Some(master_value)) => {
+            MacKeyValue::Derived(derive_ledger_key(master_value))
+        }
+    };
+    let made = if master_value.is_some() {
+        "imported"
+    } else {
+        "created"
+    };
+    make_mac_key(&session, &label, value, PolicyDeviation::default())?;
+    tracing::info!(token = token_label, %label, purpose = key.as_str(), "HMAC key {made}");
     Ok(())
 }

@@ -767,25 +767,24 @@ fn trusted_keys(
 /// must then pin `CKA_EXTRACTABLE=false`, which attack (b) (re-wrapping under a trusted key
 /// made this way) checks; but no master key can be rotated on such a token.
 fn user_made_trusted_key(session: &Session, report: &mut SelfTestReport) -> Result<bool, HsmError> {
-    let can = super::provision::session_can_make_trusted_keys(session)?;
-    let outcome = if can {
-        report.advisory(
-            FindingKind::UserTrustedKey,
-            "a user session can make a trusted key on this token: keys unwrapped under the \
-             master key must stay non-extractable (attack b checks it), and no master key can \
-             be rotated here"
-                .to_owned(),
-        );
-        AttackOutcome::Succeeded {
-            rewrapped_or_read: false,
+    let refusal = super::provision::trusted_key_probe(session)?;
+    let outcome = match refusal {
+        None => {
+            report.advisory(
+                FindingKind::UserTrustedKey,
+                "a user session can make a trusted key on this token: keys unwrapped under the \
+                 master key must stay non-extractable (attack b checks it), and no master key \
+                 can be rotated here"
+                    .to_owned(),
+            );
+            AttackOutcome::Succeeded {
+                rewrapped_or_read: false,
+            }
         }
-    } else {
-        AttackOutcome::Refused {
-            return_value: RvError::AttributeReadOnly,
-        }
+        Some(return_value) => AttackOutcome::Refused { return_value },
     };
     report.record(Attack::UserMadeTrustedKey, "-", None, outcome);
-    Ok(can)
+    Ok(refusal.is_none())
 }
 
 /// The canary key pair, destroyed on drop.

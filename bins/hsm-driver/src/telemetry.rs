@@ -462,6 +462,19 @@ mod tests {
         );
     }
 
+    /// `GET /healthz` on a connection of its own; the whole response (empty if the endpoint
+    /// closed the connection).
+    async fn get_healthz(addr: SocketAddr) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response).await;
+        response
+    }
+
     #[tokio::test]
     async fn the_endpoint_serves_on_a_real_port_until_stopped() {
         let endpoint = Telemetry::new("drv-1")
@@ -473,13 +486,7 @@ mod tests {
         let stop = tokio_util::sync::CancellationToken::new();
         let server = tokio::spawn(endpoint.serve(stop.clone().cancelled_owned()));
 
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
+        let response = get_healthz(addr).await;
         assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
         assert!(response.ends_with("\r\n\r\nok\n"), "{response}");
 
@@ -525,18 +532,8 @@ mod tests {
         // idle connections go, and the endpoint answers a whole request again (their slots
         // are free: closing them is asynchronous).
         drop((idle_a, idle_b));
-        let healthz = || async {
-            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            stream
-                .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-                .await
-                .unwrap();
-            let mut response = String::new();
-            let _ = stream.read_to_string(&mut response).await;
-            response.starts_with("HTTP/1.1 200 OK\r\n")
-        };
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            while !healthz().await {
+            while !get_healthz(addr).await.starts_with("HTTP/1.1 200 OK\r\n") {
                 tokio::task::yield_now().await;
             }
         })
@@ -559,13 +556,7 @@ mod tests {
         );
 
         // And the endpoint still answers.
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
+        let response = get_healthz(addr).await;
         assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
         stop.cancel();
         server.await.unwrap();

@@ -39,7 +39,8 @@ pub use master_key::{MASTER_KEY_LABEL, MasterKeyProvisioning, SharedMasterKey};
 pub use simulator::SimulatorOptions;
 pub use telemetry::{Readiness, TelemetryResponse};
 pub use token::{
-    HsmModule, HsmToken, KeyScheme, TokenKind, api_names, report_skipped, softhsm_module_path,
+    HsmModule, HsmToken, KeyScheme, TokenKind, api_names, read_pin_file, report_skipped,
+    slot_labelled, softhsm_module_path,
 };
 pub use verify::{ApiSignature, same_public_key, verify_signature};
 pub use workload::{

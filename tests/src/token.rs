@@ -281,3 +281,38 @@ pub(crate) fn write_secret(path: &Path, contents: &str) -> anyhow::Result<()> {
     writeln!(file, "{contents}")?;
     Ok(())
 }
+
+/// The first line of a PIN file, for this crate's PKCS#11 tools (`init-token`,
+/// `plant-trusted-key`); the buffer it was read into is wiped.
+///
+/// # Errors
+/// If the file cannot be read.
+pub fn read_pin_file(path: &Path) -> anyhow::Result<secrecy::SecretString> {
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    );
+    Ok(secrecy::SecretString::from(
+        text.lines().next().unwrap_or_default().to_owned(),
+    ))
+}
+
+/// The slot whose token is labelled `label` (slot numbers can change after `C_InitToken`),
+/// for this crate's PKCS#11 tools.
+///
+/// # Errors
+/// If `C_GetSlotList` fails or no token carries the label.
+pub fn slot_labelled(
+    context: &cryptoki::context::Pkcs11,
+    label: &str,
+) -> anyhow::Result<cryptoki::slot::Slot> {
+    context
+        .get_slots_with_token()
+        .context("C_GetSlotList failed")?
+        .into_iter()
+        .find(|slot| {
+            context
+                .get_token_info(*slot)
+                .is_ok_and(|info| info.label().trim_end() == label)
+        })
+        .with_context(|| format!("no token labelled `{label}`"))
+}

@@ -16,14 +16,12 @@
 //! on the slot that now carries the label, `C_Login` as SO, `C_InitPIN`, `C_Logout`. The PINs
 //! are read from files (their first line) and never printed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use cryptoki::session::UserType;
-use secrecy::SecretString;
-use zeroize::Zeroizing;
 
 /// Initialises a token on the first free slot and sets its user PIN. For tests only.
 #[derive(Debug, Parser)]
@@ -59,8 +57,8 @@ fn main() -> ExitCode {
 
 /// Initialises the token; returns the slot it ended up on.
 fn init(args: &Args) -> anyhow::Result<u64> {
-    let so_pin = read_pin(&args.so_pin_file)?;
-    let pin = read_pin(&args.pin_file)?;
+    let so_pin = hsm_driver_e2e::read_pin_file(&args.so_pin_file)?;
+    let pin = hsm_driver_e2e::read_pin_file(&args.pin_file)?;
     let module = hsm_pkcs11::Pkcs11Module::initialize(&args.module)
         .with_context(|| format!("loading {}", args.module.display()))?;
     let context = module.context();
@@ -89,15 +87,7 @@ fn init(args: &Args) -> anyhow::Result<u64> {
         .init_token(free, &so_pin, &args.label)
         .context("C_InitToken failed")?;
     // Some implementations renumber slots after C_InitToken: find ours by its label.
-    let slot = context
-        .get_slots_with_token()
-        .context("C_GetSlotList failed")?
-        .into_iter()
-        .find(|slot| {
-            context
-                .get_token_info(*slot)
-                .is_ok_and(|info| info.label().trim_end() == args.label)
-        })
+    let slot = hsm_driver_e2e::slot_labelled(context, &args.label)
         .with_context(|| format!("no slot carries `{}` after C_InitToken", args.label))?;
     let session = context
         .open_rw_session(slot)
@@ -108,14 +98,4 @@ fn init(args: &Args) -> anyhow::Result<u64> {
     session.init_pin(&pin).context("C_InitPIN failed")?;
     session.logout().context("C_Logout failed")?;
     Ok(slot.id())
-}
-
-/// The first line of a PIN file.
-fn read_pin(path: &Path) -> anyhow::Result<SecretString> {
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-    );
-    Ok(SecretString::from(
-        text.lines().next().unwrap_or_default().to_owned(),
-    ))
 }

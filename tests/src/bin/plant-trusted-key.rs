@@ -18,7 +18,7 @@
 //! Exit status: 0 when the key was created (or removed); 3 when the token refused both ways, with the
 //! return value on standard output; 1 on any other error.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -26,8 +26,6 @@ use clap::Parser;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::UserType;
-use secrecy::SecretString;
-use zeroize::Zeroizing;
 
 /// Creates a trusted AES key of a known value as the security officer. For tests only.
 #[derive(Debug, Parser)]
@@ -80,20 +78,11 @@ fn main() -> ExitCode {
 }
 
 fn plant(args: &Args) -> anyhow::Result<Planted> {
-    let so_pin = read_pin(&args.so_pin_file)?;
+    let so_pin = hsm_driver_e2e::read_pin_file(&args.so_pin_file)?;
     let module = hsm_pkcs11::Pkcs11Module::initialize(&args.module)
         .with_context(|| format!("loading {}", args.module.display()))?;
     let context = module.context();
-    let slot = context
-        .get_slots_with_token()
-        .context("C_GetSlotList failed")?
-        .into_iter()
-        .find(|slot| {
-            context
-                .get_token_info(*slot)
-                .is_ok_and(|info| info.label().trim_end() == args.token)
-        })
-        .with_context(|| format!("no token labelled `{}`", args.token))?;
+    let slot = hsm_driver_e2e::slot_labelled(context, &args.token)?;
     let session = context
         .open_rw_session(slot)
         .context("C_OpenSession failed")?;
@@ -145,14 +134,4 @@ fn plant(args: &Args) -> anyhow::Result<Planted> {
     };
     session.logout().context("C_Logout failed")?;
     Ok(outcome)
-}
-
-/// The first line of a PIN file.
-fn read_pin(path: &Path) -> anyhow::Result<SecretString> {
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-    );
-    Ok(SecretString::from(
-        text.lines().next().unwrap_or_default().to_owned(),
-    ))
 }

@@ -170,6 +170,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
         wrap_mechanism: None,
         hot_keys: None,
         rotation_target_label: None,
+        ledger_key_label: None,
     };
     // Kept open throughout: closing a token's last session logs the application out.
     let keepalive = AnchorSession::open(&module, &config)?;

@@ -126,6 +126,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
             wrap_mechanism: None,
             hot_keys: None,
             rotation_target_label: None,
+            ledger_key_label: None,
         },
     )?);
     let url = DatabaseUrl::parse(&args.database_url)?;

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use hsm_pkcs11::{Hsm, SchemeSupport};
+use hsm_pkcs11::{Hsm, MasterKeyInfo, SchemeSupport};
+use wrapped_keystore::{DieselKeyStore, KeyStore};
 
 use crate::config::{Config, HsmKind};
 use crate::wiring;
@@ -50,9 +51,9 @@ pub(crate) async fn check(path: &Path, config: &Config) -> bool {
         }
     }
 
-    match config.hsm.kind {
+    let held = match config.hsm.kind {
         HsmKind::Pkcs11 => check_pkcs11(config, &mut report).await,
-    }
+    };
 
     if let Some(refused) = config.database.plaintext_allowed_only_by_the_flag() {
         report.warn(
@@ -70,10 +71,13 @@ pub(crate) async fn check(path: &Path, config: &Config) -> bool {
                 tokio::task::spawn_blocking(move || store.pending_migrations()).await
             };
             match pending {
-                Ok(Ok(pending)) if pending.is_empty() => report.ok(
-                    "database",
-                    format_args!("{} reachable, migrations up to date", store.backend()),
-                ),
+                Ok(Ok(pending)) if pending.is_empty() => {
+                    report.ok(
+                        "database",
+                        format_args!("{} reachable, migrations up to date", store.backend()),
+                    );
+                    check_master_keys(&store, held.as_deref(), &mut report).await;
+                }
                 Ok(Ok(pending)) => report.warn(
                     "database",
                     format_args!(
@@ -113,7 +117,64 @@ pub(crate) async fn check(path: &Path, config: &Config) -> bool {
     }
 }
 
-async fn check_pkcs11(config: &Config, report: &mut Report) {
+/// Which master key the deployment wraps new keys under, how many records are under each key
+/// (records under another key: a rotation is unfinished), and whether this HSM holds them.
+async fn check_master_keys(
+    store: &DieselKeyStore,
+    held: Option<&[MasterKeyInfo]>,
+    report: &mut Report,
+) {
+    let deployment = match store.deployment_master_key().await {
+        Ok(deployment) => deployment,
+        Err(e) => return report.fail("master keys", &anyhow::Error::new(e)),
+    };
+    let counts = match store.count_by_master_key().await {
+        Ok(counts) => counts,
+        Err(e) => return report.fail("key records", &anyhow::Error::new(e)),
+    };
+    let label = |fingerprint: &str| {
+        held.and_then(|held| held.iter().find(|m| m.fingerprint == fingerprint))
+            .map_or_else(
+                || "not held by this HSM".to_owned(),
+                |m| format!("`{}`", m.label),
+            )
+    };
+    match &deployment {
+        Some(fingerprint) => report.ok(
+            "deployment master key",
+            format_args!(
+                "new keys are wrapped under {fingerprint} ({})",
+                label(fingerprint)
+            ),
+        ),
+        None => report.ok(
+            "deployment master key",
+            "none recorded yet (no driver has run)",
+        ),
+    }
+    if counts.is_empty() {
+        report.ok("key records", "none stored");
+    }
+    for (fingerprint, count) in &counts {
+        if deployment.as_deref() == Some(fingerprint.as_str()) {
+            report.ok(
+                "key records",
+                format_args!("{count} under the deployment's master key {fingerprint}"),
+            );
+        } else {
+            report.warn(
+                "key records",
+                format_args!(
+                    "{count} still under master key {fingerprint} ({}), not the deployment's: a rotation is unfinished; run `hsm-driver master-key rotate --to <label>` again",
+                    label(fingerprint)
+                ),
+            );
+        }
+    }
+}
+
+/// Checks the PKCS#11 side; returns the master keys the HSM holds when it could open it.
+async fn check_pkcs11(config: &Config, report: &mut Report) -> Option<Vec<MasterKeyInfo>> {
     let module = match wiring::pkcs11_module(config).await {
         Ok(module) => {
             report.ok(
@@ -127,11 +188,17 @@ async fn check_pkcs11(config: &Config, report: &mut Report) {
             );
             module
         }
-        Err(e) => return report.fail("PKCS#11 module", &e),
+        Err(e) => {
+            report.fail("PKCS#11 module", &e);
+            return None;
+        }
     };
     let hsm = match wiring::pkcs11_hsm(&module, config).await {
         Ok(hsm) => hsm,
-        Err(e) => return report.fail("token, login and master key", &e),
+        Err(e) => {
+            report.fail("token, login and master key", &e);
+            return None;
+        }
     };
     report.ok(
         "token",
@@ -141,14 +208,20 @@ async fn check_pkcs11(config: &Config, report: &mut Report) {
             config.sessions()
         ),
     );
-    let master = hsm.master_key();
-    report.ok(
-        "master key",
-        format_args!(
-            "`{}` present, fingerprint {}",
-            master.label, master.fingerprint
-        ),
-    );
+    let held = hsm.master_keys();
+    for (index, master) in held.iter().enumerate() {
+        report.ok(
+            if index == 0 {
+                "master key"
+            } else {
+                "rotation target"
+            },
+            format_args!(
+                "`{}` present, fingerprint {}",
+                master.label, master.fingerprint
+            ),
+        );
+    }
     let mechanism = hsm.wrap_mechanism();
     report.ok(
         "wrap mechanism",
@@ -172,9 +245,12 @@ async fn check_pkcs11(config: &Config, report: &mut Report) {
             for finding in suite.unsafe_findings() {
                 report.fail("attack suite", &anyhow::anyhow!("{finding}"));
             }
-            return;
+            return None;
         }
-        Err(e) => return report.fail("attack suite", &e),
+        Err(e) => {
+            report.fail("attack suite", &e);
+            return None;
+        }
     };
     for (scheme, support) in &hsm.capabilities().schemes {
         match support {
@@ -210,4 +286,5 @@ async fn check_pkcs11(config: &Config, report: &mut Report) {
         Ok(Err(e)) => report.fail("token objects", &anyhow::Error::new(e)),
         Err(e) => report.fail("token objects", &anyhow::Error::new(e)),
     }
+    Some(held)
 }

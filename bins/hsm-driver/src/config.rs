@@ -152,10 +152,17 @@ pub(crate) struct HsmSection {
     #[serde(default)]
     pub(crate) sessions: Option<usize>,
     /// The label of a trusted master key the security officer made on this token as the
-    /// destination of a master-key rotation: the attack suite checks it like the master key
-    /// instead of reporting it as a foreign trusted object (docs/key-ceremony.md).
+    /// destination of a master-key rotation. The driver holds it beside the master key: it
+    /// signs with keys already moved to it, wraps new keys under it once the deployment has
+    /// switched, and the attack suite checks it like the master key instead of reporting it as
+    /// a foreign trusted object (docs/key-ceremony.md).
     #[serde(default)]
     pub(crate) rotation_target_label: Option<String>,
+    /// The label of the ledger key (default: `<master_key_label>-ledger`). The ledger key is
+    /// not rotated with the master key: after a rotation, set it to the old master key's
+    /// ledger key when `master_key_label` names the new one (docs/key-ceremony.md).
+    #[serde(default)]
+    pub(crate) ledger_key_label: Option<String>,
     /// TESTS AND FAULT DRILLS ONLY: make the HSM fail on demand.
     #[serde(default)]
     pub(crate) fault_injection: Option<FaultInjectionSection>,

@@ -3,7 +3,8 @@
 //!
 //! Subcommands: `run` (the service), `check` (verify every dependency and print a line for
 //! each), `migrate` (apply database migrations), `master-key create` (provision the master key
-//! on a token). Configuration: a TOML file (`--config`) plus `HSM_DRIVER__SECTION__FIELD`
+//! on a token), `master-key create-trusted` and `master-key rotate` (move every stored key to a
+//! new master key), `audit verify`. Configuration: a TOML file (`--config`) plus `HSM_DRIVER__SECTION__FIELD`
 //! environment overrides; see the README's configuration reference.
 
 mod check;
@@ -85,9 +86,51 @@ enum MasterKeyCommand {
         label: Option<String>,
     },
     /// Add the record-MAC key (`<master label>-mac`) to a token whose master key was created
-    /// before key records were MACed. Tokens sharing a master key must share this key too:
-    /// create it on one and clone it with the vendor's tools (docs/key-ceremony.md).
-    CreateMacKey,
+    /// before key records were MACed, or to a new trusted master key. Tokens sharing a master
+    /// key must share this key too: `--value-file` with the ceremony's value, or the vendor's
+    /// cloning tools (docs/key-ceremony.md).
+    CreateMacKey {
+        /// The master key it belongs to (default: `hsm.master_key_label`).
+        #[arg(long)]
+        master_label: Option<String>,
+        /// Derive it from this master key value (64 hex digits on the first line; a file only
+        /// its owner may read), as every token given that value does.
+        #[arg(long)]
+        value_file: Option<PathBuf>,
+    },
+    /// As the security officer: create a trusted master key, the destination of a rotation
+    /// (CKA_TRUSTED, which only the SO can set). Refused on tokens where an SO session could
+    /// use it (docs/key-ceremony.md).
+    CreateTrusted {
+        /// Label of the new key.
+        #[arg(long)]
+        label: String,
+        /// The security officer's PIN (first line; a file only its owner may read).
+        #[arg(long)]
+        so_pin_file: PathBuf,
+        /// Import this value (64 hex digits on the first line) instead of generating one, to
+        /// give every HSM of a deployment the same key.
+        #[arg(long)]
+        value_file: Option<PathBuf>,
+    },
+    /// Move every stored key to the trusted master key labelled `--to`, inside the HSM, while
+    /// drivers keep serving. Resumable: run it again after any interruption.
+    Rotate {
+        /// Label of the destination key on this token.
+        #[arg(long)]
+        to: String,
+        /// Records read per page.
+        #[arg(long, default_value_t = 100)]
+        batch: u32,
+        /// A driver that recorded its keys within this many milliseconds is live and must hold
+        /// the new key before the deployment switches to it.
+        #[arg(long, default_value_t = 60_000)]
+        live_within_ms: u64,
+        /// Wait this long after a sweep before counting again (key generations racing the
+        /// switch); at least the longest a key generation job runs.
+        #[arg(long, default_value_t = 30_000)]
+        settle_ms: u64,
+    },
     /// Add the ledger key (`<master label>-ledger`) to a token whose master key was created
     /// before audit ledger entries were MACed in the HSM. Tokens sharing a master key must
     /// share this key too (docs/key-ceremony.md, docs/ledger.md).
@@ -129,8 +172,43 @@ fn main() -> ExitCode {
                 command: MasterKeyCommand::Create { label },
             } => run::create_master_key(&config, label).await.map(|()| true),
             Command::MasterKey {
-                command: MasterKeyCommand::CreateMacKey,
-            } => run::create_mac_key(&config).await.map(|()| true),
+                command:
+                    MasterKeyCommand::CreateMacKey {
+                        master_label,
+                        value_file,
+                    },
+            } => run::create_mac_key(&config, master_label, value_file.as_deref())
+                .await
+                .map(|()| true),
+            Command::MasterKey {
+                command:
+                    MasterKeyCommand::CreateTrusted {
+                        label,
+                        so_pin_file,
+                        value_file,
+                    },
+            } => {
+                run::create_trusted_master_key(&config, label, &so_pin_file, value_file.as_deref())
+                    .await
+                    .map(|()| true)
+            }
+            Command::MasterKey {
+                command:
+                    MasterKeyCommand::Rotate {
+                        to,
+                        batch,
+                        live_within_ms,
+                        settle_ms,
+                    },
+            } => {
+                let options = driver_core::rotation::RotationOptions {
+                    batch,
+                    live_within: std::time::Duration::from_millis(live_within_ms),
+                    settle: std::time::Duration::from_millis(settle_ms),
+                    ..Default::default()
+                };
+                run::rotate(&config, to, options).await
+            }
             Command::MasterKey {
                 command: MasterKeyCommand::CreateLedgerKey,
             } => run::create_ledger_key(&config).await.map(|()| true),

@@ -3,12 +3,13 @@
 use anyhow::Context;
 use dfns_api_client::HttpJobSource;
 use driver_core::ledger::{self, Checkpoints, HsmAuthenticator};
+use driver_core::rotation::{self, Moved, RotationOptions};
 use driver_core::{ChainHead, Driver};
 use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
 use hsm_pkcs11::{Hsm, SchemeSupport};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use wrapped_keystore::{DieselKeyStore, KeyStore};
+use wrapped_keystore::DieselKeyStore;
 
 use crate::config::{Config, HsmKind};
 use crate::telemetry::Telemetry;
@@ -75,17 +76,15 @@ async fn serve<H: Hsm>(
         }
     }
     let source: HttpJobSource = wiring::api_client(config)?;
-    let master = hsm.master_key();
-    info!(label = %master.label, fingerprint = %master.fingerprint, "master key");
-    // The first driver records the deployment's master key; every later one must match it.
-    let registration = store
-        .register_master_key(&master.fingerprint, &config.driver.id)
+    for master in hsm.master_keys() {
+        info!(label = %master.label, fingerprint = %master.fingerprint, "master key held");
+    }
+    // The first driver records the deployment's master key; every later one must hold it (as
+    // its master key or, during a rotation, as its rotation target).
+    let registration = rotation::register_master_keys(&hsm, &store, &config.driver.id)
         .await
         .context("registering the master key fingerprint in the database (all HSMs of a deployment must hold the same master key)")?;
-    info!(
-        ?registration,
-        "master key fingerprint matches the deployment's"
-    );
+    info!(?registration, "this HSM holds the deployment's master key");
     for (scheme, support) in &hsm.capabilities().schemes {
         match support {
             SchemeSupport::Supported => info!(%scheme, "scheme supported"),
@@ -217,12 +216,56 @@ pub(crate) async fn create_master_key(
     Ok(())
 }
 
+/// `master-key create-trusted`: the security officer's step of a rotation ceremony.
+pub(crate) async fn create_trusted_master_key(
+    config: &Config,
+    label: String,
+    so_pin_file: &std::path::Path,
+    value_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let so_pin = secrets::secret_file(so_pin_file, "--so-pin-file")?;
+    let value = value_file
+        .map(|path| secrets::key_value_file(path, "--value-file"))
+        .transpose()?;
+    let module = wiring::pkcs11_module(config).await?;
+    let token = wiring::token_label(config)?;
+    let (making, on) = (label.clone(), token.clone());
+    tokio::task::spawn_blocking(move || match value {
+        None => hsm_pkcs11::create_trusted_master_key(&module, &on, &so_pin, &making),
+        Some(value) => {
+            hsm_pkcs11::import_trusted_master_key(&module, &on, &so_pin, &making, &value)
+        }
+    })
+    .await
+    .context("provisioning task")?
+    .with_context(|| format!("master-key create-trusted `{label}` on token `{token}`"))?;
+    println!(
+        "trusted master key `{label}` {} on token `{token}` by the security officer (AES-256, CKA_TRUSTED, public, sensitive, not extractable, wrap/unwrap only); next, as the user: `hsm-driver master-key create-mac-key --master-label {label}`",
+        if value_file.is_some() {
+            "imported"
+        } else {
+            "generated"
+        }
+    );
+    Ok(())
+}
+
 /// `master-key create-mac-key`.
-pub(crate) async fn create_mac_key(config: &Config) -> anyhow::Result<()> {
-    let master = config.hsm.master_key_label.clone();
+pub(crate) async fn create_mac_key(
+    config: &Config,
+    master_label: Option<String>,
+    value_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let master = master_label.unwrap_or_else(|| config.hsm.master_key_label.clone());
+    let value = value_file
+        .map(|path| secrets::key_value_file(path, "--value-file"))
+        .transpose()?;
     let token = provision(config, "master-key create-mac-key", {
         let master = master.clone();
-        move |module, token, pin| hsm_pkcs11::create_mac_key(module, token, pin, &master)
+        move |module, token, pin| match value {
+            None => hsm_pkcs11::create_mac_key(module, token, pin, &master),
+            Some(value) => hsm_pkcs11::import_mac_key(module, token, pin, &master, &value),
+        }
     })
     .await
     .with_context(|| format!("creating the record-MAC key for `{master}`"))?;
@@ -231,6 +274,89 @@ pub(crate) async fn create_mac_key(config: &Config) -> anyhow::Result<()> {
         hsm_pkcs11::record_mac_key_label(&master)
     );
     Ok(())
+}
+
+/// `master-key rotate --to LABEL`: moves every stored key to the master key labelled `to`
+/// (driver_core::rotation). Prints one line per record (`moved <key id>`) and a summary;
+/// returns whether every record is under the new key.
+pub(crate) async fn rotate(
+    config: &Config,
+    to: String,
+    options: RotationOptions,
+) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        to != config.hsm.master_key_label,
+        "--to `{to}` is hsm.master_key_label: rotate runs with the old key as the master key \
+         and the new one as the destination"
+    );
+    if let Some(target) = &config.hsm.rotation_target_label {
+        anyhow::ensure!(
+            *target == to,
+            "--to `{to}` is not hsm.rotation_target_label (`{target}`)"
+        );
+    }
+    let mut config = config.clone();
+    config.hsm.rotation_target_label = Some(to.clone());
+    let module = wiring::pkcs11_module(&config).await?;
+    let hsm = wiring::pkcs11_hsm(&module, &config).await?;
+    // Nothing moves onto a key a PIN holder could attack: the suite attacks the destination
+    // like the master key.
+    let (hsm, report) = wiring::attack_suite(hsm).await?;
+    if !report.is_safe() {
+        for finding in report.unsafe_findings() {
+            println!("[FAIL] attack suite: {finding}");
+        }
+        anyhow::bail!("refusing to rotate: {report}");
+    }
+    let destination = hsm
+        .master_keys()
+        .into_iter()
+        .find(|m| m.label == to)
+        .context("the rotation target was not opened")?;
+    let store = wiring::key_store(&config).await?;
+    if config.database.migrate_on_start {
+        wiring::migrate(&store).await?;
+    }
+    let chain = format!("{}.rotation", config.driver.id);
+    println!(
+        "rotating every key record to master key `{to}` (fingerprint {}); ledger chain `{chain}`",
+        destination.fingerprint
+    );
+    let hsm = std::sync::Arc::new(hsm);
+    let store = std::sync::Arc::new(store);
+    let report = rotation::rotate(
+        hsm,
+        store,
+        &chain,
+        &destination.fingerprint,
+        &options,
+        |key_id, moved| match moved {
+            Moved::Moved => println!("moved {key_id}"),
+            Moved::AlreadyMoved => println!("already moved {key_id}"),
+            Moved::Refused { reason } => println!("REFUSED {key_id}: {reason}"),
+        },
+    )
+    .await
+    .context("master-key rotation (records moved so far stay moved; run it again to carry on)")?;
+    println!(
+        "moved {}, already moved {}, refused {}",
+        report.moved,
+        report.already_moved,
+        report.refused.len()
+    );
+    if report.switched {
+        println!("the deployment now wraps new keys under `{to}`");
+    }
+    for (fingerprint, count) in &report.remaining {
+        println!("{count} record(s) still under master key {fingerprint}");
+    }
+    if report.is_complete() {
+        println!(
+            "rotation complete: every key record is under master key `{to}` ({})",
+            report.to
+        );
+    }
+    Ok(report.is_complete() && report.refused.is_empty())
 }
 
 /// `master-key create-ledger-key`.
@@ -263,11 +389,7 @@ async fn provision(
     + 'static,
 ) -> anyhow::Result<String> {
     let module = wiring::pkcs11_module(config).await?;
-    let token = config
-        .hsm
-        .token_label
-        .clone()
-        .context("hsm.token_label: required")?;
+    let token = wiring::token_label(config)?;
     let pin = secrets::user_pin(&config.hsm)?;
     let label = token.clone();
     tokio::task::spawn_blocking(move || step(&module, &label, &pin))

@@ -71,6 +71,33 @@ pub(crate) fn user_pin(hsm: &HsmSection) -> anyhow::Result<SecretString> {
     }
 }
 
+/// A secret given on the command line as a file (`--so-pin-file`...): its first line, refused
+/// if others may read the file.
+///
+/// # Errors
+/// As [`user_pin`] for `user_pin_file`, naming `option`.
+pub(crate) fn secret_file(path: &Path, option: &str) -> anyhow::Result<SecretString> {
+    read_first_line(path, "command line", option, false)
+}
+
+/// A 256-bit key value given as a file holding 64 hex digits on its first line (a key
+/// ceremony's value), refused if others may read the file.
+///
+/// # Errors
+/// As [`secret_file`]; if the line is not 64 hex digits.
+pub(crate) fn key_value_file(path: &Path, option: &str) -> anyhow::Result<Zeroizing<[u8; 32]>> {
+    use secrecy::ExposeSecret;
+    let text = secret_file(path, option)?;
+    let mut value = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(text.expose_secret().trim(), &mut value[..]).map_err(|_| {
+        anyhow::anyhow!(
+            "{option}: {} must hold 64 hex digits (a 256-bit key) on its first line",
+            path.display()
+        )
+    })?;
+    Ok(value)
+}
+
 /// The PostgreSQL password from `database.password_file` (its first line), if one is
 /// configured; also refuses a `database.tls_client_key` that others may read.
 ///
@@ -184,6 +211,7 @@ mod tests {
             wrap_mechanism: "aes-key-wrap-pad".to_owned(),
             sessions: None,
             rotation_target_label: None,
+            ledger_key_label: None,
             fault_injection: None,
             hot_keys: None,
         }

@@ -88,14 +88,19 @@ pub(crate) async fn pkcs11_module(config: &Config) -> anyhow::Result<Pkcs11Modul
     .context("PKCS#11 initialisation task")?
 }
 
+/// `hsm.token_label`, which every PKCS#11 command needs.
+pub(crate) fn token_label(config: &Config) -> anyhow::Result<String> {
+    config
+        .hsm
+        .token_label
+        .clone()
+        .context("hsm.token_label: required")
+}
+
 /// The PKCS#11 settings.
 pub(crate) fn pkcs11_config(config: &Config) -> anyhow::Result<Pkcs11Config> {
     Ok(Pkcs11Config {
-        token_label: config
-            .hsm
-            .token_label
-            .clone()
-            .context("hsm.token_label: required")?,
+        token_label: token_label(config)?,
         user_pin: secrets::user_pin(&config.hsm)?,
         master_key_label: config.hsm.master_key_label.clone(),
         sessions: config.sessions(),
@@ -105,6 +110,7 @@ pub(crate) fn pkcs11_config(config: &Config) -> anyhow::Result<Pkcs11Config> {
             ttl: std::time::Duration::from_millis(hot.ttl_ms),
         }),
         rotation_target_label: config.hsm.rotation_target_label.clone(),
+        ledger_key_label: config.hsm.ledger_key_label.clone(),
     })
 }
 

@@ -32,6 +32,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         wrap_mechanism: None,
         hot_keys: None,
         rotation_target_label: None,
+        ledger_key_label: None,
     };
     let hsm = tokio::task::spawn_blocking(move || Pkcs11Hsm::open(&module, settings)).await??;
 

@@ -23,7 +23,7 @@ use crate::error::error_chain;
 use crate::health::{Component, Health, HealthReport};
 use crate::job::{self, Outcome};
 use crate::ledger::{ChainHead, Ledger, LedgerError};
-use crate::metrics::Metrics;
+use crate::metrics::{KeyRecordCount, Metrics};
 
 /// What one job task needs; shared by all of them.
 pub(crate) struct Parts<S, H, K> {
@@ -465,7 +465,7 @@ async fn supervise<S: JobSource, H: Hsm, K: KeyStore>(
                 }
                 Err(e) => Err(error_chain(&e)),
             },
-            Component::Store => parts.store.check().await.map_err(|e| error_chain(&e)),
+            Component::Store => check_store(&parts).await,
             Component::Api => return,
         };
         match result {
@@ -489,6 +489,42 @@ async fn supervise<S: JobSource, H: Hsm, K: KeyStore>(
             }
         }
     }
+}
+
+/// [`KeyStore::check`], then records the master keys this driver's HSM holds: with every
+/// check, so that a rotation sees which drivers are live and what they hold.
+async fn check_store<S, H: Hsm, K: KeyStore>(parts: &Parts<S, H, K>) -> Result<(), String> {
+    parts.store.check().await.map_err(|e| error_chain(&e))?;
+    let held = parts
+        .hsm
+        .master_keys()
+        .into_iter()
+        .map(|m| m.fingerprint)
+        .collect();
+    let store = &parts.store;
+    store
+        .record_driver_master_keys(&parts.config.driver_id, held)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let deployment = store
+        .deployment_master_key()
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let counts = store
+        .count_by_master_key()
+        .await
+        .map_err(|e| error_chain(&e))?;
+    parts.metrics.key_records(
+        counts
+            .into_iter()
+            .map(|(fingerprint, records)| KeyRecordCount {
+                deployment: deployment.as_deref() == Some(fingerprint.as_str()),
+                fingerprint,
+                records,
+            })
+            .collect(),
+    );
+    Ok(())
 }
 
 /// The heartbeat interval the API asked for, kept within

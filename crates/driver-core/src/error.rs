@@ -46,7 +46,7 @@ pub enum JobError {
     },
     /// The stored key was wrapped under a master key this HSM does not hold.
     #[error(
-        "key {key_id} was wrapped under master key {stored}, but this HSM holds {ours}: all HSMs must hold the same master key"
+        "key {key_id} is wrapped under master key {stored}, which this HSM does not hold (it holds {ours}): every HSM of a deployment must hold the deployment's master keys (during a rotation, both)"
     )]
     MasterKeyMismatch {
         /// The key id.

@@ -227,7 +227,15 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
         });
     }
 
-    let generated = timed(parts, "generate_key", parts.hsm.generate_key(key_scheme)).await?;
+    // Under the deployment's wrapping key: during a master-key rotation, the new one as soon
+    // as the rotation has switched the deployment to it.
+    let master = wrapping_master_key(parts, &key_id).await?;
+    let generated = timed(
+        parts,
+        "generate_key",
+        parts.hsm.generate_key_under(&master, key_scheme),
+    )
+    .await?;
     let mut record = KeyRecord {
         key_id: key_id.as_str().to_owned(),
         scheme: key_scheme.as_str().to_owned(),
@@ -235,7 +243,7 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
         public_key: generated.public_key,
         wrapped_key: generated.wrapped.blob,
         wrap_mechanism: generated.wrapped.mechanism.as_str().to_owned(),
-        master_key_fingerprint: parts.hsm.master_key().fingerprint.clone(),
+        master_key_fingerprint: master,
         created_at_ms: now_ms(),
         created_by: parts.config.driver_id.clone(),
         record_mac: Vec::new(),
@@ -245,7 +253,9 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     record.record_mac = timed(
         parts,
         "mac_record",
-        parts.hsm.mac_record(record_mac_input(&record)),
+        parts
+            .hsm
+            .mac_record_under(&record.master_key_fingerprint, record_mac_input(&record)),
     )
     .await?
     .to_vec();
@@ -322,14 +332,7 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
             reason: "unknown wrap mechanism name".to_owned(),
         }
     })?;
-    let ours = &parts.hsm.master_key().fingerprint;
-    if &record.master_key_fingerprint != ours {
-        return Err(JobError::MasterKeyMismatch {
-            key_id: key_id.to_string(),
-            stored: record.master_key_fingerprint,
-            ours: ours.clone(),
-        });
-    }
+    require_held(parts, &record.key_id, &record.master_key_fingerprint)?;
     // Before anything is unwrapped: the record is the one this deployment's HSM wrote.
     check_record_mac(parts, &record).await?;
     let payload = sign_payload(scheme, payload)?;
@@ -346,7 +349,8 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
     // The HSM verifies too; this check is the engine's own, independent of the Hsm
     // implementation: nothing is reported that does not verify against the stored key.
     let check = (request.public_key.clone(), request.payload.clone());
-    let signature = timed(parts, "sign", parts.hsm.sign(request)).await?;
+    let master = &record.master_key_fingerprint;
+    let signature = timed(parts, "sign", parts.hsm.sign_under(master, request)).await?;
     hsm_pkcs11::signature::verify(scheme, &check.0, &check.1, &signature).map_err(|source| {
         JobError::SignatureRejected {
             key_id: key_id.to_string(),
@@ -374,6 +378,43 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
     Ok(JobResult::Signature(result))
 }
 
+/// The master key new keys are wrapped under: the deployment's (as the store records it), which
+/// this HSM must hold; the HSM's current one on a store that records none yet.
+async fn wrapping_master_key<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: &Parts<S, H, K>,
+    key_id: &KeyId,
+) -> Result<String, JobError> {
+    match parts.store.deployment_master_key().await? {
+        Some(deployment) => {
+            require_held(parts, key_id.as_str(), &deployment)?;
+            Ok(deployment)
+        }
+        None => Ok(parts.hsm.master_key().fingerprint.clone()),
+    }
+}
+
+/// A key under a master key this HSM does not hold is another driver's to serve (retryable):
+/// during a rotation, a driver not yet restarted with the new key.
+fn require_held<S, H: Hsm, K>(
+    parts: &Parts<S, H, K>,
+    key_id: &str,
+    fingerprint: &str,
+) -> Result<(), JobError> {
+    let held = parts.hsm.master_keys();
+    if held.iter().any(|m| m.fingerprint == fingerprint) {
+        return Ok(());
+    }
+    Err(JobError::MasterKeyMismatch {
+        key_id: key_id.to_owned(),
+        stored: fingerprint.to_owned(),
+        ours: held
+            .iter()
+            .map(|m| m.fingerprint.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
 /// Awaits one HSM operation and records its latency.
 async fn timed<S, H, K, T>(
     parts: &Parts<S, H, K>,
@@ -389,7 +430,7 @@ async fn timed<S, H, K, T>(
 }
 
 /// The bytes the record MAC covers: every field that identifies the key.
-fn record_mac_input(record: &KeyRecord) -> Vec<u8> {
+pub(crate) fn record_mac_input(record: &KeyRecord) -> Vec<u8> {
     hsm_pkcs11::record_mac_message(
         &record.key_id,
         &record.scheme,
@@ -421,10 +462,17 @@ async fn check_record_mac<S: JobSource, H: Hsm, K: KeyStore>(
     let Ok(mac) = <[u8; 32]>::try_from(record.record_mac.as_slice()) else {
         return Err(tampered("the record has no valid MAC"));
     };
+    // Under the record MAC key of the master key the record names: a record moved to a master
+    // key this HSM does not hold is another driver's to check.
+    require_held(parts, &record.key_id, &record.master_key_fingerprint)?;
     match timed(
         parts,
         "verify_record_mac",
-        parts.hsm.verify_record_mac(record_mac_input(record), mac),
+        parts.hsm.verify_record_mac_under(
+            &record.master_key_fingerprint,
+            record_mac_input(record),
+            mac,
+        ),
     )
     .await
     {
@@ -490,7 +538,7 @@ fn signature_result(signature: Signature) -> SignatureResult {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

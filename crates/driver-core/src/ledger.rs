@@ -30,7 +30,8 @@ use std::sync::Arc;
 use hsm_pkcs11::{Hsm, HsmError, MacKey};
 use wrapped_keystore::ledger::{GENESIS_PREV_MAC, mac_message};
 use wrapped_keystore::{
-    InsertOutcome, KeyRecord, KeyStore, LedgerEntry, LedgerRecord, StoreError, StoredLedgerRow,
+    InsertOutcome, KeyRecord, KeyStore, LedgerEntry, LedgerRecord, ReplaceOutcome, StoreError,
+    StoredLedgerRow,
 };
 
 /// How many times an append re-reads the head and retries after finding its place taken.
@@ -241,6 +242,37 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
             InsertOutcome::Inserted
         } else {
             InsertOutcome::AlreadyPresent
+        })
+    }
+
+    /// Replaces the stored record `old` by `new` and appends `entry` in one transaction (a
+    /// master-key rotation moving a key): both are written or neither is. A record that is no
+    /// longer `old` ([`ReplaceOutcome::Changed`]) appends nothing.
+    ///
+    /// # Errors
+    /// As [`append`](Self::append).
+    pub async fn replace_key_with_entry(
+        &self,
+        old: KeyRecord,
+        new: KeyRecord,
+        entry: LedgerEntry,
+    ) -> Result<ReplaceOutcome, LedgerError> {
+        let store = Arc::clone(&self.store);
+        let (_, replaced) = self
+            .write(entry, move |record| {
+                let (store, old, new) = (Arc::clone(&store), old.clone(), new.clone());
+                async move {
+                    store
+                        .replace_with_ledger(old, new, record)
+                        .await
+                        .map(|outcome| outcome == ReplaceOutcome::Replaced)
+                }
+            })
+            .await?;
+        Ok(if replaced {
+            ReplaceOutcome::Replaced
+        } else {
+            ReplaceOutcome::Changed
         })
     }
 

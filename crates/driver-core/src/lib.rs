@@ -28,6 +28,11 @@
 //! [`ledger::verify_all`] checks every chain against the HSM and against checkpoints kept
 //! outside the database.
 //!
+//! **Master-key rotation.** [`rotation::rotate`] moves every stored key to a new master key
+//! inside the HSM while drivers keep serving; each driver holds both keys meanwhile
+//! ([`rotation::register_master_keys`] records which it holds) and signs each record with the
+//! key it names.
+//!
 //! **Failures.** The driver leases only while it is healthy ([`HealthReport::can_lease`]):
 //! registered with the API, HSM usable, key store usable. A job that finds the HSM or the store
 //! unusable marks it down; leasing stops, jobs already leased are handed back as retryable
@@ -47,6 +52,7 @@ mod health;
 mod job;
 pub mod ledger;
 mod metrics;
+pub mod rotation;
 
 pub use config::{DriverBuilder, DriverConfig};
 pub use engine::{Driver, RunReport};

@@ -1,6 +1,7 @@
 //! The engine's OpenTelemetry instruments. Labels are low-cardinality (kind, outcome, code):
 //! never key ids or job ids.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -20,12 +21,46 @@ pub(crate) struct Metrics {
     given_back: Counter<u64>,
     hsm_duration: Histogram<f64>,
     tamper: Counter<u64>,
+    /// The last count of key records per master key, for the `hsm_driver_key_records` gauge.
+    key_records: Arc<Mutex<Vec<KeyRecordCount>>>,
+}
+
+/// Key records under one master key, as the last store check counted them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyRecordCount {
+    /// The master key's fingerprint.
+    pub(crate) fingerprint: String,
+    /// Whether it is the key the deployment wraps new keys under.
+    pub(crate) deployment: bool,
+    /// How many records are under it.
+    pub(crate) records: u64,
 }
 
 impl Metrics {
     pub(crate) fn new(meter: &Meter, health: &Health) -> Self {
         observe_health(meter, health);
+        let key_records = Arc::new(Mutex::new(Vec::<KeyRecordCount>::new()));
+        let counts = Arc::clone(&key_records);
+        meter
+            .u64_observable_gauge("hsm_driver_key_records")
+            .with_description(
+                "Key records by master key fingerprint (its first 16 hex digits) and whether it is the deployment's current master key; records under another key mean a rotation is unfinished",
+            )
+            .with_callback(move |observer| {
+                for count in counts.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+                    let short: String = count.fingerprint.chars().take(16).collect();
+                    observer.observe(
+                        count.records,
+                        &[
+                            KeyValue::new("master_key", short),
+                            KeyValue::new("deployment", count.deployment.to_string()),
+                        ],
+                    );
+                }
+            })
+            .build();
         Self {
+            key_records,
             jobs: meter
                 .u64_counter("hsm_driver_jobs")
                 .with_description("Jobs finished, by kind and outcome")
@@ -71,6 +106,13 @@ impl Metrics {
                 )
                 .build(),
         }
+    }
+
+    pub(crate) fn key_records(&self, counts: Vec<KeyRecordCount>) {
+        *self
+            .key_records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = counts;
     }
 
     pub(crate) fn tamper_detected(&self, finding: &'static str) {

@@ -270,7 +270,7 @@ async fn a_tampered_or_foreign_key_record_is_refused_before_any_signature_is_rep
     assert!(
         foreign
             .message
-            .contains("all HSMs must hold the same master key"),
+            .contains("every HSM of a deployment must hold the deployment's master keys"),
         "{foreign:?}"
     );
     h.shutdown().await;

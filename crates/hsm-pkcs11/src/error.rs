@@ -181,6 +181,26 @@ pub enum HsmError {
         reason: String,
     },
 
+    /// An operation named a master key (by fingerprint) that this HSM does not hold: a key
+    /// record wrapped under another master key, or a rotation towards a key not configured.
+    /// Not retryable here (another HSM of the deployment may hold it).
+    #[error("this HSM holds no master key with fingerprint {fingerprint} (it holds {})", held.join(", "))]
+    MasterKeyNotHeld {
+        /// The fingerprint asked for.
+        fingerprint: String,
+        /// The fingerprints this HSM holds, its current master key first.
+        held: Vec<String>,
+    },
+
+    /// A master-key rotation cannot run on this token or towards this key: `reason` says why
+    /// (the token's policy keeps unwrapped keys from ever being wrapped again, or the
+    /// destination is not a trusted key).
+    #[error("master-key rotation is not possible here: {reason}")]
+    RotationUnsupported {
+        /// Why, as measured.
+        reason: String,
+    },
+
     /// The worker pool is not running: the HSM is being re-established
     /// ([`Hsm::recover`](crate::Hsm::recover)), a recovery failed, the HSM was closed, or a
     /// worker died. Retryable: call [`Hsm::recover`](crate::Hsm::recover), then try again.
@@ -268,6 +288,8 @@ impl HsmError {
             | HsmError::UnsafeMasterKey { .. }
             | HsmError::TrustedMasterKeyUnsafe { .. }
             | HsmError::SelfTestInconclusive { .. }
+            | HsmError::MasterKeyNotHeld { .. }
+            | HsmError::RotationUnsupported { .. }
             | HsmError::MasterKeyChanged { .. } => false,
         }
     }

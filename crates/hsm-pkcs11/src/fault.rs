@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::HsmError;
 use crate::hsm::{
-    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, SignRequest, Signature,
+    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, RewrapRequest, SignRequest,
+    Signature, WrappedKey,
 };
 
 /// Whether faults are being injected: a manual switch, and optionally a trigger file (tripped
@@ -182,6 +183,46 @@ impl<H: Hsm> Hsm for FaultInjectingHsm<H> {
             MacKey::Ledger => "verify_ledger_mac",
         })?;
         self.inner.verify_mac(key, message, mac).await
+    }
+
+    fn master_keys(&self) -> Vec<MasterKeyInfo> {
+        self.inner.master_keys()
+    }
+
+    async fn generate_key_under(
+        &self,
+        master: &str,
+        scheme: KeyScheme,
+    ) -> Result<GeneratedKey, HsmError> {
+        self.gate("generate_key")?;
+        self.inner.generate_key_under(master, scheme).await
+    }
+
+    async fn sign_under(&self, master: &str, request: SignRequest) -> Result<Signature, HsmError> {
+        self.gate("sign")?;
+        self.inner.sign_under(master, request).await
+    }
+
+    async fn mac_record_under(&self, master: &str, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
+        self.gate("mac_record")?;
+        self.inner.mac_record_under(master, message).await
+    }
+
+    async fn verify_record_mac_under(
+        &self,
+        master: &str,
+        message: Vec<u8>,
+        mac: [u8; 32],
+    ) -> Result<(), HsmError> {
+        self.gate("verify_record_mac")?;
+        self.inner
+            .verify_record_mac_under(master, message, mac)
+            .await
+    }
+
+    async fn rewrap(&self, request: RewrapRequest) -> Result<WrappedKey, HsmError> {
+        self.gate("rewrap")?;
+        self.inner.rewrap(request).await
     }
 
     async fn check(&self) -> Result<(), HsmError> {

@@ -166,6 +166,22 @@ pub struct SignRequest {
     pub payload: SignPayload,
 }
 
+/// A request to move a wrapped key from one master key to another inside the HSM
+/// ([`Hsm::rewrap`]), for a master-key rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewrapRequest {
+    /// The key's scheme.
+    pub scheme: KeyScheme,
+    /// The key's public half as stored: the new blob must sign for it.
+    pub public_key: Vec<u8>,
+    /// The key's private half, wrapped under the master key `from`.
+    pub wrapped: WrappedKey,
+    /// The fingerprint of the master key `wrapped` is under.
+    pub from: String,
+    /// The fingerprint of the master key to wrap it under.
+    pub to: String,
+}
+
 /// A signature, verified against the request's public key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signature {
@@ -357,6 +373,103 @@ pub trait Hsm: Send + Sync + 'static {
         self.verify_mac(MacKey::Record, message, mac)
     }
 
+    /// Every master key this HSM holds, the current one ([`Hsm::master_key`]) first: during a
+    /// master-key rotation also the key being rotated to. Records name the master key that
+    /// wrapped them by fingerprint; the `*_under` methods take it.
+    fn master_keys(&self) -> Vec<MasterKeyInfo> {
+        vec![self.master_key().clone()]
+    }
+
+    /// [`Hsm::generate_key`], wrapped under the held master key with fingerprint `master`.
+    /// The default holds only [`Hsm::master_key`].
+    ///
+    /// # Errors
+    /// [`HsmError::MasterKeyNotHeld`]; otherwise as [`Hsm::generate_key`].
+    fn generate_key_under(
+        &self,
+        master: &str,
+        scheme: KeyScheme,
+    ) -> impl Future<Output = Result<GeneratedKey, HsmError>> + Send {
+        let held = require_current(self, master);
+        async move {
+            held?;
+            self.generate_key(scheme).await
+        }
+    }
+
+    /// [`Hsm::sign`] with a key wrapped under the held master key with fingerprint `master`.
+    /// The default holds only [`Hsm::master_key`].
+    ///
+    /// # Errors
+    /// [`HsmError::MasterKeyNotHeld`]; otherwise as [`Hsm::sign`].
+    fn sign_under(
+        &self,
+        master: &str,
+        request: SignRequest,
+    ) -> impl Future<Output = Result<Signature, HsmError>> + Send {
+        let held = require_current(self, master);
+        async move {
+            held?;
+            self.sign(request).await
+        }
+    }
+
+    /// [`Hsm::mac_record`] under the record MAC key of the held master key with fingerprint
+    /// `master` (each master key has its own, labelled `<master label>-mac`).
+    ///
+    /// # Errors
+    /// [`HsmError::MasterKeyNotHeld`]; otherwise as [`Hsm::mac_record`].
+    fn mac_record_under(
+        &self,
+        master: &str,
+        message: Vec<u8>,
+    ) -> impl Future<Output = Result<[u8; 32], HsmError>> + Send {
+        let held = require_current(self, master);
+        async move {
+            held?;
+            self.mac_record(message).await
+        }
+    }
+
+    /// [`Hsm::verify_record_mac`] under the record MAC key of the held master key with
+    /// fingerprint `master`.
+    ///
+    /// # Errors
+    /// [`HsmError::MasterKeyNotHeld`]; otherwise as [`Hsm::verify_record_mac`].
+    fn verify_record_mac_under(
+        &self,
+        master: &str,
+        message: Vec<u8>,
+        mac: [u8; 32],
+    ) -> impl Future<Output = Result<(), HsmError>> + Send {
+        let held = require_current(self, master);
+        async move {
+            held?;
+            self.verify_record_mac(message, mac).await
+        }
+    }
+
+    /// Moves a wrapped key to another master key without it leaving the HSM: unwraps it under
+    /// `request.from` (as a sensitive key that only a trusted key can wrap), wraps it under
+    /// `request.to`, destroys it, then unwraps the new blob as a signing key, signs a fixed
+    /// test payload, verifies the signature against `request.public_key` and destroys that
+    /// key too. Nothing is left on the token. The default cannot rotate.
+    ///
+    /// # Errors
+    /// [`HsmError::RotationUnsupported`] when the token's policy keeps unwrapped keys from
+    /// being wrapped again or `to` is not a trusted key; [`HsmError::MasterKeyNotHeld`];
+    /// [`HsmError::UnwrapFailed`] and the other key-material errors for a blob that does not
+    /// unwrap or a new blob that does not sign for the public key; device errors.
+    fn rewrap(
+        &self,
+        request: RewrapRequest,
+    ) -> impl Future<Output = Result<WrappedKey, HsmError>> + Send {
+        let _ = request;
+        std::future::ready(Err(HsmError::RotationUnsupported {
+            reason: "this HSM implementation cannot move keys between master keys".to_owned(),
+        }))
+    }
+
     /// Proves the HSM is usable now with one cheap operation through the same path jobs take
     /// (the worker sessions), without creating any persistent object.
     ///
@@ -378,4 +491,17 @@ pub trait Hsm: Send + Sync + 'static {
     /// backoff); [`HsmError::MasterKeyChanged`] (not retryable) when the token now holds a
     /// master key with a different fingerprint than at open.
     fn recover(&self) -> impl Future<Output = Result<(), HsmError>> + Send;
+}
+
+/// `Ok` when `master` is the fingerprint of `hsm`'s current master key, the only one the
+/// defaults of the `*_under` methods hold.
+fn require_current<H: Hsm + ?Sized>(hsm: &H, master: &str) -> Result<(), HsmError> {
+    if hsm.master_key().fingerprint == master {
+        Ok(())
+    } else {
+        Err(HsmError::MasterKeyNotHeld {
+            fingerprint: master.to_owned(),
+            held: vec![hsm.master_key().fingerprint.clone()],
+        })
+    }
 }

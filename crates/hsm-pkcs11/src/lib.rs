@@ -53,8 +53,8 @@ pub use error::HsmError;
 #[cfg(feature = "fake")]
 pub use fake::FakeHsm;
 pub use hsm::{
-    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, SchemeSupport, SignPayload,
-    SignRequest, Signature, WrapMechanism, WrappedKey,
+    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, RewrapRequest,
+    SchemeSupport, SignPayload, SignRequest, Signature, WrapMechanism, WrappedKey,
 };
 #[cfg(feature = "bench")]
 pub use pkcs11::anchor;
@@ -62,7 +62,8 @@ pub use pkcs11::{
     Attack, AttackOutcome, AttackRecord, FindingKind, HotKeyStats, HotKeys, Pkcs11Config,
     Pkcs11Hsm, Pkcs11Module, SelfTestFinding, SelfTestReport, Severity, TokenReport,
     create_ledger_key, create_mac_key, create_master_key, create_trusted_master_key,
-    import_ledger_key, import_mac_key, import_master_key, user_can_make_trusted_keys,
+    import_ledger_key, import_mac_key, import_master_key, import_trusted_master_key,
+    user_can_make_trusted_keys,
 };
 pub use record_mac::{
     RECORD_MAC_DOMAIN, ledger_key_label, record_mac_key_label, record_mac_message,

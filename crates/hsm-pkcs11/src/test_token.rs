@@ -589,6 +589,50 @@ impl TestToken {
             wrap_mechanism: None,
             hot_keys: None,
             rotation_target_label: None,
+            ledger_key_label: None,
+        }
+    }
+
+    /// The key ceremony of a master-key rotation on this token: the security officer makes the
+    /// trusted master key `label` (generated, or imported with `value` so that several test
+    /// tokens share it), then the user makes its record MAC key (`<label>-mac`, derived from
+    /// `value` when given). Blocking.
+    ///
+    /// # Errors
+    /// As [`create_trusted_master_key`](crate::create_trusted_master_key) (refused with
+    /// [`HsmError::TrustedMasterKeyUnsafe`] on Kryoptic) and
+    /// [`create_mac_key`](crate::create_mac_key).
+    pub fn add_rotation_target(
+        &self,
+        label: &str,
+        value: Option<[u8; 32]>,
+    ) -> Result<(), HsmError> {
+        let so_pin = self.so_pin();
+        match value {
+            None => {
+                crate::create_trusted_master_key(&self.module, &self.label, &so_pin, label)?;
+                crate::create_mac_key(&self.module, &self.label, &self.user_pin, label)
+            }
+            Some(value) => {
+                let value = Zeroizing::new(value);
+                crate::import_trusted_master_key(
+                    &self.module,
+                    &self.label,
+                    &so_pin,
+                    label,
+                    &value,
+                )?;
+                crate::import_mac_key(&self.module, &self.label, &self.user_pin, label, &value)
+            }
+        }
+    }
+
+    /// [`TestToken::config`] holding the master key labelled `target` too, as the destination
+    /// of a rotation ([`Pkcs11Config::rotation_target_label`]).
+    pub fn config_rotating_to(&self, sessions: usize, target: &str) -> Pkcs11Config {
+        Pkcs11Config {
+            rotation_target_label: Some(target.to_owned()),
+            ..self.config(sessions)
         }
     }
 

@@ -5,8 +5,11 @@
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType};
-use hsm_pkcs11::test_token::{TestToken, TokenKind};
-use hsm_pkcs11::{HsmError, create_ledger_key, create_mac_key, create_trusted_master_key};
+use hsm_pkcs11::test_token::{TestToken, TokenKind, scheme_available};
+use hsm_pkcs11::{
+    Hsm, HsmError, KeyScheme, Pkcs11Hsm, RewrapRequest, SignPayload, SignRequest, WrapMechanism,
+    WrappedKey, create_ledger_key, create_mac_key, create_trusted_master_key,
+};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 
 mod support;
@@ -239,7 +242,9 @@ async fn a_configured_rotation_target_is_attacked_like_the_master_key_and_not_a_
     }
     let token = blocking(TestToken::create).await.unwrap();
     let ceremony = token.clone();
-    blocking(move || make_trusted(&ceremony)).await.unwrap();
+    blocking(move || ceremony.add_rotation_target(NEW_MASTER, None))
+        .await
+        .unwrap();
     let suite = |target: Option<&'static str>| {
         let token = token.clone();
         blocking(move || {
@@ -272,4 +277,172 @@ async fn a_configured_rotation_target_is_attacked_like_the_master_key_and_not_a_
         ],
         "the target is attacked like the master key"
     );
+}
+
+/// The rotation target of the `Pkcs11Hsm` tests below.
+const TARGET: &str = "rotation-target";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hsm_moves_each_scheme_to_the_rotation_target_and_signs_under_either_key() {
+    // Tried: a Pkcs11Hsm holding the master key and a trusted rotation target; for each
+    // scheme, a key generated under the old key, moved with `rewrap`, then signed with under
+    // each key through its own blob, and with each blob under the wrong key; record MACs under
+    // each key. Then the token's session objects are counted.
+    let token = blocking(TestToken::create).await.unwrap();
+    let ceremony = token.clone();
+    let made = blocking(move || ceremony.add_rotation_target(TARGET, None)).await;
+    if kind() == TokenKind::Kryoptic {
+        // Measured: an SO session can use a trusted key there; no rotation target exists.
+        assert!(
+            matches!(made, Err(HsmError::TrustedMasterKeyUnsafe { .. })),
+            "{made:?}"
+        );
+        return;
+    }
+    made.expect("the ceremony makes the rotation target");
+    let opening = token.clone();
+    let hsm =
+        blocking(move || Pkcs11Hsm::open(opening.module(), opening.config_rotating_to(2, TARGET)))
+            .await
+            .expect("the HSM opens holding both keys");
+    let held = hsm.master_keys();
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert_eq!(held[0].label, token.master_key_label());
+    assert_eq!(held[1].label, TARGET);
+    let (old, new) = (held[0].fingerprint.clone(), held[1].fingerprint.clone());
+    assert_ne!(old, new);
+
+    for scheme in KeyScheme::ALL {
+        if !scheme_available(hsm.capabilities(), scheme, "rotation") {
+            continue;
+        }
+        let generated = hsm.generate_key_under(&old, scheme).await.unwrap();
+        let moved = hsm
+            .rewrap(RewrapRequest {
+                scheme,
+                public_key: generated.public_key.clone(),
+                wrapped: generated.wrapped.clone(),
+                from: old.clone(),
+                to: new.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{scheme}: {e}"));
+        assert_ne!(moved.blob, generated.wrapped.blob, "{scheme}: a new blob");
+        let request = |wrapped: &WrappedKey| SignRequest {
+            scheme,
+            public_key: generated.public_key.clone(),
+            wrapped: wrapped.clone(),
+            payload: match scheme {
+                KeyScheme::Ed25519 => SignPayload::Message(b"after the rotation".to_vec()),
+                _ => SignPayload::Digest([7; 32]),
+            },
+        };
+        let signature = hsm.sign_under(&new, request(&moved)).await.unwrap();
+        hsm_pkcs11::signature::verify(
+            scheme,
+            &generated.public_key,
+            &request(&moved).payload,
+            &signature,
+        )
+        .expect("the moved key signs for the same public key");
+        hsm.sign_under(&old, request(&generated.wrapped))
+            .await
+            .expect("the old blob still signs under the old key");
+        let crossed = hsm.sign_under(&old, request(&moved)).await.unwrap_err();
+        assert!(crossed.is_key_material(), "{scheme}: {crossed}");
+        let crossed = hsm
+            .sign_under(&new, request(&generated.wrapped))
+            .await
+            .unwrap_err();
+        assert!(crossed.is_key_material(), "{scheme}: {crossed}");
+    }
+
+    let message = b"a record MAC message".to_vec();
+    let under_old = hsm.mac_record_under(&old, message.clone()).await.unwrap();
+    let under_new = hsm.mac_record_under(&new, message.clone()).await.unwrap();
+    assert_ne!(
+        under_old, under_new,
+        "each master key has its own record MAC key"
+    );
+    hsm.verify_record_mac_under(&new, message.clone(), under_new)
+        .await
+        .unwrap();
+    let wrong = hsm
+        .verify_record_mac_under(&new, message, under_old)
+        .await
+        .unwrap_err();
+    assert!(wrong.is_record_tampered(), "{wrong}");
+    let unknown = hsm
+        .sign_under(
+            &"00".repeat(32),
+            SignRequest {
+                scheme: KeyScheme::EcdsaP256,
+                public_key: vec![],
+                wrapped: WrappedKey {
+                    blob: vec![],
+                    mechanism: WrapMechanism::AesKeyWrapPad,
+                },
+                payload: SignPayload::Digest([0; 32]),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(unknown, HsmError::MasterKeyNotHeld { .. }),
+        "{unknown}"
+    );
+
+    let report = blocking(move || hsm.token_report()).await.unwrap();
+    assert_eq!(report.session_private_keys, 0, "nothing left behind");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_towards_an_untrusted_master_key_is_refused_on_every_token() {
+    // Tried (the weakened ceremony): the destination is a master key the user made, not a
+    // trusted key made by the security officer. Every stored key is unwrapped only as
+    // CKA_WRAP_WITH_TRUSTED, so a PIN holder's own key can never receive one: the same
+    // refusal that stops an attacker's key stops this rotation. Nothing is left behind.
+    let token = blocking(TestToken::create).await.unwrap();
+    let ceremony = token.clone();
+    blocking(move || {
+        hsm_pkcs11::create_master_key(
+            ceremony.module(),
+            ceremony.label(),
+            ceremony.user_pin(),
+            TARGET,
+        )
+    })
+    .await
+    .unwrap();
+    let opening = token.clone();
+    let hsm =
+        blocking(move || Pkcs11Hsm::open(opening.module(), opening.config_rotating_to(1, TARGET)))
+            .await
+            .unwrap();
+    let held = hsm.master_keys();
+    let generated = hsm
+        .generate_key_under(&held[0].fingerprint, KeyScheme::EcdsaP256)
+        .await
+        .unwrap();
+    let refused = hsm
+        .rewrap(RewrapRequest {
+            scheme: KeyScheme::EcdsaP256,
+            public_key: generated.public_key,
+            wrapped: generated.wrapped,
+            from: held[0].fingerprint.clone(),
+            to: held[1].fingerprint.clone(),
+        })
+        .await
+        .unwrap_err();
+    let HsmError::RotationUnsupported { reason } = &refused else {
+        panic!("{refused:?}");
+    };
+    match kind() {
+        // The extractable unwrap works; the wrap under an untrusted key does not.
+        TokenKind::SoftHsm2 => assert!(reason.contains("CKR_KEY_NOT_WRAPPABLE"), "{reason}"),
+        // The master key's unwrap template never yields a wrappable key there.
+        TokenKind::Kryoptic => assert!(reason.contains("CKR_TEMPLATE_INCONSISTENT"), "{reason}"),
+    }
+    let report = blocking(move || hsm.token_report()).await.unwrap();
+    assert_eq!(report.session_private_keys, 0, "nothing left behind");
 }

@@ -26,7 +26,7 @@
 //! prev_mac   = the previous entry's mac in the same chain, 32 raw bytes (no length prefix);
 //!              32 zero bytes for the first entry (seq 1)
 //! job_id, key_id = their UTF-8 bytes
-//! kind       = the ASCII bytes "KeyGeneration" or "Signature"
+//! kind       = the ASCII bytes "KeyGeneration", "Signature" or "KeyRewrap"
 //! payload_digest = its 32 bytes; result = its bytes
 //! created_at_ms = 8 bytes, big-endian two's complement (i64)
 //! ```
@@ -73,14 +73,19 @@ pub enum EntryKind {
     KeyGeneration,
     /// A payload was signed; the result is the signature.
     Signature,
+    /// A master-key rotation moved a key to another master key; the payload digest is the
+    /// SHA-256 of the new wrapped key, the result the new master key's fingerprint (ASCII hex).
+    KeyRewrap,
 }
 
 impl EntryKind {
-    /// The name stored in the `kind` column and MACed: `"KeyGeneration"` or `"Signature"`.
+    /// The name stored in the `kind` column and MACed: `"KeyGeneration"`, `"Signature"` or
+    /// `"KeyRewrap"`.
     pub fn as_str(self) -> &'static str {
         match self {
             EntryKind::KeyGeneration => "KeyGeneration",
             EntryKind::Signature => "Signature",
+            EntryKind::KeyRewrap => "KeyRewrap",
         }
     }
 
@@ -89,6 +94,7 @@ impl EntryKind {
         match name {
             "KeyGeneration" => Some(EntryKind::KeyGeneration),
             "Signature" => Some(EntryKind::Signature),
+            "KeyRewrap" => Some(EntryKind::KeyRewrap),
             _ => None,
         }
     }

@@ -47,5 +47,6 @@ pub use ledger::{EntryKind, LedgerEntry, LedgerRecord, StoredLedgerRow};
 #[cfg(feature = "fake")]
 pub use memory::{LedgerRows, MemoryKeyStore};
 pub use store::{
-    InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration, PageRequest,
+    DriverMasterKeys, InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration,
+    MasterKeySwitch, PageRequest, ReplaceOutcome,
 };

@@ -11,7 +11,8 @@ use diesel::result::ConnectionError;
 use crate::error::StoreError;
 use crate::ledger::{LedgerRecord, StoredLedgerRow};
 use crate::store::{
-    InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration, PageRequest,
+    DriverMasterKeys, InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration,
+    MasterKeySwitch, PageRequest, ReplaceOutcome,
 };
 
 /// A fake [`KeyStore`] that keeps records in memory, for tests. It has the same semantics as
@@ -24,6 +25,7 @@ use crate::store::{
 pub struct MemoryKeyStore {
     records: Arc<Mutex<BTreeMap<String, KeyRecord>>>,
     master_key: Arc<Mutex<Option<String>>>,
+    driver_master_keys: Arc<Mutex<BTreeMap<String, DriverMasterKeys>>>,
     // Lock order: `records` before `ledger` (insert_with_ledger holds both).
     ledger: Arc<Mutex<LedgerRows>>,
     unavailable: Arc<AtomicBool>,
@@ -63,6 +65,20 @@ impl MemoryKeyStore {
         } else {
             Ok(())
         }
+    }
+
+    /// Up to `limit` records (capped) after `after` in key id order, all or those under the
+    /// master key `fingerprint`.
+    fn page(&self, fingerprint: Option<&str>, after: Option<&str>, limit: u32) -> Vec<KeyRecord> {
+        let limit = usize::try_from(limit.min(MAX_PAGE_LIMIT)).unwrap_or(usize::MAX);
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.records()
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|(_, record)| record)
+            .filter(|record| fingerprint.is_none_or(|f| record.master_key_fingerprint == f))
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     fn records(&self) -> MutexGuard<'_, BTreeMap<String, KeyRecord>> {
@@ -128,17 +144,7 @@ impl KeyStore for MemoryKeyStore {
 
     async fn list(&self, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
         self.available()?;
-        let limit = usize::try_from(page.limit.min(MAX_PAGE_LIMIT)).unwrap_or(usize::MAX);
-        let start = match &page.after {
-            Some(after) => Bound::Excluded(after.as_str()),
-            None => Bound::Unbounded,
-        };
-        let records = self.records();
-        Ok(records
-            .range::<str, _>((start, Bound::Unbounded))
-            .take(limit)
-            .map(|(_, record)| record.clone())
-            .collect())
+        Ok(self.page(None, page.after.as_deref(), page.limit))
     }
 
     async fn count(&self) -> Result<u64, StoreError> {
@@ -163,6 +169,98 @@ impl KeyStore for MemoryKeyStore {
                 stored: existing.to_owned(),
                 ours: fingerprint.to_owned(),
             }),
+        }
+    }
+
+    async fn deployment_master_key(&self) -> Result<Option<String>, StoreError> {
+        self.available()?;
+        Ok(lock(&self.master_key).clone())
+    }
+
+    async fn switch_master_key(
+        &self,
+        from: &str,
+        to: &str,
+        _driver_id: &str,
+    ) -> Result<MasterKeySwitch, StoreError> {
+        self.available()?;
+        let mut stored = lock(&self.master_key);
+        match stored.as_deref() {
+            Some(existing) if existing == to => Ok(MasterKeySwitch::AlreadySwitched),
+            Some(existing) if existing == from => {
+                *stored = Some(to.to_owned());
+                Ok(MasterKeySwitch::Switched)
+            }
+            other => Err(StoreError::MasterKeyMismatch {
+                stored: other.unwrap_or_default().to_owned(),
+                ours: from.to_owned(),
+            }),
+        }
+    }
+
+    async fn record_driver_master_keys(
+        &self,
+        driver_id: &str,
+        mut fingerprints: Vec<String>,
+    ) -> Result<(), StoreError> {
+        self.available()?;
+        fingerprints.sort();
+        fingerprints.dedup();
+        let row = DriverMasterKeys {
+            driver_id: driver_id.to_owned(),
+            fingerprints,
+            seen_at_ms: crate::diesel_store::now_ms(),
+        };
+        lock(&self.driver_master_keys).insert(driver_id.to_owned(), row);
+        Ok(())
+    }
+
+    async fn driver_master_keys(&self) -> Result<Vec<DriverMasterKeys>, StoreError> {
+        self.available()?;
+        Ok(lock(&self.driver_master_keys).values().cloned().collect())
+    }
+
+    async fn count_by_master_key(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.available()?;
+        let mut counts = BTreeMap::<String, u64>::new();
+        for record in self.records().values() {
+            *counts
+                .entry(record.master_key_fingerprint.clone())
+                .or_default() += 1;
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    async fn list_under_master_key(
+        &self,
+        fingerprint: &str,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        self.available()?;
+        Ok(self.page(Some(fingerprint), after.as_deref(), limit))
+    }
+
+    async fn replace_with_ledger(
+        &self,
+        old: KeyRecord,
+        new: KeyRecord,
+        entry: LedgerRecord,
+    ) -> Result<ReplaceOutcome, StoreError> {
+        self.available()?;
+        let mut records = self.records();
+        match records.get_mut(&old.key_id) {
+            Some(stored) if stored.same_key_as(&old) && new.key_id == old.key_id => {
+                append(&mut self.ledger(), &entry)?;
+                let (created_at_ms, created_by) = (stored.created_at_ms, stored.created_by.clone());
+                *stored = KeyRecord {
+                    created_at_ms,
+                    created_by,
+                    ..new
+                };
+                Ok(ReplaceOutcome::Replaced)
+            }
+            _ => Ok(ReplaceOutcome::Changed),
         }
     }
 

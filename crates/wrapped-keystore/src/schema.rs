@@ -6,7 +6,8 @@
 //! every column through this definition, so a drift fails the tests.
 
 diesel::table! {
-    /// One row per wrapped key; written once, never updated.
+    /// One row per wrapped key; written once, updated only by a master-key rotation (new blob,
+    /// mechanism, fingerprint and MAC, in one transaction with its ledger entry).
     wrapped_keys (key_id) {
         /// The API's key id.
         key_id -> Text,
@@ -96,6 +97,18 @@ diesel::table! {
         prev_mac -> Binary,
         /// HMAC-SHA256 under the HSM's ledger key.
         mac -> Binary,
+    }
+}
+
+diesel::table! {
+    /// Which master keys each driver's HSM holds, as it last recorded them.
+    driver_master_keys (driver_id) {
+        /// The driver's id.
+        driver_id -> Text,
+        /// The fingerprints, sorted and comma-separated.
+        fingerprints -> Text,
+        /// When it recorded them, milliseconds since the Unix epoch.
+        seen_at_ms -> BigInt,
     }
 }
 

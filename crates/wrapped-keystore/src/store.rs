@@ -88,6 +88,37 @@ pub enum MasterKeyRegistration {
     AlreadyRecorded,
 }
 
+/// What [`KeyStore::switch_master_key`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MasterKeySwitch {
+    /// The deployment wrapped new keys under `from`; it now wraps them under `to`.
+    Switched,
+    /// The deployment already wrapped new keys under `to`; nothing changed.
+    AlreadySwitched,
+}
+
+/// What [`KeyStore::replace_with_ledger`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplaceOutcome {
+    /// The stored record was the expected one; it is replaced and the entry appended.
+    Replaced,
+    /// The stored record is no longer the expected one (another rotation moved it first, or it
+    /// changed): nothing was written.
+    Changed,
+}
+
+/// The master keys one driver holds, as it last recorded them
+/// ([`KeyStore::record_driver_master_keys`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverMasterKeys {
+    /// The driver's id.
+    pub driver_id: String,
+    /// The fingerprints of the master keys its HSM holds, in ascending order.
+    pub fingerprints: Vec<String>,
+    /// When it recorded them, in milliseconds since the Unix epoch.
+    pub seen_at_ms: i64,
+}
+
 /// The most records one [`KeyStore::list`] returns, whatever [`PageRequest::limit`] asks for.
 pub const MAX_PAGE_LIMIT: u32 = 1000;
 
@@ -160,6 +191,87 @@ pub trait KeyStore: Send + Sync + 'static {
         fingerprint: &str,
         driver_id: &str,
     ) -> impl Future<Output = Result<MasterKeyRegistration, StoreError>> + Send;
+
+    /// The fingerprint of the master key the deployment wraps new keys under (recorded by
+    /// [`register_master_key`](Self::register_master_key), moved by
+    /// [`switch_master_key`](Self::switch_master_key)); `None` on a fresh store.
+    ///
+    /// # Errors
+    /// A [`StoreError`] if the database fails.
+    fn deployment_master_key(
+        &self,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Makes the deployment wrap new keys under `to` instead of `from`: the step of a
+    /// master-key rotation taken once every live driver holds `to`. Atomic (a compare and set).
+    ///
+    /// # Errors
+    /// [`StoreError::MasterKeyMismatch`] when the deployment wraps under neither `from` nor
+    /// `to` (nothing changed); other [`StoreError`]s if the database fails.
+    fn switch_master_key(
+        &self,
+        from: &str,
+        to: &str,
+        driver_id: &str,
+    ) -> impl Future<Output = Result<MasterKeySwitch, StoreError>> + Send;
+
+    /// Records which master keys `driver_id`'s HSM holds, now (replacing what it recorded
+    /// before). Drivers call it at start-up and with every heartbeat, so that a rotation can
+    /// tell whether every live driver holds the new key.
+    ///
+    /// # Errors
+    /// A [`StoreError`] if the database fails.
+    fn record_driver_master_keys(
+        &self,
+        driver_id: &str,
+        fingerprints: Vec<String>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// What every driver last recorded with
+    /// [`record_driver_master_keys`](Self::record_driver_master_keys), in driver id order.
+    ///
+    /// # Errors
+    /// A [`StoreError`] if the database fails.
+    fn driver_master_keys(
+        &self,
+    ) -> impl Future<Output = Result<Vec<DriverMasterKeys>, StoreError>> + Send;
+
+    /// How many records are wrapped under each master key: `(fingerprint, count)` in
+    /// fingerprint order.
+    ///
+    /// # Errors
+    /// A [`StoreError`] if the database fails.
+    fn count_by_master_key(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(String, u64)>, StoreError>> + Send;
+
+    /// Up to `limit` (capped at [`MAX_PAGE_LIMIT`]) records wrapped under the master key
+    /// `fingerprint` with a key id above `after`, in ascending key id order.
+    ///
+    /// # Errors
+    /// A [`StoreError`] if the database fails.
+    fn list_under_master_key(
+        &self,
+        fingerprint: &str,
+        after: Option<String>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<KeyRecord>, StoreError>> + Send;
+
+    /// Replaces the stored record `old` (matched on every field [`KeyRecord::same_key_as`]
+    /// compares) by `new` (same key id), and appends `entry`, in one transaction: both are
+    /// written or neither is. The one place a record changes: a master-key rotation moving
+    /// it to another master key. A record that is no longer `old` is left alone
+    /// ([`ReplaceOutcome::Changed`]) and no entry is written.
+    ///
+    /// # Errors
+    /// [`StoreError::LedgerConflict`] if `(chain, seq)` is taken (nothing is written); other
+    /// [`StoreError`]s if the database fails.
+    fn replace_with_ledger(
+        &self,
+        old: KeyRecord,
+        new: KeyRecord,
+        entry: LedgerRecord,
+    ) -> impl Future<Output = Result<ReplaceOutcome, StoreError>> + Send;
 
     /// The newest entry of the ledger chain `chain` (the highest seq), as stored; `None` for a
     /// chain with no entry.

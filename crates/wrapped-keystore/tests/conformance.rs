@@ -6,8 +6,8 @@ mod support;
 
 use support::{ledger_record, record};
 use wrapped_keystore::{
-    InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration, PageRequest,
-    StoredLedgerRow,
+    InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration, MasterKeySwitch,
+    PageRequest, ReplaceOutcome, StoredLedgerRow,
 };
 
 mod suite {
@@ -565,6 +565,165 @@ mod suite {
 
     /// Tried: a new key (record + entry), the same key again, a conflicting key, and a new key
     /// whose entry's place is taken.
+    /// `record(key_id, 1)` moved to master key `mk-new` with a new blob and MAC.
+    fn moved(key_id: &str) -> KeyRecord {
+        let mut moved = record(key_id, 1);
+        moved.wrapped_key = vec![0xee; 40];
+        moved.wrap_mechanism = "aes-key-wrap-kwp".to_owned();
+        moved.master_key_fingerprint = "mk-new".to_owned();
+        moved.record_mac = vec![0xaa; 32];
+        moved
+    }
+
+    pub(crate) async fn a_rotation_replaces_a_record_with_its_entry_or_nothing<
+        S: KeyStore + Clone,
+    >(
+        store: S,
+    ) {
+        for id in ["key-a", "key-b", "key-c"] {
+            insert(&store, record(id, 1)).await;
+        }
+        insert(&store, record("key-z", 2)).await;
+        assert_eq!(
+            store.count_by_master_key().await.unwrap(),
+            vec![("mk-01".to_owned(), 3), ("mk-02".to_owned(), 1)]
+        );
+        let page = store.list_under_master_key("mk-01", None, 2).await.unwrap();
+        let ids: Vec<_> = page.iter().map(|r| r.key_id.as_str()).collect();
+        assert_eq!(ids, ["key-a", "key-b"], "first page of mk-01, by key id");
+        let rest = store
+            .list_under_master_key("mk-01", Some("key-b".to_owned()), 2)
+            .await
+            .unwrap();
+        assert_eq!(rest, vec![record("key-c", 1)]);
+
+        // The move: the record and its entry, both.
+        let outcome = store
+            .replace_with_ledger(record("key-a", 1), moved("key-a"), ledger_record("rot", 1))
+            .await
+            .unwrap();
+        assert_eq!(outcome, ReplaceOutcome::Replaced);
+        let stored = store.get("key-a").await.unwrap().unwrap();
+        assert!(stored.same_key_as(&moved("key-a")), "{stored:?}");
+        assert_eq!(
+            (stored.created_at_ms, stored.created_by.as_str()),
+            (record("key-a", 1).created_at_ms, "driver-1"),
+            "creation time and creator are kept"
+        );
+        assert_eq!(rows(&store, "rot").await.len(), 1);
+
+        // Tried: the same move again (a second rotator, or a retry after a lost commit
+        // acknowledgement): the record is no longer the one read, nothing is written.
+        let again = store
+            .replace_with_ledger(record("key-a", 1), moved("key-a"), ledger_record("rot", 2))
+            .await
+            .unwrap();
+        assert_eq!(again, ReplaceOutcome::Changed);
+        assert_eq!(
+            rows(&store, "rot").await.len(),
+            1,
+            "no entry for nothing done"
+        );
+
+        // Tried: a move whose entry's place is taken: neither the record nor the entry.
+        let error = store
+            .replace_with_ledger(record("key-b", 1), moved("key-b"), ledger_record("rot", 1))
+            .await
+            .expect_err("a taken ledger place");
+        assert!(error.is_ledger_conflict(), "{error:?}");
+        assert_eq!(
+            store.get("key-b").await.unwrap(),
+            Some(record("key-b", 1)),
+            "the record is as it was"
+        );
+
+        // Tried: a move whose expected record differs in one field (its MAC): nothing.
+        let mut stale = record("key-c", 1);
+        stale.record_mac = vec![0; 32];
+        let outcome = store
+            .replace_with_ledger(stale, moved("key-c"), ledger_record("rot", 2))
+            .await
+            .unwrap();
+        assert_eq!(outcome, ReplaceOutcome::Changed);
+        assert_eq!(store.get("key-c").await.unwrap(), Some(record("key-c", 1)));
+        assert_eq!(
+            store.count_by_master_key().await.unwrap(),
+            vec![
+                ("mk-01".to_owned(), 2),
+                ("mk-02".to_owned(), 1),
+                ("mk-new".to_owned(), 1)
+            ]
+        );
+    }
+
+    pub(crate) async fn the_deployment_switches_master_key_by_compare_and_set<
+        S: KeyStore + Clone,
+    >(
+        store: S,
+    ) {
+        assert_eq!(store.deployment_master_key().await.unwrap(), None);
+        store
+            .register_master_key("mk-old", "driver-a")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.deployment_master_key().await.unwrap().as_deref(),
+            Some("mk-old")
+        );
+        // Tried: switching from a key the deployment does not use: refused, nothing changes.
+        let error = store
+            .switch_master_key("mk-other", "mk-new", "rotator")
+            .await
+            .expect_err("a switch from the wrong key");
+        assert!(error.is_master_key_mismatch(), "{error:?}");
+        assert_eq!(
+            store
+                .switch_master_key("mk-old", "mk-new", "rotator")
+                .await
+                .unwrap(),
+            MasterKeySwitch::Switched
+        );
+        assert_eq!(
+            store
+                .switch_master_key("mk-old", "mk-new", "rotator")
+                .await
+                .unwrap(),
+            MasterKeySwitch::AlreadySwitched,
+            "running the switch again is harmless"
+        );
+        assert_eq!(
+            store.deployment_master_key().await.unwrap().as_deref(),
+            Some("mk-new")
+        );
+
+        store
+            .record_driver_master_keys("driver-b", vec!["mk-new".into(), "mk-old".into()])
+            .await
+            .unwrap();
+        store
+            .record_driver_master_keys("driver-a", vec!["mk-old".into()])
+            .await
+            .unwrap();
+        store
+            .record_driver_master_keys("driver-a", vec!["mk-old".into(), "mk-new".into()])
+            .await
+            .unwrap();
+        let drivers = store.driver_master_keys().await.unwrap();
+        let seen: Vec<_> = drivers
+            .iter()
+            .map(|d| (d.driver_id.as_str(), d.fingerprints.clone()))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("driver-a", vec!["mk-new".to_owned(), "mk-old".to_owned()]),
+                ("driver-b", vec!["mk-new".to_owned(), "mk-old".to_owned()]),
+            ],
+            "one row per driver, the latest, sorted"
+        );
+        assert!(drivers.iter().all(|d| d.seen_at_ms > 1_700_000_000_000));
+    }
+
     pub(crate) async fn insert_with_ledger_writes_both_or_neither<S: KeyStore + Clone>(store: S) {
         assert_eq!(
             store
@@ -678,7 +837,9 @@ macro_rules! conformance {
                 ledger_entries_round_trip_per_chain,
                 a_taken_ledger_place_is_a_conflict,
                 concurrent_appends_to_distinct_chains_all_land,
-                insert_with_ledger_writes_both_or_neither
+                insert_with_ledger_writes_both_or_neither,
+                a_rotation_replaces_a_record_with_its_entry_or_nothing,
+                the_deployment_switches_master_key_by_compare_and_set
             );
         }
     };

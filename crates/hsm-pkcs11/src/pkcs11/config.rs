@@ -33,6 +33,29 @@ pub struct Pkcs11Config {
     /// key instead of reporting it as a foreign trusted object. `None` (the default): any
     /// trusted object but the master key is an unsafe finding.
     pub rotation_target_label: Option<String>,
+    /// The `CKA_LABEL` of the ledger key; `None` (the default): `<master_key_label>-ledger`.
+    /// The ledger key is not rotated with the master key: after a rotation, when
+    /// `master_key_label` names the new master key, this keeps naming the ledger key the
+    /// deployment's chains are MACed under (see `docs/key-ceremony.md`).
+    pub ledger_key_label: Option<String>,
+}
+
+impl Pkcs11Config {
+    /// The label of the ledger key: [`Pkcs11Config::ledger_key_label`], else
+    /// `<master_key_label>-ledger`.
+    pub fn ledger_label(&self) -> String {
+        self.ledger_key_label
+            .clone()
+            .unwrap_or_else(|| crate::ledger_key_label(&self.master_key_label))
+    }
+
+    /// The labels of the master keys this configuration holds: the master key, then the
+    /// rotation target (if any).
+    pub fn master_labels(&self) -> Vec<&str> {
+        let mut labels = vec![self.master_key_label.as_str()];
+        labels.extend(self.rotation_target_label.as_deref());
+        labels
+    }
 }
 
 /// The hot-key path: each worker session keeps the keys it recently unwrapped as sensitive,
@@ -63,6 +86,7 @@ impl fmt::Debug for Pkcs11Config {
             .field("wrap_mechanism", &self.wrap_mechanism)
             .field("hot_keys", &self.hot_keys)
             .field("rotation_target_label", &self.rotation_target_label)
+            .field("ledger_key_label", &self.ledger_key_label)
             .finish()
     }
 }
@@ -81,6 +105,7 @@ mod tests {
             wrap_mechanism: Some(WrapMechanism::AesKeyWrapPad),
             hot_keys: None,
             rotation_target_label: None,
+            ledger_key_label: None,
         };
         let debug = format!("{config:?}");
         assert!(!debug.contains("hunter2"), "{debug}");

@@ -14,7 +14,8 @@ use super::guard::ObjectGuard;
 use super::raw::RawPkcs11;
 use crate::error::HsmError;
 use crate::hsm::{
-    GeneratedKey, KeyScheme, SignPayload, SignRequest, Signature, WrapMechanism, WrappedKey,
+    GeneratedKey, KeyScheme, RewrapRequest, SignPayload, SignRequest, Signature, WrapMechanism,
+    WrappedKey,
 };
 use crate::signature;
 
@@ -348,6 +349,34 @@ pub(crate) fn unwrap_and_sign(
     sign_with(session, key.handle(), request)
 }
 
+/// Whether an unwrapped key may be wrapped again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extractable {
+    /// Never: the data path's signing keys.
+    Never,
+    /// Only under a trusted key (`CKA_WRAP_WITH_TRUSTED`): a key being rotated.
+    ToTrustedKeys,
+}
+
+/// The template a stored key of `scheme` is unwrapped with: a private, sensitive, signing-only
+/// session object that only a trusted key could ever wrap. Class and key type are required;
+/// SoftHSMv2 defaults sensitive to false: say it. Every attribute the master key's
+/// CKA_UNWRAP_TEMPLATE pins is stated with the pinned value.
+fn unwrap_template(scheme: KeyScheme, extractable: Extractable) -> Vec<Attribute> {
+    let (key_type, _, _) = scheme_parameters(scheme);
+    let mut template = vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(key_type),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(extractable == Extractable::ToTrustedKeys),
+        Attribute::WrapWithTrusted(true),
+    ];
+    template.extend(SIGNING_ONLY);
+    template
+}
+
 /// Unwraps `request.wrapped` as a sensitive, non-extractable signing session object. The
 /// caller owns the handle and must destroy it.
 pub(crate) fn unwrap_signing_key(
@@ -356,19 +385,7 @@ pub(crate) fn unwrap_signing_key(
     request: &SignRequest,
 ) -> Result<ObjectHandle, HsmError> {
     signature::check_payload(request.scheme, &request.payload)?;
-    let (key_type, _, _) = scheme_parameters(request.scheme);
-    // Class and key type are required; SoftHSMv2 defaults sensitive to false: say it. Every
-    // attribute the master key's CKA_UNWRAP_TEMPLATE pins is stated with the pinned value.
-    let mut template = vec![
-        Attribute::Class(ObjectClass::PRIVATE_KEY),
-        Attribute::KeyType(key_type),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::WrapWithTrusted(true),
-    ];
-    template.extend(SIGNING_ONLY);
+    let template = unwrap_template(request.scheme, Extractable::Never);
     unwrap(
         session,
         master,
@@ -377,6 +394,70 @@ pub(crate) fn unwrap_signing_key(
         &template,
     )
     .map_err(|source| classify_unwrap_error(source, || blob_is_to_blame(session, master.handle)))
+}
+
+/// What [`rewrap`] signs with a moved key to prove its new blob: fixed and public.
+const ROTATION_CHECK: &[u8] = b"hsm-driver master-key rotation check v1";
+
+/// Moves `request.wrapped` from master key `from` to master key `to` inside the token (see
+/// [`Hsm::rewrap`](crate::Hsm::rewrap)): unwraps it as a sensitive session key that only a
+/// trusted key can wrap (`CKA_EXTRACTABLE=true`, `CKA_WRAP_WITH_TRUSTED=true`, signing only),
+/// wraps it under `to` with `mechanism`, destroys it, then unwraps the new blob as the data
+/// path does, signs [`ROTATION_CHECK`] and verifies the signature against
+/// `request.public_key`. Every object is destroyed on every path.
+pub(crate) fn rewrap(
+    session: &Session,
+    from: MasterKey<'_>,
+    to: MasterKey<'_>,
+    request: &RewrapRequest,
+    mechanism: WrapMechanism,
+) -> Result<WrappedKey, HsmError> {
+    let template = unwrap_template(request.scheme, Extractable::ToTrustedKeys);
+    let moving = unwrap(
+        session,
+        from,
+        request.wrapped.mechanism,
+        &request.wrapped.blob,
+        &template,
+    )
+    .map_err(|source| match source {
+        CryptokiError::Pkcs11(RvError::TemplateInconsistent, _) => HsmError::RotationUnsupported {
+            reason: "the master key's unwrap template pins CKA_EXTRACTABLE=false \
+                     (C_UnwrapKey: CKR_TEMPLATE_INCONSISTENT): on this token a user session can \
+                     make trusted keys, so keys under it are never unwrapped wrappable"
+                .to_owned(),
+        },
+        source => classify_unwrap_error(source, || blob_is_to_blame(session, from.handle)),
+    })?;
+    let moving = ObjectGuard::new(session, moving, "key being rotated");
+    let blob = wrap(session, to, mechanism, moving.handle()).map_err(|source| match source {
+        CryptokiError::Pkcs11(RvError::KeyNotWrappable, _) => HsmError::RotationUnsupported {
+            reason: "the destination master key is not a trusted key (C_WrapKey: \
+                     CKR_KEY_NOT_WRAPPABLE): only a key the security officer made with \
+                     CKA_TRUSTED=true can wrap a stored key"
+                .to_owned(),
+        },
+        source => HsmError::Pkcs11 {
+            function: "C_WrapKey",
+            source,
+        },
+    })?;
+    drop(moving);
+    let wrapped = WrappedKey { blob, mechanism };
+    let payload = match request.scheme {
+        KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256 => {
+            SignPayload::Digest(Sha256::digest(ROTATION_CHECK).into())
+        }
+        KeyScheme::Ed25519 => SignPayload::Message(ROTATION_CHECK.to_vec()),
+    };
+    let check = SignRequest {
+        scheme: request.scheme,
+        public_key: request.public_key.clone(),
+        wrapped: wrapped.clone(),
+        payload,
+    };
+    unwrap_and_sign(session, to, &check)?;
+    Ok(wrapped)
 }
 
 /// Signs `request.payload` with the private key `key` (unwrapped from `request.wrapped`) and

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, TryLockError};
 
 use cryptoki::error::RvError;
-use cryptoki::object::{Attribute, ObjectClass};
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use tokio::sync::oneshot;
@@ -50,7 +50,8 @@ pub(crate) use provision::{
 };
 pub use provision::{
     create_ledger_key, create_mac_key, create_master_key, create_trusted_master_key,
-    import_ledger_key, import_mac_key, import_master_key, user_can_make_trusted_keys,
+    import_ledger_key, import_mac_key, import_master_key, import_trusted_master_key,
+    user_can_make_trusted_keys,
 };
 pub use report::TokenReport;
 pub use self_test::{
@@ -61,8 +62,8 @@ pub(crate) use token::{find_slot, open_user_session};
 
 use crate::error::{HsmError, error_chain};
 use crate::hsm::{
-    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, SchemeSupport, SignRequest,
-    Signature, WrapMechanism,
+    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, RewrapRequest,
+    SchemeSupport, SignRequest, Signature, WrapMechanism, WrappedKey,
 };
 use crate::record_mac::record_mac_key_label;
 use hot_keys::HotKeyCounters;
@@ -83,7 +84,43 @@ pub struct Pkcs11Hsm {
     /// What the recovery thread needs too.
     shared: Arc<Shared>,
     capabilities: Capabilities,
-    master: MasterKeyInfo,
+    /// Every held master key, the current one first (as [`Shared::masters`]).
+    masters: Vec<MasterKeyInfo>,
+}
+
+/// A master key the HSM holds, found at open: the current one, or the destination of a
+/// rotation.
+pub(crate) struct HeldMaster {
+    /// The master key's `CKA_LABEL`.
+    pub(crate) label: String,
+    /// Its record MAC key's `CKA_LABEL` (`<label>-mac`).
+    pub(crate) mac_label: String,
+    /// Its fingerprint at open; recovery insists on it.
+    pub(crate) fingerprint: String,
+}
+
+impl HeldMaster {
+    /// Finds the master key labelled `label` and its record MAC key on `session`, and
+    /// fingerprints the master key.
+    fn find(session: &Session, label: &str) -> Result<(HeldMaster, ObjectHandle), HsmError> {
+        let handle = token::find_master_key(session, label)?;
+        let mac_label = record_mac_key_label(label);
+        token::find_mac_key(session, &mac_label)?;
+        let fingerprint = keys::fingerprint(session, handle)?;
+        let held = HeldMaster {
+            label: label.to_owned(),
+            mac_label,
+            fingerprint,
+        };
+        Ok((held, handle))
+    }
+
+    fn info(&self) -> MasterKeyInfo {
+        MasterKeyInfo {
+            label: self.label.clone(),
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
 }
 
 /// The replaceable part of a [`Pkcs11Hsm`], and what re-opening it takes.
@@ -91,9 +128,8 @@ struct Shared {
     module: Pkcs11Module,
     /// As given to [`Pkcs11Hsm::open`], PIN included (a `SecretString`).
     config: Pkcs11Config,
-    mac_label: String,
-    /// The master key fingerprint found at open; recovery insists on it.
-    fingerprint: String,
+    /// Every held master key, the current one first ([`Pkcs11Config::master_labels`]).
+    masters: Vec<HeldMaster>,
     /// The mechanism new keys are wrapped with, chosen at open.
     wrap_mechanism: WrapMechanism,
     /// Every wrap mechanism the token offers: the attack suite tries each.
@@ -165,27 +201,23 @@ impl Shared {
             other => other?,
         };
         let keepalive = token::open_owned_session(context, slot, &self.config.user_pin)?;
-        let master = token::find_master_key(keepalive.get(), &self.config.master_key_label)?;
-        token::find_mac_key(keepalive.get(), &self.mac_label)?;
-        token::find_hmac_key(
-            keepalive.get(),
-            &self.config.master_key_label,
-            MacKey::Ledger,
-        )?;
-        let found = keys::fingerprint(keepalive.get(), master)?;
-        if found != self.fingerprint {
-            return Err(HsmError::MasterKeyChanged {
-                expected: self.fingerprint.clone(),
-                found,
-            });
+        for expected in &self.masters {
+            let (found, _) = HeldMaster::find(keepalive.get(), &expected.label)?;
+            if found.fingerprint != expected.fingerprint {
+                return Err(HsmError::MasterKeyChanged {
+                    expected: expected.fingerprint.clone(),
+                    found: found.fingerprint,
+                });
+            }
         }
+        token::find_ledger_key(keepalive.get(), &self.config.ledger_label())?;
         Pool::start(
             &self.module,
             slot,
             keepalive,
             &self.config,
             self.wrap_mechanism,
-            &self.mac_label,
+            &self.masters,
             &self.hot_keys,
         )
     }
@@ -265,19 +297,18 @@ impl Shared {
                 handle: token::find_master_key(session, &self.config.master_key_label)?,
                 raw: self.module.raw(),
             };
-            let mac = self_test::HmacKey {
-                label: &self.mac_label,
-                handle: token::find_mac_key(session, &self.mac_label)?,
-            };
-            let ledger_label = MacKey::Ledger.label(&self.config.master_key_label);
-            let ledger = self_test::HmacKey {
+            let ledger_label = self.config.ledger_label();
+            let mut hmac_keys = Vec::with_capacity(self.masters.len() + 1);
+            for held in &self.masters {
+                hmac_keys.push(self_test::HmacKey {
+                    label: &held.mac_label,
+                    handle: token::find_mac_key(session, &held.mac_label)?,
+                });
+            }
+            hmac_keys.push(self_test::HmacKey {
                 label: &ledger_label,
-                handle: token::find_hmac_key(
-                    session,
-                    &self.config.master_key_label,
-                    MacKey::Ledger,
-                )?,
-            };
+                handle: token::find_ledger_key(session, &ledger_label)?,
+            });
             let rotation_target = match &self.config.rotation_target_label {
                 Some(label) => Some((label.as_str(), token::find_master_key(session, label)?)),
                 None => None,
@@ -288,7 +319,7 @@ impl Shared {
                     master,
                     master_label: &self.config.master_key_label,
                     rotation_target,
-                    hmac_keys: vec![mac, ledger],
+                    hmac_keys,
                     mechanisms: self.offered_wrap_mechanisms.clone(),
                 },
             )
@@ -338,11 +369,25 @@ impl Pkcs11Hsm {
         let context = module.context();
         let slot = token::find_slot(module, &config.token_label)?;
         let keepalive = token::open_owned_session(context, slot, &config.user_pin)?;
-        let master = token::find_master_key(keepalive.get(), &config.master_key_label)?;
-        let mac_label = record_mac_key_label(&config.master_key_label);
-        token::find_mac_key(keepalive.get(), &mac_label)?;
-        token::find_hmac_key(keepalive.get(), &config.master_key_label, MacKey::Ledger)?;
-        let fingerprint = keys::fingerprint(keepalive.get(), master)?;
+        let mut masters: Vec<HeldMaster> = Vec::new();
+        let mut master = None;
+        for label in config.master_labels() {
+            let (held, handle) = HeldMaster::find(keepalive.get(), label)?;
+            if let Some(same) = masters.iter().find(|m| m.fingerprint == held.fingerprint) {
+                return Err(HsmError::Config {
+                    reason: format!(
+                        "the keys labelled `{}` and `{label}` hold the same value (fingerprint \
+                         {}): a rotation target must be a new key",
+                        same.label, held.fingerprint
+                    ),
+                });
+            }
+            master.get_or_insert(handle);
+            masters.push(held);
+        }
+        let master = master.expect("the master key label is always held");
+        token::find_ledger_key(keepalive.get(), &config.ledger_label())?;
+        let fingerprint = masters[0].fingerprint.clone();
         let wrap_mechanism =
             keys::choose_wrap_mechanism(module.raw(), slot, config.wrap_mechanism)?;
         let offered_wrap_mechanisms = keys::offered_wrap_mechanisms(module.raw(), slot)?;
@@ -359,7 +404,7 @@ impl Pkcs11Hsm {
             keepalive,
             &config,
             wrap_mechanism,
-            &mac_label,
+            &masters,
             &hot_keys,
         )?;
         tracing::info!(
@@ -369,16 +414,12 @@ impl Pkcs11Hsm {
             wrap_mechanism = %wrap_mechanism,
             "PKCS#11 token open"
         );
-        let master = MasterKeyInfo {
-            label: config.master_key_label.clone(),
-            fingerprint: fingerprint.clone(),
-        };
+        let infos = masters.iter().map(HeldMaster::info).collect();
         Ok(Pkcs11Hsm {
             shared: Arc::new(Shared {
                 module: module.clone(),
                 config,
-                mac_label,
-                fingerprint,
+                masters,
                 wrap_mechanism,
                 offered_wrap_mechanisms,
                 state: RwLock::new(PoolState::Ready(pool)),
@@ -387,7 +428,7 @@ impl Pkcs11Hsm {
                 hot_keys,
             }),
             capabilities,
-            master,
+            masters: infos,
         })
     }
 
@@ -504,9 +545,83 @@ impl Pkcs11Hsm {
         }
     }
 
+    /// The index of the held master key with fingerprint `fingerprint` (0: the current one).
+    fn held(&self, fingerprint: &str) -> Result<usize, HsmError> {
+        self.masters
+            .iter()
+            .position(|m| m.fingerprint == fingerprint)
+            .ok_or_else(|| HsmError::MasterKeyNotHeld {
+                fingerprint: fingerprint.to_owned(),
+                held: self.masters.iter().map(|m| m.fingerprint.clone()).collect(),
+            })
+    }
+
     /// Queues a job on the running pool; without one, [`HsmError::WorkerUnavailable`] at once.
     fn submit(&self, job: Job) -> Result<(), HsmError> {
         self.shared.with_pool(|pool| pool.submit(job))
+    }
+}
+
+impl Pkcs11Hsm {
+    async fn generate_on(
+        &self,
+        master: usize,
+        scheme: KeyScheme,
+    ) -> Result<GeneratedKey, HsmError> {
+        self.check_scheme(scheme)?;
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Generate {
+            scheme,
+            master,
+            reply,
+        })?;
+        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+    }
+
+    async fn sign_on(&self, master: usize, request: SignRequest) -> Result<Signature, HsmError> {
+        crate::signature::check_payload(request.scheme, &request.payload)?;
+        self.check_scheme(request.scheme)?;
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Sign {
+            request: Box::new(request),
+            master,
+            reply,
+        })?;
+        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+    }
+
+    async fn mac_on(
+        &self,
+        key: MacKey,
+        master: usize,
+        message: Vec<u8>,
+    ) -> Result<[u8; 32], HsmError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Mac {
+            key,
+            master,
+            message,
+            reply,
+        })?;
+        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+    }
+
+    async fn verify_mac_on(
+        &self,
+        key: MacKey,
+        master: usize,
+        message: Vec<u8>,
+        mac: [u8; 32],
+    ) -> Result<(), HsmError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::VerifyMac {
+            key,
+            master,
+            message,
+            mac,
+            reply,
+        })?;
+        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
     }
 }
 
@@ -526,35 +641,35 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn master_key(&self) -> &MasterKeyInfo {
-        &self.master
+        &self.masters[0]
+    }
+
+    fn master_keys(&self) -> Vec<MasterKeyInfo> {
+        self.masters.clone()
     }
 
     async fn generate_key(&self, scheme: KeyScheme) -> Result<GeneratedKey, HsmError> {
-        self.check_scheme(scheme)?;
-        let (reply, answer) = oneshot::channel();
-        self.submit(Job::Generate { scheme, reply })?;
-        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+        self.generate_on(0, scheme).await
+    }
+
+    async fn generate_key_under(
+        &self,
+        master: &str,
+        scheme: KeyScheme,
+    ) -> Result<GeneratedKey, HsmError> {
+        self.generate_on(self.held(master)?, scheme).await
     }
 
     async fn sign(&self, request: SignRequest) -> Result<Signature, HsmError> {
-        crate::signature::check_payload(request.scheme, &request.payload)?;
-        self.check_scheme(request.scheme)?;
-        let (reply, answer) = oneshot::channel();
-        self.submit(Job::Sign {
-            request: Box::new(request),
-            reply,
-        })?;
-        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+        self.sign_on(0, request).await
+    }
+
+    async fn sign_under(&self, master: &str, request: SignRequest) -> Result<Signature, HsmError> {
+        self.sign_on(self.held(master)?, request).await
     }
 
     async fn mac(&self, key: MacKey, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
-        let (reply, answer) = oneshot::channel();
-        self.submit(Job::Mac {
-            key,
-            message,
-            reply,
-        })?;
-        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+        self.mac_on(key, 0, message).await
     }
 
     async fn verify_mac(
@@ -563,11 +678,40 @@ impl Hsm for Pkcs11Hsm {
         message: Vec<u8>,
         mac: [u8; 32],
     ) -> Result<(), HsmError> {
+        self.verify_mac_on(key, 0, message, mac).await
+    }
+
+    async fn mac_record_under(&self, master: &str, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
+        self.mac_on(MacKey::Record, self.held(master)?, message)
+            .await
+    }
+
+    async fn verify_record_mac_under(
+        &self,
+        master: &str,
+        message: Vec<u8>,
+        mac: [u8; 32],
+    ) -> Result<(), HsmError> {
+        self.verify_mac_on(MacKey::Record, self.held(master)?, message, mac)
+            .await
+    }
+
+    async fn rewrap(&self, request: RewrapRequest) -> Result<WrappedKey, HsmError> {
+        let (from, to) = (self.held(&request.from)?, self.held(&request.to)?);
+        if from == to {
+            return Err(HsmError::RotationUnsupported {
+                reason: format!(
+                    "the key is already under master key {}: nothing to move",
+                    request.to
+                ),
+            });
+        }
+        self.check_scheme(request.scheme)?;
         let (reply, answer) = oneshot::channel();
-        self.submit(Job::VerifyMac {
-            key,
-            message,
-            mac,
+        self.submit(Job::Rewrap {
+            request: Box::new(request),
+            from,
+            to,
             reply,
         })?;
         answer.await.map_err(|_| HsmError::WorkerUnavailable)?
@@ -651,7 +795,7 @@ impl fmt::Debug for Pkcs11Hsm {
             .field("token_label", &self.shared.config.token_label)
             .field("sessions", &self.shared.config.sessions)
             .field("pool", &state)
-            .field("master", &self.master)
+            .field("masters", &self.masters)
             .field("capabilities", &self.capabilities)
             .finish_non_exhaustive()
     }

@@ -10,13 +10,13 @@ use crossbeam_channel::Sender;
 
 use cryptoki::slot::Slot;
 
+use super::HeldMaster;
 use super::config::Pkcs11Config;
 use super::hot_keys::{HotKeyCache, HotKeyCounters};
 use super::module::Pkcs11Module;
 use super::token::{self, OwnedSession};
-use super::worker::{Job, Worker};
+use super::worker::{Job, Worker, WorkerMaster};
 use crate::error::HsmError;
-use crate::hsm::MacKey;
 use crate::hsm::WrapMechanism;
 
 /// The keep-alive session of a pool, shared with `check` jobs and `token_report`; `None` once
@@ -38,7 +38,7 @@ pub(crate) struct Pool {
 
 impl Pool {
     /// Starts `config.sessions` workers on `slot`, each with its own logged-in session and
-    /// its own master and MAC key handles (record and ledger), around `keepalive` (already logged in). Blocking.
+    /// the handles of every held master key and its record MAC key, and of the ledger key, around `keepalive` (already logged in). Blocking.
     /// On an error, whatever was started is stopped and its sessions closed before this
     /// returns.
     pub(crate) fn start(
@@ -47,7 +47,7 @@ impl Pool {
         keepalive: OwnedSession,
         config: &Pkcs11Config,
         wrap_mechanism: WrapMechanism,
-        mac_label: &str,
+        masters: &[HeldMaster],
         hot_keys: &Arc<HotKeyCounters>,
     ) -> Result<Pool, HsmError> {
         let (jobs, receiver) = crossbeam_channel::unbounded();
@@ -64,14 +64,19 @@ impl Pool {
             let session = token::open_owned_session(module.context(), slot, &config.user_pin)?;
             // Looked up once per session: a find can be slow on a token with many objects,
             // and object handles do not survive a re-login.
-            let master = token::find_master_key(session.get(), &config.master_key_label)?;
-            let mac_key = token::find_mac_key(session.get(), mac_label)?;
-            let ledger_key =
-                token::find_hmac_key(session.get(), &config.master_key_label, MacKey::Ledger)?;
+            let masters = masters
+                .iter()
+                .map(|held| {
+                    Ok(WorkerMaster {
+                        key: token::find_master_key(session.get(), &held.label)?,
+                        mac_key: token::find_mac_key(session.get(), &held.mac_label)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, HsmError>>()?;
+            let ledger_key = token::find_ledger_key(session.get(), &config.ledger_label())?;
             let worker = Worker {
                 session,
-                master,
-                mac_key,
+                masters,
                 ledger_key,
                 raw: Arc::clone(module.raw()),
                 wrap_mechanism,

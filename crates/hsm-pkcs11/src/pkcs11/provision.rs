@@ -413,6 +413,36 @@ pub fn create_trusted_master_key(
     so_pin: &SecretString,
     label: &str,
 ) -> Result<(), HsmError> {
+    make_trusted_master_key(module, token_label, so_pin, label, None)
+}
+
+/// [`create_trusted_master_key`] with a known value (`C_CreateObject`), for the tokens of an
+/// active-active deployment, which must all hold the same master key: the key ceremony gives
+/// each token the same value. The value is zeroized in the template once the token has it.
+/// The user then gives the new key its record MAC key with [`import_mac_key`] and the same
+/// value. Blocking.
+///
+/// # Errors
+/// As [`create_trusted_master_key`], with `C_CreateObject` as the failing call.
+pub fn import_trusted_master_key(
+    module: &Pkcs11Module,
+    token_label: &str,
+    so_pin: &SecretString,
+    label: &str,
+    value: &Zeroizing<[u8; 32]>,
+) -> Result<(), HsmError> {
+    make_trusted_master_key(module, token_label, so_pin, label, Some(value))
+}
+
+/// [`create_trusted_master_key`] (`value` `None`: generated on the token) and
+/// [`import_trusted_master_key`].
+fn make_trusted_master_key(
+    module: &Pkcs11Module,
+    token_label: &str,
+    so_pin: &SecretString,
+    label: &str,
+    value: Option<&Zeroizing<[u8; 32]>>,
+) -> Result<(), HsmError> {
     let slot = token::find_slot(module, token_label)?;
     let session = module
         .context()
@@ -432,12 +462,29 @@ pub fn create_trusted_master_key(
         let unwrap_template = RawTemplate::master_unwrap_template(Extraction::ToTrustedKeysOnly);
         let mut template = trusted(master_key_policy(label, PolicyDeviation::default()));
         template.push(master_key_mechanisms(module, token_label)?);
-        // Alive until after C_GenerateKey below: the attribute points into it.
+        // Alive until after the call below: the attribute points into it.
         template.push(unwrap_template.attribute().clone());
-        template.push(Attribute::ValueLen(32.into()));
-        session
-            .generate_key(&Mechanism::AesKeyGen, &template)
-            .map_err(HsmError::pkcs11("C_GenerateKey"))
+        match value {
+            None => {
+                template.push(Attribute::ValueLen(32.into()));
+                session
+                    .generate_key(&Mechanism::AesKeyGen, &template)
+                    .map(drop)
+                    .map_err(HsmError::pkcs11("C_GenerateKey"))
+            }
+            Some(value) => {
+                template.push(Attribute::Value(value.to_vec()));
+                let created = session.create_object(&template);
+                for attribute in &mut template {
+                    if let Attribute::Value(bytes) = attribute {
+                        bytes.zeroize();
+                    }
+                }
+                created
+                    .map(drop)
+                    .map_err(HsmError::pkcs11("C_CreateObject"))
+            }
+        }
     })();
     let logged_out = session.logout().map_err(HsmError::pkcs11("C_Logout"));
     made?;
@@ -445,7 +492,8 @@ pub fn create_trusted_master_key(
     tracing::info!(
         token = token_label,
         label,
-        "trusted master key created by the security officer"
+        imported = value.is_some(),
+        "trusted master key made by the security officer"
     );
     Ok(())
 }

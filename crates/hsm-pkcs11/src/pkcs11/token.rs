@@ -9,7 +9,6 @@ use secrecy::SecretString;
 
 use super::module::Pkcs11Module;
 use crate::error::HsmError;
-use crate::hsm::MacKey;
 
 /// The slot holding the initialised token labelled `label`. Looked up by label every time:
 /// some modules (SoftHSMv2) renumber slots. Holds the module's slot-list lock
@@ -150,20 +149,11 @@ pub(crate) fn find_master_key(session: &Session, label: &str) -> Result<ObjectHa
     }
 }
 
-/// The HMAC key of purpose `key` (a generic secret) next to the master key labelled
-/// `master_label`; exactly one must exist.
-pub(crate) fn find_hmac_key(
-    session: &Session,
-    master_label: &str,
-    key: MacKey,
-) -> Result<ObjectHandle, HsmError> {
-    let label = key.label(master_label);
-    match key {
-        MacKey::Record => find_mac_key(session, &label),
-        MacKey::Ledger => match find_mac_key(session, &label) {
-            Err(HsmError::MacKeyNotFound { label }) => Err(HsmError::LedgerKeyNotFound { label }),
-            other => other,
-        },
+/// The ledger key (a generic secret) labelled `label`; exactly one must exist.
+pub(crate) fn find_ledger_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+    match find_mac_key(session, label) {
+        Err(HsmError::MacKeyNotFound { label }) => Err(HsmError::LedgerKeyNotFound { label }),
+        other => other,
     }
 }
 

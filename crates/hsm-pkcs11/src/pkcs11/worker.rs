@@ -20,32 +20,48 @@ use super::pool::KeepAlive;
 use super::raw::RawPkcs11;
 use super::token::OwnedSession;
 use crate::error::HsmError;
-use crate::hsm::{GeneratedKey, KeyScheme, MacKey, SignRequest, Signature, WrapMechanism};
+use crate::hsm::{
+    GeneratedKey, KeyScheme, MacKey, RewrapRequest, SignRequest, Signature, WrapMechanism,
+    WrappedKey,
+};
 
 /// One unit of work.
 pub(crate) enum Job {
-    /// Generate and wrap a key.
+    /// Generate and wrap a key under the held master key `master` (an index into the
+    /// worker's masters, 0 the current one).
     Generate {
         scheme: KeyScheme,
+        master: usize,
         reply: oneshot::Sender<Result<GeneratedKey, HsmError>>,
     },
-    /// Unwrap and sign.
+    /// Unwrap (under the held master key `master`) and sign.
     Sign {
         request: Box<SignRequest>,
+        master: usize,
         reply: oneshot::Sender<Result<Signature, HsmError>>,
     },
-    /// MAC a message under the key of a purpose.
+    /// MAC a message under the key of a purpose (for [`MacKey::Record`], the record MAC key of
+    /// the held master key `master`).
     Mac {
         key: MacKey,
+        master: usize,
         message: Vec<u8>,
         reply: oneshot::Sender<Result<[u8; 32], HsmError>>,
     },
-    /// Check a MAC under the key of a purpose.
+    /// Check a MAC under the key of a purpose (as [`Job::Mac`]).
     VerifyMac {
         key: MacKey,
+        master: usize,
         message: Vec<u8>,
         mac: [u8; 32],
         reply: oneshot::Sender<Result<(), HsmError>>,
+    },
+    /// Move a wrapped key from held master key `from` to held master key `to`.
+    Rewrap {
+        request: Box<RewrapRequest>,
+        from: usize,
+        to: usize,
+        reply: oneshot::Sender<Result<WrappedKey, HsmError>>,
     },
     /// Prove the worker's session and the keep-alive session usable (see [`Worker::check`]).
     Check {
@@ -106,11 +122,28 @@ fn sign_hot(
     }
 }
 
+/// One held master key as a worker's session sees it.
+pub(crate) struct WorkerMaster {
+    /// The master key's handle.
+    pub(crate) key: ObjectHandle,
+    /// Its record MAC key's handle.
+    pub(crate) mac_key: ObjectHandle,
+}
+
+/// Held master key `index` (an index the HSM resolved from the held keys' fingerprints
+/// before it queued the job).
+fn held<'a>(masters: &[WorkerMaster], raw: &'a RawPkcs11, index: usize) -> MasterKey<'a> {
+    MasterKey {
+        handle: masters[index].key,
+        raw,
+    }
+}
+
 /// What a worker thread owns.
 pub(crate) struct Worker {
     pub(crate) session: OwnedSession,
-    pub(crate) master: ObjectHandle,
-    pub(crate) mac_key: ObjectHandle,
+    /// Every held master key, the current one first (indices as in [`Job`]).
+    pub(crate) masters: Vec<WorkerMaster>,
     pub(crate) ledger_key: ObjectHandle,
     /// The raw calls for wrap mechanisms cryptoki cannot express.
     pub(crate) raw: Arc<RawPkcs11>,
@@ -138,10 +171,7 @@ impl Worker {
 
     fn run(mut self) {
         let session = self.session.get();
-        let master = MasterKey {
-            handle: self.master,
-            raw: &self.raw,
-        };
+        let raw = Arc::clone(&self.raw);
         loop {
             // With hot keys held, wake up when the oldest expires even if no job comes.
             let wait = self
@@ -168,19 +198,29 @@ impl Worker {
                 break;
             }
             match job {
-                Job::Generate { scheme, reply } => {
+                Job::Generate {
+                    scheme,
+                    master,
+                    reply,
+                } => {
                     // The caller gave up (its future was dropped): nothing to do.
                     if reply.is_closed() {
                         continue;
                     }
+                    let master = held(&self.masters, &raw, master);
                     let result =
                         keys::generate_and_wrap(session, master, scheme, self.wrap_mechanism);
                     let _ = reply.send(result);
                 }
-                Job::Sign { request, reply } => {
+                Job::Sign {
+                    request,
+                    master,
+                    reply,
+                } => {
                     if reply.is_closed() {
                         continue;
                     }
+                    let master = held(&self.masters, &raw, master);
                     let result = match self.hot.as_mut() {
                         None => keys::unwrap_and_sign(session, master, &request),
                         Some(hot) => sign_hot(session, master, hot, &request),
@@ -189,16 +229,19 @@ impl Worker {
                 }
                 Job::Mac {
                     key,
+                    master,
                     message,
                     reply,
                 } => {
                     if reply.is_closed() {
                         continue;
                     }
-                    let _ = reply.send(mac::mac(session, self.hmac_key(key), &message));
+                    let handle = self.hmac_key(key, master);
+                    let _ = reply.send(mac::mac(session, handle, &message));
                 }
                 Job::VerifyMac {
                     key,
+                    master,
                     message,
                     mac,
                     reply,
@@ -206,7 +249,23 @@ impl Worker {
                     if reply.is_closed() {
                         continue;
                     }
-                    let result = mac::verify(session, self.hmac_key(key), key, &message, &mac);
+                    let handle = self.hmac_key(key, master);
+                    let _ = reply.send(mac::verify(session, handle, key, &message, &mac));
+                }
+                Job::Rewrap {
+                    request,
+                    from,
+                    to,
+                    reply,
+                } => {
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    let (from, to) = (
+                        held(&self.masters, &raw, from),
+                        held(&self.masters, &raw, to),
+                    );
+                    let result = keys::rewrap(session, from, to, &request, self.wrap_mechanism);
                     let _ = reply.send(result);
                 }
                 Job::Check { keepalive, reply } => {
@@ -224,10 +283,10 @@ impl Worker {
         tracing::debug!("HSM worker stopped");
     }
 
-    /// The handle of the HMAC key of purpose `key`.
-    fn hmac_key(&self, key: MacKey) -> ObjectHandle {
+    /// The handle of the HMAC key of purpose `key` (for records, held master key `master`'s).
+    fn hmac_key(&self, key: MacKey, master: usize) -> ObjectHandle {
         match key {
-            MacKey::Record => self.mac_key,
+            MacKey::Record => self.masters[master].mac_key,
             MacKey::Ledger => self.ledger_key,
         }
     }
@@ -241,7 +300,7 @@ impl Worker {
         keepalive: &Mutex<Option<OwnedSession>>,
     ) -> Result<(), HsmError> {
         check_session(session)?;
-        mac::mac(session, self.mac_key, CHECK_PROBE)?;
+        mac::mac(session, self.masters[0].mac_key, CHECK_PROBE)?;
         let keepalive = keepalive.lock().unwrap_or_else(PoisonError::into_inner);
         // `None`: the pool is stopping.
         check_session(keepalive.as_ref().ok_or(HsmError::WorkerUnavailable)?.get())

@@ -15,7 +15,9 @@ use super::queries::{NewKey, StoredKey};
 use crate::error::StoreError;
 use crate::ledger::{LedgerRecord, StoredLedgerRow};
 use crate::schema::{deployment, ledger, wrapped_keys};
-use crate::store::{InsertOutcome, KeyRecord, MAX_PAGE_LIMIT, MasterKeyRegistration};
+use crate::store::{
+    InsertOutcome, KeyRecord, MAX_PAGE_LIMIT, MasterKeyRegistration, ReplaceOutcome,
+};
 
 /// How often an insert retries when a conflicting row disappears before it can be read.
 const INSERT_ATTEMPTS: usize = 3;
@@ -117,6 +119,9 @@ trait LedgerConnection: Connection {
     fn get_key(&mut self, key_id: &str) -> QueryResult<Option<StoredKey>>;
     fn insert_deployment_if_absent(&mut self, row: &NewDeployment<'_>) -> QueryResult<usize>;
     fn deployment_fingerprint(&mut self) -> QueryResult<Option<String>>;
+    /// Updates the key record `old.key_id` to `new`'s blob, mechanism, fingerprint and MAC
+    /// where every identifying field is still `old`'s; the number of rows updated (0 or 1).
+    fn replace_key(&mut self, old: &KeyRecord, new: &KeyRecord) -> QueryResult<usize>;
 }
 
 /// The backend-independent statements; the body is the same diesel DSL for each connection.
@@ -179,6 +184,27 @@ macro_rules! ledger_statements {
                 .on_conflict(deployment::id)
                 .do_nothing()
                 .execute(self)
+        }
+
+        fn replace_key(&mut self, old: &KeyRecord, new: &KeyRecord) -> QueryResult<usize> {
+            diesel::update(
+                wrapped_keys::table
+                    .filter(wrapped_keys::key_id.eq(&old.key_id))
+                    .filter(wrapped_keys::scheme.eq(&old.scheme))
+                    .filter(wrapped_keys::curve.eq(&old.curve))
+                    .filter(wrapped_keys::public_key.eq(&old.public_key))
+                    .filter(wrapped_keys::wrapped_key.eq(&old.wrapped_key))
+                    .filter(wrapped_keys::wrap_mechanism.eq(&old.wrap_mechanism))
+                    .filter(wrapped_keys::master_key_fingerprint.eq(&old.master_key_fingerprint))
+                    .filter(wrapped_keys::record_mac.eq(&old.record_mac)),
+            )
+            .set((
+                wrapped_keys::wrapped_key.eq(&new.wrapped_key),
+                wrapped_keys::wrap_mechanism.eq(&new.wrap_mechanism),
+                wrapped_keys::master_key_fingerprint.eq(&new.master_key_fingerprint),
+                wrapped_keys::record_mac.eq(&new.record_mac),
+            ))
+            .execute(self)
         }
 
         fn deployment_fingerprint(&mut self) -> QueryResult<Option<String>> {
@@ -298,6 +324,37 @@ pub(crate) fn append_ledger(
     written
         .map(drop)
         .map_err(|error| ledger_insert_error(record, error))
+}
+
+/// Updates `old` to `new` ([`LedgerConnection::replace_key`]) and writes `entry`, in one
+/// transaction; writes nothing when the record is no longer `old`.
+pub(super) fn replace_with_ledger(
+    conn: &mut AnyConnection,
+    old: &KeyRecord,
+    new: &KeyRecord,
+    entry: &LedgerRecord,
+) -> Result<ReplaceOutcome, StoreError> {
+    fn run<C: LedgerConnection>(
+        conn: &mut C,
+        old: &KeyRecord,
+        new: &KeyRecord,
+        entry: &LedgerRecord,
+    ) -> Result<ReplaceOutcome, StoreError> {
+        let entry_row = NewLedgerRow::new(entry)?;
+        conn.write_transaction(|conn| {
+            if conn.replace_key(old, new)? == 0 {
+                return Ok(ReplaceOutcome::Changed);
+            }
+            conn.insert_ledger(&entry_row)
+                .map_err(|error| ledger_insert_error(entry, error))?;
+            tracing::debug!(key_id = %new.key_id, to = %new.master_key_fingerprint, "moved a key record to another master key");
+            Ok(ReplaceOutcome::Replaced)
+        })
+    }
+    match conn {
+        AnyConnection::Postgresql(c) => run(c, old, new, entry),
+        AnyConnection::Sqlite(c) => run(c, old, new, entry),
+    }
 }
 
 /// Inserts `key` and writes `entry` in one transaction; writes no entry if the key was already

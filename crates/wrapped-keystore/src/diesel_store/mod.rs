@@ -10,6 +10,7 @@ mod migrations;
 mod pg_transport;
 pub(crate) mod pool;
 mod queries;
+mod rotation;
 mod url;
 
 use std::sync::Arc;
@@ -21,7 +22,10 @@ pub use url::DatabaseUrl;
 use self::pool::{AnyConnection, Pool};
 use crate::error::StoreError;
 use crate::ledger::{LedgerRecord, StoredLedgerRow};
-use crate::store::{InsertOutcome, KeyRecord, KeyStore, MasterKeyRegistration, PageRequest};
+use crate::store::{
+    DriverMasterKeys, InsertOutcome, KeyRecord, KeyStore, MasterKeyRegistration, MasterKeySwitch,
+    PageRequest, ReplaceOutcome,
+};
 
 /// The durable [`KeyStore`]: PostgreSQL for deployments where several drivers share one store,
 /// SQLite for a single driver.
@@ -211,7 +215,7 @@ impl KeyStore for DieselKeyStore {
     }
 
     async fn list(&self, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
-        self.run(move |conn| queries::list(conn, page.after.as_deref(), page.limit))
+        self.run(move |conn| queries::list(conn, None, page.after.as_deref(), page.limit))
             .await
     }
 
@@ -250,6 +254,64 @@ impl KeyStore for DieselKeyStore {
             .await
     }
 
+    async fn deployment_master_key(&self) -> Result<Option<String>, StoreError> {
+        self.run(rotation::deployment_master_key).await
+    }
+
+    async fn switch_master_key(
+        &self,
+        from: &str,
+        to: &str,
+        driver_id: &str,
+    ) -> Result<MasterKeySwitch, StoreError> {
+        let (from, to, driver_id) = (from.to_owned(), to.to_owned(), driver_id.to_owned());
+        let now_ms = now_ms();
+        self.run(move |conn| rotation::switch_master_key(conn, &from, &to, &driver_id, now_ms))
+            .await
+    }
+
+    async fn record_driver_master_keys(
+        &self,
+        driver_id: &str,
+        fingerprints: Vec<String>,
+    ) -> Result<(), StoreError> {
+        let driver_id = driver_id.to_owned();
+        let now_ms = now_ms();
+        self.run(move |conn| {
+            rotation::record_driver_master_keys(conn, &driver_id, fingerprints, now_ms)
+        })
+        .await
+    }
+
+    async fn driver_master_keys(&self) -> Result<Vec<DriverMasterKeys>, StoreError> {
+        self.run(rotation::driver_master_keys).await
+    }
+
+    async fn count_by_master_key(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.run(rotation::count_by_master_key).await
+    }
+
+    async fn list_under_master_key(
+        &self,
+        fingerprint: &str,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let fingerprint = fingerprint.to_owned();
+        self.run(move |conn| queries::list(conn, Some(&fingerprint), after.as_deref(), limit))
+            .await
+    }
+
+    async fn replace_with_ledger(
+        &self,
+        old: KeyRecord,
+        new: KeyRecord,
+        entry: LedgerRecord,
+    ) -> Result<ReplaceOutcome, StoreError> {
+        self.run(move |conn| rotation::replace_with_ledger(conn, &old, &new, &entry))
+            .await
+    }
+
     async fn ledger_chains(&self) -> Result<Vec<String>, StoreError> {
         self.run(ledger::ledger_chains).await
     }
@@ -267,7 +329,7 @@ impl KeyStore for DieselKeyStore {
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

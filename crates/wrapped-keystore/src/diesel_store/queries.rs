@@ -162,23 +162,28 @@ pub(crate) fn get(conn: &mut AnyConnection, key_id: &str) -> Result<Option<KeyRe
         .map_err(|error| decode_error(error, Some(key_id)))
 }
 
-/// Reads one page in ascending key id order.
+/// Reads one page in ascending key id order: every record, or those wrapped under the master
+/// key `fingerprint`.
 pub(crate) fn list(
     conn: &mut AnyConnection,
+    fingerprint: Option<&str>,
     after: Option<&str>,
     limit: u32,
 ) -> Result<Vec<KeyRecord>, StoreError> {
     let limit = i64::from(limit.min(MAX_PAGE_LIMIT));
     let rows = on_backend!(conn, |c| {
-        let query = wrapped_keys::table
+        let mut query = wrapped_keys::table
             .select(StoredKey::as_select())
             .order(wrapped_keys::key_id.asc())
             .limit(limit)
             .into_boxed();
-        match after {
-            Some(after) => query.filter(wrapped_keys::key_id.gt(after)).load(c),
-            None => query.load(c),
+        if let Some(fingerprint) = fingerprint {
+            query = query.filter(wrapped_keys::master_key_fingerprint.eq(fingerprint));
         }
+        if let Some(after) = after {
+            query = query.filter(wrapped_keys::key_id.gt(after));
+        }
+        query.load(c)
     });
     rows.map(|rows| rows.into_iter().map(KeyRecord::from).collect())
         .map_err(|error| decode_error(error, None))

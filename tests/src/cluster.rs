@@ -118,6 +118,49 @@ impl ClusterDriver {
         self.process.id()
     }
 
+    /// Overrides `section.field` of this driver's configuration (`Some`) or drops the override
+    /// (`None`), for its next run and every command: what an operator changes between restarts.
+    pub fn set_override(&mut self, field: &str, value: Option<&str>) {
+        self.process.set_override(field, value);
+    }
+
+    /// The key ceremony of a master-key rotation on this driver's token (SO step, then user
+    /// step; see `docs/key-ceremony.md`): the trusted master key `label` imported with
+    /// `value`'s value, and its record MAC key.
+    ///
+    /// # Errors
+    /// If a step fails (the error holds its output).
+    pub async fn rotation_ceremony(
+        &self,
+        label: &str,
+        value: &SharedMasterKey,
+    ) -> anyhow::Result<()> {
+        self.process
+            .rotation_ceremony(label, value.value_file())
+            .await
+    }
+
+    /// `hsm-driver master-key rotate --to <to> <args>` with this driver's configuration, its
+    /// output piped: for tests that read it line by line (and kill it midway).
+    pub fn rotate_command(&self, to: &str, args: &[&str]) -> tokio::process::Command {
+        let mut command = self.process.command();
+        command
+            .args(["master-key", "rotate", "--to", to])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// `hsm-driver check`: success and its report.
+    ///
+    /// # Errors
+    /// If it cannot be run.
+    pub async fn check(&self) -> anyhow::Result<(bool, String)> {
+        self.process.check().await
+    }
+
     /// SIGKILL: the driver gets no chance to finish or report its jobs (their leases lapse).
     ///
     /// # Errors

@@ -184,6 +184,9 @@ pub(crate) struct DriverProcess {
     config_path: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Configuration overrides (`HSM_DRIVER__SECTION__FIELD` variables) for every later run
+    /// and command, as an operator changes a deployment between restarts.
+    overrides: Vec<(String, String)>,
     /// Where the current run's lines begin in `log`.
     run_offset: u64,
     telemetry_addr: Option<SocketAddr>,
@@ -214,6 +217,7 @@ impl DriverProcess {
             config_path,
             log: dir.join("driver.log"),
             child: None,
+            overrides: Vec::new(),
             run_offset: 0,
             telemetry_addr: None,
         })
@@ -239,14 +243,56 @@ impl DriverProcess {
         &self.log
     }
 
-    /// `hsm-driver --config … <args>` with this driver's token.
-    fn command(&self) -> Command {
+    /// `hsm-driver --config … <args>` with this driver's token and overrides.
+    pub(crate) fn command(&self) -> Command {
         let mut cmd = Command::new(self.bin_dir.join("hsm-driver"));
         cmd.arg("--config")
             .arg(&self.config_path)
             .env(self.token.conf_var(), &self.token.conf)
-            .env_remove("RUST_LOG");
+            .env_remove("RUST_LOG")
+            .envs(self.overrides.iter().map(|(k, v)| (k, v)));
         cmd
+    }
+
+    /// Sets (`Some`) or removes the override of `section.field` for every later run and
+    /// command (the driver's `HSM_DRIVER__SECTION__FIELD` variable).
+    pub(crate) fn set_override(&mut self, field: &str, value: Option<&str>) {
+        let var = format!("HSM_DRIVER__{}", field.to_uppercase().replace('.', "__"));
+        self.overrides.retain(|(k, _)| *k != var);
+        if let Some(value) = value {
+            self.overrides.push((var, value.to_owned()));
+        }
+    }
+
+    /// The key ceremony of a master-key rotation on this driver's token: the security officer
+    /// imports the trusted master key `label` with the value in `value_file`
+    /// (`master-key create-trusted`), then the user derives its record MAC key
+    /// (`master-key create-mac-key`). Run it while the driver is stopped or running: each is
+    /// its own process.
+    pub(crate) async fn rotation_ceremony(
+        &self,
+        label: &str,
+        value_file: &Path,
+    ) -> anyhow::Result<()> {
+        run_tool(
+            self.command()
+                .args(["master-key", "create-trusted", "--label", label])
+                .arg("--so-pin-file")
+                .arg(&self.token.so_pin_file)
+                .arg("--value-file")
+                .arg(value_file),
+        )
+        .await
+        .with_context(|| format!("the SO makes `{label}` on {}", self.id))?;
+        run_tool(
+            self.command()
+                .args(["master-key", "create-mac-key", "--master-label", label])
+                .arg("--value-file")
+                .arg(value_file),
+        )
+        .await
+        .with_context(|| format!("the user makes `{label}-mac` on {}", self.id))?;
+        Ok(())
     }
 
     /// `hsm-driver migrate`.

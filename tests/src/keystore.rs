@@ -76,3 +76,49 @@ fn count(conn: &mut diesel::PgConnection, sql: &str) -> anyhow::Result<usize> {
         .n;
     Ok(usize::try_from(n)?)
 }
+
+#[derive(QueryableByName)]
+struct MasterKeyCount {
+    #[diesel(sql_type = Text)]
+    fingerprint: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// Wrapped-key records per master key fingerprint, in fingerprint order. Blocking.
+///
+/// # Errors
+/// If the database cannot be reached or queried.
+pub fn records_by_master_key_postgres(database_url: &str) -> anyhow::Result<Vec<(String, usize)>> {
+    let mut conn = diesel::PgConnection::establish(database_url)
+        .context("connecting to PostgreSQL to read wrapped_keys")?;
+    diesel::sql_query(
+        "SELECT master_key_fingerprint AS fingerprint, count(*) AS n FROM wrapped_keys \
+         GROUP BY master_key_fingerprint ORDER BY master_key_fingerprint",
+    )
+    .load::<MasterKeyCount>(&mut conn)
+    .context("counting wrapped_keys per master key")?
+    .into_iter()
+    .map(|row| Ok((row.fingerprint, usize::try_from(row.n)?)))
+    .collect()
+}
+
+/// Ledger entries of `kind` in `chain`. Blocking.
+///
+/// # Errors
+/// If the database cannot be reached or queried.
+pub fn ledger_entries_postgres(
+    database_url: &str,
+    chain: &str,
+    kind: &str,
+) -> anyhow::Result<usize> {
+    let mut conn = diesel::PgConnection::establish(database_url)
+        .context("connecting to PostgreSQL to read the ledger")?;
+    let n = diesel::sql_query("SELECT count(*) AS n FROM ledger WHERE chain = $1 AND kind = $2")
+        .bind::<Text, _>(chain)
+        .bind::<Text, _>(kind)
+        .get_result::<Count>(&mut conn)
+        .context("counting ledger entries")?
+        .n;
+    Ok(usize::try_from(n)?)
+}

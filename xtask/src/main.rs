@@ -279,10 +279,10 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 /// `SKIPPED [token × scheme]` line; any other gap fails.
 fn token_matrix(kryoptic: &Path, pg_url: &str, in_ci: bool) -> anyhow::Result<()> {
     println!(
-        "token matrix: the hsm-pkcs11 suite, the fault module, the ledger attacks, the engine's \
-         attack-suite drill and the end-to-end tests on Kryoptic"
+        "token matrix: the hsm-pkcs11 suite, the fault module, the ledger attacks, the rotation, \
+         the engine's attack-suite drill and the end-to-end tests on Kryoptic"
     );
-    let runs: [&[&str]; 5] = [
+    let runs: [&[&str]; 6] = [
         &[
             "test",
             "--all-features",
@@ -310,6 +310,16 @@ fn token_matrix(kryoptic: &Path, pg_url: &str, in_ci: bool) -> anyhow::Result<()
             "driver-core",
             "--test",
             "ledger_attacks",
+        ],
+        // Master-key rotation: refused there, with the measured reason.
+        &[
+            "test",
+            "--all-features",
+            "--locked",
+            "--package",
+            "driver-core",
+            "--test",
+            "rotation",
         ],
         // An attackable token stops the engine at its health check.
         &[

@@ -227,6 +227,36 @@ impl ClusterDriver {
         self.process.telemetry_get(path).await
     }
 
+    /// Polls `/metrics` until a line accepted by `accept` appears, at most `timeout`; returns
+    /// that line.
+    ///
+    /// # Errors
+    /// On timeout, with the metric lines last seen that start with `prefix`.
+    pub async fn wait_metric_line(
+        &self,
+        prefix: &str,
+        timeout: Duration,
+        accept: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        poll_until(
+            &format!("{}: a {prefix} line", self.id()),
+            timeout,
+            || async {
+                let metrics = self.telemetry_get("/metrics").await?;
+                let lines: Vec<&str> = metrics
+                    .body
+                    .lines()
+                    .filter(|line| line.starts_with(prefix))
+                    .collect();
+                Ok(match lines.iter().find(|line| accept(line)) {
+                    Some(line) => Check::Done((*line).to_owned()),
+                    None => Check::NotYet(lines.join("\n")),
+                })
+            },
+        )
+        .await
+    }
+
     /// Polls `/readyz` until `accept` holds, at most `timeout`; returns that answer.
     ///
     /// # Errors

@@ -190,6 +190,16 @@ async fn killed_and_resumed(
         check.contains(&format!("{KEYS} under the deployment's master key {new}")),
         "check reports every record under the new key:\n{check}"
     );
+    // And the running driver's /metrics: every record under the deployment's key.
+    let short = format!("master_key=\"{}\"", &new[..16]);
+    cluster
+        .driver("driver-1")?
+        .wait_metric_line("hsm_driver_key_records{", Duration::from_secs(10), |line| {
+            line.contains("deployment=\"true\"")
+                && line.contains(&short)
+                && line.ends_with(&format!(" {KEYS}"))
+        })
+        .await?;
     Ok(())
 }
 
@@ -247,6 +257,14 @@ async fn under_load(
         workload.verified() > served_before,
         "signatures kept flowing"
     );
+    // The API's registry knows what each driver holds.
+    for id in ids {
+        let view = cluster.driver_view(id).await?;
+        ensure!(
+            view.rotation_target_fingerprint.as_deref() == Some(new.as_str()),
+            "{id} registered holding the new key: {view:?}"
+        );
+    }
 
     // Retire the old key: a rolling restart with the new key as the master key (the ledger
     // key stays the deployment's), no rotation target.
@@ -260,6 +278,13 @@ async fn under_load(
             Some(&hsm_pkcs11::ledger_key_label(MASTER_KEY_LABEL)),
         );
         driver.restart().await?;
+    }
+    for id in ids {
+        let view = cluster.driver_view(id).await?;
+        ensure!(
+            view.master_key_fingerprint == new && view.rotation_target_fingerprint.is_none(),
+            "{id} registered with the new key only: {view:?}"
+        );
     }
     let summary = workload.finish().await?;
     ensure!(

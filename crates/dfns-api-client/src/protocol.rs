@@ -437,6 +437,10 @@ pub struct DriverRegistration {
     /// Lowercase hex (64 digits) of the SHA-256 fingerprint of its master key, so that the
     /// API (and operators) can tell drivers that cannot unwrap each other's keys apart.
     pub master_key_fingerprint: String,
+    /// The fingerprint of the master key it also holds as the destination of a master-key
+    /// rotation (same form), if any: a rotation switches the deployment to a new key only once
+    /// every live driver holds it.
+    pub rotation_target_fingerprint: Option<String>,
 }
 
 /// A registered driver's periodic sign of life.

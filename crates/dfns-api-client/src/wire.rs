@@ -189,6 +189,9 @@ pub struct RegisterRequest {
     pub capabilities: Vec<WireCapability>,
     /// Lowercase hex (64 digits) of its master key's fingerprint.
     pub master_key_fingerprint: String,
+    /// Lowercase hex (64 digits) of its rotation target's fingerprint, when it holds one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_target_fingerprint: Option<String>,
 }
 
 /// A (scheme, curve) pair as it travels: `{"scheme":"ECDSA","curve":"secp256k1"}`.
@@ -674,6 +677,7 @@ pub fn encode_registration(registration: &DriverRegistration) -> RegisterRequest
             .map(encode_capability)
             .collect(),
         master_key_fingerprint: registration.master_key_fingerprint.clone(),
+        rotation_target_fingerprint: registration.rotation_target_fingerprint.clone(),
     }
 }
 
@@ -709,10 +713,26 @@ pub fn decode_registration(request: &RegisterRequest) -> Result<DriverRegistrati
         .collect::<Result<Vec<_>, _>>()?;
     capabilities.sort_unstable();
     capabilities.dedup();
-    let fingerprint = &request.master_key_fingerprint;
+    let fingerprint = check_fingerprint("masterKeyFingerprint", &request.master_key_fingerprint)?;
+    let target = request
+        .rotation_target_fingerprint
+        .as_deref()
+        .map(|target| check_fingerprint("rotationTargetFingerprint", target))
+        .transpose()?;
+    Ok(DriverRegistration {
+        driver_id: request.driver_id.clone(),
+        version: request.version.clone(),
+        capabilities,
+        master_key_fingerprint: fingerprint,
+        rotation_target_fingerprint: target,
+    })
+}
+
+/// A master key fingerprint: exactly 64 lowercase hex digits.
+fn check_fingerprint(field: &'static str, fingerprint: &str) -> Result<String, DecodeError> {
     if fingerprint.len() != 64 {
         return Err(DecodeError::WrongLength {
-            field: "masterKeyFingerprint",
+            field,
             actual: fingerprint.len(),
             expected: "64 hex digits",
         });
@@ -721,16 +741,9 @@ pub fn decode_registration(request: &RegisterRequest) -> Result<DriverRegistrati
         .bytes()
         .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     {
-        return Err(DecodeError::InvalidHex {
-            field: "masterKeyFingerprint",
-        });
+        return Err(DecodeError::InvalidHex { field });
     }
-    Ok(DriverRegistration {
-        driver_id: request.driver_id.clone(),
-        version: request.version.clone(),
-        capabilities,
-        master_key_fingerprint: fingerprint.clone(),
-    })
+    Ok(fingerprint.to_owned())
 }
 
 /// Decodes one capability: a known scheme and curve that go together.
@@ -1334,10 +1347,20 @@ mod tests {
                 },
             ],
             master_key_fingerprint: FINGERPRINT.into(),
+            rotation_target_fingerprint: None,
         };
         let body = serde_json::to_value(encode_registration(&registration)).unwrap();
         assert_eq!(body, registration_body());
         assert_eq!(decode_registration_value(body).unwrap(), registration);
+        // During a rotation the driver names its second key too.
+        let target = "ab".repeat(32);
+        let rotating = DriverRegistration {
+            rotation_target_fingerprint: Some(target.clone()),
+            ..registration
+        };
+        let body = serde_json::to_value(encode_registration(&rotating)).unwrap();
+        assert_eq!(body["rotationTargetFingerprint"], json!(target));
+        assert_eq!(decode_registration_value(body).unwrap(), rotating);
     }
 
     #[test]
@@ -1419,6 +1442,13 @@ mod tests {
                 "masterKeyFingerprint",
                 json!(format!("{}\u{e9}", &FINGERPRINT[2..])),
             ),
+            ("rotationTargetFingerprint", json!("")),
+            (
+                "rotationTargetFingerprint",
+                json!(FINGERPRINT.to_uppercase()),
+            ),
+            ("rotationTargetFingerprint", json!(&FINGERPRINT[1..])),
+            ("rotationTargetFingerprint", json!(7)),
         ];
         for (field, value) in cases {
             let mut body = registration_body();
@@ -1729,6 +1759,7 @@ mod tests {
                 version,
                 capabilities: vec![WireCapability { scheme, curve }],
                 master_key_fingerprint: fingerprint,
+                rotation_target_fingerprint: None,
             };
             if let Ok(registration) = decode_registration(&request) {
                 prop_assert_eq!(encode_registration(&registration), request);

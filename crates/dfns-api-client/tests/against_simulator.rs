@@ -79,6 +79,7 @@ fn registration() -> DriverRegistration {
             },
         ],
         master_key_fingerprint: "0f".repeat(32),
+        rotation_target_fingerprint: None,
     }
 }
 

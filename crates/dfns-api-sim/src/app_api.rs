@@ -132,6 +132,9 @@ pub struct DriverView {
     pub capabilities: Vec<WireCapability>,
     /// Its master key's fingerprint.
     pub master_key_fingerprint: String,
+    /// The fingerprint of the master key it holds as a rotation target, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_target_fingerprint: Option<String>,
     /// Whether its last sign of life is within the liveness timeout.
     pub live: bool,
     /// Whether it is leasing, as its last heartbeat said (true from registration until then).

@@ -49,6 +49,8 @@ struct DriverRecord {
     version: String,
     capabilities: BTreeSet<Capability>,
     fingerprint: String,
+    /// The master key it holds as a rotation target, if any.
+    rotation_target: Option<String>,
     registered_at: Instant,
     last_seen: Instant,
     ready: bool,
@@ -86,6 +88,7 @@ impl DriverRegistry {
             version,
             capabilities,
             master_key_fingerprint,
+            rotation_target_fingerprint,
         } = registration;
         let capabilities: BTreeSet<Capability> = capabilities.into_iter().collect();
         let served: Vec<String> = capabilities.iter().map(ToString::to_string).collect();
@@ -101,6 +104,7 @@ impl DriverRegistry {
                 record.version = version;
                 record.capabilities = capabilities;
                 record.fingerprint = master_key_fingerprint;
+                record.rotation_target = rotation_target_fingerprint;
                 record.registered_at = now;
                 record.last_seen = now;
                 record.ready = true;
@@ -115,6 +119,7 @@ impl DriverRegistry {
                     version,
                     capabilities,
                     fingerprint: master_key_fingerprint,
+                    rotation_target: rotation_target_fingerprint,
                     registered_at: now,
                     last_seen: now,
                     ready: true,
@@ -247,6 +252,7 @@ impl DriverRegistry {
                 version: r.version.clone(),
                 capabilities: r.capabilities.iter().map(wire::encode_capability).collect(),
                 master_key_fingerprint: r.fingerprint.clone(),
+                rotation_target_fingerprint: r.rotation_target.clone(),
                 live: self.is_live(r, now),
                 ready: r.ready,
                 in_flight: r.in_flight,
@@ -287,6 +293,7 @@ mod tests {
             version: "0.1.0".into(),
             capabilities: capabilities.to_vec(),
             master_key_fingerprint: "ab".repeat(32),
+            rotation_target_fingerprint: None,
         }
     }
 

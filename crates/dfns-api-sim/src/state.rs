@@ -941,6 +941,7 @@ mod tests {
             version: "0.1.0".into(),
             capabilities: capabilities.to_vec(),
             master_key_fingerprint: "cd".repeat(32),
+            rotation_target_fingerprint: None,
         }
     }
 

@@ -109,6 +109,7 @@ async fn with_driver() -> (tempfile::TempDir, RunningSimulator, HttpJobSource) {
                 curve: Curve::Secp256k1,
             }],
             master_key_fingerprint: "5e".repeat(32),
+            rotation_target_fingerprint: None,
         })
         .await
         .unwrap();

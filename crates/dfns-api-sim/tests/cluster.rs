@@ -54,6 +54,7 @@ fn registration(driver_id: &str, capabilities: &[Capability]) -> DriverRegistrat
         version: "1.2.3".to_owned(),
         capabilities: capabilities.to_vec(),
         master_key_fingerprint: "5e".repeat(32),
+        rotation_target_fingerprint: None,
     }
 }
 

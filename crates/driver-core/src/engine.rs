@@ -374,6 +374,12 @@ async fn presence<S: JobSource, H: Hsm, K: KeyStore>(parts: Arc<Parts<S, H, K>>)
             .map(capability)
             .collect(),
         master_key_fingerprint: parts.hsm.master_key().fingerprint.clone(),
+        rotation_target_fingerprint: parts
+            .hsm
+            .master_keys()
+            .into_iter()
+            .map(|m| m.fingerprint)
+            .find(|f| *f != parts.hsm.master_key().fingerprint),
     };
     let mut failures: u32 = 0;
     let mut interval = std::time::Duration::from_secs(1);

@@ -171,6 +171,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
         hot_keys: None,
         rotation_target_label: None,
         ledger_key_label: None,
+        deadlines: hsm_pkcs11::Deadlines::default(),
     };
     // Kept open throughout: closing a token's last session logs the application out.
     let keepalive = AnchorSession::open(&module, &config)?;

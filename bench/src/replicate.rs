@@ -127,6 +127,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
             hot_keys: None,
             rotation_target_label: None,
             ledger_key_label: None,
+            deadlines: hsm_pkcs11::Deadlines::default(),
         },
     )?);
     let url = DatabaseUrl::parse(&args.database_url)?;

@@ -124,6 +124,20 @@ impl ClusterDriver {
         self.process.set_override(field, value);
     }
 
+    /// Puts the fault-injecting PKCS#11 module in front of this driver's token for its next
+    /// run and every command, controlled by the file `control` (absent or empty: no fault).
+    ///
+    /// # Errors
+    /// If the module was not built.
+    pub fn use_fault_module(&mut self, control: &Path) -> anyhow::Result<()> {
+        self.process.use_fault_module(control)
+    }
+
+    /// The driver's directory (its configuration, log and token live there).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The key ceremony of a master-key rotation on this driver's token (SO step, then user
     /// step; see `docs/key-ceremony.md`): the trusted master key `label` imported with
     /// `value`'s value, and its record MAC key.

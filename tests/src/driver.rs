@@ -258,10 +258,39 @@ impl DriverProcess {
     /// command (the driver's `HSM_DRIVER__SECTION__FIELD` variable).
     pub(crate) fn set_override(&mut self, field: &str, value: Option<&str>) {
         let var = format!("HSM_DRIVER__{}", field.to_uppercase().replace('.', "__"));
-        self.overrides.retain(|(k, _)| *k != var);
+        self.set_env(&var, value);
+    }
+
+    /// Sets (`Some`) or removes an environment variable of every later run and command.
+    pub(crate) fn set_env(&mut self, var: &str, value: Option<&str>) {
+        self.overrides.retain(|(k, _)| k != var);
         if let Some(value) = value {
-            self.overrides.push((var, value.to_owned()));
+            self.overrides.push((var.to_owned(), value.to_owned()));
         }
+    }
+
+    /// Puts the fault-injecting PKCS#11 module (`libpkcs11_fault.so`, built beside the
+    /// binaries) in front of this driver's real module for every later run and command,
+    /// controlled by `control` (see the `pkcs11-fault` crate).
+    ///
+    /// # Errors
+    /// If the module was not built.
+    pub(crate) fn use_fault_module(&mut self, control: &Path) -> anyhow::Result<()> {
+        let module = self.bin_dir.join(format!(
+            "{}pkcs11_fault{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        ));
+        anyhow::ensure!(
+            module.exists(),
+            "{} not found: run `cargo build -p pkcs11-fault` first (cargo xtask test does it)",
+            module.display()
+        );
+        let real = self.token.hsm.path.display().to_string();
+        self.set_env("PKCS11_FAULT_MODULE", Some(&real));
+        self.set_env("PKCS11_FAULT_CONTROL", Some(&control.display().to_string()));
+        self.set_override("hsm.module", Some(&module.display().to_string()));
+        Ok(())
     }
 
     /// The key ceremony of a master-key rotation on this driver's token: the security officer

@@ -247,6 +247,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let kryoptic = kryoptic::ensure_kryoptic(&workspace_root())?;
     // The end-to-end tests start the real binaries.
     run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
+    // The fault-injecting PKCS#11 module the hung-HSM drill loads in front of SoftHSMv2.
+    run(cargo().args(["build", "--package", "pkcs11-fault", "--lib", "--locked"]))?;
     let mut test = cargo();
     test.args(["test", "--workspace", "--all-features", "--locked"])
         .env("HSM_PKCS11_TEST_TOKEN", "softhsm2")

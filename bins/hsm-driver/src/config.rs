@@ -59,6 +59,14 @@ pub(crate) struct DriverSection {
     /// registration attempts, in milliseconds (the waits grow to it, jittered).
     #[serde(default = "default_recovery_backoff_max_ms")]
     pub(crate) recovery_backoff_max_ms: u64,
+    /// The longest one job may run, in milliseconds: past it the job is handed back (retryable)
+    /// and its lease is no longer extended (default 120000).
+    #[serde(default = "default_max_job_duration_ms")]
+    pub(crate) max_job_duration_ms: u64,
+}
+
+fn default_max_job_duration_ms() -> u64 {
+    120_000
 }
 
 /// `[api]`: the Dfns API endpoint and the mutual-TLS material.
@@ -169,6 +177,28 @@ pub(crate) struct HsmSection {
     /// The opt-in hot-key path (absent: strictly stateless, the default).
     #[serde(default)]
     pub(crate) hot_keys: Option<HotKeysSection>,
+    /// The longest a signature, MAC or rewrap may take in the HSM before the HSM counts as
+    /// down and the job is handed back (default 10000).
+    #[serde(default = "default_operation_deadline_ms")]
+    pub(crate) operation_deadline_ms: u64,
+    /// The same for a key-pair generation (default 30000).
+    #[serde(default = "default_key_generation_deadline_ms")]
+    pub(crate) key_generation_deadline_ms: u64,
+    /// The same for a health check, the insider attack suite included (default 60000).
+    #[serde(default = "default_check_deadline_ms")]
+    pub(crate) check_deadline_ms: u64,
+}
+
+fn default_operation_deadline_ms() -> u64 {
+    10_000
+}
+
+fn default_key_generation_deadline_ms() -> u64 {
+    30_000
+}
+
+fn default_check_deadline_ms() -> u64 {
+    60_000
 }
 
 /// `[hsm.hot_keys]`: keep recently used keys unwrapped (sensitive, non-extractable session
@@ -210,6 +240,15 @@ pub(crate) struct DatabaseSection {
     /// database being marked down), in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub(crate) connect_timeout_ms: u64,
+    /// The longest one statement may run (PostgreSQL `statement_timeout`), in milliseconds;
+    /// every store call is given up after this plus `connect_timeout_ms` plus a second, and the
+    /// database then counts as down (default 10000).
+    #[serde(default = "default_statement_timeout_ms")]
+    pub(crate) statement_timeout_ms: u64,
+    /// The longest a statement waits for a lock (PostgreSQL `lock_timeout`), in milliseconds
+    /// (default 5000).
+    #[serde(default = "default_lock_timeout_ms")]
+    pub(crate) lock_timeout_ms: u64,
     /// PostgreSQL: PEM file of the CA(s) that sign the server's certificate. Connections then
     /// use TLS with `sslmode=verify-full` (the certificate and the host name are checked).
     #[serde(default)]
@@ -241,6 +280,8 @@ impl Default for DatabaseSection {
             max_connections: default_max_connections(),
             migrate_on_start: true,
             connect_timeout_ms: default_connect_timeout_ms(),
+            statement_timeout_ms: default_statement_timeout_ms(),
+            lock_timeout_ms: default_lock_timeout_ms(),
             tls_ca_file: None,
             tls_client_cert: None,
             tls_client_key: None,
@@ -397,6 +438,14 @@ fn default_health_check_interval_ms() -> u64 {
 fn default_recovery_backoff_max_ms() -> u64 {
     5_000
 }
+fn default_statement_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_lock_timeout_ms() -> u64 {
+    5_000
+}
+
 fn default_connect_timeout_ms() -> u64 {
     5_000
 }
@@ -553,8 +602,23 @@ impl Config {
                 bail!("hsm.hot_keys.ttl_ms: must be at least 1");
             }
         }
+        for (field, ms) in [
+            ("operation_deadline_ms", self.hsm.operation_deadline_ms),
+            (
+                "key_generation_deadline_ms",
+                self.hsm.key_generation_deadline_ms,
+            ),
+            ("check_deadline_ms", self.hsm.check_deadline_ms),
+        ] {
+            if ms == 0 {
+                bail!("hsm.{field}: must be at least 1");
+            }
+        }
         if self.driver.health_check_interval_ms == 0 {
             bail!("driver.health_check_interval_ms: must be at least 1");
+        }
+        if self.database.statement_timeout_ms == 0 || self.database.lock_timeout_ms == 0 {
+            bail!("database.statement_timeout_ms and database.lock_timeout_ms: must be at least 1");
         }
         if self.database.connect_timeout_ms == 0 {
             bail!("database.connect_timeout_ms: must be at least 1");
@@ -577,6 +641,7 @@ impl Config {
                 max: Duration::from_millis(self.driver.recovery_backoff_max_ms),
                 ..dfns_api_client::Backoff::default()
             },
+            max_job_duration: Duration::from_millis(self.driver.max_job_duration_ms),
             ..driver_core::DriverConfig::default()
         }
     }

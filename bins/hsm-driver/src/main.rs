@@ -227,6 +227,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Blocking tasks stuck in a hung HSM's calls cannot be joined: bounded, not awaited.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

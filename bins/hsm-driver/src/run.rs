@@ -45,7 +45,8 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
                 .hot_keys
                 .as_ref()
                 .map(|_| Box::new(hsm.hot_key_stats_reader()) as HotKeyReader);
-            match &config.hsm.fault_injection {
+            let stuck_calls = hsm.stuck_calls_reader();
+            let served = match &config.hsm.fault_injection {
                 None => serve(config, hsm, hot_keys).await,
                 Some(fault) => {
                     warn!(
@@ -55,6 +56,15 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
                     let switch = FaultSwitch::from_trigger_file(&fault.trigger_file);
                     serve(config, FaultInjectingHsm::new(hsm, switch), hot_keys).await
                 }
+            };
+            // The HSM is closed by now (its workers given the stop grace); calls a hung HSM
+            // never answered cannot be interrupted: say so and exit non-zero rather than wait.
+            match stuck_calls() {
+                0 => served,
+                stuck => served.and(Err(anyhow::anyhow!(
+                    "{stuck} PKCS#11 call(s) were still stuck in the HSM at shutdown (a hung HSM \
+                     or link); the jobs they served were handed back"
+                ))),
             }
         }
     }

@@ -212,6 +212,9 @@ mod tests {
             sessions: None,
             rotation_target_label: None,
             ledger_key_label: None,
+            operation_deadline_ms: 10_000,
+            key_generation_deadline_ms: 30_000,
+            check_deadline_ms: 60_000,
             fault_injection: None,
             hot_keys: None,
         }

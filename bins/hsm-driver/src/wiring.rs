@@ -26,6 +26,8 @@ pub(crate) async fn key_store(config: &Config) -> anyhow::Result<DieselKeyStore>
     let options = PoolOptions {
         max_size: config.database.max_connections,
         connection_timeout: std::time::Duration::from_millis(config.database.connect_timeout_ms),
+        statement_timeout: std::time::Duration::from_millis(config.database.statement_timeout_ms),
+        lock_timeout: std::time::Duration::from_millis(config.database.lock_timeout_ms),
         postgres: PgConnectOptions {
             password: secrets::database_password(&config.database)?,
             ..config.database.pg_connect_options()
@@ -111,6 +113,12 @@ pub(crate) fn pkcs11_config(config: &Config) -> anyhow::Result<Pkcs11Config> {
         }),
         rotation_target_label: config.hsm.rotation_target_label.clone(),
         ledger_key_label: config.hsm.ledger_key_label.clone(),
+        deadlines: hsm_pkcs11::Deadlines {
+            operation: Duration::from_millis(config.hsm.operation_deadline_ms),
+            key_generation: Duration::from_millis(config.hsm.key_generation_deadline_ms),
+            check: Duration::from_millis(config.hsm.check_deadline_ms),
+            ..hsm_pkcs11::Deadlines::default()
+        },
     })
 }
 

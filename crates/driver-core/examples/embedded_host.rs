@@ -33,6 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         hot_keys: None,
         rotation_target_label: None,
         ledger_key_label: None,
+        deadlines: hsm_pkcs11::Deadlines::default(),
     };
     let hsm = tokio::task::spawn_blocking(move || Pkcs11Hsm::open(&module, settings)).await??;
 

@@ -42,6 +42,10 @@ pub struct DriverConfig {
     /// a hostile or broken API can neither make the driver flood it (a 1 ms interval) nor
     /// silence it for good.
     pub heartbeat_interval_bounds: (Duration, Duration),
+    /// The longest one job may run, from lease to result: past it the job is handed back as a
+    /// retryable failure, and its lease is never extended beyond it (default 120 s). The HSM's
+    /// own deadlines are shorter; this bounds everything else too.
+    pub max_job_duration: Duration,
 }
 
 impl Default for DriverConfig {
@@ -61,6 +65,7 @@ impl Default for DriverConfig {
                 ..Backoff::default()
             },
             heartbeat_interval_bounds: (Duration::from_millis(100), Duration::from_secs(300)),
+            max_job_duration: Duration::from_secs(120),
         }
     }
 }

@@ -56,6 +56,12 @@ pub enum JobError {
         /// This HSM's fingerprint.
         ours: String,
     },
+    /// The job ran past [`DriverConfig::max_job_duration`](crate::DriverConfig::max_job_duration).
+    #[error("the job did not finish within {after:?}")]
+    DeadlineExceeded {
+        /// The maximum job duration.
+        after: std::time::Duration,
+    },
     /// A stored record cannot be interpreted (unknown scheme or mechanism name).
     #[error("key record {key_id} is corrupt: {reason}")]
     CorruptRecord {
@@ -135,6 +141,7 @@ impl JobError {
             | JobError::RecordTampered { .. }
             | JobError::Store(_)
             | JobError::Ledger(_) => FailureCode::StoreError,
+            JobError::DeadlineExceeded { .. } => FailureCode::Internal,
         }
     }
 
@@ -145,7 +152,7 @@ impl JobError {
             JobError::Store(e) => e.is_retryable(),
             JobError::Ledger(e) => e.is_retryable(),
             // Another driver's HSM may hold the right master key.
-            JobError::MasterKeyMismatch { .. } => true,
+            JobError::MasterKeyMismatch { .. } | JobError::DeadlineExceeded { .. } => true,
             JobError::Decode(_)
             | JobError::BadPayload(_)
             | JobError::UnknownKey { .. }

@@ -61,7 +61,12 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
         let job_ref = job.job_ref();
         let result = match job.spec {
             Ok(spec) => {
-                let work = execute(parts, &job_ref.job_id, spec);
+                let most = parts.config.max_job_duration;
+                let work = async {
+                    tokio::time::timeout(most, execute(parts, &job_ref.job_id, spec))
+                        .await
+                        .unwrap_or(Err(JobError::DeadlineExceeded { after: most }))
+                };
                 keeping_lease(parts, &job_ref, job.lease_expires_at_ms, work).await
             }
             Err(e) => Err(JobError::Decode(e)),
@@ -152,8 +157,19 @@ async fn keep_lease<S: JobSource, H: Hsm, K: KeyStore>(
     job: JobRef,
     mut expires_at_ms: u64,
 ) {
+    let started = Instant::now();
     let mut failures = 0;
     loop {
+        // Work that is stuck is not kept: past the maximum job duration, or while a dependency
+        // is down (a hung HSM), the lease is left to lapse and the job goes to another driver.
+        if started.elapsed() >= parts.config.max_job_duration {
+            warn!(job_id = %job.job_id, "the job ran past the maximum job duration; its lease is no longer extended");
+            return;
+        }
+        if !parts.health.report().can_lease() {
+            warn!(job_id = %job.job_id, "the driver is not ready (a dependency is down); the lease of a job still running is no longer extended");
+            return;
+        }
         match parts.source.extend(&job).await {
             Ok(LeaseExtension::Extended {
                 lease_expires_at_ms,

@@ -181,6 +181,27 @@ pub enum HsmError {
         reason: String,
     },
 
+    /// The HSM did not answer within its deadline ([`Deadlines`](crate::Deadlines)): a hung
+    /// device or link. Retryable (the caller treats the HSM as down and recovers it); the call
+    /// itself may still be running inside the PKCS#11 library.
+    #[error("the HSM did not answer {operation} within {after:?}")]
+    DeadlineExceeded {
+        /// What was asked (`sign`, `generate_key`, `check`...).
+        operation: &'static str,
+        /// The deadline.
+        after: std::time::Duration,
+    },
+
+    /// Calls to the HSM are still stuck from before (worker threads abandoned inside PKCS#11
+    /// calls): no new sessions are opened until some return. Retryable.
+    #[error(
+        "{stuck} worker thread(s) are still stuck inside PKCS#11 calls; waiting for the HSM to answer them before opening new sessions"
+    )]
+    StuckCalls {
+        /// How many.
+        stuck: usize,
+    },
+
     /// An operation named a master key (by fingerprint) that this HSM does not hold: a key
     /// record wrapped under another master key, or a rotation towards a key not configured.
     /// Not retryable here (another HSM of the deployment may hold it).
@@ -270,6 +291,8 @@ impl HsmError {
             HsmError::WorkerUnavailable
             | HsmError::TokenUnavailable { .. }
             | HsmError::SessionNotLoggedIn { .. }
+            | HsmError::DeadlineExceeded { .. }
+            | HsmError::StuckCalls { .. }
             | HsmError::InjectedFault { .. } => true,
             HsmError::UnsupportedScheme { .. }
             | HsmError::InvalidPayload { .. }

@@ -59,8 +59,8 @@ pub use hsm::{
 #[cfg(feature = "bench")]
 pub use pkcs11::anchor;
 pub use pkcs11::{
-    Attack, AttackOutcome, AttackRecord, FindingKind, HotKeyStats, HotKeys, Pkcs11Config,
-    Pkcs11Hsm, Pkcs11Module, SelfTestFinding, SelfTestReport, Severity, TokenReport,
+    Attack, AttackOutcome, AttackRecord, Deadlines, FindingKind, HotKeyStats, HotKeys,
+    Pkcs11Config, Pkcs11Hsm, Pkcs11Module, SelfTestFinding, SelfTestReport, Severity, TokenReport,
     create_ledger_key, create_mac_key, create_master_key, create_trusted_master_key,
     import_ledger_key, import_mac_key, import_master_key, import_trusted_master_key,
     user_can_make_trusted_keys,

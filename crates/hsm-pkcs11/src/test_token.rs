@@ -590,6 +590,7 @@ impl TestToken {
             hot_keys: None,
             rotation_target_label: None,
             ledger_key_label: None,
+            deadlines: crate::Deadlines::default(),
         }
     }
 

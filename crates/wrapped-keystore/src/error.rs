@@ -109,6 +109,16 @@ pub enum StoreError {
         source: Box<dyn StdError + Send + Sync>,
     },
 
+    /// A call did not finish within its deadline ([`PoolOptions::statement_timeout`](crate::PoolOptions::statement_timeout)
+    /// plus the connection wait): a database that stopped answering without closing the
+    /// connection (a silent partition). Unavailable; the connection is dropped when the call
+    /// returns.
+    #[error("the database did not answer within {after:?}")]
+    DeadlineExceeded {
+        /// The deadline.
+        after: std::time::Duration,
+    },
+
     /// The blocking task that ran the query panicked or was cancelled.
     #[error("the database task did not complete")]
     TaskFailed {
@@ -177,7 +187,9 @@ impl StoreError {
         match self {
             // r2d2 reports every failed checkout as a timeout; its message carries the last
             // connection error, which is about reaching the database, never about a request.
-            StoreError::Unavailable { .. } => Class::Unavailable,
+            StoreError::Unavailable { .. } | StoreError::DeadlineExceeded { .. } => {
+                Class::Unavailable
+            }
             StoreError::Connection { source } => connection_error_class(source),
             StoreError::Database { source } => diesel_error_class(source),
             StoreError::Conflict { .. }
@@ -217,6 +229,9 @@ const CONNECTION_LOST_MESSAGES: &[&str] = &[
     "terminating connection due to administrator command",
     "the database system is shutting down",
     "the database system is starting up",
+    // SQLSTATE 57014 from the driver's own `statement_timeout`: the server did not finish in
+    // time (overloaded, or waiting on I/O); the store counts as unavailable meanwhile.
+    "canceling statement due to statement timeout",
 ];
 
 /// Messages of contention that ends in an error instead of a wait: PostgreSQL's deadlock
@@ -226,6 +241,8 @@ const CONTENTION_MESSAGES: &[&str] = &[
     "deadlock detected",
     "database is locked",
     "database table is locked",
+    // SQLSTATE 55P03 from the driver's own `lock_timeout`: another session held the lock.
+    "canceling statement due to lock timeout",
 ];
 
 fn connection_error_class(error: &ConnectionError) -> Class {

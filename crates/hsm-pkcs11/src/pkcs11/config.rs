@@ -38,6 +38,47 @@ pub struct Pkcs11Config {
     /// `master_key_label` names the new master key, this keeps naming the ledger key the
     /// deployment's chains are MACed under (see `docs/key-ceremony.md`).
     pub ledger_key_label: Option<String>,
+    /// How long each kind of HSM call may take before the caller gives up on it (see
+    /// [`Deadlines`]).
+    pub deadlines: Deadlines,
+}
+
+/// How long the driver waits for the HSM. A PKCS#11 call cannot be interrupted: when one
+/// overruns, its caller gets [`HsmError::DeadlineExceeded`](crate::HsmError::DeadlineExceeded)
+/// (retryable: the HSM is then treated as down) and the worker thread stuck in the call is
+/// abandoned at the next recovery, which opens fresh sessions beside it. An abandoned worker
+/// closes its session and ends when its call returns; while more than
+/// [`Deadlines::max_abandoned`] are stuck, recovery opens nothing new.
+///
+/// The defaults suit a network HSM: a signature (unwrap, sign, destroy) or a MAC well under a
+/// second when healthy, so ten seconds means the HSM is not answering; key-pair generation is
+/// slower on most HSMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// A signature, a MAC, a rewrap (default 10 s).
+    pub operation: Duration,
+    /// A key-pair generation and wrap (default 30 s).
+    pub key_generation: Duration,
+    /// A health check: the session checks and the whole insider attack suite (default 60 s).
+    pub check: Duration,
+    /// How long a recovery or a shutdown waits for the workers to stop before abandoning those
+    /// still inside a call (default 1 s).
+    pub stop_grace: Duration,
+    /// Most worker threads left stuck in PKCS#11 calls at once (default 32); beyond it, recovery
+    /// waits for some to return instead of opening more sessions.
+    pub max_abandoned: usize,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            operation: Duration::from_secs(10),
+            key_generation: Duration::from_secs(30),
+            check: Duration::from_secs(60),
+            stop_grace: Duration::from_secs(1),
+            max_abandoned: 32,
+        }
+    }
 }
 
 impl Pkcs11Config {
@@ -87,6 +128,7 @@ impl fmt::Debug for Pkcs11Config {
             .field("hot_keys", &self.hot_keys)
             .field("rotation_target_label", &self.rotation_target_label)
             .field("ledger_key_label", &self.ledger_key_label)
+            .field("deadlines", &self.deadlines)
             .finish()
     }
 }
@@ -106,6 +148,7 @@ mod tests {
             hot_keys: None,
             rotation_target_label: None,
             ledger_key_label: None,
+            deadlines: Deadlines::default(),
         };
         let debug = format!("{config:?}");
         assert!(!debug.contains("hunter2"), "{debug}");

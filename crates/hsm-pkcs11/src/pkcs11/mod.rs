@@ -30,8 +30,10 @@ pub(crate) mod token;
 mod worker;
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, TryLockError};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use cryptoki::error::RvError;
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
@@ -39,7 +41,7 @@ use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use tokio::sync::oneshot;
 
-pub use config::{HotKeys, Pkcs11Config};
+pub use config::{Deadlines, HotKeys, Pkcs11Config};
 pub use hot_keys::HotKeyStats;
 #[cfg(feature = "softhsm-fixture")]
 pub(crate) use keys::{MasterKey, choose_wrap_mechanism, unwrap, wrap};
@@ -137,6 +139,12 @@ struct Shared {
     state: RwLock<PoolState>,
     /// Serialises recoveries (and [`Pkcs11Hsm::close`] against a recovery).
     recovery: Mutex<()>,
+    /// Set while a recovery thread runs: a recovery stuck in a PKCS#11 call (a hung HSM) must
+    /// not gather more threads behind it.
+    recovering: AtomicBool,
+    /// Threads left inside PKCS#11 calls by stopped pools (see [`Pool::shutdown`]); each ends
+    /// when its call returns.
+    abandoned: Mutex<Vec<JoinHandle<()>>>,
     /// Counts the pools installed by recoveries.
     generation: AtomicU64,
     /// The hot-key counters of every worker, across recoveries.
@@ -241,14 +249,27 @@ impl Shared {
                 }
             }
         };
-        // (2) Stop its workers and close its sessions, before any new session exists.
+        // (2) Stop its workers and close its sessions, before any new session exists; a worker
+        // stuck in a call (a hung HSM) is abandoned and closes its session when it returns.
         if let Some(mut old) = old {
-            if let Err(error) = old.shutdown() {
+            if let Err(error) =
+                old.shutdown(self.config.deadlines.stop_grace, &mut self.abandoned())
+            {
                 tracing::debug!(error = %error_chain(&error), "closing the old PKCS#11 sessions");
             }
         }
-        // (3) New sessions; re-initialise the library first if it lost its state.
+        // This recovery counts itself: one more than the threads stuck before it.
+        let stuck = self.stuck_calls().saturating_sub(1);
+        if stuck > self.config.deadlines.max_abandoned {
+            return Err(HsmError::StuckCalls { stuck });
+        }
+        // (3) New sessions; re-initialise the library first if it lost its state (never under
+        // a thread still inside a call: C_Finalize would pull the library from under it).
         let pool = match self.open_pool() {
+            Err(error) if library_lost(&error) && stuck > 0 => {
+                tracing::warn!(error = %error_chain(&error), stuck, "the PKCS#11 library lost its state, but calls are still stuck in it; waiting for them before re-initialising");
+                return Err(HsmError::StuckCalls { stuck });
+            }
             Err(error) if library_lost(&error) => {
                 tracing::warn!(
                     error = %error_chain(&error),
@@ -274,17 +295,51 @@ impl Shared {
         Ok(())
     }
 
-    /// Stops the pool for good. Waits for a recovery in progress. Idempotent.
+    /// Stops the pool for good: waits up to the stop grace for a recovery in progress and for
+    /// the workers, abandons what is stuck in a call. Idempotent.
     fn close(&self) -> Result<(), HsmError> {
-        let _serialised = self.recovery.lock().unwrap_or_else(PoisonError::into_inner);
+        let grace = self.config.deadlines.stop_grace;
+        let deadline = std::time::Instant::now() + grace;
+        // A recovery stuck in a call keeps its lock: close without it (the recovery finds the
+        // state Closed when it comes back and drops what it opened).
+        let _serialised = loop {
+            match self.recovery.try_lock() {
+                Ok(guard) => break Some(guard),
+                Err(TryLockError::Poisoned(poisoned)) => break Some(poisoned.into_inner()),
+                Err(TryLockError::WouldBlock) if std::time::Instant::now() >= deadline => {
+                    tracing::warn!("a recovery is stuck in a PKCS#11 call; closing without it");
+                    break None;
+                }
+                Err(TryLockError::WouldBlock) => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            }
+        };
         let old = std::mem::replace(
             &mut *self.state.write().unwrap_or_else(PoisonError::into_inner),
             PoolState::Closed,
         );
         match old {
-            PoolState::Ready(mut pool) => pool.shutdown(),
+            PoolState::Ready(mut pool) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                pool.shutdown(left, &mut self.abandoned())
+            }
             PoolState::Down | PoolState::Closed => Ok(()),
         }
+    }
+
+    fn abandoned(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.abandoned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Abandoned threads still inside a PKCS#11 call (those that returned are reaped), and a
+    /// recovery thread still running (it may be stuck in one too).
+    fn stuck_calls(&self) -> usize {
+        let mut abandoned = self.abandoned();
+        abandoned.retain(|thread| !thread.is_finished());
+        abandoned.len() + usize::from(self.recovering.load(Ordering::Acquire))
     }
 }
 
@@ -424,6 +479,8 @@ impl Pkcs11Hsm {
                 offered_wrap_mechanisms,
                 state: RwLock::new(PoolState::Ready(pool)),
                 recovery: Mutex::new(()),
+                recovering: AtomicBool::new(false),
+                abandoned: Mutex::new(Vec::new()),
                 generation: AtomicU64::new(0),
                 hot_keys,
             }),
@@ -450,6 +507,19 @@ impl Pkcs11Hsm {
     pub fn hot_key_stats_reader(&self) -> impl Fn() -> HotKeyStats + Send + Sync + 'static {
         let counters = Arc::clone(&self.shared.hot_keys);
         move || counters.snapshot()
+    }
+
+    /// Worker threads still inside PKCS#11 calls they were abandoned in (a hung HSM; see
+    /// [`Deadlines`]). Each ends, closing its session, when its call returns.
+    pub fn stuck_calls(&self) -> usize {
+        self.shared.stuck_calls()
+    }
+
+    /// A cheap, shareable reader of [`Pkcs11Hsm::stuck_calls`] that outlives moving the HSM into
+    /// a driver: a host checks it after shutdown, to exit non-zero while calls are stuck.
+    pub fn stuck_calls_reader(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || shared.stuck_calls()
     }
 
     /// Identifies the token and counts private- and secret-key objects. Blocking (runs on the
@@ -575,7 +645,8 @@ impl Pkcs11Hsm {
             master,
             reply,
         })?;
-        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+        let deadline = self.shared.config.deadlines.key_generation;
+        await_answer("generate_key", deadline, answer).await
     }
 
     async fn sign_on(&self, master: usize, request: SignRequest) -> Result<Signature, HsmError> {
@@ -587,7 +658,7 @@ impl Pkcs11Hsm {
             master,
             reply,
         })?;
-        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+        await_answer("sign", self.shared.config.deadlines.operation, answer).await
     }
 
     async fn mac_on(
@@ -603,7 +674,7 @@ impl Pkcs11Hsm {
             message,
             reply,
         })?;
-        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+        await_answer("mac", self.shared.config.deadlines.operation, answer).await
     }
 
     async fn verify_mac_on(
@@ -621,8 +692,30 @@ impl Pkcs11Hsm {
             mac,
             reply,
         })?;
-        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+        await_answer("verify_mac", self.shared.config.deadlines.operation, answer).await
     }
+}
+
+/// Awaits a worker's answer for at most `deadline`: past it, [`HsmError::DeadlineExceeded`]
+/// (the job may still be running in a worker, which then answers no one).
+async fn await_answer<T>(
+    operation: &'static str,
+    deadline: Duration,
+    answer: oneshot::Receiver<Result<T, HsmError>>,
+) -> Result<T, HsmError> {
+    match tokio::time::timeout(deadline, answer).await {
+        Ok(answer) => answer.map_err(|_| HsmError::WorkerUnavailable)?,
+        Err(_) => Err(deadline_exceeded(operation, deadline)),
+    }
+}
+
+fn deadline_exceeded(operation: &'static str, after: Duration) -> HsmError {
+    tracing::warn!(
+        operation,
+        ?after,
+        "the HSM did not answer within the deadline"
+    );
+    HsmError::DeadlineExceeded { operation, after }
 }
 
 /// Runs `f` on a pool's keep-alive session, locked meanwhile (a recovery waits for it
@@ -714,7 +807,7 @@ impl Hsm for Pkcs11Hsm {
             to,
             reply,
         })?;
-        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+        await_answer("rewrap", self.shared.config.deadlines.operation, answer).await
     }
 
     /// On one worker: `C_GetSessionInfo` (a logged-in R/W user session) and the record MAC of
@@ -725,19 +818,26 @@ impl Hsm for Pkcs11Hsm {
     /// replaced by a weaker one) fails the check with [`HsmError::UnsafeMasterKey`], which is
     /// not retryable: the driver stops signing until an operator acts.
     async fn check(&self) -> Result<(), HsmError> {
-        let (reply, answer) = oneshot::channel();
-        self.shared.with_pool(|pool| {
-            pool.submit(Job::Check {
-                keepalive: Arc::clone(pool.keepalive()),
-                reply,
-            })
-        })?;
-        answer.await.map_err(|_| HsmError::WorkerUnavailable)??;
-        let shared = Arc::clone(&self.shared);
-        let report = tokio::task::spawn_blocking(move || shared.attack_suite())
-            .await
-            .map_err(|_| HsmError::WorkerUnavailable)??;
-        report.require_safe().map(drop)
+        let deadline = self.shared.config.deadlines.check;
+        let checked = async {
+            let (reply, answer) = oneshot::channel();
+            self.shared.with_pool(|pool| {
+                pool.submit(Job::Check {
+                    keepalive: Arc::clone(pool.keepalive()),
+                    reply,
+                })
+            })?;
+            answer.await.map_err(|_| HsmError::WorkerUnavailable)??;
+            let shared = Arc::clone(&self.shared);
+            let report = tokio::task::spawn_blocking(move || shared.attack_suite())
+                .await
+                .map_err(|_| HsmError::WorkerUnavailable)??;
+            report.require_safe().map(drop)
+        };
+        match tokio::time::timeout(deadline, checked).await {
+            Ok(result) => result,
+            Err(_) => Err(deadline_exceeded("check", deadline)),
+        }
     }
 
     /// On a dedicated thread (the returned future only waits for it; recoveries are
@@ -750,13 +850,27 @@ impl Hsm for Pkcs11Hsm {
     /// installs the new pool. The old sessions are closed before any new one is opened:
     /// SoftHSMv2 reuses freed session handle numbers. Capabilities stay those probed at open.
     async fn recover(&self) -> Result<(), HsmError> {
+        let deadline = self.shared.config.deadlines.check;
+        let seen = self.shared.generation.load(Ordering::Acquire);
+        // One recovery thread at a time: a caller arriving during one waits for it (then finds
+        // its work done), for at most the deadline; a recovery stuck in a PKCS#11 call (a hung
+        // HSM) never gathers more threads behind it.
+        let waited = std::time::Instant::now();
+        while self.shared.recovering.swap(true, Ordering::AcqRel) {
+            if waited.elapsed() >= deadline {
+                return Err(HsmError::StuckCalls {
+                    stuck: self.shared.stuck_calls(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let shared = Arc::clone(&self.shared);
-        let seen = shared.generation.load(Ordering::Acquire);
         let (reply, answer) = oneshot::channel();
-        std::thread::Builder::new()
+        let started = std::thread::Builder::new()
             .name("hsm-pkcs11-recover".into())
             .spawn(move || {
                 let result = shared.recover(seen);
+                shared.recovering.store(false, Ordering::Release);
                 if let Err(error) = &result {
                     tracing::warn!(
                         token = %shared.config.token_label,
@@ -766,12 +880,15 @@ impl Hsm for Pkcs11Hsm {
                     );
                 }
                 let _ = reply.send(result);
-            })
-            .map_err(|source| HsmError::Io {
+            });
+        if let Err(source) = started {
+            self.shared.recovering.store(false, Ordering::Release);
+            return Err(HsmError::Io {
                 context: "starting the HSM recovery thread".into(),
                 source,
-            })?;
-        answer.await.map_err(|_| HsmError::WorkerUnavailable)?
+            });
+        }
+        await_answer("recover", deadline, answer).await
     }
 }
 

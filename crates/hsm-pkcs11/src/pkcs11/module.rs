@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -31,6 +32,9 @@ pub struct Pkcs11Module {
     /// Serialises this process's `C_GetSlotList` and `C_InitToken` calls ([`Self::lock_slots`]).
     slots: Arc<Mutex<()>>,
     path: Arc<Path>,
+    /// Counts [`Pkcs11Module::reinitialize`]s: a session opened in an earlier epoch is gone
+    /// with the library state, and its handle number may belong to a new session.
+    epoch: Arc<AtomicU64>,
 }
 
 impl Pkcs11Module {
@@ -52,6 +56,7 @@ impl Pkcs11Module {
             raw,
             slots: Arc::new(Mutex::new(())),
             path: Arc::from(PathBuf::from(path)),
+            epoch: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -69,6 +74,7 @@ impl Pkcs11Module {
     /// # Errors
     /// [`HsmError::Pkcs11`] naming `C_Finalize` or `C_Initialize`.
     pub fn reinitialize(&self) -> Result<(), HsmError> {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         // `finalize` takes the context by value; the clone shares the library with `self`.
         match self.context.clone().finalize() {
             Ok(()) | Err(CryptokiError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
@@ -92,6 +98,16 @@ impl Pkcs11Module {
                 source,
             }),
         }
+    }
+
+    /// The number of re-initialisations so far (see [`Pkcs11Module::reinitialize`]).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The counter behind [`Pkcs11Module::epoch`], for threads that outlive a borrow.
+    pub(crate) fn epoch_counter(&self) -> &Arc<AtomicU64> {
+        &self.epoch
     }
 
     /// The raw calls cryptoki cannot make, on the same library instance.

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
@@ -60,6 +61,7 @@ impl Pool {
             slot,
         };
         // On an error below, dropping `pool` stops the workers already started.
+        let epoch = module.epoch();
         for index in 0..config.sessions {
             let session = token::open_owned_session(module.context(), slot, &config.user_pin)?;
             // Looked up once per session: a find can be slow on a token with many objects,
@@ -85,6 +87,7 @@ impl Pool {
                 hot: config
                     .hot_keys
                     .map(|limits| HotKeyCache::new(limits, Arc::clone(hot_keys))),
+                epoch: (Arc::clone(module.epoch_counter()), epoch),
             };
             pool.workers.push(worker.spawn(index)?);
         }
@@ -111,28 +114,72 @@ impl Pool {
     }
 
     /// Stops the workers (jobs still queued fail with [`HsmError::WorkerUnavailable`]), waits
-    /// for the job each is running and for its session to close, then closes the keep-alive
-    /// session. Idempotent. Blocking for at most one job per worker.
+    /// up to `grace` for the job each is running and for its session to close, then closes the
+    /// keep-alive session. Idempotent. A worker still inside a PKCS#11 call after `grace` (a
+    /// hung HSM: the call cannot be interrupted) is **abandoned**: its thread is returned, and
+    /// closes its session and ends when the call returns. A keep-alive session held by such a
+    /// call is closed by a thread of its own, returned likewise.
     ///
     /// # Errors
     /// [`HsmError::WorkerUnavailable`] if a worker thread had panicked;
     /// [`HsmError::Pkcs11`] naming `C_CloseSession` if closing the keep-alive session failed
-    /// (expected after a lost session or library). Everything is stopped and closed either way.
-    pub(crate) fn shutdown(&mut self) -> Result<(), HsmError> {
+    /// (expected after a lost session or library). Everything is stopped, closed or abandoned
+    /// either way: the abandoned threads are in the `Ok` and in the error's place alike
+    /// (`abandoned`).
+    pub(crate) fn shutdown(
+        &mut self,
+        grace: Duration,
+        abandoned: &mut Vec<JoinHandle<()>>,
+    ) -> Result<(), HsmError> {
         self.stopping.store(true, Ordering::Release);
         drop(self.jobs.take());
-        let panicked = self
-            .workers
-            .drain(..)
-            .map(JoinHandle::join)
-            .filter(Result::is_err)
-            .count();
-        let keepalive = self
-            .keepalive
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let closed = keepalive.map_or(Ok(()), OwnedSession::close);
+        let deadline = Instant::now() + grace;
+        let mut panicked = 0;
+        for worker in self.workers.drain(..) {
+            if wait_until_finished(&worker, deadline) {
+                panicked += usize::from(worker.join().is_err());
+            } else {
+                abandoned.push(worker);
+            }
+        }
+        // Closed on a thread of its own: a stuck call may hold it (a check, the attack suite),
+        // and C_CloseSession itself does not return from a hung HSM.
+        let keepalive = Arc::clone(&self.keepalive);
+        let (sent, outcome) = std::sync::mpsc::channel();
+        let closer = std::thread::Builder::new()
+            .name("hsm-pkcs11-close".into())
+            .spawn(move || {
+                let session = keepalive
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                let _ = sent.send(session.map_or(Ok(()), OwnedSession::close));
+            });
+        let closed = match closer {
+            Ok(closer) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match outcome.recv_timeout(left) {
+                    Ok(closed) => {
+                        let _ = closer.join();
+                        closed
+                    }
+                    Err(_) => {
+                        abandoned.push(closer);
+                        Ok(())
+                    }
+                }
+            }
+            Err(source) => Err(HsmError::Io {
+                context: "starting a thread to close the keep-alive session".into(),
+                source,
+            }),
+        };
+        if !abandoned.is_empty() {
+            tracing::warn!(
+                stuck = abandoned.len(),
+                "HSM threads still inside PKCS#11 calls were abandoned; each closes its session when its call returns"
+            );
+        }
         if panicked > 0 {
             tracing::error!(panicked, "HSM worker threads had panicked");
             return Err(HsmError::WorkerUnavailable);
@@ -141,9 +188,23 @@ impl Pool {
     }
 }
 
+/// Whether `thread` finished by `deadline` (polled: a join cannot time out).
+fn wait_until_finished(thread: &JoinHandle<()>, deadline: Instant) -> bool {
+    while !thread.is_finished() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
-        if let Err(error) = self.shutdown() {
+        // Only after an error in `start` or `open`: a running pool is stopped explicitly, with
+        // its grace. Threads stuck here are left to end on their own.
+        let mut abandoned = Vec::new();
+        if let Err(error) = self.shutdown(Duration::from_secs(1), &mut abandoned) {
             tracing::debug!(%error, "stopping an HSM worker pool");
         }
     }

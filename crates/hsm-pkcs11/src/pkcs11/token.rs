@@ -73,6 +73,15 @@ impl OwnedSession {
         self.close_once()
     }
 
+    /// Lets go of a session the library no longer knows (it was re-initialised since the
+    /// session was opened) without `C_CloseSession`: its handle number may by now belong to a
+    /// new session.
+    pub(crate) fn forget(mut self) {
+        if let Some(session) = self.session.take() {
+            std::mem::forget(session);
+        }
+    }
+
     fn close_once(&mut self) -> Result<(), HsmError> {
         match self.session.take() {
             Some(session) => session.close().map_err(HsmError::pkcs11("C_CloseSession")),

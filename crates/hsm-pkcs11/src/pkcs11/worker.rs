@@ -2,7 +2,7 @@
 //! record MAC key and ledger key handles looked up once for it, taking jobs from a channel and answering
 //! on a oneshot. PKCS#11 never runs on an async thread. [`super::pool`] starts and stops them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -154,6 +154,10 @@ pub(crate) struct Worker {
     pub(crate) stopping: Arc<AtomicBool>,
     /// The opt-in hot-key cache of this session (`None`: strictly stateless).
     pub(crate) hot: Option<HotKeyCache>,
+    /// The module's re-initialisation counter, and its value when the session was opened: a
+    /// worker abandoned in a stuck call that returns after a re-initialisation forgets its
+    /// session instead of closing a handle number that may be someone else's.
+    pub(crate) epoch: (Arc<AtomicU64>, u64),
 }
 
 impl Worker {
@@ -275,6 +279,14 @@ impl Worker {
                     let _ = reply.send(self.check(session, &keepalive));
                 }
             }
+        }
+        let (counter, opened) = &self.epoch;
+        if counter.load(Ordering::Acquire) != *opened {
+            tracing::warn!(
+                "a stuck HSM call returned after the library was re-initialised; its session is gone with it"
+            );
+            self.session.forget();
+            return;
         }
         // Hot keys never outlive the worker (closing the session would destroy them too).
         if let Some(hot) = self.hot.as_mut() {

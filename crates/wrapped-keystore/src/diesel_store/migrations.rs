@@ -26,6 +26,10 @@ const PG_MIGRATION_LOCK: i64 = 0x6873_6d64_7276_6b73;
 pub(crate) fn run_pending(conn: &mut AnyConnection) -> Result<Vec<String>, StoreError> {
     match conn {
         AnyConnection::Postgresql(conn) => conn.transaction(|conn: &mut PgConnection| {
+            // A migration may rewrite or index a large table, and waits for the lock of a
+            // concurrent migrator: no per-statement deadline inside this transaction.
+            diesel::sql_query("SET LOCAL statement_timeout = 0").execute(conn)?;
+            diesel::sql_query("SET LOCAL lock_timeout = 0").execute(conn)?;
             diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
                 .bind::<BigInt, _>(PG_MIGRATION_LOCK)
                 .execute(conn)?;

@@ -61,6 +61,9 @@ pub struct DieselKeyStore {
 struct Inner {
     pool: Pool,
     url: DatabaseUrl,
+    /// The longest a store call is awaited ([`PoolOptions::statement_timeout`] plus the
+    /// connection wait plus a second).
+    call_deadline: std::time::Duration,
 }
 
 impl std::fmt::Debug for DieselKeyStore {
@@ -95,10 +98,14 @@ impl DieselKeyStore {
     pub fn connect(url: &DatabaseUrl, options: PoolOptions) -> Result<Self, StoreError> {
         let pool = pool::build(url, &options)?;
         tracing::info!(url = %url, max_size = pool.max_size(), "opened key store");
+        let call_deadline = options.statement_timeout
+            + options.connection_timeout
+            + std::time::Duration::from_secs(1);
         Ok(DieselKeyStore {
             inner: Arc::new(Inner {
                 pool,
                 url: url.clone(),
+                call_deadline,
             }),
         })
     }
@@ -191,9 +198,14 @@ impl DieselKeyStore {
         F: FnOnce(&mut AnyConnection) -> Result<T, StoreError> + Send + 'static,
     {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || query(&mut *store.connection()?))
-            .await
-            .map_err(|source| StoreError::TaskFailed { source })?
+        let deadline = self.inner.call_deadline;
+        let call = tokio::task::spawn_blocking(move || query(&mut *store.connection()?));
+        match tokio::time::timeout(deadline, call).await {
+            Ok(done) => done.map_err(|source| StoreError::TaskFailed { source })?,
+            // The blocking thread stays in the call until the server or TCP gives up
+            // (`statement_timeout`, `tcp_user_timeout`); the connection is then dropped.
+            Err(_) => Err(StoreError::DeadlineExceeded { after: deadline }),
+        }
     }
 }
 

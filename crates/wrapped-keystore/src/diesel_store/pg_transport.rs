@@ -262,9 +262,14 @@ pub(crate) fn check(url: &str, options: &PgConnectOptions) -> Result<(), StoreEr
     }
 }
 
-/// The libpq connection string: `url` plus the parameters `options` sets. Holds the password in
-/// clear when there is one: never print it; it is wiped when dropped.
-pub(crate) fn connection_string(url: &str, options: &PgConnectOptions) -> Zeroizing<String> {
+/// The libpq connection string: `url` plus the parameters `options` sets, plus each of
+/// `defaults` the URL does not set itself. Holds the password in clear when there is one: never
+/// print it; it is wiped when dropped.
+pub(crate) fn connection_string(
+    url: &str,
+    options: &PgConnectOptions,
+    defaults: &[(&str, String)],
+) -> Zeroizing<String> {
     let mut out = Zeroizing::new(String::with_capacity(url.len() + 128));
     out.push_str(url);
     let mut separator = if url.contains('?') { '&' } else { '?' };
@@ -290,6 +295,15 @@ pub(crate) fn connection_string(url: &str, options: &PgConnectOptions) -> Zeroiz
     }
     if let Some(password) = &options.password {
         push("password", password.expose_secret());
+    }
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    for (name, value) in defaults {
+        let set_by_url = query
+            .split('&')
+            .any(|pair| pair.split_once('=').map_or(pair, |(key, _)| key) == *name);
+        if !set_by_url {
+            push(name, value);
+        }
     }
     out
 }
@@ -412,17 +426,33 @@ mod tests {
             dangerous_allow_plaintext: false,
         };
         assert_eq!(
-            connection_string("postgres://u@db/keys", &options).as_str(),
+            connection_string("postgres://u@db/keys", &options, &[]).as_str(),
             "postgres://u@db/keys?sslmode=verify-full&sslrootcert=/etc/pg%20ca.pem\
              &sslcert=/c.pem&sslkey=/c.key&password=p%26w%3D%25%3F"
         );
+        // Tried: liveness defaults, one of which the URL sets itself: the URL's value stays,
+        // the others are added.
+        let defaults = [
+            ("connect_timeout", "5".to_owned()),
+            ("tcp_user_timeout", "10000".to_owned()),
+        ];
         assert_eq!(
             connection_string(
                 "postgres://u@db/keys?connect_timeout=3",
-                &PgConnectOptions::default()
+                &PgConnectOptions::default(),
+                &defaults
             )
             .as_str(),
-            "postgres://u@db/keys?connect_timeout=3"
+            "postgres://u@db/keys?connect_timeout=3&tcp_user_timeout=10000"
+        );
+        assert_eq!(
+            connection_string(
+                "postgres://u@db/keys",
+                &PgConnectOptions::default(),
+                &defaults
+            )
+            .as_str(),
+            "postgres://u@db/keys?connect_timeout=5&tcp_user_timeout=10000"
         );
         assert!(
             !format!("{options:?}").contains("p&w"),

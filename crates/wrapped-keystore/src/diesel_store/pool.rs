@@ -68,6 +68,15 @@ pub struct PoolOptions {
     pub connection_timeout: Duration,
     /// Idle connections the pool keeps open; `None` keeps `max_size`.
     pub min_idle: Option<u32>,
+    /// The longest one statement may run (PostgreSQL `statement_timeout`, set on every
+    /// connection; default 10 s). Every store call is also given up after this plus
+    /// `connection_timeout` and a second ([`StoreError::DeadlineExceeded`]), whatever the
+    /// backend: a database that stops answering without closing the connection (a silent
+    /// partition) then counts as unavailable in seconds, not when TCP gives up.
+    pub statement_timeout: Duration,
+    /// The longest a statement waits for a row or table lock (PostgreSQL `lock_timeout`;
+    /// default 5 s; SQLite's `busy_timeout` is 5 s).
+    pub lock_timeout: Duration,
     /// How PostgreSQL connections are secured (TLS, client certificate, password). Ignored for
     /// SQLite.
     pub postgres: PgConnectOptions,
@@ -79,6 +88,8 @@ impl Default for PoolOptions {
             max_size: 8,
             connection_timeout: Duration::from_secs(5),
             min_idle: None,
+            statement_timeout: Duration::from_secs(10),
+            lock_timeout: Duration::from_secs(5),
             postgres: PgConnectOptions::default(),
         }
     }
@@ -91,14 +102,45 @@ impl Default for PoolOptions {
 pub(crate) struct ConnectionManager {
     url: DatabaseUrl,
     postgres: PgConnectOptions,
+    /// `SET statement_timeout …; SET lock_timeout …;` for every PostgreSQL connection.
+    pg_session: String,
+    /// libpq parameters that notice a silent partition in seconds, each added unless the URL
+    /// sets it: `connect_timeout`, `keepalives*`, `tcp_user_timeout`.
+    pg_liveness: Vec<(&'static str, String)>,
 }
 
 impl ConnectionManager {
     /// A manager for `url`, after checking that a PostgreSQL URL with `postgres` is either
     /// TLS-verified or stays on this machine.
-    pub(crate) fn new(url: DatabaseUrl, postgres: PgConnectOptions) -> Result<Self, StoreError> {
+    pub(crate) fn new(url: DatabaseUrl, options: &PoolOptions) -> Result<Self, StoreError> {
+        let postgres = options.postgres.clone();
         url.check_postgres_options(&postgres)?;
-        Ok(ConnectionManager { url, postgres })
+        let ms = |d: Duration| d.as_millis().max(1);
+        let pg_session = format!(
+            "SET statement_timeout = {}; SET lock_timeout = {};",
+            ms(options.statement_timeout),
+            ms(options.lock_timeout)
+        );
+        let pg_liveness = vec![
+            (
+                "connect_timeout",
+                options.connection_timeout.as_secs().max(2).to_string(),
+            ),
+            ("keepalives", "1".to_owned()),
+            ("keepalives_idle", "5".to_owned()),
+            ("keepalives_interval", "2".to_owned()),
+            ("keepalives_count", "3".to_owned()),
+            (
+                "tcp_user_timeout",
+                ms(options.statement_timeout).to_string(),
+            ),
+        ];
+        Ok(ConnectionManager {
+            url,
+            postgres,
+            pg_session,
+            pg_liveness,
+        })
     }
 
     /// Opens and configures one connection.
@@ -107,10 +149,13 @@ impl ConnectionManager {
         match &self.url {
             DatabaseUrl::Postgres(raw) => {
                 // Holds any password in clear; wiped when it goes out of scope.
-                let conninfo = pg_transport::connection_string(raw, &self.postgres);
-                PgConnection::establish(&conninfo)
-                    .map(AnyConnection::Postgresql)
-                    .map_err(to_error)
+                let conninfo =
+                    pg_transport::connection_string(raw, &self.postgres, &self.pg_liveness);
+                let mut conn = PgConnection::establish(&conninfo).map_err(to_error)?;
+                conn.batch_execute(&self.pg_session).map_err(|source| {
+                    to_error(diesel::ConnectionError::CouldntSetupConfiguration(source))
+                })?;
+                Ok(AnyConnection::Postgresql(conn))
             }
             DatabaseUrl::Sqlite(_) => {
                 let mut conn =
@@ -196,7 +241,7 @@ pub(crate) type Pool = r2d2::Pool<ConnectionManager>;
 /// the database's own error rather than as a pool timeout. An unverified PostgreSQL connection to
 /// a host off this machine is refused before anything connects.
 pub(crate) fn build(url: &DatabaseUrl, options: &PoolOptions) -> Result<Pool, StoreError> {
-    let manager = ConnectionManager::new(url.clone(), options.postgres.clone())?;
+    let manager = ConnectionManager::new(url.clone(), options)?;
     drop(manager.open()?);
     let outage = Arc::new(Outage::default());
     let builder = r2d2::Pool::builder()

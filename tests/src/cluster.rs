@@ -60,6 +60,9 @@ pub struct ClusterOptions {
     pub log_level: String,
     /// Drivers (by id) whose database connections go through a [`TcpProxy`].
     pub proxied: Vec<String>,
+    /// Configuration overrides of every driver (`("database.tls_ca_file", path)`), from
+    /// provisioning on.
+    pub overrides: Vec<(String, String)>,
 }
 
 impl ClusterOptions {
@@ -85,6 +88,7 @@ impl ClusterOptions {
             connect_timeout_ms: 1500,
             log_level: "info".to_owned(),
             proxied: Vec::new(),
+            overrides: Vec::new(),
         }
     }
 
@@ -100,6 +104,15 @@ impl ClusterOptions {
             ..DriverSettings::new(id, database_url)
         }
     }
+}
+
+/// Where a cluster's drivers keep their keys.
+#[derive(Clone, Copy)]
+enum Database<'a> {
+    /// A fresh database on the test server (drivers may be proxied).
+    Test(&'a PgTestDatabase),
+    /// Any PostgreSQL URL.
+    Url(&'a str),
 }
 
 /// The fault-injection trigger file, relative to each driver's directory.
@@ -382,6 +395,29 @@ impl Cluster {
         options: ClusterOptions,
         database: &PgTestDatabase,
     ) -> anyhow::Result<Cluster> {
+        Cluster::start_with(options, Database::Test(database)).await
+    }
+
+    /// [`Cluster::start`] on a database given by URL (a server of the test's own: in a network
+    /// namespace, a primary with a standby...). No driver can be proxied.
+    ///
+    /// # Errors
+    /// As [`Cluster::start`]; also if `options.proxied` names a driver.
+    pub async fn start_on_url(
+        options: ClusterOptions,
+        database_url: &str,
+    ) -> anyhow::Result<Cluster> {
+        anyhow::ensure!(
+            options.proxied.is_empty(),
+            "a cluster on a database URL cannot proxy drivers"
+        );
+        Cluster::start_with(options, Database::Url(database_url)).await
+    }
+
+    async fn start_with(
+        options: ClusterOptions,
+        database: Database<'_>,
+    ) -> anyhow::Result<Cluster> {
         let work = &options.work_dir;
         std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
         let master_key = SharedMasterKey::generate(&work.join("master-key.hex"))?;
@@ -394,17 +430,26 @@ impl Cluster {
         };
         for n in 1..=cluster.options.drivers {
             let id = format!("driver-{n}");
-            let proxy = if cluster.options.proxied.contains(&id) {
-                Some(TcpProxy::start(database.server_addr()?).context("starting a TCP proxy")?)
-            } else {
-                None
-            };
-            let url = match &proxy {
-                Some(proxy) => database.database_url_via(proxy.local_addr()),
-                None => database.database_url(),
-            };
-            let DatabaseUrl::Postgres(url) = url else {
-                bail!("a PostgreSQL test database has a postgres:// URL");
+            let (url, proxy) = match database {
+                Database::Url(url) => (url.to_owned(), None),
+                Database::Test(database) => {
+                    let proxy = if cluster.options.proxied.contains(&id) {
+                        Some(
+                            TcpProxy::start(database.server_addr()?)
+                                .context("starting a TCP proxy")?,
+                        )
+                    } else {
+                        None
+                    };
+                    let url = match &proxy {
+                        Some(proxy) => database.database_url_via(proxy.local_addr()),
+                        None => database.database_url(),
+                    };
+                    let DatabaseUrl::Postgres(url) = url else {
+                        bail!("a PostgreSQL test database has a postgres:// URL");
+                    };
+                    (url, proxy)
+                }
             };
             let master_key = MasterKeyProvisioning::Import(cluster.master_key.clone());
             cluster
@@ -451,7 +496,7 @@ impl Cluster {
             &format!("cluster-{id}"),
         )?;
         let api_url = self.sim.driver_url();
-        let process = DriverProcess::provision(
+        let mut process = DriverProcess::provision(
             &self.options.bin_dir,
             &dir,
             token,
@@ -463,6 +508,9 @@ impl Cluster {
             master_key,
         )
         .await?;
+        for (field, value) in &self.options.overrides {
+            process.set_override(field, Some(value));
+        }
         self.drivers.push(ClusterDriver {
             process,
             proxy,

@@ -216,6 +216,15 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         bail!("unknown test option `{other}`");
     }
     let module = ensure_softhsm()?;
+    // The network-partition drill puts PostgreSQL in a network namespace (`ip netns`).
+    if is_root() {
+        ensure_debian_package("iproute2", || {
+            Command::new("ip")
+                .arg("-V")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })?;
+    }
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let pg_url = std::env::var("HSM_DRIVER_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());

@@ -25,6 +25,7 @@
 //! [`TcpProxy`] in front of the server ([`PgTestDatabase::server_addr`],
 //! [`PgTestDatabase::database_url_via`]) and [`cut`](TcpProxy::cut) it.
 
+mod netns;
 mod pg_cluster;
 mod tcp_proxy;
 mod test_ca;
@@ -40,6 +41,7 @@ use diesel::pg::PgConnection;
 use crate::diesel_store::DatabaseUrl;
 use crate::error::StoreError;
 
+pub use self::netns::{NetnsError, NetnsLink};
 pub use self::pg_cluster::{
     PG_BIN_VAR, PG_OS_USER_VAR, PgCluster, PgClusterBuilder, PgClusterError,
 };

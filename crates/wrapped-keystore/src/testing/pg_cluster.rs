@@ -122,9 +122,19 @@ pub struct PgClusterBuilder {
     client_ca_pem: Option<String>,
     hba: Vec<String>,
     settings: Vec<(String, String)>,
+    netns: Option<String>,
 }
 
 impl PgClusterBuilder {
+    /// Runs the server inside the network namespace `name` (`ip netns exec`; root only), for
+    /// drills that cut the network between it and its clients ([`super::NetnsLink`]). Set
+    /// `listen_addresses` to the namespace's address with [`setting`](Self::setting) and allow
+    /// its clients with [`hba`](Self::hba); the superuser's Unix socket works as always.
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
+    }
+
     /// Turns TLS on (`ssl = on`) with this server certificate and key.
     pub fn tls(mut self, server: IssuedCert) -> Self {
         self.tls = Some(server);
@@ -210,19 +220,23 @@ struct Tools {
     bin_dir: PathBuf,
     /// `Some(user)` when the test runs as root: tools run as `user` through `runuser`.
     run_as: Option<String>,
+    /// `Some(name)`: tools (and so the server) run in that network namespace.
+    netns: Option<String>,
 }
 
 impl Tools {
     fn command(&self, tool: &str, cwd: &Path) -> Command {
         let program = self.bin_dir.join(tool);
-        let mut command = match &self.run_as {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(program);
-                c
-            }
-            None => Command::new(program),
-        };
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(netns) = &self.netns {
+            argv.extend(["ip", "netns", "exec", netns.as_str()].map(Into::into));
+        }
+        if let Some(user) = &self.run_as {
+            argv.extend(["runuser", "-u", user.as_str(), "--"].map(Into::into));
+        }
+        argv.push(program.into_os_string());
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
         // The tools complain when they cannot read the current directory.
         command.current_dir(cwd);
         command
@@ -259,7 +273,11 @@ impl PgCluster {
             }
         };
         chown(dir.path())?;
-        let tools = Tools { bin_dir, run_as };
+        let tools = Tools {
+            bin_dir,
+            run_as,
+            netns: options.netns.clone(),
+        };
         let data_dir = dir.path().join("data");
 
         run_tool(

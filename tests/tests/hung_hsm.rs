@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::ensure;
 use hsm_driver_e2e::{Cluster, ContinuousWorkload, Workload};
 use pkcs11_fault::{Action, ControlFile, Rule};
-use support::{TestDir, cluster_options};
+use support::{TestDir, Timeline, cluster_options, stop_cleanly};
 use wrapped_keystore::testing::PgTestDatabase;
 
 /// driver-1's HSM deadlines: a signature or MAC 1 s, a key generation 2 s, a check 3 s.
@@ -36,22 +36,18 @@ async fn a_hung_hsm_hands_its_jobs_to_the_other_driver_and_rejoins_when_it_answe
     let mut cluster = Cluster::start(cluster_options(&work, 2), &db)
         .await
         .unwrap_or_else(|e| panic!("the cluster starts: {e:#}"));
-    let mut timeline = Vec::new();
+    let mut timeline = Timeline::new("the stall");
     if let Err(e) = drill(&mut cluster, &mut timeline).await {
         panic!(
             "{e:#}\n\n== timeline ==\n{}\n\n== logs ==\n{}",
-            timeline.join("\n"),
+            timeline.text(),
             cluster.diagnostics()
         );
     }
-    println!("{}", timeline.join("\n"));
-    let stop = cluster.stop().await.expect("the cluster stops");
-    for (id, left) in &stop.token_private_keys {
-        assert_eq!(*left, 0, "{id}: no private key left on the token");
-    }
+    stop_cleanly(cluster).await;
 }
 
-async fn drill(cluster: &mut Cluster, timeline: &mut Vec<String>) -> anyhow::Result<()> {
+async fn drill(cluster: &mut Cluster, timeline: &mut Timeline) -> anyhow::Result<()> {
     let control = ControlFile::new(
         cluster
             .driver("driver-1")?
@@ -80,27 +76,16 @@ async fn drill(cluster: &mut Cluster, timeline: &mut Vec<String>) -> anyhow::Res
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The HSM stops answering.
-    let stalled = Instant::now();
+    timeline.start();
     control.set(&stall_everything)?;
-    let mark = |timeline: &mut Vec<String>, what: &str| {
-        let line = format!(
-            "[{:5.2}s after the stall] {what}",
-            stalled.elapsed().as_secs_f64()
-        );
-        println!("{line}");
-        timeline.push(line);
-    };
     let driver = cluster.driver("driver-1")?;
     let readyz = driver
         .wait_readyz("503 naming the HSM", Duration::from_secs(15), |r| {
             r.status == 503 && r.body.contains("hsm")
         })
         .await?;
-    mark(
-        timeline,
-        &format!("driver-1 not ready: {}", readyz.body.trim()),
-    );
-    let not_ready_after = stalled.elapsed();
+    timeline.mark(&format!("driver-1 not ready: {}", readyz.body.trim()));
+    let not_ready_after = timeline.elapsed();
     let view = cluster
         .wait_driver_view(
             "driver-1",
@@ -109,20 +94,17 @@ async fn drill(cluster: &mut Cluster, timeline: &mut Vec<String>) -> anyhow::Res
             |v| !v.ready && v.in_flight == 0,
         )
         .await?;
-    mark(
-        timeline,
-        &format!(
-            "driver-1 holds no job (API: ready {}, in flight {})",
-            view.ready, view.in_flight
-        ),
-    );
+    timeline.mark(&format!(
+        "driver-1 holds no job (API: ready {}, in flight {})",
+        view.ready, view.in_flight
+    ));
     let verified = workload.verified();
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(
         workload.verified() > verified,
         "driver-2 kept signing while driver-1's HSM hung"
     );
-    mark(timeline, "driver-2 signed meanwhile");
+    timeline.mark("driver-2 signed meanwhile");
 
     // The HSM answers again: the stuck calls return, driver-1 recovers by itself.
     control.clear()?;
@@ -131,13 +113,10 @@ async fn drill(cluster: &mut Cluster, timeline: &mut Vec<String>) -> anyhow::Res
         .driver("driver-1")?
         .wait_readyz("ready again", Duration::from_secs(20), |r| r.status == 200)
         .await?;
-    mark(
-        timeline,
-        &format!(
-            "driver-1 ready again {:.2}s after the HSM answered",
-            lifted.elapsed().as_secs_f64()
-        ),
-    );
+    timeline.mark(&format!(
+        "driver-1 ready again {:.2}s after the HSM answered",
+        lifted.elapsed().as_secs_f64()
+    ));
 
     // SIGTERM while the HSM hangs: the process ends within the shutdown deadline, non-zero,
     // saying why; its jobs were handed back.
@@ -149,10 +128,9 @@ async fn drill(cluster: &mut Cluster, timeline: &mut Vec<String>) -> anyhow::Res
     let terminating = Instant::now();
     let status = cluster.driver_mut("driver-1")?.terminate().await?;
     let took = terminating.elapsed();
-    mark(
-        timeline,
-        &format!("SIGTERM while hung: exited {status} after {took:.2?}"),
-    );
+    timeline.mark(&format!(
+        "SIGTERM while hung: exited {status} after {took:.2?}"
+    ));
     ensure!(
         !status.success(),
         "a shutdown with stuck calls exits non-zero: {status}"
@@ -166,16 +144,14 @@ async fn drill(cluster: &mut Cluster, timeline: &mut Vec<String>) -> anyhow::Res
 
     control.clear()?;
     cluster.driver_mut("driver-1")?.restart().await?;
-    mark(timeline, "driver-1 restarted after the HSM answered");
+    timeline.mark("driver-1 restarted after the HSM answered");
     let summary = workload.finish().await?;
     ensure!(
         summary.errors.is_empty(),
         "every job completed (retries allowed), every signature verified: {:?}",
         summary.errors
     );
-    mark(
-        timeline,
-        &format!(
+    timeline.mark(&format!(
             "workload: {} jobs, {} signatures verified, 0 errors; driver-1 not ready after {not_ready_after:.2?}",
             summary.jobs(),
             summary.verified

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use hsm_driver_e2e::{Cluster, ContinuousWorkload, Workload};
-use support::{TestDir, cluster_options};
+use support::{TestDir, Timeline, cluster_options, stop_cleanly};
 use wrapped_keystore::testing::{NetnsLink, PgCluster, TestCa};
 
 /// The driver's statement timeout in the drill (also its TCP user timeout): its store calls
@@ -69,24 +69,17 @@ async fn a_silent_database_partition_makes_the_driver_not_ready_and_it_comes_bac
     let mut cluster = Cluster::start_on_url(options, &url)
         .await
         .unwrap_or_else(|e| panic!("the driver starts: {e:#}"));
-    let mut timeline = Vec::new();
+    let mut timeline = Timeline::new("the cut");
     if let Err(e) = drill(&mut cluster, &link, &mut timeline).await {
         let _ = link.heal();
         panic!(
             "{e:#}\n\n== timeline ==\n{}\n\n== logs ==\n{}\n== server ==\n{}",
-            timeline.join("\n"),
+            timeline.text(),
             cluster.diagnostics(),
             server.log()
         );
     }
-    println!("{}", timeline.join("\n"));
-    let stop = cluster.stop().await.expect("the driver stops");
-    for (id, status) in &stop.driver_exits {
-        assert!(status.success(), "{id} exits 0 on SIGTERM: {status}");
-    }
-    for (id, left) in &stop.token_private_keys {
-        assert_eq!(*left, 0, "{id}: no private key left on the token");
-    }
+    stop_cleanly(cluster).await;
     drop(server);
     drop(link);
 }
@@ -94,7 +87,7 @@ async fn a_silent_database_partition_makes_the_driver_not_ready_and_it_comes_bac
 async fn drill(
     cluster: &mut Cluster,
     link: &NetnsLink,
-    timeline: &mut Vec<String>,
+    timeline: &mut Timeline,
 ) -> anyhow::Result<()> {
     Workload::mixed(6, 6).run(cluster.app()).await?;
     let workload = ContinuousWorkload {
@@ -107,27 +100,19 @@ async fn drill(
     .start(cluster.app());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let cut = Instant::now();
+    timeline.start();
     link.partition()?;
-    let mark = |timeline: &mut Vec<String>, what: &str| {
-        let line = format!(
-            "[{:5.2}s after the cut] {what}",
-            cut.elapsed().as_secs_f64()
-        );
-        println!("{line}");
-        timeline.push(line);
-    };
     let readyz = cluster
         .driver("driver-1")?
         .wait_readyz("503 naming the store", Duration::from_secs(20), |r| {
             r.status == 503 && r.body.contains("store: down")
         })
         .await?;
-    mark(
-        timeline,
-        &format!("not ready: {}", readyz.body.trim().replace('\n', "; ")),
-    );
-    let not_ready = cut.elapsed();
+    timeline.mark(&format!(
+        "not ready: {}",
+        readyz.body.trim().replace('\n', "; ")
+    ));
+    let not_ready = timeline.elapsed();
     ensure!(
         not_ready < Duration::from_secs(10),
         "noticed within seconds, not when TCP gives up: {not_ready:?}"
@@ -140,7 +125,7 @@ async fn drill(
             |v| !v.ready && v.in_flight == 0,
         )
         .await?;
-    mark(timeline, "holds no job");
+    timeline.mark("holds no job");
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     link.heal()?;
@@ -149,26 +134,20 @@ async fn drill(
         .driver("driver-1")?
         .wait_readyz("ready again", Duration::from_secs(30), |r| r.status == 200)
         .await?;
-    mark(
-        timeline,
-        &format!(
-            "ready again {:.2}s after the link returned",
-            healed.elapsed().as_secs_f64()
-        ),
-    );
+    timeline.mark(&format!(
+        "ready again {:.2}s after the link returned",
+        healed.elapsed().as_secs_f64()
+    ));
     let summary = workload.finish().await?;
     ensure!(
         summary.errors.is_empty(),
         "every job completed, every signature verified: {:?}",
         summary.errors
     );
-    mark(
-        timeline,
-        &format!(
-            "workload: {} jobs, {} signatures verified, 0 errors",
-            summary.jobs(),
-            summary.verified
-        ),
-    );
+    timeline.mark(&format!(
+        "workload: {} jobs, {} signatures verified, 0 errors",
+        summary.jobs(),
+        summary.verified
+    ));
     Ok(())
 }

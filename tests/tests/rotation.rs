@@ -23,7 +23,7 @@ use hsm_driver_e2e::{
     sign_and_verify,
 };
 use rand::{Rng, SeedableRng};
-use support::{TestDir, cluster_options};
+use support::{TestDir, cluster_options, stop_cleanly};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use wrapped_keystore::testing::PgTestDatabase;
 
@@ -77,13 +77,7 @@ async fn on_cluster(
     if let Err(e) = scenario(&mut cluster, &db, &work).await {
         panic!("{e:#}\n\n== logs ==\n{}", cluster.diagnostics());
     }
-    let stop = cluster.stop().await.expect("the drivers stop");
-    for (id, status) in &stop.driver_exits {
-        assert!(status.success(), "{id} exits 0 on SIGTERM: {status}");
-    }
-    for (id, left) in &stop.token_private_keys {
-        assert_eq!(*left, 0, "{id}: no private key left on the token");
-    }
+    stop_cleanly(cluster).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -84,3 +84,60 @@ impl Drop for TestDir {
         }
     }
 }
+
+/// Stops `cluster` and checks what every drill ends with: each driver exits 0 on SIGTERM and
+/// leaves no private key on its token.
+pub(crate) async fn stop_cleanly(cluster: hsm_driver_e2e::Cluster) {
+    let stop = cluster.stop().await.expect("the drivers stop");
+    for (id, status) in &stop.driver_exits {
+        assert!(status.success(), "{id} exits 0 on SIGTERM: {status}");
+    }
+    for (id, left) in &stop.token_private_keys {
+        assert_eq!(*left, 0, "{id}: no private key left on the token");
+    }
+}
+
+/// A drill's timeline: lines stamped with the time since an event, printed as they come and
+/// kept for the failure message.
+pub(crate) struct Timeline {
+    since: std::time::Instant,
+    event: &'static str,
+    lines: Vec<String>,
+}
+
+impl Timeline {
+    /// A timeline counted from now, named for `event` ("the stall").
+    pub(crate) fn new(event: &'static str) -> Self {
+        Timeline {
+            since: std::time::Instant::now(),
+            event,
+            lines: Vec::new(),
+        }
+    }
+
+    /// Restarts the count at the event, now.
+    pub(crate) fn start(&mut self) {
+        self.since = std::time::Instant::now();
+    }
+
+    /// Time since the event.
+    pub(crate) fn elapsed(&self) -> std::time::Duration {
+        self.since.elapsed()
+    }
+
+    /// Records `what`.
+    pub(crate) fn mark(&mut self, what: &str) {
+        let line = format!(
+            "[{:5.2}s after {}] {what}",
+            self.since.elapsed().as_secs_f64(),
+            self.event
+        );
+        println!("{line}");
+        self.lines.push(line);
+    }
+
+    /// Every line so far.
+    pub(crate) fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+}

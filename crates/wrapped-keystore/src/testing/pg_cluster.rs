@@ -359,23 +359,29 @@ impl PgCluster {
             running: false,
             dir,
         };
+        cluster.start_on_a_free_port()?;
+        Ok(cluster)
+    }
+
+    /// `pg_ctl start` on a free port, trying another when someone takes the port first.
+    fn start_on_a_free_port(&mut self) -> Result<(), PgClusterError> {
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            cluster.port = free_port()?;
-            match cluster.pg_ctl_start() {
+            self.port = free_port()?;
+            match self.pg_ctl_start() {
                 Ok(()) => {
-                    cluster.running = true;
-                    return Ok(cluster);
+                    self.running = true;
+                    return Ok(());
                 }
                 // Someone took the port in between: try another.
-                Err(error) if cluster.log_tail().contains("could not bind") => {
+                Err(error) if self.log_tail().contains("could not bind") => {
                     last_error = Some(error);
                 }
                 Err(error) => return Err(error),
             }
         }
         Err(last_error.unwrap_or(PgClusterError::Io {
-            context: "starting the test cluster".to_owned(),
+            context: "starting a test cluster".to_owned(),
             source: std::io::Error::other("no free port"),
         }))
     }
@@ -469,6 +475,106 @@ impl PgCluster {
                 output: combined(&output),
             })
         }
+    }
+
+    /// A streaming-replication standby of this (running) cluster, on a port of its own:
+    /// `pg_basebackup -R` over the Unix socket, then started; it follows this cluster until
+    /// [`promote`](Self::promote)d. Make it synchronous from the primary with
+    /// `ALTER SYSTEM SET synchronous_standby_names = '*'` and a reload. Blocks.
+    ///
+    /// # Errors
+    /// [`PgClusterError::Tool`] if `pg_basebackup` or `pg_ctl` fails (with the log),
+    /// [`PgClusterError::Io`] for file errors.
+    pub fn start_standby(&self) -> Result<PgCluster, PgClusterError> {
+        let dir = tempfile::Builder::new()
+            .prefix("hsmdrv-pg-standby-")
+            .tempdir()
+            .map_err(io_error("creating the standby's temporary directory"))?;
+        if self.tools.run_as.is_some() {
+            let user = std::env::var(PG_OS_USER_VAR).unwrap_or_else(|_| "postgres".to_owned());
+            let (uid, gid) = os_user_ids(&user)?;
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(io_error(
+                "giving the standby's directory to the server user",
+            ))?;
+        }
+        let data_dir = dir.path().join("data");
+        let port = self.port.to_string();
+        run_tool(
+            self.tools
+                .command("pg_basebackup", dir.path())
+                .arg("-D")
+                .arg(&data_dir)
+                .arg("-h")
+                .arg(self.dir.path())
+                .args([
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-R",
+                    "-X",
+                    "stream",
+                    "--no-sync",
+                ]),
+            "pg_basebackup",
+            None,
+        )?;
+        // The copied configuration names the primary's socket directory: this one has its own.
+        append_file(
+            &data_dir.join("postgresql.conf"),
+            &format!(
+                "\n# The standby's own.\nunix_socket_directories = '{}'\n",
+                dir.path().to_string_lossy().replace('\'', "''")
+            ),
+        )?;
+        let mut standby = PgCluster {
+            tools: self.tools.clone(),
+            data_dir,
+            port: 0,
+            running: false,
+            dir,
+        };
+        standby.start_on_a_free_port()?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote`), waiting until it accepts writes.
+    ///
+    /// # Errors
+    /// [`PgClusterError::Tool`] if `pg_ctl` fails.
+    pub fn promote(&self) -> Result<(), PgClusterError> {
+        run_tool(
+            self.tools
+                .command("pg_ctl", self.dir.path())
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "promote"]),
+            "pg_ctl promote",
+            Some(&self.log_path()),
+        )
+        .map(drop)
+    }
+
+    /// Kills the server as a crash would (`pg_ctl stop -m immediate`: no checkpoint, clients
+    /// cut off). Blocks until it is gone.
+    ///
+    /// # Errors
+    /// [`PgClusterError::Tool`] if `pg_ctl` fails.
+    pub fn crash(&mut self) -> Result<(), PgClusterError> {
+        if !self.running {
+            return Ok(());
+        }
+        run_tool(
+            self.tools
+                .command("pg_ctl", self.dir.path())
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "-m", "immediate", "stop"]),
+            "pg_ctl stop -m immediate",
+            Some(&self.log_path()),
+        )?;
+        self.running = false;
+        Ok(())
     }
 
     /// Stops the server (`pg_ctl stop -m fast`), waiting until it has. Idempotent; also done

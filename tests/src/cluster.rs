@@ -63,6 +63,10 @@ pub struct ClusterOptions {
     /// Configuration overrides of every driver (`("database.tls_ca_file", path)`), from
     /// provisioning on.
     pub overrides: Vec<(String, String)>,
+    /// Drivers (by id) whose token is reached through the fault-injecting PKCS#11 module,
+    /// controlled by [`ClusterDriver::fault_control`], with HSM deadlines short enough for a
+    /// drill (operation 1 s, key generation 3 s, check 5 s).
+    pub fault_module: Vec<String>,
 }
 
 impl ClusterOptions {
@@ -89,6 +93,7 @@ impl ClusterOptions {
             log_level: "info".to_owned(),
             proxied: Vec::new(),
             overrides: Vec::new(),
+            fault_module: Vec::new(),
         }
     }
 
@@ -115,6 +120,9 @@ enum Database<'a> {
     Url(&'a str),
 }
 
+/// The fault module's control file, in the directory of a driver that uses it.
+const FAULT_CONTROL: &str = "pkcs11-fault.control";
+
 /// The fault-injection trigger file, relative to each driver's directory.
 const FAULT_TRIGGER: &str = "hsm-fault.trigger";
 
@@ -135,6 +143,12 @@ impl ClusterDriver {
     /// (`None`), for its next run and every command: what an operator changes between restarts.
     pub fn set_override(&mut self, field: &str, value: Option<&str>) {
         self.process.set_override(field, value);
+    }
+
+    /// The control file of the fault module in front of this driver's token (see
+    /// [`ClusterOptions::fault_module`]); absent or empty, no fault.
+    pub fn fault_control(&self) -> PathBuf {
+        self.dir.join(FAULT_CONTROL)
     }
 
     /// Puts the fault-injecting PKCS#11 module in front of this driver's token for its next
@@ -510,6 +524,16 @@ impl Cluster {
         .await?;
         for (field, value) in &self.options.overrides {
             process.set_override(field, Some(value));
+        }
+        if self.options.fault_module.iter().any(|d| d == id) {
+            process.use_fault_module(&dir.join(FAULT_CONTROL))?;
+            for (field, value) in [
+                ("hsm.operation_deadline_ms", "1000"),
+                ("hsm.key_generation_deadline_ms", "3000"),
+                ("hsm.check_deadline_ms", "5000"),
+            ] {
+                process.set_override(field, Some(value));
+            }
         }
         self.drivers.push(ClusterDriver {
             process,

@@ -1,6 +1,7 @@
 //! Active-active: three drivers, three SoftHSMv2 tokens holding one imported master key, one
 //! PostgreSQL database, and a steady mixed workload while the drivers are broken one after the
-//! other — SIGKILL mid-job and restart, SIGTERM and restart, an HSM fault, a database cut.
+//! other — SIGKILL mid-job and restart, SIGTERM and restart, an HSM fault, a hung HSM (every
+//! PKCS#11 call stalled by the fault module), a database cut.
 //!
 //! What must hold at the end: every job completed (retries allowed, no failure left), every
 //! signature verifies independently, no key id has two different keys (in PostgreSQL and as
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use hsm_driver_e2e::keystore::stored_keys_postgres;
 use hsm_driver_e2e::{Cluster, ContinuousWorkload, ContinuousWorkloadHandle, same_public_key};
+use pkcs11_fault::{Action, ControlFile, Rule};
 use support::{TestDir, cluster_options};
 use wrapped_keystore::testing::PgTestDatabase;
 
@@ -59,6 +61,8 @@ async fn three_drivers_with_one_master_key_survive_kills_restarts_and_outages() 
     let mut options = cluster_options(&work, 3);
     // driver-2 reaches PostgreSQL through a proxy the test cuts.
     options.proxied = vec!["driver-2".to_owned()];
+    // driver-3's token is reached through the fault-injecting PKCS#11 module.
+    options.fault_module = vec!["driver-3".to_owned()];
     let mut cluster = Cluster::start(options, &db)
         .await
         .unwrap_or_else(|e| panic!("the cluster starts: {e:#}"));
@@ -200,6 +204,60 @@ async fn scenario(
             })
             .await?;
         timeline.mark("driver-3 ready again");
+    }
+
+    // ---- driver-3's HSM hangs at the real PKCS#11 boundary (every call stalls in the fault
+    // module): the jobs it held complete on the others within one lease period plus its
+    // deadline; it rejoins by itself when the HSM answers.
+    {
+        let control = ControlFile::new(cluster.driver("driver-3")?.fault_control());
+        control.set(&[Rule::new("*", Action::Stall)?])?;
+        let stalled = Instant::now();
+        timeline.mark("driver-3 HSM hangs");
+        let driver = cluster.driver("driver-3")?;
+        let down = driver
+            .wait_readyz("503 with hsm: down", Duration::from_secs(10), |r| {
+                r.is_down("hsm")
+            })
+            .await?;
+        timeline.mark(format!(
+            "driver-3 /readyz after {:.2?}: {}",
+            stalled.elapsed(),
+            first_lines(&down.body)
+        ));
+        let lease_and_deadline = Duration::from_secs(3 + 1);
+        cluster
+            .wait_driver_view(
+                "driver-3",
+                "holding nothing within a lease period plus the deadline",
+                lease_and_deadline + Duration::from_secs(2),
+                |v| !v.ready && v.in_flight == 0,
+            )
+            .await?;
+        timeline.mark(format!(
+            "driver-3 holds no job after {:.2?}",
+            stalled.elapsed()
+        ));
+        let verified = workload.verified();
+        wait_for(
+            timeline,
+            "the others sign while driver-3 hangs",
+            Duration::from_secs(10),
+            || async { Ok((workload.verified() > verified).then_some(())) },
+        )
+        .await?;
+        control.clear()?;
+        let answered = Instant::now();
+        timeline.mark("driver-3 HSM answers again");
+        driver
+            .wait_readyz("200 ready after the hang", Duration::from_secs(20), |r| {
+                r.is_ready()
+            })
+            .await?;
+        timeline.mark(format!(
+            "driver-3 ready again {:.2?} after the HSM answered",
+            answered.elapsed()
+        ));
     }
 
     // ---- driver-2 back, then its database connection cut for ~3 s.

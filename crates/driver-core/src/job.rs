@@ -195,12 +195,17 @@ async fn keep_lease<S: JobSource, H: Hsm, K: KeyStore>(
     }
 }
 
-/// Half of the lease's remaining time (at least 20 ms). The lease's expiry is the API's clock:
-/// drivers and API must keep their clocks synchronised (NTP), as `docs/operations.md` says.
+/// The least time between two extensions of one lease: a lease that expires in the past or
+/// within milliseconds (a hostile or broken API, or a clock far off) makes the driver ask at
+/// most 20 times a second, and only until the job ends (at most `max_job_duration`).
+const MIN_EXTEND_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Half of the lease's remaining time, at least [`MIN_EXTEND_INTERVAL`]. The lease's expiry is
+/// the API's clock: drivers and API must keep their clocks synchronised (NTP), as
+/// `docs/operations.md` says.
 fn extend_after(lease_expires_at_ms: u64) -> Duration {
     let now = u64::try_from(now_ms()).unwrap_or(0);
-    Duration::from_millis(lease_expires_at_ms.saturating_sub(now) / 2)
-        .max(Duration::from_millis(20))
+    Duration::from_millis(lease_expires_at_ms.saturating_sub(now) / 2).max(MIN_EXTEND_INTERVAL)
 }
 
 async fn execute<S: JobSource, H: Hsm, K: KeyStore>(
@@ -564,6 +569,19 @@ pub(crate) fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_in_the_past_is_extended_at_a_bounded_rate() {
+        // Tried: leases that expired long ago, just now, and that expire in 10 s.
+        assert_eq!(extend_after(0), MIN_EXTEND_INTERVAL);
+        let now = u64::try_from(now_ms()).unwrap();
+        assert_eq!(extend_after(now), MIN_EXTEND_INTERVAL);
+        let later = extend_after(now + 10_000);
+        assert!(
+            later > Duration::from_millis(4_900) && later <= Duration::from_millis(5_000),
+            "{later:?}"
+        );
+    }
 
     #[test]
     fn scheme_and_curve_must_match() {

@@ -300,6 +300,44 @@ impl Hsm for SlowHsm {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_maximum_duration_is_handed_back_and_its_lease_no_longer_extended() {
+    // Tried: an HSM that takes 5 s for a key generation, 100 ms leases, and a maximum job
+    // duration of 300 ms.
+    let source = ScriptedSource::default();
+    *source.lease_length.lock().unwrap() = Some(Duration::from_millis(100));
+    let config = driver_core::DriverConfig {
+        max_job_duration: Duration::from_millis(300),
+        ..test_config("stuck-driver")
+    };
+    let h = Harness::start_with(
+        SlowHsm::new(FakeHsm::new(), Duration::from_secs(5)),
+        Arc::new(MemoryKeyStore::new()),
+        source,
+        config,
+    );
+    h.source.push(
+        "job-stuck",
+        keygen("key-stuck", Scheme::Ecdsa, Curve::Secp256k1),
+    );
+    let reports = h.source.wait_reports(1).await;
+    let f = failure(report_for(&reports, "job-stuck"));
+    assert!(f.retryable, "handed back for another attempt: {f:?}");
+    assert!(f.message.contains("did not finish within"), "{f:?}");
+    let extensions = h.source.extensions.load(Ordering::SeqCst);
+    assert!(
+        (1..=7).contains(&extensions),
+        "extended only within the maximum duration (every ~50 ms at most): {extensions}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.source.extensions.load(Ordering::SeqCst),
+        extensions,
+        "no extension once the job was handed back"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_job_extends_its_lease_and_a_short_one_does_not() {
     let source = ScriptedSource::default();
     *source.lease_length.lock().unwrap() = Some(Duration::from_millis(200));

@@ -268,6 +268,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         test.env("HSM_DRIVER_REQUIRE_PG", "1");
     }
     run(&mut test)?;
+    hung_token(&module)?;
     token_matrix(&kryoptic, &pg_url, in_ci)?;
     if lint {
         run(cargo()
@@ -282,6 +283,38 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     println!("xtask test: all passed");
     Ok(())
+}
+
+/// `hsm-pkcs11`'s hung-token test, in a process that loads the fault module in front of
+/// SoftHSMv2 (`module`): the module is chosen by the environment at load, so it runs apart.
+fn hung_token(module: &Path) -> anyhow::Result<()> {
+    let dir = workspace_root()
+        .join("target")
+        .join("tmp")
+        .join("hung-token");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let fault = workspace_root().join("target").join("debug").join(format!(
+        "{}pkcs11_fault{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    run(cargo()
+        .args([
+            "test",
+            "--all-features",
+            "--locked",
+            "--package",
+            "hsm-pkcs11",
+            "--test",
+            "hung_token",
+        ])
+        .env("HSM_PKCS11_TEST_TOKEN", "softhsm2")
+        .env("SOFTHSM2_MODULE", &fault)
+        .env("PKCS11_FAULT_MODULE", module)
+        .env("PKCS11_FAULT_CONTROL", dir.join("control"))
+        .env("PKCS11_FAULT_STATS", dir.join("stats"))
+        .env("RUST_BACKTRACE", "1"))
 }
 
 /// The token matrix's second column: the hsm-pkcs11 suite, the fault module's forwarding test

@@ -21,6 +21,12 @@
 //!  stalled calls) and rewrites $PKCS11_FAULT_STATS if anything changed
 //! ```
 //!
+//! **One copy per process.** Load the module only as a PKCS#11 module (by path, through
+//! `C_GetFunctionList`). A process that also links this crate (to use [`ControlFile`] or
+//! [`Stats`]) and loads `libpkcs11_fault.so` as its PKCS#11 module can end up with two copies
+//! of the module's state, each with its own watcher writing the statistics file: drive the
+//! faults from another process, or write the control file as text (it is one rule a line).
+//!
 //! # Environment
 //!
 //! - `PKCS11_FAULT_MODULE` (required): the real module's path. Read when the application

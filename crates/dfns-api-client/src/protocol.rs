@@ -130,6 +130,9 @@ pub enum Curve {
 }
 
 impl Scheme {
+    /// Every scheme.
+    pub const ALL: [Scheme; 2] = [Scheme::Ecdsa, Scheme::Eddsa];
+
     /// The API's name for this scheme.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -137,9 +140,17 @@ impl Scheme {
             Scheme::Eddsa => "EdDSA",
         }
     }
+
+    /// The scheme the API names `name`.
+    pub fn from_api_name(name: &str) -> Option<Scheme> {
+        Scheme::ALL.into_iter().find(|s| s.as_str() == name)
+    }
 }
 
 impl Curve {
+    /// Every curve.
+    pub const ALL: [Curve; 3] = [Curve::Secp256k1, Curve::Secp256r1, Curve::Ed25519];
+
     /// The API's name for this curve.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -147,6 +158,23 @@ impl Curve {
             Curve::Secp256r1 => "secp256r1",
             Curve::Ed25519 => "ed25519",
         }
+    }
+
+    /// The curve the API names `name`.
+    pub fn from_api_name(name: &str) -> Option<Curve> {
+        Curve::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+impl Capability {
+    /// The capability of the custody model's `scheme` ([`custody_model::KeyScheme::api_names`]);
+    /// `None` for a scheme whose API names this protocol does not have.
+    pub fn of(scheme: custody_model::KeyScheme) -> Option<Capability> {
+        let (api_scheme, api_curve) = scheme.api_names();
+        Some(Capability {
+            scheme: Scheme::from_api_name(api_scheme)?,
+            curve: Curve::from_api_name(api_curve)?,
+        })
     }
 }
 

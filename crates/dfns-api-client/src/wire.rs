@@ -607,11 +607,10 @@ pub fn parse_curve(text: &str) -> Result<Curve, DecodeError> {
 /// # Errors
 /// [`DecodeError::SchemeCurveMismatch`].
 pub fn check_scheme_curve(scheme: Scheme, curve: Curve) -> Result<(), DecodeError> {
-    match (scheme, curve) {
-        (Scheme::Ecdsa, Curve::Secp256k1 | Curve::Secp256r1) | (Scheme::Eddsa, Curve::Ed25519) => {
-            Ok(())
-        }
-        _ => Err(DecodeError::SchemeCurveMismatch {
+    // The pairs that go together are the custody model's scheme table.
+    match custody_model::KeyScheme::from_api(scheme.as_str(), curve.as_str()) {
+        Some(_) => Ok(()),
+        None => Err(DecodeError::SchemeCurveMismatch {
             scheme: scheme.as_str(),
             curve: curve.as_str(),
         }),

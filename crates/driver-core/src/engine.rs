@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
-    Capability, Curve, DriverRegistration, FailureCode, Heartbeat, JobFailure, LeasedJob,
-    LedgerCheckpoint, PresenceTerms, Scheme,
+    Capability, DriverRegistration, FailureCode, Heartbeat, JobFailure, LeasedJob,
+    LedgerCheckpoint, PresenceTerms,
 };
 use hsm_pkcs11::{Hsm, HsmError, KeyScheme};
 use tokio::sync::Semaphore;
@@ -371,7 +371,7 @@ async fn presence<S: JobSource, H: Hsm, K: KeyStore>(parts: Arc<Parts<S, H, K>>)
             .hsm
             .capabilities()
             .supported()
-            .map(capability)
+            .filter_map(capability)
             .collect(),
         master_key_fingerprint: parts.hsm.master_key().fingerprint.clone(),
         rotation_target_fingerprint: parts
@@ -605,21 +605,9 @@ async fn check_hsm<S: JobSource, H: Hsm, K: KeyStore>(
     Err(error_chain(&error))
 }
 
-fn capability(scheme: KeyScheme) -> Capability {
-    match scheme {
-        KeyScheme::EcdsaSecp256k1 => Capability {
-            scheme: Scheme::Ecdsa,
-            curve: Curve::Secp256k1,
-        },
-        KeyScheme::EcdsaP256 => Capability {
-            scheme: Scheme::Ecdsa,
-            curve: Curve::Secp256r1,
-        },
-        KeyScheme::Ed25519 => Capability {
-            scheme: Scheme::Eddsa,
-            curve: Curve::Ed25519,
-        },
-    }
+/// The API capability of a scheme the HSM serves (the custody model's table names both).
+fn capability(scheme: KeyScheme) -> Option<Capability> {
+    Capability::of(scheme)
 }
 
 fn tally(report: &mut RunReport, done: Result<Outcome, tokio::task::JoinError>) {

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use custody_model::PayloadRule;
 use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
     Curve, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseExtension, LeasedJob, ReportOutcome,
@@ -505,32 +506,32 @@ async fn check_record_mac<S: JobSource, H: Hsm, K: KeyStore>(
     }
 }
 
+/// The custody model's scheme for the API's pair (its scheme table, `custody_model::SCHEMES`).
 fn key_scheme(scheme: Scheme, curve: Curve) -> Result<KeyScheme, JobError> {
-    match (scheme, curve) {
-        (Scheme::Ecdsa, Curve::Secp256k1) => Ok(KeyScheme::EcdsaSecp256k1),
-        (Scheme::Ecdsa, Curve::Secp256r1) => Ok(KeyScheme::EcdsaP256),
-        (Scheme::Eddsa, Curve::Ed25519) => Ok(KeyScheme::Ed25519),
-        (scheme, curve) => Err(JobError::BadPayload(format!(
+    KeyScheme::from_api(scheme.as_str(), curve.as_str()).ok_or_else(|| {
+        JobError::BadPayload(format!(
             "scheme {} cannot be used with curve {}",
             scheme.as_str(),
             curve.as_str()
-        ))),
-    }
+        ))
+    })
 }
 
+/// The API's payload as the scheme signs it (its row's [`PayloadRule`]).
 fn sign_payload(scheme: KeyScheme, payload: SignaturePayload) -> Result<SignPayload, JobError> {
-    match (scheme, payload) {
-        (KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256, SignaturePayload::Hash(digest)) => {
-            Ok(SignPayload::Digest(digest))
+    match (scheme.info().payload, payload) {
+        (PayloadRule::Digest32, SignaturePayload::Hash(digest)) => Ok(SignPayload::Digest(digest)),
+        (PayloadRule::Digest32, SignaturePayload::Message(_)) => {
+            Err(JobError::BadPayload(format!(
+                "{} keys sign 32-byte hashes, not messages",
+                scheme.info().api_scheme
+            )))
         }
-        (KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256, SignaturePayload::Message(_)) => Err(
-            JobError::BadPayload("ECDSA keys sign 32-byte hashes, not messages".to_owned()),
-        ),
         // Pure EdDSA signs whatever bytes it is given; a `Hash` is signed as a 32-byte message.
-        (KeyScheme::Ed25519, SignaturePayload::Hash(digest)) => {
+        (PayloadRule::Message, SignaturePayload::Hash(digest)) => {
             Ok(SignPayload::Message(digest.to_vec()))
         }
-        (KeyScheme::Ed25519, SignaturePayload::Message(message)) => {
+        (PayloadRule::Message, SignaturePayload::Message(message)) => {
             Ok(SignPayload::Message(message))
         }
     }

@@ -4,116 +4,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 
+pub use custody_model::{KeyScheme, SignPayload, WrapMechanism};
+
 use crate::error::HsmError;
-
-/// A key type this driver can hold, named by scheme and curve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum KeyScheme {
-    /// ECDSA over secp256k1, signing 32-byte digests.
-    EcdsaSecp256k1,
-    /// ECDSA over NIST P-256, signing 32-byte digests.
-    EcdsaP256,
-    /// Pure EdDSA over Ed25519, signing messages.
-    Ed25519,
-}
-
-impl KeyScheme {
-    /// Every scheme, in a stable order.
-    pub const ALL: [KeyScheme; 3] = [
-        KeyScheme::EcdsaSecp256k1,
-        KeyScheme::EcdsaP256,
-        KeyScheme::Ed25519,
-    ];
-
-    /// A stable name, used in key records, configuration and logs
-    /// (`ecdsa-secp256k1`, `ecdsa-p256`, `ed25519`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyScheme::EcdsaSecp256k1 => "ecdsa-secp256k1",
-            KeyScheme::EcdsaP256 => "ecdsa-p256",
-            KeyScheme::Ed25519 => "ed25519",
-        }
-    }
-
-    /// Parses [`KeyScheme::as_str`]'s names.
-    pub fn from_name(name: &str) -> Option<KeyScheme> {
-        KeyScheme::ALL.into_iter().find(|s| s.as_str() == name)
-    }
-}
-
-impl fmt::Display for KeyScheme {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The PKCS#11 mechanism a private key was wrapped with. Recorded with every wrapped key:
-/// a blob is only ever unwrapped with the mechanism that wrapped it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum WrapMechanism {
-    /// `CKM_AES_KEY_WRAP_PAD` (0x210A; RFC 5649 as SoftHSMv2 implements it).
-    AesKeyWrapPad,
-    /// `CKM_AES_KEY_WRAP` (0x2109; RFC 3394; the key encoding must be a multiple of 8 bytes).
-    AesKeyWrap,
-    /// `CKM_AES_KEY_WRAP_KWP` (0x210B; exact RFC 5649, PKCS#11 3.0), offered by Kryoptic and
-    /// most current HSMs. Preferred where the token offers it.
-    AesKeyWrapKwp,
-}
-
-impl WrapMechanism {
-    /// Every mechanism, in a stable order.
-    pub const ALL: [WrapMechanism; 3] = [
-        WrapMechanism::AesKeyWrapPad,
-        WrapMechanism::AesKeyWrap,
-        WrapMechanism::AesKeyWrapKwp,
-    ];
-
-    /// The mechanisms chosen automatically, best first: where the configuration names none,
-    /// new keys are wrapped with the first one the token lists (`CKM_AES_KEY_WRAP_KWP`, else
-    /// `CKM_AES_KEY_WRAP_PAD`). Plain `CKM_AES_KEY_WRAP` is never chosen automatically: it
-    /// cannot wrap every key encoding.
-    pub const PREFERENCE: [WrapMechanism; 2] =
-        [WrapMechanism::AesKeyWrapKwp, WrapMechanism::AesKeyWrapPad];
-
-    /// A stable name, used in key records and configuration (`aes-key-wrap-pad`,
-    /// `aes-key-wrap`, `aes-key-wrap-kwp`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WrapMechanism::AesKeyWrapPad => "aes-key-wrap-pad",
-            WrapMechanism::AesKeyWrap => "aes-key-wrap",
-            WrapMechanism::AesKeyWrapKwp => "aes-key-wrap-kwp",
-        }
-    }
-
-    /// The PKCS#11 mechanism number (`CK_MECHANISM_TYPE`).
-    pub fn mechanism_type(self) -> u64 {
-        match self {
-            WrapMechanism::AesKeyWrap => 0x2109,
-            WrapMechanism::AesKeyWrapPad => 0x210A,
-            WrapMechanism::AesKeyWrapKwp => 0x210B,
-        }
-    }
-
-    /// The PKCS#11 name (`CKM_AES_KEY_WRAP_KWP`...).
-    pub fn pkcs11_name(self) -> &'static str {
-        match self {
-            WrapMechanism::AesKeyWrapPad => "CKM_AES_KEY_WRAP_PAD",
-            WrapMechanism::AesKeyWrap => "CKM_AES_KEY_WRAP",
-            WrapMechanism::AesKeyWrapKwp => "CKM_AES_KEY_WRAP_KWP",
-        }
-    }
-
-    /// Parses [`WrapMechanism::as_str`]'s names.
-    pub fn from_name(name: &str) -> Option<WrapMechanism> {
-        WrapMechanism::ALL.into_iter().find(|m| m.as_str() == name)
-    }
-}
-
-impl fmt::Display for WrapMechanism {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A private key encrypted under the master key. Opaque outside the HSM.
 #[derive(Clone, PartialEq, Eq)]
@@ -141,15 +34,6 @@ pub struct GeneratedKey {
     pub public_key: Vec<u8>,
     /// The private key, wrapped under the master key.
     pub wrapped: WrappedKey,
-}
-
-/// What to sign.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SignPayload {
-    /// A 32-byte digest, for ECDSA.
-    Digest([u8; 32]),
-    /// A message, signed as is, for pure EdDSA.
-    Message(Vec<u8>),
 }
 
 /// A request to sign with a wrapped key.

@@ -241,18 +241,11 @@ pub fn verify(
 /// # Errors
 /// [`HsmError::InvalidPayload`] naming the mismatch.
 pub fn check_payload(scheme: KeyScheme, payload: &SignPayload) -> Result<(), HsmError> {
-    match (scheme, payload) {
-        (KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256, SignPayload::Digest(_))
-        | (KeyScheme::Ed25519, SignPayload::Message(_)) => Ok(()),
-        (KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256, SignPayload::Message(_)) => {
-            Err(HsmError::InvalidPayload {
-                reason: format!("{scheme} signs a 32-byte digest, not a message"),
-            })
-        }
-        (KeyScheme::Ed25519, SignPayload::Digest(_)) => Err(HsmError::InvalidPayload {
-            reason: format!("{scheme} signs a message (pure EdDSA), not a digest"),
-        }),
-    }
+    payload
+        .check(scheme)
+        .map_err(|mismatch| HsmError::InvalidPayload {
+            reason: mismatch.to_string(),
+        })
 }
 
 fn not_ecdsa(scheme: KeyScheme) -> HsmError {

@@ -8,6 +8,7 @@ use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState};
 use cryptoki::slot::Slot;
+use custody_model::PayloadRule;
 use sha2::{Digest, Sha256};
 
 use super::guard::ObjectGuard;
@@ -444,11 +445,9 @@ pub(crate) fn rewrap(
     })?;
     drop(moving);
     let wrapped = WrappedKey { blob, mechanism };
-    let payload = match request.scheme {
-        KeyScheme::EcdsaSecp256k1 | KeyScheme::EcdsaP256 => {
-            SignPayload::Digest(Sha256::digest(ROTATION_CHECK).into())
-        }
-        KeyScheme::Ed25519 => SignPayload::Message(ROTATION_CHECK.to_vec()),
+    let payload = match request.scheme.info().payload {
+        PayloadRule::Digest32 => SignPayload::Digest(Sha256::digest(ROTATION_CHECK).into()),
+        PayloadRule::Message => SignPayload::Message(ROTATION_CHECK.to_vec()),
     };
     let check = SignRequest {
         scheme: request.scheme,

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use hsm_driver_e2e::{Deployment, MASTER_KEY_LABEL};
-use hsm_pkcs11::{Hsm, Pkcs11Config, Pkcs11Hsm, Pkcs11Module, record_mac_message};
+use hsm_pkcs11::{Hsm, Pkcs11Config, Pkcs11Hsm, Pkcs11Module};
 use rand::Rng;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
@@ -213,15 +213,7 @@ async fn mac_copies(
     while done < copies.len() {
         while next < copies.len() && macs.len() < MACS_IN_FLIGHT {
             let r = &copies[next];
-            let message = record_mac_message(
-                &r.key_id,
-                &r.scheme,
-                &r.curve,
-                &r.public_key,
-                &r.wrapped_key,
-                &r.wrap_mechanism,
-                &r.master_key_fingerprint,
-            );
+            let message = r.mac_message();
             let hsm = Arc::clone(hsm);
             let index = next;
             macs.spawn(async move { (index, hsm.mac_record(message).await) });

@@ -7,6 +7,7 @@
 //!   scheme is one row here, its PKCS#11 mechanism in `hsm-pkcs11`, and its verifier.
 //! - [`WrapMechanism`]: how a private key was wrapped under the master key.
 //! - [`SignPayload`]: what is signed, and [`PayloadRule`]: what a scheme accepts.
+//! - [`record_mac_message`]: the bytes a key record's MAC covers.
 //!
 //! ```
 //! use custody_model::{KeyScheme, PayloadRule};
@@ -17,8 +18,10 @@
 //! assert_eq!(KeyScheme::from_api("EdDSA", "secp256k1"), None);
 //! ```
 
+mod record_mac;
 mod scheme;
 mod wrap;
 
+pub use record_mac::{RECORD_MAC_DOMAIN, record_mac_message};
 pub use scheme::{KeyScheme, PayloadMismatch, PayloadRule, SCHEMES, SchemeInfo, SignPayload};
 pub use wrap::WrapMechanism;

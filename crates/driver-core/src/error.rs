@@ -62,14 +62,6 @@ pub enum JobError {
         /// The maximum job duration.
         after: std::time::Duration,
     },
-    /// A stored record cannot be interpreted (unknown scheme or mechanism name).
-    #[error("key record {key_id} is corrupt: {reason}")]
-    CorruptRecord {
-        /// The key id.
-        key_id: String,
-        /// What is wrong.
-        reason: String,
-    },
     /// A stored record failed its HSM-computed integrity check: altered, swapped between key
     /// ids, or not written by this deployment's HSM. Nothing was unwrapped or signed.
     #[error(
@@ -137,10 +129,9 @@ impl JobError {
             JobError::MasterKeyMismatch { .. }
             | JobError::SignatureRejected { .. }
             | JobError::Hsm(_) => FailureCode::HsmError,
-            JobError::CorruptRecord { .. }
-            | JobError::RecordTampered { .. }
-            | JobError::Store(_)
-            | JobError::Ledger(_) => FailureCode::StoreError,
+            JobError::RecordTampered { .. } | JobError::Store(_) | JobError::Ledger(_) => {
+                FailureCode::StoreError
+            }
             JobError::DeadlineExceeded { .. } => FailureCode::Internal,
         }
     }
@@ -157,7 +148,6 @@ impl JobError {
             | JobError::BadPayload(_)
             | JobError::UnknownKey { .. }
             | JobError::UnsupportedScheme { .. }
-            | JobError::CorruptRecord { .. }
             | JobError::RecordTampered { .. }
             | JobError::SignatureRejected { .. } => false,
         }

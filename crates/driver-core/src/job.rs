@@ -10,7 +10,7 @@ use dfns_api_client::protocol::{
     Curve, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseExtension, LeasedJob, ReportOutcome,
     Scheme, SignaturePayload, SignatureResult,
 };
-use hsm_pkcs11::{Hsm, KeyScheme, SignPayload, SignRequest, Signature, WrapMechanism, WrappedKey};
+use hsm_pkcs11::{Hsm, KeyScheme, SignPayload, SignRequest, Signature, WrappedKey};
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use wrapped_keystore::{EntryKind, KeyRecord, KeyStore, LedgerEntry};
@@ -260,11 +260,10 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     .await?;
     let mut record = KeyRecord {
         key_id: key_id.as_str().to_owned(),
-        scheme: key_scheme.as_str().to_owned(),
-        curve: curve.as_str().to_owned(),
+        scheme: key_scheme,
         public_key: generated.public_key,
         wrapped_key: generated.wrapped.blob,
-        wrap_mechanism: generated.wrapped.mechanism.as_str().to_owned(),
+        wrap_mechanism: generated.wrapped.mechanism,
         master_key_fingerprint: master,
         created_at_ms: now_ms(),
         created_by: parts.config.driver_id.clone(),
@@ -277,7 +276,7 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
         "mac_record",
         parts
             .hsm
-            .mac_record_under(&record.master_key_fingerprint, record_mac_input(&record)),
+            .mac_record_under(&record.master_key_fingerprint, record.mac_message()),
     )
     .await?
     .to_vec();
@@ -320,7 +319,7 @@ async fn stored_public_key<S: JobSource, H: Hsm, K: KeyStore>(
     expected: KeyScheme,
 ) -> Result<JobResult, JobError> {
     check_record_mac(parts, &record).await?;
-    if record.scheme != expected.as_str() {
+    if record.scheme != expected {
         return Err(JobError::BadPayload(format!(
             "key {} already exists with scheme {}, not {}",
             record.key_id, record.scheme, expected
@@ -344,16 +343,8 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
         .ok_or_else(|| JobError::UnknownKey {
             key_id: key_id.to_string(),
         })?;
-    let scheme = KeyScheme::from_name(&record.scheme).ok_or_else(|| JobError::CorruptRecord {
-        key_id: key_id.to_string(),
-        reason: "unknown scheme name".to_owned(),
-    })?;
-    let mechanism = WrapMechanism::from_name(&record.wrap_mechanism).ok_or_else(|| {
-        JobError::CorruptRecord {
-            key_id: key_id.to_string(),
-            reason: "unknown wrap mechanism name".to_owned(),
-        }
-    })?;
+    // Typed at the store's edge: a row the store cannot read as a key never gets here.
+    let (scheme, mechanism) = (record.scheme, record.wrap_mechanism);
     require_held(parts, &record.key_id, &record.master_key_fingerprint)?;
     // Before anything is unwrapped: the record is the one this deployment's HSM wrote.
     check_record_mac(parts, &record).await?;
@@ -451,19 +442,6 @@ async fn timed<S, H, K, T>(
     result
 }
 
-/// The bytes the record MAC covers: every field that identifies the key.
-pub(crate) fn record_mac_input(record: &KeyRecord) -> Vec<u8> {
-    hsm_pkcs11::record_mac_message(
-        &record.key_id,
-        &record.scheme,
-        &record.curve,
-        &record.public_key,
-        &record.wrapped_key,
-        &record.wrap_mechanism,
-        &record.master_key_fingerprint,
-    )
-}
-
 /// Checks a stored record's MAC in the HSM. A missing or wrong MAC is a tamper event: logged
 /// as an error and the job fails without touching the key.
 async fn check_record_mac<S: JobSource, H: Hsm, K: KeyStore>(
@@ -492,7 +470,7 @@ async fn check_record_mac<S: JobSource, H: Hsm, K: KeyStore>(
         "verify_record_mac",
         parts.hsm.verify_record_mac_under(
             &record.master_key_fingerprint,
-            record_mac_input(record),
+            record.mac_message(),
             mac,
         ),
     )

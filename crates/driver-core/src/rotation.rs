@@ -23,7 +23,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hsm_pkcs11::{Hsm, HsmError, KeyScheme, RewrapRequest, WrapMechanism, WrappedKey};
+use hsm_pkcs11::{Hsm, HsmError, RewrapRequest, WrappedKey};
 use sha2::{Digest, Sha256};
 use wrapped_keystore::{
     EntryKind, KeyRecord, KeyStore, LedgerEntry, MasterKeyRegistration, MasterKeySwitch,
@@ -346,19 +346,14 @@ async fn move_record<H: Hsm, K: KeyStore>(
             reason: reason.to_owned(),
         })
     };
-    let Some(scheme) = KeyScheme::from_name(&record.scheme) else {
-        return refused("unknown scheme name");
-    };
-    let Some(mechanism) = WrapMechanism::from_name(&record.wrap_mechanism) else {
-        return refused("unknown wrap mechanism name");
-    };
+    let (scheme, mechanism) = (record.scheme, record.wrap_mechanism);
     let Ok(mac) = <[u8; 32]>::try_from(record.record_mac.as_slice()) else {
         return refused("the record has no valid MAC");
     };
     // A record altered in the database is never given a fresh MAC under the new key.
     let old = record.master_key_fingerprint.clone();
     match hsm
-        .verify_record_mac_under(&old, crate::job::record_mac_input(&record), mac)
+        .verify_record_mac_under(&old, record.mac_message(), mac)
         .await
     {
         Ok(()) => {}
@@ -381,15 +376,12 @@ async fn move_record<H: Hsm, K: KeyStore>(
         .await?;
     let mut new = KeyRecord {
         wrapped_key: moved.blob,
-        wrap_mechanism: moved.mechanism.as_str().to_owned(),
+        wrap_mechanism: moved.mechanism,
         master_key_fingerprint: to.to_owned(),
         record_mac: Vec::new(),
         ..record.clone()
     };
-    new.record_mac = hsm
-        .mac_record_under(to, crate::job::record_mac_input(&new))
-        .await?
-        .to_vec();
+    new.record_mac = hsm.mac_record_under(to, new.mac_message()).await?.to_vec();
     let entry = LedgerEntry {
         job_id: format!("master-key-rotation:{to}"),
         key_id: record.key_id.clone(),

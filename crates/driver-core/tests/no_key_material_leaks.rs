@@ -10,7 +10,7 @@ use std::time::Duration;
 use dfns_api_client::{ClientConfig, HttpJobSource, TlsFiles};
 use dfns_api_sim::app_client::AppClient;
 use driver_core::{Driver, DriverConfig};
-use hsm_pkcs11::{FakeHsm, KeyScheme, WrapMechanism, WrappedKey};
+use hsm_pkcs11::{FakeHsm, WrappedKey};
 use wrapped_keystore::{DatabaseUrl, DieselKeyStore, KeyStore, PoolOptions};
 
 /// Collects everything the tracing subscriber writes.
@@ -126,10 +126,10 @@ async fn private_keys_never_appear_in_logs_errors_or_the_database() {
     let mut checked = 0;
     for key in &keys {
         let record = store.get(&key.id).await.unwrap().unwrap();
-        let scheme = KeyScheme::from_name(&record.scheme).unwrap();
+        let scheme = record.scheme;
         let wrapped = WrappedKey {
             blob: record.wrapped_key.clone(),
-            mechanism: WrapMechanism::from_name(&record.wrap_mechanism).unwrap(),
+            mechanism: record.wrap_mechanism,
         };
         let secret = hsm.reveal_private_key_for_tests(scheme, &wrapped).unwrap();
         for (form, bytes) in [

@@ -13,8 +13,7 @@ use driver_core::ledger::{Checkpoints, HsmAuthenticator, verify_all};
 use driver_core::rotation::{self, Moved, RotationError, RotationOptions};
 use hsm_pkcs11::test_token::{TestToken, TokenKind};
 use hsm_pkcs11::{
-    Hsm, HsmError, KeyScheme, Pkcs11Hsm, RewrapRequest, SignPayload, SignRequest, WrapMechanism,
-    WrappedKey, record_mac_message,
+    Hsm, HsmError, KeyScheme, Pkcs11Hsm, RewrapRequest, SignPayload, SignRequest, WrappedKey,
 };
 use wrapped_keystore::testing::PgTestDatabase;
 use wrapped_keystore::{DatabaseUrl, DieselKeyStore, EntryKind, KeyRecord, KeyStore, PoolOptions};
@@ -98,54 +97,36 @@ async fn stored_key(hsm: &Pkcs11Hsm, master: &str, key_id: &str, scheme: KeySche
     let generated = hsm.generate_key_under(master, scheme).await.unwrap();
     let mut record = KeyRecord {
         key_id: key_id.to_owned(),
-        scheme: scheme.as_str().to_owned(),
-        curve: match scheme {
-            KeyScheme::EcdsaSecp256k1 => "secp256k1",
-            KeyScheme::EcdsaP256 => "secp256r1",
-            KeyScheme::Ed25519 => "ed25519",
-        }
-        .to_owned(),
+        scheme,
         public_key: generated.public_key,
         wrapped_key: generated.wrapped.blob,
-        wrap_mechanism: generated.wrapped.mechanism.as_str().to_owned(),
+        wrap_mechanism: generated.wrapped.mechanism,
         master_key_fingerprint: master.to_owned(),
         created_at_ms: 1,
         created_by: "driver-a".to_owned(),
         record_mac: Vec::new(),
     };
     record.record_mac = hsm
-        .mac_record_under(master, mac_input(&record))
+        .mac_record_under(master, record.mac_message())
         .await
         .unwrap()
         .to_vec();
     record
 }
 
-fn mac_input(record: &KeyRecord) -> Vec<u8> {
-    record_mac_message(
-        &record.key_id,
-        &record.scheme,
-        &record.curve,
-        &record.public_key,
-        &record.wrapped_key,
-        &record.wrap_mechanism,
-        &record.master_key_fingerprint,
-    )
-}
-
 /// Signs with a stored record under the key it names, as the engine does (record MAC first).
 async fn sign_with(hsm: &Pkcs11Hsm, record: &KeyRecord) -> Result<(), HsmError> {
     let mac = <[u8; 32]>::try_from(record.record_mac.as_slice()).unwrap();
-    hsm.verify_record_mac_under(&record.master_key_fingerprint, mac_input(record), mac)
+    hsm.verify_record_mac_under(&record.master_key_fingerprint, record.mac_message(), mac)
         .await?;
     hsm.sign_under(
         &record.master_key_fingerprint,
         SignRequest {
-            scheme: KeyScheme::from_name(&record.scheme).unwrap(),
+            scheme: record.scheme,
             public_key: record.public_key.clone(),
             wrapped: WrappedKey {
                 blob: record.wrapped_key.clone(),
-                mechanism: WrapMechanism::from_name(&record.wrap_mechanism).unwrap(),
+                mechanism: record.wrap_mechanism,
             },
             payload: SignPayload::Digest([9; 32]),
         },
@@ -314,7 +295,7 @@ async fn a_record_swapped_in_the_database_is_never_laundered(setup: Setup) {
             public_key: swapped.public_key.clone(),
             wrapped: WrappedKey {
                 blob: swapped.wrapped_key.clone(),
-                mechanism: WrapMechanism::from_name(&swapped.wrap_mechanism).unwrap(),
+                mechanism: swapped.wrap_mechanism,
             },
             from: old.clone(),
             to: new.clone(),
@@ -323,12 +304,12 @@ async fn a_record_swapped_in_the_database_is_never_laundered(setup: Setup) {
         .expect("the blob and public key belong together: the HSM's own check passes");
     let mut laundered = KeyRecord {
         wrapped_key: moved.blob,
-        wrap_mechanism: moved.mechanism.as_str().to_owned(),
+        wrap_mechanism: moved.mechanism,
         master_key_fingerprint: new.clone(),
         ..swapped.clone()
     };
     laundered.record_mac = both
-        .mac_record_under(&new, mac_input(&laundered))
+        .mac_record_under(&new, laundered.mac_message())
         .await
         .unwrap()
         .to_vec();

@@ -52,8 +52,8 @@ async fn key_generation_stores_then_reports_and_signatures_verify_against_the_st
         .unwrap()
         .expect("stored before it is reported");
     assert_eq!(&stored.public_key, k1, "the reported key is the stored key");
-    assert_eq!(stored.scheme, "ecdsa-secp256k1");
-    assert_eq!(stored.curve, "secp256k1");
+    assert_eq!(stored.scheme.as_str(), "ecdsa-secp256k1");
+    assert_eq!(stored.curve(), "secp256k1");
     assert_eq!(stored.created_by, "test-driver");
     assert_eq!(
         stored.master_key_fingerprint,

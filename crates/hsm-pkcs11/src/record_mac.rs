@@ -37,8 +37,7 @@
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-/// The domain tag that starts every record MAC message.
-pub const RECORD_MAC_DOMAIN: &str = "hsm-driver/key-record-mac/v1";
+pub use custody_model::{RECORD_MAC_DOMAIN, record_mac_message};
 
 /// The derivation label of an imported record MAC key (see the module documentation).
 const MAC_KEY_DERIVATION: &[u8] = b"hsm-driver/record-mac-key/v1";
@@ -59,36 +58,6 @@ pub fn record_mac_key_label(master_label: &str) -> String {
 /// `master_label`: `<master label>-ledger`.
 pub fn ledger_key_label(master_label: &str) -> String {
     format!("{master_label}-ledger")
-}
-
-/// The bytes a key record's MAC covers: the identifying fields of the record, encoded without
-/// ambiguity (see the module documentation for the exact layout). Creation time and creator
-/// are not covered.
-pub fn record_mac_message(
-    key_id: &str,
-    scheme: &str,
-    curve: &str,
-    public_key: &[u8],
-    wrapped_key: &[u8],
-    wrap_mechanism: &str,
-    master_key_fingerprint: &str,
-) -> Vec<u8> {
-    let items: [&[u8]; 8] = [
-        RECORD_MAC_DOMAIN.as_bytes(),
-        key_id.as_bytes(),
-        scheme.as_bytes(),
-        curve.as_bytes(),
-        public_key,
-        wrapped_key,
-        wrap_mechanism.as_bytes(),
-        master_key_fingerprint.as_bytes(),
-    ];
-    let mut message = Vec::with_capacity(items.iter().map(|i| 8 + i.len()).sum());
-    for item in items {
-        message.extend_from_slice(&(item.len() as u64).to_be_bytes());
-        message.extend_from_slice(item);
-    }
-    message
 }
 
 /// HMAC-SHA256 (RFC 2104) of `message` under `key`, in software.

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::future::Future;
 
+pub use custody_model::{KeyScheme, WrapMechanism};
+
 use crate::error::StoreError;
 use crate::ledger::{LedgerRecord, StoredLedgerRow};
 
@@ -12,16 +14,15 @@ use crate::ledger::{LedgerRecord, StoredLedgerRow};
 pub struct KeyRecord {
     /// The API's key id (primary key).
     pub key_id: String,
-    /// The driver's scheme name (`ecdsa-secp256k1`, `ecdsa-p256`, `ed25519`).
-    pub scheme: String,
-    /// The API's curve name (`secp256k1`, `secp256r1`, `ed25519`).
-    pub curve: String,
+    /// The key's scheme (stored by its name, `ecdsa-secp256k1`, with the API's curve name,
+    /// `secp256k1`, beside it: [`KeyRecord::curve`]).
+    pub scheme: KeyScheme,
     /// The public key (SEC1 compressed for ECDSA, 32 bytes for Ed25519).
     pub public_key: Vec<u8>,
     /// The wrapped private key.
     pub wrapped_key: Vec<u8>,
-    /// The mechanism that wrapped it (`aes-key-wrap-kwp`, `aes-key-wrap-pad`, `aes-key-wrap`).
-    pub wrap_mechanism: String,
+    /// The mechanism that wrapped it (stored by its name, `aes-key-wrap-kwp`...).
+    pub wrap_mechanism: WrapMechanism,
     /// The fingerprint of the master key that wrapped it.
     pub master_key_fingerprint: String,
     /// When the record was created, in milliseconds since the Unix epoch.
@@ -36,12 +37,30 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
+    /// The bytes this record's MAC covers ([`custody_model::record_mac_message`]): every
+    /// identifying field, creation time and creator excepted.
+    pub fn mac_message(&self) -> Vec<u8> {
+        custody_model::record_mac_message(
+            &self.key_id,
+            self.scheme.as_str(),
+            self.curve(),
+            &self.public_key,
+            &self.wrapped_key,
+            self.wrap_mechanism.as_str(),
+            &self.master_key_fingerprint,
+        )
+    }
+
+    /// The API's curve name of the key (`secp256k1`, `secp256r1`, `ed25519`): its scheme's.
+    pub fn curve(&self) -> &'static str {
+        self.scheme.info().api_curve
+    }
+
     /// Whether two records describe the same key (everything but creation time and creator;
     /// the MAC included).
     pub fn same_key_as(&self, other: &KeyRecord) -> bool {
         self.key_id == other.key_id
             && self.scheme == other.scheme
-            && self.curve == other.curve
             && self.public_key == other.public_key
             && self.wrapped_key == other.wrapped_key
             && self.wrap_mechanism == other.wrap_mechanism
@@ -55,7 +74,6 @@ impl fmt::Debug for KeyRecord {
         f.debug_struct("KeyRecord")
             .field("key_id", &self.key_id)
             .field("scheme", &self.scheme)
-            .field("curve", &self.curve)
             .field("public_key", &hex::encode(&self.public_key))
             .field(
                 "wrapped_key",

@@ -563,13 +563,11 @@ mod suite {
         }
     }
 
-    /// Tried: a new key (record + entry), the same key again, a conflicting key, and a new key
-    /// whose entry's place is taken.
     /// `record(key_id, 1)` moved to master key `mk-new` with a new blob and MAC.
     fn moved(key_id: &str) -> KeyRecord {
         let mut moved = record(key_id, 1);
         moved.wrapped_key = vec![0xee; 40];
-        moved.wrap_mechanism = "aes-key-wrap-kwp".to_owned();
+        moved.wrap_mechanism = wrapped_keystore::WrapMechanism::AesKeyWrapKwp;
         moved.master_key_fingerprint = "mk-new".to_owned();
         moved.record_mac = vec![0xaa; 32];
         moved
@@ -724,6 +722,8 @@ mod suite {
         assert!(drivers.iter().all(|d| d.seen_at_ms > 1_700_000_000_000));
     }
 
+    /// Tried: a new key (record + entry), the same key again, a conflicting key, and a new key
+    /// whose entry's place is taken.
     pub(crate) async fn insert_with_ledger_writes_both_or_neither<S: KeyStore + Clone>(store: S) {
         assert_eq!(
             store

@@ -423,6 +423,57 @@ async fn a_row_that_cannot_be_decoded_is_corrupt_and_names_its_key() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_naming_a_scheme_or_mechanism_the_driver_does_not_know_is_corrupt() {
+    // Tried, written behind the store's back: an unknown scheme name, a curve that is not the
+    // scheme's, an unknown wrap mechanism. Each row is refused by name at the store's edge (the
+    // engine never sees a string it would have to parse); the good row still reads.
+    let Some(fixture) = support::postgres().await else {
+        return;
+    };
+    let store = fixture.store.clone();
+    for id in ["key-scheme", "key-curve", "key-mechanism", "key-good"] {
+        store.insert(record(id, 1)).await.expect("insert");
+    }
+    let DatabaseUrl::Postgres(raw_url) = store.url().clone() else {
+        panic!("the fixture is PostgreSQL")
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut conn = diesel::PgConnection::establish(&raw_url).expect("a direct connection");
+        conn.batch_execute(
+            "UPDATE wrapped_keys SET scheme = 'ecdsa-secp384r1' WHERE key_id = 'key-scheme';
+             UPDATE wrapped_keys SET curve = 'secp256r1' WHERE key_id = 'key-curve';
+             UPDATE wrapped_keys SET wrap_mechanism = 'aes-gcm' WHERE key_id = 'key-mechanism';",
+        )
+        .expect("damaging the rows");
+    })
+    .await
+    .expect("the update task");
+    for (id, says) in [
+        ("key-scheme", "unknown scheme name `ecdsa-secp384r1`"),
+        (
+            "key-curve",
+            "curve `secp256r1` is not the curve of scheme ecdsa-secp256k1",
+        ),
+        ("key-mechanism", "unknown wrap mechanism name `aes-gcm`"),
+    ] {
+        let error = store
+            .get(id)
+            .await
+            .expect_err("a row the driver cannot read");
+        assert!(
+            error.is_corrupt() && !error.is_retryable(),
+            "{id}: {error:?}"
+        );
+        let chain = format!("{error} {:?}", error);
+        assert!(chain.contains(id) && chain.contains(says), "{id}: {chain}");
+    }
+    assert_eq!(
+        store.get("key-good").await.unwrap(),
+        Some(record("key-good", 1))
+    );
+}
+
 /// A bulk load writes every record (more than one statement's worth) in one go; a batch with a
 /// key id already stored writes nothing at all.
 async fn a_batch_is_stored_whole_or_not_at_all(store: DieselKeyStore) {

@@ -190,17 +190,17 @@ macro_rules! ledger_statements {
             diesel::update(
                 wrapped_keys::table
                     .filter(wrapped_keys::key_id.eq(&old.key_id))
-                    .filter(wrapped_keys::scheme.eq(&old.scheme))
-                    .filter(wrapped_keys::curve.eq(&old.curve))
+                    .filter(wrapped_keys::scheme.eq(old.scheme.as_str()))
+                    .filter(wrapped_keys::curve.eq(old.curve()))
                     .filter(wrapped_keys::public_key.eq(&old.public_key))
                     .filter(wrapped_keys::wrapped_key.eq(&old.wrapped_key))
-                    .filter(wrapped_keys::wrap_mechanism.eq(&old.wrap_mechanism))
+                    .filter(wrapped_keys::wrap_mechanism.eq(old.wrap_mechanism.as_str()))
                     .filter(wrapped_keys::master_key_fingerprint.eq(&old.master_key_fingerprint))
                     .filter(wrapped_keys::record_mac.eq(&old.record_mac)),
             )
             .set((
                 wrapped_keys::wrapped_key.eq(&new.wrapped_key),
-                wrapped_keys::wrap_mechanism.eq(&new.wrap_mechanism),
+                wrapped_keys::wrap_mechanism.eq(new.wrap_mechanism.as_str()),
                 wrapped_keys::master_key_fingerprint.eq(&new.master_key_fingerprint),
                 wrapped_keys::record_mac.eq(&new.record_mac),
             ))
@@ -379,7 +379,7 @@ pub(crate) fn insert_with_ledger(
                     tracing::debug!(key_id = %key.key_id, chain = %entry.chain, seq = entry.seq, "stored wrapped key with its ledger entry");
                     return Ok(InsertOutcome::Inserted);
                 }
-                match conn.get_key(&key.key_id)?.map(KeyRecord::from) {
+                match conn.get_key(&key.key_id)?.map(KeyRecord::try_from).transpose()? {
                     Some(existing) if existing.same_key_as(key) => {
                         return Ok(InsertOutcome::AlreadyPresent);
                     }

@@ -6,7 +6,7 @@ use diesel::prelude::*;
 use super::pool::{AnyConnection, on_backend};
 use crate::error::StoreError;
 use crate::schema::wrapped_keys;
-use crate::store::{InsertOutcome, KeyRecord, MAX_PAGE_LIMIT};
+use crate::store::{InsertOutcome, KeyRecord, KeyScheme, MAX_PAGE_LIMIT, WrapMechanism};
 
 /// How often [`insert`] tries again when a conflicting row disappears before it can be read
 /// (only possible if something outside the store deletes rows).
@@ -29,20 +29,42 @@ pub(super) struct StoredKey {
     record_mac: Vec<u8>,
 }
 
-impl From<StoredKey> for KeyRecord {
-    fn from(row: StoredKey) -> Self {
-        KeyRecord {
+impl TryFrom<StoredKey> for KeyRecord {
+    type Error = StoreError;
+
+    /// The store's edge: names become the custody model's types. A row whose scheme or wrap
+    /// mechanism is not one the driver knows, or whose curve is not its scheme's, is
+    /// [`StoreError::Corrupt`] (naming the key): it is never handed out as a key.
+    fn try_from(row: StoredKey) -> Result<Self, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            key_id: Some(row.key_id.clone()),
+            source: reason.into(),
+        };
+        let scheme = KeyScheme::from_name(&row.scheme)
+            .ok_or_else(|| corrupt(format!("unknown scheme name `{}`", row.scheme)))?;
+        if row.curve != scheme.info().api_curve {
+            return Err(corrupt(format!(
+                "curve `{}` is not the curve of scheme {scheme}",
+                row.curve
+            )));
+        }
+        let wrap_mechanism = WrapMechanism::from_name(&row.wrap_mechanism).ok_or_else(|| {
+            corrupt(format!(
+                "unknown wrap mechanism name `{}`",
+                row.wrap_mechanism
+            ))
+        })?;
+        Ok(KeyRecord {
             key_id: row.key_id,
-            scheme: row.scheme,
-            curve: row.curve,
+            scheme,
             public_key: row.public_key,
             wrapped_key: row.wrapped_key,
-            wrap_mechanism: row.wrap_mechanism,
+            wrap_mechanism,
             master_key_fingerprint: row.master_key_fingerprint,
             created_at_ms: row.created_at_ms,
             created_by: row.created_by,
             record_mac: row.record_mac,
-        }
+        })
     }
 }
 
@@ -66,11 +88,11 @@ impl<'a> From<&'a KeyRecord> for NewKey<'a> {
     fn from(record: &'a KeyRecord) -> Self {
         NewKey {
             key_id: &record.key_id,
-            scheme: &record.scheme,
-            curve: &record.curve,
+            scheme: record.scheme.as_str(),
+            curve: record.curve(),
             public_key: &record.public_key,
             wrapped_key: &record.wrapped_key,
-            wrap_mechanism: &record.wrap_mechanism,
+            wrap_mechanism: record.wrap_mechanism.as_str(),
             master_key_fingerprint: &record.master_key_fingerprint,
             created_at_ms: record.created_at_ms,
             created_by: &record.created_by,
@@ -158,8 +180,9 @@ pub(crate) fn get(conn: &mut AnyConnection, key_id: &str) -> Result<Option<KeyRe
         .select(StoredKey::as_select())
         .first(c)
         .optional());
-    row.map(|row| row.map(KeyRecord::from))
-        .map_err(|error| decode_error(error, Some(key_id)))
+    row.map_err(|error| decode_error(error, Some(key_id)))?
+        .map(KeyRecord::try_from)
+        .transpose()
 }
 
 /// Reads one page in ascending key id order: every record, or those wrapped under the master
@@ -185,8 +208,10 @@ pub(crate) fn list(
         }
         query.load(c)
     });
-    rows.map(|rows| rows.into_iter().map(KeyRecord::from).collect())
-        .map_err(|error| decode_error(error, None))
+    rows.map_err(|error| decode_error(error, None))?
+        .into_iter()
+        .map(KeyRecord::try_from)
+        .collect()
 }
 
 /// Counts the records.

@@ -24,11 +24,10 @@ pub fn record(key_id: &str, variant: u8) -> KeyRecord {
     wrapped_key.push(variant);
     KeyRecord {
         key_id: key_id.to_owned(),
-        scheme: "ecdsa-secp256k1".to_owned(),
-        curve: "secp256k1".to_owned(),
+        scheme: wrapped_keystore::KeyScheme::EcdsaSecp256k1,
         public_key,
         wrapped_key,
-        wrap_mechanism: "aes-key-wrap-pad".to_owned(),
+        wrap_mechanism: wrapped_keystore::WrapMechanism::AesKeyWrapPad,
         master_key_fingerprint: format!("mk-{variant:02x}"),
         created_at_ms: 1_700_000_000_000 + i64::from(variant),
         created_by: format!("driver-{variant}"),

@@ -4,6 +4,7 @@
 //! recover them with backoff while not). See `health` for what decides leasing.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -13,7 +14,7 @@ use dfns_api_client::protocol::{
     LedgerCheckpoint, PresenceTerms,
 };
 use hsm_pkcs11::{Hsm, HsmError, KeyScheme};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 use wrapped_keystore::KeyStore;
@@ -139,176 +140,228 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
     /// backoff for as long as the driver runs; the run only ends through `shutdown`. Must be
     /// called within a Tokio runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> RunReport {
-        let parts = self.parts;
-        let config = &parts.config;
-        let health = &parts.health;
-        let slots = Arc::new(Semaphore::new(config.workers));
-        let mut tasks: JoinSet<Outcome> = JoinSet::new();
-        let mut report = RunReport::default();
-        let mut failures: u32 = 0;
+        let mut runner = Runner::new(self.parts);
         tokio::pin!(shutdown);
-
-        let mut background = JoinSet::new();
-        background.spawn(presence(Arc::clone(&parts)));
-        background.spawn(supervise(Arc::clone(&parts), Component::Hsm));
-        background.spawn(supervise(Arc::clone(&parts), Component::Store));
-        info!(driver_id = %config.driver_id, workers = config.workers, "driver started");
-
+        let mut background = runner.start_background();
         loop {
-            if !health.report().can_lease() {
-                let problems = health.report().problems();
-                info!(?problems, "not leasing until the driver is healthy again");
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => break,
-                    () = health.wait_for(HealthReport::can_lease) => {
-                        info!("healthy again: leasing resumes");
-                        continue;
-                    }
-                }
+            match runner.lease(&mut shutdown).await {
+                Step::Jobs(first, jobs) => runner.spawn_jobs(first, jobs).await,
+                Step::Again => {}
+                Step::Stop => break,
             }
-            // Wait for a free slot; only this loop takes slots, so the count can only grow
-            // between here and the lease answer.
-            let first = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            };
-            if !health.report().can_lease() {
-                continue;
-            }
-            let free = 1 + slots.available_permits();
-            let want = u32::try_from(free)
-                .unwrap_or(u32::MAX)
-                .min(config.lease_batch);
+            runner.collect_finished();
+        }
+        runner.drain().await;
+        background.abort_all();
+        runner.farewell().await;
+        info!(report = ?runner.report, "driver stopped");
+        runner.report
+    }
+}
 
-            let leased = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                leased = parts.source.lease(want, config.long_poll) => leased,
-            };
-            let jobs = match leased {
-                Ok(jobs) => {
-                    failures = 0;
-                    health.polled();
-                    jobs
-                }
-                Err(e) if e.is_not_registered() => {
-                    warn!(error = %error_chain(&e), "the API does not know this driver; registering again");
-                    health.set_registered(false);
-                    continue;
-                }
-                Err(e) => {
-                    parts.metrics.lease_failed();
-                    health.set_down(Component::Api, error_chain(&e));
-                    let delay = config.lease_backoff.delay(failures);
-                    failures = failures.saturating_add(1);
-                    if e.is_retryable() {
-                        warn!(error = %error_chain(&e), retry_in = ?delay, "lease failed");
-                    } else {
-                        error!(error = %error_chain(&e), retry_in = ?delay, "lease refused by the API");
-                    }
-                    drop(first);
-                    tokio::select! {
-                        biased;
-                        () = &mut shutdown => break,
-                        () = tokio::time::sleep(delay) => continue,
-                    }
-                }
-            };
+/// What one turn of the lease loop came to.
+enum Step {
+    /// Jobs to run, and the worker slot taken for the first of them.
+    Jobs(OwnedSemaphorePermit, Vec<LeasedJob>),
+    /// Nothing leased this turn (not healthy, an API error after its backoff...): go round.
+    Again,
+    /// Shutdown was requested.
+    Stop,
+}
 
-            let mut first = Some(first);
-            for job in jobs {
-                let permit = match first.take() {
-                    Some(permit) => permit,
-                    None => match slots.clone().try_acquire_owned() {
-                        Ok(permit) => permit,
-                        Err(_) => {
-                            // The API sent more than asked for; run it anyway rather than
-                            // sit on a lease, and wait for a slot first.
-                            warn!("lease answer exceeded the free worker slots");
-                            slots
-                                .clone()
-                                .acquire_owned()
-                                .await
-                                .expect("the semaphore is never closed")
-                        }
-                    },
-                };
-                let parts = Arc::clone(&parts);
-                let counted = InFlight::start(Arc::clone(&parts));
-                tasks.spawn(async move {
-                    // Health may have changed while the lease was in flight: a job this
-                    // driver cannot run now goes straight back to the queue for the others.
-                    let health = parts.health.report();
-                    let outcome = if health.can_execute() {
-                        job::run(&parts, job).await
-                    } else {
-                        give_back(&parts, job, &health).await
-                    };
-                    drop(counted);
-                    drop(permit);
-                    outcome
-                });
-            }
-            while let Some(done) = tasks.try_join_next() {
-                tally(&mut report, done);
+/// The state of [`Driver::run`]: worker slots, running jobs, the report, the lease backoff.
+struct Runner<S, H, K> {
+    parts: Arc<Parts<S, H, K>>,
+    /// One permit per worker: a job holds one while it runs.
+    slots: Arc<Semaphore>,
+    tasks: JoinSet<Outcome>,
+    report: RunReport,
+    /// Consecutive failed lease requests (the backoff's exponent).
+    failures: u32,
+}
+
+impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
+    fn new(parts: Arc<Parts<S, H, K>>) -> Self {
+        Runner {
+            slots: Arc::new(Semaphore::new(parts.config.workers)),
+            parts,
+            tasks: JoinSet::new(),
+            report: RunReport::default(),
+            failures: 0,
+        }
+    }
+
+    /// The API presence (registration, heartbeats) and the HSM and store supervisors.
+    fn start_background(&self) -> JoinSet<()> {
+        let mut background = JoinSet::new();
+        background.spawn(presence(Arc::clone(&self.parts)));
+        background.spawn(supervise(Arc::clone(&self.parts), Component::Hsm));
+        background.spawn(supervise(Arc::clone(&self.parts), Component::Store));
+        let config = &self.parts.config;
+        info!(driver_id = %config.driver_id, workers = config.workers, "driver started");
+        background
+    }
+
+    /// One turn: wait until healthy, then for a free worker slot, then lease as many jobs as
+    /// slots are free (at most the lease batch); after a failed lease, back off.
+    async fn lease<F: Future<Output = ()>>(&mut self, shutdown: &mut Pin<&mut F>) -> Step {
+        let (parts, health) = (&self.parts, &self.parts.health);
+        let config = &parts.config;
+        if !health.report().can_lease() {
+            let problems = health.report().problems();
+            info!(?problems, "not leasing until the driver is healthy again");
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => return Step::Stop,
+                () = health.wait_for(HealthReport::can_lease) => {
+                    info!("healthy again: leasing resumes");
+                    return Step::Again;
+                }
             }
         }
+        // Only this loop takes slots, so the count can only grow between here and the answer.
+        let first = tokio::select! {
+            biased;
+            () = shutdown.as_mut() => return Step::Stop,
+            permit = Arc::clone(&self.slots).acquire_owned() => {
+                permit.expect("the semaphore is never closed")
+            }
+        };
+        if !health.report().can_lease() {
+            return Step::Again;
+        }
+        let free = 1 + self.slots.available_permits();
+        let want = u32::try_from(free)
+            .unwrap_or(u32::MAX)
+            .min(config.lease_batch);
+        let leased = tokio::select! {
+            biased;
+            () = shutdown.as_mut() => return Step::Stop,
+            leased = parts.source.lease(want, config.long_poll) => leased,
+        };
+        match leased {
+            Ok(jobs) => {
+                self.failures = 0;
+                health.polled();
+                Step::Jobs(first, jobs)
+            }
+            Err(e) if e.is_not_registered() => {
+                warn!(error = %error_chain(&e), "the API does not know this driver; registering again");
+                health.set_registered(false);
+                Step::Again
+            }
+            Err(e) => {
+                parts.metrics.lease_failed();
+                health.set_down(Component::Api, error_chain(&e));
+                let delay = config.lease_backoff.delay(self.failures);
+                self.failures = self.failures.saturating_add(1);
+                if e.is_retryable() {
+                    warn!(error = %error_chain(&e), retry_in = ?delay, "lease failed");
+                } else {
+                    error!(error = %error_chain(&e), retry_in = ?delay, "lease refused by the API");
+                }
+                drop(first);
+                tokio::select! {
+                    biased;
+                    () = shutdown.as_mut() => Step::Stop,
+                    () = tokio::time::sleep(delay) => Step::Again,
+                }
+            }
+        }
+    }
 
-        health.set_draining();
+    /// One task per leased job, each holding a worker slot (`first` for the first job).
+    async fn spawn_jobs(&mut self, first: OwnedSemaphorePermit, jobs: Vec<LeasedJob>) {
+        let mut first = Some(first);
+        for job in jobs {
+            let permit = match first.take() {
+                Some(permit) => permit,
+                None => match Arc::clone(&self.slots).try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        // The API sent more than asked for; run it anyway rather than sit on a
+                        // lease, and wait for a slot first.
+                        warn!("lease answer exceeded the free worker slots");
+                        Arc::clone(&self.slots)
+                            .acquire_owned()
+                            .await
+                            .expect("the semaphore is never closed")
+                    }
+                },
+            };
+            let parts = Arc::clone(&self.parts);
+            let counted = InFlight::start(Arc::clone(&parts));
+            self.tasks.spawn(async move {
+                // Health may have changed while the lease was in flight: a job this driver
+                // cannot run now goes straight back to the queue for the others.
+                let health = parts.health.report();
+                let outcome = if health.can_execute() {
+                    job::run(&parts, job).await
+                } else {
+                    give_back(&parts, job, &health).await
+                };
+                drop(counted);
+                drop(permit);
+                outcome
+            });
+        }
+    }
+
+    /// Counts the jobs that have finished.
+    fn collect_finished(&mut self) {
+        while let Some(done) = self.tasks.try_join_next() {
+            tally(&mut self.report, done);
+        }
+    }
+
+    /// Stops leasing and waits for the jobs held, at most the shutdown deadline; then abandons
+    /// the rest (their leases lapse and the API delivers them again).
+    async fn drain(&mut self) {
+        let config = &self.parts.config;
+        self.parts.health.set_draining();
         info!(
-            in_flight = tasks.len(),
+            in_flight = self.tasks.len(),
             deadline = ?config.shutdown_deadline,
             "shutdown requested: leasing stopped, finishing in-flight jobs"
         );
+        let (tasks, report) = (&mut self.tasks, &mut self.report);
         let drain = async {
             while let Some(done) = tasks.join_next().await {
-                tally(&mut report, done);
+                tally(report, done);
             }
         };
         if tokio::time::timeout(config.shutdown_deadline, drain)
             .await
             .is_err()
         {
-            report.abandoned = tasks.len() as u64;
+            self.report.abandoned = self.tasks.len() as u64;
             warn!(
-                abandoned = report.abandoned,
+                abandoned = self.report.abandoned,
                 "shutdown deadline passed; abandoning in-flight jobs (their leases will lapse)"
             );
-            tasks.abort_all();
+            self.tasks.abort_all();
         }
-        // Deregistering tells the API at once that this driver is gone (best effort, bounded:
-        // otherwise it lapses after the liveness timeout).
-        background.abort_all();
-        // A last heartbeat first, so that the API checkpoints the ledger head of the jobs just
-        // finished (best effort, bounded).
-        if health.report().registered && parts.ledger.published().is_some() {
-            let last = heartbeat(&parts, false);
-            if let Ok(Err(e)) = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                parts.source.heartbeat(&last),
-            )
-            .await
-            {
+    }
+
+    /// A last heartbeat, so that the API checkpoints the ledger head of the jobs just finished,
+    /// then deregistering, so that it knows at once this driver is gone (both best effort and
+    /// bounded: otherwise it lapses after the liveness timeout).
+    async fn farewell(&self) {
+        let parts = &self.parts;
+        let bound = std::time::Duration::from_secs(2);
+        if parts.health.report().registered && parts.ledger.published().is_some() {
+            let last = heartbeat(parts, false);
+            if let Ok(Err(e)) = tokio::time::timeout(bound, parts.source.heartbeat(&last)).await {
                 debug!(error = %error_chain(&e), "the last heartbeat failed");
             }
         }
-        match tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            parts.source.deregister(&config.driver_id),
-        )
-        .await
-        {
+        match tokio::time::timeout(bound, parts.source.deregister(&parts.config.driver_id)).await {
             Ok(Ok(())) => info!("deregistered from the API"),
             Ok(Err(e)) => {
                 warn!(error = %error_chain(&e), "deregistering failed; the API will notice when heartbeats stop")
             }
             Err(_) => warn!("deregistering timed out; the API will notice when heartbeats stop"),
         }
-        background.abort_all();
-        info!(?report, "driver stopped");
-        report
     }
 }
 

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use custody_model::now_ms;
 use driver_core::ChainHead;
 use driver_core::ledger::Checkpoints;
 use serde::{Deserialize, Serialize};
@@ -130,12 +131,6 @@ async fn write_if_new(path: &Path, current: Option<ChainHead>, written: &mut Opt
 
 fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

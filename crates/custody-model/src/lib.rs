@@ -18,10 +18,12 @@
 //! assert_eq!(KeyScheme::from_api("EdDSA", "secp256k1"), None);
 //! ```
 
+mod common;
 mod record_mac;
 mod scheme;
 mod wrap;
 
+pub use common::{error_chain, now_ms};
 pub use record_mac::{RECORD_MAC_DOMAIN, record_mac_message};
 pub use scheme::{KeyScheme, PayloadMismatch, PayloadRule, SCHEMES, SchemeInfo, SignPayload};
 pub use wrap::WrapMechanism;

@@ -163,14 +163,4 @@ impl JobError {
     }
 }
 
-/// Renders an error and its sources as one line: `outer: inner: innermost`.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
+pub(crate) use custody_model::error_chain;

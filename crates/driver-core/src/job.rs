@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use custody_model::PayloadRule;
 use dfns_api_client::JobSource;
@@ -538,12 +538,7 @@ fn signature_result(signature: Signature) -> SignatureResult {
     }
 }
 
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use custody_model::now_ms;
 
 #[cfg(test)]
 mod tests {

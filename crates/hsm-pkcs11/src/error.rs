@@ -438,17 +438,7 @@ pub(crate) fn rv_name(rv: RvError) -> String {
     }
 }
 
-/// `error` and its sources, joined by `: `, for one log field.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut chain = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        chain.push_str(": ");
-        chain.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    chain
-}
+pub(crate) use custody_model::error_chain;
 
 /// A short description of a cryptoki error: the `CKR_*` name rather than the spec's paragraph.
 pub(crate) fn describe(error: &CryptokiError) -> String {

@@ -340,12 +340,7 @@ impl KeyStore for DieselKeyStore {
     }
 }
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub(crate) use custody_model::now_ms;
 
 #[cfg(test)]
 pub(crate) mod test_support {

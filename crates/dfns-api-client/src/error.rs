@@ -79,6 +79,16 @@ pub enum ApiError {
     },
 }
 
+impl From<crate::pem::PemError> for ApiError {
+    fn from(error: crate::pem::PemError) -> Self {
+        ApiError::Tls {
+            path: error.path,
+            reason: error.reason,
+            source: error.source,
+        }
+    }
+}
+
 impl ApiError {
     /// Whether trying again later may succeed: transport failures, timeouts, 5xx and 429 are
     /// retryable; other 4xx, undecodable responses and configuration errors are not.

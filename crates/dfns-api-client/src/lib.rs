@@ -18,6 +18,7 @@
 //!
 //! Everything the real API may differ in is confined to this crate.
 
+pub mod pem;
 pub mod protocol;
 pub mod wire;
 

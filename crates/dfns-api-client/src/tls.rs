@@ -4,8 +4,6 @@
 //! driver endpoint is a private PKI), and the client presents its certificate chain and key.
 //! The crypto provider is `ring`, passed explicitly; no process-wide default is installed.
 
-use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -54,57 +52,14 @@ pub fn load_client_tls(files: &TlsFiles) -> Result<rustls::ClientConfig, ApiErro
         .map_err(|source| ApiError::TlsConfig { source })
 }
 
-fn open(path: &Path) -> Result<BufReader<File>, ApiError> {
-    File::open(path)
-        .map(BufReader::new)
-        .map_err(|e| ApiError::Tls {
-            path: path.to_owned(),
-            reason: if e.kind() == std::io::ErrorKind::NotFound {
-                "file not found".to_owned()
-            } else {
-                "cannot open the file".to_owned()
-            },
-            source: Some(e),
-        })
-}
-
-/// Reads every certificate of a PEM file; at least one is required.
+/// [`crate::pem::read_certs`], its error as [`ApiError::Tls`].
 pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ApiError> {
-    let mut reader = open(path)?;
-    let certs = rustls_pemfile::certs(&mut reader)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::Tls {
-            path: path.to_owned(),
-            reason: "cannot read PEM certificates".to_owned(),
-            source: Some(e),
-        })?;
-    if certs.is_empty() {
-        return Err(ApiError::Tls {
-            path: path.to_owned(),
-            reason: "no certificate found (expected PEM `BEGIN CERTIFICATE` blocks)".to_owned(),
-            source: None,
-        });
-    }
-    Ok(certs)
+    crate::pem::read_certs(path).map_err(ApiError::from)
 }
 
-/// Reads the first private key of a PEM file. The key's bytes never appear in an error.
+/// [`crate::pem::read_key`], its error as [`ApiError::Tls`].
 pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, ApiError> {
-    let mut reader = open(path)?;
-    match rustls_pemfile::private_key(&mut reader) {
-        Ok(Some(key)) => Ok(key),
-        Ok(None) => Err(ApiError::Tls {
-            path: path.to_owned(),
-            reason: "no private key found (expected a PEM PKCS#8, SEC1 or RSA private key)"
-                .to_owned(),
-            source: None,
-        }),
-        Err(e) => Err(ApiError::Tls {
-            path: path.to_owned(),
-            reason: "cannot read the PEM private key".to_owned(),
-            source: Some(e),
-        }),
-    }
+    crate::pem::read_key(path).map_err(ApiError::from)
 }
 
 #[cfg(unix)]

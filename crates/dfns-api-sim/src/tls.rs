@@ -3,8 +3,6 @@
 //! with one from another CA, is refused during the handshake. The crypto provider is `ring`,
 //! passed explicitly.
 
-use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -54,47 +52,20 @@ pub fn load_server_tls(files: &ServerTlsFiles) -> Result<Arc<rustls::ServerConfi
     Ok(Arc::new(config))
 }
 
-fn open(path: &Path) -> Result<BufReader<File>, SimError> {
-    File::open(path)
-        .map(BufReader::new)
-        .map_err(|e| SimError::Tls {
-            path: path.to_owned(),
-            reason: "cannot open the file".to_owned(),
-            source: Some(e),
-        })
-}
-
+/// The client's PEM loader, its error as [`SimError::Tls`].
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, SimError> {
-    let certs = rustls_pemfile::certs(&mut open(path)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| SimError::Tls {
-            path: path.to_owned(),
-            reason: "cannot read PEM certificates".to_owned(),
-            source: Some(e),
-        })?;
-    if certs.is_empty() {
-        return Err(SimError::Tls {
-            path: path.to_owned(),
-            reason: "no certificate found".to_owned(),
-            source: None,
-        });
-    }
-    Ok(certs)
+    dfns_api_client::pem::read_certs(path).map_err(pem_error)
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, SimError> {
-    match rustls_pemfile::private_key(&mut open(path)?) {
-        Ok(Some(key)) => Ok(key),
-        Ok(None) => Err(SimError::Tls {
-            path: path.to_owned(),
-            reason: "no private key found".to_owned(),
-            source: None,
-        }),
-        Err(e) => Err(SimError::Tls {
-            path: path.to_owned(),
-            reason: "cannot read the PEM private key".to_owned(),
-            source: Some(e),
-        }),
+    dfns_api_client::pem::read_key(path).map_err(pem_error)
+}
+
+fn pem_error(error: dfns_api_client::pem::PemError) -> SimError {
+    SimError::Tls {
+        path: error.path,
+        reason: error.reason,
+        source: error.source,
     }
 }
 

@@ -126,7 +126,7 @@ async fn stuck_calls_are_abandoned_within_a_bound_and_leave_nothing_when_the_tok
         operation: Duration::from_millis(300),
         key_generation: Duration::from_secs(2),
         check: Duration::from_secs(3),
-        stop_grace: Duration::from_millis(200),
+        stop_grace: Duration::from_millis(500),
         max_abandoned: 2,
     };
     let opening = token.clone();

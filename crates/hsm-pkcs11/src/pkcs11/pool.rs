@@ -115,10 +115,11 @@ impl Pool {
 
     /// Stops the workers (jobs still queued fail with [`HsmError::WorkerUnavailable`]), waits
     /// up to `grace` for the job each is running and for its session to close, then closes the
-    /// keep-alive session. Idempotent. A worker still inside a PKCS#11 call after `grace` (a
-    /// hung HSM: the call cannot be interrupted) is **abandoned**: its thread is returned, and
-    /// closes its session and ends when the call returns. A keep-alive session held by such a
-    /// call is closed by a thread of its own, returned likewise.
+    /// keep-alive session on a thread of its own, waiting up to `grace` again. Idempotent. A
+    /// worker still inside a PKCS#11 call after `grace` (a hung HSM: the call cannot be
+    /// interrupted) is **abandoned**: its thread is returned, and closes its session and ends
+    /// when the call returns. A keep-alive close still waiting (its session held by a stuck
+    /// call, or `C_CloseSession` itself hung) is returned likewise.
     ///
     /// # Errors
     /// [`HsmError::WorkerUnavailable`] if a worker thread had panicked;
@@ -157,8 +158,9 @@ impl Pool {
             });
         let closed = match closer {
             Ok(closer) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match outcome.recv_timeout(left) {
+                // A grace of its own: stuck workers may have used all of theirs, and closing a
+                // session that no call holds takes a moment on a loaded machine.
+                match outcome.recv_timeout(grace) {
                     Ok(closed) => {
                         let _ = closer.join();
                         closed

@@ -13,7 +13,7 @@ use dfns_api_client::protocol::{
     Capability, DriverRegistration, FailureCode, Heartbeat, JobFailure, LeasedJob,
     LedgerCheckpoint, PresenceTerms,
 };
-use hsm_pkcs11::{Hsm, HsmError, KeyScheme};
+use hsm_pkcs11::{Hsm, HsmError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
@@ -424,7 +424,7 @@ async fn presence<S: JobSource, H: Hsm, K: KeyStore>(parts: Arc<Parts<S, H, K>>)
             .hsm
             .capabilities()
             .supported()
-            .filter_map(capability)
+            .filter_map(Capability::of)
             .collect(),
         master_key_fingerprint: parts.hsm.master_key().fingerprint.clone(),
         rotation_target_fingerprint: parts
@@ -656,11 +656,6 @@ async fn check_hsm<S: JobSource, H: Hsm, K: KeyStore>(
         }
     }
     Err(error_chain(&error))
-}
-
-/// The API capability of a scheme the HSM serves (the custody model's table names both).
-fn capability(scheme: KeyScheme) -> Option<Capability> {
-    Capability::of(scheme)
 }
 
 fn tally(report: &mut RunReport, done: Result<Outcome, tokio::task::JoinError>) {

@@ -413,10 +413,10 @@ fn require_held<S, H: Hsm, K>(
     key_id: &str,
     fingerprint: &str,
 ) -> Result<(), JobError> {
-    let held = parts.hsm.master_keys();
-    if held.iter().any(|m| m.fingerprint == fingerprint) {
+    if parts.hsm.holds_master_key(fingerprint) {
         return Ok(());
     }
+    let held = parts.hsm.master_keys();
     Err(JobError::MasterKeyMismatch {
         key_id: key_id.to_owned(),
         stored: fingerprint.to_owned(),

@@ -189,6 +189,10 @@ impl<H: Hsm> Hsm for FaultInjectingHsm<H> {
         self.inner.master_keys()
     }
 
+    fn holds_master_key(&self, fingerprint: &str) -> bool {
+        self.inner.holds_master_key(fingerprint)
+    }
+
     async fn generate_key_under(
         &self,
         master: &str,

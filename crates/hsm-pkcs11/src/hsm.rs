@@ -264,6 +264,13 @@ pub trait Hsm: Send + Sync + 'static {
         vec![self.master_key().clone()]
     }
 
+    /// Whether this HSM holds the master key with fingerprint `fingerprint` (one of
+    /// [`Hsm::master_keys`]); asked on every job, so implementations answer without
+    /// allocating.
+    fn holds_master_key(&self, fingerprint: &str) -> bool {
+        self.master_key().fingerprint == fingerprint
+    }
+
     /// [`Hsm::generate_key`], wrapped under the held master key with fingerprint `master`.
     /// The default holds only [`Hsm::master_key`].
     ///

@@ -258,8 +258,7 @@ impl Shared {
                 tracing::debug!(error = %error_chain(&error), "closing the old PKCS#11 sessions");
             }
         }
-        // This recovery counts itself: one more than the threads stuck before it.
-        let stuck = self.stuck_calls().saturating_sub(1);
+        let stuck = self.abandoned_running();
         if stuck > self.config.deadlines.max_abandoned {
             return Err(HsmError::StuckCalls { stuck });
         }
@@ -334,12 +333,17 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Abandoned threads still inside a PKCS#11 call (those that returned are reaped), and a
-    /// recovery thread still running (it may be stuck in one too).
-    fn stuck_calls(&self) -> usize {
+    /// Abandoned threads still inside a PKCS#11 call (those that returned are reaped).
+    fn abandoned_running(&self) -> usize {
         let mut abandoned = self.abandoned();
         abandoned.retain(|thread| !thread.is_finished());
-        abandoned.len() + usize::from(self.recovering.load(Ordering::Acquire))
+        abandoned.len()
+    }
+
+    /// [`Shared::abandoned_running`], and a recovery thread still running (it may be stuck in a
+    /// call too).
+    fn stuck_calls(&self) -> usize {
+        self.abandoned_running() + usize::from(self.recovering.load(Ordering::Acquire))
     }
 }
 
@@ -739,6 +743,10 @@ impl Hsm for Pkcs11Hsm {
 
     fn master_keys(&self) -> Vec<MasterKeyInfo> {
         self.masters.clone()
+    }
+
+    fn holds_master_key(&self, fingerprint: &str) -> bool {
+        self.masters.iter().any(|m| m.fingerprint == fingerprint)
     }
 
     async fn generate_key(&self, scheme: KeyScheme) -> Result<GeneratedKey, HsmError> {

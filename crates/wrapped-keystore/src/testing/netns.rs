@@ -139,16 +139,7 @@ impl NetnsLink {
     /// # Errors
     /// [`NetnsError`] if `ip` fails.
     pub fn partition(&self) -> Result<(), NetnsError> {
-        self.ip(&[
-            "netns",
-            "exec",
-            &self.name,
-            "ip",
-            "link",
-            "set",
-            &self.inner_if,
-            "down",
-        ])
+        self.set_inner_link("down")
     }
 
     /// Restores the link.
@@ -156,16 +147,13 @@ impl NetnsLink {
     /// # Errors
     /// [`NetnsError`] if `ip` fails.
     pub fn heal(&self) -> Result<(), NetnsError> {
-        self.ip(&[
-            "netns",
-            "exec",
-            &self.name,
-            "ip",
-            "link",
-            "set",
-            &self.inner_if,
-            "up",
-        ])
+        self.set_inner_link("up")
+    }
+
+    /// `ip link set <inner end> <state>` inside the namespace.
+    fn set_inner_link(&self, state: &str) -> Result<(), NetnsError> {
+        let (name, inner) = (self.name.as_str(), self.inner_if.as_str());
+        self.ip(&["netns", "exec", name, "ip", "link", "set", inner, state])
     }
 
     fn ip(&self, args: &[&str]) -> Result<(), NetnsError> {

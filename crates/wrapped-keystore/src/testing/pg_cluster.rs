@@ -561,20 +561,7 @@ impl PgCluster {
     /// # Errors
     /// [`PgClusterError::Tool`] if `pg_ctl` fails.
     pub fn crash(&mut self) -> Result<(), PgClusterError> {
-        if !self.running {
-            return Ok(());
-        }
-        run_tool(
-            self.tools
-                .command("pg_ctl", self.dir.path())
-                .arg("-D")
-                .arg(&self.data_dir)
-                .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "-m", "immediate", "stop"]),
-            "pg_ctl stop -m immediate",
-            Some(&self.log_path()),
-        )?;
-        self.running = false;
-        Ok(())
+        self.pg_ctl_stop("immediate")
     }
 
     /// Stops the server (`pg_ctl stop -m fast`), waiting until it has. Idempotent; also done
@@ -583,6 +570,11 @@ impl PgCluster {
     /// # Errors
     /// [`PgClusterError::Tool`] if `pg_ctl` fails.
     pub fn stop(&mut self) -> Result<(), PgClusterError> {
+        self.pg_ctl_stop("fast")
+    }
+
+    /// `pg_ctl stop -m <mode>`, waiting until the server is gone. Idempotent.
+    fn pg_ctl_stop(&mut self, mode: &str) -> Result<(), PgClusterError> {
         if !self.running {
             return Ok(());
         }
@@ -591,7 +583,7 @@ impl PgCluster {
                 .command("pg_ctl", self.dir.path())
                 .arg("-D")
                 .arg(&self.data_dir)
-                .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "-m", "fast", "stop"]),
+                .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "-m", mode, "stop"]),
             "pg_ctl stop",
             Some(&self.log_path()),
         )?;

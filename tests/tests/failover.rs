@@ -20,7 +20,9 @@ use diesel::sql_types::BigInt;
 use diesel::{Connection, QueryableByName, RunQueryDsl};
 use hsm_driver_e2e::keystore::stored_keys_postgres;
 use hsm_driver_e2e::{Cluster, ContinuousWorkload, CreatedKey, Workload, same_public_key};
-use support::{TestDir, Timeline, cluster_options, stop_cleanly};
+use support::{
+    TestDir, Timeline, cluster_options, finish_without_errors, stop_cleanly, verified_beyond,
+};
 use wrapped_keystore::testing::PgCluster;
 
 #[derive(QueryableByName)]
@@ -129,7 +131,7 @@ async fn drill(
         timeout: Duration::from_secs(90),
     }
     .start(cluster.app());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    verified_beyond(&workload, 0, "the workload flows", Duration::from_secs(30)).await?;
 
     timeline.start();
     tokio::task::block_in_place(|| primary.crash())?;
@@ -151,18 +153,15 @@ async fn drill(
             .await?;
         timeline.mark(&format!("{id} ready again"));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let summary = workload.finish().await?;
-    ensure!(
-        summary.errors.is_empty(),
-        "every job completed, every signature verified: {:?}",
-        summary.errors
-    );
-    timeline.mark(&format!(
-        "workload: {} jobs, {} signatures verified, 0 errors",
-        summary.jobs(),
-        summary.verified
-    ));
+    let verified = workload.verified();
+    verified_beyond(
+        &workload,
+        verified,
+        "signing again after the failover",
+        Duration::from_secs(30),
+    )
+    .await?;
+    let summary = finish_without_errors(workload, timeline).await?;
 
     // Nothing lost, nothing twice: every key the API reported is in the promoted database with
     // the same public key, once.

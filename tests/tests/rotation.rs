@@ -55,6 +55,22 @@ async fn every_key_signs(cluster: &Cluster, keys: &[CreatedKey]) -> anyhow::Resu
     Ok(())
 }
 
+/// Runs `master-key rotate` from driver-1's configuration until it is done; its output.
+async fn rotate_to_the_end(cluster: &Cluster) -> anyhow::Result<String> {
+    let output = cluster
+        .driver("driver-1")?
+        .rotate_command(NEW, FAST)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        output.status.success() && stdout.contains("rotation complete"),
+        "the rotation finishes:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout)
+}
+
 async fn records_by_master_key(url: &str) -> anyhow::Result<Vec<(String, usize)>> {
     let url = url.to_owned();
     tokio::task::spawn_blocking(move || records_by_master_key_postgres(&url)).await?
@@ -144,17 +160,7 @@ async fn killed_and_resumed(
         kills += 1;
         println!("killed the rotation after {moved_now} record(s) ({printed_moves} so far)");
     }
-    let output = cluster
-        .driver("driver-1")?
-        .rotate_command(NEW, FAST)
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    ensure!(
-        output.status.success() && stdout.contains("rotation complete"),
-        "the last run finishes:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = rotate_to_the_end(cluster).await?;
     let new = match new {
         Some(new) => new,
         None => destination(&stdout)?,
@@ -231,17 +237,7 @@ async fn under_load(
     let served_before = workload.verified();
 
     // The rotation, from driver-1's configuration, while signatures flow.
-    let output = cluster
-        .driver("driver-1")?
-        .rotate_command(NEW, FAST)
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    ensure!(
-        output.status.success() && stdout.contains("rotation complete"),
-        "the rotation finishes:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = rotate_to_the_end(cluster).await?;
     ensure!(
         stdout.contains("the deployment now wraps new keys under"),
         "{stdout}"

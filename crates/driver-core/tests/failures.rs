@@ -328,6 +328,7 @@ async fn a_job_past_its_maximum_duration_is_handed_back_and_its_lease_no_longer_
         (1..=7).contains(&extensions),
         "extended only within the maximum duration (every ~50 ms at most): {extensions}"
     );
+    // An absence (of further extensions) has no event to await: watch for a while.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         h.source.extensions.load(Ordering::SeqCst),

@@ -141,3 +141,44 @@ impl Timeline {
         self.lines.join("\n")
     }
 }
+
+/// Waits until `workload` has verified more than `than` signatures (it flows, or flows again),
+/// at most `timeout`: the event a drill waits for instead of a fixed sleep.
+pub(crate) async fn verified_beyond(
+    workload: &hsm_driver_e2e::ContinuousWorkloadHandle,
+    than: usize,
+    what: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    while workload.verified() <= than {
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "{what}: still {} signatures verified after {timeout:?}",
+            workload.verified()
+        );
+        // A counter another task bumps offers no event to await.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Finishes `workload` and checks what every drill ends with: every job completed (retries
+/// allowed) and every signature verified; marks the totals on `timeline`.
+pub(crate) async fn finish_without_errors(
+    workload: hsm_driver_e2e::ContinuousWorkloadHandle,
+    timeline: &mut Timeline,
+) -> anyhow::Result<hsm_driver_e2e::ContinuousSummary> {
+    let summary = workload.finish().await?;
+    anyhow::ensure!(
+        summary.errors.is_empty(),
+        "every job completed, every signature verified: {:?}",
+        summary.errors
+    );
+    timeline.mark(&format!(
+        "workload: {} jobs, {} signatures verified, 0 errors",
+        summary.jobs(),
+        summary.verified
+    ));
+    Ok(summary)
+}

@@ -27,9 +27,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use custody_model::{GeneratedKey, KeyScheme, SignPayload, SignRequest};
 use hsm_driver_e2e::{HsmModule, HsmToken, MASTER_KEY_LABEL, api_names};
 use hsm_pkcs11::anchor::AnchorSession;
-use hsm_pkcs11::{GeneratedKey, KeyScheme, Pkcs11Config, Pkcs11Module, SignPayload, SignRequest};
+use hsm_pkcs11::{Pkcs11Config, Pkcs11Module};
 use rand::RngCore;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use custody_model::Hsm;
 use hsm_driver_e2e::{Deployment, MASTER_KEY_LABEL};
-use hsm_pkcs11::{Hsm, Pkcs11Config, Pkcs11Hsm, Pkcs11Module};
+use hsm_pkcs11::{Pkcs11Config, Pkcs11Hsm, Pkcs11Module};
 use rand::Rng;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};

@@ -9,7 +9,7 @@
 //!  (mTLS to drivers)    └── driver-3 ── token 3 ─┘
 //!                             │  │  └──────────── PostgreSQL (one database)
 //!                             │  └── [TcpProxy] ─┘   (cut / restore)
-//!                             └── [hsm.fault_injection] trigger file (create / remove)
+//!                             └── fault module control file (device error, stall)
 //! ```
 //!
 //! Per driver: [`ClusterDriver::kill`] (SIGKILL), [`ClusterDriver::terminate`] (SIGTERM, exit
@@ -104,8 +104,6 @@ impl ClusterOptions {
             health_check_interval_ms: Some(self.health_check_interval_ms),
             recovery_backoff_max_ms: Some(self.recovery_backoff_max_ms),
             connect_timeout_ms: Some(self.connect_timeout_ms),
-            // Relative: resolved against the driver's configuration directory.
-            fault_trigger_file: Some(PathBuf::from(FAULT_TRIGGER)),
             ..DriverSettings::new(id, database_url)
         }
     }
@@ -123,14 +121,13 @@ enum Database<'a> {
 /// The fault module's control file, in the directory of a driver that uses it.
 const FAULT_CONTROL: &str = "pkcs11-fault.control";
 
-/// The fault-injection trigger file, relative to each driver's directory.
-const FAULT_TRIGGER: &str = "hsm-fault.trigger";
-
 /// One driver of a cluster.
 pub struct ClusterDriver {
     process: DriverProcess,
     proxy: Option<TcpProxy>,
     dir: PathBuf,
+    /// Whether its token is reached through the fault module ([`ClusterOptions::fault_module`]).
+    behind_fault_module: bool,
 }
 
 impl ClusterDriver {
@@ -320,22 +317,36 @@ impl ClusterDriver {
         .map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.process.log_tail_lines(30)))
     }
 
-    /// Trips (`true`) or clears (`false`) the HSM fault: creates or removes the driver's
-    /// `[hsm.fault_injection] trigger_file`. While it exists every HSM operation fails as
-    /// `CKR_DEVICE_ERROR` would.
+    /// Trips (`true`) or clears (`false`) a device failure of this driver's HSM at the real
+    /// PKCS#11 boundary: every call into the token returns `CKR_DEVICE_ERROR` (the fault
+    /// module's rule `* fail CKR_DEVICE_ERROR`). Clearing lifts every rule (stalls included).
     ///
     /// # Errors
-    /// If the file cannot be created or removed.
+    /// If the driver is not behind the fault module ([`ClusterOptions::fault_module`]), or the
+    /// control file cannot be written or removed.
     pub fn hsm_fault(&self, on: bool) -> anyhow::Result<()> {
-        let path = self.dir.join(FAULT_TRIGGER);
+        anyhow::ensure!(
+            self.behind_fault_module,
+            "{} is not behind the fault module: list it in ClusterOptions::fault_module",
+            self.id()
+        );
+        // Written as text, atomically (renamed over the file): this library does not link the
+        // `pkcs11-fault` crate, whose module the drivers load (one copy per process).
+        let control = self.fault_control();
         if on {
-            std::fs::write(&path, b"tripped by the end-to-end harness\n")
-                .with_context(|| format!("creating {}", path.display()))
+            let staged = control.with_extension("staged");
+            std::fs::write(
+                &staged,
+                "# a device gone: every call fails\n* fail CKR_DEVICE_ERROR\n",
+            )
+            .with_context(|| format!("writing {}", staged.display()))?;
+            std::fs::rename(&staged, &control)
+                .with_context(|| format!("renaming over {}", control.display()))
         } else {
-            match std::fs::remove_file(&path) {
+            match std::fs::remove_file(&control) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+                Err(e) => Err(e).with_context(|| format!("removing {}", control.display())),
             }
         }
     }
@@ -539,6 +550,7 @@ impl Cluster {
             process,
             proxy,
             dir,
+            behind_fault_module: self.options.fault_module.iter().any(|d| d == id),
         });
         Ok(self.drivers.len() - 1)
     }
@@ -715,7 +727,9 @@ impl Cluster {
             if let Some(proxy) = &driver.proxy {
                 proxy.restore();
             }
-            driver.hsm_fault(false)?;
+            if driver.behind_fault_module {
+                driver.hsm_fault(false)?;
+            }
             if driver.process.is_running()? {
                 let status = driver.process.terminate().await?;
                 driver_exits.push((driver.id().to_owned(), status));

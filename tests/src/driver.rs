@@ -45,9 +45,6 @@ pub struct DriverSettings {
     pub recovery_backoff_max_ms: Option<u64>,
     /// `[database] connect_timeout_ms`; `None`: the driver's default.
     pub connect_timeout_ms: Option<u64>,
-    /// `[hsm.fault_injection] trigger_file` (relative paths resolve against the configuration
-    /// file's directory); `None`: no fault injection.
-    pub fault_trigger_file: Option<PathBuf>,
     /// `[hsm.hot_keys]`; `None`: no such section (the driver's default, strictly stateless).
     pub hot_keys: Option<HotKeySettings>,
 }
@@ -75,7 +72,6 @@ impl DriverSettings {
             health_check_interval_ms: None,
             recovery_backoff_max_ms: None,
             connect_timeout_ms: None,
-            fault_trigger_file: None,
             hot_keys: None,
         }
     }
@@ -134,13 +130,6 @@ master_key_label = "{MASTER_KEY_LABEL}"
     );
     if let Some(sessions) = settings.hsm_sessions {
         let _ = writeln!(text, "sessions = {sessions}");
-    }
-    if let Some(trigger) = &settings.fault_trigger_file {
-        let _ = write!(
-            text,
-            "\n[hsm.fault_injection]\n# While this file exists, every HSM operation fails (tests only).\ntrigger_file = \"{}\"\n",
-            trigger.display()
-        );
     }
     if let Some(hot) = settings.hot_keys {
         let _ = write!(

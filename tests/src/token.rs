@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
-pub use hsm_pkcs11::KeyScheme;
+pub use custody_model::KeyScheme;
 pub use hsm_pkcs11::test_token::TokenKind;
 
 /// The SoftHSMv2 PKCS#11 module: `SOFTHSM2_MODULE`, else the Debian locations.

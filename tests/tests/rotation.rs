@@ -265,7 +265,9 @@ async fn under_load(
         driver.set_override("hsm.master_key_label", Some(NEW));
         driver.set_override(
             "hsm.ledger_key_label",
-            Some(&hsm_pkcs11::ledger_key_label(MASTER_KEY_LABEL)),
+            Some(&custody_model::record_mac::ledger_key_label(
+                MASTER_KEY_LABEL,
+            )),
         );
         driver.restart().await?;
     }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use hsm_pkcs11::{Hsm, MasterKeyInfo, SchemeSupport};
+use custody_model::{Hsm, MasterKeyInfo, SchemeSupport};
 use wrapped_keystore::{DieselKeyStore, KeyStore};
 
 use crate::config::{Config, HsmKind};

@@ -171,9 +171,6 @@ pub(crate) struct HsmSection {
     /// ledger key when `master_key_label` names the new one (docs/key-ceremony.md).
     #[serde(default)]
     pub(crate) ledger_key_label: Option<String>,
-    /// TESTS AND FAULT DRILLS ONLY: make the HSM fail on demand.
-    #[serde(default)]
-    pub(crate) fault_injection: Option<FaultInjectionSection>,
     /// The opt-in hot-key path (absent: strictly stateless, the default).
     #[serde(default)]
     pub(crate) hot_keys: Option<HotKeysSection>,
@@ -211,16 +208,6 @@ pub(crate) struct HotKeysSection {
     pub(crate) capacity: usize,
     /// Longest time a key stays unwrapped after its unwrap, in milliseconds.
     pub(crate) ttl_ms: u64,
-}
-
-/// `[hsm.fault_injection]`: while `trigger_file` exists, every HSM operation fails as a device
-/// error would (`CKR_DEVICE_ERROR`), so that outages can be rehearsed. It can only make the
-/// HSM fail, never succeed; a warning is logged at start and on every change.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct FaultInjectionSection {
-    /// The file whose existence trips the fault.
-    pub(crate) trigger_file: PathBuf,
 }
 
 /// `[database]`: where wrapped keys are kept.
@@ -479,11 +466,11 @@ fn default_log_format() -> LogFormat {
 
 impl HsmSection {
     /// `hsm.wrap_mechanism`: `None` for `auto` (the token's best).
-    pub(crate) fn wrap_mechanism(&self) -> anyhow::Result<Option<hsm_pkcs11::WrapMechanism>> {
+    pub(crate) fn wrap_mechanism(&self) -> anyhow::Result<Option<custody_model::WrapMechanism>> {
         if self.wrap_mechanism == "auto" {
             return Ok(None);
         }
-        hsm_pkcs11::WrapMechanism::from_name(&self.wrap_mechanism)
+        custody_model::WrapMechanism::from_name(&self.wrap_mechanism)
             .map(Some)
             .with_context(|| {
                 format!(
@@ -545,9 +532,6 @@ impl Config {
         .flatten()
         {
             resolve(p);
-        }
-        if let Some(fault) = self.hsm.fault_injection.as_mut() {
-            resolve(&mut fault.trigger_file);
         }
         if let Some(rest) = self.database.url.strip_prefix("sqlite://") {
             let path = Path::new(rest);
@@ -727,21 +711,20 @@ user_pin_file = "pin"
     }
 
     #[test]
-    fn fault_injection_is_off_by_default_and_its_trigger_file_resolves_against_the_file() {
+    fn defaults_hold_and_the_shipped_binary_has_no_fault_switch() {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::load(&write(dir.path(), GOOD)).unwrap();
-        assert!(config.hsm.fault_injection.is_none());
         let engine = config.driver_config();
         assert_eq!(engine.health_check_interval, Duration::from_secs(5));
         assert_eq!(engine.recovery_backoff.max, Duration::from_secs(5));
         assert_eq!(config.database.connect_timeout_ms, 5_000);
 
+        // Tried: the fault-injection section earlier versions accepted for drills. The shipped
+        // binary has no way to make its HSM fail on demand (drills put the fault-injecting
+        // PKCS#11 module in front of the token instead), so it refuses the section by name.
         let text = format!("{GOOD}[hsm.fault_injection]\ntrigger_file = \"fail-hsm\"\n");
-        let config = Config::load(&write(dir.path(), &text)).unwrap();
-        assert_eq!(
-            config.hsm.fault_injection.unwrap().trigger_file,
-            dir.path().join("fail-hsm")
-        );
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("fault_injection"), "{err}");
     }
 
     #[test]

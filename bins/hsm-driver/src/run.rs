@@ -1,12 +1,11 @@
 //! `run`, `migrate` and `master-key create`.
 
 use anyhow::Context;
+use custody_model::{Hsm, SchemeSupport};
 use dfns_api_client::HttpJobSource;
 use driver_core::ledger::{self, Checkpoints, HsmAuthenticator};
 use driver_core::rotation::{self, Moved, RotationOptions};
 use driver_core::{ChainHead, Driver};
-use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
-use hsm_pkcs11::{Hsm, SchemeSupport};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use wrapped_keystore::DieselKeyStore;
@@ -46,17 +45,7 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|_| Box::new(hsm.hot_key_stats_reader()) as HotKeyReader);
             let stuck_calls = hsm.stuck_calls_reader();
-            let served = match &config.hsm.fault_injection {
-                None => serve(config, hsm, hot_keys).await,
-                Some(fault) => {
-                    warn!(
-                        trigger_file = %fault.trigger_file.display(),
-                        "hsm.fault_injection is configured: the HSM fails while the trigger file exists. For tests and fault drills only."
-                    );
-                    let switch = FaultSwitch::from_trigger_file(&fault.trigger_file);
-                    serve(config, FaultInjectingHsm::new(hsm, switch), hot_keys).await
-                }
-            };
+            let served = serve(config, hsm, hot_keys).await;
             // The HSM is closed by now (its workers given the stop grace); calls a hung HSM
             // never answered cannot be interrupted: say so and exit non-zero rather than wait.
             match stuck_calls() {
@@ -220,8 +209,8 @@ pub(crate) async fn create_master_key(
     .with_context(|| format!("creating master key `{label}`"))?;
     println!(
         "master key `{label}` created on token `{token}` (AES-256, sensitive, not extractable, wrap/unwrap only, CKA_UNWRAP_TEMPLATE set), with its record-MAC key `{}` and its ledger key `{}`",
-        hsm_pkcs11::record_mac_key_label(&label),
-        hsm_pkcs11::ledger_key_label(&label)
+        custody_model::record_mac::record_mac_key_label(&label),
+        custody_model::record_mac::ledger_key_label(&label)
     );
     Ok(())
 }
@@ -281,7 +270,7 @@ pub(crate) async fn create_mac_key(
     .with_context(|| format!("creating the record-MAC key for `{master}`"))?;
     println!(
         "record-MAC key `{}` created on token `{token}` (HMAC-SHA256, sensitive, not extractable, sign/verify only)",
-        hsm_pkcs11::record_mac_key_label(&master)
+        custody_model::record_mac::record_mac_key_label(&master)
     );
     Ok(())
 }
@@ -380,7 +369,7 @@ pub(crate) async fn create_ledger_key(config: &Config) -> anyhow::Result<()> {
     .with_context(|| format!("creating the ledger key for `{master}`"))?;
     println!(
         "ledger key `{}` created on token `{token}` (HMAC-SHA256, sensitive, not extractable, sign/verify only)",
-        hsm_pkcs11::ledger_key_label(&master)
+        custody_model::record_mac::ledger_key_label(&master)
     );
     Ok(())
 }
@@ -394,7 +383,7 @@ async fn provision(
         &hsm_pkcs11::Pkcs11Module,
         &str,
         &secrecy::SecretString,
-    ) -> Result<(), hsm_pkcs11::HsmError>
+    ) -> Result<(), custody_model::HsmError>
     + Send
     + 'static,
 ) -> anyhow::Result<String> {

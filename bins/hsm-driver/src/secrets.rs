@@ -215,7 +215,6 @@ mod tests {
             operation_deadline_ms: 10_000,
             key_generation_deadline_ms: 30_000,
             check_deadline_ms: 60_000,
-            fault_injection: None,
             hot_keys: None,
         }
     }

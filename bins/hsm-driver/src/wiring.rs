@@ -142,7 +142,7 @@ pub(crate) async fn pkcs11_hsm(
 /// and every later health check runs the same suite.
 pub(crate) async fn attack_suite(
     hsm: Pkcs11Hsm,
-) -> anyhow::Result<(Pkcs11Hsm, hsm_pkcs11::SelfTestReport)> {
+) -> anyhow::Result<(Pkcs11Hsm, custody_model::SelfTestReport)> {
     let (hsm, report) = tokio::task::spawn_blocking(move || {
         let report = hsm.master_key_self_test();
         (hsm, report)

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use custody_model::Hsm;
 use dfns_api_client::{Backoff, JobSource};
-use hsm_pkcs11::Hsm;
 use opentelemetry::metrics::{Meter, MeterProvider, NoopMeterProvider};
 use wrapped_keystore::KeyStore;
 

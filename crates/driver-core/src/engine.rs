@@ -8,12 +8,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use custody_model::{Hsm, HsmError};
 use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
     Capability, DriverRegistration, FailureCode, Heartbeat, JobFailure, LeasedJob,
     LedgerCheckpoint, PresenceTerms,
 };
-use hsm_pkcs11::{Hsm, HsmError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};

@@ -1,7 +1,7 @@
 //! Why a job failed, and how that is reported to the API.
 
+use custody_model::{HsmError, KeyScheme};
 use dfns_api_client::protocol::{DecodeError, FailureCode, JobFailure};
-use hsm_pkcs11::{HsmError, KeyScheme};
 use wrapped_keystore::StoreError;
 
 use crate::ledger::LedgerError;

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use custody_model::PayloadRule;
+use custody_model::{Hsm, KeyScheme, SignPayload, SignRequest, Signature, WrappedKey};
 use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
     Curve, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseExtension, LeasedJob, ReportOutcome,
     Scheme, SignaturePayload, SignatureResult,
 };
-use hsm_pkcs11::{Hsm, KeyScheme, SignPayload, SignRequest, Signature, WrappedKey};
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use wrapped_keystore::{EntryKind, KeyRecord, KeyStore, LedgerEntry};
@@ -240,7 +240,7 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     }
     if !parts.hsm.capabilities().supports(key_scheme) {
         let reason = match parts.hsm.capabilities().schemes.get(&key_scheme) {
-            Some(hsm_pkcs11::SchemeSupport::Unsupported { reason }) => reason.clone(),
+            Some(custody_model::SchemeSupport::Unsupported { reason }) => reason.clone(),
             _ => "not probed".to_owned(),
         };
         return Err(JobError::UnsupportedScheme {
@@ -364,7 +364,7 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
     let check = (request.public_key.clone(), request.payload.clone());
     let master = &record.master_key_fingerprint;
     let signature = timed(parts, "sign", parts.hsm.sign_under(master, request)).await?;
-    hsm_pkcs11::signature::verify(scheme, &check.0, &check.1, &signature).map_err(|source| {
+    custody_model::signature::verify(scheme, &check.0, &check.1, &signature).map_err(|source| {
         JobError::SignatureRejected {
             key_id: key_id.to_string(),
             source,
@@ -432,8 +432,8 @@ fn require_held<S, H: Hsm, K>(
 async fn timed<S, H, K, T>(
     parts: &Parts<S, H, K>,
     operation: &'static str,
-    call: impl Future<Output = Result<T, hsm_pkcs11::HsmError>>,
-) -> Result<T, hsm_pkcs11::HsmError> {
+    call: impl Future<Output = Result<T, custody_model::HsmError>>,
+) -> Result<T, custody_model::HsmError> {
     let started = Instant::now();
     let result = call.await;
     parts

@@ -27,7 +27,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use hsm_pkcs11::{Hsm, HsmError, MacKey};
+use custody_model::{Hsm, HsmError, MacKey};
 use wrapped_keystore::ledger::{GENESIS_PREV_MAC, mac_message};
 use wrapped_keystore::{
     InsertOutcome, KeyRecord, KeyStore, LedgerEntry, LedgerRecord, ReplaceOutcome, StoreError,
@@ -735,7 +735,7 @@ pub(crate) fn hex_string(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use hsm_pkcs11::FakeHsm;
+    use hsm_testing::FakeHsm;
     use wrapped_keystore::{EntryKind, MemoryKeyStore};
 
     use super::*;

@@ -42,7 +42,7 @@
 //! queue too. A host reads the state through [`Driver::health`] (for `/readyz`).
 //!
 //! [`JobSource`]: dfns_api_client::JobSource
-//! [`Hsm`]: hsm_pkcs11::Hsm
+//! [`Hsm`]: custody_model::Hsm
 //! [`KeyStore`]: wrapped_keystore::KeyStore
 
 mod config;

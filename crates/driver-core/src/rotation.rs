@@ -23,7 +23,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hsm_pkcs11::{Hsm, HsmError, RewrapRequest, WrappedKey};
+use custody_model::{Hsm, HsmError, RewrapRequest, WrappedKey};
 use sha2::{Digest, Sha256};
 use wrapped_keystore::{
     EntryKind, KeyRecord, KeyStore, LedgerEntry, MasterKeyRegistration, MasterKeySwitch,

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use custody_model::{
+    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo, SignRequest,
+    Signature,
+};
 use dfns_api_client::protocol::{Curve, FailureCode, JobResult, Scheme};
 use driver_core::{Component, HealthReport};
-use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
-use hsm_pkcs11::{
-    Capabilities, FakeHsm, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo,
-    SignRequest, Signature,
-};
+use hsm_testing::FakeHsm;
+use hsm_testing::{FaultInjectingHsm, FaultSwitch};
 use wrapped_keystore::{KeyStore, MemoryKeyStore};
 use zeroize::Zeroizing;
 

@@ -11,6 +11,8 @@
 
 use std::sync::Arc;
 
+use custody_model::HsmError;
+use custody_model::record_mac::software_hmac_sha256;
 use diesel::Connection;
 use diesel::connection::SimpleConnection;
 use driver_core::ChainHead;
@@ -18,8 +20,8 @@ use driver_core::ledger::{
     ChainVerification, Checkpoints, EntryAuthenticator, HsmAuthenticator, Ledger, LedgerProblem,
     verify_all, verify_chain,
 };
+use hsm_pkcs11::Pkcs11Hsm;
 use hsm_pkcs11::test_token::TestToken;
-use hsm_pkcs11::{HsmError, Pkcs11Hsm, software_hmac_sha256};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::Barrier;

@@ -7,10 +7,11 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use custody_model::WrappedKey;
 use dfns_api_client::{ClientConfig, HttpJobSource, TlsFiles};
 use dfns_api_sim::app_client::AppClient;
 use driver_core::{Driver, DriverConfig};
-use hsm_pkcs11::{FakeHsm, WrappedKey};
+use hsm_testing::FakeHsm;
 use wrapped_keystore::{DatabaseUrl, DieselKeyStore, KeyStore, PoolOptions};
 
 /// Collects everything the tracing subscriber writes.

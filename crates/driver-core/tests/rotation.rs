@@ -9,12 +9,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use custody_model::{
+    Hsm, HsmError, KeyScheme, RewrapRequest, SignPayload, SignRequest, WrappedKey,
+};
 use driver_core::ledger::{Checkpoints, HsmAuthenticator, verify_all};
 use driver_core::rotation::{self, Moved, RotationError, RotationOptions};
+use hsm_pkcs11::Pkcs11Hsm;
 use hsm_pkcs11::test_token::{TestToken, TokenKind};
-use hsm_pkcs11::{
-    Hsm, HsmError, KeyScheme, Pkcs11Hsm, RewrapRequest, SignPayload, SignRequest, WrappedKey,
-};
 use wrapped_keystore::testing::PgTestDatabase;
 use wrapped_keystore::{DatabaseUrl, DieselKeyStore, EntryKind, KeyRecord, KeyStore, PoolOptions};
 

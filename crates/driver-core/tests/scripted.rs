@@ -6,13 +6,14 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use custody_model::{Hsm, KeyScheme};
 use dfns_api_client::ApiError;
 use dfns_api_client::protocol::{
     Curve, DecodeError, FailureCode, JobResult, JobSpec, Scheme, SignaturePayload,
 };
 use driver_core::ledger::{Checkpoints, HsmAuthenticator, verify_all};
 use driver_core::{Driver, DriverConfig};
-use hsm_pkcs11::{FakeHsm, Hsm, KeyScheme};
+use hsm_testing::FakeHsm;
 use wrapped_keystore::{KeyStore, MemoryKeyStore};
 
 use support::{

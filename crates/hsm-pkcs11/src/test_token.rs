@@ -25,9 +25,9 @@
 //!
 //! ```no_run
 //! use hsm_pkcs11::test_token::TestToken;
-//! use hsm_pkcs11::{Hsm, KeyScheme};
+//! use custody_model::{Hsm, KeyScheme};
 //!
-//! # async fn example() -> Result<(), hsm_pkcs11::HsmError> {
+//! # async fn example() -> Result<(), custody_model::HsmError> {
 //! let token = TestToken::create()?;
 //! let hsm = tokio::task::spawn_blocking(move || token.open_hsm(2))
 //!     .await
@@ -48,13 +48,13 @@ use cryptoki::session::UserType;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
-use crate::error::HsmError;
-use crate::hsm::{Capabilities, KeyScheme, SchemeSupport, WrapMechanism};
 use crate::pkcs11::{
     Pkcs11Config, Pkcs11Hsm, Pkcs11Module, PolicyDeviation, UnwrapTemplateChoice,
     create_master_key, find_slot, generate_master_key, import_master_key, import_master_key_with,
     open_user_session,
 };
+use custody_model::HsmError;
+use custody_model::{Capabilities, KeyScheme, SchemeSupport, WrapMechanism};
 
 /// Where SoftHSMv2 is looked for when `SOFTHSM2_MODULE` is not set.
 const SOFTHSM2_CANDIDATES: [&str; 2] = [
@@ -525,20 +525,20 @@ impl TestToken {
             let slot = free_slot(&fixture.module)?;
             context
                 .init_token(slot, &so_pin, &label)
-                .map_err(HsmError::pkcs11("C_InitToken"))?;
+                .map_err(crate::error::pkcs11("C_InitToken"))?;
         }
         // Slots may be renumbered after C_InitToken: find ours by label.
         let slot = crate::pkcs11::find_slot(&fixture.module, &label)?;
         let session = context
             .open_rw_session(slot)
-            .map_err(HsmError::pkcs11("C_OpenSession"))?;
+            .map_err(crate::error::pkcs11("C_OpenSession"))?;
         session
             .login(UserType::So, Some(&so_pin))
-            .map_err(HsmError::pkcs11("C_Login"))?;
+            .map_err(crate::error::pkcs11("C_Login"))?;
         session
             .init_pin(&user_pin)
-            .map_err(HsmError::pkcs11("C_InitPIN"))?;
-        session.logout().map_err(HsmError::pkcs11("C_Logout"))?;
+            .map_err(crate::error::pkcs11("C_InitPIN"))?;
+        session.logout().map_err(crate::error::pkcs11("C_Logout"))?;
         drop(session);
         Ok(TestToken {
             label,
@@ -565,12 +565,12 @@ impl TestToken {
 
     /// The record MAC key's label (`<master key label>-mac`).
     pub fn mac_key_label(&self) -> String {
-        crate::record_mac::record_mac_key_label(&self.master_key_label)
+        custody_model::record_mac::record_mac_key_label(&self.master_key_label)
     }
 
     /// The ledger key's label (`<master key label>-ledger`).
     pub fn ledger_key_label(&self) -> String {
-        crate::record_mac::ledger_key_label(&self.master_key_label)
+        custody_model::record_mac::ledger_key_label(&self.master_key_label)
     }
 
     /// The process-wide module.
@@ -667,7 +667,7 @@ impl TestToken {
         self.module
             .context()
             .open_rw_session(slot)
-            .map_err(HsmError::pkcs11("C_OpenSession"))
+            .map_err(crate::error::pkcs11("C_OpenSession"))
     }
 
     /// The security officer's PIN (a fixed, test-only value), for key ceremonies.
@@ -685,10 +685,10 @@ impl TestToken {
         let slot = find_slot(&self.module, &self.label)?;
         let session = context
             .open_rw_session(slot)
-            .map_err(HsmError::pkcs11("C_OpenSession"))?;
+            .map_err(crate::error::pkcs11("C_OpenSession"))?;
         session
             .login(UserType::So, Some(&SecretString::from(SO_PIN)))
-            .map_err(HsmError::pkcs11("C_Login"))?;
+            .map_err(crate::error::pkcs11("C_Login"))?;
         Ok(session)
     }
 
@@ -759,7 +759,7 @@ impl TestToken {
         self.module
             .raw()
             .close_all_sessions(slot)
-            .map_err(HsmError::pkcs11("C_CloseAllSessions"))
+            .map_err(crate::error::pkcs11("C_CloseAllSessions"))
     }
 
     /// The PKCS#11 library in use.
@@ -837,11 +837,11 @@ fn free_slot(module: &Pkcs11Module) -> Result<cryptoki::slot::Slot, HsmError> {
     let context = module.context();
     let slots = context
         .get_slots_with_token()
-        .map_err(HsmError::pkcs11("C_GetSlotList"))?;
+        .map_err(crate::error::pkcs11("C_GetSlotList"))?;
     for slot in slots {
         let info = context
             .get_token_info(slot)
-            .map_err(HsmError::pkcs11("C_GetTokenInfo"))?;
+            .map_err(crate::error::pkcs11("C_GetTokenInfo"))?;
         if !info.token_initialized() {
             return Ok(slot);
         }

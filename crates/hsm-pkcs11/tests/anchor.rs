@@ -7,12 +7,12 @@
 
 use cryptoki::error::RvError;
 use cryptoki::object::{Attribute, ObjectClass};
-use hsm_pkcs11::anchor::AnchorSession;
-use hsm_pkcs11::test_token::{TestToken, TokenKind, scheme_available};
-use hsm_pkcs11::{
+use custody_model::{
     Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, SignPayload, SignRequest, Signature,
     WrapMechanism, signature,
 };
+use hsm_pkcs11::anchor::AnchorSession;
+use hsm_pkcs11::test_token::{TestToken, TokenKind, scheme_available};
 
 fn request(scheme: KeyScheme, key: &GeneratedKey, i: u8) -> SignRequest {
     SignRequest {
@@ -179,7 +179,11 @@ fn the_anchor_refuses_what_a_worker_refuses() {
         TokenKind::SoftHsm2 => RvError::GeneralError,
         TokenKind::Kryoptic => RvError::DeviceError,
     };
-    assert_eq!(error.return_value(), Some(expected), "{error}");
+    assert_eq!(
+        error.return_value(),
+        Some(hsm_pkcs11::return_value(expected)),
+        "{error}"
+    );
 
     // A payload that does not fit the scheme is refused before the token is asked: a
     // message for an ECDSA key, a digest for an Ed25519 one (on any token).

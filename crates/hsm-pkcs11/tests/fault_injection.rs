@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
-use hsm_pkcs11::{FakeHsm, Hsm, HsmError, KeyScheme, SignPayload, SignRequest};
+use custody_model::{Hsm, HsmError, KeyScheme, SignPayload, SignRequest};
+use hsm_testing::FakeHsm;
+use hsm_testing::{FaultInjectingHsm, FaultSwitch};
 
 /// A directory of its own under the system temporary directory, removed on drop.
 struct TempDir(PathBuf);

@@ -8,10 +8,9 @@
 
 use std::time::{Duration, Instant};
 
+use custody_model::{GeneratedKey, Hsm, KeyScheme, SignPayload, SignRequest, Signature};
 use hsm_pkcs11::test_token::{TestToken, scheme_available};
-use hsm_pkcs11::{
-    GeneratedKey, HotKeys, Hsm, KeyScheme, Pkcs11Hsm, SignPayload, SignRequest, Signature,
-};
+use hsm_pkcs11::{HotKeys, Pkcs11Hsm};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use sha2::{Digest, Sha256};
 

@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use custody_model::{Hsm, HsmError, KeyScheme, SignPayload, SignRequest};
 use hsm_pkcs11::test_token::TestToken;
-use hsm_pkcs11::{Deadlines, Hsm, HsmError, KeyScheme, Pkcs11Hsm, SignPayload, SignRequest};
+use hsm_pkcs11::{Deadlines, Pkcs11Hsm};
 
 mod support;
 use support::blocking;

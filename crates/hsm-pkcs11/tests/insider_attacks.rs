@@ -13,8 +13,8 @@ use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+use custody_model::{Attack, AttackOutcome, FindingKind};
 use hsm_pkcs11::test_token::{MasterKeyHazard, TestToken, TokenKind};
-use hsm_pkcs11::{Attack, AttackOutcome, FindingKind};
 use p256::elliptic_curve::sec1::{FromEncodedPoint, ToEncodedPoint};
 
 mod support;
@@ -516,7 +516,9 @@ async fn the_attack_suite_refuses_or_contains_every_attack_on_the_provisioned_ke
         // refused for another reason (a lost session, an unknown attribute) would be no proof.
         let kryoptic = kind() == TokenKind::Kryoptic;
         for record in &report.attacks {
-            let refused = |rv| AttackOutcome::Refused { return_value: rv };
+            let refused = |rv| AttackOutcome::Refused {
+                return_value: hsm_pkcs11::return_value(rv),
+            };
             let expected = match record.attack {
                 Attack::ModifyInPlace | Attack::CopyWithUsage => {
                     vec![refused(RvError::ActionProhibited)]
@@ -529,14 +531,14 @@ async fn the_attack_suite_refuses_or_contains_every_attack_on_the_provisioned_ke
                     vec![refused(RvError::TemplateInconsistent)]
                 }
                 Attack::ExtractableRewrap => vec![AttackOutcome::Contained {
-                    return_value: RvError::KeyNotWrappable,
+                    return_value: hsm_pkcs11::return_value(RvError::KeyNotWrappable),
                 }],
                 Attack::OtherMechanism { .. } => vec![refused(RvError::MechanismInvalid)],
                 _ => vec![
                     refused(RvError::TemplateInconsistent),
                     // Plain CKM_AES_KEY_WRAP of a P-256 key on Kryoptic.
                     AttackOutcome::NotApplicable {
-                        return_value: RvError::DataLenRange,
+                        return_value: hsm_pkcs11::return_value(RvError::DataLenRange),
                     },
                 ],
             };
@@ -565,7 +567,7 @@ async fn the_attack_suite_refuses_or_contains_every_attack_on_the_provisioned_ke
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_health_check_runs_the_attack_suite_and_fails_once_a_key_is_attackable() {
-    use hsm_pkcs11::Hsm;
+    use custody_model::Hsm;
     // Tried: `Hsm::check` on a provisioned token (passes), on the seed's provisioning (fails,
     // not retryable, naming the attack), and on a provisioned token after the security
     // officer added a trusted key (SoftHSMv2; Kryoptic refuses the key). Login state is per

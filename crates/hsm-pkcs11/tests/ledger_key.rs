@@ -5,12 +5,12 @@
 
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
-use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
+use custody_model::record_mac::software_hmac_sha256;
+use custody_model::{Hsm, HsmError, MacKey};
 use hsm_pkcs11::test_token::TestToken;
-use hsm_pkcs11::{
-    FakeHsm, Hsm, HsmError, MacKey, Pkcs11Hsm, create_ledger_key, import_ledger_key,
-    software_hmac_sha256,
-};
+use hsm_pkcs11::{Pkcs11Hsm, create_ledger_key, import_ledger_key};
+use hsm_testing::FakeHsm;
+use hsm_testing::{FaultInjectingHsm, FaultSwitch};
 use rand::RngCore;
 use zeroize::Zeroizing;
 

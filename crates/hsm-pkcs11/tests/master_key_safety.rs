@@ -10,11 +10,11 @@
 use cryptoki::error::RvError;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
-use hsm_pkcs11::test_token::{MasterKeyHazard, TestToken, TokenKind, scheme_available};
-use hsm_pkcs11::{
+use custody_model::{
     Attack, AttackOutcome, FindingKind, Hsm, KeyScheme, SelfTestReport, Severity, SignPayload,
     SignRequest,
 };
+use hsm_pkcs11::test_token::{MasterKeyHazard, TestToken, TokenKind, scheme_available};
 use sha2::{Digest, Sha256};
 
 mod support;
@@ -255,16 +255,16 @@ async fn the_self_test_passes_the_provisioned_master_keys() {
         assert_eq!(
             outcome(&report, Attack::ReadableSecret),
             AttackOutcome::Refused {
-                return_value: RvError::TemplateInconsistent
+                return_value: hsm_pkcs11::return_value(RvError::TemplateInconsistent)
             },
             "{kind}"
         );
         let expected = match TestToken::kind().unwrap() {
             TokenKind::SoftHsm2 => AttackOutcome::Contained {
-                return_value: RvError::KeyNotWrappable,
+                return_value: hsm_pkcs11::return_value(RvError::KeyNotWrappable),
             },
             TokenKind::Kryoptic => AttackOutcome::Refused {
-                return_value: RvError::TemplateInconsistent,
+                return_value: hsm_pkcs11::return_value(RvError::TemplateInconsistent),
             },
         };
         assert_eq!(

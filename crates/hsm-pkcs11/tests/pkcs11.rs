@@ -15,11 +15,12 @@ use std::sync::Arc;
 use cryptoki::error::RvError;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use cryptoki::session::Session;
-use hsm_pkcs11::test_token::{TestToken, TokenKind, scheme_available};
-use hsm_pkcs11::{
-    GeneratedKey, Hsm, HsmError, KeyScheme, Pkcs11Hsm, SchemeSupport, SignPayload, SignRequest,
-    Signature, WrapMechanism, WrappedKey, create_master_key,
+use custody_model::{
+    GeneratedKey, Hsm, HsmError, KeyScheme, SchemeSupport, SignPayload, SignRequest, Signature,
+    WrapMechanism, WrappedKey,
 };
+use hsm_pkcs11::test_token::{TestToken, TokenKind, scheme_available};
+use hsm_pkcs11::{Pkcs11Hsm, create_master_key};
 use k256::ecdsa::signature::hazmat::PrehashVerifier;
 use sha2::{Digest, Sha256};
 
@@ -97,7 +98,7 @@ fn assert_bad_blob(error: &HsmError, what: &str) {
     assert!(error.is_key_material() && !error.is_retryable(), "{what}");
     assert_eq!(
         error.return_value(),
-        Some(bad_blob_return_value()),
+        Some(hsm_pkcs11::return_value(bad_blob_return_value())),
         "{what}: {error}"
     );
 }
@@ -761,7 +762,7 @@ async fn the_wrap_mechanism_is_the_tokens_best_and_a_blob_unwraps_only_with_its_
                 );
                 assert_eq!(
                     error.return_value(),
-                    Some(RvError::MechanismInvalid),
+                    Some(hsm_pkcs11::return_value(RvError::MechanismInvalid)),
                     "{what}"
                 );
                 assert!(!error.is_retryable(), "{what}");

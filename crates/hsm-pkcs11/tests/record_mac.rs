@@ -6,11 +6,10 @@ use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
+use custody_model::{Hsm, HsmError, WrapMechanism, record_mac_message};
 use hsm_pkcs11::test_token::{TestToken, TokenKind};
-use hsm_pkcs11::{
-    FakeHsm, Hsm, HsmError, Pkcs11Hsm, WrapMechanism, create_mac_key, import_mac_key,
-    record_mac_message,
-};
+use hsm_pkcs11::{Pkcs11Hsm, create_mac_key, import_mac_key};
+use hsm_testing::FakeHsm;
 use zeroize::Zeroizing;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

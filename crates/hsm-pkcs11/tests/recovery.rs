@@ -12,11 +12,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use cryptoki::error::RvError;
 use cryptoki::object::Attribute;
+use custody_model::{GeneratedKey, Hsm, HsmError, KeyScheme, SignPayload, SignRequest, Signature};
 use hsm_pkcs11::test_token::{MasterKeyHazard, TestToken, TokenKind};
-use hsm_pkcs11::{
-    GeneratedKey, Hsm, HsmError, KeyScheme, Pkcs11Hsm, SignPayload, SignRequest, Signature,
-    create_master_key,
-};
+use hsm_pkcs11::{Pkcs11Hsm, create_master_key};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use sha2::{Digest, Sha256};
 
@@ -128,7 +126,7 @@ fn sessions_closed_underneath_are_re_established_by_recover() {
         assert_retryable(&error, "sign after the sessions were closed");
         assert_eq!(
             error.return_value(),
-            Some(RvError::SessionHandleInvalid),
+            Some(hsm_pkcs11::return_value(RvError::SessionHandleInvalid)),
             "{error}"
         );
         let error = hsm.check().await.unwrap_err();
@@ -169,14 +167,14 @@ fn a_library_finalised_underneath_is_re_initialised_by_recover() {
         assert_retryable(&error, "sign after C_Finalize");
         assert_eq!(
             error.return_value(),
-            Some(RvError::CryptokiNotInitialized),
+            Some(hsm_pkcs11::return_value(RvError::CryptokiNotInitialized)),
             "{error}"
         );
         let error = hsm.check().await.unwrap_err();
         assert_retryable(&error, "check after C_Finalize");
         assert_eq!(
             error.return_value(),
-            Some(RvError::CryptokiNotInitialized),
+            Some(hsm_pkcs11::return_value(RvError::CryptokiNotInitialized)),
             "{error}"
         );
 
@@ -237,7 +235,11 @@ fn a_lost_login_fails_check_until_recover_logs_in_again() {
             ),
             "{error:?}"
         );
-        assert_eq!(error.return_value(), Some(expected), "{error}");
+        assert_eq!(
+            error.return_value(),
+            Some(hsm_pkcs11::return_value(expected)),
+            "{error}"
+        );
         assert_retryable(&error, "sign after C_Logout");
 
         hsm.recover().await.expect("recover logs in again");

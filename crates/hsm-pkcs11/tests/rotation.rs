@@ -5,11 +5,11 @@
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType};
-use hsm_pkcs11::test_token::{TestToken, TokenKind, scheme_available};
-use hsm_pkcs11::{
-    Hsm, HsmError, KeyScheme, Pkcs11Hsm, RewrapRequest, SignPayload, SignRequest, WrapMechanism,
-    WrappedKey, create_ledger_key, create_mac_key, create_trusted_master_key,
+use custody_model::{
+    Hsm, HsmError, KeyScheme, RewrapRequest, SignPayload, SignRequest, WrapMechanism, WrappedKey,
 };
+use hsm_pkcs11::test_token::{TestToken, TokenKind, scheme_available};
+use hsm_pkcs11::{Pkcs11Hsm, create_ledger_key, create_mac_key, create_trusted_master_key};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 
 mod support;
@@ -257,7 +257,7 @@ async fn a_configured_rotation_target_is_attacked_like_the_master_key_and_not_a_
     let unexpected = suite(None).await;
     assert!(!unexpected.is_safe());
     assert!(
-        unexpected.has(hsm_pkcs11::FindingKind::TrustedKey),
+        unexpected.has(custody_model::FindingKind::TrustedKey),
         "{unexpected}"
     );
     assert!(unexpected.to_string().contains(NEW_MASTER), "{unexpected}");
@@ -272,8 +272,8 @@ async fn a_configured_rotation_target_is_attacked_like_the_master_key_and_not_a_
     assert_eq!(
         attacked,
         vec![
-            hsm_pkcs11::Attack::ModifyInPlace,
-            hsm_pkcs11::Attack::CopyWithUsage
+            custody_model::Attack::ModifyInPlace,
+            custody_model::Attack::CopyWithUsage
         ],
         "the target is attacked like the master key"
     );
@@ -338,7 +338,7 @@ async fn the_hsm_moves_each_scheme_to_the_rotation_target_and_signs_under_either
             },
         };
         let signature = hsm.sign_under(&new, request(&moved)).await.unwrap();
-        hsm_pkcs11::signature::verify(
+        custody_model::signature::verify(
             scheme,
             &generated.public_key,
             &request(&moved).payload,

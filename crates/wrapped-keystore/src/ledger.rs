@@ -1,7 +1,7 @@
 //! The audit ledger's data (v2): what one entry holds, the exact bytes its MAC covers, and the
 //! rows the store keeps. The store only persists and reads rows; the MACs are computed and
 //! checked inside the HSM by the engine (driver-core's `ledger` module), under a
-//! non-extractable key of its own purpose (`hsm_pkcs11::MacKey::Ledger`).
+//! non-extractable key of its own purpose (`custody_model::MacKey::Ledger`).
 //!
 //! Every key the deployment generates and every signature it makes is appended to the chain of
 //! the driver that did it: one chain per driver id, numbered from 1, each entry carrying the

@@ -31,7 +31,7 @@ pub struct KeyRecord {
     pub created_by: String,
     /// HMAC-SHA256 of the identifying fields (everything above but `created_at_ms` and
     /// `created_by`), computed inside the HSM with its non-extractable record MAC key (see
-    /// `hsm_pkcs11::record_mac_message`): 32 bytes for new records, empty for records stored
+    /// `custody_model::record_mac_message`): 32 bytes for new records, empty for records stored
     /// before the MAC existed, which the driver refuses as untrusted. Not secret.
     pub record_mac: Vec<u8>,
 }

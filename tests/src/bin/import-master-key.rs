@@ -61,8 +61,8 @@ fn main() -> ExitCode {
             println!(
                 "imported master key `{}`, record MAC key `{}` and ledger key `{}` into token `{}`",
                 args.label,
-                hsm_pkcs11::record_mac_key_label(&args.label),
-                hsm_pkcs11::ledger_key_label(&args.label),
+                custody_model::record_mac::record_mac_key_label(&args.label),
+                custody_model::record_mac::ledger_key_label(&args.label),
                 args.token_label
             );
             ExitCode::SUCCESS

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use custody_model::Hsm;
 use dfns_api_client::protocol::{
     Curve, DecodeError, DriverRegistration, Heartbeat, JobFailure, JobId, JobRef, JobResult,
     JobSpec, KeyId, LeaseExtension, LeaseId, LeasedJob, PresenceTerms, ReportOutcome, Scheme,
@@ -15,7 +16,6 @@ use dfns_api_client::protocol::{
 };
 use dfns_api_client::{ApiError, JobSource};
 use driver_core::{Driver, DriverConfig, Health, RunReport};
-use hsm_pkcs11::Hsm;
 use tokio::sync::{Notify, oneshot};
 use wrapped_keystore::KeyStore;
 

@@ -15,9 +15,9 @@
 //!
 //! ```no_run
 //! # fn demo(module: &hsm_pkcs11::Pkcs11Module, config: &hsm_pkcs11::Pkcs11Config)
-//! #     -> Result<(), hsm_pkcs11::HsmError> {
+//! #     -> Result<(), custody_model::HsmError> {
 //! use hsm_pkcs11::anchor::AnchorSession;
-//! use hsm_pkcs11::{KeyScheme, SignPayload, SignRequest};
+//! use custody_model::{KeyScheme, SignPayload, SignRequest};
 //!
 //! let session = AnchorSession::open(module, config)?;
 //! let key = session.generate_and_wrap(KeyScheme::EcdsaSecp256k1)?;
@@ -44,9 +44,9 @@ use super::guard::ObjectGuard;
 use super::keys::{self, MasterKey};
 use super::raw::RawPkcs11;
 use super::token::{self, OwnedSession};
-use crate::error::HsmError;
-use crate::hsm::{GeneratedKey, KeyScheme, SignRequest, Signature, WrapMechanism};
 use crate::pkcs11::{Pkcs11Config, Pkcs11Module};
+use custody_model::HsmError;
+use custody_model::{GeneratedKey, KeyScheme, SignRequest, Signature, WrapMechanism};
 
 /// One logged-in read-write session with the master key looked up once, as a worker holds
 /// them. `Send` but not `Sync` (a PKCS#11 session belongs to one thread at a time): open one

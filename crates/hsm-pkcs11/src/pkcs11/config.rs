@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-use crate::hsm::WrapMechanism;
+use custody_model::WrapMechanism;
 
 /// How [`Pkcs11Hsm::open`](crate::Pkcs11Hsm::open) uses a token. `Debug` never prints the PIN.
 #[derive(Clone)]
@@ -87,7 +87,7 @@ impl Pkcs11Config {
     pub fn ledger_label(&self) -> String {
         self.ledger_key_label
             .clone()
-            .unwrap_or_else(|| crate::ledger_key_label(&self.master_key_label))
+            .unwrap_or_else(|| custody_model::record_mac::ledger_key_label(&self.master_key_label))
     }
 
     /// The labels of the master keys this configuration holds: the master key, then the

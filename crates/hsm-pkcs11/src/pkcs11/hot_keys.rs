@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::HotKeys;
 use crate::error::describe;
-use crate::hsm::SignRequest;
+use custody_model::SignRequest;
 
 /// Counters shared by every worker's cache, for tests, benchmarks and operators.
 #[derive(Debug, Default)]
@@ -176,7 +176,7 @@ impl HotKeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hsm::{KeyScheme, SignPayload, WrapMechanism, WrappedKey};
+    use custody_model::{KeyScheme, SignPayload, WrapMechanism, WrappedKey};
 
     fn request(blob: &[u8], public_key: &[u8]) -> SignRequest {
         SignRequest {

@@ -13,12 +13,12 @@ use sha2::{Digest, Sha256};
 
 use super::guard::ObjectGuard;
 use super::raw::RawPkcs11;
-use crate::error::HsmError;
-use crate::hsm::{
+use custody_model::HsmError;
+use custody_model::signature;
+use custody_model::{
     GeneratedKey, KeyScheme, RewrapRequest, SignPayload, SignRequest, Signature, WrapMechanism,
     WrappedKey,
 };
-use crate::signature;
 
 /// DER `OBJECT IDENTIFIER` secp256k1 (1.3.132.0.10).
 const SECP256K1_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a];
@@ -195,14 +195,14 @@ pub(crate) fn generate_and_wrap(
     private_template.extend(SIGNING_ONLY);
     let (public, private) = session
         .generate_key_pair(&generation, &public_template, &private_template)
-        .map_err(HsmError::pkcs11("C_GenerateKeyPair"))?;
+        .map_err(crate::error::pkcs11("C_GenerateKeyPair"))?;
     let public = ObjectGuard::new(session, public, "generated public key");
     let private = ObjectGuard::new(session, private, "generated private key");
 
     let point = ec_point(session, public.handle(), scheme)?;
     let public_key = signature::compress_public_key(scheme, &point)?;
     let blob = wrap(session, master, mechanism, private.handle())
-        .map_err(HsmError::pkcs11("C_WrapKey"))?;
+        .map_err(crate::error::pkcs11("C_WrapKey"))?;
     drop(private);
     drop(public);
     Ok(GeneratedKey {
@@ -221,7 +221,7 @@ fn ec_point(
 ) -> Result<Vec<u8>, HsmError> {
     let attributes = session
         .get_attributes(public, &[AttributeType::EcPoint])
-        .map_err(HsmError::pkcs11("C_GetAttributeValue"))?;
+        .map_err(crate::error::pkcs11("C_GetAttributeValue"))?;
     let value = attributes
         .into_iter()
         .find_map(|a| match a {
@@ -326,11 +326,13 @@ fn classify_unwrap_error(source: CryptokiError, blob_at_fault: impl FnOnce() -> 
         UnwrapFailure::Other => false,
     };
     if bad_blob {
-        HsmError::UnwrapFailed { source }
+        HsmError::UnwrapFailed {
+            failure: crate::error::failure(source),
+        }
     } else {
         HsmError::Pkcs11 {
             function: "C_UnwrapKey",
-            source,
+            failure: crate::error::failure(source),
         }
     }
 }
@@ -440,7 +442,7 @@ pub(crate) fn rewrap(
         },
         source => HsmError::Pkcs11 {
             function: "C_WrapKey",
-            source,
+            failure: crate::error::failure(source),
         },
     })?;
     drop(moving);
@@ -493,7 +495,7 @@ pub(crate) fn sign_raw(
     };
     session
         .sign(&mechanism, key, data)
-        .map_err(HsmError::pkcs11("C_Sign"))
+        .map_err(crate::error::pkcs11("C_Sign"))
 }
 
 /// The fixed, public canary key value: SHA-256 of a versioned constant. Not a secret.
@@ -513,11 +515,11 @@ pub(crate) fn fingerprint(session: &Session, master: ObjectHandle) -> Result<Str
             Attribute::Extractable(true),
             Attribute::Sensitive(false),
         ])
-        .map_err(HsmError::pkcs11("C_CreateObject"))?;
+        .map_err(crate::error::pkcs11("C_CreateObject"))?;
     let canary = ObjectGuard::new(session, canary, "fingerprint canary");
     let blob = session
         .wrap_key(&Mechanism::AesKeyWrap, master, canary.handle())
-        .map_err(HsmError::pkcs11("C_WrapKey"))?;
+        .map_err(crate::error::pkcs11("C_WrapKey"))?;
     Ok(hex::encode(Sha256::digest(&blob)))
 }
 

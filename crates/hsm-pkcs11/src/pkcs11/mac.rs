@@ -1,13 +1,13 @@
 //! HSM MACs on one session: `CKM_SHA256_HMAC` sign and verify under the record MAC key or the
-//! ledger key (see [`crate::record_mac`]).
+//! ledger key (see [`custody_model::record_mac`]).
 
 use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 
-use crate::error::HsmError;
-use crate::hsm::MacKey;
+use custody_model::HsmError;
+use custody_model::MacKey;
 
 /// HMAC-SHA256 of `message` under `mac_key`, computed by the token.
 pub(crate) fn mac(
@@ -17,7 +17,7 @@ pub(crate) fn mac(
 ) -> Result<[u8; 32], HsmError> {
     let mac = session
         .sign(&Mechanism::Sha256Hmac, mac_key, message)
-        .map_err(HsmError::pkcs11("C_Sign"))?;
+        .map_err(crate::error::pkcs11("C_Sign"))?;
     <[u8; 32]>::try_from(mac.as_slice()).map_err(|_| HsmError::Config {
         reason: format!(
             "the token returned a {}-byte CKM_SHA256_HMAC (expected 32)",
@@ -46,7 +46,7 @@ pub(crate) fn verify(
         }
         Err(source) => Err(HsmError::Pkcs11 {
             function: "C_Verify",
-            source,
+            failure: crate::error::failure(source),
         }),
     }
 }

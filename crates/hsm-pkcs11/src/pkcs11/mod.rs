@@ -56,18 +56,14 @@ pub use provision::{
     user_can_make_trusted_keys,
 };
 pub use report::TokenReport;
-pub use self_test::{
-    Attack, AttackOutcome, AttackRecord, FindingKind, SelfTestFinding, SelfTestReport, Severity,
-};
 #[cfg(feature = "softhsm-fixture")]
 pub(crate) use token::{find_slot, open_user_session};
 
-use crate::error::{HsmError, error_chain};
-use crate::hsm::{
-    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, RewrapRequest,
-    SchemeSupport, SignRequest, Signature, WrapMechanism, WrappedKey,
+use custody_model::record_mac::record_mac_key_label;
+use custody_model::{
+    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo, RewrapRequest,
+    SchemeSupport, SelfTestReport, SignRequest, Signature, WrapMechanism, WrappedKey, error_chain,
 };
-use crate::record_mac::record_mac_key_label;
 use hot_keys::HotKeyCounters;
 #[cfg(not(feature = "softhsm-fixture"))]
 use keys::MasterKey;
@@ -391,12 +387,15 @@ impl Shared {
 /// only see a returning device, or rebuild their slot list, at `C_Initialize`).
 fn library_lost(error: &HsmError) -> bool {
     matches!(error, HsmError::TokenUnavailable { .. })
-        || matches!(
-            error.return_value(),
-            Some(
-                RvError::CryptokiNotInitialized | RvError::DeviceRemoved | RvError::TokenNotPresent
-            )
-        )
+        || error.return_value().is_some_and(|rv| {
+            [
+                RvError::CryptokiNotInitialized,
+                RvError::DeviceRemoved,
+                RvError::TokenNotPresent,
+            ]
+            .map(crate::error::return_value)
+            .contains(&rv)
+        })
 }
 
 impl Pkcs11Hsm {
@@ -539,13 +538,13 @@ impl Pkcs11Hsm {
             .module
             .context()
             .get_token_info(slot)
-            .map_err(HsmError::pkcs11("C_GetTokenInfo"))?;
+            .map_err(crate::error::pkcs11("C_GetTokenInfo"))?;
         with_keepalive(&keepalive, |session| {
             let count = |template: &[Attribute]| {
                 session
                     .find_objects(template)
                     .map(|found| found.len())
-                    .map_err(HsmError::pkcs11("C_FindObjects"))
+                    .map_err(crate::error::pkcs11("C_FindObjects"))
             };
             Ok(TokenReport {
                 token_label: info.label().trim_end().to_owned(),
@@ -654,7 +653,7 @@ impl Pkcs11Hsm {
     }
 
     async fn sign_on(&self, master: usize, request: SignRequest) -> Result<Signature, HsmError> {
-        crate::signature::check_payload(request.scheme, &request.payload)?;
+        custody_model::signature::check_payload(request.scheme, &request.payload)?;
         self.check_scheme(request.scheme)?;
         let (reply, answer) = oneshot::channel();
         self.submit(Job::Sign {

@@ -9,7 +9,7 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CryptokiError, RvError};
 
 use super::raw::RawPkcs11;
-use crate::error::HsmError;
+use custody_model::HsmError;
 
 /// The `C_Initialize` flags, at start-up and on every re-initialisation.
 const INITIALIZE_FLAGS: CInitializeFlags = CInitializeFlags::OS_LOCKING_OK;
@@ -46,10 +46,10 @@ impl Pkcs11Module {
     /// `C_Initialize` when initialisation fails (`CKR_CRYPTOKI_ALREADY_INITIALIZED` when this
     /// process has already initialised it).
     pub fn initialize(path: &Path) -> Result<Self, HsmError> {
-        let context = Pkcs11::new(path).map_err(HsmError::pkcs11("C_GetFunctionList"))?;
+        let context = Pkcs11::new(path).map_err(crate::error::pkcs11("C_GetFunctionList"))?;
         context
             .initialize(CInitializeArgs::new(INITIALIZE_FLAGS))
-            .map_err(HsmError::pkcs11("C_Initialize"))?;
+            .map_err(crate::error::pkcs11("C_Initialize"))?;
         let raw = Arc::new(RawPkcs11::load(path)?);
         Ok(Self {
             context,
@@ -81,7 +81,7 @@ impl Pkcs11Module {
             Err(source) => {
                 return Err(HsmError::Pkcs11 {
                     function: "C_Finalize",
-                    source,
+                    failure: crate::error::failure(source),
                 });
             }
         }
@@ -95,7 +95,7 @@ impl Pkcs11Module {
             }
             Err(source) => Err(HsmError::Pkcs11 {
                 function: "C_Initialize",
-                source,
+                failure: crate::error::failure(source),
             }),
         }
     }

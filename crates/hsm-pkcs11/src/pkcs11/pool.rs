@@ -17,8 +17,8 @@ use super::hot_keys::{HotKeyCache, HotKeyCounters};
 use super::module::Pkcs11Module;
 use super::token::{self, OwnedSession};
 use super::worker::{Job, Worker, WorkerMaster};
-use crate::error::HsmError;
-use crate::hsm::WrapMechanism;
+use custody_model::HsmError;
+use custody_model::WrapMechanism;
 
 /// The keep-alive session of a pool, shared with `check` jobs and `token_report`; `None` once
 /// the pool has stopped.

@@ -1,13 +1,14 @@
 //! The start-up capability probe: for every scheme, generate → wrap → unwrap → sign →
 //! verify → destroy on the real token, and record why a scheme does not work.
 
-use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::session::Session;
 use sha2::{Digest, Sha256};
 
 use super::keys::{self, MasterKey};
-use crate::error::{HsmError, describe};
-use crate::hsm::{Capabilities, KeyScheme, SchemeSupport, SignPayload, SignRequest, WrapMechanism};
+use custody_model::HsmError;
+use custody_model::{
+    Capabilities, KeyScheme, SchemeSupport, SignPayload, SignRequest, WrapMechanism,
+};
 
 /// Probes every [`KeyScheme`] with `mechanism`.
 pub(crate) fn probe(
@@ -58,39 +59,39 @@ fn probe_scheme(
 
 /// A sentence naming the failing step and return value, with a hint for known token gaps.
 fn reason(scheme: KeyScheme, error: &HsmError) -> String {
-    let (function, source) = match error {
-        HsmError::Pkcs11 { function, source } => (*function, source),
-        HsmError::UnwrapFailed { source } => ("C_UnwrapKey", source),
+    let (function, failure) = match error {
+        HsmError::Pkcs11 { function, failure } => (*function, failure),
+        HsmError::UnwrapFailed { failure } => ("C_UnwrapKey", failure),
         HsmError::VerificationFailed { .. } => {
             return "the probe signature did not verify against the generated public key".into();
         }
         other => return format!("probe failed: {other}"),
     };
-    let mut reason = format!("{function} returned {}", describe(source));
-    if let Some(hint) = hint(scheme, function, source) {
+    let mut reason = format!("{function} returned {failure}");
+    if let Some(hint) = failure
+        .return_value()
+        .and_then(|rv| hint(scheme, function, &rv.name()))
+    {
         reason.push_str(": ");
         reason.push_str(hint);
     }
     reason
 }
 
-fn hint(scheme: KeyScheme, function: &str, source: &CryptokiError) -> Option<&'static str> {
-    let CryptokiError::Pkcs11(rv, _) = source else {
-        return None;
-    };
+fn hint(scheme: KeyScheme, function: &str, rv: &str) -> Option<&'static str> {
     match (scheme, function, rv) {
-        (KeyScheme::Ed25519, "C_WrapKey", RvError::KeyNotWrappable) => Some(
+        (KeyScheme::Ed25519, "C_WrapKey", "CKR_KEY_NOT_WRAPPABLE") => Some(
             "this token cannot wrap EdDSA keys (SoftHSMv2 2.6.1 lacks EdDSA wrap/unwrap, upstream issue 595)",
         ),
-        (KeyScheme::Ed25519, "C_UnwrapKey", RvError::FunctionFailed) => Some(
+        (KeyScheme::Ed25519, "C_UnwrapKey", "CKR_FUNCTION_FAILED") => Some(
             "this token cannot unwrap EdDSA keys (SoftHSMv2 2.6.1 lacks EdDSA wrap/unwrap, upstream issue 595)",
         ),
         (
             _,
             "C_GenerateKeyPair",
-            RvError::MechanismInvalid | RvError::CurveNotSupported | RvError::DomainParamsInvalid,
+            "CKR_MECHANISM_INVALID" | "CKR_CURVE_NOT_SUPPORTED" | "CKR_DOMAIN_PARAMS_INVALID",
         ) => Some("this token cannot generate keys on this curve"),
-        (_, "C_WrapKey" | "C_UnwrapKey", RvError::MechanismInvalid) => {
+        (_, "C_WrapKey" | "C_UnwrapKey", "CKR_MECHANISM_INVALID") => {
             Some("this token does not offer the configured wrap mechanism")
         }
         _ => None,
@@ -100,14 +101,15 @@ fn hint(scheme: KeyScheme, function: &str, source: &CryptokiError) -> Option<&'s
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::rv_name;
-    use cryptoki::context::Function;
+    use crate::error::return_value;
+    use cryptoki::error::RvError;
+    use custody_model::CallFailure;
 
     #[test]
     fn the_ed25519_wrap_gap_is_explained() {
         let error = HsmError::Pkcs11 {
             function: "C_WrapKey",
-            source: CryptokiError::Pkcs11(RvError::KeyNotWrappable, Function::WrapKey),
+            failure: CallFailure::Returned(return_value(RvError::KeyNotWrappable)),
         };
         let reason = reason(KeyScheme::Ed25519, &error);
         assert!(
@@ -115,6 +117,21 @@ mod tests {
             "{reason}"
         );
         assert!(reason.contains("issue 595"), "{reason}");
-        assert_eq!(rv_name(RvError::KeyNotWrappable), "CKR_KEY_NOT_WRAPPABLE");
+    }
+
+    #[test]
+    fn every_hinted_return_value_is_a_real_name() {
+        for name in [
+            "CKR_KEY_NOT_WRAPPABLE",
+            "CKR_FUNCTION_FAILED",
+            "CKR_MECHANISM_INVALID",
+            "CKR_CURVE_NOT_SUPPORTED",
+            "CKR_DOMAIN_PARAMS_INVALID",
+        ] {
+            assert!(
+                custody_model::ReturnValue::from_name(name).is_some(),
+                "{name}"
+            );
+        }
     }
 }

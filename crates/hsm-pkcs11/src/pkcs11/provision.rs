@@ -5,7 +5,7 @@
 //! `docs/key-ceremony.md`).
 //!
 //! Next to it, the record MAC key (label `<master label>-mac`, see
-//! [`crate::record_mac`]): a 256-bit `CKK_GENERIC_SECRET` token object that signs and verifies
+//! [`custody_model::record_mac`]): a 256-bit `CKK_GENERIC_SECRET` token object that signs and verifies
 //! with `CKM_SHA256_HMAC` and does nothing else, private, sensitive and non-extractable. An
 //! imported master key brings a MAC key derived from its value, so tokens sharing the master
 //! key share the MAC key. [`create_mac_key`] / [`import_mac_key`] add one to a token
@@ -38,11 +38,12 @@ use super::keys::{self, SIGNING_ONLY};
 use super::module::Pkcs11Module;
 use super::raw_template::{self, Extraction, RawTemplate};
 use super::token;
-use crate::error::{HsmError, rv_is_transient};
-use crate::hsm::{MacKey, WrapMechanism};
-use crate::record_mac::{
+use crate::error::rv_is_transient;
+use custody_model::HsmError;
+use custody_model::record_mac::{
     derive_ledger_key, derive_mac_key, ledger_key_label, record_mac_key_label,
 };
+use custody_model::{MacKey, WrapMechanism};
 
 /// Departures from the key policy, for the test fixture's negative tests only (a deployment
 /// that was provisioned by hand or by an older version). The default is none.
@@ -142,7 +143,7 @@ pub(crate) fn trusted_key_probe(session: &Session) -> Result<Option<RvError>, Hs
             Attribute::Token(false),
             Attribute::Label(PROBE_LABEL.to_vec()),
         ])
-        .map_err(HsmError::pkcs11("C_FindObjects"))?;
+        .map_err(crate::error::pkcs11("C_FindObjects"))?;
     for leftover in leftovers {
         if made.as_ref().ok() != Some(&leftover) {
             drop(ObjectGuard::new(
@@ -164,7 +165,7 @@ pub(crate) fn trusted_key_probe(session: &Session) -> Result<Option<RvError>, Hs
         Err(CryptokiError::Pkcs11(rv, _)) if !rv_is_transient(rv) => Ok(Some(rv)),
         Err(source) => Err(HsmError::Pkcs11 {
             function: "C_GenerateKey",
-            source,
+            failure: crate::error::failure(source),
         }),
     }
 }
@@ -247,9 +248,9 @@ const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x0
 enum MacKeyValue<'a> {
     /// `CKM_GENERIC_SECRET_KEY_GEN` on the token.
     Generate,
-    /// Derived from an imported master key value (see [`crate::record_mac`]).
+    /// Derived from an imported master key value (see [`custody_model::record_mac`]).
     DerivedFrom(&'a Zeroizing<[u8; 32]>),
-    /// An already derived value (the ledger key's, see [`crate::record_mac`]).
+    /// An already derived value (the ledger key's, see [`custody_model::record_mac`]).
     Derived(Zeroizing<[u8; 32]>),
 }
 
@@ -266,7 +267,7 @@ fn make_mac_key(
             template.push(Attribute::ValueLen(32.into()));
             session
                 .generate_key(&Mechanism::GenericSecretKeyGen, &template)
-                .map_err(HsmError::pkcs11("C_GenerateKey"))?;
+                .map_err(crate::error::pkcs11("C_GenerateKey"))?;
             return Ok(());
         }
         MacKeyValue::DerivedFrom(master_value) => derive_mac_key(master_value),
@@ -279,7 +280,7 @@ fn make_mac_key(
             bytes.zeroize();
         }
     }
-    created.map_err(HsmError::pkcs11("C_CreateObject"))?;
+    created.map_err(crate::error::pkcs11("C_CreateObject"))?;
     Ok(())
 }
 
@@ -357,7 +358,7 @@ pub(crate) fn generate_master_key(
     template.push(Attribute::ValueLen(32.into()));
     session
         .generate_key(&Mechanism::AesKeyGen, &template)
-        .map_err(HsmError::pkcs11("C_GenerateKey"))?;
+        .map_err(crate::error::pkcs11("C_GenerateKey"))?;
     if !deviation.without_mac_key {
         make_mac_key(&session, &mac_label, MacKeyValue::Generate, deviation)?;
     }
@@ -447,10 +448,10 @@ fn make_trusted_master_key(
     let session = module
         .context()
         .open_rw_session(slot)
-        .map_err(HsmError::pkcs11("C_OpenSession"))?;
+        .map_err(crate::error::pkcs11("C_OpenSession"))?;
     session
         .login(UserType::So, Some(so_pin))
-        .map_err(HsmError::pkcs11("C_Login"))?;
+        .map_err(crate::error::pkcs11("C_Login"))?;
     let made = (|| {
         if !token::find_labelled(&session, label)?.is_empty() {
             return Err(HsmError::MasterKeyExists {
@@ -470,7 +471,7 @@ fn make_trusted_master_key(
                 session
                     .generate_key(&Mechanism::AesKeyGen, &template)
                     .map(drop)
-                    .map_err(HsmError::pkcs11("C_GenerateKey"))
+                    .map_err(crate::error::pkcs11("C_GenerateKey"))
             }
             Some(value) => {
                 template.push(Attribute::Value(value.to_vec()));
@@ -482,11 +483,11 @@ fn make_trusted_master_key(
                 }
                 created
                     .map(drop)
-                    .map_err(HsmError::pkcs11("C_CreateObject"))
+                    .map_err(crate::error::pkcs11("C_CreateObject"))
             }
         }
     })();
-    let logged_out = session.logout().map_err(HsmError::pkcs11("C_Logout"));
+    let logged_out = session.logout().map_err(crate::error::pkcs11("C_Logout"));
     made?;
     logged_out?;
     tracing::info!(
@@ -526,7 +527,7 @@ fn so_cannot_use_a_trusted_key(
     template.push(Attribute::ValueLen(32.into()));
     let probe = session
         .generate_key(&Mechanism::AesKeyGen, &template)
-        .map_err(HsmError::pkcs11("C_GenerateKey"))?;
+        .map_err(crate::error::pkcs11("C_GenerateKey"))?;
     let probe = ObjectGuard::new(session, probe, "trusted-key probe");
     let (public, private) = session
         .generate_key_pair(
@@ -545,7 +546,7 @@ fn so_cannot_use_a_trusted_key(
                 Attribute::Sign(true),
             ],
         )
-        .map_err(HsmError::pkcs11("C_GenerateKeyPair"))?;
+        .map_err(crate::error::pkcs11("C_GenerateKeyPair"))?;
     let _public = ObjectGuard::new(session, public, "trusted-key probe public key");
     let private = ObjectGuard::new(session, private, "trusted-key probe private key");
     let probe_key = keys::MasterKey {
@@ -553,7 +554,7 @@ fn so_cannot_use_a_trusted_key(
         raw: module.raw(),
     };
     let blob = keys::wrap(session, probe_key, mechanism, private.handle())
-        .map_err(HsmError::pkcs11("C_WrapKey"))?;
+        .map_err(crate::error::pkcs11("C_WrapKey"))?;
     let mut unwrap = vec![
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::KeyType(KeyType::EC),
@@ -603,7 +604,7 @@ fn trusted(mut policy: Vec<Attribute>) -> Vec<Attribute> {
 /// Imports a known master key value (`C_CreateObject`) with the same policy as
 /// [`create_master_key`], and the record MAC key labelled `<label>-mac` with a value derived
 /// from `value` (`HMAC-SHA256(value, "hsm-driver/record-mac-key/v1")`, see
-/// [`crate::record_mac`]), and the ledger key labelled `<label>-ledger` derived in its own domain
+/// [`custody_model::record_mac`]), and the ledger key labelled `<label>-ledger` derived in its own domain
 /// (`HMAC-SHA256(value, "hsm-driver/ledger-key/v1")`): tokens given the same value share all
 /// three keys and produce the same MACs. For giving several tokens the same master key (tests, or a documented key
 /// ceremony); a key generated on the token is better where it will do. Blocking.
@@ -661,7 +662,7 @@ pub(crate) fn import_master_key_with(
             bytes.zeroize();
         }
     }
-    created.map_err(HsmError::pkcs11("C_CreateObject"))?;
+    created.map_err(crate::error::pkcs11("C_CreateObject"))?;
     if !deviation.without_mac_key {
         make_mac_key(
             &session,

@@ -28,7 +28,7 @@ use cryptoki_sys::{
     CK_ATTRIBUTE, CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_TYPE, CK_OBJECT_HANDLE, CK_ULONG,
 };
 
-use crate::error::HsmError;
+use custody_model::HsmError;
 
 /// The module's library, loaded again, and its function list.
 pub(crate) struct RawPkcs11 {
@@ -70,7 +70,7 @@ impl RawPkcs11 {
         // SAFETY: the symbol exists (checked above) and has the PKCS#11 signature; it writes a
         // pointer to the module's own, static function list into `list`.
         let rv = unsafe { library.C_GetFunctionList(&mut list) };
-        check(rv, Function::GetFunctionList).map_err(HsmError::pkcs11("C_GetFunctionList"))?;
+        check(rv, Function::GetFunctionList).map_err(crate::error::pkcs11("C_GetFunctionList"))?;
         if list.is_null() {
             return Err(config("C_GetFunctionList returned no list"));
         }
@@ -102,12 +102,14 @@ impl RawPkcs11 {
         // SAFETY: a function of the module's list, with the PKCS#11 signature. A null list asks
         // for the count only, written to `count`, which lives across the call.
         let rv = unsafe { get(slot.id(), std::ptr::null_mut(), &mut count) };
-        check(rv, Function::GetMechanismList).map_err(HsmError::pkcs11("C_GetMechanismList"))?;
+        check(rv, Function::GetMechanismList)
+            .map_err(crate::error::pkcs11("C_GetMechanismList"))?;
         let mut list: Vec<CK_MECHANISM_TYPE> = vec![0; ulong_to_usize(count)];
         // SAFETY: as above; `list` has room for `count` entries, the length the call is told,
         // and it writes at most that many (updating `count` to the number written).
         let rv = unsafe { get(slot.id(), list.as_mut_ptr(), &mut count) };
-        check(rv, Function::GetMechanismList).map_err(HsmError::pkcs11("C_GetMechanismList"))?;
+        check(rv, Function::GetMechanismList)
+            .map_err(crate::error::pkcs11("C_GetMechanismList"))?;
         list.truncate(ulong_to_usize(count));
         Ok(list)
     }

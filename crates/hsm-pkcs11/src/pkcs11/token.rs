@@ -8,7 +8,7 @@ use cryptoki::slot::Slot;
 use secrecy::SecretString;
 
 use super::module::Pkcs11Module;
-use crate::error::HsmError;
+use custody_model::HsmError;
 
 /// The slot holding the initialised token labelled `label`. Looked up by label every time:
 /// some modules (SoftHSMv2) renumber slots. Holds the module's slot-list lock
@@ -18,11 +18,11 @@ pub(crate) fn find_slot(module: &Pkcs11Module, label: &str) -> Result<Slot, HsmE
     let context = module.context();
     let slots = context
         .get_slots_with_initialized_token()
-        .map_err(HsmError::pkcs11("C_GetSlotList"))?;
+        .map_err(crate::error::pkcs11("C_GetSlotList"))?;
     for slot in slots {
         let info = context
             .get_token_info(slot)
-            .map_err(HsmError::pkcs11("C_GetTokenInfo"))?;
+            .map_err(crate::error::pkcs11("C_GetTokenInfo"))?;
         if info.label().trim_end() == label {
             return Ok(slot);
         }
@@ -41,7 +41,7 @@ pub(crate) fn open_user_session(
 ) -> Result<Session, HsmError> {
     let session = context
         .open_rw_session(slot)
-        .map_err(HsmError::pkcs11("C_OpenSession"))?;
+        .map_err(crate::error::pkcs11("C_OpenSession"))?;
     login(&session, pin)?;
     Ok(session)
 }
@@ -84,7 +84,9 @@ impl OwnedSession {
 
     fn close_once(&mut self) -> Result<(), HsmError> {
         match self.session.take() {
-            Some(session) => session.close().map_err(HsmError::pkcs11("C_CloseSession")),
+            Some(session) => session
+                .close()
+                .map_err(crate::error::pkcs11("C_CloseSession")),
             None => Ok(()),
         }
     }
@@ -109,7 +111,7 @@ pub(crate) fn open_owned_session(
         session: Some(
             context
                 .open_rw_session_no_drop(slot)
-                .map_err(HsmError::pkcs11("C_OpenSession"))?,
+                .map_err(crate::error::pkcs11("C_OpenSession"))?,
         ),
     };
     // On a failed login, dropping `session` closes it.
@@ -123,7 +125,7 @@ pub(crate) fn login(session: &Session, pin: &SecretString) -> Result<(), HsmErro
         Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(source) => Err(HsmError::Pkcs11 {
             function: "C_Login",
-            source,
+            failure: crate::error::failure(source),
         }),
     }
 }
@@ -132,7 +134,7 @@ pub(crate) fn login(session: &Session, pin: &SecretString) -> Result<(), HsmErro
 pub(crate) fn find_labelled(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, HsmError> {
     session
         .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
-        .map_err(HsmError::pkcs11("C_FindObjects"))
+        .map_err(crate::error::pkcs11("C_FindObjects"))
 }
 
 /// The AES secret key labelled `label`; exactly one must exist.
@@ -143,7 +145,7 @@ pub(crate) fn find_master_key(session: &Session, label: &str) -> Result<ObjectHa
             Attribute::KeyType(KeyType::AES),
             Attribute::Label(label.as_bytes().to_vec()),
         ])
-        .map_err(HsmError::pkcs11("C_FindObjects"))?;
+        .map_err(crate::error::pkcs11("C_FindObjects"))?;
     match found.as_slice() {
         [] => Err(HsmError::MasterKeyNotFound {
             label: label.to_owned(),
@@ -174,7 +176,7 @@ pub(crate) fn find_mac_key(session: &Session, label: &str) -> Result<ObjectHandl
             Attribute::KeyType(KeyType::GENERIC_SECRET),
             Attribute::Label(label.as_bytes().to_vec()),
         ])
-        .map_err(HsmError::pkcs11("C_FindObjects"))?;
+        .map_err(crate::error::pkcs11("C_FindObjects"))?;
     match found.as_slice() {
         [] => Err(HsmError::MacKeyNotFound {
             label: label.to_owned(),

@@ -19,8 +19,8 @@ use super::mac;
 use super::pool::KeepAlive;
 use super::raw::RawPkcs11;
 use super::token::OwnedSession;
-use crate::error::HsmError;
-use crate::hsm::{
+use custody_model::HsmError;
+use custody_model::{
     GeneratedKey, KeyScheme, MacKey, RewrapRequest, SignRequest, Signature, WrapMechanism,
     WrappedKey,
 };
@@ -78,10 +78,12 @@ const CHECK_PROBE: &[u8] = b"hsm-pkcs11 health check probe v1";
 fn check_session(session: &Session) -> Result<(), HsmError> {
     let info = session
         .get_session_info()
-        .map_err(HsmError::pkcs11("C_GetSessionInfo"))?;
+        .map_err(crate::error::pkcs11("C_GetSessionInfo"))?;
     match info.session_state() {
         SessionState::RwUser => Ok(()),
-        state => Err(HsmError::SessionNotLoggedIn { state }),
+        state => Err(HsmError::SessionNotLoggedIn {
+            state: format!("{state:?}"),
+        }),
     }
 }
 

@@ -9,8 +9,8 @@ use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
+use custody_model::{SelfTestReport, WrapMechanism};
 use hsm_pkcs11::test_token::{MasterKeyHazard, TestToken, TokenKind};
-use hsm_pkcs11::{SelfTestReport, WrapMechanism};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 
 /// DER `OBJECT IDENTIFIER` prime256v1.

@@ -3,8 +3,8 @@
 //! failure handling: mark unhealthy, stop leasing, give jobs back, recover, rejoin).
 //!
 //! ```
-//! use hsm_pkcs11::fault::{FaultInjectingHsm, FaultSwitch};
-//! # fn wrap<H: hsm_pkcs11::Hsm>(hsm: H) -> FaultInjectingHsm<H> {
+//! use hsm_testing::{FaultInjectingHsm, FaultSwitch};
+//! # fn wrap<H: custody_model::Hsm>(hsm: H) -> FaultInjectingHsm<H> {
 //! // Tripped while /run/hsm-driver/hsm-fault exists (touch it to fail, rm it to heal).
 //! let switch = FaultSwitch::from_trigger_file("/run/hsm-driver/hsm-fault");
 //! FaultInjectingHsm::new(hsm, switch)
@@ -21,10 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::error::HsmError;
-use crate::hsm::{
-    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, RewrapRequest, SignRequest,
-    Signature, WrappedKey,
+use custody_model::{
+    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo, RewrapRequest,
+    SignRequest, Signature, WrappedKey,
 };
 
 /// Whether faults are being injected: a manual switch, and optionally a trigger file (tripped

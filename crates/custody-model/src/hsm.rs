@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 
-pub use custody_model::{KeyScheme, SignPayload, WrapMechanism};
+use crate::scheme::{KeyScheme, SignPayload};
+use crate::wrap::WrapMechanism;
 
 use crate::error::HsmError;
 

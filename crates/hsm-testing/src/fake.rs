@@ -17,13 +17,11 @@ use rand::rngs::OsRng;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::error::HsmError;
-use crate::hsm::{
-    Capabilities, GeneratedKey, Hsm, KeyScheme, MacKey, MasterKeyInfo, SchemeSupport, SignPayload,
-    SignRequest, Signature, WrapMechanism, WrappedKey,
+use custody_model::{
+    CallFailure, Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo,
+    ReturnValue, SchemeSupport, SignPayload, SignRequest, Signature, WrapMechanism, WrappedKey,
 };
-use crate::record_mac;
-use crate::signature;
+use custody_model::{record_mac, signature};
 
 const NONCE_LEN: usize = 16;
 const TAG_LEN: usize = 32;
@@ -38,11 +36,11 @@ const PLAINTEXT_LEN: usize = 33;
 /// and tagged with SHA-256(master secret ‖ domain ‖ nonce ‖ mechanism ‖ ciphertext), so that a
 /// tampered blob, or one from another `FakeHsm`, fails with [`HsmError::UnwrapFailed`] as a
 /// real unwrap would. Signatures go through the same post-processing and verification as
-/// [`Pkcs11Hsm`](crate::Pkcs11Hsm)'s.
+/// `hsm_pkcs11::Pkcs11Hsm`'s.
 pub struct FakeHsm {
     master_secret: Zeroizing<[u8; 32]>,
     /// The record MAC key, derived from the master secret as
-    /// [`import_master_key`](crate::import_master_key) derives it: a fake and a token given the
+    /// `hsm_pkcs11::import_master_key` derives it: a fake and a token given the
     /// same value compute the same record MACs.
     mac_key: Zeroizing<[u8; 32]>,
     /// The ledger key, derived likewise in its own domain.
@@ -100,7 +98,7 @@ impl FakeHsm {
 
     /// How many times [`Hsm::recover`] has been called on this fake, so that tests can assert
     /// that recovery happened. Combine with
-    /// [`FaultInjectingHsm`](crate::fault::FaultInjectingHsm) to make operations fail.
+    /// [`FaultInjectingHsm`](crate::FaultInjectingHsm) to make operations fail.
     pub fn recover_calls(&self) -> u64 {
         self.recover_calls.load(Ordering::Acquire)
     }
@@ -196,9 +194,8 @@ impl FakeHsm {
         wrapped: &WrappedKey,
     ) -> Result<Zeroizing<[u8; 32]>, HsmError> {
         let failed = || HsmError::UnwrapFailed {
-            source: cryptoki::error::Error::Pkcs11(
-                cryptoki::error::RvError::WrappedKeyInvalid,
-                cryptoki::context::Function::UnwrapKey,
+            failure: CallFailure::Returned(
+                ReturnValue::from_name("CKR_WRAPPED_KEY_INVALID").expect("a standard name"),
             ),
         };
         if wrapped.blob.len() != NONCE_LEN + PLAINTEXT_LEN + TAG_LEN {
@@ -260,7 +257,7 @@ impl FakeHsm {
         self.check_scheme(request.scheme)?;
         let secret = self.unwrap(request.scheme, &request.wrapped)?;
         let bad_key = || HsmError::UnwrapFailed {
-            source: cryptoki::error::Error::InvalidValue,
+            failure: CallFailure::Binding("the unwrapped bytes are not a key of the scheme".into()),
         };
         match (&request.payload, request.scheme) {
             (SignPayload::Digest(digest), KeyScheme::EcdsaSecp256k1) => {
@@ -361,7 +358,10 @@ impl Hsm for FakeHsm {
         key: MacKey,
         message: Vec<u8>,
     ) -> impl Future<Output = Result<[u8; 32], HsmError>> + Send {
-        std::future::ready(Ok(record_mac::hmac_sha256(self.hmac_key(key), &message)))
+        std::future::ready(Ok(record_mac::software_hmac_sha256(
+            self.hmac_key(key),
+            &message,
+        )))
     }
 
     fn verify_mac(
@@ -370,7 +370,7 @@ impl Hsm for FakeHsm {
         message: Vec<u8>,
         mac: [u8; 32],
     ) -> impl Future<Output = Result<(), HsmError>> + Send {
-        let expected = record_mac::hmac_sha256(self.hmac_key(key), &message);
+        let expected = record_mac::software_hmac_sha256(self.hmac_key(key), &message);
         std::future::ready(if record_mac::macs_equal(&expected, &mac) {
             Ok(())
         } else {

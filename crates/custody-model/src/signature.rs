@@ -1,12 +1,13 @@
-//! Software post-processing of HSM signatures, shared by [`Pkcs11Hsm`](crate::Pkcs11Hsm) and
-//! the fake: ECDSA low-s normalisation, recovery id, DER encoding, and verification of every
+//! Software post-processing of HSM signatures, shared by every [`Hsm`](crate::Hsm)
+//! implementation (`hsm_pkcs11::Pkcs11Hsm`, the test doubles): ECDSA low-s normalisation, recovery id, DER encoding, and verification of every
 //! signature against the stored public key before it leaves this crate.
 //!
 //! Tokens return ECDSA signatures as raw `r || s` with a high `s` about half the time
 //! (SoftHSMv2 does); blockchains want low-`s` and a recovery id, so [`finish_ecdsa`] does that.
 
 use crate::error::HsmError;
-use crate::hsm::{KeyScheme, SignPayload, Signature};
+use crate::hsm::Signature;
+use crate::scheme::{KeyScheme, SignPayload};
 
 /// ECDSA helpers for one curve crate (`k256` or `p256`); both expose the same `ecdsa` API.
 macro_rules! ecdsa_curve {
@@ -19,7 +20,8 @@ macro_rules! ecdsa_curve {
             use $curve::{FieldBytes, ProjectivePoint, Scalar, U256};
 
             use crate::error::HsmError;
-            use crate::hsm::{KeyScheme, Signature};
+            use crate::hsm::Signature;
+            use crate::scheme::KeyScheme;
 
             pub(super) fn verifying_key(
                 scheme: KeyScheme,

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! - [`protocol`]: the typed, validated jobs and results the engine works with.
-//! - [`wire`]: their JSON encoding (shared with the simulator).
+//! - [`wire`]: their JSON encoding: the bodies, the field rules, and the driver's half of the
+//!   codec (the API's half is the simulator's).
 //! - [`JobSource`]: the trait the engine is generic over.
 //! - [`HttpJobSource`]: its hyper + rustls implementation with client certificates,
 //!   timeouts and jittered exponential backoff.

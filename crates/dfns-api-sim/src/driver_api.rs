@@ -107,23 +107,23 @@ async fn lease(state: &SimState, body: Incoming) -> Result<HttpResponse, Refusal
 
 async fn register(state: &SimState, body: Incoming) -> Result<HttpResponse, Refusal> {
     let request: RegisterRequest = read_json(body).await?;
-    let registration =
-        wire::decode_registration(&request).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    let registration = crate::codec::decode_registration(&request)
+        .map_err(|e| Refusal::bad_request(e.to_string()))?;
     let terms = state.register(registration);
     Ok(respond::json(
         StatusCode::OK,
-        &wire::encode_presence_terms(&terms),
+        &crate::codec::encode_presence_terms(&terms),
     ))
 }
 
 async fn heartbeat(state: &SimState, body: Incoming) -> Result<HttpResponse, Refusal> {
     let request: HeartbeatRequest = read_json(body).await?;
-    let heartbeat =
-        wire::decode_heartbeat(&request).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    let heartbeat = crate::codec::decode_heartbeat(&request)
+        .map_err(|e| Refusal::bad_request(e.to_string()))?;
     let terms = state.heartbeat(&heartbeat)?;
     Ok(respond::json(
         StatusCode::OK,
-        &wire::encode_presence_terms(&terms),
+        &crate::codec::encode_presence_terms(&terms),
     ))
 }
 
@@ -165,7 +165,7 @@ fn outcome(outcome: ReportOutcome) -> HttpResponse {
 async fn complete(state: &SimState, job_id: &str, body: Incoming) -> Result<HttpResponse, Refusal> {
     let request: CompleteRequest = read_json(body).await?;
     let (job, lease) = ids(job_id, &request.lease_id)?;
-    let result = wire::decode_job_result(&request.result)
+    let result = crate::codec::decode_job_result(&request.result)
         .map_err(|e| Refusal::bad_request(e.to_string()))?;
     state.complete(&job, &lease, result).map(outcome)
 }

@@ -43,6 +43,7 @@ pub mod app_client;
 pub mod pki;
 
 mod app_api;
+mod codec;
 mod driver_api;
 mod error;
 mod ids;

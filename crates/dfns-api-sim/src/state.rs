@@ -654,7 +654,7 @@ impl SimState {
                     .into_iter()
                     .map(|d| {
                         tracing::debug!(%driver_id, job_id = %d.job_id, lease_id = %d.lease_id, "job leased");
-                        wire::encode_job(
+                        crate::codec::encode_job(
                             &JobRef {
                                 job_id: d.job_id,
                                 lease_id: d.lease_id,

@@ -6,12 +6,14 @@
 use std::time::Duration;
 
 use dfns_api_client::protocol::{
-    DecodeError, DriverRegistration, Heartbeat, JobRef, JobResult, JobSpec, PresenceTerms,
+    Capability, DecodeError, DriverRegistration, Heartbeat, JobRef, JobResult, JobSpec,
+    MAX_MESSAGE_LEN, PresenceTerms, SignaturePayload, SignatureResult,
 };
 use dfns_api_client::wire::{
-    HeartbeatRequest, MAX_PUBLIC_KEY_LEN, MAX_VERSION_LEN, PresenceTermsResponse, RegisterRequest,
-    WireJob, WireJobBody, WireJobResult, check_driver_id, check_fingerprint, decode_capability,
-    decode_hex_bounded, decode_ledger_checkpoint, decode_signature, encode_signature_request,
+    HeartbeatRequest, MAX_ENCODED_SIGNATURE_LEN, MAX_PUBLIC_KEY_LEN, MAX_VERSION_LEN,
+    PresenceTermsResponse, RegisterRequest, WireCapability, WireJob, WireJobBody, WireJobResult,
+    WireSignature, WireSignatureRequest, check_driver_id, check_scheme_curve, decode_hex_array,
+    decode_hex_bounded, decode_ledger_checkpoint, encode_hex_prefixed, parse_curve, parse_scheme,
 };
 
 /// Encodes a job for a lease response.
@@ -140,6 +142,93 @@ pub(crate) fn decode_job_result(result: &WireJobResult) -> Result<JobResult, Dec
             Ok(JobResult::Signature(decode_signature(signature)?))
         }
     }
+}
+
+/// Encodes a signature payload as a request.
+pub(crate) fn encode_signature_request(payload: &SignaturePayload) -> WireSignatureRequest {
+    match payload {
+        SignaturePayload::Hash(hash) => WireSignatureRequest::Hash {
+            hash: encode_hex_prefixed(hash),
+        },
+        SignaturePayload::Message(message) => WireSignatureRequest::Message {
+            message: encode_hex_prefixed(message),
+        },
+    }
+}
+
+/// Decodes and validates a signature request (`Hash` of exactly 32 bytes, `Message` of at
+/// most [`MAX_MESSAGE_LEN`] bytes).
+///
+/// # Errors
+/// [`DecodeError::InvalidHex`] or [`DecodeError::WrongLength`].
+pub(crate) fn decode_signature_request(
+    request: &WireSignatureRequest,
+) -> Result<SignaturePayload, DecodeError> {
+    match request {
+        WireSignatureRequest::Hash { hash } => Ok(SignaturePayload::Hash(decode_hex_array::<32>(
+            "hash", "32", hash,
+        )?)),
+        WireSignatureRequest::Message { message } => Ok(SignaturePayload::Message(
+            decode_hex_bounded("message", MAX_MESSAGE_LEN, "at most 65536", message)?,
+        )),
+    }
+}
+
+/// Checks a master key fingerprint: exactly 64 lowercase hex digits.
+///
+/// # Errors
+/// [`DecodeError::WrongLength`] or [`DecodeError::InvalidHex`] naming `field`.
+pub(crate) fn check_fingerprint(
+    field: &'static str,
+    fingerprint: &str,
+) -> Result<String, DecodeError> {
+    if fingerprint.len() != 64 {
+        return Err(DecodeError::WrongLength {
+            field,
+            actual: fingerprint.len(),
+            expected: "64 hex digits",
+        });
+    }
+    if !fingerprint
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(DecodeError::InvalidHex { field });
+    }
+    Ok(fingerprint.to_owned())
+}
+
+/// Decodes one capability: a known scheme and curve that go together.
+///
+/// # Errors
+/// [`DecodeError::UnknownValue`] or [`DecodeError::SchemeCurveMismatch`].
+pub(crate) fn decode_capability(capability: &WireCapability) -> Result<Capability, DecodeError> {
+    let scheme = parse_scheme(&capability.scheme).map_err(|_| DecodeError::UnknownValue {
+        field: "capabilities.scheme",
+    })?;
+    let curve = parse_curve(&capability.curve).map_err(|_| DecodeError::UnknownValue {
+        field: "capabilities.curve",
+    })?;
+    check_scheme_curve(scheme, curve)?;
+    Ok(Capability { scheme, curve })
+}
+
+/// Decodes and validates a signature.
+///
+/// # Errors
+/// [`DecodeError`] for bad hex, `r`/`s` not 32 bytes, or an oversized encoding.
+pub(crate) fn decode_signature(signature: &WireSignature) -> Result<SignatureResult, DecodeError> {
+    Ok(SignatureResult {
+        r: decode_hex_array::<32>("r", "32", &signature.r)?,
+        s: decode_hex_array::<32>("s", "32", &signature.s)?,
+        recid: signature.recid,
+        encoded: decode_hex_bounded(
+            "encoded",
+            MAX_ENCODED_SIGNATURE_LEN,
+            "at most 256",
+            &signature.encoded,
+        )?,
+    })
 }
 
 #[cfg(test)]

@@ -2,13 +2,8 @@
 //! encodings of the values that travel inside several bodies (capabilities, ledger checkpoints,
 //! signatures, signature requests).
 
-use crate::protocol::{
-    Capability, Curve, DecodeError, LedgerCheckpoint, MAX_MESSAGE_LEN, Scheme, SignaturePayload,
-    SignatureResult,
-};
-use crate::wire::bodies::{
-    WireCapability, WireLedgerCheckpoint, WireSignature, WireSignatureRequest,
-};
+use crate::protocol::{Capability, Curve, DecodeError, LedgerCheckpoint, Scheme, SignatureResult};
+use crate::wire::bodies::{WireCapability, WireLedgerCheckpoint, WireSignature};
 
 /// Longest public key accepted in a completion (an uncompressed SEC1 point is 65 bytes).
 pub const MAX_PUBLIC_KEY_LEN: usize = 133;
@@ -30,7 +25,7 @@ pub const DRIVER_NOT_REGISTERED: &str = "DriverNotRegistered";
 ///
 /// # Errors
 /// [`DecodeError::InvalidHex`] naming `field` if the text is not an even number of hex digits.
-pub fn decode_hex(field: &'static str, text: &str) -> Result<Vec<u8>, DecodeError> {
+pub(crate) fn decode_hex(field: &'static str, text: &str) -> Result<Vec<u8>, DecodeError> {
     let digits = text
         .strip_prefix("0x")
         .or_else(|| text.strip_prefix("0X"))
@@ -101,36 +96,6 @@ pub fn encode_hex_plain(bytes: &[u8]) -> String {
     hex::encode(bytes)
 }
 
-/// Encodes a signature payload as a request.
-pub fn encode_signature_request(payload: &SignaturePayload) -> WireSignatureRequest {
-    match payload {
-        SignaturePayload::Hash(hash) => WireSignatureRequest::Hash {
-            hash: encode_hex_prefixed(hash),
-        },
-        SignaturePayload::Message(message) => WireSignatureRequest::Message {
-            message: encode_hex_prefixed(message),
-        },
-    }
-}
-
-/// Decodes and validates a signature request (`Hash` of exactly 32 bytes, `Message` of at
-/// most [`MAX_MESSAGE_LEN`] bytes).
-///
-/// # Errors
-/// [`DecodeError::InvalidHex`] or [`DecodeError::WrongLength`].
-pub fn decode_signature_request(
-    request: &WireSignatureRequest,
-) -> Result<SignaturePayload, DecodeError> {
-    match request {
-        WireSignatureRequest::Hash { hash } => Ok(SignaturePayload::Hash(decode_hex_array::<32>(
-            "hash", "32", hash,
-        )?)),
-        WireSignatureRequest::Message { message } => Ok(SignaturePayload::Message(
-            decode_hex_bounded("message", MAX_MESSAGE_LEN, "at most 65536", message)?,
-        )),
-    }
-}
-
 /// Parses a scheme by its API name.
 ///
 /// # Errors
@@ -170,62 +135,6 @@ pub fn check_scheme_curve(scheme: Scheme, curve: Curve) -> Result<(), DecodeErro
             curve: curve.as_str(),
         }),
     }
-}
-
-/// Checks a driver id (lease, registration, heartbeat): 1 to [`MAX_DRIVER_ID_LEN`] bytes, no
-/// control characters (it is logged and shown to operators).
-///
-/// # Errors
-/// [`DecodeError::Malformed`], without echoing the id.
-pub fn check_driver_id(driver_id: &str) -> Result<(), DecodeError> {
-    if driver_id.is_empty()
-        || driver_id.len() > MAX_DRIVER_ID_LEN
-        || driver_id.chars().any(char::is_control)
-    {
-        return Err(DecodeError::Malformed {
-            reason: format!(
-                "driverId must be 1 to {MAX_DRIVER_ID_LEN} bytes without control characters ({} bytes given)",
-                driver_id.len()
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// Checks a master key fingerprint: exactly 64 lowercase hex digits.
-///
-/// # Errors
-/// [`DecodeError::WrongLength`] or [`DecodeError::InvalidHex`] naming `field`.
-pub fn check_fingerprint(field: &'static str, fingerprint: &str) -> Result<String, DecodeError> {
-    if fingerprint.len() != 64 {
-        return Err(DecodeError::WrongLength {
-            field,
-            actual: fingerprint.len(),
-            expected: "64 hex digits",
-        });
-    }
-    if !fingerprint
-        .bytes()
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return Err(DecodeError::InvalidHex { field });
-    }
-    Ok(fingerprint.to_owned())
-}
-
-/// Decodes one capability: a known scheme and curve that go together.
-///
-/// # Errors
-/// [`DecodeError::UnknownValue`] or [`DecodeError::SchemeCurveMismatch`].
-pub fn decode_capability(capability: &WireCapability) -> Result<Capability, DecodeError> {
-    let scheme = parse_scheme(&capability.scheme).map_err(|_| DecodeError::UnknownValue {
-        field: "capabilities.scheme",
-    })?;
-    let curve = parse_curve(&capability.curve).map_err(|_| DecodeError::UnknownValue {
-        field: "capabilities.curve",
-    })?;
-    check_scheme_curve(scheme, curve)?;
-    Ok(Capability { scheme, curve })
 }
 
 /// Encodes a capability.
@@ -277,22 +186,24 @@ pub fn encode_signature(signature: &SignatureResult) -> WireSignature {
     }
 }
 
-/// Decodes and validates a signature.
+/// Checks a driver id (lease, registration, heartbeat): 1 to [`MAX_DRIVER_ID_LEN`] bytes, no
+/// control characters (it is logged and shown to operators).
 ///
 /// # Errors
-/// [`DecodeError`] for bad hex, `r`/`s` not 32 bytes, or an oversized encoding.
-pub fn decode_signature(signature: &WireSignature) -> Result<SignatureResult, DecodeError> {
-    Ok(SignatureResult {
-        r: decode_hex_array::<32>("r", "32", &signature.r)?,
-        s: decode_hex_array::<32>("s", "32", &signature.s)?,
-        recid: signature.recid,
-        encoded: decode_hex_bounded(
-            "encoded",
-            MAX_ENCODED_SIGNATURE_LEN,
-            "at most 256",
-            &signature.encoded,
-        )?,
-    })
+/// [`DecodeError::Malformed`], without echoing the id.
+pub fn check_driver_id(driver_id: &str) -> Result<(), DecodeError> {
+    if driver_id.is_empty()
+        || driver_id.len() > MAX_DRIVER_ID_LEN
+        || driver_id.chars().any(char::is_control)
+    {
+        return Err(DecodeError::Malformed {
+            reason: format!(
+                "driverId must be 1 to {MAX_DRIVER_ID_LEN} bytes without control characters ({} bytes given)",
+                driver_id.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -41,9 +41,7 @@ pub use driver::{
 };
 pub use fields::{
     DRIVER_NOT_REGISTERED, MAX_DRIVER_ID_LEN, MAX_ENCODED_SIGNATURE_LEN, MAX_PUBLIC_KEY_LEN,
-    MAX_VERSION_LEN, check_driver_id, check_fingerprint, check_scheme_curve, decode_capability,
-    decode_hex, decode_hex_array, decode_hex_bounded, decode_ledger_checkpoint, decode_signature,
-    decode_signature_request, encode_capability, encode_hex_plain, encode_hex_prefixed,
-    encode_ledger_checkpoint, encode_signature, encode_signature_request, parse_curve,
-    parse_scheme,
+    MAX_VERSION_LEN, check_driver_id, check_scheme_curve, decode_hex_array, decode_hex_bounded,
+    decode_ledger_checkpoint, encode_capability, encode_hex_plain, encode_hex_prefixed,
+    encode_ledger_checkpoint, encode_signature, parse_curve, parse_scheme,
 };

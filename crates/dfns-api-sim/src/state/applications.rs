@@ -67,10 +67,10 @@ impl SimState {
         key_id: &str,
         request: WireSignatureRequest,
     ) -> Result<SignatureView, Refusal> {
-        let payload = wire::decode_signature_request(&request)
+        let payload = crate::codec::decode_signature_request(&request)
             .map_err(|e| Refusal::bad_request(e.to_string()))?;
         // Store the request normalised (lowercase, 0x) as the API echoes it.
-        let request = wire::encode_signature_request(&payload);
+        let request = crate::codec::encode_signature_request(&payload);
         let view = {
             let mut inner = self.lock();
             let key = KeyId::new(key_id)

@@ -12,7 +12,7 @@ impl SimState {
     ) -> Option<dfns_api_client::protocol::SignaturePayload> {
         let inner = self.lock();
         let record = inner.signatures.get(signature_id)?;
-        wire::decode_signature_request(&record.request).ok()
+        crate::codec::decode_signature_request(&record.request).ok()
     }
 }
 

@@ -170,11 +170,9 @@ fn refuse_mode(
     field: &str,
     allow: bool,
 ) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 == 0 {
+    let Some(mode) = dfns_api_client::pem::loose_permissions(meta) else {
         return Ok(());
-    }
+    };
     if allow {
         warn!(
             file = %path.display(),

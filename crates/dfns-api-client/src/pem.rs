@@ -1,6 +1,7 @@
 //! Reading PEM certificate chains and private keys: one loader for the driver's mutual TLS and
 //! the simulator's server. Errors name the file and say what is wrong; a key's bytes never
-//! appear in one.
+//! appear in one. [`loose_permissions`] is the one check of a secret file's mode (the client
+//! warns on its TLS key; the binary refuses loose secret files).
 
 use std::fs::File;
 use std::io::BufReader;
@@ -31,6 +32,23 @@ fn open(path: &Path) -> Result<BufReader<File>, PemError> {
         },
         source: Some(e),
     })
+}
+
+/// The permission bits (`mode & 0o777`) of a secret file that its group or others may read,
+/// write or execute, or `None` when only its owner has any access (always `None` off Unix,
+/// where there are no such bits).
+pub fn loose_permissions(meta: &std::fs::Metadata) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        None
+    }
 }
 
 /// Every certificate of a PEM file; at least one is required.

@@ -62,23 +62,19 @@ pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, ApiError> 
     crate::pem::read_key(path).map_err(ApiError::from)
 }
 
-#[cfg(unix)]
 fn warn_if_readable_by_others(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                path = %path.display(),
-                mode = format_args!("{:o}", mode & 0o777),
-                "the client private key is readable by group or others; chmod 600 it"
-            );
-        }
+    let loose = std::fs::metadata(path)
+        .ok()
+        .as_ref()
+        .and_then(crate::pem::loose_permissions);
+    if let Some(mode) = loose {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format_args!("{mode:o}"),
+            "the client private key is readable by group or others; chmod 600 it"
+        );
     }
 }
-
-#[cfg(not(unix))]
-fn warn_if_readable_by_others(_path: &Path) {}
 
 #[cfg(test)]
 mod tests {

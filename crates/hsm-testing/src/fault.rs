@@ -103,7 +103,7 @@ impl FaultSwitch {
 
 /// An [`Hsm`] that fails every operation with [`HsmError::InjectedFault`] while its
 /// [`FaultSwitch`] is tripped, and otherwise delegates to the inner HSM. For tests and fault
-/// drills; see the [module documentation](self).
+/// drills; see the [crate documentation](crate).
 pub struct FaultInjectingHsm<H> {
     inner: H,
     switch: FaultSwitch,

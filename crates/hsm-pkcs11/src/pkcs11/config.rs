@@ -44,7 +44,7 @@ pub struct Pkcs11Config {
 }
 
 /// How long the driver waits for the HSM. A PKCS#11 call cannot be interrupted: when one
-/// overruns, its caller gets [`HsmError::DeadlineExceeded`](crate::HsmError::DeadlineExceeded)
+/// overruns, its caller gets [`HsmError::DeadlineExceeded`](custody_model::HsmError::DeadlineExceeded)
 /// (retryable: the HSM is then treated as down) and the worker thread stuck in the call is
 /// abandoned at the next recovery, which opens fresh sessions beside it. An abandoned worker
 /// closes its session and ends when its call returns; while more than

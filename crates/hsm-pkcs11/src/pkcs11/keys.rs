@@ -403,7 +403,7 @@ pub(crate) fn unwrap_signing_key(
 const ROTATION_CHECK: &[u8] = b"hsm-driver master-key rotation check v1";
 
 /// Moves `request.wrapped` from master key `from` to master key `to` inside the token (see
-/// [`Hsm::rewrap`](crate::Hsm::rewrap)): unwraps it as a sensitive session key that only a
+/// [`Hsm::rewrap`](custody_model::Hsm::rewrap)): unwraps it as a sensitive session key that only a
 /// trusted key can wrap (`CKA_EXTRACTABLE=true`, `CKA_WRAP_WITH_TRUSTED=true`, signing only),
 /// wraps it under `to` with `mechanism`, destroys it, then unwraps the new blob as the data
 /// path does, signs [`ROTATION_CHECK`] and verifies the signature against

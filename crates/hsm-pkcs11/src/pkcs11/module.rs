@@ -67,7 +67,7 @@ impl Pkcs11Module {
     ///
     /// **This invalidates every session of the process**, whoever opened it, and every object
     /// handle: sessions opened before it must be closed (or known dead) before, and none of
-    /// their `Session` values used after. [`Hsm::recover`](crate::Hsm::recover) calls it only
+    /// their `Session` values used after. [`Hsm::recover`](custody_model::Hsm::recover) calls it only
     /// when the failure requires it; that is why only one [`Pkcs11Hsm`](crate::Pkcs11Hsm)
     /// should use a module in production.
     ///

@@ -67,6 +67,21 @@ pub struct RewrapRequest {
     pub to: String,
 }
 
+/// A token's signature as it returned it: `r || s` (64 bytes) for ECDSA, `R || S` for Ed25519.
+/// Not normalised, not verified: [`signature::finish`](crate::signature::finish) does both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawSignature(pub Vec<u8>);
+
+/// A key record's MAC, to be checked in the HSM before its key is unwrapped
+/// ([`Hsm::sign_record`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMacCheck {
+    /// The bytes the MAC covers ([`record_mac_message`](crate::record_mac_message)).
+    pub message: Vec<u8>,
+    /// The MAC stored with the record.
+    pub mac: [u8; 32],
+}
+
 /// A signature, verified against the request's public key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signature {
@@ -196,15 +211,31 @@ pub trait Hsm: Send + Sync + 'static {
     ) -> impl Future<Output = Result<GeneratedKey, HsmError>> + Send;
 
     /// Unwraps the key into a temporary session object, signs, destroys the object, and
-    /// verifies the signature against `request.public_key` before returning it.
+    /// returns the token's answer as it is: `r || s` for ECDSA, `R || S` for Ed25519,
+    /// neither normalised nor verified. [`Hsm::sign`] finishes and verifies it; the engine
+    /// does so itself, once, whatever the implementation.
     ///
     /// # Errors
     /// [`HsmError`]: a payload that does not fit the scheme, an unwrap failure (tampered blob or
-    /// another master key), a device error, or a signature that does not verify.
+    /// another master key), or a device error.
+    fn sign_raw(
+        &self,
+        request: SignRequest,
+    ) -> impl Future<Output = Result<RawSignature, HsmError>> + Send;
+
+    /// [`Hsm::sign_raw`], then the software post-processing of
+    /// [`signature::finish`](crate::signature::finish): low-s, recovery id and DER for ECDSA,
+    /// and the verification against `request.public_key`.
+    ///
+    /// # Errors
+    /// As [`Hsm::sign_raw`], and [`HsmError::VerificationFailed`] for a signature that does
+    /// not verify.
     fn sign(
         &self,
         request: SignRequest,
-    ) -> impl Future<Output = Result<Signature, HsmError>> + Send;
+    ) -> impl Future<Output = Result<Signature, HsmError>> + Send {
+        Finish::of(&request).after(self.sign_raw(request))
+    }
 
     /// Computes `CKM_SHA256_HMAC` over `message` inside the HSM under the non-extractable key
     /// of purpose `key` (see [`MacKey`]), provisioned with the master key. HSMs sharing a
@@ -289,8 +320,24 @@ pub trait Hsm: Send + Sync + 'static {
         }
     }
 
+    /// [`Hsm::sign_raw`] with a key wrapped under the held master key with fingerprint
+    /// `master`. The default holds only [`Hsm::master_key`].
+    ///
+    /// # Errors
+    /// [`HsmError::MasterKeyNotHeld`]; otherwise as [`Hsm::sign_raw`].
+    fn sign_raw_under(
+        &self,
+        master: &str,
+        request: SignRequest,
+    ) -> impl Future<Output = Result<RawSignature, HsmError>> + Send {
+        let held = require_current(self, master);
+        async move {
+            held?;
+            self.sign_raw(request).await
+        }
+    }
+
     /// [`Hsm::sign`] with a key wrapped under the held master key with fingerprint `master`.
-    /// The default holds only [`Hsm::master_key`].
     ///
     /// # Errors
     /// [`HsmError::MasterKeyNotHeld`]; otherwise as [`Hsm::sign`].
@@ -299,10 +346,27 @@ pub trait Hsm: Send + Sync + 'static {
         master: &str,
         request: SignRequest,
     ) -> impl Future<Output = Result<Signature, HsmError>> + Send {
-        let held = require_current(self, master);
+        Finish::of(&request).after(self.sign_raw_under(master, request))
+    }
+
+    /// The engine's signature, in one request to the HSM where the implementation can: checks
+    /// the key record's MAC (`record`) under the record MAC key of the held master key
+    /// `master`, and only if it verifies unwraps, signs and destroys ([`Hsm::sign_raw_under`]).
+    /// The default makes the two calls in turn.
+    ///
+    /// # Errors
+    /// [`HsmError::RecordTampered`] (nothing was unwrapped); otherwise as
+    /// [`Hsm::sign_raw_under`].
+    fn sign_record(
+        &self,
+        master: &str,
+        record: RecordMacCheck,
+        request: SignRequest,
+    ) -> impl Future<Output = Result<RawSignature, HsmError>> + Send {
         async move {
-            held?;
-            self.sign(request).await
+            self.verify_record_mac_under(master, record.message, record.mac)
+                .await?;
+            self.sign_raw_under(master, request).await
         }
     }
 
@@ -387,6 +451,32 @@ pub trait Hsm: Send + Sync + 'static {
 
 /// `Ok` when `master` is the fingerprint of `hsm`'s current master key, the only one the
 /// defaults of the `*_under` methods hold.
+/// What [`signature::finish`](crate::signature::finish) needs of a request, kept while the
+/// request itself goes to the HSM.
+struct Finish {
+    scheme: KeyScheme,
+    public_key: Vec<u8>,
+    payload: SignPayload,
+}
+
+impl Finish {
+    fn of(request: &SignRequest) -> Self {
+        Finish {
+            scheme: request.scheme,
+            public_key: request.public_key.clone(),
+            payload: request.payload.clone(),
+        }
+    }
+
+    async fn after(
+        self,
+        raw: impl Future<Output = Result<RawSignature, HsmError>>,
+    ) -> Result<Signature, HsmError> {
+        let raw = raw.await?;
+        crate::signature::finish(self.scheme, &self.public_key, &self.payload, &raw)
+    }
+}
+
 fn require_current<H: Hsm + ?Sized>(hsm: &H, master: &str) -> Result<(), HsmError> {
     if hsm.master_key().fingerprint == master {
         Ok(())

@@ -6,7 +6,7 @@
 //! (SoftHSMv2 does); blockchains want low-`s` and a recovery id, so [`finish_ecdsa`] does that.
 
 use crate::error::HsmError;
-use crate::hsm::Signature;
+use crate::hsm::{RawSignature, Signature};
 use crate::scheme::{KeyScheme, SignPayload};
 
 /// ECDSA helpers for one curve crate (`k256` or `p256`); both expose the same `ecdsa` API.
@@ -146,6 +146,27 @@ pub fn finish_ecdsa(
         KeyScheme::EcdsaSecp256k1 => secp256k1::finish(scheme, public_key_sec1, digest, raw_rs),
         KeyScheme::EcdsaP256 => nistp256::finish(scheme, public_key_sec1, digest, raw_rs),
         KeyScheme::Ed25519 => Err(not_ecdsa(scheme)),
+    }
+}
+
+/// Finishes a token's raw signature for `scheme` in one pass: for ECDSA, low-s, the recovery id
+/// and DER, verified against `public_key` over the digest ([`finish_ecdsa`]); for Ed25519, the
+/// strict verification over the message ([`finish_ed25519`]). This is the one software
+/// verification a signature gets on its way to a report.
+///
+/// # Errors
+/// [`HsmError::InvalidPayload`] when the payload does not fit the scheme; otherwise as
+/// [`finish_ecdsa`] and [`finish_ed25519`].
+pub fn finish(
+    scheme: KeyScheme,
+    public_key: &[u8],
+    payload: &SignPayload,
+    raw: &RawSignature,
+) -> Result<Signature, HsmError> {
+    check_payload(scheme, payload)?;
+    match payload {
+        SignPayload::Digest(digest) => finish_ecdsa(scheme, public_key, digest, &raw.0),
+        SignPayload::Message(message) => finish_ed25519(public_key, message, &raw.0),
     }
 }
 

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use custody_model::PayloadRule;
-use custody_model::{Hsm, KeyScheme, SignPayload, SignRequest, Signature, WrappedKey};
+use custody_model::{
+    Hsm, KeyScheme, RecordMacCheck, SignPayload, SignRequest, Signature, WrappedKey,
+};
 use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
     Curve, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseExtension, LeasedJob, ReportOutcome,
@@ -346,34 +348,55 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
     // Typed at the store's edge: a row the store cannot read as a key never gets here.
     let (scheme, mechanism) = (record.scheme, record.wrap_mechanism);
     require_held(parts, &record.key_id, &record.master_key_fingerprint)?;
-    // Before anything is unwrapped: the record is the one this deployment's HSM wrote.
-    check_record_mac(parts, &record).await?;
     let payload = sign_payload(scheme, payload)?;
-
+    // Before anything is unwrapped, in the same request to the HSM: the record is the one this
+    // deployment's HSM wrote (its MAC, under the record MAC key of the master key it names).
+    let Ok(mac) = <[u8; 32]>::try_from(record.record_mac.as_slice()) else {
+        return Err(tampered(&record, "the record has no valid MAC"));
+    };
+    let check = RecordMacCheck {
+        message: record.mac_message(),
+        mac,
+    };
+    let master = record.master_key_fingerprint;
+    let public_key = record.public_key;
     let request = SignRequest {
         scheme,
-        public_key: record.public_key,
+        public_key: public_key.clone(),
         wrapped: WrappedKey {
             blob: record.wrapped_key,
             mechanism,
         },
-        payload,
+        payload: payload.clone(),
     };
-    // The HSM verifies too; this check is the engine's own, independent of the Hsm
-    // implementation: nothing is reported that does not verify against the stored key.
-    let check = (request.public_key.clone(), request.payload.clone());
-    let master = &record.master_key_fingerprint;
-    let signature = timed(parts, "sign", parts.hsm.sign_under(master, request)).await?;
-    custody_model::signature::verify(scheme, &check.0, &check.1, &signature).map_err(|source| {
-        JobError::SignatureRejected {
+    let raw = match timed(
+        parts,
+        "sign",
+        parts.hsm.sign_record(&master, check, request),
+    )
+    .await
+    {
+        Err(e) if e.is_record_tampered() => {
+            return Err(tampered_key(
+                key_id.as_str(),
+                "the MAC does not match the record's fields",
+            ));
+        }
+        other => other?,
+    };
+    // The one software check of the signature, the engine's own, independent of the Hsm
+    // implementation: low-s, recovery id and DER in the same pass as the verification against
+    // the stored public key. Nothing is reported that does not verify.
+    let signature = custody_model::signature::finish(scheme, &public_key, &payload, &raw).map_err(
+        |source| JobError::SignatureRejected {
             key_id: key_id.to_string(),
             source,
-        }
-    })?;
+        },
+    )?;
     let result = signature_result(signature);
     // Recorded (MACed in the HSM, in this driver's chain) before it is reported: the
     // customer's own ledger of what their HSM signed.
-    let payload_bytes: &[u8] = match &check.1 {
+    let payload_bytes: &[u8] = match &payload {
         SignPayload::Digest(digest) => digest,
         SignPayload::Message(message) => message,
     };
@@ -448,19 +471,8 @@ async fn check_record_mac<S: JobSource, H: Hsm, K: KeyStore>(
     parts: &Parts<S, H, K>,
     record: &KeyRecord,
 ) -> Result<(), JobError> {
-    let tampered = |reason: &'static str| {
-        error!(
-            key_id = %record.key_id,
-            reason,
-            "TAMPER: key record failed its integrity check; refusing to use it"
-        );
-        JobError::RecordTampered {
-            key_id: record.key_id.clone(),
-            reason,
-        }
-    };
     let Ok(mac) = <[u8; 32]>::try_from(record.record_mac.as_slice()) else {
-        return Err(tampered("the record has no valid MAC"));
+        return Err(tampered(record, "the record has no valid MAC"));
     };
     // Under the record MAC key of the master key the record names: a record moved to a master
     // key this HSM does not hold is another driver's to check.
@@ -477,10 +489,28 @@ async fn check_record_mac<S: JobSource, H: Hsm, K: KeyStore>(
     .await
     {
         Ok(()) => Ok(()),
-        Err(e) if e.is_record_tampered() => {
-            Err(tampered("the MAC does not match the record's fields"))
-        }
+        Err(e) if e.is_record_tampered() => Err(tampered(
+            record,
+            "the MAC does not match the record's fields",
+        )),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// A key record that failed its integrity check: a tamper event, logged as an error; the job
+/// fails without the key being used.
+fn tampered(record: &KeyRecord, reason: &'static str) -> JobError {
+    tampered_key(&record.key_id, reason)
+}
+
+fn tampered_key(key_id: &str, reason: &'static str) -> JobError {
+    error!(
+        key_id,
+        reason, "TAMPER: key record failed its integrity check; refusing to use it"
+    );
+    JobError::RecordTampered {
+        key_id: key_id.to_owned(),
+        reason,
     }
 }
 

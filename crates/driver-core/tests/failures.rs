@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use custody_model::{
-    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo, SignRequest,
-    Signature,
+    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo, RawSignature,
+    SignRequest,
 };
 use dfns_api_client::protocol::{Curve, FailureCode, JobResult, Scheme};
 use driver_core::{Component, HealthReport};
@@ -277,9 +277,9 @@ impl Hsm for SlowHsm {
         self.generated.fetch_add(1, Ordering::SeqCst);
         self.inner.generate_key(scheme).await
     }
-    async fn sign(&self, request: SignRequest) -> Result<Signature, HsmError> {
+    async fn sign_raw(&self, request: SignRequest) -> Result<RawSignature, HsmError> {
         tokio::time::sleep(self.delay).await;
-        self.inner.sign(request).await
+        self.inner.sign_raw(request).await
     }
     async fn mac(&self, key: MacKey, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
         self.inner.mac(key, message).await

@@ -375,3 +375,80 @@ async fn an_imported_mac_key_added_later_matches_one_imported_with_the_master_ke
         older.mac_record(record).await.unwrap()
     );
 }
+
+/// The order of the data path's one request: a record's MAC is checked before its key is
+/// unwrapped. A record whose blob was altered carries a MAC that no longer matches: the MAC
+/// check refuses it (`RecordTampered`) before `C_UnwrapKey` could (`UnwrapFailed`).
+#[tokio::test(flavor = "multi_thread")]
+async fn sign_record_checks_the_mac_before_anything_is_unwrapped() {
+    use custody_model::{
+        KeyScheme, RecordMacCheck, SignPayload, SignRequest, WrappedKey, signature,
+    };
+
+    let token = blocking(TestToken::create).await.expect("test token");
+    let hsm = open(&token).await;
+    let scheme = if TestToken::kind().expect("fixture") == TokenKind::Kryoptic {
+        KeyScheme::EcdsaP256
+    } else {
+        KeyScheme::EcdsaSecp256k1
+    };
+    let key = hsm.generate_key(scheme).await.unwrap();
+    let master = hsm.master_key().fingerprint.clone();
+    let record = |blob: &[u8]| {
+        record_mac_message(
+            "key-1",
+            scheme.as_str(),
+            scheme.info().api_curve,
+            &key.public_key,
+            blob,
+            key.wrapped.mechanism.as_str(),
+            &master,
+        )
+    };
+    let mac = hsm
+        .mac_record_under(&master, record(&key.wrapped.blob))
+        .await
+        .unwrap();
+    let request = |blob: Vec<u8>| SignRequest {
+        scheme,
+        public_key: key.public_key.clone(),
+        wrapped: WrappedKey {
+            blob,
+            mechanism: key.wrapped.mechanism,
+        },
+        payload: SignPayload::Digest([7; 32]),
+    };
+
+    // The untouched record: one request, a raw signature that finishes and verifies.
+    let check = RecordMacCheck {
+        message: record(&key.wrapped.blob),
+        mac,
+    };
+    let raw = hsm
+        .sign_record(&master, check.clone(), request(key.wrapped.blob.clone()))
+        .await
+        .unwrap();
+    let payload = SignPayload::Digest([7; 32]);
+    signature::finish(scheme, &key.public_key, &payload, &raw).expect("verifies");
+
+    // Tried: the stored blob altered (its last byte flipped), the stored MAC kept.
+    let mut altered = key.wrapped.blob.clone();
+    let last = altered.len() - 1;
+    altered[last] ^= 1;
+    let check = RecordMacCheck {
+        message: record(&altered),
+        mac,
+    };
+    // Weakened (unwrap first, the MAC afterwards): the token's unwrap is what refuses.
+    let unwrapped_first = hsm.sign_raw_under(&master, request(altered.clone())).await;
+    assert!(
+        matches!(unwrapped_first, Err(HsmError::UnwrapFailed { .. })),
+        "{unwrapped_first:?}"
+    );
+    // Ours: the MAC check refuses it first, so nothing was unwrapped.
+    let ours = hsm.sign_record(&master, check, request(altered)).await;
+    assert!(
+        matches!(ours, Err(HsmError::RecordTampered)),
+        "the MAC is checked before the unwrap: {ours:?}"
+    );
+}

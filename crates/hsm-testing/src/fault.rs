@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use custody_model::{
-    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo, RewrapRequest,
-    SignRequest, Signature, WrappedKey,
+    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo, RawSignature,
+    RecordMacCheck, RewrapRequest, SignRequest, WrappedKey,
 };
 
 /// Whether faults are being injected: a manual switch, and optionally a trigger file (tripped
@@ -158,9 +158,9 @@ impl<H: Hsm> Hsm for FaultInjectingHsm<H> {
         self.inner.generate_key(scheme).await
     }
 
-    async fn sign(&self, request: SignRequest) -> Result<Signature, HsmError> {
+    async fn sign_raw(&self, request: SignRequest) -> Result<RawSignature, HsmError> {
         self.gate("sign")?;
-        self.inner.sign(request).await
+        self.inner.sign_raw(request).await
     }
 
     async fn mac(&self, key: MacKey, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
@@ -201,9 +201,23 @@ impl<H: Hsm> Hsm for FaultInjectingHsm<H> {
         self.inner.generate_key_under(master, scheme).await
     }
 
-    async fn sign_under(&self, master: &str, request: SignRequest) -> Result<Signature, HsmError> {
+    async fn sign_raw_under(
+        &self,
+        master: &str,
+        request: SignRequest,
+    ) -> Result<RawSignature, HsmError> {
         self.gate("sign")?;
-        self.inner.sign_under(master, request).await
+        self.inner.sign_raw_under(master, request).await
+    }
+
+    async fn sign_record(
+        &self,
+        master: &str,
+        record: RecordMacCheck,
+        request: SignRequest,
+    ) -> Result<RawSignature, HsmError> {
+        self.gate("sign")?;
+        self.inner.sign_record(master, record, request).await
     }
 
     async fn mac_record_under(&self, master: &str, message: Vec<u8>) -> Result<[u8; 32], HsmError> {

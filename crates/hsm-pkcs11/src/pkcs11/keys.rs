@@ -16,8 +16,8 @@ use super::raw::RawPkcs11;
 use custody_model::HsmError;
 use custody_model::signature;
 use custody_model::{
-    GeneratedKey, KeyScheme, RewrapRequest, SignPayload, SignRequest, Signature, WrapMechanism,
-    WrappedKey,
+    GeneratedKey, KeyScheme, RawSignature, RewrapRequest, SignPayload, SignRequest, Signature,
+    WrapMechanism, WrappedKey,
 };
 
 /// DER `OBJECT IDENTIFIER` secp256k1 (1.3.132.0.10).
@@ -338,18 +338,29 @@ fn classify_unwrap_error(source: CryptokiError, blob_at_fault: impl FnOnce() -> 
 }
 
 /// Unwraps `request.wrapped` into a session object, signs, destroys the object, and verifies
-/// the signature against `request.public_key`.
+/// the signature against `request.public_key` (the probe's and a rotation's own checks).
 pub(crate) fn unwrap_and_sign(
     session: &Session,
     master: MasterKey<'_>,
     request: &SignRequest,
 ) -> Result<Signature, HsmError> {
+    let raw = unwrap_and_sign_raw(session, master, request)?;
+    signature::finish(request.scheme, &request.public_key, &request.payload, &raw)
+}
+
+/// Unwraps `request.wrapped` into a session object, signs, destroys the object, and returns
+/// the token's raw signature (the data path: the engine finishes and verifies it, once).
+pub(crate) fn unwrap_and_sign_raw(
+    session: &Session,
+    master: MasterKey<'_>,
+    request: &SignRequest,
+) -> Result<RawSignature, HsmError> {
     let key = ObjectGuard::new(
         session,
         unwrap_signing_key(session, master, request)?,
         "unwrapped private key",
     );
-    sign_with(session, key.handle(), request)
+    sign_raw(session, key.handle(), &request.payload).map(RawSignature)
 }
 
 /// Whether an unwrapped key may be wrapped again.
@@ -462,7 +473,8 @@ pub(crate) fn rewrap(
 }
 
 /// Signs `request.payload` with the private key `key` (unwrapped from `request.wrapped`) and
-/// verifies the signature against `request.public_key`.
+/// verifies the signature against `request.public_key` (the bench's anchor).
+#[cfg(feature = "bench")]
 pub(crate) fn sign_with(
     session: &Session,
     key: ObjectHandle,

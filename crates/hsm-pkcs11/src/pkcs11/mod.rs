@@ -61,8 +61,9 @@ pub(crate) use token::{find_slot, open_user_session};
 
 use custody_model::record_mac::record_mac_key_label;
 use custody_model::{
-    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo, RewrapRequest,
-    SchemeSupport, SelfTestReport, SignRequest, Signature, WrapMechanism, WrappedKey, error_chain,
+    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo, RawSignature,
+    RecordMacCheck, RewrapRequest, SchemeSupport, SelfTestReport, SignRequest, WrapMechanism,
+    WrappedKey, error_chain,
 };
 use hot_keys::HotKeyCounters;
 #[cfg(not(feature = "softhsm-fixture"))]
@@ -652,12 +653,18 @@ impl Pkcs11Hsm {
         await_answer("generate_key", deadline, answer).await
     }
 
-    async fn sign_on(&self, master: usize, request: SignRequest) -> Result<Signature, HsmError> {
+    async fn sign_on(
+        &self,
+        master: usize,
+        record: Option<RecordMacCheck>,
+        request: SignRequest,
+    ) -> Result<RawSignature, HsmError> {
         custody_model::signature::check_payload(request.scheme, &request.payload)?;
         self.check_scheme(request.scheme)?;
         let (reply, answer) = oneshot::channel();
         self.submit(Job::Sign {
             request: Box::new(request),
+            record,
             master,
             reply,
         })?;
@@ -760,12 +767,27 @@ impl Hsm for Pkcs11Hsm {
         self.generate_on(self.held(master)?, scheme).await
     }
 
-    async fn sign(&self, request: SignRequest) -> Result<Signature, HsmError> {
-        self.sign_on(0, request).await
+    async fn sign_raw(&self, request: SignRequest) -> Result<RawSignature, HsmError> {
+        self.sign_on(0, None, request).await
     }
 
-    async fn sign_under(&self, master: &str, request: SignRequest) -> Result<Signature, HsmError> {
-        self.sign_on(self.held(master)?, request).await
+    async fn sign_raw_under(
+        &self,
+        master: &str,
+        request: SignRequest,
+    ) -> Result<RawSignature, HsmError> {
+        self.sign_on(self.held(master)?, None, request).await
+    }
+
+    /// One worker round trip: the MAC check, the unwrap, the signature and the destroy.
+    async fn sign_record(
+        &self,
+        master: &str,
+        record: RecordMacCheck,
+        request: SignRequest,
+    ) -> Result<RawSignature, HsmError> {
+        self.sign_on(self.held(master)?, Some(record), request)
+            .await
     }
 
     async fn mac(&self, key: MacKey, message: Vec<u8>) -> Result<[u8; 32], HsmError> {

@@ -21,8 +21,8 @@ use super::raw::RawPkcs11;
 use super::token::OwnedSession;
 use custody_model::HsmError;
 use custody_model::{
-    GeneratedKey, KeyScheme, MacKey, RewrapRequest, SignRequest, Signature, WrapMechanism,
-    WrappedKey,
+    GeneratedKey, KeyScheme, MacKey, RawSignature, RecordMacCheck, RewrapRequest, SignRequest,
+    WrapMechanism, WrappedKey,
 };
 
 /// One unit of work.
@@ -34,11 +34,13 @@ pub(crate) enum Job {
         master: usize,
         reply: oneshot::Sender<Result<GeneratedKey, HsmError>>,
     },
-    /// Unwrap (under the held master key `master`) and sign.
+    /// Check the record's MAC if one is given (under the record MAC key of the held master
+    /// key `master`), then unwrap under that master key, sign and destroy: one round trip.
     Sign {
         request: Box<SignRequest>,
+        record: Option<RecordMacCheck>,
         master: usize,
-        reply: oneshot::Sender<Result<Signature, HsmError>>,
+        reply: oneshot::Sender<Result<RawSignature, HsmError>>,
     },
     /// MAC a message under the key of a purpose (for [`MacKey::Record`], the record MAC key of
     /// the held master key `master`).
@@ -88,17 +90,18 @@ fn check_session(session: &Session) -> Result<(), HsmError> {
 }
 
 /// Signs with a hot key: the one already unwrapped for this exact record, else unwraps it and
-/// keeps it. Any PKCS#11 error (or a signature that does not verify) destroys every hot key of
-/// the session: the next signatures start from the stored blobs again.
+/// keeps it, but only once a signature with it verified against the record's public key (the
+/// one software check on this path is paid per unwrap, not per signature). Any error destroys
+/// every hot key of the session: the next signatures start from the stored blobs again.
 fn sign_hot(
     session: &Session,
     master: MasterKey<'_>,
     hot: &mut HotKeyCache,
     request: &SignRequest,
-) -> Result<Signature, HsmError> {
+) -> Result<RawSignature, HsmError> {
     let id = cache_id(request);
     if let Some(key) = hot.get(session, &id) {
-        let result = keys::sign_with(session, key, request);
+        let result = keys::sign_raw(session, key, &request.payload).map(RawSignature);
         if result.is_err() {
             hot.clear(session);
         }
@@ -111,7 +114,14 @@ fn sign_hot(
             return Err(error);
         }
     };
-    match keys::sign_with(session, key, request) {
+    let signed = keys::sign_raw(session, key, &request.payload)
+        .map(RawSignature)
+        .and_then(|raw| {
+            let scheme = request.scheme;
+            custody_model::signature::finish(scheme, &request.public_key, &request.payload, &raw)
+                .map(|_| raw)
+        });
+    match signed {
         Ok(signature) => {
             hot.insert(session, id, key);
             Ok(signature)
@@ -220,15 +230,31 @@ impl Worker {
                 }
                 Job::Sign {
                     request,
-                    master,
+                    record,
+                    master: index,
                     reply,
                 } => {
                     if reply.is_closed() {
                         continue;
                     }
-                    let master = held(&self.masters, &raw, master);
+                    // Nothing is unwrapped for a record whose MAC does not verify.
+                    if let Some(record) = record {
+                        let handle = self.hmac_key(MacKey::Record, index);
+                        let checked = mac::verify(
+                            session,
+                            handle,
+                            MacKey::Record,
+                            &record.message,
+                            &record.mac,
+                        );
+                        if let Err(error) = checked {
+                            let _ = reply.send(Err(error));
+                            continue;
+                        }
+                    }
+                    let master = held(&self.masters, &raw, index);
                     let result = match self.hot.as_mut() {
-                        None => keys::unwrap_and_sign(session, master, &request),
+                        None => keys::unwrap_and_sign_raw(session, master, &request),
                         Some(hot) => sign_hot(session, master, hot, &request),
                     };
                     let _ = reply.send(result);

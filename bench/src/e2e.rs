@@ -67,6 +67,23 @@ pub(crate) struct Throughput {
     pub(crate) machine_cpu_ms_per_job: f64,
     /// How busy the machine's CPUs were during the window, in percent of all of them.
     pub(crate) machine_busy_percent: f64,
+    /// Machine-independent counts per completed job, from the driver's `/metrics` and the
+    /// simulator's stats.
+    pub(crate) counts: JobCounts,
+}
+
+/// What one job costs in requests, counted (not timed): the same on any machine.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct JobCounts {
+    /// Operations handed to the HSM's workers (`hsm_driver_hsm_requests_total`).
+    pub(crate) hsm_requests: f64,
+    /// The engine's software verifications (`hsm_driver_signature_verifications_total`).
+    pub(crate) verifications: f64,
+    /// Statements on the key store's connections (`hsm_driver_store_statements_total`): on
+    /// PostgreSQL, one round trip each.
+    pub(crate) store_statements: f64,
+    /// HTTP requests the simulator received from the driver (`driverRequests`).
+    pub(crate) http_requests: f64,
 }
 
 /// A throughput per curve.
@@ -479,8 +496,10 @@ pub(crate) async fn create_keys(
     Ok(keys)
 }
 
-/// Reads the simulator's completed-job count and both processes' CPU time.
-pub(crate) struct Meter {
+/// Reads the simulator's completed-job count, both processes' CPU time, and the counts of
+/// the driver's `/metrics`.
+pub(crate) struct Meter<'a> {
+    deployment: &'a Deployment,
     driver: u32,
     sim: u32,
 }
@@ -493,12 +512,29 @@ struct Reading {
     client_cpu: Duration,
     machine_busy: Duration,
     machine_total: Duration,
+    /// (HSM requests, verifications, store statements, driver HTTP requests) so far.
+    counts: [u64; 4],
     at: Instant,
 }
 
-impl Meter {
-    pub(crate) fn new(deployment: &Deployment) -> anyhow::Result<Self> {
+/// The value of the counter `name` (any labels) in Prometheus text, 0 when absent.
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| value.parse::<f64>().ok())?
+        })
+        .map(|v| v as u64)
+        .sum()
+}
+
+impl<'a> Meter<'a> {
+    pub(crate) fn new(deployment: &'a Deployment) -> anyhow::Result<Self> {
         Ok(Self {
+            deployment,
             driver: deployment
                 .driver_pid()
                 .context("the driver is not running")?,
@@ -509,7 +545,15 @@ impl Meter {
     }
 
     async fn read(&self, app: &AppClient) -> anyhow::Result<Reading> {
-        let completed = app.stats().await?.completed;
+        let stats = app.stats().await?;
+        let metrics = self.deployment.metrics().await?;
+        let counts = [
+            counter(&metrics, "hsm_driver_hsm_requests_total"),
+            counter(&metrics, "hsm_driver_signature_verifications_total"),
+            counter(&metrics, "hsm_driver_store_statements_total"),
+            stats.driver_requests,
+        ];
+        let completed = stats.completed;
         let (machine_busy, machine_total) = procfs::machine_cpu()?;
         Ok(Reading {
             completed,
@@ -518,6 +562,7 @@ impl Meter {
             client_cpu: procfs::cpu_time(std::process::id())?,
             machine_busy,
             machine_total,
+            counts,
             at: Instant::now(),
         })
     }
@@ -562,6 +607,21 @@ impl Meter {
                     .as_secs_f64()
                     .max(f64::MIN_POSITIVE)
                 * 100.0,
+            counts: {
+                let per = |i: usize| {
+                    if jobs == 0 {
+                        0.0
+                    } else {
+                        (after.counts[i] - before.counts[i]) as f64 / jobs as f64
+                    }
+                };
+                JobCounts {
+                    hsm_requests: per(0),
+                    verifications: per(1),
+                    store_statements: per(2),
+                    http_requests: per(3),
+                }
+            },
         })
     }
 }
@@ -601,5 +661,23 @@ fn pickup_summary(timed: &[Timed]) -> Pickup {
         pickup,
         total: total.percentiles(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counter;
+
+    #[test]
+    fn counters_are_read_from_prometheus_text_whatever_their_labels() {
+        let text = "# HELP hsm_driver_hsm_requests_total requests\n\
+                    # TYPE hsm_driver_hsm_requests_total counter\n\
+                    hsm_driver_hsm_requests_total{otel_scope_name=\"hsm-driver\"} 1234\n\
+                    hsm_driver_hsm_requests_total_extra 99\n\
+                    hsm_driver_store_statements_total 7\n";
+        assert_eq!(counter(text, "hsm_driver_hsm_requests_total"), 1234);
+        assert_eq!(counter(text, "hsm_driver_store_statements_total"), 7);
+        // Tried: a metric the driver does not export (an older driver): counted as 0.
+        assert_eq!(counter(text, "hsm_driver_signature_verifications_total"), 0);
     }
 }

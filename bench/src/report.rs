@@ -319,7 +319,7 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "  {:<11} {:<10} {:<7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>6}",
+            "  {:<11} {:<10} {:<7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>6} {}",
             "store",
             "curve",
             "job",
@@ -329,7 +329,8 @@ impl Report {
             "sim",
             "client",
             "machine",
-            "busy"
+            "busy",
+            COUNT_HEADER
         );
         for store in &self.stores {
             for (kind, anchor_op, list) in [
@@ -615,8 +616,17 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "  {:<10} {:<7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>6}",
-            "curve", "job", "driver", "HSM", "overhead", "sim", "client", "machine", "busy"
+            "  {:<10} {:<7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>6} {}",
+            "curve",
+            "job",
+            "driver",
+            "HSM",
+            "overhead",
+            "sim",
+            "client",
+            "machine",
+            "busy",
+            COUNT_HEADER
         );
         for (kind, list) in [("sign", &e.sign), ("keygen", &e.keygen)] {
             for m in list {
@@ -702,11 +712,20 @@ impl Report {
                         kind,
                         &s.store,
                         &m.curve,
-                        p,
+                        p.clone(),
                         "sim_cpu_per_job",
                         m.throughput.sim_cpu_ms_per_job,
                         "ms",
                     );
+                    let c = &m.throughput.counts;
+                    for (metric, value) in [
+                        ("hsm_requests_per_job", c.hsm_requests),
+                        ("verifications_per_job", c.verifications),
+                        ("store_statements_per_job", c.store_statements),
+                        ("http_requests_per_job", c.http_requests),
+                    ] {
+                        row(kind, &s.store, &m.curve, p.clone(), metric, value, "count");
+                    }
                 }
             }
             for l in &s.latency {
@@ -915,11 +934,19 @@ fn anchor_table(
     }
 }
 
+/// The headers of the counted columns [`cpu_cells`] ends with: per job, HSM requests (round
+/// trips to the HSM's workers), the engine's software verifications, key store statements
+/// (PostgreSQL round trips) and HTTP requests to the API. Counted, not timed: the same on any
+/// machine.
+const COUNT_HEADER: &str = "  hsm/job ver/job  db/job http/job";
+
 /// The CPU-per-job columns of a row: driver, HSM (the one-session anchor's time per operation,
-/// when measured), the driver's overhead beyond it, simulator, client, machine, busy.
+/// when measured), the driver's overhead beyond it, simulator, client, machine, busy; then the
+/// counts per job ([`COUNT_HEADER`]).
 fn cpu_cells(th: &Throughput, hsm: Option<f64>) -> String {
+    let c = &th.counts;
     format!(
-        "{:>7.3} {:>7} {:>8} {:>7.3} {:>7.3} {:>8.3} {:>5.0}%",
+        "{:>7.3} {:>7} {:>8} {:>7.3} {:>7.3} {:>8.3} {:>5.0}%   {:>7.2} {:>7.2} {:>7.2} {:>8.2}",
         th.driver_cpu_ms_per_job,
         hsm.map_or("-".to_owned(), |h| format!("{h:.3}")),
         hsm.map_or("-".to_owned(), |h| format!(
@@ -930,6 +957,10 @@ fn cpu_cells(th: &Throughput, hsm: Option<f64>) -> String {
         th.client_cpu_ms_per_job,
         th.machine_cpu_ms_per_job,
         th.machine_busy_percent,
+        c.hsm_requests,
+        c.verifications,
+        c.store_statements,
+        c.http_requests,
     )
 }
 

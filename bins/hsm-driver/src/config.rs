@@ -63,10 +63,19 @@ pub(crate) struct DriverSection {
     /// and its lease is no longer extended (default 120000).
     #[serde(default = "default_max_job_duration_ms")]
     pub(crate) max_job_duration_ms: u64,
+    /// Key records kept after a signature so the next one with the same key skips the
+    /// database read (default 10000; 0 turns it off). Records hold no secret; every signature
+    /// still has its record's MAC checked in the HSM.
+    #[serde(default = "default_record_cache_capacity")]
+    pub(crate) record_cache_capacity: usize,
 }
 
 fn default_max_job_duration_ms() -> u64 {
     120_000
+}
+
+fn default_record_cache_capacity() -> usize {
+    10_000
 }
 
 /// `[api]`: the Dfns API endpoint and the mutual-TLS material.
@@ -626,6 +635,7 @@ impl Config {
                 ..dfns_api_client::Backoff::default()
             },
             max_job_duration: Duration::from_millis(self.driver.max_job_duration_ms),
+            record_cache_capacity: self.driver.record_cache_capacity,
             ..driver_core::DriverConfig::default()
         }
     }

@@ -45,7 +45,8 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|_| Box::new(hsm.hot_key_stats_reader()) as HotKeyReader);
             let stuck_calls = hsm.stuck_calls_reader();
-            let served = serve(config, hsm, hot_keys).await;
+            let requests = Box::new(hsm.requests_reader()) as CountReader;
+            let served = serve(config, hsm, hot_keys, requests).await;
             // The HSM is closed by now (its workers given the stop grace); calls a hung HSM
             // never answered cannot be interrupted: say so and exit non-zero rather than wait.
             match stuck_calls() {
@@ -62,10 +63,14 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
 /// Reads the HSM's hot-key counters (when hot keys are configured).
 type HotKeyReader = Box<dyn Fn() -> hsm_pkcs11::HotKeyStats + Send + Sync>;
 
+/// Reads a running count (the HSM's requests).
+type CountReader = Box<dyn Fn() -> u64 + Send + Sync>;
+
 async fn serve<H: Hsm>(
     config: &Config,
     hsm: H,
     hot_keys: Option<HotKeyReader>,
+    hsm_requests: CountReader,
 ) -> anyhow::Result<()> {
     let store = wiring::key_store(config).await?;
     if config.database.migrate_on_start {
@@ -92,6 +97,7 @@ async fn serve<H: Hsm>(
             }
         }
     }
+    let store_statements = store.statements_reader();
     let mut builder = Driver::builder()
         .job_source(source)
         .hsm(hsm)
@@ -104,6 +110,18 @@ async fn serve<H: Hsm>(
             if let Some(read) = hot_keys {
                 telemetry.observe_hot_keys(read);
             }
+            telemetry.observe_counter(
+                "hsm_driver_hsm_requests",
+                "Operations handed to the HSM's workers (key generations, signatures, MACs, \
+                 rewraps; not health checks): one round trip to the HSM each",
+                hsm_requests,
+            );
+            telemetry.observe_counter(
+                "hsm_driver_store_statements",
+                "Statements run on the key store's connections (queries, BEGIN/COMMIT, pool \
+                 pings): one database round trip each on PostgreSQL",
+                store_statements,
+            );
             builder = builder.meter(telemetry.meter());
             Some(telemetry.bind(addr).await?)
         }

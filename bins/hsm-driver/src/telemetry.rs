@@ -124,6 +124,22 @@ impl Telemetry {
         }
     }
 
+    /// Exports a counter read at each scrape, as `<name>_total`: the HSM's and the store's own
+    /// counts (`hsm_driver_hsm_requests`, `hsm_driver_store_statements`).
+    pub(crate) fn observe_counter(
+        &self,
+        name: &'static str,
+        description: &'static str,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        self.provider
+            .meter("hsm-driver")
+            .u64_observable_counter(name)
+            .with_description(description)
+            .with_callback(move |observer| observer.observe(read(), &[]))
+            .build();
+    }
+
     /// The meter to hand to the engine (`Driver::builder().meter(…)`).
     pub(crate) fn meter(&self) -> Meter {
         self.provider.meter("hsm-driver")
@@ -397,6 +413,30 @@ mod tests {
             ("hsm_driver_hot_key_hits_total", 7),
             ("hsm_driver_hot_key_misses_total", 2),
             ("hsm_driver_hot_key_evictions_total", 1),
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(name) && l.ends_with(&format!(" {value}"))),
+                "{name} = {value} in\n{text}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_hsm_and_store_counts_are_exported_as_counters() {
+        let telemetry = Telemetry::new("drv-1").unwrap();
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(3));
+        let read = std::sync::Arc::clone(&requests);
+        telemetry.observe_counter("hsm_driver_hsm_requests", "requests", move || {
+            read.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        telemetry.observe_counter("hsm_driver_store_statements", "statements", || 11);
+        requests.store(5, std::sync::atomic::Ordering::Relaxed);
+        let text = body(telemetry.respond(None, &get("/metrics"))).await;
+        // Read at the scrape, not at registration.
+        for (name, value) in [
+            ("hsm_driver_hsm_requests_total", 5),
+            ("hsm_driver_store_statements_total", 11),
         ] {
             assert!(
                 text.lines()

@@ -28,6 +28,7 @@ pub(crate) async fn handle(
     client_subject: Option<Arc<str>>,
     request: Request<Incoming>,
 ) -> Result<HttpResponse, Infallible> {
+    state.count_driver_request();
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
     let method = &parts.method;

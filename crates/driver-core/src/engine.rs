@@ -25,6 +25,7 @@ use crate::health::{Component, Health, HealthReport};
 use crate::job::{self, Outcome};
 use crate::ledger::{ChainHead, Ledger, LedgerError};
 use crate::metrics::{KeyRecordCount, Metrics};
+use crate::record_cache::RecordCache;
 
 /// What one job task needs; shared by all of them.
 pub(crate) struct Parts<S, H, K> {
@@ -38,6 +39,8 @@ pub(crate) struct Parts<S, H, K> {
     pub(crate) in_flight: AtomicU32,
     /// This driver's chain of the audit ledger.
     pub(crate) ledger: Ledger<H, K>,
+    /// Records signed with recently ([`DriverConfig::record_cache_capacity`]).
+    pub(crate) records: RecordCache,
     /// The first TAMPER finding of this run, latched: once the HSM's keys were found
     /// attackable the HSM stays down for the rest of the run, even if a later check passes (a
     /// planted key removed again), until an operator restarts the driver.
@@ -79,6 +82,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
         metrics: Metrics,
         health: Health,
     ) -> Self {
+        let record_cache_capacity = config.record_cache_capacity;
         Self {
             parts: Arc::new(Parts {
                 ledger: Ledger::new(
@@ -94,6 +98,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                 health,
                 in_flight: AtomicU32::new(0),
                 tamper: std::sync::OnceLock::new(),
+                records: RecordCache::new(record_cache_capacity),
             }),
         }
     }

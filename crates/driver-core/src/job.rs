@@ -338,13 +338,15 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
     key_id: KeyId,
     payload: SignaturePayload,
 ) -> Result<JobResult, JobError> {
-    let record = parts
-        .store
-        .get(key_id.as_str())
-        .await?
-        .ok_or_else(|| JobError::UnknownKey {
-            key_id: key_id.to_string(),
-        })?;
+    // A record signed with before skips the database read; the HSM checks its MAC anyway.
+    let record = match parts.records.get(key_id.as_str()) {
+        Some(record) => record,
+        None => Arc::new(parts.store.get(key_id.as_str()).await?.ok_or_else(|| {
+            JobError::UnknownKey {
+                key_id: key_id.to_string(),
+            }
+        })?),
+    };
     // Typed at the store's edge: a row the store cannot read as a key never gets here.
     let (scheme, mechanism) = (record.scheme, record.wrap_mechanism);
     require_held(parts, &record.key_id, &record.master_key_fingerprint)?;
@@ -358,41 +360,40 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
         message: record.mac_message(),
         mac,
     };
-    let master = record.master_key_fingerprint;
-    let public_key = record.public_key;
     let request = SignRequest {
         scheme,
-        public_key: public_key.clone(),
+        public_key: record.public_key.clone(),
         wrapped: WrappedKey {
-            blob: record.wrapped_key,
+            blob: record.wrapped_key.clone(),
             mechanism,
         },
         payload: payload.clone(),
     };
-    let raw = match timed(
-        parts,
-        "sign",
-        parts.hsm.sign_record(&master, check, request),
-    )
-    .await
-    {
+    let master = &record.master_key_fingerprint;
+    let raw = match timed(parts, "sign", parts.hsm.sign_record(master, check, request)).await {
         Err(e) if e.is_record_tampered() => {
-            return Err(tampered_key(
-                key_id.as_str(),
+            parts.records.remove(key_id.as_str());
+            return Err(tampered(
+                &record,
                 "the MAC does not match the record's fields",
             ));
         }
         other => other?,
     };
+    let public_key = &record.public_key;
     // The one software check of the signature, the engine's own, independent of the Hsm
     // implementation: low-s, recovery id and DER in the same pass as the verification against
     // the stored public key. Nothing is reported that does not verify.
-    let signature = custody_model::signature::finish(scheme, &public_key, &payload, &raw).map_err(
-        |source| JobError::SignatureRejected {
-            key_id: key_id.to_string(),
-            source,
-        },
-    )?;
+    parts.metrics.signature_verified();
+    let signature =
+        custody_model::signature::finish(scheme, public_key, &payload, &raw).map_err(|source| {
+            JobError::SignatureRejected {
+                key_id: key_id.to_string(),
+                source,
+            }
+        })?;
+    // Verified in the HSM (its MAC) and by this signature: worth keeping.
+    parts.records.insert(Arc::clone(&record));
     let result = signature_result(signature);
     // Recorded (MACed in the HSM, in this driver's chain) before it is reported: the
     // customer's own ledger of what their HSM signed.
@@ -500,16 +501,12 @@ async fn check_record_mac<S: JobSource, H: Hsm, K: KeyStore>(
 /// A key record that failed its integrity check: a tamper event, logged as an error; the job
 /// fails without the key being used.
 fn tampered(record: &KeyRecord, reason: &'static str) -> JobError {
-    tampered_key(&record.key_id, reason)
-}
-
-fn tampered_key(key_id: &str, reason: &'static str) -> JobError {
     error!(
-        key_id,
+        key_id = %record.key_id,
         reason, "TAMPER: key record failed its integrity check; refusing to use it"
     );
     JobError::RecordTampered {
-        key_id: key_id.to_owned(),
+        key_id: record.key_id.clone(),
         reason,
     }
 }

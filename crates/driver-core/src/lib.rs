@@ -52,6 +52,7 @@ mod health;
 mod job;
 pub mod ledger;
 mod metrics;
+mod record_cache;
 pub mod rotation;
 
 pub use config::{DriverBuilder, DriverConfig};

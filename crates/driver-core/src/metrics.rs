@@ -21,6 +21,7 @@ pub(crate) struct Metrics {
     given_back: Counter<u64>,
     hsm_duration: Histogram<f64>,
     tamper: Counter<u64>,
+    verifications: Counter<u64>,
     /// The last count of key records per master key, for the `hsm_driver_key_records` gauge.
     key_records: Arc<Mutex<Vec<KeyRecordCount>>>,
 }
@@ -99,6 +100,12 @@ impl Metrics {
                     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0,
                 ])
                 .build(),
+            verifications: meter
+                .u64_counter("hsm_driver_signature_verifications")
+                .with_description(
+                    "Software verifications of a signature against the stored public key made by the engine (one per signature)",
+                )
+                .build(),
             tamper: meter
                 .u64_counter("hsm_driver_tamper_detected")
                 .with_description(
@@ -113,6 +120,11 @@ impl Metrics {
             .key_records
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = counts;
+    }
+
+    /// One software verification of a signature by the engine.
+    pub(crate) fn signature_verified(&self) {
+        self.verifications.add(1, &[]);
     }
 
     pub(crate) fn tamper_detected(&self, finding: &'static str) {

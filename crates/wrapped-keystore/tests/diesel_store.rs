@@ -527,3 +527,42 @@ async fn postgres_a_batch_is_stored_whole_or_not_at_all() {
     };
     a_batch_is_stored_whole_or_not_at_all(fixture.store.clone()).await;
 }
+
+/// The statement counter counts what reaches the database: a read is its query plus the
+/// pool's liveness ping on check-out; a failed statement is counted too.
+async fn statements_are_counted(store: &DieselKeyStore) {
+    let statements = store.statements_reader();
+    let before = statements();
+    assert!(
+        store.get("no-such-key").await.expect("a read").is_none(),
+        "nothing stored"
+    );
+    let one_read = statements() - before;
+    assert!(
+        (1..=3).contains(&one_read),
+        "a read is its query, the check-out ping, and at most a transaction around them: {one_read}"
+    );
+    let before = statements();
+    for i in 0..10 {
+        store.get(&format!("k{i}")).await.expect("a read");
+    }
+    assert_eq!(
+        statements() - before,
+        10 * one_read,
+        "every read costs the same, counted each time"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_statements_are_counted() {
+    let fixture = support::sqlite().await.expect("SQLite");
+    statements_are_counted(&fixture.store).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_statements_are_counted() {
+    let Some(fixture) = support::postgres().await else {
+        return;
+    };
+    statements_are_counted(&fixture.store).await;
+}

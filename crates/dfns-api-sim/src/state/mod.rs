@@ -73,6 +73,10 @@ pub struct SimStats {
     /// Reports (completions or failures) on a job that was already finished, answered
     /// `AlreadyCompleted` or `AlreadyFailed`.
     pub duplicate_reports: u64,
+    /// HTTP requests received on the driver endpoint (leases, reports, extensions, presence):
+    /// the protocol's cost per job, read by the bench.
+    #[serde(default)]
+    pub driver_requests: u64,
 }
 
 /// The simulator's timings, as [`SimConfig`](crate::SimConfig) sets them.
@@ -306,6 +310,8 @@ pub(crate) struct SimState {
     max_long_poll: Duration,
     terms: PresenceTerms,
     shutdown: CancellationToken,
+    /// [`SimStats::driver_requests`].
+    driver_requests: std::sync::atomic::AtomicU64,
 }
 
 /// Counts a waiting long-poll for as long as it lives.
@@ -348,7 +354,14 @@ impl SimState {
                 liveness_timeout: timings.liveness_timeout,
             },
             shutdown,
+            driver_requests: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Counts one HTTP request on the driver endpoint.
+    pub(crate) fn count_driver_request(&self) {
+        self.driver_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -385,6 +398,9 @@ impl SimState {
             live_drivers,
             conflicting_key_reports: counts.conflicting_key_reports,
             duplicate_reports: counts.duplicate_reports,
+            driver_requests: self
+                .driver_requests
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

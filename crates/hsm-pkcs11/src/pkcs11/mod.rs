@@ -146,6 +146,9 @@ struct Shared {
     generation: AtomicU64,
     /// The hot-key counters of every worker, across recoveries.
     hot_keys: Arc<HotKeyCounters>,
+    /// Operations handed to a worker (health checks not counted): each is one round trip
+    /// between the caller and the HSM's worker pool, whatever it does inside.
+    requests: AtomicU64,
 }
 
 /// Whether jobs can run.
@@ -487,6 +490,7 @@ impl Pkcs11Hsm {
                 abandoned: Mutex::new(Vec::new()),
                 generation: AtomicU64::new(0),
                 hot_keys,
+                requests: AtomicU64::new(0),
             }),
             capabilities,
             masters: infos,
@@ -511,6 +515,15 @@ impl Pkcs11Hsm {
     pub fn hot_key_stats_reader(&self) -> impl Fn() -> HotKeyStats + Send + Sync + 'static {
         let counters = Arc::clone(&self.shared.hot_keys);
         move || counters.snapshot()
+    }
+
+    /// A cheap, shareable reader of the operations handed to the HSM's workers so far (key
+    /// generations, signatures, MACs, rewraps; not health checks): one per round trip to the
+    /// pool, however many PKCS#11 calls it makes. For the bench's per-job counts and
+    /// `/metrics` (`hsm_driver_hsm_requests_total`).
+    pub fn requests_reader(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || shared.requests.load(Ordering::Relaxed)
     }
 
     /// Worker threads still inside PKCS#11 calls they were abandoned in (a hung HSM; see
@@ -632,7 +645,12 @@ impl Pkcs11Hsm {
 
     /// Queues a job on the running pool; without one, [`HsmError::WorkerUnavailable`] at once.
     fn submit(&self, job: Job) -> Result<(), HsmError> {
-        self.shared.with_pool(|pool| pool.submit(job))
+        let counted = !matches!(job, Job::Check { .. });
+        self.shared.with_pool(|pool| pool.submit(job))?;
+        if counted {
+            self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
 

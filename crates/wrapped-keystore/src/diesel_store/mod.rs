@@ -64,6 +64,8 @@ struct Inner {
     /// The longest a store call is awaited ([`PoolOptions::statement_timeout`] plus the
     /// connection wait plus a second).
     call_deadline: std::time::Duration,
+    /// Statements run so far on the pool's connections ([`DieselKeyStore::statements_reader`]).
+    statements: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for DieselKeyStore {
@@ -96,7 +98,7 @@ impl DieselKeyStore {
     /// as a certificate that does not verify), or [`StoreError::Unavailable`] if the pool cannot
     /// fill within `connection_timeout`.
     pub fn connect(url: &DatabaseUrl, options: PoolOptions) -> Result<Self, StoreError> {
-        let pool = pool::build(url, &options)?;
+        let (pool, statements) = pool::build(url, &options)?;
         tracing::info!(url = %url, max_size = pool.max_size(), "opened key store");
         let call_deadline = options.statement_timeout
             + options.connection_timeout
@@ -106,8 +108,18 @@ impl DieselKeyStore {
                 pool,
                 url: url.clone(),
                 call_deadline,
+                statements,
             }),
         })
+    }
+
+    /// A cheap, shareable reader of the statements run so far on this store's connections:
+    /// queries, `BEGIN` and `COMMIT`, and the pool's liveness pings. On PostgreSQL each is one
+    /// network round trip. For the bench's per-job counts and `/metrics`
+    /// (`hsm_driver_store_statements_total`).
+    pub fn statements_reader(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let statements = Arc::clone(&self.inner.statements);
+        move || statements.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// [`connect`](Self::connect), then [`migrate`](Self::migrate). Blocks.

@@ -7,11 +7,11 @@
 //! ([`on_backend!`]) so each runs with its own backend's full dialect.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use diesel::Connection;
-use diesel::connection::SimpleConnection;
+use diesel::connection::{InstrumentationEvent, SimpleConnection};
 use diesel::pg::PgConnection;
 use diesel::r2d2::R2D2Connection;
 use diesel::sqlite::SqliteConnection;
@@ -107,6 +107,9 @@ pub(crate) struct ConnectionManager {
     /// libpq parameters that notice a silent partition in seconds, each added unless the URL
     /// sets it: `connect_timeout`, `keepalives*`, `tcp_user_timeout`.
     pg_liveness: Vec<(&'static str, String)>,
+    /// Statements run on this manager's connections (queries, `BEGIN`/`COMMIT`, the pool's
+    /// liveness pings): on PostgreSQL, one network round trip each.
+    statements: Arc<AtomicU64>,
 }
 
 impl ConnectionManager {
@@ -140,6 +143,7 @@ impl ConnectionManager {
             postgres,
             pg_session,
             pg_liveness,
+            statements: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -155,6 +159,7 @@ impl ConnectionManager {
                 conn.batch_execute(&self.pg_session).map_err(|source| {
                     to_error(diesel::ConnectionError::CouldntSetupConfiguration(source))
                 })?;
+                conn.set_instrumentation(count_statements(&self.statements));
                 Ok(AnyConnection::Postgresql(conn))
             }
             DatabaseUrl::Sqlite(_) => {
@@ -163,6 +168,7 @@ impl ConnectionManager {
                 conn.batch_execute(SQLITE_PRAGMAS).map_err(|source| {
                     to_error(diesel::ConnectionError::CouldntSetupConfiguration(source))
                 })?;
+                conn.set_instrumentation(count_statements(&self.statements));
                 Ok(AnyConnection::Sqlite(conn))
             }
         }
@@ -234,15 +240,32 @@ impl r2d2::HandleEvent for TracingEventHandler {
     }
 }
 
+/// Counts every statement a connection finishes into `statements`.
+fn count_statements(
+    statements: &Arc<AtomicU64>,
+) -> impl FnMut(InstrumentationEvent<'_>) + Send + 'static {
+    let statements = Arc::clone(statements);
+    move |event| {
+        if let InstrumentationEvent::FinishQuery { .. } = event {
+            statements.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The pool type.
 pub(crate) type Pool = r2d2::Pool<ConnectionManager>;
 
 /// Builds a pool, opening one connection first so that a wrong URL or password is reported as
 /// the database's own error rather than as a pool timeout. An unverified PostgreSQL connection to
 /// a host off this machine is refused before anything connects.
-pub(crate) fn build(url: &DatabaseUrl, options: &PoolOptions) -> Result<Pool, StoreError> {
+/// Returns the pool and its statement counter.
+pub(crate) fn build(
+    url: &DatabaseUrl,
+    options: &PoolOptions,
+) -> Result<(Pool, Arc<AtomicU64>), StoreError> {
     let manager = ConnectionManager::new(url.clone(), options)?;
     drop(manager.open()?);
+    let statements = Arc::clone(&manager.statements);
     let outage = Arc::new(Outage::default());
     let builder = r2d2::Pool::builder()
         .connection_timeout(options.connection_timeout)
@@ -271,7 +294,8 @@ pub(crate) fn build(url: &DatabaseUrl, options: &PoolOptions) -> Result<Pool, St
             .max_size(options.max_size)
             .min_idle(options.min_idle)
     };
-    builder
+    let pool = builder
         .build(manager)
-        .map_err(|source| StoreError::Unavailable { source })
+        .map_err(|source| StoreError::Unavailable { source })?;
+    Ok((pool, statements))
 }

@@ -319,18 +319,11 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "  {:<11} {:<10} {:<7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>6} {}",
+            "  {:<11} {:<10} {:<7} {}",
             "store",
             "curve",
             "job",
-            "driver",
-            "HSM",
-            "overhead",
-            "sim",
-            "client",
-            "machine",
-            "busy",
-            COUNT_HEADER
+            cpu_header()
         );
         for store in &self.stores {
             for (kind, anchor_op, list) in [
@@ -614,20 +607,7 @@ impl Report {
             "  CPU per job (ms): Kryoptic runs inside the driver process, so `driver` includes it;\n  \
              `HSM` is the Kryoptic anchor's time per operation on one session"
         );
-        let _ = writeln!(
-            t,
-            "  {:<10} {:<7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>6} {}",
-            "curve",
-            "job",
-            "driver",
-            "HSM",
-            "overhead",
-            "sim",
-            "client",
-            "machine",
-            "busy",
-            COUNT_HEADER
-        );
+        let _ = writeln!(t, "  {:<10} {:<7} {}", "curve", "job", cpu_header());
         for (kind, list) in [("sign", &e.sign), ("keygen", &e.keygen)] {
             for m in list {
                 let hsm = rate_in(&k.anchor, kind, &m.curve, 1).map(|r| 1000.0 / r);
@@ -939,6 +919,14 @@ fn anchor_table(
 /// (PostgreSQL round trips) and HTTP requests to the API. Counted, not timed: the same on any
 /// machine.
 const COUNT_HEADER: &str = "  hsm/job ver/job  db/job http/job";
+
+/// The headers of [`cpu_cells`].
+fn cpu_header() -> String {
+    format!(
+        "{:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>6} {COUNT_HEADER}",
+        "driver", "HSM", "overhead", "sim", "client", "machine", "busy"
+    )
+}
 
 /// The CPU-per-job columns of a row: driver, HSM (the one-session anchor's time per operation,
 /// when measured), the driver's overhead beyond it, simulator, client, machine, busy; then the

@@ -296,6 +296,36 @@ async fn metrics_count_every_job_and_carry_no_secret_and_no_key_id() {
         1.0,
         "{metrics}"
     );
+    // The per-job cost counters, one per signature where the issue asks for exactly one: the
+    // engine's verification, and (stateless) one HSM request for the signature itself plus
+    // one for its ledger entry.
+    assert_eq!(
+        sum_samples(&metrics, "hsm_driver_signature_verifications_total", &[]),
+        SIGNATURES as f64,
+        "one software verification per signature:\n{metrics}"
+    );
+    assert!(
+        sum_samples(&metrics, "hsm_driver_hsm_requests_total", &[])
+            >= (3 * KEYS + 2 * SIGNATURES) as f64,
+        "{metrics}"
+    );
+    assert!(
+        sum_samples(&metrics, "hsm_driver_store_statements_total", &[]) > 0.0,
+        "{metrics}"
+    );
+    // Prometheus names carry their unit once (an instrument named `..._seconds` with unit `s`
+    // would be exported as `..._seconds_seconds`).
+    assert!(
+        metrics.contains("hsm_driver_last_poll_age_seconds"),
+        "{metrics}"
+    );
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        assert!(
+            name.matches("seconds").count() <= 1,
+            "a doubled unit suffix: {name}"
+        );
+    }
     assert_eq!(
         sum_samples(
             &metrics,

@@ -51,6 +51,26 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where Cargo puts what it builds: `CARGO_TARGET_DIR` (or `build.target-dir`) when set, as
+/// `cargo metadata` reports it, else `target/` in the workspace.
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let output = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("running cargo metadata")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "cargo metadata: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata names no target_directory")
+}
+
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
     cmd.current_dir(workspace_root());
@@ -168,13 +188,9 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
         build.arg("--release");
     }
     run(&mut build)?;
-    let root = workspace_root();
-    options.bin_dir = root.join(if release {
-        "target/release"
-    } else {
-        "target/debug"
-    });
-    options.work_dir = root.join("target/demo");
+    let target = target_dir()?;
+    options.bin_dir = target.join(if release { "release" } else { "debug" });
+    options.work_dir = target.join("demo");
     options.hsm = HsmModule::new(token, module);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(hsm_driver_e2e::run_demo(options))
@@ -198,7 +214,7 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     // `--bins` over the whole workspace: the driver, the simulator and `init-token` (which
     // initialises a Kryoptic token).
     run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-    let mut bench = Command::new(root.join("target/release/hsm-driver-bench"));
+    let mut bench = Command::new(target_dir()?.join("release").join("hsm-driver-bench"));
     bench
         .current_dir(&root)
         .args(args)
@@ -288,13 +304,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 /// `hsm-pkcs11`'s hung-token test, in a process that loads the fault module in front of
 /// SoftHSMv2 (`module`): the module is chosen by the environment at load, so it runs apart.
 fn hung_token(module: &Path) -> anyhow::Result<()> {
-    let dir = workspace_root()
-        .join("target")
-        .join("tmp")
-        .join("hung-token");
+    let target = target_dir()?;
+    let dir = target.join("tmp").join("hung-token");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let fault = workspace_root().join("target").join("debug").join(format!(
+    let fault = target.join("debug").join(format!(
         "{}pkcs11_fault{}",
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX

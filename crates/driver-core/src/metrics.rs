@@ -196,7 +196,7 @@ fn observe_health(meter: &Meter, health: &Health) {
         .build();
     let state = health.clone();
     meter
-        .f64_observable_gauge("hsm_driver_seconds_since_last_poll")
+        .f64_observable_gauge("hsm_driver_last_poll_age")
         .with_unit("s")
         .with_description("Time since the last successful lease request (absent before the first)")
         .with_callback(move |observer| {

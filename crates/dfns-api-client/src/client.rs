@@ -23,7 +23,8 @@ use serde::Serialize;
 use crate::error::ApiError;
 use crate::protocol::{
     DriverRegistration, Heartbeat, JobFailure, JobRef, JobResult, LeaseExtension, LeaseRequest,
-    LeasedJob, LedgerCheckpoint, MAX_LEASE_BATCH, PresenceTerms, ReportOutcome,
+    LeasedJob, LedgerCheckpoint, MAX_LEASE_BATCH, MAX_REPORT_BATCH, PresenceTerms, Report,
+    ReportOutcome,
 };
 use crate::retry::Backoff;
 use crate::source::JobSource;
@@ -85,6 +86,9 @@ struct Inner {
     request_timeout: Duration,
     backoff: Backoff,
     max_response_bytes: usize,
+    /// Set when the API answered the batch endpoint with `404`/`405` (an API without it):
+    /// reports then go one by one.
+    no_batch_endpoint: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for HttpJobSource {
@@ -155,6 +159,7 @@ impl HttpJobSource {
                 request_timeout: config.request_timeout,
                 backoff: config.backoff,
                 max_response_bytes: config.max_response_bytes,
+                no_batch_endpoint: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -234,6 +239,54 @@ impl HttpJobSource {
             return Err(status_error(status, &body));
         }
         wire::decode_presence_terms(&body)
+    }
+
+    /// `POST /driver/v1/jobs/reports`, retried as a single report is. `None` when the API has
+    /// no such endpoint (remembered: later batches go one by one).
+    async fn report_batch_request(
+        &self,
+        reports: &[Report],
+    ) -> Option<Result<Vec<Result<ReportOutcome, ApiError>>, ApiError>> {
+        use std::sync::atomic::Ordering;
+        if self.inner.no_batch_endpoint.load(Ordering::Relaxed) {
+            return None;
+        }
+        let body = match encode_body(&wire::encode_reports(reports)) {
+            Ok(body) => body,
+            Err(e) => return Some(Err(e)),
+        };
+        let jobs: Vec<JobRef> = reports.iter().map(|r| r.job.clone()).collect();
+        let mut attempt = 0;
+        loop {
+            let sent = self
+                .inner
+                .send(
+                    Method::POST,
+                    "/driver/v1/jobs/reports",
+                    Some(body.clone()),
+                    self.inner.request_timeout,
+                )
+                .await;
+            let result = match sent {
+                Ok((StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED, _)) => {
+                    tracing::info!("the API has no batch report endpoint; reporting one by one");
+                    self.inner.no_batch_endpoint.store(true, Ordering::Relaxed);
+                    return None;
+                }
+                Ok((StatusCode::OK, body)) => wire::decode_reports_response(&body, &jobs),
+                Ok((status, body)) => Err(status_error(status, &body)),
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if e.is_retryable() && attempt < self.inner.backoff.max_retries => {
+                    let delay = self.inner.backoff.delay(attempt);
+                    tracing::warn!(reports = reports.len(), attempt, retry_in = ?delay, error = %e, "batch report failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                }
+                other => return Some(other),
+            }
+        }
     }
 
     async fn report<T: Serialize>(
@@ -368,6 +421,32 @@ impl JobSource for HttpJobSource {
             retryable: failure.retryable,
         };
         self.report(job, "fail", &body).await
+    }
+
+    async fn report_batch(&self, reports: Vec<Report>) -> Vec<Result<ReportOutcome, ApiError>> {
+        if reports.len() > 1 && reports.len() <= MAX_REPORT_BATCH {
+            match self.report_batch_request(&reports).await {
+                Some(Ok(outcomes)) => return outcomes,
+                // The whole batch failed: every report failed with it (each job's lease lapses
+                // and the job is delivered again, as after a lost single report).
+                Some(Err(e)) => {
+                    let reason = custody_model::error_chain(&e);
+                    let retryable = e.is_retryable();
+                    return reports
+                        .iter()
+                        .map(|_| {
+                            Err(ApiError::BatchFailed {
+                                reports: reports.len(),
+                                reason: reason.clone(),
+                                retryable,
+                            })
+                        })
+                        .collect();
+                }
+                None => {}
+            }
+        }
+        crate::source::report_one_by_one(self, &reports).await
     }
 
     async fn register(&self, registration: &DriverRegistration) -> Result<PresenceTerms, ApiError> {

@@ -77,6 +77,18 @@ pub enum ApiError {
         /// What is wrong.
         reason: String,
     },
+    /// The batch request that carried this report failed as a whole (each report of the batch
+    /// gets one): nothing is known of the report; its job's lease lapses and the job is
+    /// delivered again, as after a lost single report.
+    #[error("the batch of {reports} reports failed: {reason}")]
+    BatchFailed {
+        /// How many reports the batch carried.
+        reports: usize,
+        /// The batch's error, with its causes.
+        reason: String,
+        /// Whether the batch's error was retryable.
+        retryable: bool,
+    },
 }
 
 impl From<crate::pem::PemError> for ApiError {
@@ -103,6 +115,7 @@ impl ApiError {
             ApiError::Status { status, .. } => {
                 status.is_server_error() || *status == http::StatusCode::TOO_MANY_REQUESTS
             }
+            ApiError::BatchFailed { retryable, .. } => *retryable,
             ApiError::Decode { .. }
             | ApiError::Tls { .. }
             | ApiError::TlsConfig { .. }

@@ -421,6 +421,27 @@ pub struct JobFailure {
     pub retryable: bool,
 }
 
+/// A job's outcome to report: its result, or why it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportBody {
+    /// The job completed with this result.
+    Complete(JobResult),
+    /// The job failed.
+    Fail(JobFailure),
+}
+
+/// One report of a batch ([`JobSource::report_batch`](crate::JobSource::report_batch)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The job and the lease it was executed under.
+    pub job: JobRef,
+    /// What to report.
+    pub body: ReportBody,
+}
+
+/// The most reports one batch request carries.
+pub const MAX_REPORT_BATCH: usize = 256;
+
 /// How the API answered a completion or failure report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::error::ApiError;
 use crate::protocol::{
     DriverRegistration, Heartbeat, JobFailure, JobRef, JobResult, LeaseExtension, LeasedJob,
-    PresenceTerms, ReportOutcome,
+    PresenceTerms, Report, ReportBody, ReportOutcome,
 };
 
 /// A queue of jobs leased to this driver. The HTTP client implements it against the API;
@@ -53,6 +53,16 @@ pub trait JobSource: Send + Sync + 'static {
         failure: &JobFailure,
     ) -> impl Future<Output = Result<ReportOutcome, ApiError>> + Send;
 
+    /// Reports several jobs at once, in one request where the API allows it: one outcome per
+    /// report, in order, each as [`complete`](JobSource::complete) or
+    /// [`fail`](JobSource::fail) would answer it. The default reports them one by one.
+    fn report_batch(
+        &self,
+        reports: Vec<Report>,
+    ) -> impl Future<Output = Vec<Result<ReportOutcome, ApiError>>> + Send {
+        async move { report_one_by_one(self, &reports).await }
+    }
+
     /// Registers (or re-registers, replacing the earlier registration) this driver: who it is
     /// and which (scheme, curve) pairs it serves. Counts as a sign of life.
     ///
@@ -89,4 +99,21 @@ pub trait JobSource: Send + Sync + 'static {
     /// An [`ApiError`] (a `404` for an unknown job).
     fn extend(&self, job: &JobRef)
     -> impl Future<Output = Result<LeaseExtension, ApiError>> + Send;
+}
+
+/// Reports `reports` one request each, in order ([`JobSource::complete`],
+/// [`JobSource::fail`]): the default [`JobSource::report_batch`], and the HTTP client's way
+/// with an API that has no batch endpoint.
+pub(crate) async fn report_one_by_one<S: JobSource + ?Sized>(
+    source: &S,
+    reports: &[Report],
+) -> Vec<Result<ReportOutcome, ApiError>> {
+    let mut outcomes = Vec::with_capacity(reports.len());
+    for report in reports {
+        outcomes.push(match &report.body {
+            ReportBody::Complete(result) => source.complete(&report.job, result).await,
+            ReportBody::Fail(failure) => source.fail(&report.job, failure).await,
+        });
+    }
+    outcomes
 }

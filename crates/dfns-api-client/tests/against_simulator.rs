@@ -736,3 +736,83 @@ async fn raw_request(
         Err(e) => format!("read failed: {e}"),
     }
 }
+
+/// Reports in one request: each handled as its own `complete` or `fail`, its outcome (or
+/// refusal) in order, and the API's counts show one request for the batch.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_reports_is_one_request_with_one_outcome_each() {
+    use dfns_api_client::protocol::{Report, ReportBody};
+
+    let h = harness(Duration::from_secs(30)).await;
+    let source = h.source().await;
+    let keys = [
+        h.app.create_key("ECDSA", "secp256k1").await.unwrap(),
+        h.app.create_key("ECDSA", "secp256k1").await.unwrap(),
+        h.app.create_key("ECDSA", "secp256r1").await.unwrap(),
+    ];
+    let mut jobs = Vec::new();
+    while jobs.len() < keys.len() {
+        jobs.extend(source.lease(8, Duration::from_secs(10)).await.unwrap());
+    }
+    let done = source
+        .complete(&jobs[2].job_ref(), &public_key())
+        .await
+        .unwrap();
+    assert_eq!(done, ReportOutcome::Accepted);
+    // Tried, in one batch: a completion; a failure; a second completion of a finished job; a
+    // job that does not exist; a completion whose result does not decode (a 31-byte public
+    // key is fine for the API, so an oversized one: over 133 bytes).
+    let unknown = JobRef {
+        job_id: JobId::new("job-never-issued").unwrap(),
+        lease_id: jobs[0].lease_id.clone(),
+    };
+    let reports = vec![
+        Report {
+            job: jobs[0].job_ref(),
+            body: ReportBody::Complete(public_key()),
+        },
+        Report {
+            job: jobs[1].job_ref(),
+            body: ReportBody::Fail(failure(FailureCode::BadPayload, false)),
+        },
+        Report {
+            job: jobs[2].job_ref(),
+            body: ReportBody::Complete(public_key()),
+        },
+        Report {
+            job: unknown,
+            body: ReportBody::Complete(public_key()),
+        },
+        Report {
+            job: jobs[0].job_ref(),
+            body: ReportBody::Complete(JobResult::PublicKey(vec![2; 200])),
+        },
+    ];
+    let before = h.sim.stats().driver_requests;
+    let outcomes = source.report_batch(reports).await;
+    assert_eq!(
+        h.sim.stats().driver_requests - before,
+        1,
+        "one request for five reports"
+    );
+    assert_eq!(outcomes.len(), 5);
+    assert_eq!(*outcomes[0].as_ref().unwrap(), ReportOutcome::Accepted);
+    assert_eq!(*outcomes[1].as_ref().unwrap(), ReportOutcome::Accepted);
+    assert_eq!(
+        *outcomes[2].as_ref().unwrap(),
+        ReportOutcome::AlreadyCompleted
+    );
+    let unknown = outcomes[3].as_ref().unwrap_err();
+    assert_eq!(
+        unknown.status(),
+        Some(http::StatusCode::NOT_FOUND),
+        "{unknown}"
+    );
+    assert!(!unknown.is_retryable());
+    let bad = outcomes[4].as_ref().unwrap_err();
+    assert_eq!(bad.status(), Some(http::StatusCode::BAD_REQUEST), "{bad}");
+    // The first report of key 0 stood; the refused one changed nothing.
+    assert_eq!(h.app.get_key(&keys[0].id).await.unwrap().status, "Active");
+    assert_eq!(h.app.get_key(&keys[1].id).await.unwrap().status, "Failed");
+    h.sim.shutdown().await;
+}

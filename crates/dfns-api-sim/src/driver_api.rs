@@ -1,5 +1,6 @@
 //! The driver listener's routes: register, heartbeat, lease (long-poll), extend, complete,
-//! fail, ping, and the ledger checkpoints kept from heartbeats.
+//! fail, reports (a batch of completions and failures), ping, and the ledger checkpoints kept
+//! from heartbeats.
 //!
 //! Requests reach this module only over mutual TLS with a client certificate issued by the
 //! configured client CA; the handshake refuses anything else (see [`crate::tls`]).
@@ -9,12 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dfns_api_client::protocol::{
-    JobFailure, JobId, LeaseId, LeaseRequest, MAX_LEASE_BATCH, ReportOutcome,
+    FailureCode, JobFailure, JobId, LeaseId, LeaseRequest, MAX_LEASE_BATCH, MAX_REPORT_BATCH,
+    ReportOutcome,
 };
 use dfns_api_client::wire::{
-    self, CompleteRequest, DeregisterRequest, ExtendRequest, ExtendResponse, FailRequest,
-    HeartbeatRequest, LeaseResponse, LedgerCheckpointsResponse, PingResponse, RegisterRequest,
-    StatusResponse,
+    self, CompleteRequest, DeregisterRequest, ErrorDetail, ExtendRequest, ExtendResponse,
+    FailRequest, HeartbeatRequest, LeaseResponse, LedgerCheckpointsResponse, PingResponse,
+    RegisterRequest, ReportsRequest, ReportsResponse, StatusResponse, WireReportBody,
+    WireReportOutcome,
 };
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
@@ -57,6 +60,7 @@ pub(crate) async fn handle(
             deregister(&state, body).await
         }
         (&Method::POST, ["driver", "v1", "jobs", "lease"]) => lease(&state, body).await,
+        (&Method::POST, ["driver", "v1", "jobs", "reports"]) => reports(&state, body).await,
         (&Method::POST, ["driver", "v1", "jobs", job_id, "extend"]) => {
             extend(&state, job_id, body).await
         }
@@ -76,7 +80,7 @@ pub(crate) async fn handle(
                 "drivers",
                 "register" | "heartbeat" | "deregister",
             ]
-            | ["driver", "v1", "jobs", "lease"]
+            | ["driver", "v1", "jobs", "lease" | "reports"]
             | ["driver", "v1", "jobs", _, "complete" | "fail" | "extend"],
         ) => Ok(respond::wrong_method(method, &path)),
         _ => Ok(respond::no_route(method, &path)),
@@ -174,7 +178,12 @@ async fn complete(state: &SimState, job_id: &str, body: Incoming) -> Result<Http
 async fn fail(state: &SimState, job_id: &str, body: Incoming) -> Result<HttpResponse, Refusal> {
     let request: FailRequest = read_json(body).await?;
     let (job, lease) = ids(job_id, &request.lease_id)?;
-    let mut message = request.message;
+    let failure = failure(request.code, request.message, request.retryable);
+    state.fail(&job, &lease, &failure).map(outcome)
+}
+
+/// A failure as reported, its message cut to 4096 bytes.
+fn failure(code: FailureCode, mut message: String, retryable: bool) -> JobFailure {
     if message.len() > 4096 {
         let mut end = 4096;
         while !message.is_char_boundary(end) {
@@ -182,10 +191,59 @@ async fn fail(state: &SimState, job_id: &str, body: Incoming) -> Result<HttpResp
         }
         message.truncate(end);
     }
-    let failure = JobFailure {
-        code: request.code,
+    JobFailure {
+        code,
         message,
-        retryable: request.retryable,
-    };
-    state.fail(&job, &lease, &failure).map(outcome)
+        retryable,
+    }
+}
+
+/// `POST /driver/v1/jobs/reports`: each report handled as its own `complete` or `fail` would
+/// be, its outcome (or its refusal) in the answer, in order. A batch that is not valid JSON,
+/// is empty, or is larger than `MAX_REPORT_BATCH` is refused whole (`400`), and changes
+/// nothing.
+async fn reports(state: &SimState, body: Incoming) -> Result<HttpResponse, Refusal> {
+    let request: ReportsRequest = read_json(body).await?;
+    if request.reports.is_empty() || request.reports.len() > MAX_REPORT_BATCH {
+        return Err(Refusal::bad_request(format!(
+            "a batch carries 1 to {MAX_REPORT_BATCH} reports, not {}",
+            request.reports.len()
+        )));
+    }
+    let outcomes = request
+        .reports
+        .into_iter()
+        .map(|report| {
+            let job_id = report.job_id.clone();
+            let answer =
+                ids(&report.job_id, &report.lease_id).and_then(|(job, lease)| match report.body {
+                    WireReportBody::Complete { result } => {
+                        let result = crate::codec::decode_job_result(&result)
+                            .map_err(|e| Refusal::bad_request(e.to_string()))?;
+                        state.complete(&job, &lease, result)
+                    }
+                    WireReportBody::Fail {
+                        code,
+                        message,
+                        retryable,
+                    } => state.fail(&job, &lease, &failure(code, message, retryable)),
+                });
+            match answer {
+                Ok(status) => WireReportOutcome {
+                    job_id,
+                    status: Some(status),
+                    error: None,
+                },
+                Err(refusal) => WireReportOutcome {
+                    job_id,
+                    status: None,
+                    error: Some(ErrorDetail {
+                        code: refusal.code.to_owned(),
+                        message: refusal.message,
+                    }),
+                },
+            }
+        })
+        .collect();
+    Ok(respond::json(StatusCode::OK, &ReportsResponse { outcomes }))
 }

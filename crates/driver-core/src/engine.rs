@@ -26,6 +26,7 @@ use crate::job::{self, Outcome};
 use crate::ledger::{ChainHead, Ledger, LedgerError};
 use crate::metrics::{KeyRecordCount, Metrics};
 use crate::record_cache::RecordCache;
+use crate::reporter::Reporter;
 
 /// What one job task needs; shared by all of them.
 pub(crate) struct Parts<S, H, K> {
@@ -41,6 +42,8 @@ pub(crate) struct Parts<S, H, K> {
     pub(crate) ledger: Ledger<H, K>,
     /// Records signed with recently ([`DriverConfig::record_cache_capacity`]).
     pub(crate) records: RecordCache,
+    /// Reports waiting for the report request in flight.
+    pub(crate) reporter: Reporter,
     /// The first TAMPER finding of this run, latched: once the HSM's keys were found
     /// attackable the HSM stays down for the rest of the run, even if a later check passes (a
     /// planted key removed again), until an operator restarts the driver.
@@ -99,6 +102,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                 in_flight: AtomicU32::new(0),
                 tamper: std::sync::OnceLock::new(),
                 records: RecordCache::new(record_cache_capacity),
+                reporter: Reporter::default(),
             }),
         }
     }

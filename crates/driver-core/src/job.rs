@@ -10,8 +10,8 @@ use custody_model::{
 };
 use dfns_api_client::JobSource;
 use dfns_api_client::protocol::{
-    Curve, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseExtension, LeasedJob, ReportOutcome,
-    Scheme, SignaturePayload, SignatureResult,
+    Curve, JobId, JobRef, JobResult, JobSpec, KeyId, LeaseExtension, LeasedJob, Report, ReportBody,
+    ReportOutcome, Scheme, SignaturePayload, SignatureResult,
 };
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -21,6 +21,7 @@ use crate::engine::Parts;
 use crate::error::{JobError, error_chain};
 use crate::health::Component;
 use crate::ledger::LedgerError;
+use crate::reporter;
 
 /// How a job ended, from the engine's point of view.
 #[derive(Debug)]
@@ -77,14 +78,22 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
         if let Err(error) = &result {
             note_component_failure(parts, error);
         }
-        let report = match &result {
-            Ok(result) => parts.source.complete(&job_ref, result).await,
+        let body = match &result {
+            Ok(result) => ReportBody::Complete(result.clone()),
             Err(error) => {
                 let failure = error.to_failure();
                 warn!(code = failure.code.as_str(), retryable = failure.retryable, error = %failure.message, "job failed");
-                parts.source.fail(&job_ref, &failure).await
+                ReportBody::Fail(failure)
             }
         };
+        let report = reporter::report(
+            parts,
+            Report {
+                job: job_ref.clone(),
+                body,
+            },
+        )
+        .await;
         match (report, &result) {
             (Ok(ReportOutcome::Accepted), Ok(_)) => {
                 debug!("job completed");

@@ -53,6 +53,7 @@ mod job;
 pub mod ledger;
 mod metrics;
 mod record_cache;
+mod reporter;
 pub mod rotation;
 
 pub use config::{DriverBuilder, DriverConfig};

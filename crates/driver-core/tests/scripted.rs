@@ -405,3 +405,36 @@ async fn heartbeats_carry_the_ledger_chain_head_as_a_checkpoint() {
         .expect("a heartbeat carries the chain's head, for the API to keep");
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_finished_while_one_is_in_flight_go_together() {
+    // Tried: report requests that take 30 ms each, and 16 signatures on 4 workers.
+    let source = ScriptedSource::default();
+    *source.report_delay.lock().unwrap() = Some(Duration::from_millis(30));
+    let h = start_with(FakeHsm::new(), source);
+    h.source
+        .push("job-key", keygen("key-b", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.wait_reports(1).await;
+    for i in 0..16u8 {
+        h.source
+            .push(&format!("job-{i}"), sign_hash("key-b", [i; 32]));
+    }
+    let reports = h.source.wait_reports(17).await;
+    assert_eq!(reports.len(), 17, "each job reported once: {reports:?}");
+    for i in 0..16u8 {
+        assert!(
+            matches!(
+                report_for(&reports, &format!("job-{i}")),
+                Report::Completed(JobResult::Signature(_))
+            ),
+            "job-{i}"
+        );
+    }
+    let requests = h.source.report_requests.lock().unwrap().clone();
+    assert_eq!(requests.iter().sum::<usize>(), 17, "{requests:?}");
+    assert!(
+        requests.len() < 17 && requests.iter().any(|&n| n > 1),
+        "reports queued behind a request in flight went together: {requests:?}"
+    );
+    h.shutdown().await;
+}

@@ -123,6 +123,69 @@ pub struct FailRequest {
     pub retryable: bool,
 }
 
+/// The request body of `POST /driver/v1/jobs/reports`: several completions and failures in
+/// one request, at most [`MAX_REPORT_BATCH`](crate::protocol::MAX_REPORT_BATCH).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportsRequest {
+    /// The reports, each handled as its own `complete` or `fail` would be.
+    pub reports: Vec<WireReport>,
+}
+
+/// One report of a [`ReportsRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireReport {
+    /// The job.
+    pub job_id: String,
+    /// The lease under which it was executed.
+    pub lease_id: String,
+    /// A completion or a failure, tagged by `kind`.
+    #[serde(flatten)]
+    pub body: WireReportBody,
+}
+
+/// What a [`WireReport`] reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum WireReportBody {
+    /// `{"kind":"Complete","result":{…}}`.
+    Complete {
+        /// What the job produced.
+        result: WireJobResult,
+    },
+    /// `{"kind":"Fail","code":…,"message":…,"retryable":…}`.
+    Fail {
+        /// The failure category.
+        code: FailureCode,
+        /// A human-readable reason.
+        message: String,
+        /// Whether another attempt may succeed.
+        retryable: bool,
+    },
+}
+
+/// The answer to a [`ReportsRequest`] (`200`): one outcome per report, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportsResponse {
+    /// The outcomes.
+    pub outcomes: Vec<WireReportOutcome>,
+}
+
+/// How one report of a batch was answered: a `status` as a single report's `200`/`409`
+/// would carry, or the `error` its `4xx` would.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireReportOutcome {
+    /// The job the outcome is for.
+    pub job_id: String,
+    /// What the report did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<ReportOutcome>,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
 /// The answer to a completion or failure report (`200` or `409`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusResponse {

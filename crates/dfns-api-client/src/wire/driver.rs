@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use crate::error::ApiError;
 use crate::protocol::{
-    DecodeError, DriverRegistration, Heartbeat, JobId, JobResult, JobSpec, KeyId, LeaseExtension,
-    LeaseId, LeasedJob, LedgerCheckpoint, MAX_MESSAGE_LEN, PresenceTerms, SignaturePayload,
+    DecodeError, DriverRegistration, Heartbeat, JobId, JobRef, JobResult, JobSpec, KeyId,
+    LeaseExtension, LeaseId, LeasedJob, LedgerCheckpoint, MAX_MESSAGE_LEN, PresenceTerms, Report,
+    ReportBody, ReportOutcome, SignaturePayload,
 };
 use crate::wire::bodies::{
     ExtendResponse, HeartbeatRequest, LedgerCheckpointsResponse, PresenceTermsResponse,
-    RegisterRequest, WireJobResult,
+    RegisterRequest, ReportsRequest, ReportsResponse, WireJobResult, WireReport, WireReportBody,
 };
 use crate::wire::fields::{
     check_scheme_curve, decode_hex_array, decode_hex_bounded, decode_ledger_checkpoint,
@@ -248,6 +249,89 @@ pub fn decode_extend_response(body: &[u8]) -> Result<LeaseExtension, ApiError> {
             reason: "extension answer has no known `outcome`".to_owned(),
             source: Some(e),
         })
+}
+
+/// Encodes a batch of reports for `POST /driver/v1/jobs/reports`.
+pub fn encode_reports(reports: &[Report]) -> ReportsRequest {
+    ReportsRequest {
+        reports: reports
+            .iter()
+            .map(|report| WireReport {
+                job_id: report.job.job_id.to_string(),
+                lease_id: report.job.lease_id.to_string(),
+                body: match &report.body {
+                    ReportBody::Complete(result) => WireReportBody::Complete {
+                        result: encode_job_result(result),
+                    },
+                    ReportBody::Fail(failure) => WireReportBody::Fail {
+                        code: failure.code,
+                        message: failure.message.clone(),
+                        retryable: failure.retryable,
+                    },
+                },
+            })
+            .collect(),
+    }
+}
+
+/// Decodes the answer to a batch of reports about `jobs` (in the order they were sent): one
+/// outcome per report, a status or the report's own refusal (an [`ApiError::Status`] as a
+/// single report's `4xx` would give).
+///
+/// # Errors
+/// [`ApiError::Decode`] for the whole batch when the body is not the expected JSON, or its
+/// outcomes do not answer the reports one for one, in order: then nothing is known about any
+/// of them.
+pub fn decode_reports_response(
+    body: &[u8],
+    jobs: &[JobRef],
+) -> Result<Vec<Result<ReportOutcome, ApiError>>, ApiError> {
+    let decode = |reason: String| ApiError::Decode {
+        reason,
+        source: None,
+    };
+    let response: ReportsResponse = serde_json::from_slice(body).map_err(|e| ApiError::Decode {
+        reason: "reports answer is not an object with `outcomes`".to_owned(),
+        source: Some(e),
+    })?;
+    if response.outcomes.len() != jobs.len() {
+        return Err(decode(format!(
+            "{} outcomes for {} reports",
+            response.outcomes.len(),
+            jobs.len()
+        )));
+    }
+    response
+        .outcomes
+        .into_iter()
+        .zip(jobs)
+        .map(|(outcome, job)| {
+            if outcome.job_id != job.job_id.as_str() {
+                return Err(decode(format!(
+                    "outcome for job {} where job {} was reported",
+                    outcome.job_id.chars().take(64).collect::<String>(),
+                    job.job_id
+                )));
+            }
+            Ok(match (outcome.status, outcome.error) {
+                (Some(status), None) => Ok(status),
+                (None, Some(error)) => Err(ApiError::Status {
+                    status: match error.code.as_str() {
+                        "NotFound" => http::StatusCode::NOT_FOUND,
+                        _ => http::StatusCode::BAD_REQUEST,
+                    },
+                    code: Some(error.code.chars().take(64).collect()),
+                    message: error.message.chars().take(1024).collect(),
+                }),
+                _ => {
+                    return Err(decode(format!(
+                        "the outcome for job {} has neither or both of `status` and `error`",
+                        job.job_id
+                    )));
+                }
+            })
+        })
+        .collect()
 }
 
 /// Encodes a job result for a completion.
@@ -641,6 +725,71 @@ mod tests {
             })
             .unwrap(),
             json!({"leaseId":"lease-1"})
+        );
+    }
+
+    #[test]
+    fn a_batch_answer_must_match_the_reports_one_for_one() {
+        let jobs = [
+            JobRef {
+                job_id: JobId::new("job-1").unwrap(),
+                lease_id: LeaseId::new("lease-1").unwrap(),
+            },
+            JobRef {
+                job_id: JobId::new("job-2").unwrap(),
+                lease_id: LeaseId::new("lease-2").unwrap(),
+            },
+        ];
+        let good = json!({"outcomes":[
+            {"jobId":"job-1","status":"Accepted"},
+            {"jobId":"job-2","error":{"code":"NotFound","message":"no job job-2"}}]});
+        let outcomes = decode_reports_response(good.to_string().as_bytes(), &jobs).unwrap();
+        assert_eq!(*outcomes[0].as_ref().unwrap(), ReportOutcome::Accepted);
+        assert_eq!(
+            outcomes[1].as_ref().unwrap_err().status(),
+            Some(http::StatusCode::NOT_FOUND)
+        );
+        // Tried: one outcome short, the outcomes swapped, an outcome with both a status and an
+        // error, one with neither, and no JSON at all: nothing is known of any report.
+        for bad in [
+            json!({"outcomes":[{"jobId":"job-1","status":"Accepted"}]}),
+            json!({"outcomes":[{"jobId":"job-2","status":"Accepted"},{"jobId":"job-1","status":"Accepted"}]}),
+            json!({"outcomes":[{"jobId":"job-1","status":"Accepted","error":{"code":"x","message":"y"}},{"jobId":"job-2","status":"Accepted"}]}),
+            json!({"outcomes":[{"jobId":"job-1"},{"jobId":"job-2","status":"Accepted"}]}),
+        ] {
+            let error = decode_reports_response(bad.to_string().as_bytes(), &jobs).unwrap_err();
+            assert!(matches!(error, ApiError::Decode { .. }), "{bad}: {error}");
+        }
+        assert!(decode_reports_response(b"not json", &jobs).is_err());
+    }
+
+    #[test]
+    fn a_batch_of_reports_has_the_documented_shape() {
+        let job = JobRef {
+            job_id: JobId::new("job-1").unwrap(),
+            lease_id: LeaseId::new("lease-1").unwrap(),
+        };
+        let reports = [
+            Report {
+                job: job.clone(),
+                body: ReportBody::Complete(JobResult::PublicKey(vec![2; 2])),
+            },
+            Report {
+                job,
+                body: ReportBody::Fail(crate::protocol::JobFailure {
+                    code: FailureCode::HsmError,
+                    message: "down".into(),
+                    retryable: true,
+                }),
+            },
+        ];
+        assert_eq!(
+            serde_json::to_value(encode_reports(&reports)).unwrap(),
+            json!({"reports":[
+                {"jobId":"job-1","leaseId":"lease-1","kind":"Complete",
+                 "result":{"kind":"PublicKey","publicKey":"0202"}},
+                {"jobId":"job-1","leaseId":"lease-1","kind":"Fail",
+                 "code":"HsmError","message":"down","retryable":true}]})
         );
     }
 

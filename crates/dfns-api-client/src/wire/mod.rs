@@ -31,13 +31,14 @@ mod fields;
 pub use bodies::{
     CompleteRequest, DeregisterRequest, ErrorDetail, ErrorResponse, ExtendRequest, ExtendResponse,
     FailRequest, HeartbeatRequest, LeaseResponse, LedgerCheckpointsResponse, PingResponse,
-    PresenceTermsResponse, RegisterRequest, StatusResponse, WireCapability, WireJob, WireJobBody,
-    WireJobResult, WireLedgerCheckpoint, WireSignature, WireSignatureRequest,
+    PresenceTermsResponse, RegisterRequest, ReportsRequest, ReportsResponse, StatusResponse,
+    WireCapability, WireJob, WireJobBody, WireJobResult, WireLedgerCheckpoint, WireReport,
+    WireReportBody, WireReportOutcome, WireSignature, WireSignatureRequest,
 };
 pub use driver::{
     DecodedLease, decode_extend_response, decode_job, decode_lease_response,
-    decode_ledger_checkpoints, decode_presence_terms, encode_heartbeat, encode_job_result,
-    encode_registration,
+    decode_ledger_checkpoints, decode_presence_terms, decode_reports_response, encode_heartbeat,
+    encode_job_result, encode_registration, encode_reports,
 };
 pub use fields::{
     DRIVER_NOT_REGISTERED, MAX_DRIVER_ID_LEN, MAX_ENCODED_SIGNATURE_LEN, MAX_PUBLIC_KEY_LEN,

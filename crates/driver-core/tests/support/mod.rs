@@ -51,6 +51,10 @@ pub(crate) struct ScriptedSource {
     /// `DriverNotRegistered` until it registers again.
     forgotten: AtomicBool,
     changed: Notify,
+    /// The size of every report request (one for a single report).
+    pub(crate) report_requests: Mutex<Vec<usize>>,
+    /// How long each report request takes (`None`: no time).
+    pub(crate) report_delay: Mutex<Option<Duration>>,
 }
 
 impl ScriptedSource {
@@ -185,6 +189,31 @@ impl JobSource for ScriptedSource {
     async fn complete(&self, job: &JobRef, result: &JobResult) -> Result<ReportOutcome, ApiError> {
         self.record(job, Report::Completed(result.clone()));
         Ok(ReportOutcome::Accepted)
+    }
+
+    async fn report_batch(
+        &self,
+        reports: Vec<dfns_api_client::protocol::Report>,
+    ) -> Vec<Result<ReportOutcome, ApiError>> {
+        use dfns_api_client::protocol::ReportBody;
+        self.report_requests.lock().unwrap().push(reports.len());
+        let delay = *self.report_delay.lock().unwrap();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        reports
+            .into_iter()
+            .map(|report| {
+                self.record(
+                    &report.job,
+                    match report.body {
+                        ReportBody::Complete(result) => Report::Completed(result),
+                        ReportBody::Fail(failure) => Report::Failed(failure),
+                    },
+                );
+                Ok(ReportOutcome::Accepted)
+            })
+            .collect()
     }
 
     async fn fail(&self, job: &JobRef, failure: &JobFailure) -> Result<ReportOutcome, ApiError> {

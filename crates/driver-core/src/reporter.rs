@@ -1,0 +1,92 @@
+//! Reports in batches, without waiting to gather them: a job's report goes out at once when no
+//! report request is in flight; reports that finish while one is in flight wait for it and then
+//! go together, in one request ([`JobSource::report_batch`]). Under load the batches grow by
+//! themselves; an idle driver's single report is not delayed.
+//!
+//! A report's durability is unchanged: every job's ledger entry is written before its report is
+//! queued, and a batch that fails (or a report refused in it) fails only its own reports, whose
+//! leases lapse so the jobs are delivered again, as after a lost single report.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use dfns_api_client::protocol::{MAX_REPORT_BATCH, Report, ReportOutcome};
+use dfns_api_client::{ApiError, JobSource};
+use tokio::sync::oneshot;
+
+use crate::engine::Parts;
+
+type Reply = oneshot::Sender<Result<ReportOutcome, ApiError>>;
+
+/// The queue of reports waiting for the request in flight.
+#[derive(Default)]
+pub(crate) struct Reporter {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: Vec<(Report, Reply)>,
+    /// Whether a flush task is sending (it takes every report queued until none is left).
+    flushing: bool,
+}
+
+impl Reporter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `report`; true when the caller must start a flush (none is running).
+    fn enqueue(&self, report: Report, reply: Reply) -> bool {
+        let mut state = self.lock();
+        state.pending.push((report, reply));
+        !std::mem::replace(&mut state.flushing, true)
+    }
+
+    /// The next batch (at most [`MAX_REPORT_BATCH`]), or none, ending the flush.
+    fn next_batch(&self) -> Vec<(Report, Reply)> {
+        let mut state = self.lock();
+        if state.pending.is_empty() {
+            state.flushing = false;
+            return Vec::new();
+        }
+        let take = state.pending.len().min(MAX_REPORT_BATCH);
+        state.pending.drain(..take).collect()
+    }
+}
+
+/// Reports one job's outcome, batched with the reports that queue up meanwhile.
+///
+/// # Errors
+/// As [`JobSource::report_batch`] answers this report.
+pub(crate) async fn report<S: JobSource, H: Send + Sync + 'static, K: Send + Sync + 'static>(
+    parts: &Arc<Parts<S, H, K>>,
+    report: Report,
+) -> Result<ReportOutcome, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    if parts.reporter.enqueue(report, reply) {
+        // On its own task: the batch must not be cancelled with the job that started it.
+        tokio::spawn(flush(Arc::clone(parts)));
+    }
+    answer.await.unwrap_or_else(|_| {
+        Err(ApiError::BatchFailed {
+            reports: 1,
+            reason: "the report was dropped unanswered".to_owned(),
+            retryable: true,
+        })
+    })
+}
+
+/// Sends batches until the queue is empty.
+async fn flush<S: JobSource, H, K>(parts: Arc<Parts<S, H, K>>) {
+    loop {
+        let batch = parts.reporter.next_batch();
+        if batch.is_empty() {
+            return;
+        }
+        let (reports, replies): (Vec<Report>, Vec<Reply>) = batch.into_iter().unzip();
+        let outcomes = parts.source.report_batch(reports).await;
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            let _ = reply.send(outcome);
+        }
+    }
+}

@@ -113,6 +113,12 @@ pub(crate) const PICKUP_P50_TARGET_MS: f64 = 5.0;
 pub(crate) const STORED_KEYS_TARGET: f64 = 0.9;
 /// The driver's CPU per signature beyond the HSM's, as a fraction of the HSM's.
 pub(crate) const DRIVER_CPU_TARGET: f64 = 0.1;
+/// Requests per signature at saturation (issue #15): one HSM round trip, one software
+/// verification, at most 1.1 store statements (PostgreSQL round trips) and 0.1 HTTP requests.
+pub(crate) const HSM_REQUESTS_TARGET: f64 = 1.0;
+pub(crate) const VERIFICATIONS_TARGET: f64 = 1.0;
+pub(crate) const STATEMENTS_TARGET: f64 = 1.1;
+pub(crate) const HTTP_REQUESTS_TARGET: f64 = 0.1;
 /// The driver's peak resident memory.
 pub(crate) const PEAK_RSS_TARGET_MIB: f64 = 64.0;
 /// Hot keys against the stateless driver, signing repeatedly with a few keys.
@@ -168,6 +174,46 @@ impl Report {
                         (m.throughput.driver_cpu_ms_per_job - hsm_ms) / hsm_ms,
                         Bound::AtMost,
                         DRIVER_CPU_TARGET,
+                        "",
+                    ));
+                }
+            }
+            // What a signature costs in requests (issue #15), where the driver exports the
+            // counts (a driver without them would look perfect).
+            for m in &store.sign {
+                let c = &m.throughput.counts;
+                if c.verifications == 0.0 {
+                    continue;
+                }
+                let scope = format!("{} {}", store.store, m.curve);
+                for (name, value, bound) in [
+                    (
+                        "HSM requests per signature",
+                        c.hsm_requests,
+                        HSM_REQUESTS_TARGET,
+                    ),
+                    (
+                        "verifications per signature",
+                        c.verifications,
+                        VERIFICATIONS_TARGET,
+                    ),
+                    (
+                        "store statements per signature",
+                        c.store_statements,
+                        STATEMENTS_TARGET,
+                    ),
+                    (
+                        "HTTP requests per signature",
+                        c.http_requests,
+                        HTTP_REQUESTS_TARGET,
+                    ),
+                ] {
+                    targets.push(Target::new(
+                        name,
+                        scope.clone(),
+                        value,
+                        Bound::AtMost,
+                        bound,
                         "",
                     ));
                 }

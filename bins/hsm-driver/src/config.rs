@@ -64,8 +64,9 @@ pub(crate) struct DriverSection {
     #[serde(default = "default_max_job_duration_ms")]
     pub(crate) max_job_duration_ms: u64,
     /// Key records kept after a signature so the next one with the same key skips the
-    /// database read (default 10000; 0 turns it off). Records hold no secret; every signature
-    /// still has its record's MAC checked in the HSM.
+    /// database read (default 0: off). Records hold no secret and every signature still has
+    /// its record's MAC checked in the HSM, but tampering with a cached record's row is found
+    /// only when the copy leaves the cache (docs/security.md).
     #[serde(default = "default_record_cache_capacity")]
     pub(crate) record_cache_capacity: usize,
 }
@@ -75,7 +76,7 @@ fn default_max_job_duration_ms() -> u64 {
 }
 
 fn default_record_cache_capacity() -> usize {
-    10_000
+    0
 }
 
 /// `[api]`: the Dfns API endpoint and the mutual-TLS material.

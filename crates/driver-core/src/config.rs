@@ -47,8 +47,11 @@ pub struct DriverConfig {
     /// own deadlines are shorter; this bounds everything else too.
     pub max_job_duration: Duration,
     /// Key records kept after a signature, so that the next signature with the same key skips
-    /// the database read (default 10,000, about 3 MB; 0 turns it off). Records hold no secret
-    /// and every signature still has its record's MAC checked in the HSM.
+    /// the database read (about 300 bytes each). Off by default (0). Records hold no secret and
+    /// every signature still has its record's MAC checked in the HSM, but a record tampered
+    /// with in the database while a verified copy is cached is not read, so the tampering is
+    /// found only when the copy leaves the cache (evicted, or at restart): the signatures stay
+    /// right, the alarm comes later. See `docs/security.md`.
     pub record_cache_capacity: usize,
 }
 
@@ -70,7 +73,7 @@ impl Default for DriverConfig {
             },
             heartbeat_interval_bounds: (Duration::from_millis(100), Duration::from_secs(300)),
             max_job_duration: Duration::from_secs(120),
-            record_cache_capacity: 10_000,
+            record_cache_capacity: 0,
         }
     }
 }

@@ -9,6 +9,10 @@
 //! copy names the old master key, which a driver holds until it is restarted without it
 //! (and a restart empties the cache).
 //!
+//! The trade-off, and why the cache is off by default: a record tampered with in the database
+//! while a verified copy is cached is not read, so the signatures stay right but the tamper
+//! alarm waits until the copy leaves the cache (eviction or restart).
+//!
 //! Bounded: at most `capacity` records (FIFO eviction; 0 turns the cache off).
 //!
 //! [`Hsm::sign_record`]: custody_model::Hsm::sign_record

@@ -517,18 +517,9 @@ struct Reading {
     at: Instant,
 }
 
-/// The value of the counter `name` (any labels) in Prometheus text, 0 when absent.
+/// The value of the counter `name` (its samples summed, any labels), 0 when absent.
 fn counter(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let metric = series.split('{').next()?;
-            (metric == name).then(|| value.parse::<f64>().ok())?
-        })
-        .map(|v| v as u64)
-        .sum()
+    hsm_driver_e2e::sum_samples(metrics, name, &[]) as u64
 }
 
 impl<'a> Meter<'a> {

@@ -37,7 +37,7 @@ pub use deployment::{Deployment, DeploymentOptions, StopReport};
 pub use driver::{DriverSettings, HotKeySettings};
 pub use master_key::{MASTER_KEY_LABEL, MasterKeyProvisioning, SharedMasterKey};
 pub use simulator::SimulatorOptions;
-pub use telemetry::{Readiness, TelemetryResponse};
+pub use telemetry::{Readiness, TelemetryResponse, sum_samples};
 pub use token::{
     HsmModule, HsmToken, KeyScheme, TokenKind, api_names, read_pin_file, report_skipped,
     slot_labelled, softhsm_module_path,

@@ -110,3 +110,16 @@ pub(crate) fn telemetry_addr_from_log(log: &Path, from: u64) -> anyhow::Result<S
         .and_then(|addr| addr.parse().ok())
         .with_context(|| format!("no address in `{line}`"))
 }
+
+/// Sum of the samples of `metric` (Prometheus text) whose labels include every one of `labels`
+/// (each written `name="value"`); 0 when there are none.
+pub fn sum_samples(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use hsm_driver_e2e::{
     Deployment, DeploymentOptions, HsmModule, KeyScheme, MasterKeyProvisioning, SharedMasterKey,
-    TokenKind, Workload, api_names, report_skipped,
+    TokenKind, Workload, api_names, report_skipped, sum_samples,
 };
 use support::{TestDir, bin_dir};
 
@@ -213,19 +213,6 @@ async fn keys_and_signatures_over_mutual_tls_with_postgresql() {
         "keys_and_signatures_over_mutual_tls_with_postgresql",
     )
     .await;
-}
-
-/// Sum of the samples of `metric` (Prometheus text) whose labels include every one of `labels`
-/// (each written `name="value"`).
-fn sum_samples(text: &str, metric: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(metric)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|line| labels.iter().all(|label| line.contains(label)))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Scrapes `/metrics` until `hsm_driver_jobs_total{outcome="completed"}` reaches `expected`.

@@ -21,6 +21,9 @@ use anyhow::{Context, bail};
 use hsm_driver_e2e::{DemoOptions, HsmModule, TokenKind, softhsm_module_path};
 
 mod kryoptic;
+mod test_binaries;
+
+use test_binaries::TestBinary;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -284,8 +287,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         test.env("HSM_DRIVER_REQUIRE_PG", "1");
     }
     run(&mut test)?;
-    hung_token(&module)?;
-    token_matrix(&kryoptic, &pg_url, in_ci)?;
+    let binaries = test_binaries::workspace_test_binaries()?;
+    hung_token(&binaries, &module)?;
+    token_matrix(&binaries, &kryoptic, &pg_url, in_ci)?;
     if lint {
         run(cargo()
             .args([
@@ -303,7 +307,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 
 /// `hsm-pkcs11`'s hung-token test, in a process that loads the fault module in front of
 /// SoftHSMv2 (`module`): the module is chosen by the environment at load, so it runs apart.
-fn hung_token(module: &Path) -> anyhow::Result<()> {
+fn hung_token(binaries: &[TestBinary], module: &Path) -> anyhow::Result<()> {
     let target = target_dir()?;
     let dir = target.join("tmp").join("hung-token");
     let _ = std::fs::remove_dir_all(&dir);
@@ -313,103 +317,64 @@ fn hung_token(module: &Path) -> anyhow::Result<()> {
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     ));
-    run(cargo()
-        .args([
-            "test",
-            "--all-features",
-            "--locked",
-            "--package",
-            "hsm-pkcs11",
-            "--test",
-            "hung_token",
-        ])
-        .env("HSM_PKCS11_TEST_TOKEN", "softhsm2")
-        .env("SOFTHSM2_MODULE", &fault)
-        .env("PKCS11_FAULT_MODULE", module)
-        .env("PKCS11_FAULT_CONTROL", dir.join("control"))
-        .env("PKCS11_FAULT_STATS", dir.join("stats"))
-        .env("RUST_BACKTRACE", "1"))
+    for binary in test_binaries::select(binaries, "crates/hsm-pkcs11", Some("hung_token"))? {
+        run(test_binaries::command(binary)
+            .env("HSM_PKCS11_TEST_TOKEN", "softhsm2")
+            .env("SOFTHSM2_MODULE", &fault)
+            .env("PKCS11_FAULT_MODULE", module)
+            .env("PKCS11_FAULT_CONTROL", dir.join("control"))
+            .env("PKCS11_FAULT_STATS", dir.join("stats"))
+            .env("RUST_BACKTRACE", "1"))?;
+    }
+    Ok(())
 }
 
 /// The token matrix's second column: the hsm-pkcs11 suite, the fault module's forwarding test
 /// and the end-to-end simulator → driver tests again, on Kryoptic (the first column,
-/// SoftHSMv2, is the workspace run). A scheme a token lacks prints a
-/// `SKIPPED [token × scheme]` line; any other gap fails.
-fn token_matrix(kryoptic: &Path, pg_url: &str, in_ci: bool) -> anyhow::Result<()> {
+/// SoftHSMv2, is the workspace run), with the executables that run built. A scheme a token
+/// lacks prints a `SKIPPED [token × scheme]` line; any other gap fails.
+fn token_matrix(
+    binaries: &[TestBinary],
+    kryoptic: &Path,
+    pg_url: &str,
+    in_ci: bool,
+) -> anyhow::Result<()> {
     println!(
         "token matrix: the hsm-pkcs11 suite, the fault module, the ledger attacks, the rotation, \
          the engine's attack-suite drill and the end-to-end tests on Kryoptic"
     );
-    let runs: [&[&str]; 6] = [
-        &[
-            "test",
-            "--all-features",
-            "--locked",
-            "--package",
-            "hsm-pkcs11",
-            "--tests",
-        ],
+    // (package directory, test target (all of the package's when none), test-name filter)
+    let runs: [(&str, Option<&str>, Option<&str>); 6] = [
+        // Every test executable of hsm-pkcs11: its unit tests and each integration test.
+        ("crates/hsm-pkcs11", None, None),
         // The fault module in front of Kryoptic (it prints SKIPPED without KRYOPTIC_MODULE,
         // which is how the workspace run sees it).
-        &[
-            "test",
-            "--locked",
-            "--package",
-            "pkcs11-fault",
-            "--test",
-            "kryoptic",
-        ],
+        ("crates/pkcs11-fault", Some("kryoptic"), None),
         // The ledger's MACs are the token's: every ledger attack on both databases.
-        &[
-            "test",
-            "--all-features",
-            "--locked",
-            "--package",
-            "driver-core",
-            "--test",
-            "ledger_attacks",
-        ],
+        ("crates/driver-core", Some("ledger_attacks"), None),
         // Master-key rotation: refused there, with the measured reason.
-        &[
-            "test",
-            "--all-features",
-            "--locked",
-            "--package",
-            "driver-core",
-            "--test",
-            "rotation",
-        ],
+        ("crates/driver-core", Some("rotation"), None),
         // An attackable token stops the engine at its health check.
-        &[
-            "test",
-            "--all-features",
-            "--locked",
-            "--package",
-            "driver-core",
-            "--test",
-            "failures",
-            "an_attackable_hsm",
-        ],
-        &[
-            "test",
-            "--locked",
-            "--package",
-            "hsm-driver-e2e",
-            "--test",
-            "end_to_end",
-        ],
+        (
+            "crates/driver-core",
+            Some("failures"),
+            Some("an_attackable_hsm"),
+        ),
+        ("tests", Some("end_to_end"), None),
     ];
-    for args in runs {
-        let mut test = cargo();
-        test.args(args)
-            .env("HSM_PKCS11_TEST_TOKEN", "kryoptic")
-            .env("KRYOPTIC_MODULE", kryoptic)
-            .env("HSM_DRIVER_TEST_PG_URL", pg_url)
-            .env("RUST_BACKTRACE", "1");
-        if in_ci {
-            test.env("HSM_DRIVER_REQUIRE_PG", "1");
+    for (package_dir, target, filter) in runs {
+        for binary in test_binaries::select(binaries, package_dir, target)? {
+            let mut test = test_binaries::command(binary);
+            test.args(filter)
+                .env("HSM_PKCS11_TEST_TOKEN", "kryoptic")
+                .env("KRYOPTIC_MODULE", kryoptic)
+                .env("HSM_DRIVER_TEST_PG_URL", pg_url)
+                .env("RUST_BACKTRACE", "1");
+            if in_ci {
+                test.env("HSM_DRIVER_REQUIRE_PG", "1");
+            }
+            run(&mut test)?;
         }
-        run(&mut test)?;
     }
     println!(
         "token matrix: softhsm2 and kryoptic passed (skipped cells are listed above as SKIPPED)"

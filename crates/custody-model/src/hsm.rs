@@ -184,6 +184,64 @@ impl fmt::Display for MacKey {
     }
 }
 
+/// One message of a [`MacChain`]: its bytes, and where the previous message's MAC goes in them
+/// (32 bytes at [`link_at`](Self::link_at), overwritten before the message is MACed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLink {
+    message: Vec<u8>,
+    link_at: usize,
+}
+
+impl ChainLink {
+    /// The link `message` whose previous MAC goes at `link_at`; `None` when 32 bytes at
+    /// `link_at` do not fit in `message`.
+    pub fn new(message: Vec<u8>, link_at: usize) -> Option<Self> {
+        (link_at.checked_add(32)? <= message.len()).then_some(ChainLink { message, link_at })
+    }
+
+    /// Where the previous MAC goes.
+    pub fn link_at(&self) -> usize {
+        self.link_at
+    }
+
+    /// The message as it stands (its link as last written).
+    pub fn message(&self) -> &[u8] {
+        &self.message
+    }
+}
+
+/// Messages MACed in order, each carrying the MAC of the one before: a run of a ledger's chained
+/// entries, MACed in one HSM request by [`Hsm::mac_chain`] instead of one request per entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MacChain {
+    /// The MAC that goes into the first message (the chain head's, or the genesis link).
+    pub prev: [u8; 32],
+    /// The messages, in chain order.
+    pub links: Vec<ChainLink>,
+}
+
+impl MacChain {
+    /// Runs the chain with `mac` (one MAC computation) and returns every message's MAC, in
+    /// order: each link gets the MAC before it written in, then is MACed. Stops at the first
+    /// error.
+    ///
+    /// # Errors
+    /// The first error `mac` returns.
+    pub fn compute<E>(
+        self,
+        mut mac: impl FnMut(&[u8]) -> Result<[u8; 32], E>,
+    ) -> Result<Vec<[u8; 32]>, E> {
+        let mut prev = self.prev;
+        let mut macs = Vec::with_capacity(self.links.len());
+        for mut link in self.links {
+            link.message[link.link_at..link.link_at + 32].copy_from_slice(&prev);
+            prev = mac(&link.message)?;
+            macs.push(prev);
+        }
+        Ok(macs)
+    }
+}
+
 /// An HSM as the driver uses it: generate-and-wrap, unwrap-and-sign, nothing persistent.
 ///
 /// Implementations run blocking device calls off the async worker threads; the futures they
@@ -248,6 +306,30 @@ pub trait Hsm: Send + Sync + 'static {
         key: MacKey,
         message: Vec<u8>,
     ) -> impl Future<Output = Result<[u8; 32], HsmError>> + Send;
+
+    /// MACs every message of `chain` under the key of purpose `key`, each after the MAC before
+    /// it is written in ([`MacChain::compute`]), and returns the MACs in order. Implementations
+    /// that talk to a device do it in **one** request; this default asks [`Hsm::mac`] once per
+    /// message (the same MACs, more round trips).
+    ///
+    /// # Errors
+    /// As [`Hsm::mac`]; nothing is returned for any message then.
+    fn mac_chain(
+        &self,
+        key: MacKey,
+        chain: MacChain,
+    ) -> impl Future<Output = Result<Vec<[u8; 32]>, HsmError>> + Send {
+        async move {
+            let mut prev = chain.prev;
+            let mut macs = Vec::with_capacity(chain.links.len());
+            for mut link in chain.links {
+                link.message[link.link_at..link.link_at + 32].copy_from_slice(&prev);
+                prev = self.mac(key, link.message).await?;
+                macs.push(prev);
+            }
+            Ok(macs)
+        }
+    }
 
     /// Checks a MAC inside the HSM (`C_Verify` with `CKM_SHA256_HMAC`) under the key of
     /// purpose `key`.
@@ -485,5 +567,71 @@ fn require_current<H: Hsm + ?Sized>(hsm: &H, master: &str) -> Result<(), HsmErro
             fingerprint: master.to_owned(),
             held: vec![hsm.master_key().fingerprint.clone()],
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    /// A stand-in MAC: SHA-256 of the message (the chaining, not the MAC, is under test).
+    fn digest(message: &[u8]) -> Result<[u8; 32], HsmError> {
+        Ok(Sha256::digest(message).into())
+    }
+
+    #[test]
+    fn a_chain_writes_each_mac_into_the_next_message_before_macing_it() {
+        let prev = [7u8; 32];
+        let messages = [
+            b"head:................................:tail-1".to_vec(),
+            vec![0u8; 40],
+        ];
+        let chain = MacChain {
+            prev,
+            links: vec![
+                ChainLink::new(messages[0].clone(), 5).unwrap(),
+                ChainLink::new(messages[1].clone(), 8).unwrap(),
+            ],
+        };
+        let macs = chain.compute(digest).unwrap();
+
+        // By hand: the first message carries `prev` at 5, the second the first MAC at 8.
+        let mut first = messages[0].clone();
+        first[5..37].copy_from_slice(&prev);
+        let first_mac = digest(&first).unwrap();
+        let mut second = messages[1].clone();
+        second[8..40].copy_from_slice(&first_mac);
+        assert_eq!(macs, vec![first_mac, digest(&second).unwrap()]);
+    }
+
+    #[test]
+    fn a_link_that_does_not_fit_its_message_is_refused() {
+        assert!(ChainLink::new(vec![0; 32], 0).is_some());
+        assert!(ChainLink::new(vec![0; 32], 1).is_none(), "one byte short");
+        assert!(
+            ChainLink::new(vec![0; 40], usize::MAX).is_none(),
+            "overflow"
+        );
+    }
+
+    #[test]
+    fn the_first_error_stops_the_chain() {
+        let chain = MacChain {
+            prev: [0; 32],
+            links: vec![ChainLink::new(vec![0; 32], 0).unwrap(); 3],
+        };
+        let mut calls = 0;
+        let result = chain.compute(|_| {
+            calls += 1;
+            if calls == 2 {
+                Err("device error")
+            } else {
+                Ok([1; 32])
+            }
+        });
+        assert_eq!(result, Err("device error"));
+        assert_eq!(calls, 2, "nothing is MACed after the failure");
     }
 }

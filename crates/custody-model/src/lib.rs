@@ -40,8 +40,8 @@ mod wrap;
 pub use common::{error_chain, now_ms};
 pub use error::{CallFailure, HsmError};
 pub use hsm::{
-    Capabilities, GeneratedKey, Hsm, MacKey, MasterKeyInfo, RawSignature, RecordMacCheck,
-    RewrapRequest, SchemeSupport, SignRequest, Signature, WrappedKey,
+    Capabilities, ChainLink, GeneratedKey, Hsm, MacChain, MacKey, MasterKeyInfo, RawSignature,
+    RecordMacCheck, RewrapRequest, SchemeSupport, SignRequest, Signature, WrappedKey,
 };
 pub use record_mac::{RECORD_MAC_DOMAIN, record_mac_message};
 pub use return_value::ReturnValue;

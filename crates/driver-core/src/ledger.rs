@@ -3,17 +3,23 @@
 //! database.
 //!
 //! ```text
-//!   job ──▶ Ledger::append ──(hold the head)──▶ Hsm::mac(Ledger, message) ──▶ KeyStore::append_ledger
-//!                 ▲                                                               │ (chain, seq) taken?
-//!                 └────────────── re-read the head, check its MAC, retry ◀────────┘
+//!   jobs ──▶ Ledger::append ──(queue; the next holder of the head takes every queued entry)──┐
+//!                                                                                             ▼
+//!            Hsm::mac_chain(Ledger, the entries chained after the head) ──▶ KeyStore::append_ledger
+//!                 ▲                        (one HSM request)               (one statement) │ (chain, seq) taken?
+//!                 └──────────────── re-read the head, check its MAC, retry ◀───────────────┘
 //! ```
 //!
 //! Each driver appends only to its own chain (the chain is its driver id), so drivers never
 //! wait for each other: there is no lock shared by all drivers. Within a driver, appends are
-//! serialised by holding the chain head (an async mutex) while the MAC is computed and the row
-//! inserted. A second process misconfigured with the same driver id makes an insert fail on the
-//! `(chain, seq)` primary key; the head is then read again (its MAC checked in the HSM) and the
-//! append retried, at most [`APPEND_ATTEMPTS`] times.
+//! serialised by holding the chain head (an async mutex) while the MACs are computed and the
+//! rows inserted. Appends that queue up meanwhile are written together by the next holder (a
+//! group commit, at most [`MAX_GROUP`] entries): one HSM request MACs the run, each entry
+//! carrying the MAC before it, and one statement stores it, all or nothing. Nothing waits to
+//! gather a group: an idle driver's append goes out at once. A second process misconfigured
+//! with the same driver id makes an insert fail on the `(chain, seq)` primary key; the head is
+//! then read again (its MAC checked in the HSM) and the append retried, at most
+//! [`APPEND_ATTEMPTS`] times.
 //!
 //! The MAC is `HMAC-SHA256` under the HSM's non-extractable ledger key
 //! ([`MacKey::Ledger`]) over the encoding documented in [`wrapped_keystore::ledger`]. A database
@@ -25,10 +31,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
-use custody_model::{Hsm, HsmError, MacKey};
-use wrapped_keystore::ledger::{GENESIS_PREV_MAC, mac_message};
+use custody_model::{ChainLink, Hsm, HsmError, MacChain, MacKey, error_chain};
+use tokio::sync::oneshot;
+use wrapped_keystore::ledger::{GENESIS_PREV_MAC, prev_mac_offset};
 use wrapped_keystore::{
     InsertOutcome, KeyRecord, KeyStore, LedgerEntry, LedgerRecord, ReplaceOutcome, StoreError,
     StoredLedgerRow,
@@ -36,6 +43,19 @@ use wrapped_keystore::{
 
 /// How many times an append re-reads the head and retries after finding its place taken.
 pub const APPEND_ATTEMPTS: usize = 5;
+
+/// The most entries one append writes as a group (one HSM request, one statement).
+pub const MAX_GROUP: usize = 64;
+
+/// Appends waiting for the head, each with its ticket (which append queued it) and where its
+/// outcome goes.
+#[derive(Default)]
+struct Queue {
+    next_ticket: u64,
+    waiting: Vec<(u64, LedgerEntry, Reply)>,
+}
+
+type Reply = oneshot::Sender<Result<LedgerRecord, LedgerError>>;
 
 /// How many entries a verification reads per page.
 const VERIFY_PAGE: u32 = 1000;
@@ -95,6 +115,15 @@ pub enum LedgerError {
         /// What failed.
         reason: String,
     },
+    /// The group this append was written in failed; the append that wrote the group got the
+    /// error itself (and the health or tamper handling that goes with it), this one its account.
+    #[error("the ledger group this entry was written in failed: {reason}")]
+    Group {
+        /// The group's error, with its causes.
+        reason: String,
+        /// Whether the group's error was retryable.
+        retryable: bool,
+    },
     /// Another writer of the same chain (a second process with this driver id) took every
     /// place this driver tried.
     #[error(
@@ -121,7 +150,22 @@ impl LedgerError {
             LedgerError::Hsm(e) => e.is_retryable(),
             LedgerError::Store(e) => e.is_retryable(),
             LedgerError::Contended { .. } => true,
+            LedgerError::Group { retryable, .. } => *retryable,
             LedgerError::HeadTampered { .. } => false,
+        }
+    }
+
+    /// A [`LedgerError::Group`]'s copy, for the next member of the group.
+    fn duplicate(&self) -> LedgerError {
+        match self {
+            LedgerError::Group { reason, retryable } => LedgerError::Group {
+                reason: reason.clone(),
+                retryable: *retryable,
+            },
+            other => LedgerError::Group {
+                reason: error_chain(other),
+                retryable: other.is_retryable(),
+            },
         }
     }
 }
@@ -153,8 +197,10 @@ pub struct Ledger<H, K> {
     hsm: Arc<H>,
     store: Arc<K>,
     chain: String,
-    /// Held while an entry is MACed and written: appends of this driver are serialised here.
+    /// Held while entries are MACed and written: appends of this driver are serialised here.
     head: tokio::sync::Mutex<HeadState>,
+    /// Appends waiting for the head: its next holder writes them all, as one group.
+    queue: std::sync::Mutex<Queue>,
     /// The head as of the last successful read or append, for heartbeats and checkpoint files.
     published: tokio::sync::watch::Sender<Option<ChainHead>>,
 }
@@ -167,6 +213,7 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
             store,
             chain: chain.into(),
             head: tokio::sync::Mutex::new(HeadState::Unread),
+            queue: std::sync::Mutex::default(),
             published: tokio::sync::watch::Sender::new(None),
         }
     }
@@ -201,18 +248,94 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
 
     /// Appends `entry` as the chain's next entry and returns it as written.
     ///
+    /// Appends that queue up while another is being written go together (a group commit):
+    /// whoever takes the head next MACs every queued entry in one HSM request
+    /// ([`Hsm::mac_chain`]) and writes them in one statement, at most [`MAX_GROUP`] at a time.
+    /// An idle chain's single append is not delayed; each entry is still written before this
+    /// returns.
+    ///
     /// # Errors
     /// As [`open`](Self::open) when the head must be (re-)read; [`LedgerError::Contended`] when
     /// another writer of this chain took the place [`APPEND_ATTEMPTS`] times; the HSM's or the
-    /// store's errors (nothing is written then).
+    /// store's errors (nothing of the group is written then). An append written by another
+    /// caller's group gets [`LedgerError::Group`] when that group failed.
     pub async fn append(&self, entry: LedgerEntry) -> Result<LedgerRecord, LedgerError> {
-        let store = Arc::clone(&self.store);
-        self.write(entry, move |record| {
-            let store = Arc::clone(&store);
-            async move { store.append_ledger(record).await.map(|()| true) }
-        })
-        .await
-        .map(|(record, _)| record)
+        let (reply, mut answer) = oneshot::channel();
+        let ticket = {
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            queue.next_ticket += 1;
+            let ticket = queue.next_ticket;
+            queue.waiting.push((ticket, entry, reply));
+            ticket
+        };
+        let mut head = self.head.lock().await;
+        loop {
+            match answer.try_recv() {
+                Ok(written) => return written,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    // The caller writing this entry's group was cancelled mid-way: whether it
+                    // was written is unknown (the job is not reported; it is delivered again).
+                    *head = HeadState::Unread;
+                    return Err(LedgerError::Group {
+                        reason: "the append writing this entry was cancelled".to_owned(),
+                        retryable: true,
+                    });
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            let mut tickets = Vec::new();
+            let mut replies = Vec::new();
+            let mut entries = Vec::new();
+            {
+                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                let take = queue.waiting.len().min(MAX_GROUP);
+                for (ticket, entry, reply) in queue.waiting.drain(..take) {
+                    tickets.push(ticket);
+                    entries.push(entry);
+                    replies.push(reply);
+                }
+            }
+            let store = Arc::clone(&self.store);
+            let written = self
+                .write(&mut head, entries, move |records| {
+                    let store = Arc::clone(&store);
+                    async move { store.append_ledger(records).await.map(|()| true) }
+                })
+                .await;
+            // Every member gets its answer; this caller's own (if its entry was in the group)
+            // is returned directly. Otherwise its entry waits for the next group.
+            match written {
+                Ok((records, _)) => {
+                    let mut own = None;
+                    for ((member, reply), record) in tickets.into_iter().zip(replies).zip(records) {
+                        if member == ticket {
+                            own = Some(record);
+                        } else {
+                            let _ = reply.send(Ok(record));
+                        }
+                    }
+                    if let Some(record) = own {
+                        return Ok(record);
+                    }
+                }
+                Err(error) => {
+                    // The member that wrote the group gets the error itself (and the health or
+                    // tamper handling that goes with it), the others its account.
+                    let shared = error.duplicate();
+                    let mut own = false;
+                    for (member, reply) in tickets.into_iter().zip(replies) {
+                        if member == ticket {
+                            own = true;
+                        } else {
+                            let _ = reply.send(Err(shared.duplicate()));
+                        }
+                    }
+                    if own {
+                        return Err(error);
+                    }
+                }
+            }
+        }
     }
 
     /// Stores `key` and appends `entry` in one transaction: both are written or neither is. A
@@ -227,10 +350,12 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
         entry: LedgerEntry,
     ) -> Result<InsertOutcome, LedgerError> {
         let store = Arc::clone(&self.store);
+        let mut head = self.head.lock().await;
         let (_, outcome) = self
-            .write(entry, move |record| {
+            .write(&mut head, vec![entry], move |mut records| {
                 let (store, key) = (Arc::clone(&store), key.clone());
                 async move {
+                    let record = records.pop().expect("one entry, one record");
                     store
                         .insert_with_ledger(key, record)
                         .await
@@ -258,10 +383,12 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
         entry: LedgerEntry,
     ) -> Result<ReplaceOutcome, LedgerError> {
         let store = Arc::clone(&self.store);
+        let mut head = self.head.lock().await;
         let (_, replaced) = self
-            .write(entry, move |record| {
+            .write(&mut head, vec![entry], move |mut records| {
                 let (store, old, new) = (Arc::clone(&store), old.clone(), new.clone());
                 async move {
+                    let record = records.pop().expect("one entry, one record");
                     store
                         .replace_with_ledger(old, new, record)
                         .await
@@ -276,50 +403,89 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
         })
     }
 
-    /// The append loop. `write` stores one record and says whether it was written (`false`:
+    /// The append loop, with the head held: chains `entries` after the head, MACs them in one
+    /// HSM request and has `write` store them; `write` says whether they were written (`false`:
     /// nothing to record, the head stays).
     async fn write<F, Fut>(
         &self,
-        entry: LedgerEntry,
+        head: &mut HeadState,
+        entries: Vec<LedgerEntry>,
         write: F,
-    ) -> Result<(LedgerRecord, bool), LedgerError>
+    ) -> Result<(Vec<LedgerRecord>, bool), LedgerError>
     where
-        F: Fn(LedgerRecord) -> Fut,
+        F: Fn(Vec<LedgerRecord>) -> Fut,
         Fut: Future<Output = Result<bool, StoreError>>,
     {
-        let mut head = self.head.lock().await;
         for _ in 0..APPEND_ATTEMPTS {
             let known = match *head {
                 HeadState::Known(known) => known,
                 HeadState::Unread => self.read_head().await?.map(|h| (h.seq, h.mac)),
             };
             *head = HeadState::Known(known);
-            let (seq, prev_mac) = match known {
+            let (first_seq, genesis) = match known {
                 Some((seq, mac)) => (seq + 1, mac),
                 None => (1, GENESIS_PREV_MAC),
             };
-            let message = mac_message(&self.chain, seq, &prev_mac, &entry);
-            let mac = self.hsm.mac(MacKey::Ledger, message).await?;
-            let record = LedgerRecord {
-                chain: self.chain.clone(),
-                seq,
-                entry: entry.clone(),
-                prev_mac,
-                mac,
+            let mut records: Vec<LedgerRecord> = entries
+                .iter()
+                .zip(first_seq..)
+                .map(|(entry, seq)| LedgerRecord {
+                    chain: self.chain.clone(),
+                    seq,
+                    entry: entry.clone(),
+                    prev_mac: [0; 32],
+                    mac: [0; 32],
+                })
+                .collect();
+            let link_at = prev_mac_offset(&self.chain);
+            let links = records
+                .iter()
+                .map(|record| {
+                    ChainLink::new(record.mac_message(), link_at)
+                        .expect("the link lies inside every ledger message")
+                })
+                .collect();
+            let macs = self
+                .hsm
+                .mac_chain(
+                    MacKey::Ledger,
+                    MacChain {
+                        prev: genesis,
+                        links,
+                    },
+                )
+                .await?;
+            if macs.len() != records.len() {
+                return Err(LedgerError::Hsm(HsmError::Config {
+                    reason: format!(
+                        "the HSM answered {} MACs for {} ledger entries",
+                        macs.len(),
+                        records.len()
+                    ),
+                }));
+            }
+            let mut prev = genesis;
+            for (record, mac) in records.iter_mut().zip(macs) {
+                record.prev_mac = prev;
+                record.mac = mac;
+                prev = mac;
+            }
+            let Some(newest) = records.last().map(|r| (r.seq, r.mac)) else {
+                return Ok((records, false));
             };
-            match write(record.clone()).await {
+            match write(records.clone()).await {
                 Ok(true) => {
-                    *head = HeadState::Known(Some((seq, mac)));
+                    *head = HeadState::Known(Some(newest));
                     self.publish(Some(ChainHead {
                         chain: self.chain.clone(),
-                        seq,
-                        mac,
+                        seq: newest.0,
+                        mac: newest.1,
                     }));
-                    return Ok((record, true));
+                    return Ok((records, true));
                 }
-                Ok(false) => return Ok((record, false)),
+                Ok(false) => return Ok((records, false)),
                 Err(e) if e.is_ledger_conflict() => {
-                    tracing::warn!(chain = %self.chain, seq, "ledger place taken by another writer of this chain; reading the head again");
+                    tracing::warn!(chain = %self.chain, seq = first_seq, "ledger place taken by another writer of this chain; reading the head again");
                     *head = HeadState::Unread;
                 }
                 // The outcome may be unknown (a commit cut off): read the head again next time.
@@ -792,6 +958,116 @@ mod tests {
         let again = Ledger::new(Arc::clone(&hsm), Arc::new(store.clone()), "driver-a");
         assert_eq!(again.open().await.unwrap(), Some(head));
         assert_eq!(again.append(entry(5)).await.unwrap().seq, 5);
+    }
+
+    /// Appends queued while the head is held, as while an append is being written.
+    async fn queued_behind_the_head(
+        ledger: &Arc<Ledger<FakeHsm, MemoryKeyStore>>,
+        entries: std::ops::RangeInclusive<u8>,
+    ) -> Vec<tokio::task::JoinHandle<Result<LedgerRecord, LedgerError>>> {
+        let count = entries.clone().count();
+        let tasks: Vec<_> = entries
+            .map(|i| {
+                let ledger = Arc::clone(ledger);
+                tokio::spawn(async move { ledger.append(entry(i)).await })
+            })
+            .collect();
+        while ledger.queue.lock().unwrap().waiting.len() < count {
+            tokio::task::yield_now().await;
+        }
+        tasks
+    }
+
+    /// Tried: 10 appends queued while the head is held (an append in flight), then released.
+    #[tokio::test]
+    async fn appends_that_queue_up_are_written_as_one_group_in_one_hsm_request() {
+        let (store, hsm) = (MemoryKeyStore::new(), Arc::new(FakeHsm::new()));
+        let ledger = Arc::new(ledger(&store, &hsm, 2).await);
+        let before = hsm.mac_requests();
+        let held = ledger.head.lock().await;
+        let tasks = queued_behind_the_head(&ledger, 3..=12).await;
+        drop(held);
+        let mut seqs = Vec::new();
+        for task in tasks {
+            let record = task.await.unwrap().expect("every member is written");
+            assert_eq!(
+                record.entry,
+                entry(u8::try_from(record.seq).unwrap()),
+                "each member gets its own record back"
+            );
+            seqs.push(record.seq);
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (3..=12).collect::<Vec<u64>>());
+        assert_eq!(
+            hsm.mac_requests() - before,
+            1,
+            "ten entries, one HSM request"
+        );
+        assert_eq!(ledger.published().unwrap().seq, 12);
+        let result = verify(&store, &hsm, &Checkpoints::new()).await;
+        assert!(result.is_intact(), "{result:?}");
+        assert_eq!(result.entries_checked, 12);
+    }
+
+    /// Tried: the store fails while a group of 5 is written.
+    #[tokio::test]
+    async fn a_failed_group_answers_every_member_and_writes_nothing() {
+        let (store, hsm) = (MemoryKeyStore::new(), Arc::new(FakeHsm::new()));
+        let ledger = Arc::new(ledger(&store, &hsm, 2).await);
+        let held = ledger.head.lock().await;
+        let tasks = queued_behind_the_head(&ledger, 3..=7).await;
+        store.set_unavailable(true);
+        drop(held);
+        let mut own = 0;
+        for task in tasks {
+            let error = task
+                .await
+                .unwrap()
+                .expect_err("nothing of the group is written");
+            assert!(error.is_retryable(), "{error:?}");
+            match error {
+                LedgerError::Store(_) => own += 1,
+                LedgerError::Group { reason, .. } => {
+                    assert!(reason.contains("key store error"), "{reason}");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            own, 1,
+            "the member that wrote the group gets the error itself"
+        );
+        store.set_unavailable(false);
+        assert_eq!(
+            ledger.append(entry(8)).await.unwrap().seq,
+            3,
+            "the failed group took no place"
+        );
+        assert!(verify(&store, &hsm, &Checkpoints::new()).await.is_intact());
+    }
+
+    /// Tried: more appends queued than one group holds.
+    #[tokio::test]
+    async fn a_queue_longer_than_a_group_is_written_in_several() {
+        let (store, hsm) = (MemoryKeyStore::new(), Arc::new(FakeHsm::new()));
+        let ledger = Arc::new(ledger(&store, &hsm, 0).await);
+        let before = hsm.mac_requests();
+        let held = ledger.head.lock().await;
+        let count = u8::try_from(MAX_GROUP + 10).unwrap();
+        let tasks = queued_behind_the_head(&ledger, 1..=count).await;
+        drop(held);
+        for task in tasks {
+            task.await.unwrap().expect("every member is written");
+        }
+        assert_eq!(
+            hsm.mac_requests() - before,
+            2,
+            "a full group, then the rest"
+        );
+        let result = verify(&store, &hsm, &Checkpoints::new()).await;
+        assert!(result.is_intact(), "{result:?}");
+        assert_eq!(result.entries_checked, u64::from(count));
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use custody_model::record_mac::software_hmac_sha256;
-use custody_model::{Hsm, HsmError, MacKey};
+use custody_model::{ChainLink, Hsm, HsmError, MacChain, MacKey};
 use hsm_pkcs11::test_token::TestToken;
 use hsm_pkcs11::{Pkcs11Hsm, create_ledger_key, import_ledger_key};
 use hsm_testing::FakeHsm;
@@ -140,6 +140,44 @@ async fn tokens_sharing_an_imported_master_key_share_the_ledger_key() {
     );
     let derived = software_hmac_sha256(&[3; 32], b"hsm-driver/ledger-key/v1");
     assert_eq!(software_hmac_sha256(&derived, MESSAGE), mac);
+}
+
+/// Tried: a run of 20 chained ledger messages MACed by the token in one request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mac_chain_is_one_request_and_each_link_carries_the_mac_before_it() {
+    let token = blocking(|| TestToken::create_with_master_key([3; 32]))
+        .await
+        .unwrap();
+    let hsm = open(&token).await;
+    let requests = hsm.requests_reader();
+    let prev = [9u8; 32];
+    let messages: Vec<Vec<u8>> = (0..20u8)
+        .map(|i| [MESSAGE, &[0u8; 32], &[i]].concat())
+        .collect();
+    let chain = MacChain {
+        prev,
+        links: messages
+            .iter()
+            .map(|m| ChainLink::new(m.clone(), MESSAGE.len()).unwrap())
+            .collect(),
+    };
+    let before = requests();
+    let macs = hsm.mac_chain(MacKey::Ledger, chain).await.unwrap();
+    assert_eq!(requests() - before, 1, "twenty MACs, one worker request");
+
+    // The same chain in software under the documented derivation of the ledger key.
+    let key = software_hmac_sha256(&[3; 32], b"hsm-driver/ledger-key/v1");
+    let mut link = prev;
+    let expected: Vec<[u8; 32]> = messages
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            m[MESSAGE.len()..MESSAGE.len() + 32].copy_from_slice(&link);
+            link = software_hmac_sha256(&key, &m);
+            link
+        })
+        .collect();
+    assert_eq!(macs, expected);
 }
 
 #[tokio::test(flavor = "multi_thread")]

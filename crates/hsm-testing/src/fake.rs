@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use custody_model::{
-    CallFailure, Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo,
-    RawSignature, ReturnValue, SchemeSupport, SignPayload, SignRequest, WrapMechanism, WrappedKey,
+    CallFailure, Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacChain, MacKey,
+    MasterKeyInfo, RawSignature, ReturnValue, SchemeSupport, SignPayload, SignRequest,
+    WrapMechanism, WrappedKey,
 };
 use custody_model::{record_mac, signature};
 
@@ -50,6 +51,8 @@ pub struct FakeHsm {
     master: MasterKeyInfo,
     /// How many times [`Hsm::recover`] was called.
     recover_calls: AtomicU64,
+    /// How many MAC requests were answered.
+    mac_requests: AtomicU64,
 }
 
 impl FakeHsm {
@@ -85,6 +88,7 @@ impl FakeHsm {
                 fingerprint,
             },
             recover_calls: AtomicU64::new(0),
+            mac_requests: AtomicU64::new(0),
         }
     }
 
@@ -101,6 +105,12 @@ impl FakeHsm {
     /// [`FaultInjectingHsm`](crate::FaultInjectingHsm) to make operations fail.
     pub fn recover_calls(&self) -> u64 {
         self.recover_calls.load(Ordering::Acquire)
+    }
+
+    /// How many MAC requests ([`Hsm::mac`] and [`Hsm::mac_chain`], one each, as a device
+    /// counts round trips) this fake has answered.
+    pub fn mac_requests(&self) -> u64 {
+        self.mac_requests.load(Ordering::Acquire)
     }
 
     /// The private key inside a blob this fake wrapped. A test hook only a software fake can
@@ -349,10 +359,26 @@ impl Hsm for FakeHsm {
         key: MacKey,
         message: Vec<u8>,
     ) -> impl Future<Output = Result<[u8; 32], HsmError>> + Send {
+        self.mac_requests.fetch_add(1, Ordering::AcqRel);
         std::future::ready(Ok(record_mac::software_hmac_sha256(
             self.hmac_key(key),
             &message,
         )))
+    }
+
+    /// One request for the whole chain, as a device answers it.
+    fn mac_chain(
+        &self,
+        key: MacKey,
+        chain: MacChain,
+    ) -> impl Future<Output = Result<Vec<[u8; 32]>, HsmError>> + Send {
+        self.mac_requests.fetch_add(1, Ordering::AcqRel);
+        std::future::ready(chain.compute(|message| {
+            Ok(record_mac::software_hmac_sha256(
+                self.hmac_key(key),
+                message,
+            ))
+        }))
     }
 
     fn verify_mac(

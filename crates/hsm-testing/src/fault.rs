@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use custody_model::{
-    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo, RawSignature,
-    RecordMacCheck, RewrapRequest, SignRequest, WrappedKey,
+    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacChain, MacKey, MasterKeyInfo,
+    RawSignature, RecordMacCheck, RewrapRequest, SignRequest, WrappedKey,
 };
 
 /// Whether faults are being injected: a manual switch, and optionally a trigger file (tripped
@@ -169,6 +169,14 @@ impl<H: Hsm> Hsm for FaultInjectingHsm<H> {
             MacKey::Ledger => "mac_ledger",
         })?;
         self.inner.mac(key, message).await
+    }
+
+    async fn mac_chain(&self, key: MacKey, chain: MacChain) -> Result<Vec<[u8; 32]>, HsmError> {
+        self.gate(match key {
+            MacKey::Record => "mac_record",
+            MacKey::Ledger => "mac_ledger",
+        })?;
+        self.inner.mac_chain(key, chain).await
     }
 
     async fn verify_mac(

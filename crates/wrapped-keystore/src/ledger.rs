@@ -260,6 +260,13 @@ impl fmt::Debug for StoredLedgerRow {
     }
 }
 
+/// Where the previous entry's MAC sits in [`mac_message`]`(chain, ..)`: after the tag, the
+/// chain and the seq. The HSM writes each MAC there when it MACs a run of entries in one
+/// request (`custody_model::MacChain`).
+pub fn prev_mac_offset(chain: &str) -> usize {
+    DOMAIN_TAG.len() + 8 + chain.len() + 8 + 8
+}
+
 /// The bytes the MAC of the entry at `seq` of `chain`, after an entry whose MAC is
 /// `prev_mac`, covers; the encoding is in the [module documentation](self).
 pub fn mac_message(chain: &str, seq: u64, prev_mac: &[u8; 32], entry: &LedgerEntry) -> Vec<u8> {
@@ -299,6 +306,26 @@ mod tests {
             payload_digest: [1; 32],
             result: vec![1, 0, 255],
             created_at_ms: 1_700_000_000_001,
+        }
+    }
+
+    #[test]
+    fn the_previous_mac_sits_where_prev_mac_offset_says() {
+        for chain in ["", "driver-a", "a chain id with spaces and ünïcode"] {
+            let prev = [0xa5; 32];
+            let message = mac_message(chain, 7, &prev, &entry());
+            let at = prev_mac_offset(chain);
+            assert_eq!(&message[at..at + 32], &prev, "chain {chain:?}");
+            // And nowhere else: a different link changes only those 32 bytes.
+            let other = mac_message(chain, 7, &[0x5a; 32], &entry());
+            let differing: Vec<usize> = (0..message.len())
+                .filter(|i| message[*i] != other[*i])
+                .collect();
+            assert_eq!(
+                differing,
+                (at..at + 32).collect::<Vec<_>>(),
+                "chain {chain:?}"
+            );
         }
     }
 

@@ -271,9 +271,22 @@ impl KeyStore for MemoryKeyStore {
         Ok(chain_rows.last().map(|(_, row)| row.clone()))
     }
 
-    async fn append_ledger(&self, record: LedgerRecord) -> Result<(), StoreError> {
+    async fn append_ledger(&self, records: Vec<LedgerRecord>) -> Result<(), StoreError> {
         self.available()?;
-        append(&mut self.ledger(), &record)
+        let mut ledger = self.ledger();
+        // All or none: every place is checked free before any is taken.
+        if let Some(taken) = records.iter().find(|r| {
+            let row = StoredLedgerRow::from(*r);
+            ledger.contains_key(&(row.chain, row.seq))
+        }) {
+            return Err(StoreError::LedgerConflict {
+                chain: taken.chain.clone(),
+                seq: taken.seq,
+            });
+        }
+        records
+            .iter()
+            .try_for_each(|record| append(&mut ledger, record))
     }
 
     async fn insert_with_ledger(

@@ -301,15 +301,16 @@ pub trait KeyStore: Send + Sync + 'static {
         chain: &str,
     ) -> impl Future<Output = Result<Option<StoredLedgerRow>, StoreError>> + Send;
 
-    /// Writes one ledger entry, already chained and MACed by the caller. The store checks
-    /// nothing but that `(chain, seq)` is free: the engine owns the chain.
+    /// Writes ledger entries, already chained and MACed by the caller, atomically: all of them
+    /// or none (the engine writes a run of entries that queued up together as one statement).
+    /// The store checks nothing but that each `(chain, seq)` is free: the engine owns the chain.
     ///
     /// # Errors
-    /// [`StoreError::LedgerConflict`] if `(chain, seq)` is already stored (nothing is written:
+    /// [`StoreError::LedgerConflict`] if a `(chain, seq)` is already stored (nothing is written:
     /// read the head again); other [`StoreError`]s if the database fails.
     fn append_ledger(
         &self,
-        record: LedgerRecord,
+        records: Vec<LedgerRecord>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// [`insert`](Self::insert)s a key record and [`append_ledger`](Self::append_ledger)s an

@@ -472,7 +472,7 @@ mod suite {
                     continue;
                 }
                 store
-                    .append_ledger(ledger_record(chain, seq))
+                    .append_ledger(vec![ledger_record(chain, seq)])
                     .await
                     .expect("appending a ledger entry");
             }
@@ -514,13 +514,13 @@ mod suite {
     /// Tried: a second entry at a place already taken (two writers of one chain).
     pub(crate) async fn a_taken_ledger_place_is_a_conflict<S: KeyStore + Clone>(store: S) {
         store
-            .append_ledger(ledger_record("driver-a", 1))
+            .append_ledger(vec![ledger_record("driver-a", 1)])
             .await
             .expect("the first entry");
         let mut other = ledger_record("driver-a", 1);
         other.entry.job_id = "another-writer".into();
         let error = store
-            .append_ledger(other)
+            .append_ledger(vec![other])
             .await
             .expect_err("a taken (chain, seq) must be refused");
         assert!(
@@ -532,6 +532,48 @@ mod suite {
             vec![StoredLedgerRow::from(&ledger_record("driver-a", 1))],
             "the stored entry is untouched"
         );
+    }
+
+    /// Tried: a run of entries appended in one call, then a run whose last place is taken
+    /// (another writer of the chain got there first).
+    pub(crate) async fn a_run_of_ledger_entries_is_written_whole_or_not_at_all<
+        S: KeyStore + Clone,
+    >(
+        store: S,
+    ) {
+        store
+            .append_ledger((1..=3).map(|seq| ledger_record("driver-a", seq)).collect())
+            .await
+            .expect("a run of three entries");
+        assert_eq!(
+            rows(&store, "driver-a").await,
+            (1..=3)
+                .map(|seq| StoredLedgerRow::from(&ledger_record("driver-a", seq)))
+                .collect::<Vec<_>>(),
+            "a run is written in order, every entry"
+        );
+        store
+            .append_ledger(vec![ledger_record("driver-a", 5)])
+            .await
+            .expect("another writer takes seq 5");
+        let error = store
+            .append_ledger((4..=5).map(|seq| ledger_record("driver-a", seq)).collect())
+            .await
+            .expect_err("a run with a taken place must be refused");
+        assert!(error.is_ledger_conflict(), "{error:?}");
+        assert_eq!(
+            rows(&store, "driver-a")
+                .await
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<_>>(),
+            vec![1, 2, 3, 5],
+            "nothing of the refused run is written: seq 4 stays free"
+        );
+        store
+            .append_ledger(Vec::new())
+            .await
+            .expect("an empty run writes nothing and succeeds");
     }
 
     /// Tried: 3 chains appended to at once, 50 entries each.
@@ -546,7 +588,7 @@ mod suite {
                     barrier.wait().await;
                     for seq in 1..=50 {
                         store
-                            .append_ledger(ledger_record(&format!("driver-{driver}"), seq))
+                            .append_ledger(vec![ledger_record(&format!("driver-{driver}"), seq)])
                             .await
                             .expect("a concurrent append");
                     }
@@ -836,6 +878,7 @@ macro_rules! conformance {
                 racing_master_key_registrations_have_one_winner,
                 ledger_entries_round_trip_per_chain,
                 a_taken_ledger_place_is_a_conflict,
+                a_run_of_ledger_entries_is_written_whole_or_not_at_all,
                 concurrent_appends_to_distinct_chains_all_land,
                 insert_with_ledger_writes_both_or_neither,
                 a_rotation_replaces_a_record_with_its_entry_or_nothing,

@@ -506,7 +506,7 @@ async fn the_fake_store_fakes_an_outage_and_keeps_its_data() {
         (
             "append_ledger",
             store
-                .append_ledger(ledger_record("driver-a", 2))
+                .append_ledger(vec![ledger_record("driver-a", 2)])
                 .await
                 .err(),
         ),

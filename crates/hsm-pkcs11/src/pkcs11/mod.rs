@@ -61,9 +61,9 @@ pub(crate) use token::{find_slot, open_user_session};
 
 use custody_model::record_mac::record_mac_key_label;
 use custody_model::{
-    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacKey, MasterKeyInfo, RawSignature,
-    RecordMacCheck, RewrapRequest, SchemeSupport, SelfTestReport, SignRequest, WrapMechanism,
-    WrappedKey, error_chain,
+    Capabilities, GeneratedKey, Hsm, HsmError, KeyScheme, MacChain, MacKey, MasterKeyInfo,
+    RawSignature, RecordMacCheck, RewrapRequest, SchemeSupport, SelfTestReport, SignRequest,
+    WrapMechanism, WrappedKey, error_chain,
 };
 use hot_keys::HotKeyCounters;
 #[cfg(not(feature = "softhsm-fixture"))]
@@ -819,6 +819,17 @@ impl Hsm for Pkcs11Hsm {
         mac: [u8; 32],
     ) -> Result<(), HsmError> {
         self.verify_mac_on(key, 0, message, mac).await
+    }
+
+    async fn mac_chain(&self, key: MacKey, chain: MacChain) -> Result<Vec<[u8; 32]>, HsmError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::MacChain {
+            key,
+            master: 0,
+            chain,
+            reply,
+        })?;
+        await_answer("mac_chain", self.shared.config.deadlines.operation, answer).await
     }
 
     async fn mac_record_under(&self, master: &str, message: Vec<u8>) -> Result<[u8; 32], HsmError> {

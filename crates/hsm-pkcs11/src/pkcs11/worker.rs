@@ -21,8 +21,8 @@ use super::raw::RawPkcs11;
 use super::token::OwnedSession;
 use custody_model::HsmError;
 use custody_model::{
-    GeneratedKey, KeyScheme, MacKey, RawSignature, RecordMacCheck, RewrapRequest, SignRequest,
-    WrapMechanism, WrappedKey,
+    GeneratedKey, KeyScheme, MacChain, MacKey, RawSignature, RecordMacCheck, RewrapRequest,
+    SignRequest, WrapMechanism, WrappedKey,
 };
 
 /// One unit of work.
@@ -49,6 +49,14 @@ pub(crate) enum Job {
         master: usize,
         message: Vec<u8>,
         reply: oneshot::Sender<Result<[u8; 32], HsmError>>,
+    },
+    /// MAC a chain of messages, each carrying the MAC before it (as [`Job::Mac`]): one round
+    /// trip for a run of ledger entries.
+    MacChain {
+        key: MacKey,
+        master: usize,
+        chain: MacChain,
+        reply: oneshot::Sender<Result<Vec<[u8; 32]>, HsmError>>,
     },
     /// Check a MAC under the key of a purpose (as [`Job::Mac`]).
     VerifyMac {
@@ -270,6 +278,18 @@ impl Worker {
                     }
                     let handle = self.hmac_key(key, master);
                     let _ = reply.send(mac::mac(session, handle, &message));
+                }
+                Job::MacChain {
+                    key,
+                    master,
+                    chain,
+                    reply,
+                } => {
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    let handle = self.hmac_key(key, master);
+                    let _ = reply.send(chain.compute(|message| mac::mac(session, handle, message)));
                 }
                 Job::VerifyMac {
                     key,

@@ -112,7 +112,7 @@ trait LedgerConnection: Connection {
     where
         F: FnOnce(&mut Self) -> Result<T, StoreError>;
     fn ledger_head(&mut self, chain: &str) -> QueryResult<Option<LedgerRow>>;
-    fn insert_ledger(&mut self, row: &NewLedgerRow<'_>) -> QueryResult<usize>;
+    fn insert_ledger(&mut self, rows: &[NewLedgerRow<'_>]) -> QueryResult<usize>;
     fn ledger_chains(&mut self) -> QueryResult<Vec<String>>;
     fn ledger_page(&mut self, chain: &str, after: i64, limit: i64) -> QueryResult<Vec<LedgerRow>>;
     fn insert_key_if_absent(&mut self, row: &NewKey<'_>) -> QueryResult<usize>;
@@ -136,8 +136,10 @@ macro_rules! ledger_statements {
                 .optional()
         }
 
-        fn insert_ledger(&mut self, row: &NewLedgerRow<'_>) -> QueryResult<usize> {
-            diesel::insert_into(ledger::table).values(row).execute(self)
+        fn insert_ledger(&mut self, rows: &[NewLedgerRow<'_>]) -> QueryResult<usize> {
+            diesel::insert_into(ledger::table)
+                .values(rows)
+                .execute(self)
         }
 
         fn ledger_chains(&mut self) -> QueryResult<Vec<String>> {
@@ -314,16 +316,23 @@ pub(crate) fn ledger_head(
 /// Writes one entry at its `(chain, seq)`.
 pub(crate) fn append_ledger(
     conn: &mut AnyConnection,
-    record: &LedgerRecord,
+    records: &[LedgerRecord],
 ) -> Result<(), StoreError> {
-    let row = NewLedgerRow::new(record)?;
+    let Some(first) = records.first() else {
+        return Ok(());
+    };
+    let rows = records
+        .iter()
+        .map(NewLedgerRow::new)
+        .collect::<Result<Vec<_>, _>>()?;
+    // One multi-row INSERT: a single statement, so all rows are written or none.
     let written = match conn {
-        AnyConnection::Postgresql(c) => c.insert_ledger(&row),
-        AnyConnection::Sqlite(c) => c.insert_ledger(&row),
+        AnyConnection::Postgresql(c) => c.insert_ledger(&rows),
+        AnyConnection::Sqlite(c) => c.insert_ledger(&rows),
     };
     written
         .map(drop)
-        .map_err(|error| ledger_insert_error(record, error))
+        .map_err(|error| ledger_insert_error(first, error))
 }
 
 /// Updates `old` to `new` ([`LedgerConnection::replace_key`]) and writes `entry`, in one
@@ -345,7 +354,7 @@ pub(super) fn replace_with_ledger(
             if conn.replace_key(old, new)? == 0 {
                 return Ok(ReplaceOutcome::Changed);
             }
-            conn.insert_ledger(&entry_row)
+            conn.insert_ledger(std::slice::from_ref(&entry_row))
                 .map_err(|error| ledger_insert_error(entry, error))?;
             tracing::debug!(key_id = %new.key_id, to = %new.master_key_fingerprint, "moved a key record to another master key");
             Ok(ReplaceOutcome::Replaced)
@@ -374,7 +383,7 @@ pub(crate) fn insert_with_ledger(
             let row = NewKey::from(key);
             for _ in 0..INSERT_ATTEMPTS {
                 if conn.insert_key_if_absent(&row)? > 0 {
-                    conn.insert_ledger(&entry_row)
+                    conn.insert_ledger(std::slice::from_ref(&entry_row))
                         .map_err(|error| ledger_insert_error(entry, error))?;
                     tracing::debug!(key_id = %key.key_id, chain = %entry.chain, seq = entry.seq, "stored wrapped key with its ledger entry");
                     return Ok(InsertOutcome::Inserted);

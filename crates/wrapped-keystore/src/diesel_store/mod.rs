@@ -264,8 +264,8 @@ impl KeyStore for DieselKeyStore {
             .await
     }
 
-    async fn append_ledger(&self, record: LedgerRecord) -> Result<(), StoreError> {
-        self.run(move |conn| ledger::append_ledger(conn, &record))
+    async fn append_ledger(&self, records: Vec<LedgerRecord>) -> Result<(), StoreError> {
+        self.run(move |conn| ledger::append_ledger(conn, &records))
             .await
     }
 

@@ -170,6 +170,7 @@ pub(crate) fn deployment_options(plan: &Plan, setup: &Setup, work: PathBuf) -> D
     let mut options = DeploymentOptions::new(setup.bin_dir.clone(), work, setup.hsm.clone());
     options.workers = plan.workers;
     options.hsm_sessions = Some(plan.sessions);
+    options.report_linger_ms = Some(plan.report_linger_ms);
     // The driver's default, `info`, logs nothing per job (and the harness waits for its
     // start-up lines).
     options.log_level = "info".to_owned();

@@ -65,6 +65,9 @@ pub(crate) struct Plan {
     /// The driver's workers: jobs it executes at once. The bench's default is
     /// [`WORKERS_PER_SESSION`] × sessions (the driver's own default is as many as sessions).
     pub(crate) workers: usize,
+    /// The driver's `report_linger_ms`: under load, reports wait this long to go together
+    /// (its `lease_refill` is its default, workers − sessions).
+    pub(crate) report_linger_ms: u64,
     /// The anchor's session counts (one thread each).
     pub(crate) anchor_sessions: Vec<usize>,
     #[serde(with = "millis")]
@@ -112,6 +115,10 @@ pub(crate) struct Plan {
     pub(crate) hot_key_ttl: Duration,
 }
 
+/// The driver's report linger in the bench, in milliseconds: at most this much added to a
+/// job's latency under load, for report requests that carry several jobs.
+pub(crate) const REPORT_LINGER_MS: u64 = 2;
+
 /// The bench's default workers per HSM session. With as many workers as sessions, a session
 /// waits while its job loads its key, reports its result and writes the audit ledger (on two
 /// cores the machine stayed about a quarter idle at saturation); four jobs per session keep
@@ -127,6 +134,7 @@ impl Plan {
             mode,
             sessions,
             workers,
+            report_linger_ms: REPORT_LINGER_MS,
             anchor_sessions: if sessions <= 2 {
                 vec![1, 2]
             } else {

@@ -302,8 +302,14 @@ impl Report {
         let _ = writeln!(
             t,
             "\nhsm-driver-bench ({:?} run, {} CPUs shared by HSM, driver, simulator and database; \
-             driver: {} workers, {n} HSM sessions; {:.0} s)",
-            self.plan.mode, self.cpus, self.plan.workers, self.elapsed_seconds
+             driver: {} workers, {n} HSM sessions, lease refill {} (its default), report linger \
+             {} ms; {:.0} s)",
+            self.plan.mode,
+            self.cpus,
+            self.plan.workers,
+            self.plan.workers.saturating_sub(n).max(1),
+            self.plan.report_linger_ms,
+            self.elapsed_seconds
         );
 
         let _ = writeln!(

@@ -40,6 +40,8 @@ pub struct DeploymentOptions {
     pub hot_keys: Option<HotKeySettings>,
     /// The driver's `[driver] health_check_interval_ms`; `None` (default): the driver's own.
     pub health_check_interval_ms: Option<u64>,
+    /// The driver's `[driver] report_linger_ms`; `None` (default): the driver's own (0).
+    pub report_linger_ms: Option<u64>,
 }
 
 impl DeploymentOptions {
@@ -57,6 +59,7 @@ impl DeploymentOptions {
             master_key: MasterKeyProvisioning::Generate,
             hot_keys: None,
             health_check_interval_ms: None,
+            report_linger_ms: None,
         }
     }
 }
@@ -123,6 +126,7 @@ impl Deployment {
         settings.log_level = options.log_level.clone();
         settings.hot_keys = options.hot_keys;
         settings.health_check_interval_ms = options.health_check_interval_ms;
+        settings.report_linger_ms = options.report_linger_ms;
         let api_url = sim.driver_url();
         // `pki/…` relative to the configuration file (tests rewrite these paths).
         let mut driver = DriverProcess::provision(

@@ -47,6 +47,8 @@ pub struct DriverSettings {
     pub connect_timeout_ms: Option<u64>,
     /// `[hsm.hot_keys]`; `None`: no such section (the driver's default, strictly stateless).
     pub hot_keys: Option<HotKeySettings>,
+    /// `[driver] report_linger_ms`; `None`: the driver's default (0).
+    pub report_linger_ms: Option<u64>,
 }
 
 /// `[hsm.hot_keys]`: the driver keeps recently unwrapped keys per HSM session.
@@ -73,6 +75,7 @@ impl DriverSettings {
             recovery_backoff_max_ms: None,
             connect_timeout_ms: None,
             hot_keys: None,
+            report_linger_ms: None,
         }
     }
 }
@@ -107,6 +110,9 @@ shutdown_deadline_secs = 20
     }
     if let Some(ms) = settings.recovery_backoff_max_ms {
         let _ = writeln!(text, "recovery_backoff_max_ms = {ms}");
+    }
+    if let Some(ms) = settings.report_linger_ms {
+        let _ = writeln!(text, "report_linger_ms = {ms}");
     }
     let _ = write!(
         text,

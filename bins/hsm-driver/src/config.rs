@@ -46,6 +46,15 @@ pub(crate) struct DriverSection {
     /// Most jobs leased in one request.
     #[serde(default = "default_lease_batch")]
     pub(crate) lease_batch: u32,
+    /// While jobs run, lease again only when this many workers are free (1..=workers). Default:
+    /// `workers - sessions` (at least 1), so that the HSM keeps a job per session while one
+    /// lease request refills the rest: with as many workers as sessions, as soon as one is free.
+    #[serde(default)]
+    pub(crate) lease_refill: Option<usize>,
+    /// Under load, how long a report waits for others to join its request, in milliseconds
+    /// (default 0: never; an idle driver's report is never delayed).
+    #[serde(default)]
+    pub(crate) report_linger_ms: u64,
     /// Long-poll wait of one lease request, in milliseconds.
     #[serde(default = "default_long_poll_ms")]
     pub(crate) long_poll_ms: u64,
@@ -566,6 +575,17 @@ impl Config {
         {
             bail!("driver.lease_batch: must be between 1 and 256");
         }
+        if let Some(refill) = self.driver.lease_refill
+            && (refill == 0 || refill > self.driver.workers)
+        {
+            bail!(
+                "driver.lease_refill: must be between 1 and driver.workers ({})",
+                self.driver.workers
+            );
+        }
+        if self.driver.report_linger_ms > 1_000 {
+            bail!("driver.report_linger_ms: at most 1000 (it is added to a job's latency)");
+        }
         if !self.api.url.starts_with("https://") {
             bail!("api.url: must be an https:// URL (mutual TLS is required)");
         }
@@ -626,6 +646,8 @@ impl Config {
             driver_id: self.driver.id.clone(),
             workers: self.driver.workers,
             lease_batch: self.driver.lease_batch,
+            lease_refill: self.lease_refill(),
+            report_linger: Duration::from_millis(self.driver.report_linger_ms),
             long_poll: Duration::from_millis(self.driver.long_poll_ms),
             shutdown_deadline: Duration::from_secs(self.driver.shutdown_deadline_secs),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -644,6 +666,16 @@ impl Config {
     /// HSM sessions to open.
     pub(crate) fn sessions(&self) -> usize {
         self.hsm.sessions.unwrap_or(self.driver.workers)
+    }
+
+    /// `driver.lease_refill`, or `workers - sessions` (at least 1).
+    pub(crate) fn lease_refill(&self) -> usize {
+        self.driver.lease_refill.unwrap_or_else(|| {
+            self.driver
+                .workers
+                .saturating_sub(self.sessions())
+                .clamp(1, self.driver.workers)
+        })
     }
 }
 
@@ -759,6 +791,35 @@ user_pin_file = "pin"
             let text = format!("{GOOD}[hsm.hot_keys]\n{section}\n");
             let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
             assert!(err.contains(&format!("hsm.hot_keys.{field}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_lease_refill_keeps_a_job_per_session_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |driver: &str, hsm: &str| {
+            let text = GOOD
+                .replace("id = \"drv-1\"", &format!("id = \"drv-1\"\n{driver}"))
+                .replace("[hsm]", &format!("[hsm]\n{hsm}"));
+            Config::load(&write(dir.path(), &text))
+        };
+        // Defaults: as many workers as sessions, so refill as soon as one is free; no linger.
+        let engine = with("", "").unwrap().driver_config();
+        assert_eq!((engine.workers, engine.lease_refill), (4, 1));
+        assert_eq!(engine.report_linger, Duration::ZERO);
+        // 16 workers on 4 sessions: refill 12 at a time, the HSM keeps 4.
+        let config = with("workers = 16\nreport_linger_ms = 3", "sessions = 4").unwrap();
+        let engine = config.driver_config();
+        assert_eq!(engine.lease_refill, 12);
+        assert_eq!(engine.report_linger, Duration::from_millis(3));
+        // Tried: a refill of 0, one above the workers, and a 5 s linger.
+        for (driver, field) in [
+            ("lease_refill = 0", "driver.lease_refill"),
+            ("lease_refill = 5", "driver.lease_refill"),
+            ("report_linger_ms = 5000", "driver.report_linger_ms"),
+        ] {
+            let err = format!("{:#}", with(driver, "").unwrap_err());
+            assert!(err.contains(field), "{driver}: {err}");
         }
     }
 

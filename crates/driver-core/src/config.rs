@@ -23,6 +23,17 @@ pub struct DriverConfig {
     pub workers: usize,
     /// Most jobs asked for in one lease request (capped by the free worker slots).
     pub lease_batch: u32,
+    /// While jobs are running, lease again only when at least this many worker slots are free
+    /// (default 1: as soon as one is). Under load, a larger value lets one lease request fetch
+    /// several jobs instead of one each: keep `workers - lease_refill` at least the HSM's
+    /// session count so that the HSM never waits for the refill. A driver with no job running
+    /// leases at once.
+    pub lease_refill: usize,
+    /// Under load (the previous report request went out less than this long ago), wait this
+    /// long before sending the next batch of reports, so that more reports join it: at most
+    /// this much added to a job's latency, fewer report requests per job. Default zero (never
+    /// wait); an idle driver's report is never delayed.
+    pub report_linger: Duration,
     /// How long one lease request may wait for a first job (long-poll).
     pub long_poll: Duration,
     /// Backoff between failed lease requests.
@@ -61,6 +72,8 @@ impl Default for DriverConfig {
             driver_id: "hsm-driver".to_owned(),
             workers: 4,
             lease_batch: 16,
+            lease_refill: 1,
+            report_linger: Duration::ZERO,
             long_poll: Duration::from_secs(20),
             lease_backoff: Backoff::default(),
             shutdown_deadline: Duration::from_secs(30),
@@ -144,6 +157,11 @@ impl<S: JobSource, H: Hsm, K: KeyStore> DriverBuilder<S, H, K> {
             || config.lease_batch > dfns_api_client::protocol::MAX_LEASE_BATCH
         {
             return Err(BuildError::Invalid("lease_batch must be between 1 and 256"));
+        }
+        if config.lease_refill == 0 || config.lease_refill > config.workers {
+            return Err(BuildError::Invalid(
+                "lease_refill must be between 1 and workers",
+            ));
         }
         if config.driver_id.is_empty() {
             return Err(BuildError::Invalid("driver_id must not be empty"));

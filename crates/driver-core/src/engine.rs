@@ -211,8 +211,10 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
         background
     }
 
-    /// One turn: wait until healthy, then for a free worker slot, then lease as many jobs as
-    /// slots are free (at most the lease batch); after a failed lease, back off.
+    /// One turn: wait until healthy, then for free worker slots (one, or
+    /// [`DriverConfig::lease_refill`]: a driver with no job running has them all free), then
+    /// lease as many jobs as slots are free (at most the lease batch); after a failed lease,
+    /// back off.
     async fn lease<F: Future<Output = ()>>(&mut self, shutdown: &mut Pin<&mut F>) -> Step {
         let (parts, health) = (&self.parts, &self.parts.health);
         let config = &parts.config;
@@ -229,17 +231,18 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
             }
         }
         // Only this loop takes slots, so the count can only grow between here and the answer.
+        let refill = u32::try_from(config.lease_refill.clamp(1, config.workers)).unwrap_or(1);
         let first = tokio::select! {
             biased;
             () = shutdown.as_mut() => return Step::Stop,
-            permit = Arc::clone(&self.slots).acquire_owned() => {
+            permit = Arc::clone(&self.slots).acquire_many_owned(refill) => {
                 permit.expect("the semaphore is never closed")
             }
         };
         if !health.report().can_lease() {
             return Step::Again;
         }
-        let free = 1 + self.slots.available_permits();
+        let free = first.num_permits() + self.slots.available_permits();
         let want = u32::try_from(free)
             .unwrap_or(u32::MAX)
             .min(config.lease_batch);
@@ -279,11 +282,16 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
         }
     }
 
-    /// One task per leased job, each holding a worker slot (`first` for the first job).
-    async fn spawn_jobs(&mut self, first: OwnedSemaphorePermit, jobs: Vec<LeasedJob>) {
-        let mut first = Some(first);
+    /// One task per leased job, each holding a worker slot (from `held` while it lasts; slots
+    /// `held` for jobs the lease did not bring are freed at the end).
+    async fn spawn_jobs(&mut self, held: OwnedSemaphorePermit, jobs: Vec<LeasedJob>) {
+        let mut held = Some(held);
         for job in jobs {
-            let permit = match first.take() {
+            let from_held = match held.as_mut() {
+                Some(slots) if slots.num_permits() > 1 => slots.split(1),
+                _ => held.take(),
+            };
+            let permit = match from_held {
                 Some(permit) => permit,
                 None => match Arc::clone(&self.slots).try_acquire_owned() {
                     Ok(permit) => permit,

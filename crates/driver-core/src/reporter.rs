@@ -1,13 +1,16 @@
 //! Reports in batches, without waiting to gather them: a job's report goes out at once when no
 //! report request is in flight; reports that finish while one is in flight wait for it and then
 //! go together, in one request ([`JobSource::report_batch`]). Under load the batches grow by
-//! themselves; an idle driver's single report is not delayed.
+//! themselves; an idle driver's single report is not delayed. With
+//! [`DriverConfig::report_linger`](crate::DriverConfig::report_linger) set, a batch that
+//! follows the previous one closer than the linger waits that long first, so that more join it.
 //!
 //! A report's durability is unchanged: every job's ledger entry is written before its report is
 //! queued, and a batch that fails (or a report refused in it) fails only its own reports, whose
 //! leases lapse so the jobs are delivered again, as after a lost single report.
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use dfns_api_client::protocol::{MAX_REPORT_BATCH, Report, ReportOutcome};
 use dfns_api_client::{ApiError, JobSource};
@@ -28,6 +31,8 @@ struct State {
     pending: Vec<(Report, Reply)>,
     /// Whether a flush task is sending (it takes every report queued until none is left).
     flushing: bool,
+    /// When the last batch went out.
+    last_sent: Option<Instant>,
 }
 
 impl Reporter {
@@ -42,6 +47,16 @@ impl Reporter {
         !std::mem::replace(&mut state.flushing, true)
     }
 
+    /// Whether a batch went out less than `linger` ago: the driver is busy, and a batch that
+    /// waits `linger` gathers more reports.
+    fn busy(&self, linger: Duration) -> bool {
+        !linger.is_zero()
+            && self
+                .lock()
+                .last_sent
+                .is_some_and(|sent| sent.elapsed() < linger)
+    }
+
     /// The next batch (at most [`MAX_REPORT_BATCH`]), or none, ending the flush.
     fn next_batch(&self) -> Vec<(Report, Reply)> {
         let mut state = self.lock();
@@ -50,6 +65,7 @@ impl Reporter {
             return Vec::new();
         }
         let take = state.pending.len().min(MAX_REPORT_BATCH);
+        state.last_sent = Some(Instant::now());
         state.pending.drain(..take).collect()
     }
 }
@@ -78,7 +94,11 @@ pub(crate) async fn report<S: JobSource, H: Send + Sync + 'static, K: Send + Syn
 
 /// Sends batches until the queue is empty.
 async fn flush<S: JobSource, H, K>(parts: Arc<Parts<S, H, K>>) {
+    let linger = parts.config.report_linger;
     loop {
+        if parts.reporter.busy(linger) {
+            tokio::time::sleep(linger).await;
+        }
         let batch = parts.reporter.next_batch();
         if batch.is_empty() {
             return;

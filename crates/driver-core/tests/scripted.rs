@@ -329,6 +329,21 @@ async fn the_builder_refuses_missing_parts_and_bad_settings() {
         .err()
         .expect("zero workers");
     assert!(err.to_string().contains("workers"), "{err}");
+    for refill in [0, 5] {
+        let err = Driver::<ScriptedSource, FakeHsm, MemoryKeyStore>::builder()
+            .job_source(ScriptedSource::default())
+            .hsm(FakeHsm::new())
+            .key_store(MemoryKeyStore::new())
+            .config(DriverConfig {
+                workers: 4,
+                lease_refill: refill,
+                ..DriverConfig::default()
+            })
+            .build()
+            .err()
+            .unwrap_or_else(|| panic!("lease_refill {refill} of 4 workers"));
+        assert!(err.to_string().contains("lease_refill"), "{err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,6 +418,71 @@ async fn heartbeats_carry_the_ledger_chain_head_as_a_checkpoint() {
         })
         .await
         .expect("a heartbeat carries the chain's head, for the API to keep");
+    h.shutdown().await;
+}
+
+/// Starts a driver with `config`, stores a key, and queues `count` signatures with it at once.
+async fn loaded(config: DriverConfig, count: u8) -> Harness {
+    let h = Harness::start_with(
+        FakeHsm::new(),
+        Arc::new(MemoryKeyStore::new()),
+        ScriptedSource::default(),
+        config,
+    );
+    h.source
+        .push("job-key", keygen("key-l", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.wait_reports(1).await;
+    h.source.lease_sizes.lock().unwrap().clear();
+    h.source.report_requests.lock().unwrap().clear();
+    h.source.push_all(
+        (0..count)
+            .map(|i| (format!("job-{i}"), sign_hash("key-l", [i; 32])))
+            .collect(),
+    );
+    let reports = h.source.wait_reports(1 + usize::from(count)).await;
+    assert_eq!(
+        reports.len(),
+        1 + usize::from(count),
+        "each job reported once"
+    );
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_a_lease_waits_for_the_refill_and_brings_several_jobs() {
+    // Tried: 96 signatures queued at once for 8 workers that lease again only when 4 are free.
+    let config = DriverConfig {
+        workers: 8,
+        lease_refill: 4,
+        ..test_config("test-driver")
+    };
+    let h = loaded(config, 96).await;
+    let sizes = h.source.lease_sizes.lock().unwrap().clone();
+    assert_eq!(sizes.iter().sum::<usize>(), 96, "{sizes:?}");
+    let (last, before) = sizes.split_last().unwrap();
+    assert!(
+        before.iter().all(|&n| n >= 4) && *last >= 1,
+        "every lease but the one that emptied the queue brought at least 4 jobs: {sizes:?}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_reports_linger_and_go_in_few_requests() {
+    // Tried: 64 signatures on 8 workers with a 20 ms report linger.
+    let config = DriverConfig {
+        workers: 8,
+        report_linger: Duration::from_millis(20),
+        ..test_config("test-driver")
+    };
+    let h = loaded(config, 64).await;
+    let requests = h.source.report_requests.lock().unwrap().clone();
+    assert_eq!(requests.iter().sum::<usize>(), 64, "{requests:?}");
+    assert!(
+        requests.len() <= 16,
+        "reports waited for each other: {} requests for 64 reports ({requests:?})",
+        requests.len()
+    );
     h.shutdown().await;
 }
 

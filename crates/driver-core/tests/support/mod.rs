@@ -37,6 +37,8 @@ pub(crate) struct ScriptedSource {
     pub(crate) reports: Mutex<Vec<(JobId, Report)>>,
     reported: Notify,
     pub(crate) leases: AtomicU64,
+    /// How many jobs each lease request that brought any brought.
+    pub(crate) lease_sizes: Mutex<Vec<usize>>,
     /// Lease requests that have returned (with jobs, empty or an error).
     leases_returned: AtomicU64,
     pub(crate) registrations: Mutex<Vec<DriverRegistration>>,
@@ -103,6 +105,21 @@ impl ScriptedSource {
         self.queued.notify_one();
     }
 
+    /// Queues `jobs` at once (no lease sees part of them).
+    pub(crate) fn push_all(&self, jobs: Vec<(String, Result<JobSpec, DecodeError>)>) {
+        let mut queue = self.queue.lock().unwrap();
+        for (job_id, spec) in jobs {
+            queue.push_back(LeasedJob {
+                job_id: JobId::new(job_id.as_str()).unwrap(),
+                lease_id: LeaseId::new(format!("lease-{job_id}")).unwrap(),
+                lease_expires_at_ms: u64::MAX,
+                spec,
+            });
+        }
+        drop(queue);
+        self.queued.notify_one();
+    }
+
     /// Waits until `count` reports have arrived, then returns them all.
     pub(crate) async fn wait_reports(&self, count: usize) -> Vec<(JobId, Report)> {
         self.wait_until(Duration::from_secs(30), || {
@@ -153,6 +170,7 @@ impl ScriptedSource {
                 let mut queue = self.queue.lock().unwrap();
                 if !queue.is_empty() {
                     let n = queue.len().min(max_jobs as usize);
+                    self.lease_sizes.lock().unwrap().push(n);
                     return Ok(queue.drain(..n).collect());
                 }
             }

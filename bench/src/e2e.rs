@@ -170,7 +170,6 @@ pub(crate) fn deployment_options(plan: &Plan, setup: &Setup, work: PathBuf) -> D
     let mut options = DeploymentOptions::new(setup.bin_dir.clone(), work, setup.hsm.clone());
     options.workers = plan.workers;
     options.hsm_sessions = Some(plan.sessions);
-    options.report_linger_ms = Some(plan.report_linger_ms);
     // The driver's default, `info`, logs nothing per job (and the harness waits for its
     // start-up lines).
     options.log_level = "info".to_owned();
@@ -266,16 +265,7 @@ async fn measure(
             curve.label
         ));
         let work = Arc::new(Work::Sign(keys.clone()));
-        let throughput = meter
-            .saturate(
-                &app,
-                &work,
-                plan.in_flight,
-                plan.warmup,
-                plan.window,
-                plan.verify_one_in,
-            )
-            .await?;
+        let throughput = meter.saturate_signing(&app, &work, plan).await?;
         sign.push(CurveThroughput {
             curve: curve.api.to_owned(),
             throughput,
@@ -422,7 +412,7 @@ pub(crate) async fn run_throughput(
 }
 
 /// [`run_throughput`]'s measurements on a running deployment: (signatures, key generations).
-async fn throughput(
+pub(crate) async fn throughput(
     plan: &Plan,
     deployment: &Deployment,
     sign_curves: &[Curve],
@@ -440,16 +430,7 @@ async fn throughput(
         ));
         let keys = create_keys(app, curve, plan.pool_keys_per_curve).await?;
         let work = Arc::new(Work::Sign(keys));
-        let throughput = meter
-            .saturate(
-                app,
-                &work,
-                plan.in_flight,
-                plan.warmup,
-                plan.window,
-                plan.verify_one_in,
-            )
-            .await?;
+        let throughput = meter.saturate_signing(app, &work, plan).await?;
         sign.push(CurveThroughput {
             curve: curve.api.to_owned(),
             throughput,
@@ -559,6 +540,25 @@ impl<'a> Meter<'a> {
         })
     }
 
+    /// Signatures at saturation with the plan's settings: [`saturate`](Self::saturate) with
+    /// [`Plan::in_flight`] outstanding, its warm-up, window and verification share.
+    pub(crate) async fn saturate_signing(
+        &self,
+        app: &AppClient,
+        work: &Arc<Work>,
+        plan: &Plan,
+    ) -> anyhow::Result<Throughput> {
+        self.saturate(
+            app,
+            work,
+            plan.in_flight,
+            plan.warmup,
+            plan.window,
+            plan.verify_one_in,
+        )
+        .await
+    }
+
     /// Keeps `in_flight` requests of `work` outstanding; after `warmup`, counts the jobs the
     /// simulator sees completed during `window`.
     pub(crate) async fn saturate(
@@ -629,7 +629,7 @@ fn totals(timed: &[Timed]) -> (Samples, TimingSource) {
     }
 }
 
-fn latency_summary(curve: &Curve, rate: f64, timed: &[Timed]) -> Latency {
+pub(crate) fn latency_summary(curve: &Curve, rate: f64, timed: &[Timed]) -> Latency {
     let (total, source) = totals(timed);
     Latency {
         curve: curve.api.to_owned(),

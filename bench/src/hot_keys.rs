@@ -116,16 +116,7 @@ async fn measure_curves(
         ));
         let keys = create_keys(app, curve, plan.hot_keys_per_curve).await?;
         let work = Arc::new(Work::Sign(keys));
-        let throughput = meter
-            .saturate(
-                app,
-                &work,
-                plan.in_flight,
-                plan.warmup,
-                plan.window,
-                plan.verify_one_in,
-            )
-            .await?;
+        let throughput = meter.saturate_signing(app, &work, plan).await?;
         measured.push((curve.api, throughput));
     }
     Ok(measured)

@@ -25,18 +25,25 @@
 //! - [`replicate`]: the stored-keys sweep's bulk load.
 //! - [`kryoptic`]: the Kryoptic column, the raw anchor and the driver end to end on the token
 //!   matrix's second implementation (P-256, Ed25519).
+//! - [`batching`]: batching off and on, side by side: counts, throughput and latency.
+//! - [`pinned`]: the pinned ratio, the anchor and then the driver alone on one core.
+//! - [`store`]: the key store alone on PostgreSQL, 1 to 64 concurrent writers or readers (the
+//!   inputs of the cluster's capacity model).
 //! - [`report`] and [`svg`]: the targets, the table, the files.
 
 mod anchor;
+mod batching;
 mod e2e;
 mod hot_keys;
 mod kryoptic;
 mod load;
+mod pinned;
 mod plan;
 mod procfs;
 mod replicate;
 mod report;
 mod stats;
+mod store;
 mod svg;
 
 use std::path::PathBuf;
@@ -210,6 +217,19 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
         let sweep = i == 0 || plan.sweep_every_store;
         results.push(e2e::run(&plan, &setup, store, sweep, &say).await?);
     }
+    let batching = batching::run(&plan, &setup, &say).await?;
+    let pinned = match pinned::unavailable() {
+        None => pinned::run(&plan, &setup, &say).await?,
+        Some(why) => {
+            skipped.push(why);
+            Vec::new()
+        }
+    };
+    let store_alone = if stores.contains(&Store::Postgres) {
+        store::run(&plan, &say).await?
+    } else {
+        Vec::new()
+    };
     let hot_keys = hot_keys::run(&plan, &setup, &say).await?;
     let kryoptic = match kryoptic_module {
         Some(hsm) => Some(kryoptic::run(&plan, &setup, hsm, &say).await?),
@@ -228,6 +248,9 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
         stores: results,
         hot_keys,
         kryoptic,
+        batching,
+        pinned,
+        store_alone,
         skipped,
         targets: Vec::new(),
     };

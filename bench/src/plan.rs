@@ -65,8 +65,8 @@ pub(crate) struct Plan {
     /// The driver's workers: jobs it executes at once. The bench's default is
     /// [`WORKERS_PER_SESSION`] × sessions (the driver's own default is as many as sessions).
     pub(crate) workers: usize,
-    /// The driver's `report_linger_ms`: under load, reports wait this long to go together
-    /// (its `lease_refill` is its default, workers − sessions).
+    /// The report linger of the batching comparison's "all on" driver, in milliseconds (every
+    /// other deployment runs with the driver's defaults: no linger).
     pub(crate) report_linger_ms: u64,
     /// The anchor's session counts (one thread each).
     pub(crate) anchor_sessions: Vec<usize>,
@@ -113,10 +113,15 @@ pub(crate) struct Plan {
     /// `[hsm.hot_keys] ttl_ms` of the hot driver.
     #[serde(with = "millis")]
     pub(crate) hot_key_ttl: Duration,
+    /// The store-alone measurements' warm-up and window, per point.
+    #[serde(with = "millis")]
+    pub(crate) store_warmup: Duration,
+    #[serde(with = "millis")]
+    pub(crate) store_window: Duration,
 }
 
-/// The driver's report linger in the bench, in milliseconds: at most this much added to a
-/// job's latency under load, for report requests that carry several jobs.
+/// The report linger of the batching comparison's "all on" driver, in milliseconds: at most
+/// this much added to a job's latency under load, for report requests that carry several jobs.
 pub(crate) const REPORT_LINGER_MS: u64 = 2;
 
 /// The bench's default workers per HSM session. With as many workers as sessions, a session
@@ -168,6 +173,8 @@ impl Plan {
             // Both curves' keys fit: the second curve's measurement evicts nothing it needs.
             hot_key_capacity: 8,
             hot_key_ttl: s(60),
+            store_warmup: if quick { ms(300) } else { s(1) },
+            store_window: if quick { ms(1500) } else { s(5) },
         }
     }
 }

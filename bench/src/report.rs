@@ -8,10 +8,13 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::anchor::AnchorResult;
+use crate::batching::BatchingResult;
 use crate::e2e::{CurveThroughput, StoreResult, Throughput, TimingSource};
 use crate::hot_keys::HotKeysResult;
 use crate::kryoptic::KryopticResult;
+use crate::pinned::PinnedResult;
 use crate::plan::{CURVES, Curve, KRYOPTIC_CURVES, Plan};
+use crate::store::StorePoint;
 
 /// Everything one run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -28,6 +31,12 @@ pub(crate) struct Report {
     pub(crate) hot_keys: HotKeysResult,
     /// The Kryoptic column (`None` when skipped).
     pub(crate) kryoptic: Option<KryopticResult>,
+    /// Batching off and on, side by side (SQLite).
+    pub(crate) batching: Vec<BatchingResult>,
+    /// The pinned ratio per curve (empty when it could not run here).
+    pub(crate) pinned: Vec<PinnedResult>,
+    /// The key store alone on PostgreSQL (empty when PostgreSQL was skipped).
+    pub(crate) store_alone: Vec<StorePoint>,
     /// What was not measured, and why.
     pub(crate) skipped: Vec<String>,
     pub(crate) targets: Vec<Target>,
@@ -123,6 +132,8 @@ pub(crate) const HTTP_REQUESTS_TARGET: f64 = 0.1;
 pub(crate) const PEAK_RSS_TARGET_MIB: f64 = 64.0;
 /// Hot keys against the stateless driver, signing repeatedly with a few keys.
 pub(crate) const HOT_KEYS_TARGET: f64 = 3.0;
+/// The driver pinned to one core keeps at least this share of the raw anchor's rate there.
+pub(crate) const PINNED_RATIO_TARGET: f64 = 0.85;
 /// On Kryoptic, whose signatures cost a fraction of SoftHSMv2's: signatures end to end against
 /// the raw anchor's unwrap + sign + destroy at the same session count.
 pub(crate) const KRYOPTIC_RATIO_TARGET: f64 = 0.5;
@@ -292,6 +303,16 @@ impl Report {
                 }
             }
         }
+        for p in &self.pinned {
+            targets.push(Target::new(
+                "pinned ratio (driver alone on one core / raw, 1 session)",
+                format!("sqlite {}", p.curve),
+                p.ratio,
+                Bound::AtLeast,
+                PINNED_RATIO_TARGET,
+                "",
+            ));
+        }
         self.targets = targets;
     }
 
@@ -302,13 +323,13 @@ impl Report {
         let _ = writeln!(
             t,
             "\nhsm-driver-bench ({:?} run, {} CPUs shared by HSM, driver, simulator and database; \
-             driver: {} workers, {n} HSM sessions, lease refill {} (its default), report linger \
-             {} ms; {:.0} s)",
+             driver: {} workers, {n} HSM sessions, its default batching (lease refill {}, no \
+             report linger, ledger groups up to {}); {:.0} s)",
             self.plan.mode,
             self.cpus,
             self.plan.workers,
-            self.plan.workers.saturating_sub(n).max(1),
-            self.plan.report_linger_ms,
+            self.plan.workers.saturating_sub(2 * n).max(1),
+            driver_core::ledger::MAX_GROUP,
             self.elapsed_seconds
         );
 
@@ -519,6 +540,104 @@ impl Report {
                 store.driver_peak_rss_kib as f64 / 1024.0,
                 store.sim_peak_rss_kib as f64 / 1024.0
             );
+        }
+
+        if !self.batching.is_empty() {
+            let _ = writeln!(
+                t,
+                "\nBatching, side by side (SQLite, {} workers, {n} HSM sessions). off: lease refill 1, \
+                 no report linger, ledger group 1; ledger groups: the same with ledger groups of up \
+                 to {}; all on: also the driver's default lease refill ({}) and a {} ms report \
+                 linger. Latency at the same offered rate for all.",
+                self.plan.workers,
+                driver_core::ledger::MAX_GROUP,
+                self.plan.workers.saturating_sub(2 * n).max(1),
+                self.plan.report_linger_ms
+            );
+            let _ = writeln!(
+                t,
+                "  {:<10} {:<14} {:>7} {:>8} {:>8} {:>7} {:>7} {:>8} {:>7} {:>8} {:>8}",
+                "curve",
+                "",
+                "sign/s",
+                "drv ms",
+                "hsm/job",
+                "ver/job",
+                "db/job",
+                "http/job",
+                "at /s",
+                "p50 ms",
+                "p99 ms"
+            );
+            for b in &self.batching {
+                for side in &b.sides {
+                    let (th, c) = (&side.throughput, &side.throughput.counts);
+                    let _ = writeln!(
+                        t,
+                        "  {:<10} {:<14} {:>7} {:>8.3} {:>8.2} {:>7.2} {:>7.2} {:>8.2} {:>7} {:>8.2} {:>8.2}",
+                        Curve::label_of(&b.curve),
+                        side.way,
+                        number(th.ops_per_sec),
+                        th.driver_cpu_ms_per_job,
+                        c.hsm_requests,
+                        c.verifications,
+                        c.store_statements,
+                        c.http_requests,
+                        number(b.rate_per_sec),
+                        side.latency.total.p50_ms,
+                        side.latency.total.p99_ms
+                    );
+                }
+            }
+        }
+
+        if !self.pinned.is_empty() {
+            let _ = writeln!(
+                t,
+                "\nPinned: the raw anchor alone on CPU 0, then the driver (1 session, {} workers, \
+                 SQLite) on CPU 0 with the simulator and the load on CPU 1 (sign/s)",
+                crate::plan::WORKERS_PER_SESSION
+            );
+            let _ = writeln!(
+                t,
+                "  {:<10} {:>10} {:>10} {:>7}",
+                "curve", "raw", "driver", "ratio"
+            );
+            for p in &self.pinned {
+                let _ = writeln!(
+                    t,
+                    "  {:<10} {:>10} {:>10} {:>7.2}",
+                    Curve::label_of(&p.curve),
+                    number(p.anchor_ops_per_sec),
+                    number(p.driver_ops_per_sec),
+                    p.ratio
+                );
+            }
+        }
+
+        if !self.store_alone.is_empty() {
+            let _ = writeln!(
+                t,
+                "\nThe store alone on PostgreSQL: N concurrent writers (a ledger chain and a \
+                 connection each, standing for N drivers) or readers"
+            );
+            let _ = writeln!(
+                t,
+                "  {:<18} {:>4} {:>12} {:>12} {:>9} {:>9}",
+                "operation", "N", "statements/s", "entries/s", "p50 ms", "p99 ms"
+            );
+            for p in &self.store_alone {
+                let _ = writeln!(
+                    t,
+                    "  {:<18} {:>4} {:>12} {:>12} {:>9.2} {:>9.2}",
+                    p.operation.label(),
+                    p.concurrency,
+                    number(p.statements_per_second),
+                    number(p.entries_per_second),
+                    p.latency.p50_ms,
+                    p.latency.p99_ms
+                );
+            }
         }
 
         for skipped in &self.skipped {
@@ -908,6 +1027,76 @@ impl Report {
                 e.driver_peak_rss_kib as f64,
                 "KiB",
             );
+        }
+        for b in &self.batching {
+            for side in &b.sides {
+                let c = &side.throughput.counts;
+                for (metric, value, unit) in [
+                    ("throughput", side.throughput.ops_per_sec, "ops/s"),
+                    (
+                        "driver_cpu_per_job",
+                        side.throughput.driver_cpu_ms_per_job,
+                        "ms",
+                    ),
+                    ("hsm_requests_per_job", c.hsm_requests, ""),
+                    ("verifications_per_job", c.verifications, ""),
+                    ("store_statements_per_job", c.store_statements, ""),
+                    ("http_requests_per_job", c.http_requests, ""),
+                    ("latency_p50", side.latency.total.p50_ms, "ms"),
+                    ("latency_p99", side.latency.total.p99_ms, "ms"),
+                ] {
+                    row(
+                        "batching",
+                        "sqlite",
+                        &b.curve,
+                        format!(
+                            "batching={};rate={:.0}",
+                            side.way.replace(' ', "_"),
+                            b.rate_per_sec
+                        ),
+                        metric,
+                        value,
+                        unit,
+                    );
+                }
+            }
+        }
+        for p in &self.pinned {
+            for (metric, value, unit) in [
+                ("anchor", p.anchor_ops_per_sec, "ops/s"),
+                ("driver", p.driver_ops_per_sec, "ops/s"),
+                ("ratio", p.ratio, ""),
+            ] {
+                row(
+                    "pinned",
+                    "sqlite",
+                    &p.curve,
+                    "sessions=1".to_owned(),
+                    metric,
+                    value,
+                    unit,
+                );
+            }
+        }
+        for p in &self.store_alone {
+            let params = format!("concurrency={}", p.concurrency);
+            let operation = format!("{:?}", p.operation).to_lowercase();
+            for (metric, value, unit) in [
+                ("statements_per_second", p.statements_per_second, "1/s"),
+                ("entries_per_second", p.entries_per_second, "1/s"),
+                ("p50", p.latency.p50_ms, "ms"),
+                ("p99", p.latency.p99_ms, "ms"),
+            ] {
+                row(
+                    "store_alone",
+                    "postgresql",
+                    &operation,
+                    params.clone(),
+                    metric,
+                    value,
+                    unit,
+                );
+            }
         }
         for t in &self.targets {
             row(

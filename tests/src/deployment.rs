@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use dfns_api_sim::app_client::AppClient;
 
-use crate::driver::{DriverProcess, DriverSettings, DriverWiring, HotKeySettings};
+use crate::driver::{Batching, DriverProcess, DriverSettings, DriverWiring, HotKeySettings};
 use crate::master_key::MasterKeyProvisioning;
 use crate::simulator::{Simulator, SimulatorOptions};
 use crate::telemetry::{Readiness, TelemetryResponse};
@@ -40,8 +40,8 @@ pub struct DeploymentOptions {
     pub hot_keys: Option<HotKeySettings>,
     /// The driver's `[driver] health_check_interval_ms`; `None` (default): the driver's own.
     pub health_check_interval_ms: Option<u64>,
-    /// The driver's `[driver] report_linger_ms`; `None` (default): the driver's own (0).
-    pub report_linger_ms: Option<u64>,
+    /// How the driver batches under load (default: its own settings).
+    pub batching: Batching,
 }
 
 impl DeploymentOptions {
@@ -59,7 +59,7 @@ impl DeploymentOptions {
             master_key: MasterKeyProvisioning::Generate,
             hot_keys: None,
             health_check_interval_ms: None,
-            report_linger_ms: None,
+            batching: Batching::default(),
         }
     }
 }
@@ -126,7 +126,7 @@ impl Deployment {
         settings.log_level = options.log_level.clone();
         settings.hot_keys = options.hot_keys;
         settings.health_check_interval_ms = options.health_check_interval_ms;
-        settings.report_linger_ms = options.report_linger_ms;
+        settings.batching = options.batching;
         let api_url = sim.driver_url();
         // `pki/…` relative to the configuration file (tests rewrite these paths).
         let mut driver = DriverProcess::provision(

@@ -47,8 +47,29 @@ pub struct DriverSettings {
     pub connect_timeout_ms: Option<u64>,
     /// `[hsm.hot_keys]`; `None`: no such section (the driver's default, strictly stateless).
     pub hot_keys: Option<HotKeySettings>,
-    /// `[driver] report_linger_ms`; `None`: the driver's default (0).
+    /// How the driver batches under load; `None` fields: its defaults.
+    pub batching: Batching,
+}
+
+/// How a driver batches under load (each `None`: the driver's default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Batching {
+    /// `[driver] lease_refill`.
+    pub lease_refill: Option<usize>,
+    /// `[driver] report_linger_ms`.
     pub report_linger_ms: Option<u64>,
+    /// `[ledger] max_group`.
+    pub ledger_max_group: Option<usize>,
+}
+
+impl Batching {
+    /// No batching: a lease as soon as a worker is free, reports at once, one ledger entry per
+    /// write (the driver before group commit, lease refill and report linger).
+    pub const OFF: Batching = Batching {
+        lease_refill: Some(1),
+        report_linger_ms: Some(0),
+        ledger_max_group: Some(1),
+    };
 }
 
 /// `[hsm.hot_keys]`: the driver keeps recently unwrapped keys per HSM session.
@@ -75,7 +96,7 @@ impl DriverSettings {
             recovery_backoff_max_ms: None,
             connect_timeout_ms: None,
             hot_keys: None,
-            report_linger_ms: None,
+            batching: Batching::default(),
         }
     }
 }
@@ -111,7 +132,10 @@ shutdown_deadline_secs = 20
     if let Some(ms) = settings.recovery_backoff_max_ms {
         let _ = writeln!(text, "recovery_backoff_max_ms = {ms}");
     }
-    if let Some(ms) = settings.report_linger_ms {
+    if let Some(refill) = settings.batching.lease_refill {
+        let _ = writeln!(text, "lease_refill = {refill}");
+    }
+    if let Some(ms) = settings.batching.report_linger_ms {
         let _ = writeln!(text, "report_linger_ms = {ms}");
     }
     let _ = write!(
@@ -155,7 +179,7 @@ master_key_label = "{MASTER_KEY_LABEL}"
 # Relative to this file's directory; written at most every 100 ms, and at shutdown.
 checkpoint_file = "{LEDGER_CHECKPOINT_FILE}"
 checkpoint_interval_ms = 100
-
+{max_group}
 [log]
 level = "{log_level}"
 
@@ -164,6 +188,11 @@ level = "{log_level}"
 listen = "127.0.0.1:0"
 "#,
         log_level = settings.log_level,
+        max_group = settings
+            .batching
+            .ledger_max_group
+            .map(|n| format!("max_group = {n}\n"))
+            .unwrap_or_default(),
     );
     text
 }

@@ -34,7 +34,7 @@ mod workload;
 pub use cluster::{Cluster, ClusterDriver, ClusterOptions, ClusterStopReport};
 pub use demo::{DemoOptions, run_demo};
 pub use deployment::{Deployment, DeploymentOptions, StopReport};
-pub use driver::{DriverSettings, HotKeySettings};
+pub use driver::{Batching, DriverSettings, HotKeySettings};
 pub use master_key::{MASTER_KEY_LABEL, MasterKeyProvisioning, SharedMasterKey};
 pub use simulator::SimulatorOptions;
 pub use telemetry::{Readiness, TelemetryResponse, sum_samples};

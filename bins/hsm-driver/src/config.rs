@@ -47,8 +47,9 @@ pub(crate) struct DriverSection {
     #[serde(default = "default_lease_batch")]
     pub(crate) lease_batch: u32,
     /// While jobs run, lease again only when this many workers are free (1..=workers). Default:
-    /// `workers - sessions` (at least 1), so that the HSM keeps a job per session while one
-    /// lease request refills the rest: with as many workers as sessions, as soon as one is free.
+    /// `workers - 2 × sessions` (at least 1), so that each HSM session still has a job running
+    /// and one waiting while a lease request refills the rest; with up to twice as many workers
+    /// as sessions, as soon as one is free.
     #[serde(default)]
     pub(crate) lease_refill: Option<usize>,
     /// Under load, how long a report waits for others to join its request, in milliseconds
@@ -411,6 +412,14 @@ pub(crate) struct LedgerSection {
     /// last one again at shutdown).
     #[serde(default = "default_checkpoint_interval_ms")]
     pub(crate) checkpoint_interval_ms: u64,
+    /// The most entries one ledger write carries (one HSM request, one statement): appends
+    /// that queue up while one is written go together (default 64; 1 writes each on its own).
+    #[serde(default = "default_ledger_max_group")]
+    pub(crate) max_group: usize,
+}
+
+fn default_ledger_max_group() -> usize {
+    driver_core::ledger::MAX_GROUP
 }
 
 impl Default for LedgerSection {
@@ -418,6 +427,7 @@ impl Default for LedgerSection {
         Self {
             checkpoint_file: None,
             checkpoint_interval_ms: default_checkpoint_interval_ms(),
+            max_group: default_ledger_max_group(),
         }
     }
 }
@@ -567,6 +577,9 @@ impl Config {
         if self.ledger.checkpoint_interval_ms == 0 {
             bail!("ledger.checkpoint_interval_ms: must be at least 1");
         }
+        if !(1..=1_000).contains(&self.ledger.max_group) {
+            bail!("ledger.max_group: must be between 1 and 1000");
+        }
         if self.driver.workers == 0 {
             bail!("driver.workers: must be at least 1");
         }
@@ -659,6 +672,7 @@ impl Config {
             },
             max_job_duration: Duration::from_millis(self.driver.max_job_duration_ms),
             record_cache_capacity: self.driver.record_cache_capacity,
+            ledger_max_group: self.ledger.max_group,
             ..driver_core::DriverConfig::default()
         }
     }
@@ -668,12 +682,12 @@ impl Config {
         self.hsm.sessions.unwrap_or(self.driver.workers)
     }
 
-    /// `driver.lease_refill`, or `workers - sessions` (at least 1).
+    /// `driver.lease_refill`, or `workers - 2 × sessions` (at least 1).
     pub(crate) fn lease_refill(&self) -> usize {
         self.driver.lease_refill.unwrap_or_else(|| {
             self.driver
                 .workers
-                .saturating_sub(self.sessions())
+                .saturating_sub(2 * self.sessions())
                 .clamp(1, self.driver.workers)
         })
     }
@@ -709,6 +723,11 @@ user_pin_file = "pin"
         let config = Config::load(&write(dir.path(), GOOD)).unwrap();
         assert_eq!(config.ledger.checkpoint_file, None);
         assert_eq!(config.ledger.checkpoint_interval_ms, 5_000);
+        assert_eq!(config.driver_config().ledger_max_group, 64);
+        // Tried: a group of none.
+        let text = format!("{GOOD}[ledger]\nmax_group = 0\n");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("ledger.max_group"), "{err}");
         let text = format!("{GOOD}[ledger]\ncheckpoint_file = \"ckpt/heads.jsonl\"\n");
         let config = Config::load(&write(dir.path(), &text)).unwrap();
         assert_eq!(
@@ -807,10 +826,10 @@ user_pin_file = "pin"
         let engine = with("", "").unwrap().driver_config();
         assert_eq!((engine.workers, engine.lease_refill), (4, 1));
         assert_eq!(engine.report_linger, Duration::ZERO);
-        // 16 workers on 4 sessions: refill 12 at a time, the HSM keeps 4.
+        // 16 workers on 4 sessions: refill 8 at a time, the HSM keeps 8 (two per session).
         let config = with("workers = 16\nreport_linger_ms = 3", "sessions = 4").unwrap();
         let engine = config.driver_config();
-        assert_eq!(engine.lease_refill, 12);
+        assert_eq!(engine.lease_refill, 8);
         assert_eq!(engine.report_linger, Duration::from_millis(3));
         // Tried: a refill of 0, one above the workers, and a 5 s linger.
         for (driver, field) in [

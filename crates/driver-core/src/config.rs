@@ -34,6 +34,10 @@ pub struct DriverConfig {
     /// this much added to a job's latency, fewer report requests per job. Default zero (never
     /// wait); an idle driver's report is never delayed.
     pub report_linger: Duration,
+    /// The most audit-ledger entries one write carries (one HSM request MACs them, one
+    /// statement stores them): appends that queue up while one is written go together
+    /// (default [`MAX_GROUP`](crate::ledger::MAX_GROUP); 1 writes each entry on its own).
+    pub ledger_max_group: usize,
     /// How long one lease request may wait for a first job (long-poll).
     pub long_poll: Duration,
     /// Backoff between failed lease requests.
@@ -74,6 +78,7 @@ impl Default for DriverConfig {
             lease_batch: 16,
             lease_refill: 1,
             report_linger: Duration::ZERO,
+            ledger_max_group: crate::ledger::MAX_GROUP,
             long_poll: Duration::from_secs(20),
             lease_backoff: Backoff::default(),
             shutdown_deadline: Duration::from_secs(30),
@@ -162,6 +167,9 @@ impl<S: JobSource, H: Hsm, K: KeyStore> DriverBuilder<S, H, K> {
             return Err(BuildError::Invalid(
                 "lease_refill must be between 1 and workers",
             ));
+        }
+        if config.ledger_max_group == 0 {
+            return Err(BuildError::Invalid("ledger_max_group must be at least 1"));
         }
         if config.driver_id.is_empty() {
             return Err(BuildError::Invalid("driver_id must not be empty"));

@@ -92,7 +92,8 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                     Arc::clone(&hsm),
                     Arc::clone(&store),
                     config.driver_id.clone(),
-                ),
+                )
+                .with_max_group(config.ledger_max_group),
                 source,
                 hsm,
                 store,

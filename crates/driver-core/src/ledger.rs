@@ -44,7 +44,8 @@ use wrapped_keystore::{
 /// How many times an append re-reads the head and retries after finding its place taken.
 pub const APPEND_ATTEMPTS: usize = 5;
 
-/// The most entries one append writes as a group (one HSM request, one statement).
+/// The most entries one append writes as a group (one HSM request, one statement), unless
+/// [`Ledger::with_max_group`] says otherwise.
 pub const MAX_GROUP: usize = 64;
 
 /// Appends waiting for the head, each with its ticket (which append queued it) and where its
@@ -201,6 +202,8 @@ pub struct Ledger<H, K> {
     head: tokio::sync::Mutex<HeadState>,
     /// Appends waiting for the head: its next holder writes them all, as one group.
     queue: std::sync::Mutex<Queue>,
+    /// The most entries one group holds.
+    max_group: usize,
     /// The head as of the last successful read or append, for heartbeats and checkpoint files.
     published: tokio::sync::watch::Sender<Option<ChainHead>>,
 }
@@ -214,8 +217,17 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
             chain: chain.into(),
             head: tokio::sync::Mutex::new(HeadState::Unread),
             queue: std::sync::Mutex::default(),
+            max_group: MAX_GROUP,
             published: tokio::sync::watch::Sender::new(None),
         }
+    }
+
+    /// At most `max_group` entries per group (at least 1; 1 writes every entry on its own,
+    /// as before group commit).
+    #[must_use]
+    pub fn with_max_group(mut self, max_group: usize) -> Self {
+        self.max_group = max_group.max(1);
+        self
     }
 
     /// The chain's name (the driver id).
@@ -250,7 +262,8 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
     ///
     /// Appends that queue up while another is being written go together (a group commit):
     /// whoever takes the head next MACs every queued entry in one HSM request
-    /// ([`Hsm::mac_chain`]) and writes them in one statement, at most [`MAX_GROUP`] at a time.
+    /// ([`Hsm::mac_chain`]) and writes them in one statement, at most [`MAX_GROUP`] at a time
+    /// (or as [`with_max_group`](Self::with_max_group) says).
     /// An idle chain's single append is not delayed; each entry is still written before this
     /// returns.
     ///
@@ -288,7 +301,7 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
             let mut entries = Vec::new();
             {
                 let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-                let take = queue.waiting.len().min(MAX_GROUP);
+                let take = queue.waiting.len().min(self.max_group);
                 for (ticket, entry, reply) in queue.waiting.drain(..take) {
                     tickets.push(ticket);
                     entries.push(entry);

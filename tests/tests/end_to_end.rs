@@ -768,6 +768,16 @@ async fn swapped_record_is_refused(options: DeploymentOptions, database_url: Str
         "the event is logged:\n{}",
         deployment.driver_log_tail()
     );
+    // And counted, for the HsmDriverTamperDetected alert (bins/hsm-driver/monitoring).
+    let metrics = deployment.metrics().await.unwrap();
+    assert!(
+        sum_samples(
+            &metrics,
+            "hsm_driver_tamper_detected_total",
+            &["finding=\"key_record\""]
+        ) >= 1.0,
+        "{metrics}"
+    );
     // Fields outside the MAC (who created the record) do not stop key A from signing.
     let request = deployment
         .app()

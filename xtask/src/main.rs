@@ -244,6 +244,16 @@ fn test(args: &[String]) -> anyhow::Result<()> {
                 .is_ok_and(|o| o.status.success())
         })?;
     }
+    // promtool checks and unit-tests the shipped alert rules (Debian's `prometheus` package).
+    let promtool = || {
+        Command::new("promtool")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if is_root() {
+        ensure_debian_package("prometheus", promtool)?;
+    }
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let pg_url = std::env::var("HSM_DRIVER_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
@@ -285,6 +295,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .env("RUST_BACKTRACE", "1");
     if in_ci {
         test.env("HSM_DRIVER_REQUIRE_PG", "1");
+    }
+    if in_ci || promtool() {
+        test.env("HSM_DRIVER_REQUIRE_PROMTOOL", "1");
     }
     run(&mut test)?;
     let binaries = test_binaries::workspace_test_binaries()?;

@@ -153,6 +153,17 @@ impl JobError {
         }
     }
 
+    /// The `finding` label under which this error counts in `hsm_driver_tamper_detected_total`:
+    /// `key_record` for a record that failed its integrity check, `ledger_head` for a ledger
+    /// whose head did; `None` for every other error.
+    pub fn tamper_finding(&self) -> Option<&'static str> {
+        match self {
+            JobError::RecordTampered { .. } => Some("key_record"),
+            JobError::Ledger(e) if e.is_tampered() => Some("ledger_head"),
+            _ => None,
+        }
+    }
+
     /// The report sent to the API: code, message (this error and its sources), retry decision.
     pub fn to_failure(&self) -> JobFailure {
         JobFailure {

@@ -77,6 +77,9 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
         };
         if let Err(error) = &result {
             note_component_failure(parts, error);
+            if let Some(finding) = error.tamper_finding() {
+                parts.metrics.tamper_detected(finding);
+            }
         }
         let body = match &result {
             Ok(result) => ReportBody::Complete(result.clone()),

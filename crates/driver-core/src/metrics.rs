@@ -60,7 +60,7 @@ impl Metrics {
                 }
             })
             .build();
-        Self {
+        let metrics = Self {
             key_records,
             jobs: meter
                 .u64_counter("hsm_driver_jobs")
@@ -109,10 +109,22 @@ impl Metrics {
             tamper: meter
                 .u64_counter("hsm_driver_tamper_detected")
                 .with_description(
-                    "Health checks whose insider attack suite found the HSM's keys attackable (signing stops), by finding",
+                    "Tamper events, by finding: key_record or ledger_head (a record or the ledger's head failed its HSM-computed integrity check), or an insider-attack-suite finding on the HSM's keys (signing stops)",
                 )
                 .build(),
+        };
+        // Exported at zero from the start, so that dashboards and alerts see a series (and
+        // `rate()` a baseline) before the first event.
+        for counter in [
+            &metrics.lease_errors,
+            &metrics.lease_extensions,
+            &metrics.given_back,
+            &metrics.verifications,
+            &metrics.tamper,
+        ] {
+            counter.add(0, &[]);
         }
+        metrics
     }
 
     pub(crate) fn key_records(&self, counts: Vec<KeyRecordCount>) {

@@ -551,6 +551,31 @@ async fn statements_are_counted(store: &DieselKeyStore) {
         10 * one_read,
         "every read costs the same, counted each time"
     );
+    // A ledger append: one entry is its INSERT and the check-out ping, like a read; a run of
+    // eight is written as one statement on PostgreSQL (a multi-row INSERT), and on SQLite, in
+    // process, as its rows in one transaction.
+    let before = statements();
+    store
+        .append_ledger(vec![support::ledger_record("driver-s", 1)])
+        .await
+        .expect("one entry");
+    let one_entry = statements() - before;
+    assert_eq!(one_entry, 2, "one entry: its INSERT and the check-out ping");
+    let before = statements();
+    store
+        .append_ledger(
+            (2..=9)
+                .map(|seq| support::ledger_record("driver-s", seq))
+                .collect(),
+        )
+        .await
+        .expect("eight entries");
+    let eight = statements() - before;
+    println!("statements: one read {one_read}, one entry {one_entry}, eight entries {eight}");
+    assert!(
+        eight <= 2 + 8 + 1,
+        "eight entries in at most one transaction of their rows: {eight}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -137,9 +137,15 @@ macro_rules! ledger_statements {
         }
 
         fn insert_ledger(&mut self, rows: &[NewLedgerRow<'_>]) -> QueryResult<usize> {
-            diesel::insert_into(ledger::table)
-                .values(rows)
-                .execute(self)
+            // One row is one INSERT. Several are one multi-row INSERT on PostgreSQL; diesel
+            // writes them on SQLite as one INSERT per row inside a transaction (also all or
+            // nothing), which would cost a lone row a BEGIN and a COMMIT: hence the case.
+            match rows {
+                [row] => diesel::insert_into(ledger::table).values(row).execute(self),
+                _ => diesel::insert_into(ledger::table)
+                    .values(rows)
+                    .execute(self),
+            }
         }
 
         fn ledger_chains(&mut self) -> QueryResult<Vec<String>> {

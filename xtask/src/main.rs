@@ -10,6 +10,10 @@
 //!   driver end to end against the raw HSM, a table on stdout, JSON, CSV and two SVG pictures
 //!   in `DIR` (default `docs/benchmarks-data`); see `docs/benchmarks.md`. Not part of `test`.
 //!
+//! - `cargo xtask package [--debug] [--out DIR]`: the Debian package of `hsm-driver` (binary,
+//!   example configuration, hardened systemd unit, docs, alert rules and dashboard), in
+//!   `<target>/debian` by default; `test` builds it from the debug build and tests it.
+//!
 //! Every command is printed before it runs.
 
 use std::net::{SocketAddr, TcpStream};
@@ -21,6 +25,7 @@ use anyhow::{Context, bail};
 use hsm_driver_e2e::{DemoOptions, HsmModule, TokenKind, softhsm_module_path};
 
 mod kryoptic;
+mod package;
 mod test_binaries;
 
 use test_binaries::TestBinary;
@@ -33,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         "demo" => demo(&rest),
         "test" => test(&rest),
         "bench" => bench(&rest),
+        "package" => package::package(&rest).map(drop),
         "kryoptic" => {
             let module = kryoptic::ensure_kryoptic(&workspace_root())?;
             println!("KRYOPTIC_MODULE={}", module.display());
@@ -40,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo|test|bench|kryoptic>\n\n  demo [--token softhsm2|kryoptic] [--keys N] [--signatures N] [--release]\n                                     run the demo on embedded defaults (SoftHSMv2 by default)\n  test [--no-lint]                   run formatting, lints, docs, the whole test suite and the token matrix\n  bench [--quick] [--out DIR]        measure the driver end to end against the raw HSM\n  kryoptic                           build Kryoptic once (cached under target/kryoptic) and print its path"
+                "usage: cargo xtask <demo|test|bench|package|kryoptic>\n\n  demo [--token softhsm2|kryoptic] [--keys N] [--signatures N] [--release]\n                                     run the demo on embedded defaults (SoftHSMv2 by default)\n  test [--no-lint]                   run formatting, lints, docs, the whole test suite and the token matrix\n  bench [--quick] [--out DIR]        measure the driver end to end against the raw HSM\n  package [--debug] [--out DIR]      build the Debian package (hsm-driver_<version>_<arch>.deb)\n  kryoptic                           build Kryoptic once (cached under target/kryoptic) and print its path"
             );
             bail!("unknown command `{command}`")
         }
@@ -287,6 +293,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     // The fault-injecting PKCS#11 module the hung-HSM drill loads in front of SoftHSMv2.
     run(cargo().args(["build", "--package", "pkcs11-fault", "--lib", "--locked"]))?;
+    // The Debian package, from the debug build: tests/tests/package.rs unpacks and runs it.
+    let deb = package::package(&["--debug".to_owned()])?;
     let mut test = cargo();
     test.args(["test", "--workspace", "--all-features", "--locked"])
         .env("HSM_PKCS11_TEST_TOKEN", "softhsm2")
@@ -299,6 +307,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     if in_ci || promtool() {
         test.env("HSM_DRIVER_REQUIRE_PROMTOOL", "1");
     }
+    test.env("HSM_DRIVER_PACKAGE", &deb);
     run(&mut test)?;
     let binaries = test_binaries::workspace_test_binaries()?;
     hung_token(&binaries, &module)?;

@@ -843,6 +843,24 @@ user_pin_file = "pin"
     }
 
     #[test]
+    fn the_packaged_example_configuration_loads() {
+        // What `cargo xtask package` installs as /etc/hsm-driver/hsm-driver.toml.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/hsm-driver.toml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.driver.id, "driver-1");
+        assert_eq!(config.database.url, "sqlite:///var/lib/hsm-driver/keys.db");
+        assert_eq!(
+            config.ledger.checkpoint_file.as_deref(),
+            Some(Path::new("/var/lib/hsm-driver/ledger-checkpoints.jsonl"))
+        );
+        // Relative secret paths resolve inside /etc/hsm-driver (the file's directory).
+        assert_eq!(
+            config.hsm.user_pin_file.as_deref(),
+            Some(path.parent().unwrap().join("user-pin").as_path())
+        );
+    }
+
+    #[test]
     fn hot_keys_are_off_unless_configured() {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::load(&write(dir.path(), GOOD)).unwrap();

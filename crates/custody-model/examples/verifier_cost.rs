@@ -43,7 +43,7 @@ fn main() {
             s.to_bytes().into()
         })
         .collect();
-    time("secp256k1 finish (k256, one lincomb)", &|i| {
+    time("secp256k1 finish (libsecp256k1 recovery, in use)", &|i| {
         let raw = &k1_sigs[i as usize];
         finish_ecdsa(
             KeyScheme::EcdsaSecp256k1,
@@ -53,7 +53,25 @@ fn main() {
         )
         .expect("verifies");
     });
-    time("P-256 finish (OpenSSL, one mul_full)", &|i| {
+    time("secp256k1 verify_prehash (k256 crate, no recid)", &|i| {
+        let sig = k256::ecdsa::Signature::from_slice(&k1_sigs[i as usize]).expect("parses");
+        let sig = sig.normalize_s().unwrap_or(sig);
+        k1.verifying_key()
+            .verify_prehash(&digest(i), &sig)
+            .expect("verifies");
+    });
+    let secp = secp256k1::Secp256k1::verification_only();
+    let lib_public =
+        secp256k1::PublicKey::from_slice(k1_public.as_bytes()).expect("the same public key");
+    time("secp256k1 verify (libsecp256k1, no recid)", &|i| {
+        let mut sig =
+            secp256k1::ecdsa::Signature::from_compact(&k1_sigs[i as usize]).expect("parses");
+        sig.normalize_s();
+        let msg = secp256k1::Message::from_digest(digest(i));
+        secp.verify_ecdsa(&msg, &sig, &lib_public)
+            .expect("verifies");
+    });
+    time("P-256 finish (OpenSSL, one mul_full, in use)", &|i| {
         let raw = &p_sigs[i as usize];
         finish_ecdsa(KeyScheme::EcdsaP256, p_public.as_bytes(), &digest(i), raw).expect("verifies");
     });

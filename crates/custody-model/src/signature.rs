@@ -9,11 +9,15 @@ use crate::error::HsmError;
 use crate::hsm::{RawSignature, Signature};
 use crate::scheme::{KeyScheme, SignPayload};
 
+/// The signature of a faster verifier than the curve crate's: `(sec1 key, digest, r, s)` to the
+/// recovery id when the signature verifies.
+type FastVerifier = fn(&[u8], &[u8; 32], &[u8; 32], &[u8; 32]) -> Option<u8>;
+
 /// ECDSA helpers for one curve crate (`k256` or `p256`); both expose the same `ecdsa` API.
-/// `$openssl`: whether the verification's arithmetic runs on OpenSSL ([`openssl_p256`]) rather
-/// than the curve crate's (see `docs/benchmarks.md`, "Verifiers").
+/// `$fast`: the verifier whose arithmetic the driver uses instead of the curve crate's, if any
+/// (libsecp256k1 for secp256k1, OpenSSL for P-256; see `docs/benchmarks.md`, "Verifiers").
 macro_rules! ecdsa_curve {
-    ($module:ident, $curve:ident, openssl = $openssl:expr) => {
+    ($module:ident, $curve:ident, fast = $fast:expr) => {
         mod $module {
             use $curve::ecdsa::{Signature as EcSignature, VerifyingKey};
             use $curve::elliptic_curve::group::Group as _;
@@ -52,10 +56,10 @@ macro_rules! ecdsa_curve {
                 signature: &EcSignature,
             ) -> Result<u8, HsmError> {
                 let failed = || HsmError::VerificationFailed { scheme };
-                if $openssl {
+                let fast: Option<super::FastVerifier> = $fast;
+                if let Some(fast) = fast {
                     let (r, s) = signature.split_bytes();
-                    match super::openssl_p256::verify_with_recid(sec1, digest, &r.into(), &s.into())
-                    {
+                    match fast(sec1, digest, &r.into(), &s.into()) {
                         Some(recid) => Ok(recid),
                         // Only on failure: name a key that does not decode as such.
                         None => Err(verifying_key(scheme, sec1).err().unwrap_or_else(failed)),
@@ -148,8 +152,60 @@ macro_rules! ecdsa_curve {
     };
 }
 
-ecdsa_curve!(secp256k1, k256, openssl = false);
-ecdsa_curve!(nistp256, p256, openssl = true);
+ecdsa_curve!(
+    secp256k1,
+    k256,
+    fast = Some(super::libsecp256k1::verify_with_recid)
+);
+ecdsa_curve!(
+    nistp256,
+    p256,
+    fast = Some(super::openssl_p256::verify_with_recid)
+);
+
+/// secp256k1 verification on libsecp256k1 (Bitcoin Core's library, through the `secp256k1`
+/// crate): about twice as fast as `k256`'s one-multiplication path on the bench's machine, and
+/// another implementation than the `k256` the demo and the tests verify with. libsecp256k1's
+/// verification does not give the recovery id, so the key is recovered instead: with id 0,
+/// then 1; an id whose recovered key is the stored one is the verification (`sR = eG + rQ`
+/// holds exactly when the signature does). The caller has normalised `s`.
+mod libsecp256k1 {
+    use std::sync::OnceLock;
+
+    use ::secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
+    use ::secp256k1::{Message, PublicKey, Secp256k1, VerifyOnly};
+
+    fn context() -> &'static Secp256k1<VerifyOnly> {
+        static CONTEXT: OnceLock<Secp256k1<VerifyOnly>> = OnceLock::new();
+        CONTEXT.get_or_init(Secp256k1::verification_only)
+    }
+
+    /// The recovery id (0 or 1) that recovers `sec1` from `(r, s)` over `digest`; `None` when
+    /// the key does not decode, `r` or `s` is out of range, or neither id recovers it.
+    pub(super) fn verify_with_recid(
+        sec1: &[u8],
+        digest: &[u8; 32],
+        r: &[u8; 32],
+        s: &[u8; 32],
+    ) -> Option<u8> {
+        let key = PublicKey::from_slice(sec1).ok()?;
+        let mut compact = [0u8; 64];
+        compact[..32].copy_from_slice(r);
+        compact[32..].copy_from_slice(s);
+        let message = Message::from_digest(*digest);
+        for id in [0u8, 1] {
+            let recovery = RecoveryId::try_from(i32::from(id)).ok()?;
+            let signature = RecoverableSignature::from_compact(&compact, recovery).ok()?;
+            if context()
+                .recover_ecdsa(&message, &signature)
+                .is_ok_and(|recovered| recovered == key)
+            {
+                return Some(id);
+            }
+        }
+        None
+    }
+}
 
 /// P-256 verification on OpenSSL's arithmetic (x86-64 assembly with a precomputed table for
 /// the generator), about six times faster than the `p256` crate's on the bench's machine; the
@@ -581,5 +637,50 @@ mod tests {
             openssl_p256::verify_with_recid(&[2; 33], &digest(0), &[1; 32], &[1; 32]),
             None
         );
+    }
+
+    #[test]
+    fn the_libsecp256k1_verifier_agrees_with_the_curve_crate() {
+        for i in 0..200u32 {
+            let key = K1SigningKey::from_slice(&digest(30_000 + i)).unwrap();
+            let public = key.verifying_key().to_encoded_point(i % 2 == 0);
+            let sig: k256::ecdsa::Signature = key.sign_prehash(&digest(i)).unwrap();
+            let sig = sig.normalize_s().unwrap_or(sig);
+            let (r, s) = sig.split_bytes();
+            let (r, s): ([u8; 32], [u8; 32]) = (r.into(), s.into());
+            let ours = libsecp256k1::verify_with_recid(public.as_bytes(), &digest(i), &r, &s);
+            let theirs = secp256k1::verify_with_recid(key.verifying_key(), &digest(i), &sig);
+            assert!(theirs.is_some(), "the curve crate verifies signature {i}");
+            assert_eq!(ours, theirs, "signature {i}: the same recovery id");
+            // Tried: the same signature over another digest, and under another key.
+            assert_eq!(
+                libsecp256k1::verify_with_recid(public.as_bytes(), &digest(i + 1), &r, &s),
+                None
+            );
+            let other = K1SigningKey::from_slice(&digest(40_000 + i)).unwrap();
+            let other = other.verifying_key().to_encoded_point(true);
+            assert_eq!(
+                libsecp256k1::verify_with_recid(other.as_bytes(), &digest(i), &r, &s),
+                None
+            );
+        }
+        // Tried: bytes that are not a point; r = 0; s at the group order (out of range).
+        let key = K1SigningKey::from_slice(&digest(7)).unwrap();
+        let public = key.verifying_key().to_encoded_point(true);
+        let order: [u8; 32] =
+            hex::decode("fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141")
+                .unwrap()
+                .try_into()
+                .unwrap();
+        for (sec1, r, s) in [
+            (&[2u8; 33][..], [1u8; 32], [1u8; 32]),
+            (public.as_bytes(), [0u8; 32], [1u8; 32]),
+            (public.as_bytes(), [1u8; 32], order),
+        ] {
+            assert_eq!(
+                libsecp256k1::verify_with_recid(sec1, &digest(0), &r, &s),
+                None
+            );
+        }
     }
 }

@@ -61,7 +61,16 @@ use crate::report::Report;
 
 /// Measures the HSM driver end to end against the raw HSM and writes the results.
 #[derive(Debug, Parser)]
-#[command(name = "hsm-driver-bench", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "hsm-driver-bench",
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples (through cargo xtask, which builds Kryoptic and the release binaries first):
+  cargo xtask bench --quick --out /tmp/bench      # a few minutes on two cores
+  cargo xtask bench                               # the full run, into docs/benchmarks-data
+  cargo xtask bench --quick --no-kryoptic --no-postgres --sessions 4
+
+What each figure means: docs/benchmarks.md."
+)]
 struct Cli {
     #[command(subcommand)]
     child: Option<Child>,

@@ -122,6 +122,14 @@ pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
         refusals.push((*scheme, *why, answer));
     }
 
+    // Where to look next, captured while the deployment still knows its paths.
+    let next = WhereNext {
+        config: deployment.config_path().to_path_buf(),
+        driver_log: deployment.config_path().with_file_name("driver.log"),
+        sim_log: options.work_dir.join("sim.log"),
+        database: deployment.database_url().to_owned(),
+        telemetry: deployment.telemetry_addr().to_string(),
+    };
     let stop = deployment.stop().await?;
     let rate = summary.verified as f64 / summary.signing_elapsed.as_secs_f64().max(1e-9);
     let per_curve: Vec<String> = schemes
@@ -209,5 +217,42 @@ pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
         "\nall {} signatures verified; demo passed",
         summary.verified + messages.len()
     );
+    next.print();
     Ok(())
+}
+
+/// The demo's files and endpoints, printed at the end: where a newcomer looks next.
+struct WhereNext {
+    config: PathBuf,
+    driver_log: PathBuf,
+    sim_log: PathBuf,
+    database: String,
+    telemetry: String,
+}
+
+impl WhereNext {
+    fn print(&self) {
+        let config = self.config.display();
+        println!("\n== where to look next ==");
+        println!("configuration: {config} (every field: `hsm-driver config example`)");
+        println!(
+            "logs:          {} (the driver), {} (the simulator)",
+            self.driver_log.display(),
+            self.sim_log.display()
+        );
+        println!(
+            "database:      {} (tables wrapped_keys and ledger; the keys are wrapped, never plain)",
+            self.database
+        );
+        println!(
+            "audit:         hsm-driver --config {config} audit verify   (every ledger entry checked in the HSM)"
+        );
+        println!(
+            "metrics:       the driver served http://{}/metrics, /readyz and /healthz while it ran ([telemetry] listen)",
+            self.telemetry
+        );
+        println!(
+            "docs:          README.md, docs/operations.md (running it), docs/security.md (what it defends), docs/benchmarks.md"
+        );
+    }
 }

@@ -44,14 +44,19 @@ fn main() -> anyhow::Result<()> {
             println!("KRYOPTIC_MODULE={}", module.display());
             Ok(())
         }
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
         _ => {
-            eprintln!(
-                "usage: cargo xtask <demo|test|bench|package|kryoptic>\n\n  demo [--token softhsm2|kryoptic] [--keys N] [--signatures N] [--release]\n                                     run the demo on embedded defaults (SoftHSMv2 by default)\n  test [--no-lint]                   run formatting, lints, docs, the whole test suite and the token matrix\n  bench [--quick] [--out DIR]        measure the driver end to end against the raw HSM\n  package [--debug] [--out DIR]      build the Debian package (hsm-driver_<version>_<arch>.deb)\n  kryoptic                           build Kryoptic once (cached under target/kryoptic) and print its path"
-            );
+            eprintln!("{USAGE}");
             bail!("unknown command `{command}`")
         }
     }
 }
+
+/// `cargo xtask help`.
+const USAGE: &str = "usage: cargo xtask <demo|test|bench|package|kryoptic>\n\n  demo [--token softhsm2|kryoptic] [--keys N] [--signatures N] [--release]\n                                     run the demo on embedded defaults (SoftHSMv2 by default)\n  test [--no-lint]                   run formatting, lints, docs, the whole test suite and the token matrix\n  bench [--quick] [--out DIR]        measure the driver end to end against the raw HSM\n  package [--debug] [--out DIR]      build the Debian package (hsm-driver_<version>_<arch>.deb)\n  kryoptic                           build Kryoptic once (cached under target/kryoptic) and print its path\n\nexamples:\n  cargo xtask demo                          # the main job on SoftHSMv2, SQLite, the simulator\n  cargo xtask demo --token kryoptic --keys 4 --signatures 100 --release\n  cargo xtask test                          # everything CI runs (.ci/run)\n  cargo xtask bench --quick --out /tmp/bench\n  cargo xtask package                       # target/debian/hsm-driver_<version>_<arch>.deb\n\nCARGO_TARGET_DIR is honoured; docs: README.md";
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -23,7 +23,16 @@ use dfns_api_sim::{ServerTlsFiles, SimConfig};
 
 /// A stand-in for the Dfns API: mutual-TLS driver endpoint and a plain-HTTP application API.
 #[derive(Debug, Parser)]
-#[command(name = "dfns-api-sim", version)]
+#[command(
+    name = "dfns-api-sim",
+    version,
+    after_help = "Examples:
+  dfns-api-sim pki --out pki                       # CA, server, client and rogue certificates
+  dfns-api-sim serve --server-cert pki/server.pem --server-key pki/server.key \\
+      --client-ca pki/ca.pem                       # driver endpoint :8443 (mTLS), app API :8080
+
+`cargo xtask demo` starts it, a token and a driver for you."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -28,6 +28,128 @@ impl Report {
     }
 }
 
+/// `config check`: the configuration file and every file it names (the PKCS#11 module, the
+/// PIN, the API's CA bundle, client certificate and key, the database's secrets and
+/// directories), without loading the module, logging in or connecting anywhere. Returns
+/// whether all passed.
+pub(crate) fn check_files(path: &Path, config: &Config) -> bool {
+    let mut report = Report { failures: 0 };
+    report.ok(
+        "configuration",
+        format_args!("{} (driver id `{}`)", path.display(), config.driver.id),
+    );
+    match module_file(config) {
+        Ok(module) => report.ok(
+            "PKCS#11 module",
+            format_args!("{} is a shared object (not loaded)", module.display()),
+        ),
+        Err(e) => report.fail("PKCS#11 module", &e),
+    }
+    match crate::secrets::user_pin(&config.hsm) {
+        Ok(_pin) => report.ok(
+            "PIN",
+            match (&config.hsm.user_pin_file, &config.hsm.user_pin_env) {
+                (Some(file), _) => format!("{} is readable and private", file.display()),
+                (None, Some(var)) => format!("taken from {var} and removed from the environment"),
+                (None, None) => "given".to_owned(),
+            },
+        ),
+        Err(e) => report.fail("PIN", &e),
+    }
+    match wiring::api_client(config) {
+        Ok(_client) => report.ok(
+            "API credentials",
+            format_args!(
+                "CA bundle, client certificate and key for {} load (no connection made)",
+                config.api.url
+            ),
+        ),
+        Err(e) => report.fail("API credentials", &e),
+    }
+    match database_files(config) {
+        Ok(detail) => report.ok("database", detail),
+        Err(e) => report.fail("database", &e),
+    }
+    if let Some(file) = &config.ledger.checkpoint_file {
+        match file.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            Some(dir) if !dir.is_dir() => report.fail(
+                "ledger checkpoint file",
+                &anyhow::anyhow!(
+                    "ledger.checkpoint_file: the directory {} does not exist",
+                    dir.display()
+                ),
+            ),
+            _ => report.ok(
+                "ledger checkpoint file",
+                format_args!("{} (its directory exists)", file.display()),
+            ),
+        }
+    }
+    if report.failures == 0 {
+        println!(
+            "configuration and its files: all checks passed (the HSM, the database server and the API were not contacted: `hsm-driver check` does that)"
+        );
+        true
+    } else {
+        println!("{} check(s) failed", report.failures);
+        false
+    }
+}
+
+/// The module file: present, a regular file, an ELF object.
+fn module_file(config: &Config) -> anyhow::Result<&Path> {
+    use std::io::Read as _;
+    let module = config
+        .hsm
+        .module
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("hsm.module: not set"))?;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(module)
+        .and_then(|mut file| file.read_exact(&mut magic))
+        .map_err(|e| anyhow::anyhow!("hsm.module: cannot read {}: {e}", module.display()))?;
+    if magic != *b"\x7fELF" {
+        anyhow::bail!(
+            "hsm.module: {} is not a shared object (no ELF header)",
+            module.display()
+        );
+    }
+    Ok(module)
+}
+
+/// The database URL, its secret files and, for SQLite, the file's directory.
+fn database_files(config: &Config) -> anyhow::Result<String> {
+    let url = wrapped_keystore::DatabaseUrl::parse(&config.database.url)?;
+    crate::secrets::database_password(&config.database)?;
+    for (field, file) in [
+        ("tls_ca_file", &config.database.tls_ca_file),
+        ("tls_client_cert", &config.database.tls_client_cert),
+    ] {
+        if let Some(file) = file {
+            dfns_api_client::pem::read_certs(file)
+                .map_err(|e| anyhow::anyhow!("database.{field}: {e}"))?;
+        }
+    }
+    match &url {
+        wrapped_keystore::DatabaseUrl::Sqlite(path) if path != ":memory:" => {
+            let dir = Path::new(path)
+                .parent()
+                .filter(|dir| !dir.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            anyhow::ensure!(
+                dir.is_dir(),
+                "database.url: the SQLite file's directory {} does not exist",
+                dir.display()
+            );
+            Ok(format!("sqlite file {path} (its directory exists)"))
+        }
+        _ => Ok(format!(
+            "{} URL {url} parses; its secret files are readable and private (not connected)",
+            url.backend()
+        )),
+    }
+}
+
 /// Runs every check; returns whether all passed.
 pub(crate) async fn check(path: &Path, config: &Config) -> bool {
     let mut report = Report { failures: 0 };

@@ -14,6 +14,11 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use wrapped_keystore::{DatabaseUrl, PgConnectOptions};
 
+/// The commented reference of every section and field with its default, as `hsm-driver
+/// config example` prints it and the README shows it (tests keep the three in step: every
+/// field of every section appears in it, it loads, and the README's block is this text).
+pub(crate) const REFERENCE: &str = include_str!("../config-reference.toml");
+
 /// Prefix of environment overrides: `HSM_DRIVER__API__URL=https://…` sets `api.url`.
 pub(crate) const ENV_PREFIX: &str = "HSM_DRIVER";
 
@@ -857,6 +862,129 @@ user_pin_file = "pin"
         assert_eq!(
             config.hsm.user_pin_file.as_deref(),
             Some(path.parent().unwrap().join("user-pin").as_path())
+        );
+    }
+
+    /// The fields a `Deserialize` struct accepts, as serde's derive declares them.
+    fn fields_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+        use serde::de::{Error as _, Visitor};
+        struct Capture<'a>(&'a mut Option<&'static [&'static str]>);
+        impl<'de> serde::Deserializer<'de> for Capture<'_> {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(Self::Error::custom("only a struct's fields are read"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                *self.0 = Some(fields);
+                Err(Self::Error::custom("only a struct's fields are read"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+        let mut fields = None;
+        let _ = T::deserialize(Capture(&mut fields));
+        fields.expect("a struct with named fields")
+    }
+
+    /// The text of `[section]` in the reference, up to the next section header.
+    fn section<'a>(reference: &'a str, header: &str) -> &'a str {
+        let start = reference
+            .lines()
+            .position(|l| l.split('#').next().unwrap_or("").trim() == format!("[{header}]"))
+            .or_else(|| {
+                // A section shown commented out: `# [hsm.hot_keys]`.
+                reference.lines().position(|l| {
+                    l.trim_start_matches('#')
+                        .split('#')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        == format!("[{header}]")
+                })
+            })
+            .unwrap_or_else(|| panic!("the reference has no [{header}] section"));
+        let offset: usize = reference.lines().take(start).map(|l| l.len() + 1).sum();
+        let rest = &reference[offset..];
+        let end = rest
+            .lines()
+            .skip(1)
+            .position(|l| l.starts_with('[') && !l.starts_with(&format!("[{header}.")))
+            .map_or(rest.len(), |n| {
+                rest.lines().take(n + 1).map(|l| l.len() + 1).sum()
+            });
+        &rest[..end]
+    }
+
+    #[test]
+    fn the_reference_names_every_field_of_every_section_and_loads() {
+        let sections: [(&str, &[&str]); 8] = [
+            ("driver", fields_of::<DriverSection>()),
+            ("api", fields_of::<ApiSection>()),
+            ("hsm", fields_of::<HsmSection>()),
+            ("hsm.hot_keys", fields_of::<HotKeysSection>()),
+            ("database", fields_of::<DatabaseSection>()),
+            ("log", fields_of::<LogSection>()),
+            ("telemetry", fields_of::<TelemetrySection>()),
+            ("ledger", fields_of::<LedgerSection>()),
+        ];
+        assert_eq!(
+            fields_of::<Config>().len(),
+            sections
+                .iter()
+                .filter(|(name, _)| !name.contains('.'))
+                .count(),
+            "every section of the file is listed here"
+        );
+        let subsections: Vec<&str> = sections.iter().map(|(name, _)| *name).collect();
+        let mut missing = Vec::new();
+        for (name, fields) in sections {
+            let text = section(REFERENCE, name);
+            for field in fields {
+                if subsections.contains(&format!("{name}.{field}").as_str()) {
+                    continue; // a table of its own, checked as a section
+                }
+                // Set (`field = `) or shown commented out (`# field = `).
+                let named = text.lines().any(|l| {
+                    let l = l.trim_start().trim_start_matches('#').trim_start();
+                    l.starts_with(&format!("{field} =")) || l.starts_with(&format!("{field}="))
+                });
+                if !named {
+                    missing.push(format!("{name}.{field}"));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "config-reference.toml lacks {missing:?} (hsm-driver config example prints it)"
+        );
+        // And what it sets is valid: every key a real field, every value of its type.
+        let dir = tempfile::tempdir().unwrap();
+        Config::load(&write(dir.path(), REFERENCE)).unwrap();
+    }
+
+    #[test]
+    fn the_readme_shows_the_reference_verbatim() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("### Configuration reference")
+            .expect("the README has a configuration reference");
+        let block = readme[start..]
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```\n").next())
+            .expect("a toml block after the heading");
+        assert!(
+            block == REFERENCE,
+            "the README's configuration block differs from bins/hsm-driver/config-reference.toml \
+             (hsm-driver config example): copy the file into the README"
         );
     }
 

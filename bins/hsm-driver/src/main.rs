@@ -24,7 +24,20 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 
 #[derive(Debug, Parser)]
-#[command(name = "hsm-driver", version, about)]
+#[command(
+    name = "hsm-driver",
+    version,
+    about,
+    after_help = "Examples:
+  hsm-driver config example > hsm-driver.toml          # the commented reference, to edit
+  hsm-driver -c /etc/hsm-driver/hsm-driver.toml config check   # files only: no HSM, no network
+  hsm-driver -c /etc/hsm-driver/hsm-driver.toml master-key create
+  hsm-driver -c /etc/hsm-driver/hsm-driver.toml check  # every dependency, one line each
+  hsm-driver -c /etc/hsm-driver/hsm-driver.toml run    # the service (systemctl start hsm-driver)
+  hsm-driver -c /etc/hsm-driver/hsm-driver.toml audit verify --api
+
+Docs: README.md (configuration reference), docs/operations.md, docs/key-ceremony.md"
+)]
 struct Cli {
     /// Configuration file (TOML).
     #[arg(
@@ -42,11 +55,20 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Lease and execute jobs until SIGTERM or SIGINT.
+    #[command(
+        after_help = "Example:\n  HSM_PIN=... hsm-driver -c hsm-driver.toml run   # with [hsm] user_pin_env = \"HSM_PIN\"\n\nSIGTERM drains: in-flight jobs get [driver] shutdown_deadline_secs, then the driver exits 0."
+    )]
     Run,
     /// Check configuration, PKCS#11 module, token, login, master key, capabilities, database
     /// and the mutual-TLS connection to the API; print one line for each.
+    #[command(
+        after_help = "Example:\n  hsm-driver -c /etc/hsm-driver/hsm-driver.toml check && systemctl start hsm-driver\n\nExit status 0 when every line is [ ok ] or [warn], 1 otherwise."
+    )]
     Check,
     /// Apply pending database migrations.
+    #[command(
+        after_help = "Example:\n  hsm-driver -c hsm-driver.toml migrate   # idempotent; concurrent runs apply each migration once"
+    )]
     Migrate,
     /// Manage the master (wrapping) key.
     MasterKey {
@@ -58,6 +80,29 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The configuration file: its commented reference, or a check of one without the HSM or
+    /// the network.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the commented reference of every section and field, with its default (the
+    /// README's configuration reference is this text). Reads no file.
+    #[command(
+        after_help = "Example:\n  hsm-driver config example > /etc/hsm-driver/hsm-driver.toml.reference"
+    )]
+    Example,
+    /// Check the configuration file and every file it names: the PKCS#11 module, the PIN, the
+    /// API's CA bundle, client certificate and key, the database's secrets and directories.
+    /// Loads no module, logs in nowhere, connects to nothing (`check` does all of that).
+    #[command(
+        after_help = "Example:\n  hsm-driver --config /etc/hsm-driver/hsm-driver.toml config check"
+    )]
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +110,9 @@ enum AuditCommand {
     /// Check every driver's chain through the HSM (each entry's MAC under the ledger key, the
     /// links, contiguous seqs) and against checkpoints kept outside the database; name the
     /// first bad entry (exit 1 if any) or print each chain's head.
+    #[command(
+        after_help = "Examples:\n  hsm-driver -c hsm-driver.toml audit verify --api\n  hsm-driver -c hsm-driver.toml audit verify --checkpoint-file /var/lib/hsm-driver/ledger-checkpoints.jsonl"
+    )]
     Verify {
         /// A local checkpoint file (a driver's `[ledger] checkpoint_file`), JSON lines.
         #[arg(long)]
@@ -80,6 +128,9 @@ enum AuditCommand {
 enum MasterKeyCommand {
     /// Create the master key on the configured token: AES-256, sensitive, never extractable,
     /// wrap and unwrap only. Refuses if a key with the label exists.
+    #[command(
+        after_help = "Example:\n  hsm-driver -c hsm-driver.toml master-key create   # then: hsm-driver -c hsm-driver.toml check"
+    )]
     Create {
         /// Label of the new key (default: `hsm.master_key_label`).
         #[arg(long)]
@@ -115,6 +166,9 @@ enum MasterKeyCommand {
     },
     /// Move every stored key to the trusted master key labelled `--to`, inside the HSM, while
     /// drivers keep serving. Resumable: run it again after any interruption.
+    #[command(
+        after_help = "Example:\n  hsm-driver -c hsm-driver.toml master-key rotate --to hsm-driver-master-key-2\n\nThe ceremony around it: docs/key-ceremony.md."
+    )]
     Rotate {
         /// Label of the destination key on this token.
         #[arg(long)]
@@ -139,6 +193,13 @@ enum MasterKeyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Config {
+        command: ConfigCommand::Example,
+    } = cli.command
+    {
+        print!("{}", config::REFERENCE);
+        return ExitCode::SUCCESS;
+    }
     let mut config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(e) => {
@@ -167,6 +228,12 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run => run::run(&config).await.map(|()| true),
             Command::Check => Ok(check::check(&cli.config, &config).await),
+            Command::Config {
+                command: ConfigCommand::Check,
+            } => Ok(check::check_files(&cli.config, &config)),
+            Command::Config {
+                command: ConfigCommand::Example,
+            } => Ok(true),
             Command::Migrate => run::migrate(&config).await.map(|()| true),
             Command::MasterKey {
                 command: MasterKeyCommand::Create { label },

@@ -33,7 +33,12 @@ use zeroize::Zeroizing;
 /// Imports a master key value (hex, from a 0600 file) and its record-MAC key into a token.
 /// For tests only: see docs/key-ceremony.md for production.
 #[derive(Debug, Parser)]
-#[command(name = "import-master-key")]
+#[command(
+    name = "import-master-key",
+    after_help = "Example (two test tokens sharing one master key):
+  SOFTHSM2_CONF=/tmp/t/softhsm2.conf import-master-key --module /usr/lib/softhsm/libsofthsm2.so \\
+      --token-label hsm-driver --pin-file user-pin --value-file master-key.hex"
+)]
 struct Args {
     /// The PKCS#11 module (the token is chosen by its configuration variable, such as
     /// `SOFTHSM2_CONF`, and `--token-label`).

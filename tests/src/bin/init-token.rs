@@ -25,7 +25,12 @@ use cryptoki::session::UserType;
 
 /// Initialises a token on the first free slot and sets its user PIN. For tests only.
 #[derive(Debug, Parser)]
-#[command(name = "init-token")]
+#[command(
+    name = "init-token",
+    after_help = "Example (a Kryoptic token for a test; the harness does this):
+  KRYOPTIC_CONF=/tmp/t/kryoptic.conf init-token --module libkryoptic_pkcs11.so \\
+      --label hsm-driver --so-pin-file so-pin --pin-file user-pin"
+)]
 struct Args {
     /// The PKCS#11 module (its slots come from its configuration variable).
     #[arg(long)]

@@ -29,7 +29,12 @@ use cryptoki::session::UserType;
 
 /// Creates a trusted AES key of a known value as the security officer. For tests only.
 #[derive(Debug, Parser)]
-#[command(name = "plant-trusted-key")]
+#[command(
+    name = "plant-trusted-key",
+    after_help = "Example (the insider attack the driver's health check must catch):
+  SOFTHSM2_CONF=/tmp/t/softhsm2.conf plant-trusted-key --module /usr/lib/softhsm/libsofthsm2.so \\
+      --token hsm-driver --so-pin-file so-pin --key-label planted"
+)]
 struct Args {
     /// The PKCS#11 module (its slots come from its configuration variable).
     #[arg(long)]

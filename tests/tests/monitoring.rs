@@ -170,6 +170,43 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported_by_a_running_
     };
     deployment.stop().await.unwrap();
 
+    // Prometheus's own linter on the exposition (counters end in `_total`, help texts, names
+    // in snake case), and what it does not look for: a unit said twice, as an earlier gauge's
+    // `_seconds_seconds` was.
+    for name in &exported(&metrics) {
+        for unit in ["seconds", "bytes", "total", "ratio"] {
+            assert!(
+                !name.contains(&format!("_{unit}_{unit}")),
+                "{name}: the unit {unit} twice"
+            );
+        }
+    }
+    if let Some(promtool) = promtool() {
+        use std::io::Write as _;
+        let mut lint = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running promtool check metrics");
+        lint.stdin
+            .take()
+            .expect("stdin")
+            .write_all(metrics.as_bytes())
+            .unwrap();
+        let output = lint.wait_with_output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success() && said.trim().is_empty(),
+            "promtool check metrics on the driver's /metrics:\n{said}"
+        );
+    }
+
     let exported = exported(&metrics);
     let missing: Vec<&String> = named.difference(&exported).collect();
     assert!(

@@ -262,8 +262,16 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
+    // systemd-analyze verifies the package's unit (Debian's systemd package).
+    let systemd_analyze = || {
+        Command::new("systemd-analyze")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if is_root() {
         ensure_debian_package("prometheus", promtool)?;
+        ensure_debian_package("systemd", systemd_analyze)?;
     }
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let pg_url = std::env::var("HSM_DRIVER_TEST_PG_URL")
@@ -313,6 +321,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         test.env("HSM_DRIVER_REQUIRE_PROMTOOL", "1");
     }
     test.env("HSM_DRIVER_PACKAGE", &deb);
+    if in_ci {
+        test.env("HSM_DRIVER_REQUIRE_PACKAGE", "1");
+    }
     run(&mut test)?;
     let binaries = test_binaries::workspace_test_binaries()?;
     hung_token(&binaries, &module)?;

@@ -35,8 +35,8 @@ pub(crate) struct Side {
 }
 
 /// The drivers compared: nothing batched; the ledger's group commit alone (the driver's
-/// defaults: it waits for nothing); and every lever, with the driver's default lease refill
-/// and the bench's report linger.
+/// defaults: it waits for nothing); and every lever: [`all_on_refill`] and the bench's report
+/// linger besides.
 pub(crate) fn ways(plan: &Plan) -> [(&'static str, Batching); 3] {
     [
         ("off", Batching::OFF),
@@ -50,12 +50,18 @@ pub(crate) fn ways(plan: &Plan) -> [(&'static str, Batching); 3] {
         (
             "all on",
             Batching {
-                lease_refill: None,
+                lease_refill: Some(all_on_refill(plan)),
                 report_linger_ms: Some(plan.report_linger_ms),
                 ledger_max_group: None,
             },
         ),
     ]
+}
+
+/// The "all on" driver's lease refill: `workers − 2 × sessions` (at least 1), so that each HSM
+/// session keeps a job running and one waiting while a lease refills the rest.
+pub(crate) fn all_on_refill(plan: &Plan) -> usize {
+    plan.workers.saturating_sub(2 * plan.sessions).max(1)
 }
 
 /// Runs each way in a deployment of its own, the unbatched driver first: its saturated rate

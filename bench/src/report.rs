@@ -323,12 +323,11 @@ impl Report {
         let _ = writeln!(
             t,
             "\nhsm-driver-bench ({:?} run, {} CPUs shared by HSM, driver, simulator and database; \
-             driver: {} workers, {n} HSM sessions, its default batching (lease refill {}, no \
+             driver: {} workers, {n} HSM sessions, its default batching (lease refill 1, no \
              report linger, ledger groups up to {}); {:.0} s)",
             self.plan.mode,
             self.cpus,
             self.plan.workers,
-            self.plan.workers.saturating_sub(2 * n).max(1),
             driver_core::ledger::MAX_GROUP,
             self.elapsed_seconds
         );
@@ -547,11 +546,11 @@ impl Report {
                 t,
                 "\nBatching, side by side (SQLite, {} workers, {n} HSM sessions). off: lease refill 1, \
                  no report linger, ledger group 1; ledger groups: the same with ledger groups of up \
-                 to {}; all on: also the driver's default lease refill ({}) and a {} ms report \
-                 linger. Latency at the same offered rate for all.",
+                 to {} (the driver's defaults); all on: also a lease refill of {} and a {} ms \
+                 report linger. Latency at the same offered rate for all.",
                 self.plan.workers,
                 driver_core::ledger::MAX_GROUP,
-                self.plan.workers.saturating_sub(2 * n).max(1),
+                crate::batching::all_on_refill(&self.plan),
                 self.plan.report_linger_ms
             );
             let _ = writeln!(

@@ -51,10 +51,11 @@ pub(crate) struct DriverSection {
     /// Most jobs leased in one request.
     #[serde(default = "default_lease_batch")]
     pub(crate) lease_batch: u32,
-    /// While jobs run, lease again only when this many workers are free (1..=workers). Default:
-    /// `workers - 2 × sessions` (at least 1), so that each HSM session still has a job running
-    /// and one waiting while a lease request refills the rest; with up to twice as many workers
-    /// as sessions, as soon as one is free.
+    /// While jobs run, lease again only when this many workers are free (1..=workers). Default
+    /// 1: as soon as one is. More means fewer lease requests per job but HSM sessions that may
+    /// wait for the refill; the bench measured it costing throughput on a local API
+    /// (docs/benchmarks.md, "Batching, side by side"). Keep `workers - lease_refill` at least
+    /// twice the sessions.
     #[serde(default)]
     pub(crate) lease_refill: Option<usize>,
     /// Under load, how long a report waits for others to join its request, in milliseconds
@@ -687,14 +688,9 @@ impl Config {
         self.hsm.sessions.unwrap_or(self.driver.workers)
     }
 
-    /// `driver.lease_refill`, or `workers - 2 × sessions` (at least 1).
+    /// `driver.lease_refill`, or 1.
     pub(crate) fn lease_refill(&self) -> usize {
-        self.driver.lease_refill.unwrap_or_else(|| {
-            self.driver
-                .workers
-                .saturating_sub(2 * self.sessions())
-                .clamp(1, self.driver.workers)
-        })
+        self.driver.lease_refill.unwrap_or(1)
     }
 }
 
@@ -819,7 +815,7 @@ user_pin_file = "pin"
     }
 
     #[test]
-    fn the_lease_refill_keeps_a_job_per_session_and_bad_values_are_refused() {
+    fn the_lease_refill_and_the_report_linger_are_off_unless_set_and_bad_values_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let with = |driver: &str, hsm: &str| {
             let text = GOOD
@@ -827,12 +823,20 @@ user_pin_file = "pin"
                 .replace("[hsm]", &format!("[hsm]\n{hsm}"));
             Config::load(&write(dir.path(), &text))
         };
-        // Defaults: as many workers as sessions, so refill as soon as one is free; no linger.
+        // Defaults: lease as soon as a worker is free; no linger.
         let engine = with("", "").unwrap().driver_config();
         assert_eq!((engine.workers, engine.lease_refill), (4, 1));
         assert_eq!(engine.report_linger, Duration::ZERO);
-        // 16 workers on 4 sessions: refill 8 at a time, the HSM keeps 8 (two per session).
-        let config = with("workers = 16\nreport_linger_ms = 3", "sessions = 4").unwrap();
+        let engine = with("workers = 16", "sessions = 4")
+            .unwrap()
+            .driver_config();
+        assert_eq!(engine.lease_refill, 1, "more workers do not change it");
+        // Set: 16 workers on 4 sessions refilling 8 at a time, reports lingering 3 ms.
+        let config = with(
+            "workers = 16\nlease_refill = 8\nreport_linger_ms = 3",
+            "sessions = 4",
+        )
+        .unwrap();
         let engine = config.driver_config();
         assert_eq!(engine.lease_refill, 8);
         assert_eq!(engine.report_linger, Duration::from_millis(3));

@@ -186,6 +186,27 @@ impl Deployment {
         self.driver.readyz().await
     }
 
+    /// Scrapes `/metrics` until `ready` holds for its text, or for at most 30 s (then returns
+    /// the last text, for the caller's assertion to show). The engine counts a job just after
+    /// the API accepted its report, and refreshes some gauges on its periodic checks, so a
+    /// client may scrape a moment before a value moves; the endpoint is the only signal there
+    /// is.
+    ///
+    /// # Errors
+    /// As [`metrics`](Self::metrics).
+    pub async fn metrics_when(&self, ready: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let text = self.metrics().await?;
+            if ready(&text) || std::time::Instant::now() > deadline {
+                return Ok(text);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
     /// The driver's `/metrics`, in Prometheus text format.
     ///
     /// # Errors

@@ -216,20 +216,14 @@ async fn keys_and_signatures_over_mutual_tls_with_postgresql() {
 }
 
 /// Scrapes `/metrics` until `hsm_driver_jobs_total{outcome="completed"}` reaches `expected`.
-/// The engine counts a job just after the API accepted its report, so a client that saw the
-/// result may scrape a moment before the count moves; the endpoint is the only signal there is.
 async fn metrics_once_completed(deployment: &Deployment, expected: usize) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut pause = Duration::from_millis(5);
-    loop {
-        let text = deployment.metrics().await.unwrap();
-        let completed = sum_samples(&text, "hsm_driver_jobs_total", &["outcome=\"completed\""]);
-        if completed >= expected as f64 || std::time::Instant::now() > deadline {
-            return text;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
-    }
+    deployment
+        .metrics_when(|text| {
+            sum_samples(text, "hsm_driver_jobs_total", &["outcome=\"completed\""])
+                >= expected as f64
+        })
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,7 +12,6 @@ mod support;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use hsm_driver_e2e::{Deployment, KeyScheme, Workload, sum_samples};
 use support::{TestDir, options};
@@ -61,12 +60,10 @@ fn promtool() -> Option<PathBuf> {
     if found {
         return Some(PathBuf::from("promtool"));
     }
-    let required = std::env::var("HSM_DRIVER_REQUIRE_PROMTOOL").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "promtool is required (HSM_DRIVER_REQUIRE_PROMTOOL=1): apt-get install prometheus"
+    support::skip_unless_required(
+        "HSM_DRIVER_REQUIRE_PROMTOOL",
+        "promtool not found (apt-get install prometheus; cargo xtask test does)",
     );
-    eprintln!("SKIPPED: promtool not found (apt-get install prometheus; cargo xtask test does)");
     None
 }
 
@@ -158,16 +155,13 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported_by_a_running_
         .await
         .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
     assert_eq!(summary.verified, 1);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let metrics = loop {
-        let text = deployment.metrics().await.unwrap();
-        let done = sum_samples(&text, "hsm_driver_jobs_total", &["outcome=\"completed\""]);
-        let counted = sum_samples(&text, "hsm_driver_key_records", &[]);
-        if (done >= 2.0 && counted >= 1.0) || std::time::Instant::now() > deadline {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let metrics = deployment
+        .metrics_when(|text| {
+            sum_samples(text, "hsm_driver_jobs_total", &["outcome=\"completed\""]) >= 2.0
+                && sum_samples(text, "hsm_driver_key_records", &[]) >= 1.0
+        })
+        .await
+        .unwrap();
     deployment.stop().await.unwrap();
 
     // Prometheus's own linter on the exposition (counters end in `_total`, help texts, names

@@ -31,6 +31,15 @@ pub(crate) fn bin_dir() -> PathBuf {
     dir
 }
 
+/// A tool or artefact the test needs is missing (`what` says which, and how to get it): a
+/// failure when `require_var` is `1` (`cargo xtask test` sets it under CI), else a SKIPPED
+/// line and the caller returns.
+pub(crate) fn skip_unless_required(require_var: &str, what: &str) {
+    let required = std::env::var(require_var).is_ok_and(|v| v == "1");
+    assert!(!required, "{what} ({require_var}=1: it is required)");
+    eprintln!("SKIPPED: {what}");
+}
+
 /// The SoftHSMv2 module: the cluster and disaster-recovery tests test the driver, not the
 /// token, and run on SoftHSMv2 only.
 pub(crate) fn softhsm() -> HsmModule {

@@ -208,6 +208,12 @@ impl ChainLink {
     pub fn message(&self) -> &[u8] {
         &self.message
     }
+
+    /// The message with `prev` written in as its link: what is MACed.
+    pub fn linked_to(mut self, prev: &[u8; 32]) -> Vec<u8> {
+        self.message[self.link_at..self.link_at + 32].copy_from_slice(prev);
+        self.message
+    }
 }
 
 /// Messages MACed in order, each carrying the MAC of the one before: a run of a ledger's chained
@@ -233,9 +239,8 @@ impl MacChain {
     ) -> Result<Vec<[u8; 32]>, E> {
         let mut prev = self.prev;
         let mut macs = Vec::with_capacity(self.links.len());
-        for mut link in self.links {
-            link.message[link.link_at..link.link_at + 32].copy_from_slice(&prev);
-            prev = mac(&link.message)?;
+        for link in self.links {
+            prev = mac(&link.linked_to(&prev))?;
             macs.push(prev);
         }
         Ok(macs)
@@ -322,9 +327,8 @@ pub trait Hsm: Send + Sync + 'static {
         async move {
             let mut prev = chain.prev;
             let mut macs = Vec::with_capacity(chain.links.len());
-            for mut link in chain.links {
-                link.message[link.link_at..link.link_at + 32].copy_from_slice(&prev);
-                prev = self.mac(key, link.message).await?;
+            for link in chain.links {
+                prev = self.mac(key, link.linked_to(&prev)).await?;
                 macs.push(prev);
             }
             Ok(macs)

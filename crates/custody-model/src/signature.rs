@@ -605,33 +605,37 @@ mod tests {
         );
     }
 
+    /// A fast verifier against its curve crate's own path, on 200 keys from `digest($seed..)`:
+    /// the same recovery id on every signature (compressed and uncompressed keys), and both
+    /// refuse the same signature over another digest or under another key.
+    macro_rules! agrees_with_the_curve_crate {
+        ($curve:ident, $module:ident, $fast:path, $seed:expr) => {
+            for i in 0..200u32 {
+                let key = $curve::ecdsa::SigningKey::from_slice(&digest($seed + i)).unwrap();
+                let public = key.verifying_key().to_encoded_point(i % 2 == 0);
+                let sig: $curve::ecdsa::Signature = key.sign_prehash(&digest(i)).unwrap();
+                let sig = sig.normalize_s().unwrap_or(sig);
+                let (r, s) = sig.split_bytes();
+                let (r, s): ([u8; 32], [u8; 32]) = (r.into(), s.into());
+                let ours = $fast(public.as_bytes(), &digest(i), &r, &s);
+                let theirs = $module::verify_with_recid(key.verifying_key(), &digest(i), &sig);
+                assert!(theirs.is_some(), "the curve crate verifies signature {i}");
+                assert_eq!(ours, theirs, "signature {i}: the same recovery id");
+                // Tried: the same signature over another digest, and under another key.
+                assert_eq!($fast(public.as_bytes(), &digest(i + 1), &r, &s), None);
+                let other =
+                    $curve::ecdsa::SigningKey::from_slice(&digest($seed + 10_000 + i)).unwrap();
+                let other = other.verifying_key().to_encoded_point(true);
+                assert_eq!($fast(other.as_bytes(), &digest(i), &r, &s), None);
+            }
+        };
+    }
+
     /// The P-256 verifier on OpenSSL agrees with the `p256` crate's path on every signature
     /// and recovery id, and both refuse the same wrong ones.
     #[test]
     fn the_openssl_p256_verifier_agrees_with_the_curve_crate() {
-        for i in 0..200u32 {
-            let key = P256SigningKey::from_slice(&digest(10_000 + i)).unwrap();
-            let public = key.verifying_key().to_encoded_point(i % 2 == 0);
-            let sig: p256::ecdsa::Signature = key.sign_prehash(&digest(i)).unwrap();
-            let sig = sig.normalize_s().unwrap_or(sig);
-            let (r, s) = sig.split_bytes();
-            let (r, s): ([u8; 32], [u8; 32]) = (r.into(), s.into());
-            let ours = openssl_p256::verify_with_recid(public.as_bytes(), &digest(i), &r, &s);
-            let theirs = nistp256::verify_with_recid(key.verifying_key(), &digest(i), &sig);
-            assert!(theirs.is_some(), "the curve crate verifies signature {i}");
-            assert_eq!(ours, theirs, "signature {i}");
-            // Tried: the same signature over another digest, and under another key.
-            assert_eq!(
-                openssl_p256::verify_with_recid(public.as_bytes(), &digest(i + 1), &r, &s),
-                None
-            );
-            let other = P256SigningKey::from_slice(&digest(20_000 + i)).unwrap();
-            let other = other.verifying_key().to_encoded_point(true);
-            assert_eq!(
-                openssl_p256::verify_with_recid(other.as_bytes(), &digest(i), &r, &s),
-                None
-            );
-        }
+        agrees_with_the_curve_crate!(p256, nistp256, openssl_p256::verify_with_recid, 10_000);
         // Tried: bytes that are not a point.
         assert_eq!(
             openssl_p256::verify_with_recid(&[2; 33], &digest(0), &[1; 32], &[1; 32]),
@@ -641,29 +645,7 @@ mod tests {
 
     #[test]
     fn the_libsecp256k1_verifier_agrees_with_the_curve_crate() {
-        for i in 0..200u32 {
-            let key = K1SigningKey::from_slice(&digest(30_000 + i)).unwrap();
-            let public = key.verifying_key().to_encoded_point(i % 2 == 0);
-            let sig: k256::ecdsa::Signature = key.sign_prehash(&digest(i)).unwrap();
-            let sig = sig.normalize_s().unwrap_or(sig);
-            let (r, s) = sig.split_bytes();
-            let (r, s): ([u8; 32], [u8; 32]) = (r.into(), s.into());
-            let ours = libsecp256k1::verify_with_recid(public.as_bytes(), &digest(i), &r, &s);
-            let theirs = secp256k1::verify_with_recid(key.verifying_key(), &digest(i), &sig);
-            assert!(theirs.is_some(), "the curve crate verifies signature {i}");
-            assert_eq!(ours, theirs, "signature {i}: the same recovery id");
-            // Tried: the same signature over another digest, and under another key.
-            assert_eq!(
-                libsecp256k1::verify_with_recid(public.as_bytes(), &digest(i + 1), &r, &s),
-                None
-            );
-            let other = K1SigningKey::from_slice(&digest(40_000 + i)).unwrap();
-            let other = other.verifying_key().to_encoded_point(true);
-            assert_eq!(
-                libsecp256k1::verify_with_recid(other.as_bytes(), &digest(i), &r, &s),
-                None
-            );
-        }
+        agrees_with_the_curve_crate!(k256, secp256k1, libsecp256k1::verify_with_recid, 30_000);
         // Tried: bytes that are not a point; r = 0; s at the group order (out of range).
         let key = K1SigningKey::from_slice(&digest(7)).unwrap();
         let public = key.verifying_key().to_encoded_point(true);

@@ -985,9 +985,15 @@ mod tests {
                 tokio::spawn(async move { ledger.append(entry(i)).await })
             })
             .collect();
-        while ledger.queue.lock().unwrap().waiting.len() < count {
-            tokio::task::yield_now().await;
-        }
+        // No event marks an entry queued (the queue is the ledger's own state): yield until
+        // every task has queued, for at most 10 s, so that a regression fails instead of hangs.
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while ledger.queue.lock().unwrap().waiting.len() < count {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every append queues behind the held head");
         tasks
     }
 

@@ -144,6 +144,14 @@ impl<H: fmt::Debug> fmt::Debug for FaultInjectingHsm<H> {
     }
 }
 
+/// The operation name a MAC under `key` fails as (`mac_record`, `mac_ledger`).
+fn mac_operation(key: MacKey) -> &'static str {
+    match key {
+        MacKey::Record => "mac_record",
+        MacKey::Ledger => "mac_ledger",
+    }
+}
+
 impl<H: Hsm> Hsm for FaultInjectingHsm<H> {
     fn capabilities(&self) -> &Capabilities {
         self.inner.capabilities()
@@ -164,18 +172,13 @@ impl<H: Hsm> Hsm for FaultInjectingHsm<H> {
     }
 
     async fn mac(&self, key: MacKey, message: Vec<u8>) -> Result<[u8; 32], HsmError> {
-        self.gate(match key {
-            MacKey::Record => "mac_record",
-            MacKey::Ledger => "mac_ledger",
-        })?;
+        self.gate(mac_operation(key))?;
         self.inner.mac(key, message).await
     }
 
     async fn mac_chain(&self, key: MacKey, chain: MacChain) -> Result<Vec<[u8; 32]>, HsmError> {
-        self.gate(match key {
-            MacKey::Record => "mac_record",
-            MacKey::Ledger => "mac_ledger",
-        })?;
+        // A chain is MACs under the same key: the same switch stops it.
+        self.gate(mac_operation(key))?;
         self.inner.mac_chain(key, chain).await
     }
 

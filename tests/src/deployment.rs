@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use dfns_api_sim::app_client::AppClient;
 
-use crate::driver::{Batching, DriverProcess, DriverSettings, DriverWiring, HotKeySettings};
+use crate::driver::{
+    Batching, DriverProcess, DriverSettings, DriverWiring, HotKeySettings, TraceSettings,
+};
 use crate::master_key::MasterKeyProvisioning;
 use crate::simulator::{Simulator, SimulatorOptions};
 use crate::telemetry::{Readiness, TelemetryResponse};
@@ -42,6 +44,8 @@ pub struct DeploymentOptions {
     pub health_check_interval_ms: Option<u64>,
     /// How the driver batches under load (default: its own settings).
     pub batching: Batching,
+    /// The driver's `[telemetry.traces]`; `None` (default): no traces.
+    pub traces: Option<TraceSettings>,
 }
 
 impl DeploymentOptions {
@@ -60,6 +64,7 @@ impl DeploymentOptions {
             hot_keys: None,
             health_check_interval_ms: None,
             batching: Batching::default(),
+            traces: None,
         }
     }
 }
@@ -127,6 +132,7 @@ impl Deployment {
         settings.hot_keys = options.hot_keys;
         settings.health_check_interval_ms = options.health_check_interval_ms;
         settings.batching = options.batching;
+        settings.traces = options.traces.clone();
         let api_url = sim.driver_url();
         // `pki/…` relative to the configuration file (tests rewrite these paths).
         let mut driver = DriverProcess::provision(

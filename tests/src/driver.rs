@@ -49,6 +49,17 @@ pub struct DriverSettings {
     pub hot_keys: Option<HotKeySettings>,
     /// How the driver batches under load; `None` fields: its defaults.
     pub batching: Batching,
+    /// `[telemetry.traces]`; `None`: no such section (the driver's default, no traces).
+    pub traces: Option<TraceSettings>,
+}
+
+/// `[telemetry.traces]`: where the driver sends its job traces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceSettings {
+    /// `endpoint`: the collector's traces URL ([`crate::OtlpReceiver::endpoint`]).
+    pub endpoint: String,
+    /// `protocol`: `http/protobuf` or `http/json`.
+    pub protocol: String,
 }
 
 /// How a driver batches under load (each `None`: the driver's default).
@@ -97,6 +108,7 @@ impl DriverSettings {
             connect_timeout_ms: None,
             hot_keys: None,
             batching: Batching::default(),
+            traces: None,
         }
     }
 }
@@ -186,12 +198,20 @@ level = "{log_level}"
 [telemetry]
 # Port 0: the driver binds a free port and logs it; the harness reads it from the log.
 listen = "127.0.0.1:0"
-"#,
+{traces}"#,
         log_level = settings.log_level,
         max_group = settings
             .batching
             .ledger_max_group
             .map(|n| format!("max_group = {n}\n"))
+            .unwrap_or_default(),
+        traces = settings
+            .traces
+            .as_ref()
+            .map(|t| format!(
+                "\n[telemetry.traces]\nendpoint = \"{}\"\nprotocol = \"{}\"\n",
+                t.endpoint, t.protocol
+            ))
             .unwrap_or_default(),
     );
     text

@@ -122,3 +122,26 @@ pub fn ledger_entries_postgres(
         .n;
     Ok(usize::try_from(n)?)
 }
+
+#[derive(QueryableByName)]
+struct WrappedHex {
+    #[diesel(sql_type = Text)]
+    wrapped_hex: String,
+}
+
+/// Every wrapped private key in a SQLite key store, lowercase hex (for tests that prove no
+/// copy of one leaves the driver by another way). Blocking.
+///
+/// # Errors
+/// If the database cannot be opened or queried.
+pub fn wrapped_keys_sqlite(database_url: &str) -> anyhow::Result<Vec<String>> {
+    let path = database_url
+        .strip_prefix("sqlite://")
+        .with_context(|| format!("not a sqlite:// url: {database_url}"))?;
+    let mut conn = diesel::SqliteConnection::establish(path)
+        .with_context(|| format!("opening the SQLite key store {path}"))?;
+    let rows = diesel::sql_query("SELECT lower(hex(wrapped_key)) AS wrapped_hex FROM wrapped_keys")
+        .load::<WrappedHex>(&mut conn)
+        .context("reading wrapped_keys")?;
+    Ok(rows.into_iter().map(|r| r.wrapped_hex).collect())
+}

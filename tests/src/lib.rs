@@ -14,6 +14,7 @@
 //! - [`Workload`] / [`ContinuousWorkload`]: keys and signatures through the application API,
 //!   every signature verified independently ([`verify_signature`]).
 //! - [`keystore`] and [`backup`]: reading the key store directly; `pg_dump` and restore.
+//! - [`OtlpReceiver`]: a small OTLP/HTTP receiver standing for a collector of job traces.
 //!
 //! Used by the end-to-end tests in `tests/tests/` and by `cargo xtask demo`.
 
@@ -24,6 +25,7 @@ mod deployment;
 mod driver;
 pub mod keystore;
 mod master_key;
+mod otlp;
 mod process;
 mod simulator;
 mod telemetry;
@@ -34,8 +36,9 @@ mod workload;
 pub use cluster::{Cluster, ClusterDriver, ClusterOptions, ClusterStopReport};
 pub use demo::{DemoOptions, run_demo};
 pub use deployment::{Deployment, DeploymentOptions, StopReport};
-pub use driver::{Batching, DriverSettings, HotKeySettings};
+pub use driver::{Batching, DriverSettings, HotKeySettings, TraceSettings};
 pub use master_key::{MASTER_KEY_LABEL, MasterKeyProvisioning, SharedMasterKey};
+pub use otlp::{OtlpExport, OtlpReceiver, ReceivedSpan};
 pub use simulator::SimulatorOptions;
 pub use telemetry::{Readiness, TelemetryResponse, sum_samples};
 pub use token::{

@@ -394,7 +394,8 @@ impl Default for LogSection {
     }
 }
 
-/// `[telemetry]`: the optional HTTP endpoint serving `/healthz` and `/metrics`.
+/// `[telemetry]`: the optional HTTP endpoint serving `/healthz` and `/metrics`, and the
+/// optional export of traces.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TelemetrySection {
@@ -402,6 +403,88 @@ pub(crate) struct TelemetrySection {
     /// absent: no endpoint.
     #[serde(default)]
     pub(crate) listen: Option<SocketAddr>,
+    /// `[telemetry.traces]`: one trace per job, sent over OTLP/HTTP; absent: no traces.
+    #[serde(default)]
+    pub(crate) traces: Option<TracesSection>,
+}
+
+/// `[telemetry.traces]`: where and how the driver sends its job traces (OTLP over HTTP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TracesSection {
+    /// The collector's traces URL, used as given (for an OpenTelemetry Collector:
+    /// `http://127.0.0.1:4318/v1/traces`). `https://` needs `ca_file`.
+    pub(crate) endpoint: String,
+    /// `http/protobuf` (default) or `http/json`.
+    #[serde(default)]
+    pub(crate) protocol: OtlpProtocol,
+    /// PEM file of the CA(s) that sign an `https://` collector's certificate: the only ones
+    /// trusted for it.
+    #[serde(default)]
+    pub(crate) ca_file: Option<PathBuf>,
+    /// One export request's time limit, in milliseconds.
+    #[serde(default = "default_traces_timeout_ms")]
+    pub(crate) timeout_ms: u64,
+    /// The share of jobs traced, from 0.0 to 1.0 (default 1.0: every job).
+    #[serde(default = "default_traces_sample_ratio")]
+    pub(crate) sample_ratio: f64,
+}
+
+/// The OTLP/HTTP encoding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub(crate) enum OtlpProtocol {
+    /// Protobuf bodies (`application/x-protobuf`), the OTLP default.
+    #[default]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// JSON bodies (`application/json`).
+    #[serde(rename = "http/json")]
+    HttpJson,
+}
+
+impl TracesSection {
+    fn validate(&self) -> anyhow::Result<()> {
+        let uri: hyper::Uri = self.endpoint.parse().map_err(|e| {
+            anyhow::anyhow!(
+                "telemetry.traces.endpoint: not a URL ({e}): {}",
+                self.endpoint
+            )
+        })?;
+        match (uri.scheme_str(), &self.ca_file) {
+            (Some("http"), None) | (Some("https"), Some(_)) => {}
+            (Some("http"), Some(_)) => {
+                bail!("telemetry.traces.ca_file: only for an https:// endpoint")
+            }
+            (Some("https"), None) => bail!(
+                "telemetry.traces.ca_file: required for an https:// endpoint (the CA that \
+                 signs the collector's certificate)"
+            ),
+            _ => bail!(
+                "telemetry.traces.endpoint: must be an http:// or https:// URL, not {}",
+                self.endpoint
+            ),
+        }
+        if uri.host().is_none() {
+            bail!(
+                "telemetry.traces.endpoint: names no host: {}",
+                self.endpoint
+            );
+        }
+        if self.timeout_ms == 0 {
+            bail!("telemetry.traces.timeout_ms: must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            bail!("telemetry.traces.sample_ratio: must be between 0.0 and 1.0");
+        }
+        Ok(())
+    }
+}
+
+fn default_traces_timeout_ms() -> u64 {
+    10_000
+}
+fn default_traces_sample_ratio() -> f64 {
+    1.0
 }
 
 /// `[ledger]`: the audit ledger's checkpoints kept outside the database.
@@ -557,6 +640,14 @@ impl Config {
         if let Some(p) = self.hsm.user_pin_file.as_mut() {
             resolve(p);
         }
+        if let Some(p) = self
+            .telemetry
+            .traces
+            .as_mut()
+            .and_then(|t| t.ca_file.as_mut())
+        {
+            resolve(p);
+        }
         for p in [
             &mut self.database.tls_ca_file,
             &mut self.database.tls_client_cert,
@@ -655,6 +746,9 @@ impl Config {
         }
         if self.database.connect_timeout_ms == 0 {
             bail!("database.connect_timeout_ms: must be at least 1");
+        }
+        if let Some(traces) = &self.telemetry.traces {
+            traces.validate()?;
         }
         self.database.validate()
     }
@@ -771,6 +865,70 @@ user_pin_file = "pin"
         let text = format!("{GOOD}[telemetry]\nlisten = \"localhost\"\n");
         let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
         assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn traces_are_off_by_default_and_their_section_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&write(dir.path(), GOOD)).unwrap();
+        assert!(
+            config.telemetry.traces.is_none(),
+            "no traces unless configured"
+        );
+
+        let text =
+            format!("{GOOD}[telemetry.traces]\nendpoint = \"http://127.0.0.1:4318/v1/traces\"\n");
+        let traces = Config::load(&write(dir.path(), &text))
+            .unwrap()
+            .telemetry
+            .traces
+            .unwrap();
+        assert_eq!(traces.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(traces.sample_ratio, 1.0);
+        assert_eq!(traces.timeout_ms, 10_000);
+
+        let text = format!(
+            "{GOOD}[telemetry.traces]\nendpoint = \"https://collector:4318/v1/traces\"\n\
+             protocol = \"http/json\"\nca_file = \"pki/collector-ca.pem\"\n"
+        );
+        let traces = Config::load(&write(dir.path(), &text))
+            .unwrap()
+            .telemetry
+            .traces
+            .unwrap();
+        assert_eq!(traces.protocol, OtlpProtocol::HttpJson);
+        assert_eq!(
+            traces.ca_file,
+            Some(dir.path().join("pki/collector-ca.pem"))
+        );
+
+        // Tried: each way the section can be wrong; each is refused naming its field.
+        for (section, named) in [
+            ("endpoint = \"127.0.0.1:4318\"", "endpoint"),
+            ("endpoint = \"ftp://collector/v1/traces\"", "endpoint"),
+            ("endpoint = \"https://collector:4318/v1/traces\"", "ca_file"),
+            (
+                "endpoint = \"http://collector:4318/v1/traces\"\nca_file = \"ca.pem\"",
+                "ca_file",
+            ),
+            (
+                "endpoint = \"http://c:4318\"\nprotocol = \"grpc\"",
+                "protocol",
+            ),
+            (
+                "endpoint = \"http://c:4318\"\nsample_ratio = 1.5",
+                "sample_ratio",
+            ),
+            ("endpoint = \"http://c:4318\"\ntimeout_ms = 0", "timeout_ms"),
+            ("protocol = \"http/json\"", "endpoint"),
+        ] {
+            let text = format!("{GOOD}[telemetry.traces]\n{section}\n");
+            let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+            assert!(
+                err.contains(named),
+                "{section:?} must be refused naming {named}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -929,7 +1087,7 @@ user_pin_file = "pin"
 
     #[test]
     fn the_reference_names_every_field_of_every_section_and_loads() {
-        let sections: [(&str, &[&str]); 8] = [
+        let sections: [(&str, &[&str]); 9] = [
             ("driver", fields_of::<DriverSection>()),
             ("api", fields_of::<ApiSection>()),
             ("hsm", fields_of::<HsmSection>()),
@@ -937,6 +1095,7 @@ user_pin_file = "pin"
             ("database", fields_of::<DatabaseSection>()),
             ("log", fields_of::<LogSection>()),
             ("telemetry", fields_of::<TelemetrySection>()),
+            ("telemetry.traces", fields_of::<TracesSection>()),
             ("ledger", fields_of::<LedgerSection>()),
         ];
         assert_eq!(

@@ -14,6 +14,7 @@ mod env_scrub;
 mod run;
 mod secrets;
 mod telemetry;
+mod traces;
 mod wiring;
 
 use std::path::PathBuf;
@@ -212,7 +213,6 @@ fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
-    init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("hsm-driver")
@@ -224,6 +224,30 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Job traces: only `run` executes jobs.
+    let traces = match (&cli.command, &config.telemetry.traces) {
+        (Command::Run, Some(section)) => {
+            match traces::Traces::start(section, &config.driver.id, runtime.handle().clone()) {
+                Ok(traces) => Some(traces),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        _ => None,
+    };
+    init_logging(&config, traces.as_ref());
+    if let Some(section) = &config.telemetry.traces
+        && traces.is_some()
+    {
+        tracing::info!(
+            endpoint = %section.endpoint,
+            protocol = ?section.protocol,
+            sample_ratio = section.sample_ratio,
+            "job traces are exported over OTLP"
+        );
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run => run::run(&config).await.map(|()| true),
@@ -294,6 +318,10 @@ fn main() -> ExitCode {
             }
         }
     });
+    // The last spans go out on the runtime, before it stops.
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
     // Blocking tasks stuck in a hung HSM's calls cannot be joined: bounded, not awaited.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
@@ -307,16 +335,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
+/// Logs to standard error, filtered by `[log] level` (or `RUST_LOG`); with traces, a second
+/// layer with its own filter feeds them (the log filter does not thin the traces).
+fn init_logging(config: &Config, traces: Option<&traces::Traces>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match config.log.format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(traces.map(traces::Traces::layer))
+        .init();
 }

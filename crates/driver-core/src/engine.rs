@@ -7,6 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
 
 use custody_model::{Hsm, HsmError};
 use dfns_api_client::JobSource;
@@ -16,13 +17,13 @@ use dfns_api_client::protocol::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, debug_span, error, info, warn};
 use wrapped_keystore::KeyStore;
 
 use crate::config::{DriverBuilder, DriverConfig};
 use crate::error::error_chain;
 use crate::health::{Component, Health, HealthReport};
-use crate::job::{self, Outcome};
+use crate::job::{self, Arrival, JobSpan, Outcome};
 use crate::ledger::{ChainHead, Ledger, LedgerError};
 use crate::metrics::{KeyRecordCount, Metrics};
 use crate::record_cache::RecordCache;
@@ -155,7 +156,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
         let mut background = runner.start_background();
         loop {
             match runner.lease(&mut shutdown).await {
-                Step::Jobs(first, jobs) => runner.spawn_jobs(first, jobs).await,
+                Step::Jobs(first, jobs, arrival) => runner.spawn_jobs(first, jobs, arrival).await,
                 Step::Again => {}
                 Step::Stop => break,
             }
@@ -171,8 +172,9 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
 
 /// What one turn of the lease loop came to.
 enum Step {
-    /// Jobs to run, and the worker slot taken for the first of them.
-    Jobs(OwnedSemaphorePermit, Vec<LeasedJob>),
+    /// Jobs to run, the worker slot taken for the first of them, and the request that brought
+    /// them (for their traces).
+    Jobs(OwnedSemaphorePermit, Vec<LeasedJob>, Arrival),
     /// Nothing leased this turn (not healthy, an API error after its backoff...): go round.
     Again,
     /// Shutdown was requested.
@@ -247,6 +249,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
         let want = u32::try_from(free)
             .unwrap_or(u32::MAX)
             .min(config.lease_batch);
+        let asked = Instant::now();
         let leased = tokio::select! {
             biased;
             () = shutdown.as_mut() => return Step::Stop,
@@ -256,7 +259,11 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
             Ok(jobs) => {
                 self.failures = 0;
                 health.polled();
-                Step::Jobs(first, jobs)
+                let arrival = Arrival {
+                    request: asked.elapsed(),
+                    batch: jobs.len(),
+                };
+                Step::Jobs(first, jobs, arrival)
             }
             Err(e) if e.is_not_registered() => {
                 warn!(error = %error_chain(&e), "the API does not know this driver; registering again");
@@ -285,9 +292,15 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
 
     /// One task per leased job, each holding a worker slot (from `held` while it lasts; slots
     /// `held` for jobs the lease did not bring are freed at the end).
-    async fn spawn_jobs(&mut self, held: OwnedSemaphorePermit, jobs: Vec<LeasedJob>) {
+    async fn spawn_jobs(
+        &mut self,
+        held: OwnedSemaphorePermit,
+        jobs: Vec<LeasedJob>,
+        arrival: Arrival,
+    ) {
         let mut held = Some(held);
         for job in jobs {
+            let span = JobSpan::open(&job, arrival);
             let from_held = match held.as_mut() {
                 Some(slots) if slots.num_permits() > 1 => slots.split(1),
                 _ => held.take(),
@@ -310,13 +323,18 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
             let parts = Arc::clone(&self.parts);
             let counted = InFlight::start(Arc::clone(&parts));
             self.tasks.spawn(async move {
+                let span = span.start();
                 // Health may have changed while the lease was in flight: a job this driver
                 // cannot run now goes straight back to the queue for the others.
                 let health = parts.health.report();
                 let outcome = if health.can_execute() {
-                    job::run(&parts, job).await
+                    job::run(&parts, job, span).await
                 } else {
-                    give_back(&parts, job, &health).await
+                    let outcome = give_back(&parts, job, &health)
+                        .instrument(span.clone())
+                        .await;
+                    job::record_outcome(&span, &outcome, None);
+                    outcome
                 };
                 drop(counted);
                 drop(permit);
@@ -406,7 +424,12 @@ async fn give_back<S: JobSource, H: Hsm, K: KeyStore>(
     };
     parts.metrics.given_back();
     info!(job_id = %job.job_id, "driver not ready: job handed back");
-    match parts.source.fail(&job.job_ref(), &failure).await {
+    let handed_back = parts
+        .source
+        .fail(&job.job_ref(), &failure)
+        .instrument(debug_span!("report"))
+        .await;
+    match handed_back {
         Ok(_) => Outcome::GivenBack,
         Err(e) => {
             warn!(job_id = %job.job_id, error = %error_chain(&e), "handing a job back failed; its lease will lapse");

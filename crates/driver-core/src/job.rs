@@ -1,4 +1,12 @@
 //! The data path of one job, top to bottom: decode → load → HSM → store/verify → report.
+//!
+//! **Traces.** Each job runs in a `job` span (INFO, the one the logs show) whose children are
+//! its phases, DEBUG spans named for what they wait on: `lease` (from the lease answer to the
+//! job's start; the request's own duration is its `request_ms`), `load` (the key record, or the
+//! deployment's master key), `hsm` (one per HSM request, its `operation`), `verify`, `ledger`
+//! and `report`. They carry identifiers the logs already show (job id, key id, kind, outcome),
+//! never payloads, keys or signatures. A host exports them with any `tracing` subscriber; the
+//! driver binary sends them over OTLP (`[telemetry.traces]`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,7 +22,8 @@ use dfns_api_client::protocol::{
     ReportOutcome, Scheme, SignaturePayload, SignatureResult,
 };
 use sha2::{Digest, Sha256};
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, debug_span, error, info, info_span, warn};
 use wrapped_keystore::{EntryKind, KeyRecord, KeyStore, LedgerEntry};
 
 use crate::engine::Parts;
@@ -49,18 +58,75 @@ impl Outcome {
     }
 }
 
+/// The lease request that brought a job: its duration and how many jobs it brought.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arrival {
+    pub(crate) request: Duration,
+    pub(crate) batch: usize,
+}
+
+/// A job's span, opened when the lease answer arrives, and its `lease` phase, which ends when
+/// the job starts.
+pub(crate) struct JobSpan {
+    job: Span,
+    lease: Span,
+}
+
+impl JobSpan {
+    pub(crate) fn open(job: &LeasedJob, arrival: Arrival) -> Self {
+        let kind = kind_of(job);
+        let key_id = job.spec.as_ref().map(|s| s.key_id().as_str()).unwrap_or("");
+        let span = info_span!(
+            "job",
+            job_id = %job.job_id,
+            key_id,
+            kind,
+            outcome = Empty,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+        );
+        let lease = debug_span!(
+            parent: &span,
+            "lease",
+            request_ms = arrival.request.as_secs_f64() * 1e3,
+            batch = arrival.batch,
+        );
+        JobSpan { job: span, lease }
+    }
+
+    /// Ends the `lease` phase; the job's own span, for its work.
+    pub(crate) fn start(self) -> Span {
+        drop(self.lease);
+        self.job
+    }
+}
+
+/// Records how the job ended on its span (after its last log line, so that the logs' span
+/// context stays as it was); a failure is the span's error status, named by its code.
+pub(crate) fn record_outcome(span: &Span, outcome: &Outcome, failure: Option<&str>) {
+    span.record("outcome", outcome.label());
+    if let Some(code) = failure {
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", code);
+    }
+}
+
+fn kind_of(job: &LeasedJob) -> &'static str {
+    match &job.spec {
+        Ok(spec) => spec.kind().as_str(),
+        Err(_) => "Malformed",
+    }
+}
+
 /// Runs one leased job to its report.
 pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
     parts: &Arc<Parts<S, H, K>>,
     job: LeasedJob,
+    span: Span,
 ) -> Outcome {
     let started = Instant::now();
-    let kind = match &job.spec {
-        Ok(spec) => spec.kind().as_str(),
-        Err(_) => "Malformed",
-    };
-    let key_id = job.spec.as_ref().map(|s| s.key_id().as_str()).unwrap_or("");
-    let span = info_span!("job", job_id = %job.job_id, key_id, kind);
+    let kind = kind_of(&job);
+    let mut failure_code = None;
     let outcome = async {
         let job_ref = job.job_ref();
         let result = match job.spec {
@@ -86,6 +152,7 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
             Err(error) => {
                 let failure = error.to_failure();
                 warn!(code = failure.code.as_str(), retryable = failure.retryable, error = %failure.message, "job failed");
+                failure_code = Some(failure.code.as_str());
                 ReportBody::Fail(failure)
             }
         };
@@ -96,6 +163,7 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
                 body,
             },
         )
+        .instrument(debug_span!("report"))
         .await;
         match (report, &result) {
             (Ok(ReportOutcome::Accepted), Ok(_)) => {
@@ -121,8 +189,9 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
             }
         }
     }
-    .instrument(span)
+    .instrument(span.clone())
     .await;
+    record_outcome(&span, &outcome, failure_code);
     parts
         .metrics
         .job_finished(kind, &outcome, started.elapsed());
@@ -249,7 +318,12 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     curve: Curve,
 ) -> Result<JobResult, JobError> {
     let key_scheme = key_scheme(scheme, curve)?;
-    if let Some(existing) = parts.store.get(key_id.as_str()).await? {
+    let stored = parts
+        .store
+        .get(key_id.as_str())
+        .instrument(debug_span!("load", read = "key_record"))
+        .await?;
+    if let Some(existing) = stored {
         return stored_public_key(parts, existing, key_scheme).await;
     }
     if !parts.hsm.capabilities().supports(key_scheme) {
@@ -265,7 +339,9 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
 
     // Under the deployment's wrapping key: during a master-key rotation, the new one as soon
     // as the rotation has switched the deployment to it.
-    let master = wrapping_master_key(parts, &key_id).await?;
+    let master = wrapping_master_key(parts, &key_id)
+        .instrument(debug_span!("load", read = "deployment_master_key"))
+        .await?;
     let generated = timed(
         parts,
         "generate_key",
@@ -306,6 +382,7 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     match parts
         .ledger
         .insert_key_with_entry(record.clone(), entry)
+        .instrument(debug_span!("ledger", with_key_record = true))
         .await
     {
         Ok(_) => Ok(JobResult::PublicKey(record.public_key)),
@@ -351,14 +428,25 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
     payload: SignaturePayload,
 ) -> Result<JobResult, JobError> {
     // A record signed with before skips the database read; the HSM checks its MAC anyway.
+    let load = debug_span!("load", read = "key_record", cached = Empty);
     let record = match parts.records.get(key_id.as_str()) {
-        Some(record) => record,
-        None => Arc::new(parts.store.get(key_id.as_str()).await?.ok_or_else(|| {
-            JobError::UnknownKey {
+        Some(record) => {
+            load.record("cached", true);
+            record
+        }
+        None => {
+            load.record("cached", false);
+            let stored = parts
+                .store
+                .get(key_id.as_str())
+                .instrument(load.clone())
+                .await?;
+            Arc::new(stored.ok_or_else(|| JobError::UnknownKey {
                 key_id: key_id.to_string(),
-            }
-        })?),
+            })?)
+        }
     };
+    drop(load);
     // Typed at the store's edge: a row the store cannot read as a key never gets here.
     let (scheme, mechanism) = (record.scheme, record.wrap_mechanism);
     require_held(parts, &record.key_id, &record.master_key_fingerprint)?;
@@ -397,13 +485,12 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
     // implementation: low-s, recovery id and DER in the same pass as the verification against
     // the stored public key. Nothing is reported that does not verify.
     parts.metrics.signature_verified();
-    let signature =
-        custody_model::signature::finish(scheme, public_key, &payload, &raw).map_err(|source| {
-            JobError::SignatureRejected {
-                key_id: key_id.to_string(),
-                source,
-            }
-        })?;
+    let verified = debug_span!("verify", scheme = scheme.as_str())
+        .in_scope(|| custody_model::signature::finish(scheme, public_key, &payload, &raw));
+    let signature = verified.map_err(|source| JobError::SignatureRejected {
+        key_id: key_id.to_string(),
+        source,
+    })?;
     // Verified in the HSM (its MAC) and by this signature: worth keeping.
     parts.records.insert(Arc::clone(&record));
     let result = signature_result(signature);
@@ -423,6 +510,7 @@ async fn sign<S: JobSource, H: Hsm, K: KeyStore>(
             result: result.encoded.clone(),
             created_at_ms: now_ms(),
         })
+        .instrument(debug_span!("ledger", with_key_record = false))
         .await?;
     Ok(JobResult::Signature(result))
 }
@@ -464,14 +552,14 @@ fn require_held<S, H: Hsm, K>(
     })
 }
 
-/// Awaits one HSM operation and records its latency.
+/// Awaits one HSM operation (an `hsm` phase of the job's trace) and records its latency.
 async fn timed<S, H, K, T>(
     parts: &Parts<S, H, K>,
     operation: &'static str,
     call: impl Future<Output = Result<T, custody_model::HsmError>>,
 ) -> Result<T, custody_model::HsmError> {
     let started = Instant::now();
-    let result = call.await;
+    let result = call.instrument(debug_span!("hsm", operation)).await;
     parts
         .metrics
         .hsm_operation(operation, result.is_ok(), started.elapsed());

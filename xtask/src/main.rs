@@ -24,6 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use hsm_driver_e2e::{DemoOptions, HsmModule, TokenKind, softhsm_module_path};
 
+mod container;
 mod kryoptic;
 mod package;
 mod test_binaries;
@@ -39,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         "test" => test(&rest),
         "bench" => bench(&rest),
         "package" => package::package(&rest).map(drop),
+        "container" => container::container(&rest),
         "kryoptic" => {
             let module = kryoptic::ensure_kryoptic(&workspace_root())?;
             println!("KRYOPTIC_MODULE={}", module.display());
@@ -56,7 +58,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `cargo xtask help`.
-const USAGE: &str = "usage: cargo xtask <demo|test|bench|package|kryoptic>\n\n  demo [--token softhsm2|kryoptic] [--keys N] [--signatures N] [--release]\n                                     run the demo on embedded defaults (SoftHSMv2 by default)\n  test [--no-lint]                   run formatting, lints, docs, the whole test suite and the token matrix\n  bench [--quick] [--out DIR]        measure the driver end to end against the raw HSM\n  package [--debug] [--out DIR]      build the Debian package (hsm-driver_<version>_<arch>.deb)\n  kryoptic                           build Kryoptic once (cached under target/kryoptic) and print its path\n\nexamples:\n  cargo xtask demo                          # the main job on SoftHSMv2, SQLite, the simulator\n  cargo xtask demo --token kryoptic --keys 4 --signatures 100 --release\n  cargo xtask test                          # everything CI runs (.ci/run)\n  cargo xtask bench --quick --out /tmp/bench\n  cargo xtask package                       # target/debian/hsm-driver_<version>_<arch>.deb\n\nCARGO_TARGET_DIR is honoured; docs: README.md";
+const USAGE: &str = "usage: cargo xtask <demo|test|bench|package|container|kryoptic>\n\n  demo [--token softhsm2|kryoptic] [--keys N] [--signatures N] [--release]\n                                     run the demo on embedded defaults (SoftHSMv2 by default)\n  test [--no-lint]                   run formatting, lints, docs, the whole test suite and the token matrix\n  bench [--quick] [--out DIR]        measure the driver end to end against the raw HSM\n  package [--debug] [--out DIR]      build the Debian package (hsm-driver_<version>_<arch>.deb)\n  container [--debug] [--base IMAGE] build the container image localhost/hsm-driver:<version> with podman\n  kryoptic                           build Kryoptic once (cached under target/kryoptic) and print its path\n\nexamples:\n  cargo xtask demo                          # the main job on SoftHSMv2, SQLite, the simulator\n  cargo xtask demo --token kryoptic --keys 4 --signatures 100 --release\n  cargo xtask test                          # everything CI runs (.ci/run)\n  cargo xtask bench --quick --out /tmp/bench\n  cargo xtask package                       # target/debian/hsm-driver_<version>_<arch>.deb\n  cargo xtask container --base docker.io/library/debian:bookworm-slim\n\nCARGO_TARGET_DIR is honoured; docs: README.md";
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -273,6 +275,14 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         ensure_debian_package("prometheus", promtool)?;
         ensure_debian_package("systemd", systemd_analyze)?;
     }
+    // podman and a Debian base image for the container image's test (root only: it installs
+    // packages and runs containers).
+    let container = if is_root() {
+        Some(container::ensure_container_setup()?)
+    } else {
+        println!("not root: the container image's test will be SKIPPED (it fails under CI=true)");
+        None
+    };
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let pg_url = std::env::var("HSM_DRIVER_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
@@ -323,6 +333,13 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     test.env("HSM_DRIVER_PACKAGE", &deb);
     if in_ci {
         test.env("HSM_DRIVER_REQUIRE_PACKAGE", "1");
+        test.env("HSM_DRIVER_REQUIRE_CONTAINER", "1");
+    }
+    if let Some(container) = &container {
+        test.env("HSM_DRIVER_CONTAINER_BASE", container.base);
+        if let Some(runtime) = container.runtime {
+            test.env("HSM_DRIVER_OCI_RUNTIME", runtime);
+        }
     }
     run(&mut test)?;
     let binaries = test_binaries::workspace_test_binaries()?;

@@ -40,6 +40,20 @@ pub(crate) fn skip_unless_required(require_var: &str, what: &str) {
     eprintln!("SKIPPED: {what}");
 }
 
+/// `hsm-driver check`'s output (`check`, and whether it succeeded: `ok`), printed, then
+/// required to pass with the master key, the database and the API each `[ ok ]`; `who` names
+/// the binary checked.
+pub(crate) fn assert_check_passed(who: &str, ok: bool, check: &str) {
+    println!("{check}");
+    assert!(ok, "{who} must pass:\n{check}");
+    for expected in ["[ ok ] master key", "[ ok ] database", "[ ok ] API"] {
+        assert!(
+            check.contains(expected),
+            "{who} lacks `{expected}`:\n{check}"
+        );
+    }
+}
+
 /// The SoftHSMv2 module: the cluster and disaster-recovery tests test the driver, not the
 /// token, and run on SoftHSMv2 only.
 pub(crate) fn softhsm() -> HsmModule {

@@ -28,6 +28,7 @@ pub(crate) async fn key_store(config: &Config) -> anyhow::Result<DieselKeyStore>
         connection_timeout: std::time::Duration::from_millis(config.database.connect_timeout_ms),
         statement_timeout: std::time::Duration::from_millis(config.database.statement_timeout_ms),
         lock_timeout: std::time::Duration::from_millis(config.database.lock_timeout_ms),
+        skip_ping_within: std::time::Duration::from_millis(config.database.skip_ping_within_ms),
         postgres: PgConnectOptions {
             password: secrets::database_password(&config.database)?,
             ..config.database.pg_connect_options()

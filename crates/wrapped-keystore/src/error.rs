@@ -183,6 +183,16 @@ impl StoreError {
         matches!(self, StoreError::Corrupt { .. })
     }
 
+    /// Whether the call found its connection gone (closed by the server or the network), as
+    /// opposed to the database answering with an error: the pool must drop the connection,
+    /// and a call that got it unpinged may run again on another.
+    pub(crate) fn is_connection_lost(&self) -> bool {
+        match self {
+            StoreError::Database { source } => diesel_connection_lost(source),
+            _ => false,
+        }
+    }
+
     fn class(&self) -> Class {
         match self {
             // r2d2 reports every failed checkout as a timeout; its message carries the last
@@ -285,6 +295,27 @@ fn diesel_error_class(error: &DieselError) -> Class {
         // fresh one may succeed.
         DieselError::BrokenTransactionManager => Class::Transient,
         _ => Class::Final,
+    }
+}
+
+fn diesel_connection_lost(error: &DieselError) -> bool {
+    match error {
+        DieselError::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            _,
+        ) => true,
+        // The statement timeout ends a statement, not the connection.
+        DieselError::DatabaseError(_, info) => {
+            let message = info.message();
+            CONNECTION_LOST_MESSAGES
+                .iter()
+                .filter(|m| !m.contains("statement timeout"))
+                .any(|m| message.contains(m))
+        }
+        DieselError::RollbackErrorOnCommit { commit_error, .. } => {
+            diesel_connection_lost(commit_error)
+        }
+        _ => false,
     }
 }
 

@@ -203,15 +203,47 @@ impl DieselKeyStore {
             .map_err(|source| StoreError::Unavailable { source })
     }
 
-    /// Runs `query` with a pooled connection on tokio's blocking pool.
-    async fn run<T, F>(&self, query: F) -> Result<T, StoreError>
+    /// Runs `query` with a pooled connection on tokio's blocking pool. A connection handed out
+    /// without its ping (used successfully just before) that turns out to be gone at the
+    /// call's first statement costs no failure: the pool drops it and `query` runs again on
+    /// another, as the ping would have arranged; at most once per connection the pool holds.
+    async fn run<T, F>(&self, mut query: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut AnyConnection) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&mut AnyConnection) -> Result<T, StoreError> + Send + 'static,
     {
         let store = self.clone();
         let deadline = self.inner.call_deadline;
-        let call = tokio::task::spawn_blocking(move || query(&mut *store.connection()?));
+        let call = tokio::task::spawn_blocking(move || {
+            let mut retries = store.inner.pool.max_size();
+            loop {
+                let mut conn = store.connection()?;
+                let before = conn.statements_succeeded();
+                match query(&mut conn) {
+                    Ok(done) => {
+                        conn.succeeded();
+                        return Ok(done);
+                    }
+                    Err(e) if e.is_connection_lost() => {
+                        // Only a call whose first statement met the gone connection is run
+                        // again: nothing of it reached the database. (One that lost the
+                        // connection later, at a COMMIT say, reports the loss.)
+                        let first_statement = conn.statements_succeeded() == before;
+                        if conn.lost() && first_statement && retries > 0 {
+                            retries -= 1;
+                            tracing::debug!(
+                                backend = store.backend(),
+                                error = &e as &dyn std::error::Error,
+                                "a pooled connection was gone; trying the call on another"
+                            );
+                            continue;
+                        }
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        });
         match tokio::time::timeout(deadline, call).await {
             Ok(done) => done.map_err(|source| StoreError::TaskFailed { source })?,
             // The blocking thread stays in the call until the server or TCP gives up
@@ -302,7 +334,7 @@ impl KeyStore for DieselKeyStore {
         let driver_id = driver_id.to_owned();
         let now_ms = now_ms();
         self.run(move |conn| {
-            rotation::record_driver_master_keys(conn, &driver_id, fingerprints, now_ms)
+            rotation::record_driver_master_keys(conn, &driver_id, fingerprints.clone(), now_ms)
         })
         .await
     }

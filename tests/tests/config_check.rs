@@ -33,6 +33,7 @@ fn setup(name: &str) -> Setup {
     std::fs::write(&pin, "1234\n").unwrap();
     std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::create_dir_all(root.join("state")).unwrap();
+    std::fs::copy(root.join("pki/ca.pem"), root.join("pki/collector-ca.pem")).unwrap();
     let config = root.join("hsm-driver.toml");
     std::fs::write(
         &config,
@@ -52,6 +53,9 @@ user_pin_file = "user-pin"
 url = "sqlite://{root}/state/keys.db"
 [ledger]
 checkpoint_file = "{root}/state/checkpoints.jsonl"
+[telemetry.traces]
+endpoint = "https://127.0.0.1:9/v1/traces"
+ca_file = "pki/collector-ca.pem"
 "#,
             module = softhsm().path.display(),
             root = root.display(),
@@ -94,6 +98,7 @@ fn a_complete_configuration_passes_without_touching_the_hsm_or_the_network() {
         "[ ok ] API credentials",
         "[ ok ] database",
         "[ ok ] ledger checkpoint file",
+        "[ ok ] traces",
         "were not contacted",
     ] {
         assert!(output.contains(line), "missing `{line}`:\n{output}");
@@ -115,8 +120,9 @@ type Breakage = dyn Fn(&Setup);
 #[test]
 fn each_broken_file_fails_by_name_and_the_rest_are_still_checked() {
     // Tried, one at a time: a PIN file others may read, a missing CA bundle, a module that is
-    // not a shared object, an SQLite directory that does not exist.
-    let cases: [(&str, &Breakage, &str); 4] = [
+    // not a shared object, an SQLite directory that does not exist, a collector CA file that
+    // holds no certificate.
+    let cases: [(&str, &Breakage, &str); 5] = [
         (
             "readable PIN",
             &|s| {
@@ -150,6 +156,11 @@ fn each_broken_file_fails_by_name_and_the_rest_are_still_checked() {
             "missing SQLite directory",
             &|s| std::fs::remove_dir_all(s.root.join("state")).unwrap(),
             "[FAIL] database: database.url: the SQLite file's directory",
+        ),
+        (
+            "collector CA without a certificate",
+            &|s| std::fs::write(s.root.join("pki/collector-ca.pem"), "not a PEM file\n").unwrap(),
+            "[FAIL] traces: telemetry.traces.ca_file",
         ),
     ];
     for (what, break_it, expected) in cases {

@@ -85,6 +85,26 @@ pub(crate) fn check_files(path: &Path, config: &Config) -> bool {
             ),
         }
     }
+    if let Some(traces) = &config.telemetry.traces {
+        let trust = match &traces.ca_file {
+            Some(ca_file) => crate::traces::tls_trusting(ca_file).map(|_| {
+                format!(
+                    "{} over {:?}, trusting {} (not contacted)",
+                    traces.endpoint,
+                    traces.protocol,
+                    ca_file.display()
+                )
+            }),
+            None => Ok(format!(
+                "{} over {:?} (not contacted)",
+                traces.endpoint, traces.protocol
+            )),
+        };
+        match trust {
+            Ok(detail) => report.ok("traces", detail),
+            Err(e) => report.fail("traces", &e),
+        }
+    }
     if report.failures == 0 {
         println!(
             "configuration and its files: all checks passed (the HSM, the database server and the API were not contacted: `hsm-driver check` does that)"

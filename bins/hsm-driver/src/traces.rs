@@ -209,8 +209,8 @@ impl HttpClient for OtlpClient {
     }
 }
 
-/// TLS trusting only the CA certificates in `ca_file`.
-fn tls_trusting(ca_file: &std::path::Path) -> anyhow::Result<rustls::ClientConfig> {
+/// TLS trusting only the CA certificates in `ca_file` (also `config check`'s test of it).
+pub(crate) fn tls_trusting(ca_file: &std::path::Path) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in dfns_api_client::pem::read_certs(ca_file)
         .with_context(|| format!("telemetry.traces.ca_file: {}", ca_file.display()))?

@@ -89,15 +89,16 @@ pub(crate) fn check_files(path: &Path, config: &Config) -> bool {
         let trust = match &traces.ca_file {
             Some(ca_file) => crate::traces::tls_trusting(ca_file).map(|_| {
                 format!(
-                    "{} over {:?}, trusting {} (not contacted)",
+                    "{} over {}, trusting {} (not contacted)",
                     traces.endpoint,
-                    traces.protocol,
+                    traces.protocol.as_str(),
                     ca_file.display()
                 )
             }),
             None => Ok(format!(
-                "{} over {:?} (not contacted)",
-                traces.endpoint, traces.protocol
+                "{} over {} (not contacted)",
+                traces.endpoint,
+                traces.protocol.as_str()
             )),
         };
         match trust {

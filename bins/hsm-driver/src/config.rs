@@ -448,6 +448,16 @@ pub(crate) enum OtlpProtocol {
     HttpJson,
 }
 
+impl OtlpProtocol {
+    /// The name the configuration uses.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+            OtlpProtocol::HttpJson => "http/json",
+        }
+    }
+}
+
 impl TracesSection {
     fn validate(&self) -> anyhow::Result<()> {
         let uri: hyper::Uri = self.endpoint.parse().map_err(|e| {

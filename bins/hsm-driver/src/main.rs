@@ -243,7 +243,7 @@ fn main() -> ExitCode {
     {
         tracing::info!(
             endpoint = %section.endpoint,
-            protocol = ?section.protocol,
+            protocol = section.protocol.as_str(),
             sample_ratio = section.sample_ratio,
             "job traces are exported over OTLP"
         );

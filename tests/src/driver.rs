@@ -60,6 +60,8 @@ pub struct TraceSettings {
     pub endpoint: String,
     /// `protocol`: `http/protobuf` or `http/json`.
     pub protocol: String,
+    /// `timeout_ms`; `None`: the driver's default.
+    pub timeout_ms: Option<u64>,
 }
 
 /// How a driver batches under load (each `None`: the driver's default).
@@ -209,8 +211,12 @@ listen = "127.0.0.1:0"
             .traces
             .as_ref()
             .map(|t| format!(
-                "\n[telemetry.traces]\nendpoint = \"{}\"\nprotocol = \"{}\"\n",
-                t.endpoint, t.protocol
+                "\n[telemetry.traces]\nendpoint = \"{}\"\nprotocol = \"{}\"\n{}",
+                t.endpoint,
+                t.protocol,
+                t.timeout_ms
+                    .map(|ms| format!("timeout_ms = {ms}\n"))
+                    .unwrap_or_default()
             ))
             .unwrap_or_default(),
     );

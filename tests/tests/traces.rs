@@ -7,12 +7,15 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use hsm_driver_e2e::keystore::wrapped_keys_sqlite;
 use hsm_driver_e2e::{
-    ApiSignature, CreatedKey, Deployment, OtlpReceiver, ReceivedSpan, TraceSettings,
-    verify_signature,
+    ApiSignature, CreatedKey, Deployment, KeyScheme, OtlpReceiver, ReceivedSpan, TraceSettings,
+    Workload, verify_signature,
 };
 use support::{TestDir, options};
 
@@ -85,6 +88,7 @@ async fn each_job_is_one_trace_of_its_phases_and_carries_no_secret() {
     options.traces = Some(TraceSettings {
         endpoint: receiver.endpoint(),
         protocol: "http/json".to_owned(),
+        timeout_ms: None,
     });
     let deployment = Deployment::start(options).await.unwrap();
     let app = deployment.app();
@@ -256,5 +260,60 @@ async fn each_job_is_one_trace_of_its_phases_and_carries_no_secret() {
         failed.events.iter().any(|e| e == "job failed"),
         "{:?}",
         failed.events
+    );
+}
+
+/// A collector that accepts connections and never answers (a hung one): it counts the
+/// connections and keeps them open.
+async fn black_hole() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_that_never_answers_costs_spans_not_jobs() {
+    // Tried: a collector that takes the connection and never answers, with a 1 s export
+    // limit. Every signature is still made and verified, and the driver still stops within
+    // the limit (its last export is given up), exiting cleanly. (With the limit not applied,
+    // the SDK's own 5 s would hold the stop: the bound below fails then.)
+    let (addr, accepted) = black_hole().await;
+    let work = TestDir::new("traces-black-hole");
+    let mut options = options(&work);
+    options.traces = Some(TraceSettings {
+        endpoint: format!("http://{addr}/v1/traces"),
+        protocol: "http/protobuf".to_owned(),
+        timeout_ms: Some(1_000),
+    });
+    let deployment = Deployment::start(options).await.unwrap();
+    let summary = tokio::time::timeout(
+        WAIT,
+        Workload::over(&[KeyScheme::EcdsaSecp256k1], 2, 20).run(deployment.app()),
+    )
+    .await
+    .expect("the workload must not wait on the collector")
+    .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
+    assert_eq!(summary.verified, 20);
+
+    let stopping = Instant::now();
+    let report = deployment.stop().await.unwrap();
+    let took = stopping.elapsed();
+    assert!(report.driver_exit.success(), "{report:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "stopping took {took:?} with a hung collector"
+    );
+    assert!(
+        accepted.load(Ordering::SeqCst) >= 1,
+        "the driver did try to export"
     );
 }

@@ -54,7 +54,13 @@ const TRACED_TARGET: &str = "driver_core";
 /// A running trace pipeline; [`Traces::shutdown`] sends what is queued.
 pub(crate) struct Traces {
     provider: SdkTracerProvider,
+    /// The most the last export may take at shutdown.
+    last_export: Duration,
 }
+
+/// The longest the last export may hold a stopping driver, whatever `timeout_ms` says: the
+/// service manager's stop timeout also covers draining the jobs in flight.
+const LAST_EXPORT_MAX: Duration = Duration::from_secs(5);
 
 impl Traces {
     /// Builds the exporter and the batch processor. Exports run on `runtime` (this module's
@@ -95,7 +101,10 @@ impl Traces {
             ))))
             .with_resource(resource)
             .build();
-        Ok(Traces { provider })
+        Ok(Traces {
+            provider,
+            last_export: timeout.min(LAST_EXPORT_MAX),
+        })
     }
 
     /// The `tracing` layer feeding this pipeline: driver-core's spans (the `job` span and its
@@ -109,10 +118,11 @@ impl Traces {
             .with_filter(FilterFn::new(traced))
     }
 
-    /// Sends the spans still queued (bounded by the export timeout) and stops the pipeline.
-    /// Call it outside the runtime's threads, while the runtime still runs.
+    /// Sends the spans still queued, within the export timeout and at most
+    /// [`LAST_EXPORT_MAX`], and stops the pipeline. Call it outside the runtime's threads,
+    /// while the runtime still runs.
     pub(crate) fn shutdown(self) {
-        if let Err(e) = self.provider.shutdown() {
+        if let Err(e) = self.provider.shutdown_with_timeout(self.last_export) {
             tracing::warn!(error = %e, "traces: the last export did not finish");
         }
     }

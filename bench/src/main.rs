@@ -22,6 +22,8 @@
 //!   application API ([`load`]), with CPU time and peak memory from `/proc` ([`procfs`]).
 //! - [`hot_keys`]: a few busy keys per curve, the default (stateless) driver against one with
 //!   `[hsm.hot_keys]`, each in a deployment of its own.
+//! - [`traces`]: the driver without and with every job traced over OTLP (to a receiver in
+//!   this process), each in a deployment of its own.
 //! - [`replicate`]: the stored-keys sweep's bulk load.
 //! - [`kryoptic`]: the Kryoptic column, the raw anchor and the driver end to end on the token
 //!   matrix's second implementation (P-256, Ed25519).
@@ -45,6 +47,7 @@ mod report;
 mod stats;
 mod store;
 mod svg;
+mod traces;
 
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -240,6 +243,7 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
         Vec::new()
     };
     let hot_keys = hot_keys::run(&plan, &setup, &say).await?;
+    let traces = traces::run(&plan, &setup, &say).await?;
     let kryoptic = match kryoptic_module {
         Some(hsm) => Some(kryoptic::run(&plan, &setup, hsm, &say).await?),
         None => None,
@@ -256,6 +260,7 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
         anchor,
         stores: results,
         hot_keys,
+        traces,
         kryoptic,
         batching,
         pinned,

@@ -15,6 +15,7 @@ use crate::kryoptic::KryopticResult;
 use crate::pinned::PinnedResult;
 use crate::plan::{CURVES, Curve, KRYOPTIC_CURVES, Plan};
 use crate::store::StorePoint;
+use crate::traces::TracesResult;
 
 /// Everything one run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -29,6 +30,8 @@ pub(crate) struct Report {
     pub(crate) stores: Vec<StoreResult>,
     /// The hot-key scenario (SQLite).
     pub(crate) hot_keys: HotKeysResult,
+    /// Job traces off and on, side by side (SQLite).
+    pub(crate) traces: Vec<TracesResult>,
     /// The Kryoptic column (`None` when skipped).
     pub(crate) kryoptic: Option<KryopticResult>,
     /// Batching off and on, side by side (SQLite).
@@ -590,6 +593,44 @@ impl Report {
             }
         }
 
+        if !self.traces.is_empty() {
+            let _ = writeln!(
+                t,
+                "\nTraces: the same SQLite deployment without [telemetry.traces] (the default), then \
+                 with every job traced\n(OTLP/HTTP protobuf to a receiver in the bench), {} workers, \
+                 {} HSM sessions, {} in flight",
+                self.plan.workers, self.plan.sessions, self.plan.in_flight
+            );
+            let _ = writeln!(
+                t,
+                "  {:<10} {:>10} {:>13} {:>6} {:>9} {:>11} {:>8} {:>11} {:>10}",
+                "curve",
+                "off sign/s",
+                "traced sign/s",
+                "ratio",
+                "off drv ms",
+                "traced drv ms",
+                "+µs/job",
+                "exports/job",
+                "bytes/job"
+            );
+            for c in &self.traces {
+                let _ = writeln!(
+                    t,
+                    "  {:<10} {:>10} {:>13} {:>6.2} {:>9.3} {:>13.3} {:>8.0} {:>11.3} {:>10.0}",
+                    Curve::label_of(&c.curve),
+                    number(c.off.ops_per_sec),
+                    number(c.traced.ops_per_sec),
+                    c.ratio,
+                    c.off.driver_cpu_ms_per_job,
+                    c.traced.driver_cpu_ms_per_job,
+                    c.added_us_per_job,
+                    c.exports_per_job,
+                    c.bytes_per_job
+                );
+            }
+        }
+
         if !self.pinned.is_empty() {
             let _ = writeln!(
                 t,
@@ -1058,6 +1099,45 @@ impl Report {
                         unit,
                     );
                 }
+            }
+        }
+        for c in &self.traces {
+            for (way, th) in [("off", &c.off), ("traced", &c.traced)] {
+                let p = format!("traces={way};in_flight={}", th.in_flight);
+                row(
+                    "traces",
+                    "sqlite",
+                    &c.curve,
+                    p.clone(),
+                    "throughput",
+                    th.ops_per_sec,
+                    "ops/s",
+                );
+                row(
+                    "traces",
+                    "sqlite",
+                    &c.curve,
+                    p,
+                    "driver_cpu_per_job",
+                    th.driver_cpu_ms_per_job,
+                    "ms",
+                );
+            }
+            for (metric, value, unit) in [
+                ("traced_vs_off", c.ratio, "×"),
+                ("added_cpu_per_job", c.added_us_per_job, "µs"),
+                ("exports_per_job", c.exports_per_job, ""),
+                ("bytes_per_job", c.bytes_per_job, "B"),
+            ] {
+                row(
+                    "traces",
+                    "sqlite",
+                    &c.curve,
+                    String::new(),
+                    metric,
+                    value,
+                    unit,
+                );
             }
         }
         for p in &self.pinned {

@@ -252,6 +252,9 @@ impl WhereNext {
             self.telemetry
         );
         println!(
+            "traces:        off; [telemetry.traces] sends one trace per job to an OpenTelemetry collector (docs/operations.md, \"Traces\")"
+        );
+        println!(
             "docs:          README.md, docs/operations.md (running it), docs/security.md (what it defends), docs/benchmarks.md"
         );
     }

@@ -119,12 +119,17 @@ impl Target {
     }
 }
 
-/// The ratio and sweep targets of the issue.
-pub(crate) const RATIO_TARGET: f64 = 0.9;
+/// Signatures end to end against the raw anchor at the same session count, on SoftHSMv2
+/// (issue #15: at least 0.75).
+pub(crate) const RATIO_TARGET: f64 = 0.75;
+/// Key generations end to end against the raw anchor (the first performance issue's target;
+/// issue #15 revised only the signatures').
+pub(crate) const KEYGEN_RATIO_TARGET: f64 = 0.9;
 pub(crate) const PICKUP_P50_TARGET_MS: f64 = 5.0;
 pub(crate) const STORED_KEYS_TARGET: f64 = 0.9;
-/// The driver's CPU per signature beyond the HSM's, as a fraction of the HSM's.
-pub(crate) const DRIVER_CPU_TARGET: f64 = 0.1;
+/// The driver's own CPU per signature beyond the HSM's, in milliseconds, on every token, curve
+/// and store (issue #15).
+pub(crate) const DRIVER_OVERHEAD_TARGET_MS: f64 = 0.2;
 /// Requests per signature at saturation (issue #15): one HSM round trip, one software
 /// verification, at most 1.1 store statements (PostgreSQL round trips) and 0.1 HTTP requests.
 pub(crate) const HSM_REQUESTS_TARGET: f64 = 1.0;
@@ -149,6 +154,19 @@ fn rate_in(anchor: &[AnchorResult], operation: &str, curve: &str, sessions: usiz
         .map(|a| a.ops_per_sec)
 }
 
+/// The driver's CPU per signature beyond the HSM's own (the one-session anchor's time per
+/// operation, `1 / raw_one_session`): at most [`DRIVER_OVERHEAD_TARGET_MS`].
+fn overhead_target(scope: String, driver_cpu_ms_per_job: f64, raw_one_session: f64) -> Target {
+    Target::new(
+        "driver overhead per signature",
+        scope,
+        driver_cpu_ms_per_job - 1000.0 / raw_one_session,
+        Bound::AtMost,
+        DRIVER_OVERHEAD_TARGET_MS,
+        " ms",
+    )
+}
+
 impl Report {
     /// The (SoftHSMv2) anchor's rate for `operation` on `curve` at `sessions`.
     pub(crate) fn anchor_rate(&self, operation: &str, curve: &str, sessions: usize) -> Option<f64> {
@@ -160,9 +178,9 @@ impl Report {
         let mut targets = Vec::new();
         let n = self.plan.sessions;
         for store in &self.stores {
-            for (kind, measured, anchor_op) in [
-                ("sign", &store.sign, "sign"),
-                ("keygen", &store.keygen, "keygen"),
+            for (kind, measured, anchor_op, bound) in [
+                ("sign", &store.sign, "sign", RATIO_TARGET),
+                ("keygen", &store.keygen, "keygen", KEYGEN_RATIO_TARGET),
             ] {
                 for m in measured {
                     if let Some(raw) = self.anchor_rate(anchor_op, &m.curve, n) {
@@ -171,7 +189,7 @@ impl Report {
                             format!("{} {}", store.store, m.curve),
                             m.throughput.ops_per_sec / raw,
                             Bound::AtLeast,
-                            RATIO_TARGET,
+                            bound,
                             "",
                         ));
                     }
@@ -181,14 +199,10 @@ impl Report {
             // the driver process, so the HSM's share is taken from the one-session anchor).
             for m in &store.sign {
                 if let Some(raw) = self.anchor_rate("sign", &m.curve, 1) {
-                    let hsm_ms = 1000.0 / raw;
-                    targets.push(Target::new(
-                        "driver CPU per signature / HSM's",
+                    targets.push(overhead_target(
                         format!("{} {}", store.store, m.curve),
-                        (m.throughput.driver_cpu_ms_per_job - hsm_ms) / hsm_ms,
-                        Bound::AtMost,
-                        DRIVER_CPU_TARGET,
-                        "",
+                        m.throughput.driver_cpu_ms_per_job,
+                        raw,
                     ));
                 }
             }
@@ -294,6 +308,13 @@ impl Report {
         }
         if let Some(k) = &self.kryoptic {
             for m in &k.end_to_end.sign {
+                if let Some(raw) = rate_in(&k.anchor, "sign", &m.curve, 1) {
+                    targets.push(overhead_target(
+                        format!("kryoptic {} {}", k.end_to_end.store, m.curve),
+                        m.throughput.driver_cpu_ms_per_job,
+                        raw,
+                    ));
+                }
                 if let Some(raw) = rate_in(&k.anchor, "sign", &m.curve, n) {
                     targets.push(Target::new(
                         &format!("kryoptic sign e2e/raw ({n} sessions)"),

@@ -85,6 +85,10 @@ pub(crate) struct DriverSection {
     /// only when the copy leaves the cache (docs/security.md).
     #[serde(default = "default_record_cache_capacity")]
     pub(crate) record_cache_capacity: usize,
+    /// The longest a record stays in that cache, in milliseconds (default 10000): how late
+    /// the tamper alarm for a cached record's row can come at most.
+    #[serde(default = "default_record_cache_ttl_ms")]
+    pub(crate) record_cache_ttl_ms: u64,
 }
 
 fn default_max_job_duration_ms() -> u64 {
@@ -93,6 +97,10 @@ fn default_max_job_duration_ms() -> u64 {
 
 fn default_record_cache_capacity() -> usize {
     0
+}
+
+fn default_record_cache_ttl_ms() -> u64 {
+    10_000
 }
 
 /// `[api]`: the Dfns API endpoint and the mutual-TLS material.
@@ -757,6 +765,11 @@ impl Config {
                 bail!("hsm.{field}: must be at least 1");
             }
         }
+        if self.driver.record_cache_ttl_ms == 0 {
+            bail!(
+                "driver.record_cache_ttl_ms: must be at least 1 (record_cache_capacity = 0 turns the cache off)"
+            );
+        }
         if self.driver.health_check_interval_ms == 0 {
             bail!("driver.health_check_interval_ms: must be at least 1");
         }
@@ -791,6 +804,7 @@ impl Config {
             },
             max_job_duration: Duration::from_millis(self.driver.max_job_duration_ms),
             record_cache_capacity: self.driver.record_cache_capacity,
+            record_cache_ttl: Duration::from_millis(self.driver.record_cache_ttl_ms),
             ledger_max_group: self.ledger.max_group,
             ..driver_core::DriverConfig::default()
         }

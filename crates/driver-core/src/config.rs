@@ -68,6 +68,10 @@ pub struct DriverConfig {
     /// found only when the copy leaves the cache (evicted, or at restart): the signatures stay
     /// right, the alarm comes later. See `docs/security.md`.
     pub record_cache_capacity: usize,
+    /// The longest a record stays in that cache (default 10 s): the bound on how late the
+    /// tamper alarm for a cached record's row can come, and on how long a record deleted from
+    /// the database still signs.
+    pub record_cache_ttl: Duration,
 }
 
 impl Default for DriverConfig {
@@ -92,6 +96,7 @@ impl Default for DriverConfig {
             heartbeat_interval_bounds: (Duration::from_millis(100), Duration::from_secs(300)),
             max_job_duration: Duration::from_secs(120),
             record_cache_capacity: 0,
+            record_cache_ttl: Duration::from_secs(10),
         }
     }
 }

@@ -86,7 +86,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
         metrics: Metrics,
         health: Health,
     ) -> Self {
-        let record_cache_capacity = config.record_cache_capacity;
+        let records = RecordCache::new(config.record_cache_capacity, config.record_cache_ttl);
         Self {
             parts: Arc::new(Parts {
                 ledger: Ledger::new(
@@ -103,7 +103,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                 health,
                 in_flight: AtomicU32::new(0),
                 tamper: std::sync::OnceLock::new(),
-                records: RecordCache::new(record_cache_capacity),
+                records,
                 reporter: Reporter::default(),
             }),
         }

@@ -11,34 +11,40 @@
 //!
 //! The trade-off, and why the cache is off by default: a record tampered with in the database
 //! while a verified copy is cached is not read, so the signatures stay right but the tamper
-//! alarm waits until the copy leaves the cache (eviction or restart).
+//! alarm waits until the copy leaves the cache: at most `ttl` after it entered (or eviction,
+//! or restart). A record deleted from the database likewise still signs for at most `ttl`.
 //!
-//! Bounded: at most `capacity` records (FIFO eviction; 0 turns the cache off).
+//! Bounded: at most `capacity` records (FIFO eviction; 0 turns the cache off), each for at
+//! most `ttl`.
 //!
 //! [`Hsm::sign_record`]: custody_model::Hsm::sign_record
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use wrapped_keystore::KeyRecord;
 
 /// A bounded map of key id to the record last signed with (see the module documentation).
 pub(crate) struct RecordCache {
     capacity: usize,
+    ttl: Duration,
     inner: Mutex<Inner>,
 }
 
 #[derive(Default)]
 struct Inner {
-    records: HashMap<String, Arc<KeyRecord>>,
+    /// Each record with when it entered.
+    records: HashMap<String, (Arc<KeyRecord>, Instant)>,
     /// Key ids in insertion order, for eviction.
     order: VecDeque<String>,
 }
 
 impl RecordCache {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
         RecordCache {
             capacity,
+            ttl,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -47,12 +53,20 @@ impl RecordCache {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The cached record of `key_id`, if any.
+    /// The cached record of `key_id`, if any and younger than the time to live (an older
+    /// one is forgotten: the caller reads the database again).
     pub(crate) fn get(&self, key_id: &str) -> Option<Arc<KeyRecord>> {
         if self.capacity == 0 {
             return None;
         }
-        self.lock().records.get(key_id).cloned()
+        let mut inner = self.lock();
+        let (record, entered) = inner.records.get(key_id)?;
+        if entered.elapsed() < self.ttl {
+            return Some(Arc::clone(record));
+        }
+        inner.records.remove(key_id);
+        inner.order.retain(|k| k != key_id);
+        None
     }
 
     /// Keeps `record`, which the HSM has just verified and signed with; evicts the oldest
@@ -63,7 +77,11 @@ impl RecordCache {
         }
         let mut inner = self.lock();
         let key_id = record.key_id.clone();
-        if inner.records.insert(key_id.clone(), record).is_none() {
+        if inner
+            .records
+            .insert(key_id.clone(), (record, Instant::now()))
+            .is_none()
+        {
             inner.order.push_back(key_id);
             while inner.order.len() > self.capacity {
                 if let Some(oldest) = inner.order.pop_front() {
@@ -111,7 +129,7 @@ mod tests {
 
     #[test]
     fn bounded_first_in_first_out_and_off_at_zero() {
-        let cache = RecordCache::new(2);
+        let cache = RecordCache::new(2, Duration::from_secs(60));
         cache.insert(record("a"));
         cache.insert(record("b"));
         cache.insert(record("a"));
@@ -130,8 +148,22 @@ mod tests {
         cache.insert(record("e"));
         assert_eq!(cache.len(), 2);
 
-        let off = RecordCache::new(0);
+        let off = RecordCache::new(0, Duration::from_secs(60));
         off.insert(record("a"));
         assert!(off.get("a").is_none());
+    }
+
+    #[test]
+    fn a_record_is_kept_at_most_its_time_to_live() {
+        // Tried: a record asked for within its time to live (kept), and after it (forgotten,
+        // so the caller reads the database, where a tampered row is found).
+        let cache = RecordCache::new(4, Duration::from_millis(50));
+        cache.insert(record("a"));
+        assert!(cache.get("a").is_some());
+        std::thread::sleep(Duration::from_millis(60)); // the time to live itself
+        assert!(cache.get("a").is_none(), "past its time to live");
+        assert_eq!(cache.len(), 0, "and forgotten");
+        cache.insert(record("a"));
+        assert!(cache.get("a").is_some(), "a fresh copy enters again");
     }
 }

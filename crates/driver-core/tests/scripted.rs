@@ -278,6 +278,59 @@ async fn a_tampered_or_foreign_key_record_is_refused_before_any_signature_is_rep
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_tampered_while_its_record_is_cached_is_found_once_the_copy_expires() {
+    // Tried, with the record cache on (opt-in; 300 ms to live): a key signs once (its record
+    // enters the cache), then its row's public key is swapped for another key's behind the
+    // driver's back. Within the time to live the cached copy signs, correctly; after it the
+    // row is read again and refused as tampered. Without the time to live the alarm would
+    // wait for an eviction or a restart.
+    let ttl = Duration::from_millis(300);
+    let store = Arc::new(MemoryKeyStore::new());
+    let config = DriverConfig {
+        record_cache_capacity: 16,
+        record_cache_ttl: ttl,
+        ..test_config("test-driver")
+    };
+    let h = Harness::start_with(
+        FakeHsm::new(),
+        Arc::clone(&store),
+        ScriptedSource::default(),
+        config,
+    );
+    h.source
+        .push("job-c", keygen("key-c", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source
+        .push("job-o", keygen("key-o", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.wait_reports(2).await;
+    h.source.push("job-1", sign_hash("key-c", [1; 32]));
+    h.source.wait_reports(3).await;
+    let cached_at = std::time::Instant::now();
+
+    let other = store.get("key-o").await.unwrap().unwrap();
+    store.with_records(|rows| {
+        rows.get_mut("key-c").expect("key-c is stored").public_key = other.public_key.clone();
+    });
+    h.source.push("job-2", sign_hash("key-c", [2; 32]));
+    let reports = h.source.wait_reports(4).await;
+    if cached_at.elapsed() < ttl {
+        assert!(
+            matches!(report_for(&reports, "job-2"), Report::Completed(_)),
+            "within the time to live the cached, verified copy signs: {reports:?}"
+        );
+    }
+    // The time to live itself, then the row is read again.
+    tokio::time::sleep(ttl.saturating_sub(cached_at.elapsed()) + Duration::from_millis(50)).await;
+    h.source.push("job-3", sign_hash("key-c", [3; 32]));
+    let reports = h.source.wait_reports(5).await;
+    let refused = failure(report_for(&reports, "job-3"));
+    assert!(
+        refused.message.contains("failed its integrity check") && !refused.retryable,
+        "{refused:?}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_leasing_and_returns_with_nothing_in_flight() {
     let h = start(FakeHsm::new());
     for i in 0..20 {

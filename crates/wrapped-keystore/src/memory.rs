@@ -52,6 +52,12 @@ impl MemoryKeyStore {
         f(&mut self.ledger())
     }
 
+    /// Runs `f` on the stored key records, by key id: for tests that play someone who writes
+    /// to the database directly (alter or delete a row behind the driver's back).
+    pub fn with_records<T>(&self, f: impl FnOnce(&mut BTreeMap<String, KeyRecord>) -> T) -> T {
+        f(&mut self.records())
+    }
+
     /// Fails as an unreachable database would while [`set_unavailable`](Self::set_unavailable)
     /// is on.
     fn available(&self) -> Result<(), StoreError> {

@@ -221,17 +221,7 @@ impl HttpClient for OtlpClient {
 
 /// TLS trusting only the CA certificates in `ca_file` (also `config check`'s test of it).
 pub(crate) fn tls_trusting(ca_file: &std::path::Path) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in dfns_api_client::pem::read_certs(ca_file)
-        .with_context(|| format!("telemetry.traces.ca_file: {}", ca_file.display()))?
-    {
-        roots.add(cert).with_context(|| {
-            format!(
-                "telemetry.traces.ca_file: {}: not a usable CA certificate",
-                ca_file.display()
-            )
-        })?;
-    }
+    let roots = dfns_api_client::pem::read_roots(ca_file).context("telemetry.traces.ca_file")?;
     client_config(roots)
 }
 

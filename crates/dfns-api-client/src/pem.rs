@@ -73,6 +73,23 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError>
     Ok(certs)
 }
 
+/// The trust anchors of a PEM file of CA certificates ([`read_certs`]), each usable as one.
+///
+/// # Errors
+/// [`PemError`] when the file cannot be read, holds no certificate, or holds one that cannot
+/// be a trust anchor.
+pub fn read_roots(path: &Path) -> Result<rustls::RootCertStore, PemError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots.add(cert).map_err(|e| PemError {
+            path: path.to_owned(),
+            reason: format!("not a usable CA certificate: {e}"),
+            source: None,
+        })?;
+    }
+    Ok(roots)
+}
+
 /// The first private key of a PEM file (PKCS#8, SEC1 or PKCS#1).
 ///
 /// # Errors

@@ -31,14 +31,7 @@ pub struct TlsFiles {
 /// [`ApiError::Tls`] naming the file that is missing, unreadable or holds no usable
 /// certificate or key; [`ApiError::TlsConfig`] if the key does not go with the certificate.
 pub fn load_client_tls(files: &TlsFiles) -> Result<rustls::ClientConfig, ApiError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(&files.ca_bundle)? {
-        roots.add(cert).map_err(|e| ApiError::Tls {
-            path: files.ca_bundle.clone(),
-            reason: format!("not a usable CA certificate: {e}"),
-            source: None,
-        })?;
-    }
+    let roots = crate::pem::read_roots(&files.ca_bundle)?;
     let chain = read_certs(&files.client_cert)?;
     warn_if_readable_by_others(&files.client_key);
     let key = read_key(&files.client_key)?;

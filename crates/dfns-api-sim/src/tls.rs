@@ -29,14 +29,7 @@ pub struct ServerTlsFiles {
 /// [`SimError::TlsConfig`] if the files do not make a configuration.
 pub fn load_server_tls(files: &ServerTlsFiles) -> Result<Arc<rustls::ServerConfig>, SimError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(&files.client_ca)? {
-        roots.add(cert).map_err(|e| SimError::Tls {
-            path: files.client_ca.clone(),
-            reason: format!("not a usable CA certificate: {e}"),
-            source: None,
-        })?;
-    }
+    let roots = dfns_api_client::pem::read_roots(&files.client_ca).map_err(pem_error)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|source| SimError::ClientVerifier { source })?;

@@ -1124,25 +1124,13 @@ impl Report {
         }
         for c in &self.traces {
             for (way, th) in [("off", &c.off), ("traced", &c.traced)] {
-                let p = format!("traces={way};in_flight={}", th.in_flight);
-                row(
-                    "traces",
-                    "sqlite",
-                    &c.curve,
-                    p.clone(),
-                    "throughput",
-                    th.ops_per_sec,
-                    "ops/s",
-                );
-                row(
-                    "traces",
-                    "sqlite",
-                    &c.curve,
-                    p,
-                    "driver_cpu_per_job",
-                    th.driver_cpu_ms_per_job,
-                    "ms",
-                );
+                for (metric, value, unit) in [
+                    ("throughput", th.ops_per_sec, "ops/s"),
+                    ("driver_cpu_per_job", th.driver_cpu_ms_per_job, "ms"),
+                ] {
+                    let p = format!("traces={way};in_flight={}", th.in_flight);
+                    row("traces", "sqlite", &c.curve, p, metric, value, unit);
+                }
             }
             for (metric, value, unit) in [
                 ("traced_vs_off", c.ratio, "×"),

@@ -17,6 +17,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 /// One export request as it arrived.
 #[derive(Debug, Clone)]
@@ -67,6 +68,8 @@ impl ReceivedSpan {
 pub struct OtlpReceiver {
     addr: SocketAddr,
     exports: Arc<Mutex<Vec<OtlpExport>>>,
+    /// How many exports have arrived: a waiter wakes on each.
+    arrived: watch::Receiver<usize>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -81,12 +84,16 @@ impl OtlpReceiver {
             .context("binding the OTLP receiver")?;
         let addr = listener.local_addr()?;
         let exports = Arc::new(Mutex::new(Vec::new()));
+        let (count, arrived) = watch::channel(0);
+        let count = Arc::new(count);
         let kept = Arc::clone(&exports);
         let server = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let kept = Arc::clone(&kept);
+                let (kept, count) = (Arc::clone(&kept), Arc::clone(&count));
                 tokio::spawn(async move {
-                    let service = service_fn(move |request| receive(Arc::clone(&kept), request));
+                    let service = service_fn(move |request| {
+                        receive(Arc::clone(&kept), Arc::clone(&count), request)
+                    });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -96,6 +103,7 @@ impl OtlpReceiver {
         Ok(OtlpReceiver {
             addr,
             exports,
+            arrived,
             server,
         })
     }
@@ -125,7 +133,8 @@ impl OtlpReceiver {
         Ok(spans)
     }
 
-    /// Waits until the spans received satisfy `done`, at most `timeout`.
+    /// Waits until the spans received satisfy `done` (looked at again as each export
+    /// arrives), at most `timeout`.
     ///
     /// # Errors
     /// On timeout (naming what arrived), or if an export is not OTLP JSON.
@@ -135,12 +144,15 @@ impl OtlpReceiver {
         done: impl Fn(&[ReceivedSpan]) -> bool,
     ) -> anyhow::Result<Vec<ReceivedSpan>> {
         let deadline = Instant::now() + timeout;
+        let mut arrived = self.arrived.clone();
         loop {
+            arrived.borrow_and_update();
             let spans = self.spans()?;
             if done(&spans) {
                 return Ok(spans);
             }
-            if Instant::now() >= deadline {
+            let next = tokio::time::timeout_at(deadline.into(), arrived.changed()).await;
+            if !matches!(next, Ok(Ok(()))) {
                 let names: BTreeMap<&str, usize> =
                     spans.iter().fold(BTreeMap::new(), |mut count, span| {
                         *count.entry(span.name.as_str()).or_default() += 1;
@@ -151,7 +163,6 @@ impl OtlpReceiver {
                     self.exports().len()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -164,6 +175,7 @@ impl Drop for OtlpReceiver {
 
 async fn receive(
     exports: Arc<Mutex<Vec<OtlpExport>>>,
+    count: Arc<watch::Sender<usize>>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = request.uri().path().to_owned();
@@ -188,6 +200,7 @@ async fn receive(
             content_type: content_type.clone(),
             body: body.to_bytes(),
         });
+    count.send_modify(|n| *n += 1);
     // An empty ExportTraceServiceResponse: full success.
     let answer = if json { "{}" } else { "" };
     Ok(Response::builder()

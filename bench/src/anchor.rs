@@ -36,6 +36,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{Curve, Plan};
+use crate::procfs;
 
 /// One anchor measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,6 +51,12 @@ pub(crate) struct AnchorResult {
     pub(crate) ops: u64,
     pub(crate) seconds: f64,
     pub(crate) ops_per_sec: f64,
+    /// The child's CPU time (user + system, every thread) over the window, per operation: the
+    /// HSM's own CPU per operation at this session count. At one session it is about
+    /// `1 / ops_per_sec`; with more, sessions contend inside the token (SoftHSMv2's and
+    /// OpenSSL's locks), and each operation costs more CPU than alone.
+    #[serde(default)]
+    pub(crate) cpu_ms_per_op: f64,
 }
 
 /// What the parent tells the child.
@@ -193,10 +200,11 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
                 } else {
                     &keys
                 };
-                let (ops, elapsed) = measure(
+                let counted = measure(
                     &module, &config, sessions, warmup, window, operation, scheme, keys,
                 )?;
-                let seconds = elapsed.as_secs_f64();
+                let seconds = counted.elapsed.as_secs_f64();
+                let ops = counted.ops;
                 results.push(AnchorResult {
                     operation: operation.name().to_owned(),
                     curve: curve.clone(),
@@ -204,6 +212,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
                     ops,
                     seconds,
                     ops_per_sec: ops as f64 / seconds,
+                    cpu_ms_per_op: counted.cpu.as_secs_f64() * 1e3 / ops.max(1) as f64,
                 });
             }
         }
@@ -274,9 +283,18 @@ fn request(scheme: KeyScheme, key: &GeneratedKey, bytes: [u8; 32]) -> SignReques
     }
 }
 
+/// What one window counted.
+struct Counted {
+    ops: u64,
+    /// The exact window.
+    elapsed: Duration,
+    /// This process's CPU time over the window (the loop threads'; the main thread sleeps).
+    cpu: Duration,
+}
+
 /// Runs `operation` on `sessions` threads (a session each) for `warmup`, then counts
 /// completions for `window`; signatures take `keys` in turn (resident operations unwrap them
-/// all first, in each session). Returns the count and the exact window.
+/// all first, in each session).
 #[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
 fn measure(
     module: &Pkcs11Module,
@@ -287,7 +305,7 @@ fn measure(
     operation: Operation,
     scheme: KeyScheme,
     keys: &Arc<Vec<GeneratedKey>>,
-) -> anyhow::Result<(u64, Duration)> {
+) -> anyhow::Result<Counted> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let start = Arc::new(Barrier::new(sessions + 1));
@@ -351,16 +369,22 @@ fn measure(
         .collect();
     start.wait();
     std::thread::sleep(warmup);
+    let cpu_before = procfs::cpu_time(std::process::id())?;
     let (before, began) = (done.load(Ordering::Relaxed), Instant::now());
     std::thread::sleep(window);
     let (after, elapsed) = (done.load(Ordering::Relaxed), began.elapsed());
+    let cpu = procfs::cpu_time(std::process::id())?.saturating_sub(cpu_before);
     stop.store(true, Ordering::Relaxed);
     for thread in threads {
         thread
             .join()
             .map_err(|_| anyhow::anyhow!("an anchor thread panicked"))??;
     }
-    Ok((after - before, elapsed))
+    Ok(Counted {
+        ops: after - before,
+        elapsed,
+        cpu,
+    })
 }
 
 #[cfg(test)]

@@ -19,7 +19,11 @@
 //! - `sign resident`: the hot-key path's ceiling: each thread unwraps the first
 //!   [`Plan::hot_keys_per_curve`](crate::plan::Plan) keys once, in its own session, then signs
 //!   with them in turn (`C_Sign` alone), and destroys them at the end;
-//! - `sign+verify resident`: the same with a hot key's whole signature (plus the software half).
+//! - `sign+verify resident`: the same with a hot key's whole signature (plus the software half);
+//! - `record-mac check`: the check a worker makes before every signature, `C_Verify` with
+//!   `CKM_SHA256_HMAC` under the record MAC key over a key record's MAC message;
+//! - `record-mac check + sign`: that check, then unwrap + sign + destroy: the PKCS#11 work of
+//!   one signature request to a worker, exactly as the driver sends it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,7 +45,8 @@ use crate::procfs;
 /// One anchor measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct AnchorResult {
-    /// `sign`, `sign+verify`, `keygen`, `sign resident` or `sign+verify resident`.
+    /// `sign`, `sign+verify`, `keygen`, `sign resident`, `sign+verify resident`,
+    /// `record-mac check` or `record-mac check + sign`.
     pub(crate) operation: String,
     /// The API's curve name.
     pub(crate) curve: String,
@@ -230,16 +235,20 @@ pub(crate) enum Operation {
     Keygen,
     SignResident,
     SignVerifyResident,
+    MacCheck,
+    MacCheckSign,
 }
 
 impl Operation {
     /// Every operation (the SoftHSMv2 anchor's).
-    pub(crate) const ALL: [Operation; 5] = [
+    pub(crate) const ALL: [Operation; 7] = [
         Operation::Sign,
         Operation::SignVerify,
         Operation::Keygen,
         Operation::SignResident,
         Operation::SignVerifyResident,
+        Operation::MacCheck,
+        Operation::MacCheckSign,
     ];
 
     /// The name in the results (`sign`, `sign+verify`, …).
@@ -250,6 +259,8 @@ impl Operation {
             Operation::Keygen => "keygen",
             Operation::SignResident => "sign resident",
             Operation::SignVerifyResident => "sign+verify resident",
+            Operation::MacCheck => "record-mac check",
+            Operation::MacCheckSign => "record-mac check + sign",
         }
     }
 
@@ -260,6 +271,11 @@ impl Operation {
             .map_or_else(|| self.name().to_owned(), |v| v.get_name().to_owned())
     }
 
+    /// Whether each iteration checks a key record's MAC in the token.
+    fn mac_checked(self) -> bool {
+        matches!(self, Operation::MacCheck | Operation::MacCheckSign)
+    }
+
     /// Whether each session signs with keys it unwrapped once, before the loop.
     fn resident(self) -> bool {
         matches!(
@@ -267,6 +283,21 @@ impl Operation {
             Operation::SignResident | Operation::SignVerifyResident
         )
     }
+}
+
+/// The MAC message of the key record the driver would store for `key` (the `k`-th of its
+/// scheme), as [`custody_model::record_mac_message`] encodes it.
+fn record_message(scheme: KeyScheme, k: usize, key: &GeneratedKey) -> Vec<u8> {
+    let (api_scheme, curve) = api_names(scheme);
+    custody_model::record_mac_message(
+        &format!("key-{:032x}", k),
+        api_scheme,
+        curve,
+        &key.public_key,
+        &key.wrapped.blob,
+        key.wrapped.mechanism.as_str(),
+        "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+    )
 }
 
 /// A signature request for `key` over 32 bytes: a digest for ECDSA; for Ed25519 a message,
@@ -330,6 +361,19 @@ fn measure(
                 } else {
                     Vec::new()
                 };
+                // Each key's record as the driver stores it, and its MAC by this token.
+                let records = if operation.mac_checked() {
+                    keys.iter()
+                        .enumerate()
+                        .map(|(k, key)| {
+                            let message = record_message(scheme, k, key);
+                            let mac = session.mac_record(&message)?;
+                            Ok((message, mac))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?
+                } else {
+                    Vec::new()
+                };
                 let mut i = index;
                 // The next key in turn (its index) and a request for a fresh random digest.
                 let mut next = || {
@@ -357,6 +401,16 @@ fn measure(
                         Operation::SignVerifyResident => {
                             let (k, request) = next();
                             resident[k].sign(&request)?;
+                        }
+                        Operation::MacCheck => {
+                            let (message, mac) = &records[next().0];
+                            session.check_record_mac(message, mac)?;
+                        }
+                        Operation::MacCheckSign => {
+                            let (k, request) = next();
+                            let (message, mac) = &records[k];
+                            session.check_record_mac(message, mac)?;
+                            session.unwrap_sign_destroy(&request)?;
                         }
                     }
                     done.fetch_add(1, Ordering::Relaxed);

@@ -4,8 +4,9 @@
 //! so the driver's own per-job cost shows. Measured after the SoftHSMv2 half, with the run's
 //! workers and sessions:
 //! 1. the raw anchor ([`anchor`]) in a child of its own with `KRYOPTIC_CONF` naming a fresh
-//!    token: unwrap + sign + destroy, the same with the software finish, and keygen + wrap +
-//!    destroy, per curve at 1 and N sessions;
+//!    token: unwrap + sign + destroy, the same with the software finish, keygen + wrap +
+//!    destroy, the record-MAC check alone and before unwrap + sign + destroy, per curve at 1
+//!    and N sessions;
 //! 2. end to end ([`e2e::run_throughput`]): one SQLite deployment whose driver's token is on
 //!    Kryoptic; signature and key-generation throughput per curve at saturation, with CPU
 //!    time per job. Ed25519 signatures are requested as the API's `Hash` payload, which the
@@ -22,7 +23,13 @@ use crate::plan::{KRYOPTIC_CURVES, Plan};
 
 /// The anchor's operations on Kryoptic (no resident-key loops: the hot-key scenario runs on
 /// SoftHSMv2 only).
-const OPERATIONS: [Operation; 3] = [Operation::Sign, Operation::SignVerify, Operation::Keygen];
+const OPERATIONS: [Operation; 5] = [
+    Operation::Sign,
+    Operation::SignVerify,
+    Operation::Keygen,
+    Operation::MacCheck,
+    Operation::MacCheckSign,
+];
 
 /// What the Kryoptic column measured.
 #[derive(Debug, Clone, Serialize)]

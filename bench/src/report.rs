@@ -389,6 +389,8 @@ impl Report {
                 ("keygen", "keygen + wrap + destroy"),
                 ("sign resident", "sign with a resident key"),
                 ("sign+verify resident", "  … + low-s, recid, verify (sw)"),
+                ("record-mac check", "record-MAC check (HMAC verify)"),
+                ("record-mac check + sign", "record-MAC check + unwrap/sign"),
             ],
         );
 
@@ -819,6 +821,8 @@ impl Report {
                 ("sign", "unwrap + sign + destroy"),
                 ("sign+verify", "  … + software finish (sw)"),
                 ("keygen", "keygen + wrap + destroy"),
+                ("record-mac check", "record-MAC check (HMAC verify)"),
+                ("record-mac check + sign", "record-MAC check + unwrap/sign"),
             ],
         );
         let e = &k.end_to_end;

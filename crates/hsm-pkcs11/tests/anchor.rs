@@ -1,7 +1,8 @@
 //! The benchmark's raw anchor (feature `bench`) does a worker's PKCS#11 work on a real token of
 //! the matrix (SoftHSMv2, Kryoptic): keys it generates unwrap and sign, its raw signatures
 //! verify once normalised, a blob from another master key is refused as the worker refuses
-//! it, a resident key signs until it is dropped, and nothing stays on the token. Every scheme
+//! it, a resident key signs until it is dropped, its record-MAC check is the worker's, and
+//! nothing stays on the token. Every scheme
 //! the token serves is exercised (the anchor signs ECDSA digests and pure EdDSA messages);
 //! the others are skipped out loud with [`scheme_available`].
 
@@ -217,4 +218,55 @@ fn the_anchor_refuses_what_a_worker_refuses() {
         panic!("expected a configuration error, got {error:?}");
     };
     assert!(reason.contains(unlisted.pkcs11_name()), "{reason}");
+}
+
+/// The anchor's record-MAC check is the worker's: a MAC the driver's HSM made over a record
+/// passes it, and the same MAC over a record with one byte changed, or another token's MAC
+/// over the same record, is refused as tampered. (The bench measures this check's cost; an
+/// anchor that skipped it, or checked under another key, would fail here.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_anchor_checks_record_macs_as_a_worker_does() {
+    let token = TestToken::create().expect("test token");
+    let other = TestToken::create().expect("a token with another master key");
+    let message = custody_model::record_mac_message(
+        "key-anchor",
+        "ECDSA",
+        "secp256r1",
+        &[0x02; 33],
+        &[0x5a; 40],
+        "CKM_AES_KEY_WRAP_PAD",
+        "sha256:00",
+    );
+    let hsm = token.open_hsm(1).expect("open HSM");
+    let mac = hsm
+        .mac_record(message.clone())
+        .await
+        .expect("the driver's MAC");
+    let foreign = other
+        .open_hsm(1)
+        .expect("open the other HSM")
+        .mac_record(message.clone())
+        .await
+        .expect("the other token's MAC");
+    assert_ne!(mac, foreign, "two master keys, two record MAC keys");
+
+    let session = AnchorSession::open(token.module(), &token.config(1)).expect("anchor session");
+    assert_eq!(
+        session.mac_record(&message).expect("the anchor's MAC"),
+        mac,
+        "the anchor MACs under the worker's key"
+    );
+    session
+        .check_record_mac(&message, &mac)
+        .expect("the driver's MAC passes the anchor's check");
+    let mut changed = message.clone();
+    *changed.last_mut().unwrap() ^= 1;
+    for (what, message, mac) in [
+        ("one byte changed", &changed, &mac),
+        ("another token's MAC", &message, &foreign),
+    ] {
+        let error = session.check_record_mac(message, mac).expect_err(what);
+        assert!(error.is_record_tampered(), "{what}: {error:?}");
+    }
+    session.close().expect("C_CloseSession");
 }

@@ -9,6 +9,9 @@
 //! mechanism), `CKM_ECDSA` sign and destroys the key through the same guard, leaving out only
 //! the software half of a worker's signature (low-s normalisation, recovery id and
 //! verification against the public key), which is not PKCS#11 work.
+//! [`AnchorSession::check_record_mac`] is the check a worker makes before each signature, and
+//! [`AnchorSession::mac_record`] the MAC it computes for a new record (the worker's own MAC
+//! functions, under the record MAC key provisioned with the master key).
 //! [`AnchorSession::unwrap_resident`] is the hot-key path's ceiling: the worker's unwrap once,
 //! then [`ResidentKey::sign_raw`] (`C_Sign` alone) or [`ResidentKey::sign`] (the worker's
 //! `sign_with`, as a hot key signs) as often as wanted, and the destroy when it is dropped.
@@ -42,11 +45,13 @@ use cryptoki::session::Session;
 
 use super::guard::ObjectGuard;
 use super::keys::{self, MasterKey};
+use super::mac;
 use super::raw::RawPkcs11;
 use super::token::{self, OwnedSession};
 use crate::pkcs11::{Pkcs11Config, Pkcs11Module};
 use custody_model::HsmError;
-use custody_model::{GeneratedKey, KeyScheme, SignRequest, Signature, WrapMechanism};
+use custody_model::record_mac::record_mac_key_label;
+use custody_model::{GeneratedKey, KeyScheme, MacKey, SignRequest, Signature, WrapMechanism};
 
 /// One logged-in read-write session with the master key looked up once, as a worker holds
 /// them. `Send` but not `Sync` (a PKCS#11 session belongs to one thread at a time): open one
@@ -54,6 +59,8 @@ use custody_model::{GeneratedKey, KeyScheme, SignRequest, Signature, WrapMechani
 pub struct AnchorSession {
     session: OwnedSession,
     master: ObjectHandle,
+    /// The master key's record MAC key (`CKM_SHA256_HMAC`), as a worker finds it.
+    record_mac_key: ObjectHandle,
     raw: Arc<RawPkcs11>,
     wrap_mechanism: WrapMechanism,
 }
@@ -74,11 +81,16 @@ impl AnchorSession {
         let slot = token::find_slot(module, &config.token_label)?;
         let session = token::open_owned_session(context, slot, &config.user_pin)?;
         let master = token::find_master_key(session.get(), &config.master_key_label)?;
+        let record_mac_key = token::find_mac_key(
+            session.get(),
+            &record_mac_key_label(&config.master_key_label),
+        )?;
         let wrap_mechanism =
             keys::choose_wrap_mechanism(module.raw(), slot, config.wrap_mechanism)?;
         Ok(Self {
             session,
             master,
+            record_mac_key,
             raw: Arc::clone(module.raw()),
             wrap_mechanism,
         })
@@ -128,6 +140,30 @@ impl AnchorSession {
             "unwrapped private key",
         );
         keys::sign_raw(session, key.handle(), &request.payload)
+    }
+
+    /// The token's MAC of a key record under the record MAC key (`C_Sign` with
+    /// `CKM_SHA256_HMAC`), as a worker computes it for a new record. Blocking.
+    ///
+    /// # Errors
+    /// [`HsmError::Pkcs11`] naming the failing call.
+    pub fn mac_record(&self, message: &[u8]) -> Result<[u8; 32], HsmError> {
+        mac::mac(self.session.get(), self.record_mac_key, message)
+    }
+
+    /// The check a worker makes before every signature: `mac` against `message` under the
+    /// record MAC key (`C_Verify` with `CKM_SHA256_HMAC`). Blocking.
+    ///
+    /// # Errors
+    /// [`HsmError::RecordTampered`] on a mismatch; [`HsmError::Pkcs11`] naming the failing call.
+    pub fn check_record_mac(&self, message: &[u8], mac: &[u8; 32]) -> Result<(), HsmError> {
+        mac::verify(
+            self.session.get(),
+            self.record_mac_key,
+            MacKey::Record,
+            message,
+            mac,
+        )
     }
 
     /// A worker's whole signature: [`unwrap_sign_destroy`](Self::unwrap_sign_destroy) plus

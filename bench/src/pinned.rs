@@ -27,6 +27,16 @@ pub(crate) struct PinnedResult {
     pub(crate) ratio: f64,
 }
 
+impl PinnedResult {
+    /// The driver's own time per signature on its core, beyond the token's: `1 / driver −
+    /// 1 / anchor`, in ms. The core is busy throughout in both, so this is its CPU, and the
+    /// steadiest measure of the driver's overhead the bench has (nothing else shares the core,
+    /// and the HSM's share comes from the same core at the same session count).
+    pub(crate) fn own_ms_per_signature(&self) -> f64 {
+        1000.0 / self.driver_ops_per_sec - 1000.0 / self.anchor_ops_per_sec
+    }
+}
+
 /// Why the pinned measurement cannot run here (`None`: it can).
 pub(crate) fn unavailable() -> Option<String> {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);

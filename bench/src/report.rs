@@ -681,19 +681,25 @@ impl Report {
             );
             let _ = writeln!(
                 t,
-                "  {:<10} {:>10} {:>10} {:>7}",
-                "curve", "raw", "driver", "ratio"
+                "  {:<10} {:>10} {:>10} {:>7} {:>12}",
+                "curve", "raw", "driver", "ratio", "driver ms"
             );
             for p in &self.pinned {
                 let _ = writeln!(
                     t,
-                    "  {:<10} {:>10} {:>10} {:>7.2}",
+                    "  {:<10} {:>10} {:>10} {:>7.2} {:>+12.3}",
                     Curve::label_of(&p.curve),
                     number(p.anchor_ops_per_sec),
                     number(p.driver_ops_per_sec),
-                    p.ratio
+                    p.ratio,
+                    p.own_ms_per_signature(),
                 );
             }
+            let _ = writeln!(
+                t,
+                "  driver ms: the driver's own time per signature on its core beyond the token's \
+                 (1/driver − 1/raw)"
+            );
         }
 
         if !self.store_alone.is_empty() {
@@ -1194,6 +1200,7 @@ impl Report {
                 ("anchor", p.anchor_ops_per_sec, "ops/s"),
                 ("driver", p.driver_ops_per_sec, "ops/s"),
                 ("ratio", p.ratio, ""),
+                ("driver_own", p.own_ms_per_signature(), "ms"),
             ] {
                 row(
                     "pinned",
@@ -1382,6 +1389,39 @@ mod tests {
         assert!(!missed.met);
         assert!(missed.line().starts_with("MISSED"), "{}", missed.line());
         assert!(missed.line().contains("20.0% over"), "{}", missed.line());
+    }
+
+    #[test]
+    fn the_hsm_share_is_the_anchors_cpu_at_the_driver_session_count() {
+        let result = |sessions: usize, ops_per_sec: f64, cpu_ms_per_op: f64| AnchorResult {
+            operation: "sign".into(),
+            curve: "secp256r1".into(),
+            sessions,
+            ops: 1,
+            seconds: 1.0,
+            ops_per_sec,
+            cpu_ms_per_op,
+        };
+        let anchor = [result(1, 1250.0, 0.8), result(2, 1600.0, 1.25)];
+        assert_eq!(cpu_in(&anchor, "sign", "secp256r1", 2), Some(1.25));
+        assert_eq!(cpu_in(&anchor, "sign", "secp256r1", 1), Some(0.8));
+        assert_eq!(cpu_in(&anchor, "keygen", "secp256r1", 2), None);
+        // Results from before the CPU figure: the time per operation on one thread.
+        let old = [result(2, 1600.0, 0.0)];
+        assert_eq!(cpu_in(&old, "sign", "secp256r1", 2), Some(1.25));
+        let target = overhead_target("x".into(), 1.5, 1.25);
+        assert!((target.value - 0.25).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_pinned_driver_time_is_what_it_adds_on_its_core() {
+        let pinned = crate::pinned::PinnedResult {
+            curve: "secp256r1".into(),
+            anchor_ops_per_sec: 1000.0,
+            driver_ops_per_sec: 500.0,
+            ratio: 0.5,
+        };
+        assert!((pinned.own_ms_per_signature() - 1.0).abs() < 1e-9);
     }
 
     #[test]

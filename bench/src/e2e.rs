@@ -58,6 +58,10 @@ pub(crate) struct Throughput {
     pub(crate) ops_per_sec: f64,
     /// The driver's CPU time (user + system) per job, in milliseconds.
     pub(crate) driver_cpu_ms_per_job: f64,
+    /// Of it, its HSM worker threads' (`hsm-pkcs11-N`): the token's work inside the driver
+    /// (the token is a library in its process), at the contention the driver's sessions
+    /// really have. What remains is the driver's own.
+    pub(crate) driver_hsm_threads_cpu_ms_per_job: f64,
     /// The simulator's CPU time per job, in milliseconds.
     pub(crate) sim_cpu_ms_per_job: f64,
     /// This process's (the load generator's) CPU time per job, in milliseconds.
@@ -478,6 +482,10 @@ pub(crate) async fn create_keys(
     Ok(keys)
 }
 
+/// The name the driver's HSM worker threads start with (`hsm_pkcs11`'s pool names them
+/// `hsm-pkcs11-N`).
+const HSM_THREADS: &str = "hsm-pkcs11-";
+
 /// Reads the simulator's completed-job count, both processes' CPU time, and the counts of
 /// the driver's `/metrics`.
 pub(crate) struct Meter<'a> {
@@ -490,6 +498,8 @@ pub(crate) struct Meter<'a> {
 struct Reading {
     completed: u64,
     driver_cpu: Duration,
+    /// The driver's HSM worker threads' CPU time.
+    driver_hsm_cpu: Duration,
     sim_cpu: Duration,
     client_cpu: Duration,
     machine_busy: Duration,
@@ -531,6 +541,7 @@ impl<'a> Meter<'a> {
         Ok(Reading {
             completed,
             driver_cpu: procfs::cpu_time(self.driver)?,
+            driver_hsm_cpu: procfs::threads_cpu_time(self.driver, HSM_THREADS)?,
             sim_cpu: procfs::cpu_time(self.sim)?,
             client_cpu: procfs::cpu_time(std::process::id())?,
             machine_busy,
@@ -591,6 +602,10 @@ impl<'a> Meter<'a> {
             seconds,
             ops_per_sec: jobs as f64 / seconds,
             driver_cpu_ms_per_job: per_job(after.driver_cpu, before.driver_cpu),
+            driver_hsm_threads_cpu_ms_per_job: per_job(
+                after.driver_hsm_cpu,
+                before.driver_hsm_cpu.min(after.driver_hsm_cpu),
+            ),
             sim_cpu_ms_per_job: per_job(after.sim_cpu, before.sim_cpu),
             client_cpu_ms_per_job: per_job(after.client_cpu, before.client_cpu),
             machine_cpu_ms_per_job: per_job(after.machine_busy, before.machine_busy),

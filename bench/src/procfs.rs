@@ -31,6 +31,33 @@ pub(crate) fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
 }
 
+/// User plus system CPU time the threads of `pid` whose name starts with `prefix` have used so
+/// far (`/proc/<pid>/task/<tid>/stat`, the name from `comm`). A thread that ended in between is
+/// not counted, so compare readings of threads that live through the window (the driver's HSM
+/// workers, `hsm-pkcs11-N`).
+///
+/// # Errors
+/// If the process is gone or a thread's file cannot be parsed.
+pub(crate) fn threads_cpu_time(pid: u32, prefix: &str) -> anyhow::Result<Duration> {
+    let dir = format!("/proc/{pid}/task");
+    let mut ticks = 0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let task = task?.path();
+        // A thread may end between the listing and the read: it is then left out.
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("stat")),
+        ) else {
+            continue;
+        };
+        if comm.trim_end().starts_with(prefix) {
+            ticks += parse_cpu_ticks(&stat)
+                .with_context(|| format!("parsing {}", task.join("stat").display()))?;
+        }
+    }
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+}
+
 /// `utime + stime` (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field 2)
 /// is in parentheses and may contain spaces: fields are counted after its closing `)`.
 fn parse_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
@@ -120,5 +147,29 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_time(pid).is_ok());
         assert!(peak_rss_kib(pid).is_ok_and(|kib| kib > 0));
+    }
+
+    #[test]
+    fn threads_are_counted_by_name() {
+        // A named thread that burns CPU is counted; a prefix no thread has counts nothing.
+        let pid = std::process::id();
+        let busy = std::thread::Builder::new()
+            .name("bench-busy-thread".into())
+            .spawn(|| {
+                let started = std::time::Instant::now();
+                let mut x = 0u64;
+                while started.elapsed() < Duration::from_millis(300) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+                // Read while the thread still lives.
+                threads_cpu_time(std::process::id(), "bench-busy").unwrap()
+            })
+            .unwrap();
+        let counted = busy.join().unwrap();
+        assert!(counted >= Duration::from_millis(100), "{counted:?}");
+        assert_eq!(
+            threads_cpu_time(pid, "no-thread-is-called-this").unwrap(),
+            Duration::ZERO
+        );
     }
 }

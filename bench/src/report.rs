@@ -917,25 +917,8 @@ impl Report {
                 "{section},{store},{curve},{parameter},{metric},{value},{unit}"
             ));
         };
-        for a in &self.anchor {
-            row(
-                "anchor",
-                "",
-                &a.curve,
-                format!("sessions={}", a.sessions),
-                &a.operation,
-                a.ops_per_sec,
-                "ops/s",
-            );
-            row(
-                "anchor",
-                "",
-                &a.curve,
-                format!("sessions={}", a.sessions),
-                &format!("{} cpu", a.operation),
-                a.cpu_ms_per_op,
-                "ms/op",
-            );
+        for (curve, parameter, metric, value, unit) in anchor_csv(&self.anchor) {
+            row("anchor", "", curve, parameter, &metric, value, unit);
         }
         for s in &self.stores {
             for (kind, list) in [("sign", &s.sign), ("keygen", &s.keygen)] {
@@ -1092,24 +1075,15 @@ impl Report {
             );
         }
         if let Some(k) = &self.kryoptic {
-            for a in &k.anchor {
+            for (curve, parameter, metric, value, unit) in anchor_csv(&k.anchor) {
                 row(
                     "kryoptic_anchor",
                     "",
-                    &a.curve,
-                    format!("sessions={}", a.sessions),
-                    &a.operation,
-                    a.ops_per_sec,
-                    "ops/s",
-                );
-                row(
-                    "kryoptic_anchor",
-                    "",
-                    &a.curve,
-                    format!("sessions={}", a.sessions),
-                    &format!("{} cpu", a.operation),
-                    a.cpu_ms_per_op,
-                    "ms/op",
+                    curve,
+                    parameter,
+                    &metric,
+                    value,
+                    unit,
                 );
             }
             let e = &k.end_to_end;
@@ -1275,6 +1249,33 @@ fn ratio(m: Option<f64>, raw: Option<f64>) -> String {
         (Some(m), Some(raw)) => format!("{:.2}", m / raw),
         _ => "-".to_owned(),
     }
+}
+
+/// An anchor's CSV rows, two per measurement: its rate (metric: the operation) and its CPU per
+/// operation (metric: the operation and ` cpu`), as `(curve, parameter, metric, value, unit)`.
+fn anchor_csv(anchor: &[AnchorResult]) -> Vec<(&str, String, String, f64, &'static str)> {
+    anchor
+        .iter()
+        .flat_map(|a| {
+            let parameter = format!("sessions={}", a.sessions);
+            [
+                (
+                    a.curve.as_str(),
+                    parameter.clone(),
+                    a.operation.clone(),
+                    a.ops_per_sec,
+                    "ops/s",
+                ),
+                (
+                    a.curve.as_str(),
+                    parameter,
+                    format!("{} cpu", a.operation),
+                    a.cpu_ms_per_op,
+                    "ms/op",
+                ),
+            ]
+        })
+        .collect()
 }
 
 /// Rows `operations` (name in the results, label) × `curves`, a column per session count: the

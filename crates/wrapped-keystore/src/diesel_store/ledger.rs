@@ -136,18 +136,6 @@ macro_rules! ledger_statements {
                 .optional()
         }
 
-        fn insert_ledger(&mut self, rows: &[NewLedgerRow<'_>]) -> QueryResult<usize> {
-            // One row is one INSERT. Several are one multi-row INSERT on PostgreSQL; diesel
-            // writes them on SQLite as one INSERT per row inside a transaction (also all or
-            // nothing), which would cost a lone row a BEGIN and a COMMIT: hence the case.
-            match rows {
-                [row] => diesel::insert_into(ledger::table).values(row).execute(self),
-                _ => diesel::insert_into(ledger::table)
-                    .values(rows)
-                    .execute(self),
-            }
-        }
-
         fn ledger_chains(&mut self) -> QueryResult<Vec<String>> {
             ledger::table
                 .select(ledger::chain)
@@ -233,6 +221,16 @@ impl LedgerConnection for PgConnection {
         self.transaction(f)
     }
 
+    fn insert_ledger(&mut self, rows: &[NewLedgerRow<'_>]) -> QueryResult<usize> {
+        // One statement for any number of rows: a multi-row INSERT.
+        match rows {
+            [row] => diesel::insert_into(ledger::table).values(row).execute(self),
+            _ => diesel::insert_into(ledger::table)
+                .values(rows)
+                .execute(self),
+        }
+    }
+
     ledger_statements!();
 }
 
@@ -244,7 +242,59 @@ impl LedgerConnection for SqliteConnection {
         self.immediate_transaction(f)
     }
 
+    fn insert_ledger(&mut self, rows: &[NewLedgerRow<'_>]) -> QueryResult<usize> {
+        // One statement for any number of rows, as on PostgreSQL. diesel's DSL would write
+        // several rows on SQLite as one INSERT per row inside a transaction (all or nothing
+        // too, but a BEGIN, a COMMIT and a statement per row), so several go as one
+        // multi-row INSERT of bound values; past SQLite's limit of bound values per
+        // statement (never with the driver's groups of at most 1,000), the DSL's way.
+        match rows {
+            [row] => diesel::insert_into(ledger::table).values(row).execute(self),
+            _ if rows.len() * LEDGER_COLUMNS > SQLITE_MAX_BOUND_VALUES => {
+                diesel::insert_into(ledger::table)
+                    .values(rows)
+                    .execute(self)
+            }
+            _ => sqlite_multi_row_insert(rows).execute(self),
+        }
+    }
+
     ledger_statements!();
+}
+
+/// The columns [`NewLedgerRow`] writes.
+const LEDGER_COLUMNS: usize = 10;
+
+/// SQLite's default limit of bound values in one statement (`SQLITE_MAX_VARIABLE_NUMBER`
+/// since 3.32; the bundled library keeps it).
+const SQLITE_MAX_BOUND_VALUES: usize = 32_766;
+
+/// `INSERT INTO ledger (…) VALUES (…), (…), …` with every value bound: one statement.
+fn sqlite_multi_row_insert<'a>(
+    rows: &'a [NewLedgerRow<'a>],
+) -> diesel::query_builder::BoxedSqlQuery<'a, diesel::sqlite::Sqlite, diesel::query_builder::SqlQuery>
+{
+    use diesel::sql_types::{BigInt, Binary, Text};
+    let placeholders = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; rows.len()].join(", ");
+    let mut query = diesel::sql_query(format!(
+        "INSERT INTO ledger (chain, seq, job_id, key_id, kind, payload_digest, result, \
+         created_at_ms, prev_mac, mac) VALUES {placeholders}"
+    ))
+    .into_boxed();
+    for row in rows {
+        query = query
+            .bind::<Text, _>(row.chain)
+            .bind::<BigInt, _>(row.seq)
+            .bind::<Text, _>(row.job_id)
+            .bind::<Text, _>(row.key_id)
+            .bind::<Text, _>(row.kind)
+            .bind::<Binary, _>(row.payload_digest)
+            .bind::<Binary, _>(row.result)
+            .bind::<BigInt, _>(row.created_at_ms)
+            .bind::<Binary, _>(row.prev_mac)
+            .bind::<Binary, _>(row.mac);
+    }
+    query
 }
 
 /// Records the deployment's master key, or compares with the recorded one.

@@ -10,7 +10,8 @@ use anyhow::{Context, bail};
 use dfns_api_sim::app_client::AppClient;
 
 use crate::driver::{
-    Batching, DriverProcess, DriverSettings, DriverWiring, HotKeySettings, TraceSettings,
+    Batching, DriverProcess, DriverSettings, DriverWiring, HotKeySettings, RecordCacheSettings,
+    TraceSettings,
 };
 use crate::master_key::MasterKeyProvisioning;
 use crate::simulator::{Simulator, SimulatorOptions};
@@ -46,6 +47,8 @@ pub struct DeploymentOptions {
     pub batching: Batching,
     /// The driver's `[telemetry.traces]`; `None` (default): no traces.
     pub traces: Option<TraceSettings>,
+    /// The driver's record cache; `None` (default): its own (on).
+    pub record_cache: Option<RecordCacheSettings>,
 }
 
 impl DeploymentOptions {
@@ -65,6 +68,7 @@ impl DeploymentOptions {
             health_check_interval_ms: None,
             batching: Batching::default(),
             traces: None,
+            record_cache: None,
         }
     }
 }
@@ -133,6 +137,7 @@ impl Deployment {
         settings.health_check_interval_ms = options.health_check_interval_ms;
         settings.batching = options.batching;
         settings.traces = options.traces.clone();
+        settings.record_cache = options.record_cache;
         let api_url = sim.driver_url();
         // `pki/…` relative to the configuration file (tests rewrite these paths).
         let mut driver = DriverProcess::provision(

@@ -51,6 +51,26 @@ pub struct DriverSettings {
     pub batching: Batching,
     /// `[telemetry.traces]`; `None`: no such section (the driver's default, no traces).
     pub traces: Option<TraceSettings>,
+    /// `[driver] record_cache_capacity` and `record_cache_ttl_ms`; `None`: the driver's
+    /// defaults (on).
+    pub record_cache: Option<RecordCacheSettings>,
+}
+
+/// `[driver] record_cache_*`: the key records a driver keeps after signing with them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordCacheSettings {
+    /// `record_cache_capacity`: records kept (0: none, every signature reads its row).
+    pub capacity: usize,
+    /// `record_cache_ttl_ms`: the longest a record stays kept, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+impl RecordCacheSettings {
+    /// No cache: every signature reads its record from the database.
+    pub const OFF: RecordCacheSettings = RecordCacheSettings {
+        capacity: 0,
+        ttl_ms: 10_000,
+    };
 }
 
 /// `[telemetry.traces]`: where the driver sends its job traces.
@@ -67,6 +87,8 @@ pub struct TraceSettings {
 /// How a driver batches under load (each `None`: the driver's default).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Batching {
+    /// `[driver] lease_batch`; `None`: the harness's 16.
+    pub lease_batch: Option<u32>,
     /// `[driver] lease_refill`.
     pub lease_refill: Option<usize>,
     /// `[driver] report_linger_ms`.
@@ -79,6 +101,7 @@ impl Batching {
     /// No batching: a lease as soon as a worker is free, reports at once, one ledger entry per
     /// write (the driver before group commit, lease refill and report linger).
     pub const OFF: Batching = Batching {
+        lease_batch: None,
         lease_refill: Some(1),
         report_linger_ms: Some(0),
         ledger_max_group: Some(1),
@@ -111,6 +134,7 @@ impl DriverSettings {
             hot_keys: None,
             batching: Batching::default(),
             traces: None,
+            record_cache: None,
         }
     }
 }
@@ -133,12 +157,13 @@ fn render_config(settings: &DriverSettings, wiring: &DriverWiring<'_>, token: &H
 [driver]
 id = "{id}"
 workers = {workers}
-lease_batch = 16
+lease_batch = {lease_batch}
 long_poll_ms = 5000
 shutdown_deadline_secs = 20
 "#,
         id = settings.id,
         workers = settings.workers,
+        lease_batch = settings.batching.lease_batch.unwrap_or(16),
     );
     if let Some(ms) = settings.health_check_interval_ms {
         let _ = writeln!(text, "health_check_interval_ms = {ms}");
@@ -151,6 +176,13 @@ shutdown_deadline_secs = 20
     }
     if let Some(ms) = settings.batching.report_linger_ms {
         let _ = writeln!(text, "report_linger_ms = {ms}");
+    }
+    if let Some(cache) = settings.record_cache {
+        let _ = writeln!(
+            text,
+            "record_cache_capacity = {}\nrecord_cache_ttl_ms = {}",
+            cache.capacity, cache.ttl_ms
+        );
     }
     let _ = write!(
         text,

@@ -36,7 +36,7 @@ mod workload;
 pub use cluster::{Cluster, ClusterDriver, ClusterOptions, ClusterStopReport};
 pub use demo::{DemoOptions, run_demo};
 pub use deployment::{Deployment, DeploymentOptions, StopReport};
-pub use driver::{Batching, DriverSettings, HotKeySettings, TraceSettings};
+pub use driver::{Batching, DriverSettings, HotKeySettings, RecordCacheSettings, TraceSettings};
 pub use master_key::{MASTER_KEY_LABEL, MasterKeyProvisioning, SharedMasterKey};
 pub use otlp::{OtlpExport, OtlpReceiver, ReceivedSpan};
 pub use simulator::SimulatorOptions;

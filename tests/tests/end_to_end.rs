@@ -14,8 +14,9 @@ mod support;
 use std::time::Duration;
 
 use hsm_driver_e2e::{
-    Deployment, DeploymentOptions, HsmModule, KeyScheme, MasterKeyProvisioning, SharedMasterKey,
-    TokenKind, Workload, api_names, report_skipped, sum_samples,
+    ApiSignature, Deployment, DeploymentOptions, HsmModule, KeyScheme, MasterKeyProvisioning,
+    RecordCacheSettings, SharedMasterKey, TokenKind, Workload, api_names, report_skipped,
+    sum_samples, verify_signature,
 };
 use support::{TestDir, bin_dir};
 
@@ -724,6 +725,18 @@ fn tamper(database_url: &str, sql: &str) -> usize {
     }
 }
 
+/// Copies key `from`'s public key and wrapped blob into key `into`'s row, in the real database.
+fn swap_key_material(database_url: &str, from: &str, into: &str) {
+    let changed = tamper(
+        database_url,
+        &format!(
+            "UPDATE wrapped_keys SET public_key = (SELECT public_key FROM wrapped_keys WHERE key_id = '{from}'), \
+             wrapped_key = (SELECT wrapped_key FROM wrapped_keys WHERE key_id = '{from}') WHERE key_id = '{into}'"
+        ),
+    );
+    assert_eq!(changed, 1, "key {into}'s row was changed");
+}
+
 async fn swapped_record_is_refused(options: DeploymentOptions, database_url: String, test: &str) {
     let workload = workload(&options.hsm, 4, 4, test);
     let mut deployment = Deployment::start(options).await.unwrap();
@@ -734,16 +747,7 @@ async fn swapped_record_is_refused(options: DeploymentOptions, database_url: Str
     let (a, b) = (&summary.keys[0], &summary.keys[1]);
     assert_eq!(a.curve, b.curve);
     // Tried: key A's public key and wrapped blob copied into key B's row, in the real database.
-    let changed = tamper(
-        &database_url,
-        &format!(
-            "UPDATE wrapped_keys SET public_key = (SELECT public_key FROM wrapped_keys WHERE key_id = '{a}'), \
-             wrapped_key = (SELECT wrapped_key FROM wrapped_keys WHERE key_id = '{a}') WHERE key_id = '{b}'",
-            a = a.id,
-            b = b.id
-        ),
-    );
-    assert_eq!(changed, 1);
+    swap_key_material(&database_url, &a.id, &b.id);
     let request = deployment
         .app()
         .request_signature_hash(&b.id, &[7; 32])
@@ -808,8 +812,12 @@ async fn swapped_record_is_refused(options: DeploymentOptions, database_url: Str
 async fn a_record_swapped_in_sqlite_is_refused_as_tampered() {
     let work = TestDir::new("tamper-sqlite");
     let url = format!("sqlite://{}", work.path().join("keys.db").display());
+    let mut options = options(&work);
+    // Every signature reads its row: the swap is found at the first one (the default cache
+    // delays that by its time to live: the next test).
+    options.record_cache = Some(RecordCacheSettings::OFF);
     swapped_record_is_refused(
-        options(&work),
+        options,
         url,
         "a_record_swapped_in_sqlite_is_refused_as_tampered",
     )
@@ -826,12 +834,110 @@ async fn a_record_swapped_in_postgresql_is_refused_as_tampered() {
     let work = TestDir::new("tamper-postgres");
     let mut options = options(&work);
     options.database_url = Some(db.url().to_owned());
+    options.record_cache = Some(RecordCacheSettings::OFF);
     swapped_record_is_refused(
         options,
         db.url().to_owned(),
         "a_record_swapped_in_postgresql_is_refused_as_tampered",
     )
     .await;
+}
+
+/// With the record cache on (its default capacity; a 3 s time to live so the test is short), a
+/// row swapped under a cached record: the cached copy, verified in the HSM, signs with the
+/// genuine key until it expires; then the row is read, refused as tampered, and the alarm
+/// raised. Tried: key A's public key and wrapped blob copied into a fresh key C's row half the
+/// time to live after C's first signature (so C's copy is cached), then C signing within the
+/// time to live and just after it. With a copy renewed by each signature (tried), the last
+/// signature still used the copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_swapped_under_the_default_cache_signs_right_then_is_refused() {
+    const TTL: Duration = Duration::from_secs(3);
+    let work = TestDir::new("tamper-cached");
+    let url = format!("sqlite://{}", work.path().join("keys.db").display());
+    let mut options = options(&work);
+    options.record_cache = Some(RecordCacheSettings {
+        capacity: 4096,
+        ttl_ms: u64::try_from(TTL.as_millis()).unwrap(),
+    });
+    let test = "a_record_swapped_under_the_default_cache_signs_right_then_is_refused";
+    let workload = workload(&options.hsm, 2, 0, test);
+    let mut deployment = Deployment::start(options).await.unwrap();
+    let summary = workload
+        .run(deployment.app())
+        .await
+        .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
+    let a = &summary.keys[0];
+    let app = deployment.app().clone();
+    let scheme = if a.curve == "ed25519" {
+        "EdDSA"
+    } else {
+        "ECDSA"
+    };
+    let created = app.create_key(scheme, &a.curve).await.unwrap();
+    let c = app
+        .wait_key_active(&created.id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let c_public = c.public_key.clone().unwrap();
+    let sign = |hash: [u8; 32]| {
+        let (app, id) = (app.clone(), c.id.clone());
+        async move {
+            let request = app.request_signature_hash(&id, &hash).await.unwrap();
+            app.wait_signature(&id, &request.id, Duration::from_secs(30))
+                .await
+                .unwrap()
+        }
+    };
+    let first = sign([1; 32]).await;
+    let cached_at = std::time::Instant::now();
+    assert_eq!(first.status, "Signed", "{first:?}");
+    // Half the time to live later, so that a copy renewed by the next signature (a busy key
+    // never read again) would still be cached at the end.
+    tokio::time::sleep(TTL / 2).await;
+    swap_key_material(&url, &a.id, &c.id);
+    // Within the time to live: the cached copy signs, with C's own key.
+    let within = sign([2; 32]).await;
+    assert!(
+        cached_at.elapsed() < TTL,
+        "the second signature took longer than the time to live; the machine is too slow for \
+         this test's {TTL:?}"
+    );
+    assert_eq!(within.status, "Signed", "{within:?}");
+    let signature = within.signature.as_ref().unwrap();
+    verify_signature(
+        &a.curve,
+        &c_public,
+        &[2; 32],
+        ApiSignature {
+            r: &signature.r,
+            s: &signature.s,
+            recid: signature.recid,
+            encoded: &signature.encoded,
+        },
+    )
+    .expect("the cached copy signs with the genuine key, never with the swapped one");
+    assert!(
+        !deployment.driver_log().contains("TAMPER"),
+        "no row was read yet, so no alarm"
+    );
+    // After it: the row is read, and refused.
+    tokio::time::sleep(TTL.saturating_sub(cached_at.elapsed()) + Duration::from_millis(200)).await;
+    let after = sign([3; 32]).await;
+    assert_eq!(after.status, "Failed", "{after:?}");
+    assert!(after.signature.is_none(), "no signature leaves the driver");
+    let reason = after.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("failed its integrity check"),
+        "a tamper error: {reason}"
+    );
+    deployment.ensure_running().unwrap();
+    assert!(
+        deployment.driver_log().contains("TAMPER"),
+        "the event is logged:\n{}",
+        deployment.driver_log_tail()
+    );
+    deployment.stop().await.unwrap();
 }
 
 /// A `Signed` view's signature, checked to have the API's EdDSA shape (`r` = `R` and `s` = `S`,

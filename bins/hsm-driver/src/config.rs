@@ -80,9 +80,9 @@ pub(crate) struct DriverSection {
     #[serde(default = "default_max_job_duration_ms")]
     pub(crate) max_job_duration_ms: u64,
     /// Key records kept after a signature so the next one with the same key skips the
-    /// database read (default 0: off). Records hold no secret and every signature still has
-    /// its record's MAC checked in the HSM, but tampering with a cached record's row is found
-    /// only when the copy leaves the cache (docs/security.md).
+    /// database read (default 4096; 0 turns it off). Records hold no secret and every
+    /// signature still has its record's MAC checked in the HSM, but tampering with a cached
+    /// record's row is found only when the copy leaves the cache (docs/security.md).
     #[serde(default = "default_record_cache_capacity")]
     pub(crate) record_cache_capacity: usize,
     /// The longest a record stays in that cache, in milliseconds (default 10000): how late
@@ -96,11 +96,12 @@ fn default_max_job_duration_ms() -> u64 {
 }
 
 fn default_record_cache_capacity() -> usize {
-    0
+    driver_core::DriverConfig::default().record_cache_capacity
 }
 
 fn default_record_cache_ttl_ms() -> u64 {
-    10_000
+    let ttl = driver_core::DriverConfig::default().record_cache_ttl;
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `[api]`: the Dfns API endpoint and the mutual-TLS material.

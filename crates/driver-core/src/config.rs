@@ -29,10 +29,12 @@ pub struct DriverConfig {
     /// session count so that the HSM never waits for the refill. A driver with no job running
     /// leases at once.
     pub lease_refill: usize,
-    /// Under load (the previous report request went out less than this long ago), wait this
-    /// long before sending the next batch of reports, so that more reports join it: at most
-    /// this much added to a job's latency, fewer report requests per job. Default zero (never
-    /// wait); an idle driver's report is never delayed.
+    /// At saturation (every worker slot taken, or fewer free than `lease_refill`, and the
+    /// previous report request sent less than this long ago), wait this long before sending
+    /// the next batch of reports, so that more reports join it: at most this much added to a
+    /// job's latency, fewer report requests per job. A job's worker slot is free while its
+    /// report waits, so the wait costs no HSM time. Default zero (never wait); below
+    /// saturation a report is never delayed.
     pub report_linger: Duration,
     /// The most audit-ledger entries one write carries (one HSM request MACs them, one
     /// statement stores them): appends that queue up while one is written go together
@@ -62,11 +64,12 @@ pub struct DriverConfig {
     /// own deadlines are shorter; this bounds everything else too.
     pub max_job_duration: Duration,
     /// Key records kept after a signature, so that the next signature with the same key skips
-    /// the database read (about 300 bytes each). Off by default (0). Records hold no secret and
-    /// every signature still has its record's MAC checked in the HSM, but a record tampered
-    /// with in the database while a verified copy is cached is not read, so the tampering is
-    /// found only when the copy leaves the cache (evicted, or at restart): the signatures stay
-    /// right, the alarm comes later. See `docs/security.md`.
+    /// the database read (under a kilobyte each; default 4,096, 0 turns the cache off).
+    /// Records hold no secret and every signature still has its record's MAC checked in the
+    /// HSM, but a record tampered with in the database while a verified copy is cached is not
+    /// read, so the tampering is found only when the copy leaves the cache (its time to live,
+    /// eviction, or restart): the signatures stay right, the alarm comes later. See
+    /// `docs/security.md`.
     pub record_cache_capacity: usize,
     /// The longest a record stays in that cache (default 10 s): the bound on how late the
     /// tamper alarm for a cached record's row can come, and on how long a record deleted from
@@ -95,7 +98,7 @@ impl Default for DriverConfig {
             },
             heartbeat_interval_bounds: (Duration::from_millis(100), Duration::from_secs(300)),
             max_job_duration: Duration::from_secs(120),
-            record_cache_capacity: 0,
+            record_cache_capacity: 4096,
             record_cache_ttl: Duration::from_secs(10),
         }
     }

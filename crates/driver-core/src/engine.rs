@@ -39,6 +39,8 @@ pub(crate) struct Parts<S, H, K> {
     pub(crate) health: Health,
     /// Jobs leased and not yet reported, for heartbeats.
     pub(crate) in_flight: AtomicU32,
+    /// One permit per worker: a job holds one while it runs, until its report is queued.
+    pub(crate) slots: Arc<Semaphore>,
     /// This driver's chain of the audit ledger.
     pub(crate) ledger: Ledger<H, K>,
     /// Records signed with recently ([`DriverConfig::record_cache_capacity`]).
@@ -87,6 +89,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
         health: Health,
     ) -> Self {
         let records = RecordCache::new(config.record_cache_capacity, config.record_cache_ttl);
+        let slots = Arc::new(Semaphore::new(config.workers));
         Self {
             parts: Arc::new(Parts {
                 ledger: Ledger::new(
@@ -102,6 +105,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                 metrics,
                 health,
                 in_flight: AtomicU32::new(0),
+                slots,
                 tamper: std::sync::OnceLock::new(),
                 records,
                 reporter: Reporter::default(),
@@ -184,7 +188,7 @@ enum Step {
 /// The state of [`Driver::run`]: worker slots, running jobs, the report, the lease backoff.
 struct Runner<S, H, K> {
     parts: Arc<Parts<S, H, K>>,
-    /// One permit per worker: a job holds one while it runs.
+    /// [`Parts::slots`].
     slots: Arc<Semaphore>,
     tasks: JoinSet<Outcome>,
     report: RunReport,
@@ -195,7 +199,7 @@ struct Runner<S, H, K> {
 impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
     fn new(parts: Arc<Parts<S, H, K>>) -> Self {
         Runner {
-            slots: Arc::new(Semaphore::new(parts.config.workers)),
+            slots: Arc::clone(&parts.slots),
             parts,
             tasks: JoinSet::new(),
             report: RunReport::default(),
@@ -328,8 +332,9 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
                 // cannot run now goes straight back to the queue for the others.
                 let health = parts.health.report();
                 let outcome = if health.can_execute() {
-                    job::run(&parts, job, span).await
+                    job::run(&parts, job, span, permit).await
                 } else {
+                    drop(permit);
                     let outcome = give_back(&parts, job, &health)
                         .instrument(span.clone())
                         .await;
@@ -337,7 +342,6 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
                     outcome
                 };
                 drop(counted);
-                drop(permit);
                 outcome
             });
         }

@@ -22,6 +22,7 @@ use dfns_api_client::protocol::{
     ReportOutcome, Scheme, SignaturePayload, SignatureResult,
 };
 use sha2::{Digest, Sha256};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, debug, debug_span, error, info, info_span, warn};
 use wrapped_keystore::{EntryKind, KeyRecord, KeyStore, LedgerEntry};
@@ -118,11 +119,15 @@ fn kind_of(job: &LeasedJob) -> &'static str {
     }
 }
 
-/// Runs one leased job to its report.
+/// Runs one leased job to its report, holding `slot` (its worker slot) until the result is
+/// recorded and the report queued: the wait for the report request frees the slot for the
+/// next job, so reports that wait to go together (a report linger, a slow API) do not hold the
+/// HSM idle.
 pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
     parts: &Arc<Parts<S, H, K>>,
     job: LeasedJob,
     span: Span,
+    slot: OwnedSemaphorePermit,
 ) -> Outcome {
     let started = Instant::now();
     let kind = kind_of(&job);
@@ -156,6 +161,9 @@ pub(crate) async fn run<S: JobSource, H: Hsm, K: KeyStore>(
                 ReportBody::Fail(failure)
             }
         };
+        // The result is in the ledger (or the failure decided): what is left is the report,
+        // which holds no HSM, store or worker capacity.
+        drop(slot);
         let report = reporter::report(
             parts,
             Report {

@@ -9,13 +9,17 @@
 //! copy names the old master key, which a driver holds until it is restarted without it
 //! (and a restart empties the cache).
 //!
-//! The trade-off, and why the cache is off by default: a record tampered with in the database
-//! while a verified copy is cached is not read, so the signatures stay right but the tamper
-//! alarm waits until the copy leaves the cache: at most `ttl` after it entered (or eviction,
-//! or restart). A record deleted from the database likewise still signs for at most `ttl`.
+//! The trade-off: a record tampered with in the database while a verified copy is cached is not
+//! read, so the signatures stay right but the tamper alarm waits until the copy leaves the
+//! cache: at most `ttl` after it entered (or eviction, or restart). A record deleted from the
+//! database likewise still signs for at most `ttl`. On by default since #15 (the issue accepts a
+//! bounded cache of MAC-verified records, and it is what takes a busy key's signature to one
+//! statement or fewer); `docs/security.md` says what it costs.
 //!
 //! Bounded: at most `capacity` records (FIFO eviction; 0 turns the cache off), each for at
-//! most `ttl`.
+//! most `ttl`. Every operation is O(1) amortised: a record that expires or is removed leaves
+//! its place in the eviction order behind, and stale places are skipped, or swept once they
+//! outnumber the records.
 //!
 //! [`Hsm::sign_record`]: custody_model::Hsm::sign_record
 
@@ -36,8 +40,18 @@ pub(crate) struct RecordCache {
 struct Inner {
     /// Each record with when it entered.
     records: HashMap<String, (Arc<KeyRecord>, Instant)>,
-    /// Key ids in insertion order, for eviction.
-    order: VecDeque<String>,
+    /// Key ids with when they entered, oldest first, for eviction. A place whose key is no
+    /// longer in `records` with that instant is stale (the record expired, was removed, or
+    /// entered again later) and is skipped.
+    order: VecDeque<(String, Instant)>,
+}
+
+/// Whether `place` in the eviction order is the live entry of its key in `records`.
+fn is_live(
+    records: &HashMap<String, (Arc<KeyRecord>, Instant)>,
+    (key_id, entered): &(String, Instant),
+) -> bool {
+    records.get(key_id).is_some_and(|(_, at)| at == entered)
 }
 
 impl RecordCache {
@@ -65,7 +79,6 @@ impl RecordCache {
             return Some(Arc::clone(record));
         }
         inner.records.remove(key_id);
-        inner.order.retain(|k| k != key_id);
         None
     }
 
@@ -77,17 +90,28 @@ impl RecordCache {
         }
         let mut inner = self.lock();
         let key_id = record.key_id.clone();
-        if inner
-            .records
-            .insert(key_id.clone(), (record, Instant::now()))
-            .is_none()
-        {
-            inner.order.push_back(key_id);
-            while inner.order.len() > self.capacity {
-                if let Some(oldest) = inner.order.pop_front() {
-                    inner.records.remove(&oldest);
-                }
+        if inner.records.contains_key(&key_id) {
+            // Kept already (this signature used the copy, or raced another signer of the
+            // key). The copy keeps the instant it entered: a busy key must not renew its
+            // time to live with every signature, or its row would never be read again.
+            return;
+        }
+        let entered = Instant::now();
+        inner.records.insert(key_id.clone(), (record, entered));
+        inner.order.push_back((key_id, entered));
+        while inner.records.len() > self.capacity {
+            let Some(oldest) = inner.order.pop_front() else {
+                break;
+            };
+            if is_live(&inner.records, &oldest) {
+                inner.records.remove(&oldest.0);
             }
+        }
+        // Stale places (expired or removed records) are swept once they outnumber the
+        // records, so the order stays within twice the capacity.
+        if inner.order.len() > 2 * self.capacity {
+            let Inner { records, order } = &mut *inner;
+            order.retain(|place| is_live(records, place));
         }
     }
 
@@ -96,15 +120,17 @@ impl RecordCache {
         if self.capacity == 0 {
             return;
         }
-        let mut inner = self.lock();
-        if inner.records.remove(key_id).is_some() {
-            inner.order.retain(|k| k != key_id);
-        }
+        self.lock().records.remove(key_id);
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().records.len()
+    }
+
+    #[cfg(test)]
+    fn places(&self) -> usize {
+        self.lock().order.len()
     }
 }
 
@@ -151,6 +177,52 @@ mod tests {
         let off = RecordCache::new(0, Duration::from_secs(60));
         off.insert(record("a"));
         assert!(off.get("a").is_none());
+    }
+
+    #[test]
+    fn expired_and_removed_records_leave_no_unbounded_trail() {
+        // Tried: one key expiring and entering again a thousand times (each entry leaves a
+        // stale place in the eviction order), then eviction with stale places in front.
+        let cache = RecordCache::new(2, Duration::ZERO);
+        for _ in 0..1000 {
+            cache.insert(record("a"));
+            assert!(cache.get("a").is_none(), "past its time to live");
+        }
+        assert!(
+            cache.places() <= 4,
+            "{} places for 2 records",
+            cache.places()
+        );
+        let cache = RecordCache::new(2, Duration::from_secs(60));
+        cache.insert(record("a"));
+        cache.remove("a");
+        cache.insert(record("a"));
+        cache.insert(record("b"));
+        cache.insert(record("c"));
+        assert_eq!(cache.len(), 2);
+        assert!(
+            cache.get("a").is_none() && cache.get("b").is_some() && cache.get("c").is_some(),
+            "the stale place of the first `a` is skipped, the live one evicted"
+        );
+    }
+
+    #[test]
+    fn signing_with_a_cached_record_does_not_renew_its_time_to_live() {
+        // Tried: a busy key, signed with (and so inserted again) within its time to live,
+        // asked for after the time to live from its first entry. Renewing on every insert,
+        // which was tried, kept it forever: its row would never be read again and a
+        // tampered row never found.
+        let ttl = Duration::from_millis(200);
+        let cache = RecordCache::new(4, ttl);
+        cache.insert(record("a"));
+        std::thread::sleep(ttl / 2);
+        assert!(cache.get("a").is_some(), "within its time to live");
+        cache.insert(record("a"));
+        std::thread::sleep(ttl / 2 + Duration::from_millis(20));
+        assert!(
+            cache.get("a").is_none(),
+            "a time to live counts from the first entry, not the latest signature"
+        );
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! go together, in one request ([`JobSource::report_batch`]). Under load the batches grow by
 //! themselves; an idle driver's single report is not delayed. With
 //! [`DriverConfig::report_linger`](crate::DriverConfig::report_linger) set, a batch that
-//! follows the previous one closer than the linger waits that long first, so that more join it.
+//! follows the previous one closer than the linger waits that long first, so that more join it,
+//! but only while the driver is saturated (its lease loop waits for worker slots): the job
+//! frees its worker slot when its report is queued, so a lingering report holds no HSM time,
+//! and below saturation nothing lingers.
 //!
 //! A report's durability is unchanged: every job's ledger entry is written before its report is
 //! queued, and a batch that fails (or a report refused in it) fails only its own reports, whose
@@ -47,8 +50,8 @@ impl Reporter {
         !std::mem::replace(&mut state.flushing, true)
     }
 
-    /// Whether a batch went out less than `linger` ago: the driver is busy, and a batch that
-    /// waits `linger` gathers more reports.
+    /// Whether a batch went out less than `linger` ago: reports are flowing, and a batch that
+    /// waits `linger` gathers more of them.
     fn busy(&self, linger: Duration) -> bool {
         !linger.is_zero()
             && self
@@ -92,11 +95,19 @@ pub(crate) async fn report<S: JobSource, H: Send + Sync + 'static, K: Send + Syn
     })
 }
 
+/// Whether the driver has more work than it can start: its lease loop is waiting for worker
+/// slots (fewer are free than a lease waits for). Only then does a report linger: the jobs
+/// behind it are queued anyway, so the wait costs no throughput and adds to a latency the
+/// queue already dominates; below saturation a report goes at once.
+fn saturated<S, H, K>(parts: &Parts<S, H, K>) -> bool {
+    parts.slots.available_permits() < parts.config.lease_refill.max(1)
+}
+
 /// Sends batches until the queue is empty.
 async fn flush<S: JobSource, H, K>(parts: Arc<Parts<S, H, K>>) {
     let linger = parts.config.report_linger;
     loop {
-        if parts.reporter.busy(linger) {
+        if parts.reporter.busy(linger) && saturated(&parts) {
             tokio::time::sleep(linger).await;
         }
         let batch = parts.reporter.next_batch();

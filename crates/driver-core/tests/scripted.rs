@@ -474,8 +474,8 @@ async fn heartbeats_carry_the_ledger_chain_head_as_a_checkpoint() {
     h.shutdown().await;
 }
 
-/// Starts a driver with `config`, stores a key, and queues `count` signatures with it at once.
-async fn loaded(config: DriverConfig, count: u8) -> Harness {
+/// Starts a driver with `config` and has it generate the secp256k1 key `key_id` (reported).
+async fn with_key(config: DriverConfig, key_id: &str) -> Harness {
     let h = Harness::start_with(
         FakeHsm::new(),
         Arc::new(MemoryKeyStore::new()),
@@ -483,8 +483,14 @@ async fn loaded(config: DriverConfig, count: u8) -> Harness {
         config,
     );
     h.source
-        .push("job-key", keygen("key-l", Scheme::Ecdsa, Curve::Secp256k1));
+        .push("job-key", keygen(key_id, Scheme::Ecdsa, Curve::Secp256k1));
     h.source.wait_reports(1).await;
+    h
+}
+
+/// Starts a driver with `config`, stores a key, and queues `count` signatures with it at once.
+async fn loaded(config: DriverConfig, count: u8) -> Harness {
+    let h = with_key(config, "key-l").await;
     h.source.lease_sizes.lock().unwrap().clear();
     h.source.report_requests.lock().unwrap().clear();
     h.source.push_all(
@@ -535,6 +541,67 @@ async fn under_load_reports_linger_and_go_in_few_requests() {
         requests.len() <= 16,
         "reports waited for each other: {} requests for 64 reports ({requests:?})",
         requests.len()
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_saturation_a_report_does_not_linger() {
+    // Tried: a 600 ms report linger on 8 workers, and signatures one at a time, each pushed
+    // just after the previous one was reported (so a batch went out moments before). With the
+    // linger applied whenever a batch went out recently (tried), each waited 600 ms.
+    const LINGER: Duration = Duration::from_millis(600);
+    let config = DriverConfig {
+        workers: 8,
+        report_linger: LINGER,
+        ..test_config("test-driver")
+    };
+    let h = with_key(config, "key-u").await;
+    for i in 0..3u8 {
+        let pushed = std::time::Instant::now();
+        h.source
+            .push(&format!("job-{i}"), sign_hash("key-u", [i; 32]));
+        h.source.wait_reports(2 + usize::from(i)).await;
+        assert!(
+            pushed.elapsed() < LINGER / 2,
+            "signature {i} waited {:?} for its report: an unsaturated driver must not linger",
+            pushed.elapsed()
+        );
+    }
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_lingering_at_saturation_frees_its_worker_slot() {
+    // Tried: one worker, a 400 ms report linger, and four signatures at once. Each job frees
+    // its slot when its report is queued, so the next runs while that report waits: all four
+    // are done within one linger. With the slot held until the report was answered (tried),
+    // every job after the first waited a linger for its predecessor's report: 1.6 s.
+    const LINGER: Duration = Duration::from_millis(400);
+    let config = DriverConfig {
+        workers: 1,
+        report_linger: LINGER,
+        ..test_config("test-driver")
+    };
+    let h = with_key(config, "key-s").await;
+    h.source.report_requests.lock().unwrap().clear();
+    let pushed = std::time::Instant::now();
+    h.source.push_all(
+        (0..4u8)
+            .map(|i| (format!("job-{i}"), sign_hash("key-s", [i; 32])))
+            .collect(),
+    );
+    let reports = h.source.wait_reports(5).await;
+    let took = pushed.elapsed();
+    assert_eq!(reports.len(), 5, "each job reported once: {reports:?}");
+    assert!(
+        took < LINGER * 2,
+        "four signatures on one worker took {took:?}: the slot waited for a lingering report"
+    );
+    let requests = h.source.report_requests.lock().unwrap().clone();
+    assert!(
+        requests.iter().any(|&n| n >= 2),
+        "reports that lingered at saturation went together: {requests:?}"
     );
     h.shutdown().await;
 }

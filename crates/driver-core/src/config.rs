@@ -29,8 +29,8 @@ pub struct DriverConfig {
     /// session count so that the HSM never waits for the refill. A driver with no job running
     /// leases at once.
     pub lease_refill: usize,
-    /// At saturation (every worker slot taken, or fewer free than `lease_refill`, and the
-    /// previous report request sent less than this long ago), wait this long before sending
+    /// At saturation (the lease loop had to wait for `lease_refill` free worker slots, and the
+    /// previous report request went out less than this long ago), wait this long before sending
     /// the next batch of reports, so that more reports join it: at most this much added to a
     /// job's latency, fewer report requests per job. A job's worker slot is free while its
     /// report waits, so the wait costs no HSM time. Default zero (never wait); below

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
 
 use custody_model::{Hsm, HsmError};
@@ -41,6 +41,9 @@ pub(crate) struct Parts<S, H, K> {
     pub(crate) in_flight: AtomicU32,
     /// One permit per worker: a job holds one while it runs, until its report is queued.
     pub(crate) slots: Arc<Semaphore>,
+    /// Whether the lease loop last had to wait for worker slots: the driver has more work
+    /// than it can start (the report linger applies only then).
+    pub(crate) saturated: AtomicBool,
     /// This driver's chain of the audit ledger.
     pub(crate) ledger: Ledger<H, K>,
     /// Records signed with recently ([`DriverConfig::record_cache_capacity`]).
@@ -106,6 +109,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                 health,
                 in_flight: AtomicU32::new(0),
                 slots,
+                saturated: AtomicBool::new(false),
                 tamper: std::sync::OnceLock::new(),
                 records,
                 reporter: Reporter::default(),
@@ -239,11 +243,22 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
         }
         // Only this loop takes slots, so the count can only grow between here and the answer.
         let refill = u32::try_from(config.lease_refill.clamp(1, config.workers)).unwrap_or(1);
-        let first = tokio::select! {
-            biased;
-            () = shutdown.as_mut() => return Step::Stop,
-            permit = Arc::clone(&self.slots).acquire_many_owned(refill) => {
-                permit.expect("the semaphore is never closed")
+        let first = match Arc::clone(&self.slots).try_acquire_many_owned(refill) {
+            Ok(permit) => {
+                parts.saturated.store(false, Ordering::Relaxed);
+                permit
+            }
+            Err(_) => {
+                // Every slot a lease waits for is taken: the driver is saturated until a
+                // lease finds them free at once again.
+                parts.saturated.store(true, Ordering::Relaxed);
+                tokio::select! {
+                    biased;
+                    () = shutdown.as_mut() => return Step::Stop,
+                    permit = Arc::clone(&self.slots).acquire_many_owned(refill) => {
+                        permit.expect("the semaphore is never closed")
+                    }
+                }
             }
         };
         if !health.report().can_lease() {

@@ -547,12 +547,15 @@ async fn under_load_reports_linger_and_go_in_few_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn below_saturation_a_report_does_not_linger() {
-    // Tried: a 600 ms report linger on 8 workers, and signatures one at a time, each pushed
-    // just after the previous one was reported (so a batch went out moments before). With the
-    // linger applied whenever a batch went out recently (tried), each waited 600 ms.
+    // Tried: a 600 ms report linger on 8 workers that lease 6 at a time, and signatures one
+    // at a time, each pushed just after the previous one was reported (so a batch went out
+    // moments before). With the linger applied whenever a batch went out recently (tried),
+    // or whenever fewer than 6 slots were free (tried: the waiting lease holds 6), each
+    // waited 600 ms.
     const LINGER: Duration = Duration::from_millis(600);
     let config = DriverConfig {
         workers: 8,
+        lease_refill: 6,
         report_linger: LINGER,
         ..test_config("test-driver")
     };

@@ -1,14 +1,16 @@
 //! Batching off and on, side by side in one run: the same SQLite deployment three times (see
-//! [`ways`]): with [`Batching::OFF`] (a lease as soon as a worker is free, every report at
-//! once, one ledger write per entry: the driver before issue #15's batching), with the
-//! ledger's group commit alone, and with every lever on. Per curve: throughput and the counts
+//! [`ways`]): with [`Batching::OFF`] and no record cache (a lease as soon as a worker is free,
+//! every report at once, one ledger write per entry, a record read per signature: the driver
+//! before issue #15's batching), with the driver's defaults (the ledger's group commit and the
+//! record cache), and with every lever on (a wide worker window, large leases, the report
+//! linger at saturation). Per curve: throughput and the counts
 //! per job at saturation, and latency at the same offered rate for all (a share of the
 //! unbatched driver's saturated rate), so that what batching costs in latency shows beside
 //! what it saves in requests.
 
 use std::sync::Arc;
 
-use hsm_driver_e2e::{Batching, Deployment};
+use hsm_driver_e2e::{Batching, Deployment, RecordCacheSettings};
 use serde::Serialize;
 
 use crate::e2e::{self, Latency, Meter, Setup, Throughput};
@@ -35,7 +37,8 @@ pub(crate) struct Side {
 }
 
 /// The drivers compared: nothing batched; the ledger's group commit alone (the driver's
-/// defaults: it waits for nothing); and every lever: [`all_on_refill`] and the bench's report
+/// defaults: it waits for nothing); and every lever: [`all_on_workers`], [`all_on_refill`]
+/// (and a lease batch as large), and the bench's report
 /// linger besides.
 pub(crate) fn ways(plan: &Plan) -> [(&'static str, Batching); 3] {
     [
@@ -50,6 +53,7 @@ pub(crate) fn ways(plan: &Plan) -> [(&'static str, Batching); 3] {
         (
             "all on",
             Batching {
+                lease_batch: Some(u32::try_from(all_on_refill(plan)).unwrap_or(u32::MAX)),
                 lease_refill: Some(all_on_refill(plan)),
                 report_linger_ms: Some(plan.report_linger_ms),
                 ledger_max_group: None,
@@ -58,10 +62,29 @@ pub(crate) fn ways(plan: &Plan) -> [(&'static str, Batching); 3] {
     ]
 }
 
-/// The "all on" driver's lease refill: `workers − 2 × sessions` (at least 1), so that each HSM
-/// session keeps a job running and one waiting while a lease refills the rest.
+/// The "all on" driver's workers: [`ALL_ON_WORKERS_PER_SESSION`] per HSM session, a window wide
+/// enough for leases and report batches of a few dozen jobs.
+pub(crate) fn all_on_workers(plan: &Plan) -> usize {
+    ALL_ON_WORKERS_PER_SESSION * plan.sessions
+}
+
+/// See [`all_on_workers`].
+const ALL_ON_WORKERS_PER_SESSION: usize = 20;
+
+/// The "all on" driver's lease refill: [`all_on_workers`] `− 4 × sessions`, so that each HSM
+/// session keeps a job running and three waiting while a lease fetches the rest (about 16 jobs
+/// per session in one lease).
 pub(crate) fn all_on_refill(plan: &Plan) -> usize {
-    plan.workers.saturating_sub(2 * plan.sessions).max(1)
+    all_on_workers(plan)
+        .saturating_sub(4 * plan.sessions)
+        .max(1)
+}
+
+/// Requests the load generator keeps outstanding at saturation in this section, for every
+/// driver: the "all on" driver holds up to [`all_on_workers`] jobs plus the reports its linger
+/// gathers, and the API's queue must still hold a full lease beyond them.
+pub(crate) fn saturation_in_flight(plan: &Plan) -> usize {
+    plan.in_flight.max(6 * all_on_workers(plan))
 }
 
 /// Runs each way in a deployment of its own, the unbatched driver first: its saturated rate
@@ -107,6 +130,12 @@ async fn measure(
     let mut options =
         e2e::deployment_options(plan, setup, setup.work.join(label.replace(' ', "-")));
     options.batching = batching;
+    match way {
+        // The driver before issue #15: every signature reads its record too.
+        "off" => options.record_cache = Some(RecordCacheSettings::OFF),
+        "all on" => options.workers = all_on_workers(plan),
+        _ => {}
+    }
     say(&format!("{label}: starting the simulator and the driver"));
     let deployment = Deployment::start(options).await?;
     let measured = sides(plan, &deployment, rates, way, &label, say).await;
@@ -132,7 +161,11 @@ async fn sides(
         ));
         let keys = e2e::create_keys(app, *curve, plan.pool_keys_per_curve).await?;
         let work = Arc::new(Work::Sign(keys));
-        let throughput = meter.saturate_signing(app, &work, plan).await?;
+        let saturating = Plan {
+            in_flight: saturation_in_flight(plan),
+            ..plan.clone()
+        };
+        let throughput = meter.saturate_signing(app, &work, &saturating).await?;
         let rate = rates
             .and_then(|r| r.get(i).copied())
             .unwrap_or(throughput.ops_per_sec * plan.latency_load);

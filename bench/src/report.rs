@@ -343,6 +343,38 @@ impl Report {
                 }
             }
         }
+        // The batching section's "all on" driver: the requests a signature costs with leases
+        // and reports batched at saturation (the default driver, above, leases and reports at
+        // once, for latency).
+        for b in &self.batching {
+            for side in b.sides.iter().filter(|side| side.way == "all on") {
+                let c = &side.throughput.counts;
+                if c.verifications == 0.0 {
+                    continue;
+                }
+                for (name, value, bound) in [
+                    (
+                        "HTTP requests per signature",
+                        c.http_requests,
+                        HTTP_REQUESTS_TARGET,
+                    ),
+                    (
+                        "store statements per signature",
+                        c.store_statements,
+                        STATEMENTS_TARGET,
+                    ),
+                ] {
+                    targets.push(Target::new(
+                        name,
+                        format!("batching all on, sqlite {}", b.curve),
+                        (value * 100.0).round() / 100.0,
+                        Bound::AtMost,
+                        bound,
+                        "",
+                    ));
+                }
+            }
+        }
         for p in &self.pinned {
             targets.push(Target::new(
                 "pinned ratio (driver alone on one core / raw, 1 session)",
@@ -364,7 +396,7 @@ impl Report {
             t,
             "\nhsm-driver-bench ({:?} run, {} CPUs shared by HSM, driver, simulator and database; \
              driver: {} workers, {n} HSM sessions, its default batching (lease refill 1, no \
-             report linger, ledger groups up to {}); {:.0} s)",
+             report linger, ledger groups up to {}, a record cache); {:.0} s)",
             self.plan.mode,
             self.cpus,
             self.plan.workers,
@@ -587,12 +619,15 @@ impl Report {
         if !self.batching.is_empty() {
             let _ = writeln!(
                 t,
-                "\nBatching, side by side (SQLite, {} workers, {n} HSM sessions). off: lease refill 1, \
-                 no report linger, ledger group 1; ledger groups: the same with ledger groups of up \
-                 to {} (the driver's defaults); all on: also a lease refill of {} and a {} ms \
-                 report linger. Latency at the same offered rate for all.",
+                "\nBatching, side by side (SQLite, {n} HSM sessions, {} requests outstanding at \
+                 saturation). off: {} workers, lease refill 1, no report linger, ledger group 1, no \
+                 record cache; ledger groups: the driver's defaults (ledger groups of up to {}, \
+                 the record cache); all on: also {} workers, leases of {} and a {} ms report \
+                 linger at saturation. Latency at the same offered rate for all.",
+                crate::batching::saturation_in_flight(&self.plan),
                 self.plan.workers,
                 driver_core::ledger::MAX_GROUP,
+                crate::batching::all_on_workers(&self.plan),
                 crate::batching::all_on_refill(&self.plan),
                 self.plan.report_linger_ms
             );

@@ -23,14 +23,15 @@ pub struct DriverConfig {
     pub workers: usize,
     /// Most jobs asked for in one lease request (capped by the free worker slots).
     pub lease_batch: u32,
-    /// While jobs are running, lease again only when at least this many worker slots are free
-    /// (default 1: as soon as one is). Under load, a larger value lets one lease request fetch
-    /// several jobs instead of one each: keep `workers - lease_refill` at least the HSM's
-    /// session count so that the HSM never waits for the refill. A driver with no job running
-    /// leases at once.
+    /// At saturation (the last lease came back full: the API had more work), lease again only
+    /// when at least this many worker slots are free (default 1: as soon as one is). A larger
+    /// value lets one lease request fetch several jobs instead of one each: keep
+    /// `workers - lease_refill` at least the HSM's session count so that the HSM never waits
+    /// for the refill. Below saturation a lease goes as soon as one slot is free, whatever
+    /// this says.
     pub lease_refill: usize,
-    /// At saturation (the lease loop had to wait for `lease_refill` free worker slots, and the
-    /// previous report request went out less than this long ago), wait this long before sending
+    /// At saturation (the last lease came back full, and the previous report request went out
+    /// less than this long ago), wait this long before sending
     /// the next batch of reports, so that more reports join it: at most this much added to a
     /// job's latency, fewer report requests per job. A job's worker slot is free while its
     /// report waits, so the wait costs no HSM time. Default zero (never wait); below

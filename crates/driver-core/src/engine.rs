@@ -41,8 +41,9 @@ pub(crate) struct Parts<S, H, K> {
     pub(crate) in_flight: AtomicU32,
     /// One permit per worker: a job holds one while it runs, until its report is queued.
     pub(crate) slots: Arc<Semaphore>,
-    /// Whether the lease loop last had to wait for worker slots: the driver has more work
-    /// than it can start (the report linger applies only then).
+    /// Whether the last lease came back full (the API had at least as much work as the free
+    /// slots asked for): the driver is saturated, and only then does a lease wait for the
+    /// refill or a report linger.
     pub(crate) saturated: AtomicBool,
     /// This driver's chain of the audit ledger.
     pub(crate) ledger: Ledger<H, K>,
@@ -222,10 +223,10 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
         background
     }
 
-    /// One turn: wait until healthy, then for free worker slots (one, or
-    /// [`DriverConfig::lease_refill`]: a driver with no job running has them all free), then
-    /// lease as many jobs as slots are free (at most the lease batch); after a failed lease,
-    /// back off.
+    /// One turn: wait until healthy, then for free worker slots (one; at saturation
+    /// [`DriverConfig::lease_refill`]), then lease as many jobs as slots are free (at most the
+    /// lease batch); after a failed lease, back off. The driver is saturated while its last
+    /// lease came back full: the API had at least as much work as it asked for.
     async fn lease<F: Future<Output = ()>>(&mut self, shutdown: &mut Pin<&mut F>) -> Step {
         let (parts, health) = (&self.parts, &self.parts.health);
         let config = &parts.config;
@@ -242,23 +243,20 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
             }
         }
         // Only this loop takes slots, so the count can only grow between here and the answer.
-        let refill = u32::try_from(config.lease_refill.clamp(1, config.workers)).unwrap_or(1);
-        let first = match Arc::clone(&self.slots).try_acquire_many_owned(refill) {
-            Ok(permit) => {
-                parts.saturated.store(false, Ordering::Relaxed);
-                permit
-            }
-            Err(_) => {
-                // Every slot a lease waits for is taken: the driver is saturated until a
-                // lease finds them free at once again.
-                parts.saturated.store(true, Ordering::Relaxed);
-                tokio::select! {
-                    biased;
-                    () = shutdown.as_mut() => return Step::Stop,
-                    permit = Arc::clone(&self.slots).acquire_many_owned(refill) => {
-                        permit.expect("the semaphore is never closed")
-                    }
-                }
+        // Below saturation a lease goes as soon as one slot is free, so that a job waiting in
+        // the API's queue is picked up at once; at saturation it waits for the refill, so
+        // that one request brings several jobs.
+        let refill = if parts.saturated.load(Ordering::Relaxed) {
+            config.lease_refill.clamp(1, config.workers)
+        } else {
+            1
+        };
+        let first = tokio::select! {
+            biased;
+            () = shutdown.as_mut() => return Step::Stop,
+            permit = Arc::clone(&self.slots)
+                .acquire_many_owned(u32::try_from(refill).unwrap_or(1)) => {
+                permit.expect("the semaphore is never closed")
             }
         };
         if !health.report().can_lease() {
@@ -278,6 +276,8 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
             Ok(jobs) => {
                 self.failures = 0;
                 health.polled();
+                let full = u32::try_from(jobs.len()).unwrap_or(u32::MAX) >= want;
+                parts.saturated.store(full, Ordering::Relaxed);
                 let arrival = Arrival {
                     request: asked.elapsed(),
                     batch: jobs.len(),

@@ -4,7 +4,7 @@
 //! themselves; an idle driver's single report is not delayed. With
 //! [`DriverConfig::report_linger`](crate::DriverConfig::report_linger) set, a batch that
 //! follows the previous one closer than the linger waits that long first, so that more join it,
-//! but only while the driver is saturated (its lease loop had to wait for worker slots): the job
+//! but only while the driver is saturated (its last lease came back full): the job
 //! frees its worker slot when its report is queued, so a lingering report holds no HSM time,
 //! and below saturation nothing lingers.
 //!
@@ -95,11 +95,11 @@ pub(crate) async fn report<S: JobSource, H: Send + Sync + 'static, K: Send + Syn
     })
 }
 
-/// Whether the driver has more work than it can start: its lease loop last had to wait for
-/// worker slots. Only then does a report linger: the jobs behind it are queued anyway, so the
-/// wait costs no throughput and adds to a latency the queue already dominates; below
-/// saturation a report goes at once. (Free slots alone would not tell: a lease in flight holds
-/// the slots it asked for.)
+/// Whether the driver has more work than it can start: its last lease came back full. Only
+/// then does a report linger: the jobs behind it are queued anyway, so the wait costs no
+/// throughput and adds to a latency the queue already dominates; below saturation a report
+/// goes at once. (Free slots alone would not tell: a lease in flight holds the slots it asked
+/// for.)
 fn saturated<S, H, K>(parts: &Parts<S, H, K>) -> bool {
     parts.saturated.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -575,6 +575,45 @@ async fn below_saturation_a_report_does_not_linger() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_saturation_a_lease_does_not_wait_for_the_refill() {
+    // Tried: 8 workers that lease 6 at a time at saturation, signatures taking 500 ms; three
+    // pushed at once (their lease comes back with 3 of the 8 asked: not saturated), and a
+    // fourth 50 ms later, while the three run and 5 slots are free. Waiting for the refill
+    // whatever the load (tried), the fourth waited for the first three: about 950 ms.
+    const SIGN: Duration = Duration::from_millis(500);
+    let config = DriverConfig {
+        workers: 8,
+        lease_refill: 6,
+        ..test_config("test-driver")
+    };
+    let h = Harness::start_with(
+        FakeHsm::new().with_sign_latency(SIGN),
+        Arc::new(MemoryKeyStore::new()),
+        ScriptedSource::default(),
+        config,
+    );
+    h.source
+        .push("job-key", keygen("key-r", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.wait_reports(1).await;
+    h.source.push_all(
+        (0..3u8)
+            .map(|i| (format!("job-{i}"), sign_hash("key-r", [i; 32])))
+            .collect(),
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let pushed = std::time::Instant::now();
+    h.source.push("job-late", sign_hash("key-r", [9; 32]));
+    let reports = h.source.wait_reports(5).await;
+    let took = pushed.elapsed();
+    assert_eq!(reports.len(), 5, "each job reported once: {reports:?}");
+    assert!(
+        took < SIGN * 3 / 2,
+        "the late signature took {took:?}: its lease waited for the refill below saturation"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_lingering_at_saturation_frees_its_worker_slot() {
     // Tried: one worker, a 400 ms report linger, and four signatures at once. Each job frees
     // its slot when its report is queued, so the next runs while that report waits: all four

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rand::RngCore;
 use rand::rngs::OsRng;
@@ -53,6 +54,8 @@ pub struct FakeHsm {
     recover_calls: AtomicU64,
     /// How many MAC requests were answered.
     mac_requests: AtomicU64,
+    /// How long each signature takes ([`FakeHsm::with_sign_latency`]).
+    sign_latency: Duration,
 }
 
 impl FakeHsm {
@@ -89,7 +92,17 @@ impl FakeHsm {
             },
             recover_calls: AtomicU64::new(0),
             mac_requests: AtomicU64::new(0),
+            sign_latency: Duration::ZERO,
         }
+    }
+
+    /// This fake, taking `latency` (a timer of the caller's Tokio runtime, not a blocked
+    /// thread) for each signature: a network HSM's round trip, or a busy one, for tests of
+    /// what a host does while signatures are in flight.
+    #[must_use]
+    pub fn with_sign_latency(mut self, latency: Duration) -> Self {
+        self.sign_latency = latency;
+        self
     }
 
     /// The software value of the HMAC key of purpose `key`.
@@ -351,7 +364,13 @@ impl Hsm for FakeHsm {
         &self,
         request: SignRequest,
     ) -> impl Future<Output = Result<RawSignature, HsmError>> + Send {
-        std::future::ready(self.sign_now(&request))
+        let (signed, latency) = (self.sign_now(&request), self.sign_latency);
+        async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            signed
+        }
     }
 
     fn mac(

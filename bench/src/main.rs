@@ -117,6 +117,10 @@ struct RunArgs {
     /// Leave the Kryoptic column out.
     #[arg(long)]
     no_kryoptic: bool,
+    /// The stored-keys sweep's store sizes, comma-separated (default: 1000 in a quick run;
+    /// 1000,100000,1000000 in a full one).
+    #[arg(long, value_delimiter = ',')]
+    stored_keys: Option<Vec<u64>>,
 }
 
 /// The child processes a run starts (not for direct use).
@@ -152,7 +156,14 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
         .workers
         .unwrap_or(WORKERS_PER_SESSION * sessions)
         .max(1);
-    let plan = Plan::new(mode, sessions, workers);
+    let mut plan = Plan::new(mode, sessions, workers);
+    if let Some(sizes) = &args.stored_keys {
+        anyhow::ensure!(
+            !sizes.is_empty() && sizes.iter().all(|&n| n > 0),
+            "--stored-keys: one or more store sizes above zero, comma-separated"
+        );
+        plan.stored_keys.clone_from(sizes);
+    }
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
         None => std::env::current_exe()?

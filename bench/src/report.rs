@@ -580,7 +580,10 @@ impl Report {
         let _ = writeln!(
             t,
             "\nStored keys: secp256k1 signatures/s by records in the store (copies of real keys, each\n\
-             with its own record MAC from the HSM, bulk-inserted before the measurement)"
+             with its own record MAC from the HSM, bulk-inserted before the measurement); with \
+             more than one point,\nthe signatures take {} keys in turn, more than the record \
+             cache holds, so that every one reads its record",
+            crate::e2e::cold_keys()
         );
         let _ = writeln!(
             t,

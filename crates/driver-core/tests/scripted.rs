@@ -279,7 +279,7 @@ async fn a_tampered_or_foreign_key_record_is_refused_before_any_signature_is_rep
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_tampered_while_its_record_is_cached_is_found_once_the_copy_expires() {
-    // Tried, with the record cache on (opt-in; 300 ms to live): a key signs once (its record
+    // Tried, with the record cache on (300 ms to live): a key signs once (its record
     // enters the cache), then its row's public key is swapped for another key's behind the
     // driver's back. Within the time to live the cached copy signs, correctly; after it the
     // row is read again and refused as tampered. Without the time to live the alarm would

@@ -39,8 +39,6 @@ pub(crate) struct Parts<S, H, K> {
     pub(crate) health: Health,
     /// Jobs leased and not yet reported, for heartbeats.
     pub(crate) in_flight: AtomicU32,
-    /// One permit per worker: a job holds one while it runs, until its report is queued.
-    pub(crate) slots: Arc<Semaphore>,
     /// Whether the last lease came back full (the API had at least as much work as the free
     /// slots asked for): the driver is saturated, and only then does a lease wait for the
     /// refill or a report linger.
@@ -93,7 +91,6 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
         health: Health,
     ) -> Self {
         let records = RecordCache::new(config.record_cache_capacity, config.record_cache_ttl);
-        let slots = Arc::new(Semaphore::new(config.workers));
         Self {
             parts: Arc::new(Parts {
                 ledger: Ledger::new(
@@ -109,7 +106,6 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                 metrics,
                 health,
                 in_flight: AtomicU32::new(0),
-                slots,
                 saturated: AtomicBool::new(false),
                 tamper: std::sync::OnceLock::new(),
                 records,
@@ -193,7 +189,7 @@ enum Step {
 /// The state of [`Driver::run`]: worker slots, running jobs, the report, the lease backoff.
 struct Runner<S, H, K> {
     parts: Arc<Parts<S, H, K>>,
-    /// [`Parts::slots`].
+    /// One permit per worker: a job holds one while it runs, until its report is queued.
     slots: Arc<Semaphore>,
     tasks: JoinSet<Outcome>,
     report: RunReport,
@@ -204,7 +200,7 @@ struct Runner<S, H, K> {
 impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
     fn new(parts: Arc<Parts<S, H, K>>) -> Self {
         Runner {
-            slots: Arc::clone(&parts.slots),
+            slots: Arc::new(Semaphore::new(parts.config.workers)),
             parts,
             tasks: JoinSet::new(),
             report: RunReport::default(),

@@ -578,8 +578,8 @@ async fn below_saturation_a_report_does_not_linger() {
 async fn below_saturation_a_lease_does_not_wait_for_the_refill() {
     // Tried: 8 workers that lease 6 at a time at saturation, signatures taking 500 ms; three
     // pushed at once (their lease comes back with 3 of the 8 asked: not saturated), and a
-    // fourth 50 ms later, while the three run and 5 slots are free. Waiting for the refill
-    // whatever the load (tried), the fourth waited for the first three: about 950 ms.
+    // fourth once they are leased, while the three run and 5 slots are free. Waiting for the
+    // refill whatever the load (tried), the fourth waited for the first three: about 1 s.
     const SIGN: Duration = Duration::from_millis(500);
     let config = DriverConfig {
         workers: 8,
@@ -595,12 +595,19 @@ async fn below_saturation_a_lease_does_not_wait_for_the_refill() {
     h.source
         .push("job-key", keygen("key-r", Scheme::Ecdsa, Curve::Secp256k1));
     h.source.wait_reports(1).await;
+    h.source.lease_sizes.lock().unwrap().clear();
     h.source.push_all(
         (0..3u8)
             .map(|i| (format!("job-{i}"), sign_hash("key-r", [i; 32])))
             .collect(),
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The three are leased (and signing) before the fourth arrives.
+    h.source
+        .wait_until(Duration::from_secs(5), || {
+            (h.source.lease_sizes.lock().unwrap().iter().sum::<usize>() >= 3).then_some(())
+        })
+        .await
+        .expect("the first three signatures are leased");
     let pushed = std::time::Instant::now();
     h.source.push("job-late", sign_hash("key-r", [9; 32]));
     let reports = h.source.wait_reports(5).await;

@@ -576,6 +576,68 @@ mod suite {
             .expect("an empty run writes nothing and succeeds");
     }
 
+    /// Tried: a run of 7,000 entries (70,000 bound values: more than one statement may bind on
+    /// PostgreSQL, 65,535, or on SQLite, 32,766), then a run of 7,000 more whose last place is
+    /// taken.
+    pub(crate) async fn a_run_past_one_statement_is_written_whole_or_not_at_all<
+        S: KeyStore + Clone,
+    >(
+        store: S,
+    ) {
+        const RUN: u64 = 7_000;
+        store
+            .append_ledger(
+                (1..=RUN)
+                    .map(|seq| ledger_record("driver-a", seq))
+                    .collect(),
+            )
+            .await
+            .expect("a run past one statement's bound values is written");
+        assert_eq!(
+            all_seqs(&store, "driver-a").await,
+            (1..=i64::try_from(RUN).expect("fits")).collect::<Vec<_>>(),
+            "every entry of the long run, in order"
+        );
+        store
+            .append_ledger(vec![ledger_record("driver-a", 2 * RUN)])
+            .await
+            .expect("another writer takes the last place of the next run");
+        let error = store
+            .append_ledger(
+                (RUN + 1..=2 * RUN)
+                    .map(|seq| ledger_record("driver-a", seq))
+                    .collect(),
+            )
+            .await
+            .expect_err("a long run with a taken place must be refused");
+        assert!(error.is_ledger_conflict(), "{error:?}");
+        let seqs = all_seqs(&store, "driver-a").await;
+        assert_eq!(
+            (seqs.len(), seqs.last()),
+            (
+                usize::try_from(RUN).expect("fits") + 1,
+                Some(&(2 * i64::try_from(RUN).expect("fits")))
+            ),
+            "nothing of the refused long run is written, though its first chunks fitted"
+        );
+    }
+
+    /// Every seq of `chain`, page by page.
+    async fn all_seqs(store: &impl KeyStore, chain: &str) -> Vec<i64> {
+        let mut seqs: Vec<i64> = Vec::new();
+        loop {
+            let after = seqs.last().copied().unwrap_or(0);
+            let page = store
+                .ledger_page(chain, after, MAX_PAGE_LIMIT)
+                .await
+                .unwrap_or_else(|e| panic!("reading chain {chain}: {e:?}"));
+            if page.is_empty() {
+                return seqs;
+            }
+            seqs.extend(page.iter().map(|row| row.seq));
+        }
+    }
+
     /// Tried: 3 chains appended to at once, 50 entries each.
     pub(crate) async fn concurrent_appends_to_distinct_chains_all_land<S: KeyStore + Clone>(
         store: S,
@@ -879,6 +941,7 @@ macro_rules! conformance {
                 ledger_entries_round_trip_per_chain,
                 a_taken_ledger_place_is_a_conflict,
                 a_run_of_ledger_entries_is_written_whole_or_not_at_all,
+                a_run_past_one_statement_is_written_whole_or_not_at_all,
                 concurrent_appends_to_distinct_chains_all_land,
                 insert_with_ledger_writes_both_or_neither,
                 a_rotation_replaces_a_record_with_its_entry_or_nothing,

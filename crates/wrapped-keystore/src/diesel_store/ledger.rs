@@ -222,9 +222,20 @@ impl LedgerConnection for PgConnection {
     }
 
     fn insert_ledger(&mut self, rows: &[NewLedgerRow<'_>]) -> QueryResult<usize> {
-        // One statement for any number of rows: a multi-row INSERT.
+        // One statement for any number of rows: a multi-row INSERT. Past PostgreSQL's limit of
+        // bound values per statement (never with the driver's groups of at most 1,000, but an
+        // embedder may append more), several, in one transaction: all or nothing still.
         match rows {
             [row] => diesel::insert_into(ledger::table).values(row).execute(self),
+            _ if rows.len() * LEDGER_COLUMNS > PG_MAX_BOUND_VALUES => self.transaction(|c| {
+                let mut written = 0;
+                for chunk in rows.chunks(PG_MAX_BOUND_VALUES / LEDGER_COLUMNS) {
+                    written += diesel::insert_into(ledger::table)
+                        .values(chunk)
+                        .execute(c)?;
+                }
+                Ok(written)
+            }),
             _ => diesel::insert_into(ledger::table)
                 .values(rows)
                 .execute(self),
@@ -268,6 +279,9 @@ const LEDGER_COLUMNS: usize = 10;
 /// SQLite's default limit of bound values in one statement (`SQLITE_MAX_VARIABLE_NUMBER`
 /// since 3.32; the bundled library keeps it).
 const SQLITE_MAX_BOUND_VALUES: usize = 32_766;
+
+/// PostgreSQL's limit of bound values in one statement (the protocol counts them in 16 bits).
+const PG_MAX_BOUND_VALUES: usize = 65_535;
 
 /// `INSERT INTO ledger (…) VALUES (…), (…), …` with every value bound: one statement.
 fn sqlite_multi_row_insert<'a>(

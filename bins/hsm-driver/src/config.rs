@@ -1,9 +1,9 @@
 //! The driver's configuration: a TOML file plus `HSM_DRIVER__SECTION__FIELD` environment
 //! overrides, parsed once at start-up into typed values. Unknown fields are rejected; errors
-//! name the field and the file. Secrets are never inline: the PIN comes from a file or an
-//! environment variable named here, the database password from a file. A secret file that its
-//! group or others may read is refused unless its section says
-//! `dangerous_allow_readable_secrets = true`.
+//! name the field and the file. The PIN is never inline: it comes from a file or an environment
+//! variable named here; the database password from a file (or, accepted but not advised, the
+//! URL). A secret file that its group or others may read is refused when it is read, unless its
+//! section says `dangerous_allow_readable_secrets = true`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -18,16 +18,16 @@ use crate::metrics::Metrics;
 pub struct DriverConfig {
     /// This driver's identity, recorded with every key it creates and sent with every lease.
     pub driver_id: String,
-    /// How many jobs run at once. Match it to the HSM's session count: more only queues in
-    /// front of the HSM.
+    /// How many jobs run at once. A job spends part of its time outside the HSM (verification,
+    /// ledger, report), so 2–4 per HSM session keep the sessions busy (`docs/operations.md`).
     pub workers: usize,
     /// Most jobs asked for in one lease request (capped by the free worker slots).
     pub lease_batch: u32,
     /// At saturation (the last lease came back full: the API had more work), lease again only
     /// when at least this many worker slots are free (default 1: as soon as one is). A larger
     /// value lets one lease request fetch several jobs instead of one each: keep
-    /// `workers - lease_refill` at least the HSM's session count so that the HSM never waits
-    /// for the refill. Below saturation a lease goes as soon as one slot is free, whatever
+    /// `workers - lease_refill` at least twice the HSM's session count so that the HSM never
+    /// waits for the refill. Below saturation a lease goes as soon as one slot is free, whatever
     /// this says.
     pub lease_refill: usize,
     /// At saturation (the last lease came back full, and the previous report request went out

@@ -207,6 +207,16 @@ pub(crate) async fn check(path: &Path, config: &Config) -> bool {
         );
     }
 
+    if config.database.url_has_password() {
+        report.warn(
+            "database password",
+            format_args!(
+                "database.url carries it (printed as REDACTED wherever the URL is shown): whoever reads this file or the \
+                 variable that set the URL reads it; put it in database.password_file"
+            ),
+        );
+    }
+
     match wiring::key_store(config).await {
         Ok(store) => {
             let pending = {

@@ -332,6 +332,12 @@ impl DatabaseSection {
         }
     }
 
+    /// Whether `url` itself carries the password (accepted; `password_file` keeps it out of the
+    /// configuration).
+    pub(crate) fn url_has_password(&self) -> bool {
+        DatabaseUrl::parse(&self.url).is_ok_and(|url| url.has_inline_password())
+    }
+
     /// What `dangerous_allow_plaintext` is letting through: the error the connection would be
     /// refused with without it (`None` if it would not be refused, or for SQLite).
     pub(crate) fn plaintext_allowed_only_by_the_flag(

@@ -23,6 +23,12 @@ pub(crate) async fn key_store(config: &Config) -> anyhow::Result<DieselKeyStore>
              anyone on the network path can read and alter the key store"
         );
     }
+    if config.database.url_has_password() {
+        tracing::warn!(
+            "database.url carries the database password: whoever reads the configuration file \
+             or the variable that set it reads the password; put it in database.password_file"
+        );
+    }
     let options = PoolOptions {
         max_size: config.database.max_connections,
         connection_timeout: std::time::Duration::from_millis(config.database.connect_timeout_ms),

@@ -84,6 +84,55 @@ fn a_pin_from_the_environment_is_removed_from_it_at_start_up() {
     );
 }
 
+/// Tried: the password written into `database.url` as user information, then as a `password=`
+/// parameter; then the same URL without it.
+#[test]
+fn check_warns_when_the_database_url_carries_the_password_and_never_prints_it() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let hsm = "module = \"/nonexistent.so\"\ntoken_label = \"t\"\nuser_pin_file = \"pin\"";
+    let path = config(dir.path(), "driver.toml", hsm);
+    let text = std::fs::read_to_string(&path).expect("reading the configuration");
+    // Nothing listens on port 1 of 127.0.0.1: the database check fails, the warning stands.
+    for url in [
+        "postgres://driver:pw-in-the-url-7f3a@127.0.0.1:1/keys",
+        "postgres://driver@127.0.0.1:1/keys?password=pw-in-the-url-7f3a",
+    ] {
+        std::fs::write(
+            &path,
+            text.replace("url = \"sqlite://keys.db\"", &format!("url = \"{url}\"")),
+        )
+        .expect("writing the configuration");
+        let output = hsm_driver(&path, "check", &[]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+        assert!(
+            stdout.contains("[warn] database password: database.url carries it")
+                && stdout.contains("database.password_file"),
+            "{url}: {stdout}"
+        );
+        assert!(
+            !stdout.contains("pw-in-the-url-7f3a") && !stderr.contains("pw-in-the-url-7f3a"),
+            "{url}: the password was printed: {stdout} {stderr}"
+        );
+    }
+    std::fs::write(
+        &path,
+        text.replace(
+            "url = \"sqlite://keys.db\"",
+            "url = \"postgres://driver@127.0.0.1:1/keys\"",
+        ),
+    )
+    .expect("writing the configuration");
+    let output = hsm_driver(&path, "check", &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("database") && !stdout.contains("[warn] database password"),
+        "a URL without a password is not warned about: {stdout}"
+    );
+}
+
 #[test]
 fn check_warns_when_only_the_dangerous_flag_lets_a_plaintext_database_through() {
     let dir = tempfile::tempdir().expect("a temporary directory");

@@ -97,6 +97,16 @@ impl DatabaseUrl {
         }
     }
 
+    /// Whether the URL itself carries a password (`user:password@`, or a `password=` parameter):
+    /// then whoever reads the URL's source (a configuration file, an environment variable)
+    /// reads the password.
+    pub fn has_inline_password(&self) -> bool {
+        match self {
+            DatabaseUrl::Postgres(url) => matches!(redact_password(url), Cow::Owned(_)),
+            DatabaseUrl::Sqlite(_) => false,
+        }
+    }
+
     /// The string handed to the database driver. Contains any password in clear: never log it.
     pub(crate) fn connection_string(&self) -> &str {
         match self {
@@ -198,6 +208,26 @@ pub(crate) fn redact_password(url: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tried: a password as user information, as a query parameter, as `sslpassword`; a URL
+    /// with a user only; another parameter; an SQLite path that looks like user information.
+    #[test]
+    fn a_password_in_the_url_is_told_apart() {
+        for (url, inline) in [
+            ("postgres://driver:s3cret@db.example/keys", true),
+            ("postgresql://driver@db.example/keys?password=s3cret", true),
+            ("postgres://driver@db.example/keys?sslpassword=s3cret", true),
+            ("postgres://driver@db.example/keys", false),
+            (
+                "postgres://driver@db.example/keys?sslmode=verify-full",
+                false,
+            ),
+            ("sqlite://user:pass@keys.db", false),
+        ] {
+            let parsed = DatabaseUrl::parse(url).expect("a valid URL");
+            assert_eq!(parsed.has_inline_password(), inline, "{url}");
+        }
+    }
 
     #[test]
     fn redaction_hides_passwords_in_user_info_and_query() {

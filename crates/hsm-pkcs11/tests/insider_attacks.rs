@@ -700,8 +700,8 @@ async fn a_trusted_key_the_user_makes_opens_keys_under_an_extractable_template_o
 #[tokio::test(flavor = "multi_thread")]
 async fn the_master_key_is_refused_with_any_mechanism_but_its_key_wrap_ones() {
     // Tried: C_UnwrapKey of a stored blob under the master key with CKM_AES_CBC_PAD (a padding
-    // oracle, where a token runs it) and CKM_AES_ECB, and C_Decrypt with CKM_AES_ECB, against
-    // the seed's key (no CKA_ALLOWED_MECHANISMS) and ours.
+    // oracle, where a token runs it) and CKM_AES_ECB, against the seed's key (no
+    // CKA_ALLOWED_MECHANISMS) and ours.
     let attempt = |token: TestToken| {
         blocking(move || {
             let session = token.login_session().unwrap();

@@ -529,53 +529,87 @@ mod tests {
         assert!(matches!(e, HsmError::InvalidPublicKey { .. }), "{e}");
     }
 
+    /// `(r, n - s)` on `scheme`'s curve: the high-s twin's raw bytes and DER.
+    fn high_s_twin(scheme: KeyScheme, r: &[u8; 32], s: &[u8; 32]) -> ([u8; 32], Vec<u8>) {
+        macro_rules! twin {
+            ($ecdsa:ident) => {{
+                let low = $ecdsa::ecdsa::Signature::from_scalars(*r, *s).unwrap();
+                let (r, s) = low.split_scalars();
+                let high =
+                    $ecdsa::ecdsa::Signature::from_scalars(r.to_bytes(), (-*s).to_bytes()).unwrap();
+                let (_, high_s) = high.split_bytes();
+                (high_s.into(), high.to_der().as_bytes().to_vec())
+            }};
+        }
+        match scheme {
+            KeyScheme::EcdsaSecp256k1 => twin!(k256),
+            KeyScheme::EcdsaP256 => twin!(p256),
+            KeyScheme::Ed25519 => unreachable!("not ECDSA"),
+        }
+    }
+
+    /// Tried, on secp256k1 and P-256: a finished signature's high-s twin with its own DER and
+    /// the other recovery id (negating s negates R), a valid ECDSA signature that nothing but
+    /// the low-s rule refuses; and the finished signature with the other recovery id.
     #[test]
     fn verify_rejects_high_s_and_a_wrong_recid() {
-        let key = K1SigningKey::from_slice(&[7u8; 32]).unwrap();
-        let public = key.verifying_key().to_encoded_point(true);
+        let k1 = K1SigningKey::from_slice(&[7u8; 32]).unwrap();
+        let p256 = P256SigningKey::from_slice(&[7u8; 32]).unwrap();
         let d = digest(5);
-        let finished = finish_ecdsa(KeyScheme::EcdsaSecp256k1, public.as_bytes(), &d, &{
-            let (sig, _): (k256::ecdsa::Signature, _) = key.sign_prehash(&d).unwrap();
-            sig.to_bytes()
-        })
-        .unwrap();
-        let Signature::Ecdsa { r, s, recid, der } = finished else {
-            panic!("not ECDSA");
-        };
-        let mut raw = [0u8; 64];
-        raw[..32].copy_from_slice(&r);
-        raw[32..].copy_from_slice(&s);
-        let high = negate_s_k1(&raw);
-        let tampered = [
-            Signature::Ecdsa {
+        let (k1_sig, _): (k256::ecdsa::Signature, _) = k1.sign_prehash(&d).unwrap();
+        let (p256_sig, _): (p256::ecdsa::Signature, _) = p256.sign_prehash(&d).unwrap();
+        let cases: [(KeyScheme, Vec<u8>, [u8; 64]); 2] = [
+            (
+                KeyScheme::EcdsaSecp256k1,
+                k1.verifying_key()
+                    .to_encoded_point(true)
+                    .as_bytes()
+                    .to_vec(),
+                k1_sig.to_bytes().into(),
+            ),
+            (
+                KeyScheme::EcdsaP256,
+                p256.verifying_key()
+                    .to_encoded_point(true)
+                    .as_bytes()
+                    .to_vec(),
+                p256_sig.to_bytes().into(),
+            ),
+        ];
+        for (scheme, public, raw) in cases {
+            let payload = SignPayload::Digest(d);
+            let finished = finish_ecdsa(scheme, &public, &d, &raw).unwrap();
+            verify(scheme, &public, &payload, &finished).expect("the finished signature");
+            let Signature::Ecdsa { r, s, recid, der } = finished else {
+                panic!("not ECDSA");
+            };
+            let (high_s, high_der) = high_s_twin(scheme, &r, &s);
+            assert_ne!(high_s, s, "{scheme}: the twin's s is n - s");
+            let high = Signature::Ecdsa {
                 r,
-                s: high[32..].try_into().unwrap(),
-                recid,
-                der: der.clone(),
-            },
-            Signature::Ecdsa {
+                s: high_s,
+                recid: recid ^ 1,
+                der: high_der,
+            };
+            let other_recid = Signature::Ecdsa {
                 r,
                 s,
                 recid: recid ^ 1,
-                der: der.clone(),
-            },
-        ];
-        for sig in tampered {
-            assert!(
-                verify(
-                    KeyScheme::EcdsaSecp256k1,
-                    public.as_bytes(),
-                    &SignPayload::Digest(d),
-                    &sig
-                )
-                .is_err()
-            );
+                der,
+            };
+            for (what, sig) in [("high s", high), ("the other recid", other_recid)] {
+                let e = verify(scheme, &public, &payload, &sig).unwrap_err();
+                assert!(
+                    matches!(e, HsmError::VerificationFailed { .. }),
+                    "{scheme}, {what}: {e}"
+                );
+            }
         }
     }
 
     #[test]
     fn ed25519_signatures_are_verified_strictly() {
-        use ed25519_dalek::Signer;
+        use ed25519_dalek::{Signer, Verifier};
         let key = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
         let public = key.verifying_key().to_bytes();
         let sig = key.sign(b"hello").to_bytes();
@@ -589,6 +623,27 @@ mod tests {
         .unwrap();
         assert!(finish_ed25519(&public, b"hellO", &sig).is_err());
         assert!(finish_ed25519(&public, b"hello", &sig[..63]).is_err());
+
+        // A small-order public key (the identity) with R the identity and S = 0 satisfies the
+        // cofactorless equation for every message: a non-strict verifier accepts it.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut forged = [0u8; 64];
+        forged[..32].copy_from_slice(&identity);
+        let weak = ed25519_dalek::VerifyingKey::from_bytes(&identity).unwrap();
+        let forged_sig = ed25519_dalek::Signature::from_bytes(&forged);
+        assert!(
+            weak.verify(b"any message", &forged_sig).is_ok(),
+            "the forgery passes a non-strict verifier"
+        );
+        let e = finish_ed25519(&identity, b"any message", &forged).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                HsmError::VerificationFailed { .. } | HsmError::InvalidPublicKey { .. }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

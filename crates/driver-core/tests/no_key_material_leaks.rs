@@ -109,7 +109,11 @@ async fn private_keys_never_appear_in_logs_errors_or_the_database() {
         .await
         .unwrap();
     assert_eq!(bad.status, "Failed");
-    let errors = bad.reason.unwrap_or_default();
+    let errors = bad.reason.expect("a failed signature carries its reason");
+    assert!(
+        !errors.is_empty(),
+        "the failure's reason is the error text scanned below"
+    );
 
     stop.send(()).unwrap();
     running.await.unwrap();

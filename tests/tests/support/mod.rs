@@ -112,6 +112,19 @@ impl Drop for TestDir {
 /// leaves no private key on its token.
 pub(crate) async fn stop_cleanly(cluster: hsm_driver_e2e::Cluster) {
     let stop = cluster.stop().await.expect("the drivers stop");
+    // Every drill ends with all its drivers running: one that crashed on the way has no exit
+    // status here, and must not pass for one that exited 0.
+    let exited: Vec<&str> = stop
+        .driver_exits
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .collect();
+    for (id, _) in &stop.token_private_keys {
+        assert!(
+            exited.contains(&id.as_str()),
+            "{id} was no longer running when the drill stopped it"
+        );
+    }
     for (id, status) in &stop.driver_exits {
         assert!(status.success(), "{id} exits 0 on SIGTERM: {status}");
     }

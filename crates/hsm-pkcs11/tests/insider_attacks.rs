@@ -732,9 +732,18 @@ async fn the_master_key_is_refused_with_any_mechanism_but_its_key_wrap_ones() {
         ),
         "CKA_ALLOWED_MECHANISMS"
     );
+    // The seed's key shows what CKA_ALLOWED_MECHANISMS adds. Kryoptic runs both mechanisms
+    // on it (they get as far as the template); SoftHSMv2 unwraps with neither on any key, so
+    // there the refusal above is the token's own and this test cannot tell the attribute's.
     let seed = attempt(token_with(Some(MasterKeyHazard::AsProvisionedBefore)).await).await;
-    eprintln!(
-        "[{}] other mechanisms on the seed's key: {seed:?}",
+    let expected = match kind() {
+        TokenKind::SoftHsm2 => Err(RvError::MechanismInvalid),
+        TokenKind::Kryoptic => Err(RvError::TemplateInconsistent),
+    };
+    assert_eq!(
+        seed,
+        (expected.clone(), expected),
+        "[{}] other mechanisms on the seed's key",
         kind().name()
     );
 }

@@ -88,6 +88,12 @@ async fn drill(cluster: &mut Cluster, timeline: &mut Timeline) -> anyhow::Result
         .await?;
     timeline.mark(&format!("driver-1 not ready: {}", readyz.body.trim()));
     let not_ready_after = timeline.elapsed();
+    // A job's HSM call gives up after `operation_deadline_ms` (1 s) and the check after
+    // `check_deadline_ms` (3 s): the driver notices within seconds, not never.
+    ensure!(
+        not_ready_after < Duration::from_secs(6),
+        "driver-1 took {not_ready_after:?} to notice its HSM hung"
+    );
     let view = cluster
         .wait_driver_view(
             "driver-1",

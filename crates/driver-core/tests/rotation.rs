@@ -233,11 +233,31 @@ async fn every_record_moves_once_and_signs_under_the_new_key(setup: Setup) {
         sign_with(&both, &record)
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", record.key_id));
+        // The moved record is not usable as an old-key record: relabelled, its MAC refuses
+        // it; and its new blob does not unwrap under the old key, MAC or not.
         let mut under_old = record.clone();
         under_old.master_key_fingerprint = old.clone();
+        let relabelled = sign_with(&both, &under_old).await.unwrap_err();
+        assert!(relabelled.is_record_tampered(), "{relabelled}");
+        let unwrapped = both
+            .sign_under(
+                &old,
+                SignRequest {
+                    scheme: record.scheme,
+                    public_key: record.public_key.clone(),
+                    wrapped: WrappedKey {
+                        blob: record.wrapped_key.clone(),
+                        mechanism: record.wrap_mechanism,
+                    },
+                    payload: SignPayload::Digest([9; 32]),
+                },
+            )
+            .await
+            .unwrap_err();
         assert!(
-            sign_with(&both, &under_old).await.is_err(),
-            "the moved record is not usable as an old-key record"
+            matches!(unwrapped, HsmError::UnwrapFailed { .. }),
+            "{}: {unwrapped}",
+            record.key_id
         );
     }
     // The ledger holds one KeyRewrap entry per record, MACed in the HSM, in its own chain.

@@ -331,15 +331,21 @@ async fn a_key_unwrapped_extractable_cannot_be_wrapped_under_a_key_the_insider_k
             .unwrap_err());
         assert_eq!(refused, expected);
         // Clearing CKA_WRAP_WITH_TRUSTED, in place or on a copy, is refused.
-        assert!(
-            session
-                .update_attributes(key, &[Attribute::WrapWithTrusted(false)])
-                .is_err()
-        );
-        assert!(
-            session
-                .copy_object(key, &[Attribute::WrapWithTrusted(false)])
-                .is_err()
+        let cleared = session
+            .update_attributes(key, &[Attribute::WrapWithTrusted(false)])
+            .map_err(rv);
+        let copied = session
+            .copy_object(key, &[Attribute::WrapWithTrusted(false)])
+            .map(drop)
+            .map_err(rv);
+        assert_eq!(
+            (cleared, copied),
+            (
+                Err(RvError::ActionProhibited),
+                Err(RvError::ActionProhibited)
+            ),
+            "CKA_WRAP_WITH_TRUSTED cannot be cleared (it is a sticky attribute, and the key is \
+             neither modifiable nor copyable)"
         );
         session.destroy_object(key).unwrap();
         // And unwrapping with CKA_WRAP_WITH_TRUSTED=false is refused outright.

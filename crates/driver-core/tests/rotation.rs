@@ -120,20 +120,22 @@ async fn sign_with(hsm: &Pkcs11Hsm, record: &KeyRecord) -> Result<(), HsmError> 
     let mac = <[u8; 32]>::try_from(record.record_mac.as_slice()).unwrap();
     hsm.verify_record_mac_under(&record.master_key_fingerprint, record.mac_message(), mac)
         .await?;
-    hsm.sign_under(
-        &record.master_key_fingerprint,
-        SignRequest {
-            scheme: record.scheme,
-            public_key: record.public_key.clone(),
-            wrapped: WrappedKey {
-                blob: record.wrapped_key.clone(),
-                mechanism: record.wrap_mechanism,
-            },
-            payload: SignPayload::Digest([9; 32]),
+    hsm.sign_under(&record.master_key_fingerprint, request(record))
+        .await
+        .map(drop)
+}
+
+/// A signature request with `record`'s key.
+fn request(record: &KeyRecord) -> SignRequest {
+    SignRequest {
+        scheme: record.scheme,
+        public_key: record.public_key.clone(),
+        wrapped: WrappedKey {
+            blob: record.wrapped_key.clone(),
+            mechanism: record.wrap_mechanism,
         },
-    )
-    .await
-    .map(drop)
+        payload: SignPayload::Digest([9; 32]),
+    }
 }
 
 /// Runs a rotation to `new` in the chain `driver-r.rotation`, reporting each record to
@@ -239,21 +241,7 @@ async fn every_record_moves_once_and_signs_under_the_new_key(setup: Setup) {
         under_old.master_key_fingerprint = old.clone();
         let relabelled = sign_with(&both, &under_old).await.unwrap_err();
         assert!(relabelled.is_record_tampered(), "{relabelled}");
-        let unwrapped = both
-            .sign_under(
-                &old,
-                SignRequest {
-                    scheme: record.scheme,
-                    public_key: record.public_key.clone(),
-                    wrapped: WrappedKey {
-                        blob: record.wrapped_key.clone(),
-                        mechanism: record.wrap_mechanism,
-                    },
-                    payload: SignPayload::Digest([9; 32]),
-                },
-            )
-            .await
-            .unwrap_err();
+        let unwrapped = both.sign_under(&old, request(&record)).await.unwrap_err();
         assert!(
             matches!(unwrapped, HsmError::UnwrapFailed { .. }),
             "{}: {unwrapped}",

@@ -748,7 +748,7 @@ async fn the_master_key_is_refused_with_any_mechanism_but_its_key_wrap_ones() {
     };
     assert_eq!(
         seed,
-        (expected.clone(), expected),
+        (expected, expected),
         "[{}] other mechanisms on the seed's key",
         kind().name()
     );

@@ -4,6 +4,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use custody_model::{Hsm, KeyScheme};
@@ -353,14 +354,20 @@ async fn shutdown_stops_leasing_and_returns_with_nothing_in_flight() {
         ["test-driver"],
         "a clean shutdown deregisters, so the API stops counting the driver as live at once"
     );
-    // Tried: a job queued after shutdown is never leased.
+    // Tried: a job queued after shutdown, given time a live lease loop would take (it leases
+    // within milliseconds), is never leased.
+    let leases = source.leases.load(Ordering::SeqCst);
     source.push(
         "job-late",
         keygen("key-late", Scheme::Ecdsa, Curve::Secp256r1),
     );
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        source.queue.lock().unwrap().len(),
-        1,
+        (
+            source.queue.lock().unwrap().len(),
+            source.leases.load(Ordering::SeqCst)
+        ),
+        (1, leases),
         "nothing leases after shutdown"
     );
 }

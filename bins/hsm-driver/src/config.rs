@@ -603,6 +603,12 @@ fn default_wrap_mechanism() -> String {
 fn default_database_url() -> String {
     "sqlite://hsm-driver.db".to_owned()
 }
+// Upper bounds: a value past them is a typo, and would otherwise fail later as an allocation
+// or a thread the host cannot give (a panic at start-up, not an error naming the field).
+const MAX_WORKERS: usize = 4096;
+const MAX_SESSIONS: usize = 1024;
+const MAX_HOT_KEYS: usize = 1_000_000;
+
 fn default_max_connections() -> u32 {
     8
 }
@@ -711,8 +717,8 @@ impl Config {
         if !(1..=1_000).contains(&self.ledger.max_group) {
             bail!("ledger.max_group: must be between 1 and 1000");
         }
-        if self.driver.workers == 0 {
-            bail!("driver.workers: must be at least 1");
+        if !(1..=MAX_WORKERS).contains(&self.driver.workers) {
+            bail!("driver.workers: must be between 1 and {MAX_WORKERS}");
         }
         if self.driver.lease_batch == 0
             || self.driver.lease_batch > dfns_api_client::protocol::MAX_LEASE_BATCH
@@ -752,9 +758,16 @@ impl Config {
         if self.hsm.sessions == Some(0) {
             bail!("hsm.sessions: must be at least 1");
         }
+        if self.sessions() > MAX_SESSIONS {
+            bail!(
+                "hsm.sessions: at most {MAX_SESSIONS} (one thread and one logged-in session each; \
+                 it defaults to driver.workers, {} here)",
+                self.driver.workers
+            );
+        }
         if let Some(hot) = &self.hsm.hot_keys {
-            if hot.capacity == 0 {
-                bail!("hsm.hot_keys.capacity: must be at least 1");
+            if !(1..=MAX_HOT_KEYS).contains(&hot.capacity) {
+                bail!("hsm.hot_keys.capacity: must be between 1 and {MAX_HOT_KEYS}");
             }
             if hot.ttl_ms == 0 {
                 bail!("hsm.hot_keys.ttl_ms: must be at least 1");
@@ -1001,6 +1014,29 @@ user_pin_file = "pin"
         let text = format!("{GOOD}[database]\nconnect_timeout_ms = 0\n");
         let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
         assert!(err.contains("database.connect_timeout_ms"), "{err}");
+        // Tried: absurdly many workers, sessions (set, or defaulting to the workers) and hot
+        // keys: refused at load, not a panic allocating them.
+        for (field, text) in [
+            (
+                "driver.workers",
+                GOOD.replace(
+                    "id = \"drv-1\"",
+                    "id = \"drv-1\"\nworkers = 4611686018427387904",
+                ),
+            ),
+            (
+                "hsm.sessions",
+                GOOD.replace("id = \"drv-1\"", "id = \"drv-1\"\nworkers = 2000"),
+            ),
+            ("hsm.sessions", format!("{GOOD}sessions = 100000\n")),
+            (
+                "hsm.hot_keys.capacity",
+                format!("{GOOD}[hsm.hot_keys]\ncapacity = 9223372036854775807\nttl_ms = 1000\n"),
+            ),
+        ] {
+            let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+            assert!(err.contains(field), "{field}: {err}");
+        }
         // Tried: hot keys with no capacity, and with no time-to-live.
         for (field, section) in [
             ("capacity", "capacity = 0\nttl_ms = 1000"),

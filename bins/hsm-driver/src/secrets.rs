@@ -118,7 +118,10 @@ pub(crate) fn database_password(
         .transpose()
 }
 
-/// Reads the first line of a secret file, refusing one others may read.
+/// The largest secret file read (a PIN or a password is a line; this is far past any).
+const MAX_SECRET_FILE: usize = 64 * 1024;
+
+/// Reads the first line of a secret file, refusing one others may read or too large to be one.
 fn read_first_line(
     path: &Path,
     section: &str,
@@ -132,10 +135,14 @@ fn read_first_line(
     refuse_mode(&meta, path, section, field, allow_readable)?;
     // Room for the whole file up front, so the buffer is never reallocated (which would leave
     // an unwiped copy behind); the extra byte lets `read_to_end` see the end without growing.
-    let size = file
-        .metadata()
-        .map(|m| usize::try_from(m.len()).unwrap_or(usize::MAX))
-        .unwrap_or(0);
+    let size = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+    if size > MAX_SECRET_FILE {
+        bail!(
+            "{section}.{field}: {} is {size} bytes, more than a secret file holds (at most \
+             {MAX_SECRET_FILE})",
+            path.display()
+        );
+    }
     let mut bytes = Zeroizing::new(Vec::with_capacity(size.saturating_add(1)));
     file.read_to_end(&mut bytes).with_context(cannot_read)?;
     let text = std::str::from_utf8(&bytes)
@@ -267,6 +274,29 @@ mod tests {
             allowed.dangerous_allow_readable_secrets = true;
             assert_eq!(user_pin(&allowed).unwrap().expose_secret(), "123456");
         }
+    }
+
+    /// Tried: a private PIN file of 64 KiB and one byte (a sparse file of 1 TiB would read the
+    /// same size from its metadata): refused before anything is allocated or read.
+    #[test]
+    fn a_secret_file_larger_than_a_secret_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = "1".repeat(MAX_SECRET_FILE + 1);
+        let path = secret_file(dir.path(), "pin-big", &big, 0o600);
+        let err = format!("{:#}", user_pin(&section(Some(&path), None)).unwrap_err());
+        assert!(
+            err.contains("hsm.user_pin_file") && err.contains("more than a secret file holds"),
+            "{err}"
+        );
+        let path = secret_file(dir.path(), "pin-fits", &"1".repeat(MAX_SECRET_FILE), 0o600);
+        assert_eq!(
+            user_pin(&section(Some(&path), None))
+                .unwrap()
+                .expose_secret()
+                .len(),
+            MAX_SECRET_FILE,
+            "a file at the limit is read"
+        );
     }
 
     #[test]

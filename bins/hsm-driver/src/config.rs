@@ -19,6 +19,15 @@ use wrapped_keystore::{DatabaseUrl, PgConnectOptions};
 /// field of every section appears in it, it loads, and the README's block is this text).
 pub(crate) const REFERENCE: &str = include_str!("../config-reference.toml");
 
+/// Upper bounds checked at load: a value past them is a typo, and would otherwise fail later as
+/// an allocation or a thread the host cannot give (a panic at start-up, not an error naming the
+/// field).
+const MAX_WORKERS: usize = 4096;
+/// See [`MAX_WORKERS`].
+const MAX_SESSIONS: usize = 1024;
+/// See [`MAX_WORKERS`].
+const MAX_HOT_KEYS: usize = 1_000_000;
+
 /// Prefix of environment overrides: `HSM_DRIVER__API__URL=https://…` sets `api.url`.
 pub(crate) const ENV_PREFIX: &str = "HSM_DRIVER";
 
@@ -603,12 +612,6 @@ fn default_wrap_mechanism() -> String {
 fn default_database_url() -> String {
     "sqlite://hsm-driver.db".to_owned()
 }
-// Upper bounds: a value past them is a typo, and would otherwise fail later as an allocation
-// or a thread the host cannot give (a panic at start-up, not an error naming the field).
-const MAX_WORKERS: usize = 4096;
-const MAX_SESSIONS: usize = 1024;
-const MAX_HOT_KEYS: usize = 1_000_000;
-
 fn default_max_connections() -> u32 {
     8
 }

@@ -438,11 +438,12 @@ mod tests {
 
     /// `n - s` for secp256k1, big-endian: turns a low-s signature into its high-s twin.
     fn negate_s_k1(raw: &[u8; 64]) -> [u8; 64] {
-        let sig = k256::ecdsa::Signature::from_slice(raw).unwrap();
-        let (r, s) = sig.split_scalars();
-        let high = -*s;
-        let twin = k256::ecdsa::Signature::from_scalars(r.to_bytes(), high.to_bytes()).unwrap();
-        twin.to_bytes().into()
+        let (r, s) = raw.split_at(32);
+        let (r, s): ([u8; 32], [u8; 32]) = (r.try_into().unwrap(), s.try_into().unwrap());
+        let (high_s, _) = high_s_twin(KeyScheme::EcdsaSecp256k1, &r, &s);
+        let mut twin = *raw;
+        twin[32..].copy_from_slice(&high_s);
+        twin
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub(crate) struct JobCounts {
     pub(crate) store_statements: f64,
     /// HTTP requests the simulator received from the driver (`driverRequests`).
     pub(crate) http_requests: f64,
+    /// The driver's context switches, all threads ([`procfs::context_switches`]): its
+    /// wake-ups. Not a target; a count that timing noise does not move much.
+    pub(crate) context_switches: f64,
 }
 
 /// A throughput per curve.
@@ -548,8 +551,9 @@ struct Reading {
     client_cpu: Duration,
     machine_busy: Duration,
     machine_total: Duration,
-    /// (HSM requests, verifications, store statements, driver HTTP requests) so far.
-    counts: [u64; 4],
+    /// (HSM requests, verifications, store statements, driver HTTP requests, the driver's
+    /// context switches) so far.
+    counts: [u64; 5],
     at: Instant,
 }
 
@@ -579,6 +583,7 @@ impl<'a> Meter<'a> {
             counter(&metrics, "hsm_driver_signature_verifications_total"),
             counter(&metrics, "hsm_driver_store_statements_total"),
             stats.driver_requests,
+            procfs::context_switches(self.driver)?,
         ];
         let completed = stats.completed;
         let (machine_busy, machine_total) = procfs::machine_cpu()?;
@@ -663,7 +668,7 @@ impl<'a> Meter<'a> {
                     if jobs == 0 {
                         0.0
                     } else {
-                        (after.counts[i] - before.counts[i]) as f64 / jobs as f64
+                        after.counts[i].saturating_sub(before.counts[i]) as f64 / jobs as f64
                     }
                 };
                 JobCounts {
@@ -671,6 +676,7 @@ impl<'a> Meter<'a> {
                     verifications: per(1),
                     store_statements: per(2),
                     http_requests: per(3),
+                    context_switches: per(4),
                 }
             },
         })

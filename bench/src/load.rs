@@ -185,6 +185,38 @@ impl ClosedLoop {
     }
 }
 
+/// Sends `count` requests of `work`, `in_flight` outstanding at a time (each lane sends its
+/// next as soon as its previous one is answered), and waits for every answer. Every
+/// signature is verified independently.
+///
+/// # Errors
+/// The first failed request.
+pub(crate) async fn exactly(
+    app: &AppClient,
+    work: &Arc<Work>,
+    in_flight: usize,
+    count: u64,
+) -> anyhow::Result<()> {
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut lanes = JoinSet::new();
+    for _ in 0..in_flight.max(1) {
+        let (app, work, counter) = (app.clone(), Arc::clone(work), Arc::clone(&counter));
+        lanes.spawn(async move {
+            loop {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                if n >= count {
+                    return anyhow::Ok(());
+                }
+                one(&app, &work, n, true).await?;
+            }
+        });
+    }
+    while let Some(lane) = lanes.join_next().await {
+        lane.context("a load lane panicked")??;
+    }
+    Ok(())
+}
+
 /// Sends requests at `rate` per second for `window` (on schedule, whatever the answers do),
 /// then waits for every answer. Every signature is verified independently (the rate is half
 /// the saturation rate or less: there is CPU to spare).

@@ -31,12 +31,15 @@
 //! - [`pinned`]: the pinned ratio, the anchor and then the driver alone on one core.
 //! - [`store`]: the key store alone on PostgreSQL, 1 to 64 concurrent writers or readers (the
 //!   inputs of the cluster's capacity model).
+//! - [`instructions`] (`--instructions`, instead of the timed run): the driver's
+//!   instructions per signature, counted by callgrind, with a profile of its own threads.
 //! - [`report`] and [`svg`]: the targets, the table, the files.
 
 mod anchor;
 mod batching;
 mod e2e;
 mod hot_keys;
+mod instructions;
 mod kryoptic;
 mod load;
 mod pinned;
@@ -121,6 +124,11 @@ struct RunArgs {
     /// 1000,100000,1000000 in a full one).
     #[arg(long, value_delimiter = ',')]
     stored_keys: Option<Vec<u64>>,
+    /// Instead of the timed run: the driver's instructions per signature, counted by callgrind
+    /// (valgrind), which no other load on the machine moves, with a profile of its own threads
+    /// per curve (`instructions.json`, `instructions-<curve>.txt`).
+    #[arg(long)]
+    instructions: bool,
 }
 
 /// The child processes a run starts (not for direct use).
@@ -213,6 +221,23 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
             Some(HsmModule::new(TokenKind::Kryoptic, path.clone()))
         }
     };
+
+    if args.instructions {
+        if let Some(why) = instructions::unavailable() {
+            anyhow::bail!("--instructions: {why}");
+        }
+        let result = instructions::run(&plan, &setup, &args.out, &say).await?;
+        std::fs::write(
+            args.out.join("instructions.json"),
+            serde_json::to_string_pretty(&result)?,
+        )?;
+        println!("{}", instructions::table(&result));
+        say(&format!(
+            "wrote instructions.json and the profiles to {}",
+            args.out.display()
+        ));
+        return Ok(());
+    }
 
     say("raw anchor (direct PKCS#11)");
     let anchor = anchor::run(

@@ -118,6 +118,8 @@ pub(crate) struct Plan {
     pub(crate) store_warmup: Duration,
     #[serde(with = "millis")]
     pub(crate) store_window: Duration,
+    /// Signatures per curve counted under callgrind (`--instructions`).
+    pub(crate) instruction_signatures: u64,
 }
 
 /// The report linger of the batching comparison's "all on" driver, in milliseconds: at most
@@ -177,6 +179,7 @@ impl Plan {
             hot_key_ttl: s(60),
             store_warmup: if quick { ms(300) } else { s(1) },
             store_window: if quick { ms(1500) } else { s(5) },
+            instruction_signatures: if quick { 256 } else { 1024 },
         }
     }
 }

@@ -58,6 +58,40 @@ pub(crate) fn threads_cpu_time(pid: u32, prefix: &str) -> anyhow::Result<Duratio
     Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
 }
 
+/// Context switches of every thread of process `pid` (`voluntary_ctxt_switches` and
+/// `nonvoluntary_ctxt_switches` of each `/proc/<pid>/task/<tid>/status`): each is a thread
+/// going to sleep or being preempted, so per job they count the wake-ups a job costs. A thread
+/// that ends between two readings takes its count with it.
+///
+/// # Errors
+/// If the task directory cannot be read.
+pub(crate) fn context_switches(pid: u32) -> anyhow::Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut switches = 0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        switches += parse_context_switches(&status);
+    }
+    Ok(switches)
+}
+
+/// The sum of the two `*ctxt_switches:` lines of a `status` file (0 for a missing line).
+fn parse_context_switches(status: &str) -> u64 {
+    status
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            matches!(
+                name,
+                "voluntary_ctxt_switches" | "nonvoluntary_ctxt_switches"
+            )
+            .then(|| value.trim().parse::<u64>().ok())?
+        })
+        .sum()
+}
+
 /// `utime + stime` (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field 2)
 /// is in parentheses and may contain spaces: fields are counted after its closing `)`.
 fn parse_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
@@ -133,6 +167,16 @@ mod tests {
                     100 200000000 3000 18446744073709551615";
         assert_eq!(parse_cpu_ticks(stat).ok(), Some(325));
         assert!(parse_cpu_ticks("1 (x) S 1").is_err());
+    }
+
+    #[test]
+    fn context_switches_add_both_kinds() {
+        let status = "Name:\thsm-driver\nvoluntary_ctxt_switches:\t1200\n\
+                      nonvoluntary_ctxt_switches:\t34\n";
+        assert_eq!(parse_context_switches(status), 1234);
+        // Tried: a status without the lines (another kernel): 0, not an error.
+        assert_eq!(parse_context_switches("Name:\tx\n"), 0);
+        assert!(context_switches(std::process::id()).is_ok_and(|n| n > 0));
     }
 
     #[test]

@@ -1004,6 +1004,7 @@ impl Report {
                         ("verifications_per_job", c.verifications),
                         ("store_statements_per_job", c.store_statements),
                         ("http_requests_per_job", c.http_requests),
+                        ("context_switches_per_job", c.context_switches),
                     ] {
                         row(kind, &s.store, &m.curve, p.clone(), metric, value, "count");
                     }
@@ -1175,6 +1176,7 @@ impl Report {
                     ("verifications_per_job", c.verifications, ""),
                     ("store_statements_per_job", c.store_statements, ""),
                     ("http_requests_per_job", c.http_requests, ""),
+                    ("context_switches_per_job", c.context_switches, ""),
                     ("latency_p50", side.latency.total.p50_ms, "ms"),
                     ("latency_p99", side.latency.total.p99_ms, "ms"),
                 ] {
@@ -1370,7 +1372,7 @@ fn anchor_rows(
 /// trips to the HSM's workers), the engine's software verifications, key store statements
 /// (PostgreSQL round trips) and HTTP requests to the API. Counted, not timed: the same on any
 /// machine.
-const COUNT_HEADER: &str = "  hsm/job ver/job  db/job http/job";
+const COUNT_HEADER: &str = "  hsm/job ver/job  db/job http/job  cs/job";
 
 /// The headers of [`cpu_cells`].
 fn cpu_header() -> String {
@@ -1388,7 +1390,7 @@ fn cpu_header() -> String {
 fn cpu_cells(th: &Throughput, anchor: Option<f64>) -> String {
     let c = &th.counts;
     format!(
-        "{:>7.3} {:>7.3} {:>7.3} {:>7} {:>7.3} {:>7.3} {:>8.3} {:>5.0}%   {:>7.2} {:>7.2} {:>7.2} {:>8.2}",
+        "{:>7.3} {:>7.3} {:>7.3} {:>7} {:>7.3} {:>7.3} {:>8.3} {:>5.0}%   {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>7.1}",
         th.driver_cpu_ms_per_job,
         th.driver_hsm_threads_cpu_ms_per_job,
         own_cpu_ms(th),
@@ -1401,6 +1403,7 @@ fn cpu_cells(th: &Throughput, anchor: Option<f64>) -> String {
         c.verifications,
         c.store_statements,
         c.http_requests,
+        c.context_switches,
     )
 }
 

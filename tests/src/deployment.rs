@@ -49,6 +49,9 @@ pub struct DeploymentOptions {
     pub traces: Option<TraceSettings>,
     /// The driver's record cache; `None` (default): its own (on).
     pub record_cache: Option<RecordCacheSettings>,
+    /// A program the driver's `run` is started under ([`DriverSettings::run_under`]);
+    /// empty (default): none.
+    pub run_under: Vec<String>,
 }
 
 impl DeploymentOptions {
@@ -69,6 +72,7 @@ impl DeploymentOptions {
             batching: Batching::default(),
             traces: None,
             record_cache: None,
+            run_under: Vec::new(),
         }
     }
 }
@@ -138,6 +142,7 @@ impl Deployment {
         settings.batching = options.batching;
         settings.traces = options.traces.clone();
         settings.record_cache = options.record_cache;
+        settings.run_under.clone_from(&options.run_under);
         let api_url = sim.driver_url();
         // `pki/…` relative to the configuration file (tests rewrite these paths).
         let mut driver = DriverProcess::provision(

@@ -54,6 +54,10 @@ pub struct DriverSettings {
     /// `[driver] record_cache_capacity` and `record_cache_ttl_ms`; `None`: the driver's
     /// defaults (on).
     pub record_cache: Option<RecordCacheSettings>,
+    /// A program (and its arguments) that `run` is started under, the driver's command line
+    /// following them: `valgrind --tool=callgrind …` for the benchmark's instruction counts.
+    /// Empty: the driver runs directly. One-shot commands (`migrate`, `check`) never do.
+    pub run_under: Vec<String>,
 }
 
 /// `[driver] record_cache_*`: the key records a driver keeps after signing with them.
@@ -135,6 +139,7 @@ impl DriverSettings {
             batching: Batching::default(),
             traces: None,
             record_cache: None,
+            run_under: Vec::new(),
         }
     }
 }
@@ -272,6 +277,8 @@ pub(crate) struct DriverProcess {
     /// Where the current run's lines begin in `log`.
     run_offset: u64,
     telemetry_addr: Option<SocketAddr>,
+    /// [`DriverSettings::run_under`].
+    run_under: Vec<String>,
 }
 
 impl DriverProcess {
@@ -302,6 +309,7 @@ impl DriverProcess {
             overrides: Vec::new(),
             run_offset: 0,
             telemetry_addr: None,
+            run_under: settings.run_under.clone(),
         })
     }
 
@@ -327,7 +335,21 @@ impl DriverProcess {
 
     /// `hsm-driver --config … <args>` with this driver's token and overrides.
     pub(crate) fn command(&self) -> Command {
-        let mut cmd = Command::new(self.bin_dir.join("hsm-driver"));
+        self.command_under(&[])
+    }
+
+    /// [`command`](Self::command), started under `wrapper` (a program and its arguments;
+    /// empty: none).
+    fn command_under(&self, wrapper: &[String]) -> Command {
+        let driver = self.bin_dir.join("hsm-driver");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(driver);
+                cmd
+            }
+            None => Command::new(driver),
+        };
         cmd.arg("--config")
             .arg(&self.config_path)
             .env(self.token.conf_var(), &self.token.conf)
@@ -427,7 +449,11 @@ impl DriverProcess {
         };
         self.run_offset = log_len(&self.log);
         self.telemetry_addr = None;
-        self.child = Some(spawn_logged(self.command().arg("run"), &self.log, mode)?);
+        self.child = Some(spawn_logged(
+            self.command_under(&self.run_under).arg("run"),
+            &self.log,
+            mode,
+        )?);
         Ok(())
     }
 

@@ -159,7 +159,12 @@ async fn serve<H: Hsm>(
                 .serve(driver_stopped.clone().cancelled_owned()),
         )
     });
-    let report = driver.run(shutdown_signal()).await;
+    // On the runtime's workers, not on this thread (`block_on`'s): the lease loop is woken by
+    // every job that ends, and waking the thread that blocks on the runtime is a system call
+    // and a context switch each time.
+    let report = tokio::spawn(driver.run(shutdown_signal()))
+        .await
+        .context("the driver's engine task ended abnormally")?;
     driver_stopped.cancel();
     checkpoints_stopped.cancel();
     if let Some(checkpoints) = checkpoints {

@@ -281,7 +281,17 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
             queue.waiting.push((ticket, entry, reply));
             ticket
         };
-        let mut head = self.head.lock().await;
+        // An entry that another caller's group writes while this one waits for the head gets
+        // its answer without taking the head: otherwise every member of a group would take it
+        // in turn, one wake-up after another, only to find its answer there.
+        let mut head = tokio::select! {
+            written = &mut answer => match written {
+                Ok(written) => return written,
+                // The writer was cancelled: handled below, with the head held.
+                Err(_) => self.head.lock().await,
+            },
+            head = self.head.lock() => head,
+        };
         loop {
             match answer.try_recv() {
                 Ok(written) => return written,

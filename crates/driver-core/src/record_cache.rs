@@ -89,13 +89,13 @@ impl RecordCache {
             return;
         }
         let mut inner = self.lock();
-        let key_id = record.key_id.clone();
-        if inner.records.contains_key(&key_id) {
+        if inner.records.contains_key(record.key_id.as_str()) {
             // Kept already (this signature used the copy, or raced another signer of the
             // key). The copy keeps the instant it entered: a busy key must not renew its
             // time to live with every signature, or its row would never be read again.
             return;
         }
+        let key_id = record.key_id.clone();
         let entered = Instant::now();
         inner.records.insert(key_id.clone(), (record, entered));
         inner.order.push_back((key_id, entered));

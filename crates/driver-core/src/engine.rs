@@ -154,7 +154,8 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
     /// the API (retrying with backoff), stops leasing while its HSM or key store is unusable,
     /// recovers them by itself and resumes. A failing API is retried with jittered exponential
     /// backoff for as long as the driver runs; the run only ends through `shutdown`. Must be
-    /// called within a Tokio runtime.
+    /// called within a Tokio runtime; spawn it (`tokio::spawn(driver.run(shutdown))`) rather
+    /// than polling it in `block_on`, where every job that ends would wake the blocked thread.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> RunReport {
         let mut runner = Runner::new(self.parts);
         tokio::pin!(shutdown);

@@ -88,12 +88,22 @@ pub fn decode_hex_bounded(
 
 /// Lowercase hex with a `0x` prefix (hashes, messages, `r`, `s`, `encoded`).
 pub fn encode_hex_prefixed(bytes: &[u8]) -> String {
-    format!("0x{}", hex::encode(bytes))
+    encode_hex_after("0x", bytes)
 }
 
 /// Lowercase hex without a prefix (public keys).
 pub fn encode_hex_plain(bytes: &[u8]) -> String {
-    hex::encode(bytes)
+    encode_hex_after("", bytes)
+}
+
+/// `prefix` then `bytes` in lowercase hex, written into one buffer of the final size (every
+/// report encodes three such fields; `hex::encode` builds its string a char at a time).
+fn encode_hex_after(prefix: &str, bytes: &[u8]) -> String {
+    let mut out = vec![0; prefix.len() + 2 * bytes.len()];
+    out[..prefix.len()].copy_from_slice(prefix.as_bytes());
+    hex::encode_to_slice(bytes, &mut out[prefix.len()..])
+        .expect("the buffer holds two digits per byte");
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 /// Parses a scheme by its API name.
@@ -210,6 +220,24 @@ pub fn check_driver_id(driver_id: &str) -> Result<(), DecodeError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn hex_fields_are_lowercase_with_or_without_the_prefix() {
+        assert_eq!(encode_hex_prefixed(&[0x00, 0xab, 0xff]), "0x00abff");
+        assert_eq!(encode_hex_plain(&[0x00, 0xab, 0xff]), "00abff");
+        // Tried: nothing to encode.
+        assert_eq!(encode_hex_prefixed(&[]), "0x");
+        assert_eq!(encode_hex_plain(&[]), "");
+    }
+
+    proptest! {
+        #[test]
+        fn hex_fields_decode_to_what_was_encoded(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let encoded = encode_hex_prefixed(&bytes);
+            prop_assert_eq!(hex::decode(encoded.strip_prefix("0x").unwrap()).unwrap(), bytes.clone());
+            prop_assert_eq!(encode_hex_plain(&bytes), hex::encode(&bytes));
+        }
+    }
 
     #[test]
     fn driver_ids_follow_one_rule() {

@@ -284,6 +284,15 @@ impl Profile {
                 call_cost_next = true;
                 continue;
             }
+            if let Some(positions) = line.strip_prefix("positions:") {
+                // The cost is read as the field after one position (`--dump-instr=no`).
+                anyhow::ensure!(
+                    positions.trim() == "line",
+                    "positions `{}`: only `line` is read",
+                    positions.trim()
+                );
+                continue;
+            }
             // `totals:` is this dump's; a later dump's `summary:` can be wrapped below zero.
             if let Some(total) = line.strip_prefix("totals:") {
                 profile.total = total.trim().parse().context("a total")?;
@@ -407,6 +416,10 @@ mod tests {
         assert_eq!(profile.functions["C_Sign"], (700, 700));
         assert_eq!(profile.functions["malloc"], (150, 150));
         assert!(profile.entered_pkcs11());
+        // Tried: a file with instruction addresses as well (`--dump-instr=yes`), whose costs
+        // sit one field further: refused, not misread.
+        let with_addresses = PART.replace("positions: line", "positions: instr line");
+        assert!(Profile::parse(&with_addresses).is_err());
     }
 
     #[test]

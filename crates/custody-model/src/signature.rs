@@ -728,14 +728,23 @@ mod tests {
                     $curve::ecdsa::SigningKey::from_slice(&digest($seed + 10_000 + i)).unwrap();
                 let other = other.verifying_key().to_encoded_point(true);
                 assert_eq!($fast(other.as_bytes(), &digest(i), &r, &s), None);
+                // Tried: the stored key negated (its y flipped), which shares its x with the
+                // key and whose signatures are this one's mirror.
+                let mut negated = key
+                    .verifying_key()
+                    .to_encoded_point(true)
+                    .as_bytes()
+                    .to_vec();
+                negated[0] ^= 1;
+                assert_eq!($fast(&negated, &digest(i), &r, &s), None, "signature {i}");
             }
             // Each id's path is taken: about half the signatures have each.
             assert!(ids.iter().all(|&n| n > 50), "recovery ids 0 and 1: {ids:?}");
         };
     }
 
-    /// A fast verifier refuses bytes that are not a point, `r = 0` and `s` at the group order
-    /// `$order` (hex): out of range.
+    /// A fast verifier refuses bytes that are not a point, and `r` or `s` out of `1..n`: zero,
+    /// the group order `$order` (hex), above it.
     macro_rules! refuses_what_is_no_signature {
         ($curve:ident, $fast:path, $order:expr) => {
             let key = $curve::ecdsa::SigningKey::from_slice(&digest(7)).unwrap();
@@ -744,7 +753,10 @@ mod tests {
             for (sec1, r, s) in [
                 (&[2u8; 33][..], [1u8; 32], [1u8; 32]),
                 (public.as_bytes(), [0u8; 32], [1u8; 32]),
+                (public.as_bytes(), [1u8; 32], [0u8; 32]),
                 (public.as_bytes(), [1u8; 32], order),
+                (public.as_bytes(), order, [1u8; 32]),
+                (public.as_bytes(), [0xff; 32], [1u8; 32]),
             ] {
                 assert_eq!($fast(sec1, &digest(0), &r, &s), None);
             }
@@ -793,6 +805,40 @@ mod tests {
             ids.extend(ours);
         }
         assert!(ids.contains(&0) && ids.contains(&1), "{ids:?}");
+        // Tried: a signature whose id-0 key is the point at infinity (`s·R₀ = e·G`), made so:
+        // R = k·G with an even y, r = R.x, s = 1, e = k; it verifies with id 1 under the key
+        // (−2e/r)·G, which is then recovered directly rather than derived.
+        {
+            use k256::elliptic_curve::ff::PrimeField as _;
+            use k256::elliptic_curve::point::AffineCoordinates as _;
+            use k256::{ProjectivePoint, Scalar};
+            let mut k = Scalar::from(2u64);
+            let big_r = loop {
+                let point = (ProjectivePoint::GENERATOR * k).to_affine();
+                if !bool::from(point.y_is_odd()) {
+                    break point;
+                }
+                k += Scalar::ONE;
+            };
+            let r = Scalar::from_repr(big_r.x()).unwrap();
+            let d = -(k + k) * r.invert().unwrap();
+            let key = k256::ecdsa::VerifyingKey::from_affine(
+                (ProjectivePoint::GENERATOR * d).to_affine(),
+            )
+            .unwrap();
+            let (r, s, e): ([u8; 32], [u8; 32], [u8; 32]) = (
+                r.to_repr().into(),
+                Scalar::ONE.to_repr().into(),
+                k.to_repr().into(),
+            );
+            let sig = K1Signature::from_scalars(r, s).unwrap();
+            assert_eq!(secp256k1::verify_with_recid(&key, &e, &sig), Some(1));
+            let sec1 = key.to_encoded_point(true);
+            assert_eq!(
+                libsecp256k1::verify_with_recid(sec1.as_bytes(), &e, &r, &s),
+                Some(1)
+            );
+        }
         // Tried: the key in SEC1's hybrid form (tag 6 or 7 by the parity of y), which is not
         // compared as bytes but parsed: the same recovery id as the uncompressed form.
         let key = K1SigningKey::from_slice(&digest(7)).unwrap();

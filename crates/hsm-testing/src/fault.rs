@@ -270,6 +270,20 @@ mod tests {
 
     use super::*;
 
+    /// Held by every test of this module. `tracing` caches, per call site and for the whole
+    /// process, whether anyone listens: a test tripping or clearing a switch on another
+    /// thread, with no subscriber, while the counting test's subscriber is being set up could
+    /// leave a warning's call site switched off for it (seen once in CI: the `cleared`
+    /// warning went uncounted). One test at a time, the cache is rebuilt when the counting
+    /// subscriber is installed.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Counts warnings (a minimal subscriber: the crate has no tracing-subscriber).
     #[derive(Default)]
     struct WarningCounter(Arc<AtomicUsize>);
@@ -292,6 +306,7 @@ mod tests {
 
     #[test]
     fn transitions_are_logged_once_not_per_call() {
+        let _serial = serial();
         let warnings = Arc::new(AtomicUsize::new(0));
         let counter = WarningCounter(Arc::clone(&warnings));
         tracing::subscriber::with_default(counter, || {
@@ -323,6 +338,7 @@ mod tests {
 
     #[test]
     fn the_manual_switch_trips_and_clears() {
+        let _serial = serial();
         let switch = FaultSwitch::new();
         assert!(!switch.is_tripped());
         let clone = switch.clone();
@@ -335,6 +351,7 @@ mod tests {
 
     #[test]
     fn a_trigger_file_trips_while_it_exists_or_while_tripped_manually() {
+        let _serial = serial();
         let dir = std::env::temp_dir().join(format!(
             "hsm-pkcs11-fault-unit-{}-{:?}",
             std::process::id(),

@@ -9,7 +9,6 @@
 //! wrap mechanism), the test matches on [`TestToken::kind`] and asserts each token's exact
 //! behaviour.
 
-use std::io::Write as _;
 use std::sync::Arc;
 
 use cryptoki::error::RvError;
@@ -19,7 +18,7 @@ use custody_model::{
     GeneratedKey, Hsm, HsmError, KeyScheme, SchemeSupport, SignPayload, SignRequest, Signature,
     WrapMechanism, WrappedKey,
 };
-use hsm_pkcs11::test_token::{TestToken, TokenKind, scheme_available};
+use hsm_pkcs11::test_token::{TestToken, TokenKind, report_skipped, scheme_available};
 use hsm_pkcs11::{Pkcs11Hsm, create_master_key};
 use k256::ecdsa::signature::hazmat::PrehashVerifier;
 use sha2::{Digest, Sha256};
@@ -157,12 +156,6 @@ fn check_ed25519(public_key: &[u8], message: &[u8], signature: &Signature) {
     let key = ed25519_dalek::VerifyingKey::from_bytes(&public).expect("an Ed25519 point");
     key.verify_strict(message, &ed25519_dalek::Signature::from_bytes(bytes))
         .expect("ed25519-dalek verifies");
-}
-
-/// Writes a `SKIPPED ...` line straight to standard error, as [`scheme_available`] does, so
-/// that the test harness does not capture it: a skipped cell is never a silent pass.
-fn skipped_out_loud(line: &str) {
-    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 /// A logged-in session on the fixture token, for driving cryptoki directly.
@@ -676,7 +669,7 @@ async fn aes_key_wrap_without_padding_round_trips() {
             );
             let error = hsm.generate_key(scheme).await.unwrap_err();
             assert!(error.is_unsupported_scheme(), "{error}");
-            skipped_out_loud(&format!(
+            report_skipped(&format!(
                 "SKIPPED [kryoptic × {scheme}] {TEST}: CKM_AES_KEY_WRAP cannot wrap Kryoptic's \
                  P-256 PKCS#8 encoding (C_WrapKey returned CKR_DATA_LEN_RANGE, as asserted)"
             ));

@@ -8,7 +8,7 @@ use cryptoki::object::{Attribute, AttributeType};
 use custody_model::{
     Hsm, HsmError, KeyScheme, RewrapRequest, SignPayload, SignRequest, WrapMechanism, WrappedKey,
 };
-use hsm_pkcs11::test_token::{TestToken, TokenKind, scheme_available};
+use hsm_pkcs11::test_token::{TestToken, TokenKind, report_skipped, scheme_available};
 use hsm_pkcs11::{Pkcs11Hsm, create_ledger_key, create_mac_key, create_trusted_master_key};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 
@@ -451,13 +451,10 @@ async fn a_rotation_towards_an_untrusted_master_key_is_refused_on_every_token() 
     assert_eq!(report.session_private_keys, 0, "nothing left behind");
 }
 
-/// Writes the Kryoptic `SKIPPED` line straight to standard error, past the test harness's
-/// capture, as the token matrix's other skipped cells are: a skip is never a silent pass.
+/// Says that `test` is skipped on Kryoptic, which refuses a trusted master key.
 fn skipped_out_loud(test: &str) {
-    use std::io::Write as _;
-    let line = format!(
+    report_skipped(&format!(
         "SKIPPED [kryoptic] {test}: Kryoptic refuses a trusted master key \
-         (driver-core/tests/rotation.rs asserts the refusal)\n"
-    );
-    let _ = std::io::stderr().write_all(line.as_bytes());
+         (driver-core/tests/rotation.rs asserts the refusal)"
+    ));
 }

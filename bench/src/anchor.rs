@@ -62,6 +62,11 @@ pub(crate) struct AnchorResult {
     /// OpenSSL's locks), and each operation costs more CPU than alone.
     #[serde(default)]
     pub(crate) cpu_ms_per_op: f64,
+    /// How much the child's RSS grew over the window, per operation, in bytes: what the
+    /// token keeps per operation (SoftHSMv2 keeps every destroyed session object until
+    /// `C_Finalize`), measured without the driver.
+    #[serde(default)]
+    pub(crate) rss_growth_bytes_per_op: f64,
 }
 
 /// What the parent tells the child.
@@ -218,6 +223,8 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
                     seconds,
                     ops_per_sec: ops as f64 / seconds,
                     cpu_ms_per_op: counted.cpu.as_secs_f64() * 1e3 / ops.max(1) as f64,
+                    rss_growth_bytes_per_op: counted.rss_growth_kib as f64 * 1024.0
+                        / ops.max(1) as f64,
                 });
             }
         }
@@ -321,6 +328,8 @@ struct Counted {
     elapsed: Duration,
     /// This process's CPU time over the window (the loop threads'; the main thread sleeps).
     cpu: Duration,
+    /// How much this process's RSS grew over the window, in KiB (negative if it shrank).
+    rss_growth_kib: i64,
 }
 
 /// Runs `operation` on `sessions` threads (a session each) for `warmup`, then counts
@@ -424,10 +433,12 @@ fn measure(
     start.wait();
     std::thread::sleep(warmup);
     let cpu_before = procfs::cpu_time(std::process::id())?;
+    let rss_before = procfs::rss_kib(std::process::id())?;
     let (before, began) = (done.load(Ordering::Relaxed), Instant::now());
     std::thread::sleep(window);
     let (after, elapsed) = (done.load(Ordering::Relaxed), began.elapsed());
     let cpu = procfs::cpu_time(std::process::id())?.saturating_sub(cpu_before);
+    let rss_growth_kib = procfs::rss_kib(std::process::id())? as i64 - rss_before as i64;
     stop.store(true, Ordering::Relaxed);
     for thread in threads {
         thread
@@ -438,6 +449,7 @@ fn measure(
         ops: after - before,
         elapsed,
         cpu,
+        rss_growth_kib,
     })
 }
 

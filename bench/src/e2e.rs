@@ -18,6 +18,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -74,6 +75,13 @@ pub(crate) struct Throughput {
     /// Machine-independent counts per completed job, from the driver's `/metrics` and the
     /// simulator's stats.
     pub(crate) counts: JobCounts,
+    /// The driver's peak RSS from the start of the load to its end (warm-up included), in
+    /// KiB; `None` where the peak could not be reset ([`procfs::reset_peak_rss`]).
+    pub(crate) driver_peak_rss_kib: Option<u64>,
+    /// How much the driver's RSS grew in the window, per job, in bytes (negative when it
+    /// shrank): memory kept per job, such as SoftHSMv2's destroyed session objects, which it
+    /// frees only at `C_Finalize` (`docs/benchmarks.md`, "Memory").
+    pub(crate) driver_rss_growth_bytes_per_job: f64,
 }
 
 /// What one job costs in requests, counted (not timed): the same on any machine.
@@ -143,6 +151,9 @@ pub(crate) struct StoredKeys {
     pub(crate) stored: u64,
     /// secp256k1 signature throughput at saturation.
     pub(crate) ops_per_sec: f64,
+    /// The whole measurement; `None` where the point reuses the signature window of the
+    /// pool's keys (a sweep of one point).
+    pub(crate) window: Option<Throughput>,
     /// How the store was topped up to this count.
     pub(crate) load: Option<TopUp>,
 }
@@ -160,6 +171,37 @@ pub(crate) struct StoreResult {
     pub(crate) stored_keys: Vec<StoredKeys>,
     pub(crate) driver_peak_rss_kib: u64,
     pub(crate) sim_peak_rss_kib: u64,
+    /// The jobs the driver finished over the deployment's life, by kind.
+    pub(crate) driver_jobs: DriverJobs,
+}
+
+/// Jobs a driver finished (`hsm_driver_jobs_total`, every outcome), by kind: what a token
+/// that keeps something per operation has kept by the end.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct DriverJobs {
+    pub(crate) signatures: u64,
+    pub(crate) key_generations: u64,
+}
+
+impl DriverJobs {
+    /// Reads the counts from `deployment`'s `/metrics`.
+    ///
+    /// # Errors
+    /// If the scrape fails.
+    pub(crate) async fn read(deployment: &Deployment) -> anyhow::Result<Self> {
+        let metrics = deployment.metrics().await?;
+        let count = |kind: &str| {
+            hsm_driver_e2e::sum_samples(
+                &metrics,
+                "hsm_driver_jobs_total",
+                &[&format!("kind=\"{kind}\"")],
+            ) as u64
+        };
+        Ok(DriverJobs {
+            signatures: count("Signature"),
+            key_generations: count("KeyGeneration"),
+        })
+    }
 }
 
 /// Where the processes come from.
@@ -213,12 +255,10 @@ pub(crate) async fn run(
     ));
     let deployment = Deployment::start(options).await?;
     let result = measure(plan, &deployment, &work, store, sweep, say).await;
-    let driver_peak = deployment.driver_pid().map(procfs::peak_rss_kib);
     let sim_peak = deployment.simulator_pid().map(procfs::peak_rss_kib);
     deployment.stop().await?;
     drop(pg);
     let mut result = result?;
-    result.driver_peak_rss_kib = driver_peak.transpose()?.unwrap_or_default();
     result.sim_peak_rss_kib = sim_peak.transpose()?.unwrap_or_default();
     Ok(result)
 }
@@ -295,8 +335,8 @@ async fn measure(
             throughput,
         });
     }
-    let baseline_rate = match &cold {
-        Some(cold) => {
+    let baseline = match &cold {
+        Some(cold) => Some({
             say(&format!(
                 "{}: secp256k1 throughput with {} stored keys, every record read",
                 store.name(),
@@ -312,13 +352,15 @@ async fn measure(
                     plan.verify_one_in,
                 )
                 .await?
-                .ops_per_sec
-        }
-        None => sign[0].throughput.ops_per_sec,
+        }),
+        None => None,
     };
     stored_keys.push(StoredKeys {
         stored: load.before + load.added,
-        ops_per_sec: baseline_rate,
+        ops_per_sec: baseline
+            .as_ref()
+            .map_or(sign[0].throughput.ops_per_sec, |b| b.ops_per_sec),
+        window: baseline,
         load: Some(load),
     });
 
@@ -398,6 +440,7 @@ async fn measure(
         stored_keys.push(StoredKeys {
             stored: load.before + load.added,
             ops_per_sec: throughput.ops_per_sec,
+            window: Some(throughput),
             load: Some(load),
         });
     }
@@ -410,8 +453,9 @@ async fn measure(
         pickup,
         sweep: swept,
         stored_keys,
-        driver_peak_rss_kib: 0,
+        driver_peak_rss_kib: meter.driver_peak_rss_kib()?,
         sim_peak_rss_kib: 0,
+        driver_jobs: DriverJobs::read(deployment).await?,
     })
 }
 
@@ -422,6 +466,7 @@ pub(crate) struct ThroughputResult {
     pub(crate) sign: Vec<CurveThroughput>,
     pub(crate) keygen: Vec<CurveThroughput>,
     pub(crate) driver_peak_rss_kib: u64,
+    pub(crate) driver_jobs: DriverJobs,
 }
 
 /// One SQLite deployment on `setup.hsm` with the run's workers and sessions: a pool of
@@ -445,18 +490,20 @@ pub(crate) async fn run_throughput(
     say(&format!("{label}: starting the simulator and the driver"));
     let deployment = Deployment::start(options).await?;
     let measured = throughput(plan, &deployment, sign_curves, keygen_curves, label, say).await;
-    let driver_peak = deployment.driver_pid().map(procfs::peak_rss_kib);
+    let jobs = DriverJobs::read(&deployment).await;
     deployment.stop().await?;
-    let (sign, keygen) = measured?;
+    let (sign, keygen, driver_peak_rss_kib) = measured?;
     Ok(ThroughputResult {
         store: store.name().to_owned(),
         sign,
         keygen,
-        driver_peak_rss_kib: driver_peak.transpose()?.unwrap_or_default(),
+        driver_peak_rss_kib,
+        driver_jobs: jobs?,
     })
 }
 
-/// [`run_throughput`]'s measurements on a running deployment: (signatures, key generations).
+/// [`run_throughput`]'s measurements on a running deployment: (signatures, key generations,
+/// the driver's peak RSS in KiB).
 pub(crate) async fn throughput(
     plan: &Plan,
     deployment: &Deployment,
@@ -464,7 +511,7 @@ pub(crate) async fn throughput(
     keygen_curves: &[Curve],
     label: &str,
     say: &dyn Fn(&str),
-) -> anyhow::Result<(Vec<CurveThroughput>, Vec<CurveThroughput>)> {
+) -> anyhow::Result<(Vec<CurveThroughput>, Vec<CurveThroughput>, u64)> {
     let app = deployment.app();
     let meter = Meter::new(deployment)?;
     let mut sign = Vec::new();
@@ -496,7 +543,7 @@ pub(crate) async fn throughput(
             throughput,
         });
     }
-    Ok((sign, keygen))
+    Ok((sign, keygen, meter.driver_peak_rss_kib()?))
 }
 
 /// Creates `count` keys on `curve`, all requested before any is awaited.
@@ -539,6 +586,9 @@ pub(crate) struct Meter<'a> {
     deployment: &'a Deployment,
     driver: u32,
     sim: u32,
+    /// The driver's highest peak RSS read before a reset, in KiB: each window resets the
+    /// kernel's peak to measure its own, so the deployment's peak is kept here.
+    peak_before_reset_kib: AtomicU64,
 }
 
 /// A reading of [`Meter`].
@@ -551,6 +601,8 @@ struct Reading {
     client_cpu: Duration,
     machine_busy: Duration,
     machine_total: Duration,
+    /// The driver's RSS, in KiB.
+    driver_rss_kib: u64,
     /// (HSM requests, verifications, store statements, driver HTTP requests, the driver's
     /// context switches) so far.
     counts: [u64; 5],
@@ -572,7 +624,24 @@ impl<'a> Meter<'a> {
             sim: deployment
                 .simulator_pid()
                 .context("the simulator is not running")?,
+            peak_before_reset_kib: AtomicU64::new(0),
         })
+    }
+
+    /// The driver's peak RSS since it started, in KiB, across the windows' resets.
+    ///
+    /// # Errors
+    /// If the driver is gone.
+    pub(crate) fn driver_peak_rss_kib(&self) -> anyhow::Result<u64> {
+        let now = procfs::peak_rss_kib(self.driver)?;
+        Ok(self.peak_before_reset_kib.fetch_max(now, Relaxed).max(now))
+    }
+
+    /// Starts a window's own peak RSS: keeps the peak so far, then resets it. `false` when
+    /// the kernel's peak cannot be reset (the window then has no peak of its own).
+    fn start_peak_window(&self) -> anyhow::Result<bool> {
+        self.driver_peak_rss_kib()?;
+        Ok(procfs::reset_peak_rss(self.driver).is_ok())
     }
 
     async fn read(&self, app: &AppClient) -> anyhow::Result<Reading> {
@@ -595,6 +664,7 @@ impl<'a> Meter<'a> {
             client_cpu: procfs::cpu_time(std::process::id())?,
             machine_busy,
             machine_total,
+            driver_rss_kib: procfs::rss_kib(self.driver)?,
             counts,
             at: Instant::now(),
         })
@@ -630,12 +700,14 @@ impl<'a> Meter<'a> {
         window: Duration,
         verify_one_in: u64,
     ) -> anyhow::Result<Throughput> {
+        let own_peak = self.start_peak_window()?;
         let load = ClosedLoop::start(app, work, in_flight, verify_one_in);
         tokio::time::sleep(warmup).await;
         let before = self.read(app).await?;
         tokio::time::sleep(window).await;
         let after = self.read(app).await?;
         load.finish().await?;
+        let peak = procfs::peak_rss_kib(self.driver)?;
         let jobs = after.completed - before.completed;
         let seconds = (after.at - before.at).as_secs_f64();
         let per_job = |a: Duration, b: Duration| {
@@ -678,6 +750,12 @@ impl<'a> Meter<'a> {
                     http_requests: per(3),
                     context_switches: per(4),
                 }
+            },
+            driver_peak_rss_kib: own_peak.then_some(peak),
+            driver_rss_growth_bytes_per_job: if jobs == 0 {
+                0.0
+            } else {
+                (after.driver_rss_kib as f64 - before.driver_rss_kib as f64) * 1024.0 / jobs as f64
             },
         })
     }

@@ -140,7 +140,7 @@ pub(crate) async fn run(
     }
     .await;
     deployment.stop().await?;
-    let (sign, _) = measured?;
+    let (sign, _, _) = measured?;
 
     let mut results = Vec::new();
     for measured in sign {

@@ -147,14 +147,38 @@ fn parse_machine_ticks(stat: &str) -> anyhow::Result<(u64, u64)> {
 /// # Errors
 /// If the process is gone or the line is missing.
 pub(crate) fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmHWM")
+}
+
+/// The process's resident set size now (`VmRSS`), in KiB.
+///
+/// # Errors
+/// If the process is gone or the line is missing.
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// The value of the `name:` line of `/proc/<pid>/status`, in KiB.
+fn status_kib(pid: u32, name: &str) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no VmHWM in {path}"))
+        .with_context(|| format!("no {name} in {path}"))
+}
+
+/// Resets the process's peak resident set size to its current one (writes `5` to
+/// `/proc/<pid>/clear_refs`, Linux 4.0 and later), so that [`peak_rss_kib`] then reads the
+/// peak since this call: a measurement window's own peak instead of the process's.
+///
+/// # Errors
+/// If the file cannot be written (another user's process, or a read-only `/proc`).
+pub(crate) fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
+    let path = format!("/proc/{pid}/clear_refs");
+    std::fs::write(&path, "5").with_context(|| format!("writing 5 to {path}"))
 }
 
 #[cfg(test)]
@@ -191,6 +215,42 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_time(pid).is_ok());
         assert!(peak_rss_kib(pid).is_ok_and(|kib| kib > 0));
+        assert!(rss_kib(pid).is_ok_and(|kib| kib > 0 && kib <= peak_rss_kib(pid).unwrap_or(0)));
+    }
+
+    #[test]
+    fn a_reset_peak_forgets_memory_given_back() {
+        // A child process (this one's peak would move under the other tests' threads) touches
+        // 64 MiB, frees it, and waits: its peak holds the 64 MiB until reset, then falls back
+        // to what it holds. Tried: without the reset, the second reading keeps the 64 MiB.
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                "import sys\nb = b'\\x01' * (64 << 20)\ndel b\nprint('freed', flush=True)\n\
+                 sys.stdin.read()",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+            &mut line,
+        )
+        .expect("the child writes");
+        assert_eq!(line.trim(), "freed");
+        let pid = child.id();
+        let before = peak_rss_kib(pid).expect("a peak");
+        reset_peak_rss(pid).expect("the peak resets");
+        let after = peak_rss_kib(pid).expect("a peak");
+        drop(child.stdin.take());
+        let _ = child.wait();
+        assert!(before >= 64 * 1024, "peak before the reset: {before} KiB");
+        assert!(
+            after + 32 * 1024 < before,
+            "peak after the reset: {after} KiB, before: {before} KiB"
+        );
     }
 
     #[test]

@@ -18,7 +18,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -173,6 +172,17 @@ pub(crate) struct StoreResult {
     pub(crate) sim_peak_rss_kib: u64,
     /// The jobs the driver finished over the deployment's life, by kind.
     pub(crate) driver_jobs: DriverJobs,
+    /// The driver's peak between each two resets of it, with the jobs finished by then.
+    pub(crate) peak_stretches: Vec<PeakStretch>,
+}
+
+/// The driver's peak RSS over one stretch of a deployment (from one window's reset of the
+/// kernel's peak to the next), with the jobs it had finished just before the peak was read:
+/// what the token had kept by then is at most what those jobs kept.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct PeakStretch {
+    pub(crate) peak_kib: u64,
+    pub(crate) jobs: DriverJobs,
 }
 
 /// Jobs a driver finished (`hsm_driver_jobs_total`, every outcome), by kind: what a token
@@ -445,6 +455,7 @@ async fn measure(
         });
     }
 
+    let memory = meter.memory().await?;
     Ok(StoreResult {
         store: store.name().to_owned(),
         sign,
@@ -453,9 +464,10 @@ async fn measure(
         pickup,
         sweep: swept,
         stored_keys,
-        driver_peak_rss_kib: meter.driver_peak_rss_kib()?,
+        driver_peak_rss_kib: memory.peak_kib(),
         sim_peak_rss_kib: 0,
-        driver_jobs: DriverJobs::read(deployment).await?,
+        driver_jobs: memory.jobs(),
+        peak_stretches: memory.0,
     })
 }
 
@@ -467,6 +479,7 @@ pub(crate) struct ThroughputResult {
     pub(crate) keygen: Vec<CurveThroughput>,
     pub(crate) driver_peak_rss_kib: u64,
     pub(crate) driver_jobs: DriverJobs,
+    pub(crate) peak_stretches: Vec<PeakStretch>,
 }
 
 /// One SQLite deployment on `setup.hsm` with the run's workers and sessions: a pool of
@@ -490,20 +503,20 @@ pub(crate) async fn run_throughput(
     say(&format!("{label}: starting the simulator and the driver"));
     let deployment = Deployment::start(options).await?;
     let measured = throughput(plan, &deployment, sign_curves, keygen_curves, label, say).await;
-    let jobs = DriverJobs::read(&deployment).await;
     deployment.stop().await?;
-    let (sign, keygen, driver_peak_rss_kib) = measured?;
+    let (sign, keygen, memory) = measured?;
     Ok(ThroughputResult {
         store: store.name().to_owned(),
         sign,
         keygen,
-        driver_peak_rss_kib,
-        driver_jobs: jobs?,
+        driver_peak_rss_kib: memory.peak_kib(),
+        driver_jobs: memory.jobs(),
+        peak_stretches: memory.0,
     })
 }
 
 /// [`run_throughput`]'s measurements on a running deployment: (signatures, key generations,
-/// the driver's peak RSS in KiB).
+/// the driver's memory).
 pub(crate) async fn throughput(
     plan: &Plan,
     deployment: &Deployment,
@@ -511,7 +524,7 @@ pub(crate) async fn throughput(
     keygen_curves: &[Curve],
     label: &str,
     say: &dyn Fn(&str),
-) -> anyhow::Result<(Vec<CurveThroughput>, Vec<CurveThroughput>, u64)> {
+) -> anyhow::Result<(Vec<CurveThroughput>, Vec<CurveThroughput>, DriverMemory)> {
     let app = deployment.app();
     let meter = Meter::new(deployment)?;
     let mut sign = Vec::new();
@@ -543,7 +556,7 @@ pub(crate) async fn throughput(
             throughput,
         });
     }
-    Ok((sign, keygen, meter.driver_peak_rss_kib()?))
+    Ok((sign, keygen, meter.memory().await?))
 }
 
 /// Creates `count` keys on `curve`, all requested before any is awaited.
@@ -586,9 +599,24 @@ pub(crate) struct Meter<'a> {
     deployment: &'a Deployment,
     driver: u32,
     sim: u32,
-    /// The driver's highest peak RSS read before a reset, in KiB: each window resets the
-    /// kernel's peak to measure its own, so the deployment's peak is kept here.
-    peak_before_reset_kib: AtomicU64,
+    /// The stretches between the windows' resets of the driver's peak RSS so far: each
+    /// window resets the kernel's peak to measure its own, so the deployment's is kept here.
+    stretches: std::sync::Mutex<Vec<PeakStretch>>,
+}
+
+/// The driver's peak RSS over a deployment, by stretches between resets.
+pub(crate) struct DriverMemory(pub(crate) Vec<PeakStretch>);
+
+impl DriverMemory {
+    /// The highest peak, in KiB.
+    pub(crate) fn peak_kib(&self) -> u64 {
+        self.0.iter().map(|s| s.peak_kib).max().unwrap_or(0)
+    }
+
+    /// The jobs finished by the end.
+    pub(crate) fn jobs(&self) -> DriverJobs {
+        self.0.last().map(|s| s.jobs).unwrap_or_default()
+    }
 }
 
 /// A reading of [`Meter`].
@@ -624,23 +652,41 @@ impl<'a> Meter<'a> {
             sim: deployment
                 .simulator_pid()
                 .context("the simulator is not running")?,
-            peak_before_reset_kib: AtomicU64::new(0),
+            stretches: std::sync::Mutex::new(Vec::new()),
         })
     }
 
-    /// The driver's peak RSS since it started, in KiB, across the windows' resets.
-    ///
-    /// # Errors
-    /// If the driver is gone.
-    pub(crate) fn driver_peak_rss_kib(&self) -> anyhow::Result<u64> {
-        let now = procfs::peak_rss_kib(self.driver)?;
-        Ok(self.peak_before_reset_kib.fetch_max(now, Relaxed).max(now))
+    /// Ends the current stretch: the jobs finished so far, then the peak since the last reset
+    /// (in that order, so that the peak covers every job counted).
+    async fn end_stretch(&self) -> anyhow::Result<()> {
+        let jobs = DriverJobs::read(self.deployment).await?;
+        let peak_kib = procfs::peak_rss_kib(self.driver)?;
+        self.stretches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(PeakStretch { peak_kib, jobs });
+        Ok(())
     }
 
-    /// Starts a window's own peak RSS: keeps the peak so far, then resets it. `false` when
-    /// the kernel's peak cannot be reset (the window then has no peak of its own).
-    fn start_peak_window(&self) -> anyhow::Result<bool> {
-        self.driver_peak_rss_kib()?;
+    /// The driver's memory over the deployment so far: every stretch, the current one ended.
+    ///
+    /// # Errors
+    /// If the driver is gone or its metrics cannot be read.
+    pub(crate) async fn memory(&self) -> anyhow::Result<DriverMemory> {
+        self.end_stretch().await?;
+        Ok(DriverMemory(
+            self.stretches
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        ))
+    }
+
+    /// Starts a window's own peak RSS: ends the stretch so far, then resets the peak. `false`
+    /// when the kernel's peak cannot be reset (the window then has no peak of its own, and the
+    /// stretch goes on).
+    async fn start_peak_window(&self) -> anyhow::Result<bool> {
+        self.end_stretch().await?;
         Ok(procfs::reset_peak_rss(self.driver).is_ok())
     }
 
@@ -700,7 +746,7 @@ impl<'a> Meter<'a> {
         window: Duration,
         verify_one_in: u64,
     ) -> anyhow::Result<Throughput> {
-        let own_peak = self.start_peak_window()?;
+        let own_peak = self.start_peak_window().await?;
         let load = ClosedLoop::start(app, work, in_flight, verify_one_in);
         tokio::time::sleep(warmup).await;
         let before = self.read(app).await?;

@@ -23,19 +23,13 @@ fn monitoring_dir() -> PathBuf {
         .expect("bins/hsm-driver/monitoring exists")
 }
 
-/// Every `hsm_driver_…` name in `text`.
+/// Every `hsm_driver_…` and `process_…` (Prometheus's standard process metrics) name in
+/// `text`: its words (letters, digits and `_`) that start with either.
 fn metric_names(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = text;
-    while let Some(at) = rest.find("hsm_driver_") {
-        let name: String = rest[at..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        rest = &rest[at + name.len()..];
-        names.insert(name);
-    }
-    names
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("hsm_driver_") || word.starts_with("process_"))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The metric names a Prometheus text exposition has samples for, and the families it
@@ -114,10 +108,14 @@ fn every_alert_has_a_unit_test_that_fires_it() {
 fn the_scanner_finds_names_and_exported_samples() {
     // The checks below rest on these two readers: shown here on known text.
     assert_eq!(
-        metric_names("rate(hsm_driver_jobs_total{a=\"b\"}[5m]) / hsm_driver_up"),
+        metric_names(
+            "rate(hsm_driver_jobs_total{a=\"b\"}[5m]) / hsm_driver_up + \
+             process_resident_memory_bytes{job=\"x\"} and subprocess_y"
+        ),
         BTreeSet::from([
             "hsm_driver_jobs_total".to_owned(),
-            "hsm_driver_up".to_owned()
+            "hsm_driver_up".to_owned(),
+            "process_resident_memory_bytes".to_owned(),
         ])
     );
     assert_eq!(

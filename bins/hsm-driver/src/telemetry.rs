@@ -50,12 +50,23 @@ pub(crate) struct Telemetry {
 
 impl Telemetry {
     /// Builds the provider with the Prometheus exporter as its reader and records
-    /// `hsm_driver_info{version, driver_id} = 1` and `hsm_driver_up = 1`.
+    /// `hsm_driver_info{version, driver_id} = 1` and `hsm_driver_up = 1`. The registry also
+    /// holds Prometheus's standard process metrics on Linux (`process_resident_memory_bytes`,
+    /// `process_cpu_seconds_total`, `process_open_fds`, `process_threads`…), read from
+    /// `/proc/self` at each scrape: the driver's memory includes what a PKCS#11 library in its
+    /// process keeps (`docs/operations.md`, Sizing), which an alert watches.
     ///
     /// # Errors
-    /// If the exporter cannot be built.
+    /// If the exporter cannot be built or the process metrics cannot be registered.
     pub(crate) fn new(driver_id: &str) -> anyhow::Result<Self> {
         let registry = prometheus::Registry::new();
+        // Prometheus's process collector reads procfs: Linux only.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .context("registering the process metrics")?;
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
             .build()

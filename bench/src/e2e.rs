@@ -177,8 +177,9 @@ pub(crate) struct StoreResult {
 }
 
 /// The driver's peak RSS over one stretch of a deployment (from one window's reset of the
-/// kernel's peak to the next), with the jobs it had finished just before the peak was read:
-/// what the token had kept by then is at most what those jobs kept.
+/// kernel's peak to the next), with the jobs it had finished just before the peak was read.
+/// The next stretch starts with those jobs done: what the token had kept by then is at least
+/// what they kept.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct PeakStretch {
     pub(crate) peak_kib: u64,

@@ -1489,17 +1489,21 @@ fn token_kept(anchor: &[AnchorResult], sessions: usize, jobs: DriverJobs) -> Opt
 
 /// The driver's own peak RSS over a deployment, in KiB: the highest, over the stretches
 /// between the windows' resets, of the stretch's peak less what the token had kept by the
-/// stretch's end ([`token_kept`]). A peak early in the run is judged against the little the
-/// token had kept by then. `None` without anchor figures.
+/// stretch's start ([`token_kept`] of the jobs finished when the previous stretch ended). The
+/// peak may come anywhere in its stretch, so only what the token had surely kept before it is
+/// left out: a peak early in the run is judged against the little kept by then, and the
+/// stretch's own jobs are never credited. `None` without anchor figures (or stretches).
 fn own_peak_kib(
     anchor: &[AnchorResult],
     sessions: usize,
     stretches: &[PeakStretch],
 ) -> Option<f64> {
+    let starts = std::iter::once(DriverJobs::default()).chain(stretches.iter().map(|s| s.jobs));
     stretches
         .iter()
-        .map(|s| {
-            token_kept(anchor, sessions, s.jobs).map(|kept| (s.peak_kib as f64 - kept).max(0.0))
+        .zip(starts)
+        .map(|(s, before)| {
+            token_kept(anchor, sessions, before).map(|kept| (s.peak_kib as f64 - kept).max(0.0))
         })
         .collect::<Option<Vec<f64>>>()?
         .into_iter()
@@ -1660,25 +1664,29 @@ mod tests {
             peak_kib: mib * 1024,
             jobs,
         };
-        // The whole run's peak (70 MiB) came at its end, after those jobs: 70 less 3.9. An
-        // earlier peak of 68 MiB, before any job, is judged as it is: it is the driver's own.
-        // Tried: subtracting the end's retention from the whole peak gives 66.1 and hides it.
-        let early = [stretch(68, DriverJobs::default()), stretch(70, jobs)];
-        let own = own_peak_kib(&anchor, 2, &early).expect("anchor figures");
-        assert!((own - 68.0 * 1024.0).abs() < 1e-9, "{own} KiB");
-        let late = [stretch(30, DriverJobs::default()), stretch(70, jobs)];
-        let own = own_peak_kib(&anchor, 2, &late).expect("anchor figures");
+        let twice = DriverJobs {
+            signatures: 2 * jobs.signatures,
+            key_generations: 2 * jobs.key_generations,
+        };
+        // Three stretches: 10 MiB while the first jobs ran, 68 MiB in a stretch that finished
+        // none, 70 MiB while as many again ran. Each peak is judged against what the token had
+        // kept when its stretch began: 10, 68 − 3.9, 70 − 3.9. Tried: against the end of the
+        // run (70 − 7.8 = 62.2, MET) or the end of each stretch (64.1), the target would be
+        // credited with jobs that may have run after the peak.
+        let run = [stretch(10, jobs), stretch(68, jobs), stretch(70, twice)];
+        let own = own_peak_kib(&anchor, 2, &run).expect("anchor figures");
         assert!((own - (70.0 * 1024.0 - 4_000.0)).abs() < 1e-9, "{own} KiB");
         // More kept than the peak (a noisy anchor) is not a negative peak.
-        let tiny = [stretch(1, jobs)];
+        let tiny = [stretch(0, jobs), stretch(1, jobs)];
         assert_eq!(own_peak_kib(&anchor, 2, &tiny), Some(0.0));
+        assert_eq!(own_peak_kib(&anchor, 2, &[]), None, "no stretch, no peak");
 
         let target = rss_target("sqlite".into(), 70 * 1024, Some(own));
         assert_eq!(target.name, "driver peak RSS less the token's");
         assert!((target.value - (70.0 - 4_000.0 / 1024.0)).abs() < 1e-9);
         assert!(!target.met, "66.1 MiB against 64");
         // Without anchor figures the whole peak is judged, under the plain name.
-        assert_eq!(own_peak_kib(&[], 2, &late), None);
+        assert_eq!(own_peak_kib(&[], 2, &run), None);
         let whole = rss_target("sqlite".into(), 70 * 1024, None);
         assert_eq!(whole.name, "driver peak RSS");
         assert!((whole.value - 70.0).abs() < 1e-9 && !whole.met);

@@ -33,6 +33,8 @@
 //!   inputs of the cluster's capacity model).
 //! - [`instructions`] (`--instructions`, instead of the timed run): the driver's
 //!   instructions per signature, counted by callgrind, with a profile of its own threads.
+//! - [`soak`] (`--soak SECS`, instead of the timed run): the driver's RSS over a long
+//!   saturated run per token, to see whether its memory levels off.
 //! - [`report`] and [`svg`]: the targets, the table, the files.
 
 mod anchor;
@@ -47,6 +49,7 @@ mod plan;
 mod procfs;
 mod replicate;
 mod report;
+mod soak;
 mod stats;
 mod store;
 mod svg;
@@ -129,6 +132,11 @@ struct RunArgs {
     /// per curve (`instructions.json`, `instructions-<curve>.txt`).
     #[arg(long)]
     instructions: bool,
+    /// Instead of the timed run: sign P-256 at saturation for this many seconds per token
+    /// (SoftHSMv2, and Kryoptic when its module is there), reading the driver's RSS every
+    /// second: does its memory level off (`soak.json`)?
+    #[arg(long, value_name = "SECS")]
+    soak: Option<u64>,
 }
 
 /// The child processes a run starts (not for direct use).
@@ -236,6 +244,28 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
             "wrote instructions.json and the profiles to {}",
             args.out.display()
         ));
+        return Ok(());
+    }
+
+    if let Some(secs) = args.soak {
+        anyhow::ensure!(secs >= 3, "--soak: at least 3 seconds");
+        let tokens: Vec<HsmModule> = std::iter::once(setup.hsm.clone())
+            .chain(kryoptic_module)
+            .collect();
+        let result = soak::run(
+            &plan,
+            &setup,
+            &tokens,
+            std::time::Duration::from_secs(secs),
+            &say,
+        )
+        .await?;
+        std::fs::write(
+            args.out.join("soak.json"),
+            serde_json::to_string_pretty(&result)?,
+        )?;
+        println!("{}", soak::table(&result));
+        say(&format!("wrote soak.json to {}", args.out.display()));
         return Ok(());
     }
 

@@ -1,0 +1,184 @@
+//! `--soak SECS`: does the driver's memory level off? One SQLite deployment per token
+//! (SoftHSMv2, then Kryoptic when its module is there) signs P-256 at saturation for `SECS`
+//! seconds while the driver's RSS (`smaps_rollup`) and the simulator's completed jobs are read
+//! every second. A token that keeps something per job (SoftHSMv2 keeps every destroyed session
+//! object, see `docs/operations.md`) shows as steady growth per job in the second half; a
+//! driver whose own memory grows with jobs would show it on Kryoptic too, which keeps nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hsm_driver_e2e::{Deployment, HsmModule};
+use serde::Serialize;
+
+use crate::e2e::{self, Setup};
+use crate::load::{ClosedLoop, Work};
+use crate::plan::{P256, Plan};
+use crate::procfs;
+
+/// One reading of a soak.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Sample {
+    pub(crate) seconds: f64,
+    /// Jobs the simulator saw completed since the load started.
+    pub(crate) jobs: u64,
+    pub(crate) driver_rss_kib: u64,
+}
+
+/// A soak on one token.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SoakResult {
+    /// `softhsm2` or `kryoptic`.
+    pub(crate) token: String,
+    pub(crate) samples: Vec<Sample>,
+}
+
+impl SoakResult {
+    /// The driver's RSS growth per job over the second half of the soak, in bytes (`None`
+    /// with fewer than three samples or no job in that half).
+    pub(crate) fn second_half_growth_bytes_per_job(&self) -> Option<f64> {
+        if self.samples.len() < 3 {
+            return None;
+        }
+        let (middle, last) = (
+            self.samples[self.samples.len() / 2],
+            self.samples[self.samples.len() - 1],
+        );
+        let jobs = last.jobs.checked_sub(middle.jobs).filter(|&n| n > 0)?;
+        Some((last.driver_rss_kib as f64 - middle.driver_rss_kib as f64) * 1024.0 / jobs as f64)
+    }
+}
+
+/// Soaks each of `tokens` for `length`.
+///
+/// # Errors
+/// If a deployment cannot start or a request fails.
+pub(crate) async fn run(
+    plan: &Plan,
+    setup: &Setup,
+    tokens: &[HsmModule],
+    length: Duration,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<Vec<SoakResult>> {
+    let mut results = Vec::new();
+    for hsm in tokens {
+        let token = hsm.kind.name().to_owned();
+        let setup = Setup {
+            bin_dir: setup.bin_dir.clone(),
+            hsm: hsm.clone(),
+            work: setup.work.join(format!("soak-{token}")),
+        };
+        let options = e2e::deployment_options(plan, &setup, setup.work.clone());
+        say(&format!(
+            "soak {token}: starting the simulator and the driver"
+        ));
+        let deployment = Deployment::start(options).await?;
+        let soaked = soak(plan, &deployment, &token, length, say).await;
+        deployment.stop().await?;
+        results.push(SoakResult {
+            token,
+            samples: soaked?,
+        });
+    }
+    Ok(results)
+}
+
+async fn soak(
+    plan: &Plan,
+    deployment: &Deployment,
+    token: &str,
+    length: Duration,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<Vec<Sample>> {
+    use anyhow::Context as _;
+    let app = deployment.app();
+    let driver = deployment
+        .driver_pid()
+        .context("the driver is not running")?;
+    let keys = e2e::create_keys(app, P256, plan.pool_keys_per_curve).await?;
+    say(&format!(
+        "soak {token}: P-256 signatures at saturation for {} s",
+        length.as_secs()
+    ));
+    let work = Arc::new(Work::Sign(keys));
+    let before = app.stats().await?.completed;
+    let load = ClosedLoop::start(app, &work, plan.in_flight, plan.verify_one_in);
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while started.elapsed() < length {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        samples.push(Sample {
+            seconds: started.elapsed().as_secs_f64(),
+            jobs: app.stats().await?.completed - before,
+            driver_rss_kib: procfs::rss_kib(driver)?,
+        });
+    }
+    load.finish().await?;
+    Ok(samples)
+}
+
+/// The soak table: per token, the RSS at ten points of the soak and the growth per job over
+/// its second half.
+pub(crate) fn table(results: &[SoakResult]) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "\nSoak: the driver's RSS while it signs P-256 at saturation (SQLite), by jobs done"
+    );
+    for r in results {
+        let points: Vec<String> = (1..=10)
+            .filter_map(|i| r.samples.get((r.samples.len() * i / 10).checked_sub(1)?))
+            .map(|s| format!("{}k {:.1}", s.jobs / 1000, s.driver_rss_kib as f64 / 1024.0))
+            .collect();
+        let _ = writeln!(t, "  {:<9} jobs, MiB: {}", r.token, points.join(" | "));
+        let _ = writeln!(
+            t,
+            "  {:<9} growth per job over the second half: {}",
+            r.token,
+            r.second_half_growth_bytes_per_job()
+                .map_or("n/a".to_owned(), |b| format!("{b:+.0} B"))
+        );
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_is_taken_over_the_second_half() {
+        let sample = |jobs: u64, kib: u64| Sample {
+            seconds: 0.0,
+            jobs,
+            driver_rss_kib: kib,
+        };
+        // A start-up climb, then 1 KiB per 4 jobs: 256 B a job, whatever the first half did.
+        let soak = SoakResult {
+            token: "softhsm2".into(),
+            samples: vec![
+                sample(100, 10_000),
+                sample(200, 30_000),
+                sample(4_000, 31_000),
+                sample(8_000, 32_000),
+            ],
+        };
+        let growth = soak
+            .second_half_growth_bytes_per_job()
+            .expect("enough samples");
+        assert!((growth - 256.0).abs() < 1e-9, "{growth}");
+        assert!(table(&[soak]).contains("+256 B"));
+        // Tried: too few samples, or no job in the second half: no figure.
+        let short = SoakResult {
+            token: "kryoptic".into(),
+            samples: vec![sample(1, 1), sample(2, 2)],
+        };
+        assert_eq!(short.second_half_growth_bytes_per_job(), None);
+        let stalled = SoakResult {
+            token: "kryoptic".into(),
+            samples: vec![sample(5, 1), sample(5, 2), sample(5, 3)],
+        };
+        assert_eq!(stalled.second_half_growth_bytes_per_job(), None);
+    }
+}

@@ -146,28 +146,34 @@ pub(crate) const PINNED_RATIO_TARGET: f64 = 0.85;
 /// the raw anchor's unwrap + sign + destroy at the same session count.
 pub(crate) const KRYOPTIC_RATIO_TARGET: f64 = 0.5;
 
-/// The rate in `anchor` for `operation` on `curve` at `sessions`.
-fn rate_in(anchor: &[AnchorResult], operation: &str, curve: &str, sessions: usize) -> Option<f64> {
+/// The measurement in `anchor` of `operation` on `curve` at `sessions`.
+fn anchor_result<'a>(
+    anchor: &'a [AnchorResult],
+    operation: &str,
+    curve: &str,
+    sessions: usize,
+) -> Option<&'a AnchorResult> {
     anchor
         .iter()
         .find(|a| a.operation == operation && a.curve == curve && a.sessions == sessions)
-        .map(|a| a.ops_per_sec)
+}
+
+/// The rate in `anchor` for `operation` on `curve` at `sessions`.
+fn rate_in(anchor: &[AnchorResult], operation: &str, curve: &str, sessions: usize) -> Option<f64> {
+    anchor_result(anchor, operation, curve, sessions).map(|a| a.ops_per_sec)
 }
 
 /// The anchor's CPU per operation (ms) for `operation` on `curve` at `sessions`: the HSM's own
 /// CPU at that concurrency. Results without a CPU figure fall back to the time per operation
 /// on one thread (`sessions / rate`), which is the same when the loop never waits.
 fn cpu_in(anchor: &[AnchorResult], operation: &str, curve: &str, sessions: usize) -> Option<f64> {
-    anchor
-        .iter()
-        .find(|a| a.operation == operation && a.curve == curve && a.sessions == sessions)
-        .map(|a| {
-            if a.cpu_ms_per_op > 0.0 {
-                a.cpu_ms_per_op
-            } else {
-                1000.0 * sessions as f64 / a.ops_per_sec
-            }
-        })
+    anchor_result(anchor, operation, curve, sessions).map(|a| {
+        if a.cpu_ms_per_op > 0.0 {
+            a.cpu_ms_per_op
+        } else {
+            1000.0 * sessions as f64 / a.ops_per_sec
+        }
+    })
 }
 
 /// The driver's own CPU per job: all of its process's but its HSM worker threads', which run
@@ -1393,12 +1399,9 @@ fn anchor_table(
          operations): what the token keeps"
     );
     anchor_rows(t, sessions, curves, operations, |op, curve, s| {
-        anchor
-            .iter()
-            .find(|r| r.operation == op && r.curve == curve && r.sessions == s)
-            .map_or("-".to_owned(), |r| {
-                format!("{:+.0}", r.rss_growth_bytes_per_op)
-            })
+        anchor_result(anchor, op, curve, s).map_or("-".to_owned(), |r| {
+            format!("{:+.0}", r.rss_growth_bytes_per_op)
+        })
     });
 }
 

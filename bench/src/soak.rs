@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use hsm_driver_e2e::{Deployment, HsmModule};
 use serde::Serialize;
 
@@ -90,7 +91,6 @@ async fn soak(
     length: Duration,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<Vec<Sample>> {
-    use anyhow::Context as _;
     let app = deployment.app();
     let driver = deployment
         .driver_pid()

@@ -190,6 +190,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
         rotation_target_label: None,
         ledger_key_label: None,
         deadlines: hsm_pkcs11::Deadlines::default(),
+        recycle_after_objects: None,
     };
     // Kept open throughout: closing a token's last session logs the application out.
     let keepalive = AnchorSession::open(&module, &config)?;

@@ -129,6 +129,7 @@ pub(crate) fn child(args: &ChildArgs) -> anyhow::Result<()> {
             rotation_target_label: None,
             ledger_key_label: None,
             deadlines: hsm_pkcs11::Deadlines::default(),
+            recycle_after_objects: None,
         },
     )?);
     let url = DatabaseUrl::parse(&args.database_url)?;

@@ -41,6 +41,8 @@ pub struct DeploymentOptions {
     pub master_key: MasterKeyProvisioning,
     /// The driver's `[hsm.hot_keys]`; `None` (default): strictly stateless.
     pub hot_keys: Option<HotKeySettings>,
+    /// The driver's `[hsm] recycle_after_objects`; `None` (default): never.
+    pub recycle_after_objects: Option<u64>,
     /// The driver's `[driver] health_check_interval_ms`; `None` (default): the driver's own.
     pub health_check_interval_ms: Option<u64>,
     /// How the driver batches under load (default: its own settings).
@@ -68,6 +70,7 @@ impl DeploymentOptions {
             log_level: "info".to_owned(),
             master_key: MasterKeyProvisioning::Generate,
             hot_keys: None,
+            recycle_after_objects: None,
             health_check_interval_ms: None,
             batching: Batching::default(),
             traces: None,
@@ -138,6 +141,7 @@ impl Deployment {
         settings.hsm_sessions = options.hsm_sessions;
         settings.log_level = options.log_level.clone();
         settings.hot_keys = options.hot_keys;
+        settings.recycle_after_objects = options.recycle_after_objects;
         settings.health_check_interval_ms = options.health_check_interval_ms;
         settings.batching = options.batching;
         settings.traces = options.traces.clone();

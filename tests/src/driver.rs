@@ -47,6 +47,8 @@ pub struct DriverSettings {
     pub connect_timeout_ms: Option<u64>,
     /// `[hsm.hot_keys]`; `None`: no such section (the driver's default, strictly stateless).
     pub hot_keys: Option<HotKeySettings>,
+    /// `[hsm] recycle_after_objects`; `None`: not set (the driver's default, never).
+    pub recycle_after_objects: Option<u64>,
     /// How the driver batches under load; `None` fields: its defaults.
     pub batching: Batching,
     /// `[telemetry.traces]`; `None`: no such section (the driver's default, no traces).
@@ -136,6 +138,7 @@ impl DriverSettings {
             recovery_backoff_max_ms: None,
             connect_timeout_ms: None,
             hot_keys: None,
+            recycle_after_objects: None,
             batching: Batching::default(),
             traces: None,
             record_cache: None,
@@ -211,6 +214,9 @@ master_key_label = "{MASTER_KEY_LABEL}"
     );
     if let Some(sessions) = settings.hsm_sessions {
         let _ = writeln!(text, "sessions = {sessions}");
+    }
+    if let Some(objects) = settings.recycle_after_objects {
+        let _ = writeln!(text, "recycle_after_objects = {objects}");
     }
     if let Some(hot) = settings.hot_keys {
         let _ = write!(

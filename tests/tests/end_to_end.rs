@@ -312,6 +312,12 @@ async fn metrics_count_every_job_and_carry_no_secret_and_no_key_id() {
         sum_samples(&metrics, "hsm_driver_store_statements_total", &[]) > 0.0,
         "{metrics}"
     );
+    // Exported, and nothing recycled without `hsm.recycle_after_objects`.
+    assert!(
+        metrics.contains("hsm_driver_hsm_recycles_total")
+            && sum_samples(&metrics, "hsm_driver_hsm_recycles_total", &[]) == 0.0,
+        "{metrics}"
+    );
     // Prometheus names carry their unit once (an instrument named `..._seconds` with unit `s`
     // would be exported as `..._seconds_seconds`).
     assert!(
@@ -369,6 +375,51 @@ async fn metrics_count_every_job_and_carry_no_secret_and_no_key_id() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "the telemetry endpoint stops with the driver"
     );
+}
+
+/// `hsm.recycle_after_objects` in the running binary: the PKCS#11 library finalised and
+/// initialised again every 8 objects under a workload of 8 jobs at once, and no job fails, is
+/// handed back or goes unreported.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_driver_recycling_its_pkcs11_library_under_load_fails_no_job() {
+    const KEYS: usize = 4;
+    const SIGNATURES: usize = 60;
+    let work = TestDir::new("recycle");
+    let mut options = options(&work);
+    options.workers = 4;
+    options.recycle_after_objects = Some(8);
+    let workload = workload(
+        &options.hsm,
+        KEYS,
+        SIGNATURES,
+        "a_driver_recycling_its_pkcs11_library_under_load_fails_no_job",
+    );
+    let deployment = Deployment::start(options).await.unwrap();
+    let summary = workload
+        .run(deployment.app())
+        .await
+        .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
+    assert_eq!(summary.verified, SIGNATURES);
+    let metrics = metrics_once_completed(&deployment, KEYS + SIGNATURES).await;
+    assert_eq!(
+        sum_samples(&metrics, "hsm_driver_jobs_total", &[]),
+        (KEYS + SIGNATURES) as f64,
+        "every job completed, none failed:\n{metrics}"
+    );
+    assert_eq!(
+        sum_samples(&metrics, "hsm_driver_jobs_given_back_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+    // 60 signatures and 4 key generations: 68 objects, 8 recycles' worth (one that would start
+    // while another runs is folded into it).
+    let recycles = sum_samples(&metrics, "hsm_driver_hsm_recycles_total", &[]);
+    assert!(recycles >= 3.0, "{recycles} recycles:\n{metrics}");
+    let log = deployment.driver_log();
+    assert!(log.contains("PKCS#11 library recycled"), "{log}");
+    let report = deployment.stop().await.unwrap();
+    assert!(report.driver_exit.success(), "{report:?}");
+    assert_eq!(report.token_private_keys, 0, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

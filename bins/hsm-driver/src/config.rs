@@ -228,6 +228,12 @@ pub(crate) struct HsmSection {
     /// The same for a health check, the insider attack suite included (default 60000).
     #[serde(default = "default_check_deadline_ms")]
     pub(crate) check_deadline_ms: u64,
+    /// Opt-in: after this many session objects created in the token (one per signature, two
+    /// per key generation), the HSM workers finish what they hold and the PKCS#11 library is
+    /// finalised and initialised again, without failing a job (absent: never). For SoftHSMv2,
+    /// which frees a destroyed object's memory only at `C_Finalize`.
+    #[serde(default)]
+    pub(crate) recycle_after_objects: Option<u64>,
 }
 
 fn default_operation_deadline_ms() -> u64 {
@@ -776,6 +782,9 @@ impl Config {
                 bail!("hsm.hot_keys.ttl_ms: must be at least 1");
             }
         }
+        if self.hsm.recycle_after_objects == Some(0) {
+            bail!("hsm.recycle_after_objects: must be at least 1 (leave it out for never)");
+        }
         for (field, ms) in [
             ("operation_deadline_ms", self.hsm.operation_deadline_ms),
             (
@@ -1228,6 +1237,24 @@ user_pin_file = "pin"
             "the README's configuration block differs from bins/hsm-driver/config-reference.toml \
              (hsm-driver config example): copy the file into the README"
         );
+    }
+
+    #[test]
+    fn recycles_are_off_unless_configured_and_never_after_zero_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&write(dir.path(), GOOD)).unwrap();
+        assert_eq!(config.hsm.recycle_after_objects, None);
+        let text = GOOD.replace("[hsm]\n", "[hsm]\nrecycle_after_objects = 200000\n");
+        let config = Config::load(&write(dir.path(), &text)).unwrap();
+        assert_eq!(config.hsm.recycle_after_objects, Some(200_000));
+        // Tried: zero, which would recycle at every job.
+        let text = GOOD.replace("[hsm]\n", "[hsm]\nrecycle_after_objects = 0\n");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("hsm.recycle_after_objects"), "{err}");
+        // Tried: a negative count.
+        let text = GOOD.replace("[hsm]\n", "[hsm]\nrecycle_after_objects = -5\n");
+        let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
+        assert!(err.contains("recycle_after_objects"), "{err}");
     }
 
     #[test]

@@ -45,8 +45,11 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|_| Box::new(hsm.hot_key_stats_reader()) as HotKeyReader);
             let stuck_calls = hsm.stuck_calls_reader();
-            let requests = Box::new(hsm.requests_reader()) as CountReader;
-            let served = serve(config, hsm, hot_keys, requests).await;
+            let counts = HsmCounts {
+                requests: Box::new(hsm.requests_reader()),
+                recycles: Box::new(hsm.recycles_reader()),
+            };
+            let served = serve(config, hsm, hot_keys, counts).await;
             // The HSM is closed by now (its workers given the stop grace); calls a hung HSM
             // never answered cannot be interrupted: say so and exit non-zero rather than wait.
             match stuck_calls() {
@@ -63,14 +66,22 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
 /// Reads the HSM's hot-key counters (when hot keys are configured).
 type HotKeyReader = Box<dyn Fn() -> hsm_pkcs11::HotKeyStats + Send + Sync>;
 
-/// Reads a running count (the HSM's requests).
+/// Reads a running count.
 type CountReader = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// The HSM's running counts, for `/metrics`.
+struct HsmCounts {
+    /// Operations handed to its workers.
+    requests: CountReader,
+    /// Recycles of the PKCS#11 library (`hsm.recycle_after_objects`).
+    recycles: CountReader,
+}
 
 async fn serve<H: Hsm>(
     config: &Config,
     hsm: H,
     hot_keys: Option<HotKeyReader>,
-    hsm_requests: CountReader,
+    hsm_counts: HsmCounts,
 ) -> anyhow::Result<()> {
     let store = wiring::key_store(config).await?;
     if config.database.migrate_on_start {
@@ -114,7 +125,13 @@ async fn serve<H: Hsm>(
                 "hsm_driver_hsm_requests",
                 "Operations handed to the HSM's workers (key generations, signatures, MACs, \
                  rewraps; not health checks): one round trip to the HSM each",
-                hsm_requests,
+                hsm_counts.requests,
+            );
+            telemetry.observe_counter(
+                "hsm_driver_hsm_recycles",
+                "Recycles of the PKCS#11 library (hsm.recycle_after_objects): the HSM workers \
+                 drained, C_Finalize and C_Initialize, the sessions reopened",
+                hsm_counts.recycles,
             );
             telemetry.observe_counter(
                 "hsm_driver_store_statements",

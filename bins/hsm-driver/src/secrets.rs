@@ -220,6 +220,7 @@ mod tests {
             operation_deadline_ms: 10_000,
             key_generation_deadline_ms: 30_000,
             check_deadline_ms: 60_000,
+            recycle_after_objects: None,
             hot_keys: None,
         }
     }

@@ -126,6 +126,10 @@ pub(crate) fn pkcs11_config(config: &Config) -> anyhow::Result<Pkcs11Config> {
             check: Duration::from_millis(config.hsm.check_deadline_ms),
             ..hsm_pkcs11::Deadlines::default()
         },
+        recycle_after_objects: config
+            .hsm
+            .recycle_after_objects
+            .and_then(std::num::NonZeroU64::new),
     })
 }
 

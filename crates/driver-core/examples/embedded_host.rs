@@ -34,6 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         rotation_target_label: None,
         ledger_key_label: None,
         deadlines: hsm_pkcs11::Deadlines::default(),
+        recycle_after_objects: None,
     };
     let hsm = tokio::task::spawn_blocking(move || Pkcs11Hsm::open(&module, settings)).await??;
 

@@ -599,6 +599,7 @@ impl TestToken {
             rotation_target_label: None,
             ledger_key_label: None,
             deadlines: crate::Deadlines::default(),
+            recycle_after_objects: None,
         }
     }
 

@@ -7,37 +7,19 @@
 //! session of the process: the tests take turns ([`serial`]) and every test that breaks
 //! sessions lives in this file.
 
-use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+mod support;
+
+use std::sync::Arc;
 
 use cryptoki::error::RvError;
 use cryptoki::object::Attribute;
-use custody_model::{GeneratedKey, Hsm, HsmError, KeyScheme, SignPayload, SignRequest, Signature};
+use custody_model::{GeneratedKey, Hsm, HsmError, KeyScheme, SignRequest};
 use hsm_pkcs11::test_token::{MasterKeyHazard, TestToken, TokenKind};
 use hsm_pkcs11::{Pkcs11Hsm, create_master_key};
-use p256::ecdsa::signature::hazmat::PrehashVerifier;
-use sha2::{Digest, Sha256};
+use support::{blocking, p256_request, p256_sign_and_verify, serial};
 
 /// The scheme of every key here: P-256, served by both tokens.
 const SCHEME: KeyScheme = KeyScheme::EcdsaP256;
-
-/// One test at a time: they break sessions (or the whole library) under each other otherwise.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Runs `test` on a fresh runtime while holding [`SERIAL`].
-fn serial<F: Future<Output = ()>>(test: F) {
-    let _turn = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(test);
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking task")
-}
 
 /// A fresh token and a [`Pkcs11Hsm`] with two worker sessions on it.
 async fn open() -> (TestToken, Arc<Pkcs11Hsm>) {
@@ -53,29 +35,12 @@ async fn open_token(token: TestToken) -> (TestToken, Arc<Pkcs11Hsm>) {
 }
 
 fn request(key: &GeneratedKey, i: u64) -> SignRequest {
-    SignRequest {
-        scheme: SCHEME,
-        public_key: key.public_key.clone(),
-        wrapped: key.wrapped.clone(),
-        payload: SignPayload::Digest(Sha256::digest(i.to_be_bytes()).into()),
-    }
+    p256_request(key, i)
 }
 
 /// Signs with `key` and checks the signature independently with `p256`.
 async fn sign_and_verify(hsm: &Pkcs11Hsm, key: &GeneratedKey, i: u64) {
-    let request = request(key, i);
-    let SignPayload::Digest(digest) = request.payload else {
-        unreachable!("a digest payload");
-    };
-    let signature = hsm.sign(request).await.expect("sign");
-    let Signature::Ecdsa { r, s, .. } = signature else {
-        panic!("not an ECDSA signature");
-    };
-    let verifying = p256::ecdsa::VerifyingKey::from_sec1_bytes(&key.public_key).unwrap();
-    let signature = p256::ecdsa::Signature::from_scalars(r, s).unwrap();
-    verifying
-        .verify_prehash(&digest, &signature)
-        .expect("p256 verifies the signature");
+    p256_sign_and_verify(hsm, key, i).await.expect("sign");
 }
 
 /// Signs on every worker (more concurrent requests than workers) and checks each signature.

@@ -1,6 +1,7 @@
 //! [`Pkcs11Config`]: which token, PIN, master key and how many sessions.
 
 use std::fmt;
+use std::num::NonZeroU64;
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -41,6 +42,19 @@ pub struct Pkcs11Config {
     /// How long each kind of HSM call may take before the caller gives up on it (see
     /// [`Deadlines`]).
     pub deadlines: Deadlines,
+    /// The opt-in planned recycle: after this many session objects were created (one unwrap
+    /// per signature, two objects per key generation or rewrap), the workers finish the jobs
+    /// they have taken, the library is finalised and initialised again (`C_Finalize`,
+    /// `C_Initialize`) and the sessions reopened; jobs that arrive meanwhile wait in the queue
+    /// and none fails. `None` (the default): never.
+    ///
+    /// For tokens that free a destroyed session object only at `C_Finalize`: SoftHSMv2 keeps
+    /// about 250 bytes per signature and 500 per key generation for the life of the library
+    /// (`docs/benchmarks.md`, "Memory: what the token keeps"), so its process grows without
+    /// bound otherwise. A recycle re-initialises the library for the whole process: it runs
+    /// only while this is the one [`Pkcs11Hsm`](crate::Pkcs11Hsm) open on its module, and never
+    /// under a call stuck past its deadline.
+    pub recycle_after_objects: Option<NonZeroU64>,
 }
 
 /// How long the driver waits for the HSM. A PKCS#11 call cannot be interrupted: when one
@@ -129,6 +143,7 @@ impl fmt::Debug for Pkcs11Config {
             .field("rotation_target_label", &self.rotation_target_label)
             .field("ledger_key_label", &self.ledger_key_label)
             .field("deadlines", &self.deadlines)
+            .field("recycle_after_objects", &self.recycle_after_objects)
             .finish()
     }
 }
@@ -149,6 +164,7 @@ mod tests {
             rotation_target_label: None,
             ledger_key_label: None,
             deadlines: Deadlines::default(),
+            recycle_after_objects: None,
         };
         let debug = format!("{config:?}");
         assert!(!debug.contains("hunter2"), "{debug}");

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crossbeam_channel::Sender;
 use cryptoki::error::RvError;
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
@@ -45,6 +46,7 @@ pub use config::{Deadlines, HotKeys, Pkcs11Config};
 pub use hot_keys::HotKeyStats;
 #[cfg(feature = "softhsm-fixture")]
 pub(crate) use keys::{MasterKey, choose_wrap_mechanism, unwrap, wrap};
+use module::ModuleUser;
 pub use module::Pkcs11Module;
 #[cfg(feature = "softhsm-fixture")]
 pub(crate) use provision::{
@@ -149,12 +151,26 @@ struct Shared {
     /// Operations handed to a worker (health checks not counted): each is one round trip
     /// between the caller and the HSM's worker pool, whatever it does inside.
     requests: AtomicU64,
+    /// Session objects the jobs submitted since the library was last (re-)initialised create
+    /// ([`Job::objects`]): what [`Pkcs11Config::recycle_after_objects`] is compared with.
+    objects: AtomicU64,
+    /// Recycles done ([`Shared::recycle`]).
+    recycles: AtomicU64,
+    /// Held for reading by whoever uses the keep-alive session on a caller's thread (the
+    /// attack suite, the token report), and for writing by a recycle, which closes it: a
+    /// recycle waits for them, and they for it, instead of failing.
+    keepalive_users: RwLock<()>,
+    /// This HSM counted among its module's users until [`Shared::close`].
+    user: Mutex<Option<ModuleUser>>,
 }
 
 /// Whether jobs can run.
 enum PoolState {
     /// Workers are running.
     Ready(Pool),
+    /// A recycle is replacing the pool: jobs queue on the old pool's queue (this sender), and
+    /// the new pool runs them.
+    Recycling(Sender<Job>),
     /// Between the start of a recovery and its success: jobs fail fast.
     Down,
     /// [`Pkcs11Hsm::close`]d or dropped: nothing will install a pool again.
@@ -165,6 +181,7 @@ impl PoolState {
     fn name(&self) -> &'static str {
         match self {
             PoolState::Ready(_) => "ready",
+            PoolState::Recycling(_) => "recycling",
             PoolState::Down => "down",
             PoolState::Closed => "closed",
         }
@@ -178,6 +195,18 @@ impl Shared {
     fn with_pool<R>(&self, f: impl FnOnce(&Pool) -> Result<R, HsmError>) -> Result<R, HsmError> {
         match &*self.state.read().unwrap_or_else(PoisonError::into_inner) {
             PoolState::Ready(pool) => f(pool),
+            PoolState::Recycling(_) | PoolState::Down | PoolState::Closed => {
+                Err(HsmError::WorkerUnavailable)
+            }
+        }
+    }
+
+    /// Queues `job` on the running pool, or during a recycle on the queue the next pool takes
+    /// over; [`HsmError::WorkerUnavailable`] at once while down or closed.
+    fn submit(&self, job: Job) -> Result<(), HsmError> {
+        match &*self.state.read().unwrap_or_else(PoisonError::into_inner) {
+            PoolState::Ready(pool) => pool.submit(job),
+            PoolState::Recycling(queue) => queue.send(job).map_err(|_| HsmError::WorkerUnavailable),
             PoolState::Down | PoolState::Closed => Err(HsmError::WorkerUnavailable),
         }
     }
@@ -242,7 +271,8 @@ impl Shared {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
             match std::mem::replace(&mut *state, PoolState::Down) {
                 PoolState::Ready(pool) => Some(pool),
-                PoolState::Down => None,
+                // A recycle holds the recovery lock from start to end: never seen here.
+                PoolState::Recycling(_) | PoolState::Down => None,
                 PoolState::Closed => {
                     *state = PoolState::Closed;
                     return Err(HsmError::WorkerUnavailable);
@@ -294,6 +324,133 @@ impl Shared {
         Ok(())
     }
 
+    /// Starts a recycle ([`Shared::recycle`]) on a thread of its own, unless a recovery or
+    /// another recycle is running (the next submission tries again). Never blocks.
+    fn start_recycle(shared: &Arc<Shared>) {
+        if shared.recovering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let recycling = Arc::clone(shared);
+        let started = std::thread::Builder::new()
+            .name("hsm-pkcs11-recycle".into())
+            .spawn(move || {
+                let result = recycling.recycle();
+                recycling.recovering.store(false, Ordering::Release);
+                if let Err(error) = result {
+                    tracing::warn!(
+                        token = %recycling.config.token_label,
+                        retryable = error.is_retryable(),
+                        error = %error_chain(&error),
+                        "recycling the PKCS#11 library failed; jobs fail until a recovery succeeds"
+                    );
+                }
+            });
+        if let Err(error) = started {
+            shared.recovering.store(false, Ordering::Release);
+            tracing::warn!(%error, "starting the HSM recycle thread");
+        }
+    }
+
+    /// The planned recycle of [`Pkcs11Config::recycle_after_objects`], on a blocking thread:
+    /// (1) jobs submitted from now on queue for the next pool; (2) the workers run what they
+    /// had queued, then end and close their sessions, and the keep-alive session is closed;
+    /// (3) `C_Finalize` and `C_Initialize`, which is what frees the session objects some
+    /// tokens keep; (4) a new pool as a recovery opens one (login, keys found again, master
+    /// key fingerprints checked); (5) it takes over the queued jobs. No job fails on the way
+    /// unless the new pool cannot be opened: then the HSM is down, as after a failure, until a
+    /// [`Hsm::recover`] succeeds. Skipped while another [`Pkcs11Hsm`] is open on the module
+    /// (re-initialising would close its sessions); no re-initialisation under a stuck call.
+    fn recycle(&self) -> Result<(), HsmError> {
+        let _serialised = self.recovery.lock().unwrap_or_else(PoisonError::into_inner);
+        let _no_hsm_opens = self.module.recycling();
+        let users = self.module.users();
+        if users > 1 {
+            self.objects.store(0, Ordering::Relaxed);
+            tracing::warn!(
+                users,
+                "not recycling the PKCS#11 library: other HSMs are open on this module, and \
+                 re-initialising it would close their sessions"
+            );
+            return Ok(());
+        }
+        // Waits for the attack suite or a token report on the keep-alive session to finish.
+        let _keepalive_users = self
+            .keepalive_users
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let started = std::time::Instant::now();
+        // (1) Jobs from now on queue on the old pool's queue, which the next pool takes over.
+        let mut old = {
+            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            match std::mem::replace(&mut *state, PoolState::Down) {
+                PoolState::Ready(pool) => match pool.sender() {
+                    Some(queue) => {
+                        *state = PoolState::Recycling(queue);
+                        pool
+                    }
+                    None => {
+                        *state = PoolState::Ready(pool);
+                        return Ok(());
+                    }
+                },
+                // Down: a recovery's business. Closed: nothing to do.
+                other => {
+                    *state = other;
+                    return Ok(());
+                }
+            }
+        };
+        // (2) Every job taken or queued before now runs on the old sessions, which then close.
+        if let Err(error) = old.retire(self.config.deadlines.stop_grace, &mut self.abandoned()) {
+            tracing::debug!(error = %error_chain(&error), "closing the recycled PKCS#11 sessions");
+        }
+        // (3) Never C_Finalize under a thread still inside a call.
+        let stuck = self.abandoned_running();
+        let reinitialized = if stuck == 0 {
+            self.module.reinitialize()
+        } else {
+            tracing::warn!(
+                stuck,
+                "HSM calls are stuck: reopening the sessions without re-initialising the library"
+            );
+            Ok(())
+        };
+        self.objects.store(0, Ordering::Relaxed);
+        // (4) The new pool.
+        let opened = reinitialized.and_then(|()| self.open_pool());
+        // (5) It takes over the queue, in order, before any job submitted after this.
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let queued = old.take_queued();
+        let pool = match opened {
+            Ok(pool) if !matches!(*state, PoolState::Closed) => pool,
+            Ok(_) => return Err(HsmError::WorkerUnavailable),
+            Err(error) => {
+                if !matches!(*state, PoolState::Closed) {
+                    *state = PoolState::Down;
+                }
+                return Err(error);
+            }
+        };
+        let moved = queued.len();
+        for job in queued {
+            // Cannot fail: the pool was just started. A job it did fail for would answer
+            // `WorkerUnavailable` to its caller, as on any stopped pool.
+            let _ = pool.submit(job);
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.recycles.fetch_add(1, Ordering::Relaxed);
+        *state = PoolState::Ready(pool);
+        drop(state);
+        tracing::info!(
+            token = %self.config.token_label,
+            reinitialized = stuck == 0,
+            queued = moved,
+            took_ms = started.elapsed().as_millis() as u64,
+            "PKCS#11 library recycled: every session object it kept is freed"
+        );
+        Ok(())
+    }
+
     /// Stops the pool for good: waits up to the stop grace for a recovery in progress and for
     /// the workers, abandons what is stuck in a call. Idempotent.
     fn close(&self) -> Result<(), HsmError> {
@@ -314,6 +471,12 @@ impl Shared {
                 }
             }
         };
+        drop(
+            self.user
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
         let old = std::mem::replace(
             &mut *self.state.write().unwrap_or_else(PoisonError::into_inner),
             PoolState::Closed,
@@ -323,7 +486,7 @@ impl Shared {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 pool.shutdown(left, &mut self.abandoned())
             }
-            PoolState::Down | PoolState::Closed => Ok(()),
+            PoolState::Recycling(_) | PoolState::Down | PoolState::Closed => Ok(()),
         }
     }
 
@@ -350,6 +513,10 @@ impl Shared {
 impl Shared {
     /// [`Pkcs11Hsm::master_key_self_test`], on the keep-alive session. Blocking.
     fn attack_suite(&self) -> Result<SelfTestReport, HsmError> {
+        let _recycle = self
+            .keepalive_users
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let (_, keepalive) = self.keepalive()?;
         with_keepalive(&keepalive, |session| {
             let master = MasterKey {
@@ -383,6 +550,22 @@ impl Shared {
                 },
             )
         })
+    }
+}
+
+/// Warns, at open, about a token known to keep every session object it destroyed until
+/// `C_Finalize` (SoftHSMv2: about 250 bytes per signature) when no recycle is configured.
+fn warn_if_token_keeps_destroyed_objects(module: &Pkcs11Module, slot: Slot) {
+    let Ok(info) = module.context().get_token_info(slot) else {
+        return;
+    };
+    if info.manufacturer_id().trim_end() == "SoftHSM project" {
+        tracing::warn!(
+            token = %info.label().trim_end(),
+            "SoftHSMv2 keeps every session object it destroyed until the library is finalised \
+             (about 250 bytes per signature, 500 per key generation), so this process grows \
+             with every job: set recycle_after_objects (hsm.recycle_after_objects) to bound it"
+        );
     }
 }
 
@@ -428,9 +611,27 @@ impl Pkcs11Hsm {
                 });
             }
         }
+        // Counted as a user from the start: a recycle of another HSM on the module either sees
+        // this one, or finishes before it opens a session.
+        let _opening = module.opening();
+        if config.recycle_after_objects.is_some() && module.users() > 0 {
+            return Err(HsmError::Config {
+                reason: format!(
+                    "recycle_after_objects re-initialises the PKCS#11 library, which would close \
+                     the sessions of the {} other HSM(s) open on module {}: open this one on a \
+                     module of its own, or without it",
+                    module.users(),
+                    module.path().display()
+                ),
+            });
+        }
+        let user = module.user();
         let context = module.context();
         let slot = token::find_slot(module, &config.token_label)?;
         let keepalive = token::open_owned_session(context, slot, &config.user_pin)?;
+        if config.recycle_after_objects.is_none() {
+            warn_if_token_keeps_destroyed_objects(module, slot);
+        }
         let mut masters: Vec<HeldMaster> = Vec::new();
         let mut master = None;
         for label in config.master_labels() {
@@ -491,6 +692,10 @@ impl Pkcs11Hsm {
                 generation: AtomicU64::new(0),
                 hot_keys,
                 requests: AtomicU64::new(0),
+                objects: AtomicU64::new(0),
+                recycles: AtomicU64::new(0),
+                keepalive_users: RwLock::new(()),
+                user: Mutex::new(Some(user)),
             }),
             capabilities,
             masters: infos,
@@ -526,6 +731,18 @@ impl Pkcs11Hsm {
         move || shared.requests.load(Ordering::Relaxed)
     }
 
+    /// The recycles done so far ([`Pkcs11Config::recycle_after_objects`]).
+    pub fn recycles(&self) -> u64 {
+        self.shared.recycles.load(Ordering::Relaxed)
+    }
+
+    /// A cheap, shareable reader of [`Pkcs11Hsm::recycles`] that outlives moving the HSM into
+    /// a driver (for `/metrics`).
+    pub fn recycles_reader(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || shared.recycles.load(Ordering::Relaxed)
+    }
+
     /// Worker threads still inside PKCS#11 calls they were abandoned in (a hung HSM; see
     /// [`Deadlines`]). Each ends, closing its session, when its call returns.
     pub fn stuck_calls(&self) -> usize {
@@ -546,6 +763,11 @@ impl Pkcs11Hsm {
     /// [`HsmError::Pkcs11`] naming the failing call; [`HsmError::WorkerUnavailable`] while a
     /// recovery is replacing the sessions (or after a failed one).
     pub fn token_report(&self) -> Result<TokenReport, HsmError> {
+        let _recycle = self
+            .shared
+            .keepalive_users
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let (slot, keepalive) = self.shared.keepalive()?;
         let info = self
             .shared
@@ -643,12 +865,21 @@ impl Pkcs11Hsm {
             })
     }
 
-    /// Queues a job on the running pool; without one, [`HsmError::WorkerUnavailable`] at once.
+    /// Queues a job on the running pool (or, during a recycle, for the next one); while down
+    /// or closed, [`HsmError::WorkerUnavailable`] at once. Starts a recycle once the jobs
+    /// submitted have created [`Pkcs11Config::recycle_after_objects`] session objects.
     fn submit(&self, job: Job) -> Result<(), HsmError> {
         let counted = !matches!(job, Job::Check { .. });
-        self.shared.with_pool(|pool| pool.submit(job))?;
+        let objects = job.objects();
+        self.shared.submit(job)?;
         if counted {
             self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(limit) = self.shared.config.recycle_after_objects {
+            let created = self.shared.objects.fetch_add(objects, Ordering::Relaxed) + objects;
+            if objects > 0 && created >= limit.get() {
+                Shared::start_recycle(&self.shared);
+            }
         }
         Ok(())
     }
@@ -879,12 +1110,7 @@ impl Hsm for Pkcs11Hsm {
         let deadline = self.shared.config.deadlines.check;
         let checked = async {
             let (reply, answer) = oneshot::channel();
-            self.shared.with_pool(|pool| {
-                pool.submit(Job::Check {
-                    keepalive: Arc::clone(pool.keepalive()),
-                    reply,
-                })
-            })?;
+            self.shared.submit(Job::Check { reply })?;
             answer.await.map_err(|_| HsmError::WorkerUnavailable)??;
             let shared = Arc::clone(&self.shared);
             let report = tokio::task::spawn_blocking(move || shared.attack_suite())

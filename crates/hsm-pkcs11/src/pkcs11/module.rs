@@ -2,8 +2,8 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CryptokiError, RvError};
@@ -35,6 +35,22 @@ pub struct Pkcs11Module {
     /// Counts [`Pkcs11Module::reinitialize`]s: a session opened in an earlier epoch is gone
     /// with the library state, and its handle number may belong to a new session.
     epoch: Arc<AtomicU64>,
+    /// How many [`Pkcs11Hsm`](crate::Pkcs11Hsm)s are open on this module ([`ModuleUser`]): a
+    /// planned re-initialisation (a recycle) is only safe for the only one.
+    users: Arc<AtomicUsize>,
+    /// Held for reading while a [`Pkcs11Hsm`](crate::Pkcs11Hsm) opens and for writing by a
+    /// recycle, from its count of [`Pkcs11Module::users`] until its new sessions are open: an
+    /// HSM opening meanwhile is either counted before the recycle looks, or opens after it.
+    opening: Arc<RwLock<()>>,
+}
+
+/// One open [`Pkcs11Hsm`](crate::Pkcs11Hsm) on a module, counted while it lives.
+pub(crate) struct ModuleUser(Arc<AtomicUsize>);
+
+impl Drop for ModuleUser {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Pkcs11Module {
@@ -57,6 +73,8 @@ impl Pkcs11Module {
             slots: Arc::new(Mutex::new(())),
             path: Arc::from(PathBuf::from(path)),
             epoch: Arc::new(AtomicU64::new(0)),
+            users: Arc::new(AtomicUsize::new(0)),
+            opening: Arc::new(RwLock::new(())),
         })
     }
 
@@ -108,6 +126,27 @@ impl Pkcs11Module {
     /// The counter behind [`Pkcs11Module::epoch`], for threads that outlive a borrow.
     pub(crate) fn epoch_counter(&self) -> &Arc<AtomicU64> {
         &self.epoch
+    }
+
+    /// Counts one more open [`Pkcs11Hsm`](crate::Pkcs11Hsm) until the returned value drops.
+    pub(crate) fn user(&self) -> ModuleUser {
+        self.users.fetch_add(1, Ordering::AcqRel);
+        ModuleUser(Arc::clone(&self.users))
+    }
+
+    /// Held by [`Pkcs11Hsm::open`](crate::Pkcs11Hsm::open) (see the field `opening`).
+    pub(crate) fn opening(&self) -> RwLockReadGuard<'_, ()> {
+        self.opening.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Held by a recycle (see the field `opening`).
+    pub(crate) fn recycling(&self) -> RwLockWriteGuard<'_, ()> {
+        self.opening.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many [`Pkcs11Hsm`](crate::Pkcs11Hsm)s are open on this module now.
+    pub(crate) fn users(&self) -> usize {
+        self.users.load(Ordering::Acquire)
     }
 
     /// The raw calls cryptoki cannot make, on the same library instance.

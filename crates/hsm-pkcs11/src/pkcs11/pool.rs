@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
 use cryptoki::slot::Slot;
 
@@ -28,6 +28,9 @@ pub(crate) type KeepAlive = Arc<Mutex<Option<OwnedSession>>>;
 /// every session, as [`Pool::shutdown`] does.
 pub(crate) struct Pool {
     jobs: Option<Sender<Job>>,
+    /// The workers' end of the queue, to hand what is left in it to the next pool after a
+    /// recycle ([`Pool::take_queued`]).
+    queue: Receiver<Job>,
     workers: Vec<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
     /// Keeps the application logged in (closing a token's last session logs it out); also
@@ -55,6 +58,7 @@ impl Pool {
         let stopping = Arc::new(AtomicBool::new(false));
         let mut pool = Pool {
             jobs: Some(jobs),
+            queue: receiver.clone(),
             workers: Vec::with_capacity(config.sessions),
             stopping: Arc::clone(&stopping),
             keepalive: Arc::new(Mutex::new(Some(keepalive))),
@@ -87,6 +91,7 @@ impl Pool {
                 hot: config
                     .hot_keys
                     .map(|limits| HotKeyCache::new(limits, Arc::clone(hot_keys))),
+                keepalive: Arc::clone(&pool.keepalive),
                 epoch: (Arc::clone(module.epoch_counter()), epoch),
             };
             pool.workers.push(worker.spawn(index)?);
@@ -101,6 +106,21 @@ impl Pool {
             .ok_or(HsmError::WorkerUnavailable)?
             .send(job)
             .map_err(|_| HsmError::WorkerUnavailable)
+    }
+
+    /// A sender onto this pool's queue, for jobs submitted while a recycle replaces the pool
+    /// (`None` once stopped).
+    pub(crate) fn sender(&self) -> Option<Sender<Job>> {
+        self.jobs.clone()
+    }
+
+    /// Every job still queued (a stale [`Job::Retire`] left out), oldest first: after
+    /// [`Pool::retire`], what the next pool must run.
+    pub(crate) fn take_queued(&self) -> Vec<Job> {
+        self.queue
+            .try_iter()
+            .filter(|job| !matches!(job, Job::Retire))
+            .collect()
     }
 
     /// The keep-alive session (`None` once stopped).
@@ -134,6 +154,35 @@ impl Pool {
     ) -> Result<(), HsmError> {
         self.stopping.store(true, Ordering::Release);
         drop(self.jobs.take());
+        self.finish(grace, abandoned)
+    }
+
+    /// Ends the workers **without failing a job**: one [`Job::Retire`] per worker goes to the
+    /// back of the queue, so the workers run every job queued before it, then each takes one
+    /// retirement and ends, closing its session; jobs queued after them stay queued (see
+    /// [`Pool::take_queued`]) and the queue stays open meanwhile. Then closes the keep-alive
+    /// session. Waits and abandons as [`Pool::shutdown`] does.
+    ///
+    /// # Errors
+    /// As [`Pool::shutdown`].
+    pub(crate) fn retire(
+        &mut self,
+        grace: Duration,
+        abandoned: &mut Vec<JoinHandle<()>>,
+    ) -> Result<(), HsmError> {
+        for _ in 0..self.workers.len() {
+            self.submit(Job::Retire)?;
+        }
+        self.finish(grace, abandoned)
+    }
+
+    /// Waits up to `grace` for every worker to end, then closes the keep-alive session (see
+    /// [`Pool::shutdown`]).
+    fn finish(
+        &mut self,
+        grace: Duration,
+        abandoned: &mut Vec<JoinHandle<()>>,
+    ) -> Result<(), HsmError> {
         let deadline = Instant::now() + grace;
         let mut panicked = 0;
         for worker in self.workers.drain(..) {

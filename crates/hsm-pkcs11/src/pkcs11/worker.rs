@@ -3,7 +3,7 @@
 //! on a oneshot. PKCS#11 never runs on an async thread. [`super::pool`] starts and stops them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -73,11 +73,34 @@ pub(crate) enum Job {
         to: usize,
         reply: oneshot::Sender<Result<WrappedKey, HsmError>>,
     },
-    /// Prove the worker's session and the keep-alive session usable (see [`Worker::check`]).
+    /// Prove the worker's session and its pool's keep-alive session usable (see
+    /// [`Worker::check`]).
     Check {
-        keepalive: KeepAlive,
         reply: oneshot::Sender<Result<(), HsmError>>,
     },
+    /// End the worker that takes it, as if its pool stopped, but leave the jobs queued behind
+    /// it queued: a recycle sends one per worker (see `Pool::retire`). A stale one (its worker
+    /// was stuck in a call) is never handed to another pool.
+    Retire,
+}
+
+impl Job {
+    /// How many session objects the job creates in the token (each destroyed before the job
+    /// answers): an unwrap for a signature, a key pair for a generation, the key and the
+    /// new blob's check for a rewrap. What a [`Pkcs11Config::recycle_after_objects`] counts.
+    ///
+    /// [`Pkcs11Config::recycle_after_objects`]: super::Pkcs11Config::recycle_after_objects
+    pub(crate) fn objects(&self) -> u64 {
+        match self {
+            Job::Sign { .. } => 1,
+            Job::Generate { .. } | Job::Rewrap { .. } => 2,
+            Job::Mac { .. }
+            | Job::MacChain { .. }
+            | Job::VerifyMac { .. }
+            | Job::Check { .. }
+            | Job::Retire => 0,
+        }
+    }
 }
 
 /// What [`Job::Check`] MACs: fixed, public, and outside the record MAC domain (it does not
@@ -174,6 +197,8 @@ pub(crate) struct Worker {
     pub(crate) stopping: Arc<AtomicBool>,
     /// The opt-in hot-key cache of this session (`None`: strictly stateless).
     pub(crate) hot: Option<HotKeyCache>,
+    /// The pool's keep-alive session, which [`Job::Check`] checks too.
+    pub(crate) keepalive: KeepAlive,
     /// The module's re-initialisation counter, and its value when the session was opened: a
     /// worker abandoned in a stuck call that returns after a re-initialisation forgets its
     /// session instead of closing a handle number that may be someone else's.
@@ -222,6 +247,7 @@ impl Worker {
                 break;
             }
             match job {
+                Job::Retire => break,
                 Job::Generate {
                     scheme,
                     master,
@@ -320,11 +346,11 @@ impl Worker {
                     let result = keys::rewrap(session, from, to, &request, self.wrap_mechanism);
                     let _ = reply.send(result);
                 }
-                Job::Check { keepalive, reply } => {
+                Job::Check { reply } => {
                     if reply.is_closed() {
                         continue;
                     }
-                    let _ = reply.send(self.check(session, &keepalive));
+                    let _ = reply.send(self.check(session));
                 }
             }
         }
@@ -354,14 +380,13 @@ impl Worker {
     /// This worker's session is a logged-in R/W user session and MACs [`CHECK_PROBE`] (which
     /// exercises the device and finds the MAC key), and so is the keep-alive session. Creates
     /// nothing.
-    fn check(
-        &self,
-        session: &Session,
-        keepalive: &Mutex<Option<OwnedSession>>,
-    ) -> Result<(), HsmError> {
+    fn check(&self, session: &Session) -> Result<(), HsmError> {
         check_session(session)?;
         mac::mac(session, self.masters[0].mac_key, CHECK_PROBE)?;
-        let keepalive = keepalive.lock().unwrap_or_else(PoisonError::into_inner);
+        let keepalive = self
+            .keepalive
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // `None`: the pool is stopping.
         check_session(keepalive.as_ref().ok_or(HsmError::WorkerUnavailable)?.get())
     }

@@ -9,15 +9,70 @@ use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
-use custody_model::{SelfTestReport, WrapMechanism};
+use custody_model::{
+    GeneratedKey, Hsm, HsmError, KeyScheme, SelfTestReport, SignPayload, SignRequest, Signature,
+    WrapMechanism,
+};
+use hsm_pkcs11::Pkcs11Hsm;
 use hsm_pkcs11::test_token::{MasterKeyHazard, TestToken, TokenKind};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
+use sha2::{Digest, Sha256};
 
 /// DER `OBJECT IDENTIFIER` prime256v1.
 pub(crate) const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+/// One test at a time, for the tests that break sessions or re-initialise the library under
+/// every session of their process.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `test` on a fresh two-worker runtime while holding [`SERIAL`].
+pub(crate) fn serial<F: std::future::Future<Output = ()>>(test: F) {
+    let _turn = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(test);
+}
+
+/// A request to sign the SHA-256 of `i` with the P-256 `key`.
+pub(crate) fn p256_request(key: &GeneratedKey, i: u64) -> SignRequest {
+    SignRequest {
+        scheme: KeyScheme::EcdsaP256,
+        public_key: key.public_key.clone(),
+        wrapped: key.wrapped.clone(),
+        payload: SignPayload::Digest(Sha256::digest(i.to_be_bytes()).into()),
+    }
+}
+
+/// Signs [`p256_request`]`(key, i)` and checks the signature independently with the `p256`
+/// crate; the HSM's error, if any, is returned as is.
+pub(crate) async fn p256_sign_and_verify(
+    hsm: &Pkcs11Hsm,
+    key: &GeneratedKey,
+    i: u64,
+) -> Result<(), HsmError> {
+    use p256::ecdsa::signature::hazmat::PrehashVerifier;
+    let request = p256_request(key, i);
+    let SignPayload::Digest(digest) = request.payload else {
+        unreachable!("a digest payload");
+    };
+    let Signature::Ecdsa { r, s, .. } = hsm.sign(request).await? else {
+        panic!("not an ECDSA signature");
+    };
+    let verifying = p256::ecdsa::VerifyingKey::from_sec1_bytes(&key.public_key).unwrap();
+    let signature = p256::ecdsa::Signature::from_scalars(r, s).unwrap();
+    verifying
+        .verify_prehash(&digest, &signature)
+        .expect("p256 verifies the signature");
+    Ok(())
 }
 
 /// A token whose keys are provisioned as `hazard` says (`None`: as `create_master_key` does).

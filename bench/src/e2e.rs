@@ -639,7 +639,7 @@ struct Reading {
 }
 
 /// The value of the counter `name` (its samples summed, any labels), 0 when absent.
-fn counter(metrics: &str, name: &str) -> u64 {
+pub(crate) fn counter(metrics: &str, name: &str) -> u64 {
     hsm_driver_e2e::sum_samples(metrics, name, &[]) as u64
 }
 

@@ -133,10 +133,14 @@ struct RunArgs {
     #[arg(long)]
     instructions: bool,
     /// Instead of the timed run: sign P-256 at saturation for this many seconds per token
-    /// (SoftHSMv2, and Kryoptic when its module is there), reading the driver's RSS every
-    /// second: does its memory level off (`soak.json`)?
+    /// (SoftHSMv2, SoftHSMv2 with `--soak-recycle`, and Kryoptic when its module is there),
+    /// reading the driver's RSS every second: does its memory level off (`soak.json`)?
     #[arg(long, value_name = "SECS")]
     soak: Option<u64>,
+    /// The soak's second SoftHSMv2 driver recycles its PKCS#11 library after this many session
+    /// objects (`hsm.recycle_after_objects`); 0 leaves that run out.
+    #[arg(long, value_name = "OBJECTS", default_value_t = 100_000)]
+    soak_recycle: u64,
 }
 
 /// The child processes a run starts (not for direct use).
@@ -249,13 +253,24 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
 
     if let Some(secs) = args.soak {
         anyhow::ensure!(secs >= 3, "--soak: at least 3 seconds");
-        let tokens: Vec<HsmModule> = std::iter::once(setup.hsm.clone())
-            .chain(kryoptic_module)
-            .collect();
+        let recycled = (args.soak_recycle > 0).then(|| soak::Soaked {
+            hsm: setup.hsm.clone(),
+            recycle_after_objects: Some(args.soak_recycle),
+        });
+        let runs: Vec<soak::Soaked> = std::iter::once(soak::Soaked {
+            hsm: setup.hsm.clone(),
+            recycle_after_objects: None,
+        })
+        .chain(recycled)
+        .chain(kryoptic_module.map(|hsm| soak::Soaked {
+            hsm,
+            recycle_after_objects: None,
+        }))
+        .collect();
         let result = soak::run(
             &plan,
             &setup,
-            &tokens,
+            &runs,
             std::time::Duration::from_secs(secs),
             &say,
         )

@@ -1,9 +1,10 @@
-//! `--soak SECS`: does the driver's memory level off? One SQLite deployment per token
-//! (SoftHSMv2, then Kryoptic when its module is there) signs P-256 at saturation for `SECS`
-//! seconds while the driver's RSS (`smaps_rollup`) and the simulator's completed jobs are read
-//! every second. A token that keeps something per job (SoftHSMv2 keeps every destroyed session
-//! object, see `docs/operations.md`) shows as steady growth per job in the second half; a
-//! driver whose own memory grows with jobs would show it on Kryoptic too, which keeps nothing.
+//! `--soak SECS`: does the driver's memory level off? One SQLite deployment per run
+//! (SoftHSMv2; SoftHSMv2 with `hsm.recycle_after_objects`; then Kryoptic when its module is
+//! there) signs P-256 at saturation for `SECS` seconds while the driver's RSS (`smaps_rollup`)
+//! and the simulator's completed jobs are read every second. A token that keeps something per
+//! job (SoftHSMv2 keeps every destroyed session object, see `docs/operations.md`) shows as
+//! steady growth per job in the second half, and a recycle as that growth gone; a driver whose
+//! own memory grows with jobs would show it on Kryoptic too, which keeps nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,15 +27,31 @@ pub(crate) struct Sample {
     pub(crate) driver_rss_kib: u64,
 }
 
+/// What one soak runs on.
+pub(crate) struct Soaked {
+    pub(crate) hsm: HsmModule,
+    /// The driver's `hsm.recycle_after_objects`.
+    pub(crate) recycle_after_objects: Option<u64>,
+}
+
 /// A soak on one token.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct SoakResult {
-    /// `softhsm2` or `kryoptic`.
+    /// `softhsm2` or `kryoptic`, with `+recycle` for a driver that recycles.
     pub(crate) token: String,
+    pub(crate) recycle_after_objects: Option<u64>,
+    /// The driver's `hsm_driver_hsm_recycles_total` at the end.
+    pub(crate) recycles: u64,
     pub(crate) samples: Vec<Sample>,
 }
 
 impl SoakResult {
+    /// Jobs a second over the whole soak (`None` without samples).
+    pub(crate) fn jobs_per_second(&self) -> Option<f64> {
+        let last = self.samples.last()?;
+        (last.seconds > 0.0).then(|| last.jobs as f64 / last.seconds)
+    }
+
     /// The driver's RSS growth per job over the second half of the soak, in bytes (`None`
     /// with fewer than three samples or no job in that half).
     pub(crate) fn second_half_growth_bytes_per_job(&self) -> Option<f64> {
@@ -57,27 +74,37 @@ impl SoakResult {
 pub(crate) async fn run(
     plan: &Plan,
     setup: &Setup,
-    tokens: &[HsmModule],
+    runs: &[Soaked],
     length: Duration,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<Vec<SoakResult>> {
     let mut results = Vec::new();
-    for hsm in tokens {
-        let token = hsm.kind.name().to_owned();
+    for run in runs {
+        let token = match run.recycle_after_objects {
+            Some(_) => format!("{}+recycle", run.hsm.kind.name()),
+            None => run.hsm.kind.name().to_owned(),
+        };
         let setup = Setup {
             bin_dir: setup.bin_dir.clone(),
-            hsm: hsm.clone(),
+            hsm: run.hsm.clone(),
             work: setup.work.join(format!("soak-{token}")),
         };
-        let options = e2e::deployment_options(plan, &setup, setup.work.clone());
+        let mut options = e2e::deployment_options(plan, &setup, setup.work.clone());
+        options.recycle_after_objects = run.recycle_after_objects;
         say(&format!(
             "soak {token}: starting the simulator and the driver"
         ));
         let deployment = Deployment::start(options).await?;
         let soaked = soak(plan, &deployment, &token, length, say).await;
+        let recycles = deployment
+            .metrics()
+            .await
+            .map(|metrics| e2e::counter(&metrics, "hsm_driver_hsm_recycles_total"));
         deployment.stop().await?;
         results.push(SoakResult {
             token,
+            recycle_after_objects: run.recycle_after_objects,
+            recycles: recycles?,
             samples: soaked?,
         });
     }
@@ -131,13 +158,19 @@ pub(crate) fn table(results: &[SoakResult]) -> String {
             .filter_map(|i| r.samples.get((r.samples.len() * i / 10).checked_sub(1)?))
             .map(|s| format!("{}k {:.1}", s.jobs / 1000, s.driver_rss_kib as f64 / 1024.0))
             .collect();
-        let _ = writeln!(t, "  {:<9} jobs, MiB: {}", r.token, points.join(" | "));
+        let _ = writeln!(t, "  {:<17} jobs, MiB: {}", r.token, points.join(" | "));
+        let recycles = match r.recycle_after_objects {
+            Some(objects) => format!("; {} recycles, one per {objects} objects", r.recycles),
+            None => String::new(),
+        };
         let _ = writeln!(
             t,
-            "  {:<9} growth per job over the second half: {}",
+            "  {:<17} growth per job over the second half: {}; {} jobs/s{recycles}",
             r.token,
             r.second_half_growth_bytes_per_job()
-                .map_or("n/a".to_owned(), |b| format!("{b:+.0} B"))
+                .map_or("n/a".to_owned(), |b| format!("{b:+.0} B")),
+            r.jobs_per_second()
+                .map_or("n/a".to_owned(), |rate| format!("{rate:.0}")),
         );
     }
     t
@@ -157,6 +190,8 @@ mod tests {
         // A start-up climb, then 1 KiB per 4 jobs: 256 B a job, whatever the first half did.
         let soak = SoakResult {
             token: "softhsm2".into(),
+            recycle_after_objects: None,
+            recycles: 0,
             samples: vec![
                 sample(100, 10_000),
                 sample(200, 30_000),
@@ -172,13 +207,21 @@ mod tests {
         // Tried: too few samples, or no job in the second half: no figure.
         let short = SoakResult {
             token: "kryoptic".into(),
+            recycle_after_objects: None,
+            recycles: 0,
             samples: vec![sample(1, 1), sample(2, 2)],
         };
         assert_eq!(short.second_half_growth_bytes_per_job(), None);
         let stalled = SoakResult {
             token: "kryoptic".into(),
+            recycle_after_objects: Some(100),
+            recycles: 3,
             samples: vec![sample(5, 1), sample(5, 2), sample(5, 3)],
         };
         assert_eq!(stalled.second_half_growth_bytes_per_job(), None);
+        assert!(
+            table(&[stalled]).contains("3 recycles, one per 100 objects"),
+            "the recycles are printed"
+        );
     }
 }

@@ -69,6 +69,11 @@ pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
         options.hsm.clone(),
     );
     deployment_options.workers = 2;
+    // What an operator sets on SoftHSMv2, which keeps every destroyed session object until the
+    // library is finalised (docs/operations.md, Sizing): at most about 50 MiB kept.
+    if kind == TokenKind::SoftHsm2 {
+        deployment_options.recycle_after_objects = Some(200_000);
+    }
     let mut deployment = Deployment::start(deployment_options)
         .await
         .context("starting the deployment")?;

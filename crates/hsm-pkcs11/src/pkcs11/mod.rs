@@ -282,11 +282,11 @@ impl Shared {
         // (2) Stop its workers and close its sessions, before any new session exists; a worker
         // stuck in a call (a hung HSM) is abandoned and closes its session when it returns.
         if let Some(mut old) = old {
-            if let Err(error) =
-                old.shutdown(self.config.deadlines.stop_grace, &mut self.abandoned())
-            {
+            let mut left = Vec::new();
+            if let Err(error) = old.shutdown(self.config.deadlines.stop_grace, &mut left) {
                 tracing::debug!(error = %error_chain(&error), "closing the old PKCS#11 sessions");
             }
+            self.abandoned().extend(left);
         }
         let stuck = self.abandoned_running();
         if stuck > self.config.deadlines.max_abandoned {
@@ -322,6 +322,18 @@ impl Shared {
             "PKCS#11 sessions re-established"
         );
         Ok(())
+    }
+
+    /// Counts `objects` session objects created (or about to be) in the token, and starts a
+    /// recycle once [`Pkcs11Config::recycle_after_objects`] are reached.
+    fn count_objects(shared: &Arc<Shared>, objects: u64) {
+        let Some(limit) = shared.config.recycle_after_objects else {
+            return;
+        };
+        let created = shared.objects.fetch_add(objects, Ordering::Relaxed) + objects;
+        if objects > 0 && created >= limit.get() {
+            Shared::start_recycle(shared);
+        }
     }
 
     /// Starts a recycle ([`Shared::recycle`]) on a thread of its own, unless a recovery or
@@ -401,17 +413,35 @@ impl Shared {
             }
         };
         // (2) Every job taken or queued before now runs on the old sessions, which then close.
-        if let Err(error) = old.retire(self.config.deadlines.stop_grace, &mut self.abandoned()) {
+        // Healthy workers may have a queue to drain: they get an operation's deadline for it
+        // (at least the stop grace); a worker still in a call after it is stuck.
+        let drain = self
+            .config
+            .deadlines
+            .operation
+            .max(self.config.deadlines.stop_grace);
+        let mut left = Vec::new();
+        if let Err(error) = old.retire(drain, &mut left) {
             tracing::debug!(error = %error_chain(&error), "closing the recycled PKCS#11 sessions");
         }
-        // (3) Never C_Finalize under a thread still inside a call.
+        self.abandoned().extend(left);
+        // (3) Never C_Finalize under a thread still inside a call, nor after a close.
         let stuck = self.abandoned_running();
+        let closed = matches!(
+            *self.state.read().unwrap_or_else(PoisonError::into_inner),
+            PoolState::Closed
+        );
+        if closed {
+            // The queued jobs go with the old pool: their callers see `WorkerUnavailable`.
+            return Ok(());
+        }
         let reinitialized = if stuck == 0 {
             self.module.reinitialize()
         } else {
             tracing::warn!(
                 stuck,
-                "HSM calls are stuck: reopening the sessions without re-initialising the library"
+                "HSM calls are stuck: reopening the sessions without re-initialising the \
+                 library, which keeps the session objects it holds until the next recycle"
             );
             Ok(())
         };
@@ -423,7 +453,8 @@ impl Shared {
         let queued = old.take_queued();
         let pool = match opened {
             Ok(pool) if !matches!(*state, PoolState::Closed) => pool,
-            Ok(_) => return Err(HsmError::WorkerUnavailable),
+            // Closed meanwhile: the new pool stops on drop, the queued jobs go with the old.
+            Ok(_) => return Ok(()),
             Err(error) => {
                 if !matches!(*state, PoolState::Closed) {
                     *state = PoolState::Down;
@@ -438,16 +469,27 @@ impl Shared {
             let _ = pool.submit(job);
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.recycles.fetch_add(1, Ordering::Relaxed);
+        if stuck == 0 {
+            self.recycles.fetch_add(1, Ordering::Relaxed);
+        }
         *state = PoolState::Ready(pool);
         drop(state);
-        tracing::info!(
-            token = %self.config.token_label,
-            reinitialized = stuck == 0,
-            queued = moved,
-            took_ms = started.elapsed().as_millis() as u64,
-            "PKCS#11 library recycled: every session object it kept is freed"
-        );
+        if stuck == 0 {
+            tracing::info!(
+                token = %self.config.token_label,
+                queued = moved,
+                took_ms = started.elapsed().as_millis() as u64,
+                "PKCS#11 library recycled: every session object it kept is freed"
+            );
+        } else {
+            tracing::warn!(
+                token = %self.config.token_label,
+                stuck,
+                queued = moved,
+                took_ms = started.elapsed().as_millis() as u64,
+                "PKCS#11 sessions reopened, library not re-initialised: calls are stuck in it"
+            );
+        }
         Ok(())
     }
 
@@ -471,23 +513,32 @@ impl Shared {
                 }
             }
         };
-        drop(
-            self.user
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
         let old = std::mem::replace(
             &mut *self.state.write().unwrap_or_else(PoisonError::into_inner),
             PoolState::Closed,
         );
-        match old {
+        let closed = match old {
             PoolState::Ready(mut pool) => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                pool.shutdown(left, &mut self.abandoned())
+                let grace = deadline.saturating_duration_since(std::time::Instant::now());
+                let mut left = Vec::new();
+                let closed = pool.shutdown(grace, &mut left);
+                self.abandoned().extend(left);
+                closed
             }
             PoolState::Recycling(_) | PoolState::Down | PoolState::Closed => Ok(()),
+        };
+        // This HSM stops counting among its module's users only once none of its threads can
+        // still be in a call: another HSM's recycle must not finalise the library under one.
+        // Otherwise it counts until this value is dropped.
+        if self.stuck_calls() == 0 {
+            drop(
+                self.user
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take(),
+            );
         }
+        closed
     }
 
     fn abandoned(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
@@ -614,8 +665,9 @@ impl Pkcs11Hsm {
         // Counted as a user from the start: a recycle of another HSM on the module either sees
         // this one, or finishes before it opens a session.
         let _opening = module.opening();
-        if config.recycle_after_objects.is_some() && module.users() > 0 {
-            return Err(HsmError::Config {
+        let user = match config.recycle_after_objects {
+            None => module.user(),
+            Some(_) => module.sole_user().ok_or_else(|| HsmError::Config {
                 reason: format!(
                     "recycle_after_objects re-initialises the PKCS#11 library, which would close \
                      the sessions of the {} other HSM(s) open on module {}: open this one on a \
@@ -623,9 +675,8 @@ impl Pkcs11Hsm {
                     module.users(),
                     module.path().display()
                 ),
-            });
-        }
-        let user = module.user();
+            })?,
+        };
         let context = module.context();
         let slot = token::find_slot(module, &config.token_label)?;
         let keepalive = token::open_owned_session(context, slot, &config.user_pin)?;
@@ -875,12 +926,7 @@ impl Pkcs11Hsm {
         if counted {
             self.shared.requests.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(limit) = self.shared.config.recycle_after_objects {
-            let created = self.shared.objects.fetch_add(objects, Ordering::Relaxed) + objects;
-            if objects > 0 && created >= limit.get() {
-                Shared::start_recycle(&self.shared);
-            }
-        }
+        Shared::count_objects(&self.shared, objects);
         Ok(())
     }
 }
@@ -1116,6 +1162,7 @@ impl Hsm for Pkcs11Hsm {
             let report = tokio::task::spawn_blocking(move || shared.attack_suite())
                 .await
                 .map_err(|_| HsmError::WorkerUnavailable)??;
+            Shared::count_objects(&self.shared, self_test::SESSION_OBJECTS);
             report.require_safe().map(drop)
         };
         match tokio::time::timeout(deadline, checked).await {

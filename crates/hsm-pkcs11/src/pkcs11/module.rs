@@ -144,6 +144,16 @@ impl Pkcs11Module {
         self.opening.write().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Counts the first open [`Pkcs11Hsm`](crate::Pkcs11Hsm) until the returned value drops,
+    /// or `None` when one is open already: one check and count, so that two opening at once
+    /// cannot both be alone.
+    pub(crate) fn sole_user(&self) -> Option<ModuleUser> {
+        self.users
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| ModuleUser(Arc::clone(&self.users)))
+    }
+
     /// How many [`Pkcs11Hsm`](crate::Pkcs11Hsm)s are open on this module now.
     pub(crate) fn users(&self) -> usize {
         self.users.load(Ordering::Acquire)

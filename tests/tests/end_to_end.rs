@@ -72,13 +72,17 @@ async fn workload_round_trip(options: DeploymentOptions, test: &str) {
     }
     match hsm.kind {
         TokenKind::SoftHsm2 => assert!(
-            check.contains("ed25519: unsupported") && check.contains("CKR_KEY_NOT_WRAPPABLE"),
-            "check must say SoftHSMv2 cannot wrap Ed25519 keys:\n{check}"
+            check.contains("ed25519: unsupported")
+                && check.contains("CKR_KEY_NOT_WRAPPABLE")
+                && check.contains("[warn] token memory: SoftHSMv2 keeps every session object"),
+            "check must say SoftHSMv2 cannot wrap Ed25519 keys, and that it keeps destroyed \
+             objects without hsm.recycle_after_objects:\n{check}"
         ),
         // Kryoptic 1.5.4 answers CKR_GENERAL_ERROR; the function is what this test pins.
         TokenKind::Kryoptic => assert!(
-            check.contains("ecdsa-secp256k1: unsupported: C_GenerateKeyPair returned"),
-            "check must say Kryoptic cannot generate secp256k1 keys:\n{check}"
+            check.contains("ecdsa-secp256k1: unsupported: C_GenerateKeyPair returned")
+                && !check.contains("token memory"),
+            "check must say Kryoptic cannot generate secp256k1 keys, and nothing of memory:\n{check}"
         ),
     }
 
@@ -395,6 +399,13 @@ async fn a_driver_recycling_its_pkcs11_library_under_load_fails_no_job() {
         "a_driver_recycling_its_pkcs11_library_under_load_fails_no_job",
     );
     let deployment = Deployment::start(options).await.unwrap();
+    let (ok, check) = deployment.check().await.unwrap();
+    let expected = match deployment.driver_token().hsm.kind {
+        TokenKind::SoftHsm2 => "[ ok ] token memory: SoftHSMv2 keeps destroyed session objects",
+        // A token that frees its objects gets no line.
+        TokenKind::Kryoptic => "",
+    };
+    assert!(ok && check.contains(expected), "{check}");
     let summary = workload
         .run(deployment.app())
         .await

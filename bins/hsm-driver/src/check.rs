@@ -425,19 +425,49 @@ async fn check_pkcs11(config: &Config, report: &mut Report) -> Option<Vec<Master
     }
     let objects = tokio::task::spawn_blocking(move || hsm.token_report()).await;
     match objects {
-        Ok(Ok(objects)) if objects.token_private_keys == 0 => report.ok(
-            "token objects",
-            "no private-key token object (keys live only wrapped, in the database)",
-        ),
-        Ok(Ok(objects)) => report.warn(
-            "token objects",
-            format_args!(
-                "{} private-key token object(s) on the token; this driver never creates any",
-                objects.token_private_keys
-            ),
-        ),
+        Ok(Ok(objects)) => {
+            if objects.token_private_keys == 0 {
+                report.ok(
+                    "token objects",
+                    "no private-key token object (keys live only wrapped, in the database)",
+                );
+            } else {
+                report.warn(
+                    "token objects",
+                    format_args!(
+                        "{} private-key token object(s) on the token; this driver never creates any",
+                        objects.token_private_keys
+                    ),
+                );
+            }
+            check_memory(config, &objects.manufacturer, report);
+        }
         Ok(Err(e)) => report.fail("token objects", &anyhow::Error::new(e)),
         Err(e) => report.fail("token objects", &anyhow::Error::new(e)),
     }
     Some(held)
+}
+
+/// On a token known to keep every session object it destroyed until `C_Finalize` (SoftHSMv2),
+/// whether `hsm.recycle_after_objects` bounds what the driver's process keeps.
+fn check_memory(config: &Config, manufacturer: &str, report: &mut Report) {
+    if manufacturer != "SoftHSM project" {
+        return;
+    }
+    match config.hsm.recycle_after_objects {
+        Some(objects) => report.ok(
+            "token memory",
+            format_args!(
+                "SoftHSMv2 keeps destroyed session objects until C_Finalize; recycled every \
+                 {objects} objects (hsm.recycle_after_objects), so it keeps at most about {} MiB",
+                (objects * 250).div_ceil(1024 * 1024)
+            ),
+        ),
+        None => report.warn(
+            "token memory",
+            "SoftHSMv2 keeps every session object it destroyed until C_Finalize, about 250 \
+             bytes a signature, so `run` grows without bound: set hsm.recycle_after_objects \
+             (docs/operations.md, Sizing)",
+        ),
+    }
 }

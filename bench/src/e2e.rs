@@ -46,6 +46,28 @@ impl Store {
             Store::Postgres => "postgresql",
         }
     }
+
+    /// For PostgreSQL, a fresh database that `options` now names (drop it after the
+    /// deployment stops, and it is dropped on the server); for SQLite, `None` (the
+    /// deployment's own file).
+    ///
+    /// # Errors
+    /// If the database cannot be created.
+    pub(crate) async fn database_for(
+        self,
+        options: &mut DeploymentOptions,
+    ) -> anyhow::Result<Option<PgTestDatabase>> {
+        match self {
+            Store::Sqlite => Ok(None),
+            Store::Postgres => {
+                let db = tokio::task::spawn_blocking(PgTestDatabase::create)
+                    .await?
+                    .context("creating a PostgreSQL database for the benchmark")?;
+                options.database_url = Some(db.database_url().to_string());
+                Ok(Some(db))
+            }
+        }
+    }
 }
 
 /// A saturation measurement.
@@ -250,16 +272,7 @@ pub(crate) async fn run(
     let work = setup.work.join(store.name());
     let mut options = deployment_options(plan, setup, work.clone());
     // Dropped (the database with it) after the deployment stops.
-    let pg = match store {
-        Store::Sqlite => None,
-        Store::Postgres => {
-            let db = tokio::task::spawn_blocking(PgTestDatabase::create)
-                .await?
-                .context("creating a PostgreSQL database for the benchmark")?;
-            options.database_url = Some(db.database_url().to_string());
-            Some(db)
-        }
-    };
+    let pg = store.database_for(&mut options).await?;
     say(&format!(
         "{}: starting the simulator and the driver",
         store.name()

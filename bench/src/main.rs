@@ -132,9 +132,11 @@ struct RunArgs {
     /// per curve (`instructions.json`, `instructions-<curve>.txt`).
     #[arg(long)]
     instructions: bool,
-    /// Instead of the timed run: sign P-256 at saturation for this many seconds per token
-    /// (SoftHSMv2, SoftHSMv2 with `--soak-recycle`, and Kryoptic when its module is there),
-    /// reading the driver's RSS every second: does its memory level off (`soak.json`)?
+    /// Instead of the timed run: sign P-256 at saturation for this many seconds per driver
+    /// (SoftHSMv2, SoftHSMv2 with `--soak-recycle`, Kryoptic when its module is there, on
+    /// SQLite; then Kryoptic, or the recycling SoftHSMv2, on PostgreSQL unless
+    /// `--no-postgres`), reading the driver's RSS every second: does its memory level off
+    /// (`soak.json`)?
     #[arg(long, value_name = "SECS")]
     soak: Option<u64>,
     /// The soak's second SoftHSMv2 driver recycles its PKCS#11 library after this many session
@@ -253,20 +255,34 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
 
     if let Some(secs) = args.soak {
         anyhow::ensure!(secs >= 3, "--soak: at least 3 seconds");
-        let recycled = (args.soak_recycle > 0).then(|| soak::Soaked {
-            hsm: setup.hsm.clone(),
-            recycle_after_objects: Some(args.soak_recycle),
-        });
-        let runs: Vec<soak::Soaked> = std::iter::once(soak::Soaked {
-            hsm: setup.hsm.clone(),
-            recycle_after_objects: None,
-        })
-        .chain(recycled)
-        .chain(kryoptic_module.map(|hsm| soak::Soaked {
-            hsm,
-            recycle_after_objects: None,
-        }))
-        .collect();
+        let soaked = |hsm: &HsmModule, recycle_after_objects, store| soak::Soaked {
+            hsm: hsm.clone(),
+            recycle_after_objects,
+            store,
+        };
+        let recycled = (args.soak_recycle > 0)
+            .then(|| soaked(&setup.hsm, Some(args.soak_recycle), Store::Sqlite));
+        // The driver's own memory on PostgreSQL: on a token that keeps nothing (Kryoptic),
+        // else on SoftHSMv2 with its recycles.
+        let on_postgres = if args.no_postgres
+            || !tokio::task::spawn_blocking(PgTestDatabase::server_reachable).await?
+        {
+            say("soak: PostgreSQL left out (--no-postgres, or not reachable)");
+            None
+        } else {
+            match (&kryoptic_module, &recycled) {
+                (Some(hsm), _) => Some(soaked(hsm, None, Store::Postgres)),
+                (None, Some(_)) => {
+                    Some(soaked(&setup.hsm, Some(args.soak_recycle), Store::Postgres))
+                }
+                (None, None) => None,
+            }
+        };
+        let runs: Vec<soak::Soaked> = std::iter::once(soaked(&setup.hsm, None, Store::Sqlite))
+            .chain(recycled)
+            .chain(kryoptic_module.map(|hsm| soaked(&hsm, None, Store::Sqlite)))
+            .chain(on_postgres)
+            .collect();
         let result = soak::run(
             &plan,
             &setup,

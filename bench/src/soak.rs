@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use hsm_driver_e2e::{Deployment, HsmModule};
 use serde::Serialize;
 
-use crate::e2e::{self, Setup};
+use crate::e2e::{self, Setup, Store};
 use crate::load::{ClosedLoop, Work};
 use crate::plan::{P256, Plan};
 use crate::procfs;
@@ -32,12 +32,15 @@ pub(crate) struct Soaked {
     pub(crate) hsm: HsmModule,
     /// The driver's `hsm.recycle_after_objects`.
     pub(crate) recycle_after_objects: Option<u64>,
+    /// Where its keys and ledger are.
+    pub(crate) store: Store,
 }
 
 /// A soak on one token.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct SoakResult {
-    /// `softhsm2` or `kryoptic`, with `+recycle` for a driver that recycles.
+    /// `softhsm2` or `kryoptic`, with `+recycle` for a driver that recycles and `/postgresql`
+    /// on PostgreSQL.
     pub(crate) token: String,
     pub(crate) recycle_after_objects: Option<u64>,
     /// The driver's `hsm_driver_hsm_recycles_total` at the end.
@@ -80,10 +83,13 @@ pub(crate) async fn run(
 ) -> anyhow::Result<Vec<SoakResult>> {
     let mut results = Vec::new();
     for run in runs {
-        let token = match run.recycle_after_objects {
+        let mut token = match run.recycle_after_objects {
             Some(_) => format!("{}+recycle", run.hsm.kind.name()),
             None => run.hsm.kind.name().to_owned(),
         };
+        if run.store == Store::Postgres {
+            token.push_str("/postgresql");
+        }
         let setup = Setup {
             bin_dir: setup.bin_dir.clone(),
             hsm: run.hsm.clone(),
@@ -91,6 +97,8 @@ pub(crate) async fn run(
         };
         let mut options = e2e::deployment_options(plan, &setup, setup.work.clone());
         options.recycle_after_objects = run.recycle_after_objects;
+        // Dropped (the database with it) after the deployment stops.
+        let database = run.store.database_for(&mut options).await?;
         say(&format!(
             "soak {token}: starting the simulator and the driver"
         ));
@@ -101,6 +109,7 @@ pub(crate) async fn run(
             .await
             .map(|metrics| e2e::counter(&metrics, "hsm_driver_hsm_recycles_total"));
         deployment.stop().await?;
+        drop(database);
         results.push(SoakResult {
             token,
             recycle_after_objects: run.recycle_after_objects,
@@ -151,21 +160,21 @@ pub(crate) fn table(results: &[SoakResult]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "\nSoak: the driver's RSS while it signs P-256 at saturation (SQLite), by jobs done"
+        "\nSoak: the driver's RSS while it signs P-256 at saturation, by jobs done"
     );
     for r in results {
         let points: Vec<String> = (1..=10)
             .filter_map(|i| r.samples.get((r.samples.len() * i / 10).checked_sub(1)?))
             .map(|s| format!("{}k {:.1}", s.jobs / 1000, s.driver_rss_kib as f64 / 1024.0))
             .collect();
-        let _ = writeln!(t, "  {:<17} jobs, MiB: {}", r.token, points.join(" | "));
+        let _ = writeln!(t, "  {:<28} jobs, MiB: {}", r.token, points.join(" | "));
         let recycles = match r.recycle_after_objects {
             Some(objects) => format!("; {} recycles, one per {objects} objects", r.recycles),
             None => String::new(),
         };
         let _ = writeln!(
             t,
-            "  {:<17} growth per job over the second half: {}; {} jobs/s{recycles}",
+            "  {:<28} growth per job over the second half: {}; {} jobs/s{recycles}",
             r.token,
             r.second_half_growth_bytes_per_job()
                 .map_or("n/a".to_owned(), |b| format!("{b:+.0} B")),

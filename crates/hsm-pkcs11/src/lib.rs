@@ -24,6 +24,9 @@
 //!   the workers' sessions; [`Hsm::recover`](custody_model::Hsm::recover) re-establishes it
 //!   after session, token or device errors, never under calls still stuck past their
 //!   [`Deadlines`].
+//! - Tokens that keep destroyed session objects until `C_Finalize` (SoftHSMv2):
+//!   [`Pkcs11Config::recycle_after_objects`] finalises and initialises the library again after
+//!   that many objects, without failing a job ([`Pkcs11Hsm::recycles`] counts them).
 //! - Provisioning: [`create_master_key`] and its siblings (the key ceremony's steps).
 //! - [`test_token`] (feature `softhsm-fixture`): isolated test tokens on SoftHSMv2 or
 //!   Kryoptic, the two PKCS#11 implementations of the token matrix.

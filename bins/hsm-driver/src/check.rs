@@ -459,8 +459,9 @@ fn check_memory(config: &Config, manufacturer: &str, report: &mut Report) {
             "token memory",
             format_args!(
                 "SoftHSMv2 keeps destroyed session objects until C_Finalize; recycled every \
-                 {objects} objects (hsm.recycle_after_objects), so it keeps at most about {} MiB",
-                (objects * 250).div_ceil(1024 * 1024)
+                 {objects} objects (hsm.recycle_after_objects), so it keeps about {} MiB at most \
+                 (250 to 300 bytes an object)",
+                objects.saturating_mul(300).div_ceil(1024 * 1024)
             ),
         ),
         None => report.warn(

@@ -40,6 +40,12 @@ fn fault_module(test: &str) -> Option<(Control, PathBuf)> {
     };
     let control = Control(PathBuf::from(control));
     control.clear();
+    // Before the module loads (with the process's first token): no statistics of an earlier
+    // process that a wait could mistake for this one's. Later, the module keeps the file.
+    static FIRST: std::sync::Once = std::sync::Once::new();
+    FIRST.call_once(|| {
+        let _ = std::fs::remove_file(&stats);
+    });
     Some((control, PathBuf::from(stats)))
 }
 
@@ -359,6 +365,11 @@ async fn a_recycle_stuck_in_c_finalize_times_queued_jobs_out_and_finishes_when_t
         .await
         .expect("a signature after the recycle");
     hsm.check().await.expect("a check after the recycle");
+    // The check's attack suite counts too: another recycle, let it finish before closing.
+    eventually("the check's recycle", Duration::from_secs(5), || {
+        hsm.recycles() == 2
+    })
+    .await;
     blocking(move || hsm.close()).await.expect("closing");
     Stats::until(&stats, "every session closed", |s| s.open_sessions() == 0).await;
     drop(token);
@@ -384,7 +395,9 @@ async fn a_recycle_that_cannot_open_new_sessions_leaves_the_hsm_down_for_a_recov
     loop {
         match hsm.sign(digest_request(&key, 3)).await {
             Err(HsmError::WorkerUnavailable) => break,
-            Ok(_) => {}
+            // Signed before the retirement, or queued through the whole failed recycle and
+            // given back at its deadline on a slow machine.
+            Ok(_) | Err(HsmError::DeadlineExceeded { .. }) => {}
             Err(error) => panic!("neither signed nor given back: {error}"),
         }
         assert!(
@@ -408,4 +421,73 @@ async fn a_recycle_that_cannot_open_new_sessions_leaves_the_hsm_down_for_a_recov
     blocking(move || hsm.close()).await.expect("closing");
     Stats::until(&stats, "every session closed", |s| s.open_sessions() == 0).await;
     drop(token);
+}
+
+/// The attack on another HSM's calls: a closed HSM whose worker is still stuck in the token
+/// keeps counting on the module, so no HSM can open with recycles (whose `C_Finalize` would
+/// pull the library from under that call) until the call returns.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_hsm_with_a_call_stuck_in_the_token_bars_recycles_until_it_returns() {
+    let _turn = TURN.lock().await;
+    let Some((control, stats)) = fault_module("hung_token closed with a stuck call") else {
+        return;
+    };
+    let (first, second) = (
+        blocking(TestToken::create).await.unwrap(),
+        blocking(TestToken::create).await.unwrap(),
+    );
+    let mut config = first.config(1);
+    config.deadlines = short_deadlines();
+    let opening = first.clone();
+    let stuck = blocking(move || Pkcs11Hsm::open(opening.module(), config))
+        .await
+        .expect("opening");
+    let key = stuck.generate_key(KeyScheme::EcdsaP256).await.unwrap();
+    // Tried: its worker stuck in C_Sign, then the HSM closed and dropped.
+    control.set("C_Sign stall\n");
+    Stats::until(&stats, "the module takes the rule", |s| {
+        !s.faults.is_empty()
+    })
+    .await;
+    assert_sign_deadline_exceeded(&stuck.sign(digest_request(&key, 1)).await.unwrap_err());
+    blocking(move || stuck.close()).await.expect("closing");
+    let open_recycling_on_second = || async {
+        let mut config = second.config(1);
+        config.recycle_after_objects = std::num::NonZeroU64::new(4);
+        let opening = second.clone();
+        blocking(move || Pkcs11Hsm::open(opening.module(), config)).await
+    };
+    let refused = open_recycling_on_second().await.unwrap_err();
+    assert!(
+        matches!(refused, HsmError::Config { .. })
+            && refused.to_string().contains("recycle_after_objects"),
+        "{refused}"
+    );
+    // The call returns; the abandoned worker closes its session and ends: recycles may open.
+    control.clear();
+    let started = Instant::now();
+    let recycling = loop {
+        match open_recycling_on_second().await {
+            Ok(hsm) => break hsm,
+            Err(HsmError::Config { .. }) if started.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("recycles never allowed again: {error}"),
+        }
+    };
+    // Two objects, then two more: a recycle.
+    let key = recycling.generate_key(KeyScheme::EcdsaP256).await.unwrap();
+    for n in [2, 3] {
+        recycling
+            .sign(digest_request(&key, n))
+            .await
+            .expect("a signature");
+    }
+    eventually("a recycle", Duration::from_secs(5), || {
+        recycling.recycles() >= 1
+    })
+    .await;
+    blocking(move || recycling.close()).await.expect("closing");
+    Stats::until(&stats, "every session closed", |s| s.open_sessions() == 0).await;
+    drop((first, second));
 }

@@ -153,6 +153,21 @@ fn jobs_of_every_kind_run_through_many_recycles_and_none_fails() {
     });
 }
 
+/// The weakness: every health check runs the attack suite, which creates session objects;
+/// uncounted, an idle driver on SoftHSMv2 would still grow with every check.
+#[test]
+fn health_checks_alone_count_towards_a_recycle() {
+    serial(async {
+        let token = token().await;
+        let hsm = open(&token, Some(16)).await.expect("open with recycles");
+        hsm.check().await.expect("check");
+        hsm.check().await.expect("check");
+        eventually(|| hsm.recycles() >= 1, "a recycle after two checks").await;
+        hsm.check().await.expect("a check after the recycle");
+        close(hsm).await;
+    });
+}
+
 #[test]
 fn without_the_setting_nothing_is_recycled() {
     serial(async {

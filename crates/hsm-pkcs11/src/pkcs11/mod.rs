@@ -70,7 +70,7 @@ use custody_model::{
 use hot_keys::HotKeyCounters;
 #[cfg(not(feature = "softhsm-fixture"))]
 use keys::MasterKey;
-use pool::{KeepAlive, Pool};
+use pool::{HsmWide, KeepAlive, Pool};
 use token::OwnedSession;
 use worker::Job;
 
@@ -160,8 +160,24 @@ struct Shared {
     /// attack suite, the token report), and for writing by a recycle, which closes it: a
     /// recycle waits for them, and they for it, instead of failing.
     keepalive_users: RwLock<()>,
-    /// This HSM counted among its module's users until [`Shared::close`].
-    user: Mutex<Option<ModuleUser>>,
+    /// This HSM counted among its module's users. Every thread that may call into the
+    /// library holds a clone (the workers, the keep-alive closer, recovery and recycle
+    /// threads), and [`Shared::close`] drops this one: the count falls only when nothing of this
+    /// HSM can still be inside a call, so another HSM's recycle never finalises under one.
+    user: Mutex<Option<Arc<ModuleUser>>>,
+    /// Set when [`Shared::close`] begins: a recycle stops short of re-initialising.
+    closing: AtomicBool,
+    /// Set while a recycle holds the recovery lock: [`Shared::close`] waits for its drain.
+    recycling: AtomicBool,
+}
+
+/// Clears a flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Whether jobs can run.
@@ -189,6 +205,26 @@ impl PoolState {
 }
 
 impl Shared {
+    /// A clone of this HSM's module-user count, for a thread that may call into the library;
+    /// [`HsmError::WorkerUnavailable`] once closed.
+    fn user(&self) -> Result<Arc<ModuleUser>, HsmError> {
+        self.user
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(HsmError::WorkerUnavailable)
+    }
+
+    /// How long a recycle lets the workers drain what was queued before it: any job's deadline
+    /// (a key generation's is the longest), and at least the stop grace.
+    fn drain_deadline(&self) -> Duration {
+        let deadlines = &self.config.deadlines;
+        deadlines
+            .operation
+            .max(deadlines.key_generation)
+            .max(deadlines.stop_grace)
+    }
+
     /// Runs `f` on the running pool, holding it (a read lock) meanwhile; without one,
     /// [`HsmError::WorkerUnavailable`]. Only for quick, non-blocking `f`: callers on async
     /// threads wait for the lock while a recovery swaps pools.
@@ -255,13 +291,18 @@ impl Shared {
             &self.config,
             self.wrap_mechanism,
             &self.masters,
-            &self.hot_keys,
+            HsmWide {
+                hot_keys: &self.hot_keys,
+                user: &self.user()?,
+            },
         )
     }
 
     /// [`Hsm::recover`], on a blocking thread. `seen` is the generation when it was called.
     fn recover(&self, seen: u64) -> Result<(), HsmError> {
         let _serialised = self.recovery.lock().unwrap_or_else(PoisonError::into_inner);
+        // Cleared before the lock is released: a close that got the lock sees no recovery.
+        let _done = ClearOnDrop(&self.recovering);
         if self.generation.load(Ordering::Acquire) != seen && self.is_ready() {
             tracing::debug!("a recovery that finished after this call began did the work");
             return Ok(());
@@ -342,12 +383,17 @@ impl Shared {
         if shared.recovering.swap(true, Ordering::AcqRel) {
             return;
         }
+        let Ok(user) = shared.user() else {
+            // Closed.
+            shared.recovering.store(false, Ordering::Release);
+            return;
+        };
         let recycling = Arc::clone(shared);
         let started = std::thread::Builder::new()
             .name("hsm-pkcs11-recycle".into())
             .spawn(move || {
+                let _user = user;
                 let result = recycling.recycle();
-                recycling.recovering.store(false, Ordering::Release);
                 if let Err(error) = result {
                     tracing::warn!(
                         token = %recycling.config.token_label,
@@ -374,6 +420,13 @@ impl Shared {
     /// (re-initialising would close its sessions); no re-initialisation under a stuck call.
     fn recycle(&self) -> Result<(), HsmError> {
         let _serialised = self.recovery.lock().unwrap_or_else(PoisonError::into_inner);
+        // Both cleared before the lock is released.
+        let _done = ClearOnDrop(&self.recovering);
+        self.recycling.store(true, Ordering::Release);
+        let _recycled = ClearOnDrop(&self.recycling);
+        if self.closing.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let _no_hsm_opens = self.module.recycling();
         let users = self.module.users();
         if users > 1 {
@@ -398,6 +451,9 @@ impl Shared {
                 PoolState::Ready(pool) => match pool.sender() {
                     Some(queue) => {
                         *state = PoolState::Recycling(queue);
+                        // The jobs queued from now on run on the new pool: theirs count
+                        // towards the next recycle.
+                        self.objects.store(0, Ordering::Relaxed);
                         pool
                     }
                     None => {
@@ -415,23 +471,14 @@ impl Shared {
         // (2) Every job taken or queued before now runs on the old sessions, which then close.
         // Healthy workers may have a queue to drain: they get an operation's deadline for it
         // (at least the stop grace); a worker still in a call after it is stuck.
-        let drain = self
-            .config
-            .deadlines
-            .operation
-            .max(self.config.deadlines.stop_grace);
         let mut left = Vec::new();
-        if let Err(error) = old.retire(drain, &mut left) {
+        if let Err(error) = old.retire(self.drain_deadline(), &mut left) {
             tracing::debug!(error = %error_chain(&error), "closing the recycled PKCS#11 sessions");
         }
         self.abandoned().extend(left);
         // (3) Never C_Finalize under a thread still inside a call, nor after a close.
         let stuck = self.abandoned_running();
-        let closed = matches!(
-            *self.state.read().unwrap_or_else(PoisonError::into_inner),
-            PoolState::Closed
-        );
-        if closed {
+        if self.closing.load(Ordering::Acquire) {
             // The queued jobs go with the old pool: their callers see `WorkerUnavailable`.
             return Ok(());
         }
@@ -445,7 +492,6 @@ impl Shared {
             );
             Ok(())
         };
-        self.objects.store(0, Ordering::Relaxed);
         // (4) The new pool.
         let opened = reinitialized.and_then(|()| self.open_pool());
         // (5) It takes over the queue, in order, before any job submitted after this.
@@ -496,8 +542,16 @@ impl Shared {
     /// Stops the pool for good: waits up to the stop grace for a recovery in progress and for
     /// the workers, abandons what is stuck in a call. Idempotent.
     fn close(&self) -> Result<(), HsmError> {
+        self.closing.store(true, Ordering::Release);
         let grace = self.config.deadlines.stop_grace;
-        let deadline = std::time::Instant::now() + grace;
+        // A recycle drains healthy workers: wait for that too (it re-initialises nothing once
+        // it sees the close).
+        let wait = if self.recycling.load(Ordering::Acquire) {
+            self.drain_deadline() + grace
+        } else {
+            grace
+        };
+        let deadline = std::time::Instant::now() + wait;
         // A recovery stuck in a call keeps its lock: close without it (the recovery finds the
         // state Closed when it comes back and drops what it opened).
         let _serialised = loop {
@@ -527,17 +581,13 @@ impl Shared {
             }
             PoolState::Recycling(_) | PoolState::Down | PoolState::Closed => Ok(()),
         };
-        // This HSM stops counting among its module's users only once none of its threads can
-        // still be in a call: another HSM's recycle must not finalise the library under one.
-        // Otherwise it counts until this value is dropped.
-        if self.stuck_calls() == 0 {
-            drop(
-                self.user
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take(),
-            );
-        }
+        // The count falls once every thread of this HSM that holds a clone has ended too.
+        drop(
+            self.user
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
         closed
     }
 
@@ -712,6 +762,7 @@ impl Pkcs11Hsm {
         let capabilities = probe::probe(keepalive.get(), master_key, wrap_mechanism);
         // On an error, the sessions opened so far are closed before this returns.
         let hot_keys = Arc::new(HotKeyCounters::default());
+        let user = Arc::new(user);
         let pool = Pool::start(
             module,
             slot,
@@ -719,7 +770,10 @@ impl Pkcs11Hsm {
             &config,
             wrap_mechanism,
             &masters,
-            &hot_keys,
+            HsmWide {
+                hot_keys: &hot_keys,
+                user: &user,
+            },
         )?;
         tracing::info!(
             token = %config.token_label,
@@ -747,6 +801,8 @@ impl Pkcs11Hsm {
                 recycles: AtomicU64::new(0),
                 keepalive_users: RwLock::new(()),
                 user: Mutex::new(Some(user)),
+                closing: AtomicBool::new(false),
+                recycling: AtomicBool::new(false),
             }),
             capabilities,
             masters: infos,
@@ -1195,13 +1251,20 @@ impl Hsm for Pkcs11Hsm {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let user = match self.shared.user() {
+            Ok(user) => user,
+            Err(closed) => {
+                self.shared.recovering.store(false, Ordering::Release);
+                return Err(closed);
+            }
+        };
         let shared = Arc::clone(&self.shared);
         let (reply, answer) = oneshot::channel();
         let started = std::thread::Builder::new()
             .name("hsm-pkcs11-recover".into())
             .spawn(move || {
+                let _user = user;
                 let result = shared.recover(seen);
-                shared.recovering.store(false, Ordering::Release);
                 if let Err(error) = &result {
                     tracing::warn!(
                         token = %shared.config.token_label,

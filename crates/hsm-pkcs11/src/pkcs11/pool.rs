@@ -14,7 +14,7 @@ use cryptoki::slot::Slot;
 use super::HeldMaster;
 use super::config::Pkcs11Config;
 use super::hot_keys::{HotKeyCache, HotKeyCounters};
-use super::module::Pkcs11Module;
+use super::module::{ModuleUser, Pkcs11Module};
 use super::token::{self, OwnedSession};
 use super::worker::{Job, Worker, WorkerMaster};
 use custody_model::HsmError;
@@ -23,6 +23,14 @@ use custody_model::WrapMechanism;
 /// The keep-alive session of a pool, shared with `check` jobs and `token_report`; `None` once
 /// the pool has stopped.
 pub(crate) type KeepAlive = Arc<Mutex<Option<OwnedSession>>>;
+
+/// What every pool of one HSM shares, across its recoveries and recycles.
+pub(crate) struct HsmWide<'a> {
+    /// The hot-key counters of every worker.
+    pub(crate) hot_keys: &'a Arc<HotKeyCounters>,
+    /// The HSM's module-user count, cloned into every thread that may call into the library.
+    pub(crate) user: &'a Arc<ModuleUser>,
+}
 
 /// Running workers and the keep-alive session. Dropping it stops the workers and closes
 /// every session, as [`Pool::shutdown`] does.
@@ -38,6 +46,8 @@ pub(crate) struct Pool {
     /// not `Sync`, hence the mutex; `None` once the pool has stopped.
     keepalive: KeepAlive,
     slot: Slot,
+    /// The HSM's module-user count, cloned into every thread that may call into the library.
+    user: Arc<ModuleUser>,
 }
 
 impl Pool {
@@ -52,8 +62,9 @@ impl Pool {
         config: &Pkcs11Config,
         wrap_mechanism: WrapMechanism,
         masters: &[HeldMaster],
-        hot_keys: &Arc<HotKeyCounters>,
+        hsm: HsmWide<'_>,
     ) -> Result<Pool, HsmError> {
+        let HsmWide { hot_keys, user } = hsm;
         let (jobs, receiver) = crossbeam_channel::unbounded();
         let stopping = Arc::new(AtomicBool::new(false));
         let mut pool = Pool {
@@ -63,6 +74,7 @@ impl Pool {
             stopping: Arc::clone(&stopping),
             keepalive: Arc::new(Mutex::new(Some(keepalive))),
             slot,
+            user: Arc::clone(user),
         };
         // On an error below, dropping `pool` stops the workers already started.
         let epoch = module.epoch();
@@ -92,6 +104,7 @@ impl Pool {
                     .hot_keys
                     .map(|limits| HotKeyCache::new(limits, Arc::clone(hot_keys))),
                 keepalive: Arc::clone(&pool.keepalive),
+                _user: Arc::clone(user),
                 epoch: (Arc::clone(module.epoch_counter()), epoch),
             };
             pool.workers.push(worker.spawn(index)?);
@@ -195,10 +208,12 @@ impl Pool {
         // Closed on a thread of its own: a stuck call may hold it (a check, the attack suite),
         // and C_CloseSession itself does not return from a hung HSM.
         let keepalive = Arc::clone(&self.keepalive);
+        let user = Arc::clone(&self.user);
         let (sent, outcome) = std::sync::mpsc::channel();
         let closer = std::thread::Builder::new()
             .name("hsm-pkcs11-close".into())
             .spawn(move || {
+                let _user = user;
                 let session = keepalive
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)

@@ -81,7 +81,6 @@ pub(crate) struct Targets<'a> {
     pub(crate) mechanisms: Vec<WrapMechanism>,
 }
 
-/// Runs the suite on `session` (see the module documentation).
 /// About how many session objects one [`run`] creates and destroys on a safe token, for
 /// [`Pkcs11Config::recycle_after_objects`](super::Pkcs11Config::recycle_after_objects): the
 /// canary key pair, the user's trusted-key probe, and per wrap mechanism a control key, an
@@ -89,6 +88,7 @@ pub(crate) struct Targets<'a> {
 /// over-count only brings a recycle a little earlier.
 pub(crate) const SESSION_OBJECTS: u64 = 16;
 
+/// Runs the suite on `session` (see the module documentation).
 pub(crate) fn run(session: &Session, targets: &Targets<'_>) -> Result<SelfTestReport, HsmError> {
     let label = targets.master_label;
     let mut report = SelfTestReport::new(label);

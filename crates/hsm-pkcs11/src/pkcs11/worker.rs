@@ -199,6 +199,8 @@ pub(crate) struct Worker {
     pub(crate) hot: Option<HotKeyCache>,
     /// The pool's keep-alive session, which [`Job::Check`] checks too.
     pub(crate) keepalive: KeepAlive,
+    /// The HSM's module-user count, held for as long as this thread may call into the library.
+    pub(crate) _user: Arc<super::module::ModuleUser>,
     /// The module's re-initialisation counter, and its value when the session was opened: a
     /// worker abandoned in a stuck call that returns after a re-initialisation forgets its
     /// session instead of closing a handle number that may be someone else's.

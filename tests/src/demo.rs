@@ -70,7 +70,7 @@ pub async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
     );
     deployment_options.workers = 2;
     // What an operator sets on SoftHSMv2, which keeps every destroyed session object until the
-    // library is finalised (docs/operations.md, Sizing): at most about 50 MiB kept.
+    // library is finalised (docs/operations.md, Sizing): at most 50 to 60 MiB kept.
     if kind == TokenKind::SoftHsm2 {
         deployment_options.recycle_after_objects = Some(200_000);
     }

@@ -1,10 +1,11 @@
 //! Batching off and on, side by side in one run: the same SQLite deployment three times (see
 //! [`ways`]): with [`Batching::OFF`] and no record cache (a lease as soon as a worker is free,
 //! every report at once, one ledger write per entry, a record read per signature: the driver
-//! before issue #15's batching), with the driver's defaults (the ledger's group commit and the
-//! record cache), and with every lever on (a wide worker window, large leases, the report
-//! linger at saturation). Per curve: throughput and the counts
-//! per job at saturation, and latency at the same offered rate for all (a share of the
+//! before issue #15's batching), with the ledger's group commit and the record cache on a small
+//! window that leases and reports at once (the driver's defaults until it batched at
+//! saturation), and with the driver's defaults (a window of 32 jobs beyond the sessions'
+//! reserve, leases of 32 and a report linger at saturation). Per curve: throughput and the
+//! counts per job at saturation, and latency at the same offered rate for all (a share of the
 //! unbatched driver's saturated rate), so that what batching costs in latency shows beside
 //! what it saves in requests.
 
@@ -15,7 +16,7 @@ use serde::Serialize;
 
 use crate::e2e::{self, Latency, Meter, Setup, Throughput};
 use crate::load::{Work, open_loop};
-use crate::plan::{CURVES, Plan};
+use crate::plan::{CURVES, Plan, SMALL_WINDOW_PER_SESSION};
 
 /// One curve, every way.
 #[derive(Debug, Clone, Serialize)]
@@ -30,61 +31,33 @@ pub(crate) struct BatchingResult {
 /// One driver's figures.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Side {
-    /// `off`, `ledger groups` or `all on`.
+    /// `off`, `ledger groups` or `defaults`.
     pub(crate) way: &'static str,
     pub(crate) throughput: Throughput,
     pub(crate) latency: Latency,
 }
 
-/// The drivers compared: nothing batched; the ledger's group commit alone (the driver's
-/// defaults: it waits for nothing); and every lever: [`all_on_workers`], [`all_on_refill`]
-/// (and a lease batch as large), and the bench's report
-/// linger besides.
-pub(crate) fn ways(plan: &Plan) -> [(&'static str, Batching); 3] {
+/// The drivers compared: nothing batched; the ledger's group commit and the record cache on a
+/// small window that leases and reports at once; and the driver's defaults.
+pub(crate) fn ways() -> [(&'static str, Batching); 3] {
     [
         ("off", Batching::OFF),
         (
             "ledger groups",
             Batching {
+                lease_batch: Some(16),
                 ledger_max_group: None,
                 ..Batching::OFF
             },
         ),
-        (
-            "all on",
-            Batching {
-                lease_batch: Some(u32::try_from(all_on_refill(plan)).unwrap_or(u32::MAX)),
-                lease_refill: Some(all_on_refill(plan)),
-                report_linger_ms: Some(plan.report_linger_ms),
-                ledger_max_group: None,
-            },
-        ),
+        ("defaults", Batching::default()),
     ]
 }
 
-/// The "all on" driver's workers: [`ALL_ON_WORKERS_PER_SESSION`] per HSM session, a window wide
-/// enough for leases and report batches of a few dozen jobs.
-pub(crate) fn all_on_workers(plan: &Plan) -> usize {
-    ALL_ON_WORKERS_PER_SESSION * plan.sessions
-}
-
-/// See [`all_on_workers`].
-const ALL_ON_WORKERS_PER_SESSION: usize = 20;
-
-/// The "all on" driver's lease refill: [`all_on_workers`] `− 4 × sessions`, so that each HSM
-/// session keeps a job running and three waiting while a lease fetches the rest (about 16 jobs
-/// per session in one lease).
-pub(crate) fn all_on_refill(plan: &Plan) -> usize {
-    all_on_workers(plan)
-        .saturating_sub(4 * plan.sessions)
-        .max(1)
-}
-
-/// Requests the load generator keeps outstanding at saturation in this section, for every
-/// driver: the "all on" driver holds up to [`all_on_workers`] jobs plus the reports its linger
-/// gathers, and the API's queue must still hold a full lease beyond them.
-pub(crate) fn saturation_in_flight(plan: &Plan) -> usize {
-    plan.in_flight.max(6 * all_on_workers(plan))
+/// The window of the two drivers that lease and report at once: [`SMALL_WINDOW_PER_SESSION`]
+/// per HSM session.
+pub(crate) fn small_window(plan: &Plan) -> usize {
+    SMALL_WINDOW_PER_SESSION * plan.sessions
 }
 
 /// Runs each way in a deployment of its own, the unbatched driver first: its saturated rate
@@ -99,7 +72,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<Vec<BatchingResult>> {
     let mut rates: Option<Vec<f64>> = None;
     let mut per_way = Vec::new();
-    for (way, batching) in ways(plan) {
+    for (way, batching) in ways() {
         let sides = measure(plan, setup, way, batching, rates.as_deref(), say).await?;
         rates.get_or_insert_with(|| sides.iter().map(|s| s.latency.rate_per_sec).collect());
         per_way.push(sides);
@@ -132,8 +105,11 @@ async fn measure(
     options.batching = batching;
     match way {
         // The driver before issue #15: every signature reads its record too.
-        "off" => options.record_cache = Some(RecordCacheSettings::OFF),
-        "all on" => options.workers = all_on_workers(plan),
+        "off" => {
+            options.workers = small_window(plan);
+            options.record_cache = Some(RecordCacheSettings::OFF);
+        }
+        "ledger groups" => options.workers = small_window(plan),
         _ => {}
     }
     say(&format!("{label}: starting the simulator and the driver"));
@@ -161,11 +137,7 @@ async fn sides(
         ));
         let keys = e2e::create_keys(app, *curve, plan.pool_keys_per_curve).await?;
         let work = Arc::new(Work::Sign(keys));
-        let saturating = Plan {
-            in_flight: saturation_in_flight(plan),
-            ..plan.clone()
-        };
-        let throughput = meter.saturate_signing(app, &work, &saturating).await?;
+        let throughput = meter.saturate_signing(app, &work, plan).await?;
         let rate = rates
             .and_then(|r| r.get(i).copied())
             .unwrap_or(throughput.ops_per_sec * plan.latency_load);

@@ -94,7 +94,7 @@ pub(crate) struct Throughput {
     /// How busy the machine's CPUs were during the window, in percent of all of them.
     pub(crate) machine_busy_percent: f64,
     /// Machine-independent counts per completed job, from the driver's `/metrics` and the
-    /// simulator's stats.
+    /// simulator's stats, over the whole load (warm-up and the last answers included).
     pub(crate) counts: JobCounts,
     /// The driver's peak RSS from the start of the load to its end (warm-up included), in
     /// KiB; `None` where the peak could not be reset ([`procfs::reset_peak_rss`]).
@@ -750,7 +750,11 @@ impl<'a> Meter<'a> {
     }
 
     /// Keeps `in_flight` requests of `work` outstanding; after `warmup`, counts the jobs the
-    /// simulator sees completed during `window`.
+    /// simulator sees completed during `window`, and the driver's CPU time over them. The
+    /// counts per job span the whole load instead, from before its first request to after its
+    /// last answer: a window's edges cut through the jobs the driver holds (up to its workers,
+    /// and the reports lingering), which moved a count by a percent either way in a short
+    /// window; over the whole load every job counted was started and finished in it.
     pub(crate) async fn saturate(
         &self,
         app: &AppClient,
@@ -761,12 +765,14 @@ impl<'a> Meter<'a> {
         verify_one_in: u64,
     ) -> anyhow::Result<Throughput> {
         let own_peak = self.start_peak_window().await?;
+        let idle_before = self.read(app).await?;
         let load = ClosedLoop::start(app, work, in_flight, verify_one_in);
         tokio::time::sleep(warmup).await;
         let before = self.read(app).await?;
         tokio::time::sleep(window).await;
         let after = self.read(app).await?;
         load.finish().await?;
+        let idle_after = self.read(app).await?;
         let peak = procfs::peak_rss_kib(self.driver)?;
         let jobs = after.completed - before.completed;
         let seconds = (after.at - before.at).as_secs_f64();
@@ -796,11 +802,13 @@ impl<'a> Meter<'a> {
                     .max(f64::MIN_POSITIVE)
                 * 100.0,
             counts: {
+                let all_jobs = idle_after.completed - idle_before.completed;
                 let per = |i: usize| {
-                    if jobs == 0 {
+                    if all_jobs == 0 {
                         0.0
                     } else {
-                        after.counts[i].saturating_sub(before.counts[i]) as f64 / jobs as f64
+                        idle_after.counts[i].saturating_sub(idle_before.counts[i]) as f64
+                            / all_jobs as f64
                     }
                 };
                 JobCounts {

@@ -65,7 +65,7 @@ use wrapped_keystore::testing::PgTestDatabase;
 
 use crate::anchor::Operation;
 use crate::e2e::{Setup, Store};
-use crate::plan::{CURVES, Mode, Plan, WORKERS_PER_SESSION};
+use crate::plan::{CURVES, Mode, Plan};
 use crate::report::Report;
 
 /// Measures the HSM driver end to end against the raw HSM and writes the results.
@@ -105,9 +105,8 @@ struct RunArgs {
     /// The driver's HSM sessions; the ratios compare with the anchor at this count.
     #[arg(long, default_value_t = 2)]
     sessions: usize,
-    /// The driver's workers, jobs executed at once (default: 4 × sessions, so that a session
-    /// never waits while its job does store, MAC and report work; the driver's own default is
-    /// as many as sessions).
+    /// The driver's workers, jobs held at once (default: the driver's own for the sessions, 32
+    /// plus 4 per session, which batches leases and reports at saturation).
     #[arg(long)]
     workers: Option<usize>,
     /// The SoftHSMv2 module (default: `SOFTHSM2_MODULE` or the Debian locations).
@@ -174,11 +173,7 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mode = if args.quick { Mode::Quick } else { Mode::Full };
     let sessions = args.sessions.max(1);
-    let workers = args
-        .workers
-        .unwrap_or(WORKERS_PER_SESSION * sessions)
-        .max(1);
-    let mut plan = Plan::new(mode, sessions, workers);
+    let mut plan = Plan::new(mode, sessions, args.workers);
     if let Some(sizes) = &args.stored_keys {
         anyhow::ensure!(
             !sizes.is_empty() && sizes.iter().all(|&n| n > 0),

@@ -1,6 +1,6 @@
 //! The pinned ratio: the driver's own efficiency, free of the load generator's share. The raw
-//! anchor runs alone on CPU 0 at one session; then the driver (one HSM session,
-//! [`WORKERS_PER_SESSION`] workers) runs on CPU 0 while the simulator and this process (the
+//! anchor runs alone on CPU 0 at one session; then the driver (one HSM session, its default
+//! workers for it) runs on CPU 0 while the simulator and this process (the
 //! load generator) run on CPU 1. The ratio of the two signature rates is what the driver keeps
 //! of its core's HSM work. SQLite and SoftHSMv2 run inside the driver's process, so they share
 //! its core, as they would on a host; with a network HSM the HSM's share leaves the host.
@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::anchor::{self, Operation};
 use crate::e2e::{self, Setup};
-use crate::plan::{CURVES, Plan, WORKERS_PER_SESSION};
+use crate::plan::{CURVES, Plan};
 
 /// One curve's pinned measurement.
 #[derive(Debug, Clone, Serialize)]
@@ -112,7 +112,7 @@ pub(crate) async fn run(
     let _unpin = Unpin::note()?;
     let mut pinned = plan.clone();
     pinned.sessions = 1;
-    pinned.workers = WORKERS_PER_SESSION;
+    pinned.workers = driver_core::DriverConfig::for_sessions(1).workers;
     pinned.anchor_sessions = vec![1];
 
     say("pinned: the raw anchor on CPU 0, one session");

@@ -62,12 +62,10 @@ pub(crate) struct Plan {
     pub(crate) mode: Mode,
     /// The driver's HSM sessions, and the anchor's session count the ratios use.
     pub(crate) sessions: usize,
-    /// The driver's workers: jobs it executes at once. The bench's default is
-    /// [`WORKERS_PER_SESSION`] × sessions (the driver's own default is as many as sessions).
+    /// The driver's workers: jobs it holds at once. By default the driver's own for the
+    /// sessions ([`driver_core::DriverConfig::for_sessions`]), with its batching at
+    /// saturation.
     pub(crate) workers: usize,
-    /// The report linger of the batching comparison's "all on" driver, in milliseconds (every
-    /// other deployment runs with the driver's defaults: no linger).
-    pub(crate) report_linger_ms: u64,
     /// The anchor's session counts (one thread each).
     pub(crate) anchor_sessions: Vec<usize>,
     #[serde(with = "millis")]
@@ -122,20 +120,19 @@ pub(crate) struct Plan {
     pub(crate) instruction_signatures: u64,
 }
 
-/// The report linger of the batching comparison's "all on" driver, in milliseconds: at most
-/// this much added to a job's latency at saturation (the driver lingers only then, when the
-/// queue's wait dominates the latency anyway), for report requests that carry a few dozen
-/// jobs.
-pub(crate) const REPORT_LINGER_MS: u64 = 25;
-
-/// The bench's default workers per HSM session. With as many workers as sessions, a session
-/// waits while its job loads its key, reports its result and writes the audit ledger (on two
-/// cores the machine stayed about a quarter idle at saturation); four jobs per session keep
-/// the sessions busy.
-pub(crate) const WORKERS_PER_SESSION: usize = 4;
+/// Workers per HSM session of the batching section's drivers that lease and report at once
+/// (the bench's default before the driver batched at saturation by default). With as many
+/// workers as sessions, a session waits while its job loads its key, reports its result and
+/// writes the audit ledger (on two cores the machine stayed about a quarter idle at
+/// saturation); four jobs per session keep the sessions busy.
+pub(crate) const SMALL_WINDOW_PER_SESSION: usize = 4;
 
 impl Plan {
-    pub(crate) fn new(mode: Mode, sessions: usize, workers: usize) -> Self {
+    /// `workers`: the driver's, or `None` for its default for `sessions`.
+    pub(crate) fn new(mode: Mode, sessions: usize, workers: Option<usize>) -> Self {
+        let workers = workers
+            .unwrap_or_else(|| driver_core::DriverConfig::for_sessions(sessions).workers)
+            .max(1);
         let quick = mode == Mode::Quick;
         let s = Duration::from_secs;
         let ms = Duration::from_millis;
@@ -143,7 +140,6 @@ impl Plan {
             mode,
             sessions,
             workers,
-            report_linger_ms: REPORT_LINGER_MS,
             anchor_sessions: if sessions <= 2 {
                 vec![1, 2]
             } else {
@@ -154,7 +150,9 @@ impl Plan {
             anchor_keys: 32,
             warmup: if quick { ms(1000) } else { s(2) },
             window: if quick { ms(4000) } else { s(10) },
-            in_flight: 64,
+            // A full lease still waits in the API's queue beyond the driver's window and the
+            // reports its linger gathers, so that the driver is saturated.
+            in_flight: (6 * workers).max(64),
             pool_keys_per_curve: 32,
             latency_load: 0.5,
             latency_window: if quick { ms(4000) } else { s(10) },

@@ -354,38 +354,6 @@ impl Report {
                 }
             }
         }
-        // The batching section's "all on" driver: the requests a signature costs with leases
-        // and reports batched at saturation (the default driver, above, leases and reports at
-        // once, for latency).
-        for b in &self.batching {
-            for side in b.sides.iter().filter(|side| side.way == "all on") {
-                let c = &side.throughput.counts;
-                if c.verifications == 0.0 {
-                    continue;
-                }
-                for (name, value, bound) in [
-                    (
-                        "HTTP requests per signature",
-                        c.http_requests,
-                        HTTP_REQUESTS_TARGET,
-                    ),
-                    (
-                        "store statements per signature",
-                        c.store_statements,
-                        STATEMENTS_TARGET,
-                    ),
-                ] {
-                    targets.push(Target::new(
-                        name,
-                        format!("batching all on, sqlite {}", b.curve),
-                        (value * 100.0).round() / 100.0,
-                        Bound::AtMost,
-                        bound,
-                        "",
-                    ));
-                }
-            }
-        }
         for p in &self.pinned {
             targets.push(Target::new(
                 "pinned ratio (driver alone on one core / raw, 1 session)",
@@ -406,11 +374,13 @@ impl Report {
         let _ = writeln!(
             t,
             "\nhsm-driver-bench ({:?} run, {} CPUs shared by HSM, driver, simulator and database; \
-             driver: {} workers, {n} HSM sessions, its default batching (lease refill 1, no \
-             report linger, ledger groups up to {}, a record cache); {:.0} s)",
+             driver: {} workers, {n} HSM sessions, its default batching (at saturation leases \
+             of {} and a {} ms report linger; ledger groups up to {}, a record cache); {:.0} s)",
             self.plan.mode,
             self.cpus,
             self.plan.workers,
+            driver_core::BATCH_AT_SATURATION,
+            driver_core::REPORT_LINGER_AT_SATURATION.as_millis(),
             driver_core::ledger::MAX_GROUP,
             self.elapsed_seconds
         );
@@ -654,16 +624,18 @@ impl Report {
             let _ = writeln!(
                 t,
                 "\nBatching, side by side (SQLite, {n} HSM sessions, {} requests outstanding at \
-                 saturation). off: {} workers, lease refill 1, no report linger, ledger group 1, no \
-                 record cache; ledger groups: the driver's defaults (ledger groups of up to {}, \
-                 the record cache); all on: also {} workers, leases of {} and a {} ms report \
-                 linger at saturation. Latency at the same offered rate for all.",
-                crate::batching::saturation_in_flight(&self.plan),
-                self.plan.workers,
+                 saturation). off: {} workers, leases and reports at once, ledger group 1, no \
+                 record cache; ledger groups: also {} workers leasing and reporting at once, with \
+                 ledger groups of up to {} and the record cache (the defaults before the driver \
+                 batched at saturation); defaults: the driver's ({} workers, leases of {} and a {} \
+                 ms report linger at saturation). Latency at the same offered rate for all.",
+                self.plan.in_flight,
+                crate::batching::small_window(&self.plan),
+                crate::batching::small_window(&self.plan),
                 driver_core::ledger::MAX_GROUP,
-                crate::batching::all_on_workers(&self.plan),
-                crate::batching::all_on_refill(&self.plan),
-                self.plan.report_linger_ms
+                self.plan.workers,
+                driver_core::BATCH_AT_SATURATION,
+                driver_core::REPORT_LINGER_AT_SATURATION.as_millis(),
             );
             let _ = writeln!(
                 t,
@@ -745,7 +717,7 @@ impl Report {
                 t,
                 "\nPinned: the raw anchor alone on CPU 0, then the driver (1 session, {} workers, \
                  SQLite) on CPU 0 with the simulator and the load on CPU 1 (sign/s)",
-                crate::plan::WORKERS_PER_SESSION
+                driver_core::DriverConfig::for_sessions(1).workers
             );
             let _ = writeln!(
                 t,

@@ -29,9 +29,9 @@ pub struct DeploymentOptions {
     pub hsm: HsmModule,
     /// The key store; default: a SQLite file in `work_dir`.
     pub database_url: Option<String>,
-    /// Driver workers: jobs executed at once (and HSM sessions, unless `hsm_sessions`).
+    /// Driver workers: jobs held at once (and HSM sessions, up to 4, unless `hsm_sessions`).
     pub workers: usize,
-    /// HSM sessions; `None`: as many as workers (the driver's default).
+    /// HSM sessions; `None`: the driver's default (4, or as many as workers if fewer).
     pub hsm_sessions: Option<usize>,
     /// The simulator's lease duration, in seconds.
     pub lease_secs: u64,

@@ -31,9 +31,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct DriverSettings {
     /// `[driver] id`.
     pub id: String,
-    /// `[driver] workers`: jobs executed at once (and HSM sessions, unless `hsm_sessions`).
+    /// `[driver] workers`: jobs held at once (and HSM sessions, up to 4, unless
+    /// `hsm_sessions`).
     pub workers: usize,
-    /// `[hsm] sessions`; `None`: the driver's default (as many as workers).
+    /// `[hsm] sessions`; `None`: the driver's default (4, or as many as workers if fewer).
     pub hsm_sessions: Option<usize>,
     /// `[database] url`.
     pub database_url: String,
@@ -93,7 +94,7 @@ pub struct TraceSettings {
 /// How a driver batches under load (each `None`: the driver's default).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Batching {
-    /// `[driver] lease_batch`; `None`: the harness's 16.
+    /// `[driver] lease_batch`; `None`: the driver's default.
     pub lease_batch: Option<u32>,
     /// `[driver] lease_refill`.
     pub lease_refill: Option<usize>,
@@ -165,14 +166,15 @@ fn render_config(settings: &DriverSettings, wiring: &DriverWiring<'_>, token: &H
 [driver]
 id = "{id}"
 workers = {workers}
-lease_batch = {lease_batch}
 long_poll_ms = 5000
 shutdown_deadline_secs = 20
 "#,
         id = settings.id,
         workers = settings.workers,
-        lease_batch = settings.batching.lease_batch.unwrap_or(16),
     );
+    if let Some(batch) = settings.batching.lease_batch {
+        let _ = writeln!(text, "lease_batch = {batch}");
+    }
     if let Some(ms) = settings.health_check_interval_ms {
         let _ = writeln!(text, "health_check_interval_ms = {ms}");
     }

@@ -28,6 +28,11 @@ const MAX_SESSIONS: usize = 1024;
 /// See [`MAX_WORKERS`].
 const MAX_HOT_KEYS: usize = 1_000_000;
 
+/// HSM sessions opened when `hsm.sessions` is not set (fewer when `driver.workers` is).
+const DEFAULT_SESSIONS: usize = 4;
+
+use driver_core::RESERVE_PER_SESSION;
+
 /// Prefix of environment overrides: `HSM_DRIVER__API__URL=https://…` sets `api.url`.
 pub(crate) const ENV_PREFIX: &str = "HSM_DRIVER";
 
@@ -54,23 +59,24 @@ pub(crate) struct Config {
 pub(crate) struct DriverSection {
     /// This driver's id, unique within a deployment.
     pub(crate) id: String,
-    /// Jobs executed at once (and HSM sessions opened, unless `hsm.sessions` says otherwise).
-    #[serde(default = "default_workers")]
-    pub(crate) workers: usize,
-    /// Most jobs leased in one request.
-    #[serde(default = "default_lease_batch")]
-    pub(crate) lease_batch: u32,
-    /// While jobs run, lease again only when this many workers are free (1..=workers). Default
-    /// 1: as soon as one is. More means fewer lease requests per job but HSM sessions that may
-    /// wait for the refill; the bench measured it costing throughput on a local API
-    /// (docs/benchmarks.md, "Batching, side by side"). Keep `workers - lease_refill` at least
-    /// twice the sessions.
+    /// Jobs held at once, leased and not yet reported (default:
+    /// [`driver_core::BATCH_AT_SATURATION`], 32, plus [`RESERVE_PER_SESSION`], 4, per HSM
+    /// session; see [`Config::workers`]).
+    #[serde(default)]
+    pub(crate) workers: Option<usize>,
+    /// Most jobs leased in one request (default: the lease refill, at least 16).
+    #[serde(default)]
+    pub(crate) lease_batch: Option<u32>,
+    /// At saturation, lease again only when this many workers are free (1..=workers; default:
+    /// `workers` less [`RESERVE_PER_SESSION`] per session, at least 1), so that one request
+    /// brings a batch while the reserve keeps the sessions busy. Below saturation a lease goes
+    /// as soon as one worker is free.
     #[serde(default)]
     pub(crate) lease_refill: Option<usize>,
-    /// Under load, how long a report waits for others to join its request, in milliseconds
-    /// (default 0: never; an idle driver's report is never delayed).
+    /// At saturation, how long a report waits for others to join its request, in milliseconds
+    /// (default 25; below saturation a report never waits).
     #[serde(default)]
-    pub(crate) report_linger_ms: u64,
+    pub(crate) report_linger_ms: Option<u64>,
     /// Long-poll wait of one lease request, in milliseconds.
     #[serde(default = "default_long_poll_ms")]
     pub(crate) long_poll_ms: u64,
@@ -200,7 +206,8 @@ pub(crate) struct HsmSection {
     /// `aes-key-wrap-pad` or `aes-key-wrap`. Each key record keeps the mechanism that wrapped it.
     #[serde(default = "default_wrap_mechanism")]
     pub(crate) wrap_mechanism: String,
-    /// Logged-in sessions (one per HSM worker thread); defaults to `driver.workers`.
+    /// Logged-in sessions (one per HSM worker thread); defaults to 4 (or `driver.workers` when
+    /// that is fewer).
     #[serde(default)]
     pub(crate) sessions: Option<usize>,
     /// The label of a trusted master key the security officer made on this token as the
@@ -571,12 +578,6 @@ fn default_checkpoint_interval_ms() -> u64 {
     5_000
 }
 
-fn default_workers() -> usize {
-    4
-}
-fn default_lease_batch() -> u32 {
-    16
-}
 fn default_long_poll_ms() -> u64 {
     20_000
 }
@@ -726,23 +727,25 @@ impl Config {
         if !(1..=1_000).contains(&self.ledger.max_group) {
             bail!("ledger.max_group: must be between 1 and 1000");
         }
-        if !(1..=MAX_WORKERS).contains(&self.driver.workers) {
+        if let Some(workers) = self.driver.workers
+            && !(1..=MAX_WORKERS).contains(&workers)
+        {
             bail!("driver.workers: must be between 1 and {MAX_WORKERS}");
         }
-        if self.driver.lease_batch == 0
-            || self.driver.lease_batch > dfns_api_client::protocol::MAX_LEASE_BATCH
+        if let Some(batch) = self.driver.lease_batch
+            && (batch == 0 || batch > dfns_api_client::protocol::MAX_LEASE_BATCH)
         {
             bail!("driver.lease_batch: must be between 1 and 256");
         }
         if let Some(refill) = self.driver.lease_refill
-            && (refill == 0 || refill > self.driver.workers)
+            && (refill == 0 || refill > self.workers())
         {
             bail!(
                 "driver.lease_refill: must be between 1 and driver.workers ({})",
-                self.driver.workers
+                self.workers()
             );
         }
-        if self.driver.report_linger_ms > 1_000 {
+        if self.driver.report_linger_ms.is_some_and(|ms| ms > 1_000) {
             bail!("driver.report_linger_ms: at most 1000 (it is added to a job's latency)");
         }
         if !self.api.url.starts_with("https://") {
@@ -769,9 +772,7 @@ impl Config {
         }
         if self.sessions() > MAX_SESSIONS {
             bail!(
-                "hsm.sessions: at most {MAX_SESSIONS} (one thread and one logged-in session each; \
-                 it defaults to driver.workers, {} here)",
-                self.driver.workers
+                "hsm.sessions: at most {MAX_SESSIONS} (one thread and one logged-in session each)"
             );
         }
         if let Some(hot) = &self.hsm.hot_keys {
@@ -821,10 +822,13 @@ impl Config {
     pub(crate) fn driver_config(&self) -> driver_core::DriverConfig {
         driver_core::DriverConfig {
             driver_id: self.driver.id.clone(),
-            workers: self.driver.workers,
-            lease_batch: self.driver.lease_batch,
+            workers: self.workers(),
+            lease_batch: self.lease_batch(),
             lease_refill: self.lease_refill(),
-            report_linger: Duration::from_millis(self.driver.report_linger_ms),
+            report_linger: self.driver.report_linger_ms.map_or(
+                driver_core::REPORT_LINGER_AT_SATURATION,
+                Duration::from_millis,
+            ),
             long_poll: Duration::from_millis(self.driver.long_poll_ms),
             shutdown_deadline: Duration::from_secs(self.driver.shutdown_deadline_secs),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -842,14 +846,41 @@ impl Config {
         }
     }
 
-    /// HSM sessions to open.
+    /// HSM sessions to open: `hsm.sessions`, or [`DEFAULT_SESSIONS`] (no more than
+    /// `driver.workers` when that is set).
     pub(crate) fn sessions(&self) -> usize {
-        self.hsm.sessions.unwrap_or(self.driver.workers)
+        self.hsm.sessions.unwrap_or_else(|| {
+            self.driver.workers.map_or(DEFAULT_SESSIONS, |workers| {
+                workers.clamp(1, DEFAULT_SESSIONS)
+            })
+        })
     }
 
-    /// `driver.lease_refill`, or 1.
+    /// `driver.workers`, or the engine's window for the sessions
+    /// ([`DriverConfig::for_sessions`](driver_core::DriverConfig::for_sessions)).
+    pub(crate) fn workers(&self) -> usize {
+        self.driver.workers.unwrap_or_else(|| {
+            driver_core::DriverConfig::for_sessions(self.sessions())
+                .workers
+                .min(MAX_WORKERS)
+        })
+    }
+
+    /// `driver.lease_refill`, or the workers less the sessions' reserve (at least 1).
     pub(crate) fn lease_refill(&self) -> usize {
-        self.driver.lease_refill.unwrap_or(1)
+        self.driver.lease_refill.unwrap_or_else(|| {
+            let reserve = RESERVE_PER_SESSION.saturating_mul(self.sessions());
+            self.workers().saturating_sub(reserve).max(1)
+        })
+    }
+
+    /// `driver.lease_batch`, or the lease refill (between 16 and 256).
+    pub(crate) fn lease_batch(&self) -> u32 {
+        self.driver.lease_batch.unwrap_or_else(|| {
+            u32::try_from(self.lease_refill())
+                .unwrap_or(u32::MAX)
+                .clamp(16, dfns_api_client::protocol::MAX_LEASE_BATCH)
+        })
     }
 }
 
@@ -906,7 +937,7 @@ user_pin_file = "pin"
     fn a_minimal_file_gets_defaults_and_relative_paths_resolve_against_it() {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::load(&write(dir.path(), GOOD)).unwrap();
-        assert_eq!(config.driver.workers, 4);
+        assert_eq!((config.workers(), config.sessions()), (48, 4));
         assert_eq!(config.hsm.kind, HsmKind::Pkcs11);
         assert_eq!(config.api.ca_bundle, dir.path().join("pki/ca.pem"));
         assert_eq!(config.hsm.user_pin_file, Some(dir.path().join("pin")));
@@ -1026,8 +1057,8 @@ user_pin_file = "pin"
         let text = format!("{GOOD}[database]\nconnect_timeout_ms = 0\n");
         let err = format!("{:#}", Config::load(&write(dir.path(), &text)).unwrap_err());
         assert!(err.contains("database.connect_timeout_ms"), "{err}");
-        // Tried: absurdly many workers, sessions (set, or defaulting to the workers) and hot
-        // keys: refused at load, not a panic allocating them.
+        // Tried: absurdly many workers, sessions and hot keys: refused at load, not a panic
+        // allocating them.
         for (field, text) in [
             (
                 "driver.workers",
@@ -1035,10 +1066,6 @@ user_pin_file = "pin"
                     "id = \"drv-1\"",
                     "id = \"drv-1\"\nworkers = 4611686018427387904",
                 ),
-            ),
-            (
-                "hsm.sessions",
-                GOOD.replace("id = \"drv-1\"", "id = \"drv-1\"\nworkers = 2000"),
             ),
             ("hsm.sessions", format!("{GOOD}sessions = 100000\n")),
             (
@@ -1061,7 +1088,7 @@ user_pin_file = "pin"
     }
 
     #[test]
-    fn the_lease_refill_and_the_report_linger_are_off_unless_set_and_bad_values_are_refused() {
+    fn the_defaults_batch_at_saturation_and_follow_the_sessions_and_bad_values_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let with = |driver: &str, hsm: &str| {
             let text = GOOD
@@ -1069,27 +1096,49 @@ user_pin_file = "pin"
                 .replace("[hsm]", &format!("[hsm]\n{hsm}"));
             Config::load(&write(dir.path(), &text))
         };
-        // Defaults: lease as soon as a worker is free; no linger.
-        let engine = with("", "").unwrap().driver_config();
-        assert_eq!((engine.workers, engine.lease_refill), (4, 1));
-        assert_eq!(engine.report_linger, Duration::ZERO);
-        let engine = with("workers = 16", "sessions = 4")
-            .unwrap()
-            .driver_config();
-        assert_eq!(engine.lease_refill, 1, "more workers do not change it");
-        // Set: 16 workers on 4 sessions refilling 8 at a time, reports lingering 3 ms.
+        let window = |engine: &driver_core::DriverConfig| {
+            (
+                engine.workers,
+                engine.lease_refill,
+                engine.lease_batch,
+                engine.report_linger.as_millis(),
+            )
+        };
+        // Defaults: 4 sessions, a batch of 32 beyond 4 jobs per session, a 25 ms linger.
+        let config = with("", "").unwrap();
+        assert_eq!(config.sessions(), 4);
+        assert_eq!(window(&config.driver_config()), (48, 32, 32, 25));
+        assert_eq!(
+            window(&config.driver_config()),
+            window(&driver_core::DriverConfig::for_sessions(4)),
+            "the binary's defaults are the engine's window for its sessions"
+        );
+        // The window follows the sessions.
+        let config = with("", "sessions = 2").unwrap();
+        assert_eq!(window(&config.driver_config()), (40, 32, 32, 25));
+        // Workers set: the sessions at most as many; the refill keeps 4 jobs per session.
+        let config = with("workers = 2", "").unwrap();
+        assert_eq!(config.sessions(), 2);
+        assert_eq!(window(&config.driver_config()), (2, 1, 16, 25));
+        let config = with("workers = 100", "sessions = 8").unwrap();
+        assert_eq!(window(&config.driver_config()), (100, 68, 68, 25));
+        // Set: 16 workers on 4 sessions refilling 8 at a time, reports lingering 3 ms, or never.
         let config = with(
-            "workers = 16\nlease_refill = 8\nreport_linger_ms = 3",
+            "workers = 16\nlease_refill = 8\nlease_batch = 12\nreport_linger_ms = 3",
             "sessions = 4",
         )
         .unwrap();
-        let engine = config.driver_config();
-        assert_eq!(engine.lease_refill, 8);
-        assert_eq!(engine.report_linger, Duration::from_millis(3));
-        // Tried: a refill of 0, one above the workers, and a 5 s linger.
+        assert_eq!(window(&config.driver_config()), (16, 8, 12, 3));
+        let config = with("report_linger_ms = 0", "").unwrap();
+        assert_eq!(config.driver_config().report_linger, Duration::ZERO);
+        // Tried: a refill of 0, one above the workers (set, or by default), a lease batch of
+        // 0 and of 257, and a 5 s linger.
         for (driver, field) in [
             ("lease_refill = 0", "driver.lease_refill"),
-            ("lease_refill = 5", "driver.lease_refill"),
+            ("lease_refill = 49", "driver.lease_refill"),
+            ("workers = 4\nlease_refill = 5", "driver.lease_refill"),
+            ("lease_batch = 0", "driver.lease_batch"),
+            ("lease_batch = 257", "driver.lease_batch"),
             ("report_linger_ms = 5000", "driver.report_linger_ms"),
         ] {
             let err = format!("{:#}", with(driver, "").unwrap_err());

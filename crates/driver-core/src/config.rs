@@ -23,15 +23,21 @@ pub struct DriverConfig {
     pub workers: usize,
     /// Most jobs asked for in one lease request (capped by the free worker slots).
     pub lease_batch: u32,
-    /// At saturation (the last lease came back full: the API had more work), lease again only
-    /// when at least this many worker slots are free (default 1: as soon as one is). A larger
-    /// value lets one lease request fetch several jobs instead of one each: keep
-    /// `workers - lease_refill` at least twice the HSM's session count so that the HSM never
-    /// waits for the refill. Below saturation a lease goes as soon as one slot is free, whatever
-    /// this says.
+    /// At saturation, lease again only when at least this many worker slots are free (default
+    /// 1: as soon as one is; [`for_sessions`](Self::for_sessions): a batch). A larger value lets
+    /// one lease request fetch several jobs instead of one each: keep the
+    /// [`reserve`](Self::reserve), `workers - lease_refill`, at least twice the HSM's session
+    /// count so that the HSM never waits for the refill.
+    ///
+    /// The driver is saturated when a lease that asked for every free slot came back full: the
+    /// API had more work than the driver could hold. Below that a lease goes as soon as one
+    /// slot is free, whatever this says, and while the last lease came back short it asks for
+    /// no more than the reserve, so that an idle driver does not take a whole burst that the
+    /// other drivers of a cluster could share (a full answer to that lease makes the next ask
+    /// for every free slot).
     pub lease_refill: usize,
-    /// At saturation (the last lease came back full, and the previous report request went out
-    /// less than this long ago), wait this long before sending the next batch of reports, so
+    /// At saturation (see [`lease_refill`](Self::lease_refill); and the previous report request
+    /// went out less than this long ago), wait this long before sending the next batch of reports, so
     /// that more reports join it: at most this much added to a job's latency, fewer report
     /// requests per job. A job's worker slot is free while its report waits, so the wait costs
     /// no HSM time. Default zero (never wait); below saturation a report is never delayed.
@@ -75,6 +81,53 @@ pub struct DriverConfig {
     /// tamper alarm for a cached record's row can come, and on how long a record deleted from
     /// the database still signs.
     pub record_cache_ttl: Duration,
+}
+
+/// Jobs per HSM session that [`DriverConfig::for_sessions`] keeps running or queued for the HSM
+/// while a lease is in flight: one signing and three waiting, so that a session never waits
+/// for the API.
+pub const RESERVE_PER_SESSION: usize = 4;
+
+/// Jobs one lease brings at saturation with [`DriverConfig::for_sessions`], and about as many
+/// reports go in one request: about 0.06 HTTP requests per job (`docs/benchmarks.md`).
+pub const BATCH_AT_SATURATION: usize = 32;
+
+/// How long a report waits for others at saturation with [`DriverConfig::for_sessions`].
+pub const REPORT_LINGER_AT_SATURATION: Duration = Duration::from_millis(25);
+
+impl DriverConfig {
+    /// The engine's settings sized for an HSM that runs `sessions` operations at once, batching
+    /// at saturation; the `hsm-driver` binary's defaults.
+    ///
+    /// - [`workers`](Self::workers): [`BATCH_AT_SATURATION`] plus [`RESERVE_PER_SESSION`] per
+    ///   session;
+    /// - [`lease_refill`](Self::lease_refill) and [`lease_batch`](Self::lease_batch):
+    ///   [`BATCH_AT_SATURATION`], so that at saturation a lease goes when a batch's worth of
+    ///   slots is free, while the reserve keeps every session busy;
+    /// - [`report_linger`](Self::report_linger): [`REPORT_LINGER_AT_SATURATION`].
+    ///
+    /// Below saturation nothing waits: a lease goes as soon as one slot is free and asks for no
+    /// more than the reserve, and reports go at once. The rest is [`DriverConfig::default`],
+    /// which leases and reports at once whatever the load, with a window of 4 jobs.
+    #[must_use]
+    pub fn for_sessions(sessions: usize) -> Self {
+        let reserve = RESERVE_PER_SESSION.saturating_mul(sessions.max(1));
+        Self {
+            workers: BATCH_AT_SATURATION.saturating_add(reserve),
+            lease_batch: u32::try_from(BATCH_AT_SATURATION).unwrap_or(u32::MAX),
+            lease_refill: BATCH_AT_SATURATION,
+            report_linger: REPORT_LINGER_AT_SATURATION,
+            ..Self::default()
+        }
+    }
+
+    /// Jobs the driver keeps running or queued for the HSM while a lease is in flight at
+    /// saturation (`workers - lease_refill`, at least 1); below saturation a lease asks for no
+    /// more than this.
+    #[must_use]
+    pub fn reserve(&self) -> usize {
+        self.workers.saturating_sub(self.lease_refill).max(1)
+    }
 }
 
 impl Default for DriverConfig {

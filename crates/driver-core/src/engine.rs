@@ -39,8 +39,7 @@ pub(crate) struct Parts<S, H, K> {
     pub(crate) health: Health,
     /// Jobs leased and not yet reported, for heartbeats.
     pub(crate) in_flight: AtomicU32,
-    /// Whether the last lease came back full (the API had at least as much work as the free
-    /// slots asked for): the driver is saturated, and only then does a lease wait for the
+    /// Whether the driver is saturated (see [`Pressure`]): only then does a lease wait for the
     /// refill or a report linger.
     pub(crate) saturated: AtomicBool,
     /// This driver's chain of the audit ledger.
@@ -187,11 +186,40 @@ enum Step {
     Stop,
 }
 
+/// How much work the API has for this driver, from the last lease's answer; it sets how the
+/// next lease asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pressure {
+    /// The last lease came back short: the API's queue is empty. Lease as soon as one slot is
+    /// free, for at most the [`reserve`](DriverConfig::reserve): an idle driver does not take a
+    /// whole burst that the other drivers of a cluster could share.
+    Idle,
+    /// The last lease, asked while idle, came back full: ask at once for every free slot.
+    Busy,
+    /// A lease that asked for every free slot came back full: the API has more work than the
+    /// driver can hold. Lease only when [`DriverConfig::lease_refill`] slots are free, so that
+    /// one request brings a batch; reports linger.
+    Saturated,
+}
+
+impl Pressure {
+    /// After a lease, asked in this state for `asked` jobs, brought `got`.
+    fn after(self, asked: usize, got: usize) -> Self {
+        match self {
+            _ if got < asked => Pressure::Idle,
+            Pressure::Idle => Pressure::Busy,
+            Pressure::Busy | Pressure::Saturated => Pressure::Saturated,
+        }
+    }
+}
+
 /// The state of [`Driver::run`]: worker slots, running jobs, the report, the lease backoff.
 struct Runner<S, H, K> {
     parts: Arc<Parts<S, H, K>>,
     /// One permit per worker: a job holds one while it runs, until its report is queued.
     slots: Arc<Semaphore>,
+    /// What the last lease said about the API's queue.
+    pressure: Pressure,
     tasks: JoinSet<Outcome>,
     report: RunReport,
     /// Consecutive failed lease requests (the backoff's exponent).
@@ -203,6 +231,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
         Runner {
             slots: Arc::new(Semaphore::new(parts.config.workers)),
             parts,
+            pressure: Pressure::Idle,
             tasks: JoinSet::new(),
             report: RunReport::default(),
             failures: 0,
@@ -222,8 +251,8 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
 
     /// One turn: wait until healthy, then for free worker slots (one; at saturation
     /// [`DriverConfig::lease_refill`]), then lease as many jobs as slots are free (at most the
-    /// lease batch); after a failed lease, back off. The driver is saturated while its last
-    /// lease came back full: the API had at least as much work as it asked for.
+    /// lease batch, and when idle the reserve); after a failed lease, back off. See
+    /// [`Pressure`].
     async fn lease<F: Future<Output = ()>>(&mut self, shutdown: &mut Pin<&mut F>) -> Step {
         let (parts, health) = (&self.parts, &self.parts.health);
         let config = &parts.config;
@@ -243,7 +272,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
         // Below saturation a lease goes as soon as one slot is free, so that a job waiting in
         // the API's queue is picked up at once; at saturation it waits for the refill, so
         // that one request brings several jobs.
-        let refill = if parts.saturated.load(Ordering::Relaxed) {
+        let refill = if self.pressure == Pressure::Saturated {
             config.lease_refill.clamp(1, config.workers)
         } else {
             1
@@ -259,7 +288,10 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
         if !health.report().can_lease() {
             return Step::Again;
         }
-        let free = first.num_permits() + self.slots.available_permits();
+        let mut free = first.num_permits() + self.slots.available_permits();
+        if self.pressure == Pressure::Idle {
+            free = free.min(config.reserve());
+        }
         let want = u32::try_from(free)
             .unwrap_or(u32::MAX)
             .min(config.lease_batch);
@@ -273,8 +305,10 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Runner<S, H, K> {
             Ok(jobs) => {
                 self.failures = 0;
                 health.polled();
-                let full = u32::try_from(jobs.len()).unwrap_or(u32::MAX) >= want;
-                parts.saturated.store(full, Ordering::Relaxed);
+                self.pressure = self.pressure.after(want as usize, jobs.len());
+                parts
+                    .saturated
+                    .store(self.pressure == Pressure::Saturated, Ordering::Relaxed);
                 let arrival = Arrival {
                     request: asked.elapsed(),
                     batch: jobs.len(),

@@ -56,7 +56,10 @@ mod record_cache;
 mod reporter;
 pub mod rotation;
 
-pub use config::{DriverBuilder, DriverConfig};
+pub use config::{
+    BATCH_AT_SATURATION, DriverBuilder, DriverConfig, REPORT_LINGER_AT_SATURATION,
+    RESERVE_PER_SESSION,
+};
 pub use engine::{Driver, RunReport};
 pub use error::{BuildError, JobError};
 pub use health::{Component, ComponentState, Health, HealthReport};

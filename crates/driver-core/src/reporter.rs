@@ -4,9 +4,11 @@
 //! themselves; an idle driver's single report is not delayed. With
 //! [`DriverConfig::report_linger`](crate::DriverConfig::report_linger) set, a batch that
 //! follows the previous one closer than the linger waits that long first, so that more join it,
-//! but only while the driver is saturated (its last lease came back full): the job
-//! frees its worker slot when its report is queued, so a lingering report holds no HSM time,
-//! and below saturation nothing lingers.
+//! but only while the driver is saturated (a lease that asked for every free slot came back
+//! full; see
+//! [`DriverConfig::lease_refill`](crate::DriverConfig::lease_refill)): the job frees its worker
+//! slot when its report is queued, so a lingering report holds no HSM time, and below
+//! saturation nothing lingers.
 //!
 //! A report's durability is unchanged: every job's ledger entry is written before its report is
 //! queued, and a batch that fails (or a report refused in it) fails only its own reports, whose
@@ -95,7 +97,8 @@ pub(crate) async fn report<S: JobSource, H: Send + Sync + 'static, K: Send + Syn
     })
 }
 
-/// Whether the driver has more work than it can start: its last lease came back full. Only
+/// Whether the driver has more work than it can hold: its last lease, which asked for every
+/// free slot, came back full. Only
 /// then does a report linger: the jobs behind it are queued anyway, so the wait costs no
 /// throughput and adds to a latency the queue already dominates; below saturation a report
 /// goes at once. (Free slots alone would not tell: a lease in flight holds the slots it asked

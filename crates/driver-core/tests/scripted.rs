@@ -585,6 +585,43 @@ async fn below_saturation_a_report_does_not_linger() {
     h.shutdown().await;
 }
 
+/// A driver of 8 workers that lease 6 at a time at saturation (a reserve of 2), over an HSM
+/// whose signatures take `sign`, with the key `key_id` stored; its lease sizes cleared.
+async fn slow_signer(sign: Duration, key_id: &str) -> Harness {
+    let config = DriverConfig {
+        workers: 8,
+        lease_refill: 6,
+        ..test_config("test-driver")
+    };
+    let h = Harness::start_with(
+        FakeHsm::new().with_sign_latency(sign),
+        Arc::new(MemoryKeyStore::new()),
+        ScriptedSource::default(),
+        config,
+    );
+    h.source
+        .push("job-key", keygen(key_id, Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.wait_reports(1).await;
+    h.source.lease_sizes.lock().unwrap().clear();
+    h
+}
+
+/// Pushes `count` signatures with `key_id` at once and waits until all are leased.
+async fn push_and_lease(h: &Harness, key_id: &str, count: u8) {
+    h.source.push_all(
+        (0..count)
+            .map(|i| (format!("job-{i}"), sign_hash(key_id, [i; 32])))
+            .collect(),
+    );
+    h.source
+        .wait_until(Duration::from_secs(5), || {
+            (h.source.lease_sizes.lock().unwrap().iter().sum::<usize>() >= usize::from(count))
+                .then_some(())
+        })
+        .await
+        .expect("the signatures are leased");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn below_saturation_a_lease_does_not_wait_for_the_refill() {
     // Tried: 8 workers that lease 6 at a time at saturation, signatures taking 500 ms; three
@@ -592,33 +629,9 @@ async fn below_saturation_a_lease_does_not_wait_for_the_refill() {
     // fourth once they are leased, while the three run and 5 slots are free. Waiting for the
     // refill whatever the load (tried), the fourth waited for the first three: about 1 s.
     const SIGN: Duration = Duration::from_millis(500);
-    let config = DriverConfig {
-        workers: 8,
-        lease_refill: 6,
-        ..test_config("test-driver")
-    };
-    let h = Harness::start_with(
-        FakeHsm::new().with_sign_latency(SIGN),
-        Arc::new(MemoryKeyStore::new()),
-        ScriptedSource::default(),
-        config,
-    );
-    h.source
-        .push("job-key", keygen("key-r", Scheme::Ecdsa, Curve::Secp256k1));
-    h.source.wait_reports(1).await;
-    h.source.lease_sizes.lock().unwrap().clear();
-    h.source.push_all(
-        (0..3u8)
-            .map(|i| (format!("job-{i}"), sign_hash("key-r", [i; 32])))
-            .collect(),
-    );
+    let h = slow_signer(SIGN, "key-r").await;
     // The three are leased (and signing) before the fourth arrives.
-    h.source
-        .wait_until(Duration::from_secs(5), || {
-            (h.source.lease_sizes.lock().unwrap().iter().sum::<usize>() >= 3).then_some(())
-        })
-        .await
-        .expect("the first three signatures are leased");
+    push_and_lease(&h, "key-r", 3).await;
     let pushed = std::time::Instant::now();
     h.source.push("job-late", sign_hash("key-r", [9; 32]));
     let reports = h.source.wait_reports(5).await;
@@ -628,6 +641,34 @@ async fn below_saturation_a_lease_does_not_wait_for_the_refill() {
         took < SIGN * 3 / 2,
         "the late signature took {took:?}: its lease waited for the refill below saturation"
     );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_driver_leases_its_reserve_first_then_ramps_up_to_its_free_slots() {
+    // Tried: 8 workers that keep 2 for the HSM (lease refill 6), signatures taking 300 ms, and
+    // a burst of 7 arriving at an idle driver. Its first lease asks for the reserve alone (2),
+    // leaving the rest of the burst to other drivers' polls in a cluster; that lease coming
+    // back full, the next asks for every free slot (6) at once, without waiting for a
+    // signature. Asking for every free slot from idle (tried: the rule before) took all 7 in
+    // one lease; staying at the reserve after a full lease (tried) took four leases.
+    const SIGN: Duration = Duration::from_millis(300);
+    let h = slow_signer(SIGN, "key-i").await;
+    let pushed = std::time::Instant::now();
+    push_and_lease(&h, "key-i", 7).await;
+    let leased = pushed.elapsed();
+    let sizes = h.source.lease_sizes.lock().unwrap().clone();
+    assert_eq!(
+        sizes,
+        [2, 5],
+        "the reserve, then every free slot: {sizes:?}"
+    );
+    assert!(
+        leased < SIGN / 2,
+        "the whole burst was leased after {leased:?}: the ramp waited for a signature"
+    );
+    let reports = h.source.wait_reports(8).await;
+    assert_eq!(reports.len(), 8, "each job reported once: {reports:?}");
     h.shutdown().await;
 }
 

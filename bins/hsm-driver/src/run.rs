@@ -1,7 +1,7 @@
 //! `run`, `migrate` and `master-key create`.
 
 use anyhow::Context;
-use custody_model::{Hsm, SchemeSupport};
+use custody_model::{Hsm, SchemeSupport, error_chain};
 use dfns_api_client::HttpJobSource;
 use driver_core::ledger::{self, Checkpoints, HsmAuthenticator};
 use driver_core::rotation::{self, Moved, RotationOptions};
@@ -45,13 +45,22 @@ pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|_| Box::new(hsm.hot_key_stats_reader()) as HotKeyReader);
             let stuck_calls = hsm.stuck_calls_reader();
+            let close = hsm.closer();
             let counts = HsmCounts {
                 requests: Box::new(hsm.requests_reader()),
                 recycles: Box::new(hsm.recycles_reader()),
             };
             let served = serve(config, hsm, hot_keys, counts).await;
-            // The HSM is closed by now (its workers given the stop grace); calls a hung HSM
-            // never answered cannot be interrupted: say so and exit non-zero rather than wait.
+            // Closed here rather than when the last holder drops it: a task the engine started
+            // may outlive it briefly, and the stuck calls are counted once the close has given
+            // the workers the stop grace and abandoned the rest.
+            match tokio::task::spawn_blocking(close).await {
+                Ok(Err(e)) => warn!(error = %error_chain(&e), "closing the PKCS#11 HSM"),
+                Err(e) => warn!(error = %e, "closing the PKCS#11 HSM"),
+                Ok(Ok(())) => {}
+            }
+            // Calls a hung HSM never answered cannot be interrupted: say so and exit non-zero
+            // rather than wait.
             match stuck_calls() {
                 0 => served,
                 stuck => served.and(Err(anyhow::anyhow!(

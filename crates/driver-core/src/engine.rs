@@ -168,7 +168,12 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
             runner.collect_finished();
         }
         runner.drain().await;
+        // Ended, not only told to: when `run` returns no task of the engine holds its parts
+        // (a host may close the HSM next, or exit). A report flush still sending ends once its
+        // request is answered (bounded by the client's timeout).
         background.abort_all();
+        while background.join_next().await.is_some() {}
+        runner.parts.reporter.idle().await;
         runner.farewell().await;
         info!(report = ?runner.report, "driver stopped");
         runner.report

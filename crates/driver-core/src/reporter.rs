@@ -29,6 +29,8 @@ type Reply = oneshot::Sender<Result<ReportOutcome, ApiError>>;
 #[derive(Default)]
 pub(crate) struct Reporter {
     state: Mutex<State>,
+    /// Signalled when a flush ends.
+    flushed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -67,11 +69,30 @@ impl Reporter {
         let mut state = self.lock();
         if state.pending.is_empty() {
             state.flushing = false;
+            drop(state);
+            self.flushed.notify_waiters();
             return Vec::new();
         }
         let take = state.pending.len().min(MAX_REPORT_BATCH);
         state.last_sent = Some(Instant::now());
         state.pending.drain(..take).collect()
+    }
+}
+
+impl Reporter {
+    /// Waits until no flush task is running: at the end of [`Driver::run`](crate::Driver::run),
+    /// so that no task of the engine outlives it (a flush holds the engine's parts, the HSM
+    /// among them).
+    pub(crate) async fn idle(&self) {
+        loop {
+            let flushed = self.flushed.notified();
+            tokio::pin!(flushed);
+            flushed.as_mut().enable();
+            if !self.lock().flushing {
+                return;
+            }
+            flushed.await;
+        }
     }
 }
 

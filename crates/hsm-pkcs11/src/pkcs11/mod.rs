@@ -856,6 +856,16 @@ impl Pkcs11Hsm {
         self.shared.stuck_calls()
     }
 
+    /// Closes this HSM as [`Pkcs11Hsm::close`] does, through a handle that outlives moving the
+    /// HSM into a driver: a host calls it once the engine has stopped, so that the HSM is closed
+    /// (its workers given the stop grace, what is stuck abandoned and counted by
+    /// [`Pkcs11Hsm::stuck_calls`]) whether or not a task the engine started still holds it.
+    /// Idempotent; blocking, as [`Pkcs11Hsm::close`].
+    pub fn closer(&self) -> impl Fn() -> Result<(), HsmError> + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || shared.close()
+    }
+
     /// A cheap, shareable reader of [`Pkcs11Hsm::stuck_calls`] that outlives moving the HSM into
     /// a driver: a host checks it after shutdown, to exit non-zero while calls are stuck.
     pub fn stuck_calls_reader(&self) -> impl Fn() -> usize + Send + Sync + 'static {

@@ -15,7 +15,10 @@
 //! serialised by holding the chain head (an async mutex) while the MACs are computed and the
 //! rows inserted. Appends that queue up meanwhile are written together by the next holder (a
 //! group commit, at most [`MAX_GROUP`] entries): one HSM request MACs the run, each entry
-//! carrying the MAC before it, and one statement stores it, all or nothing. Nothing waits to
+//! carrying the MAC before it, and one statement stores it, all or nothing. Key generations
+//! join the groups with their key records ([`Ledger::insert_key_with_entry`]): the group's keys
+//! and entries are one transaction ([`KeyStore::append_ledger_with_keys`]), and a key found
+//! already stored leaves its group, answered, while the rest is chained and written again. Nothing waits to
 //! gather a group: an idle driver's append goes out at once. A second process misconfigured
 //! with the same driver id makes an insert fail on the `(chain, seq)` primary key; the head is
 //! then read again (its MAC checked in the HSM) and the append retried, at most
@@ -37,8 +40,8 @@ use custody_model::{ChainLink, Hsm, HsmError, MacChain, MacKey, error_chain};
 use tokio::sync::oneshot;
 use wrapped_keystore::ledger::{GENESIS_PREV_MAC, prev_mac_offset};
 use wrapped_keystore::{
-    InsertOutcome, KeyRecord, KeyStore, LedgerEntry, LedgerRecord, ReplaceOutcome, StoreError,
-    StoredLedgerRow,
+    GroupWrite, InsertOutcome, KeyRecord, KeyStore, LedgerEntry, LedgerRecord, ReplaceOutcome,
+    StoreError, StoredLedgerRow,
 };
 
 /// How many times an append re-reads the head and retries after finding its place taken.
@@ -53,10 +56,41 @@ pub const MAX_GROUP: usize = 64;
 #[derive(Default)]
 struct Queue {
     next_ticket: u64,
-    waiting: Vec<(u64, LedgerEntry, Reply)>,
+    waiting: Vec<Member>,
 }
 
-type Reply = oneshot::Sender<Result<LedgerRecord, LedgerError>>;
+/// One queued append: an entry, with the key record its key generation stores.
+struct Member {
+    ticket: u64,
+    entry: LedgerEntry,
+    key: Option<KeyRecord>,
+    reply: Reply,
+}
+
+/// The entry as written; `None` when its key was already stored with the same key material
+/// (nothing written for it).
+type Reply = oneshot::Sender<Result<Option<LedgerRecord>, LedgerError>>;
+
+/// Whether a store write stored the entries it was given.
+trait Stored {
+    /// What a write of no entries answers.
+    const NOTHING: Self;
+    fn stored(&self) -> bool;
+}
+
+impl Stored for bool {
+    const NOTHING: Self = false;
+    fn stored(&self) -> bool {
+        *self
+    }
+}
+
+impl Stored for GroupWrite {
+    const NOTHING: Self = GroupWrite::Written;
+    fn stored(&self) -> bool {
+        matches!(self, GroupWrite::Written)
+    }
+}
 
 /// How many entries a verification reads per page.
 const VERIFY_PAGE: u32 = 1000;
@@ -273,12 +307,50 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
     /// store's errors (nothing of the group is written then). An append written by another
     /// caller's group gets [`LedgerError::Group`] when that group failed.
     pub async fn append(&self, entry: LedgerEntry) -> Result<LedgerRecord, LedgerError> {
+        self.enqueue(entry, None)
+            .await?
+            .ok_or_else(|| LedgerError::Group {
+                reason: "an entry without a key record was answered as a stored key".to_owned(),
+                retryable: false,
+            })
+    }
+
+    /// Stores `key` and appends `entry` in one transaction: both are written or neither is. A
+    /// key already stored ([`InsertOutcome::AlreadyPresent`]) appends nothing. Key generations
+    /// that queue up go in one group with the other appends
+    /// ([`KeyStore::append_ledger_with_keys`]), as [`append`](Self::append) says.
+    ///
+    /// # Errors
+    /// As [`append`](Self::append); [`StoreError::Conflict`] (inside [`LedgerError::Store`]) if
+    /// the key id holds different key material.
+    pub async fn insert_key_with_entry(
+        &self,
+        key: KeyRecord,
+        entry: LedgerEntry,
+    ) -> Result<InsertOutcome, LedgerError> {
+        Ok(match self.enqueue(entry, Some(key)).await? {
+            Some(_) => InsertOutcome::Inserted,
+            None => InsertOutcome::AlreadyPresent,
+        })
+    }
+
+    /// Queues `entry` (with `key`, a key generation's record) and waits for its group.
+    async fn enqueue(
+        &self,
+        entry: LedgerEntry,
+        key: Option<KeyRecord>,
+    ) -> Result<Option<LedgerRecord>, LedgerError> {
         let (reply, mut answer) = oneshot::channel();
         let ticket = {
             let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             queue.next_ticket += 1;
             let ticket = queue.next_ticket;
-            queue.waiting.push((ticket, entry, reply));
+            queue.waiting.push(Member {
+                ticket,
+                entry,
+                key,
+                reply,
+            });
             ticket
         };
         // An entry that another caller's group writes while this one waits for the head gets
@@ -306,91 +378,121 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
                 }
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
-            let mut tickets = Vec::new();
-            let mut replies = Vec::new();
-            let mut entries = Vec::new();
-            {
-                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-                let take = queue.waiting.len().min(self.max_group);
-                for (ticket, entry, reply) in queue.waiting.drain(..take) {
-                    tickets.push(ticket);
-                    entries.push(entry);
-                    replies.push(reply);
-                }
-            }
-            let store = Arc::clone(&self.store);
-            let written = self
-                .write(&mut head, entries, move |records| {
-                    let store = Arc::clone(&store);
-                    async move { store.append_ledger(records).await.map(|()| true) }
-                })
-                .await;
-            // Every member gets its answer; this caller's own (if its entry was in the group)
-            // is returned directly. Otherwise its entry waits for the next group.
-            match written {
-                Ok((records, _)) => {
-                    let mut own = None;
-                    for ((member, reply), record) in tickets.into_iter().zip(replies).zip(records) {
-                        if member == ticket {
-                            own = Some(record);
-                        } else {
-                            let _ = reply.send(Ok(record));
-                        }
-                    }
-                    if let Some(record) = own {
-                        return Ok(record);
-                    }
-                }
-                Err(error) => {
-                    // The member that wrote the group gets the error itself (and the health or
-                    // tamper handling that goes with it), the others its account.
-                    let shared = error.duplicate();
-                    let mut own = false;
-                    for (member, reply) in tickets.into_iter().zip(replies) {
-                        if member == ticket {
-                            own = true;
-                        } else {
-                            let _ = reply.send(Err(shared.duplicate()));
-                        }
-                    }
-                    if own {
-                        return Err(error);
-                    }
-                }
-            }
+            // Every member of the group gets its answer through its reply, this caller's own
+            // too (read at the top of the loop); an entry not in this group waits for the next.
+            let group = self.next_group();
+            self.write_group(&mut head, group, ticket).await;
         }
     }
 
-    /// Stores `key` and appends `entry` in one transaction: both are written or neither is. A
-    /// key already stored ([`InsertOutcome::AlreadyPresent`]) appends nothing.
-    ///
-    /// # Errors
-    /// As [`append`](Self::append); [`StoreError::Conflict`] (inside [`LedgerError::Store`]) if
-    /// the key id holds different key material.
-    pub async fn insert_key_with_entry(
-        &self,
-        key: KeyRecord,
-        entry: LedgerEntry,
-    ) -> Result<InsertOutcome, LedgerError> {
-        let store = Arc::clone(&self.store);
-        let mut head = self.head.lock().await;
-        let (_, outcome) = self
-            .write(&mut head, vec![entry], move |mut records| {
-                let (store, key) = (Arc::clone(&store), key.clone());
-                async move {
-                    let record = records.pop().expect("one entry, one record");
-                    store
-                        .insert_with_ledger(key, record)
-                        .await
-                        .map(|outcome| outcome == InsertOutcome::Inserted)
+    /// The queued members of the next group, oldest first: at most the group size, and no key
+    /// id twice (a second delivery of a key generation waits for the next group, which then
+    /// finds the key stored).
+    fn next_group(&self) -> Vec<Member> {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut keys = BTreeSet::new();
+        let mut group = Vec::new();
+        let mut left = Vec::new();
+        for member in queue.waiting.drain(..) {
+            let fits = group.len() < self.max_group
+                && member
+                    .key
+                    .as_ref()
+                    .is_none_or(|key| keys.insert(key.key_id.clone()));
+            if fits {
+                group.push(member);
+            } else {
+                left.push(member);
+            }
+        }
+        queue.waiting = left;
+        group
+    }
+
+    /// Writes `group` with the head held and answers each member. Members whose key is found
+    /// already stored are answered (the same key: nothing written for it; another: a conflict)
+    /// and the rest written again without them, re-chained and re-MACed. When the write fails,
+    /// the member `own` (the caller writing the group) gets the error itself, with the health or
+    /// tamper handling that goes with it, and the others its account.
+    async fn write_group(&self, head: &mut HeadState, mut group: Vec<Member>, own: u64) {
+        while !group.is_empty() {
+            let entries = group.iter().map(|m| m.entry.clone()).collect();
+            let keys: Vec<KeyRecord> = group.iter().filter_map(|m| m.key.clone()).collect();
+            let store = Arc::clone(&self.store);
+            let written = self
+                .write(head, entries, move |records| {
+                    let (store, keys) = (Arc::clone(&store), keys.clone());
+                    async move {
+                        if keys.is_empty() {
+                            store
+                                .append_ledger(records)
+                                .await
+                                .map(|()| GroupWrite::Written)
+                        } else {
+                            store.append_ledger_with_keys(records, keys).await
+                        }
+                    }
+                })
+                .await;
+            match written {
+                Ok((records, GroupWrite::Written)) => {
+                    for (member, record) in group.into_iter().zip(records) {
+                        let _ = member.reply.send(Ok(Some(record)));
+                    }
+                    return;
                 }
-            })
-            .await?;
-        Ok(if outcome {
-            InsertOutcome::Inserted
-        } else {
-            InsertOutcome::AlreadyPresent
-        })
+                Ok((_, GroupWrite::KeysPresent(present))) => {
+                    let before = group.len();
+                    group.retain_mut(|member| {
+                        let Some(key) = &member.key else {
+                            return true;
+                        };
+                        let Some(found) = present.iter().find(|p| p.key_id == key.key_id) else {
+                            return true;
+                        };
+                        let answer = if found.same_key {
+                            Ok(None)
+                        } else {
+                            Err(LedgerError::Store(StoreError::Conflict {
+                                key_id: key.key_id.clone(),
+                            }))
+                        };
+                        // `retain_mut` cannot move the reply out: swap in a closed one.
+                        let (closed, _) = oneshot::channel();
+                        let _ = std::mem::replace(&mut member.reply, closed).send(answer);
+                        false
+                    });
+                    if group.len() == before {
+                        // The store named no key of this group: writing it again would loop.
+                        let reason = format!(
+                            "the store found keys stored that this group does not hold: {:?}",
+                            present.iter().map(|p| &p.key_id).collect::<Vec<_>>()
+                        );
+                        for member in group {
+                            let _ = member.reply.send(Err(LedgerError::Group {
+                                reason: reason.clone(),
+                                retryable: true,
+                            }));
+                        }
+                        return;
+                    }
+                }
+                Err(error) => {
+                    let mut writer = None;
+                    for member in group {
+                        if member.ticket == own {
+                            writer = Some(member.reply);
+                        } else {
+                            let _ = member.reply.send(Err(error.duplicate()));
+                        }
+                    }
+                    if let Some(reply) = writer {
+                        let _ = reply.send(Err(error));
+                    }
+                    return;
+                }
+            }
+        }
     }
 
     /// Replaces the stored record `old` by `new` and appends `entry` in one transaction (a
@@ -429,15 +531,16 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
     /// The append loop, with the head held: chains `entries` after the head, MACs them in one
     /// HSM request and has `write` store them; `write` says whether they were written (`false`:
     /// nothing to record, the head stays).
-    async fn write<F, Fut>(
+    async fn write<W, F, Fut>(
         &self,
         head: &mut HeadState,
         entries: Vec<LedgerEntry>,
         write: F,
-    ) -> Result<(Vec<LedgerRecord>, bool), LedgerError>
+    ) -> Result<(Vec<LedgerRecord>, W), LedgerError>
     where
+        W: Stored,
         F: Fn(Vec<LedgerRecord>) -> Fut,
-        Fut: Future<Output = Result<bool, StoreError>>,
+        Fut: Future<Output = Result<W, StoreError>>,
     {
         for _ in 0..APPEND_ATTEMPTS {
             let known = match *head {
@@ -494,19 +597,19 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
                 prev = mac;
             }
             let Some(newest) = records.last().map(|r| (r.seq, r.mac)) else {
-                return Ok((records, false));
+                return Ok((records, W::NOTHING));
             };
             match write(records.clone()).await {
-                Ok(true) => {
+                Ok(stored) if stored.stored() => {
                     *head = HeadState::Known(Some(newest));
                     self.publish(Some(ChainHead {
                         chain: self.chain.clone(),
                         seq: newest.0,
                         mac: newest.1,
                     }));
-                    return Ok((records, true));
+                    return Ok((records, stored));
                 }
-                Ok(false) => return Ok((records, false)),
+                Ok(not_stored) => return Ok((records, not_stored)),
                 Err(e) if e.is_ledger_conflict() => {
                     tracing::warn!(chain = %self.chain, seq = first_seq, "ledger place taken by another writer of this chain; reading the head again");
                     *head = HeadState::Unread;
@@ -1037,6 +1140,144 @@ mod tests {
         let result = verify(&store, &hsm, &Checkpoints::new()).await;
         assert!(result.is_intact(), "{result:?}");
         assert_eq!(result.entries_checked, 12);
+    }
+
+    /// A key generation's entry and record for key `key-{i}` (its key material `material`).
+    fn key_generation(i: u8, material: u8) -> (KeyRecord, LedgerEntry) {
+        let key = KeyRecord {
+            key_id: format!("key-{i}"),
+            scheme: custody_model::KeyScheme::EcdsaSecp256k1,
+            public_key: vec![material; 33],
+            wrapped_key: vec![material; 40],
+            wrap_mechanism: wrapped_keystore::WrapMechanism::AesKeyWrapPad,
+            master_key_fingerprint: "fp".to_owned(),
+            created_at_ms: 1_700_000_000_000,
+            created_by: "driver-a".to_owned(),
+            record_mac: vec![material; 32],
+        };
+        let entry = LedgerEntry {
+            kind: EntryKind::KeyGeneration,
+            result: key.public_key.clone(),
+            ..entry(i)
+        };
+        (key, entry)
+    }
+
+    /// Key generations queued while the head is held, with their key material.
+    async fn key_generations_behind_the_head(
+        ledger: &Arc<Ledger<FakeHsm, MemoryKeyStore>>,
+        keys: &[(u8, u8)],
+    ) -> Vec<tokio::task::JoinHandle<Result<InsertOutcome, LedgerError>>> {
+        let queued = ledger.queue.lock().unwrap().waiting.len();
+        let tasks: Vec<_> = keys
+            .iter()
+            .map(|&(i, material)| {
+                let ledger = Arc::clone(ledger);
+                let (key, entry) = key_generation(i, material);
+                tokio::spawn(async move { ledger.insert_key_with_entry(key, entry).await })
+            })
+            .collect();
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while ledger.queue.lock().unwrap().waiting.len() < queued + keys.len() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every key generation queues behind the held head");
+        tasks
+    }
+
+    /// Tried: 4 key generations and 4 signatures' entries queued while the head is held: one
+    /// HSM request and one store write for all eight. Before key generations joined the groups
+    /// (tried: the old path back), each waited for the head itself, to write alone with its own
+    /// HSM request and transaction: none queued, and both key-generation tests timed out here.
+    #[tokio::test]
+    async fn key_generations_that_queue_up_are_written_in_one_group_with_their_keys() {
+        let (store, hsm) = (MemoryKeyStore::new(), Arc::new(FakeHsm::new()));
+        let ledger = Arc::new(ledger(&store, &hsm, 2).await);
+        let before = hsm.mac_requests();
+        let held = ledger.head.lock().await;
+        let keygens =
+            key_generations_behind_the_head(&ledger, &[(3, 3), (4, 4), (5, 5), (6, 6)]).await;
+        let signatures = queued_behind_the_head(&ledger, 7..=10).await;
+        drop(held);
+        for task in keygens {
+            assert_eq!(task.await.unwrap().unwrap(), InsertOutcome::Inserted);
+        }
+        for task in signatures {
+            task.await
+                .unwrap()
+                .expect("every signature's entry is written");
+        }
+        assert_eq!(
+            hsm.mac_requests() - before,
+            1,
+            "eight entries, one HSM request"
+        );
+        for i in 3..=6u8 {
+            let stored = store.get(&format!("key-{i}")).await.unwrap();
+            assert_eq!(stored, Some(key_generation(i, i).0), "key-{i} is stored");
+        }
+        let result = verify(&store, &hsm, &Checkpoints::new()).await;
+        assert!(result.is_intact(), "{result:?}");
+        assert_eq!(result.entries_checked, 10);
+    }
+
+    /// Tried: a group whose key generations include a key already stored with the same
+    /// material (a second delivery), one stored with other material, and one twice in the queue.
+    /// Those leave the group, answered; the rest of the group is written, chained without gaps.
+    /// Answering the whole group with the first key found stored (tried) failed the new keys
+    /// and the signature too.
+    #[tokio::test]
+    async fn key_generations_found_stored_leave_their_group_and_the_rest_is_written() {
+        let (store, hsm) = (MemoryKeyStore::new(), Arc::new(FakeHsm::new()));
+        let ledger = Arc::new(ledger(&store, &hsm, 2).await);
+        store.insert(key_generation(4, 4).0).await.unwrap();
+        store.insert(key_generation(5, 9).0).await.unwrap();
+        let held = ledger.head.lock().await;
+        let keygens =
+            key_generations_behind_the_head(&ledger, &[(3, 3), (4, 4), (5, 5), (6, 6), (3, 3)])
+                .await;
+        let signatures = queued_behind_the_head(&ledger, 7..=7).await;
+        drop(held);
+        let mut outcomes = Vec::new();
+        for task in keygens {
+            outcomes.push(match task.await.unwrap() {
+                Ok(outcome) => format!("{outcome:?}"),
+                Err(LedgerError::Store(e)) if e.is_conflict() => "Conflict".to_owned(),
+                Err(other) => panic!("unexpected {other:?}"),
+            });
+        }
+        assert_eq!(
+            outcomes,
+            [
+                "Inserted",
+                "AlreadyPresent",
+                "Conflict",
+                "Inserted",
+                "AlreadyPresent"
+            ],
+            "key-3 new, key-4 stored already, key-5 another key, key-6 new, key-3 again"
+        );
+        let signature = signatures
+            .into_iter()
+            .next()
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(signature.entry, entry(7));
+        assert_eq!(
+            store.get("key-5").await.unwrap(),
+            Some(key_generation(5, 9).0),
+            "the stored key is untouched"
+        );
+        let result = verify(&store, &hsm, &Checkpoints::new()).await;
+        assert!(result.is_intact(), "{result:?}");
+        assert_eq!(
+            result.entries_checked, 5,
+            "two before, key-3, key-6 and the signature: one entry for each key written"
+        );
     }
 
     /// Tried: the store fails while a group of 5 is written.

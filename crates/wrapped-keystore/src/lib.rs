@@ -47,6 +47,6 @@ pub use ledger::{EntryKind, LedgerEntry, LedgerRecord, StoredLedgerRow};
 #[cfg(feature = "fake")]
 pub use memory::{LedgerRows, MemoryKeyStore};
 pub use store::{
-    DriverMasterKeys, InsertOutcome, KeyRecord, KeyScheme, KeyStore, MAX_PAGE_LIMIT,
-    MasterKeyRegistration, MasterKeySwitch, PageRequest, ReplaceOutcome, WrapMechanism,
+    DriverMasterKeys, GroupWrite, InsertOutcome, KeyRecord, KeyScheme, KeyStore, MAX_PAGE_LIMIT,
+    MasterKeyRegistration, MasterKeySwitch, PageRequest, PresentKey, ReplaceOutcome, WrapMechanism,
 };

@@ -11,8 +11,8 @@ use diesel::result::ConnectionError;
 use crate::error::StoreError;
 use crate::ledger::{LedgerRecord, StoredLedgerRow};
 use crate::store::{
-    DriverMasterKeys, InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration,
-    MasterKeySwitch, PageRequest, ReplaceOutcome,
+    DriverMasterKeys, GroupWrite, InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT,
+    MasterKeyRegistration, MasterKeySwitch, PageRequest, PresentKey, ReplaceOutcome,
 };
 
 /// A fake [`KeyStore`] that keeps records in memory, for tests. It has the same semantics as
@@ -313,6 +313,53 @@ impl KeyStore for MemoryKeyStore {
             }
             Entry::Occupied(_) => Err(StoreError::Conflict { key_id: key.key_id }),
         }
+    }
+
+    async fn append_ledger_with_keys(
+        &self,
+        entries: Vec<LedgerRecord>,
+        keys: Vec<KeyRecord>,
+    ) -> Result<GroupWrite, StoreError> {
+        self.available()?;
+        let mut records = self.records();
+        let present: Vec<PresentKey> = keys
+            .iter()
+            .filter_map(|key| {
+                records.get(&key.key_id).map(|existing| PresentKey {
+                    key_id: key.key_id.clone(),
+                    same_key: existing.same_key_as(key),
+                })
+            })
+            .collect();
+        if !present.is_empty() {
+            return Ok(GroupWrite::KeysPresent(present));
+        }
+        // A key id twice in the group: present once its first is written, as in the database.
+        let mut ids = std::collections::BTreeSet::new();
+        if let Some(twice) = keys.iter().find(|key| !ids.insert(key.key_id.as_str())) {
+            let first = keys.iter().find(|key| key.key_id == twice.key_id);
+            return Ok(GroupWrite::KeysPresent(vec![PresentKey {
+                key_id: twice.key_id.clone(),
+                same_key: first.is_some_and(|first| first.same_key_as(twice)),
+            }]));
+        }
+        let mut ledger = self.ledger();
+        if let Some(taken) = entries.iter().find(|r| {
+            let row = StoredLedgerRow::from(*r);
+            ledger.contains_key(&(row.chain, row.seq))
+        }) {
+            return Err(StoreError::LedgerConflict {
+                chain: taken.chain.clone(),
+                seq: taken.seq,
+            });
+        }
+        entries
+            .iter()
+            .try_for_each(|record| append(&mut ledger, record))?;
+        for key in keys {
+            records.insert(key.key_id.clone(), key);
+        }
+        Ok(GroupWrite::Written)
     }
 
     async fn ledger_chains(&self) -> Result<Vec<String>, StoreError> {

@@ -97,6 +97,26 @@ pub enum InsertOutcome {
     AlreadyPresent,
 }
 
+/// A key that [`KeyStore::append_ledger_with_keys`] found already stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresentKey {
+    /// The key id.
+    pub key_id: String,
+    /// Whether the stored record holds the same key ([`KeyRecord::same_key_as`]): a retried key
+    /// generation that another delivery stored first. Otherwise the id holds different key
+    /// material (what [`StoreError::Conflict`] says for a single insert).
+    pub same_key: bool,
+}
+
+/// What [`KeyStore::append_ledger_with_keys`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupWrite {
+    /// Every key and every entry is written.
+    Written,
+    /// These keys were already stored: nothing was written.
+    KeysPresent(Vec<PresentKey>),
+}
+
 /// What [`KeyStore::register_master_key`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MasterKeyRegistration {
@@ -327,6 +347,23 @@ pub trait KeyStore: Send + Sync + 'static {
         key: KeyRecord,
         entry: LedgerRecord,
     ) -> impl Future<Output = Result<InsertOutcome, StoreError>> + Send;
+
+    /// [`append_ledger`](Self::append_ledger)s entries together with the key records of the
+    /// key generations among them, in one transaction: every key and every entry, or nothing.
+    /// Every key must be new: when any key id is already stored, nothing is written and the
+    /// answer names each such key ([`GroupWrite::KeysPresent`]), so that the caller can write
+    /// the group again without their entries (a retried key generation is recorded once). The
+    /// engine writes the key generations that queued up together this way, with the other
+    /// entries of their group.
+    ///
+    /// # Errors
+    /// [`StoreError::LedgerConflict`] if a `(chain, seq)` is taken (nothing is written); other
+    /// [`StoreError`]s if the database fails.
+    fn append_ledger_with_keys(
+        &self,
+        records: Vec<LedgerRecord>,
+        keys: Vec<KeyRecord>,
+    ) -> impl Future<Output = Result<GroupWrite, StoreError>> + Send;
 
     /// The chains that have entries, in ascending (bytewise) order.
     ///

@@ -6,8 +6,8 @@ mod support;
 
 use support::{ledger_record, record};
 use wrapped_keystore::{
-    InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration, MasterKeySwitch,
-    PageRequest, ReplaceOutcome, StoredLedgerRow,
+    GroupWrite, InsertOutcome, KeyRecord, KeyStore, MAX_PAGE_LIMIT, MasterKeyRegistration,
+    MasterKeySwitch, PageRequest, PresentKey, ReplaceOutcome, StoredLedgerRow,
 };
 
 mod suite {
@@ -892,6 +892,110 @@ mod suite {
         );
     }
 
+    /// Tried: a group of two new keys and three entries; then groups holding a stored key (the
+    /// same, and another under its id), the same new id twice, and a taken ledger place. Each
+    /// of those writes nothing: no key of the group, no entry. Committing the group's new keys
+    /// while answering the stored ones (tried on the databases) left `key-g3` written.
+    pub(crate) async fn a_group_of_keys_and_entries_is_written_whole_or_not_at_all<
+        S: KeyStore + Clone,
+    >(
+        store: S,
+    ) {
+        let entries = |seqs: std::ops::RangeInclusive<u64>| {
+            seqs.map(|seq| ledger_record("driver-a", seq))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            store
+                .append_ledger_with_keys(
+                    entries(1..=3),
+                    vec![record("key-g1", 1), record("key-g2", 2)]
+                )
+                .await
+                .expect("a group of new keys"),
+            GroupWrite::Written
+        );
+        assert_eq!(
+            store.get("key-g1").await.unwrap(),
+            Some(record("key-g1", 1))
+        );
+        assert_eq!(
+            store.get("key-g2").await.unwrap(),
+            Some(record("key-g2", 2))
+        );
+        assert_eq!(
+            rows(&store, "driver-a").await.len(),
+            3,
+            "every entry written"
+        );
+
+        let unwritten = |what: &'static str| {
+            let store = store.clone();
+            async move {
+                assert_eq!(
+                    store.get("key-g3").await.unwrap(),
+                    None,
+                    "{what}: the new key of the group is not written"
+                );
+                assert_eq!(
+                    rows(&store, "driver-a").await.len(),
+                    3,
+                    "{what}: no entry of the group is written"
+                );
+                assert_eq!(
+                    store.get("key-g1").await.unwrap(),
+                    Some(record("key-g1", 1)),
+                    "{what}: the stored key is untouched"
+                );
+            }
+        };
+        for (what, keys, expected) in [
+            (
+                "a stored key again",
+                vec![record("key-g3", 3), record("key-g1", 1)],
+                vec![PresentKey {
+                    key_id: "key-g1".to_owned(),
+                    same_key: true,
+                }],
+            ),
+            (
+                "another key under a stored id",
+                vec![record("key-g1", 9), record("key-g3", 3)],
+                vec![PresentKey {
+                    key_id: "key-g1".to_owned(),
+                    same_key: false,
+                }],
+            ),
+            (
+                "one new id twice",
+                vec![record("key-g3", 3), record("key-g3", 3)],
+                vec![PresentKey {
+                    key_id: "key-g3".to_owned(),
+                    same_key: true,
+                }],
+            ),
+        ] {
+            assert_eq!(
+                store
+                    .append_ledger_with_keys(entries(4..=5), keys)
+                    .await
+                    .expect(what),
+                GroupWrite::KeysPresent(expected),
+                "{what}"
+            );
+            unwritten(what).await;
+        }
+        let error = store
+            .append_ledger_with_keys(entries(3..=4), vec![record("key-g3", 3)])
+            .await
+            .expect_err("an entry at a taken place must fail");
+        assert!(
+            error.is_ledger_conflict(),
+            "a ledger conflict, got {error:?}"
+        );
+        unwritten("a taken place").await;
+    }
+
     /// Starts 16 inserts together (released by one barrier) and collects their results.
     async fn race<S: KeyStore + Clone>(
         store: &S,
@@ -944,6 +1048,7 @@ macro_rules! conformance {
                 a_run_past_one_statement_is_written_whole_or_not_at_all,
                 concurrent_appends_to_distinct_chains_all_land,
                 insert_with_ledger_writes_both_or_neither,
+                a_group_of_keys_and_entries_is_written_whole_or_not_at_all,
                 a_rotation_replaces_a_record_with_its_entry_or_nothing,
                 the_deployment_switches_master_key_by_compare_and_set
             );

@@ -16,7 +16,8 @@ use crate::error::StoreError;
 use crate::ledger::{LedgerRecord, StoredLedgerRow};
 use crate::schema::{deployment, ledger, wrapped_keys};
 use crate::store::{
-    InsertOutcome, KeyRecord, MAX_PAGE_LIMIT, MasterKeyRegistration, ReplaceOutcome,
+    GroupWrite, InsertOutcome, KeyRecord, MAX_PAGE_LIMIT, MasterKeyRegistration, PresentKey,
+    ReplaceOutcome,
 };
 
 /// How often an insert retries when a conflicting row disappears before it can be read.
@@ -108,9 +109,10 @@ struct NewDeployment<'a> {
 trait LedgerConnection: Connection {
     /// Runs `f` in a transaction (on SQLite an immediate one, which takes the database's write
     /// lock up front rather than failing to upgrade a read lock midway).
-    fn write_transaction<T, F>(&mut self, f: F) -> Result<T, StoreError>
+    fn write_transaction<T, E, F>(&mut self, f: F) -> Result<T, E>
     where
-        F: FnOnce(&mut Self) -> Result<T, StoreError>;
+        F: FnOnce(&mut Self) -> Result<T, E>,
+        E: From<DieselError>;
     fn ledger_head(&mut self, chain: &str) -> QueryResult<Option<LedgerRow>>;
     fn insert_ledger(&mut self, rows: &[NewLedgerRow<'_>]) -> QueryResult<usize>;
     fn ledger_chains(&mut self) -> QueryResult<Vec<String>>;
@@ -214,9 +216,10 @@ macro_rules! ledger_statements {
 }
 
 impl LedgerConnection for PgConnection {
-    fn write_transaction<T, F>(&mut self, f: F) -> Result<T, StoreError>
+    fn write_transaction<T, E, F>(&mut self, f: F) -> Result<T, E>
     where
-        F: FnOnce(&mut Self) -> Result<T, StoreError>,
+        F: FnOnce(&mut Self) -> Result<T, E>,
+        E: From<DieselError>,
     {
         self.transaction(f)
     }
@@ -246,9 +249,10 @@ impl LedgerConnection for PgConnection {
 }
 
 impl LedgerConnection for SqliteConnection {
-    fn write_transaction<T, F>(&mut self, f: F) -> Result<T, StoreError>
+    fn write_transaction<T, E, F>(&mut self, f: F) -> Result<T, E>
     where
-        F: FnOnce(&mut Self) -> Result<T, StoreError>,
+        F: FnOnce(&mut Self) -> Result<T, E>,
+        E: From<DieselError>,
     {
         self.immediate_transaction(f)
     }
@@ -479,6 +483,103 @@ pub(crate) fn insert_with_ledger(
     match conn {
         AnyConnection::Postgresql(c) => run(c, key, entry),
         AnyConnection::Sqlite(c) => run(c, key, entry),
+    }
+}
+
+/// Why [`append_ledger_with_keys`]'s transaction was rolled back.
+enum GroupAbort {
+    /// Keys already stored: the group is written again without them.
+    Present(Vec<PresentKey>),
+    Store(StoreError),
+}
+
+impl From<DieselError> for GroupAbort {
+    fn from(error: DieselError) -> Self {
+        GroupAbort::Store(error.into())
+    }
+}
+
+impl From<StoreError> for GroupAbort {
+    fn from(error: StoreError) -> Self {
+        GroupAbort::Store(error)
+    }
+}
+
+/// Inserts `keys` and writes `records` in one transaction; when a key is already stored, rolls
+/// back and names every such key.
+pub(crate) fn append_ledger_with_keys(
+    conn: &mut AnyConnection,
+    records: &[LedgerRecord],
+    keys: &[KeyRecord],
+) -> Result<GroupWrite, StoreError> {
+    fn run<C: LedgerConnection>(
+        conn: &mut C,
+        records: &[LedgerRecord],
+        keys: &[KeyRecord],
+    ) -> Result<GroupWrite, StoreError> {
+        let rows = records
+            .iter()
+            .map(NewLedgerRow::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        let written = conn.write_transaction(|conn| {
+            // A key id twice in the group finds its first insert: present too.
+            let mut present = Vec::new();
+            for key in keys {
+                present.extend(insert_or_find(conn, key)?);
+            }
+            if !present.is_empty() {
+                return Err(GroupAbort::Present(present));
+            }
+            if let Some(first) = records.first() {
+                conn.insert_ledger(&rows)
+                    .map_err(|error| ledger_insert_error(first, error))?;
+            }
+            Ok(())
+        });
+        match written {
+            Ok(()) => {
+                tracing::debug!(
+                    keys = keys.len(),
+                    entries = records.len(),
+                    "stored wrapped keys with their ledger entries"
+                );
+                Ok(GroupWrite::Written)
+            }
+            Err(GroupAbort::Present(present)) => Ok(GroupWrite::KeysPresent(present)),
+            Err(GroupAbort::Store(error)) => Err(error),
+        }
+    }
+
+    /// Inserts `key`; `None` when it is new, else the key found under its id.
+    fn insert_or_find<C: LedgerConnection>(
+        conn: &mut C,
+        key: &KeyRecord,
+    ) -> Result<Option<PresentKey>, GroupAbort> {
+        let row = NewKey::from(key);
+        for _ in 0..INSERT_ATTEMPTS {
+            if conn.insert_key_if_absent(&row)? > 0 {
+                return Ok(None);
+            }
+            if let Some(existing) = conn
+                .get_key(&key.key_id)?
+                .map(KeyRecord::try_from)
+                .transpose()?
+            {
+                return Ok(Some(PresentKey {
+                    key_id: key.key_id.clone(),
+                    same_key: existing.same_key_as(key),
+                }));
+            }
+            // Deleted between the two statements (only by something outside the store).
+        }
+        Err(GroupAbort::Store(StoreError::Database {
+            source: DieselError::NotFound,
+        }))
+    }
+
+    match conn {
+        AnyConnection::Postgresql(c) => run(c, records, keys),
+        AnyConnection::Sqlite(c) => run(c, records, keys),
     }
 }
 

@@ -23,8 +23,8 @@ use self::pool::{AnyConnection, Pool};
 use crate::error::StoreError;
 use crate::ledger::{LedgerRecord, StoredLedgerRow};
 use crate::store::{
-    DriverMasterKeys, InsertOutcome, KeyRecord, KeyStore, MasterKeyRegistration, MasterKeySwitch,
-    PageRequest, ReplaceOutcome,
+    DriverMasterKeys, GroupWrite, InsertOutcome, KeyRecord, KeyStore, MasterKeyRegistration,
+    MasterKeySwitch, PageRequest, ReplaceOutcome,
 };
 
 /// The durable [`KeyStore`]: PostgreSQL for deployments where several drivers share one store,
@@ -307,6 +307,15 @@ impl KeyStore for DieselKeyStore {
         entry: LedgerRecord,
     ) -> Result<InsertOutcome, StoreError> {
         self.run(move |conn| ledger::insert_with_ledger(conn, &key, &entry))
+            .await
+    }
+
+    async fn append_ledger_with_keys(
+        &self,
+        records: Vec<LedgerRecord>,
+        keys: Vec<KeyRecord>,
+    ) -> Result<GroupWrite, StoreError> {
+        self.run(move |conn| ledger::append_ledger_with_keys(conn, &records, &keys))
             .await
     }
 

@@ -221,7 +221,6 @@ async fn each_job_is_one_trace_of_its_phases_and_carries_no_secret() {
                         "load",
                         "load",
                         "hsm:generate_key",
-                        "hsm:mac_record",
                         "ledger",
                         "report"
                     ]

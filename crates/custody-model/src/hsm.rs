@@ -456,6 +456,28 @@ pub trait Hsm: Send + Sync + 'static {
         }
     }
 
+    /// The engine's key generation, in one request to the HSM where the implementation can:
+    /// generates and wraps a key pair under the held master key `master`
+    /// ([`Hsm::generate_key_under`]), then MACs the key record `key_id` makes of it
+    /// ([`generated_record_message`](crate::generated_record_message)) under that master key's
+    /// record MAC key ([`Hsm::mac_record_under`]). The default makes the two calls in turn.
+    ///
+    /// # Errors
+    /// As [`Hsm::generate_key_under`] and [`Hsm::mac_record_under`].
+    fn generate_record(
+        &self,
+        master: &str,
+        scheme: KeyScheme,
+        key_id: &str,
+    ) -> impl Future<Output = Result<(GeneratedKey, [u8; 32]), HsmError>> + Send {
+        async move {
+            let generated = self.generate_key_under(master, scheme).await?;
+            let message = crate::generated_record_message(key_id, scheme, &generated, master);
+            let mac = self.mac_record_under(master, message).await?;
+            Ok((generated, mac))
+        }
+    }
+
     /// [`Hsm::mac_record`] under the record MAC key of the held master key with fingerprint
     /// `master` (each master key has its own, labelled `<master label>-mac`).
     ///

@@ -43,7 +43,7 @@ pub use hsm::{
     Capabilities, ChainLink, GeneratedKey, Hsm, MacChain, MacKey, MasterKeyInfo, RawSignature,
     RecordMacCheck, RewrapRequest, SchemeSupport, SignRequest, Signature, WrappedKey,
 };
-pub use record_mac::{RECORD_MAC_DOMAIN, record_mac_message};
+pub use record_mac::{RECORD_MAC_DOMAIN, generated_record_message, record_mac_message};
 pub use return_value::ReturnValue;
 pub use scheme::{KeyScheme, PayloadMismatch, PayloadRule, SCHEMES, SchemeInfo, SignPayload};
 pub use self_test::{

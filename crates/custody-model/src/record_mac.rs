@@ -70,6 +70,26 @@ pub fn record_mac_message(
     message
 }
 
+/// [`record_mac_message`] of the record a key generation makes: `key_id`, `scheme`, the
+/// generated key (its public key, wrapped blob and wrap mechanism) and the fingerprint of the
+/// master key that wrapped it.
+pub fn generated_record_message(
+    key_id: &str,
+    scheme: crate::KeyScheme,
+    generated: &crate::GeneratedKey,
+    master_key_fingerprint: &str,
+) -> Vec<u8> {
+    record_mac_message(
+        key_id,
+        scheme.as_str(),
+        scheme.info().api_curve,
+        &generated.public_key,
+        &generated.wrapped.blob,
+        generated.wrapped.mechanism.as_str(),
+        master_key_fingerprint,
+    )
+}
+
 /// The derivation label of an imported record MAC key (see the module documentation).
 const MAC_KEY_DERIVATION: &[u8] = b"hsm-driver/record-mac-key/v1";
 

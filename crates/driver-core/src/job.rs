@@ -350,13 +350,18 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     let master = wrapping_master_key(parts, &key_id)
         .instrument(debug_span!("load", read = "deployment_master_key"))
         .await?;
-    let generated = timed(
+    // The record's MAC is computed inside the HSM with a non-extractable key, in the same
+    // request as the key where the HSM can: a record altered or swapped in the database no
+    // longer matches it.
+    let (generated, record_mac) = timed(
         parts,
         "generate_key",
-        parts.hsm.generate_key_under(&master, key_scheme),
+        parts
+            .hsm
+            .generate_record(&master, key_scheme, key_id.as_str()),
     )
     .await?;
-    let mut record = KeyRecord {
+    let record = KeyRecord {
         key_id: key_id.as_str().to_owned(),
         scheme: key_scheme,
         public_key: generated.public_key,
@@ -365,19 +370,8 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
         master_key_fingerprint: master,
         created_at_ms: now_ms(),
         created_by: parts.config.driver_id.clone(),
-        record_mac: Vec::new(),
+        record_mac: record_mac.to_vec(),
     };
-    // Computed inside the HSM with a non-extractable key: a record altered or swapped in the
-    // database no longer matches it.
-    record.record_mac = timed(
-        parts,
-        "mac_record",
-        parts
-            .hsm
-            .mac_record_under(&record.master_key_fingerprint, record.mac_message()),
-    )
-    .await?
-    .to_vec();
     // The key record and its ledger entry (MACed in the HSM) are written in one transaction.
     let entry = LedgerEntry {
         job_id: job_id.to_string(),

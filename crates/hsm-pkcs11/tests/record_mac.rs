@@ -452,3 +452,53 @@ async fn sign_record_checks_the_mac_before_anything_is_unwrapped() {
         "the MAC is checked before the unwrap: {ours:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn generate_record_makes_the_key_and_its_record_mac_in_one_request() {
+    use custody_model::generated_record_message;
+
+    let token = blocking(TestToken::create).await.expect("test token");
+    let hsm = open(&token).await;
+    let scheme = if TestToken::kind().expect("fixture") == TokenKind::Kryoptic {
+        custody_model::KeyScheme::EcdsaP256
+    } else {
+        custody_model::KeyScheme::EcdsaSecp256k1
+    };
+    let master = hsm.master_key().fingerprint.clone();
+    let requests = hsm.requests_reader();
+    let before = requests();
+    let (key, mac) = hsm
+        .generate_record(&master, scheme, "key-g")
+        .await
+        .expect("a key and its record's MAC");
+    // Tried: the trait's default (generate, then MAC): 2 requests.
+    assert_eq!(requests() - before, 1, "one request to the HSM's workers");
+    // The MAC is the record's: the engine's check of the stored record passes, and the same
+    // MAC over the record as another key id, or with another blob, does not.
+    let record = generated_record_message("key-g", scheme, &key, &master);
+    assert_eq!(
+        hsm.mac_record_under(&master, record.clone()).await.unwrap(),
+        mac,
+        "the MAC the record MAC key makes of the record"
+    );
+    hsm.verify_record_mac_under(&master, record, mac)
+        .await
+        .expect("the stored record verifies");
+    assert_tampered(
+        hsm.verify_record_mac_under(
+            &master,
+            generated_record_message("key-h", scheme, &key, &master),
+            mac,
+        )
+        .await,
+        "the record under another key id",
+    );
+    // Tried: a master key this HSM does not hold is refused before anything is generated.
+    let before = requests();
+    let refused = hsm.generate_record(&"cd".repeat(32), scheme, "key-g").await;
+    assert!(
+        matches!(refused, Err(HsmError::MasterKeyNotHeld { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(requests(), before, "nothing submitted");
+}

@@ -1128,6 +1128,27 @@ impl Hsm for Pkcs11Hsm {
         self.generate_on(self.held(master)?, scheme).await
     }
 
+    /// One worker round trip: the key pair generated and wrapped, then its record MACed.
+    async fn generate_record(
+        &self,
+        master: &str,
+        scheme: KeyScheme,
+        key_id: &str,
+    ) -> Result<(GeneratedKey, [u8; 32]), HsmError> {
+        let index = self.held(master)?;
+        self.check_scheme(scheme)?;
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::GenerateRecord {
+            scheme,
+            master: index,
+            key_id: key_id.to_owned(),
+            fingerprint: master.to_owned(),
+            reply,
+        })?;
+        let deadline = self.shared.config.deadlines.key_generation;
+        await_answer("generate_key", deadline, answer).await
+    }
+
     async fn sign_raw(&self, request: SignRequest) -> Result<RawSignature, HsmError> {
         self.sign_on(0, None, request).await
     }

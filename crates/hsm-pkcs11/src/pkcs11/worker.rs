@@ -34,6 +34,15 @@ pub(crate) enum Job {
         master: usize,
         reply: oneshot::Sender<Result<GeneratedKey, HsmError>>,
     },
+    /// [`Job::Generate`], then MAC the key record `key_id` makes of the key under the record
+    /// MAC key of the same master key (its fingerprint `fingerprint`): one round trip.
+    GenerateRecord {
+        scheme: KeyScheme,
+        master: usize,
+        key_id: String,
+        fingerprint: String,
+        reply: oneshot::Sender<Result<(GeneratedKey, [u8; 32]), HsmError>>,
+    },
     /// Check the record's MAC if one is given (under the record MAC key of the held master
     /// key `master`), then unwrap under that master key, sign and destroy: one round trip.
     Sign {
@@ -93,7 +102,7 @@ impl Job {
     pub(crate) fn objects(&self) -> u64 {
         match self {
             Job::Sign { .. } => 1,
-            Job::Generate { .. } | Job::Rewrap { .. } => 2,
+            Job::Generate { .. } | Job::GenerateRecord { .. } | Job::Rewrap { .. } => 2,
             Job::Mac { .. }
             | Job::MacChain { .. }
             | Job::VerifyMac { .. }
@@ -262,6 +271,32 @@ impl Worker {
                     let master = held(&self.masters, &raw, master);
                     let result =
                         keys::generate_and_wrap(session, master, scheme, self.wrap_mechanism);
+                    let _ = reply.send(result);
+                }
+                Job::GenerateRecord {
+                    scheme,
+                    master: index,
+                    key_id,
+                    fingerprint,
+                    reply,
+                } => {
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    let master = held(&self.masters, &raw, index);
+                    let result =
+                        keys::generate_and_wrap(session, master, scheme, self.wrap_mechanism)
+                            .and_then(|generated| {
+                                let message = custody_model::generated_record_message(
+                                    &key_id,
+                                    scheme,
+                                    &generated,
+                                    &fingerprint,
+                                );
+                                let handle = self.hmac_key(MacKey::Record, index);
+                                let record_mac = mac::mac(session, handle, &message)?;
+                                Ok((generated, record_mac))
+                            });
                     let _ = reply.send(result);
                 }
                 Job::Sign {

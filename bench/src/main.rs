@@ -34,7 +34,8 @@
 //! - [`instructions`] (`--instructions`, instead of the timed run): the driver's
 //!   instructions per signature, counted by callgrind, with a profile of its own threads.
 //! - [`soak`] (`--soak SECS`, instead of the timed run): the driver's RSS over a long
-//!   saturated run per token, to see whether its memory levels off.
+//!   saturated run per token (signatures, or key generations with `--soak-keygen`), to see
+//!   whether its memory levels off.
 //! - [`report`] and [`svg`]: the targets, the table, the files.
 
 mod anchor;
@@ -142,6 +143,10 @@ struct RunArgs {
     /// objects (`hsm.recycle_after_objects`); 0 leaves that run out.
     #[arg(long, value_name = "OBJECTS", default_value_t = 100_000)]
     soak_recycle: u64,
+    /// The soak generates P-256 keys at saturation instead of signing: does the driver's memory
+    /// level off while its key store grows?
+    #[arg(long)]
+    soak_keygen: bool,
 }
 
 /// The child processes a run starts (not for direct use).
@@ -278,10 +283,16 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
             .chain(kryoptic_module.map(|hsm| soaked(&hsm, None, Store::Sqlite)))
             .chain(on_postgres)
             .collect();
+        let job = if args.soak_keygen {
+            soak::Job::Keygen
+        } else {
+            soak::Job::Sign
+        };
         let result = soak::run(
             &plan,
             &setup,
             &runs,
+            job,
             std::time::Duration::from_secs(secs),
             &say,
         )
@@ -290,7 +301,7 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
             args.out.join("soak.json"),
             serde_json::to_string_pretty(&result)?,
         )?;
-        println!("{}", soak::table(&result));
+        println!("{}", soak::table(job, &result));
         say(&format!("wrote soak.json to {}", args.out.display()));
         return Ok(());
     }

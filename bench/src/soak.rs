@@ -70,6 +70,24 @@ impl SoakResult {
     }
 }
 
+/// What a soak's load does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Job {
+    /// P-256 signatures with the pool's keys in turn.
+    Sign,
+    /// New P-256 keys: the key store grows with every job.
+    Keygen,
+}
+
+impl Job {
+    fn doing(self) -> &'static str {
+        match self {
+            Job::Sign => "signs P-256",
+            Job::Keygen => "generates P-256 keys",
+        }
+    }
+}
+
 /// Soaks each of `tokens` for `length`.
 ///
 /// # Errors
@@ -78,6 +96,7 @@ pub(crate) async fn run(
     plan: &Plan,
     setup: &Setup,
     runs: &[Soaked],
+    job: Job,
     length: Duration,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<Vec<SoakResult>> {
@@ -103,7 +122,7 @@ pub(crate) async fn run(
             "soak {token}: starting the simulator and the driver"
         ));
         let deployment = Deployment::start(options).await?;
-        let soaked = soak(plan, &deployment, &token, length, say).await;
+        let soaked = soak(plan, &deployment, &token, job, length, say).await;
         let recycles = deployment
             .metrics()
             .await
@@ -124,6 +143,7 @@ async fn soak(
     plan: &Plan,
     deployment: &Deployment,
     token: &str,
+    job: Job,
     length: Duration,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<Vec<Sample>> {
@@ -131,12 +151,17 @@ async fn soak(
     let driver = deployment
         .driver_pid()
         .context("the driver is not running")?;
-    let keys = e2e::create_keys(app, P256, plan.pool_keys_per_curve).await?;
+    let work = match job {
+        Job::Sign => Arc::new(Work::Sign(
+            e2e::create_keys(app, P256, plan.pool_keys_per_curve).await?,
+        )),
+        Job::Keygen => Arc::new(Work::Keygen(P256)),
+    };
     say(&format!(
-        "soak {token}: P-256 signatures at saturation for {} s",
+        "soak {token}: the driver {} at saturation for {} s",
+        job.doing(),
         length.as_secs()
     ));
-    let work = Arc::new(Work::Sign(keys));
     let before = app.stats().await?.completed;
     let load = ClosedLoop::start(app, &work, plan.in_flight, plan.verify_one_in);
     let started = Instant::now();
@@ -155,12 +180,13 @@ async fn soak(
 
 /// The soak table: per token, the RSS at ten points of the soak and the growth per job over
 /// its second half.
-pub(crate) fn table(results: &[SoakResult]) -> String {
+pub(crate) fn table(job: Job, results: &[SoakResult]) -> String {
     use std::fmt::Write as _;
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "\nSoak: the driver's RSS while it signs P-256 at saturation, by jobs done"
+        "\nSoak: the driver's RSS while it {} at saturation, by jobs done",
+        job.doing()
     );
     for r in results {
         let points: Vec<String> = (1..=10)
@@ -212,7 +238,7 @@ mod tests {
             .second_half_growth_bytes_per_job()
             .expect("enough samples");
         assert!((growth - 256.0).abs() < 1e-9, "{growth}");
-        assert!(table(&[soak]).contains("+256 B"));
+        assert!(table(Job::Sign, &[soak]).contains("+256 B"));
         // Tried: too few samples, or no job in the second half: no figure.
         let short = SoakResult {
             token: "kryoptic".into(),
@@ -228,9 +254,14 @@ mod tests {
             samples: vec![sample(5, 1), sample(5, 2), sample(5, 3)],
         };
         assert_eq!(stalled.second_half_growth_bytes_per_job(), None);
+        let printed = table(Job::Keygen, &[stalled]);
         assert!(
-            table(&[stalled]).contains("3 recycles, one per 100 objects"),
+            printed.contains("3 recycles, one per 100 objects"),
             "the recycles are printed"
+        );
+        assert!(
+            printed.contains("while it generates P-256 keys"),
+            "the table names the soak's load: {printed}"
         );
     }
 }

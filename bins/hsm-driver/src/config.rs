@@ -866,12 +866,29 @@ impl Config {
         })
     }
 
-    /// `driver.lease_refill`, or the workers less the sessions' reserve (at least 1).
+    /// `driver.lease_refill`, or the workers less the sessions' reserve (at least 1, and no more
+    /// than one lease request can ask for).
     pub(crate) fn lease_refill(&self) -> usize {
         self.driver.lease_refill.unwrap_or_else(|| {
             let reserve = RESERVE_PER_SESSION.saturating_mul(self.sessions());
-            self.workers().saturating_sub(reserve).max(1)
+            let most =
+                usize::try_from(dfns_api_client::protocol::MAX_LEASE_BATCH).unwrap_or(usize::MAX);
+            self.workers().saturating_sub(reserve).clamp(1, most)
         })
+    }
+
+    /// Says so when `driver.workers` is set above [`DEFAULT_SESSIONS`] and `hsm.sessions` is
+    /// not: before session 15 the sessions defaulted to the workers, so such a file opened as
+    /// many sessions as workers, and now opens [`DEFAULT_SESSIONS`].
+    pub(crate) fn sessions_default_changed(&self) -> Option<String> {
+        match (self.hsm.sessions, self.driver.workers) {
+            (None, Some(workers)) if workers > DEFAULT_SESSIONS => Some(format!(
+                "hsm.sessions is not set: {DEFAULT_SESSIONS} HSM sessions for {workers} workers \
+                 (it used to default to driver.workers); set hsm.sessions to what the HSM runs \
+                 in parallel"
+            )),
+            _ => None,
+        }
     }
 
     /// `driver.lease_batch`, or the lease refill (between 16 and 256).
@@ -1122,6 +1139,12 @@ user_pin_file = "pin"
         assert_eq!(window(&config.driver_config()), (2, 1, 16, 25));
         let config = with("workers = 100", "sessions = 8").unwrap();
         assert_eq!(window(&config.driver_config()), (100, 68, 68, 25));
+        assert_eq!(config.sessions_default_changed(), None);
+        // A refill no lease can bring is capped at the largest lease.
+        let config = with("workers = 1000", "").unwrap();
+        assert_eq!(window(&config.driver_config()), (1000, 256, 256, 25));
+        let note = config.sessions_default_changed().expect("said");
+        assert!(note.contains("4 HSM sessions for 1000 workers"), "{note}");
         // Set: 16 workers on 4 sessions refilling 8 at a time, reports lingering 3 ms, or never.
         let config = with(
             "workers = 16\nlease_refill = 8\nlease_batch = 12\nreport_linger_ms = 3",

@@ -16,6 +16,9 @@ use crate::{checkpoint_file, secrets, wiring};
 
 /// The service: wire everything, lease until SIGTERM/SIGINT, finish in-flight work, return.
 pub(crate) async fn run(config: &Config) -> anyhow::Result<()> {
+    if let Some(note) = config.sessions_default_changed() {
+        warn!("{note}");
+    }
     // The HSM first: an unsafe master key stops everything before the database is touched.
     match config.hsm.kind {
         HsmKind::Pkcs11 => {

@@ -169,11 +169,18 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
         }
         runner.drain().await;
         // Ended, not only told to: when `run` returns no task of the engine holds its parts
-        // (a host may close the HSM next, or exit). A report flush still sending ends once its
-        // request is answered (bounded by the client's timeout).
+        // (a host may close the HSM next, or exit). A report flush still sending is given a
+        // short bound (an unreachable API would hold it for the client's retries); its
+        // reports' leases lapse if it never returns, as after any lost report.
         background.abort_all();
         while background.join_next().await.is_some() {}
-        runner.parts.reporter.idle().await;
+        let flush = std::time::Duration::from_secs(2);
+        if tokio::time::timeout(flush, runner.parts.reporter.idle())
+            .await
+            .is_err()
+        {
+            warn!("a report request was still in flight at shutdown; leaving it");
+        }
         runner.farewell().await;
         info!(report = ?runner.report, "driver stopped");
         runner.report

@@ -478,16 +478,21 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
                     }
                 }
                 Err(error) => {
-                    let mut writer = None;
-                    for member in group {
-                        if member.ticket == own {
-                            writer = Some(member.reply);
-                        } else {
-                            let _ = member.reply.send(Err(error.duplicate()));
-                        }
-                    }
-                    if let Some(reply) = writer {
-                        let _ = reply.send(Err(error));
+                    // The writer's own member may have left the group already (its key was
+                    // found stored): then the oldest member left gets the error itself, so
+                    // that one job still marks the HSM or store down.
+                    let writer = group
+                        .iter()
+                        .position(|member| member.ticket == own)
+                        .unwrap_or(0);
+                    let shared = error.duplicate();
+                    let mut original = Some(error);
+                    for (i, member) in group.into_iter().enumerate() {
+                        let answer = match original.take_if(|_| i == writer) {
+                            Some(error) => error,
+                            None => shared.duplicate(),
+                        };
+                        let _ = member.reply.send(Err(answer));
                     }
                     return;
                 }

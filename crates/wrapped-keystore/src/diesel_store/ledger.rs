@@ -522,9 +522,13 @@ pub(crate) fn append_ledger_with_keys(
             .map(NewLedgerRow::new)
             .collect::<Result<Vec<_>, _>>()?;
         let written = conn.write_transaction(|conn| {
-            // A key id twice in the group finds its first insert: present too.
+            // In key id order: two drivers' groups holding the same keys take their row locks
+            // in the same order, and cannot deadlock on PostgreSQL. A key id twice in the
+            // group finds its first insert: present too.
+            let mut ordered: Vec<&KeyRecord> = keys.iter().collect();
+            ordered.sort_by(|a, b| a.key_id.cmp(&b.key_id));
             let mut present = Vec::new();
-            for key in keys {
+            for key in ordered {
                 present.extend(insert_or_find(conn, key)?);
             }
             if !present.is_empty() {

@@ -26,7 +26,7 @@ pub struct MemoryKeyStore {
     records: Arc<Mutex<BTreeMap<String, KeyRecord>>>,
     master_key: Arc<Mutex<Option<String>>>,
     driver_master_keys: Arc<Mutex<BTreeMap<String, DriverMasterKeys>>>,
-    // Lock order: `records` before `ledger` (insert_with_ledger holds both).
+    // Lock order: `records` before `ledger` (append_ledger_with_keys holds both).
     ledger: Arc<Mutex<LedgerRows>>,
     unavailable: Arc<AtomicBool>,
 }
@@ -293,26 +293,6 @@ impl KeyStore for MemoryKeyStore {
         records
             .iter()
             .try_for_each(|record| append(&mut ledger, record))
-    }
-
-    async fn insert_with_ledger(
-        &self,
-        key: KeyRecord,
-        entry: LedgerRecord,
-    ) -> Result<InsertOutcome, StoreError> {
-        self.available()?;
-        let mut records = self.records();
-        match records.entry(key.key_id.clone()) {
-            Entry::Vacant(slot) => {
-                append(&mut self.ledger(), &entry)?;
-                slot.insert(key);
-                Ok(InsertOutcome::Inserted)
-            }
-            Entry::Occupied(existing) if existing.get().same_key_as(&key) => {
-                Ok(InsertOutcome::AlreadyPresent)
-            }
-            Entry::Occupied(_) => Err(StoreError::Conflict { key_id: key.key_id }),
-        }
     }
 
     async fn append_ledger_with_keys(

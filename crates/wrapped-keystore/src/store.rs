@@ -346,7 +346,18 @@ pub trait KeyStore: Send + Sync + 'static {
         &self,
         key: KeyRecord,
         entry: LedgerRecord,
-    ) -> impl Future<Output = Result<InsertOutcome, StoreError>> + Send;
+    ) -> impl Future<Output = Result<InsertOutcome, StoreError>> + Send {
+        async move {
+            let key_id = key.key_id.clone();
+            match self.append_ledger_with_keys(vec![entry], vec![key]).await? {
+                GroupWrite::Written => Ok(InsertOutcome::Inserted),
+                GroupWrite::KeysPresent(present) if present.iter().all(|p| p.same_key) => {
+                    Ok(InsertOutcome::AlreadyPresent)
+                }
+                GroupWrite::KeysPresent(_) => Err(StoreError::Conflict { key_id }),
+            }
+        }
+    }
 
     /// [`append_ledger`](Self::append_ledger)s entries together with the key records of the
     /// key generations among them, in one transaction: every key and every entry, or nothing.

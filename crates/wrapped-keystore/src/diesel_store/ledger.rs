@@ -16,8 +16,7 @@ use crate::error::StoreError;
 use crate::ledger::{LedgerRecord, StoredLedgerRow};
 use crate::schema::{deployment, ledger, wrapped_keys};
 use crate::store::{
-    GroupWrite, InsertOutcome, KeyRecord, MAX_PAGE_LIMIT, MasterKeyRegistration, PresentKey,
-    ReplaceOutcome,
+    GroupWrite, KeyRecord, MAX_PAGE_LIMIT, MasterKeyRegistration, PresentKey, ReplaceOutcome,
 };
 
 /// How often an insert retries when a conflicting row disappears before it can be read.
@@ -437,52 +436,6 @@ pub(super) fn replace_with_ledger(
     match conn {
         AnyConnection::Postgresql(c) => run(c, old, new, entry),
         AnyConnection::Sqlite(c) => run(c, old, new, entry),
-    }
-}
-
-/// Inserts `key` and writes `entry` in one transaction; writes no entry if the key was already
-/// present, and nothing at all on a conflict of either kind (the transaction rolls back).
-pub(crate) fn insert_with_ledger(
-    conn: &mut AnyConnection,
-    key: &KeyRecord,
-    entry: &LedgerRecord,
-) -> Result<InsertOutcome, StoreError> {
-    fn run<C: LedgerConnection>(
-        conn: &mut C,
-        key: &KeyRecord,
-        entry: &LedgerRecord,
-    ) -> Result<InsertOutcome, StoreError> {
-        let entry_row = NewLedgerRow::new(entry)?;
-        conn.write_transaction(|conn| {
-            let row = NewKey::from(key);
-            for _ in 0..INSERT_ATTEMPTS {
-                if conn.insert_key_if_absent(&row)? > 0 {
-                    conn.insert_ledger(std::slice::from_ref(&entry_row))
-                        .map_err(|error| ledger_insert_error(entry, error))?;
-                    tracing::debug!(key_id = %key.key_id, chain = %entry.chain, seq = entry.seq, "stored wrapped key with its ledger entry");
-                    return Ok(InsertOutcome::Inserted);
-                }
-                match conn.get_key(&key.key_id)?.map(KeyRecord::try_from).transpose()? {
-                    Some(existing) if existing.same_key_as(key) => {
-                        return Ok(InsertOutcome::AlreadyPresent);
-                    }
-                    Some(_) => {
-                        return Err(StoreError::Conflict {
-                            key_id: key.key_id.clone(),
-                        });
-                    }
-                    // Deleted between the two statements (only by something outside the store).
-                    None => continue,
-                }
-            }
-            Err(StoreError::Database {
-                source: diesel::result::Error::NotFound,
-            })
-        })
-    }
-    match conn {
-        AnyConnection::Postgresql(c) => run(c, key, entry),
-        AnyConnection::Sqlite(c) => run(c, key, entry),
     }
 }
 

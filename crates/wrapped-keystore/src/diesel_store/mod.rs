@@ -301,15 +301,6 @@ impl KeyStore for DieselKeyStore {
             .await
     }
 
-    async fn insert_with_ledger(
-        &self,
-        key: KeyRecord,
-        entry: LedgerRecord,
-    ) -> Result<InsertOutcome, StoreError> {
-        self.run(move |conn| ledger::insert_with_ledger(conn, &key, &entry))
-            .await
-    }
-
     async fn append_ledger_with_keys(
         &self,
         records: Vec<LedgerRecord>,

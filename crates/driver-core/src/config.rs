@@ -37,9 +37,9 @@ pub struct DriverConfig {
     /// for every free slot).
     pub lease_refill: usize,
     /// At saturation (see [`lease_refill`](Self::lease_refill); and the previous report request
-    /// went out less than this long ago), wait this long before sending the next batch of reports, so
-    /// that more reports join it: at most this much added to a job's latency, fewer report
-    /// requests per job. A job's worker slot is free while its report waits, so the wait costs
+    /// went out less than this long ago), wait this long before sending the next batch of
+    /// reports, so that more reports join it: at most this much added to a job's latency, fewer
+    /// report requests per job. A job's worker slot is free while its report waits, so the wait costs
     /// no HSM time. Default zero (never wait); below saturation a report is never delayed.
     pub report_linger: Duration,
     /// The most audit-ledger entries one write carries (one HSM request MACs them, one

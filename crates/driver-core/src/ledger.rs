@@ -18,8 +18,8 @@
 //! carrying the MAC before it, and one statement stores it, all or nothing. Key generations
 //! join the groups with their key records ([`Ledger::insert_key_with_entry`]): the group's keys
 //! and entries are one transaction ([`KeyStore::append_ledger_with_keys`]), and a key found
-//! already stored leaves its group, answered, while the rest is chained and written again. Nothing waits to
-//! gather a group: an idle driver's append goes out at once. A second process misconfigured
+//! already stored leaves its group, answered, while the rest is chained and written again.
+//! Nothing waits to gather a group: an idle driver's append goes out at once. A second process misconfigured
 //! with the same driver id makes an insert fail on the `(chain, seq)` primary key; the head is
 //! then read again (its MAC checked in the HSM) and the append retried, at most
 //! [`APPEND_ATTEMPTS`] times.

@@ -77,9 +77,7 @@ impl Reporter {
         state.last_sent = Some(Instant::now());
         state.pending.drain(..take).collect()
     }
-}
 
-impl Reporter {
     /// Waits until no flush task is running: at the end of [`Driver::run`](crate::Driver::run),
     /// so that no task of the engine outlives it (a flush holds the engine's parts, the HSM
     /// among them).
@@ -119,10 +117,9 @@ pub(crate) async fn report<S: JobSource, H: Send + Sync + 'static, K: Send + Syn
 }
 
 /// Whether the driver has more work than it can hold: its last lease, which asked for every
-/// free slot, came back full. Only
-/// then does a report linger: the jobs behind it are queued anyway, so the wait costs no
-/// throughput and adds to a latency the queue already dominates; below saturation a report
-/// goes at once. (Free slots alone would not tell: a lease in flight holds the slots it asked
+/// free slot, came back full. Only then does a report linger: the jobs behind it are queued
+/// anyway, so the wait costs no throughput and adds to a latency the queue already dominates;
+/// below saturation a report goes at once. (Free slots alone would not tell: a lease in flight holds the slots it asked
 /// for.)
 fn saturated<S, H, K>(parts: &Parts<S, H, K>) -> bool {
     parts.saturated.load(std::sync::atomic::Ordering::Relaxed)

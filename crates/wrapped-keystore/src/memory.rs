@@ -108,6 +108,20 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub type LedgerRows = BTreeMap<(String, i64), StoredLedgerRow>;
 
 /// Writes `record` at its (chain, seq), or says the place is taken.
+/// Appends `records`, all or none: every place is checked free before any is taken.
+fn append_all(rows: &mut LedgerRows, records: &[LedgerRecord]) -> Result<(), StoreError> {
+    if let Some(taken) = records.iter().find(|r| {
+        let row = StoredLedgerRow::from(*r);
+        rows.contains_key(&(row.chain, row.seq))
+    }) {
+        return Err(StoreError::LedgerConflict {
+            chain: taken.chain.clone(),
+            seq: taken.seq,
+        });
+    }
+    records.iter().try_for_each(|record| append(rows, record))
+}
+
 fn append(rows: &mut LedgerRows, record: &LedgerRecord) -> Result<(), StoreError> {
     let row = StoredLedgerRow::from(record);
     match rows.entry((row.chain.clone(), row.seq)) {
@@ -279,20 +293,7 @@ impl KeyStore for MemoryKeyStore {
 
     async fn append_ledger(&self, records: Vec<LedgerRecord>) -> Result<(), StoreError> {
         self.available()?;
-        let mut ledger = self.ledger();
-        // All or none: every place is checked free before any is taken.
-        if let Some(taken) = records.iter().find(|r| {
-            let row = StoredLedgerRow::from(*r);
-            ledger.contains_key(&(row.chain, row.seq))
-        }) {
-            return Err(StoreError::LedgerConflict {
-                chain: taken.chain.clone(),
-                seq: taken.seq,
-            });
-        }
-        records
-            .iter()
-            .try_for_each(|record| append(&mut ledger, record))
+        append_all(&mut self.ledger(), &records)
     }
 
     async fn append_ledger_with_keys(
@@ -323,19 +324,7 @@ impl KeyStore for MemoryKeyStore {
                 same_key: first.is_some_and(|first| first.same_key_as(twice)),
             }]));
         }
-        let mut ledger = self.ledger();
-        if let Some(taken) = entries.iter().find(|r| {
-            let row = StoredLedgerRow::from(*r);
-            ledger.contains_key(&(row.chain, row.seq))
-        }) {
-            return Err(StoreError::LedgerConflict {
-                chain: taken.chain.clone(),
-                seq: taken.seq,
-            });
-        }
-        entries
-            .iter()
-            .try_for_each(|record| append(&mut ledger, record))?;
+        append_all(&mut self.ledger(), &entries)?;
         for key in keys {
             records.insert(key.key_id.clone(), key);
         }

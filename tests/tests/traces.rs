@@ -216,14 +216,8 @@ async fn each_job_is_one_trace_of_its_phases_and_carries_no_secret() {
             (Some("KeyGeneration"), Some("completed")) => {
                 assert_eq!(
                     shape,
-                    [
-                        "lease",
-                        "load",
-                        "load",
-                        "hsm:generate_key",
-                        "ledger",
-                        "report"
-                    ]
+                    ["lease", "load", "hsm:generate_key", "ledger", "report"],
+                    "no read of the key id before the key is generated: the write finds it"
                 );
                 assert_eq!(job.status_code, 0, "{job:?}");
             }

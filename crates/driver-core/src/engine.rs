@@ -52,6 +52,12 @@ pub(crate) struct Parts<S, H, K> {
     /// attackable the HSM stays down for the rest of the run, even if a later check passes (a
     /// planted key removed again), until an operator restarts the driver.
     pub(crate) tamper: std::sync::OnceLock<String>,
+    /// The deployment's master key as last read, and when: key generations wrap under it
+    /// without a database read each (it is read again after [`DEPLOYMENT_KEY_TTL`](crate::rotation::DEPLOYMENT_KEY_TTL)). A stale
+    /// copy costs nothing but a retry: the store refuses a key wrapped under another master
+    /// key than the deployment's when it writes it
+    /// ([`wrapped_keystore::GroupWrite::MasterKeySwitched`]), and its answer replaces the copy.
+    pub(crate) deployment_key: std::sync::Mutex<Option<(String, std::time::Instant)>>,
 }
 
 /// The engine. Build it with [`Driver::builder`], run it with [`Driver::run`].
@@ -107,6 +113,7 @@ impl<S: JobSource, H: Hsm, K: KeyStore> Driver<S, H, K> {
                 in_flight: AtomicU32::new(0),
                 saturated: AtomicBool::new(false),
                 tamper: std::sync::OnceLock::new(),
+                deployment_key: std::sync::Mutex::new(None),
                 records,
                 reporter: Reporter::default(),
             }),

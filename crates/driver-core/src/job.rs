@@ -9,7 +9,7 @@
 //! driver binary sends them over OTLP (`[telemetry.traces]`).
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use custody_model::PayloadRule;
@@ -25,13 +25,14 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, debug, debug_span, error, info, info_span, warn};
-use wrapped_keystore::{EntryKind, KeyRecord, KeyStore, LedgerEntry};
+use wrapped_keystore::{EntryKind, InsertOutcome, KeyRecord, KeyStore, LedgerEntry};
 
 use crate::engine::Parts;
 use crate::error::{JobError, error_chain};
 use crate::health::Component;
 use crate::ledger::LedgerError;
 use crate::reporter;
+use crate::rotation::DEPLOYMENT_KEY_TTL;
 
 /// How a job ended, from the engine's point of view.
 #[derive(Debug)]
@@ -315,9 +316,14 @@ async fn execute<S: JobSource, H: Hsm, K: KeyStore>(
     }
 }
 
-/// Key generation: generate and wrap in the HSM, store, then report the public key.
-/// A key id that is already stored is answered from the store (the job was delivered again):
-/// nothing new is generated.
+/// Times a key generation is tried when the store refuses its key for having been wrapped
+/// under a master key the deployment has just switched from (a rotation).
+const GENERATE_ATTEMPTS: usize = 3;
+
+/// Key generation: generate the pair and its record MAC in the HSM, then store the record and
+/// its ledger entry in one transaction and report the public key. A key id already stored (a
+/// second delivery of the job) is found by that write, and the stored key reported: the usual
+/// case costs no read before it.
 async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     parts: &Parts<S, H, K>,
     job_id: &JobId,
@@ -326,15 +332,11 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     curve: Curve,
 ) -> Result<JobResult, JobError> {
     let key_scheme = key_scheme(scheme, curve)?;
-    let stored = parts
-        .store
-        .get(key_id.as_str())
-        .instrument(debug_span!("load", read = "key_record"))
-        .await?;
-    if let Some(existing) = stored {
-        return stored_public_key(parts, existing, key_scheme).await;
-    }
     if !parts.hsm.capabilities().supports(key_scheme) {
+        // Another driver's HSM may have stored it already: that key is reported.
+        if let Some(existing) = stored_key(parts, &key_id).await? {
+            return stored_public_key(parts, existing, key_scheme).await;
+        }
         let reason = match parts.hsm.capabilities().schemes.get(&key_scheme) {
             Some(custody_model::SchemeSupport::Unsupported { reason }) => reason.clone(),
             _ => "not probed".to_owned(),
@@ -345,65 +347,104 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
         });
     }
 
-    // Under the deployment's wrapping key: during a master-key rotation, the new one as soon
-    // as the rotation has switched the deployment to it.
-    let master = wrapping_master_key(parts, &key_id)
-        .instrument(debug_span!("load", read = "deployment_master_key"))
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        // Under the deployment's wrapping key: during a master-key rotation, the new one as
+        // soon as the rotation has switched the deployment to it.
+        let master = wrapping_master_key(parts, &key_id)
+            .instrument(debug_span!(
+                "load",
+                read = "deployment_master_key",
+                cached = Empty
+            ))
+            .await?;
+        // The record's MAC is computed inside the HSM with a non-extractable key, in the same
+        // request as the key where the HSM can: a record altered or swapped in the database no
+        // longer matches it.
+        let (generated, record_mac) = timed(
+            parts,
+            "generate_key",
+            parts
+                .hsm
+                .generate_record(&master, key_scheme, key_id.as_str()),
+        )
         .await?;
-    // The record's MAC is computed inside the HSM with a non-extractable key, in the same
-    // request as the key where the HSM can: a record altered or swapped in the database no
-    // longer matches it.
-    let (generated, record_mac) = timed(
-        parts,
-        "generate_key",
-        parts
-            .hsm
-            .generate_record(&master, key_scheme, key_id.as_str()),
-    )
-    .await?;
-    let record = KeyRecord {
-        key_id: key_id.as_str().to_owned(),
-        scheme: key_scheme,
-        public_key: generated.public_key,
-        wrapped_key: generated.wrapped.blob,
-        wrap_mechanism: generated.wrapped.mechanism,
-        master_key_fingerprint: master,
-        created_at_ms: now_ms(),
-        created_by: parts.config.driver_id.clone(),
-        record_mac: record_mac.to_vec(),
-    };
-    // The key record and its ledger entry (MACed in the HSM) are written in one transaction.
-    let entry = LedgerEntry {
-        job_id: job_id.to_string(),
-        key_id: record.key_id.clone(),
-        kind: EntryKind::KeyGeneration,
-        payload_digest: Sha256::digest(&record.public_key).into(),
-        result: record.public_key.clone(),
-        created_at_ms: record.created_at_ms,
-    };
-    match parts
-        .ledger
-        .insert_key_with_entry(record.clone(), entry)
-        .instrument(debug_span!("ledger", with_key_record = true))
-        .await
-    {
-        Ok(_) => Ok(JobResult::PublicKey(record.public_key)),
-        Err(LedgerError::Store(e)) if e.is_conflict() => {
-            // Another delivery of this job stored its key first: ours is dropped (it exists
-            // nowhere but in this process) and the stored one is reported.
-            info!("another delivery stored this key first; reporting the stored key");
-            let existing =
-                parts
-                    .store
-                    .get(key_id.as_str())
-                    .await?
-                    .ok_or_else(|| JobError::UnknownKey {
-                        key_id: key_id.to_string(),
-                    })?;
-            stored_public_key(parts, existing, key_scheme).await
+        let record = KeyRecord {
+            key_id: key_id.as_str().to_owned(),
+            scheme: key_scheme,
+            public_key: generated.public_key,
+            wrapped_key: generated.wrapped.blob,
+            wrap_mechanism: generated.wrapped.mechanism,
+            master_key_fingerprint: master,
+            created_at_ms: now_ms(),
+            created_by: parts.config.driver_id.clone(),
+            record_mac: record_mac.to_vec(),
+        };
+        // The key record and its ledger entry (MACed in the HSM) are written in one
+        // transaction.
+        let entry = LedgerEntry {
+            job_id: job_id.to_string(),
+            key_id: record.key_id.clone(),
+            kind: EntryKind::KeyGeneration,
+            payload_digest: Sha256::digest(&record.public_key).into(),
+            result: record.public_key.clone(),
+            created_at_ms: record.created_at_ms,
+        };
+        match parts
+            .ledger
+            .insert_key_with_entry(record.clone(), entry)
+            .instrument(debug_span!("ledger", with_key_record = true))
+            .await
+        {
+            // AlreadyPresent: this very record, stored by an earlier write of it.
+            Ok(InsertOutcome::Inserted | InsertOutcome::AlreadyPresent) => {
+                return Ok(JobResult::PublicKey(record.public_key));
+            }
+            Err(LedgerError::Store(e)) if e.is_conflict() => {
+                // Another delivery of this job stored its key first: ours is dropped (it
+                // exists nowhere but in this process) and the stored one is reported.
+                info!("another delivery stored this key first; reporting the stored key");
+                let existing =
+                    stored_key(parts, &key_id)
+                        .await?
+                        .ok_or_else(|| JobError::UnknownKey {
+                            key_id: key_id.to_string(),
+                        })?;
+                return stored_public_key(parts, existing, key_scheme).await;
+            }
+            Err(LedgerError::MasterKeySwitched {
+                key_id: refused,
+                ours,
+                deployment,
+            }) => {
+                // A rotation switched the deployment after the key was wrapped: nothing was
+                // written, and the key is generated again under the deployment's key.
+                info!(%ours, %deployment, attempt, "the deployment switched master keys; generating the key again");
+                remember_deployment_key(parts, deployment.clone());
+                if attempt >= GENERATE_ATTEMPTS {
+                    return Err(JobError::Ledger(LedgerError::MasterKeySwitched {
+                        key_id: refused,
+                        ours,
+                        deployment,
+                    }));
+                }
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => Err(e.into()),
     }
+}
+
+/// The stored record of `key_id`, read from the store.
+async fn stored_key<S: JobSource, H: Hsm, K: KeyStore>(
+    parts: &Parts<S, H, K>,
+    key_id: &KeyId,
+) -> Result<Option<KeyRecord>, JobError> {
+    Ok(parts
+        .store
+        .get(key_id.as_str())
+        .instrument(debug_span!("load", read = "key_record"))
+        .await?)
 }
 
 async fn stored_public_key<S: JobSource, H: Hsm, K: KeyStore>(
@@ -523,13 +564,41 @@ async fn wrapping_master_key<S: JobSource, H: Hsm, K: KeyStore>(
     parts: &Parts<S, H, K>,
     key_id: &KeyId,
 ) -> Result<String, JobError> {
-    match parts.store.deployment_master_key().await? {
+    let cached = {
+        let copy = parts
+            .deployment_key
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        copy.as_ref()
+            .filter(|(_, read)| read.elapsed() < DEPLOYMENT_KEY_TTL)
+            .map(|(fingerprint, _)| fingerprint.clone())
+    };
+    Span::current().record("cached", cached.is_some());
+    let deployment = match cached {
+        Some(deployment) => Some(deployment),
+        None => {
+            let read = parts.store.deployment_master_key().await?;
+            if let Some(deployment) = &read {
+                remember_deployment_key(parts, deployment.clone());
+            }
+            read
+        }
+    };
+    match deployment {
         Some(deployment) => {
             require_held(parts, key_id.as_str(), &deployment)?;
             Ok(deployment)
         }
         None => Ok(parts.hsm.master_key().fingerprint.clone()),
     }
+}
+
+/// Keeps `fingerprint` as the deployment's master key for [`DEPLOYMENT_KEY_TTL`].
+fn remember_deployment_key<S, H, K>(parts: &Parts<S, H, K>, fingerprint: String) {
+    *parts
+        .deployment_key
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some((fingerprint, Instant::now()));
 }
 
 /// A key under a master key this HSM does not hold is another driver's to serve (retryable):

@@ -159,6 +159,22 @@ pub enum LedgerError {
         /// Whether the group's error was retryable.
         retryable: bool,
     },
+    /// A key generation's key is wrapped under another master key than the deployment's, as
+    /// the store read it when writing the group: a rotation switched the deployment after the
+    /// key was generated. Nothing was written for it; it must be generated again under
+    /// `deployment`.
+    #[error(
+        "key {key_id} is wrapped under master key {ours}, but the deployment now wraps new keys \
+         under {deployment}"
+    )]
+    MasterKeySwitched {
+        /// The key id.
+        key_id: String,
+        /// The master key it was wrapped under.
+        ours: String,
+        /// The deployment's master key.
+        deployment: String,
+    },
     /// Another writer of the same chain (a second process with this driver id) took every
     /// place this driver tried.
     #[error(
@@ -184,7 +200,7 @@ impl LedgerError {
         match self {
             LedgerError::Hsm(e) => e.is_retryable(),
             LedgerError::Store(e) => e.is_retryable(),
-            LedgerError::Contended { .. } => true,
+            LedgerError::Contended { .. } | LedgerError::MasterKeySwitched { .. } => true,
             LedgerError::Group { retryable, .. } => *retryable,
             LedgerError::HeadTampered { .. } => false,
         }
@@ -410,8 +426,9 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
     }
 
     /// Writes `group` with the head held and answers each member. Members whose key is found
-    /// already stored are answered (the same key: nothing written for it; another: a conflict)
-    /// and the rest written again without them, re-chained and re-MACed. When the write fails,
+    /// already stored are answered (the same key: nothing written for it; another: a conflict),
+    /// and so are those whose key is wrapped under another master key than the deployment's
+    /// (generate it again); the rest is written again without them, re-chained and re-MACed. When the write fails,
     /// the member `own` (the caller writing the group) gets the error itself, with the health or
     /// tamper handling that goes with it, and the others its account.
     async fn write_group(&self, head: &mut HeadState, mut group: Vec<Member>, own: u64) {
@@ -441,21 +458,15 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
                     }
                     return;
                 }
-                Ok((_, GroupWrite::KeysPresent(present))) => {
+                Ok((_, refused)) => {
                     let before = group.len();
                     group.retain_mut(|member| {
-                        let Some(key) = &member.key else {
+                        let Some(answer) = member
+                            .key
+                            .as_ref()
+                            .and_then(|key| Self::refusal(&refused, key))
+                        else {
                             return true;
-                        };
-                        let Some(found) = present.iter().find(|p| p.key_id == key.key_id) else {
-                            return true;
-                        };
-                        let answer = if found.same_key {
-                            Ok(None)
-                        } else {
-                            Err(LedgerError::Store(StoreError::Conflict {
-                                key_id: key.key_id.clone(),
-                            }))
                         };
                         // `retain_mut` cannot move the reply out: swap in a closed one.
                         let (closed, _) = oneshot::channel();
@@ -465,8 +476,7 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
                     if group.len() == before {
                         // The store named no key of this group: writing it again would loop.
                         let reason = format!(
-                            "the store found keys stored that this group does not hold: {:?}",
-                            present.iter().map(|p| &p.key_id).collect::<Vec<_>>()
+                            "the store refused keys that this group does not hold: {refused:?}"
                         );
                         for member in group {
                             let _ = member.reply.send(Err(LedgerError::Group {
@@ -497,6 +507,37 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
                     return;
                 }
             }
+        }
+    }
+
+    /// The answer of the key generation of `key` when the store refused its group for it (see
+    /// [`GroupWrite`]); `None` when the refusal does not name it.
+    fn refusal(
+        refused: &GroupWrite,
+        key: &KeyRecord,
+    ) -> Option<Result<Option<LedgerRecord>, LedgerError>> {
+        match refused {
+            GroupWrite::Written => None,
+            GroupWrite::KeysPresent(present) => {
+                let found = present.iter().find(|p| p.key_id == key.key_id)?;
+                Some(if found.same_key {
+                    Ok(None)
+                } else {
+                    Err(LedgerError::Store(StoreError::Conflict {
+                        key_id: key.key_id.clone(),
+                    }))
+                })
+            }
+            GroupWrite::MasterKeySwitched {
+                deployment,
+                key_ids,
+            } => key_ids.contains(&key.key_id).then(|| {
+                Err(LedgerError::MasterKeySwitched {
+                    key_id: key.key_id.clone(),
+                    ours: key.master_key_fingerprint.clone(),
+                    deployment: deployment.clone(),
+                })
+            }),
         }
     }
 

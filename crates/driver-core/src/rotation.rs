@@ -33,6 +33,13 @@ use wrapped_keystore::{
 use crate::error::error_chain;
 use crate::ledger::{Ledger, LedgerError};
 
+/// How long a driver's key generations trust the deployment's master key as last read, before
+/// reading it again. The stores of this workspace check it again when they write the key (and
+/// refuse one wrapped under another), so this only bounds how late a driver on a [`KeyStore`]
+/// that does not check learns of a switch: with such a store, [`RotationOptions::settle`] must
+/// exceed it plus the longest a key generation runs.
+pub const DEPLOYMENT_KEY_TTL: Duration = Duration::from_secs(1);
+
 /// Records `hsm`'s master keys in `store` at a driver's start-up: the first driver of a
 /// deployment records its current master key as the deployment's; every driver then records
 /// which master keys it holds (for [`rotate`]'s check that every live driver holds the new
@@ -74,9 +81,13 @@ pub struct RotationOptions {
     /// key before the deployment switches to it. Longer than the drivers' store health-check
     /// interval (they record their keys with each check).
     pub live_within: Duration,
-    /// How long to wait after a sweep before counting again: key generations that read the
-    /// deployment's master key just before the switch may still store a key under the old
-    /// one. At least the longest a key generation job runs.
+    /// How long to wait after a sweep before counting again. The stores of this workspace
+    /// refuse a new key wrapped under another master key than the deployment's once the switch
+    /// has committed ([`wrapped_keystore::GroupWrite::MasterKeySwitched`]), so nothing can
+    /// appear under the old key after it; with a [`KeyStore`] that does not check, key
+    /// generations that read the deployment's master key just before the switch may still
+    /// store a key under the old one, and this must exceed the longest a key generation job
+    /// runs plus [`DEPLOYMENT_KEY_TTL`].
     pub settle: Duration,
     /// Sweeps before giving up on records that keep appearing under an old key.
     pub max_sweeps: u32,

@@ -1,23 +1,31 @@
 //! Master-key rotation through `driver_core::rotation` on a real token of the matrix and a real
 //! store (SQLite and PostgreSQL): the live-driver check before the switch, every record moved
 //! and usable under the new key, a second run that moves nothing, the ledger's `KeyRewrap`
-//! entries, and a record swapped in the database that a rotation would otherwise launder.
+//! entries, a record swapped in the database that a rotation would otherwise launder, and a
+//! running driver's key generation that races the switch.
 //!
 //! On Kryoptic no trusted master key can be made (an SO session could use it), so there is no
 //! rotation to run: the tests check that refusal and stop.
 
+mod support;
+
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use custody_model::{
     Hsm, HsmError, KeyScheme, RewrapRequest, SignPayload, SignRequest, WrappedKey,
 };
+use dfns_api_client::protocol::{Curve, JobResult, Scheme};
 use driver_core::ledger::{Checkpoints, HsmAuthenticator, verify_all};
-use driver_core::rotation::{self, Moved, RotationError, RotationOptions};
+use driver_core::rotation::{self, DEPLOYMENT_KEY_TTL, Moved, RotationError, RotationOptions};
 use hsm_pkcs11::Pkcs11Hsm;
 use hsm_pkcs11::test_token::{TestToken, TokenKind};
 use wrapped_keystore::testing::PgTestDatabase;
-use wrapped_keystore::{DatabaseUrl, DieselKeyStore, EntryKind, KeyRecord, KeyStore, PoolOptions};
+use wrapped_keystore::{
+    DatabaseUrl, DieselKeyStore, EntryKind, KeyRecord, KeyStore, MasterKeySwitch, PoolOptions,
+};
+
+use support::{Harness, Report, ScriptedSource, keygen, report_for, test_config};
 
 const TARGET: &str = "rotation-target";
 const KEYS: usize = 9;
@@ -351,6 +359,82 @@ async fn a_record_swapped_in_the_database_is_never_laundered(setup: Setup) {
     );
 }
 
+/// Tried: a running driver generating keys while a rotation switches the deployment. Job 1
+/// reads the deployment's key (the old one) and keeps it for [`DEPLOYMENT_KEY_TTL`]; the
+/// deployment then switches to the target, and job 2, within that time, wraps its key under the
+/// old key. The store refuses it, and the driver generates it again under the target: nothing
+/// is ever stored under the old key after the switch. Without the store's check (tried), key 2
+/// was stored under the old key after the switch, where a rotation that had swept already
+/// would leave it.
+async fn a_key_generation_racing_the_switch_is_wrapped_under_the_new_key(setup: Setup) {
+    let Setup { token, store, .. } = setup;
+    let hsm = blocking(move || {
+        Pkcs11Hsm::open(token.module(), token.config_rotating_to(2, TARGET))
+            .expect("opening the token")
+    })
+    .await;
+    rotation::register_master_keys(&hsm, &*store, "driver-k")
+        .await
+        .unwrap();
+    let (old, new) = (
+        hsm.master_keys()[0].fingerprint.clone(),
+        hsm.master_keys()[1].fingerprint.clone(),
+    );
+    let h = Harness::start_with(
+        hsm,
+        Arc::clone(&store),
+        ScriptedSource::default(),
+        test_config("driver-k"),
+    );
+    h.source
+        .push("job-1", keygen("key-1", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source.wait_reports(1).await;
+    // Job 1 read the deployment's key before it was reported.
+    let trusted_until = Instant::now() + DEPLOYMENT_KEY_TTL;
+    assert_eq!(
+        store
+            .switch_master_key(&old, &new, "rotator")
+            .await
+            .unwrap(),
+        MasterKeySwitch::Switched
+    );
+    h.source
+        .push("job-2", keygen("key-2", Scheme::Ecdsa, Curve::Secp256r1));
+    assert!(
+        Instant::now() < trusted_until,
+        "job 2 must start while the driver still trusts the old key, or this tests nothing"
+    );
+    let reports = h.source.wait_reports(2).await;
+    let Report::Completed(JobResult::PublicKey(reported)) = report_for(&reports, "job-2") else {
+        panic!("{reports:?}")
+    };
+    let record = store.get("key-2").await.unwrap().expect("key 2 stored");
+    assert_eq!(
+        &record.public_key, reported,
+        "the reported key is the stored key"
+    );
+    assert_eq!(
+        record.master_key_fingerprint, new,
+        "a key generated after the switch is wrapped under the new key"
+    );
+    let mut counts = store.count_by_master_key().await.unwrap();
+    counts.sort();
+    let mut expected = vec![(old, 1), (new, 1)];
+    expected.sort();
+    assert_eq!(
+        counts, expected,
+        "key 1 under the old key, key 2 under the new"
+    );
+    let chains = verify_all(&HsmAuthenticator(&*h.hsm), &*store, &Checkpoints::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        chains[0].entries_checked, 2,
+        "one ledger entry per stored key: the refused one left none"
+    );
+    h.shutdown().await;
+}
+
 macro_rules! on_both_stores {
     ($($name:ident),*) => {
         mod sqlite {
@@ -376,5 +460,6 @@ macro_rules! on_both_stores {
 
 on_both_stores!(
     every_record_moves_once_and_signs_under_the_new_key,
-    a_record_swapped_in_the_database_is_never_laundered
+    a_record_swapped_in_the_database_is_never_laundered,
+    a_key_generation_racing_the_switch_is_wrapped_under_the_new_key
 );

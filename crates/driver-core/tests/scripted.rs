@@ -107,7 +107,7 @@ async fn key_generation_stores_then_reports_and_signatures_verify_against_the_st
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redelivered_key_generation_reports_the_stored_key_and_generates_nothing_new() {
+async fn a_redelivered_key_generation_reports_the_stored_key_and_stores_nothing_new() {
     let h = start(FakeHsm::new());
     h.source
         .push("job-1", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));

@@ -303,6 +303,14 @@ impl KeyStore for MemoryKeyStore {
     ) -> Result<GroupWrite, StoreError> {
         self.available()?;
         let mut records = self.records();
+        // Held until the group is written: a switch waits for it, as on the databases.
+        let deployment = lock(&self.master_key);
+        if let Some(refused) = deployment
+            .as_deref()
+            .and_then(|deployment| GroupWrite::keys_not_under(deployment, &keys))
+        {
+            return Ok(refused);
+        }
         let present: Vec<PresentKey> = keys
             .iter()
             .filter_map(|key| {

@@ -115,6 +115,32 @@ pub enum GroupWrite {
     Written,
     /// These keys were already stored: nothing was written.
     KeysPresent(Vec<PresentKey>),
+    /// These keys are wrapped under another master key than the deployment's, as the
+    /// transaction read it: a rotation switched the deployment after they were generated.
+    /// Nothing was written; they must be generated again under the deployment's key, or a
+    /// rotation that has already swept would leave them behind under the old one.
+    MasterKeySwitched {
+        /// The deployment's master key (its fingerprint).
+        deployment: String,
+        /// The keys of the group wrapped under another.
+        key_ids: Vec<String>,
+    },
+}
+
+impl GroupWrite {
+    /// [`GroupWrite::MasterKeySwitched`] naming the keys not wrapped under `deployment`, or
+    /// `None` when every key is: the check every store makes in the group's transaction.
+    pub(crate) fn keys_not_under(deployment: &str, keys: &[KeyRecord]) -> Option<GroupWrite> {
+        let key_ids: Vec<String> = keys
+            .iter()
+            .filter(|key| key.master_key_fingerprint != deployment)
+            .map(|key| key.key_id.clone())
+            .collect();
+        (!key_ids.is_empty()).then(|| GroupWrite::MasterKeySwitched {
+            deployment: deployment.to_owned(),
+            key_ids,
+        })
+    }
 }
 
 /// What [`KeyStore::register_master_key`] did.
@@ -339,9 +365,10 @@ pub trait KeyStore: Send + Sync + 'static {
     /// recorded once.
     ///
     /// # Errors
-    /// [`StoreError::Conflict`] if the key id holds different content, and
-    /// [`StoreError::LedgerConflict`] if `(chain, seq)` is taken (nothing is written in
-    /// either case); other [`StoreError`]s if the database fails.
+    /// [`StoreError::Conflict`] if the key id holds different content,
+    /// [`StoreError::MasterKeyMismatch`] if the key is not wrapped under the deployment's
+    /// master key, and [`StoreError::LedgerConflict`] if `(chain, seq)` is taken (nothing is
+    /// written in any of these cases); other [`StoreError`]s if the database fails.
     fn insert_with_ledger(
         &self,
         key: KeyRecord,
@@ -349,12 +376,19 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<InsertOutcome, StoreError>> + Send {
         async move {
             let key_id = key.key_id.clone();
+            let fingerprint = key.master_key_fingerprint.clone();
             match self.append_ledger_with_keys(vec![entry], vec![key]).await? {
                 GroupWrite::Written => Ok(InsertOutcome::Inserted),
                 GroupWrite::KeysPresent(present) if present.iter().all(|p| p.same_key) => {
                     Ok(InsertOutcome::AlreadyPresent)
                 }
                 GroupWrite::KeysPresent(_) => Err(StoreError::Conflict { key_id }),
+                GroupWrite::MasterKeySwitched { deployment, .. } => {
+                    Err(StoreError::MasterKeyMismatch {
+                        stored: deployment,
+                        ours: fingerprint,
+                    })
+                }
             }
         }
     }
@@ -366,6 +400,15 @@ pub trait KeyStore: Send + Sync + 'static {
     /// the group again without their entries (a retried key generation is recorded once). The
     /// engine writes the key generations that queued up together this way, with the other
     /// entries of their group.
+    ///
+    /// Every key must also be wrapped under the deployment's master key
+    /// ([`deployment_master_key`](Self::deployment_master_key)) as the transaction reads it,
+    /// locked against a concurrent [`switch_master_key`](Self::switch_master_key): otherwise
+    /// nothing is written and the answer names those keys ([`GroupWrite::MasterKeySwitched`]).
+    /// This is what lets a master-key rotation trust its sweep: once the switch has committed,
+    /// no record under the old key can be written after it (a key generation that read the
+    /// deployment's key just before the switch is refused and generates its key again). A
+    /// deployment with no master key recorded yet accepts any.
     ///
     /// # Errors
     /// [`StoreError::LedgerConflict`] if a `(chain, seq)` is taken (nothing is written); other

@@ -120,6 +120,9 @@ trait LedgerConnection: Connection {
     fn get_key(&mut self, key_id: &str) -> QueryResult<Option<StoredKey>>;
     fn insert_deployment_if_absent(&mut self, row: &NewDeployment<'_>) -> QueryResult<usize>;
     fn deployment_fingerprint(&mut self) -> QueryResult<Option<String>>;
+    /// The deployment's fingerprint, read so that a concurrent switch waits for the
+    /// transaction (PostgreSQL: `FOR SHARE`; SQLite: the immediate transaction's write lock).
+    fn deployment_fingerprint_locked(&mut self) -> QueryResult<Option<String>>;
     /// Updates the key record `old.key_id` to `new`'s blob, mechanism, fingerprint and MAC
     /// where every identifying field is still `old`'s; the number of rows updated (0 or 1).
     fn replace_key(&mut self, old: &KeyRecord, new: &KeyRecord) -> QueryResult<usize>;
@@ -244,6 +247,15 @@ impl LedgerConnection for PgConnection {
         }
     }
 
+    fn deployment_fingerprint_locked(&mut self) -> QueryResult<Option<String>> {
+        deployment::table
+            .select(deployment::master_key_fingerprint)
+            .find(1)
+            .for_share()
+            .first(self)
+            .optional()
+    }
+
     ledger_statements!();
 }
 
@@ -271,6 +283,11 @@ impl LedgerConnection for SqliteConnection {
             }
             _ => sqlite_multi_row_insert(rows).execute(self),
         }
+    }
+
+    fn deployment_fingerprint_locked(&mut self) -> QueryResult<Option<String>> {
+        // The immediate transaction holds the database's write lock: a switch waits for it.
+        self.deployment_fingerprint()
     }
 
     ledger_statements!();
@@ -441,8 +458,9 @@ pub(super) fn replace_with_ledger(
 
 /// Why [`append_ledger_with_keys`]'s transaction was rolled back.
 enum GroupAbort {
-    /// Keys already stored: the group is written again without them.
-    Present(Vec<PresentKey>),
+    /// Keys already stored, or wrapped under another master key than the deployment's: the
+    /// group is written again without them.
+    Refused(GroupWrite),
     Store(StoreError),
 }
 
@@ -475,6 +493,15 @@ pub(crate) fn append_ledger_with_keys(
             .map(NewLedgerRow::new)
             .collect::<Result<Vec<_>, _>>()?;
         let written = conn.write_transaction(|conn| {
+            // Keys under another master key than the deployment's (a rotation switched it
+            // after they were generated) are refused before anything is inserted; the lock
+            // makes a switch wait for this transaction.
+            if !keys.is_empty()
+                && let Some(deployment) = conn.deployment_fingerprint_locked()?
+                && let Some(refused) = GroupWrite::keys_not_under(&deployment, keys)
+            {
+                return Err(GroupAbort::Refused(refused));
+            }
             // In key id order: two drivers' groups holding the same keys take their row locks
             // in the same order, and cannot deadlock on PostgreSQL. A key id twice in the
             // group finds its first insert: present too.
@@ -485,7 +512,7 @@ pub(crate) fn append_ledger_with_keys(
                 present.extend(insert_or_find(conn, key)?);
             }
             if !present.is_empty() {
-                return Err(GroupAbort::Present(present));
+                return Err(GroupAbort::Refused(GroupWrite::KeysPresent(present)));
             }
             if let Some(first) = records.first() {
                 conn.insert_ledger(&rows)
@@ -502,7 +529,7 @@ pub(crate) fn append_ledger_with_keys(
                 );
                 Ok(GroupWrite::Written)
             }
-            Err(GroupAbort::Present(present)) => Ok(GroupWrite::KeysPresent(present)),
+            Err(GroupAbort::Refused(answer)) => Ok(answer),
             Err(GroupAbort::Store(error)) => Err(error),
         }
     }

@@ -84,7 +84,7 @@ impl DieselKeyStore {
     ///
     /// Blocks while it opens the pool's first connections; from async code call it inside
     /// `tokio::task::spawn_blocking`. SQLite connections use WAL, a 5 s busy timeout, foreign
-    /// keys and `synchronous = NORMAL`. `:memory:` gets a single connection that is never
+    /// keys and `synchronous = FULL` (a commit is on disk before it is answered). `:memory:` gets a single connection that is never
     /// recycled, as each connection would otherwise see its own empty database.
     ///
     /// A PostgreSQL URL is checked before anything connects: a host other than loopback,

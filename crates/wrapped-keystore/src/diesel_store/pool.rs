@@ -35,10 +35,15 @@ pub(crate) use on_backend;
 
 /// Per-connection SQLite settings. `busy_timeout` comes first so that switching to WAL waits for
 /// a concurrent opener instead of failing; WAL lets readers run alongside the one writer.
+/// `synchronous = FULL` syncs the WAL at every commit: a key is reported only once it is stored,
+/// and with `NORMAL` a commit survives the process's crash but not the machine's (a power cut
+/// or a kernel panic may roll back the last commits, and a key already reported would be lost
+/// with its wallet). The ledger's group commits share one sync among all their keys and
+/// entries.
 const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout = 5000; \
                               PRAGMA journal_mode = WAL; \
                               PRAGMA foreign_keys = ON; \
-                              PRAGMA synchronous = NORMAL;";
+                              PRAGMA synchronous = FULL;";
 
 /// A connection to either backend.
 pub(crate) enum AnyConnection {
@@ -391,4 +396,53 @@ pub(crate) fn build(
         .build(manager)
         .map_err(|source| StoreError::Unavailable { source })?;
     Ok((pool, statements))
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::prelude::*;
+    use diesel::sql_types::{BigInt, Text};
+
+    use crate::diesel_store::test_support::with_connection;
+    use crate::{DatabaseUrl, DieselKeyStore, PoolOptions};
+
+    #[derive(QueryableByName)]
+    struct Synchronous {
+        #[diesel(sql_type = BigInt)]
+        synchronous: i64,
+    }
+
+    #[derive(QueryableByName)]
+    struct JournalMode {
+        #[diesel(sql_type = Text)]
+        journal_mode: String,
+    }
+
+    /// Every pooled SQLite connection syncs its commits: `synchronous = FULL` (2) in WAL mode.
+    /// Tried: `NORMAL` (1), under which a commit already answered may be rolled back by a power
+    /// cut: this fails.
+    #[test]
+    fn sqlite_commits_are_synced_before_they_are_answered() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = DatabaseUrl::Sqlite(dir.path().join("keys.db").to_string_lossy().into_owned());
+        let store = DieselKeyStore::connect(&url, PoolOptions::default()).expect("a store");
+        for _ in 0..3 {
+            let (synchronous, journal) = with_connection(&store, |conn| {
+                let super::AnyConnection::Sqlite(c) = conn else {
+                    panic!("a SQLite connection")
+                };
+                let synchronous = diesel::sql_query("PRAGMA synchronous")
+                    .get_result::<Synchronous>(c)
+                    .expect("PRAGMA synchronous")
+                    .synchronous;
+                let journal = diesel::sql_query("PRAGMA journal_mode")
+                    .get_result::<JournalMode>(c)
+                    .expect("PRAGMA journal_mode")
+                    .journal_mode;
+                (synchronous, journal)
+            });
+            assert_eq!(synchronous, 2, "synchronous = FULL");
+            assert_eq!(journal, "wal");
+        }
+    }
 }

@@ -727,6 +727,16 @@ impl Config {
         if !(1..=1_000).contains(&self.ledger.max_group) {
             bail!("ledger.max_group: must be between 1 and 1000");
         }
+        // The sessions first: the workers' and the refill's defaults follow them, and their
+        // errors would otherwise name a bound computed from a refused session count.
+        if self.hsm.sessions == Some(0) {
+            bail!("hsm.sessions: must be at least 1");
+        }
+        if self.sessions() > MAX_SESSIONS {
+            bail!(
+                "hsm.sessions: at most {MAX_SESSIONS} (one thread and one logged-in session each)"
+            );
+        }
         if let Some(workers) = self.driver.workers
             && !(1..=MAX_WORKERS).contains(&workers)
         {
@@ -766,14 +776,6 @@ impl Config {
                 bail!("hsm.user_pin_file and hsm.user_pin_env: give only one")
             }
             _ => {}
-        }
-        if self.hsm.sessions == Some(0) {
-            bail!("hsm.sessions: must be at least 1");
-        }
-        if self.sessions() > MAX_SESSIONS {
-            bail!(
-                "hsm.sessions: at most {MAX_SESSIONS} (one thread and one logged-in session each)"
-            );
         }
         if let Some(hot) = &self.hsm.hot_keys {
             if !(1..=MAX_HOT_KEYS).contains(&hot.capacity) {
@@ -1166,6 +1168,15 @@ user_pin_file = "pin"
         ] {
             let err = format!("{:#}", with(driver, "").unwrap_err());
             assert!(err.contains(field), "{driver}: {err}");
+        }
+        // Tried: a refill that fits the default workers, with a refused session count: the
+        // error names the sessions, not a bound on the refill computed from them.
+        for (driver, hsm) in [
+            ("lease_refill = 40", "sessions = 0"),
+            ("", "sessions = 1025"),
+        ] {
+            let err = format!("{:#}", with(driver, hsm).unwrap_err());
+            assert!(err.contains("hsm.sessions"), "{driver} {hsm}: {err}");
         }
     }
 

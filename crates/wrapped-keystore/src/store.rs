@@ -367,7 +367,8 @@ pub trait KeyStore: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Conflict`] if the key id holds different content,
     /// [`StoreError::MasterKeyMismatch`] if the key is not wrapped under the deployment's
-    /// master key, and [`StoreError::LedgerConflict`] if `(chain, seq)` is taken (nothing is
+    /// master key (`stored` the deployment's, `ours` the key's: not retryable as such, since
+    /// the same record is refused again; wrap the key anew under `stored`), and [`StoreError::LedgerConflict`] if `(chain, seq)` is taken (nothing is
     /// written in any of these cases); other [`StoreError`]s if the database fails.
     fn insert_with_ledger(
         &self,

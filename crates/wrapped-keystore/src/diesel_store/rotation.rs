@@ -25,6 +25,13 @@ pub(crate) fn deployment_master_key(
 
 /// `UPDATE deployment SET fingerprint = to WHERE fingerprint = from`, then reads what is there
 /// when nothing was updated.
+///
+/// On PostgreSQL the update runs behind `LOCK TABLE deployment IN EXCLUSIVE MODE`, in one
+/// transaction: every ledger group holding keys reads the deployment's row `FOR SHARE`, and a
+/// row lock already shared is granted to the next reader without queueing behind a waiting
+/// update, so under drivers' overlapping groups a bare `UPDATE` could wait until its lock
+/// timeout. The table lock queues in order: the groups in flight finish, the new ones wait
+/// for the switch (a few milliseconds), and plain reads of the deployment go on meanwhile.
 pub(crate) fn switch_master_key(
     conn: &mut AnyConnection,
     from: &str,
@@ -32,17 +39,23 @@ pub(crate) fn switch_master_key(
     driver_id: &str,
     now_ms: i64,
 ) -> Result<MasterKeySwitch, StoreError> {
-    let updated = on_backend!(conn, |c| diesel::update(
+    let update = diesel::update(
         deployment::table
             .filter(deployment::id.eq(1))
-            .filter(deployment::master_key_fingerprint.eq(from))
+            .filter(deployment::master_key_fingerprint.eq(from)),
     )
     .set((
         deployment::master_key_fingerprint.eq(to),
         deployment::registered_by.eq(driver_id),
         deployment::registered_at_ms.eq(now_ms),
-    ))
-    .execute(c))?;
+    ));
+    let updated = match conn {
+        AnyConnection::Postgresql(c) => c.transaction(|c| {
+            diesel::sql_query("LOCK TABLE deployment IN EXCLUSIVE MODE").execute(c)?;
+            update.execute(c)
+        }),
+        AnyConnection::Sqlite(c) => update.execute(c),
+    }?;
     if updated > 0 {
         tracing::info!(
             from,

@@ -88,9 +88,11 @@ pub enum JobError {
     /// The key store failed.
     #[error("key store error")]
     Store(#[source] StoreError),
-    /// The audit ledger could not be written: its head failed its integrity check, or another
-    /// writer of this driver's chain kept taking its place. (HSM and store failures while
-    /// writing it are [`JobError::Hsm`] and [`JobError::Store`].)
+    /// The audit ledger could not be written: its head failed its integrity check, another
+    /// writer of this driver's chain kept taking its place, or a key generation's key kept
+    /// being refused for a master key the deployment had switched from
+    /// ([`LedgerError::MasterKeySwitched`], retryable). (HSM and store failures while writing
+    /// it are [`JobError::Hsm`] and [`JobError::Store`].)
     #[error("audit ledger error")]
     Ledger(#[source] LedgerError),
 }

@@ -352,13 +352,26 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
         attempt += 1;
         // Under the deployment's wrapping key: during a master-key rotation, the new one as
         // soon as the rotation has switched the deployment to it.
-        let master = wrapping_master_key(parts, &key_id)
+        let master = match wrapping_master_key(parts, &key_id)
             .instrument(debug_span!(
                 "load",
                 read = "deployment_master_key",
                 cached = Empty
             ))
-            .await?;
+            .await
+        {
+            Ok(master) => master,
+            // This HSM cannot wrap under the deployment's key (a rotation's rolling restart):
+            // a key another driver stored is still reported; otherwise another driver serves
+            // the job (retryable).
+            Err(error @ JobError::MasterKeyMismatch { .. }) => {
+                return match stored_key(parts, &key_id).await? {
+                    Some(existing) => stored_public_key(parts, existing, key_scheme).await,
+                    None => Err(error),
+                };
+            }
+            Err(error) => return Err(error),
+        };
         // The record's MAC is computed inside the HSM with a non-extractable key, in the same
         // request as the key where the HSM can: a record altered or swapped in the database no
         // longer matches it.

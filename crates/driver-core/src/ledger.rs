@@ -18,7 +18,8 @@
 //! carrying the MAC before it, and one statement stores it, all or nothing. Key generations
 //! join the groups with their key records ([`Ledger::insert_key_with_entry`]): the group's keys
 //! and entries are one transaction ([`KeyStore::append_ledger_with_keys`]), and a key found
-//! already stored leaves its group, answered, while the rest is chained and written again.
+//! already stored, or wrapped under another master key than the deployment's, leaves its
+//! group, answered, while the rest is chained and written again.
 //! Nothing waits to gather a group: an idle driver's append goes out at once. A second process misconfigured
 //! with the same driver id makes an insert fail on the `(chain, seq)` primary key; the head is
 //! then read again (its MAC checked in the HSM) and the append retried, at most
@@ -338,7 +339,9 @@ impl<H: Hsm, K: KeyStore> Ledger<H, K> {
     ///
     /// # Errors
     /// As [`append`](Self::append); [`StoreError::Conflict`] (inside [`LedgerError::Store`]) if
-    /// the key id holds different key material.
+    /// the key id holds different key material; [`LedgerError::MasterKeySwitched`] if the key is
+    /// wrapped under another master key than the deployment's (nothing written: generate it
+    /// again under the deployment's).
     pub async fn insert_key_with_entry(
         &self,
         key: KeyRecord,
@@ -1324,6 +1327,60 @@ mod tests {
             result.entries_checked, 5,
             "two before, key-3, key-6 and the signature: one entry for each key written"
         );
+    }
+
+    /// Tried: a group whose writer (the key generation that took the head) leaves it, its key
+    /// found stored, and whose rewrite then fails: the chain's next place is taken by a row the
+    /// HSM did not MAC, so the head is read again and found tampered. The writer is answered
+    /// (its key is stored), the oldest member left gets the error itself (`HeadTampered`, with
+    /// the tamper handling its job does) and the others its account. Sending the error to the
+    /// writer's ticket only (tried: no fallback to the oldest member) left every member with
+    /// the account and nobody with the finding.
+    #[tokio::test]
+    async fn when_the_writer_left_its_group_the_oldest_member_gets_the_error_itself() {
+        let (store, hsm) = (MemoryKeyStore::new(), Arc::new(FakeHsm::new()));
+        let ledger = Arc::new(ledger(&store, &hsm, 2).await);
+        store.insert(key_generation(3, 3).0).await.unwrap();
+        let held = ledger.head.lock().await;
+        let writer = key_generations_behind_the_head(&ledger, &[(3, 3)]).await;
+        let members: Vec<_> = (4..=6)
+            .map(|i| {
+                let ledger = Arc::clone(&ledger);
+                tokio::spawn(async move { ledger.append(entry(i)).await })
+            })
+            .collect();
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while ledger.queue.lock().unwrap().waiting.len() < 4 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every append queues behind the held head");
+        // Seq 3 taken by a copy of seq 2: its MAC is not seq 3's.
+        store.with_ledger_rows(|rows| {
+            let mut forged = rows[&("driver-a".to_owned(), 2)].clone();
+            forged.seq = 3;
+            rows.insert(("driver-a".to_owned(), 3), forged);
+        });
+        drop(held);
+        for task in writer {
+            assert_eq!(
+                task.await.unwrap().unwrap(),
+                InsertOutcome::AlreadyPresent,
+                "the writer's key is stored: it is answered before the rewrite"
+            );
+        }
+        let mut answers = Vec::new();
+        for task in members {
+            answers.push(match task.await.unwrap() {
+                Err(LedgerError::HeadTampered { .. }) => "HeadTampered".to_owned(),
+                Err(LedgerError::Group { reason, .. }) if reason.contains("TAMPER") => {
+                    "Group".to_owned()
+                }
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        assert_eq!(answers, ["HeadTampered", "Group", "Group"]);
     }
 
     /// Tried: the store fails while a group of 5 is written.

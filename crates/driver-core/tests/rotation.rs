@@ -386,11 +386,12 @@ async fn a_key_generation_racing_the_switch_is_wrapped_under_the_new_key(setup: 
         ScriptedSource::default(),
         test_config("driver-k"),
     );
+    // Job 1 reads the deployment's key after this instant, so the driver trusts its copy at
+    // least until `trusted_until`.
+    let trusted_until = Instant::now() + DEPLOYMENT_KEY_TTL;
     h.source
         .push("job-1", keygen("key-1", Scheme::Ecdsa, Curve::Secp256k1));
     h.source.wait_reports(1).await;
-    // Job 1 read the deployment's key before it was reported.
-    let trusted_until = Instant::now() + DEPLOYMENT_KEY_TTL;
     assert_eq!(
         store
             .switch_master_key(&old, &new, "rotator")
@@ -400,11 +401,16 @@ async fn a_key_generation_racing_the_switch_is_wrapped_under_the_new_key(setup: 
     );
     h.source
         .push("job-2", keygen("key-2", Scheme::Ecdsa, Curve::Secp256r1));
-    assert!(
-        Instant::now() < trusted_until,
-        "job 2 must start while the driver still trusts the old key, or this tests nothing"
-    );
     let reports = h.source.wait_reports(2).await;
+    // Done before the copy could expire: job 2 wrapped its first key under the old key from
+    // the copy (it never read the new one), so what it stored went through the refusal.
+    let now = Instant::now();
+    assert!(
+        now < trusted_until,
+        "job 2 must finish while the driver still trusts its copy of the old key, or this \
+         tests nothing ({:?} too late)",
+        now - trusted_until
+    );
     let Report::Completed(JobResult::PublicKey(reported)) = report_for(&reports, "job-2") else {
         panic!("{reports:?}")
     };

@@ -138,6 +138,52 @@ async fn a_redelivered_key_generation_reports_the_stored_key_and_stores_nothing_
     h.shutdown().await;
 }
 
+/// Tried: during a rotation's rolling restart, the deployment switched to a master key this
+/// driver's HSM does not hold yet, and a key generation stored before the switch is delivered
+/// again. The driver cannot wrap a new key, but the stored one is reported (its record is under
+/// a key it holds). Without looking in the store first (tried), the redelivery failed with a
+/// retryable master-key mismatch although its key was there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_is_answered_from_the_store_by_a_driver_without_the_new_master_key() {
+    let hsm = FakeHsm::new();
+    let held = hsm.master_key().fingerprint.clone();
+    let h = start(hsm);
+    h.store
+        .register_master_key(&held, "test-driver")
+        .await
+        .unwrap();
+    h.source
+        .push("job-1", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    let first = h.source.wait_reports(1).await;
+    let Report::Completed(JobResult::PublicKey(original)) = report_for(&first, "job-1") else {
+        panic!("{first:?}")
+    };
+    h.store
+        .switch_master_key(&held, "mk-not-held", "rotator")
+        .await
+        .unwrap();
+    // Past the driver's trust in its copy of the deployment's key.
+    tokio::time::sleep(driver_core::rotation::DEPLOYMENT_KEY_TTL).await;
+    h.source
+        .push("job-1b", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source
+        .push("job-2", keygen("key-b", Scheme::Ecdsa, Curve::Secp256k1));
+    let reports = h.source.wait_reports(3).await;
+    let Report::Completed(JobResult::PublicKey(again)) = report_for(&reports, "job-1b") else {
+        panic!("{reports:?}")
+    };
+    assert_eq!(again, original, "the stored key is reported");
+    assert!(
+        matches!(
+            report_for(&reports, "job-2"),
+            Report::Failed(failure) if failure.retryable
+        ),
+        "a new key this HSM cannot wrap under the deployment's key is another driver's: {reports:?}"
+    );
+    assert_eq!(h.store.count().await.unwrap(), 1);
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_is_reported_with_its_code_and_retry_decision() {
     let h = start(FakeHsm::new().with_unsupported(

@@ -418,9 +418,9 @@ mod tests {
         journal_mode: String,
     }
 
-    /// Every pooled SQLite connection syncs its commits: `synchronous = FULL` (2) in WAL mode.
-    /// Tried: `NORMAL` (1), under which a commit already answered may be rolled back by a power
-    /// cut: this fails.
+    /// A pooled SQLite connection syncs its commits: `synchronous = FULL` (2) in WAL mode (the
+    /// settings are applied to each connection as the pool opens it). Tried: `NORMAL` (1),
+    /// under which a commit already answered may be rolled back by a power cut: this fails.
     #[test]
     fn sqlite_commits_are_synced_before_they_are_answered() {
         let dir = tempfile::tempdir().expect("a temporary directory");

@@ -334,8 +334,8 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     let key_scheme = key_scheme(scheme, curve)?;
     if !parts.hsm.capabilities().supports(key_scheme) {
         // Another driver's HSM may have stored it already: that key is reported.
-        if let Some(existing) = stored_key(parts, &key_id).await? {
-            return stored_public_key(parts, existing, key_scheme).await;
+        if let Some(stored) = stored_public_key(parts, &key_id, key_scheme).await? {
+            return Ok(stored);
         }
         let reason = match parts.hsm.capabilities().schemes.get(&key_scheme) {
             Some(custody_model::SchemeSupport::Unsupported { reason }) => reason.clone(),
@@ -365,10 +365,9 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
             // a key another driver stored is still reported; otherwise another driver serves
             // the job (retryable).
             Err(error @ JobError::MasterKeyMismatch { .. }) => {
-                return match stored_key(parts, &key_id).await? {
-                    Some(existing) => stored_public_key(parts, existing, key_scheme).await,
-                    None => Err(error),
-                };
+                return stored_public_key(parts, &key_id, key_scheme)
+                    .await?
+                    .ok_or(error);
             }
             Err(error) => return Err(error),
         };
@@ -418,13 +417,11 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
                 // Another delivery of this job stored its key first: ours is dropped (it
                 // exists nowhere but in this process) and the stored one is reported.
                 info!("another delivery stored this key first; reporting the stored key");
-                let existing =
-                    stored_key(parts, &key_id)
-                        .await?
-                        .ok_or_else(|| JobError::UnknownKey {
-                            key_id: key_id.to_string(),
-                        })?;
-                return stored_public_key(parts, existing, key_scheme).await;
+                return stored_public_key(parts, &key_id, key_scheme)
+                    .await?
+                    .ok_or_else(|| JobError::UnknownKey {
+                        key_id: key_id.to_string(),
+                    });
             }
             Err(LedgerError::MasterKeySwitched {
                 key_id: refused,
@@ -448,23 +445,22 @@ async fn generate<S: JobSource, H: Hsm, K: KeyStore>(
     }
 }
 
-/// The stored record of `key_id`, read from the store.
-async fn stored_key<S: JobSource, H: Hsm, K: KeyStore>(
+/// The public key stored under `key_id` (read from the store, its record's MAC checked in the
+/// HSM, of the `expected` scheme), for a key generation that finds its key id stored; `None`
+/// when nothing is stored under it.
+async fn stored_public_key<S: JobSource, H: Hsm, K: KeyStore>(
     parts: &Parts<S, H, K>,
     key_id: &KeyId,
-) -> Result<Option<KeyRecord>, JobError> {
-    Ok(parts
+    expected: KeyScheme,
+) -> Result<Option<JobResult>, JobError> {
+    let Some(record) = parts
         .store
         .get(key_id.as_str())
         .instrument(debug_span!("load", read = "key_record"))
-        .await?)
-}
-
-async fn stored_public_key<S: JobSource, H: Hsm, K: KeyStore>(
-    parts: &Parts<S, H, K>,
-    record: KeyRecord,
-    expected: KeyScheme,
-) -> Result<JobResult, JobError> {
+        .await?
+    else {
+        return Ok(None);
+    };
     check_record_mac(parts, &record).await?;
     if record.scheme != expected {
         return Err(JobError::BadPayload(format!(
@@ -472,7 +468,7 @@ async fn stored_public_key<S: JobSource, H: Hsm, K: KeyStore>(
             record.key_id, record.scheme, expected
         )));
     }
-    Ok(JobResult::PublicKey(record.public_key))
+    Ok(Some(JobResult::PublicKey(record.public_key)))
 }
 
 /// Signing: load the wrapped key, sign in the HSM, verify against the stored public key,

@@ -162,8 +162,9 @@ async fn a_redelivery_is_answered_from_the_store_by_a_driver_without_the_new_mas
         .switch_master_key(&held, "mk-not-held", "rotator")
         .await
         .unwrap();
-    // Past the driver's trust in its copy of the deployment's key.
-    tokio::time::sleep(driver_core::rotation::DEPLOYMENT_KEY_TTL).await;
+    // Whether the driver still trusts its copy of the old key or reads the new one, it cannot
+    // wrap under the new key: a key under the old one is refused when written, and the new
+    // one is not held.
     h.source
         .push("job-1b", keygen("key-a", Scheme::Ecdsa, Curve::Secp256k1));
     h.source

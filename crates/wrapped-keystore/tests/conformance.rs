@@ -1092,12 +1092,17 @@ mod suite {
             .register_master_key(&fingerprint(0), "driver-a")
             .await
             .unwrap();
+        const WRITERS: usize = 4;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (progress, mut seen) =
+            tokio::sync::watch::channel(vec![(fingerprint(0), 0u64); WRITERS]);
+        let progress = Arc::new(progress);
         // Fewer writers than the pool's 8 connections: the switch and the counts never wait
         // for one.
-        let writers: Vec<_> = (0..4)
+        let writers: Vec<_> = (0..WRITERS)
             .map(|writer| {
                 let (store, stop) = (store.clone(), Arc::clone(&stop));
+                let progress = Arc::clone(&progress);
                 let mut current = fingerprint(0);
                 tokio::spawn(async move {
                     let chain = format!("writer-{writer}");
@@ -1111,10 +1116,14 @@ mod suite {
                             .collect();
                         let records = vec![ledger_record(&chain, seq + 1)];
                         match store.append_ledger_with_keys(records, keys).await.unwrap() {
-                            GroupWrite::Written => seq += 1,
+                            GroupWrite::Written => {
+                                seq += 1;
+                                progress.send_modify(|p| p[writer].1 += 1);
+                            }
                             GroupWrite::MasterKeySwitched { deployment, .. } => {
                                 refused += 1;
                                 current = deployment;
+                                progress.send_modify(|p| p[writer] = (current.clone(), 0));
                             }
                             other => panic!("unexpected {other:?}"),
                         }
@@ -1124,9 +1133,21 @@ mod suite {
                 })
             })
             .collect();
+        // Per writer: the key it writes under, and the groups it has written under it.
+        type Progress = [(String, u64)];
+        let mut wait_until = async |what: &str, done: &dyn Fn(&Progress) -> bool| {
+            tokio::time::timeout(Duration::from_secs(10), seen.wait_for(|p| done(p)))
+                .await
+                .unwrap_or_else(|_| panic!("the writers never {what}"))
+                .expect("the writers hold the progress");
+        };
         for switch in 0..SWITCHES {
             let (from, to) = (fingerprint(switch), fingerprint(switch + 1));
-            tokio::time::sleep(Duration::from_millis(60)).await;
+            // Every writer is writing under `from` when it is switched from.
+            wait_until("wrote under the key switched from", &|p| {
+                p.iter().all(|(key, written)| *key == from && *written > 0)
+            })
+            .await;
             assert_eq!(
                 store
                     .switch_master_key(&from, &to, "rotator")
@@ -1139,7 +1160,12 @@ mod suite {
                 at_switch > 0,
                 "the writers wrote under {from} before the switch"
             );
-            tokio::time::sleep(Duration::from_millis(60)).await;
+            // Every writer has had a group refused since: any group it began under `from`
+            // before the switch has ended, written or not.
+            wait_until("learnt the new key", &|p| {
+                p.iter().all(|(key, _)| *key == to)
+            })
+            .await;
             assert_eq!(
                 under(&store.count_by_master_key().await.unwrap(), &from),
                 at_switch,

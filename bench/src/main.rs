@@ -33,6 +33,8 @@
 //!   inputs of the cluster's capacity model).
 //! - [`instructions`] (`--instructions`, instead of the timed run): the driver's
 //!   instructions per signature, counted by callgrind, with a profile of its own threads.
+//! - [`phases`] (`--phases`, instead of the timed run): where a job's time goes at
+//!   saturation, phase by phase, from the driver's own job traces, per token.
 //! - [`soak`] (`--soak SECS`, instead of the timed run): the driver's RSS over a long
 //!   saturated run per token (signatures, or key generations with `--soak-keygen`), to see
 //!   whether its memory levels off.
@@ -45,6 +47,7 @@ mod hot_keys;
 mod instructions;
 mod kryoptic;
 mod load;
+mod phases;
 mod pinned;
 mod plan;
 mod procfs;
@@ -66,7 +69,7 @@ use wrapped_keystore::testing::PgTestDatabase;
 
 use crate::anchor::Operation;
 use crate::e2e::{Setup, Store};
-use crate::plan::{CURVES, Mode, Plan};
+use crate::plan::{CURVES, KRYOPTIC_CURVES, Mode, Plan};
 use crate::report::Report;
 
 /// Measures the HSM driver end to end against the raw HSM and writes the results.
@@ -132,6 +135,11 @@ struct RunArgs {
     /// per curve (`instructions.json`, `instructions-<curve>.txt`).
     #[arg(long)]
     instructions: bool,
+    /// Instead of the timed run: where a job's time goes at saturation, phase by phase (lease,
+    /// load, HSM, verification, ledger, report), read from the traces of a driver that traces
+    /// every job, per token and curve (`phases.json`).
+    #[arg(long)]
+    phases: bool,
     /// Instead of the timed run: sign P-256 at saturation for this many seconds per driver
     /// (SoftHSMv2, SoftHSMv2 with `--soak-recycle`, Kryoptic when its module is there, on
     /// SQLite; then Kryoptic, or the recycling SoftHSMv2, on PostgreSQL unless
@@ -250,6 +258,26 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
             "wrote instructions.json and the profiles to {}",
             args.out.display()
         ));
+        return Ok(());
+    }
+
+    if args.phases {
+        let mut tokens = vec![(setup.clone(), &CURVES[..])];
+        if let Some(hsm) = &kryoptic_module {
+            let kryoptic = Setup {
+                bin_dir: setup.bin_dir.clone(),
+                hsm: hsm.clone(),
+                work: setup.work.join("kryoptic"),
+            };
+            tokens.push((kryoptic, &KRYOPTIC_CURVES[..]));
+        }
+        let result = phases::run(&plan, &tokens, &say).await?;
+        std::fs::write(
+            args.out.join("phases.json"),
+            serde_json::to_string_pretty(&result)?,
+        )?;
+        println!("{}", phases::table(&plan, &result));
+        say(&format!("wrote phases.json to {}", args.out.display()));
         return Ok(());
     }
 

@@ -412,8 +412,17 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "  {:<11} {:<10} {:>8} {:>8} {:>6} {:>9} {:>8} {:>6}",
-            "store", "curve", "sign/s", "raw/s", "ratio", "keygen/s", "raw/s", "ratio"
+            "  {:<11} {:<10} {:>8} {:>8} {:>6} {:>6} {:>9} {:>8} {:>6} {:>6}",
+            "store",
+            "curve",
+            "sign/s",
+            "raw/s",
+            "ratio",
+            "max",
+            "keygen/s",
+            "raw/s",
+            "ratio",
+            "max"
         );
         for store in &self.stores {
             for curve in CURVES {
@@ -425,18 +434,21 @@ impl Report {
                 let keygen_rate = keygen.map(|m| m.throughput.ops_per_sec);
                 let _ = writeln!(
                     t,
-                    "  {:<11} {:<10} {:>8} {:>8} {:>6} {:>9} {:>8} {:>6}",
+                    "  {:<11} {:<10} {:>8} {:>8} {:>6} {:>6} {:>9} {:>8} {:>6} {:>6}",
                     store.store,
                     curve.label,
                     opt(sign_rate),
                     opt(raw_sign),
                     ratio(sign_rate, raw_sign),
+                    two_decimals(cpu_ceiling(sign.map(|m| &m.throughput), raw_sign)),
                     opt(keygen_rate),
                     opt(raw_keygen),
                     ratio(keygen_rate, raw_keygen),
+                    two_decimals(cpu_ceiling(keygen.map(|m| &m.throughput), raw_keygen)),
                 );
             }
         }
+        let _ = writeln!(t, "{CEILING_NOTE}");
 
         let _ = writeln!(
             t,
@@ -880,30 +892,32 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "  {:<10} {:>8} {:>8} {:>6} {:>9} {:>8} {:>6}",
-            "curve", "sign/s", "raw/s", "ratio", "keygen/s", "raw/s", "ratio"
+            "  {:<10} {:>8} {:>8} {:>6} {:>6} {:>9} {:>8} {:>6} {:>6}",
+            "curve", "sign/s", "raw/s", "ratio", "max", "keygen/s", "raw/s", "ratio", "max"
         );
         for curve in KRYOPTIC_CURVES {
-            let rate = |list: &[CurveThroughput]| {
-                list.iter()
-                    .find(|m| m.curve == curve.api)
-                    .map(|m| m.throughput.ops_per_sec)
-            };
-            let (sign, keygen) = (rate(&e.sign), rate(&e.keygen));
+            let (sign, keygen) = (
+                throughput_of(&e.sign, curve.api),
+                throughput_of(&e.keygen, curve.api),
+            );
+            let rate = |m: Option<&Throughput>| m.map(|m| m.ops_per_sec);
             let raw_sign = rate_in(&k.anchor, "sign", curve.api, n);
             let raw_keygen = rate_in(&k.anchor, "keygen", curve.api, n);
             let _ = writeln!(
                 t,
-                "  {:<10} {:>8} {:>8} {:>6} {:>9} {:>8} {:>6}",
+                "  {:<10} {:>8} {:>8} {:>6} {:>6} {:>9} {:>8} {:>6} {:>6}",
                 curve.label,
-                opt(sign),
+                opt(rate(sign)),
                 opt(raw_sign),
-                ratio(sign, raw_sign),
-                opt(keygen),
+                ratio(rate(sign), raw_sign),
+                two_decimals(cpu_ceiling(sign, raw_sign)),
+                opt(rate(keygen)),
                 opt(raw_keygen),
-                ratio(keygen, raw_keygen),
+                ratio(rate(keygen), raw_keygen),
+                two_decimals(cpu_ceiling(keygen, raw_keygen)),
             );
         }
+        let _ = writeln!(t, "{CEILING_NOTE}");
         let _ = writeln!(
             t,
             "  CPU per job (ms): Kryoptic runs inside the driver process, in its HSM worker threads\n  \
@@ -1311,11 +1325,38 @@ fn source(source: TimingSource) -> &'static str {
 }
 
 /// `m / raw` with two decimals, or `-`.
+/// Under each end-to-end table.
+const CEILING_NOTE: &str = "  max: the ratio at 100% machine busy with the CPU a job measurably costs \
+     (driver and token, simulator,\n  database, load generator: `machine` below), = ratio / busy; \
+     a target above it needs less CPU per job, below it less idle CPU";
+
 fn ratio(m: Option<f64>, raw: Option<f64>) -> String {
     match (m, raw) {
         (Some(m), Some(raw)) => format!("{:.2}", m / raw),
         _ => "-".to_owned(),
     }
+}
+
+/// The ratio the machine's CPUs allow with the CPU a job measurably costs (the driver and its
+/// token, the simulator, the database and the load generator together): the ratio were the
+/// machine 100% busy, `ratio / busy`. What the measured ratio lacks from it is idle CPU; what
+/// it lacks from a target is CPU per job.
+fn cpu_ceiling(m: Option<&Throughput>, raw: Option<f64>) -> Option<f64> {
+    match (m, raw) {
+        (Some(m), Some(raw)) if raw > 0.0 && m.machine_busy_percent > 0.0 => {
+            Some(m.ops_per_sec / raw / (m.machine_busy_percent / 100.0))
+        }
+        _ => None,
+    }
+}
+
+/// The measurement of curve `api` in `list`.
+fn throughput_of<'a>(list: &'a [CurveThroughput], api: &str) -> Option<&'a Throughput> {
+    list.iter().find(|m| m.curve == api).map(|m| &m.throughput)
+}
+
+fn two_decimals(x: Option<f64>) -> String {
+    x.map_or("-".to_owned(), |x| format!("{x:.2}"))
 }
 
 /// An anchor's CSV rows, two per measurement: its rate (metric: the operation) and its CPU per
@@ -1708,6 +1749,15 @@ mod tests {
         let target = overhead_target("x".into(), &th);
         assert!((target.value - 0.25).abs() < 1e-9);
         assert!(!target.met);
+        // 1,000 a second against 2,000 raw at 90% busy: 0.5 now, 0.56 with no CPU idle.
+        let max = cpu_ceiling(Some(&th), Some(2000.0)).unwrap();
+        assert!((max - 0.5 / 0.9).abs() < 1e-9, "{max}");
+        assert_eq!(cpu_ceiling(Some(&th), None), None);
+        let idle = Throughput {
+            machine_busy_percent: 0.0,
+            ..th.clone()
+        };
+        assert_eq!(cpu_ceiling(Some(&idle), Some(2000.0)), None);
         let cells = cpu_cells(&th, Some(1.1));
         assert!(
             cells.contains("1.250") && cells.contains("0.250") && cells.contains("1.100"),

@@ -11,9 +11,15 @@
 //! - `lease request`: the lease request that brought the job (its span's `request_ms`); the
 //!   job's worker slot was taken before the request went out, so it is held for this too;
 //! - `lease`: from the lease answer to the job's start;
-//! - `load`, `hsm` (every HSM request of the job, queue wait included), `verify`, `ledger`
-//!   (the group commit the job's entry joined), `report` (after the slot was freed);
+//! - `load`, `hsm` (the job's own HSM requests, queue wait included), `verify`, `ledger`
+//!   (the group commit the job's entry joined, its MAC request included), `report` (after
+//!   the slot was freed);
 //! - `gaps`: the rest of the job span, time between phases (the async runtime's scheduling).
+//!
+//! The window is the measurement's, taken from just before its load starts (a few
+//! milliseconds early, against a warm-up of a second or more). A job some of whose phase
+//! spans did not arrive (the driver's exporter drops spans when its queue is full) is left
+//! out and counted (`incomplete_jobs`): its lost time would read as `gaps`.
 //!
 //! The traced driver does more per job than an untraced one (the export), so its throughput
 //! is printed beside the phases; what matters here is the shares, not the absolute rate.
@@ -61,6 +67,8 @@ pub(crate) struct JobPhases {
     pub(crate) ops_per_sec: f64,
     /// Jobs whose traces were read (started in the window, every phase received).
     pub(crate) traced_jobs: usize,
+    /// Jobs that started in the window but lack a phase span (left out).
+    pub(crate) incomplete_jobs: usize,
     /// The job span's duration (lease answer to report), in milliseconds.
     pub(crate) job_mean_ms: f64,
     pub(crate) job_p50_ms: f64,
@@ -192,6 +200,12 @@ impl<'a> JobTraces<'a> {
         let mut per_phase: Vec<Vec<Duration>> = vec![Vec::new(); PHASES.len()];
         let mut totals = Vec::new();
         let mut slots = Vec::new();
+        let mut incomplete_jobs = 0;
+        // Every job has these phases (a signature a `verify` too).
+        let required: &[&str] = match window.job {
+            "sign" => &["lease", "load", "hsm", "verify", "ledger", "report"],
+            _ => &["lease", "load", "hsm", "ledger", "report"],
+        };
         for job in &self.jobs {
             if job.attribute("kind") != Some(kind)
                 || job.attribute("outcome") != Some("completed")
@@ -206,13 +220,13 @@ impl<'a> JobTraces<'a> {
                 .map(Vec::as_slice)
                 .unwrap_or_default();
             let mut times = [Duration::ZERO; PHASES.len()];
-            let mut seen_report = false;
+            let mut seen = [false; PHASES.len()];
             for child in children {
                 let Some(i) = PHASES.iter().position(|p| *p == child.name) else {
                     continue;
                 };
                 times[i] += span_duration(child);
-                seen_report |= child.name == "report";
+                seen[i] = true;
                 if child.name == "lease" {
                     let request_ms: f64 = child
                         .attribute("request_ms")
@@ -222,7 +236,8 @@ impl<'a> JobTraces<'a> {
                 }
             }
             // A job whose spans did not all arrive (the exporter dropped some) is left out.
-            if !seen_report {
+            if !required.iter().all(|phase| seen[index(phase)]) {
+                incomplete_jobs += 1;
                 continue;
             }
             let total = span_duration(job);
@@ -247,6 +262,7 @@ impl<'a> JobTraces<'a> {
             job: window.job.to_owned(),
             ops_per_sec: window.ops_per_sec,
             traced_jobs,
+            incomplete_jobs,
             job_mean_ms: mean_ms(&totals),
             job_p50_ms: ms(total.quantile(0.5)),
             job_p99_ms: ms(total.quantile(0.99)),
@@ -383,6 +399,7 @@ mod tests {
         let mut spans = vec![
             job,
             lease,
+            span("load", "d", Some("j"), 101 * MS, 101 * MS),
             span("hsm", "h1", Some("j"), 101 * MS, 104 * MS),
             span("hsm", "h2", Some("j"), 104 * MS, 105 * MS),
             span("verify", "v", Some("j"), 105 * MS, 106 * MS),
@@ -397,6 +414,16 @@ mod tests {
         let mut partial = spans[0].clone();
         partial.trace_id = "other".into();
         spans.push(partial);
+        // A job whose spans all arrived but its ledger's: left out too, not read as gaps.
+        let no_ledger: Vec<ReceivedSpan> = spans[..8]
+            .iter()
+            .filter(|span| span.name != "ledger")
+            .map(|span| ReceivedSpan {
+                trace_id: "no-ledger".into(),
+                ..span.clone()
+            })
+            .collect();
+        spans.extend(no_ledger);
         let window = Window {
             curve: "P-256",
             job: "sign",
@@ -406,6 +433,10 @@ mod tests {
         };
         let row = JobTraces::new(&spans).phases(&window).unwrap();
         assert_eq!(row.traced_jobs, 1);
+        assert_eq!(
+            row.incomplete_jobs, 2,
+            "the one without a report, the one without a ledger"
+        );
         let of = |name: &str| row.phases.iter().find(|p| p.name == name).unwrap().mean_ms;
         assert!((of("lease request") - 2.5).abs() < 1e-9);
         assert!((of("hsm") - 4.0).abs() < 1e-9, "both HSM requests");

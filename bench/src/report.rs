@@ -1324,12 +1324,12 @@ fn source(source: TimingSource) -> &'static str {
     }
 }
 
-/// `m / raw` with two decimals, or `-`.
 /// Under each end-to-end table.
 const CEILING_NOTE: &str = "  max: the ratio at 100% machine busy with the CPU a job measurably costs \
      (driver and token, simulator,\n  database, load generator: `machine` below), = ratio / busy; \
      a target above it needs less CPU per job, below it less idle CPU";
 
+/// `m / raw` with two decimals, or `-`.
 fn ratio(m: Option<f64>, raw: Option<f64>) -> String {
     match (m, raw) {
         (Some(m), Some(raw)) => format!("{:.2}", m / raw),

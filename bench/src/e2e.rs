@@ -246,6 +246,17 @@ pub(crate) struct Setup {
     pub(crate) work: PathBuf,
 }
 
+impl Setup {
+    /// The same binaries on the token of `hsm`, working under `dir` (in this setup's work).
+    pub(crate) fn on(&self, hsm: HsmModule, dir: &str) -> Setup {
+        Setup {
+            bin_dir: self.bin_dir.clone(),
+            hsm,
+            work: self.work.join(dir),
+        }
+    }
+}
+
 /// A deployment in `work` with the run's workers and sessions, on the setup's token and
 /// binaries.
 pub(crate) fn deployment_options(plan: &Plan, setup: &Setup, work: PathBuf) -> DeploymentOptions {

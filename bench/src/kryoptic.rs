@@ -53,11 +53,7 @@ pub(crate) async fn run(
     hsm: HsmModule,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<KryopticResult> {
-    let setup = Setup {
-        bin_dir: setup.bin_dir.clone(),
-        hsm,
-        work: setup.work.join("kryoptic"),
-    };
+    let setup = setup.on(hsm, "kryoptic");
     say("kryoptic: raw anchor (direct PKCS#11)");
     let anchor = anchor::run(
         plan,

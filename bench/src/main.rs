@@ -264,12 +264,7 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
     if args.phases {
         let mut tokens = vec![(setup.clone(), &CURVES[..])];
         if let Some(hsm) = &kryoptic_module {
-            let kryoptic = Setup {
-                bin_dir: setup.bin_dir.clone(),
-                hsm: hsm.clone(),
-                work: setup.work.join("kryoptic"),
-            };
-            tokens.push((kryoptic, &KRYOPTIC_CURVES[..]));
+            tokens.push((setup.on(hsm.clone(), "kryoptic"), &KRYOPTIC_CURVES[..]));
         }
         let result = phases::run(&plan, &tokens, &say).await?;
         std::fs::write(

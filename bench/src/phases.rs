@@ -35,7 +35,7 @@ use serde::Serialize;
 use crate::e2e::{self, Meter, Setup};
 use crate::load::Work;
 use crate::plan::{Curve, Plan};
-use crate::stats::{Samples, ms};
+use crate::stats::Samples;
 
 /// The phases, in the order a job goes through them; `gaps` is computed.
 const PHASES: [&str; 8] = [
@@ -256,28 +256,27 @@ impl<'a> JobTraces<'a> {
             window.job
         );
         let traced_jobs = totals.len();
-        let total = Samples::new(totals.clone());
+        let total = Samples::new(totals).percentiles();
         Ok(JobPhases {
             curve: window.curve.to_owned(),
             job: window.job.to_owned(),
             ops_per_sec: window.ops_per_sec,
             traced_jobs,
             incomplete_jobs,
-            job_mean_ms: mean_ms(&totals),
-            job_p50_ms: ms(total.quantile(0.5)),
-            job_p99_ms: ms(total.quantile(0.99)),
-            slot_mean_ms: mean_ms(&slots),
+            job_mean_ms: total.mean_ms,
+            job_p50_ms: total.p50_ms,
+            job_p99_ms: total.p99_ms,
+            slot_mean_ms: Samples::new(slots).percentiles().mean_ms,
             phases: PHASES
                 .iter()
                 .zip(per_phase)
                 .map(|(name, samples)| {
-                    let mean_ms = mean_ms(&samples);
-                    let samples = Samples::new(samples);
+                    let times = Samples::new(samples).percentiles();
                     Phase {
                         name: (*name).to_owned(),
-                        mean_ms,
-                        p50_ms: ms(samples.quantile(0.5)),
-                        p99_ms: ms(samples.quantile(0.99)),
+                        mean_ms: times.mean_ms,
+                        p50_ms: times.p50_ms,
+                        p99_ms: times.p99_ms,
                     }
                 })
                 .collect(),
@@ -294,13 +293,6 @@ fn index(phase: &str) -> usize {
 
 fn span_duration(span: &ReceivedSpan) -> Duration {
     Duration::from_nanos(span.end_ns.saturating_sub(span.start_ns))
-}
-
-fn mean_ms(samples: &[Duration]) -> f64 {
-    if samples.is_empty() {
-        return 0.0;
-    }
-    samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64
 }
 
 fn unix_ns() -> u64 {

@@ -426,12 +426,12 @@ impl Report {
         );
         for store in &self.stores {
             for curve in CURVES {
-                let sign = store.sign.iter().find(|m| m.curve == curve.api);
-                let keygen = store.keygen.iter().find(|m| m.curve == curve.api);
+                let sign = throughput_of(&store.sign, curve.api);
+                let keygen = throughput_of(&store.keygen, curve.api);
                 let raw_sign = self.anchor_rate("sign", curve.api, n);
                 let raw_keygen = self.anchor_rate("keygen", curve.api, n);
-                let sign_rate = sign.map(|m| m.throughput.ops_per_sec);
-                let keygen_rate = keygen.map(|m| m.throughput.ops_per_sec);
+                let sign_rate = sign.map(|m| m.ops_per_sec);
+                let keygen_rate = keygen.map(|m| m.ops_per_sec);
                 let _ = writeln!(
                     t,
                     "  {:<11} {:<10} {:>8} {:>8} {:>6} {:>6} {:>9} {:>8} {:>6} {:>6}",
@@ -440,11 +440,11 @@ impl Report {
                     opt(sign_rate),
                     opt(raw_sign),
                     ratio(sign_rate, raw_sign),
-                    two_decimals(cpu_ceiling(sign.map(|m| &m.throughput), raw_sign)),
+                    two_decimals(cpu_ceiling(sign, raw_sign)),
                     opt(keygen_rate),
                     opt(raw_keygen),
                     ratio(keygen_rate, raw_keygen),
-                    two_decimals(cpu_ceiling(keygen.map(|m| &m.throughput), raw_keygen)),
+                    two_decimals(cpu_ceiling(keygen, raw_keygen)),
                 );
             }
         }

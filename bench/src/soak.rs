@@ -109,11 +109,7 @@ pub(crate) async fn run(
         if run.store == Store::Postgres {
             token.push_str("/postgresql");
         }
-        let setup = Setup {
-            bin_dir: setup.bin_dir.clone(),
-            hsm: run.hsm.clone(),
-            work: setup.work.join(format!("soak-{token}")),
-        };
+        let setup = setup.on(run.hsm.clone(), &format!("soak-{token}"));
         let mut options = e2e::deployment_options(plan, &setup, setup.work.clone());
         options.recycle_after_objects = run.recycle_after_objects;
         // Dropped (the database with it) after the deployment stops.

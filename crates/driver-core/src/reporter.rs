@@ -12,7 +12,9 @@
 //!
 //! A report's durability is unchanged: every job's ledger entry is written before its report is
 //! queued, and a batch that fails (or a report refused in it) fails only its own reports, whose
-//! leases lapse so the jobs are delivered again, as after a lost single report.
+//! leases lapse so the jobs are delivered again, as after a lost single report. A flush whose
+//! task dies (a host's `report_batch` that panics) loses only the batch it was sending: the
+//! reports queued behind it go out in a new flush.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -78,6 +80,36 @@ impl Reporter {
         state.pending.drain(..take).collect()
     }
 
+    /// Ends a flush whose task stopped before its queue was empty: its task panicked (a
+    /// [`JobSource::report_batch`] that panics) or was dropped (its runtime shutting down).
+    /// The batch it was sending is lost with it (its replies dropped: "dropped unanswered",
+    /// retryable, so those jobs' leases lapse and they are delivered again). True when reports
+    /// are still queued: the flush is then handed to the caller, who must start another
+    /// (`flushing` stays set for it); false when the reporter is idle again. Without this the
+    /// flag would stay set, no later report would start a flush, and every job after it would
+    /// wait for its report's answer for ever.
+    fn abandon(&self) -> bool {
+        let mut state = self.lock();
+        if !state.pending.is_empty() {
+            return true;
+        }
+        state.flushing = false;
+        drop(state);
+        self.flushed.notify_waiters();
+        false
+    }
+
+    /// Ends the flush without sending what is queued: there is no runtime to send it on. The
+    /// queued reports are answered with an error (their replies dropped).
+    fn give_up(&self) {
+        let mut state = self.lock();
+        state.flushing = false;
+        let orphans = std::mem::take(&mut state.pending);
+        drop(state);
+        drop(orphans);
+        self.flushed.notify_waiters();
+    }
+
     /// Waits until no flush task is running: at the end of [`Driver::run`](crate::Driver::run),
     /// so that no task of the engine outlives it (a flush holds the engine's parts, the HSM
     /// among them).
@@ -125,15 +157,46 @@ fn saturated<S, H, K>(parts: &Parts<S, H, K>) -> bool {
     parts.saturated.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Hands the reporter on if the flush holding it ends other than by emptying the queue.
+struct FlushGuard<S: JobSource, H: Send + Sync + 'static, K: Send + Sync + 'static> {
+    parts: Arc<Parts<S, H, K>>,
+    finished: bool,
+}
+
+impl<S: JobSource, H: Send + Sync + 'static, K: Send + Sync + 'static> Drop
+    for FlushGuard<S, H, K>
+{
+    fn drop(&mut self) {
+        if self.finished || !self.parts.reporter.abandon() {
+            return;
+        }
+        // Reports are queued behind the lost batch: a new flush takes them. During a runtime's
+        // shutdown the spawned task is dropped unpolled, which holds no guard yet.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(flush(Arc::clone(&self.parts)))),
+            Err(_) => self.parts.reporter.give_up(),
+        }
+    }
+}
+
 /// Sends batches until the queue is empty.
-async fn flush<S: JobSource, H, K>(parts: Arc<Parts<S, H, K>>) {
+async fn flush<S: JobSource, H: Send + Sync + 'static, K: Send + Sync + 'static>(
+    parts: Arc<Parts<S, H, K>>,
+) {
     let linger = parts.config.report_linger;
+    let mut guard = FlushGuard {
+        parts: Arc::clone(&parts),
+        finished: false,
+    };
     loop {
         if parts.reporter.busy(linger) && saturated(&parts) {
             tokio::time::sleep(linger).await;
         }
         let batch = parts.reporter.next_batch();
         if batch.is_empty() {
+            // `next_batch` ended the flush; a report queued since may have started another,
+            // whose flag the guard must not touch.
+            guard.finished = true;
             return;
         }
         let (reports, replies): (Vec<Report>, Vec<Reply>) = batch.into_iter().unzip();

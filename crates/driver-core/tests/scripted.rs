@@ -786,3 +786,44 @@ async fn reports_finished_while_one_is_in_flight_go_together() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_request_that_panics_fails_its_reports_and_later_reports_still_go() {
+    // Tried: a job source whose first report request panics (a host's bug), then a signature,
+    // whose report queues behind the dying request or after it, as the timing falls. Before
+    // the flush task handed the reporter on when it died, the reporter believed a flush was
+    // still running: the signature's report was never sent and shutdown waited on it. Handing
+    // on by failing the queued reports too (tried) loses the signature's report when it had
+    // queued in time.
+    let source = ScriptedSource::default();
+    source.report_panics.store(1, Ordering::SeqCst);
+    let h = start_with(FakeHsm::new(), source);
+    h.source
+        .push("job-key", keygen("key-p", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source
+        .wait_until(Duration::from_secs(30), || {
+            (h.source.report_requests.lock().unwrap().len() == 1).then_some(())
+        })
+        .await
+        .expect("the first report request was made");
+    assert!(
+        h.source.reports.lock().unwrap().is_empty(),
+        "the panicking request answered nothing"
+    );
+    h.source.push("job-sign", sign_hash("key-p", [7; 32]));
+    let reports = h.source.wait_reports(1).await;
+    assert!(
+        matches!(
+            report_for(&reports, "job-sign"),
+            Report::Completed(JobResult::Signature(_))
+        ),
+        "the signature after the panic was reported: {reports:?}"
+    );
+    let started = std::time::Instant::now();
+    h.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "shutdown did not wait for a flush that had died: {:?}",
+        started.elapsed()
+    );
+}

@@ -57,6 +57,9 @@ pub(crate) struct ScriptedSource {
     pub(crate) report_requests: Mutex<Vec<usize>>,
     /// How long each report request takes (`None`: no time).
     pub(crate) report_delay: Mutex<Option<Duration>>,
+    /// The next report requests panic instead of answering, this many of them (a host's
+    /// `JobSource` with a bug).
+    pub(crate) report_panics: AtomicU64,
 }
 
 impl ScriptedSource {
@@ -215,6 +218,13 @@ impl JobSource for ScriptedSource {
     ) -> Vec<Result<ReportOutcome, ApiError>> {
         use dfns_api_client::protocol::ReportBody;
         self.report_requests.lock().unwrap().push(reports.len());
+        if self
+            .report_panics
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("the scripted source panics in report_batch, as asked");
+        }
         let delay = *self.report_delay.lock().unwrap();
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;

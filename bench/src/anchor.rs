@@ -245,6 +245,9 @@ pub(crate) enum Operation {
     SignVerifyResident,
     MacCheck,
     MacCheckSign,
+    /// The least work a driver's signature can be: the record-MAC check, unwrap, sign,
+    /// destroy, and the one software verification (low-s, recovery id) the driver must make.
+    MacCheckSignVerify,
 }
 
 impl Operation {
@@ -260,7 +263,7 @@ impl Operation {
     ];
 
     /// The name in the results (`sign`, `sign+verify`, …).
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Operation::Sign => "sign",
             Operation::SignVerify => "sign+verify",
@@ -269,6 +272,7 @@ impl Operation {
             Operation::SignVerifyResident => "sign+verify resident",
             Operation::MacCheck => "record-mac check",
             Operation::MacCheckSign => "record-mac check + sign",
+            Operation::MacCheckSignVerify => "record-mac check + sign+verify",
         }
     }
 
@@ -281,7 +285,10 @@ impl Operation {
 
     /// Whether each iteration checks a key record's MAC in the token.
     fn mac_checked(self) -> bool {
-        matches!(self, Operation::MacCheck | Operation::MacCheckSign)
+        matches!(
+            self,
+            Operation::MacCheck | Operation::MacCheckSign | Operation::MacCheckSignVerify
+        )
     }
 
     /// Whether each session signs with keys it unwrapped once, before the loop.
@@ -422,6 +429,12 @@ fn measure(
                             session.check_record_mac(message, mac)?;
                             session.unwrap_sign_destroy(&request)?;
                         }
+                        Operation::MacCheckSignVerify => {
+                            let (k, request) = next();
+                            let (message, mac) = &records[k];
+                            session.check_record_mac(message, mac)?;
+                            session.sign(&request)?;
+                        }
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -470,7 +483,10 @@ mod tests {
 
     #[test]
     fn the_child_reads_back_the_operations_it_is_given() {
-        for operation in Operation::ALL {
+        for operation in Operation::ALL
+            .into_iter()
+            .chain([Operation::MacCheckSignVerify])
+        {
             assert_eq!(
                 Operation::from_str(&operation.arg(), false).unwrap(),
                 operation

@@ -23,12 +23,13 @@ use crate::plan::{KRYOPTIC_CURVES, Plan};
 
 /// The anchor's operations on Kryoptic (no resident-key loops: the hot-key scenario runs on
 /// SoftHSMv2 only).
-const OPERATIONS: [Operation; 5] = [
+const OPERATIONS: [Operation; 6] = [
     Operation::Sign,
     Operation::SignVerify,
     Operation::Keygen,
     Operation::MacCheck,
     Operation::MacCheckSign,
+    Operation::MacCheckSignVerify,
 ];
 
 /// What the Kryoptic column measured.

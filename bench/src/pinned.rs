@@ -25,6 +25,10 @@ pub(crate) struct PinnedResult {
     pub(crate) driver_ops_per_sec: f64,
     /// `driver / anchor`.
     pub(crate) ratio: f64,
+    /// The anchor's rate on CPU 0, one session, for the least a driver's signature can be: the
+    /// record-MAC check, unwrap/sign/destroy and one software verification, each of which the
+    /// driver must make.
+    pub(crate) checked_ops_per_sec: f64,
 }
 
 impl PinnedResult {
@@ -34,6 +38,20 @@ impl PinnedResult {
     /// and the HSM's share comes from the same core at the same session count).
     pub(crate) fn own_ms_per_signature(&self) -> f64 {
         1000.0 / self.driver_ops_per_sec - 1000.0 / self.anchor_ops_per_sec
+    }
+
+    /// What the checks every signature must carry add to the token's time on the core, in ms:
+    /// the record-MAC check and the verification (`1 / checked − 1 / anchor`). The part of
+    /// [`own_ms_per_signature`](Self::own_ms_per_signature) no driver can shed without
+    /// dropping a check.
+    pub(crate) fn checks_ms_per_signature(&self) -> f64 {
+        1000.0 / self.checked_ops_per_sec - 1000.0 / self.anchor_ops_per_sec
+    }
+
+    /// The highest pinned ratio a driver could reach: one that spent nothing beyond those
+    /// checks (`checked / anchor`).
+    pub(crate) fn bound(&self) -> f64 {
+        self.checked_ops_per_sec / self.anchor_ops_per_sec
     }
 }
 
@@ -123,7 +141,7 @@ pub(crate) async fn run(
         &setup.hsm,
         &setup.work.join("pinned-anchor"),
         &CURVES,
-        &[Operation::Sign],
+        &[Operation::Sign, Operation::MacCheckSignVerify],
     )
     .await?;
 
@@ -144,16 +162,27 @@ pub(crate) async fn run(
 
     let mut results = Vec::new();
     for measured in sign {
-        let raw = anchor
-            .iter()
-            .find(|a| a.curve == measured.curve)
-            .map(|a| a.ops_per_sec)
-            .with_context(|| format!("no pinned anchor for {}", measured.curve))?;
+        let anchored = |operation: Operation| {
+            anchor
+                .iter()
+                .find(|a| a.curve == measured.curve && a.operation == operation.name())
+                .map(|a| a.ops_per_sec)
+                .with_context(|| {
+                    format!(
+                        "no pinned anchor {:?} for {}",
+                        operation.name(),
+                        measured.curve
+                    )
+                })
+        };
+        let raw = anchored(Operation::Sign)?;
+        let checked = anchored(Operation::MacCheckSignVerify)?;
         results.push(PinnedResult {
             ratio: measured.throughput.ops_per_sec / raw,
             curve: measured.curve,
             anchor_ops_per_sec: raw,
             driver_ops_per_sec: measured.throughput.ops_per_sec,
+            checked_ops_per_sec: checked,
         });
     }
     Ok(results)

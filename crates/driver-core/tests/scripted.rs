@@ -788,13 +788,70 @@ async fn reports_finished_while_one_is_in_flight_go_together() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_request_that_panics_after_others_queued_loses_only_its_own() {
+    // Tried: the first report request held until a signature's report has queued behind it,
+    // then panicking (a host's bug). The flush that dies must hand the queued report to a new
+    // one: with the reporter left believing a flush was running (before the guard), or with
+    // the queued reports failed along with the dead batch, the signature is never reported.
+    let source = ScriptedSource::default();
+    source.report_panics.store(1, Ordering::SeqCst);
+    source.report_gate_closed.store(true, Ordering::SeqCst);
+    let h = start_with(FakeHsm::new(), source);
+    h.source
+        .push("job-key", keygen("key-q", Scheme::Ecdsa, Curve::Secp256k1));
+    h.source
+        .wait_until(Duration::from_secs(30), || {
+            (h.source.report_requests.lock().unwrap().len() == 1).then_some(())
+        })
+        .await
+        .expect("the first report request was made, and is held");
+    h.source.push("job-sign", sign_hash("key-q", [9; 32]));
+    // The signature's ledger entry is written just before its report is queued.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while h
+        .store
+        .ledger_head("test-driver")
+        .await
+        .unwrap()
+        .is_none_or(|head| head.seq < 2)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the signature was recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        h.source.report_requests.lock().unwrap().len(),
+        1,
+        "the signature's report waits behind the held request"
+    );
+    h.source.open_report_gate();
+    let reports = h.source.wait_reports(1).await;
+    assert!(
+        matches!(
+            report_for(&reports, "job-sign"),
+            Report::Completed(JobResult::Signature(_))
+        ),
+        "the queued signature was reported by a new flush: {reports:?}"
+    );
+    assert_eq!(
+        reports.len(),
+        1,
+        "the key generation's report died: {reports:?}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_request_that_panics_fails_its_reports_and_later_reports_still_go() {
     // Tried: a job source whose first report request panics (a host's bug), then a signature,
-    // whose report queues behind the dying request or after it, as the timing falls. Before
-    // the flush task handed the reporter on when it died, the reporter believed a flush was
-    // still running: the signature's report was never sent and shutdown waited on it. Handing
-    // on by failing the queued reports too (tried) loses the signature's report when it had
-    // queued in time.
+    // pushed once that request was made; its report queues behind the dying request or after
+    // it, as the timing falls (the panic hook's backtrace takes milliseconds; the test above
+    // holds the request so that one queues behind it for certain). Before the flush task
+    // handed the reporter on when it died, the reporter believed a flush was still running:
+    // the signature's report was never sent and shutdown waited on it.
     let source = ScriptedSource::default();
     source.report_panics.store(1, Ordering::SeqCst);
     let h = start_with(FakeHsm::new(), source);

@@ -60,6 +60,10 @@ pub(crate) struct ScriptedSource {
     /// The next report requests panic instead of answering, this many of them (a host's
     /// `JobSource` with a bug).
     pub(crate) report_panics: AtomicU64,
+    /// While set, a report request that is to panic first waits for
+    /// [`open_report_gate`](Self::open_report_gate).
+    pub(crate) report_gate_closed: AtomicBool,
+    report_gate: Notify,
 }
 
 impl ScriptedSource {
@@ -94,6 +98,12 @@ fn not_registered() -> ApiError {
 }
 
 impl ScriptedSource {
+    /// Lets a report request held by [`report_gate_closed`](Self::report_gate_closed) go on.
+    pub(crate) fn open_report_gate(&self) {
+        self.report_gate_closed.store(false, Ordering::SeqCst);
+        self.report_gate.notify_waiters();
+    }
+
     pub(crate) fn push(&self, job_id: &str, spec: Result<JobSpec, DecodeError>) {
         let lease_expires_at_ms = match *self.lease_length.lock().unwrap() {
             Some(length) => now_ms() + u64::try_from(length.as_millis()).unwrap(),
@@ -223,6 +233,13 @@ impl JobSource for ScriptedSource {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
         {
+            loop {
+                let opened = self.report_gate.notified();
+                if !self.report_gate_closed.load(Ordering::SeqCst) {
+                    break;
+                }
+                opened.await;
+            }
             panic!("the scripted source panics in report_batch, as asked");
         }
         let delay = *self.report_delay.lock().unwrap();

@@ -46,7 +46,7 @@ use crate::procfs;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct AnchorResult {
     /// `sign`, `sign+verify`, `keygen`, `sign resident`, `sign+verify resident`,
-    /// `record-mac check` or `record-mac check + sign`.
+    /// `record-mac check`, `record-mac check + sign` or `record-mac check + sign+verify`.
     pub(crate) operation: String,
     /// The API's curve name.
     pub(crate) curve: String,
@@ -251,7 +251,8 @@ pub(crate) enum Operation {
 }
 
 impl Operation {
-    /// Every operation (the SoftHSMv2 anchor's).
+    /// The SoftHSMv2 anchor's operations: every one but `MacCheckSignVerify`, which the pinned
+    /// measurement and the Kryoptic column run.
     pub(crate) const ALL: [Operation; 7] = [
         Operation::Sign,
         Operation::SignVerify,

@@ -340,14 +340,15 @@ impl Deployment {
 
     /// Runs `hsm-driver run` as a second driver (`driver-2`) on this deployment's database and
     /// API, with its own fresh token and a master key generated on it (under `dir`), and
-    /// returns its exit status and log once it exits (within 30 s).
+    /// returns its exit status and log once it exits (within 30 s), then what `hsm-driver
+    /// check` with the same configuration says (whether it passed, and its report).
     ///
     /// # Errors
-    /// If it cannot be started or is still running after 30 s.
+    /// If it cannot be started or is still running after 30 s, or `check` cannot be run.
     pub async fn run_driver_with_another_master_key(
         &self,
         dir: &Path,
-    ) -> anyhow::Result<(ExitStatus, String)> {
+    ) -> anyhow::Result<(ExitStatus, String, (bool, String))> {
         std::fs::create_dir_all(dir)?;
         let token = HsmToken::create(
             &self.options.bin_dir,
@@ -371,7 +372,8 @@ impl Deployment {
         )
         .await?;
         second.spawn()?;
-        second.wait_exit(Duration::from_secs(30)).await
+        let (status, log) = second.wait_exit(Duration::from_secs(30)).await?;
+        Ok((status, log, second.check().await?))
     }
 
     /// SIGTERM to the driver (waits for it), `check` (token objects), SIGTERM to the simulator.

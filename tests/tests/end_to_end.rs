@@ -519,7 +519,7 @@ async fn a_driver_with_another_master_key_refuses_to_start_and_audit_tampering_i
         .unwrap_or_else(|e| panic!("workload failed: {e:#}\n{}", deployment.driver_log_tail()));
 
     // Tried: a second driver whose HSM holds a different master key, on the same database.
-    let (status, log) = deployment
+    let (status, log, (checked, check)) = deployment
         .run_driver_with_another_master_key(&work.path().join("second"))
         .await
         .unwrap();
@@ -527,6 +527,14 @@ async fn a_driver_with_another_master_key_refuses_to_start_and_audit_tampering_i
     assert!(
         log.contains("all HSMs must hold the same master key"),
         "and say why:\n{log}"
+    );
+    // `check`, which an operator runs on a restored or new HSM before starting it, fails on
+    // it too (it printed `[ ok ] deployment master key: … (not held by this HSM)` and passed).
+    assert!(!checked, "check fails on the other master key:\n{check}");
+    assert!(
+        check.contains("[FAIL] deployment master key")
+            && check.contains("which this HSM does not hold"),
+        "and names it:\n{check}"
     );
     deployment.ensure_running().unwrap();
 

@@ -292,15 +292,39 @@ async fn check_master_keys(
                 |m| format!("`{}`", m.label),
             )
     };
-    match &deployment {
-        Some(fingerprint) => report.ok(
+    match (&deployment, held) {
+        // `run` refuses such an HSM (`MasterKeyMismatch`): say so here, where an operator
+        // checks a restored or new HSM before starting it.
+        (Some(fingerprint), Some(held)) if !held.iter().any(|m| &m.fingerprint == fingerprint) => {
+            report.fail(
+                "deployment master key",
+                &anyhow::anyhow!(
+                    "new keys are wrapped under {fingerprint}, which this HSM does not hold \
+                     (it holds {}): `hsm-driver run` will refuse to start, since all HSMs must \
+                     hold the same master key; import the deployment's master key on this \
+                     token (docs/key-ceremony.md)",
+                    held.iter()
+                        .map(|m| format!("`{}` {}", m.label, m.fingerprint))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+        (Some(fingerprint), None) => report.warn(
+            "deployment master key",
+            format_args!(
+                "new keys are wrapped under {fingerprint}; not compared with this HSM's, which \
+                 did not open"
+            ),
+        ),
+        (Some(fingerprint), Some(_)) => report.ok(
             "deployment master key",
             format_args!(
                 "new keys are wrapped under {fingerprint} ({})",
                 label(fingerprint)
             ),
         ),
-        None => report.ok(
+        (None, _) => report.ok(
             "deployment master key",
             "none recorded yet (no driver has run)",
         ),

@@ -118,6 +118,19 @@ async fn the_image_checks_a_softhsm_token_the_database_and_the_api_as_its_own_us
     assert!(version.starts_with("hsm-driver "), "{version}");
     let uid = run_ok(podman("run").args(["--rm", "--entrypoint", "id", &image.0, "-u"]));
     let gid = run_ok(podman("run").args(["--rm", "--entrypoint", "id", &image.0, "-g"]));
+    // The package's state directory exists for its user before the service ever starts, so
+    // that `check` with the packaged configuration (whose SQLite file and checkpoints live
+    // there) passes on a fresh install. Before the postinst made it, `stat` found nothing.
+    let state = run_ok(podman("run").args([
+        "--rm",
+        "--entrypoint",
+        "stat",
+        &image.0,
+        "-c",
+        "%U:%G %a",
+        "/var/lib/hsm-driver",
+    ]));
+    assert_eq!(state.trim(), "hsm-driver:hsm-driver 700", "{state}");
 
     // A deployment on this host (its driver, simulator, token and SQLite store); the image's
     // driver checks the same files, handed to its user as an operator would.

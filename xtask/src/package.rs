@@ -30,14 +30,18 @@ struct Staged {
 }
 
 const POSTINST: &str = r#"#!/bin/sh
-# hsm-driver postinst: the system user the service runs as, and its read access to the
-# configuration. Nothing is enabled or started.
+# hsm-driver postinst: the system user the service runs as, its state directory, and its
+# read access to the configuration. Nothing is enabled or started.
 set -e
 if [ "$1" = configure ]; then
     if ! getent passwd hsm-driver >/dev/null; then
         useradd --system --user-group --home-dir /var/lib/hsm-driver --no-create-home \
             --shell /usr/sbin/nologin --comment "HSM driver" hsm-driver
     fi
+    # The state directory (the packaged configuration's SQLite file and ledger checkpoints),
+    # so that `hsm-driver check` passes before the unit first starts (its StateDirectory=
+    # would create it only then) and a container volume mounted on it takes its owner.
+    install -d -m 0700 -o hsm-driver -g hsm-driver /var/lib/hsm-driver
     chgrp hsm-driver /etc/hsm-driver /etc/hsm-driver/hsm-driver.toml
     chmod 0750 /etc/hsm-driver
     chmod 0640 /etc/hsm-driver/hsm-driver.toml

@@ -39,11 +39,16 @@ pub(crate) use on_backend;
 /// and with `NORMAL` a commit survives the process's crash but not the machine's (a power cut
 /// or a kernel panic may roll back the last commits, and a key already reported would be lost
 /// with its wallet). The ledger's group commits share one sync among all their keys and
-/// entries.
+/// entries. `cache_size = -512` keeps each connection's page cache to 512 KiB (SQLite's default
+/// is 2 MiB): the driver reads one record by its key at a time, which on a large table finds
+/// few pages in any connection's cache, and the operating system's page cache already holds the
+/// file; with the default, a pool of 8 reading a 1M-key table at random grew the driver by
+/// 14 MiB (`docs/benchmarks.md`).
 const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout = 5000; \
                               PRAGMA journal_mode = WAL; \
                               PRAGMA foreign_keys = ON; \
-                              PRAGMA synchronous = FULL;";
+                              PRAGMA synchronous = FULL; \
+                              PRAGMA cache_size = -512;";
 
 /// A connection to either backend.
 pub(crate) enum AnyConnection {
@@ -443,6 +448,34 @@ mod tests {
             });
             assert_eq!(synchronous, 2, "synchronous = FULL");
             assert_eq!(journal, "wal");
+        }
+    }
+
+    #[derive(QueryableByName)]
+    struct CacheSize {
+        #[diesel(sql_type = BigInt)]
+        cache_size: i64,
+    }
+
+    /// Every pooled SQLite connection keeps a small page cache: 512 KiB (`cache_size` = -512),
+    /// not SQLite's default 2 MiB (-2000, which this fails with), so that a pool reading a large
+    /// table at random adds at most 4 MiB to the driver.
+    #[test]
+    fn sqlite_connections_keep_a_small_page_cache() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = DatabaseUrl::Sqlite(dir.path().join("keys.db").to_string_lossy().into_owned());
+        let store = DieselKeyStore::connect(&url, PoolOptions::default()).expect("a store");
+        for _ in 0..3 {
+            let cache_size = with_connection(&store, |conn| {
+                let super::AnyConnection::Sqlite(c) = conn else {
+                    panic!("a SQLite connection")
+                };
+                diesel::sql_query("PRAGMA cache_size")
+                    .get_result::<CacheSize>(c)
+                    .expect("PRAGMA cache_size")
+                    .cache_size
+            });
+            assert_eq!(cache_size, -512, "512 KiB");
         }
     }
 }

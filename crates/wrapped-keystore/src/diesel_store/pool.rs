@@ -423,31 +423,38 @@ mod tests {
         journal_mode: String,
     }
 
-    /// A pooled SQLite connection syncs its commits: `synchronous = FULL` (2) in WAL mode (the
-    /// settings are applied to each connection as the pool opens it). Tried: `NORMAL` (1),
-    /// under which a commit already answered may be rolled back by a power cut: this fails.
-    #[test]
-    fn sqlite_commits_are_synced_before_they_are_answered() {
+    /// `query`'s one row on each of three pooled SQLite connections in turn (settings are
+    /// applied to each connection as the pool opens it).
+    fn on_each_sqlite_connection<T: QueryableByName<diesel::sqlite::Sqlite> + Send + 'static>(
+        query: &str,
+    ) -> Vec<T> {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let url = DatabaseUrl::Sqlite(dir.path().join("keys.db").to_string_lossy().into_owned());
         let store = DieselKeyStore::connect(&url, PoolOptions::default()).expect("a store");
-        for _ in 0..3 {
-            let (synchronous, journal) = with_connection(&store, |conn| {
-                let super::AnyConnection::Sqlite(c) = conn else {
-                    panic!("a SQLite connection")
-                };
-                let synchronous = diesel::sql_query("PRAGMA synchronous")
-                    .get_result::<Synchronous>(c)
-                    .expect("PRAGMA synchronous")
-                    .synchronous;
-                let journal = diesel::sql_query("PRAGMA journal_mode")
-                    .get_result::<JournalMode>(c)
-                    .expect("PRAGMA journal_mode")
-                    .journal_mode;
-                (synchronous, journal)
-            });
-            assert_eq!(synchronous, 2, "synchronous = FULL");
-            assert_eq!(journal, "wal");
+        (0..3)
+            .map(|_| {
+                with_connection(&store, |conn| {
+                    let super::AnyConnection::Sqlite(c) = conn else {
+                        panic!("a SQLite connection")
+                    };
+                    diesel::sql_query(query)
+                        .get_result::<T>(c)
+                        .unwrap_or_else(|e| panic!("{query}: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    /// A pooled SQLite connection syncs its commits: `synchronous = FULL` (2) in WAL mode.
+    /// Tried: `NORMAL` (1), under which a commit already answered may be rolled back by a
+    /// power cut: this fails.
+    #[test]
+    fn sqlite_commits_are_synced_before_they_are_answered() {
+        for row in on_each_sqlite_connection::<Synchronous>("PRAGMA synchronous") {
+            assert_eq!(row.synchronous, 2, "synchronous = FULL");
+        }
+        for row in on_each_sqlite_connection::<JournalMode>("PRAGMA journal_mode") {
+            assert_eq!(row.journal_mode, "wal");
         }
     }
 
@@ -462,20 +469,8 @@ mod tests {
     /// table at random adds at most 4 MiB to the driver.
     #[test]
     fn sqlite_connections_keep_a_small_page_cache() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let url = DatabaseUrl::Sqlite(dir.path().join("keys.db").to_string_lossy().into_owned());
-        let store = DieselKeyStore::connect(&url, PoolOptions::default()).expect("a store");
-        for _ in 0..3 {
-            let cache_size = with_connection(&store, |conn| {
-                let super::AnyConnection::Sqlite(c) = conn else {
-                    panic!("a SQLite connection")
-                };
-                diesel::sql_query("PRAGMA cache_size")
-                    .get_result::<CacheSize>(c)
-                    .expect("PRAGMA cache_size")
-                    .cache_size
-            });
-            assert_eq!(cache_size, -512, "512 KiB");
+        for row in on_each_sqlite_connection::<CacheSize>("PRAGMA cache_size") {
+            assert_eq!(row.cache_size, -512, "512 KiB");
         }
     }
 }
